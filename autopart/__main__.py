@@ -1,0 +1,4 @@
+"""``python -m autopart`` is the ``autopart`` command."""
+from autopart.cli import main
+
+raise SystemExit(main())

@@ -1,0 +1,72 @@
+"""The ``autopart`` command line: one subcommand per step of the data flow.
+
+    autopart profile gpt2-small --input-shape 1,128 -o p.json
+
+Bad input ends in one line on stderr and exit code 2; a bug in autopart in one
+line and exit code 1 (``AUTOPART_TRACEBACK=1`` shows the traceback).
+"""
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+import traceback
+from typing import NoReturn, Sequence
+
+from autopart.errors import AutopartError
+
+__all__ = ["main"]
+
+
+class _Parser(argparse.ArgumentParser):
+    """argparse, but a usage error is one line that points at --help."""
+
+    def error(self, message: str) -> NoReturn:
+        sys.stderr.write(f"{self.prog}: error: {message} (see {self.prog} --help)\n")
+        raise SystemExit(2)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    from autopart import cli_profile
+
+    parser = _Parser(prog="autopart", description="Automatic pipeline-parallel partitioning for PyTorch: "
+                     "profile a model block by block, plan the stages, simulate, train.")
+    parser.add_argument("--version", action="version", version=_version())
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND", parser_class=_Parser)
+    cli_profile.add_parser(sub)
+    return parser
+
+
+def _version() -> str:
+    try:
+        from importlib.metadata import version
+        return f"autopart {version('autopart')}"
+    except Exception:
+        return "autopart (not installed)"
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if args.command is None:
+        parser.print_help()
+        return 2
+    try:
+        return int(args.run(args) or 0)
+    except AutopartError as exc:
+        sys.stderr.write(f"autopart {args.command}: error: {exc}\n")
+        return 2
+    except KeyboardInterrupt:
+        sys.stderr.write(f"autopart {args.command}: interrupted\n")
+        return 130
+    except Exception as exc:
+        if os.environ.get("AUTOPART_TRACEBACK"):
+            traceback.print_exc()
+        text = str(exc).splitlines()[0] if str(exc) else ""
+        sys.stderr.write(f"autopart {args.command}: internal error: {type(exc).__name__}: {text} "
+                         f"(set AUTOPART_TRACEBACK=1 for the traceback)\n")
+        return 1
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,150 @@
+"""``autopart profile``: measure a model block by block and write a profile JSON."""
+from __future__ import annotations
+
+import argparse
+import contextlib
+import re
+from typing import Any, Iterator
+
+from autopart.errors import AutopartError
+
+__all__: list[str] = []
+
+HELP = """Measure MODEL one block at a time (forward and backward time, parameter,
+activation and output bytes for one micro-batch) and write a profile JSON
+(schema autopart.profile/1).
+
+MODEL is a built-in name, 'pkg.module:factory' or 'path/to/file.py:factory'.
+The factory returns an nn.Module (then give --input-shape), (module, example),
+or a mapping with 'module', 'example' and optionally 'loss_fn' and 'data'."""
+
+
+def add_parser(sub: Any) -> None:
+    from autopart.models import BUILTINS
+
+    p = sub.add_parser("profile", help="measure a model block by block", description=HELP,
+                       formatter_class=argparse.RawDescriptionHelpFormatter,
+                       epilog="built-in models: " + ", ".join(BUILTINS))
+    p.add_argument("model", metavar="MODEL", help="built-in name, pkg.mod:factory or file.py:factory")
+    p.add_argument("--microbatch-size", type=int, metavar="B",
+                   help="rows in one micro-batch; replaces the first dimension of the example input")
+    p.add_argument("--input-shape", metavar="SHAPE",
+                   help="shape of one micro-batch input, e.g. 8,1024 (needed when the factory gives no example)")
+    p.add_argument("--input-dtype", metavar="DTYPE",
+                   help="dtype of that input: long for token ids, float32 ... (default: the example's, else float32)")
+    p.add_argument("--device", default="cpu", help="cpu, cuda or cuda:N (default: cpu)")
+    p.add_argument("--dtype", default="float32", help="parameter dtype: float32, bfloat16 or float16 (default: float32)")
+    p.add_argument("--repeats", type=int, default=7, metavar="N", help="timed passes per block; the median is kept (default: 7)")
+    p.add_argument("--warmup", type=int, default=2, metavar="N", help="untimed passes per block first (default: 2)")
+    p.add_argument("--threads", type=int, metavar="N",
+                   help="CPU threads for torch while measuring (default: torch's choice); times depend on it")
+    p.add_argument("--seed", type=int, default=0, help="seed for the random weights and inputs (default: 0)")
+    p.add_argument("-o", "--output", metavar="FILE",
+                   help="where to write the profile (default: MODEL-DEVICE-mbB.json in the current folder)")
+    p.set_defaults(run=run)
+
+
+def _default_output(model: str, device: str, microbatch: int) -> str:
+    stem = re.sub(r"[^A-Za-z0-9_.-]+", "-", model.rsplit("/", 1)[-1].replace(".py:", "-").replace(":", "-"))
+    return f"{stem}-{device.replace(':', '')}-mb{microbatch}.json"
+
+
+def run(args: argparse.Namespace) -> int:
+    # torch is imported here, not at the top, so `autopart --help` stays fast.
+    import torch
+    from rich.console import Console
+
+    from autopart.atomic import check_writable
+    from autopart.model import load_model, parse_dtype, parse_shape, shape_example
+    from autopart.profiler import profile_model
+
+    err = Console(stderr=True)
+    if args.repeats < 1:
+        raise AutopartError(f"--repeats must be >= 1, got {args.repeats}")
+    if args.warmup < 0:
+        raise AutopartError(f"--warmup must be >= 0, got {args.warmup}")
+    if args.threads is not None:
+        if args.threads < 1:
+            raise AutopartError(f"--threads must be >= 1, got {args.threads}")
+        torch.set_num_threads(args.threads)
+    device = _device(args.device)
+    dtype = parse_dtype(args.dtype)
+    if not dtype.is_floating_point:
+        raise AutopartError(f"--dtype must be a floating type, got {args.dtype!r}")
+    input_shape = parse_shape(args.input_shape) if args.input_shape else None
+    input_dtype = parse_dtype(args.input_dtype) if args.input_dtype else None
+    if args.output:
+        check_writable(args.output)
+
+    torch.manual_seed(args.seed)
+    with err.status(f"building {args.model} ...") if err.is_terminal else _nothing():
+        bundle = load_model(args.model)
+        example = shape_example(bundle, input_shape, input_dtype, args.microbatch_size)
+        module = bundle.module.to(device=device, dtype=dtype)
+        example = tuple(t.to(device=device, dtype=dtype) if t.is_floating_point() else t.to(device) for t in example)
+    output = args.output or _default_output(args.model, args.device, int(example[0].shape[0]))
+    check_writable(output)
+
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+
+    with Progress(TextColumn("profiling [bold]{task.fields[block]}"), BarColumn(), MofNCompleteColumn(),
+                  TimeElapsedColumn(), console=err, transient=True, disable=not err.is_terminal) as bar:
+        task = bar.add_task("profile", total=None, block="...")
+
+        def progress(name: str, done: int, total: int) -> None:
+            bar.update(task, completed=done, total=total, block=name)
+
+        profile = profile_model(module, example, name=args.model, warmup=args.warmup,
+                                repeats=args.repeats, progress=progress)
+    profile.to_json(output)
+    _print_table(profile)
+    err.print(f"wrote {output} ({len(profile.layers)} blocks, {profile.device}, "
+              f"micro-batch {profile.microbatch_size}, {profile.dtype})", soft_wrap=True, highlight=False)
+    return 0
+
+
+@contextlib.contextmanager
+def _nothing() -> Iterator[None]:
+    yield
+
+
+def _device(text: str) -> Any:
+    import torch
+
+    try:
+        device = torch.device(text)
+    except RuntimeError:
+        raise AutopartError(f"unknown device {text!r}; use cpu, cuda or cuda:N") from None
+    if device.type == "cuda":
+        if not torch.cuda.is_available():
+            raise AutopartError(f"--device {text} asked for, but CUDA is not available on this machine")
+        index = device.index or 0
+        if index >= torch.cuda.device_count():
+            raise AutopartError(f"--device {text}: only {torch.cuda.device_count()} CUDA device(s)")
+        return torch.device("cuda", index)
+    if device.type != "cpu":
+        raise AutopartError(f"unsupported device {text!r}; use cpu, cuda or cuda:N")
+    return device
+
+
+def _print_table(profile: Any) -> None:
+    from rich.console import Console
+    from rich.table import Table
+
+    from autopart.units import format_bytes, format_ms
+
+    total = profile.step_ms or 1.0
+    table = Table(title=f"{profile.model} on {profile.device}, micro-batch {profile.microbatch_size}",
+                  title_justify="left")
+    for col in ("block", "forward", "backward", "share", "params", "activations", "output"):
+        table.add_column(col, justify="left" if col == "block" else "right")
+    for layer in profile.layers:
+        share = (layer.forward_ms + layer.backward_ms) / total
+        table.add_row(layer.name, format_ms(layer.forward_ms), format_ms(layer.backward_ms), f"{share:.1%}",
+                      format_bytes(layer.param_bytes), format_bytes(layer.activation_bytes),
+                      format_bytes(layer.output_bytes))
+    table.add_section()
+    table.add_row("total", format_ms(sum(x.forward_ms for x in profile.layers)),
+                  format_ms(sum(x.backward_ms for x in profile.layers)), "100%",
+                  format_bytes(profile.param_bytes), format_bytes(sum(x.activation_bytes for x in profile.layers)), "")
+    Console().print(table)

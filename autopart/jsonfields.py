@@ -1,0 +1,109 @@
+"""Typed readers for fields of our JSON documents, with errors that name the field.
+
+Shared by the profile and the plan readers so that every malformed file gets
+the same kind of one-line message: ``profile p.json: layers[3].forward_ms is -1.0, must be >= 0``.
+"""
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+from typing import Any, Mapping
+
+from autopart.errors import AutopartError
+
+__all__: list[str] = []
+
+
+def load_json_file(path: str | Path, kind: str) -> Any:
+    """Read a JSON file, turning every way it can fail into an :class:`AutopartError`."""
+    p = Path(path)
+    if not p.exists():
+        raise AutopartError(f"{kind} file {str(p)!r} does not exist")
+    if p.is_dir():
+        raise AutopartError(f"{kind} file {str(p)!r} is a directory")
+    try:
+        text = p.read_text(encoding="utf-8")
+    except (OSError, UnicodeDecodeError) as exc:
+        raise AutopartError(f"cannot read {kind} file {str(p)!r}: {exc}") from None
+    try:
+        return json.loads(text, parse_constant=_reject_constant)
+    except json.JSONDecodeError as exc:
+        raise AutopartError(
+            f"{kind} file {str(p)!r} is not valid JSON: {exc.msg} at line {exc.lineno} column {exc.colno}"
+        ) from None
+    except ValueError as exc:
+        raise AutopartError(f"{kind} file {str(p)!r}: {exc}") from None
+
+
+def _reject_constant(name: str) -> float:
+    raise ValueError(f"{name} is not a number autopart accepts")
+
+
+class Fields:
+    """Reads fields of one JSON object; ``where`` prefixes every error message."""
+
+    def __init__(self, obj: Any, where: str) -> None:
+        if not isinstance(obj, Mapping):
+            raise AutopartError(f"{where} must be a JSON object, got {type(obj).__name__}")
+        self.obj = obj
+        self.where = where
+
+    def at(self, key: str) -> str:
+        """``profile 'p.json': layers[2].forward_ms`` or ``profile 'p.json': microbatch_size``."""
+        return f"{self.where}.{key}" if self.where.endswith("]") else f"{self.where}: {key}"
+
+    def _get(self, key: str, required: bool) -> Any:
+        if key not in self.obj:
+            if required:
+                raise AutopartError(f"{self.where}: missing field {key!r}")
+            return None
+        return self.obj[key]
+
+    def str(self, key: str, required: bool = True, default: str | None = None) -> Any:
+        value = self._get(key, required)
+        if value is None:
+            return default
+        if not isinstance(value, str):
+            raise AutopartError(f"{self.at(key)} must be a string, got {value!r}")
+        return value
+
+    def number(self, key: str, required: bool = True, default: float | None = None,
+               minimum: float = 0.0) -> Any:
+        value = self._get(key, required)
+        if value is None:
+            return default
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            raise AutopartError(f"{self.at(key)} must be a number, got {value!r}")
+        if math.isnan(value) or math.isinf(value):
+            raise AutopartError(f"{self.at(key)} is {value}, must be a finite number")
+        if value < minimum:
+            raise AutopartError(f"{self.at(key)} is {value}, must be >= {minimum:g}")
+        return float(value)
+
+    def integer(self, key: str, required: bool = True, default: int | None = None,
+                minimum: int = 0) -> Any:
+        value = self._get(key, required)
+        if value is None:
+            return default
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise AutopartError(f"{self.at(key)} must be an integer, got {value!r}")
+        if value < minimum:
+            raise AutopartError(f"{self.at(key)} is {value}, must be >= {minimum}")
+        return value
+
+    def list(self, key: str, required: bool = True) -> Any:
+        value = self._get(key, required)
+        if value is None:
+            return []
+        if not isinstance(value, list):
+            raise AutopartError(f"{self.at(key)} must be a list, got {type(value).__name__}")
+        return value
+
+    def int_list(self, key: str, required: bool = True, minimum: int = 0) -> list[int]:
+        out = []
+        for i, item in enumerate(self.list(key, required)):
+            if isinstance(item, bool) or not isinstance(item, int) or item < minimum:
+                raise AutopartError(f"{self.at(key)}[{i}] must be an integer >= {minimum}, got {item!r}")
+            out.append(item)
+        return out

@@ -1,0 +1,191 @@
+"""The profile: what one model costs, block by block (``schema: "autopart.profile/1"``).
+
+Pure data: no torch import, so the partitioner and the simulator can read
+profiles in milliseconds. The measuring lives in :mod:`autopart.profiler`.
+"""
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+from autopart.atomic import write_json_atomic
+from autopart.errors import AutopartError
+from autopart.jsonfields import Fields, load_json_file
+
+__all__ = ["PROFILE_SCHEMA", "LayerProfile", "Profile", "Tie"]
+
+PROFILE_SCHEMA = "autopart.profile/1"
+
+
+@dataclass(frozen=True)
+class LayerProfile:
+    """Costs of one block for one micro-batch."""
+
+    name: str
+    """Module name of the block (``"h.3"``), as ``named_modules`` spells it."""
+    forward_ms: float
+    """Median time of one forward pass of one micro-batch."""
+    backward_ms: float
+    """Median time of one backward pass (input and weight gradients)."""
+    param_bytes: int
+    """Bytes of the block's parameters; a tied weight counts in its first block only."""
+    activation_bytes: int
+    """Bytes autograd keeps alive for backward (parameters excluded), each storage
+    charged to the first block that saves it."""
+    output_bytes: int
+    """Bytes of the block's output: what crosses a stage boundary after it."""
+    forward_iqr_ms: float = 0.0
+    """Spread of the forward timings: interquartile range."""
+    backward_iqr_ms: float = 0.0
+    """Spread of the backward timings: interquartile range."""
+    buffer_bytes: int = 0
+    """Bytes of buffers (BatchNorm running statistics and the like)."""
+    cuda_peak_bytes: int | None = None
+    """CUDA only: the allocator's peak above the block's inputs and weights during
+    its forward and backward."""
+
+    def to_dict(self) -> dict[str, Any]:
+        data = asdict(self)
+        if data["cuda_peak_bytes"] is None:
+            del data["cuda_peak_bytes"]
+        return data
+
+    @staticmethod
+    def from_dict(obj: Any, where: str) -> "LayerProfile":
+        f = Fields(obj, where)
+        name = f.str("name")
+        if not name:
+            raise AutopartError(f"{where}.name is empty")
+        peak = f.integer("cuda_peak_bytes", required=False)
+        return LayerProfile(
+            name=name,
+            forward_ms=f.number("forward_ms"),
+            backward_ms=f.number("backward_ms"),
+            param_bytes=f.integer("param_bytes"),
+            activation_bytes=f.integer("activation_bytes"),
+            output_bytes=f.integer("output_bytes"),
+            forward_iqr_ms=f.number("forward_iqr_ms", required=False, default=0.0),
+            backward_iqr_ms=f.number("backward_iqr_ms", required=False, default=0.0),
+            buffer_bytes=f.integer("buffer_bytes", required=False, default=0),
+            cuda_peak_bytes=peak,
+        )
+
+
+@dataclass(frozen=True)
+class Tie:
+    """A parameter shared by several blocks: counted once, in ``owner``."""
+
+    params: tuple[str, ...]
+    """Every fully qualified name the parameter has."""
+    owner: str
+    """The block whose ``param_bytes`` includes it: the first that uses it."""
+    blocks: tuple[str, ...]
+    """Every block that uses it."""
+    bytes: int
+
+
+@dataclass(frozen=True)
+class Profile:
+    """One model at one micro-batch size on one device."""
+
+    model: str
+    device: str
+    dtype: str
+    microbatch_size: int
+    sample_shape: tuple[int, ...]
+    torch: str
+    layers: tuple[LayerProfile, ...]
+    ties: tuple[Tie, ...] = ()
+    threads: int | None = None
+    """CPU threads torch used while measuring (the times depend on it)."""
+    repeats: int = 0
+    warmup: int = 0
+    schema: str = field(default=PROFILE_SCHEMA)
+
+    def __post_init__(self) -> None:
+        if not self.layers:
+            raise AutopartError(f"profile of {self.model!r} has no layers")
+        names = [layer.name for layer in self.layers]
+        if len(set(names)) != len(names):
+            dup = sorted({n for n in names if names.count(n) > 1})
+            raise AutopartError(f"profile of {self.model!r} repeats block names {dup}")
+
+    @property
+    def names(self) -> list[str]:
+        return [layer.name for layer in self.layers]
+
+    @property
+    def param_bytes(self) -> int:
+        return sum(layer.param_bytes for layer in self.layers)
+
+    @property
+    def step_ms(self) -> float:
+        """Forward plus backward of the whole chain for one micro-batch."""
+        return sum(layer.forward_ms + layer.backward_ms for layer in self.layers)
+
+    def to_dict(self) -> dict[str, Any]:
+        data: dict[str, Any] = {
+            "schema": self.schema,
+            "model": self.model,
+            "device": self.device,
+            "dtype": self.dtype,
+            "microbatch_size": self.microbatch_size,
+            "sample_shape": list(self.sample_shape),
+            "torch": self.torch,
+            "threads": self.threads,
+            "warmup": self.warmup,
+            "repeats": self.repeats,
+            "layers": [layer.to_dict() for layer in self.layers],
+        }
+        if self.ties:
+            data["ties"] = [
+                {"params": list(t.params), "owner": t.owner, "blocks": list(t.blocks), "bytes": t.bytes}
+                for t in self.ties
+            ]
+        return data
+
+    def to_json(self, path: str | Path) -> Path:
+        """Write the profile to ``path`` atomically."""
+        return write_json_atomic(path, self.to_dict())
+
+    @staticmethod
+    def from_dict(obj: Any, source: str = "profile") -> "Profile":
+        """Validate and build; every problem is an :class:`AutopartError` naming the field."""
+        f = Fields(obj, source)
+        schema = f.str("schema")
+        if schema != PROFILE_SCHEMA:
+            raise AutopartError(f"{source}: schema is {schema!r}, expected {PROFILE_SCHEMA!r}")
+        raw_layers = f.list("layers")
+        if not raw_layers:
+            raise AutopartError(f"{source}: 'layers' is empty")
+        layers = tuple(LayerProfile.from_dict(item, f"{source}: layers[{i}]") for i, item in enumerate(raw_layers))
+        ties = []
+        for i, item in enumerate(f.list("ties", required=False)):
+            tf = Fields(item, f"{source}: ties[{i}]")
+            ties.append(Tie(
+                params=tuple(str(p) for p in tf.list("params")),
+                owner=tf.str("owner"),
+                blocks=tuple(str(b) for b in tf.list("blocks")),
+                bytes=tf.integer("bytes"),
+            ))
+        threads = f.integer("threads", required=False, minimum=1)
+        return Profile(
+            model=f.str("model"),
+            device=f.str("device"),
+            dtype=f.str("dtype"),
+            microbatch_size=f.integer("microbatch_size", minimum=1),
+            sample_shape=tuple(f.int_list("sample_shape")),
+            torch=f.str("torch", required=False, default="unknown"),
+            layers=layers,
+            ties=tuple(ties),
+            threads=threads,
+            repeats=f.integer("repeats", required=False, default=0),
+            warmup=f.integer("warmup", required=False, default=0),
+            schema=schema,
+        )
+
+    @staticmethod
+    def from_json(path: str | Path) -> "Profile":
+        """Read and validate a profile file."""
+        return Profile.from_dict(load_json_file(path, "profile"), source=f"profile {str(path)!r}")

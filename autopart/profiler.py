@@ -1,0 +1,278 @@
+"""Measure a model block by block: time, parameter bytes, activation bytes, output bytes.
+
+    profile = profile_model(module, example, name="gpt2-small")
+
+Note: times are per micro-batch and per block, measured on inputs captured
+from one real forward of the chain; each block's backward starts from a fixed
+random gradient of its output and computes input and weight gradients, as a
+pipeline stage does. CPU times use ``time.perf_counter`` (and depend on
+``torch.get_num_threads()``, which the profile records); CUDA times use events
+after a synchronisation. Activation bytes come from
+``torch.autograd.graph.saved_tensors_hooks`` during one connected forward of
+the whole chain: every storage autograd saves is counted once, in the first
+block that saves it, and parameters and buffers are excluded. The loss is not
+part of any block.
+
+The module is left as it was found: weights, buffers (BatchNorm running
+statistics), gradients, ``requires_grad`` flags, train/eval modes and the RNG.
+"""
+from __future__ import annotations
+
+import contextlib
+import statistics
+import time
+from pathlib import Path
+from typing import Any, Callable, Iterator, Sequence
+
+import torch
+from torch import nn
+
+from autopart.blocks import Block, call_block, check_chain, split_blocks
+from autopart.errors import AutopartError
+from autopart.profile import LayerProfile, Profile, Tie
+
+__all__ = ["profile_model", "ProgressFn"]
+
+ProgressFn = Callable[[str, int, int], None]
+"""Called as ``progress(block_name, blocks_done, blocks_total)``."""
+
+
+def _tensors(value: Any) -> list[torch.Tensor]:
+    if isinstance(value, torch.Tensor):
+        return [value]
+    if isinstance(value, (tuple, list)):
+        return [t for v in value for t in _tensors(v)]
+    return []
+
+
+def _nbytes(value: Any) -> int:
+    return sum(t.numel() * t.element_size() for t in _tensors(value))
+
+
+def _storage_key(t: torch.Tensor) -> tuple[int, int] | None:
+    try:
+        storage = t.untyped_storage()
+    except (RuntimeError, NotImplementedError):
+        return None
+    if storage.nbytes() == 0:
+        return None
+    return storage.data_ptr(), storage.nbytes()
+
+
+@contextlib.contextmanager
+def _preserved(module: nn.Module, device: torch.device) -> Iterator[None]:
+    """Restore modes, requires_grad flags, gradients, buffers and the RNG on exit."""
+    modes = {m: m.training for m in module.modules()}
+    flags = {p: p.requires_grad for p in module.parameters()}
+    grads = {p: p.grad for p in module.parameters()}
+    buffers = {b: b.detach().clone() for b in module.buffers()}
+    rng_devices = [device] if device.type == "cuda" else []
+    with torch.random.fork_rng(devices=rng_devices):
+        try:
+            for p in module.parameters():
+                p.grad = None
+            yield
+        finally:
+            for m, training in modes.items():
+                m.training = training
+            for p, flag in flags.items():
+                p.requires_grad_(flag)
+                p.grad = grads[p]
+            with torch.no_grad():
+                for b, saved in buffers.items():
+                    b.copy_(saved)
+
+
+def _param_bytes(blocks: Sequence[Block]) -> tuple[list[int], list[int], list[Tie]]:
+    """Parameter and buffer bytes per block; a shared tensor counts in its first block."""
+    first_owner: dict[int, str] = {}
+    names: dict[int, list[str]] = {}
+    users: dict[int, list[str]] = {}
+    sizes: dict[int, int] = {}
+    params, buffers = [], []
+    for block_name, block in blocks:
+        total = 0
+        for pname, p in block.named_parameters(remove_duplicate=False):
+            key = id(p)
+            names.setdefault(key, []).append(f"{block_name}.{pname}")
+            if block_name not in users.setdefault(key, []):
+                users[key].append(block_name)
+            if key not in first_owner:
+                first_owner[key] = block_name
+                sizes[key] = p.numel() * p.element_size()
+                total += sizes[key]
+        params.append(total)
+        buffers.append(sum(b.numel() * b.element_size() for b in block.buffers()))
+    ties = [Tie(params=tuple(names[k]), owner=first_owner[k], blocks=tuple(users[k]), bytes=sizes[k])
+            for k in names if len(names[k]) > 1]
+    return params, buffers, ties
+
+
+def _activation_pass(module: nn.Module, blocks: Sequence[Block], example: tuple[torch.Tensor, ...]
+                     ) -> tuple[list[int], list[Any]]:
+    """One connected forward: saved bytes per block, and each block's input (detached)."""
+    excluded = {k for t in list(module.parameters()) + list(module.buffers()) if (k := _storage_key(t))}
+    seen: set[tuple[int, int]] = set()
+    saved = [0] * len(blocks)
+    current = 0
+
+    def pack(t: torch.Tensor) -> torch.Tensor:
+        key = _storage_key(t)
+        if key is not None and key not in excluded and key not in seen:
+            seen.add(key)
+            saved[current] += key[1]
+        return t
+
+    inputs: list[Any] = []
+    out: Any = example if len(example) > 1 else example[0]
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        for current, (_, block) in enumerate(blocks):
+            inputs.append(_detach(out))
+            out = call_block(block, out)
+    inputs.append(_detach(out))
+    return saved, inputs
+
+
+def _detach(value: Any) -> Any:
+    if isinstance(value, torch.Tensor):
+        return value.detach()
+    if isinstance(value, tuple):
+        return tuple(_detach(v) for v in value)
+    return value
+
+
+def _with_grad(value: Any) -> Any:
+    """A fresh leaf copy of a block's input; floating tensors require grad (a stage sends it back)."""
+    if isinstance(value, torch.Tensor):
+        leaf = value.detach()
+        return leaf.requires_grad_(True) if leaf.is_floating_point() else leaf
+    if isinstance(value, tuple):
+        return tuple(_with_grad(v) for v in value)
+    return value
+
+
+class _Clock:
+    """Wall time on CPU; CUDA events (after synchronising) on GPU."""
+
+    def __init__(self, device: torch.device) -> None:
+        self.cuda = device.type == "cuda"
+
+    def time(self, fn: Callable[[], Any]) -> tuple[Any, float]:
+        if self.cuda:
+            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            torch.cuda.synchronize()
+            start.record()
+            result = fn()
+            end.record()
+            torch.cuda.synchronize()
+            return result, float(start.elapsed_time(end))
+        t0 = time.perf_counter()
+        result = fn()
+        return result, (time.perf_counter() - t0) * 1e3
+
+
+def _iqr(values: Sequence[float]) -> float:
+    if len(values) < 2:
+        return 0.0
+    q = statistics.quantiles(values, n=4, method="inclusive")
+    return q[2] - q[0]
+
+
+def _time_block(block: nn.Module, block_input: Any, clock: _Clock, warmup: int, repeats: int,
+                device: torch.device) -> tuple[float, float, float, float, int | None]:
+    """Median forward and backward ms (and their IQRs), and the CUDA peak above the start."""
+    x = _with_grad(block_input)
+    probe = call_block(block, x)
+    outs = [t for t in _tensors(probe) if t.requires_grad]
+    grads = [torch.randn_like(t) * 1e-3 for t in outs]
+    del probe, outs
+    fwd, bwd = [], []
+    peak: int | None = None
+    for i in range(warmup + repeats):
+        x = _with_grad(block_input)
+        if device.type == "cuda" and i == warmup:
+            torch.cuda.synchronize()
+            base = torch.cuda.memory_allocated(device)
+            torch.cuda.reset_peak_memory_stats(device)
+        out, f_ms = clock.time(lambda: call_block(block, x))
+        outs = [t for t in _tensors(out) if t.requires_grad]
+        b_ms = 0.0
+        if outs:
+            _, b_ms = clock.time(lambda: torch.autograd.backward(outs, grads))
+        if device.type == "cuda" and i == warmup:
+            peak = max(0, torch.cuda.max_memory_allocated(device) - base)
+        del out, outs
+        if i >= warmup:
+            fwd.append(f_ms)
+            bwd.append(b_ms)
+    return statistics.median(fwd), statistics.median(bwd), _iqr(fwd), _iqr(bwd), peak
+
+
+def _device_name(device: torch.device) -> str:
+    if device.type == "cuda":
+        return torch.cuda.get_device_name(device)
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return f"cpu ({line.split(':', 1)[1].strip()})"
+    except OSError:
+        pass
+    return "cpu"
+
+
+def _module_device_dtype(module: nn.Module, example: Sequence[torch.Tensor]) -> tuple[torch.device, torch.dtype]:
+    params = list(module.parameters())
+    device = params[0].device if params else example[0].device
+    floats = [p.dtype for p in params if p.is_floating_point()]
+    dtype = floats[0] if floats else torch.get_default_dtype()
+    return device, dtype
+
+
+def profile_model(module: nn.Module, example: torch.Tensor | Sequence[torch.Tensor], *, name: str = "model",
+                  warmup: int = 2, repeats: int = 7, progress: ProgressFn | None = None) -> Profile:
+    """Profile ``module`` on one micro-batch ``example`` (a tensor or a tuple of tensors).
+
+    The module is profiled where it is (its device and dtype) in training mode,
+    and left unchanged. Blocks are the flattened ``nn.Sequential`` children, or
+    the top-level children of another module when they reproduce its forward.
+    """
+    if repeats < 1:
+        raise AutopartError(f"repeats must be >= 1, got {repeats}")
+    if warmup < 0:
+        raise AutopartError(f"warmup must be >= 0, got {warmup}")
+    example_t = (example,) if isinstance(example, torch.Tensor) else tuple(example)
+    if not example_t:
+        raise AutopartError("example input is empty")
+    blocks = split_blocks(module)
+    device, dtype = _module_device_dtype(module, example_t)
+    bad = [str(t.device) for t in example_t if t.device != device]
+    if bad:
+        raise AutopartError(f"example is on {bad[0]} but the model is on {device}")
+    check_chain(module, blocks, example_t, name)
+    param_bytes, buffer_bytes, ties = _param_bytes(blocks)
+    clock = _Clock(device)
+    layers = []
+    with _preserved(module, device):
+        module.train()
+        try:
+            saved, inputs = _activation_pass(module, blocks, example_t)
+        except Exception as exc:
+            shapes = [list(t.shape) for t in example_t]
+            raise AutopartError(f"model {name!r} cannot run input of shape {shapes[0] if len(shapes) == 1 else shapes}: "
+                                f"{type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}") from None
+        for i, (block_name, block) in enumerate(blocks):
+            f_ms, b_ms, f_iqr, b_iqr, peak = _time_block(block, inputs[i], clock, warmup, repeats, device)
+            layers.append(LayerProfile(
+                name=block_name, forward_ms=f_ms, backward_ms=b_ms,
+                param_bytes=param_bytes[i], activation_bytes=saved[i], output_bytes=_nbytes(inputs[i + 1]),
+                forward_iqr_ms=f_iqr, backward_iqr_ms=b_iqr, buffer_bytes=buffer_bytes[i], cuda_peak_bytes=peak,
+            ))
+            if progress is not None:
+                progress(block_name, i + 1, len(blocks))
+    first = example_t[0]
+    return Profile(
+        model=name, device=_device_name(device), dtype=str(dtype).removeprefix("torch."),
+        microbatch_size=int(first.shape[0]) if first.dim() else 1, sample_shape=tuple(int(d) for d in first.shape),
+        torch=torch.__version__.split("+")[0], layers=tuple(layers), ties=tuple(ties),
+        threads=torch.get_num_threads() if device.type == "cpu" else None, repeats=repeats, warmup=warmup,
+    )

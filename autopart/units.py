@@ -1,0 +1,50 @@
+"""Human units for bytes, bandwidth and time: parse what users type, print what they read.
+
+Pure standard library.
+"""
+from __future__ import annotations
+
+import math
+import re
+
+from autopart.errors import AutopartError
+
+__all__ = ["format_bytes", "parse_bytes", "format_ms"]
+
+_BINARY = {"": 1, "b": 1, "kib": 2**10, "mib": 2**20, "gib": 2**30, "tib": 2**40,
+           "k": 2**10, "m": 2**20, "g": 2**30, "t": 2**40}
+_DECIMAL = {"kb": 10**3, "mb": 10**6, "gb": 10**9, "tb": 10**12}
+
+
+def format_bytes(n: float) -> str:
+    """``1536`` -> ``"1.5 KiB"``."""
+    if n < 1024:
+        return f"{int(n)} B"
+    for unit in ("KiB", "MiB", "GiB", "TiB"):
+        n /= 1024
+        if n < 1024 or unit == "TiB":
+            return f"{n:.3g} {unit}" if n < 100 else f"{n:.0f} {unit}"
+    raise AssertionError("unreachable")
+
+
+def parse_bytes(text: str, what: str = "size") -> int:
+    """``"16GiB"``, ``"40GB"``, ``"1.5 TiB"``, ``"123"`` -> bytes. Bare letters (G, M) are binary."""
+    match = re.fullmatch(r"\s*([0-9]*\.?[0-9]+(?:[eE][+-]?[0-9]+)?)\s*([A-Za-z]*)\s*", text)
+    if not match:
+        raise AutopartError(f"{what} {text!r} is not a size like 16GiB, 40GB or 123456789")
+    value, unit = float(match.group(1)), match.group(2).lower()
+    scale = _BINARY.get(unit) or _DECIMAL.get(unit)
+    if scale is None:
+        raise AutopartError(f"{what} {text!r}: unknown unit {match.group(2)!r} (use B, KiB, MiB, GiB, TiB, KB, MB, GB, TB)")
+    result = value * scale
+    if not math.isfinite(result) or result <= 0:
+        raise AutopartError(f"{what} {text!r} must be a positive size")
+    return int(result)
+
+
+def format_ms(ms: float) -> str:
+    if ms >= 1000:
+        return f"{ms / 1000:.3g} s"
+    if ms >= 1:
+        return f"{ms:.3g} ms"
+    return f"{ms * 1000:.3g} µs"

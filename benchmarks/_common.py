@@ -1,0 +1,37 @@
+"""Shared by the benchmark scripts: where results go, and how a table is printed."""
+from __future__ import annotations
+
+import json
+import platform
+import time
+from pathlib import Path
+from typing import Any, Sequence
+
+from rich.console import Console
+from rich.table import Table
+
+from autopart.atomic import write_json_atomic
+
+RESULTS = Path(__file__).resolve().parent / "results"
+
+
+def machine() -> dict[str, Any]:
+    import os
+
+    return {"platform": platform.platform(), "python": platform.python_version(), "cpus": os.cpu_count(),
+            "date": time.strftime("%Y-%m-%d")}
+
+
+def report(name: str, title: str, columns: Sequence[str], rows: Sequence[Sequence[Any]],
+           extra: dict[str, Any] | None = None) -> Path:
+    """Print ``rows`` as a table and write them, with the machine, to results/NAME.json."""
+    table = Table(title=title, title_justify="left")
+    for col in columns:
+        table.add_column(col, justify="right")
+    for row in rows:
+        table.add_row(*[f"{v:.3g}" if isinstance(v, float) else str(v) for v in row])
+    Console(width=max(Console().width, 140)).print(table)
+    RESULTS.mkdir(exist_ok=True)
+    data = {"benchmark": name, "machine": machine(), "columns": list(columns),
+            "rows": [list(r) for r in rows], **(extra or {})}
+    return write_json_atomic(RESULTS / f"{name}.json", json.loads(json.dumps(data, default=str)))

@@ -1,0 +1,37 @@
+"""Small real models with known answers, shared by the tests."""
+from __future__ import annotations
+
+import time
+from typing import Any
+
+import torch
+from torch import nn
+
+
+class _SleepFn(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx: Any, x: torch.Tensor, forward_s: float, backward_s: float) -> torch.Tensor:
+        time.sleep(forward_s)
+        ctx.backward_s = backward_s
+        return x * 1.0
+
+    @staticmethod
+    def backward(ctx: Any, grad: torch.Tensor) -> tuple[torch.Tensor, None, None]:
+        time.sleep(ctx.backward_s)
+        return grad, None, None
+
+
+class Sleep(nn.Module):
+    """A block that takes a known time: sleeps ``forward_ms`` forward and ``backward_ms`` backward."""
+
+    def __init__(self, forward_ms: float, backward_ms: float) -> None:
+        super().__init__()
+        self.forward_ms, self.backward_ms = forward_ms, backward_ms
+        self.scale = nn.Parameter(torch.ones(1))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return _SleepFn.apply(x, self.forward_ms / 1e3, self.backward_ms / 1e3) * self.scale
+
+
+def sleep_model(forward_ms: list[float], backward_ms: list[float]) -> nn.Sequential:
+    return nn.Sequential(*[Sleep(f, b) for f, b in zip(forward_ms, backward_ms)])

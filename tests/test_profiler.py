@@ -1,0 +1,144 @@
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+from torch import nn
+
+from autopart.errors import AutopartError
+from autopart.models.gpt2 import GPT2, GPT2Config
+from autopart.models.resnet import ResNet
+from autopart.profiler import profile_model
+from tests.helpers import sleep_model
+
+
+def test_sleeping_blocks_get_their_sleep_times() -> None:
+    forward_ms = [4.0, 16.0, 8.0]
+    backward_ms = [12.0, 4.0, 20.0]
+    profile = profile_model(sleep_model(forward_ms, backward_ms), torch.randn(2, 3), warmup=1, repeats=3)
+    got_f = [layer.forward_ms for layer in profile.layers]
+    got_b = [layer.backward_ms for layer in profile.layers]
+    assert sorted(range(3), key=got_f.__getitem__) == [0, 2, 1]
+    assert sorted(range(3), key=got_b.__getitem__) == [1, 0, 2]
+    for want, got in zip(forward_ms + backward_ms, got_f + got_b):
+        assert want * 0.98 <= got <= want * 1.3 + 2.0, (want, got)
+
+
+def test_param_bytes_add_up_to_the_module() -> None:
+    model = GPT2(GPT2Config(vocab_size=100, context=16, n_layer=2, n_embd=32, n_head=2))
+    profile = profile_model(model, torch.randint(0, 100, (2, 8)), warmup=0, repeats=1)
+    assert profile.names == ["embed", "h.0", "h.1", "head"]
+    want = [sum(p.numel() * 4 for p in model.get_submodule(n).parameters()) for n in profile.names]
+    assert [layer.param_bytes for layer in profile.layers] == want
+    assert profile.param_bytes == sum(p.numel() * 4 for p in model.parameters())
+
+
+def test_tied_weight_counts_once_in_its_first_block() -> None:
+    embed = nn.Embedding(50, 16)
+    head = nn.Linear(16, 50, bias=False)
+    head.weight = embed.weight
+    model = nn.Sequential(embed, nn.Linear(16, 16), head)
+    profile = profile_model(model, torch.randint(0, 50, (2, 4)), warmup=0, repeats=1)
+    assert [layer.param_bytes for layer in profile.layers] == [50 * 16 * 4, (16 * 16 + 16) * 4, 0]
+    assert len(profile.ties) == 1
+    tie = profile.ties[0]
+    assert tie.owner == "0" and set(tie.params) == {"0.weight", "2.weight"} and tie.bytes == 50 * 16 * 4
+
+
+def test_activation_bytes_of_linear_relu_chain_are_analytic() -> None:
+    batch, n_in, n_hidden, n_out = 4, 16, 32, 8
+    model = nn.Sequential(nn.Linear(n_in, n_hidden), nn.ReLU(), nn.Linear(n_hidden, n_out))
+    profile = profile_model(model, torch.randn(batch, n_in), warmup=0, repeats=1)
+    # Linear saves its input (weights excluded); ReLU saves its output; the second
+    # Linear saves that same output again, which is charged to the ReLU only.
+    assert [layer.activation_bytes for layer in profile.layers] == [batch * n_in * 4, batch * n_hidden * 4, 0]
+    assert [layer.output_bytes for layer in profile.layers] == [batch * n_hidden * 4, batch * n_hidden * 4,
+                                                                batch * n_out * 4]
+
+
+def _state(model: nn.Module) -> dict[str, object]:
+    return {
+        "tensors": {k: v.clone() for k, v in model.state_dict().items()},
+        "modes": [m.training for m in model.modules()],
+        "flags": [p.requires_grad for p in model.parameters()],
+        "grads": [None if p.grad is None else p.grad.clone() for p in model.parameters()],
+    }
+
+
+def test_profiling_leaves_the_model_unchanged() -> None:
+    model = ResNet(widths=(16, 32, 32, 64), depths=(1, 1, 1, 1), stem_width=8)
+    model.eval()
+    model.layer2.train()  # a mix of modes must survive
+    model.stem.conv.weight.requires_grad_(False)
+    model.head.fc.weight.grad = torch.full_like(model.head.fc.weight, 3.0)
+    before = _state(model)
+    images = torch.randn(4, 1, 16, 16)
+    rng = torch.get_rng_state()
+    profile_model(model, images, warmup=1, repeats=2)
+    after = _state(model)
+    assert before["modes"] == after["modes"] and before["flags"] == after["flags"]
+    for key, value in before["tensors"].items():  # type: ignore[union-attr]
+        assert torch.equal(value, after["tensors"][key]), key  # type: ignore[index]
+    for g0, g1 in zip(before["grads"], after["grads"]):  # type: ignore[arg-type]
+        assert (g0 is None and g1 is None) or torch.equal(g0, g1)
+    assert torch.equal(rng, torch.get_rng_state())
+
+
+class _Chain(nn.Module):
+    """Not a Sequential, but its children run in order."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.a = nn.Linear(4, 8)
+        self.b = nn.Tanh()
+        self.c = nn.Linear(8, 2)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.c(self.b(self.a(x)))
+
+
+class _Skip(_Chain):
+    """Children do not run in order: a skip connection."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.c(self.b(self.a(x)) + self.a(x))
+
+
+def test_module_whose_children_run_in_order_is_profiled() -> None:
+    profile = profile_model(_Chain(), torch.randn(3, 4), warmup=0, repeats=1)
+    assert profile.names == ["a", "b", "c"]
+
+
+def test_module_with_a_skip_is_refused() -> None:
+    with pytest.raises(AutopartError, match="do not reproduce its forward"):
+        profile_model(_Skip(), torch.randn(3, 4), warmup=0, repeats=1)
+
+
+def test_shape_that_does_not_fit_is_a_clear_error() -> None:
+    with pytest.raises(AutopartError, match=r"cannot run input of shape \[3, 5\]"):
+        profile_model(nn.Sequential(nn.Linear(4, 2)), torch.randn(3, 5), warmup=0, repeats=1)
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_low_precision_on_cpu(dtype: torch.dtype) -> None:
+    model = nn.Sequential(nn.Linear(8, 16), nn.GELU(), nn.Linear(16, 4)).to(dtype)
+    profile = profile_model(model, torch.randn(2, 8, dtype=dtype), warmup=0, repeats=1)
+    assert profile.dtype == str(dtype).removeprefix("torch.")
+    assert profile.layers[0].param_bytes == (8 * 16 + 16) * 2
+    assert profile.layers[0].activation_bytes == 2 * 8 * 2
+
+
+def test_profile_records_its_conditions() -> None:
+    model = copy.deepcopy(nn.Sequential(nn.Linear(8, 8)))
+    profile = profile_model(model, torch.randn(5, 8), name="lin", warmup=1, repeats=2)
+    assert (profile.model, profile.microbatch_size, profile.sample_shape) == ("lin", 5, (5, 8))
+    assert profile.threads == torch.get_num_threads() and profile.repeats == 2 and profile.warmup == 1
+
+
+@pytest.mark.cuda
+def test_cuda_profile_records_allocator_peak() -> None:
+    model = nn.Sequential(nn.Linear(256, 1024), nn.ReLU(), nn.Linear(1024, 256)).cuda()
+    profile = profile_model(model, torch.randn(64, 256, device="cuda"), warmup=1, repeats=3)
+    assert profile.device != "cpu" and all(layer.cuda_peak_bytes is not None for layer in profile.layers)
+    assert profile.layers[0].activation_bytes == 64 * 256 * 4
