@@ -60,7 +60,7 @@ class Fields:
             return None
         return self.obj[key]
 
-    def str(self, key: str, required: bool = True, default: str | None = None) -> Any:
+    def string(self, key: str, required: bool = True, default: str | None = None) -> Any:
         value = self._get(key, required)
         if value is None:
             return default
@@ -92,7 +92,7 @@ class Fields:
             raise AutopartError(f"{self.at(key)} is {value}, must be >= {minimum}")
         return value
 
-    def list(self, key: str, required: bool = True) -> Any:
+    def array(self, key: str, required: bool = True) -> Any:
         value = self._get(key, required)
         if value is None:
             return []
@@ -102,7 +102,7 @@ class Fields:
 
     def int_list(self, key: str, required: bool = True, minimum: int = 0) -> list[int]:
         out = []
-        for i, item in enumerate(self.list(key, required)):
+        for i, item in enumerate(self.array(key, required)):
             if isinstance(item, bool) or not isinstance(item, int) or item < minimum:
                 raise AutopartError(f"{self.at(key)}[{i}] must be an integer >= {minimum}, got {item!r}")
             out.append(item)

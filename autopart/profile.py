@@ -54,7 +54,7 @@ class LayerProfile:
     @staticmethod
     def from_dict(obj: Any, where: str) -> "LayerProfile":
         f = Fields(obj, where)
-        name = f.str("name")
+        name = f.string("name")
         if not name:
             raise AutopartError(f"{where}.name is empty")
         peak = f.integer("cuda_peak_bytes", required=False)
@@ -153,30 +153,30 @@ class Profile:
     def from_dict(obj: Any, source: str = "profile") -> "Profile":
         """Validate and build; every problem is an :class:`AutopartError` naming the field."""
         f = Fields(obj, source)
-        schema = f.str("schema")
+        schema = f.string("schema")
         if schema != PROFILE_SCHEMA:
             raise AutopartError(f"{source}: schema is {schema!r}, expected {PROFILE_SCHEMA!r}")
-        raw_layers = f.list("layers")
+        raw_layers = f.array("layers")
         if not raw_layers:
             raise AutopartError(f"{source}: 'layers' is empty")
         layers = tuple(LayerProfile.from_dict(item, f"{source}: layers[{i}]") for i, item in enumerate(raw_layers))
         ties = []
-        for i, item in enumerate(f.list("ties", required=False)):
+        for i, item in enumerate(f.array("ties", required=False)):
             tf = Fields(item, f"{source}: ties[{i}]")
             ties.append(Tie(
-                params=tuple(str(p) for p in tf.list("params")),
-                owner=tf.str("owner"),
-                blocks=tuple(str(b) for b in tf.list("blocks")),
+                params=tuple(str(p) for p in tf.array("params")),
+                owner=tf.string("owner"),
+                blocks=tuple(str(b) for b in tf.array("blocks")),
                 bytes=tf.integer("bytes"),
             ))
         threads = f.integer("threads", required=False, minimum=1)
         return Profile(
-            model=f.str("model"),
-            device=f.str("device"),
-            dtype=f.str("dtype"),
+            model=f.string("model"),
+            device=f.string("device"),
+            dtype=f.string("dtype"),
             microbatch_size=f.integer("microbatch_size", minimum=1),
             sample_shape=tuple(f.int_list("sample_shape")),
-            torch=f.str("torch", required=False, default="unknown"),
+            torch=f.string("torch", required=False, default="unknown"),
             layers=layers,
             ties=tuple(ties),
             threads=threads,
