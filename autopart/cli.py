@@ -27,13 +27,14 @@ class _Parser(argparse.ArgumentParser):
 
 
 def build_parser() -> argparse.ArgumentParser:
-    from autopart import cli_profile
+    from autopart import cli_partition, cli_profile
 
     parser = _Parser(prog="autopart", description="Automatic pipeline-parallel partitioning for PyTorch: "
                      "profile a model block by block, plan the stages, simulate, train.")
     parser.add_argument("--version", action="version", version=_version())
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", parser_class=_Parser)
     cli_profile.add_parser(sub)
+    cli_partition.add_parser(sub)
     return parser
 
 

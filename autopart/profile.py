@@ -99,6 +99,9 @@ class Profile:
     ties: tuple[Tie, ...] = ()
     threads: int | None = None
     """CPU threads torch used while measuring (the times depend on it)."""
+    input_bytes: int = 0
+    """Bytes of one micro-batch's input: what the first stage keeps per micro-batch
+    when it recomputes its activations."""
     repeats: int = 0
     warmup: int = 0
     schema: str = field(default=PROFILE_SCHEMA)
@@ -134,6 +137,7 @@ class Profile:
             "sample_shape": list(self.sample_shape),
             "torch": self.torch,
             "threads": self.threads,
+            "input_bytes": self.input_bytes,
             "warmup": self.warmup,
             "repeats": self.repeats,
             "layers": [layer.to_dict() for layer in self.layers],
@@ -180,6 +184,7 @@ class Profile:
             layers=layers,
             ties=tuple(ties),
             threads=threads,
+            input_bytes=f.integer("input_bytes", required=False, default=0),
             repeats=f.integer("repeats", required=False, default=0),
             warmup=f.integer("warmup", required=False, default=0),
             schema=schema,

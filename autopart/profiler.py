@@ -275,4 +275,5 @@ def profile_model(module: nn.Module, example: torch.Tensor | Sequence[torch.Tens
         microbatch_size=int(first.shape[0]) if first.dim() else 1, sample_shape=tuple(int(d) for d in first.shape),
         torch=torch.__version__.split("+")[0], layers=tuple(layers), ties=tuple(ties),
         threads=torch.get_num_threads() if device.type == "cpu" else None, repeats=repeats, warmup=warmup,
+        input_bytes=_nbytes(example_t),
     )

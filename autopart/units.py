@@ -9,7 +9,7 @@ import re
 
 from autopart.errors import AutopartError
 
-__all__ = ["format_bytes", "parse_bytes", "format_ms"]
+__all__ = ["format_bytes", "parse_bytes", "format_ms", "parse_bandwidth", "parse_duration_ms"]
 
 _BINARY = {"": 1, "b": 1, "kib": 2**10, "mib": 2**20, "gib": 2**30, "tib": 2**40,
            "k": 2**10, "m": 2**20, "g": 2**30, "t": 2**40}
@@ -48,3 +48,34 @@ def format_ms(ms: float) -> str:
     if ms >= 1:
         return f"{ms:.3g} ms"
     return f"{ms * 1000:.3g} µs"
+
+
+_BW = {"b/s": 1, "kb/s": 1e3, "mb/s": 1e6, "gb/s": 1e9, "tb/s": 1e12,
+       "kib/s": 2**10, "mib/s": 2**20, "gib/s": 2**30, "tib/s": 2**40,
+       "bit/s": 1 / 8, "kbit/s": 1e3 / 8, "mbit/s": 1e6 / 8, "gbit/s": 1e9 / 8, "tbit/s": 1e12 / 8,
+       "bps": 1 / 8, "kbps": 1e3 / 8, "mbps": 1e6 / 8, "gbps": 1e9 / 8, "tbps": 1e12 / 8}
+
+
+def parse_bandwidth(text: str) -> float:
+    """``"25GB/s"``, ``"100Gbit/s"``, ``"50GiB/s"`` -> bytes per second."""
+    match = re.fullmatch(r"\s*([0-9]*\.?[0-9]+(?:[eE][+-]?[0-9]+)?)\s*([A-Za-z/]+)\s*", text)
+    if not match or match.group(2).lower() not in _BW:
+        raise AutopartError(f"bandwidth {text!r} is not like 25GB/s, 50GiB/s or 100Gbit/s")
+    value = float(match.group(1)) * _BW[match.group(2).lower()]
+    if not value > 0 or not math.isfinite(value):
+        raise AutopartError(f"bandwidth {text!r} must be positive")
+    return value
+
+
+_TIME = {"s": 1e3, "ms": 1.0, "us": 1e-3, "µs": 1e-3, "ns": 1e-6}
+
+
+def parse_duration_ms(text: str, what: str = "latency") -> float:
+    """``"10us"``, ``"0.5ms"``, ``"2s"`` -> milliseconds."""
+    match = re.fullmatch(r"\s*([0-9]*\.?[0-9]+(?:[eE][+-]?[0-9]+)?)\s*([a-zµ]*)\s*", text)
+    if not match or match.group(2) not in _TIME:
+        raise AutopartError(f"{what} {text!r} is not like 10us, 0.5ms or 1s")
+    value = float(match.group(1)) * _TIME[match.group(2)]
+    if not math.isfinite(value) or value < 0:
+        raise AutopartError(f"{what} {text!r} must be >= 0")
+    return value

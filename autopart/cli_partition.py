@@ -1,0 +1,170 @@
+"""``autopart partition``: turn a profile into a plan and print its balance list."""
+from __future__ import annotations
+
+import argparse
+import json
+from typing import Any
+
+from autopart.errors import AutopartError
+
+__all__: list[str] = []
+
+HELP = """Split the profiled blocks into pipeline stages and write a plan JSON
+(schema autopart.plan/1). The default method, exact, gives the smallest
+possible slowest stage (sends included) that fits every device's memory under
+the schedule's in-flight micro-batches, and among those the most even split;
+stages that fit only with activation recomputation get it."""
+
+FORMATS = ("table", "json", "balance", "split-spec", "fqns")
+
+
+def add_parser(sub: Any) -> None:
+    from autopart.costmodel import OPTIMIZER_STATES, SCHEDULES
+    from autopart.partition import METHODS
+
+    p = sub.add_parser("partition", help="choose stage boundaries from a profile", description=HELP,
+                       formatter_class=argparse.RawDescriptionHelpFormatter,
+                       epilog="examples:\n  autopart partition p.json --stages 4\n"
+                              "  autopart partition p.json --stages 4 --memory-limit 16GiB --schedule gpipe "
+                              "--microbatches 8\n"
+                              "  autopart partition p.json --devices 2xA100-40GB,2xH100-80GB@2.0 --bandwidth 25GB/s")
+    p.add_argument("profile", metavar="PROFILE", help="profile JSON written by autopart profile")
+    p.add_argument("--stages", "-k", type=int, metavar="K", help="number of pipeline stages (default: the number "
+                   "of --devices)")
+    p.add_argument("--microbatches", "-m", type=int, default=None, metavar="M",
+                   help="micro-batches per step (default: K, the fewest 1F1B accepts)")
+    p.add_argument("--schedule", default="1f1b", choices=SCHEDULES,
+                   help="in-flight activations: gpipe holds all M, 1f1b at most K - s (default: 1f1b)")
+    p.add_argument("--method", default="exact", choices=list(METHODS),
+                   help="exact (default), minvar (GPipe's objective), uniform (equal block counts), "
+                        "parameters (DeepSpeed's default)")
+    p.add_argument("--memory-limit", metavar="SIZE",
+                   help="memory per device: 16GiB, 40GB or bytes (default: unlimited, or from --devices)")
+    p.add_argument("--optimizer", default="adam", choices=list(OPTIMIZER_STATES),
+                   help="optimizer state per parameter: adam/adamw 2 copies, sgd-momentum 1, sgd 0 (default: adam)")
+    p.add_argument("--devices", metavar="SPEC",
+                   help="per-stage devices in order: 2xA100-40GB,2xH100-80GB@2.0 (COUNTxNAME-or-MEMORY[@SPEED], "
+                        "speed relative to the profiled device) or a .json/.toml file")
+    p.add_argument("--bandwidth", metavar="RATE", help="link between neighbouring stages: 25GB/s, 100Gbit/s "
+                   "(default: sends are free)")
+    p.add_argument("--latency", metavar="TIME", help="per send: 10us, 0.05ms (default: 0)")
+    p.add_argument("--no-recompute", action="store_true", help="never turn on activation recomputation")
+    p.add_argument("--format", default="table", choices=FORMATS,
+                   help="stdout: table (default), json (the plan), balance, split-spec (torch "
+                        "pipelining), fqns (module names per stage)")
+    p.add_argument("-o", "--output", metavar="FILE", help="write the plan JSON here (atomically)")
+    p.set_defaults(run=run)
+
+
+def build(args: argparse.Namespace) -> tuple[Any, Any, Any, Any, Any]:
+    """Profile, devices, cost model and problem from the flags (shared with simulate)."""
+    from autopart.costmodel import OPTIMIZER_STATES, CostModel, Problem
+    from autopart.devices import Device, parse_devices
+    from autopart.profile import Profile
+    from autopart.units import parse_bandwidth, parse_bytes, parse_duration_ms
+
+    profile = Profile.from_json(args.profile)
+    devices = parse_devices(args.devices) if args.devices else None
+    k = args.stages
+    if k is None:
+        if devices is None:
+            raise AutopartError("give --stages K (or --devices)")
+        k = len(devices)
+    if k < 1:
+        raise AutopartError(f"--stages must be >= 1, got {k}")
+    if devices is not None and len(devices) != k:
+        raise AutopartError(f"--devices names {len(devices)} devices for {k} stages")
+    if k > len(profile.layers):
+        raise AutopartError(f"{k} stages > {len(profile.layers)} blocks in {args.profile}")
+    limit = parse_bytes(args.memory_limit, "--memory-limit") if args.memory_limit else None
+    if devices is None:
+        devices = [Device(name="device", memory_bytes=limit) for _ in range(k)]
+    elif limit is not None:
+        devices = [Device(name=d.name, memory_bytes=limit, speed=d.speed) for d in devices]
+    microbatches = args.microbatches if args.microbatches is not None else k
+    if microbatches < 1:
+        raise AutopartError(f"--microbatches must be >= 1, got {microbatches}")
+    bandwidth = parse_bandwidth(args.bandwidth) / 1e3 if args.bandwidth else None
+    latency = parse_duration_ms(args.latency) if args.latency else 0.0
+    model = CostModel(schedule=args.schedule, microbatches=microbatches,
+                      optimizer_states=OPTIMIZER_STATES[args.optimizer], bandwidth_bytes_per_ms=bandwidth,
+                      latency_ms=latency, recompute=not args.no_recompute)
+    problem = Problem.from_profile(profile, devices, model)
+    return profile, devices, model, problem, microbatches
+
+
+def run(args: argparse.Namespace) -> int:
+    from autopart.atomic import check_writable
+    from autopart.partition import split
+    from autopart.plan import make_plan
+
+    if args.output:
+        check_writable(args.output)
+    profile, devices, model, problem, _ = build(args)
+    result = split(problem, args.method)
+    plan = make_plan(result, problem, model, devices, profile_path=args.profile, model_name=profile.model)
+    if not plan.fits:
+        over = next(s for s, st in enumerate(plan.stages)
+                    if st.memory_limit_bytes is not None and st.memory_bytes > st.memory_limit_bytes)
+        from autopart.units import format_bytes
+
+        st = plan.stages[over]
+        raise AutopartError(
+            f"the {args.method} split {list(plan.balance)} does not fit: stage {over} needs "
+            f"{format_bytes(st.memory_bytes)} > {format_bytes(st.memory_limit_bytes or 0)}; "
+            f"--method exact finds one that fits")
+    if args.output:
+        plan.to_json(args.output)
+    if args.format == "table":
+        _print_plan(plan, result)
+    elif args.format == "json":
+        print(json.dumps(plan.to_dict(), indent=2))
+    elif args.format == "balance":
+        print(json.dumps(list(plan.balance)))
+    elif args.format == "split-spec":
+        print(json.dumps(plan.split_spec(), indent=2))
+    else:
+        print(json.dumps(plan.fqns(), indent=2))
+    return 0
+
+
+def _blocks_label(blocks: tuple[str, ...]) -> str:
+    return blocks[0] if len(blocks) == 1 else f"{blocks[0]} … {blocks[-1]}"
+
+
+def _print_plan(plan: Any, result: Any) -> None:
+    from rich.console import Console
+    from rich.table import Table
+
+    from autopart.units import format_bytes, format_ms
+
+    console = Console()
+    if not console.is_terminal:
+        console = Console(width=120)
+    bottleneck = plan.predicted.bottleneck_ms
+    sends = any(st.send_ms for st in plan.stages)
+    limits = any(st.memory_limit_bytes for st in plan.stages)
+    named = any(st.device != "device" or st.speed != 1 for st in plan.stages)
+    table = Table(title=f"{plan.model}: {plan.method} split into {plan.num_stages} stages, {plan.schedule}, "
+                  f"{plan.microbatches} micro-batches", title_justify="left")
+    columns = ["stage", "blocks", "n", "time", "share"] + ["sends"] * sends + ["memory"] + ["limit"] * limits \
+        + ["device"] * named
+    for col in columns:
+        table.add_column(col, justify="left" if col in ("blocks", "device") else "right", no_wrap=True)
+    for s, st in enumerate(plan.stages):
+        row = [str(s), _blocks_label(st.blocks), str(len(st.blocks)), format_ms(st.time_ms),
+               f"{st.time_ms / bottleneck:.0%}" if bottleneck else "-"]
+        if sends:
+            row.append(format_ms(st.send_ms))
+        row.append(format_bytes(st.memory_bytes) + (" recompute" if st.recompute else ""))
+        if limits:
+            row.append(format_bytes(st.memory_limit_bytes) if st.memory_limit_bytes else "-")
+        if named:
+            row.append(f"{st.device} x{st.speed:g}")
+        table.add_row(*row, style="bold" if st.time_ms == bottleneck else "")
+    console.print(table)
+    pred = plan.predicted
+    console.print(f"bottleneck {format_ms(pred.bottleneck_ms)}, lower bound {format_ms(pred.lower_bound_ms)} "
+                  f"(gap {result.gap:.1%}); predicted step {format_ms(pred.step_ms)}, bubble "
+                  f"{pred.bubble_fraction:.1%}", highlight=False, soft_wrap=True)
+    print(f"balance: {list(plan.balance)}")

@@ -1,0 +1,70 @@
+"""`autopart partition` as a user runs it."""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+
+from autopart.plan import Plan
+from tests.conftest import ROOT, assert_one_line_error, run_cli
+
+GPT2 = str(ROOT / "profiles" / "gpt2-small-cpu-mb1.json")
+
+
+def test_partition_prints_balance_and_writes_plan(tmp_path: Path) -> None:
+    out = tmp_path / "plan.json"
+    result = run_cli("partition", GPT2, "--stages", "4", "-o", str(out))
+    assert result.returncode == 0, result.stderr
+    balance_line = [line for line in result.stdout.splitlines() if line.startswith("balance: ")]
+    assert len(balance_line) == 1
+    balance = json.loads(balance_line[0].removeprefix("balance: "))
+    plan = Plan.from_json(out)
+    assert list(plan.balance) == balance and sum(balance) == 14
+    uniform = run_cli("partition", GPT2, "--stages", "4", "--method", "uniform", "--format", "balance")
+    assert balance[-1] < json.loads(uniform.stdout)[-1]  # fewer layers beside the LM head
+
+
+@pytest.mark.parametrize("fmt, check", [
+    ("json", lambda out: json.loads(out)["schema"] == "autopart.plan/1"),
+    ("balance", lambda out: sum(json.loads(out)) == 14),
+    ("split-spec", lambda out: all(v == "SplitPoint.BEGINNING" for v in json.loads(out).values())),
+    ("fqns", lambda out: sum(len(s) for s in json.loads(out)) == 14),
+])
+def test_machine_formats(fmt: str, check: object) -> None:
+    result = run_cli("partition", GPT2, "--stages", "3", "--format", fmt)
+    assert result.returncode == 0 and check(result.stdout)  # type: ignore[operator]
+
+
+def test_devices_bandwidth_and_memory() -> None:
+    result = run_cli("partition", GPT2, "--devices", "2x2GiB,2x2GiB@2", "--bandwidth", "1GB/s", "--latency",
+                     "50us", "--schedule", "gpipe", "--microbatches", "8", "--format", "json")
+    assert result.returncode == 0, result.stderr
+    plan = json.loads(result.stdout)
+    assert plan["microbatches"] == 8 and [s["speed"] for s in plan["stages"]] == [1, 1, 2, 2]
+    assert all(s["memory_bytes"] <= 2 * 2**30 for s in plan["stages"]) and plan["stages"][0]["send_ms"] > 0
+
+
+@pytest.mark.parametrize("args, fragments", [
+    (["--stages", "15"], ["15 stages > 14 blocks"]),
+    (["--stages", "0"], ["--stages must be >= 1"]),
+    (["--stages", "4", "--memory-limit", "100MiB"], ["alone needs", "the smallest limit that fits is"]),
+    (["--stages", "4", "--memory-limit", "lots"], ["not a size"]),
+    (["--stages", "4", "--bandwidth", "fast"], ["bandwidth 'fast'"]),
+    (["--stages", "3", "--devices", "4x16GiB"], ["4 devices for 3 stages"]),
+    (["--stages", "4", "--memory-limit", "900MiB", "--method", "uniform"], ["does not fit", "--method exact"]),
+])
+def test_bad_input(args: list[str], fragments: list[str]) -> None:
+    assert_one_line_error(run_cli("partition", GPT2, *args), *fragments)
+
+
+def test_bad_profiles(tmp_path: Path) -> None:
+    assert_one_line_error(run_cli("partition", str(tmp_path / "none.json"), "--stages", "2"), "does not exist")
+    bad = tmp_path / "bad.json"
+    bad.write_text(json.dumps({"schema": "autopart.profile/1", "layers": [{"name": "a"}]}))
+    assert_one_line_error(run_cli("partition", str(bad), "--stages", "1"), "missing field")
+    nan = tmp_path / "nan.json"
+    data = json.loads(Path(GPT2).read_text())
+    data["layers"][3]["forward_ms"] = -1
+    nan.write_text(json.dumps(data))
+    assert_one_line_error(run_cli("partition", str(nan), "--stages", "2"), "layers[3].forward_ms is -1")

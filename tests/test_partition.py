@@ -1,0 +1,224 @@
+"""The partitioner against brute force, known answers, and its invariants."""
+from __future__ import annotations
+
+import itertools
+import math
+from pathlib import Path
+from typing import Sequence
+
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from autopart.costmodel import CostModel, Problem
+from autopart.devices import Device
+from autopart.errors import AutopartError
+from autopart.partition import split_exact, split_minvar, split_parameters, split_uniform
+from autopart.profile import Profile
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def _compositions(n: int, k: int) -> list[list[int]]:
+    return [[b - a for a, b in zip((0,) + cut, cut + (n,))] for cut in itertools.combinations(range(1, n), k - 1)]
+
+
+def _brute_stage(blocks: dict[str, list[float]], devices: Sequence[Device], model: CostModel, s: int,
+                 i: int, j: int) -> float | None:
+    """DESIGN.md's cost model written out plainly: the stage's time, or None if it cannot fit."""
+    k = len(devices)
+    comp = sum(blocks["compute"][i: j + 1])
+    fwd = sum(blocks["forward"][i: j + 1])
+    params = sum(blocks["params"][i: j + 1]) * (2 + model.optimizer_states)
+    acts = sum(blocks["acts"][i: j + 1])
+
+    def send(b: int) -> float:
+        if not model.sends:
+            return 0.0
+        bw = model.bandwidth_bytes_per_ms
+        return (blocks["outs"][b] / bw if bw else 0.0) + model.latency_ms
+
+    sends = (send(i - 1) if s > 0 else 0.0) + (send(j) if s < k - 1 else 0.0)
+    in_flight = model.microbatches if model.schedule == "gpipe" else min(model.microbatches, k - s)
+    limit = devices[s].memory_bytes if devices[s].memory_bytes is not None else math.inf
+    if params + in_flight * acts <= limit:
+        return comp / devices[s].speed + sends
+    keep = blocks["input"][0] if i == 0 else blocks["outs"][i - 1]
+    if model.recompute and params + in_flight * keep + acts <= limit:
+        return (comp + fwd) / devices[s].speed + sends
+    return None
+
+
+def _brute(blocks: dict[str, list[float]], devices: Sequence[Device], model: CostModel
+           ) -> list[tuple[list[int], list[float]]]:
+    """Every split that fits, with its stage times."""
+    out = []
+    for balance in _compositions(len(blocks["compute"]), len(devices)):
+        times, first = [], 0
+        for s, count in enumerate(balance):
+            t = _brute_stage(blocks, devices, model, s, first, first + count - 1)
+            if t is None:
+                break
+            times.append(t)
+            first += count
+        else:
+            out.append((balance, times))
+    return out
+
+
+def _problem(blocks: dict[str, list[float]], devices: Sequence[Device], model: CostModel) -> Problem:
+    return Problem(blocks["compute"], devices, model, forward_ms=blocks["forward"], param_bytes=blocks["params"],
+                   activation_bytes=blocks["acts"], output_bytes=blocks["outs"], input_bytes=blocks["input"][0])
+
+
+@st.composite
+def cases(draw: st.DrawFn, sends: bool, memory: bool, speeds: bool) -> tuple[dict[str, list[float]], list[Device], CostModel]:
+    n = draw(st.integers(1, 8))
+    k = draw(st.integers(1, min(n, 4)))
+    small = st.integers(0, 12)
+    forward = [draw(small) / 4 for _ in range(n)]
+    blocks = {
+        "forward": forward,
+        "compute": [f + draw(small) / 4 for f in forward],
+        "params": [float(draw(st.integers(0, 20))) for _ in range(n)],
+        "acts": [float(draw(st.integers(0, 20))) for _ in range(n)],
+        "outs": [float(draw(st.integers(0, 20))) for _ in range(n)],
+        "input": [float(draw(st.integers(0, 5)))],
+    }
+    devices = []
+    for _ in range(k):
+        limit = draw(st.one_of(st.none(), st.integers(10, 250))) if memory else None
+        speed = draw(st.sampled_from([1.0, 0.5, 2.0, 3.0])) if speeds else 1.0
+        devices.append(Device("d", memory_bytes=limit, speed=speed))
+    model = CostModel(
+        schedule=draw(st.sampled_from(["gpipe", "1f1b"])), microbatches=draw(st.integers(1, 5)),
+        optimizer_states=draw(st.sampled_from([0, 1, 2])),
+        bandwidth_bytes_per_ms=draw(st.sampled_from([None, 2.0, 7.0])) if sends else None,
+        latency_ms=draw(st.sampled_from([0.0, 0.25])) if sends else 0.0,
+        recompute=draw(st.booleans()))
+    return blocks, devices, model
+
+
+def _check_exact(case: tuple[dict[str, list[float]], list[Device], CostModel]) -> None:
+    blocks, devices, model = case
+    feasible = _brute(blocks, devices, model)
+    problem = _problem(blocks, devices, model)
+    if not feasible:
+        with pytest.raises(AutopartError):
+            split_exact(problem)
+        return
+    result = split_exact(problem)
+    best = min(max(times) for _, times in feasible)
+    assert result.fits
+    assert result.bottleneck_ms == pytest.approx(best, rel=1e-9, abs=1e-12)
+    tied = [sum(t * t for t in times) for _, times in feasible if max(times) <= best * (1 + 1e-9) + 1e-12]
+    assert result.sum_sq == pytest.approx(min(tied), rel=1e-9, abs=1e-12)
+    assert sum(result.balance) == len(blocks["compute"]) and min(result.balance) >= 1
+
+
+@settings(deadline=None)
+@given(cases(sends=False, memory=False, speeds=False))
+def test_exact_matches_brute_force(case: tuple[dict[str, list[float]], list[Device], CostModel]) -> None:
+    _check_exact(case)
+
+
+@settings(deadline=None)
+@given(cases(sends=False, memory=True, speeds=False))
+def test_exact_with_memory_limits_matches_brute_force(case: tuple[dict[str, list[float]], list[Device], CostModel]) -> None:
+    _check_exact(case)
+
+
+@settings(deadline=None)
+@given(cases(sends=True, memory=False, speeds=True))
+def test_exact_with_sends_and_speeds_matches_brute_force(case: tuple[dict[str, list[float]], list[Device], CostModel]) -> None:
+    _check_exact(case)
+
+
+@settings(deadline=None)
+@given(cases(sends=True, memory=True, speeds=True))
+def test_exact_with_everything_matches_brute_force(case: tuple[dict[str, list[float]], list[Device], CostModel]) -> None:
+    _check_exact(case)
+
+
+@settings(deadline=None)
+@given(cases(sends=True, memory=True, speeds=True))
+def test_minvar_matches_brute_force(case: tuple[dict[str, list[float]], list[Device], CostModel]) -> None:
+    blocks, devices, model = case
+    feasible = _brute(blocks, devices, model)
+    if not feasible:
+        return
+    result = split_minvar(_problem(blocks, devices, model))
+    assert result.sum_sq == pytest.approx(min(sum(t * t for t in times) for _, times in feasible),
+                                          rel=1e-9, abs=1e-12)
+
+
+@settings(deadline=None)
+@given(st.integers(1, 40), st.integers(1, 40))
+def test_uniform_spreads_the_remainder_first(n: int, k: int) -> None:
+    if k > n:
+        return
+    balance = split_uniform(Problem([1.0] * n, [Device("d")] * k, CostModel())).balance
+    assert sum(balance) == n and max(balance) - min(balance) <= 1 and list(balance) == sorted(balance, reverse=True)
+
+
+def _exact(costs: Sequence[float], k: int, **kw: object) -> tuple[int, ...]:
+    return split_exact(Problem(costs, [Device("d")] * k, CostModel(), **kw)).balance  # type: ignore[arg-type]
+
+
+def test_known_answers() -> None:
+    assert _exact([1.0] * 12, 4) == (3, 3, 3, 3)
+    assert _exact([1, 2, 3, 4, 5, 6], 2) == (4, 2)  # torchgpipe's own example
+    assert _exact([1, 1, 1, 100, 1, 1, 1], 3) == (3, 1, 3)  # the giant block alone
+    fast = split_exact(Problem([1.0] * 8, [Device("slow"), Device("fast", speed=3.0)], CostModel()))
+    assert fast.balance == (2, 6)
+
+
+def test_memory_forces_the_split() -> None:
+    # 4 equal blocks of 10 parameter bytes, plain SGD (2 x 10 bytes each): a 40-byte device holds two.
+    problem = Problem([1.0, 1.0, 1.0, 5.0], [Device("d", memory_bytes=40)] * 2, CostModel(optimizer_states=0),
+                      param_bytes=[10] * 4)
+    assert split_exact(problem).balance == (2, 2)
+    with pytest.raises(AutopartError, match="smallest limit that fits is"):
+        split_exact(Problem([1.0] * 4, [Device("d", memory_bytes=30)] * 2, CostModel(optimizer_states=0),
+                            param_bytes=[10] * 4))
+
+
+def test_recomputation_only_where_it_is_needed() -> None:
+    # GPipe holds 4 micro-batches: three light blocks (30 bytes x 4 > 60) fit only when recomputed,
+    # which beats giving the heavy last block a neighbour (bottleneck 6 instead of 7).
+    problem = Problem([1.0, 1.0, 1.0, 6.0], [Device("d", memory_bytes=60)] * 2,
+                      CostModel(schedule="gpipe", microbatches=4), forward_ms=[0.5] * 4,
+                      activation_bytes=[10, 10, 10, 1], output_bytes=[1] * 4)
+    result = split_exact(problem)
+    assert result.balance == (3, 1) and [s.recompute for s in result.stages] == [True, False]
+    assert result.stages[0].time_ms == 4.5 and result.bottleneck_ms == 6.0
+    assert not CostModel(recompute=False).recompute
+    with pytest.raises(AutopartError):
+        split_exact(Problem([1.0, 1.0, 1.0, 6.0], [Device("d", memory_bytes=60)] * 2,
+                            CostModel(schedule="gpipe", microbatches=4, recompute=False),
+                            activation_bytes=[10, 10, 10, 1], output_bytes=[1] * 4))
+    assert result.fits
+
+
+def test_lm_head_gets_fewer_layers_than_uniform() -> None:
+    profile = Profile.from_json(ROOT / "profiles" / "gpt2-small-cpu-mb1.json")
+    problem = Problem.from_profile(profile, [Device("d")] * 4, CostModel(microbatches=4))
+    exact, uniform = split_exact(problem), split_uniform(problem)
+    assert exact.balance[-1] < uniform.balance[-1]
+    assert exact.bottleneck_ms < uniform.bottleneck_ms
+    assert split_parameters(problem).fits
+
+
+@pytest.mark.parametrize("costs, k, message", [
+    ([1.0, 2.0], 3, "3 stages > 2 blocks"),
+    ([1.0, math.nan], 1, "is nan"),
+    ([1.0, -2.0], 1, "is -2.0"),
+])
+def test_bad_problems(costs: list[float], k: int, message: str) -> None:
+    with pytest.raises(AutopartError, match=message):
+        Problem(costs, [Device("d")] * k, CostModel())
+
+
+def test_lower_bound_and_gap() -> None:
+    result = split_exact(Problem([1.0] * 10, [Device("d")] * 5, CostModel()))
+    assert result.lower_bound_ms == 2.0 and result.gap == 0.0
