@@ -430,10 +430,10 @@ def _least_squares(p: Problem, T: float, fallback: list[int]) -> list[int]:
     if not np.isfinite(cost[n - 1]):
         return fallback
     starts = [0] * K
-    j = n - 1
+    end = n - 1
     for s in range(K - 1, 0, -1):
-        starts[s] = int(back[s][j])
-        j = starts[s] - 1
+        starts[s] = int(back[s][end])
+        end = starts[s] - 1
     return starts
 
 
@@ -502,7 +502,7 @@ def split_parameters(p: Problem) -> Split:
     from autopart.costmodel import CostModel
     from autopart.devices import Device
 
-    weights = Problem(p.params + 1e-9, [Device("unit")] * p.k, CostModel(), names=p.names)
+    weights = Problem(p.params.tolist(), [Device("unit")] * p.k, CostModel(), names=p.names)
     balance = split_exact(weights).balance
     return _make(p, "parameters", balance)
 
