@@ -145,8 +145,7 @@ def _print_plan(plan: Any, result: Any) -> None:
     sends = any(st.send_ms for st in plan.stages)
     limits = any(st.memory_limit_bytes for st in plan.stages)
     named = any(st.device != "device" or st.speed != 1 for st in plan.stages)
-    table = Table(title=f"{plan.model}: {plan.method} split into {plan.num_stages} stages, {plan.schedule}, "
-                  f"{plan.microbatches} micro-batches", title_justify="left")
+    table = Table(title=f"{plan.model}: {plan.method}, {plan.num_stages} stages", title_justify="left")
     columns = ["stage", "blocks", "n", "time", "share"] + ["sends"] * sends + ["memory"] + ["limit"] * limits \
         + ["device"] * named
     for col in columns:
@@ -165,6 +164,7 @@ def _print_plan(plan: Any, result: Any) -> None:
     console.print(table)
     pred = plan.predicted
     console.print(f"bottleneck {format_ms(pred.bottleneck_ms)}, lower bound {format_ms(pred.lower_bound_ms)} "
-                  f"(gap {result.gap:.1%}); predicted step {format_ms(pred.step_ms)}, bubble "
-                  f"{pred.bubble_fraction:.1%}", highlight=False, soft_wrap=True)
+                  f"(gap {max(result.gap, 0.0):.1%}); {plan.schedule}, {plan.microbatches} micro-batches: "
+                  f"predicted step {format_ms(pred.step_ms)}, bubble {pred.bubble_fraction:.1%}",
+                  highlight=False, soft_wrap=True)
     print(f"balance: {list(plan.balance)}")

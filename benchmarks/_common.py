@@ -10,7 +10,7 @@ from typing import Any, Sequence
 from rich.console import Console
 from rich.table import Table
 
-from autopart.atomic import write_json_atomic
+from autopart.atomic import write_atomic, write_json_atomic
 
 RESULTS = Path(__file__).resolve().parent / "results"
 
@@ -24,7 +24,7 @@ def machine() -> dict[str, Any]:
 
 def report(name: str, title: str, columns: Sequence[str], rows: Sequence[Sequence[Any]],
            extra: dict[str, Any] | None = None) -> Path:
-    """Print ``rows`` as a table and write them, with the machine, to results/NAME.json."""
+    """Print ``rows`` as a table; write them with the machine to results/NAME.json, and as markdown to NAME.md."""
     table = Table(title=title, title_justify="left")
     for col in columns:
         table.add_column(col, justify="right")
@@ -32,6 +32,10 @@ def report(name: str, title: str, columns: Sequence[str], rows: Sequence[Sequenc
         table.add_row(*[f"{v:.3g}" if isinstance(v, float) else str(v) for v in row])
     Console(width=max(Console().width, 140)).print(table)
     RESULTS.mkdir(exist_ok=True)
+    lines = ["| " + " | ".join(columns) + " |", "|" + "---|" * len(columns)]
+    lines += ["| " + " | ".join(f"{v:.3g}" if isinstance(v, float) else str(v) for v in row) + " |" for row in rows]
+    markdown = "\n".join(lines) + "\n"
+    write_atomic(RESULTS / f"{name}.md", lambda handle: handle.write(markdown.encode()))
     data = {"benchmark": name, "machine": machine(), "columns": list(columns),
             "rows": [list(r) for r in rows], **(extra or {})}
     return write_json_atomic(RESULTS / f"{name}.json", json.loads(json.dumps(data, default=str)))
