@@ -27,7 +27,7 @@ class _Parser(argparse.ArgumentParser):
 
 
 def build_parser() -> argparse.ArgumentParser:
-    from autopart import cli_partition, cli_profile
+    from autopart import cli_partition, cli_profile, cli_simulate
 
     parser = _Parser(prog="autopart", description="Automatic pipeline-parallel partitioning for PyTorch: "
                      "profile a model block by block, plan the stages, simulate, train.")
@@ -35,6 +35,7 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", parser_class=_Parser)
     cli_profile.add_parser(sub)
     cli_partition.add_parser(sub)
+    cli_simulate.add_parser(sub)
     return parser
 
 

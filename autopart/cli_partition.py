@@ -18,23 +18,51 @@ stages that fit only with activation recomputation get it."""
 FORMATS = ("table", "json", "balance", "split-spec", "fqns")
 
 
+def _schedule_arg(text: str) -> str:
+    from autopart.schedules import canonical_schedule
+
+    if text.lower() == "auto":
+        return "auto"
+    try:
+        return canonical_schedule(text)
+    except AutopartError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
+
+
+def _count_arg(text: str) -> int | str:
+    if text.lower() == "auto":
+        return "auto"
+    try:
+        return int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a number or 'auto'") from None
+
+
 def add_parser(sub: Any) -> None:
-    from autopart.costmodel import OPTIMIZER_STATES, SCHEDULES
+    from autopart.costmodel import OPTIMIZER_STATES
     from autopart.partition import METHODS
 
-    p = sub.add_parser("partition", help="choose stage boundaries from a profile", description=HELP,
-                       formatter_class=argparse.RawDescriptionHelpFormatter,
+    p = sub.add_parser("partition", help="choose stage boundaries (and micro-batches, schedule) from a profile",
+                       description=HELP, formatter_class=argparse.RawDescriptionHelpFormatter,
                        epilog="examples:\n  autopart partition p.json --stages 4\n"
                               "  autopart partition p.json --stages 4 --memory-limit 16GiB --schedule gpipe "
                               "--microbatches 8\n"
+                              "  autopart partition p.json --stages 4 --global-batch 64 --microbatches auto "
+                              "--schedule auto --memory-limit 8GiB\n"
                               "  autopart partition p.json --devices 2xA100-40GB,2xH100-80GB@2.0 --bandwidth 25GB/s")
     p.add_argument("profile", metavar="PROFILE", help="profile JSON written by autopart profile")
-    p.add_argument("--stages", "-k", type=int, metavar="K", help="number of pipeline stages (default: the number "
-                   "of --devices)")
-    p.add_argument("--microbatches", "-m", type=int, default=None, metavar="M",
-                   help="micro-batches per step (default: K, the fewest 1F1B accepts)")
-    p.add_argument("--schedule", default="1f1b", choices=SCHEDULES,
-                   help="in-flight activations: gpipe holds all M, 1f1b at most K - s (default: 1f1b)")
+    p.add_argument("--stages", "-k", type=int, metavar="K", help="pipeline ranks, one device each (default: the "
+                   "number of --devices); interleaved schedules put several stages on each")
+    p.add_argument("--microbatches", "-m", type=_count_arg, default=None, metavar="M|auto",
+                   help="micro-batches per step, or auto: search the divisors of --global-batch "
+                        "(default: K, the fewest 1F1B accepts)")
+    p.add_argument("--global-batch", type=int, metavar="N",
+                   help="samples per step; the micro-batch size is N / M (default: the profile's micro-batch x M)")
+    p.add_argument("--schedule", default="1F1B", type=_schedule_arg, metavar="NAME|auto",
+                   help="GPipe, 1F1B (default), Interleaved1F1B, ZBVZeroBubble (torch.distributed.pipelining "
+                        "names, any case), or auto: simulate each and keep the fastest")
+    p.add_argument("--stages-per-rank", type=int, default=2, metavar="V",
+                   help="virtual stages per rank for Interleaved1F1B (default: 2; ZBVZeroBubble always 2)")
     p.add_argument("--method", default="exact", choices=list(METHODS),
                    help="exact (default), minvar (GPipe's objective), uniform (equal block counts), "
                         "parameters (DeepSpeed's default)")
@@ -43,7 +71,7 @@ def add_parser(sub: Any) -> None:
     p.add_argument("--optimizer", default="adam", choices=list(OPTIMIZER_STATES),
                    help="optimizer state per parameter: adam/adamw 2 copies, sgd-momentum 1, sgd 0 (default: adam)")
     p.add_argument("--devices", metavar="SPEC",
-                   help="per-stage devices in order: 2xA100-40GB,2xH100-80GB@2.0 (COUNTxNAME-or-MEMORY[@SPEED], "
+                   help="per-rank devices in order: 2xA100-40GB,2xH100-80GB@2.0 (COUNTxNAME-or-MEMORY[@SPEED], "
                         "speed relative to the profiled device) or a .json/.toml file")
     p.add_argument("--bandwidth", metavar="RATE", help="link between neighbouring stages: 25GB/s, 100Gbit/s "
                    "(default: sends are free)")
@@ -56,11 +84,12 @@ def add_parser(sub: Any) -> None:
     p.set_defaults(run=run)
 
 
-def build(args: argparse.Namespace) -> tuple[Any, Any, Any, Any, Any]:
-    """Profile, devices, cost model and problem from the flags (shared with simulate)."""
-    from autopart.costmodel import OPTIMIZER_STATES, CostModel, Problem
+def make_plan_from_args(args: argparse.Namespace) -> Any:
+    """Profile, devices and the search or single configuration the flags ask for."""
+    from autopart.costmodel import OPTIMIZER_STATES
     from autopart.devices import Device, parse_devices
     from autopart.profile import Profile
+    from autopart.search import AUTO_SCHEDULES, Settings, plan_search
     from autopart.units import parse_bandwidth, parse_bytes, parse_duration_ms
 
     profile = Profile.from_json(args.profile)
@@ -81,33 +110,38 @@ def build(args: argparse.Namespace) -> tuple[Any, Any, Any, Any, Any]:
         devices = [Device(name="device", memory_bytes=limit) for _ in range(k)]
     elif limit is not None:
         devices = [Device(name=d.name, memory_bytes=limit, speed=d.speed) for d in devices]
-    microbatches = args.microbatches if args.microbatches is not None else k
-    if microbatches < 1:
+    if args.global_batch is not None and args.global_batch < 1:
+        raise AutopartError(f"--global-batch must be >= 1, got {args.global_batch}")
+    microbatches = None if args.microbatches == "auto" else (args.microbatches if args.microbatches is not None else k)
+    if microbatches is not None and microbatches < 1:
         raise AutopartError(f"--microbatches must be >= 1, got {microbatches}")
-    bandwidth = parse_bandwidth(args.bandwidth) / 1e3 if args.bandwidth else None
-    latency = parse_duration_ms(args.latency) if args.latency else 0.0
-    model = CostModel(schedule=args.schedule, microbatches=microbatches,
-                      optimizer_states=OPTIMIZER_STATES[args.optimizer], bandwidth_bytes_per_ms=bandwidth,
-                      latency_ms=latency, recompute=not args.no_recompute)
-    problem = Problem.from_profile(profile, devices, model)
-    return profile, devices, model, problem, microbatches
+    if args.stages_per_rank < 1:
+        raise AutopartError(f"--stages-per-rank must be >= 1, got {args.stages_per_rank}")
+    if args.schedule == "auto":
+        schedules = None if args.stages_per_rank == 2 else [
+            (n, args.stages_per_rank if n == "Interleaved1F1B" else v) for n, v in AUTO_SCHEDULES]
+    else:
+        per_rank = {"Interleaved1F1B": args.stages_per_rank, "ZBVZeroBubble": 2}.get(args.schedule, 1)
+        schedules = [(args.schedule, per_rank)]
+    settings = Settings(optimizer_states=OPTIMIZER_STATES[args.optimizer],
+                        bandwidth_bytes_per_ms=parse_bandwidth(args.bandwidth) / 1e3 if args.bandwidth else None,
+                        latency_ms=parse_duration_ms(args.latency) if args.latency else 0.0,
+                        recompute=not args.no_recompute, method=args.method)
+    plan = plan_search(profile, devices, settings, global_batch=args.global_batch, microbatches=microbatches,
+                       schedules=schedules, profile_path=args.profile)
+    return plan
 
 
 def run(args: argparse.Namespace) -> int:
     from autopart.atomic import check_writable
-    from autopart.partition import split
-    from autopart.plan import make_plan
+    from autopart.units import format_bytes
 
     if args.output:
         check_writable(args.output)
-    profile, devices, model, problem, _ = build(args)
-    result = split(problem, args.method)
-    plan = make_plan(result, problem, model, devices, profile_path=args.profile, model_name=profile.model)
+    plan = make_plan_from_args(args)
     if not plan.fits:
         over = next(s for s, st in enumerate(plan.stages)
                     if st.memory_limit_bytes is not None and st.memory_bytes > st.memory_limit_bytes)
-        from autopart.units import format_bytes
-
         st = plan.stages[over]
         raise AutopartError(
             f"the {args.method} split {list(plan.balance)} does not fit: stage {over} needs "
@@ -116,7 +150,7 @@ def run(args: argparse.Namespace) -> int:
     if args.output:
         plan.to_json(args.output)
     if args.format == "table":
-        _print_plan(plan, result)
+        _print_plan(plan)
     elif args.format == "json":
         print(json.dumps(plan.to_dict(), indent=2))
     elif args.format == "balance":
@@ -128,11 +162,17 @@ def run(args: argparse.Namespace) -> int:
     return 0
 
 
+def _rank_of(plan: Any, stage: int) -> int:
+    from autopart.schedules import stage_ranks
+
+    return stage_ranks(plan.schedule, plan.num_ranks, plan.stages_per_rank)[stage]
+
+
 def _blocks_label(blocks: tuple[str, ...]) -> str:
     return blocks[0] if len(blocks) == 1 else f"{blocks[0]} … {blocks[-1]}"
 
 
-def _print_plan(plan: Any, result: Any) -> None:
+def _print_plan(plan: Any) -> None:
     from rich.console import Console
     from rich.table import Table
 
@@ -140,18 +180,20 @@ def _print_plan(plan: Any, result: Any) -> None:
 
     console = Console()
     if not console.is_terminal:
-        console = Console(width=120)
+        console = Console(width=140)
     bottleneck = plan.predicted.bottleneck_ms
     sends = any(st.send_ms for st in plan.stages)
     limits = any(st.memory_limit_bytes for st in plan.stages)
     named = any(st.device != "device" or st.speed != 1 for st in plan.stages)
-    table = Table(title=f"{plan.model}: {plan.method}, {plan.num_stages} stages", title_justify="left")
-    columns = ["stage", "blocks", "n", "time", "share"] + ["sends"] * sends + ["memory"] + ["limit"] * limits \
+    table = Table(title=f"{plan.model}: {plan.method}, {plan.num_stages} stages on {plan.num_ranks} ranks",
+                  title_justify="left")
+    columns = ["stage", "rank", "blocks", "n", "time", "share"] + ["sends"] * sends + ["memory"] + ["limit"] * limits \
         + ["device"] * named
     for col in columns:
         table.add_column(col, justify="left" if col in ("blocks", "device") else "right", no_wrap=True)
     for s, st in enumerate(plan.stages):
-        row = [str(s), _blocks_label(st.blocks), str(len(st.blocks)), format_ms(st.time_ms),
+        rank = s if plan.stages_per_rank == 1 else _rank_of(plan, s)
+        row = [str(s), str(rank), _blocks_label(st.blocks), str(len(st.blocks)), format_ms(st.time_ms),
                f"{st.time_ms / bottleneck:.0%}" if bottleneck else "-"]
         if sends:
             row.append(format_ms(st.send_ms))
@@ -163,8 +205,22 @@ def _print_plan(plan: Any, result: Any) -> None:
         table.add_row(*row, style="bold" if st.time_ms == bottleneck else "")
     console.print(table)
     pred = plan.predicted
+    gap = max(pred.bottleneck_ms / pred.lower_bound_ms - 1, 0.0) if pred.lower_bound_ms else 0.0
+    size = f" of {plan.microbatch_size}" if plan.microbatch_size else ""
+    per_rank = f" ({plan.stages_per_rank} stages per rank)" if plan.stages_per_rank > 1 else ""
     console.print(f"bottleneck {format_ms(pred.bottleneck_ms)}, lower bound {format_ms(pred.lower_bound_ms)} "
-                  f"(gap {max(result.gap, 0.0):.1%}); {plan.schedule}, {plan.microbatches} micro-batches: "
-                  f"predicted step {format_ms(pred.step_ms)}, bubble {pred.bubble_fraction:.1%}",
-                  highlight=False, soft_wrap=True)
+                  f"(gap {gap:.1%})", highlight=False, soft_wrap=True)
+    console.print(f"schedule {plan.schedule}{per_rank}, {plan.microbatches} micro-batches{size}: predicted step "
+                  f"{format_ms(pred.step_ms)}, bubble {pred.bubble_fraction:.1%}", highlight=False, soft_wrap=True)
+    if plan.scaling:
+        console.print(f"note: {plan.scaling}", highlight=False, soft_wrap=True)
+    if plan.runners_up:
+        runners = Table(title="runners-up", title_justify="left")
+        for col in ("schedule", "micro-batches", "predicted step", "slower by", "balance"):
+            runners.add_column(col, justify="left" if col in ("schedule", "balance") else "right")
+        for c in plan.runners_up:
+            name = c.schedule + (f" x{c.stages_per_rank}" if c.stages_per_rank > 1 else "")
+            runners.add_row(name, str(c.microbatches), format_ms(c.step_ms),
+                            f"{c.step_ms / pred.step_ms - 1:+.1%}", str(list(c.balance)))
+        console.print(runners)
     print(f"balance: {list(plan.balance)}")

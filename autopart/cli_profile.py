@@ -26,8 +26,10 @@ def add_parser(sub: Any) -> None:
                        formatter_class=argparse.RawDescriptionHelpFormatter,
                        epilog="built-in models: " + ", ".join(BUILTINS))
     p.add_argument("model", metavar="MODEL", help="built-in name, pkg.mod:factory or file.py:factory")
-    p.add_argument("--microbatch-size", type=int, metavar="B",
-                   help="rows in one micro-batch; replaces the first dimension of the example input")
+    p.add_argument("--microbatch-size", metavar="B[,B...]",
+                   help="rows in one micro-batch; replaces the first dimension of the example input. Several "
+                        "sizes (1,2,4,8) are all measured and stored, so the planner can fit how time grows with "
+                        "the micro-batch size; the first is the profile's main size")
     p.add_argument("--input-shape", metavar="SHAPE",
                    help="shape of one micro-batch input, e.g. 8,1024 (needed when the factory gives no example)")
     p.add_argument("--input-dtype", metavar="DTYPE",
@@ -72,6 +74,11 @@ def run(args: argparse.Namespace) -> int:
     if not dtype.is_floating_point:
         raise AutopartError(f"--dtype must be a floating type, got {args.dtype!r}")
     input_shape = parse_shape(args.input_shape) if args.input_shape else None
+    sizes: list[int | None] = [None]
+    if args.microbatch_size:
+        sizes = list(parse_shape(args.microbatch_size))
+        if len(set(sizes)) != len(sizes):
+            raise AutopartError(f"--microbatch-size {args.microbatch_size} repeats a size")
     input_dtype = parse_dtype(args.input_dtype) if args.input_dtype else None
     if args.output:
         check_writable(args.output)
@@ -79,27 +86,41 @@ def run(args: argparse.Namespace) -> int:
     torch.manual_seed(args.seed)
     with err.status(f"building {args.model} ...") if err.is_terminal else _nothing():
         bundle = load_model(args.model)
-        example = shape_example(bundle, input_shape, input_dtype, args.microbatch_size)
         module = bundle.module.to(device=device, dtype=dtype)
-        example = tuple(t.to(device=device, dtype=dtype) if t.is_floating_point() else t.to(device) for t in example)
-    output = args.output or _default_output(args.model, args.device, int(example[0].shape[0]))
+        examples = []
+        for size in sizes:
+            example = shape_example(bundle, input_shape, input_dtype, size)
+            examples.append(tuple(t.to(device=device, dtype=dtype) if t.is_floating_point() else t.to(device)
+                                  for t in example))
+    output = args.output or _default_output(args.model, args.device, int(examples[0][0].shape[0]))
     check_writable(output)
 
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
+    import dataclasses
+
+    profiles = []
     with Progress(TextColumn("profiling [bold]{task.fields[block]}"), BarColumn(), MofNCompleteColumn(),
                   TimeElapsedColumn(), console=err, transient=True, disable=not err.is_terminal) as bar:
         task = bar.add_task("profile", total=None, block="...")
+        for k, example in enumerate(examples):
+            label = f" (micro-batch {example[0].shape[0]})" if len(examples) > 1 else ""
 
-        def progress(name: str, done: int, total: int) -> None:
-            bar.update(task, completed=done, total=total, block=name)
+            def progress(name: str, done: int, total: int, label: str = label, k: int = k) -> None:
+                n = len(examples)
+                bar.update(task, completed=k * total + done, total=n * total, block=name + label)
 
-        profile = profile_model(module, example, name=args.model, warmup=args.warmup,
-                                repeats=args.repeats, progress=progress)
+            profiles.append(profile_model(module, example, name=args.model, warmup=args.warmup,
+                                          repeats=args.repeats, progress=progress))
+    profile = profiles[0]
+    if len(profiles) > 1:
+        profile = dataclasses.replace(profile, by_microbatch_size=tuple(
+            (p.microbatch_size, p.layers) for p in profiles[1:]))
     profile.to_json(output)
     _print_table(profile)
+    sizes_text = ", ".join(str(b) for b in profile.sizes())
     err.print(f"wrote {output} ({len(profile.layers)} blocks, {profile.device}, "
-              f"micro-batch {profile.microbatch_size}, {profile.dtype})", soft_wrap=True, highlight=False)
+              f"micro-batch {sizes_text}, {profile.dtype})", soft_wrap=True, highlight=False)
     return 0
 
 

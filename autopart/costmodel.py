@@ -20,6 +20,7 @@ the numbers a plan reports.
 """
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass
 from typing import Sequence
 
@@ -29,13 +30,14 @@ import numpy.typing as npt
 from autopart.devices import Device
 from autopart.errors import AutopartError
 from autopart.profile import Profile
+from autopart.schedules import canonical_schedule
 
 __all__ = ["CostModel", "Problem", "SCHEDULES", "OPTIMIZER_STATES", "StageCost"]
 
 Ints = npt.NDArray[np.int64]
 Floats = npt.NDArray[np.float64]
 
-SCHEDULES = ("gpipe", "1f1b")
+SCHEDULES = ("gpipe", "1f1b", "interleaved1f1b", "zbvzerobubble")
 OPTIMIZER_STATES = {"adam": 2, "adamw": 2, "sgd-momentum": 1, "sgd": 0}
 
 
@@ -43,8 +45,9 @@ OPTIMIZER_STATES = {"adam": 2, "adamw": 2, "sgd-momentum": 1, "sgd": 0}
 class CostModel:
     """Everything about training that changes a stage's time or memory, except the blocks."""
 
-    schedule: str = "1f1b"
-    """gpipe or 1f1b: how many micro-batches a stage holds activations for."""
+    schedule: str = "1F1B"
+    """A torch.distributed.pipelining schedule name (GPipe, 1F1B, Interleaved1F1B,
+    ZBVZeroBubble; any case): how many micro-batches a stage holds activations for."""
     microbatches: int = 1
     optimizer_states: int = 2
     """Copies of the parameters the optimizer keeps: 2 for Adam, 1 SGD+momentum, 0 SGD."""
@@ -53,10 +56,11 @@ class CostModel:
     latency_ms: float = 0.0
     recompute: bool = True
     """Allow activation recomputation on stages that do not fit otherwise."""
+    stages_per_rank: int = 1
+    """Virtual stages per rank (Interleaved1F1B: any, ZBVZeroBubble: 2)."""
 
     def __post_init__(self) -> None:
-        if self.schedule not in SCHEDULES:
-            raise AutopartError(f"unknown schedule {self.schedule!r}; known: {', '.join(SCHEDULES)}")
+        object.__setattr__(self, "schedule", canonical_schedule(self.schedule))
         if self.microbatches < 1:
             raise AutopartError(f"micro-batches must be >= 1, got {self.microbatches}")
         if self.optimizer_states < 0:
@@ -71,10 +75,27 @@ class CostModel:
         return self.bandwidth_bytes_per_ms is not None or self.latency_ms > 0
 
     def in_flight(self, stage: int, num_stages: int) -> int:
-        """Micro-batches whose activations stage ``stage`` holds at its peak."""
-        if self.schedule == "gpipe":
+        """Micro-batches whose activations stage ``stage`` holds at its peak.
+
+        M under GPipe, min(M, K - s) under 1F1B; for the interleaved and
+        zero-bubble schedules, what the simulator counts on equal stages.
+        """
+        if self.schedule == "GPipe":
             return self.microbatches
-        return min(self.microbatches, num_stages - stage)
+        if self.schedule == "1F1B":
+            return min(self.microbatches, num_stages - stage)
+        return _simulated_in_flight(self.schedule, num_stages, self.stages_per_rank, self.microbatches)[stage]
+
+
+@functools.lru_cache(maxsize=256)
+def _simulated_in_flight(schedule: str, num_stages: int, stages_per_rank: int, microbatches: int) -> tuple[int, ...]:
+    from autopart.schedules import build_schedule
+    from autopart.simulate import StageCosts, simulate
+
+    if num_stages % stages_per_rank:
+        raise AutopartError(f"{num_stages} stages do not divide into {stages_per_rank} per rank")
+    sched = build_schedule(schedule, num_stages // stages_per_rank, microbatches, stages_per_rank)
+    return simulate(sched, [StageCosts(1.0, 2.0, activation_bytes=1)] * num_stages).peak_in_flight
 
 
 @dataclass(frozen=True)
@@ -88,6 +109,18 @@ class StageCost:
     recompute: bool
     compute_ms: float
     send_ms: float
+    forward_ms: float = 0.0
+    """Forward of one micro-batch on this stage's device."""
+    backward_ms: float = 0.0
+    """Backward of one micro-batch, the recomputed forward included."""
+    send_forward_ms: float = 0.0
+    send_backward_ms: float = 0.0
+    activation_bytes: int = 0
+    """Kept per in-flight micro-batch (only the stage's input when recomputing)."""
+    static_bytes: int = 0
+    """Parameters, gradients and optimizer state."""
+    backward_extra_bytes: int = 0
+    """Held during a backward only: the recomputed activations."""
 
 
 class Problem:
@@ -230,10 +263,20 @@ class Problem:
     def stage(self, s: int, first: int, last: int) -> StageCost:
         i, j = np.array([first]), np.array([last])
         t, m, rc, _ = self.evaluate(s, i, j)
-        compute = ((self.pc[last + 1] - self.pc[first]) + (self.pf[last + 1] - self.pf[first] if rc[0] else 0.0))
-        return StageCost(first=first, last=last, time_ms=float(t[0]), memory_bytes=int(round(float(m[0]))),
-                         recompute=bool(rc[0]), compute_ms=float(compute / self.speed[s]),
-                         send_ms=float(self.send_ms(s, i, j)[0]))
+        recompute = bool(rc[0])
+        v = float(self.speed[s])
+        forward = float(self.pf[last + 1] - self.pf[first])
+        backward = float(self.pc[last + 1] - self.pc[first]) - forward + (forward if recompute else 0.0)
+        acts = int(self.pa[last + 1] - self.pa[first])
+        keep = int(self.keep[last] if self.keep_at_end else self.keep[first])
+        return StageCost(
+            first=first, last=last, time_ms=float(t[0]), memory_bytes=int(round(float(m[0]))), recompute=recompute,
+            compute_ms=(forward + backward) / v, send_ms=float(self.send_ms(s, i, j)[0]),
+            forward_ms=forward / v, backward_ms=backward / v,
+            send_forward_ms=float(self.send[last]) if s < self.k - 1 else 0.0,
+            send_backward_ms=float(self.send[first - 1]) if s > 0 else 0.0,
+            activation_bytes=keep if recompute else acts, static_bytes=int(self.pw[last + 1] - self.pw[first]),
+            backward_extra_bytes=acts if recompute else 0)
 
     def stages(self, balance: Sequence[int]) -> list[StageCost]:
         """Costs of every stage of a split given as block counts."""

@@ -15,8 +15,11 @@ from autopart.devices import Device
 from autopart.errors import AutopartError
 from autopart.jsonfields import Fields, load_json_file
 from autopart.partition import Split
+from autopart.schedules import build_schedule, canonical_schedule
+from autopart.simulate import Simulation, StageCosts, simulate
 
-__all__ = ["PLAN_SCHEMA", "Plan", "PlanStage", "Predicted", "make_plan", "pipeline_step_ms"]
+__all__ = ["PLAN_SCHEMA", "Plan", "PlanStage", "Predicted", "Candidate", "make_plan", "pipeline_step_ms",
+           "simulate_plan"]
 
 PLAN_SCHEMA = "autopart.plan/1"
 
@@ -36,6 +39,31 @@ class PlanStage:
     send_ms: float = 0.0
     memory_limit_bytes: int | None = None
     speed: float = 1.0
+    forward_ms: float = 0.0
+    backward_ms: float = 0.0
+    """Recomputed forward included."""
+    send_forward_ms: float = 0.0
+    send_backward_ms: float = 0.0
+    activation_bytes: int = 0
+    """Kept per in-flight micro-batch (only the input when recomputing)."""
+    static_bytes: int = 0
+    """Parameters, gradients and optimizer state."""
+    backward_extra_bytes: int = 0
+
+
+_STAGE_NUMBERS = ("compute_ms", "send_ms", "forward_ms", "backward_ms", "send_forward_ms", "send_backward_ms")
+_STAGE_INTS = ("activation_bytes", "static_bytes", "backward_extra_bytes")
+
+
+@dataclass(frozen=True)
+class Candidate:
+    """A configuration the joint search tried."""
+
+    schedule: str
+    microbatches: int
+    stages_per_rank: int
+    step_ms: float
+    balance: tuple[int, ...]
 
 
 @dataclass(frozen=True)
@@ -48,7 +76,7 @@ class Predicted:
     """The slowest stage's time per micro-batch."""
     lower_bound_ms: float
     """No split has a faster slowest stage than this."""
-    source: str = "closed form: sum of stage times + (M - 1) x bottleneck"
+    source: str = "simulated"
 
 
 @dataclass(frozen=True)
@@ -65,11 +93,22 @@ class Plan:
     bandwidth_bytes_per_s: float | None = None
     latency_ms: float = 0.0
     fits: bool = True
+    stages_per_rank: int = 1
+    microbatch_size: int | None = None
+    """Rows per micro-batch the times are for (the profile's, or the search's choice)."""
+    scaling: str = ""
+    """How times were scaled to ``microbatch_size`` when it differs from the profile's."""
+    runners_up: tuple[Candidate, ...] = ()
+    """What the joint search beat, best first."""
     schema: str = field(default=PLAN_SCHEMA)
 
     @property
     def num_stages(self) -> int:
         return len(self.stages)
+
+    @property
+    def num_ranks(self) -> int:
+        return len(self.stages) // self.stages_per_rank
 
     def split_spec(self) -> dict[str, str]:
         """torch.distributed.pipelining ``split_spec``: the first block of every stage but the first."""
@@ -84,11 +123,15 @@ class Plan:
             "schema": self.schema, "profile": self.profile, "model": self.model, "method": self.method,
             "schedule": self.schedule, "microbatches": self.microbatches, "balance": list(self.balance),
             "optimizer_states": self.optimizer_states, "bandwidth_bytes_per_s": self.bandwidth_bytes_per_s,
-            "latency_ms": self.latency_ms, "fits": self.fits,
+            "latency_ms": self.latency_ms, "fits": self.fits, "stages_per_rank": self.stages_per_rank,
+            "microbatch_size": self.microbatch_size, "scaling": self.scaling,
             "stages": [{"blocks": list(s.blocks), "time_ms": s.time_ms, "memory_bytes": s.memory_bytes,
-                        "device": s.device, "recompute": s.recompute, "compute_ms": s.compute_ms,
-                        "send_ms": s.send_ms, "memory_limit_bytes": s.memory_limit_bytes, "speed": s.speed}
+                        "device": s.device, "recompute": s.recompute, "memory_limit_bytes": s.memory_limit_bytes,
+                        "speed": s.speed, **{k: getattr(s, k) for k in _STAGE_NUMBERS + _STAGE_INTS}}
                        for s in self.stages],
+            "runners_up": [{"schedule": c.schedule, "microbatches": c.microbatches,
+                            "stages_per_rank": c.stages_per_rank, "step_ms": c.step_ms, "balance": list(c.balance)}
+                           for c in self.runners_up],
             "predicted": {"step_ms": self.predicted.step_ms, "bubble_fraction": self.predicted.bubble_fraction,
                           "bottleneck_ms": self.predicted.bottleneck_ms,
                           "lower_bound_ms": self.predicted.lower_bound_ms, "source": self.predicted.source},
@@ -113,9 +156,10 @@ class Plan:
             stages.append(PlanStage(
                 blocks=tuple(blocks), time_ms=sf.number("time_ms"), memory_bytes=sf.integer("memory_bytes"),
                 device=sf.string("device", required=False, default=""),
-                recompute=bool(raw.get("recompute", False)), compute_ms=sf.number("compute_ms", False, 0.0),
-                send_ms=sf.number("send_ms", False, 0.0), memory_limit_bytes=limit,
-                speed=sf.number("speed", False, 1.0)))
+                recompute=bool(raw.get("recompute", False)), memory_limit_bytes=limit,
+                speed=sf.number("speed", False, 1.0),
+                **{k: sf.number(k, False, 0.0) for k in _STAGE_NUMBERS},
+                **{k: sf.integer(k, False, 0) for k in _STAGE_INTS}))
         if not stages:
             raise AutopartError(f"{source}: 'stages' is empty")
         balance = tuple(f.int_list("balance", minimum=1))
@@ -127,13 +171,25 @@ class Plan:
                               bottleneck_ms=pf.number("bottleneck_ms"), lower_bound_ms=pf.number("lower_bound_ms"),
                               source=pf.string("source", required=False, default=""))
         bandwidth = f.number("bandwidth_bytes_per_s", required=False)
+        runners = []
+        for k, raw in enumerate(f.array("runners_up", required=False)):
+            cf = Fields(raw, f"{source}: runners_up[{k}]")
+            runners.append(Candidate(schedule=cf.string("schedule"), microbatches=cf.integer("microbatches", minimum=1),
+                                     stages_per_rank=cf.integer("stages_per_rank", False, 1, minimum=1),
+                                     step_ms=cf.number("step_ms"), balance=tuple(cf.int_list("balance", minimum=1))))
+        stages_per_rank = f.integer("stages_per_rank", required=False, default=1, minimum=1)
+        if len(stages) % stages_per_rank:
+            raise AutopartError(f"{source}: {len(stages)} stages do not divide into {stages_per_rank} per rank")
         return Plan(profile=f.string("profile", required=False, default=""),
                     model=f.string("model", required=False, default=""), method=f.string("method"),
-                    schedule=f.string("schedule"), microbatches=f.integer("microbatches", minimum=1),
+                    schedule=canonical_schedule(f.string("schedule")), microbatches=f.integer("microbatches", minimum=1),
                     balance=balance, stages=tuple(stages), predicted=predicted,
                     optimizer_states=f.integer("optimizer_states", required=False, default=2),
                     bandwidth_bytes_per_s=bandwidth, latency_ms=f.number("latency_ms", False, 0.0),
-                    fits=bool(f.obj.get("fits", True)), schema=schema)
+                    fits=bool(f.obj.get("fits", True)), stages_per_rank=stages_per_rank,
+                    microbatch_size=f.integer("microbatch_size", required=False, minimum=1),
+                    scaling=f.string("scaling", required=False, default=""), runners_up=tuple(runners),
+                    schema=schema)
 
     @staticmethod
     def from_json(path: str | Path) -> "Plan":
@@ -153,21 +209,48 @@ def pipeline_step_ms(stage_ms: Sequence[float], microbatches: int) -> tuple[floa
     return step, bubble
 
 
+def simulate_plan(plan: Plan, microbatches: int | None = None, schedule: str | None = None,
+                  stages_per_rank: int | None = None) -> Simulation:
+    """Simulate ``plan``'s stages under its schedule, or another micro-batch count or schedule."""
+    name = canonical_schedule(schedule or plan.schedule)
+    per_rank = stages_per_rank or (plan.stages_per_rank if name == plan.schedule else 1)
+    if name == "ZBVZeroBubble":
+        per_rank = 2
+    if plan.num_stages % per_rank:
+        raise AutopartError(f"{name} with {per_rank} stages per rank cannot run the plan's {plan.num_stages} stages")
+    sched = build_schedule(name, plan.num_stages // per_rank, microbatches or plan.microbatches, per_rank)
+    return simulate(sched, stage_costs(plan.stages))
+
+
+def stage_costs(stages: Sequence[PlanStage]) -> list[StageCosts]:
+    return [StageCosts(forward_ms=st.forward_ms, backward_ms=st.backward_ms, send_forward_ms=st.send_forward_ms,
+                       send_backward_ms=st.send_backward_ms, activation_bytes=st.activation_bytes,
+                       static_bytes=st.static_bytes, backward_extra_bytes=st.backward_extra_bytes)
+            for st in stages]
+
+
 def make_plan(split: Split, problem: Problem, model: CostModel, devices: Sequence[Device], *,
-              profile_path: str = "", model_name: str = "") -> Plan:
-    """A plan from a split of ``problem``'s blocks."""
+              profile_path: str = "", model_name: str = "", microbatch_size: int | None = None,
+              scaling: str = "", runners_up: Sequence[Candidate] = ()) -> Plan:
+    """A plan from a split of ``problem``'s blocks, with its step simulated under the model's schedule."""
     stages = []
-    for s, (cost, device) in enumerate(zip(split.stages, devices)):
+    for cost, device in zip(split.stages, devices):
         stages.append(PlanStage(
             blocks=tuple(problem.names[cost.first: cost.last + 1]), time_ms=cost.time_ms,
             memory_bytes=cost.memory_bytes, device=device.name, recompute=cost.recompute,
             compute_ms=cost.compute_ms, send_ms=cost.send_ms, memory_limit_bytes=device.memory_bytes,
-            speed=device.speed))
-    step, bubble = pipeline_step_ms([c.time_ms for c in split.stages], model.microbatches)
-    predicted = Predicted(step_ms=step, bubble_fraction=bubble, bottleneck_ms=split.bottleneck_ms,
-                          lower_bound_ms=split.lower_bound_ms)
+            speed=device.speed, forward_ms=cost.forward_ms, backward_ms=cost.backward_ms,
+            send_forward_ms=cost.send_forward_ms, send_backward_ms=cost.send_backward_ms,
+            activation_bytes=cost.activation_bytes, static_bytes=cost.static_bytes,
+            backward_extra_bytes=cost.backward_extra_bytes))
+    sched = build_schedule(model.schedule, len(stages) // model.stages_per_rank, model.microbatches,
+                           model.stages_per_rank)
+    sim = simulate(sched, stage_costs(stages))
+    predicted = Predicted(step_ms=sim.step_ms, bubble_fraction=sim.bubble_fraction,
+                          bottleneck_ms=split.bottleneck_ms, lower_bound_ms=split.lower_bound_ms)
     bw = model.bandwidth_bytes_per_ms * 1e3 if model.bandwidth_bytes_per_ms else None
     return Plan(profile=profile_path, model=model_name, method=split.method, schedule=model.schedule,
                 microbatches=model.microbatches, balance=split.balance, stages=tuple(stages),
                 predicted=predicted, optimizer_states=model.optimizer_states, bandwidth_bytes_per_s=bw,
-                latency_ms=model.latency_ms, fits=split.fits)
+                latency_ms=model.latency_ms, fits=split.fits, stages_per_rank=model.stages_per_rank,
+                microbatch_size=microbatch_size, scaling=scaling, runners_up=tuple(runners_up))

@@ -104,6 +104,8 @@ class Profile:
     when it recomputes its activations."""
     repeats: int = 0
     warmup: int = 0
+    by_microbatch_size: tuple[tuple[int, tuple[LayerProfile, ...]], ...] = ()
+    """The same blocks measured at other micro-batch sizes (``--microbatch-size 1,2,4,8``)."""
     schema: str = field(default=PROFILE_SCHEMA)
 
     def __post_init__(self) -> None:
@@ -113,6 +115,15 @@ class Profile:
         if len(set(names)) != len(names):
             dup = sorted({n for n in names if names.count(n) > 1})
             raise AutopartError(f"profile of {self.model!r} repeats block names {dup}")
+        for size, layers in self.by_microbatch_size:
+            if [x.name for x in layers] != names:
+                raise AutopartError(f"profile of {self.model!r}: the blocks measured at micro-batch size {size} "
+                                    f"are not the same as at {self.microbatch_size}")
+
+    def sizes(self) -> dict[int, tuple[LayerProfile, ...]]:
+        """Every measured micro-batch size and its layers, smallest first."""
+        found = {self.microbatch_size: self.layers, **dict(self.by_microbatch_size)}
+        return dict(sorted(found.items()))
 
     @property
     def names(self) -> list[str]:
@@ -142,6 +153,8 @@ class Profile:
             "repeats": self.repeats,
             "layers": [layer.to_dict() for layer in self.layers],
         }
+        if self.by_microbatch_size:
+            data["by_microbatch_size"] = {str(b): [x.to_dict() for x in layers] for b, layers in self.by_microbatch_size}
         if self.ties:
             data["ties"] = [
                 {"params": list(t.params), "owner": t.owner, "blocks": list(t.blocks), "bytes": t.bytes}
@@ -174,6 +187,17 @@ class Profile:
                 bytes=tf.integer("bytes"),
             ))
         threads = f.integer("threads", required=False, minimum=1)
+        others = []
+        raw_sizes = f.obj.get("by_microbatch_size") or {}
+        if not isinstance(raw_sizes, dict):
+            raise AutopartError(f"{source}: by_microbatch_size must be an object of size -> layers")
+        for key, items in raw_sizes.items():
+            if not str(key).isdigit() or int(key) < 1:
+                raise AutopartError(f"{source}: by_microbatch_size key {key!r} is not a micro-batch size")
+            if not isinstance(items, list) or len(items) != len(layers):
+                raise AutopartError(f"{source}: by_microbatch_size[{key}] must list {len(layers)} layers")
+            others.append((int(key), tuple(LayerProfile.from_dict(item, f"{source}: by_microbatch_size[{key}][{i}]")
+                                           for i, item in enumerate(items))))
         return Profile(
             model=f.string("model"),
             device=f.string("device"),
@@ -187,6 +211,7 @@ class Profile:
             input_bytes=f.integer("input_bytes", required=False, default=0),
             repeats=f.integer("repeats", required=False, default=0),
             warmup=f.integer("warmup", required=False, default=0),
+            by_microbatch_size=tuple(others),
             schema=schema,
         )
 

@@ -39,7 +39,7 @@ def _brute_stage(blocks: dict[str, list[float]], devices: Sequence[Device], mode
         return (blocks["outs"][b] / bw if bw else 0.0) + model.latency_ms
 
     sends = (send(i - 1) if s > 0 else 0.0) + (send(j) if s < k - 1 else 0.0)
-    in_flight = model.microbatches if model.schedule == "gpipe" else min(model.microbatches, k - s)
+    in_flight = model.microbatches if model.schedule == "GPipe" else min(model.microbatches, k - s)
     limit = devices[s].memory_bytes if devices[s].memory_bytes is not None else math.inf
     if params + in_flight * acts <= limit:
         return comp / devices[s].speed + sends

@@ -1,0 +1,102 @@
+"""``autopart simulate``: predict a plan's training step, draw its timeline."""
+from __future__ import annotations
+
+import argparse
+import json
+from typing import Any
+
+from autopart.errors import AutopartError
+
+__all__: list[str] = []
+
+HELP = """Simulate one training step of PLAN under its schedule (or another): step
+time, idle share per rank, peak memory per rank, and the timeline of every
+forward, backward and send, in the terminal and optionally as SVG."""
+
+
+def add_parser(sub: Any) -> None:
+    from autopart.cli_partition import _schedule_arg
+
+    p = sub.add_parser("simulate", help="simulate a plan's step and draw its timeline", description=HELP,
+                       formatter_class=argparse.RawDescriptionHelpFormatter,
+                       epilog="examples:\n  autopart simulate plan.json\n"
+                              "  autopart simulate plan.json --microbatches 16 --schedule gpipe --svg step.svg")
+    p.add_argument("plan", metavar="PLAN", help="plan JSON written by autopart partition")
+    p.add_argument("--microbatches", "-m", type=int, metavar="M", help="micro-batches (default: the plan's)")
+    p.add_argument("--schedule", type=_schedule_arg, metavar="NAME",
+                   help="GPipe, 1F1B, Interleaved1F1B, ZBVZeroBubble (default: the plan's)")
+    p.add_argument("--stages-per-rank", type=int, metavar="V",
+                   help="virtual stages per rank for Interleaved1F1B (default: the plan's, else 2)")
+    p.add_argument("--json", action="store_true", help="print a machine-readable summary only")
+    p.add_argument("--svg", metavar="FILE", help="write the timeline as an SVG picture (atomically)")
+    p.add_argument("--csv", metavar="FILE", help="write the schedule's per-rank actions as torch's CSV")
+    p.add_argument("--width", type=int, default=100, help="timeline width in characters (default: 100)")
+    p.set_defaults(run=run)
+
+
+def run(args: argparse.Namespace) -> int:
+    from rich.console import Console
+    from rich.table import Table
+
+    from autopart.atomic import check_writable, write_atomic
+    from autopart.plan import Plan, simulate_plan
+    from autopart.schedules import build_schedule
+    from autopart.timeline import render_svg, render_text
+    from autopart.units import format_bytes, format_ms
+
+    for path in (args.svg, args.csv):
+        if path:
+            check_writable(path)
+    if args.microbatches is not None and args.microbatches < 1:
+        raise AutopartError(f"--microbatches must be >= 1, got {args.microbatches}")
+    plan = Plan.from_json(args.plan)
+    schedule = args.schedule or plan.schedule
+    per_rank = args.stages_per_rank
+    if per_rank is None:
+        per_rank = plan.stages_per_rank if schedule == plan.schedule else (2 if schedule == "Interleaved1F1B" else 1)
+    if schedule == "ZBVZeroBubble":
+        per_rank = 2
+    if per_rank < 1 or plan.num_stages % per_rank:
+        raise AutopartError(f"{schedule} with {per_rank} stages per rank cannot hold the plan's {plan.num_stages} "
+                            f"stages (must divide)")
+    microbatches = args.microbatches or plan.microbatches
+    sim = simulate_plan(plan, microbatches, schedule, per_rank)
+    if args.csv:
+        text = build_schedule(schedule, plan.num_stages // per_rank, microbatches, per_rank).csv_text()
+        write_atomic(args.csv, lambda handle: handle.write(text.encode()))
+    title = f"{plan.model}: {schedule}, {plan.num_stages} stages on {sim.num_ranks} ranks, {microbatches} micro-batches"
+    if args.svg:
+        svg = render_svg(sim, title=title)
+        write_atomic(args.svg, lambda handle: handle.write(svg.encode()))
+    if args.json:
+        print(json.dumps({"plan": args.plan, **sim.to_dict()}, indent=2))
+        return 0
+    console = Console()
+    if not console.is_terminal:
+        console = Console(width=max(args.width + 30, 100))
+    console.print(title, style="bold", highlight=False)
+    console.print(f"step {format_ms(sim.step_ms)}, bubble {sim.bubble_fraction:.1%}"
+                  + (f" (the plan predicted {format_ms(plan.predicted.step_ms)})"
+                     if (schedule, microbatches) != (plan.schedule, plan.microbatches) else ""), highlight=False)
+    table = Table(title_justify="left")
+    for col in ("rank", "stages", "busy", "idle", "peak memory", "limit"):
+        table.add_column(col, justify="right")
+    limits: dict[int, int] = {}
+    stages_of: dict[int, list[int]] = {}
+    from autopart.schedules import stage_ranks
+
+    for s, r in enumerate(stage_ranks(schedule, sim.num_ranks, per_rank)):
+        stages_of.setdefault(r, []).append(s)
+        limit = plan.stages[s].memory_limit_bytes
+        if limit is not None:
+            limits[r] = limits.get(r, 0) + limit
+    for r in range(sim.num_ranks):
+        over = r in limits and sim.peak_memory_bytes[r] > limits[r]
+        table.add_row(str(r), ",".join(map(str, stages_of[r])), format_ms(sim.busy_ms[r]),
+                      f"{sim.bubble_fractions[r]:.1%}", format_bytes(sim.peak_memory_bytes[r]),
+                      format_bytes(limits[r]) if r in limits else "-", style="red" if over else "")
+    console.print(table)
+    console.print(render_text(sim, width=args.width))
+    if args.svg:
+        console.print(f"wrote {args.svg}", highlight=False)
+    return 0

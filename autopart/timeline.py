@@ -1,0 +1,102 @@
+"""Draw a simulated step: one row per rank, forward and backward in different colours, idle visible.
+
+    render_text(sim, width=100)   -> rich Text for the terminal
+    render_svg(sim)               -> an SVG document a browser shows
+"""
+from __future__ import annotations
+
+from html import escape
+
+from rich.text import Text
+
+from autopart.simulate import Event, Simulation
+
+__all__ = ["render_text", "render_svg", "COLOURS"]
+
+COLOURS = {"F": "#4C78A8", "B": "#54A24B", "I": "#54A24B", "W": "#B279A2", "SEND": "#BBBBBB"}
+_RICH = {"F": "blue", "B": "green", "I": "green", "W": "magenta", "SEND": "grey50"}
+_CHARS = {"F": "█", "B": "█", "I": "▓", "W": "▒", "SEND": "░"}
+LEGEND = "F forward   B backward   I backward (inputs)   W backward (weights)   send   · idle"
+
+
+def _cells(events: list[Event], step_ms: float, width: int) -> list[str | None]:
+    """The kind of event under the middle of each of ``width`` cells of one rank's row."""
+    cells: list[str | None] = [None] * width
+    for e in events:
+        first = int(e.start_ms / step_ms * width)
+        last = max(first, int((e.end_ms / step_ms) * width - 1e-9))
+        for c in range(max(first, 0), min(last, width - 1) + 1):
+            mid = (c + 0.5) * step_ms / width
+            if e.start_ms <= mid < e.end_ms or cells[c] is None and e.end_ms - e.start_ms < step_ms / width:
+                cells[c] = e.kind
+    return cells
+
+
+def render_text(sim: Simulation, width: int = 100) -> Text:
+    """A character timeline: one row per rank."""
+    width = max(width, 10)
+    out = Text()
+    by_rank: dict[int, list[Event]] = {r: [] for r in range(sim.num_ranks)}
+    for e in sim.events:
+        by_rank[e.rank].append(e)
+    for r in range(sim.num_ranks):
+        out.append(f"rank {r:<3}", style="bold")
+        for kind in _cells(by_rank[r], sim.step_ms, width) if sim.step_ms > 0 else []:
+            if kind is None:
+                out.append("·", style="grey37")
+            else:
+                out.append(_CHARS[kind], style=_RICH[kind])
+        out.append(f"  idle {sim.bubble_fractions[r]:.0%}\n")
+    out.append(" " * 8 + f"0 ms{'':>{max(width - 12, 0)}}{sim.step_ms:.4g} ms\n", style="grey50")
+    legend = Text(" " * 8)
+    for label, kind in (("F forward", "F"), ("B backward", "B"), ("I input grad", "I"), ("W weight grad", "W"),
+                        ("send", "SEND")):
+        legend.append(_CHARS[kind] + " ", style=_RICH[kind])
+        legend.append(label + "   ")
+    legend.append("· idle", style="grey37")
+    out.append(legend)
+    return out
+
+
+def render_svg(sim: Simulation, title: str = "", width_px: int = 1200) -> str:
+    """An SVG picture of the same timeline, with action labels where they fit and a time axis."""
+    left, top, row_h, gap = 70, 50, 30, 6
+    plot_w = width_px - left - 20
+    height = top + sim.num_ranks * (row_h + gap) + 60
+    scale = plot_w / sim.step_ms if sim.step_ms > 0 else 0.0
+    parts = [f'<svg xmlns="http://www.w3.org/2000/svg" width="{width_px}" height="{height}" '
+             f'font-family="sans-serif" font-size="11">',
+             f'<rect width="100%" height="100%" fill="white"/>',
+             f'<text x="{left}" y="22" font-size="14" font-weight="bold">{escape(title or sim.schedule)}</text>',
+             f'<text x="{left}" y="40" fill="#555">step {sim.step_ms:.4g} ms, bubble {sim.bubble_fraction:.1%}, '
+             f'{sim.num_ranks} ranks, {sim.microbatches} micro-batches</text>']
+    for r in range(sim.num_ranks):
+        y = top + r * (row_h + gap)
+        parts.append(f'<text x="8" y="{y + row_h / 2 + 4}">rank {r}</text>')
+        parts.append(f'<rect x="{left}" y="{y}" width="{plot_w}" height="{row_h}" fill="#F2F2F2"/>')
+    for e in sim.events:
+        y = top + e.rank * (row_h + gap)
+        x, w = left + e.start_ms * scale, max((e.end_ms - e.start_ms) * scale, 0.5)
+        h = row_h if e.kind != "SEND" else row_h / 3
+        parts.append(f'<rect x="{x:.2f}" y="{y + row_h - h:.2f}" width="{w:.2f}" height="{h:.2f}" '
+                     f'fill="{COLOURS[e.kind]}" stroke="white" stroke-width="0.5"><title>{escape(e.action)} '
+                     f'{e.start_ms:.4g}-{e.end_ms:.4g} ms</title></rect>')
+        label = e.action if e.kind != "SEND" else ""
+        if label and w > 7 * len(label):
+            parts.append(f'<text x="{x + w / 2:.2f}" y="{y + row_h / 2 + 4}" fill="white" '
+                         f'text-anchor="middle">{escape(label)}</text>')
+    axis_y = top + sim.num_ranks * (row_h + gap) + 4
+    parts.append(f'<line x1="{left}" y1="{axis_y}" x2="{left + plot_w}" y2="{axis_y}" stroke="#333"/>')
+    for i in range(11):
+        x = left + plot_w * i / 10
+        parts.append(f'<line x1="{x:.1f}" y1="{axis_y}" x2="{x:.1f}" y2="{axis_y + 5}" stroke="#333"/>')
+        parts.append(f'<text x="{x:.1f}" y="{axis_y + 17}" text-anchor="middle">{sim.step_ms * i / 10:.4g} ms</text>')
+    lx = left
+    for label, kind in (("forward", "F"), ("backward", "B"), ("weight grad", "W"), ("send", "SEND"),
+                        ("idle", None)):
+        fill = COLOURS[kind] if kind else "#F2F2F2"
+        parts.append(f'<rect x="{lx}" y="{axis_y + 28}" width="12" height="12" fill="{fill}" stroke="#999"/>')
+        parts.append(f'<text x="{lx + 16}" y="{axis_y + 38}">{label}</text>')
+        lx += 110
+    parts.append("</svg>")
+    return "\n".join(parts) + "\n"

@@ -1,0 +1,63 @@
+"""`autopart simulate` and the joint search of `autopart partition`, as a user runs them."""
+from __future__ import annotations
+
+import json
+import xml.etree.ElementTree as ET
+from pathlib import Path
+
+import pytest
+
+from tests.conftest import ROOT, assert_one_line_error, run_cli
+
+GPT2 = str(ROOT / "profiles" / "gpt2-small-cpu-mb1.json")
+
+
+@pytest.fixture(scope="module")
+def plan(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    out = tmp_path_factory.mktemp("plan") / "plan.json"
+    result = run_cli("partition", GPT2, "--stages", "4", "--global-batch", "64", "--microbatches", "auto",
+                     "--schedule", "auto", "--memory-limit", "8GiB", "-o", str(out))
+    assert result.returncode == 0, result.stderr
+    assert "runners-up" in result.stdout and "predicted step" in result.stdout and "balance: [" in result.stdout
+    return out
+
+
+def test_joint_search_records_winner_and_runners_up(plan: Path) -> None:
+    data = json.loads(plan.read_text())
+    assert 64 % data["microbatches"] == 0 and data["microbatch_size"] * data["microbatches"] == 64
+    assert len(data["runners_up"]) == 5
+    assert all(r["step_ms"] >= data["predicted"]["step_ms"] for r in data["runners_up"])
+
+
+def test_simulate_prints_timeline_and_writes_svg(plan: Path, tmp_path: Path) -> None:
+    svg = tmp_path / "step.svg"
+    result = run_cli("simulate", str(plan), "--svg", str(svg), "--csv", str(tmp_path / "s.csv"))
+    assert result.returncode == 0, result.stderr
+    assert "rank 0" in result.stdout and "idle" in result.stdout and "peak memory" in result.stdout
+    root = ET.parse(svg).getroot()
+    assert root.tag.endswith("svg") and len(root.findall("{http://www.w3.org/2000/svg}rect")) > 10
+    assert (tmp_path / "s.csv").read_text().count("\n") == json.loads(plan.read_text())["stages"].__len__() // \
+        json.loads(plan.read_text())["stages_per_rank"]
+
+
+def test_simulate_json_and_overrides(plan: Path) -> None:
+    result = run_cli("simulate", str(plan), "--json", "--microbatches", "8", "--schedule", "gpipe")
+    assert result.returncode == 0, result.stderr
+    data = json.loads(result.stdout)
+    assert set(data) >= {"step_ms", "bubble_fraction", "peak_memory_bytes"} and data["schedule"] == "GPipe"
+    assert len(data["peak_memory_bytes"]) == data["num_ranks"]
+
+
+def test_simulate_errors(plan: Path, tmp_path: Path) -> None:
+    one_f = run_cli("partition", GPT2, "--stages", "4", "--schedule", "1f1b", "-o", str(tmp_path / "p.json"))
+    assert one_f.returncode == 0
+    assert_one_line_error(run_cli("simulate", str(tmp_path / "p.json"), "--microbatches", "2"),
+                          "at least as many micro-batches as ranks: 2 < 4")
+    assert_one_line_error(run_cli("simulate", str(tmp_path / "p.json"), "--schedule", "nope"), "unknown schedule")
+    assert_one_line_error(run_cli("simulate", str(tmp_path / "p.json"), "--schedule", "interleaved1f1b",
+                                  "--stages-per-rank", "3"), "must divide")
+    assert_one_line_error(run_cli("simulate", str(tmp_path / "missing.json")), "does not exist")
+    assert_one_line_error(run_cli("partition", GPT2, "--stages", "4", "--schedule", "1f1b", "--microbatches", "2"),
+                          "2 < 4")
+    assert_one_line_error(run_cli("partition", GPT2, "--stages", "8", "--schedule", "interleaved1f1b"),
+                          "16 stages > 14 blocks")

@@ -1,0 +1,54 @@
+from __future__ import annotations
+
+import pytest
+
+from autopart.devices import Device
+from autopart.errors import AutopartError
+from autopart.profile import LayerProfile, Profile
+from autopart.search import Settings, plan_search
+
+
+def _profile(overhead_ms: float, blocks: int = 8) -> Profile:
+    """Blocks whose time per micro-batch is a fixed overhead plus 1 ms per sample."""
+    def layers(b: int) -> tuple[LayerProfile, ...]:
+        t = overhead_ms + 1.0 * b
+        return tuple(LayerProfile(name=f"b{i}", forward_ms=t / 3, backward_ms=2 * t / 3, param_bytes=1000,
+                                  activation_bytes=100 * b, output_bytes=10 * b) for i in range(blocks))
+
+    return Profile(model="m", device="cpu", dtype="float32", microbatch_size=1, sample_shape=(1, 4), torch="2.13.0",
+                   layers=layers(1), by_microbatch_size=tuple((b, layers(b)) for b in (2, 4, 8, 16)))
+
+
+def test_overhead_per_microbatch_limits_how_many_pay_off() -> None:
+    devices = [Device("d")] * 4
+    free = plan_search(_profile(0.0), devices, Settings(), global_batch=64, microbatches=None,
+                       schedules=[("1F1B", 1)])
+    costly = plan_search(_profile(8.0), devices, Settings(), global_batch=64, microbatches=None,
+                         schedules=[("1F1B", 1)])
+    assert free.microbatches == 64  # no overhead: more micro-batches, smaller bubble
+    assert 4 <= costly.microbatches < 64  # a fixed cost per micro-batch makes very many slow
+    assert costly.runners_up and all(c.step_ms >= costly.predicted.step_ms for c in costly.runners_up)
+    assert "fitted" in costly.scaling or costly.microbatch_size in (1, 2, 4, 8, 16)
+
+
+def test_auto_schedule_records_the_winner_and_runners_up() -> None:
+    plan = plan_search(_profile(2.0), [Device("d")] * 2, Settings(), global_batch=16)
+    names = {plan.schedule} | {c.schedule for c in plan.runners_up}
+    assert len(names) >= 2 and len(plan.runners_up) == 5
+    assert sum(plan.balance) == 8 and plan.num_ranks == 2
+
+
+def test_memory_that_no_choice_fits() -> None:
+    tiny = [Device("d", memory_bytes=100)] * 2
+    with pytest.raises(AutopartError, match="no schedule and micro-batch count fits"):
+        plan_search(_profile(1.0), tiny, Settings(), global_batch=8)
+    with pytest.raises(AutopartError, match="alone needs"):
+        plan_search(_profile(1.0), tiny, Settings(), global_batch=8, microbatches=2, schedules=[("GPipe", 1)])
+
+
+def test_global_batch_must_divide() -> None:
+    with pytest.raises(AutopartError, match="not divisible by 3"):
+        plan_search(_profile(1.0), [Device("d")] * 2, Settings(), global_batch=8, microbatches=3,
+                    schedules=[("GPipe", 1)])
+    with pytest.raises(AutopartError, match="needs --global-batch"):
+        plan_search(_profile(1.0), [Device("d")] * 2, Settings(), microbatches=None)
