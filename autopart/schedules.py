@@ -104,7 +104,9 @@ def canonical_schedule(name: str) -> str:
 def _gpipe(k: int, m: int) -> list[list[Action | None]]:
     orders: list[list[Action | None]] = []
     for r in range(k):
-        orders.append([Action(r, "F", i) for i in range(m)] + [Action(r, "B", i) for i in range(m)])
+        order: list[Action | None] = [Action(r, "F", i) for i in range(m)]
+        order += [Action(r, "B", i) for i in range(m)]
+        orders.append(order)
     return orders
 
 
