@@ -72,7 +72,7 @@ def plan_search(profile: Profile, rank_devices: Sequence[Device], settings: Sett
     """The fastest plan over the given (or all) schedules and micro-batch counts that fits memory."""
     todo = [(canonical_schedule(name), v) for name, v in (schedules or AUTO_SCHEDULES)]
     n_blocks = len(profile.layers)
-    tried: list[tuple[float, Plan]] = []
+    tried: list[tuple[float, int, Plan]] = []
     reasons: list[str] = []
     failures: list[AutopartError] = []
     unfit: Plan | None = None  # a baseline split that does not fit: the caller says why
@@ -105,7 +105,8 @@ def plan_search(profile: Profile, rank_devices: Sequence[Device], settings: Sett
                 failures.append(exc)
                 continue
             if plan.fits:
-                tried.append((plan.predicted.step_ms, plan))
+                # ties go to the schedule that needs less memory
+                tried.append((plan.predicted.step_ms, max(st.memory_bytes for st in plan.stages), plan))
             else:
                 reasons.append(f"{name} M={m}: the {settings.method} split does not fit memory")
                 unfit = unfit or plan
@@ -116,8 +117,8 @@ def plan_search(profile: Profile, rank_devices: Sequence[Device], settings: Sett
             return unfit
         detail = reasons[-1] if reasons else "no candidate"
         raise AutopartError(f"no schedule and micro-batch count fits ({len(reasons)} tried); last: {detail}")
-    tried.sort(key=lambda item: item[0])
-    best = tried[0][1]
+    tried.sort(key=lambda item: (item[0], item[1]))
+    best = tried[0][2]
     runners = tuple(Candidate(schedule=p.schedule, microbatches=p.microbatches, stages_per_rank=p.stages_per_rank,
-                              step_ms=step, balance=p.balance) for step, p in tried[1: 1 + keep])
+                              step_ms=step, balance=p.balance) for step, _, p in tried[1: 1 + keep])
     return dataclasses.replace(best, runners_up=runners)

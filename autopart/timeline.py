@@ -47,7 +47,10 @@ def render_text(sim: Simulation, width: int = 100) -> Text:
             else:
                 out.append(_CHARS[kind], style=_RICH[kind])
         out.append(f"  idle {sim.bubble_fractions[r]:.0%}\n")
-    out.append(" " * 8 + f"0 ms{'':>{max(width - 12, 0)}}{sim.step_ms:.4g} ms\n", style="grey50")
+    from autopart.units import format_ms
+
+    end = format_ms(sim.step_ms)
+    out.append(" " * 8 + "0" + " " * max(width - 1 - len(end), 1) + end + "\n", style="grey50")
     legend = Text(" " * 8)
     for label, kind in (("F forward", "F"), ("B backward", "B"), ("I input grad", "I"), ("W weight grad", "W"),
                         ("send", "SEND")):
