@@ -27,7 +27,7 @@ class _Parser(argparse.ArgumentParser):
 
 
 def build_parser() -> argparse.ArgumentParser:
-    from autopart import cli_partition, cli_profile, cli_simulate
+    from autopart import cli_checkpoint, cli_partition, cli_profile, cli_simulate, cli_train
 
     parser = _Parser(prog="autopart", description="Automatic pipeline-parallel partitioning for PyTorch: "
                      "profile a model block by block, plan the stages, simulate, train.")
@@ -36,6 +36,8 @@ def build_parser() -> argparse.ArgumentParser:
     cli_profile.add_parser(sub)
     cli_partition.add_parser(sub)
     cli_simulate.add_parser(sub)
+    cli_train.add_parser(sub)
+    cli_checkpoint.add_parser(sub)
     return parser
 
 

@@ -110,8 +110,9 @@ def run(args: argparse.Namespace) -> int:
                 n = len(examples)
                 bar.update(task, completed=k * total + done, total=n * total, block=name + label)
 
+            loss_fn, target = _loss_and_target(bundle, module, example)
             profiles.append(profile_model(module, example, name=args.model, warmup=args.warmup,
-                                          repeats=args.repeats, progress=progress))
+                                          repeats=args.repeats, progress=progress, loss_fn=loss_fn, target=target))
     profile = profiles[0]
     if len(profiles) > 1:
         profile = dataclasses.replace(profile, by_microbatch_size=tuple(
@@ -122,6 +123,21 @@ def run(args: argparse.Namespace) -> int:
     err.print(f"wrote {output} ({len(profile.layers)} blocks, {profile.device}, "
               f"micro-batch {sizes_text}, {profile.dtype})", soft_wrap=True, highlight=False)
     return 0
+
+
+def _loss_and_target(bundle: Any, module: Any, example: Any) -> tuple[Any, Any]:
+    """The built-ins' loss with a random target of the right shape (class ids over the last dimension)."""
+    import torch
+
+    if not bundle.builtin or bundle.loss_fn is None:
+        return None, None
+    with torch.no_grad():
+        was = module.training
+        module.eval()
+        out = module(*example)
+        module.train(was)
+    target = torch.randint(0, out.shape[-1], tuple(out.shape[:-1]), device=out.device)
+    return bundle.loss_fn, target
 
 
 @contextlib.contextmanager

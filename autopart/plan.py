@@ -100,6 +100,8 @@ class Plan:
     """How times were scaled to ``microbatch_size`` when it differs from the profile's."""
     runners_up: tuple[Candidate, ...] = ()
     """What the joint search beat, best first."""
+    sample_shape: tuple[int, ...] = ()
+    """Shape of one micro-batch's input (the profile's, at ``microbatch_size``)."""
     schema: str = field(default=PLAN_SCHEMA)
 
     @property
@@ -125,6 +127,7 @@ class Plan:
             "optimizer_states": self.optimizer_states, "bandwidth_bytes_per_s": self.bandwidth_bytes_per_s,
             "latency_ms": self.latency_ms, "fits": self.fits, "stages_per_rank": self.stages_per_rank,
             "microbatch_size": self.microbatch_size, "scaling": self.scaling,
+            "sample_shape": list(self.sample_shape),
             "stages": [{"blocks": list(s.blocks), "time_ms": s.time_ms, "memory_bytes": s.memory_bytes,
                         "device": s.device, "recompute": s.recompute, "memory_limit_bytes": s.memory_limit_bytes,
                         "speed": s.speed, **{k: getattr(s, k) for k in _STAGE_NUMBERS + _STAGE_INTS}}
@@ -189,6 +192,7 @@ class Plan:
                     fits=bool(f.obj.get("fits", True)), stages_per_rank=stages_per_rank,
                     microbatch_size=f.integer("microbatch_size", required=False, minimum=1),
                     scaling=f.string("scaling", required=False, default=""), runners_up=tuple(runners),
+                    sample_shape=tuple(f.int_list("sample_shape", required=False, minimum=1)),
                     schema=schema)
 
     @staticmethod
@@ -231,7 +235,7 @@ def stage_costs(stages: Sequence[PlanStage]) -> list[StageCosts]:
 
 def make_plan(split: Split, problem: Problem, model: CostModel, devices: Sequence[Device], *,
               profile_path: str = "", model_name: str = "", microbatch_size: int | None = None,
-              scaling: str = "", runners_up: Sequence[Candidate] = ()) -> Plan:
+              scaling: str = "", runners_up: Sequence[Candidate] = (), sample_shape: Sequence[int] = ()) -> Plan:
     """A plan from a split of ``problem``'s blocks, with its step simulated under the model's schedule."""
     stages = []
     for cost, device in zip(split.stages, devices):
@@ -253,4 +257,5 @@ def make_plan(split: Split, problem: Problem, model: CostModel, devices: Sequenc
                 microbatches=model.microbatches, balance=split.balance, stages=tuple(stages),
                 predicted=predicted, optimizer_states=model.optimizer_states, bandwidth_bytes_per_s=bw,
                 latency_ms=model.latency_ms, fits=split.fits, stages_per_rank=model.stages_per_rank,
-                microbatch_size=microbatch_size, scaling=scaling, runners_up=tuple(runners_up))
+                microbatch_size=microbatch_size, scaling=scaling, runners_up=tuple(runners_up),
+                sample_shape=tuple(sample_shape))

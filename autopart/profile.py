@@ -104,6 +104,8 @@ class Profile:
     when it recomputes its activations."""
     repeats: int = 0
     warmup: int = 0
+    loss_in_last_block: bool = False
+    """The last block's time and activations include computing the loss."""
     by_microbatch_size: tuple[tuple[int, tuple[LayerProfile, ...]], ...] = ()
     """The same blocks measured at other micro-batch sizes (``--microbatch-size 1,2,4,8``)."""
     schema: str = field(default=PROFILE_SCHEMA)
@@ -149,6 +151,7 @@ class Profile:
             "torch": self.torch,
             "threads": self.threads,
             "input_bytes": self.input_bytes,
+            "loss_in_last_block": self.loss_in_last_block,
             "warmup": self.warmup,
             "repeats": self.repeats,
             "layers": [layer.to_dict() for layer in self.layers],
@@ -209,6 +212,7 @@ class Profile:
             ties=tuple(ties),
             threads=threads,
             input_bytes=f.integer("input_bytes", required=False, default=0),
+            loss_in_last_block=bool(f.obj.get("loss_in_last_block", False)),
             repeats=f.integer("repeats", required=False, default=0),
             warmup=f.integer("warmup", required=False, default=0),
             by_microbatch_size=tuple(others),

@@ -31,7 +31,7 @@ from autopart.blocks import Block, call_block, check_chain, split_blocks
 from autopart.errors import AutopartError
 from autopart.profile import LayerProfile, Profile, Tie
 
-__all__ = ["profile_model", "ProgressFn"]
+__all__ = ["profile_model", "ProgressFn", "time_block"]
 
 ProgressFn = Callable[[str, int, int], None]
 """Called as ``progress(block_name, blocks_done, blocks_total)``."""
@@ -108,8 +108,8 @@ def _param_bytes(blocks: Sequence[Block]) -> tuple[list[int], list[int], list[Ti
     return params, buffers, ties
 
 
-def _activation_pass(module: nn.Module, blocks: Sequence[Block], example: tuple[torch.Tensor, ...]
-                     ) -> tuple[list[int], list[Any]]:
+def _activation_pass(module: nn.Module, blocks: Sequence[Block], example: tuple[torch.Tensor, ...],
+                     loss: Callable[[Any], torch.Tensor] | None = None) -> tuple[list[int], list[Any]]:
     """One connected forward: saved bytes per block, and each block's input (detached)."""
     excluded = {k for t in list(module.parameters()) + list(module.buffers()) if (k := _storage_key(t))}
     seen: set[tuple[int, int]] = set()
@@ -129,7 +129,10 @@ def _activation_pass(module: nn.Module, blocks: Sequence[Block], example: tuple[
         for current, (_, block) in enumerate(blocks):
             inputs.append(_detach(out))
             out = call_block(block, out)
-    inputs.append(_detach(out))
+        final = _detach(out)
+        if loss is not None:
+            loss(out)  # what the loss saves for backward is the last stage's too
+    inputs.append(final)
     return saved, inputs
 
 
@@ -179,12 +182,21 @@ def _iqr(values: Sequence[float]) -> float:
 
 
 def _time_block(block: nn.Module, block_input: Any, clock: _Clock, warmup: int, repeats: int,
-                device: torch.device) -> tuple[float, float, float, float, int | None]:
-    """Median forward and backward ms (and their IQRs), and the CUDA peak above the start."""
+                device: torch.device, loss: Callable[[Any], torch.Tensor] | None = None
+                ) -> tuple[float, float, float, float, int | None]:
+    """Median forward and backward ms (and their IQRs), and the CUDA peak above the start.
+
+    With ``loss``, the forward includes computing the loss from the block's
+    output and the backward starts from it (the last stage does both).
+    """
+    def run(x: Any) -> Any:
+        out = call_block(block, x)
+        return loss(out) if loss is not None else out
+
     x = _with_grad(block_input)
-    probe = call_block(block, x)
+    probe = run(x)
     outs = [t for t in _tensors(probe) if t.requires_grad]
-    grads = [torch.randn_like(t) * 1e-3 for t in outs]
+    grads = [torch.ones_like(t) if loss is not None else torch.randn_like(t) * 1e-3 for t in outs]
     del probe, outs
     fwd, bwd = [], []
     peak: int | None = None
@@ -194,7 +206,7 @@ def _time_block(block: nn.Module, block_input: Any, clock: _Clock, warmup: int, 
             torch.cuda.synchronize()
             base = torch.cuda.memory_allocated(device)
             torch.cuda.reset_peak_memory_stats(device)
-        out, f_ms = clock.time(lambda: call_block(block, x))
+        out, f_ms = clock.time(lambda: run(x))
         outs = [t for t in _tensors(out) if t.requires_grad]
         b_ms = 0.0
         if outs:
@@ -206,6 +218,15 @@ def _time_block(block: nn.Module, block_input: Any, clock: _Clock, warmup: int, 
             fwd.append(f_ms)
             bwd.append(b_ms)
     return statistics.median(fwd), statistics.median(bwd), _iqr(fwd), _iqr(bwd), peak
+
+
+def time_block(block: nn.Module, block_input: Any, device: torch.device, warmup: int = 1, repeats: int = 3,
+               loss: Callable[[Any], torch.Tensor] | None = None) -> tuple[float, float]:
+    """Median forward and backward ms of ``block`` on ``block_input`` (with ``loss`` after it, if given)."""
+    single = isinstance(block_input, tuple) and len(block_input) == 1
+    x = block_input[0] if single else block_input
+    f_ms, b_ms, _, _, _ = _time_block(block, x, _Clock(device), warmup, repeats, device, loss)
+    return f_ms, b_ms
 
 
 def _device_name(device: torch.device) -> str:
@@ -229,12 +250,15 @@ def _module_device_dtype(module: nn.Module, example: Sequence[torch.Tensor]) -> 
 
 
 def profile_model(module: nn.Module, example: torch.Tensor | Sequence[torch.Tensor], *, name: str = "model",
-                  warmup: int = 2, repeats: int = 7, progress: ProgressFn | None = None) -> Profile:
+                  warmup: int = 2, repeats: int = 7, progress: ProgressFn | None = None,
+                  loss_fn: Callable[[Any, Any], torch.Tensor] | None = None, target: Any = None) -> Profile:
     """Profile ``module`` on one micro-batch ``example`` (a tensor or a tuple of tensors).
 
     The module is profiled where it is (its device and dtype) in training mode,
     and left unchanged. Blocks are the flattened ``nn.Sequential`` children, or
     the top-level children of another module when they reproduce its forward.
+    Given ``loss_fn`` and ``target``, the last block's time and activations
+    include the loss, as the last pipeline stage computes it.
     """
     if repeats < 1:
         raise AutopartError(f"repeats must be >= 1, got {repeats}")
@@ -255,13 +279,16 @@ def profile_model(module: nn.Module, example: torch.Tensor | Sequence[torch.Tens
     with _preserved(module, device):
         module.train()
         try:
-            saved, inputs = _activation_pass(module, blocks, example_t)
+            loss = (lambda out: loss_fn(out, target)) if loss_fn is not None and target is not None else None
+            saved, inputs = _activation_pass(module, blocks, example_t, loss)
         except Exception as exc:
             shapes = [list(t.shape) for t in example_t]
             raise AutopartError(f"model {name!r} cannot run input of shape {shapes[0] if len(shapes) == 1 else shapes}: "
                                 f"{type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}") from None
         for i, (block_name, block) in enumerate(blocks):
-            f_ms, b_ms, f_iqr, b_iqr, peak = _time_block(block, inputs[i], clock, warmup, repeats, device)
+            last = i == len(blocks) - 1
+            f_ms, b_ms, f_iqr, b_iqr, peak = _time_block(block, inputs[i], clock, warmup, repeats, device,
+                                                         loss if last else None)
             layers.append(LayerProfile(
                 name=block_name, forward_ms=f_ms, backward_ms=b_ms,
                 param_bytes=param_bytes[i], activation_bytes=saved[i], output_bytes=_nbytes(inputs[i + 1]),
@@ -275,5 +302,5 @@ def profile_model(module: nn.Module, example: torch.Tensor | Sequence[torch.Tens
         microbatch_size=int(first.shape[0]) if first.dim() else 1, sample_shape=tuple(int(d) for d in first.shape),
         torch=torch.__version__.split("+")[0], layers=tuple(layers), ties=tuple(ties),
         threads=torch.get_num_threads() if device.type == "cpu" else None, repeats=repeats, warmup=warmup,
-        input_bytes=_nbytes(example_t),
+        input_bytes=_nbytes(example_t), loss_in_last_block=loss_fn is not None and target is not None,
     )

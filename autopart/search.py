@@ -99,7 +99,7 @@ def plan_search(profile: Profile, rank_devices: Sequence[Device], settings: Sett
                 result = split(problem, settings.method)
                 plan = make_plan(result, problem, model, devices, profile_path=profile_path,
                                  model_name=profile.model, microbatch_size=size,
-                                 scaling="" if how == "measured" else how)
+                                 scaling="" if how == "measured" else how, sample_shape=scaled.sample_shape)
             except AutopartError as exc:
                 reasons.append(f"{name} M={m}: {exc}")
                 failures.append(exc)

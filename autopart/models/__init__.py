@@ -18,8 +18,8 @@ __all__ = ["BUILTINS", "builtin_names"]
 
 def _gpt2(name: str) -> Callable[[], dict[str, Any]]:
     cfg = SIZES[name]
-    seq = 64 if name == "gpt2-tiny" else 128
-    batch = 4 if name == "gpt2-tiny" else 1
+    seq = {"gpt2-tiny": 64, "gpt2-mini": 64}.get(name, 128)
+    batch = {"gpt2-tiny": 4, "gpt2-mini": 8}.get(name, 1)
 
     def factory() -> dict[str, Any]:
         return {

@@ -32,6 +32,8 @@ class GPT2Config:
 
 SIZES = {
     "gpt2-tiny": GPT2Config(context=256, n_layer=4, n_embd=128, n_head=4),
+    # GPT-2's vocabulary on a narrow model: the LM head costs about as much as all the layers
+    "gpt2-mini": GPT2Config(context=256, n_layer=24, n_embd=256, n_head=4),
     "gpt2-small": GPT2Config(n_layer=12, n_embd=768, n_head=12),
     "gpt2-medium": GPT2Config(n_layer=24, n_embd=1024, n_head=16),
     "gpt2-large": GPT2Config(n_layer=36, n_embd=1280, n_head=20),

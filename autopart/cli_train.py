@@ -1,0 +1,115 @@
+"""``autopart train``: run a plan with torch.distributed.pipelining, on this machine or under torchrun."""
+from __future__ import annotations
+
+import argparse
+import os
+from typing import Any
+
+from autopart.errors import AutopartError
+
+__all__: list[str] = []
+
+HELP = """Train MODEL split as PLAN says, one process per pipeline rank, with PyTorch's
+own pipelining runtime (gloo on CPU, NCCL on GPUs). Started plainly, autopart
+launches the ranks on this machine through torchrun's API; started by torchrun
+(torchrun --nnodes 2 --nproc-per-node 4 ... -m autopart train ...), it is one
+of the ranks, so several machines use torchrun's own multi-node flags.
+
+Built-in GPT models train as byte-level language models on --data (a file or
+folder of text; default: the Python standard library's sources); resnet-mini
+and mlp-hetero on scikit-learn's digits. At the end, a table compares each
+stage's measured compute and the measured step with the plan's prediction."""
+
+
+def add_parser(sub: Any) -> None:
+    p = sub.add_parser("train", help="train a plan with torch.distributed.pipelining", description=HELP,
+                       formatter_class=argparse.RawDescriptionHelpFormatter,
+                       epilog="examples:\n  autopart train plan.json --model gpt2-tiny --steps 20\n"
+                              "  torchrun --nnodes 2 --nproc-per-node 4 --rdzv-backend c10d --rdzv-endpoint HOST:29500 "
+                              "-m autopart train plan.json --model gpt2-xl")
+    p.add_argument("plan", metavar="PLAN", help="plan JSON written by autopart partition")
+    p.add_argument("--model", required=True, help="the model the plan was made for (built-in or factory spec)")
+    p.add_argument("--steps", type=int, default=10, help="training steps (default: 10)")
+    p.add_argument("--global-batch", type=int, metavar="N",
+                   help="samples per step (default: the plan's micro-batch size x its micro-batches)")
+    p.add_argument("--lr", type=float, default=1e-3, help="AdamW learning rate (default: 1e-3)")
+    p.add_argument("--data", metavar="PATH", help="text file or folder for GPT models (default: Python's own sources)")
+    p.add_argument("--checkpoint", metavar="DIR", help="save stage checkpoints here and resume from the latest")
+    p.add_argument("--checkpoint-every", type=int, default=0, metavar="N",
+                   help="save every N steps (default: only at the end)")
+    p.add_argument("--seed", type=int, default=0, help="seed for weights and data (default: 0)")
+    p.add_argument("--threads", type=int, help="CPU threads per rank (default: cores / ranks)")
+    p.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"],
+                   help="auto: cuda:LOCAL_RANK with NCCL when CUDA is there, else CPU with gloo")
+    p.add_argument("--timeout", type=float, default=300.0, metavar="SECONDS",
+                   help="how long a rank waits for a peer before giving up (default: 300)")
+    p.add_argument("--report", metavar="FILE", help="write measured-against-predicted as JSON")
+    p.add_argument("--replan", metavar="FILE", help="re-profile every block where it ran and write the plan "
+                   "those measurements suggest")
+    p.add_argument("--meta-init", action="store_true",
+                   help="build the model on the meta device and materialise only each rank's blocks (big models; "
+                        "weights are freshly initialised per block, not those of a whole-model build)")
+    p.set_defaults(run=run)
+
+
+def _config(args: argparse.Namespace) -> Any:
+    from autopart.train import TrainConfig
+
+    for flag, value, low in (("--steps", args.steps, 1), ("--checkpoint-every", args.checkpoint_every, 0),
+                             ("--threads", args.threads, 1), ("--global-batch", args.global_batch, 1)):
+        if value is not None and value < low:
+            raise AutopartError(f"{flag} must be >= {low}, got {value}")
+    if not args.lr > 0:
+        raise AutopartError(f"--lr must be > 0, got {args.lr}")
+    return TrainConfig(plan=args.plan, model=args.model, steps=args.steps, global_batch=args.global_batch,
+                       lr=args.lr, data=args.data, checkpoint=args.checkpoint, checkpoint_every=args.checkpoint_every,
+                       seed=args.seed, threads=args.threads, report=args.report, replan=args.replan,
+                       device=args.device, timeout_s=args.timeout, meta_init=args.meta_init)
+
+
+def _worker_args(cfg: Any) -> list[str]:
+    out = [cfg.plan, "--model", cfg.model, "--steps", str(cfg.steps), "--lr", repr(cfg.lr), "--seed", str(cfg.seed),
+           "--device", cfg.device, "--timeout", repr(cfg.timeout_s), "--checkpoint-every", str(cfg.checkpoint_every)]
+    for flag, value in (("--global-batch", cfg.global_batch), ("--data", cfg.data), ("--checkpoint", cfg.checkpoint),
+                        ("--threads", cfg.threads), ("--report", cfg.report), ("--replan", cfg.replan)):
+        if value is not None:
+            out += [flag, str(value)]
+    if cfg.meta_init:
+        out.append("--meta-init")
+    return out
+
+
+def run(args: argparse.Namespace) -> int:
+    from autopart.launch import inside_torchrun, launch
+
+    cfg = _config(args)
+    if inside_torchrun():
+        from autopart.train import worker_main
+
+        return worker_main(cfg)
+    # Check everything we can before starting any process: one line and exit 2 for bad input.
+    import torch
+
+    from autopart.atomic import check_writable
+    from autopart.data import TextCorpus
+    from autopart.execute import check_plan_against_model
+    from autopart.model import load_model
+    from autopart.plan import Plan
+
+    plan = Plan.from_json(cfg.plan)
+    for path in (cfg.report, cfg.replan):
+        if path:
+            check_writable(path)
+    if cfg.device == "cuda" and not torch.cuda.is_available():
+        raise AutopartError("--device cuda asked for, but CUDA is not available on this machine")
+    if cfg.device != "cpu" and torch.cuda.is_available() and torch.cuda.device_count() < plan.num_ranks:
+        raise AutopartError(f"the plan needs {plan.num_ranks} GPUs, this machine has {torch.cuda.device_count()}")
+    with torch.device("meta"):
+        bundle = load_model(cfg.model)
+    check_plan_against_model(plan, bundle.module, plan.num_ranks, cfg.model)
+    if bundle.builtin and cfg.model.startswith("gpt2"):
+        TextCorpus(cfg.data)  # fail now, not in every rank, if the corpus is missing or empty
+    if cfg.checkpoint:
+        os.makedirs(cfg.checkpoint, exist_ok=True)
+    threads = cfg.threads or max(1, (os.cpu_count() or 1) // plan.num_ranks)
+    return launch(_worker_args(cfg), plan.num_ranks, threads)

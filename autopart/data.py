@@ -1,0 +1,105 @@
+"""Real training data that exists on every machine, without downloads.
+
+- Text: byte-level language modelling on a corpus of files (``--data`` file or
+  folder; by default the Python standard library's own source files). Token
+  ids are bytes, 0-255, which GPT-2's vocabulary includes.
+- Images: scikit-learn's 8x8 handwritten digits (1,797 real images shipped in
+  the package), upsampled to the model's input size.
+
+Every rank draws the same batches from the same seed, so the first stage's
+inputs and the last stage's targets agree without any communication.
+"""
+from __future__ import annotations
+
+import sysconfig
+from pathlib import Path
+from typing import Iterator
+
+import torch
+import torch.nn.functional as F
+
+from autopart.errors import AutopartError
+
+__all__ = ["TextCorpus", "Digits", "default_corpus_files"]
+
+_MAX_BYTES = 32 * 2**20  # read at most this much text: plenty for short runs, fast to load
+
+
+def default_corpus_files() -> list[Path]:
+    """The standard library's .py files: a text corpus present wherever Python is."""
+    root = Path(sysconfig.get_paths()["stdlib"])
+    files = sorted(p for p in root.rglob("*.py") if "test" not in p.parts and "site-packages" not in p.parts)
+    if not files:
+        raise AutopartError(f"no Python sources under {root} to use as the default text corpus; pass --data")
+    return files
+
+
+class TextCorpus:
+    """Random windows of a byte stream: inputs are bytes t..t+T-1, targets t+1..t+T."""
+
+    def __init__(self, path: str | None = None) -> None:
+        if path is None:
+            files = default_corpus_files()
+            self.source = f"Python standard library sources ({len(files)} files)"
+        else:
+            p = Path(path)
+            if not p.exists():
+                raise AutopartError(f"--data {path!r} does not exist")
+            files = [p] if p.is_file() else sorted(f for f in p.rglob("*") if f.is_file())
+            self.source = str(p)
+        chunks, total = [], 0
+        for f in files:
+            try:
+                data = f.read_bytes()
+            except OSError:
+                continue
+            chunks.append(data)
+            total += len(data)
+            if total >= _MAX_BYTES:
+                break
+        text = b"\n".join(chunks)[:_MAX_BYTES]
+        if len(text) < 1024:
+            raise AutopartError(f"text corpus {self.source!r} has only {len(text)} bytes; need at least 1 KiB")
+        self.tokens = torch.frombuffer(bytearray(text), dtype=torch.uint8).long()
+
+    def batches(self, batch: int, seq_len: int, seed: int, start_step: int = 0) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+        if seq_len + 1 >= self.tokens.numel():
+            raise AutopartError(f"sequence length {seq_len} does not fit a corpus of {self.tokens.numel()} bytes")
+        step = start_step
+        while True:
+            g = torch.Generator().manual_seed(seed * 1_000_003 + step)
+            starts = torch.randint(0, self.tokens.numel() - seq_len - 1, (batch,), generator=g)
+            idx = starts[:, None] + torch.arange(seq_len + 1)[None, :]
+            window = self.tokens[idx]
+            yield window[:, :-1].contiguous(), window[:, 1:].contiguous()
+            step += 1
+
+
+class Digits:
+    """scikit-learn's digits: 1,797 real 8x8 greyscale images of 0-9."""
+
+    def __init__(self) -> None:
+        try:
+            from sklearn.datasets import load_digits
+        except ImportError:
+            raise AutopartError("the digits data needs scikit-learn (pip install scikit-learn)") from None
+        data = load_digits()
+        self.images = torch.tensor(data.images, dtype=torch.float32)[:, None] / 16.0  # (n, 1, 8, 8) in [0, 1]
+        self.labels = torch.tensor(data.target, dtype=torch.long)
+        self.source = f"scikit-learn digits ({len(self.labels)} images)"
+
+    def batches(self, batch: int, sample_shape: tuple[int, ...], seed: int, start_step: int = 0
+                ) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+        step = start_step
+        while True:
+            g = torch.Generator().manual_seed(seed * 1_000_003 + step)
+            idx = torch.randint(0, len(self.labels), (batch,), generator=g)
+            x = self.images[idx]
+            if len(sample_shape) == 1:  # a flat feature vector (the MLP)
+                x = x.flatten(1)
+                if x.shape[1] != sample_shape[0]:
+                    raise AutopartError(f"digits have 64 features, the model takes {sample_shape[0]}")
+            elif tuple(sample_shape[1:]) != tuple(x.shape[2:]):
+                x = F.interpolate(x, size=tuple(sample_shape[1:]), mode="bilinear", align_corners=False)
+            yield x, self.labels[idx]
+            step += 1

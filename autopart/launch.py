@@ -1,0 +1,60 @@
+"""Start the ranks of ``autopart train`` on this machine through torchrun's own launcher API.
+
+One process per rank (``torch.distributed.launcher.api.elastic_launch``, the
+machinery behind ``torchrun --standalone``). If any rank fails, torchrun's
+agent stops the others (no rank is left blocked in a collective), and the
+failure comes back here as the first rank that failed, with its message.
+"""
+from __future__ import annotations
+
+import logging
+import os
+import sys
+import uuid
+from typing import Sequence
+
+from autopart.errors import AutopartError
+
+__all__ = ["launch", "inside_torchrun"]
+
+
+def inside_torchrun() -> bool:
+    """True in a process started by torchrun (or by :func:`launch`)."""
+    return "TORCHELASTIC_RUN_ID" in os.environ or ("RANK" in os.environ and "WORLD_SIZE" in os.environ)
+
+
+def _message(failure: object) -> str:
+    message = getattr(failure, "message", "")
+    if isinstance(message, dict):
+        message = message.get("message", "")
+    text = str(message).strip()
+    if text.startswith("Process failed with exitcode") or text.startswith("To enable traceback"):
+        return ""
+    return text.splitlines()[0] if text else ""
+
+
+def launch(worker_args: Sequence[str], nproc: int, threads: int) -> int:
+    """Run ``python -m autopart train WORKER_ARGS`` as ``nproc`` ranks; the exit code of the job."""
+    from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
+    from torch.distributed.launcher.api import LaunchConfig, elastic_launch
+
+    for name in ("torch.distributed.elastic", "torch.distributed.launcher"):
+        logging.getLogger(name).setLevel(logging.CRITICAL)
+    os.environ.setdefault("OMP_NUM_THREADS", str(threads))
+    os.environ["AUTOPART_LAUNCHED"] = "1"
+    config = LaunchConfig(min_nodes=1, max_nodes=1, nproc_per_node=nproc, run_id=f"autopart-{uuid.uuid4().hex[:8]}",
+                          rdzv_backend="c10d", rdzv_endpoint="localhost:0", rdzv_configs={"timeout": 120},
+                          max_restarts=0, monitor_interval=0.1, start_method="spawn")
+    try:
+        elastic_launch(config, sys.executable)("-m", "autopart", "train", *worker_args)
+    except ChildFailedError as exc:
+        rank, failure = exc.get_first_failure()
+        code = getattr(failure, "exitcode", 1)
+        why = _message(failure)
+        if code == 2 and why:
+            raise AutopartError(f"rank {rank}: {why}") from None
+        detail = f": {why}" if why else ""
+        sys.stderr.write(f"autopart train: error: rank {rank} failed (exit code {code}){detail}; "
+                         f"the other ranks were stopped\n")
+        return 1
+    return 0

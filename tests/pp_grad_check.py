@@ -1,0 +1,35 @@
+"""Run under torchrun by test_execute.py: one pipelined step, each rank saves its losses and gradients."""
+from __future__ import annotations
+
+import os
+import sys
+
+import torch
+import torch.distributed as dist
+
+from autopart.execute import build_pipeline
+from autopart.model import load_model
+from autopart.plan import Plan
+
+
+def main(plan_path: str, model: str, out_dir: str) -> None:
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo")
+    rank, world = dist.get_rank(), dist.get_world_size()
+    plan = Plan.from_json(plan_path)
+    torch.manual_seed(0)
+    bundle = load_model(model)
+    g = torch.Generator().manual_seed(1)
+    batch = plan.microbatches * 2
+    x = torch.randint(0, 256, (batch, 16), generator=g)
+    y = torch.randint(0, 256, (batch, 16), generator=g)
+    pipe = build_pipeline(plan, bundle.module, rank, world, torch.device("cpu"), bundle.loss_fn)
+    losses = pipe.step(x, y)
+    grads = {name: p.grad.clone() for _, m in pipe.modules for name, p in m.named_parameters() if p.grad is not None}
+    torch.save({"losses": [float(v) for v in losses] if losses else None, "grads": grads},
+               os.path.join(out_dir, f"rank{rank}.pt"))
+    dist.destroy_process_group()
+
+
+if __name__ == "__main__":
+    main(*sys.argv[1:4])
