@@ -27,10 +27,31 @@ def _message(failure: object) -> str:
     message = getattr(failure, "message", "")
     if isinstance(message, dict):
         message = message.get("message", "")
-    text = str(message).strip()
+    text = str(message).strip().removeprefix("RankFailure: ")
     if text.startswith("Process failed with exitcode") or text.startswith("To enable traceback"):
         return ""
     return text.splitlines()[0] if text else ""
+
+
+_PEER_LOST = ("connection closed by peer", "connection reset by peer", "remote worker", "broken pipe",
+              "connection refused")
+
+
+def _root_cause(exc: object) -> tuple[int, object]:
+    """The rank that failed first for a reason of its own, not because a peer vanished.
+
+    Note: error files carry whole-second timestamps, so a rank that lost its
+    peer often ties with the rank that crashed; prefer the one whose message
+    is not a lost connection.
+    """
+    failures: dict[int, object] = dict(getattr(exc, "failures", {}))
+    own = [(getattr(f, "timestamp", 0), r, f) for r, f in failures.items()
+           if not any(p in _message(f).lower() for p in _PEER_LOST)]
+    if own:
+        _, rank, failure = min(own, key=lambda item: (item[0], item[1]))
+        return rank, failure
+    rank, failure = exc.get_first_failure()  # type: ignore[attr-defined]
+    return int(rank), failure
 
 
 def launch(worker_args: Sequence[str], nproc: int, threads: int) -> int:
@@ -48,7 +69,7 @@ def launch(worker_args: Sequence[str], nproc: int, threads: int) -> int:
     try:
         elastic_launch(config, sys.executable)("-m", "autopart", "train", *worker_args)
     except ChildFailedError as exc:
-        rank, failure = exc.get_first_failure()
+        rank, failure = _root_cause(exc)
         code = getattr(failure, "exitcode", 1)
         why = _message(failure)
         if code == 2 and why:

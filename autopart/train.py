@@ -122,6 +122,19 @@ def _batchnorm_blocks(model: nn.Module) -> list[str]:
     return [n for n, m in model.named_modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)]
 
 
+class RankFailure(Exception):
+    """What a failed rank records for the launcher: one line, the original error's type and message."""
+
+
+def _summary(exc: BaseException) -> str:
+    """``Type: message`` of the error that started it all (torch wraps a stage's error in its own)."""
+    root: BaseException = exc
+    while root.__cause__ is not None:
+        root = root.__cause__
+    lines = [line.strip() for line in str(root).splitlines() if line.strip()]
+    return f"{type(root).__name__}: {lines[0]}" if lines else type(root).__name__
+
+
 def _say(text: str) -> None:
     print(text, file=sys.stderr, flush=True)
 
@@ -137,15 +150,15 @@ def worker_main(cfg: TrainConfig) -> int:
         _run(cfg, rank)
         return 0
     except AutopartError as exc:
-        handler.record_exception(exc)
+        handler.record_exception(RankFailure(str(exc)))
         if not os.environ.get("AUTOPART_LAUNCHED"):  # our launcher prints the one line itself
             _say(f"autopart train: rank {rank}: error: {exc}")
         return 2
     except Exception as exc:  # a rank that dies says which and why, in one line; the launcher stops the rest
-        handler.record_exception(exc)
-        text = str(exc).strip().splitlines()[0] if str(exc).strip() else ""
+        summary = _summary(exc)
+        handler.record_exception(RankFailure(summary))
         if not os.environ.get("AUTOPART_LAUNCHED"):
-            _say(f"autopart train: rank {rank} failed: {type(exc).__name__}: {text}")
+            _say(f"autopart train: rank {rank} failed: {summary}")
         if os.environ.get("AUTOPART_TRACEBACK"):
             import traceback
 

@@ -1,0 +1,117 @@
+"""`autopart train` as a user runs it: real ranks, real data, checkpoints, resume, faults."""
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+from autopart.checkpoint import latest_complete, merge_checkpoint
+from autopart.model import load_model
+from tests.conftest import ROOT, assert_one_line_error, run_cli
+
+TINY = str(ROOT / "profiles" / "gpt2-tiny-cpu-mb4.json")
+
+
+@pytest.fixture(scope="module")
+def plan(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    out = tmp_path_factory.mktemp("train") / "plan.json"
+    made = run_cli("partition", TINY, "--stages", "2", "--microbatches", "2", "-o", str(out))
+    assert made.returncode == 0, made.stderr
+    return out
+
+
+def test_train_checkpoint_merge_resume(plan: Path, tmp_path: Path) -> None:
+    ckpt, report = tmp_path / "ckpt", tmp_path / "report.json"
+    first = run_cli("train", str(plan), "--model", "gpt2-tiny", "--steps", "3", "--checkpoint", str(ckpt),
+                    "--report", str(report), "--lr", "3e-3")
+    assert first.returncode == 0, first.stderr[-2000:]
+    assert "step 3/3" in first.stderr and "tokens/s" in first.stderr and "predicted" in first.stderr
+    data = json.loads(report.read_text())
+    assert len(data["losses"]) == 3 and data["losses"][-1] < data["losses"][0]
+    assert data["predicted_step_ms"] > 0 and data["measured_step_ms"] > 0 and len(data["stages"]) == 2
+    assert latest_complete(ckpt) == ckpt / "step-000003"
+
+    merged = merge_checkpoint(ckpt)
+    model = load_model("gpt2-tiny").module
+    model.load_state_dict(merged)  # strict: every name of the unpartitioned model, nothing else
+    fresh = load_model("gpt2-tiny").module.state_dict()
+    assert not torch.equal(merged["head.lm_head.weight"], fresh["head.lm_head.weight"])  # it trained
+
+    out = tmp_path / "merged.pt"
+    assert run_cli("merge-checkpoint", str(ckpt), "-o", str(out)).returncode == 0
+    assert set(torch.load(out)) == set(merged)
+
+    second = run_cli("train", str(plan), "--model", "gpt2-tiny", "--steps", "5", "--checkpoint", str(ckpt),
+                     "--lr", "3e-3")
+    assert second.returncode == 0, second.stderr[-2000:]
+    assert "resuming after step 3" in second.stderr and "step 4/5" in second.stderr
+    assert "step 1/5" not in second.stderr and latest_complete(ckpt) == ckpt / "step-000005"
+
+
+BOOM = '''
+import torch
+import torch.distributed as dist
+
+
+class Boom(torch.nn.Module):
+    """Fails on its fifth forward in a distributed run: during step 2 (after step 1's checkpoint)."""
+
+    def __init__(self):
+        super().__init__()
+        self.linear = torch.nn.Linear(8, 8)
+        self.calls = 0
+
+    def forward(self, x):
+        self.calls += 1
+        if dist.is_initialized() and self.calls >= 5:
+            raise RuntimeError("boom in the last stage")
+        return self.linear(x)
+
+
+def make():
+    model = torch.nn.Sequential(torch.nn.Linear(8, 8), torch.nn.Tanh(), Boom())
+    return {"module": model, "example": torch.randn(4, 8), "loss_fn": torch.nn.functional.mse_loss}
+'''
+
+
+def test_a_rank_that_dies_stops_the_job(tmp_path: Path) -> None:
+    (tmp_path / "boom.py").write_text(BOOM)
+    spec = f"{tmp_path / 'boom.py'}:make"
+    assert run_cli("profile", spec, "--repeats", "1", "-o", str(tmp_path / "p.json")).returncode == 0
+    assert run_cli("partition", str(tmp_path / "p.json"), "--stages", "2", "--microbatches", "2",
+                   "-o", str(tmp_path / "plan.json")).returncode == 0
+    ckpt = tmp_path / "ckpt"
+    started = time.monotonic()
+    result = run_cli("train", str(tmp_path / "plan.json"), "--model", spec, "--steps", "4", "--checkpoint", str(ckpt),
+                     "--checkpoint-every", "1", timeout=120)
+    assert time.monotonic() - started < 90
+    assert result.returncode == 1
+    assert "Traceback" not in result.stderr
+    assert "rank 1 failed" in result.stderr and "boom in the last stage" in result.stderr
+    assert latest_complete(ckpt) == ckpt / "step-000001"  # the last complete checkpoint survives
+
+
+def test_plan_for_another_model_is_refused(plan: Path) -> None:
+    assert_one_line_error(run_cli("train", str(plan), "--model", "mlp-hetero", "--steps", "1"),
+                          "do not match model 'mlp-hetero'")
+    assert_one_line_error(run_cli("train", str(plan), "--model", "gpt2-tiny", "--global-batch", "7"),
+                          "not divisible")
+    assert_one_line_error(run_cli("train", str(plan), "--model", "gpt2-tiny", "--data", "/no/such/corpus"),
+                          "does not exist")
+
+
+def test_plan_for_more_ranks_than_processes(tmp_path: Path) -> None:
+    out = tmp_path / "plan3.json"
+    assert run_cli("partition", TINY, "--stages", "3", "-o", str(out)).returncode == 0
+    env = dict(os.environ, PYTHONPATH=str(ROOT), OMP_NUM_THREADS="1")
+    result = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2",
+                             "-m", "autopart", "train", str(out), "--model", "gpt2-tiny", "--steps", "1"],
+                            cwd=tmp_path, env=env, text=True, capture_output=True, timeout=120)
+    assert result.returncode != 0
+    assert "3 stages on 3 ranks" in result.stderr and "2 processes were started" in result.stderr
