@@ -131,10 +131,16 @@ def _loss_and_target(bundle: Any, module: Any, example: Any) -> tuple[Any, Any]:
 
     if not bundle.builtin or bundle.loss_fn is None:
         return None, None
-    with torch.no_grad():
-        was = module.training
+    was = module.training
+    try:
         module.eval()
-        out = module(*example)
+        with torch.no_grad():
+            out = module(*example)
+    except Exception as exc:
+        shape = list(example[0].shape)
+        raise AutopartError(f"model {bundle.name!r} cannot run input of shape {shape}: {type(exc).__name__}: "
+                            f"{str(exc).splitlines()[0] if str(exc) else ''}") from None
+    finally:
         module.train(was)
     target = torch.randint(0, out.shape[-1], tuple(out.shape[:-1]), device=out.device)
     return bundle.loss_fn, target
