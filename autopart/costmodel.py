@@ -121,6 +121,8 @@ class StageCost:
     """Parameters, gradients and optimizer state."""
     backward_extra_bytes: int = 0
     """Held during a backward only: the recomputed activations."""
+    optimizer_ms: float = 0.0
+    """The stage's optimizer step, once per training step."""
 
 
 class Problem:
@@ -132,7 +134,8 @@ class Problem:
     def __init__(self, compute_ms: Sequence[float], devices: Sequence[Device], model: CostModel, *,
                  forward_ms: Sequence[float] | None = None, param_bytes: Sequence[float] | None = None,
                  activation_bytes: Sequence[float] | None = None, output_bytes: Sequence[float] | None = None,
-                 input_bytes: float = 0.0, names: Sequence[str] | None = None) -> None:
+                 input_bytes: float = 0.0, names: Sequence[str] | None = None,
+                 optimizer_ms: Sequence[float] | None = None) -> None:
         n = len(compute_ms)
         k = len(devices)
         if k < 1:
@@ -158,6 +161,7 @@ class Problem:
         self.params = arr(param_bytes, "parameter bytes")
         self.acts = arr(activation_bytes, "activation bytes")
         self.outs = arr(output_bytes, "output bytes")
+        self.opt = arr(optimizer_ms, "optimizer time")
         self.input_bytes = float(input_bytes)
         z = np.zeros(1)
         self.pc = np.concatenate([z, np.cumsum(self.compute)])
@@ -184,7 +188,7 @@ class Problem:
         r = object.__new__(Problem)
         r.n, r.k, r.model = self.n, self.k, self.model
         r.devices, r.names = self.devices[::-1], self.names[::-1]
-        for name in ("compute", "forward", "params", "acts", "speed", "limit", "in_flight"):
+        for name in ("compute", "forward", "params", "acts", "speed", "limit", "in_flight", "opt"):
             setattr(r, name, getattr(self, name)[::-1].copy())
         r.outs, r.input_bytes = self.outs, self.input_bytes  # not used by the mirror's costs
         z = np.zeros(1)
@@ -204,7 +208,7 @@ class Problem:
                    forward_ms=[x.forward_ms for x in layers], param_bytes=[x.param_bytes for x in layers],
                    activation_bytes=[x.activation_bytes for x in layers],
                    output_bytes=[x.output_bytes for x in layers], input_bytes=profile.input_bytes,
-                   names=profile.names)
+                   names=profile.names, optimizer_ms=[x.optimizer_ms for x in layers])
 
     def plain_prefix(self, s: int) -> Floats:
         """Prefix sums of a block's memory on stage s without recomputation (exact: integer bytes)."""
@@ -276,7 +280,8 @@ class Problem:
             send_forward_ms=float(self.send[last]) if s < self.k - 1 else 0.0,
             send_backward_ms=float(self.send[first - 1]) if s > 0 else 0.0,
             activation_bytes=keep if recompute else acts, static_bytes=int(self.pw[last + 1] - self.pw[first]),
-            backward_extra_bytes=acts if recompute else 0)
+            backward_extra_bytes=acts if recompute else 0,
+            optimizer_ms=float(self.opt[first: last + 1].sum()) / v)
 
     def stages(self, balance: Sequence[int]) -> list[StageCost]:
         """Costs of every stage of a split given as block counts."""

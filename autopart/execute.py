@@ -106,13 +106,13 @@ class Pipeline:
         if self.has_last and self.last_target is None:
             self.last_target = target.tensor_split(self.plan.microbatches)[0].detach().clone()
         if self.has_first and self.has_last:
-            self.schedule.step(inputs, target=target, losses=losses)
+            self.schedule.step(inputs, target=target, losses=losses, return_outputs=False)
         elif self.has_first:
-            self.schedule.step(inputs)
+            self.schedule.step(inputs, return_outputs=False)
         elif self.has_last:
-            self.schedule.step(target=target, losses=losses)
+            self.schedule.step(target=target, losses=losses, return_outputs=False)
         else:
-            self.schedule.step()
+            self.schedule.step(return_outputs=False)
         return losses if self.has_last else None
 
 

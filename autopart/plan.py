@@ -49,9 +49,12 @@ class PlanStage:
     static_bytes: int = 0
     """Parameters, gradients and optimizer state."""
     backward_extra_bytes: int = 0
+    optimizer_ms: float = 0.0
+    """The optimizer step over the stage's parameters, once per training step."""
 
 
-_STAGE_NUMBERS = ("compute_ms", "send_ms", "forward_ms", "backward_ms", "send_forward_ms", "send_backward_ms")
+_STAGE_NUMBERS = ("compute_ms", "send_ms", "forward_ms", "backward_ms", "send_forward_ms", "send_backward_ms",
+                  "optimizer_ms")
 _STAGE_INTS = ("activation_bytes", "static_bytes", "backward_extra_bytes")
 
 
@@ -229,7 +232,8 @@ def simulate_plan(plan: Plan, microbatches: int | None = None, schedule: str | N
 def stage_costs(stages: Sequence[PlanStage]) -> list[StageCosts]:
     return [StageCosts(forward_ms=st.forward_ms, backward_ms=st.backward_ms, send_forward_ms=st.send_forward_ms,
                        send_backward_ms=st.send_backward_ms, activation_bytes=st.activation_bytes,
-                       static_bytes=st.static_bytes, backward_extra_bytes=st.backward_extra_bytes)
+                       static_bytes=st.static_bytes, backward_extra_bytes=st.backward_extra_bytes,
+                       optimizer_ms=st.optimizer_ms)
             for st in stages]
 
 
@@ -246,7 +250,7 @@ def make_plan(split: Split, problem: Problem, model: CostModel, devices: Sequenc
             speed=device.speed, forward_ms=cost.forward_ms, backward_ms=cost.backward_ms,
             send_forward_ms=cost.send_forward_ms, send_backward_ms=cost.send_backward_ms,
             activation_bytes=cost.activation_bytes, static_bytes=cost.static_bytes,
-            backward_extra_bytes=cost.backward_extra_bytes))
+            backward_extra_bytes=cost.backward_extra_bytes, optimizer_ms=cost.optimizer_ms))
     sched = build_schedule(model.schedule, len(stages) // model.stages_per_rank, model.microbatches,
                            model.stages_per_rank)
     sim = simulate(sched, stage_costs(stages))

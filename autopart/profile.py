@@ -44,6 +44,9 @@ class LayerProfile:
     cuda_peak_bytes: int | None = None
     """CUDA only: the allocator's peak above the block's inputs and weights during
     its forward and backward."""
+    optimizer_ms: float = 0.0
+    """One AdamW step over the block's parameters, with zeroing their gradients:
+    paid once per training step, not per micro-batch."""
 
     def to_dict(self) -> dict[str, Any]:
         data = asdict(self)
@@ -69,6 +72,7 @@ class LayerProfile:
             backward_iqr_ms=f.number("backward_iqr_ms", required=False, default=0.0),
             buffer_bytes=f.integer("buffer_bytes", required=False, default=0),
             cuda_peak_bytes=peak,
+            optimizer_ms=f.number("optimizer_ms", required=False, default=0.0),
         )
 
 

@@ -229,6 +229,25 @@ def time_block(block: nn.Module, block_input: Any, device: torch.device, warmup:
     return f_ms, b_ms
 
 
+def _optimizer_ms(block: nn.Module, clock: _Clock, repeats: int = 3) -> float:
+    """Median time of an AdamW step plus zeroing the gradients, on copies of ``block``'s parameters."""
+    params = [p for p in block.parameters() if p.requires_grad]
+    if not params:
+        return 0.0
+    copies = [p.detach().clone().requires_grad_(True) for p in params]
+    for c in copies:
+        c.grad = torch.zeros_like(c)
+    optimizer = torch.optim.AdamW(copies, lr=1e-3)
+
+    def step() -> None:
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=False)
+
+    step()  # creates the optimizer state
+    times = [clock.time(step)[1] for _ in range(repeats)]
+    return statistics.median(times)
+
+
 def _device_name(device: torch.device) -> str:
     if device.type == "cuda":
         return torch.cuda.get_device_name(device)
@@ -290,7 +309,7 @@ def profile_model(module: nn.Module, example: torch.Tensor | Sequence[torch.Tens
             f_ms, b_ms, f_iqr, b_iqr, peak = _time_block(block, inputs[i], clock, warmup, repeats, device,
                                                          loss if last else None)
             layers.append(LayerProfile(
-                name=block_name, forward_ms=f_ms, backward_ms=b_ms,
+                name=block_name, forward_ms=f_ms, backward_ms=b_ms, optimizer_ms=_optimizer_ms(block, clock),
                 param_bytes=param_bytes[i], activation_bytes=saved[i], output_bytes=_nbytes(inputs[i + 1]),
                 forward_iqr_ms=f_iqr, backward_iqr_ms=b_iqr, buffer_bytes=buffer_bytes[i], cuda_peak_bytes=peak,
             ))

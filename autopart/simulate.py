@@ -52,6 +52,8 @@ class StageCosts:
     """Held during a backward only: the recomputed activations."""
     input_grad_share: float = 0.5
     """Share of the backward that is the input gradient (``I``) when it is split from ``W``."""
+    optimizer_ms: float = 0.0
+    """The optimizer step over the stage's parameters, after the rank's last backward."""
 
 
 @dataclass(frozen=True)
@@ -60,7 +62,7 @@ class Event:
     action: str
     """``"1F0"``-style action, or ``"SEND_F 1F0"`` / ``"SEND_B 1B0"`` for a send after it."""
     kind: str
-    """F, B, I, W or SEND."""
+    """F, B, I, W, SEND or OPT (the optimizer step)."""
     start_ms: float
     end_ms: float
 
@@ -176,6 +178,12 @@ def simulate(schedule: Schedule, stages: Sequence[StageCosts]) -> Simulation:
         if not progress:
             stuck = [f"rank {r} waits at {orders[r][heads[r]]}" for r in range(len(orders)) if heads[r] < len(orders[r])]
             raise AutopartError(f"schedule {schedule.name} deadlocks: {'; '.join(stuck)}")
+    for r in range(schedule.num_ranks):  # each rank steps its optimizer once its gradients are complete
+        opt = sum(stages[s].optimizer_ms for s in range(schedule.num_stages) if rank_of[s] == r)
+        if opt > 0:
+            events.append(Event(r, "OPT", "OPT", clock[r], clock[r] + opt))
+            busy[r] += opt
+            clock[r] += opt
     step = max(clock) if clock else 0.0
     peak_mem, peak_act, peak_flight = _memory(schedule, stages, events)
     return Simulation(schedule=schedule.name, num_ranks=schedule.num_ranks, microbatches=schedule.microbatches,
@@ -189,7 +197,7 @@ def _memory(schedule: Schedule, stages: Sequence[StageCosts], events: Sequence[E
     split = any(e.kind == "W" for e in events)
     changes: list[list[tuple[float, int, int, int]]] = [[] for _ in range(schedule.num_ranks)]
     for e in events:
-        if e.kind == "SEND":
+        if e.kind in ("SEND", "OPT"):
             continue
         action = Action.parse(e.action)
         cost = stages[action.stage]

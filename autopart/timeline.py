@@ -13,10 +13,9 @@ from autopart.simulate import Event, Simulation
 
 __all__ = ["render_text", "render_svg", "COLOURS"]
 
-COLOURS = {"F": "#4C78A8", "B": "#54A24B", "I": "#54A24B", "W": "#B279A2", "SEND": "#BBBBBB"}
-_RICH = {"F": "blue", "B": "green", "I": "green", "W": "magenta", "SEND": "grey50"}
-_CHARS = {"F": "█", "B": "█", "I": "▓", "W": "▒", "SEND": "░"}
-LEGEND = "F forward   B backward   I backward (inputs)   W backward (weights)   send   · idle"
+COLOURS = {"F": "#4C78A8", "B": "#54A24B", "I": "#54A24B", "W": "#B279A2", "SEND": "#BBBBBB", "OPT": "#F58518"}
+_RICH = {"F": "blue", "B": "green", "I": "green", "W": "magenta", "SEND": "grey50", "OPT": "dark_orange"}
+_CHARS = {"F": "█", "B": "█", "I": "▓", "W": "▒", "SEND": "░", "OPT": "▪"}
 
 
 def _cells(events: list[Event], step_ms: float, width: int) -> list[str | None]:
@@ -53,7 +52,7 @@ def render_text(sim: Simulation, width: int = 100) -> Text:
     out.append(" " * 8 + "0" + " " * max(width - 1 - len(end), 1) + end + "\n", style="grey50")
     legend = Text(" " * 8)
     for label, kind in (("F forward", "F"), ("B backward", "B"), ("I input grad", "I"), ("W weight grad", "W"),
-                        ("send", "SEND")):
+                        ("send", "SEND"), ("optimizer", "OPT")):
         legend.append(_CHARS[kind] + " ", style=_RICH[kind])
         legend.append(label + "   ")
     legend.append("· idle", style="grey37")
@@ -96,7 +95,7 @@ def render_svg(sim: Simulation, title: str = "", width_px: int = 1200) -> str:
         parts.append(f'<text x="{x:.1f}" y="{axis_y + 17}" text-anchor="middle">{sim.step_ms * i / 10:.4g} ms</text>')
     lx = left
     for label, kind in (("forward", "F"), ("backward", "B"), ("weight grad", "W"), ("send", "SEND"),
-                        ("idle", None)):
+                        ("optimizer", "OPT"), ("idle", None)):
         fill = COLOURS[kind] if kind else "#F2F2F2"
         parts.append(f'<rect x="{lx}" y="{axis_y + 28}" width="12" height="12" fill="{fill}" stroke="#999"/>')
         parts.append(f'<text x="{lx + 16}" y="{axis_y + 38}">{label}</text>')
