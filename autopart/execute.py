@@ -117,10 +117,25 @@ class Pipeline:
 
 
 def build_pipeline(plan: Plan, model: nn.Module, rank: int, world_size: int, device: torch.device,
-                   loss_fn: Callable[[Any, Any], torch.Tensor], group: Any = None) -> Pipeline:
-    """This rank's stages of ``model`` (moved to ``device``) wrapped for ``plan``'s schedule."""
+                   loss_fn: Callable[[Any, Any], torch.Tensor], group: Any = None,
+                   init: Callable[[int, StageModule], None] | None = None) -> Pipeline:
+    """This rank's stages of ``model`` (moved to ``device``) wrapped for ``plan``'s schedule.
+
+    Blocks built on the meta device get storage on ``device`` here and are then
+    handed to ``init(stage, module)`` to fill it.
+    """
     ours = local_stages(plan, rank)
-    modules = [(s, StageModule(model, plan.stages[s].blocks).to(device)) for s in ours]
+    modules = []
+    for s in ours:
+        module = StageModule(model, plan.stages[s].blocks)
+        if any(t.is_meta for t in list(module.parameters()) + list(module.buffers())):
+            module.to_empty(device=device)
+            if init is None:
+                raise AutopartError(f"stage {s} was built on the meta device and nothing initialises it")
+            init(s, module)
+        else:
+            module.to(device)
+        modules.append((s, module))
     stages = [PipelineStage(module, s, plan.num_stages, device, group=group) for s, module in modules]
     cls = get_schedule_class(plan.schedule)
     if issubclass(cls, PipelineScheduleMulti):

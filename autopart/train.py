@@ -215,9 +215,8 @@ def _run(cfg: TrainConfig, rank: int) -> None:
     saved = load_stages(ckpt_dir) if ckpt_dir is not None else []
     start = int(saved[0]["step"]) if saved else 0
     batches, source, loss_fn, tokens = make_batches(bundle, cfg, global_batch, sample_shape, start)
-    pipe = build_pipeline(plan, model, rank, world, device, loss_fn)
-    if cfg.meta_init:
-        _materialise(pipe, device, cfg.seed)
+    pipe = build_pipeline(plan, model, rank, world, device, loss_fn,
+                          init=lambda s, module: _initialise(s, module, cfg.seed))
     del model, bundle  # only this rank's blocks stay alive, inside its stages
     optimizer = torch.optim.AdamW(pipe.parameters(), lr=cfg.lr)
     if saved:
@@ -264,16 +263,15 @@ def _holds_last(plan: Any, rank: int) -> bool:
     return plan.num_stages - 1 in local_stages(plan, rank)
 
 
-def _materialise(pipe: Any, device: torch.device, seed: int) -> None:
-    """Give meta-device blocks real storage and a fresh initialisation (per block, from the seed)."""
-    for s, module in pipe.modules:
-        module.to_empty(device=device)
-        for i, name in enumerate(module.block_names):
-            torch.manual_seed(seed * 7919 + s * 131 + i)
-            for sub in module.get_submodule(name).modules():
-                reset = getattr(sub, "reset_parameters", None)
-                if callable(reset):
-                    reset()
+def _initialise(stage: int, module: Any, seed: int) -> None:
+    """Fresh weights for a stage materialised from the meta device: each submodule's own
+    ``reset_parameters``, seeded per block so every run draws the same."""
+    for i, name in enumerate(module.block_names):
+        torch.manual_seed(seed * 7919 + stage * 131 + i)
+        for sub in module.get_submodule(name).modules():
+            reset = getattr(sub, "reset_parameters", None)
+            if callable(reset):
+                reset()
 
 
 def _save(pipe: Any, optimizer: torch.optim.Optimizer, root: str, step: int, rank: int) -> None:

@@ -115,3 +115,28 @@ def test_plan_for_more_ranks_than_processes(tmp_path: Path) -> None:
                             cwd=tmp_path, env=env, text=True, capture_output=True, timeout=120)
     assert result.returncode != 0
     assert "3 stages on 3 ranks" in result.stderr and "2 processes were started" in result.stderr
+
+
+def test_images_batchnorm_warning_and_replan(tmp_path: Path) -> None:
+    profile, plan, suggested = tmp_path / "p.json", tmp_path / "plan.json", tmp_path / "replan.json"
+    assert run_cli("profile", "resnet-mini", "--microbatch-size", "4", "--repeats", "1", "--threads", "1",
+                   "-o", str(profile)).returncode == 0
+    assert run_cli("partition", str(profile), "--stages", "2", "--microbatches", "2", "--method", "uniform",
+                   "-o", str(plan)).returncode == 0
+    result = run_cli("train", str(plan), "--model", "resnet-mini", "--steps", "2", "--replan", str(suggested))
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert "scikit-learn digits" in result.stderr and "samples/s" in result.stderr
+    assert "BatchNorm" in result.stderr and "replan:" in result.stderr
+    new = json.loads(suggested.read_text())
+    assert sum(new["balance"]) == 10 and new["schema"] == "autopart.plan/1"
+
+
+def test_meta_init_and_running_inside_torchrun(plan: Path, tmp_path: Path) -> None:
+    env = dict(os.environ, PYTHONPATH=str(ROOT), OMP_NUM_THREADS="1")
+    result = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2",
+                             "-m", "autopart", "train", str(plan), "--model", "gpt2-tiny", "--steps", "2",
+                             "--meta-init", "--report", str(tmp_path / "r.json")],
+                            cwd=tmp_path, env=env, text=True, capture_output=True, timeout=300)
+    assert result.returncode == 0, result.stderr[-2000:]
+    report = json.loads((tmp_path / "r.json").read_text())
+    assert len(report["losses"]) == 2 and all(loss == loss for loss in report["losses"])
