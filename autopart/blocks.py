@@ -16,7 +16,7 @@ from torch import nn
 
 from autopart.errors import AutopartError
 
-__all__ = ["Block", "split_blocks", "run_chain", "check_chain"]
+__all__ = ["Block", "split_blocks", "run_chain", "check_chain", "call_block", "tensors_of"]
 
 Block = tuple[str, nn.Module]
 
@@ -53,13 +53,14 @@ def run_chain(blocks: Sequence[Block], example: tuple[torch.Tensor, ...]) -> Any
     return out
 
 
-def _tensors(value: Any) -> list[torch.Tensor]:
+def tensors_of(value: Any) -> list[torch.Tensor]:
+    """Every tensor in a (nested) tuple, list or dict of block outputs."""
     if isinstance(value, torch.Tensor):
         return [value]
     if isinstance(value, (tuple, list)):
-        return [t for v in value for t in _tensors(v)]
+        return [t for v in value for t in tensors_of(v)]
     if isinstance(value, dict):
-        return [t for v in value.values() for t in _tensors(v)]
+        return [t for v in value.values() for t in tensors_of(v)]
     return []
 
 
@@ -75,8 +76,8 @@ def check_chain(module: nn.Module, blocks: Sequence[Block], example: tuple[torch
     try:
         module.eval()
         with torch.no_grad():
-            expected = _tensors(module(*example))
-            got = _tensors(run_chain(blocks, example))
+            expected = tensors_of(module(*example))
+            got = tensors_of(run_chain(blocks, example))
     except Exception as exc:
         raise AutopartError(
             f"model {name!r}: running its top-level children in order failed ({type(exc).__name__}: "

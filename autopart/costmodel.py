@@ -32,12 +32,11 @@ from autopart.errors import AutopartError
 from autopart.profile import Profile
 from autopart.schedules import canonical_schedule
 
-__all__ = ["CostModel", "Problem", "SCHEDULES", "OPTIMIZER_STATES", "StageCost"]
+__all__ = ["CostModel", "Problem", "OPTIMIZER_STATES", "StageCost"]
 
 Ints = npt.NDArray[np.int64]
 Floats = npt.NDArray[np.float64]
 
-SCHEDULES = ("gpipe", "1f1b", "interleaved1f1b", "zbvzerobubble")
 OPTIMIZER_STATES = {"adam": 2, "adamw": 2, "sgd-momentum": 1, "sgd": 0}
 
 

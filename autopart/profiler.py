@@ -27,7 +27,7 @@ from typing import Any, Callable, Iterator, Sequence
 import torch
 from torch import nn
 
-from autopart.blocks import Block, call_block, check_chain, split_blocks
+from autopart.blocks import Block, call_block, check_chain, split_blocks, tensors_of
 from autopart.errors import AutopartError
 from autopart.profile import LayerProfile, Profile, Tie
 
@@ -37,16 +37,8 @@ ProgressFn = Callable[[str, int, int], None]
 """Called as ``progress(block_name, blocks_done, blocks_total)``."""
 
 
-def _tensors(value: Any) -> list[torch.Tensor]:
-    if isinstance(value, torch.Tensor):
-        return [value]
-    if isinstance(value, (tuple, list)):
-        return [t for v in value for t in _tensors(v)]
-    return []
-
-
 def _nbytes(value: Any) -> int:
-    return sum(t.numel() * t.element_size() for t in _tensors(value))
+    return sum(t.numel() * t.element_size() for t in tensors_of(value))
 
 
 def _storage_key(t: torch.Tensor) -> tuple[int, int] | None:
@@ -195,7 +187,7 @@ def _time_block(block: nn.Module, block_input: Any, clock: _Clock, warmup: int, 
 
     x = _with_grad(block_input)
     probe = run(x)
-    outs = [t for t in _tensors(probe) if t.requires_grad]
+    outs = [t for t in tensors_of(probe) if t.requires_grad]
     grads = [torch.ones_like(t) if loss is not None else torch.randn_like(t) * 1e-3 for t in outs]
     del probe, outs
     fwd, bwd = [], []
@@ -207,7 +199,7 @@ def _time_block(block: nn.Module, block_input: Any, clock: _Clock, warmup: int, 
             base = torch.cuda.memory_allocated(device)
             torch.cuda.reset_peak_memory_stats(device)
         out, f_ms = clock.time(lambda: run(x))
-        outs = [t for t in _tensors(out) if t.requires_grad]
+        outs = [t for t in tensors_of(out) if t.requires_grad]
         b_ms = 0.0
         if outs:
             _, b_ms = clock.time(lambda: torch.autograd.backward(outs, grads))
