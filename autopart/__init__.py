@@ -13,11 +13,11 @@ from __future__ import annotations
 from typing import Any
 
 from autopart.errors import AutopartError
-from autopart.profile import LayerProfile, Profile
+from autopart.formats.profile import LayerProfile, Profile
 
 __all__ = ["AutopartError", "LayerProfile", "Profile", "load_model", "profile_model"]
 
-_LAZY = {"load_model": "autopart.model", "profile_model": "autopart.profiler"}
+_LAZY = {"load_model": "autopart.measure.spec", "profile_model": "autopart.measure.profiler"}
 
 
 def __getattr__(name: str) -> Any:

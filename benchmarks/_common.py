@@ -10,7 +10,7 @@ from typing import Any, Sequence
 from rich.console import Console
 from rich.table import Table
 
-from autopart.atomic import write_atomic, write_json_atomic
+from autopart.formats.atomic import write_atomic, write_json_atomic
 
 RESULTS = Path(__file__).resolve().parent / "results"
 

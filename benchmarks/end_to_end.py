@@ -29,8 +29,8 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _common import report  # noqa: E402
 
-from autopart.data import TextCorpus  # noqa: E402
-from autopart.model import load_model  # noqa: E402
+from autopart.run.data import TextCorpus  # noqa: E402
+from autopart.measure.spec import load_model  # noqa: E402
 
 ROOT = Path(__file__).resolve().parent.parent
 

@@ -25,10 +25,10 @@ import numpy as np
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _common import report  # noqa: E402
 
-from autopart.costmodel import CostModel, Problem  # noqa: E402
-from autopart.devices import Device  # noqa: E402
-from autopart.partition import split_exact, split_minvar, split_parameters, split_uniform  # noqa: E402
-from autopart.profile import Profile  # noqa: E402
+from autopart.core.costmodel import CostModel, Problem  # noqa: E402
+from autopart.formats.devices import Device  # noqa: E402
+from autopart.core.partition import split_exact, split_minvar, split_parameters, split_uniform  # noqa: E402
+from autopart.formats.profile import Profile  # noqa: E402
 
 ROOT = Path(__file__).resolve().parent.parent
 Case = tuple[str, list[float], list[float]]  # name, time per block, parameter bytes per block

@@ -20,9 +20,9 @@ import numpy as np
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _common import report  # noqa: E402
 
-from autopart.costmodel import CostModel, Problem  # noqa: E402
-from autopart.devices import Device  # noqa: E402
-from autopart.partition import split_exact  # noqa: E402
+from autopart.core.costmodel import CostModel, Problem  # noqa: E402
+from autopart.formats.devices import Device  # noqa: E402
+from autopart.core.partition import split_exact  # noqa: E402
 
 
 def problem(n: int, k: int, constrained: bool, seed: int = 0) -> Problem:

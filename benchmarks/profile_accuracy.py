@@ -21,8 +21,8 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _common import report  # noqa: E402
 
-from autopart.model import load_model, shape_example  # noqa: E402
-from autopart.profiler import profile_model  # noqa: E402
+from autopart.measure.spec import load_model, shape_example  # noqa: E402
+from autopart.measure.profiler import profile_model  # noqa: E402
 
 SHAPES = {"gpt2-tiny": (4, 64), "gpt2-small": (1, 128), "gpt2-medium": (1, 128)}
 

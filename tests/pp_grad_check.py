@@ -7,9 +7,9 @@ import sys
 import torch
 import torch.distributed as dist
 
-from autopart.execute import build_pipeline
-from autopart.model import load_model
-from autopart.plan import Plan
+from autopart.run.stages import build_pipeline
+from autopart.measure.spec import load_model
+from autopart.formats.plan import Plan
 
 
 def main(plan_path: str, model: str, out_dir: str) -> None:

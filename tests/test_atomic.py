@@ -6,7 +6,7 @@ from typing import IO
 
 import pytest
 
-from autopart.atomic import check_writable, write_atomic, write_json_atomic
+from autopart.formats.atomic import check_writable, write_atomic, write_json_atomic
 from autopart.errors import AutopartError
 
 

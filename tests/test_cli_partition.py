@@ -6,7 +6,7 @@ from pathlib import Path
 
 import pytest
 
-from autopart.plan import Plan
+from autopart.formats.plan import Plan
 from tests.conftest import ROOT, assert_one_line_error, run_cli
 
 GPT2 = str(ROOT / "profiles" / "gpt2-small-cpu-mb1.json")

@@ -6,7 +6,7 @@ from pathlib import Path
 
 import pytest
 
-from autopart.profile import Profile
+from autopart.formats.profile import Profile
 from tests.conftest import assert_one_line_error, run_cli
 
 

@@ -11,8 +11,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from autopart.checkpoint import latest_complete, merge_checkpoint
-from autopart.model import load_model
+from autopart.run.checkpoint import latest_complete, merge_checkpoint
+from autopart.measure.spec import load_model
 from tests.conftest import ROOT, assert_one_line_error, run_cli
 
 TINY = str(ROOT / "profiles" / "gpt2-tiny-cpu-mb4.json")

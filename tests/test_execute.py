@@ -9,8 +9,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from autopart.model import load_model
-from autopart.plan import Plan
+from autopart.measure.spec import load_model
+from autopart.formats.plan import Plan
 from tests.conftest import ROOT, run_cli
 
 TINY = str(ROOT / "profiles" / "gpt2-tiny-cpu-mb4.json")

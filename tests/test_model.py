@@ -8,10 +8,10 @@ import pytest
 import torch
 from torch import nn
 
-from autopart.blocks import split_blocks
+from autopart.measure.blocks import split_blocks
 from autopart.errors import AutopartError
-from autopart.model import load_model, parse_dtype, parse_shape, shape_example
-from autopart.models import BUILTINS
+from autopart.measure.spec import load_model, parse_dtype, parse_shape, shape_example
+from autopart.measure.models import BUILTINS
 
 
 @pytest.mark.parametrize("name, n_blocks", [("gpt2-tiny", 6), ("resnet-mini", 10), ("mlp-hetero", 9)])

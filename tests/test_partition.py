@@ -10,11 +10,11 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from autopart.costmodel import CostModel, Problem
-from autopart.devices import Device
+from autopart.core.costmodel import CostModel, Problem
+from autopart.formats.devices import Device
 from autopart.errors import AutopartError
-from autopart.partition import split_exact, split_minvar, split_parameters, split_uniform
-from autopart.profile import Profile
+from autopart.core.partition import split_exact, split_minvar, split_parameters, split_uniform
+from autopart.formats.profile import Profile
 
 ROOT = Path(__file__).resolve().parent.parent
 

@@ -5,12 +5,12 @@ from pathlib import Path
 
 import pytest
 
-from autopart.costmodel import CostModel, Problem
-from autopart.devices import Device, parse_devices
+from autopart.core.costmodel import CostModel, Problem
+from autopart.formats.devices import Device, parse_devices
 from autopart.errors import AutopartError
-from autopart.partition import split_exact
-from autopart.plan import Plan, make_plan, pipeline_step_ms
-from autopart.units import parse_bandwidth, parse_bytes, parse_duration_ms
+from autopart.core.partition import split_exact
+from autopart.formats.plan import Plan, make_plan, pipeline_step_ms
+from autopart.formats.units import parse_bandwidth, parse_bytes, parse_duration_ms
 
 
 def _plan() -> Plan:

@@ -11,7 +11,7 @@ from typing import Any
 import pytest
 
 from autopart.errors import AutopartError
-from autopart.profile import LayerProfile, Profile
+from autopart.formats.profile import LayerProfile, Profile
 
 
 def _profile() -> Profile:
@@ -29,7 +29,7 @@ def test_round_trip(tmp_path: Path) -> None:
 
 
 def test_the_pure_format_does_not_import_torch() -> None:
-    code = "import sys, autopart.profile, autopart; assert 'torch' not in sys.modules"
+    code = "import sys, autopart.formats.profile, autopart; assert 'torch' not in sys.modules"
     subprocess.run([sys.executable, "-c", code], check=True)
 
 
@@ -40,7 +40,7 @@ def _broken(mutate: Any) -> dict[str, Any]:
 
 
 @pytest.mark.parametrize("mutate, message", [
-    (lambda d: d.update(schema="autopart.profile/0"), "schema is 'autopart.profile/0'"),
+    (lambda d: d.update(schema="autopart.formats.profile/0"), "schema is 'autopart.formats.profile/0'"),
     (lambda d: d.pop("layers"), "missing field 'layers'"),
     (lambda d: d.update(layers=[]), "'layers' is empty"),
     (lambda d: d["layers"][1].pop("forward_ms"), "layers[1]: missing field 'forward_ms'"),

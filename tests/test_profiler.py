@@ -7,9 +7,9 @@ import torch
 from torch import nn
 
 from autopart.errors import AutopartError
-from autopart.models.gpt2 import GPT2, GPT2Config
-from autopart.models.resnet import ResNet
-from autopart.profiler import profile_model
+from autopart.measure.models.gpt2 import GPT2, GPT2Config
+from autopart.measure.models.resnet import ResNet
+from autopart.measure.profiler import profile_model
 from tests.helpers import sleep_model
 
 

@@ -2,8 +2,8 @@ from __future__ import annotations
 
 import pytest
 
-from autopart.profile import LayerProfile, Profile
-from autopart.scaling import fit_curve, scale_profile
+from autopart.formats.profile import LayerProfile, Profile
+from autopart.core.scaling import fit_curve, scale_profile
 
 
 def _profile(times: dict[int, list[float]]) -> Profile:

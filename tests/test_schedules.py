@@ -8,8 +8,8 @@ from types import SimpleNamespace
 import pytest
 
 from autopart.errors import AutopartError
-from autopart.schedules import Action, build_schedule, canonical_schedule
-from autopart.simulate import StageCosts, simulate
+from autopart.core.schedules import Action, build_schedule, canonical_schedule
+from autopart.core.simulate import StageCosts, simulate
 
 
 def test_gpipe_reads_like_a_table() -> None:

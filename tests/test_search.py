@@ -2,10 +2,10 @@ from __future__ import annotations
 
 import pytest
 
-from autopart.devices import Device
+from autopart.formats.devices import Device
 from autopart.errors import AutopartError
-from autopart.profile import LayerProfile, Profile
-from autopart.search import Settings, plan_search
+from autopart.formats.profile import LayerProfile, Profile
+from autopart.core.search import Settings, plan_search
 
 
 def _profile(overhead_ms: float, blocks: int = 8) -> Profile:

@@ -3,8 +3,8 @@ from __future__ import annotations
 import pytest
 
 from autopart.errors import AutopartError
-from autopart.schedules import Action, Schedule, build_schedule
-from autopart.simulate import StageCosts, simulate
+from autopart.core.schedules import Action, Schedule, build_schedule
+from autopart.core.simulate import StageCosts, simulate
 
 
 def test_sends_between_ranks_add_to_the_step() -> None:

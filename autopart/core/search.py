@@ -5,7 +5,7 @@
 
 For every schedule and every micro-batch count M that divides the global
 batch (micro-batch size = global batch / M), the profile is scaled to that
-micro-batch size (:mod:`autopart.scaling`), split exactly under that
+micro-batch size (:mod:`autopart.core.scaling`), split exactly under that
 schedule's in-flight memory, and its step simulated; the fastest that fits
 wins, and the plan lists the runners-up. Pure (no torch).
 """
@@ -15,14 +15,14 @@ import dataclasses
 from dataclasses import dataclass
 from typing import Sequence
 
-from autopart.costmodel import CostModel, Problem
-from autopart.devices import Device
+from autopart.core.costmodel import CostModel, Problem
+from autopart.formats.devices import Device
 from autopart.errors import AutopartError
-from autopart.partition import split
-from autopart.plan import Candidate, Plan, make_plan
-from autopart.profile import Profile
-from autopart.scaling import scale_profile
-from autopart.schedules import canonical_schedule, stage_ranks
+from autopart.core.partition import split
+from autopart.formats.plan import Candidate, Plan, make_plan
+from autopart.formats.profile import Profile
+from autopart.core.scaling import scale_profile
+from autopart.core.schedules import canonical_schedule, stage_ranks
 
 __all__ = ["Settings", "plan_search", "AUTO_SCHEDULES", "MAX_MICROBATCHES"]
 

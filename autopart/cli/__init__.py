@@ -27,17 +27,14 @@ class _Parser(argparse.ArgumentParser):
 
 
 def build_parser() -> argparse.ArgumentParser:
-    from autopart import cli_checkpoint, cli_partition, cli_profile, cli_simulate, cli_train
+    from autopart.cli import merge_checkpoint, partition, profile, simulate, train
 
     parser = _Parser(prog="autopart", description="Automatic pipeline-parallel partitioning for PyTorch: "
                      "profile a model block by block, plan the stages, simulate, train.")
     parser.add_argument("--version", action="version", version=_version())
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", parser_class=_Parser)
-    cli_profile.add_parser(sub)
-    cli_partition.add_parser(sub)
-    cli_simulate.add_parser(sub)
-    cli_train.add_parser(sub)
-    cli_checkpoint.add_parser(sub)
+    for command in (profile, partition, simulate, train, merge_checkpoint):
+        command.add_parser(sub)
     return parser
 
 

@@ -9,7 +9,7 @@ from html import escape
 
 from rich.text import Text
 
-from autopart.simulate import Event, Simulation
+from autopart.core.simulate import Event, Simulation
 
 __all__ = ["render_text", "render_svg", "COLOURS"]
 
@@ -46,7 +46,7 @@ def render_text(sim: Simulation, width: int = 100) -> Text:
             else:
                 out.append(_CHARS[kind], style=_RICH[kind])
         out.append(f"  idle {sim.bubble_fractions[r]:.0%}\n")
-    from autopart.units import format_ms
+    from autopart.formats.units import format_ms
 
     end = format_ms(sim.step_ms)
     out.append(" " * 8 + "0" + " " * max(width - 1 - len(end), 1) + end + "\n", style="grey50")

@@ -15,7 +15,7 @@ forward, backward and send, in the terminal and optionally as SVG."""
 
 
 def add_parser(sub: Any) -> None:
-    from autopart.cli_partition import _schedule_arg
+    from autopart.cli.partition import _schedule_arg
 
     p = sub.add_parser("simulate", help="simulate a plan's step and draw its timeline", description=HELP,
                        formatter_class=argparse.RawDescriptionHelpFormatter,
@@ -38,11 +38,11 @@ def run(args: argparse.Namespace) -> int:
     from rich.console import Console
     from rich.table import Table
 
-    from autopart.atomic import check_writable, write_atomic
-    from autopart.plan import Plan, simulate_plan
-    from autopart.schedules import build_schedule
-    from autopart.timeline import render_svg, render_text
-    from autopart.units import format_bytes, format_ms
+    from autopart.formats.atomic import check_writable, write_atomic
+    from autopart.formats.plan import Plan, simulate_plan
+    from autopart.core.schedules import build_schedule
+    from autopart.cli.timeline import render_svg, render_text
+    from autopart.formats.units import format_bytes, format_ms
 
     for path in (args.svg, args.csv):
         if path:
@@ -83,7 +83,7 @@ def run(args: argparse.Namespace) -> int:
         table.add_column(col, justify="right")
     limits: dict[int, int] = {}
     stages_of: dict[int, list[int]] = {}
-    from autopart.schedules import stage_ranks
+    from autopart.core.schedules import stage_ranks
 
     for s, r in enumerate(stage_ranks(schedule, sim.num_ranks, per_rank)):
         stages_of.setdefault(r, []).append(s)

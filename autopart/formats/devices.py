@@ -18,7 +18,7 @@ from pathlib import Path
 from typing import Any
 
 from autopart.errors import AutopartError
-from autopart.units import format_bytes, parse_bytes
+from autopart.formats.units import format_bytes, parse_bytes
 
 __all__ = ["Device", "parse_devices", "KNOWN_MEMORY"]
 

@@ -21,8 +21,8 @@ def add_parser(sub: Any) -> None:
 def run(args: argparse.Namespace) -> int:
     import torch
 
-    from autopart.atomic import check_writable, write_atomic
-    from autopart.checkpoint import merge_checkpoint
+    from autopart.formats.atomic import check_writable, write_atomic
+    from autopart.run.checkpoint import merge_checkpoint
 
     check_writable(args.output)
     state = merge_checkpoint(args.checkpoint)

@@ -59,7 +59,7 @@ Batches = Iterator[tuple[torch.Tensor, torch.Tensor]]
 def make_batches(bundle: Any, cfg: TrainConfig, global_batch: int, sample_shape: tuple[int, ...],
                  start_step: int) -> tuple[Batches, str, Callable[[Any, Any], torch.Tensor], int]:
     """Batches of (inputs, targets), where they come from, the loss, and tokens per sample (1 if not text)."""
-    from autopart.data import Digits, TextCorpus
+    from autopart.run.data import Digits, TextCorpus
 
     name = bundle.name
     if bundle.builtin and name.startswith("gpt2"):
@@ -170,10 +170,10 @@ def worker_main(cfg: TrainConfig) -> int:
 
 
 def _run(cfg: TrainConfig, rank: int) -> None:
-    from autopart.checkpoint import latest_complete, load_stages, mark_complete
-    from autopart.execute import build_pipeline, check_plan_against_model
-    from autopart.model import load_model
-    from autopart.plan import Plan
+    from autopart.run.checkpoint import latest_complete, load_stages, mark_complete
+    from autopart.run.stages import build_pipeline, check_plan_against_model
+    from autopart.measure.spec import load_model
+    from autopart.formats.plan import Plan
 
     world = int(os.environ.get("WORLD_SIZE", "1"))
     local_rank = int(os.environ.get("LOCAL_RANK", "0"))
@@ -258,7 +258,7 @@ def _run(cfg: TrainConfig, rank: int) -> None:
 
 
 def _holds_last(plan: Any, rank: int) -> bool:
-    from autopart.execute import local_stages
+    from autopart.run.stages import local_stages
 
     return plan.num_stages - 1 in local_stages(plan, rank)
 
@@ -275,7 +275,7 @@ def _initialise(stage: int, module: Any, seed: int) -> None:
 
 
 def _save(pipe: Any, optimizer: torch.optim.Optimizer, root: str, step: int, rank: int) -> None:
-    from autopart.checkpoint import save_stage
+    from autopart.run.checkpoint import save_stage
 
     first = True
     for s, module in pipe.modules:
@@ -307,8 +307,8 @@ def _report(cfg: TrainConfig, plan: Any, pipe: Any, loss_fn: Any, device: torch.
             losses: list[float], global_batch: int, mb: int, tokens: int, rank: int, world: int, reporter: bool,
             sample_shape: tuple[int, ...]) -> None:
     """Measure each local stage on a real micro-batch, gather, and print measured against predicted."""
-    from autopart.plan import simulate_plan
-    from autopart.profiler import time_block
+    from autopart.formats.plan import simulate_plan
+    from autopart.measure.profiler import time_block
 
     measured: dict[int, tuple[float, float]] = {}
     for s, module in pipe.modules:
@@ -355,7 +355,7 @@ def _report(cfg: TrainConfig, plan: Any, pipe: Any, loss_fn: Any, device: torch.
     }
     _print_report(report, plan, same_size)
     if cfg.report:
-        from autopart.atomic import write_json_atomic
+        from autopart.formats.atomic import write_json_atomic
 
         write_json_atomic(cfg.report, json.loads(json.dumps(report, default=float)))
     if cfg.replan:
@@ -366,7 +366,7 @@ def _print_report(report: dict[str, Any], plan: Any, same_size: bool) -> None:
     from rich.console import Console
     from rich.table import Table
 
-    from autopart.units import format_ms
+    from autopart.formats.units import format_ms
 
     console = Console(stderr=True)
     if not console.is_terminal:
@@ -397,7 +397,7 @@ def _reprofile(pipe: Any, loss_fn: Any, device: torch.device) -> list[Any]:
     """Per-block profiles of this rank's stages, measured on the real micro-batch they received."""
     from collections import OrderedDict
 
-    from autopart.profiler import profile_model
+    from autopart.measure.profiler import profile_model
 
     out = []
     for s, module in pipe.modules:
@@ -415,10 +415,10 @@ def _reprofile(pipe: Any, loss_fn: Any, device: torch.device) -> list[Any]:
 
 
 def _suggest(cfg: TrainConfig, plan: Any, stage_profiles: list[Any], mb: int, report: dict[str, Any]) -> None:
-    from autopart.devices import Device
-    from autopart.profile import Profile
-    from autopart.search import Settings, plan_search
-    from autopart.units import format_ms
+    from autopart.formats.devices import Device
+    from autopart.formats.profile import Profile
+    from autopart.core.search import Settings, plan_search
+    from autopart.formats.units import format_ms
 
     stage_profiles.sort(key=lambda item: item[0])
     layers = tuple(layer for _, ls, _, _ in stage_profiles for layer in ls)

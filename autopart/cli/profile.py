@@ -20,7 +20,7 @@ or a mapping with 'module', 'example' and optionally 'loss_fn' and 'data'."""
 
 
 def add_parser(sub: Any) -> None:
-    from autopart.models import BUILTINS
+    from autopart.measure.models import BUILTINS
 
     p = sub.add_parser("profile", help="measure a model block by block", description=HELP,
                        formatter_class=argparse.RawDescriptionHelpFormatter,
@@ -56,9 +56,9 @@ def run(args: argparse.Namespace) -> int:
     import torch
     from rich.console import Console
 
-    from autopart.atomic import check_writable
-    from autopart.model import load_model, parse_dtype, parse_shape, shape_example
-    from autopart.profiler import profile_model
+    from autopart.formats.atomic import check_writable
+    from autopart.measure.spec import load_model, parse_dtype, parse_shape, shape_example
+    from autopart.measure.profiler import profile_model
 
     err = Console(stderr=True)
     if args.repeats < 1:
@@ -174,7 +174,7 @@ def _print_table(profile: Any) -> None:
     from rich.console import Console
     from rich.table import Table
 
-    from autopart.units import format_bytes, format_ms
+    from autopart.formats.units import format_bytes, format_ms
 
     total = profile.step_ms or 1.0
     table = Table(title=f"{profile.model} on {profile.device}, micro-batch {profile.microbatch_size}",

@@ -4,7 +4,7 @@
     split.balance                         # [4, 3, 3, 4]
 
 Pure (numpy, no torch). ``exact`` is exact for the cost model in
-:mod:`autopart.costmodel`, sends, memory limits, recomputation and devices of
+:mod:`autopart.core.costmodel`, sends, memory limits, recomputation and devices of
 different speed included:
 
 Note: the bottleneck is found by bisection on a time bound T with a
@@ -29,9 +29,9 @@ from typing import Callable, Sequence
 import numpy as np
 import numpy.typing as npt
 
-from autopart.costmodel import Problem, StageCost
+from autopart.core.costmodel import Problem, StageCost
 from autopart.errors import AutopartError
-from autopart.units import format_bytes
+from autopart.formats.units import format_bytes
 
 __all__ = ["Split", "METHODS", "split", "split_exact", "split_minvar", "split_uniform", "split_parameters",
            "min_memory_scale"]
@@ -339,7 +339,7 @@ def min_memory_scale(p: Problem) -> float:
 
 def _relaxed(p: Problem) -> Problem:
     """The same blocks and devices without sends and memory limits: its optimum bounds ours from below."""
-    from autopart.costmodel import CostModel
+    from autopart.core.costmodel import CostModel
 
     model = CostModel(schedule=p.model.schedule, microbatches=p.model.microbatches,
                       optimizer_states=p.model.optimizer_states, recompute=p.model.recompute)
@@ -499,8 +499,8 @@ def split_uniform(p: Problem) -> Split:
 
 def split_parameters(p: Problem) -> Split:
     """Balance parameter bytes across stages (DeepSpeed's default ``partition_method="parameters"``)."""
-    from autopart.costmodel import CostModel
-    from autopart.devices import Device
+    from autopart.core.costmodel import CostModel
+    from autopart.formats.devices import Device
 
     weights = Problem(p.params.tolist(), [Device("unit")] * p.k, CostModel(), names=p.names)
     balance = split_exact(weights).balance

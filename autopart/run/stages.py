@@ -19,10 +19,10 @@ from torch import nn
 from torch.distributed.pipelining import PipelineStage
 from torch.distributed.pipelining.schedules import PipelineScheduleMulti, get_schedule_class
 
-from autopart.blocks import call_block, split_blocks
+from autopart.measure.blocks import call_block, split_blocks
 from autopart.errors import AutopartError
-from autopart.plan import Plan
-from autopart.schedules import stage_ranks
+from autopart.formats.plan import Plan
+from autopart.core.schedules import stage_ranks
 
 __all__ = ["StageModule", "Pipeline", "build_pipeline", "check_plan_against_model", "local_stages"]
 

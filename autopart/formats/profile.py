@@ -1,7 +1,7 @@
 """The profile: what one model costs, block by block (``schema: "autopart.profile/1"``).
 
 Pure data: no torch import, so the partitioner and the simulator can read
-profiles in milliseconds. The measuring lives in :mod:`autopart.profiler`.
+profiles in milliseconds. The measuring lives in :mod:`autopart.measure.profiler`.
 """
 from __future__ import annotations
 
@@ -9,9 +9,9 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
-from autopart.atomic import write_json_atomic
+from autopart.formats.atomic import write_json_atomic
 from autopart.errors import AutopartError
-from autopart.jsonfields import Fields, load_json_file
+from autopart.formats.jsonfields import Fields, load_json_file
 
 __all__ = ["PROFILE_SCHEMA", "LayerProfile", "Profile", "Tie"]
 

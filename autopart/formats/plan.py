@@ -9,14 +9,14 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Sequence
 
-from autopart.atomic import write_json_atomic
-from autopart.costmodel import CostModel, Problem
-from autopart.devices import Device
+from autopart.formats.atomic import write_json_atomic
+from autopart.core.costmodel import CostModel, Problem
+from autopart.formats.devices import Device
 from autopart.errors import AutopartError
-from autopart.jsonfields import Fields, load_json_file
-from autopart.partition import Split
-from autopart.schedules import build_schedule, canonical_schedule
-from autopart.simulate import Simulation, StageCosts, simulate
+from autopart.formats.jsonfields import Fields, load_json_file
+from autopart.core.partition import Split
+from autopart.core.schedules import build_schedule, canonical_schedule
+from autopart.core.simulate import Simulation, StageCosts, simulate
 
 __all__ = ["PLAN_SCHEMA", "Plan", "PlanStage", "Predicted", "Candidate", "make_plan", "pipeline_step_ms",
            "simulate_plan"]

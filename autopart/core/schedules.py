@@ -18,7 +18,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
 
-from autopart.atomic import write_atomic
+from autopart.formats.atomic import write_atomic
 from autopart.errors import AutopartError
 
 __all__ = ["Action", "Schedule", "SCHEDULE_NAMES", "canonical_schedule", "build_schedule"]

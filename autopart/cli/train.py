@@ -53,7 +53,7 @@ def add_parser(sub: Any) -> None:
 
 
 def _config(args: argparse.Namespace) -> Any:
-    from autopart.train import TrainConfig
+    from autopart.run.train import TrainConfig
 
     for flag, value, low in (("--steps", args.steps, 1), ("--checkpoint-every", args.checkpoint_every, 0),
                              ("--threads", args.threads, 1), ("--global-batch", args.global_batch, 1)):
@@ -80,21 +80,21 @@ def _worker_args(cfg: Any) -> list[str]:
 
 
 def run(args: argparse.Namespace) -> int:
-    from autopart.launch import inside_torchrun, launch
+    from autopart.run.launch import inside_torchrun, launch
 
     cfg = _config(args)
     if inside_torchrun():
-        from autopart.train import worker_main
+        from autopart.run.train import worker_main
 
         return worker_main(cfg)
     # Check everything we can before starting any process: one line and exit 2 for bad input.
     import torch
 
-    from autopart.atomic import check_writable
-    from autopart.data import TextCorpus
-    from autopart.execute import check_plan_against_model
-    from autopart.model import load_model
-    from autopart.plan import Plan
+    from autopart.formats.atomic import check_writable
+    from autopart.run.data import TextCorpus
+    from autopart.run.stages import check_plan_against_model
+    from autopart.measure.spec import load_model
+    from autopart.formats.plan import Plan
 
     plan = Plan.from_json(cfg.plan)
     for path in (cfg.report, cfg.replan):

@@ -19,7 +19,7 @@ FORMATS = ("table", "json", "balance", "split-spec", "fqns")
 
 
 def _schedule_arg(text: str) -> str:
-    from autopart.schedules import canonical_schedule
+    from autopart.core.schedules import canonical_schedule
 
     if text.lower() == "auto":
         return "auto"
@@ -39,8 +39,8 @@ def _count_arg(text: str) -> int | str:
 
 
 def add_parser(sub: Any) -> None:
-    from autopart.costmodel import OPTIMIZER_STATES
-    from autopart.partition import METHODS
+    from autopart.core.costmodel import OPTIMIZER_STATES
+    from autopart.core.partition import METHODS
 
     p = sub.add_parser("partition", help="choose stage boundaries (and micro-batches, schedule) from a profile",
                        description=HELP, formatter_class=argparse.RawDescriptionHelpFormatter,
@@ -86,11 +86,11 @@ def add_parser(sub: Any) -> None:
 
 def make_plan_from_args(args: argparse.Namespace) -> Any:
     """Profile, devices and the search or single configuration the flags ask for."""
-    from autopart.costmodel import OPTIMIZER_STATES
-    from autopart.devices import Device, parse_devices
-    from autopart.profile import Profile
-    from autopart.search import AUTO_SCHEDULES, Settings, plan_search
-    from autopart.units import parse_bandwidth, parse_bytes, parse_duration_ms
+    from autopart.core.costmodel import OPTIMIZER_STATES
+    from autopart.formats.devices import Device, parse_devices
+    from autopart.formats.profile import Profile
+    from autopart.core.search import AUTO_SCHEDULES, Settings, plan_search
+    from autopart.formats.units import parse_bandwidth, parse_bytes, parse_duration_ms
 
     profile = Profile.from_json(args.profile)
     devices = parse_devices(args.devices) if args.devices else None
@@ -133,8 +133,8 @@ def make_plan_from_args(args: argparse.Namespace) -> Any:
 
 
 def run(args: argparse.Namespace) -> int:
-    from autopart.atomic import check_writable
-    from autopart.units import format_bytes
+    from autopart.formats.atomic import check_writable
+    from autopart.formats.units import format_bytes
 
     if args.output:
         check_writable(args.output)
@@ -163,7 +163,7 @@ def run(args: argparse.Namespace) -> int:
 
 
 def _rank_of(plan: Any, stage: int) -> int:
-    from autopart.schedules import stage_ranks
+    from autopart.core.schedules import stage_ranks
 
     return stage_ranks(plan.schedule, plan.num_ranks, plan.stages_per_rank)[stage]
 
@@ -176,7 +176,7 @@ def _print_plan(plan: Any) -> None:
     from rich.console import Console
     from rich.table import Table
 
-    from autopart.units import format_bytes, format_ms
+    from autopart.formats.units import format_bytes, format_ms
 
     console = Console()
     if not console.is_terminal:

@@ -27,10 +27,10 @@ from typing import Sequence
 import numpy as np
 import numpy.typing as npt
 
-from autopart.devices import Device
+from autopart.formats.devices import Device
 from autopart.errors import AutopartError
-from autopart.profile import Profile
-from autopart.schedules import canonical_schedule
+from autopart.formats.profile import Profile
+from autopart.core.schedules import canonical_schedule
 
 __all__ = ["CostModel", "Problem", "OPTIMIZER_STATES", "StageCost"]
 
@@ -88,8 +88,8 @@ class CostModel:
 
 @functools.lru_cache(maxsize=256)
 def _simulated_in_flight(schedule: str, num_stages: int, stages_per_rank: int, microbatches: int) -> tuple[int, ...]:
-    from autopart.schedules import build_schedule
-    from autopart.simulate import StageCosts, simulate
+    from autopart.core.schedules import build_schedule
+    from autopart.core.simulate import StageCosts, simulate
 
     if num_stages % stages_per_rank:
         raise AutopartError(f"{num_stages} stages do not divide into {stages_per_rank} per rank")

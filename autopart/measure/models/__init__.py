@@ -9,9 +9,9 @@ from typing import Any, Callable
 
 import torch
 
-from autopart.models.gpt2 import GPT2, SIZES, lm_loss
-from autopart.models.mlp import HeteroMLP
-from autopart.models.resnet import ResNet
+from autopart.measure.models.gpt2 import GPT2, SIZES, lm_loss
+from autopart.measure.models.mlp import HeteroMLP
+from autopart.measure.models.resnet import ResNet
 
 __all__ = ["BUILTINS", "builtin_names"]
 

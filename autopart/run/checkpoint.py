@@ -20,7 +20,7 @@ from typing import Any
 
 import torch
 
-from autopart.atomic import write_atomic, write_json_atomic
+from autopart.formats.atomic import write_atomic, write_json_atomic
 from autopart.errors import AutopartError
 
 __all__ = ["save_stage", "mark_complete", "latest_complete", "load_stages", "merge_checkpoint"]

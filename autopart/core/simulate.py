@@ -28,7 +28,7 @@ from dataclasses import dataclass
 from typing import Sequence
 
 from autopart.errors import AutopartError
-from autopart.schedules import Action, Schedule
+from autopart.core.schedules import Action, Schedule
 
 __all__ = ["StageCosts", "Event", "Simulation", "simulate"]
 
