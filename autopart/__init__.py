@@ -3,26 +3,49 @@
     import autopart
     bundle = autopart.load_model("gpt2-tiny")
     profile = autopart.profile_model(bundle.module, bundle.example, name="gpt2-tiny")
-    profile.to_json("gpt2-tiny.json")
+    plan = autopart.plan_partition(profile, 2)            # 2 ranks, 1F1B, 2 micro-batches
+    print(plan.balance, autopart.simulate(plan).step_ms)
 
-The pure parts (profiles, plans, the partitioner and the simulator) import no
-torch; the names that need torch are loaded on first use.
+The data flow is the package layout: ``measure`` (model -> blocks -> profile,
+torch), ``formats`` (the saved profile and plan), ``core`` (plan and
+simulation, no torch), ``run`` (the plan on torch.distributed.pipelining),
+``cli``. Names that need torch (or numpy) are loaded on first use, so
+``import autopart`` stays light.
 """
 from __future__ import annotations
 
-from typing import Any
+import importlib
+from typing import TYPE_CHECKING, Any
 
 from autopart.errors import AutopartError
+from autopart.formats.devices import Device
+from autopart.formats.plan import Plan
 from autopart.formats.profile import LayerProfile, Profile
+from autopart.formats.stage import StageCost
 
-__all__ = ["AutopartError", "LayerProfile", "Profile", "load_model", "profile_model"]
+if TYPE_CHECKING:
+    from autopart.core.costmodel import CostModel
+    from autopart.core.planner import simulate_plan as simulate
+    from autopart.core.search import plan_partition
+    from autopart.core.simulate import Simulation
+    from autopart.measure.profiler import profile_model
+    from autopart.measure.spec import load_model
 
-_LAZY = {"load_model": "autopart.measure.spec", "profile_model": "autopart.measure.profiler"}
+__all__ = ["AutopartError", "CostModel", "Device", "LayerProfile", "Plan", "Profile", "Simulation", "StageCost",
+           "load_model", "plan_partition", "profile_model", "simulate"]
+
+_LAZY = {
+    "load_model": ("autopart.measure.spec", "load_model"),
+    "profile_model": ("autopart.measure.profiler", "profile_model"),
+    "CostModel": ("autopart.core.costmodel", "CostModel"),
+    "plan_partition": ("autopart.core.search", "plan_partition"),
+    "simulate": ("autopart.core.planner", "simulate_plan"),
+    "Simulation": ("autopart.core.simulate", "Simulation"),
+}
 
 
 def __getattr__(name: str) -> Any:
     if name in _LAZY:
-        import importlib
-
-        return getattr(importlib.import_module(_LAZY[name]), name)
+        module, attr = _LAZY[name]
+        return getattr(importlib.import_module(module), attr)
     raise AttributeError(f"module 'autopart' has no attribute {name!r}")

@@ -11,7 +11,7 @@ from torch import nn
 from autopart.measure.blocks import split_blocks
 from autopart.errors import AutopartError
 from autopart.measure.spec import load_model, parse_dtype, parse_shape, shape_example
-from autopart.measure.models import BUILTINS
+from autopart.measure.models.registry import BUILTINS
 
 
 @pytest.mark.parametrize("name, n_blocks", [("gpt2-tiny", 6), ("resnet-mini", 10), ("mlp-hetero", 9)])
@@ -105,3 +105,9 @@ def test_parsers() -> None:
             parse_shape(bad)
     with pytest.raises(AutopartError, match="unknown dtype 'float8'"):
         parse_dtype("float8")
+
+
+def test_builtin_names_without_torch_match_the_registry() -> None:
+    from autopart.measure.models import BUILTIN_NAMES
+
+    assert list(BUILTIN_NAMES) == list(BUILTINS)

@@ -9,7 +9,9 @@ from autopart.core.costmodel import CostModel, Problem
 from autopart.formats.devices import Device, parse_devices
 from autopart.errors import AutopartError
 from autopart.core.partition import split_exact
-from autopart.formats.plan import Plan, make_plan, pipeline_step_ms
+from autopart.core.planner import make_plan
+from autopart.core.simulate import closed_form_step_ms
+from autopart.formats.plan import Plan
 from autopart.formats.units import parse_bandwidth, parse_bytes, parse_duration_ms
 
 
@@ -40,7 +42,7 @@ def test_plan_rejects_mismatched_balance() -> None:
 
 
 def test_closed_form_step_of_equal_stages() -> None:
-    step, bubble = pipeline_step_ms([2.0] * 4, 8)
+    step, bubble = closed_form_step_ms([2.0] * 4, 8)
     assert step == (8 + 4 - 1) * 2.0 and bubble == pytest.approx(3 / 11)
 
 

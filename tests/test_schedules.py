@@ -9,7 +9,8 @@ import pytest
 
 from autopart.errors import AutopartError
 from autopart.core.schedules import Action, build_schedule, canonical_schedule
-from autopart.core.simulate import StageCosts, simulate
+from autopart.core.simulate import simulate
+from autopart.formats.stage import StageCost
 
 
 def test_gpipe_reads_like_a_table() -> None:
@@ -34,7 +35,7 @@ def test_1f1b_order() -> None:
 @pytest.mark.parametrize("k, m", [(2, 2), (2, 8), (4, 4), (4, 16), (3, 7), (8, 8)])
 def test_equal_stages_match_theory(name: str, k: int, m: int) -> None:
     f, b = 1.25, 2.5
-    sim = simulate(build_schedule(name, k, m), [StageCosts(f, b, activation_bytes=1)] * k)
+    sim = simulate(build_schedule(name, k, m), [StageCost(f, b, activation_bytes=1)] * k)
     assert sim.step_ms == pytest.approx((m + k - 1) * (f + b), rel=1e-12)
     assert sim.bubble_fraction == pytest.approx((k - 1) / (m + k - 1), rel=1e-12)
     expected = [m] * k if name == "GPipe" else [min(m, k - s) for s in range(k)]
@@ -44,7 +45,7 @@ def test_equal_stages_match_theory(name: str, k: int, m: int) -> None:
 @pytest.mark.parametrize("k, m, v", [(2, 4, 2), (4, 8, 2), (4, 8, 4), (3, 6, 2), (4, 12, 3), (2, 8, 2)])
 def test_interleaving_shrinks_the_bubble_to_k_minus_1_over_vm(k: int, m: int, v: int) -> None:
     f, b = 0.5, 1.0  # per chunk; one rank's work per micro-batch is v * (f + b)
-    sim = simulate(build_schedule("Interleaved1F1B", k, m, v), [StageCosts(f, b)] * (k * v))
+    sim = simulate(build_schedule("Interleaved1F1B", k, m, v), [StageCost(f, b)] * (k * v))
     ideal = m * v * (f + b)
     bubble = Fraction(sim.step_ms - ideal).limit_denominator(10**6) / Fraction(ideal).limit_denominator(10**6)
     assert bubble == Fraction(k - 1, v * m)
@@ -52,8 +53,8 @@ def test_interleaving_shrinks_the_bubble_to_k_minus_1_over_vm(k: int, m: int, v:
 
 def test_zero_bubble_fills_idle_time() -> None:
     k, m = 4, 8
-    zbv = simulate(build_schedule("ZBVZeroBubble", k, m, 2), [StageCosts(1.0, 2.0)] * (2 * k))
-    plain = simulate(build_schedule("1F1B", k, m), [StageCosts(2.0, 4.0)] * k)  # the same work, unsplit
+    zbv = simulate(build_schedule("ZBVZeroBubble", k, m, 2), [StageCost(1.0, 2.0)] * (2 * k))
+    plain = simulate(build_schedule("1F1B", k, m), [StageCost(2.0, 4.0)] * k)  # the same work, unsplit
     assert zbv.step_ms < plain.step_ms and zbv.bubble_fraction < 0.06
 
 

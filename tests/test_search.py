@@ -5,7 +5,8 @@ import pytest
 from autopart.formats.devices import Device
 from autopart.errors import AutopartError
 from autopart.formats.profile import LayerProfile, Profile
-from autopart.core.search import Settings, plan_search
+from autopart.core.costmodel import CostModel
+from autopart.core.search import all_schedules, plan_search
 
 
 def _profile(overhead_ms: float, blocks: int = 8) -> Profile:
@@ -21,9 +22,9 @@ def _profile(overhead_ms: float, blocks: int = 8) -> Profile:
 
 def test_overhead_per_microbatch_limits_how_many_pay_off() -> None:
     devices = [Device("d")] * 4
-    free = plan_search(_profile(0.0), devices, Settings(), global_batch=64, microbatches=None,
+    free = plan_search(_profile(0.0), devices, CostModel(), global_batch=64, search_microbatches=True,
                        schedules=[("1F1B", 1)])
-    costly = plan_search(_profile(8.0), devices, Settings(), global_batch=64, microbatches=None,
+    costly = plan_search(_profile(8.0), devices, CostModel(), global_batch=64, search_microbatches=True,
                          schedules=[("1F1B", 1)])
     assert free.microbatches == 64  # no overhead: more micro-batches, smaller bubble
     assert 4 <= costly.microbatches < 64  # a fixed cost per micro-batch makes very many slow
@@ -32,7 +33,8 @@ def test_overhead_per_microbatch_limits_how_many_pay_off() -> None:
 
 
 def test_auto_schedule_records_the_winner_and_runners_up() -> None:
-    plan = plan_search(_profile(2.0), [Device("d")] * 2, Settings(), global_batch=16)
+    plan = plan_search(_profile(2.0), [Device("d")] * 2, CostModel(), global_batch=16, search_microbatches=True,
+                       schedules=all_schedules())
     names = {plan.schedule} | {c.schedule for c in plan.runners_up}
     assert len(names) >= 2 and len(plan.runners_up) == 5
     assert sum(plan.balance) == 8 and plan.num_ranks == 2
@@ -41,14 +43,15 @@ def test_auto_schedule_records_the_winner_and_runners_up() -> None:
 def test_memory_that_no_choice_fits() -> None:
     tiny = [Device("d", memory_bytes=100)] * 2
     with pytest.raises(AutopartError, match="no schedule and micro-batch count fits"):
-        plan_search(_profile(1.0), tiny, Settings(), global_batch=8)
+        plan_search(_profile(1.0), tiny, CostModel(), global_batch=8, search_microbatches=True,
+                    schedules=all_schedules())
     with pytest.raises(AutopartError, match="alone needs"):
-        plan_search(_profile(1.0), tiny, Settings(), global_batch=8, microbatches=2, schedules=[("GPipe", 1)])
+        plan_search(_profile(1.0), tiny, CostModel(microbatches=2), global_batch=8, schedules=[("GPipe", 1)])
 
 
 def test_global_batch_must_divide() -> None:
     with pytest.raises(AutopartError, match="not divisible by 3"):
-        plan_search(_profile(1.0), [Device("d")] * 2, Settings(), global_batch=8, microbatches=3,
+        plan_search(_profile(1.0), [Device("d")] * 2, CostModel(microbatches=3), global_batch=8,
                     schedules=[("GPipe", 1)])
     with pytest.raises(AutopartError, match="needs --global-batch"):
-        plan_search(_profile(1.0), [Device("d")] * 2, Settings(), microbatches=None)
+        plan_search(_profile(1.0), [Device("d")] * 2, CostModel(), search_microbatches=True)

@@ -4,23 +4,24 @@ import pytest
 
 from autopart.errors import AutopartError
 from autopart.core.schedules import Action, Schedule, build_schedule
-from autopart.core.simulate import StageCosts, simulate
+from autopart.core.simulate import simulate
+from autopart.formats.stage import StageCost
 
 
 def test_sends_between_ranks_add_to_the_step() -> None:
-    free = simulate(build_schedule("GPipe", 2, 1), [StageCosts(1.0, 2.0)] * 2)
-    sent = simulate(build_schedule("GPipe", 2, 1), [StageCosts(1.0, 2.0, send_forward_ms=0.5, send_backward_ms=0.5)] * 2)
+    free = simulate(build_schedule("GPipe", 2, 1), [StageCost(1.0, 2.0)] * 2)
+    sent = simulate(build_schedule("GPipe", 2, 1), [StageCost(1.0, 2.0, send_forward_ms=0.5, send_backward_ms=0.5)] * 2)
     assert free.step_ms == 6.0 and sent.step_ms == 7.0
     assert any(e.kind == "SEND" for e in sent.events)
 
 
 def test_memory_peaks() -> None:
-    costs = [StageCosts(1.0, 2.0, activation_bytes=10, static_bytes=100)] * 2
+    costs = [StageCost(1.0, 2.0, activation_bytes=10, static_bytes=100)] * 2
     gpipe = simulate(build_schedule("GPipe", 2, 4), costs)
     assert gpipe.peak_memory_bytes == (140, 140)
     one = simulate(build_schedule("1F1B", 2, 4), costs)
     assert one.peak_memory_bytes == (120, 110) and one.peak_in_flight == (2, 1)
-    recompute = [StageCosts(1.0, 3.0, activation_bytes=1, static_bytes=0, backward_extra_bytes=50)] * 2
+    recompute = [StageCost(1.0, 3.0, activation_bytes=1, static_bytes=0, backward_extra_bytes=50)] * 2
     assert simulate(build_schedule("GPipe", 2, 4), recompute).peak_memory_bytes == (54, 54)
 
 
@@ -29,9 +30,9 @@ def test_a_schedule_that_waits_forever_is_reported() -> None:
                    orders=((Action(0, "B", 0), Action(0, "F", 0)), (Action(1, "F", 0), Action(1, "B", 0))),
                    stage_rank=(0, 1))
     with pytest.raises(AutopartError, match="deadlocks: rank 0 waits at 0B0"):
-        simulate(bad, [StageCosts(1.0, 1.0)] * 2)
+        simulate(bad, [StageCost(1.0, 1.0)] * 2)
 
 
 def test_unequal_stages_are_paced_by_the_slowest() -> None:
-    sim = simulate(build_schedule("1F1B", 2, 8), [StageCosts(1.0, 2.0), StageCosts(3.0, 6.0)])
+    sim = simulate(build_schedule("1F1B", 2, 8), [StageCost(1.0, 2.0), StageCost(3.0, 6.0)])
     assert sim.step_ms == pytest.approx(3.0 + 8 * 9.0)  # fill with stage 0's forward, then stage 1 sets the pace

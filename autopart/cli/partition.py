@@ -3,9 +3,12 @@ from __future__ import annotations
 
 import argparse
 import json
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from autopart.errors import AutopartError
+
+if TYPE_CHECKING:
+    from autopart.formats.plan import Plan
 
 __all__: list[str] = []
 
@@ -19,7 +22,7 @@ FORMATS = ("table", "json", "balance", "split-spec", "fqns")
 
 
 def _schedule_arg(text: str) -> str:
-    from autopart.core.schedules import canonical_schedule
+    from autopart.formats.schedule_kinds import canonical_schedule
 
     if text.lower() == "auto":
         return "auto"
@@ -84,12 +87,13 @@ def add_parser(sub: Any) -> None:
     p.set_defaults(run=run)
 
 
-def make_plan_from_args(args: argparse.Namespace) -> Any:
+def make_plan_from_args(args: argparse.Namespace) -> Plan:
     """Profile, devices and the search or single configuration the flags ask for."""
-    from autopart.core.costmodel import OPTIMIZER_STATES
+    from autopart.core.costmodel import OPTIMIZER_STATES, CostModel
+    from autopart.core.search import all_schedules, plan_search
     from autopart.formats.devices import Device, parse_devices
     from autopart.formats.profile import Profile
-    from autopart.core.search import AUTO_SCHEDULES, Settings, plan_search
+    from autopart.formats.schedule_kinds import stages_per_rank
     from autopart.formats.units import parse_bandwidth, parse_bytes, parse_duration_ms
 
     profile = Profile.from_json(args.profile)
@@ -112,24 +116,22 @@ def make_plan_from_args(args: argparse.Namespace) -> Any:
         devices = [Device(name=d.name, memory_bytes=limit, speed=d.speed) for d in devices]
     if args.global_batch is not None and args.global_batch < 1:
         raise AutopartError(f"--global-batch must be >= 1, got {args.global_batch}")
-    microbatches = None if args.microbatches == "auto" else (args.microbatches if args.microbatches is not None else k)
-    if microbatches is not None and microbatches < 1:
+    search_microbatches = args.microbatches == "auto"
+    microbatches = k if search_microbatches or args.microbatches is None else args.microbatches
+    if microbatches < 1:
         raise AutopartError(f"--microbatches must be >= 1, got {microbatches}")
     if args.stages_per_rank < 1:
         raise AutopartError(f"--stages-per-rank must be >= 1, got {args.stages_per_rank}")
     if args.schedule == "auto":
-        schedules = None if args.stages_per_rank == 2 else [
-            (n, args.stages_per_rank if n == "Interleaved1F1B" else v) for n, v in AUTO_SCHEDULES]
+        schedules = all_schedules(args.stages_per_rank)
     else:
-        per_rank = {"Interleaved1F1B": args.stages_per_rank, "ZBVZeroBubble": 2}.get(args.schedule, 1)
-        schedules = [(args.schedule, per_rank)]
-    settings = Settings(optimizer_states=OPTIMIZER_STATES[args.optimizer],
-                        bandwidth_bytes_per_ms=parse_bandwidth(args.bandwidth) / 1e3 if args.bandwidth else None,
-                        latency_ms=parse_duration_ms(args.latency) if args.latency else 0.0,
-                        recompute=not args.no_recompute, method=args.method)
-    plan = plan_search(profile, devices, settings, global_batch=args.global_batch, microbatches=microbatches,
-                       schedules=schedules, profile_path=args.profile)
-    return plan
+        schedules = [(args.schedule, stages_per_rank(args.schedule, args.stages_per_rank))]
+    model = CostModel(microbatches=microbatches, optimizer_states=OPTIMIZER_STATES[args.optimizer],
+                      bandwidth_bytes_per_ms=parse_bandwidth(args.bandwidth) / 1e3 if args.bandwidth else None,
+                      latency_ms=parse_duration_ms(args.latency) if args.latency else 0.0,
+                      recompute=not args.no_recompute)
+    return plan_search(profile, devices, model, method=args.method, global_batch=args.global_batch,
+                       search_microbatches=search_microbatches, schedules=schedules, profile_path=args.profile)
 
 
 def run(args: argparse.Namespace) -> int:
@@ -141,11 +143,11 @@ def run(args: argparse.Namespace) -> int:
     plan = make_plan_from_args(args)
     if not plan.fits:
         over = next(s for s, st in enumerate(plan.stages)
-                    if st.memory_limit_bytes is not None and st.memory_bytes > st.memory_limit_bytes)
+                    if st.device.memory_bytes is not None and st.cost.memory_bytes > st.device.memory_bytes)
         st = plan.stages[over]
         raise AutopartError(
             f"the {args.method} split {list(plan.balance)} does not fit: stage {over} needs "
-            f"{format_bytes(st.memory_bytes)} > {format_bytes(st.memory_limit_bytes or 0)}; "
+            f"{format_bytes(st.cost.memory_bytes)} > {format_bytes(st.device.memory_bytes or 0)}; "
             f"--method exact finds one that fits")
     if args.output:
         plan.to_json(args.output)
@@ -162,17 +164,11 @@ def run(args: argparse.Namespace) -> int:
     return 0
 
 
-def _rank_of(plan: Any, stage: int) -> int:
-    from autopart.core.schedules import stage_ranks
-
-    return stage_ranks(plan.schedule, plan.num_ranks, plan.stages_per_rank)[stage]
-
-
 def _blocks_label(blocks: tuple[str, ...]) -> str:
     return blocks[0] if len(blocks) == 1 else f"{blocks[0]} … {blocks[-1]}"
 
 
-def _print_plan(plan: Any) -> None:
+def _print_plan(plan: Plan) -> None:
     from rich.console import Console
     from rich.table import Table
 
@@ -182,9 +178,10 @@ def _print_plan(plan: Any) -> None:
     if not console.is_terminal:
         console = Console(width=140)
     bottleneck = plan.predicted.bottleneck_ms
-    sends = any(st.send_ms for st in plan.stages)
-    limits = any(st.memory_limit_bytes for st in plan.stages)
-    named = any(st.device != "device" or st.speed != 1 for st in plan.stages)
+    sends = any(st.cost.send_ms for st in plan.stages)
+    limits = any(st.device.memory_bytes for st in plan.stages)
+    named = any(st.device.name != "device" or st.device.speed != 1 for st in plan.stages)
+    ranks = plan.stage_ranks()
     table = Table(title=f"{plan.model}: {plan.method}, {plan.num_stages} stages on {plan.num_ranks} ranks",
                   title_justify="left")
     columns = ["stage", "rank", "blocks", "n", "time", "share"] + ["sends"] * sends + ["memory"] + ["limit"] * limits \
@@ -192,17 +189,17 @@ def _print_plan(plan: Any) -> None:
     for col in columns:
         table.add_column(col, justify="left" if col in ("blocks", "device") else "right", no_wrap=True)
     for s, st in enumerate(plan.stages):
-        rank = s if plan.stages_per_rank == 1 else _rank_of(plan, s)
-        row = [str(s), str(rank), _blocks_label(st.blocks), str(len(st.blocks)), format_ms(st.time_ms),
-               f"{st.time_ms / bottleneck:.0%}" if bottleneck else "-"]
+        cost = st.cost
+        row = [str(s), str(ranks[s]), _blocks_label(st.blocks), str(len(st.blocks)), format_ms(cost.time_ms),
+               f"{cost.time_ms / bottleneck:.0%}" if bottleneck else "-"]
         if sends:
-            row.append(format_ms(st.send_ms))
-        row.append(format_bytes(st.memory_bytes) + (" recompute" if st.recompute else ""))
+            row.append(format_ms(cost.send_ms))
+        row.append(format_bytes(cost.memory_bytes) + (" recompute" if cost.recompute else ""))
         if limits:
-            row.append(format_bytes(st.memory_limit_bytes) if st.memory_limit_bytes else "-")
+            row.append(format_bytes(st.device.memory_bytes) if st.device.memory_bytes else "-")
         if named:
-            row.append(f"{st.device} x{st.speed:g}")
-        table.add_row(*row, style="bold" if st.time_ms == bottleneck else "")
+            row.append(f"{st.device.name} x{st.device.speed:g}")
+        table.add_row(*row, style="bold" if cost.time_ms == bottleneck else "")
     console.print(table)
     pred = plan.predicted
     gap = max(pred.bottleneck_ms / pred.lower_bound_ms - 1, 0.0) if pred.lower_bound_ms else 0.0

@@ -20,11 +20,11 @@ or a mapping with 'module', 'example' and optionally 'loss_fn' and 'data'."""
 
 
 def add_parser(sub: Any) -> None:
-    from autopart.measure.models import BUILTINS
+    from autopart.measure.models import BUILTIN_NAMES
 
     p = sub.add_parser("profile", help="measure a model block by block", description=HELP,
                        formatter_class=argparse.RawDescriptionHelpFormatter,
-                       epilog="built-in models: " + ", ".join(BUILTINS))
+                       epilog="built-in models: " + ", ".join(BUILTIN_NAMES))
     p.add_argument("model", metavar="MODEL", help="built-in name, pkg.mod:factory or file.py:factory")
     p.add_argument("--microbatch-size", metavar="B[,B...]",
                    help="rows in one micro-batch; replaces the first dimension of the example input. Several "

@@ -39,8 +39,10 @@ def run(args: argparse.Namespace) -> int:
     from rich.table import Table
 
     from autopart.formats.atomic import check_writable, write_atomic
-    from autopart.formats.plan import Plan, simulate_plan
+    from autopart.core.planner import simulate_plan
     from autopart.core.schedules import build_schedule
+    from autopart.formats.plan import Plan
+    from autopart.formats.schedule_kinds import stage_ranks, stages_per_rank
     from autopart.cli.timeline import render_svg, render_text
     from autopart.formats.units import format_bytes, format_ms
 
@@ -53,12 +55,7 @@ def run(args: argparse.Namespace) -> int:
     schedule = args.schedule or plan.schedule
     per_rank = args.stages_per_rank
     if per_rank is None:
-        per_rank = plan.stages_per_rank if schedule == plan.schedule else (2 if schedule == "Interleaved1F1B" else 1)
-    if schedule == "ZBVZeroBubble":
-        per_rank = 2
-    if per_rank < 1 or plan.num_stages % per_rank:
-        raise AutopartError(f"{schedule} with {per_rank} stages per rank cannot hold the plan's {plan.num_stages} "
-                            f"stages (must divide)")
+        per_rank = plan.stages_per_rank if schedule == plan.schedule else stages_per_rank(schedule)
     microbatches = args.microbatches or plan.microbatches
     sim = simulate_plan(plan, microbatches, schedule, per_rank)
     if args.csv:
@@ -83,11 +80,9 @@ def run(args: argparse.Namespace) -> int:
         table.add_column(col, justify="right")
     limits: dict[int, int] = {}
     stages_of: dict[int, list[int]] = {}
-    from autopart.core.schedules import stage_ranks
-
     for s, r in enumerate(stage_ranks(schedule, sim.num_ranks, per_rank)):
         stages_of.setdefault(r, []).append(s)
-        limit = plan.stages[s].memory_limit_bytes
+        limit = plan.stages[s].device.memory_bytes
         if limit is not None:
             limits[r] = limits.get(r, 0) + limit
     for r in range(sim.num_ranks):

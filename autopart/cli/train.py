@@ -6,6 +6,7 @@ import os
 from typing import Any
 
 from autopart.errors import AutopartError
+from autopart.run.config import TrainConfig
 
 __all__: list[str] = []
 
@@ -52,9 +53,7 @@ def add_parser(sub: Any) -> None:
     p.set_defaults(run=run)
 
 
-def _config(args: argparse.Namespace) -> Any:
-    from autopart.run.train import TrainConfig
-
+def _config(args: argparse.Namespace) -> TrainConfig:
     for flag, value, low in (("--steps", args.steps, 1), ("--checkpoint-every", args.checkpoint_every, 0),
                              ("--threads", args.threads, 1), ("--global-batch", args.global_batch, 1)):
         if value is not None and value < low:
@@ -67,7 +66,7 @@ def _config(args: argparse.Namespace) -> Any:
                        device=args.device, timeout_s=args.timeout, meta_init=args.meta_init)
 
 
-def _worker_args(cfg: Any) -> list[str]:
+def _worker_args(cfg: TrainConfig) -> list[str]:
     out = [cfg.plan, "--model", cfg.model, "--steps", str(cfg.steps), "--lr", repr(cfg.lr), "--seed", str(cfg.seed),
            "--device", cfg.device, "--timeout", repr(cfg.timeout_s), "--checkpoint-every", str(cfg.checkpoint_every)]
     for flag, value in (("--global-batch", cfg.global_batch), ("--data", cfg.data), ("--checkpoint", cfg.checkpoint),
@@ -84,19 +83,21 @@ def run(args: argparse.Namespace) -> int:
 
     cfg = _config(args)
     if inside_torchrun():
-        from autopart.run.train import worker_main
+        from autopart.run.worker import worker_main
 
         return worker_main(cfg)
     # Check everything we can before starting any process: one line and exit 2 for bad input.
     import torch
 
     from autopart.formats.atomic import check_writable
+    from autopart.formats.plan import Plan
+    from autopart.measure.spec import load_model
     from autopart.run.data import TextCorpus
     from autopart.run.stages import check_plan_against_model
-    from autopart.measure.spec import load_model
-    from autopart.formats.plan import Plan
 
     plan = Plan.from_json(cfg.plan)
+    if cfg.global_batch is not None:
+        plan.microbatch_size_for(cfg.global_batch)
     for path in (cfg.report, cfg.replan):
         if path:
             check_writable(path)

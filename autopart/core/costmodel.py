@@ -20,7 +20,7 @@ the numbers a plan reports.
 """
 from __future__ import annotations
 
-import functools
+import dataclasses
 from dataclasses import dataclass
 from typing import Sequence
 
@@ -30,9 +30,11 @@ import numpy.typing as npt
 from autopart.formats.devices import Device
 from autopart.errors import AutopartError
 from autopart.formats.profile import Profile
-from autopart.core.schedules import canonical_schedule
+from autopart.core.schedules import peak_in_flight
+from autopart.formats.schedule_kinds import canonical_schedule
+from autopart.formats.stage import StageCost
 
-__all__ = ["CostModel", "Problem", "OPTIMIZER_STATES", "StageCost"]
+__all__ = ["CostModel", "BlockCosts", "Problem", "OPTIMIZER_STATES"]
 
 Ints = npt.NDArray[np.int64]
 Floats = npt.NDArray[np.float64]
@@ -83,68 +85,42 @@ class CostModel:
             return self.microbatches
         if self.schedule == "1F1B":
             return min(self.microbatches, num_stages - stage)
-        return _simulated_in_flight(self.schedule, num_stages, self.stages_per_rank, self.microbatches)[stage]
+        if num_stages % self.stages_per_rank:
+            raise AutopartError(f"{num_stages} stages do not divide into {self.stages_per_rank} per rank")
+        return peak_in_flight(self.schedule, num_stages // self.stages_per_rank, self.microbatches,
+                              self.stages_per_rank)[stage]
 
 
-@functools.lru_cache(maxsize=256)
-def _simulated_in_flight(schedule: str, num_stages: int, stages_per_rank: int, microbatches: int) -> tuple[int, ...]:
-    from autopart.core.schedules import build_schedule
-    from autopart.core.simulate import StageCosts, simulate
+@dataclass(frozen=True, eq=False)
+class BlockCosts:
+    """Per-block costs for one micro-batch, validated: what the partitioner splits."""
 
-    if num_stages % stages_per_rank:
-        raise AutopartError(f"{num_stages} stages do not divide into {stages_per_rank} per rank")
-    sched = build_schedule(schedule, num_stages // stages_per_rank, microbatches, stages_per_rank)
-    return simulate(sched, [StageCosts(1.0, 2.0, activation_bytes=1)] * num_stages).peak_in_flight
+    names: tuple[str, ...]
+    compute_ms: Floats
+    """Forward plus backward."""
+    forward_ms: Floats
+    param_bytes: Floats
+    activation_bytes: Floats
+    output_bytes: Floats
+    """What crosses the boundary after the block."""
+    optimizer_ms: Floats
+    input_bytes: float = 0.0
+    """One micro-batch's input: what a recomputing first stage keeps per micro-batch."""
 
+    @property
+    def n(self) -> int:
+        return len(self.names)
 
-@dataclass(frozen=True)
-class StageCost:
-    """One stage of a split, as the cost model sees it."""
-
-    first: int
-    last: int
-    time_ms: float
-    memory_bytes: int
-    recompute: bool
-    compute_ms: float
-    send_ms: float
-    forward_ms: float = 0.0
-    """Forward of one micro-batch on this stage's device."""
-    backward_ms: float = 0.0
-    """Backward of one micro-batch, the recomputed forward included."""
-    send_forward_ms: float = 0.0
-    send_backward_ms: float = 0.0
-    activation_bytes: int = 0
-    """Kept per in-flight micro-batch (only the stage's input when recomputing)."""
-    static_bytes: int = 0
-    """Parameters, gradients and optimizer state."""
-    backward_extra_bytes: int = 0
-    """Held during a backward only: the recomputed activations."""
-    optimizer_ms: float = 0.0
-    """The stage's optimizer step, once per training step."""
-
-
-class Problem:
-    """Blocks, devices and a cost model: the arrays the partitioner works on.
-
-    Block costs come from a profile, or directly from arrays (tests, benchmarks).
-    """
-
-    def __init__(self, compute_ms: Sequence[float], devices: Sequence[Device], model: CostModel, *,
-                 forward_ms: Sequence[float] | None = None, param_bytes: Sequence[float] | None = None,
-                 activation_bytes: Sequence[float] | None = None, output_bytes: Sequence[float] | None = None,
-                 input_bytes: float = 0.0, names: Sequence[str] | None = None,
-                 optimizer_ms: Sequence[float] | None = None) -> None:
+    @staticmethod
+    def of(compute_ms: Sequence[float], *, forward_ms: Sequence[float] | None = None,
+           param_bytes: Sequence[float] | None = None, activation_bytes: Sequence[float] | None = None,
+           output_bytes: Sequence[float] | None = None, input_bytes: float = 0.0,
+           names: Sequence[str] | None = None, optimizer_ms: Sequence[float] | None = None) -> "BlockCosts":
+        """Arrays from lists (missing ones are zeros); a NaN, infinite or negative entry names its block."""
         n = len(compute_ms)
-        k = len(devices)
-        if k < 1:
-            raise AutopartError(f"need at least 1 stage, got {k}")
         if n < 1:
             raise AutopartError("no blocks to partition")
-        if k > n:
-            raise AutopartError(f"{k} stages > {n} blocks: every stage needs at least one block")
-        self.n, self.k, self.model, self.devices = n, k, model, list(devices)
-        self.names = list(names) if names is not None else [str(i) for i in range(n)]
+        labels = tuple(names) if names is not None else tuple(str(i) for i in range(n))
 
         def arr(values: Sequence[float] | None, what: str) -> Floats:
             a = np.zeros(n) if values is None else np.asarray(values, dtype=np.float64)
@@ -152,21 +128,68 @@ class Problem:
                 raise AutopartError(f"{what} has {a.size} entries for {n} blocks")
             if not np.all(np.isfinite(a)) or np.any(a < 0):
                 bad = int(np.flatnonzero(~np.isfinite(a) | (a < 0))[0])
-                raise AutopartError(f"{what} of block {self.names[bad]!r} is {a[bad]}, must be finite and >= 0")
+                raise AutopartError(f"{what} of block {labels[bad]!r} is {a[bad]}, must be finite and >= 0")
             return a
 
-        self.compute = arr(compute_ms, "compute time")
-        self.forward = arr(forward_ms, "forward time")
-        self.params = arr(param_bytes, "parameter bytes")
-        self.acts = arr(activation_bytes, "activation bytes")
-        self.outs = arr(output_bytes, "output bytes")
-        self.opt = arr(optimizer_ms, "optimizer time")
-        self.input_bytes = float(input_bytes)
+        return BlockCosts(names=labels, compute_ms=arr(compute_ms, "compute time"),
+                          forward_ms=arr(forward_ms, "forward time"), param_bytes=arr(param_bytes, "parameter bytes"),
+                          activation_bytes=arr(activation_bytes, "activation bytes"),
+                          output_bytes=arr(output_bytes, "output bytes"),
+                          optimizer_ms=arr(optimizer_ms, "optimizer time"), input_bytes=float(input_bytes))
+
+    @staticmethod
+    def from_profile(profile: Profile) -> "BlockCosts":
+        layers = profile.layers
+        return BlockCosts.of([x.forward_ms + x.backward_ms for x in layers], forward_ms=[x.forward_ms for x in layers],
+                             param_bytes=[x.param_bytes for x in layers],
+                             activation_bytes=[x.activation_bytes for x in layers],
+                             output_bytes=[x.output_bytes for x in layers], input_bytes=profile.input_bytes,
+                             names=profile.names, optimizer_ms=[x.optimizer_ms for x in layers])
+
+    def mirrored(self) -> "BlockCosts":
+        """Block n-1 first. The boundary after mirrored block b is the original one after block n-2-b."""
+        return BlockCosts(names=self.names[::-1], compute_ms=self.compute_ms[::-1].copy(),
+                          forward_ms=self.forward_ms[::-1].copy(), param_bytes=self.param_bytes[::-1].copy(),
+                          activation_bytes=self.activation_bytes[::-1].copy(),
+                          output_bytes=np.concatenate([self.output_bytes[:-1][::-1], [0.0]]),
+                          optimizer_ms=self.optimizer_ms[::-1].copy(), input_bytes=self.input_bytes)
+
+
+class Problem:
+    """Blocks, devices (one per stage) and a cost model: the prefix sums the partitioner works on.
+
+        Problem([1.0, 2.0, 3.0], [Device("gpu")] * 2, CostModel())      # compute times, other costs zero
+        Problem.from_profile(profile, devices, model)
+    """
+
+    def __init__(self, blocks: BlockCosts | Sequence[float], devices: Sequence[Device], model: CostModel, *,
+                 forward_ms: Sequence[float] | None = None, param_bytes: Sequence[float] | None = None,
+                 activation_bytes: Sequence[float] | None = None, output_bytes: Sequence[float] | None = None,
+                 input_bytes: float = 0.0, names: Sequence[str] | None = None,
+                 optimizer_ms: Sequence[float] | None = None, mirrored: bool = False) -> None:
+        """``blocks`` is a :class:`BlockCosts`, or the compute times with the other arrays as keywords.
+
+        ``mirrored`` is for :meth:`reversed` alone: stage s of this problem is
+        stage K-1-s of the original, and a recomputing stage keeps the input
+        of its last block's mirror image.
+        """
+        costs = blocks if isinstance(blocks, BlockCosts) else BlockCosts.of(
+            blocks, forward_ms=forward_ms, param_bytes=param_bytes, activation_bytes=activation_bytes,
+            output_bytes=output_bytes, input_bytes=input_bytes, names=names, optimizer_ms=optimizer_ms)
+        n, k = costs.n, len(devices)
+        if k < 1:
+            raise AutopartError(f"need at least 1 stage, got {k}")
+        if k > n:
+            raise AutopartError(f"{k} stages > {n} blocks: every stage needs at least one block")
+        self.blocks, self.n, self.k, self.model, self.devices = costs, n, k, model, list(devices)
+        self.names = list(costs.names)
+        self.mirrored = mirrored
+        self.compute, self.forward, self.params = costs.compute_ms, costs.forward_ms, costs.param_bytes
+        self.acts, self.outs, self.opt = costs.activation_bytes, costs.output_bytes, costs.optimizer_ms
         z = np.zeros(1)
         self.pc = np.concatenate([z, np.cumsum(self.compute)])
         self.pf = np.concatenate([z, np.cumsum(self.forward)])
-        weight = self.params * (2 + model.optimizer_states)
-        self.pw = np.concatenate([z, np.cumsum(weight)])
+        self.pw = np.concatenate([z, np.cumsum(self.params * (2 + model.optimizer_states))])
         self.pa = np.concatenate([z, np.cumsum(self.acts)])
         # send cost of the boundary after block b (b = 0 .. n-2); the last entry is never used
         if model.sends:
@@ -174,54 +197,68 @@ class Problem:
             self.send = (self.outs / bw if bw else np.zeros(n)) + model.latency_ms
         else:
             self.send = np.zeros(n)
-        # bytes a recomputing stage that starts at block i keeps per in-flight micro-batch
-        self.keep = np.concatenate([[self.input_bytes], self.outs[:-1]])
+        # what a recomputing stage keeps per in-flight micro-batch: the input of its first block
+        # (indexed by the stage's first block; by its last in the mirror image)
+        if mirrored:
+            self.keep = np.concatenate([self.outs[:-1], [costs.input_bytes]])
+        else:
+            self.keep = np.concatenate([[costs.input_bytes], self.outs[:-1]])
         self.speed = np.array([d.speed for d in devices], dtype=np.float64)
         self.limit = np.array([np.inf if d.memory_bytes is None else float(d.memory_bytes) for d in devices])
-        self.in_flight = np.array([model.in_flight(s, k) for s in range(k)], dtype=np.float64)
-        self.keep_at_end = False  # True only in the mirror image made by reversed()
+        in_flight = [model.in_flight(s, k) for s in range(k)]
+        self.in_flight = np.array(in_flight[::-1] if mirrored else in_flight, dtype=np.float64)
+        self._plain: dict[float, Floats] = {}  # memory prefix sums per in-flight count, made on first use
+        self._rc: Floats | None = None
+        self._lists: dict[str, list[float]] = {}  # the same as Python lists, for the greedy path
+        self._single_fits: bool | None = None
+
+    @classmethod
+    def from_profile(cls, profile: Profile, devices: Sequence[Device], model: CostModel) -> "Problem":
+        return cls(BlockCosts.from_profile(profile), devices, model)
 
     def reversed(self) -> "Problem":
         """The mirror image: block n-1 first, stage K-1 first. Stage (i, j) here is
         stage (K-1-s, n-1-j, n-1-i) there, with the same time and memory."""
-        r = object.__new__(Problem)
-        r.n, r.k, r.model = self.n, self.k, self.model
-        r.devices, r.names = self.devices[::-1], self.names[::-1]
-        for name in ("compute", "forward", "params", "acts", "speed", "limit", "in_flight", "opt"):
-            setattr(r, name, getattr(self, name)[::-1].copy())
-        r.outs, r.input_bytes = self.outs, self.input_bytes  # not used by the mirror's costs
-        z = np.zeros(1)
-        r.pc = np.concatenate([z, np.cumsum(r.compute)])
-        r.pf = np.concatenate([z, np.cumsum(r.forward)])
-        r.pw = np.concatenate([z, np.cumsum(self.params[::-1] * (2 + self.model.optimizer_states))])
-        r.pa = np.concatenate([z, np.cumsum(r.acts)])
-        r.send = np.concatenate([self.send[:-1][::-1], [0.0]])
-        r.keep = self.keep[::-1].copy()
-        r.keep_at_end = True
-        return r
+        return Problem(self.blocks.mirrored(), self.devices[::-1], self.model, mirrored=True)
 
-    @classmethod
-    def from_profile(cls, profile: Profile, devices: Sequence[Device], model: CostModel) -> "Problem":
-        layers = profile.layers
-        return cls([x.forward_ms + x.backward_ms for x in layers], devices, model,
-                   forward_ms=[x.forward_ms for x in layers], param_bytes=[x.param_bytes for x in layers],
-                   activation_bytes=[x.activation_bytes for x in layers],
-                   output_bytes=[x.output_bytes for x in layers], input_bytes=profile.input_bytes,
-                   names=profile.names, optimizer_ms=[x.optimizer_ms for x in layers])
+    def with_limits(self, limits: Floats) -> "Problem":
+        """The same problem with other memory limits per stage (whole bytes; inf for none)."""
+        devices = [dataclasses.replace(d, memory_bytes=None if not np.isfinite(x) else int(np.floor(x)))
+                   for d, x in zip(self.devices, limits)]
+        return Problem(self.blocks, devices, self.model, mirrored=self.mirrored)
+
+    def relaxed(self) -> "Problem":
+        """The same blocks and devices without sends and memory limits: its optimum bounds ours from below."""
+        model = CostModel(schedule=self.model.schedule, microbatches=self.model.microbatches,
+                          optimizer_states=self.model.optimizer_states, recompute=self.model.recompute,
+                          stages_per_rank=self.model.stages_per_rank)
+        devices = [dataclasses.replace(d, memory_bytes=None) for d in self.devices]
+        return Problem(self.blocks, devices, model, mirrored=self.mirrored)
 
     def plain_prefix(self, s: int) -> Floats:
         """Prefix sums of a block's memory on stage s without recomputation (exact: integer bytes)."""
         f = float(self.in_flight[s])
-        cache: dict[float, Floats] = self.__dict__.setdefault("_plain_prefix", {})
-        if f not in cache:
-            cache[f] = self.pw + f * self.pa
-        return cache[f]
+        if f not in self._plain:
+            self._plain[f] = self.pw + f * self.pa
+        return self._plain[f]
 
     def rc_prefix(self) -> Floats:
-        cache: dict[str, Floats] = self.__dict__.setdefault("_rc_prefix", {})
-        if "rc" not in cache:
-            cache["rc"] = self.pw + self.pa
-        return cache["rc"]
+        """Prefix sums of a block's memory on a recomputing stage, inputs aside."""
+        if self._rc is None:
+            self._rc = self.pw + self.pa
+        return self._rc
+
+    def as_list(self, key: str, values: Floats) -> list[float]:
+        """``values`` as a Python list, made once per ``key``."""
+        if key not in self._lists:
+            self._lists[key] = values.tolist()
+        return self._lists[key]
+
+    def every_block_fits_every_stage(self) -> bool:
+        if self._single_fits is None:
+            self._single_fits = all(bool(np.all(np.diff(self.plain_prefix(s)) <= self.limit[s]))
+                                    for s in range(self.k))
+        return self._single_fits
 
     @property
     def limited(self) -> bool:
@@ -242,7 +279,7 @@ class Problem:
         return q[j + 1] - q[i]
 
     def mem_recompute(self, s: int, i: Ints, j: Ints) -> Floats:
-        keep = self.keep[j] if self.keep_at_end else self.keep[i]
+        keep = self.keep[j] if self.mirrored else self.keep[i]
         return (self.pw[j + 1] - self.pw[i]) + self.in_flight[s] * keep + (self.pa[j + 1] - self.pa[i])
 
     def time_plain(self, s: int, i: Ints, j: Ints) -> Floats:
@@ -264,23 +301,23 @@ class Problem:
         return time, np.where(rc, mr, mp), rc, fits_plain | (mr <= self.limit[s])
 
     def stage(self, s: int, first: int, last: int) -> StageCost:
+        """The cost of stage ``s`` holding blocks ``first``..``last``."""
         i, j = np.array([first]), np.array([last])
-        t, m, rc, _ = self.evaluate(s, i, j)
+        _, m, rc, _ = self.evaluate(s, i, j)
         recompute = bool(rc[0])
         v = float(self.speed[s])
         forward = float(self.pf[last + 1] - self.pf[first])
         backward = float(self.pc[last + 1] - self.pc[first]) - forward + (forward if recompute else 0.0)
         acts = int(self.pa[last + 1] - self.pa[first])
-        keep = int(self.keep[last] if self.keep_at_end else self.keep[first])
+        keep = int(self.keep[last] if self.mirrored else self.keep[first])
         return StageCost(
-            first=first, last=last, time_ms=float(t[0]), memory_bytes=int(round(float(m[0]))), recompute=recompute,
-            compute_ms=(forward + backward) / v, send_ms=float(self.send_ms(s, i, j)[0]),
             forward_ms=forward / v, backward_ms=backward / v,
             send_forward_ms=float(self.send[last]) if s < self.k - 1 else 0.0,
             send_backward_ms=float(self.send[first - 1]) if s > 0 else 0.0,
             activation_bytes=keep if recompute else acts, static_bytes=int(self.pw[last + 1] - self.pw[first]),
             backward_extra_bytes=acts if recompute else 0,
-            optimizer_ms=float(self.opt[first: last + 1].sum()) / v)
+            optimizer_ms=float(self.opt[first: last + 1].sum()) / v,
+            memory_bytes=int(round(float(m[0]))), recompute=recompute)
 
     def stages(self, balance: Sequence[int]) -> list[StageCost]:
         """Costs of every stage of a split given as block counts."""

@@ -29,7 +29,9 @@ from typing import Callable, Sequence
 import numpy as np
 import numpy.typing as npt
 
-from autopart.core.costmodel import Problem, StageCost
+from autopart.core.costmodel import CostModel, Problem
+from autopart.formats.devices import Device
+from autopart.formats.stage import StageCost
 from autopart.errors import AutopartError
 from autopart.formats.units import format_bytes
 
@@ -270,12 +272,7 @@ def _greedy_safe(p: Problem, T: float) -> bool:
         return False
     if T < float(p.compute.max()) / float(p.speed.min()):
         return False
-    if p.limited:
-        cache: dict[str, bool] = p.__dict__.setdefault("_single_fits", {})
-        if "all" not in cache:
-            cache["all"] = all(bool(np.all(np.diff(p.plain_prefix(s)) <= p.limit[s])) for s in range(p.k))
-        return cache["all"]
-    return True
+    return p.every_block_fits_every_stage() if p.limited else True
 
 
 def _greedy(p: Problem, T: float) -> list[int] | None:
@@ -284,17 +281,11 @@ def _greedy(p: Problem, T: float) -> list[int] | None:
     Decides feasibility exactly where :func:`_greedy_safe` says so. Plain
     Python floats: the same IEEE arithmetic as the cost model's arrays.
     """
-    lists: dict[str, list[float]] = p.__dict__.setdefault("_lists", {})
-    if "pc" not in lists:
-        lists["pc"] = p.pc.tolist()
-    pc = lists["pc"]
+    pc = p.as_list("pc", p.pc)
     starts, i, n, K = [], 0, p.n, p.k
     for s in range(K):
         v, limit = float(p.speed[s]), float(p.limit[s])
-        key = f"q{s}"
-        if np.isfinite(limit) and key not in lists:
-            lists[key] = p.plain_prefix(s).tolist()
-        q = lists.get(key)
+        q = p.as_list(f"q{s}", p.plain_prefix(s)) if np.isfinite(limit) else None
         starts.append(i)
         if s == K - 1:
             fits = q is None or q[n] - q[i] <= limit
@@ -314,14 +305,16 @@ def _greedy(p: Problem, T: float) -> list[int] | None:
 
 
 def _bottleneck(p: Problem, starts: Sequence[int]) -> float:
-    return max(st.time_ms for st in p.stages(_bounds_to_balance(starts, p.n)))
+    """The slowest stage of the split with these first blocks, in the search's own arithmetic."""
+    ends = list(starts[1:]) + [p.n]
+    return max(float(p.evaluate(s, np.array([i]), np.array([e - 1]))[0][0]) for s, (i, e) in enumerate(zip(starts, ends)))
 
 
 def min_memory_scale(p: Problem) -> float:
     """Smallest factor by which every finite memory limit must grow for some split to fit."""
     hi = 1.0
     while True:
-        scaled = _with_limits(p, p.limit * hi)
+        scaled = p.with_limits(p.limit * hi)
         if _reach(scaled, np.inf)[-1][-1]:
             break
         hi *= 2
@@ -330,30 +323,11 @@ def min_memory_scale(p: Problem) -> float:
     lo = hi / 2 if hi > 1 else 0.0
     while hi - lo > 1e-4 * hi:
         mid = (lo + hi) / 2
-        if _reach(_with_limits(p, p.limit * mid), np.inf)[-1][-1]:
+        if _reach(p.with_limits(p.limit * mid), np.inf)[-1][-1]:
             hi = mid
         else:
             lo = mid
     return hi
-
-
-def _relaxed(p: Problem) -> Problem:
-    """The same blocks and devices without sends and memory limits: its optimum bounds ours from below."""
-    from autopart.core.costmodel import CostModel
-
-    model = CostModel(schedule=p.model.schedule, microbatches=p.model.microbatches,
-                      optimizer_states=p.model.optimizer_states, recompute=p.model.recompute)
-    q = object.__new__(Problem)
-    q.__dict__.update({k: v for k, v in p.__dict__.items() if not k.startswith("_")})
-    q.model, q.send, q.limit = model, np.zeros(p.n), np.full(p.k, np.inf)
-    return q
-
-
-def _with_limits(p: Problem, limits: Floats) -> Problem:
-    q = object.__new__(Problem)
-    q.__dict__.update(p.__dict__)
-    q.limit = limits
-    return q
 
 
 def _memory_error(p: Problem) -> AutopartError:
@@ -455,7 +429,7 @@ def split_exact(p: Problem) -> Split:
         # Bracket the optimum first: without sends and memory limits the problem is
         # monotone (greedy, fast) and its optimum is a lower bound; stepping up from
         # it finds a feasible bound without sweeping wide, slow windows.
-        relaxed = split_exact(_relaxed(p)).bottleneck_ms
+        relaxed = split_exact(p.relaxed()).bottleneck_ms
         lo = max(lo, relaxed * (1 - 1e-12))
         step = max(2 * float(p.send.max()), relaxed * 1e-6, hi * 1e-9, 1e-300)
         while relaxed + step < hi:
@@ -499,9 +473,6 @@ def split_uniform(p: Problem) -> Split:
 
 def split_parameters(p: Problem) -> Split:
     """Balance parameter bytes across stages (DeepSpeed's default ``partition_method="parameters"``)."""
-    from autopart.core.costmodel import CostModel
-    from autopart.formats.devices import Device
-
     weights = Problem(p.params.tolist(), [Device("unit")] * p.k, CostModel(), names=p.names)
     balance = split_exact(weights).balance
     return _make(p, "parameters", balance)

@@ -12,6 +12,7 @@ dependencies (the simulator charges them); they are not listed.
 from __future__ import annotations
 
 import csv
+import functools
 import io
 import re
 from dataclasses import dataclass
@@ -20,8 +21,10 @@ from typing import Callable
 
 from autopart.formats.atomic import write_atomic
 from autopart.errors import AutopartError
+from autopart.formats import schedule_kinds
+from autopart.formats.schedule_kinds import canonical_schedule, stage_ranks
 
-__all__ = ["Action", "Schedule", "SCHEDULE_NAMES", "canonical_schedule", "build_schedule"]
+__all__ = ["Action", "Schedule", "build_schedule", "peak_in_flight"]
 
 
 @dataclass(frozen=True, order=True)
@@ -59,6 +62,25 @@ class Schedule:
     def stages_of(self, rank: int) -> list[int]:
         return [s for s, r in enumerate(self.stage_rank) if r == rank]
 
+    def peak_in_flight(self) -> tuple[int, ...]:
+        """Per stage: the most micro-batches whose activations it holds at once.
+
+        A micro-batch is held from its ``F`` until its ``B`` (or its ``W`` when
+        the backward is split). A rank runs its actions one after another, so
+        this follows from each rank's order alone, whatever the timing.
+        """
+        frees = "W" if any(a is not None and a.kind == "W" for order in self.orders for a in order) else "B"
+        live = [0] * self.num_stages
+        peak = [0] * self.num_stages
+        for order in self.orders:
+            for a in order:
+                if a is not None and a.kind == "F":
+                    live[a.stage] += 1
+                    peak[a.stage] = max(peak[a.stage], live[a.stage])
+                elif a is not None and a.kind == frees:
+                    live[a.stage] -= 1
+        return tuple(peak)
+
     def format(self) -> str:
         """A table: one column per rank, one row per step of its order."""
         width = max(len(self.orders[r]) for r in range(self.num_ranks))
@@ -81,24 +103,6 @@ class Schedule:
         """One row per rank, one action per cell, as torch's ``_dump_csv`` writes a compute-only schedule."""
         text = self.csv_text()
         return write_atomic(path, lambda handle: handle.write(text.encode()))
-
-
-# torch.distributed.pipelining's class names without "Schedule"; keys are what users may type
-SCHEDULE_NAMES = {"gpipe": "GPipe", "1f1b": "1F1B", "interleaved1f1b": "Interleaved1F1B",
-                  "zbvzerobubble": "ZBVZeroBubble"}
-_ALIASES = {"interleaved": "interleaved1f1b", "interleaved-1f1b": "interleaved1f1b", "zbv": "zbvzerobubble",
-            "zero-bubble": "zbvzerobubble"}
-MULTI_STAGE = {"Interleaved1F1B": "loop", "ZBVZeroBubble": "v"}
-
-
-def canonical_schedule(name: str) -> str:
-    """``"gpipe"`` -> ``"GPipe"``; raises with the known names otherwise."""
-    key = name.lower().removeprefix("schedule")
-    key = _ALIASES.get(key, key)
-    if key not in SCHEDULE_NAMES:
-        known = ", ".join(SCHEDULE_NAMES.values())
-        raise AutopartError(f"unknown schedule {name!r}; known: {known}")
-    return SCHEDULE_NAMES[key]
 
 
 def _gpipe(k: int, m: int) -> list[list[Action | None]]:
@@ -234,13 +238,6 @@ _BUILDERS: dict[str, Callable[[int, int, int], list[list[Action | None]]]] = {
 }
 
 
-def stage_ranks(name: str, num_ranks: int, stages_per_rank: int) -> tuple[int, ...]:
-    """Rank of each stage: stage s on rank s mod K (looped), or a V (rank r holds r and 2K-1-r)."""
-    if MULTI_STAGE.get(name) == "v":
-        return tuple(s if s < num_ranks else 2 * num_ranks - 1 - s for s in range(2 * num_ranks))
-    return tuple(s % num_ranks for s in range(num_ranks * stages_per_rank))
-
-
 def build_schedule(name: str, num_ranks: int, microbatches: int, stages_per_rank: int = 1) -> Schedule:
     """The action order of schedule ``name`` for ``num_ranks`` ranks and ``microbatches`` micro-batches."""
     name = canonical_schedule(name)
@@ -248,10 +245,10 @@ def build_schedule(name: str, num_ranks: int, microbatches: int, stages_per_rank
         raise AutopartError(f"need at least 1 rank, got {num_ranks}")
     if microbatches < 1:
         raise AutopartError(f"micro-batches must be >= 1, got {microbatches}")
-    if name not in MULTI_STAGE and stages_per_rank != 1:
-        raise AutopartError(f"{name} runs one stage per rank, not {stages_per_rank}")
-    if name == "ZBVZeroBubble" and stages_per_rank != 2:
-        raise AutopartError(f"ZBVZeroBubble runs exactly 2 stages per rank (a V), not {stages_per_rank}")
+    fixed = schedule_kinds.stages_per_rank(name, stages_per_rank)
+    if fixed != stages_per_rank:
+        what = "exactly 2 stages per rank (a V)" if fixed == 2 else "one stage per rank"
+        raise AutopartError(f"{name} runs {what}, not {stages_per_rank}")
     if name == "1F1B" and microbatches < num_ranks:
         raise AutopartError(f"{name} needs at least as many micro-batches as ranks: {microbatches} < {num_ranks}")
     if stages_per_rank < 1:
@@ -260,3 +257,9 @@ def build_schedule(name: str, num_ranks: int, microbatches: int, stages_per_rank
     return Schedule(name=name, num_ranks=num_ranks, stages_per_rank=stages_per_rank, microbatches=microbatches,
                     orders=tuple(tuple(o) for o in orders),
                     stage_rank=stage_ranks(name, num_ranks, stages_per_rank))
+
+
+@functools.lru_cache(maxsize=256)
+def peak_in_flight(schedule: str, num_ranks: int, microbatches: int, per_rank: int) -> tuple[int, ...]:
+    """:meth:`Schedule.peak_in_flight` of the named schedule (cached: the partitioner asks often)."""
+    return build_schedule(schedule, num_ranks, microbatches, per_rank).peak_in_flight()

@@ -1,7 +1,8 @@
 """Joint search: micro-batch count, schedule (and virtual stages) and boundaries together.
 
-    plan = plan_search(profile, rank_devices, settings, global_batch=64,
-                       microbatches=None, schedules=None)   # None = search
+    plan = plan_partition(profile, 4)                       # 4 unlimited devices, 1F1B, 4 micro-batches
+    plan = plan_search(profile, rank_devices, CostModel(optimizer_states=2), global_batch=64,
+                       search_microbatches=True, schedules=all_schedules())
 
 For every schedule and every micro-batch count M that divides the global
 batch (micro-batch size = global batch / M), the profile is scaled to that
@@ -12,33 +13,26 @@ wins, and the plan lists the runners-up. Pure (no torch).
 from __future__ import annotations
 
 import dataclasses
-from dataclasses import dataclass
 from typing import Sequence
 
 from autopart.core.costmodel import CostModel, Problem
-from autopart.formats.devices import Device
-from autopart.errors import AutopartError
 from autopart.core.partition import split
-from autopart.formats.plan import Candidate, Plan, make_plan
-from autopart.formats.profile import Profile
+from autopart.core.planner import make_plan
 from autopart.core.scaling import scale_profile
-from autopart.core.schedules import canonical_schedule, stage_ranks
+from autopart.errors import AutopartError
+from autopart.formats.devices import Device
+from autopart.formats.plan import Candidate, Plan
+from autopart.formats.profile import Profile
+from autopart.formats.schedule_kinds import AUTO_SCHEDULES, canonical_schedule, stage_ranks, stages_per_rank
 
-__all__ = ["Settings", "plan_search", "AUTO_SCHEDULES", "MAX_MICROBATCHES"]
+__all__ = ["plan_partition", "plan_search", "all_schedules", "MAX_MICROBATCHES"]
 
-AUTO_SCHEDULES = (("GPipe", 1), ("1F1B", 1), ("Interleaved1F1B", 2), ("ZBVZeroBubble", 2))
 MAX_MICROBATCHES = 128
 
 
-@dataclass(frozen=True)
-class Settings:
-    """What the search keeps fixed."""
-
-    optimizer_states: int = 2
-    bandwidth_bytes_per_ms: float | None = None
-    latency_ms: float = 0.0
-    recompute: bool = True
-    method: str = "exact"
+def all_schedules(interleaved: int = 2) -> list[tuple[str, int]]:
+    """Every schedule ``--schedule auto`` tries, with its stages per rank."""
+    return [(name, stages_per_rank(name, interleaved)) for name in AUTO_SCHEDULES]
 
 
 def _stage_devices(rank_devices: Sequence[Device], schedule: str, per_rank: int) -> list[Device]:
@@ -52,25 +46,35 @@ def _stage_devices(rank_devices: Sequence[Device], schedule: str, per_rank: int)
     return out
 
 
-def _counts(global_batch: int | None, microbatches: int | None, profile: Profile) -> list[tuple[int, int]]:
+def _counts(global_batch: int | None, model: CostModel, search: bool, profile: Profile) -> list[tuple[int, int]]:
     """(micro-batches, micro-batch size) pairs to try."""
-    if microbatches is not None:
+    if not search:
+        m = model.microbatches
         if global_batch is None:
-            return [(microbatches, profile.microbatch_size)]
-        if global_batch % microbatches:
-            raise AutopartError(f"global batch {global_batch} is not divisible by {microbatches} micro-batches")
-        return [(microbatches, global_batch // microbatches)]
+            return [(m, profile.microbatch_size)]
+        if global_batch % m:
+            raise AutopartError(f"global batch {global_batch} is not divisible by {m} micro-batches")
+        return [(m, global_batch // m)]
     if global_batch is None:
         raise AutopartError("--microbatches auto needs --global-batch N (the samples in one step)")
     return [(m, global_batch // m) for m in range(1, min(global_batch, MAX_MICROBATCHES) + 1) if global_batch % m == 0]
 
 
-def plan_search(profile: Profile, rank_devices: Sequence[Device], settings: Settings, *,
-                global_batch: int | None = None, microbatches: int | None = None,
+def plan_search(profile: Profile, rank_devices: Sequence[Device], model: CostModel, *, method: str = "exact",
+                global_batch: int | None = None, search_microbatches: bool = False,
                 schedules: Sequence[tuple[str, int]] | None = None, profile_path: str = "",
                 keep: int = 5) -> Plan:
-    """The fastest plan over the given (or all) schedules and micro-batch counts that fits memory."""
-    todo = [(canonical_schedule(name), v) for name, v in (schedules or AUTO_SCHEDULES)]
+    """The fastest plan that fits memory, over the schedules and micro-batch counts asked for.
+
+    ``model`` fixes optimizer state, sends and recomputation, and (unless
+    searched) the schedule, its stages per rank and the micro-batch count.
+    ``schedules`` lists (name, stages per rank) to try instead of the model's
+    (:func:`all_schedules` for every one).
+    """
+    if schedules is None:
+        todo = [(model.schedule, model.stages_per_rank)]
+    else:
+        todo = [(canonical_schedule(name), v) for name, v in schedules]
     n_blocks = len(profile.layers)
     tried: list[tuple[float, int, Plan]] = []
     reasons: list[str] = []
@@ -78,7 +82,7 @@ def plan_search(profile: Profile, rank_devices: Sequence[Device], settings: Sett
     unfit: Plan | None = None  # a baseline split that does not fit: the caller says why
     scaled_cache: dict[int, tuple[Profile, str]] = {}
     k = len(rank_devices)
-    for m, size in _counts(global_batch, microbatches, profile):
+    for m, size in _counts(global_batch, model, search_microbatches, profile):
         if size not in scaled_cache:
             scaled_cache[size] = scale_profile(profile, size)
         scaled, how = scaled_cache[size]
@@ -90,14 +94,11 @@ def plan_search(profile: Profile, rank_devices: Sequence[Device], settings: Sett
                 failures.append(exc)
                 continue
             try:
-                model = CostModel(schedule=name, microbatches=m, optimizer_states=settings.optimizer_states,
-                                  bandwidth_bytes_per_ms=settings.bandwidth_bytes_per_ms,
-                                  latency_ms=settings.latency_ms, recompute=settings.recompute,
-                                  stages_per_rank=per_rank)
+                candidate = dataclasses.replace(model, schedule=name, microbatches=m, stages_per_rank=per_rank)
                 devices = _stage_devices(rank_devices, name, per_rank)
-                problem = Problem.from_profile(scaled, devices, model)
-                result = split(problem, settings.method)
-                plan = make_plan(result, problem, model, devices, profile_path=profile_path,
+                problem = Problem.from_profile(scaled, devices, candidate)
+                result = split(problem, method)
+                plan = make_plan(result, problem, candidate, devices, profile_path=profile_path,
                                  model_name=profile.model, microbatch_size=size,
                                  scaling="" if how == "measured" else how, sample_shape=scaled.sample_shape)
             except AutopartError as exc:
@@ -106,9 +107,9 @@ def plan_search(profile: Profile, rank_devices: Sequence[Device], settings: Sett
                 continue
             if plan.fits:
                 # ties go to the schedule that needs less memory
-                tried.append((plan.predicted.step_ms, max(st.memory_bytes for st in plan.stages), plan))
+                tried.append((plan.predicted.step_ms, max(st.cost.memory_bytes for st in plan.stages), plan))
             else:
-                reasons.append(f"{name} M={m}: the {settings.method} split does not fit memory")
+                reasons.append(f"{name} M={m}: the {method} split does not fit memory")
                 unfit = unfit or plan
     if not tried:
         if len(failures) == 1:
@@ -122,3 +123,22 @@ def plan_search(profile: Profile, rank_devices: Sequence[Device], settings: Sett
     runners = tuple(Candidate(schedule=p.schedule, microbatches=p.microbatches, stages_per_rank=p.stages_per_rank,
                               step_ms=step, balance=p.balance) for step, _, p in tried[1: 1 + keep])
     return dataclasses.replace(best, runners_up=runners)
+
+
+def plan_partition(profile: Profile, devices: int | Sequence[Device], model: CostModel | None = None, *,
+                   method: str = "exact", global_batch: int | None = None, search_microbatches: bool = False,
+                   search_schedules: bool = False, profile_path: str = "") -> Plan:
+    """The plan for ``profile`` on ``devices``: a count of unlimited devices, or one :class:`Device` per rank.
+
+    ``model`` fixes the schedule, micro-batches, optimizer state, sends and
+    recomputation (default: 1F1B with as many micro-batches as ranks).
+    ``search_microbatches`` tries every divisor of ``global_batch`` as the
+    micro-batch count, ``search_schedules`` every schedule; the plan keeps the
+    fastest predicted step that fits and lists the runners-up.
+    """
+    ranks = [Device("device") for _ in range(devices)] if isinstance(devices, int) else list(devices)
+    if not ranks:
+        raise AutopartError("need at least 1 device")
+    return plan_search(profile, ranks, model or CostModel(microbatches=len(ranks)), method=method,
+                       global_batch=global_batch, search_microbatches=search_microbatches,
+                       schedules=all_schedules() if search_schedules else None, profile_path=profile_path)

@@ -29,31 +29,16 @@ from typing import Sequence
 
 from autopart.errors import AutopartError
 from autopart.core.schedules import Action, Schedule
+from autopart.formats.stage import StageCost
 
-__all__ = ["StageCosts", "Event", "Simulation", "simulate"]
+__all__ = ["Event", "Simulation", "simulate", "closed_form_step_ms"]
 
 
-@dataclass(frozen=True)
-class StageCosts:
-    """What one (virtual) stage costs per micro-batch."""
+INPUT_GRAD_SHARE = 0.5
+"""Share of a backward that is the input gradient (``I``) when a schedule splits it from ``W``.
 
-    forward_ms: float
-    backward_ms: float
-    """Full backward (input and weight gradients), recomputation included."""
-    send_forward_ms: float = 0.0
-    """Sending the output to the next stage (when it is on another rank)."""
-    send_backward_ms: float = 0.0
-    """Sending the input gradient to the previous stage (when on another rank)."""
-    activation_bytes: int = 0
-    """Kept per in-flight micro-batch (the stage input only, when recomputing)."""
-    static_bytes: int = 0
-    """Parameters, gradients and optimizer state."""
-    backward_extra_bytes: int = 0
-    """Held during a backward only: the recomputed activations."""
-    input_grad_share: float = 0.5
-    """Share of the backward that is the input gradient (``I``) when it is split from ``W``."""
-    optimizer_ms: float = 0.0
-    """The optimizer step over the stage's parameters, after the rank's last backward."""
+Note: an assumption, not a measurement: profiles time the whole backward.
+"""
 
 
 @dataclass(frozen=True)
@@ -101,17 +86,17 @@ class Simulation:
                 "peak_in_flight": list(self.peak_in_flight)}
 
 
-def _duration(kind: str, cost: StageCosts) -> float:
+def _duration(kind: str, cost: StageCost) -> float:
     if kind == "F":
         return cost.forward_ms
     if kind == "B":
         return cost.backward_ms
     if kind == "I":
-        return cost.backward_ms * cost.input_grad_share
-    return cost.backward_ms * (1 - cost.input_grad_share)
+        return cost.backward_ms * INPUT_GRAD_SHARE
+    return cost.backward_ms * (1 - INPUT_GRAD_SHARE)
 
 
-def simulate(schedule: Schedule, stages: Sequence[StageCosts]) -> Simulation:
+def simulate(schedule: Schedule, stages: Sequence[StageCost]) -> Simulation:
     """Run ``schedule`` with per-stage costs ``stages`` (one entry per stage, in pipeline order)."""
     if len(stages) != schedule.num_stages:
         raise AutopartError(f"schedule {schedule.name} has {schedule.num_stages} stages, costs given for {len(stages)}")
@@ -191,7 +176,7 @@ def simulate(schedule: Schedule, stages: Sequence[StageCosts]) -> Simulation:
                       peak_in_flight=peak_flight, events=tuple(sorted(events, key=lambda e: (e.rank, e.start_ms))))
 
 
-def _memory(schedule: Schedule, stages: Sequence[StageCosts], events: Sequence[Event]
+def _memory(schedule: Schedule, stages: Sequence[StageCost], events: Sequence[Event]
             ) -> tuple[tuple[int, ...], tuple[int, ...], tuple[int, ...]]:
     """Peak bytes per rank and peak in-flight micro-batches per stage, from the events."""
     split = any(e.kind == "W" for e in events)
@@ -228,3 +213,16 @@ def _memory(schedule: Schedule, stages: Sequence[StageCosts], events: Sequence[E
         peak_act.append(best)
     peak_mem = tuple(s + a for s, a in zip(static, peak_act))
     return peak_mem, tuple(peak_act), tuple(peak_flight)
+
+
+def closed_form_step_ms(stage_ms: Sequence[float], microbatches: int) -> tuple[float, float]:
+    """(step time, bubble fraction) of GPipe/1F1B with these per-micro-batch stage times, in closed form.
+
+    The first micro-batch passes every stage (fill and drain), the other M - 1
+    follow at the pace of the slowest: ``Σ t_s + (M - 1) max t_s``. Exact for
+    equal stages, where the tests check :func:`simulate` against it.
+    """
+    step = sum(stage_ms) + (microbatches - 1) * max(stage_ms)
+    busy = microbatches * sum(stage_ms)
+    bubble = 1 - busy / (len(stage_ms) * step) if step > 0 else 0.0
+    return step, bubble

@@ -19,7 +19,7 @@ import torch
 from torch import nn
 
 from autopart.errors import AutopartError
-from autopart.measure.models import BUILTINS
+from autopart.measure.models.registry import BUILTINS
 
 __all__ = ["ModelBundle", "load_model", "parse_shape", "parse_dtype", "shape_example"]
 

@@ -12,15 +12,20 @@ inputs and the last stage's targets agree without any communication.
 from __future__ import annotations
 
 import sysconfig
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Iterator
+from typing import Any, Callable, Iterable, Iterator
 
 import torch
 import torch.nn.functional as F
 
 from autopart.errors import AutopartError
+from autopart.measure.spec import ModelBundle
 
-__all__ = ["TextCorpus", "Digits", "default_corpus_files"]
+__all__ = ["TextCorpus", "Digits", "default_corpus_files", "Batches", "TrainingData", "training_data"]
+
+Batches = Iterator[tuple[torch.Tensor, torch.Tensor]]
+"""Mini-batches of (inputs, targets), one per step."""
 
 _MAX_BYTES = 32 * 2**20  # read at most this much text: plenty for short runs, fast to load
 
@@ -62,7 +67,7 @@ class TextCorpus:
             raise AutopartError(f"text corpus {self.source!r} has only {len(text)} bytes; need at least 1 KiB")
         self.tokens = torch.frombuffer(bytearray(text), dtype=torch.uint8).long()
 
-    def batches(self, batch: int, seq_len: int, seed: int, start_step: int = 0) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+    def batches(self, batch: int, seq_len: int, seed: int, start_step: int = 0) -> Batches:
         if seq_len + 1 >= self.tokens.numel():
             raise AutopartError(f"sequence length {seq_len} does not fit a corpus of {self.tokens.numel()} bytes")
         step = start_step
@@ -88,8 +93,7 @@ class Digits:
         self.labels = torch.tensor(data.target, dtype=torch.long)
         self.source = f"scikit-learn digits ({len(self.labels)} images)"
 
-    def batches(self, batch: int, sample_shape: tuple[int, ...], seed: int, start_step: int = 0
-                ) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+    def batches(self, batch: int, sample_shape: tuple[int, ...], seed: int, start_step: int = 0) -> Batches:
         step = start_step
         while True:
             g = torch.Generator().manual_seed(seed * 1_000_003 + step)
@@ -103,3 +107,79 @@ class Digits:
                 x = F.interpolate(x, size=tuple(sample_shape[1:]), mode="bilinear", align_corners=False)
             yield x, self.labels[idx]
             step += 1
+
+
+@dataclass(frozen=True)
+class TrainingData:
+    """What a run trains on: the batches, where they come from, the loss, and tokens per sample."""
+
+    batches: Batches
+    source: str
+    """Said in the start line: a corpus, the digits, the factory's data, or SYNTHETIC."""
+    loss_fn: Callable[[Any, Any], torch.Tensor]
+    tokens_per_sample: int
+    """Sequence length for text (throughput in tokens/s), else 1 (samples/s)."""
+
+
+def training_data(bundle: ModelBundle, data_path: str | None, global_batch: int, sample_shape: tuple[int, ...],
+                  seed: int, start_step: int) -> TrainingData:
+    """The built-ins' real data, the factory's own, or labelled synthetic data; batch i depends on the seed and i only."""
+    name = bundle.name
+    if bundle.builtin and name.startswith("gpt2"):
+        assert bundle.loss_fn is not None
+        corpus = TextCorpus(data_path)
+        seq = sample_shape[0]
+        return TrainingData(corpus.batches(global_batch, seq, seed, start_step), corpus.source, bundle.loss_fn, seq)
+    if bundle.builtin:
+        assert bundle.loss_fn is not None
+        if data_path:
+            raise AutopartError(f"--data for {name} is not supported: it trains on scikit-learn's digits")
+        digits = Digits()
+        return TrainingData(digits.batches(global_batch, sample_shape, seed, start_step), digits.source,
+                            bundle.loss_fn, 1)
+    if bundle.data is not None:
+        if bundle.loss_fn is None:
+            raise AutopartError(f"model {name!r} gives data but no loss_fn")
+        return TrainingData(_user_batches(bundle.data, global_batch), "the factory's data", bundle.loss_fn, 1)
+    return TrainingData(_synthetic(bundle, global_batch, sample_shape, seed),
+                        "SYNTHETIC (random inputs, MSE to a fixed random target: measures speed, learns nothing)",
+                        F.mse_loss, 1)
+
+
+def _user_batches(data: Iterable[Any], global_batch: int) -> Batches:
+    for i, item in enumerate(data):
+        if not (isinstance(item, (tuple, list)) and len(item) == 2):
+            raise AutopartError(f"the factory's data must yield (input, target) pairs; item {i} is not")
+        x, y = item
+        if x.shape[0] != global_batch:
+            raise AutopartError(f"the factory's data gives batches of {x.shape[0]}, the run needs {global_batch}")
+        yield x, y
+
+
+def _synthetic(bundle: ModelBundle, global_batch: int, sample_shape: tuple[int, ...], seed: int) -> Batches:
+    if bundle.example is None:
+        raise AutopartError(f"model {bundle.name!r} gives no example input to shape synthetic data")
+    example = bundle.example[0]
+    if example.is_meta:
+        raise AutopartError("synthetic data needs a real example; --meta-init works with the built-ins")
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        was = bundle.module.training
+        bundle.module.eval()
+        out = bundle.module(example[:1])
+        bundle.module.train(was)
+    target = torch.randn((global_batch, *out.shape[1:]), generator=g)
+    return _synthetic_batches(example, target, global_batch, sample_shape, seed)
+
+
+def _synthetic_batches(example: torch.Tensor, target: torch.Tensor, global_batch: int,
+                       sample_shape: tuple[int, ...], seed: int) -> Batches:
+    step = 0
+    while True:
+        gs = torch.Generator().manual_seed(seed * 1_000_003 + step)
+        if example.is_floating_point():
+            x = torch.randn((global_batch, *sample_shape), generator=gs).to(example.dtype)
+        else:
+            x = torch.randint(0, int(example.max()) + 1, (global_batch, *sample_shape), generator=gs)
+        yield x, target
+        step += 1

@@ -37,18 +37,25 @@ _PEER_LOST = ("connection closed by peer", "connection reset by peer", "remote w
               "connection refused")
 
 
+def _killed(failure: object) -> bool:
+    """Stopped by a signal (the agent's SIGTERM after another rank failed), not by an exit of its own."""
+    return int(getattr(failure, "exitcode", 1) or 1) < 0
+
+
 def _root_cause(exc: object) -> tuple[int, object]:
     """The rank that failed first for a reason of its own, not because a peer vanished.
 
     Note: error files carry whole-second timestamps, so a rank that lost its
     peer often ties with the rank that crashed; prefer the one whose message
-    is not a lost connection.
+    is not a lost connection, and one that exited by itself over one the
+    agent stopped (it may have recorded its error and been killed before
+    its exit code said so).
     """
     failures: dict[int, object] = dict(getattr(exc, "failures", {}))
-    own = [(getattr(f, "timestamp", 0), r, f) for r, f in failures.items()
+    own = [(_killed(f), getattr(f, "timestamp", 0), r, f) for r, f in failures.items()
            if not any(p in _message(f).lower() for p in _PEER_LOST)]
     if own:
-        _, rank, failure = min(own, key=lambda item: (item[0], item[1]))
+        *_, rank, failure = min(own, key=lambda item: item[:3])
         return rank, failure
     rank, failure = exc.get_first_failure()  # type: ignore[attr-defined]
     return int(rank), failure

@@ -15,16 +15,16 @@ from __future__ import annotations
 from typing import Any, Callable, Sequence
 
 import torch
+import torch.distributed as dist
 from torch import nn
 from torch.distributed.pipelining import PipelineStage
-from torch.distributed.pipelining.schedules import PipelineScheduleMulti, get_schedule_class
+from torch.distributed.pipelining.schedules import PipelineScheduleMulti, _PipelineSchedule, get_schedule_class
 
 from autopart.measure.blocks import call_block, split_blocks
 from autopart.errors import AutopartError
 from autopart.formats.plan import Plan
-from autopart.core.schedules import stage_ranks
 
-__all__ = ["StageModule", "Pipeline", "build_pipeline", "check_plan_against_model", "local_stages"]
+__all__ = ["StageModule", "Pipeline", "build_pipeline", "check_plan_against_model"]
 
 
 class StageModule(nn.Module):
@@ -67,23 +67,18 @@ def check_plan_against_model(plan: Plan, model: nn.Module, world_size: int, mode
                             f"plan but {want!r} in the model ({len(planned)} vs {len(ours)} blocks)")
 
 
-def local_stages(plan: Plan, rank: int) -> list[int]:
-    """The stage indices this rank runs, in increasing order (as multi-stage schedules need)."""
-    ranks = stage_ranks(plan.schedule, plan.num_ranks, plan.stages_per_rank)
-    return [s for s, r in enumerate(ranks) if r == rank]
-
-
 class Pipeline:
     """This rank's stages and the schedule that drives them."""
 
-    def __init__(self, plan: Plan, modules: list[tuple[int, StageModule]], schedule: Any) -> None:
+    def __init__(self, plan: Plan, modules: list[tuple[int, StageModule]], schedule: _PipelineSchedule) -> None:
         self.plan = plan
         self.modules = modules
         self.schedule = schedule
         self.has_first = any(s == 0 for s, _ in modules)
         self.has_last = any(s == plan.num_stages - 1 for s, _ in modules)
-        self.captured: dict[int, Any] = {}
-        self.last_target: Any = None
+        self.captured: dict[int, tuple[Any, ...]] = {}
+        """Each local stage's inputs of its first micro-batch (for measuring it alone afterwards)."""
+        self.last_target: torch.Tensor | None = None
         """The first micro-batch's target, kept on the last stage's rank (for measuring it alone)."""
         for s, module in modules:
             module.register_forward_pre_hook(self._capture(s))
@@ -100,7 +95,7 @@ class Pipeline:
     def state_dicts(self) -> dict[int, dict[str, torch.Tensor]]:
         return {s: m.state_dict() for s, m in self.modules}
 
-    def step(self, inputs: Any, target: Any) -> list[torch.Tensor] | None:
+    def step(self, inputs: torch.Tensor, target: torch.Tensor) -> list[torch.Tensor] | None:
         """One training step of the plan's micro-batches; the per-micro-batch losses on the last stage's rank."""
         losses: list[torch.Tensor] = []
         if self.has_last and self.last_target is None:
@@ -117,14 +112,14 @@ class Pipeline:
 
 
 def build_pipeline(plan: Plan, model: nn.Module, rank: int, world_size: int, device: torch.device,
-                   loss_fn: Callable[[Any, Any], torch.Tensor], group: Any = None,
+                   loss_fn: Callable[[Any, Any], torch.Tensor], group: dist.ProcessGroup | None = None,
                    init: Callable[[int, StageModule], None] | None = None) -> Pipeline:
     """This rank's stages of ``model`` (moved to ``device``) wrapped for ``plan``'s schedule.
 
     Blocks built on the meta device get storage on ``device`` here and are then
     handed to ``init(stage, module)`` to fill it.
     """
-    ours = local_stages(plan, rank)
+    ours = plan.stages_of(rank)
     modules = []
     for s in ours:
         module = StageModule(model, plan.stages[s].blocks)
@@ -138,6 +133,7 @@ def build_pipeline(plan: Plan, model: nn.Module, rank: int, world_size: int, dev
         modules.append((s, module))
     stages = [PipelineStage(module, s, plan.num_stages, device, group=group) for s, module in modules]
     cls = get_schedule_class(plan.schedule)
+    schedule: _PipelineSchedule
     if issubclass(cls, PipelineScheduleMulti):
         schedule = cls(stages, n_microbatches=plan.microbatches, loss_fn=loss_fn)
     else:

@@ -1,0 +1,78 @@
+"""What one pipeline stage costs: the one type the cost model answers, a plan saves and the simulator runs.
+
+    cost = problem.stage(s, first, last)      # the cost model's answer (autopart.core.costmodel)
+    plan.stages[s].cost                       # the same object, saved in the plan
+    simulate(schedule, [st.cost for st in plan.stages])
+
+Pure data (standard library only).
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, fields
+from typing import Any
+
+from autopart.formats.jsonfields import Fields
+
+__all__ = ["StageCost"]
+
+
+@dataclass(frozen=True)
+class StageCost:
+    """One (virtual) stage on its device, per micro-batch unless a field says otherwise."""
+
+    forward_ms: float
+    """Forward of one micro-batch on this stage's device."""
+    backward_ms: float
+    """Full backward (input and weight gradients) of one micro-batch, the recomputed forward included."""
+    send_forward_ms: float = 0.0
+    """Sending the output to the next stage (charged when that stage is on another rank)."""
+    send_backward_ms: float = 0.0
+    """Sending the input's gradient to the previous stage (charged when it is on another rank)."""
+    activation_bytes: int = 0
+    """Kept per in-flight micro-batch (only the stage's input when recomputing)."""
+    static_bytes: int = 0
+    """Parameters, gradients and optimizer state: always resident."""
+    backward_extra_bytes: int = 0
+    """Held during a backward only: the recomputed activations."""
+    optimizer_ms: float = 0.0
+    """The optimizer step over the stage's parameters: once per training step, not per micro-batch."""
+    memory_bytes: int = 0
+    """Peak bytes under the schedule's in-flight micro-batches, as the cost model counts them."""
+    recompute: bool = False
+    """Activation recomputation on: the only way this stage fits its memory."""
+
+    @property
+    def compute_ms(self) -> float:
+        """Forward plus backward of one micro-batch (recomputation included)."""
+        return self.forward_ms + self.backward_ms
+
+    @property
+    def send_ms(self) -> float:
+        """Both sends of one micro-batch."""
+        return self.send_forward_ms + self.send_backward_ms
+
+    @property
+    def time_ms(self) -> float:
+        """What the stage costs per micro-batch: compute and sends (the partitioner's objective)."""
+        return self.compute_ms + self.send_ms
+
+    def to_dict(self) -> dict[str, Any]:
+        """The saved fields, plus ``time_ms``, ``compute_ms`` and ``send_ms`` for readers of the file."""
+        data: dict[str, Any] = {"time_ms": self.time_ms, "compute_ms": self.compute_ms, "send_ms": self.send_ms}
+        data.update({f.name: getattr(self, f.name) for f in fields(self)})
+        return data
+
+    @staticmethod
+    def from_fields(f: Fields) -> "StageCost":
+        """Read the fields :meth:`to_dict` writes (``time_ms`` and ``memory_bytes`` required, the rest optional)."""
+        f.number("time_ms")  # derived on reading, but a plan without it is not one autopart wrote
+        values: dict[str, Any] = {"memory_bytes": f.integer("memory_bytes"),
+                                  "recompute": bool(f.obj.get("recompute", False))}
+        for field in fields(StageCost):
+            if field.name in values:
+                continue
+            if field.type == "int":
+                values[field.name] = f.integer(field.name, required=False, default=0)
+            else:
+                values[field.name] = f.number(field.name, required=False, default=0.0)
+        return StageCost(**values)

@@ -1,0 +1,40 @@
+"""What ``autopart train`` was asked to do: one frozen record, passed from the command line to every rank."""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+__all__ = ["TrainConfig"]
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    plan: str
+    """Plan JSON written by ``autopart partition``."""
+    model: str
+    """Model spec: built-in name, pkg.mod:factory or file.py:factory."""
+    steps: int = 10
+    """Training steps in all, counting those a resumed run already did."""
+    global_batch: int | None = None
+    """Samples per step; default: the plan's micro-batch size x its micro-batches."""
+    lr: float = 1e-3
+    """AdamW learning rate."""
+    data: str | None = None
+    """Text file or folder for the GPT built-ins (default: the Python standard library's sources)."""
+    checkpoint: str | None = None
+    """Folder for per-stage checkpoints; a run resumes from its latest complete step."""
+    checkpoint_every: int = 0
+    """Save every N steps (0: only at the end, when ``checkpoint`` is given)."""
+    seed: int = 0
+    """Seed for the weights and the data order."""
+    threads: int | None = None
+    """CPU threads per rank (default: cores / ranks)."""
+    report: str | None = None
+    """Where to write measured-against-predicted as JSON."""
+    replan: str | None = None
+    """Where to write the plan that re-profiling the blocks where they ran suggests."""
+    device: str = "auto"
+    """auto, cpu or cuda."""
+    timeout_s: float = 300.0
+    """How long a rank waits for a peer before giving up."""
+    meta_init: bool = False
+    """Build on the meta device and materialise only each rank's blocks."""

@@ -1,0 +1,46 @@
+"""One rank's training job, once set up: what the loop, checkpoints and the report share."""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+
+from autopart.formats.plan import Plan
+from autopart.run.config import TrainConfig
+from autopart.run.data import TrainingData
+from autopart.run.stages import Pipeline
+
+__all__ = ["Job", "StepLog"]
+
+
+@dataclass(frozen=True)
+class Job:
+    cfg: TrainConfig
+    plan: Plan
+    rank: int
+    world: int
+    device: torch.device
+    pipe: Pipeline
+    """This rank's stages and the schedule that drives them."""
+    optimizer: torch.optim.Optimizer
+    data: TrainingData
+    global_batch: int
+    """Samples per step."""
+    microbatch_size: int
+    start_step: int
+    """Steps a resumed run had already done (0 for a fresh one)."""
+
+    @property
+    def reporter(self) -> bool:
+        """The rank that holds the last stage: it has the losses, and it prints."""
+        return self.plan.num_stages - 1 in self.plan.stages_of(self.rank)
+
+
+@dataclass
+class StepLog:
+    """What the loop measured, one entry per step run here."""
+
+    step_ms: list[float] = field(default_factory=list)
+    """Wall time of each step on this rank, from a barrier to its optimizer step's end."""
+    losses: list[float] = field(default_factory=list)
+    """Mean loss over the step's micro-batches (on the reporting rank only)."""

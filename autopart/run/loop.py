@@ -1,0 +1,173 @@
+"""One rank of ``autopart train``: set up its stages from the plan, train, checkpoint, report.
+
+Note: every rank builds the whole model from the same seed (so a pipelined run
+starts from exactly the weights a single process would) and then keeps only
+its own blocks; ``--meta-init`` builds on the meta device instead and
+materialises only the local blocks, for models too big to build whole.
+"""
+from __future__ import annotations
+
+import math
+import os
+import time
+from datetime import timedelta
+
+import torch
+import torch.distributed as dist
+from torch import nn
+
+from autopart.errors import AutopartError
+from autopart.formats.plan import Plan
+from autopart.measure.spec import ModelBundle, load_model
+from autopart.run.checkpoint import latest_complete, load_stages, mark_complete
+from autopart.run.config import TrainConfig
+from autopart.run.data import training_data
+from autopart.run.job import Job, StepLog
+from autopart.run.log import say
+from autopart.run.replan import reprofile_stages, write_replan
+from autopart.run.report import gather_measurements, make_report, measure_stages, print_report, write_report
+from autopart.run.resume import restore_pipeline, save_pipeline
+from autopart.run.stages import StageModule, build_pipeline, check_plan_against_model
+
+__all__ = ["run_rank"]
+
+
+def run_rank(cfg: TrainConfig, rank: int) -> None:
+    """Everything one rank does, from joining the process group to the report."""
+    device = _join(cfg)
+    job = _prepare(cfg, rank, device)
+    log = _train(job)
+    _finish(job, log)
+
+
+def _join(cfg: TrainConfig) -> torch.device:
+    """This rank's device and threads, and the process group (gloo on CPU, NCCL on CUDA)."""
+    use_cuda = cfg.device == "cuda" or (cfg.device == "auto" and torch.cuda.is_available())
+    if use_cuda and not torch.cuda.is_available():
+        raise AutopartError("--device cuda asked for, but CUDA is not available")
+    device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0"))) if use_cuda else torch.device("cpu")
+    if use_cuda:
+        torch.cuda.set_device(device)
+    else:
+        torch.set_num_threads(cfg.threads or 1)
+    dist.init_process_group("nccl" if use_cuda else "gloo", timeout=timedelta(seconds=cfg.timeout_s))
+    return device
+
+
+def _build(cfg: TrainConfig) -> ModelBundle:
+    torch.manual_seed(cfg.seed)
+    if cfg.meta_init:
+        with torch.device("meta"):
+            return load_model(cfg.model)
+    return load_model(cfg.model)
+
+
+def _prepare(cfg: TrainConfig, rank: int, device: torch.device) -> Job:
+    """The plan checked against the model, this rank's stages, data and optimizer, resumed if asked."""
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    plan = Plan.from_json(cfg.plan)
+    bundle = _build(cfg)
+    check_plan_against_model(plan, bundle.module, world, cfg.model)
+    m = plan.microbatches
+    per_mb = plan.microbatch_size or (int(bundle.example[0].shape[0]) if bundle.example else 1)
+    global_batch = cfg.global_batch or per_mb * m
+    microbatch_size = plan.microbatch_size_for(global_batch)
+    sample_shape = tuple(plan.sample_shape[1:]) if plan.sample_shape else (
+        tuple(bundle.example[0].shape[1:]) if bundle.example else ())
+    saved_dir = latest_complete(cfg.checkpoint) if cfg.checkpoint else None
+    saved = load_stages(saved_dir) if saved_dir is not None else []
+    start = int(saved[0]["step"]) if saved else 0
+    data = training_data(bundle, cfg.data, global_batch, sample_shape, cfg.seed, start)
+    pipe = build_pipeline(plan, bundle.module, rank, world, device, data.loss_fn,
+                          init=lambda s, module: _initialise(s, module, cfg.seed))
+    optimizer = torch.optim.AdamW(pipe.parameters(), lr=cfg.lr)
+    job = Job(cfg=cfg, plan=plan, rank=rank, world=world, device=device, pipe=pipe, optimizer=optimizer, data=data,
+              global_batch=global_batch, microbatch_size=microbatch_size, start_step=start)
+    if saved:
+        restore_pipeline(pipe, optimizer, saved, job.reporter)
+    if job.reporter:
+        _say_start(job, _batchnorm_layers(bundle.module))
+    return job  # the rest of the model (other ranks' blocks) is freed with ``bundle``
+
+
+def _batchnorm_layers(model: nn.Module) -> list[str]:
+    return [n for n, m in model.named_modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)]
+
+
+def _say_start(job: Job, batchnorm: list[str]) -> None:
+    plan, mb, gb = job.plan, job.microbatch_size, job.global_batch
+    if batchnorm:
+        say(f"warning: {len(batchnorm)} BatchNorm layers ({batchnorm[0]}, ...) normalise each micro-batch of {mb} "
+            f"samples on its own: running statistics follow micro-batches, not the {gb}-sample mini-batch "
+            f"(GPipe paper, sec. 3); use more samples per micro-batch or GroupNorm/LayerNorm to avoid it")
+    resuming = f", resuming after step {job.start_step}" if job.start_step else ""
+    say(f"training {job.cfg.model}: {plan.num_stages} stages on {job.world} ranks, {plan.schedule}, "
+        f"{plan.microbatches} micro-batches of {mb} ({gb} per step), data: {job.data.source}{resuming}")
+
+
+def _initialise(stage: int, module: StageModule, seed: int) -> None:
+    """Fresh weights for a stage materialised from the meta device: each submodule's own
+    ``reset_parameters``, seeded per block so every run draws the same."""
+    for i, name in enumerate(module.block_names):
+        torch.manual_seed(seed * 7919 + stage * 131 + i)
+        for sub in module.get_submodule(name).modules():
+            reset = getattr(sub, "reset_parameters", None)
+            if callable(reset):
+                reset()
+
+
+def _train(job: Job) -> StepLog:
+    """The steps: one pipelined step of all micro-batches, the optimizer, and checkpoints when due."""
+    cfg, log = job.cfg, StepLog()
+    for step in range(job.start_step, cfg.steps):
+        inputs, target = next(job.data.batches)
+        inputs, target = inputs.to(job.device), target.to(job.device)
+        job.optimizer.zero_grad(set_to_none=False)  # in place, as the profile's optimizer time assumes
+        dist.barrier()
+        t0 = time.perf_counter()
+        out = job.pipe.step(inputs, target)
+        job.optimizer.step()
+        if job.device.type == "cuda":
+            torch.cuda.synchronize()
+        elapsed = (time.perf_counter() - t0) * 1e3
+        log.step_ms.append(elapsed)
+        if out is not None:
+            log.losses.append(_say_step(job, step, out, elapsed))
+        if cfg.checkpoint and (step + 1 == cfg.steps or (cfg.checkpoint_every and (step + 1) % cfg.checkpoint_every == 0)):
+            _checkpoint(job, cfg.checkpoint, step + 1)
+    return log
+
+
+def _say_step(job: Job, step: int, losses: list[torch.Tensor], elapsed_ms: float) -> float:
+    loss = float(torch.stack([x.detach().float() for x in losses]).mean())
+    if not math.isfinite(loss):
+        raise RuntimeError(f"loss is {loss} at step {step + 1}")
+    tokens = job.data.tokens_per_sample
+    rate = job.global_batch * tokens / (elapsed_ms / 1e3)
+    unit = "tokens/s" if tokens > 1 else "samples/s"
+    say(f"step {step + 1}/{job.cfg.steps}  loss {loss:.4f}  {rate:,.0f} {unit}  {elapsed_ms:.0f} ms")
+    return loss
+
+
+def _checkpoint(job: Job, root: str, step: int) -> None:
+    """Every rank writes its stages; then rank 0 marks the step complete."""
+    save_pipeline(job.pipe, job.optimizer, root, step, job.rank)
+    dist.barrier()
+    if job.rank == 0:
+        mark_complete(root, step, job.plan.num_stages)
+    dist.barrier()
+
+
+def _finish(job: Job, log: StepLog) -> None:
+    """Measure each stage, gather, and (on the last stage's rank) report and replan."""
+    measured = measure_stages(job)
+    profiles = reprofile_stages(job) if job.cfg.replan else []
+    stage_ms, profiles = gather_measurements(job, measured, profiles)
+    if not job.reporter:
+        return
+    report = make_report(job, log, stage_ms)
+    print_report(report, job.plan.microbatch_size)
+    if job.cfg.report:
+        write_report(report, job.cfg.report)
+    if job.cfg.replan:
+        write_replan(job, profiles, report.measured_step_ms, job.cfg.replan)

@@ -1,0 +1,49 @@
+"""A pipeline's state into a checkpoint and back: this rank's stages and its optimizer.
+
+The files and their layout are :mod:`autopart.run.checkpoint`'s; this module
+knows which stages a rank holds and when the optimizer state can come along
+(only when the plan, and so each rank's parameters, is the same).
+"""
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+
+from autopart.errors import AutopartError
+from autopart.run.checkpoint import save_stage
+from autopart.run.log import say
+from autopart.run.stages import Pipeline
+
+__all__ = ["save_pipeline", "restore_pipeline"]
+
+
+def save_pipeline(pipe: Pipeline, optimizer: torch.optim.Optimizer, root: str, step: int, rank: int) -> None:
+    """Write this rank's stage files for ``step`` (the optimizer state goes with its first stage)."""
+    ours = [s for s, _ in pipe.modules]
+    for i, (s, module) in enumerate(pipe.modules):
+        save_stage(root, step, s, module.state_dict(), optimizer.state_dict() if i == 0 else None,
+                   {"rank": rank, "local_stages": ours})
+
+
+def restore_pipeline(pipe: Pipeline, optimizer: torch.optim.Optimizer, stages: list[dict[str, Any]],
+                     reporter: bool) -> None:
+    """Load weights by name from every saved stage (so a different plan can resume), and the optimizer
+    state when this rank held the same stages."""
+    merged: dict[str, torch.Tensor] = {}
+    for stage in stages:
+        for k, v in stage["model"].items():
+            merged.setdefault(k, v)
+    for s, module in pipe.modules:
+        wanted = module.state_dict().keys()
+        missing = [k for k in wanted if k not in merged]
+        if missing:
+            raise AutopartError(f"checkpoint lacks {missing[0]} (and {len(missing) - 1} more) for stage {s}")
+        module.load_state_dict({k: merged[k] for k in wanted})
+    ours = [s for s, _ in pipe.modules]
+    first = stages[ours[0]] if ours[0] < len(stages) else {}
+    same_plan = first.get("local_stages") == ours and len(stages) == pipe.plan.num_stages
+    if same_plan and first.get("optimizer") is not None:
+        optimizer.load_state_dict(first["optimizer"])
+    elif reporter:
+        say("warning: the plan changed since the checkpoint; weights restored, optimizer state starts fresh")
