@@ -93,7 +93,7 @@ def main() -> None:
                      round(tokens / (data["measured_step_ms"] / 1e3))])
     for threads in (1, 2):
         ms = single_process(args.model, global_batch, seq, max(3, args.steps // 2), threads)
-        rows.append([f"one process", f"1 x {threads}", round(ms), "-", "-", round(tokens / (ms / 1e3))])
+        rows.append(["one process", f"1 x {threads}", round(ms), "-", "-", round(tokens / (ms / 1e3))])
     exact = tokens / results["exact"]["measured_step_ms"]
     uniform = tokens / results["uniform"]["measured_step_ms"]
     report("end_to_end", f"{args.model}: {args.microbatches} micro-batches of {args.microbatch_size} x {seq} tokens "

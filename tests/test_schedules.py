@@ -98,3 +98,16 @@ def test_schedule_errors(call: object, message: str) -> None:
 def test_names_are_torchs() -> None:
     assert canonical_schedule("gpipe") == "GPipe" and canonical_schedule("ScheduleInterleaved1F1B") == "Interleaved1F1B"
     assert canonical_schedule("zbv") == "ZBVZeroBubble"
+
+
+@pytest.mark.parametrize("name, k, m, v", [("GPipe", 3, 5, 1), ("1F1B", 4, 6, 1), ("1F1B", 3, 3, 1),
+                                           ("Interleaved1F1B", 2, 4, 2), ("Interleaved1F1B", 3, 6, 3),
+                                           ("ZBVZeroBubble", 2, 4, 2), ("ZBVZeroBubble", 3, 7, 2)])
+def test_in_flight_from_the_orders_is_what_the_simulator_holds(name: str, k: int, m: int, v: int) -> None:
+    sched = build_schedule(name, k, m, v)
+    sim = simulate(sched, [StageCost(1.0, 2.0, activation_bytes=1)] * (k * v))
+    assert sched.peak_in_flight() == sim.peak_in_flight
+    if name == "GPipe":
+        assert sched.peak_in_flight() == (m,) * k
+    if name == "1F1B":
+        assert sched.peak_in_flight() == tuple(min(m, k - s) for s in range(k))

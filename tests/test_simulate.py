@@ -4,7 +4,7 @@ import pytest
 
 from autopart.errors import AutopartError
 from autopart.core.schedules import Action, Schedule, build_schedule
-from autopart.core.simulate import simulate
+from autopart.core.simulate import closed_form_step_ms, simulate
 from autopart.formats.stage import StageCost
 
 
@@ -36,3 +36,11 @@ def test_a_schedule_that_waits_forever_is_reported() -> None:
 def test_unequal_stages_are_paced_by_the_slowest() -> None:
     sim = simulate(build_schedule("1F1B", 2, 8), [StageCost(1.0, 2.0), StageCost(3.0, 6.0)])
     assert sim.step_ms == pytest.approx(3.0 + 8 * 9.0)  # fill with stage 0's forward, then stage 1 sets the pace
+
+
+def test_closed_form_step_of_equal_stages() -> None:
+    step, bubble = closed_form_step_ms([2.0] * 4, 8)
+    assert step == (8 + 4 - 1) * 2.0 and bubble == pytest.approx(3 / 11)
+    for name in ("GPipe", "1F1B"):
+        sim = simulate(build_schedule(name, 4, 8), [StageCost(0.5, 1.5)] * 4)
+        assert (sim.step_ms, sim.bubble_fraction) == pytest.approx(closed_form_step_ms([2.0] * 4, 8))

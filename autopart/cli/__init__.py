@@ -11,28 +11,21 @@ import argparse
 import os
 import sys
 import traceback
-from typing import NoReturn, Sequence
+from typing import Sequence
 
+from autopart.cli.common import Parser
 from autopart.errors import AutopartError
 
 __all__ = ["main"]
 
 
-class _Parser(argparse.ArgumentParser):
-    """argparse, but a usage error is one line that points at --help."""
-
-    def error(self, message: str) -> NoReturn:
-        sys.stderr.write(f"{self.prog}: error: {message} (see {self.prog} --help)\n")
-        raise SystemExit(2)
-
-
 def build_parser() -> argparse.ArgumentParser:
     from autopart.cli import merge_checkpoint, partition, profile, simulate, train
 
-    parser = _Parser(prog="autopart", description="Automatic pipeline-parallel partitioning for PyTorch: "
+    parser = Parser(prog="autopart", description="Automatic pipeline-parallel partitioning for PyTorch: "
                      "profile a model block by block, plan the stages, simulate, train.")
     parser.add_argument("--version", action="version", version=_version())
-    sub = parser.add_subparsers(dest="command", metavar="COMMAND", parser_class=_Parser)
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND", parser_class=Parser)
     for command in (profile, partition, simulate, train, merge_checkpoint):
         command.add_parser(sub)
     return parser

@@ -3,12 +3,13 @@ from __future__ import annotations
 
 import argparse
 import io
-from typing import Any
+
+from autopart.cli.common import Subcommands
 
 __all__: list[str] = []
 
 
-def add_parser(sub: Any) -> None:
+def add_parser(sub: Subcommands) -> None:
     p = sub.add_parser("merge-checkpoint", help="merge a run's per-stage checkpoint into one state_dict",
                        description="Merge the per-stage files of the latest complete checkpoint under DIR (or of "
                                    "one step-NNNNNN folder) into a single state_dict file with the unpartitioned "

@@ -3,8 +3,9 @@ from __future__ import annotations
 
 import argparse
 import json
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
 
+from autopart.cli.common import Subcommands
 from autopart.errors import AutopartError
 
 if TYPE_CHECKING:
@@ -41,7 +42,7 @@ def _count_arg(text: str) -> int | str:
         raise argparse.ArgumentTypeError(f"{text!r} is not a number or 'auto'") from None
 
 
-def add_parser(sub: Any) -> None:
+def add_parser(sub: Subcommands) -> None:
     from autopart.core.costmodel import OPTIMIZER_STATES
     from autopart.core.partition import METHODS
 

@@ -4,9 +4,17 @@ from __future__ import annotations
 import argparse
 import contextlib
 import re
-from typing import Any, Iterator
+from typing import TYPE_CHECKING, Iterator
 
+from autopart.cli.common import Subcommands
 from autopart.errors import AutopartError
+
+if TYPE_CHECKING:  # torch is imported when the command runs, so `autopart --help` stays fast
+    import torch
+    from torch import nn
+
+    from autopart.formats.profile import Profile
+    from autopart.measure.spec import Example, LossFn, ModelBundle
 
 __all__: list[str] = []
 
@@ -19,7 +27,7 @@ The factory returns an nn.Module (then give --input-shape), (module, example),
 or a mapping with 'module', 'example' and optionally 'loss_fn' and 'data'."""
 
 
-def add_parser(sub: Any) -> None:
+def add_parser(sub: Subcommands) -> None:
     from autopart.measure.models import BUILTIN_NAMES
 
     p = sub.add_parser("profile", help="measure a model block by block", description=HELP,
@@ -57,8 +65,13 @@ def run(args: argparse.Namespace) -> int:
     from rich.console import Console
 
     from autopart.formats.atomic import check_writable
-    from autopart.measure.spec import load_model, parse_dtype, parse_shape, shape_example
     from autopart.measure.profiler import profile_model
+    from autopart.measure.spec import (
+        load_model,
+        parse_dtype,
+        parse_shape,
+        shape_example,
+    )
 
     err = Console(stderr=True)
     if args.repeats < 1:
@@ -95,9 +108,15 @@ def run(args: argparse.Namespace) -> int:
     output = args.output or _default_output(args.model, args.device, int(examples[0][0].shape[0]))
     check_writable(output)
 
-    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
-
     import dataclasses
+
+    from rich.progress import (
+        BarColumn,
+        MofNCompleteColumn,
+        Progress,
+        TextColumn,
+        TimeElapsedColumn,
+    )
 
     profiles = []
     with Progress(TextColumn("profiling [bold]{task.fields[block]}"), BarColumn(), MofNCompleteColumn(),
@@ -125,7 +144,8 @@ def run(args: argparse.Namespace) -> int:
     return 0
 
 
-def _loss_and_target(bundle: Any, module: Any, example: Any) -> tuple[Any, Any]:
+def _loss_and_target(bundle: ModelBundle, module: nn.Module, example: Example
+                     ) -> tuple[LossFn | None, torch.Tensor | None]:
     """The built-ins' loss with a random target of the right shape (class ids over the last dimension)."""
     import torch
 
@@ -151,7 +171,7 @@ def _nothing() -> Iterator[None]:
     yield
 
 
-def _device(text: str) -> Any:
+def _device(text: str) -> torch.device:
     import torch
 
     try:
@@ -170,7 +190,7 @@ def _device(text: str) -> Any:
     return device
 
 
-def _print_table(profile: Any) -> None:
+def _print_table(profile: Profile) -> None:
     from rich.console import Console
     from rich.table import Table
 

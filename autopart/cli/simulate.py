@@ -3,8 +3,8 @@ from __future__ import annotations
 
 import argparse
 import json
-from typing import Any
 
+from autopart.cli.common import Subcommands
 from autopart.errors import AutopartError
 
 __all__: list[str] = []
@@ -14,7 +14,7 @@ time, idle share per rank, peak memory per rank, and the timeline of every
 forward, backward and send, in the terminal and optionally as SVG."""
 
 
-def add_parser(sub: Any) -> None:
+def add_parser(sub: Subcommands) -> None:
     from autopart.cli.partition import _schedule_arg
 
     p = sub.add_parser("simulate", help="simulate a plan's step and draw its timeline", description=HELP,
@@ -38,12 +38,12 @@ def run(args: argparse.Namespace) -> int:
     from rich.console import Console
     from rich.table import Table
 
-    from autopart.formats.atomic import check_writable, write_atomic
+    from autopart.cli.timeline import render_svg, render_text
     from autopart.core.planner import simulate_plan
     from autopart.core.schedules import build_schedule
+    from autopart.formats.atomic import check_writable, write_atomic
     from autopart.formats.plan import Plan
     from autopart.formats.schedule_kinds import stage_ranks, stages_per_rank
-    from autopart.cli.timeline import render_svg, render_text
     from autopart.formats.units import format_bytes, format_ms
 
     for path in (args.svg, args.csv):

@@ -68,7 +68,7 @@ def render_svg(sim: Simulation, title: str = "", width_px: int = 1200) -> str:
     scale = plot_w / sim.step_ms if sim.step_ms > 0 else 0.0
     parts = [f'<svg xmlns="http://www.w3.org/2000/svg" width="{width_px}" height="{height}" '
              f'font-family="sans-serif" font-size="11">',
-             f'<rect width="100%" height="100%" fill="white"/>',
+             '<rect width="100%" height="100%" fill="white"/>',
              f'<text x="{left}" y="22" font-size="14" font-weight="bold">{escape(title or sim.schedule)}</text>',
              f'<text x="{left}" y="40" fill="#555">step {sim.step_ms:.4g} ms, bubble {sim.bubble_fraction:.1%}, '
              f'{sim.num_ranks} ranks, {sim.microbatches} micro-batches</text>']

@@ -3,8 +3,8 @@ from __future__ import annotations
 
 import argparse
 import os
-from typing import Any
 
+from autopart.cli.common import Subcommands
 from autopart.errors import AutopartError
 from autopart.run.config import TrainConfig
 
@@ -22,7 +22,7 @@ and mlp-hetero on scikit-learn's digits. At the end, a table compares each
 stage's measured compute and the measured step with the plan's prediction."""
 
 
-def add_parser(sub: Any) -> None:
+def add_parser(sub: Subcommands) -> None:
     p = sub.add_parser("train", help="train a plan with torch.distributed.pipelining", description=HELP,
                        formatter_class=argparse.RawDescriptionHelpFormatter,
                        epilog="examples:\n  autopart train plan.json --model gpt2-tiny --steps 20\n"

@@ -27,10 +27,10 @@ from typing import Sequence
 import numpy as np
 import numpy.typing as npt
 
-from autopart.formats.devices import Device
-from autopart.errors import AutopartError
-from autopart.formats.profile import Profile
 from autopart.core.schedules import peak_in_flight
+from autopart.errors import AutopartError
+from autopart.formats.devices import Device
+from autopart.formats.profile import Profile
 from autopart.formats.schedule_kinds import canonical_schedule
 from autopart.formats.stage import StageCost
 

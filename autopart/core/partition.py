@@ -30,9 +30,9 @@ import numpy as np
 import numpy.typing as npt
 
 from autopart.core.costmodel import CostModel, Problem
+from autopart.errors import AutopartError
 from autopart.formats.devices import Device
 from autopart.formats.stage import StageCost
-from autopart.errors import AutopartError
 from autopart.formats.units import format_bytes
 
 __all__ = ["Split", "METHODS", "split", "split_exact", "split_minvar", "split_uniform", "split_parameters",

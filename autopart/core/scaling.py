@@ -19,7 +19,7 @@ from typing import Sequence
 import numpy as np
 
 from autopart.errors import AutopartError
-from autopart.formats.profile import LayerProfile, Profile
+from autopart.formats.profile import Profile
 
 __all__ = ["scale_profile", "fit_curve"]
 

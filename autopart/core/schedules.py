@@ -19,9 +19,9 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
 
-from autopart.formats.atomic import write_atomic
 from autopart.errors import AutopartError
 from autopart.formats import schedule_kinds
+from autopart.formats.atomic import write_atomic
 from autopart.formats.schedule_kinds import canonical_schedule, stage_ranks
 
 __all__ = ["Action", "Schedule", "build_schedule", "peak_in_flight"]

@@ -27,8 +27,8 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Sequence
 
-from autopart.errors import AutopartError
 from autopart.core.schedules import Action, Schedule
+from autopart.errors import AutopartError
 from autopart.formats.stage import StageCost
 
 __all__ = ["Event", "Simulation", "simulate", "closed_form_step_ms"]

@@ -9,8 +9,8 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
-from autopart.formats.atomic import write_json_atomic
 from autopart.errors import AutopartError
+from autopart.formats.atomic import write_json_atomic
 from autopart.formats.jsonfields import Fields, load_json_file
 
 __all__ = ["PROFILE_SCHEMA", "LayerProfile", "Profile", "Tie"]

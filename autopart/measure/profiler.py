@@ -27,9 +27,15 @@ from typing import Any, Callable, Iterator, Sequence
 import torch
 from torch import nn
 
-from autopart.measure.blocks import Block, call_block, check_chain, split_blocks, tensors_of
 from autopart.errors import AutopartError
 from autopart.formats.profile import LayerProfile, Profile, Tie
+from autopart.measure.blocks import (
+    Block,
+    call_block,
+    check_chain,
+    split_blocks,
+    tensors_of,
+)
 
 __all__ = ["profile_model", "ProgressFn", "time_block"]
 

@@ -21,9 +21,12 @@ from torch import nn
 from autopart.errors import AutopartError
 from autopart.measure.models.registry import BUILTINS
 
-__all__ = ["ModelBundle", "load_model", "parse_shape", "parse_dtype", "shape_example"]
+__all__ = ["Example", "LossFn", "ModelBundle", "load_model", "parse_shape", "parse_dtype", "shape_example"]
 
 Example = tuple[torch.Tensor, ...]
+"""One micro-batch of inputs, as positional arguments."""
+LossFn = Callable[[Any, torch.Tensor], torch.Tensor]
+"""``loss_fn(output, target)``: the last stage's loss for one micro-batch."""
 
 
 @dataclass(frozen=True)
@@ -34,7 +37,7 @@ class ModelBundle:
     module: nn.Module
     example: Example | None
     """One micro-batch of inputs, as positional arguments; None when the factory gave none."""
-    loss_fn: Callable[[torch.Tensor, torch.Tensor], torch.Tensor] | None = None
+    loss_fn: LossFn | None = None
     data: Iterable[Any] | None = None
     builtin: bool = False
 

@@ -16,16 +16,30 @@ import json
 import re
 import time
 from pathlib import Path
-from typing import Any
+from typing import Any, TypedDict
 
 import torch
 
-from autopart.formats.atomic import write_atomic, write_json_atomic
 from autopart.errors import AutopartError
+from autopart.formats.atomic import write_atomic, write_json_atomic
 
-__all__ = ["save_stage", "mark_complete", "latest_complete", "load_stages", "merge_checkpoint"]
+__all__ = ["StageFile", "save_stage", "mark_complete", "latest_complete", "load_stages", "merge_checkpoint"]
 
 _STEP = re.compile(r"step-(\d+)$")
+
+
+class StageFile(TypedDict):
+    """What ``stage-N.pt`` holds."""
+
+    step: int
+    stage: int
+    model: dict[str, torch.Tensor]
+    """The stage's parameters and buffers under the unpartitioned model's names."""
+    optimizer: dict[str, Any] | None
+    """The optimizer state of the rank that held the stage (with its first stage only)."""
+    rank: int
+    local_stages: list[int]
+    """Every stage that rank held: the optimizer state fits a rank holding the same."""
 
 
 def step_dir(root: str | Path, step: int) -> Path:
@@ -33,13 +47,14 @@ def step_dir(root: str | Path, step: int) -> Path:
 
 
 def save_stage(root: str | Path, step: int, stage: int, model_state: dict[str, torch.Tensor],
-               optimizer_state: dict[str, Any] | None, extra: dict[str, Any] | None = None) -> Path:
+               optimizer_state: dict[str, Any] | None, rank: int, local_stages: list[int]) -> Path:
     """Write one stage's file for ``step``, atomically."""
     folder = step_dir(root, step)
     folder.mkdir(parents=True, exist_ok=True)
     buffer = io.BytesIO()
-    torch.save({"step": step, "stage": stage, "model": {k: v.detach().cpu() for k, v in model_state.items()},
-                "optimizer": optimizer_state, **(extra or {})}, buffer)
+    content = StageFile(step=step, stage=stage, model={k: v.detach().cpu() for k, v in model_state.items()},
+                        optimizer=optimizer_state, rank=rank, local_stages=local_stages)
+    torch.save(content, buffer)
     return write_atomic(folder / f"stage-{stage}.pt", lambda handle: handle.write(buffer.getvalue()))
 
 
@@ -72,7 +87,7 @@ def _complete(folder: Path) -> dict[str, Any]:
         raise AutopartError(f"checkpoint {folder} has no readable COMPLETE marker: {exc}") from None
 
 
-def load_stages(folder: str | Path) -> list[dict[str, Any]]:
+def load_stages(folder: str | Path) -> list[StageFile]:
     """Every stage file of one complete step folder, in stage order."""
     path = Path(folder)
     meta = _complete(path)

@@ -6,12 +6,10 @@ knows which stages a rank holds and when the optimizer state can come along
 """
 from __future__ import annotations
 
-from typing import Any
-
 import torch
 
 from autopart.errors import AutopartError
-from autopart.run.checkpoint import save_stage
+from autopart.run.checkpoint import StageFile, save_stage
 from autopart.run.log import say
 from autopart.run.stages import Pipeline
 
@@ -22,11 +20,10 @@ def save_pipeline(pipe: Pipeline, optimizer: torch.optim.Optimizer, root: str, s
     """Write this rank's stage files for ``step`` (the optimizer state goes with its first stage)."""
     ours = [s for s, _ in pipe.modules]
     for i, (s, module) in enumerate(pipe.modules):
-        save_stage(root, step, s, module.state_dict(), optimizer.state_dict() if i == 0 else None,
-                   {"rank": rank, "local_stages": ours})
+        save_stage(root, step, s, module.state_dict(), optimizer.state_dict() if i == 0 else None, rank, ours)
 
 
-def restore_pipeline(pipe: Pipeline, optimizer: torch.optim.Optimizer, stages: list[dict[str, Any]],
+def restore_pipeline(pipe: Pipeline, optimizer: torch.optim.Optimizer, stages: list[StageFile],
                      reporter: bool) -> None:
     """Load weights by name from every saved stage (so a different plan can resume), and the optimizer
     state when this rank held the same stages."""
@@ -41,9 +38,9 @@ def restore_pipeline(pipe: Pipeline, optimizer: torch.optim.Optimizer, stages: l
             raise AutopartError(f"checkpoint lacks {missing[0]} (and {len(missing) - 1} more) for stage {s}")
         module.load_state_dict({k: merged[k] for k in wanted})
     ours = [s for s, _ in pipe.modules]
-    first = stages[ours[0]] if ours[0] < len(stages) else {}
-    same_plan = first.get("local_stages") == ours and len(stages) == pipe.plan.num_stages
-    if same_plan and first.get("optimizer") is not None:
+    first = stages[ours[0]] if ours[0] < len(stages) else None
+    same_plan = first is not None and first["local_stages"] == ours and len(stages) == pipe.plan.num_stages
+    if same_plan and first is not None and first["optimizer"] is not None:
         optimizer.load_state_dict(first["optimizer"])
     elif reporter:
         say("warning: the plan changed since the checkpoint; weights restored, optimizer state starts fresh")

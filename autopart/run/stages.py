@@ -18,11 +18,15 @@ import torch
 import torch.distributed as dist
 from torch import nn
 from torch.distributed.pipelining import PipelineStage
-from torch.distributed.pipelining.schedules import PipelineScheduleMulti, _PipelineSchedule, get_schedule_class
+from torch.distributed.pipelining.schedules import (
+    PipelineScheduleMulti,
+    _PipelineSchedule,
+    get_schedule_class,
+)
 
-from autopart.measure.blocks import call_block, split_blocks
 from autopart.errors import AutopartError
 from autopart.formats.plan import Plan
+from autopart.measure.blocks import call_block, split_blocks
 
 __all__ = ["StageModule", "Pipeline", "build_pipeline", "check_plan_against_model"]
 
