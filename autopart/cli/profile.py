@@ -4,6 +4,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import re
+from dataclasses import dataclass
 from typing import TYPE_CHECKING, Iterator
 
 from autopart.cli.common import Subcommands
@@ -11,6 +12,7 @@ from autopart.errors import AutopartError
 
 if TYPE_CHECKING:  # torch is imported when the command runs, so `autopart --help` stays fast
     import torch
+    from rich.console import Console
     from torch import nn
 
     from autopart.formats.profile import Profile
@@ -61,19 +63,45 @@ def _default_output(model: str, device: str, microbatch: int) -> str:
 
 def run(args: argparse.Namespace) -> int:
     # torch is imported here, not at the top, so `autopart --help` stays fast.
-    import torch
     from rich.console import Console
 
     from autopart.formats.atomic import check_writable
-    from autopart.measure.profiler import profile_model
-    from autopart.measure.spec import (
-        load_model,
-        parse_dtype,
-        parse_shape,
-        shape_example,
-    )
 
     err = Console(stderr=True)
+    request = _request(args)
+    if args.output:
+        check_writable(args.output)
+    with err.status(f"building {args.model} ...") if err.is_terminal else _nothing():
+        bundle, module, examples = _build(args.model, request)
+    output = args.output or _default_output(args.model, args.device, int(examples[0][0].shape[0]))
+    check_writable(output)
+    profile = _measure(args, bundle, module, examples, err)
+    profile.to_json(output)
+    _print_table(profile)
+    sizes_text = ", ".join(str(b) for b in profile.sizes())
+    err.print(f"wrote {output} ({len(profile.layers)} blocks, {profile.device}, "
+              f"micro-batch {sizes_text}, {profile.dtype})", soft_wrap=True, highlight=False)
+    return 0
+
+
+@dataclass(frozen=True)
+class _Request:
+    """The flags that shape the model and its examples, checked."""
+
+    device: torch.device
+    dtype: torch.dtype
+    input_shape: tuple[int, ...] | None
+    input_dtype: torch.dtype | None
+    sizes: list[int | None]
+    """Micro-batch sizes to measure; None keeps the example's."""
+    seed: int
+
+
+def _request(args: argparse.Namespace) -> _Request:
+    import torch
+
+    from autopart.measure.spec import parse_dtype, parse_shape
+
     if args.repeats < 1:
         raise AutopartError(f"--repeats must be >= 1, got {args.repeats}")
     if args.warmup < 0:
@@ -86,37 +114,41 @@ def run(args: argparse.Namespace) -> int:
     dtype = parse_dtype(args.dtype)
     if not dtype.is_floating_point:
         raise AutopartError(f"--dtype must be a floating type, got {args.dtype!r}")
-    input_shape = parse_shape(args.input_shape) if args.input_shape else None
     sizes: list[int | None] = [None]
     if args.microbatch_size:
         sizes = list(parse_shape(args.microbatch_size))
         if len(set(sizes)) != len(sizes):
             raise AutopartError(f"--microbatch-size {args.microbatch_size} repeats a size")
-    input_dtype = parse_dtype(args.input_dtype) if args.input_dtype else None
-    if args.output:
-        check_writable(args.output)
+    return _Request(device=device, dtype=dtype, input_shape=parse_shape(args.input_shape) if args.input_shape else None,
+                    input_dtype=parse_dtype(args.input_dtype) if args.input_dtype else None, sizes=sizes,
+                    seed=args.seed)
 
-    torch.manual_seed(args.seed)
-    with err.status(f"building {args.model} ...") if err.is_terminal else _nothing():
-        bundle = load_model(args.model)
-        module = bundle.module.to(device=device, dtype=dtype)
-        examples = []
-        for size in sizes:
-            example = shape_example(bundle, input_shape, input_dtype, size)
-            examples.append(tuple(t.to(device=device, dtype=dtype) if t.is_floating_point() else t.to(device)
-                                  for t in example))
-    output = args.output or _default_output(args.model, args.device, int(examples[0][0].shape[0]))
-    check_writable(output)
 
+def _build(spec: str, request: _Request) -> tuple[ModelBundle, nn.Module, list[Example]]:
+    """The model on the requested device and dtype, and one example per micro-batch size."""
+    import torch
+
+    from autopart.measure.spec import load_model, shape_example
+
+    torch.manual_seed(request.seed)
+    bundle = load_model(spec)
+    module = bundle.module.to(device=request.device, dtype=request.dtype)
+    examples = []
+    for size in request.sizes:
+        example = shape_example(bundle, request.input_shape, request.input_dtype, size)
+        examples.append(tuple(t.to(device=request.device, dtype=request.dtype) if t.is_floating_point()
+                              else t.to(request.device) for t in example))
+    return bundle, module, examples
+
+
+def _measure(args: argparse.Namespace, bundle: ModelBundle, module: nn.Module, examples: list[Example],
+             err: Console) -> Profile:
+    """Profile every example with a progress bar; the first is the profile, the others its other sizes."""
     import dataclasses
 
-    from rich.progress import (
-        BarColumn,
-        MofNCompleteColumn,
-        Progress,
-        TextColumn,
-        TimeElapsedColumn,
-    )
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+
+    from autopart.measure.profiler import profile_model
 
     profiles = []
     with Progress(TextColumn("profiling [bold]{task.fields[block]}"), BarColumn(), MofNCompleteColumn(),
@@ -126,22 +158,13 @@ def run(args: argparse.Namespace) -> int:
             label = f" (micro-batch {example[0].shape[0]})" if len(examples) > 1 else ""
 
             def progress(name: str, done: int, total: int, label: str = label, k: int = k) -> None:
-                n = len(examples)
-                bar.update(task, completed=k * total + done, total=n * total, block=name + label)
+                bar.update(task, completed=k * total + done, total=len(examples) * total, block=name + label)
 
             loss_fn, target = _loss_and_target(bundle, module, example)
             profiles.append(profile_model(module, example, name=args.model, warmup=args.warmup,
                                           repeats=args.repeats, progress=progress, loss_fn=loss_fn, target=target))
-    profile = profiles[0]
-    if len(profiles) > 1:
-        profile = dataclasses.replace(profile, by_microbatch_size=tuple(
-            (p.microbatch_size, p.layers) for p in profiles[1:]))
-    profile.to_json(output)
-    _print_table(profile)
-    sizes_text = ", ".join(str(b) for b in profile.sizes())
-    err.print(f"wrote {output} ({len(profile.layers)} blocks, {profile.device}, "
-              f"micro-batch {sizes_text}, {profile.dtype})", soft_wrap=True, highlight=False)
-    return 0
+    others = tuple((p.microbatch_size, p.layers) for p in profiles[1:])
+    return dataclasses.replace(profiles[0], by_microbatch_size=others) if others else profiles[0]
 
 
 def _loss_and_target(bundle: ModelBundle, module: nn.Module, example: Example

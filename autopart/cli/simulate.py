@@ -3,9 +3,16 @@ from __future__ import annotations
 
 import argparse
 import json
+from typing import TYPE_CHECKING
 
 from autopart.cli.common import Subcommands
 from autopart.errors import AutopartError
+
+if TYPE_CHECKING:
+    from rich.table import Table
+
+    from autopart.core.simulate import Simulation
+    from autopart.formats.plan import Plan
 
 __all__: list[str] = []
 
@@ -36,7 +43,6 @@ def add_parser(sub: Subcommands) -> None:
 
 def run(args: argparse.Namespace) -> int:
     from rich.console import Console
-    from rich.table import Table
 
     from autopart.cli.timeline import render_svg, render_text
     from autopart.core.planner import simulate_plan
@@ -44,7 +50,7 @@ def run(args: argparse.Namespace) -> int:
     from autopart.formats.atomic import check_writable, write_atomic
     from autopart.formats.plan import Plan
     from autopart.formats.schedule_kinds import stage_ranks, stages_per_rank
-    from autopart.formats.units import format_bytes, format_ms
+    from autopart.formats.units import format_ms
 
     for path in (args.svg, args.csv):
         if path:
@@ -75,12 +81,25 @@ def run(args: argparse.Namespace) -> int:
     console.print(f"step {format_ms(sim.step_ms)}, bubble {sim.bubble_fraction:.1%}"
                   + (f" (the plan predicted {format_ms(plan.predicted.step_ms)})"
                      if (schedule, microbatches) != (plan.schedule, plan.microbatches) else ""), highlight=False)
+    console.print(_rank_table(plan, sim, stage_ranks(schedule, sim.num_ranks, per_rank)))
+    console.print(render_text(sim, width=args.width))
+    if args.svg:
+        console.print(f"wrote {args.svg}", highlight=False)
+    return 0
+
+
+def _rank_table(plan: Plan, sim: Simulation, ranks: tuple[int, ...]) -> Table:
+    """Per rank: its stages, busy time, idle share, peak memory against the sum of its stages' limits."""
+    from rich.table import Table
+
+    from autopart.formats.units import format_bytes, format_ms
+
     table = Table(title_justify="left")
     for col in ("rank", "stages", "busy", "idle", "peak memory", "limit"):
         table.add_column(col, justify="right")
     limits: dict[int, int] = {}
     stages_of: dict[int, list[int]] = {}
-    for s, r in enumerate(stage_ranks(schedule, sim.num_ranks, per_rank)):
+    for s, r in enumerate(ranks):
         stages_of.setdefault(r, []).append(s)
         limit = plan.stages[s].device.memory_bytes
         if limit is not None:
@@ -90,8 +109,4 @@ def run(args: argparse.Namespace) -> int:
         table.add_row(str(r), ",".join(map(str, stages_of[r])), format_ms(sim.busy_ms[r]),
                       f"{sim.bubble_fractions[r]:.1%}", format_bytes(sim.peak_memory_bytes[r]),
                       format_bytes(limits[r]) if r in limits else "-", style="red" if over else "")
-    console.print(table)
-    console.print(render_text(sim, width=args.width))
-    if args.svg:
-        console.print(f"wrote {args.svg}", highlight=False)
-    return 0
+    return table

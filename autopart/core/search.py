@@ -23,12 +23,7 @@ from autopart.errors import AutopartError
 from autopart.formats.devices import Device
 from autopart.formats.plan import Candidate, Plan
 from autopart.formats.profile import Profile
-from autopart.formats.schedule_kinds import (
-    AUTO_SCHEDULES,
-    canonical_schedule,
-    stage_ranks,
-    stages_per_rank,
-)
+from autopart.formats.schedule_kinds import AUTO_SCHEDULES, canonical_schedule, stage_ranks, stages_per_rank
 
 __all__ = ["plan_partition", "plan_search", "all_schedules", "MAX_MICROBATCHES"]
 

@@ -29,13 +29,7 @@ from torch import nn
 
 from autopart.errors import AutopartError
 from autopart.formats.profile import LayerProfile, Profile, Tie
-from autopart.measure.blocks import (
-    Block,
-    call_block,
-    check_chain,
-    split_blocks,
-    tensors_of,
-)
+from autopart.measure.blocks import Block, call_block, check_chain, split_blocks, tensors_of
 
 __all__ = ["profile_model", "ProgressFn", "time_block"]
 

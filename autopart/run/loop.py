@@ -25,13 +25,7 @@ from autopart.run.data import training_data
 from autopart.run.job import Job, StepLog
 from autopart.run.log import say
 from autopart.run.replan import reprofile_stages, write_replan
-from autopart.run.report import (
-    gather_measurements,
-    make_report,
-    measure_stages,
-    print_report,
-    write_report,
-)
+from autopart.run.report import gather_measurements, make_report, measure_stages, print_report, write_report
 from autopart.run.resume import restore_pipeline, save_pipeline
 from autopart.run.stages import StageModule, build_pipeline, check_plan_against_model
 
