@@ -4,13 +4,13 @@ from __future__ import annotations
 import itertools
 import math
 from pathlib import Path
-from typing import Sequence
+from typing import Any, Sequence
 
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from autopart.core.costmodel import CostModel, Problem
+from autopart.core.costmodel import BlockCosts, CostModel, Problem
 from autopart.formats.devices import Device
 from autopart.errors import AutopartError
 from autopart.core.partition import split_exact, split_minvar, split_parameters, split_uniform
@@ -23,33 +23,38 @@ def _compositions(n: int, k: int) -> list[list[int]]:
     return [[b - a for a, b in zip((0,) + cut, cut + (n,))] for cut in itertools.combinations(range(1, n), k - 1)]
 
 
-def _brute_stage(blocks: dict[str, list[float]], devices: Sequence[Device], model: CostModel, s: int,
+def _brute_stage(blocks: dict[str, Any], devices: Sequence[Device], model: CostModel, s: int,
                  i: int, j: int) -> float | None:
     """DESIGN.md's cost model written out plainly: the stage's time, or None if it cannot fit."""
     k = len(devices)
+    skips = blocks.get("skips", [0.0] * len(blocks["compute"]))
     comp = sum(blocks["compute"][i: j + 1])
     fwd = sum(blocks["forward"][i: j + 1])
     params = sum(blocks["params"][i: j + 1]) * (2 + model.optimizer_states)
+    for size, users in blocks.get("ties", []):  # a copy on every stage that uses it but not its owner
+        if users[0] not in range(i, j + 1) and any(u in range(i, j + 1) for u in users):
+            params += size * (2 + model.optimizer_states)
     acts = sum(blocks["acts"][i: j + 1])
+    skip_in = skips[i - 1] if i > 0 else 0.0
 
     def send(b: int) -> float:
         if not model.sends:
             return 0.0
         bw = model.bandwidth_bytes_per_ms
-        return (blocks["outs"][b] / bw if bw else 0.0) + model.latency_ms
+        return ((blocks["outs"][b] + skips[b]) / bw if bw else 0.0) + model.latency_ms
 
     sends = (send(i - 1) if s > 0 else 0.0) + (send(j) if s < k - 1 else 0.0)
     in_flight = model.microbatches if model.schedule == "GPipe" else min(model.microbatches, k - s)
     limit = devices[s].memory_bytes if devices[s].memory_bytes is not None else math.inf
-    if params + in_flight * acts <= limit:
+    if params + in_flight * (acts + skip_in) <= limit:
         return comp / devices[s].speed + sends
-    keep = blocks["input"][0] if i == 0 else blocks["outs"][i - 1]
+    keep = blocks["input"][0] if i == 0 else blocks["outs"][i - 1] + skips[i - 1]
     if model.recompute and params + in_flight * keep + acts <= limit:
         return (comp + fwd) / devices[s].speed + sends
     return None
 
 
-def _brute(blocks: dict[str, list[float]], devices: Sequence[Device], model: CostModel
+def _brute(blocks: dict[str, Any], devices: Sequence[Device], model: CostModel
            ) -> list[tuple[list[int], list[float]]]:
     """Every split that fits, with its stage times."""
     out = []
@@ -66,13 +71,16 @@ def _brute(blocks: dict[str, list[float]], devices: Sequence[Device], model: Cos
     return out
 
 
-def _problem(blocks: dict[str, list[float]], devices: Sequence[Device], model: CostModel) -> Problem:
-    return Problem(blocks["compute"], devices, model, forward_ms=blocks["forward"], param_bytes=blocks["params"],
-                   activation_bytes=blocks["acts"], output_bytes=blocks["outs"], input_bytes=blocks["input"][0])
+def _problem(blocks: dict[str, Any], devices: Sequence[Device], model: CostModel) -> Problem:
+    costs = BlockCosts.of(blocks["compute"], forward_ms=blocks["forward"], param_bytes=blocks["params"],
+                          activation_bytes=blocks["acts"], output_bytes=blocks["outs"], input_bytes=blocks["input"][0],
+                          skip_bytes=blocks.get("skips"), ties=blocks.get("ties", ()))
+    return Problem(costs, devices, model)
 
 
 @st.composite
-def cases(draw: st.DrawFn, sends: bool, memory: bool, speeds: bool) -> tuple[dict[str, list[float]], list[Device], CostModel]:
+def cases(draw: st.DrawFn, sends: bool, memory: bool, speeds: bool, graph: bool = False
+          ) -> tuple[dict[str, Any], list[Device], CostModel]:
     n = draw(st.integers(1, 8))
     k = draw(st.integers(1, min(n, 4)))
     small = st.integers(0, 12)
@@ -85,6 +93,12 @@ def cases(draw: st.DrawFn, sends: bool, memory: bool, speeds: bool) -> tuple[dic
         "outs": [float(draw(st.integers(0, 20))) for _ in range(n)],
         "input": [float(draw(st.integers(0, 5)))],
     }
+    if graph:  # skips crossing boundaries, and a weight shared by some blocks (the owner, the first, has its bytes)
+        blocks["skips"] = [float(draw(st.integers(0, 15))) for _ in range(n)]
+        users = sorted(draw(st.sets(st.integers(0, n - 1), min_size=1, max_size=n)))
+        size = float(draw(st.integers(1, 20)))
+        blocks["params"][users[0]] += size
+        blocks["ties"] = [(size, users)]
     devices = []
     for _ in range(k):
         limit = draw(st.one_of(st.none(), st.integers(10, 250))) if memory else None
@@ -99,7 +113,7 @@ def cases(draw: st.DrawFn, sends: bool, memory: bool, speeds: bool) -> tuple[dic
     return blocks, devices, model
 
 
-def _check_exact(case: tuple[dict[str, list[float]], list[Device], CostModel]) -> None:
+def _check_exact(case: tuple[dict[str, Any], list[Device], CostModel]) -> None:
     blocks, devices, model = case
     feasible = _brute(blocks, devices, model)
     problem = _problem(blocks, devices, model)
@@ -137,6 +151,20 @@ def test_exact_with_sends_and_speeds_matches_brute_force(case: tuple[dict[str, l
 @settings(deadline=None)
 @given(cases(sends=True, memory=True, speeds=True))
 def test_exact_with_everything_matches_brute_force(case: tuple[dict[str, list[float]], list[Device], CostModel]) -> None:
+    _check_exact(case)
+
+
+@settings(deadline=None)
+@given(cases(sends=True, memory=True, speeds=True, graph=True))
+def test_exact_with_skips_and_tied_weights_matches_brute_force(case: tuple[dict[str, Any], list[Device], CostModel]
+                                                                ) -> None:
+    _check_exact(case)
+
+
+@settings(deadline=None)
+@given(cases(sends=False, memory=True, speeds=False, graph=True))
+def test_exact_with_skips_under_memory_alone_matches_brute_force(case: tuple[dict[str, Any], list[Device], CostModel]
+                                                                  ) -> None:
     _check_exact(case)
 
 

@@ -13,6 +13,13 @@ K stages, M micro-batches, stage s holds blocks i..j (inclusive):
   in-flight micro-batch, only the stage's input, plus one micro-batch's full
   activations while it is recomputed:
   ``Σ param_bytes × (2 + opt) + in_flight_s × input_bytes + Σ activation_bytes``.
+- skips (models captured as a graph): a boundary sends every value that
+  crosses it, ``output_bytes + skip_bytes``, so a skip is charged at every
+  boundary it crosses; a stage holds the skips it receives until the
+  micro-batch's backward (``in_flight_s × skip_bytes`` of the boundary
+  before it), and a recomputing stage keeps its whole input.
+- tied weights: a parameter used by several blocks counts in every stage that
+  holds one of them (a copy per stage, its gradients summed between them).
 
 Pure numpy; every function takes arrays of starts and ends so the partitioner
 can evaluate many candidate stages at once, and the same arithmetic gives
@@ -106,6 +113,10 @@ class BlockCosts:
     optimizer_ms: Floats
     input_bytes: float = 0.0
     """One micro-batch's input: what a recomputing first stage keeps per micro-batch."""
+    skip_bytes: Floats | None = None
+    """Skips crossing the boundary after each block, besides its output (None: a chain, no skips)."""
+    ties: tuple[tuple[float, tuple[int, ...]], ...] = ()
+    """Shared parameters: (bytes, the blocks that use it, owner first); the owner's ``param_bytes`` has it."""
 
     @property
     def n(self) -> int:
@@ -115,7 +126,9 @@ class BlockCosts:
     def of(compute_ms: Sequence[float], *, forward_ms: Sequence[float] | None = None,
            param_bytes: Sequence[float] | None = None, activation_bytes: Sequence[float] | None = None,
            output_bytes: Sequence[float] | None = None, input_bytes: float = 0.0,
-           names: Sequence[str] | None = None, optimizer_ms: Sequence[float] | None = None) -> "BlockCosts":
+           names: Sequence[str] | None = None, optimizer_ms: Sequence[float] | None = None,
+           skip_bytes: Sequence[float] | None = None,
+           ties: Sequence[tuple[float, Sequence[int]]] = ()) -> "BlockCosts":
         """Arrays from lists (missing ones are zeros); a NaN, infinite or negative entry names its block."""
         n = len(compute_ms)
         if n < 1:
@@ -135,7 +148,9 @@ class BlockCosts:
                           forward_ms=arr(forward_ms, "forward time"), param_bytes=arr(param_bytes, "parameter bytes"),
                           activation_bytes=arr(activation_bytes, "activation bytes"),
                           output_bytes=arr(output_bytes, "output bytes"),
-                          optimizer_ms=arr(optimizer_ms, "optimizer time"), input_bytes=float(input_bytes))
+                          optimizer_ms=arr(optimizer_ms, "optimizer time"), input_bytes=float(input_bytes),
+                          skip_bytes=arr(skip_bytes, "skip bytes") if skip_bytes is not None else None,
+                          ties=_ties(ties, n))
 
     @staticmethod
     def from_profile(profile: Profile) -> "BlockCosts":
@@ -144,7 +159,10 @@ class BlockCosts:
                              param_bytes=[x.param_bytes for x in layers],
                              activation_bytes=[x.activation_bytes for x in layers],
                              output_bytes=[x.output_bytes for x in layers], input_bytes=profile.input_bytes,
-                             names=profile.names, optimizer_ms=[x.optimizer_ms for x in layers])
+                             names=profile.names, optimizer_ms=[x.optimizer_ms for x in layers],
+                             skip_bytes=[x.skip_bytes for x in layers] if any(x.skip_bytes for x in layers) else None,
+                             ties=[(t.bytes, [profile.names.index(b) for b in t.blocks]) for t in profile.ties
+                                   if all(b in profile.names for b in t.blocks)])
 
     def mirrored(self) -> "BlockCosts":
         """Block n-1 first. The boundary after mirrored block b is the original one after block n-2-b."""
@@ -152,7 +170,19 @@ class BlockCosts:
                           forward_ms=self.forward_ms[::-1].copy(), param_bytes=self.param_bytes[::-1].copy(),
                           activation_bytes=self.activation_bytes[::-1].copy(),
                           output_bytes=np.concatenate([self.output_bytes[:-1][::-1], [0.0]]),
-                          optimizer_ms=self.optimizer_ms[::-1].copy(), input_bytes=self.input_bytes)
+                          optimizer_ms=self.optimizer_ms[::-1].copy(), input_bytes=self.input_bytes,
+                          skip_bytes=None if self.skip_bytes is None else np.concatenate(
+                              [self.skip_bytes[:-1][::-1], [0.0]]),
+                          ties=tuple((b, tuple(self.n - 1 - u for u in users)) for b, users in self.ties))
+
+
+def _ties(ties: Sequence[tuple[float, Sequence[int]]], n: int) -> tuple[tuple[float, tuple[int, ...]], ...]:
+    out = []
+    for size, users in ties:
+        if not users or any(not 0 <= u < n for u in users) or not size >= 0:
+            raise AutopartError(f"tie of {size} bytes names blocks {list(users)} outside 0..{n - 1}")
+        out.append((float(size), tuple(int(u) for u in users)))
+    return tuple(out)
 
 
 class Problem:
@@ -191,18 +221,26 @@ class Problem:
         self.pf = np.concatenate([z, np.cumsum(self.forward)])
         self.pw = np.concatenate([z, np.cumsum(self.params * (2 + model.optimizer_states))])
         self.pa = np.concatenate([z, np.cumsum(self.acts)])
+        skips = costs.skip_bytes if costs.skip_bytes is not None else np.zeros(n)
+        crossing = self.outs + skips
         # send cost of the boundary after block b (b = 0 .. n-2); the last entry is never used
         if model.sends:
             bw = model.bandwidth_bytes_per_ms
-            self.send = (self.outs / bw if bw else np.zeros(n)) + model.latency_ms
+            self.send = (crossing / bw if bw else np.zeros(n)) + model.latency_ms
         else:
             self.send = np.zeros(n)
-        # what a recomputing stage keeps per in-flight micro-batch: the input of its first block
-        # (indexed by the stage's first block; by its last in the mirror image)
+        # what a stage receives per micro-batch, all of it (keep: recomputing) or its skips (held until the
+        # backward), indexed by the stage's first block; by its last in the mirror image
         if mirrored:
-            self.keep = np.concatenate([self.outs[:-1], [costs.input_bytes]])
+            self.keep = np.concatenate([crossing[:-1], [costs.input_bytes]])
+            self.skip_in = np.concatenate([skips[:-1], [0.0]])
         else:
-            self.keep = np.concatenate([[costs.input_bytes], self.outs[:-1]])
+            self.keep = np.concatenate([[costs.input_bytes], crossing[:-1]])
+            self.skip_in = np.concatenate([[0.0], skips[:-1]])
+        self.ties = [(size * (2 + model.optimizer_states), np.array(sorted(users), dtype=np.int64), users[0])
+                     for size, users in costs.ties if len(set(users)) > 1]
+        self.general = bool(np.any(skips > 0) or self.ties)
+        """Memory is not a difference of prefix sums (skips, ties): the partitioner checks stages pair by pair."""
         self.speed = np.array([d.speed for d in devices], dtype=np.float64)
         self.limit = np.array([np.inf if d.memory_bytes is None else float(d.memory_bytes) for d in devices])
         in_flight = [model.in_flight(s, k) for s in range(k)]
@@ -276,11 +314,25 @@ class Problem:
 
     def mem_plain(self, s: int, i: Ints, j: Ints) -> Floats:
         q = self.plain_prefix(s)
-        return q[j + 1] - q[i]
+        if not self.general:
+            return q[j + 1] - q[i]
+        skip = self.skip_in[j] if self.mirrored else self.skip_in[i]
+        return q[j + 1] - q[i] + self.in_flight[s] * skip + self.tie_bytes(i, j)
 
     def mem_recompute(self, s: int, i: Ints, j: Ints) -> Floats:
         keep = self.keep[j] if self.mirrored else self.keep[i]
-        return (self.pw[j + 1] - self.pw[i]) + self.in_flight[s] * keep + (self.pa[j + 1] - self.pa[i])
+        mem = (self.pw[j + 1] - self.pw[i]) + self.in_flight[s] * keep + (self.pa[j + 1] - self.pa[i])
+        return mem + self.tie_bytes(i, j) if self.ties else mem
+
+    def tie_bytes(self, i: Ints, j: Ints) -> Floats:
+        """Copies of shared parameters (with gradients and optimizer state) that blocks i..j use but whose
+        owner is elsewhere (the owner's share is in the prefix sums)."""
+        out = np.zeros(np.broadcast(i, j).shape)
+        for size, users, owner in self.ties:
+            nxt = users[np.minimum(np.searchsorted(users, i), users.size - 1)]
+            used = (nxt >= i) & (nxt <= j)
+            out = out + np.where(used & ~((i <= owner) & (owner <= j)), size, 0.0)
+        return out
 
     def time_plain(self, s: int, i: Ints, j: Ints) -> Floats:
         return (self.pc[j + 1] - self.pc[i]) / self.speed[s] + self.send_ms(s, i, j)
@@ -310,11 +362,14 @@ class Problem:
         backward = float(self.pc[last + 1] - self.pc[first]) - forward + (forward if recompute else 0.0)
         acts = int(self.pa[last + 1] - self.pa[first])
         keep = int(self.keep[last] if self.mirrored else self.keep[first])
+        skip = int(self.skip_in[last] if self.mirrored else self.skip_in[first])
+        ties = int(self.tie_bytes(i, j)[0]) if self.ties else 0
         return StageCost(
             forward_ms=forward / v, backward_ms=backward / v,
             send_forward_ms=float(self.send[last]) if s < self.k - 1 else 0.0,
             send_backward_ms=float(self.send[first - 1]) if s > 0 else 0.0,
-            activation_bytes=keep if recompute else acts, static_bytes=int(self.pw[last + 1] - self.pw[first]),
+            activation_bytes=keep if recompute else acts + skip,
+            static_bytes=int(self.pw[last + 1] - self.pw[first]) + ties,
             backward_extra_bytes=acts if recompute else 0,
             optimizer_ms=float(self.opt[first: last + 1].sum()) / v,
             memory_bytes=int(round(float(m[0]))), recompute=recompute)

@@ -206,9 +206,13 @@ def _reach(p: Problem, T: float) -> list[Bools]:
             continue
         js = np.arange(j_lo, j_hi + 1, dtype=np.int64)
         lo_t = np.maximum(_lo_time(p, s, T, js), first_i)
-        lo_p = _lo_mem(p, s, js)
         valid = np.zeros(n, dtype=bool)
         valid[starts] = True
+        if p.general and np.isfinite(p.limit[s]):
+            # memory is no window of starts (skips, ties): every start in the time window, pair by pair
+            row[js] = _any_pair(p, s, T, js, lo_t, np.minimum(js, last_i), valid)
+            continue
+        lo_p = _lo_mem(p, s, js)
         # plain stages: a window of starts, one windowed maximum
         a = np.maximum(lo_t, lo_p)
         a = np.maximum(a, first_i)
@@ -223,17 +227,25 @@ def _reach(p: Problem, T: float) -> list[Bools]:
         if p.model.recompute and np.isfinite(p.limit[s]):
             lo_b = np.maximum(lo_t, _lo_rc(p, s, js))
             hi_b = np.minimum(np.minimum(lo_p - 1, js), last_i)
-            todo = np.flatnonzero((lo_b <= hi_b) & ~ok)
-            for part in _chunks((hi_b - lo_b + 1)[todo]):
-                rows = todo[part]
-                r, i = _pairs(lo_b[rows], hi_b[rows])
-                good = valid[i]
-                r, i = r[good], i[good]
-                if r.size:
-                    good = _ok_pairs(p, s, T, i, js[rows][r])
-                    ok[rows[np.unique(r[good])]] = True
+            ok |= _any_pair(p, s, T, js, lo_b, hi_b, valid, skip=ok)
         row[js] = ok
     return reach
+
+
+def _any_pair(p: Problem, s: int, T: float, js: Ints, lo: Ints, hi: Ints, valid: Bools,
+              skip: Bools | None = None) -> Bools:
+    """For each end js[r]: does some valid start in lo[r]..hi[r] make a stage s within T and memory?"""
+    found = np.zeros(js.shape, dtype=bool)
+    todo = np.flatnonzero((lo <= hi) & (~skip if skip is not None else True))
+    for part in _chunks((hi - lo + 1)[todo]):
+        rows = todo[part]
+        r, i = _pairs(lo[rows], hi[rows])
+        good = valid[i]
+        r, i = r[good], i[good]
+        if r.size:
+            good = _ok_pairs(p, s, T, i, js[rows][r])
+            found[rows[np.unique(r[good])]] = True
+    return found
 
 
 def _backtrack(p: Problem, T: float, reach: list[Bools]) -> list[int]:
@@ -254,8 +266,9 @@ def _backtrack(p: Problem, T: float, reach: list[Bools]) -> list[int]:
 
 
 def _monotone(p: Problem) -> bool:
-    """True when a stage that fits still fits with fewer blocks: no sends, no recomputation."""
-    return not p.model.sends and (not p.model.recompute or not p.limited)
+    """True when a stage that fits still fits with fewer blocks: no sends, no recomputation, and no skips
+    or ties under a memory limit (a stage that starts after a skip's source holds it)."""
+    return not p.model.sends and (not p.limited or (not p.model.recompute and not p.general))
 
 
 def _greedy_safe(p: Problem, T: float) -> bool:

@@ -34,7 +34,7 @@ class LayerProfile:
     """Bytes autograd keeps alive for backward (parameters excluded), each storage
     charged to the first block that saves it."""
     output_bytes: int
-    """Bytes of the block's output: what crosses a stage boundary after it."""
+    """Bytes of the block's output (the main path): what crosses a stage boundary after it, besides skips."""
     forward_iqr_ms: float = 0.0
     """Spread of the forward timings: interquartile range."""
     backward_iqr_ms: float = 0.0
@@ -47,11 +47,17 @@ class LayerProfile:
     optimizer_ms: float = 0.0
     """One AdamW step over the block's parameters, with zeroing their gradients:
     paid once per training step, not per micro-batch."""
+    skip_bytes: int = 0
+    """Bytes of skips that also cross the boundary after the block: values made by earlier blocks (or
+    model inputs) that a later block needs. A stage boundary here sends them too, and the stage after
+    it holds them until the micro-batch's backward. 0 for a chain of children."""
 
     def to_dict(self) -> dict[str, Any]:
         data = asdict(self)
         if data["cuda_peak_bytes"] is None:
             del data["cuda_peak_bytes"]
+        if not data["skip_bytes"]:
+            del data["skip_bytes"]
         return data
 
     @staticmethod
@@ -73,6 +79,7 @@ class LayerProfile:
             buffer_bytes=f.integer("buffer_bytes", required=False, default=0),
             cuda_peak_bytes=peak,
             optimizer_ms=f.number("optimizer_ms", required=False, default=0.0),
+            skip_bytes=f.integer("skip_bytes", required=False, default=0),
         )
 
 

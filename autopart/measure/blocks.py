@@ -5,23 +5,31 @@ Sequential becomes a block named by its module path (``h.3``), so a model
 built as ``Sequential(embed, Sequential(*layers), head)`` gives ``embed``,
 ``h.0`` ... ``head``. Any other module is cut into its top-level children,
 which must reproduce its forward when run in order; that is checked on the
-example. General graphs (skips, branches) come later.
+example. Any other model is captured as a graph (:mod:`autopart.measure.capture`)
+and cut at module boundaries (:mod:`autopart.measure.cutpoints`).
 """
 from __future__ import annotations
 
-from typing import Any, Sequence
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any, Callable, Sequence
 
 import torch
 from torch import nn
+from torch.utils import _pytree as pytree
 
 from autopart.errors import AutopartError
 
-__all__ = ["Block", "split_blocks", "run_chain", "check_chain", "call_block", "tensors_of"]
+if TYPE_CHECKING:
+    from autopart.measure.cutpoints import GraphBlocks
 
-Block = tuple[str, nn.Module]
+__all__ = ["NamedBlock", "Chain", "StageModule", "chain_of", "split_blocks", "run_chain", "check_chain", "call_block",
+           "tensors_of"]
+
+NamedBlock = tuple[str, nn.Module]
+"""A block and its name in the model (``"h.3"``)."""
 
 
-def _flatten(prefix: str, module: nn.Module, out: list[Block]) -> None:
+def _flatten(prefix: str, module: nn.Module, out: list[NamedBlock]) -> None:
     for name, child in module.named_children():
         path = f"{prefix}{name}"
         if isinstance(child, nn.Sequential):
@@ -30,9 +38,9 @@ def _flatten(prefix: str, module: nn.Module, out: list[Block]) -> None:
             out.append((path, child))
 
 
-def split_blocks(module: nn.Module) -> list[Block]:
+def split_blocks(module: nn.Module) -> list[NamedBlock]:
     """The chain of blocks of ``module``, in execution order."""
-    blocks: list[Block] = []
+    blocks: list[NamedBlock] = []
     _flatten("", module, blocks)
     if not blocks:
         raise AutopartError(f"{type(module).__name__} has no child modules to cut into blocks")
@@ -46,7 +54,7 @@ def call_block(block: nn.Module, inputs: Any) -> Any:
     return block(inputs)
 
 
-def run_chain(blocks: Sequence[Block], example: tuple[torch.Tensor, ...]) -> Any:
+def run_chain(blocks: Sequence[NamedBlock], example: tuple[torch.Tensor, ...]) -> Any:
     out: Any = example if len(example) > 1 else example[0]
     for _, block in blocks:
         out = call_block(block, out)
@@ -64,7 +72,7 @@ def tensors_of(value: Any) -> list[torch.Tensor]:
     return []
 
 
-def check_chain(module: nn.Module, blocks: Sequence[Block], example: tuple[torch.Tensor, ...], name: str) -> None:
+def check_chain(module: nn.Module, blocks: Sequence[NamedBlock], example: tuple[torch.Tensor, ...], name: str) -> None:
     """Raise unless running ``blocks`` in order gives what ``module(*example)`` gives.
 
     Runs in eval mode without gradients (deterministic), restoring every
@@ -95,3 +103,87 @@ def check_chain(module: nn.Module, blocks: Sequence[Block], example: tuple[torch
             f"model {name!r}: its top-level children run in order do not reproduce its forward; "
             f"give an nn.Sequential (blocks: {', '.join(n for n, _ in blocks)})"
         )
+
+
+class StageModule(nn.Module):
+    """Blocks of one stage of a chain of modules, run in order; submodule paths are the original model's
+    (``h.3``), so the stage's ``state_dict`` keys are the unpartitioned model's."""
+
+    def __init__(self, root: nn.Module, block_names: Sequence[str]) -> None:
+        super().__init__()
+        self.block_names = list(block_names)
+        for name in self.block_names:
+            parent: nn.Module = self
+            *path, leaf = name.split(".")
+            for part in path:
+                if part not in parent._modules:
+                    parent.add_module(part, nn.Module())
+                child = parent._modules[part]
+                assert child is not None
+                parent = child
+            parent.add_module(leaf, root.get_submodule(name))
+
+    def forward(self, *args: Any) -> Any:
+        out: Any = args if len(args) > 1 else args[0]
+        for name in self.block_names:
+            out = call_block(self.get_submodule(name), out)
+        return out
+
+
+LossFn = Callable[[Any, Any], torch.Tensor]
+
+
+@dataclass(eq=False)
+class Chain:
+    """A model as an ordered chain of blocks: its children, or its captured graph cut at module boundaries."""
+
+    root: nn.Module
+    blocks: list[NamedBlock]
+    """(name, module) per block; a graph block takes the values live before it and returns those live after."""
+    graph: GraphBlocks | None = None
+    """The captured graph and its cuts, when the model is not a chain of its children."""
+
+    @property
+    def names(self) -> list[str]:
+        return [name for name, _ in self.blocks]
+
+    def stage_module(self, first: int, last: int) -> nn.Module:
+        """Blocks ``first``..``last`` as one module whose ``state_dict`` has the model's own names."""
+        if self.graph is not None:
+            return self.graph.stage_module(first, last)
+        return StageModule(self.root, self.names[first: last + 1])
+
+    def model_loss(self, loss_fn: LossFn) -> LossFn:
+        """``loss_fn(output, target)`` for what the last block returns: a graph returns the model's output
+        flattened, which is rebuilt (a tuple, a ModelOutput ...) before the user's loss sees it."""
+        if self.graph is None:
+            return loss_fn
+        spec = self.graph.graph.out_spec
+
+        def loss(flat: Any, target: Any) -> torch.Tensor:
+            leaves = list(flat) if isinstance(flat, (tuple, list)) else [flat]
+            return loss_fn(pytree.tree_unflatten(leaves, spec), target)
+
+        return loss
+
+    def crossing_bytes(self) -> list[tuple[int, int]] | None:
+        """(main path, skips) bytes at each cut of a captured graph; None for a chain of children."""
+        if self.graph is None:
+            return None
+        return [(b.main_bytes, b.skip_bytes) for b in self.graph.boundaries]
+
+
+def chain_of(module: nn.Module, example: tuple[Any, ...], name: str) -> Chain:
+    """The blocks of ``module``: the flattened children of an ``nn.Sequential``, the top-level children
+    when they reproduce its forward (the fast path, no capture), or else its ``torch.export`` graph."""
+    try:
+        blocks = split_blocks(module)
+        check_chain(module, blocks, tuple(example), name)
+        return Chain(module, blocks)
+    except AutopartError:
+        pass
+    from autopart.measure.capture import capture
+    from autopart.measure.cutpoints import graph_blocks
+
+    graph = graph_blocks(capture(module, tuple(example), name=name), module)
+    return Chain(module, [(n, graph.stage_module(i, i)) for i, n in enumerate(graph.names)], graph)

@@ -29,7 +29,7 @@ from torch import nn
 
 from autopart.errors import AutopartError
 from autopart.formats.profile import LayerProfile, Profile, Tie
-from autopart.measure.blocks import Block, call_block, check_chain, split_blocks, tensors_of
+from autopart.measure.blocks import NamedBlock, call_block, chain_of, tensors_of
 
 __all__ = ["profile_model", "ProgressFn", "time_block"]
 
@@ -75,8 +75,11 @@ def _preserved(module: nn.Module, device: torch.device) -> Iterator[None]:
                     b.copy_(saved)
 
 
-def _param_bytes(blocks: Sequence[Block]) -> tuple[list[int], list[int], list[Tie]]:
-    """Parameter and buffer bytes per block; a shared tensor counts in its first block."""
+def _param_bytes(blocks: Sequence[NamedBlock], qualified: bool = False) -> tuple[list[int], list[int], list[Tie]]:
+    """Parameter and buffer bytes per block; a shared tensor counts in its first block.
+
+    ``qualified``: the blocks' own parameter names are already the model's (graph blocks).
+    """
     first_owner: dict[int, str] = {}
     names: dict[int, list[str]] = {}
     users: dict[int, list[str]] = {}
@@ -86,7 +89,7 @@ def _param_bytes(blocks: Sequence[Block]) -> tuple[list[int], list[int], list[Ti
         total = 0
         for pname, p in block.named_parameters(remove_duplicate=False):
             key = id(p)
-            names.setdefault(key, []).append(f"{block_name}.{pname}")
+            names.setdefault(key, []).append(pname if qualified else f"{block_name}.{pname}")
             if block_name not in users.setdefault(key, []):
                 users[key].append(block_name)
             if key not in first_owner:
@@ -100,7 +103,7 @@ def _param_bytes(blocks: Sequence[Block]) -> tuple[list[int], list[int], list[Ti
     return params, buffers, ties
 
 
-def _activation_pass(module: nn.Module, blocks: Sequence[Block], example: tuple[torch.Tensor, ...],
+def _activation_pass(module: nn.Module, blocks: Sequence[NamedBlock], example: tuple[torch.Tensor, ...],
                      loss: Callable[[Any], torch.Tensor] | None = None) -> tuple[list[int], list[Any]]:
     """One connected forward: saved bytes per block, and each block's input (detached)."""
     excluded = {k for t in list(module.parameters()) + list(module.buffers()) if (k := _storage_key(t))}
@@ -278,13 +281,17 @@ def profile_model(module: nn.Module, example: torch.Tensor | Sequence[torch.Tens
     example_t = (example,) if isinstance(example, torch.Tensor) else tuple(example)
     if not example_t:
         raise AutopartError("example input is empty")
-    blocks = split_blocks(module)
     device, dtype = _module_device_dtype(module, example_t)
     bad = [str(t.device) for t in example_t if t.device != device]
     if bad:
         raise AutopartError(f"example is on {bad[0]} but the model is on {device}")
-    check_chain(module, blocks, example_t, name)
-    param_bytes, buffer_bytes, ties = _param_bytes(blocks)
+    with _preserved(module, device):
+        chain = chain_of(module, example_t, name)
+    blocks = chain.blocks
+    if loss_fn is not None:
+        loss_fn = chain.model_loss(loss_fn)
+    param_bytes, buffer_bytes, ties = _param_bytes(blocks, qualified=chain.graph is not None)
+    crossing = chain.crossing_bytes() or []
     clock = _Clock(device)
     layers = []
     with _preserved(module, device):
@@ -300,9 +307,10 @@ def profile_model(module: nn.Module, example: torch.Tensor | Sequence[torch.Tens
             last = i == len(blocks) - 1
             f_ms, b_ms, f_iqr, b_iqr, peak = _time_block(block, inputs[i], clock, warmup, repeats, device,
                                                          loss if last else None)
+            main, skip = crossing[i] if i < len(crossing) else (_nbytes(inputs[i + 1]), 0)
             layers.append(LayerProfile(
                 name=block_name, forward_ms=f_ms, backward_ms=b_ms, optimizer_ms=_optimizer_ms(block, clock),
-                param_bytes=param_bytes[i], activation_bytes=saved[i], output_bytes=_nbytes(inputs[i + 1]),
+                param_bytes=param_bytes[i], activation_bytes=saved[i], output_bytes=main, skip_bytes=skip,
                 forward_iqr_ms=f_iqr, backward_iqr_ms=b_iqr, buffer_bytes=buffer_bytes[i], cuda_peak_bytes=peak,
             ))
             if progress is not None:

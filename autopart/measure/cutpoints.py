@@ -1,0 +1,325 @@
+"""Where a captured graph can be cut, what crosses each cut, and the chain of blocks between cuts.
+
+    blocks = graph_blocks(capture(model, example), model)
+    blocks.names                    # ["transformer.wte", "transformer.wpe", "transformer.h.0", ..., "lm_head"]
+    blocks.boundaries[3]            # what crosses the cut after block 3: main path and skips, with bytes
+    blocks.stage_module(2, 5)       # blocks 2..5 as one GraphModule: live set in, live set out
+
+Note: blocks follow the module tree. Operations are grouped by the module
+they ran in, descending through containers of repeated layers (a ModuleList
+of transformer layers, a Sequential of bottlenecks) and through modules that
+hold such a stack, so ``transformer.h.3`` or ``down2`` is one block; code
+between modules joins the block before it, and blocks without parameters
+(activations, pooling, dropout) join their neighbour. Every cut between two
+blocks is then a valid cut point of the graph, and what crosses it is the
+*live set*: every value made before the cut (or a model input) that an
+operation after it needs. The value made by the block just before the cut is
+the main path; the others are skips.
+
+Values computed from the model inputs alone, with no parameter and no
+randomness (attention masks, position ids, rotary tables), are not sent:
+each stage that needs them recomputes them from the inputs, which then cross
+instead when that is fewer bytes.
+"""
+from __future__ import annotations
+
+from collections import Counter
+from dataclasses import dataclass, field
+from typing import Any, Sequence
+
+import torch
+from torch import fx, nn
+
+from autopart.measure.capture import ModelGraph, value_bytes
+
+__all__ = ["Crossing", "Boundary", "GraphBlocks", "graph_blocks"]
+
+
+@dataclass(frozen=True)
+class Crossing:
+    """One value that crosses a cut."""
+
+    name: str
+    """The graph node (``relu_1``) or model input (``input_ids``)."""
+    made_by: str
+    """The block that computes it, or ``"input"`` for a model input."""
+    bytes: int
+
+
+@dataclass(frozen=True)
+class Boundary:
+    """The cut after one block."""
+
+    after: str
+    main: tuple[Crossing, ...]
+    """Values the block just before the cut made."""
+    skips: tuple[Crossing, ...]
+    """Values made by earlier blocks, or model inputs, that a later block needs."""
+
+    @property
+    def main_bytes(self) -> int:
+        return sum(c.bytes for c in self.main)
+
+    @property
+    def skip_bytes(self) -> int:
+        return sum(c.bytes for c in self.skips)
+
+
+@dataclass(eq=False)
+class GraphBlocks:
+    """A captured model as an ordered chain of blocks."""
+
+    graph: ModelGraph
+    names: list[str]
+    spans: list[tuple[int, int]]
+    """Each block's operations: ``graph.nodes[first:end]``."""
+    recomputed: set[str]
+    """Input-only values every stage recomputes instead of receiving."""
+    aliases: dict[str, list[str]] = field(default_factory=dict)
+    """Every name of a parameter or buffer the model shares between modules (tied weights), by each name."""
+    live: list[list[str]] = field(default_factory=list)
+    """``live[b]``: the values crossing the cut after block b, in a fixed order (the last: the model outputs)."""
+    _index: dict[str, int] = field(default_factory=dict)
+
+    @property
+    def boundaries(self) -> list[Boundary]:
+        """The cuts between blocks (one fewer than blocks)."""
+        made = self._made_by()
+        out = []
+        for b in range(len(self.names) - 1):
+            crossing = [Crossing(v, made[v], value_bytes(self._node(v))) for v in self.live[b]]
+            out.append(Boundary(after=self.names[b], main=tuple(c for c in crossing if c.made_by == self.names[b]),
+                                skips=tuple(c for c in crossing if c.made_by != self.names[b])))
+        return out
+
+    def inputs_of(self, first: int) -> list[str]:
+        """What a stage starting at block ``first`` receives, in order."""
+        return [n.name for n in self.graph.inputs] if first == 0 else self.live[first - 1]
+
+    def stage_module(self, first: int, last: int) -> fx.GraphModule:
+        """Blocks ``first``..``last`` as one module: ``forward(*inputs_of(first))`` returns the live set after
+        ``last`` as a tuple (the flattened model outputs when ``last`` is the last block).
+
+        Parameters and buffers are the original module's, under its own names (``transformer.h.3.attn.c_attn.weight``).
+        """
+        start, end = self.spans[first][0], self.spans[last][1]
+        own = set(n.name for n in self.graph.nodes[start:end])
+        graph = fx.Graph()
+        env: dict[str, fx.Node] = {}
+        for name in self.inputs_of(first):
+            env[name] = graph.placeholder(name)
+            env[name].meta = dict(self._node(name).meta)
+        wanted = list(self.graph.nodes[start:end])
+        outs = [self._node(v) for v in self.live[last]]
+        needed = self._recompute_closure(wanted, own) | self._recompute_closure(outs, own, direct=True)
+        for node in [n for n in self.graph.nodes if n.name in needed and n.name not in own] + wanted:
+            module = self.graph.module_of(node)
+            env[node.name] = graph.node_copy(node, lambda arg: self._arg(arg, env, graph, module))
+        graph.output(tuple(self._arg(v, env, graph) for v in outs))
+        graph.lint()
+        return fx.GraphModule(self.graph.module, graph, class_name=f"Stage_{first}_{last}")
+
+    # ---- internals ----
+
+    def _node(self, name: str) -> fx.Node:
+        return self._all()[name]
+
+    def _all(self) -> dict[str, fx.Node]:
+        if not self._index:
+            for n in self.graph.module.graph.nodes:
+                self._index[n.name] = n  # type: ignore[assignment]
+        return self._index  # type: ignore[return-value]
+
+    def _arg(self, arg: fx.Node, env: dict[str, fx.Node], graph: fx.Graph, module: str = "") -> fx.Node:
+        if arg.op == "get_attr":
+            target = self._alias(str(arg.target), module)
+            key = f"get_attr:{target}"
+            if key not in env:
+                env[key] = graph.get_attr(target)
+                env[key].meta = dict(arg.meta)
+            return env[key]
+        if arg.name in env:
+            return env[arg.name]
+        raise AssertionError(f"value {arg.name} reaches a stage that neither receives nor computes it")
+
+    def _alias(self, target: str, module: str) -> str:
+        """The name a shared parameter has in the module that uses it (``transformer.wte.weight`` for the
+        embedding, ``lm_head.weight`` for the head), so every stage's ``state_dict`` says what the model says."""
+        names = self.aliases.get(target)
+        if not names:
+            return target
+        inside = [n for n in names if module == n.rsplit(".", 1)[0] or module.startswith(n.rsplit(".", 1)[0] + ".")]
+        return max(inside, key=len) if inside else target
+
+    def _recompute_closure(self, nodes: Sequence[fx.Node], own: set[str], direct: bool = False) -> set[str]:
+        """The recomputed values (and what they are computed from) that ``nodes`` use (or, ``direct``, are)
+        but that are not made among ``own``."""
+        todo = [a for n in nodes for a in ([n] if direct else n.all_input_nodes)
+                if a.name in self.recomputed and a.name not in own]
+        found: set[str] = set()
+        while todo:
+            node = todo.pop()
+            if node.name in found:
+                continue
+            found.add(node.name)
+            todo += [a for a in node.all_input_nodes if a.op not in ("placeholder", "get_attr")]
+        return found
+
+    def _made_by(self) -> dict[str, str]:
+        made = {n.name: "input" for n in self.graph.inputs}
+        for name, (start, end) in zip(self.names, self.spans):
+            for n in self.graph.nodes[start:end]:
+                made[n.name] = name
+        return made
+
+
+def _repeated(module: nn.Module) -> bool:
+    """A container whose children are layers of one kind (a stack to cut between)."""
+    children = list(module.children())
+    if not isinstance(module, (nn.ModuleList, nn.Sequential, nn.ModuleDict)) or len(children) < 2:
+        return False
+    kinds = Counter(type(c) for c in children)
+    return kinds.most_common(1)[0][1] >= 2
+
+
+def _descend(root: nn.Module) -> set[str]:
+    """Module paths to look inside of: stacks of repeated layers and every module that holds one."""
+    out = {""}
+    for path, module in root.named_modules():
+        if _repeated(module):
+            parts = path.split(".") if path else []
+            out |= {".".join(parts[:i]) for i in range(len(parts) + 1)}
+    return out
+
+
+def _unit(stack: list[str], descend: set[str]) -> str | None:
+    """The block an operation belongs to: the outermost module on its stack not to look inside of."""
+    for path in stack:
+        if path not in descend:
+            return path
+    return None
+
+
+def _uses_parameters(node: fx.Node, params: set[str]) -> bool:
+    return any(a.op == "get_attr" and str(a.target) in params for a in node.all_input_nodes)
+
+
+def _random(node: fx.Node) -> bool:
+    tags = getattr(node.target, "tags", ())
+    return torch.Tag.nondeterministic_seeded in tags
+
+
+def _recomputable(graph: ModelGraph, params: set[str]) -> dict[str, set[str]]:
+    """Values made from model inputs alone: value -> the model inputs it needs."""
+    out: dict[str, set[str]] = {}
+    for node in graph.nodes:
+        if _uses_parameters(node, params) or _random(node) or not node.users:
+            continue
+        sources: set[str] = set()
+        ok = True
+        for a in node.all_input_nodes:
+            if a.op == "placeholder":
+                sources.add(a.name)
+            elif a.op == "get_attr":
+                continue
+            elif a.name in out:
+                sources |= out[a.name]
+            else:
+                ok = False
+                break
+        if ok:
+            out[node.name] = sources
+    return out
+
+
+def graph_blocks(graph: ModelGraph, root: nn.Module) -> GraphBlocks:
+    """Cut ``graph`` (captured from ``root``) into blocks along module boundaries, with each cut's live set."""
+    params = {n for n, _ in root.named_parameters(remove_duplicate=False)}
+    descend = _descend(root)
+    units = [_unit(graph.module_stack(n), descend) for n in graph.nodes]
+    runs: list[list[Any]] = []  # [unit, start, end, has_params]
+    for i, (node, unit) in enumerate(zip(graph.nodes, units)):
+        if runs and (unit is None or unit == runs[-1][0]):
+            runs[-1][2] = i + 1
+        elif runs and runs[-1][0] is None:
+            runs[-1][0], runs[-1][2] = unit, i + 1
+        else:
+            runs.append([unit, i, i + 1, False])
+        runs[-1][3] = runs[-1][3] or _uses_parameters(node, params)
+    merged: list[list[Any]] = []
+    for run in runs:  # blocks without parameters join the block before (or, first of all, the one after)
+        if merged and not run[3]:
+            merged[-1][2] = run[2]
+        elif merged and not merged[-1][3]:
+            merged[-1] = [run[0], merged[-1][1], run[2], True]
+        else:
+            merged.append(run)
+    seen: Counter[str] = Counter()
+    names = []
+    for run in merged:
+        base = run[0] or "input"
+        seen[base] += 1
+        names.append(base if seen[base] == 1 else f"{base}#{seen[base]}")
+    blocks = GraphBlocks(graph=graph, names=names, spans=[(r[1], r[2]) for r in merged], recomputed=set(),
+                         aliases=_aliases(root))
+    _choose_recomputed(blocks, params)
+    blocks.live = _live_sets(blocks)
+    return blocks
+
+
+def _aliases(root: nn.Module) -> dict[str, list[str]]:
+    by_tensor: dict[int, list[str]] = {}
+    for name, tensor in list(root.named_parameters(remove_duplicate=False)) + list(
+            root.named_buffers(remove_duplicate=False)):
+        by_tensor.setdefault(id(tensor), []).append(name)
+    return {name: names for names in by_tensor.values() if len(names) > 1 for name in names}
+
+
+def _choose_recomputed(blocks: GraphBlocks, params: set[str]) -> None:
+    """Recompute an input-only value on later stages when its inputs are no more bytes than it is."""
+    graph = blocks.graph
+    sources = _recomputable(graph, params)
+    inputs = {n.name: n for n in graph.inputs}
+    for name, needs in sources.items():
+        node = blocks._node(name)
+        if sum(value_bytes(inputs[s]) for s in needs) <= value_bytes(node):
+            blocks.recomputed.add(name)
+
+
+def _live_sets(blocks: GraphBlocks) -> list[list[str]]:
+    """For every block, the values live after it, ordered inputs first, then by the operation order."""
+    graph = blocks.graph
+    order = {n.name: i for i, n in enumerate(graph.inputs)}
+    order.update({n.name: len(graph.inputs) + i for i, n in enumerate(graph.nodes)})
+    block_of = {}
+    for b, (start, end) in enumerate(blocks.spans):
+        for n in graph.nodes[start:end]:
+            block_of[n.name] = b
+    for n in graph.inputs:
+        block_of[n.name] = -1
+    last_use: dict[str, int] = {}
+    nblocks = len(blocks.names)
+
+    def use(value: fx.Node, at: int) -> None:
+        if value.op == "get_attr":
+            return
+        if value.name in blocks.recomputed:
+            for a in value.all_input_nodes:
+                use(a, at)
+            return
+        last_use[value.name] = max(last_use.get(value.name, -1), at)
+
+    for b, (start, end) in enumerate(blocks.spans):
+        for n in graph.nodes[start:end]:
+            for a in n.all_input_nodes:
+                if a.name in block_of and block_of[a.name] != b or a.name in blocks.recomputed:
+                    use(a, b)
+    for out in graph.outputs:
+        if out is not None:
+            use(out, nblocks)
+    live: list[list[str]] = []
+    for b in range(nblocks):
+        names = [v for v, until in last_use.items() if block_of.get(v, -1) <= b < until]
+        live.append(sorted(names, key=order.__getitem__))
+    live[-1] = [o.name for o in graph.outputs if o is not None]
+    return live
