@@ -8,14 +8,15 @@ import torch
 import torch.distributed as dist
 
 from autopart.run.stages import build_pipeline
-from autopart.measure.spec import load_model
+from autopart.measure.blocks import chain_of
+from autopart.measure.spec import load_model, shape_example
 from autopart.formats.plan import Plan
 
 
 def main(plan_path: str, model: str, out_dir: str) -> None:
     torch.set_num_threads(1)
     dist.init_process_group("gloo")
-    rank, world = dist.get_rank(), dist.get_world_size()
+    rank = dist.get_rank()
     plan = Plan.from_json(plan_path)
     torch.manual_seed(0)
     bundle = load_model(model)
@@ -23,7 +24,8 @@ def main(plan_path: str, model: str, out_dir: str) -> None:
     batch = plan.microbatches * 2
     x = torch.randint(0, 256, (batch, 16), generator=g)
     y = torch.randint(0, 256, (batch, 16), generator=g)
-    pipe = build_pipeline(plan, bundle.module, rank, world, torch.device("cpu"), bundle.loss_fn)
+    chain = chain_of(bundle.module, shape_example(bundle, microbatch_size=2), model)
+    pipe = build_pipeline(plan, chain, rank, torch.device("cpu"), bundle.loss_fn)
     losses = pipe.step(x, y)
     grads = {name: p.grad.clone() for _, m in pipe.modules for name, p in m.named_parameters() if p.grad is not None}
     torch.save({"losses": [float(v) for v in losses] if losses else None, "grads": grads},

@@ -91,6 +91,7 @@ def run(args: argparse.Namespace) -> int:
 
     from autopart.formats.atomic import check_writable
     from autopart.formats.plan import Plan
+    from autopart.measure.blocks import split_blocks
     from autopart.measure.spec import load_model
     from autopart.run.data import TextCorpus
     from autopart.run.stages import check_plan_against_model
@@ -107,7 +108,10 @@ def run(args: argparse.Namespace) -> int:
         raise AutopartError(f"the plan needs {plan.num_ranks} GPUs, this machine has {torch.cuda.device_count()}")
     with torch.device("meta"):
         bundle = load_model(cfg.model)
-    check_plan_against_model(plan, bundle.module, plan.num_ranks, cfg.model)
+    if isinstance(bundle.module, torch.nn.Sequential):  # cheap on the meta device; other models: the ranks check
+        check_plan_against_model(plan, [name for name, _ in split_blocks(bundle.module)], plan.num_ranks, cfg.model)
+    else:
+        check_plan_against_model(plan, [name for st in plan.stages for name in st.blocks], plan.num_ranks, cfg.model)
     if bundle.builtin and cfg.model.startswith("gpt2"):
         TextCorpus(cfg.data)  # fail now, not in every rank, if the corpus is missing or empty
     if cfg.checkpoint:

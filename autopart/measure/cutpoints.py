@@ -32,7 +32,7 @@ from torch import fx, nn
 
 from autopart.measure.capture import ModelGraph, value_bytes
 
-__all__ = ["Crossing", "Boundary", "GraphBlocks", "graph_blocks"]
+__all__ = ["Crossing", "Boundary", "GraphBlocks", "graph_blocks", "contiguous_grad"]
 
 
 @dataclass(frozen=True)
@@ -107,17 +107,27 @@ class GraphBlocks:
         graph = fx.Graph()
         env: dict[str, fx.Node] = {}
         for name in self.inputs_of(first):
-            env[name] = graph.placeholder(name)
-            env[name].meta = dict(self._node(name).meta)
+            placeholder = graph.placeholder(name)
+            placeholder.meta = dict(self._node(name).meta)
+            value = placeholder.meta.get("val")
+            floating = isinstance(value, torch.Tensor) and value.is_floating_point()
+            # gloo sends only contiguous tensors: gradients of the inputs are made so on their way out
+            env[name] = graph.call_function(contiguous_grad, (placeholder,)) if floating else placeholder
+            env[name].meta = placeholder.meta
         wanted = list(self.graph.nodes[start:end])
         outs = [self._node(v) for v in self.live[last]]
         needed = self._recompute_closure(wanted, own) | self._recompute_closure(outs, own, direct=True)
         for node in [n for n in self.graph.nodes if n.name in needed and n.name not in own] + wanted:
             module = self.graph.module_of(node)
             env[node.name] = graph.node_copy(node, lambda arg: self._arg(arg, env, graph, module))
-        graph.output(tuple(self._arg(v, env, graph) for v in outs))
+        graph.output(tuple(graph.call_method("contiguous", (self._arg(v, env, graph),))
+                           if isinstance(v.meta.get("val"), torch.Tensor) else self._arg(v, env, graph) for v in outs))
         graph.lint()
         return fx.GraphModule(self.graph.module, graph, class_name=f"Stage_{first}_{last}")
+
+    def parameter_names(self, first: int, last: int) -> list[str]:
+        """The names under which blocks ``first``..``last`` hold parameters (as :meth:`stage_module` names them)."""
+        return [n for n, _ in self.stage_module(first, last).named_parameters(remove_duplicate=False)]
 
     # ---- internals ----
 
@@ -171,6 +181,21 @@ class GraphBlocks:
             for n in self.graph.nodes[start:end]:
                 made[n.name] = name
         return made
+
+
+class _ContiguousGrad(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx: Any, x: torch.Tensor) -> torch.Tensor:
+        return x.view_as(x)
+
+    @staticmethod
+    def backward(ctx: Any, grad: torch.Tensor) -> torch.Tensor:
+        return grad.contiguous()
+
+
+def contiguous_grad(x: torch.Tensor) -> torch.Tensor:
+    """``x`` itself forward; its gradient made contiguous backward (a ``cat`` backward gives strided ones)."""
+    return _ContiguousGrad.apply(x)  # type: ignore[no-any-return]
 
 
 def _repeated(module: nn.Module) -> bool:

@@ -18,7 +18,8 @@ from torch import nn
 
 from autopart.errors import AutopartError
 from autopart.formats.plan import Plan
-from autopart.measure.spec import ModelBundle, load_model
+from autopart.measure.blocks import Chain, StageModule, chain_of
+from autopart.measure.spec import ModelBundle, load_model, shape_example
 from autopart.run.checkpoint import latest_complete, load_stages, mark_complete
 from autopart.run.config import TrainConfig
 from autopart.run.data import training_data
@@ -27,7 +28,7 @@ from autopart.run.log import say
 from autopart.run.replan import reprofile_stages, write_replan
 from autopart.run.report import gather_measurements, make_report, measure_stages, print_report, write_report
 from autopart.run.resume import restore_pipeline, save_pipeline
-from autopart.run.stages import StageModule, build_pipeline, check_plan_against_model
+from autopart.run.stages import build_pipeline, check_plan_against_model
 
 __all__ = ["run_rank"]
 
@@ -67,18 +68,19 @@ def _prepare(cfg: TrainConfig, rank: int, device: torch.device) -> Job:
     world = int(os.environ.get("WORLD_SIZE", "1"))
     plan = Plan.from_json(cfg.plan)
     bundle = _build(cfg)
-    check_plan_against_model(plan, bundle.module, world, cfg.model)
     m = plan.microbatches
     per_mb = plan.microbatch_size or (int(bundle.example[0].shape[0]) if bundle.example else 1)
     global_batch = cfg.global_batch or per_mb * m
     microbatch_size = plan.microbatch_size_for(global_batch)
+    chain = _chain(cfg, bundle, microbatch_size)
+    check_plan_against_model(plan, chain.names, world, cfg.model)
     sample_shape = tuple(plan.sample_shape[1:]) if plan.sample_shape else (
         tuple(bundle.example[0].shape[1:]) if bundle.example else ())
     saved_dir = latest_complete(cfg.checkpoint) if cfg.checkpoint else None
     saved = load_stages(saved_dir) if saved_dir is not None else []
     start = int(saved[0]["step"]) if saved else 0
     data = training_data(bundle, cfg.data, global_batch, sample_shape, cfg.seed, start)
-    pipe = build_pipeline(plan, bundle.module, rank, world, device, data.loss_fn,
+    pipe = build_pipeline(plan, chain, rank, device, data.loss_fn,
                           init=lambda s, module: _initialise(s, module, cfg.seed))
     optimizer = torch.optim.AdamW(pipe.parameters(), lr=cfg.lr)
     job = Job(cfg=cfg, plan=plan, rank=rank, world=world, device=device, pipe=pipe, optimizer=optimizer, data=data,
@@ -88,6 +90,16 @@ def _prepare(cfg: TrainConfig, rank: int, device: torch.device) -> Job:
     if job.reporter:
         _say_start(job, _batchnorm_layers(bundle.module))
     return job  # the rest of the model (other ranks' blocks) is freed with ``bundle``
+
+
+def _chain(cfg: TrainConfig, bundle: ModelBundle, microbatch_size: int) -> Chain:
+    """The model's blocks, as the profiler found them; a captured graph is captured at the run's micro-batch."""
+    example = shape_example(bundle, microbatch_size=microbatch_size) if bundle.example is not None else ()
+    chain = chain_of(bundle.module, example, cfg.model)
+    if cfg.meta_init and chain.graph is not None:
+        raise AutopartError(f"--meta-init needs a model whose blocks are its children; {cfg.model!r} is captured "
+                            f"as a graph")
+    return chain
 
 
 def _batchnorm_layers(model: nn.Module) -> list[str]:
@@ -105,9 +117,10 @@ def _say_start(job: Job, batchnorm: list[str]) -> None:
         f"{plan.microbatches} micro-batches of {mb} ({gb} per step), data: {job.data.source}{resuming}")
 
 
-def _initialise(stage: int, module: StageModule, seed: int) -> None:
+def _initialise(stage: int, module: nn.Module, seed: int) -> None:
     """Fresh weights for a stage materialised from the meta device: each submodule's own
     ``reset_parameters``, seeded per block so every run draws the same."""
+    assert isinstance(module, StageModule)
     for i, name in enumerate(module.block_names):
         torch.manual_seed(seed * 7919 + stage * 131 + i)
         for sub in module.get_submodule(name).modules():

@@ -37,15 +37,15 @@ class StageProfile:
 def reprofile_stages(job: Job) -> list[StageProfile]:
     """Per-block profiles of this rank's stages, measured on the real micro-batch they received."""
     out = []
-    for s, module in job.pipe.modules:
+    for s, _ in job.pipe.modules:
         captured = job.pipe.captured.get(s)
         if captured is None:
             continue
-        names = module.block_names
-        seq = nn.Sequential(OrderedDict((f"b{i}", module.get_submodule(n)) for i, n in enumerate(names)))
+        names = [name for name, _ in job.pipe.blocks[s]]
+        seq = nn.Sequential(OrderedDict((f"b{i}", block) for i, (_, block) in enumerate(job.pipe.blocks[s])))
         last = s == job.plan.num_stages - 1
         prof = profile_model(seq, captured, name="stage", warmup=1, repeats=3,
-                             loss_fn=job.data.loss_fn if last else None,
+                             loss_fn=job.pipe.loss_fn if last else None,
                              target=job.pipe.last_target if last else None)
         layers = tuple(dataclasses.replace(layer, name=names[i]) for i, layer in enumerate(prof.layers))
         out.append(StageProfile(stage=s, layers=layers, device=prof.device, dtype=prof.dtype))

@@ -80,7 +80,7 @@ def measure_stages(job: Job) -> StageTimes:
             continue
         loss: Callable[[Any], torch.Tensor] | None = None
         if s == job.plan.num_stages - 1 and target is not None:
-            loss = lambda out: job.data.loss_fn(out, target)  # noqa: E731
+            loss = lambda out: job.pipe.loss_fn(out, target)  # noqa: E731
         measured[s] = time_block(module, captured, job.device, warmup=1, repeats=3, loss=loss)
     return measured
 

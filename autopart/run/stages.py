@@ -1,11 +1,16 @@
 """The one module that speaks to torch.distributed.pipelining: stages from a plan, and its schedule.
 
-    pipe = build_pipeline(plan, model, rank, world_size, device, loss_fn)
+    pipe = build_pipeline(plan, chain_of(model, example, name), rank, device, loss_fn)
     losses = pipe.step(inputs, targets)     # one training step of M micro-batches
 
-Each rank keeps only its own stages' blocks (``StageModule``), under the
-unpartitioned model's own module names, so ``state_dict`` keys of every stage
-merge back into the original model's. The schedule is the torch class of the
+Each rank keeps only its own stages' blocks, under the unpartitioned model's
+own names, so ``state_dict`` keys of every stage merge back into the original
+model's. A chain of children gives each stage its children; a captured graph
+gives each stage one GraphModule that takes the values live at its first cut
+and returns those live at its last, so skips pass through the stages between
+and only neighbours talk (every schedule, Interleaved1F1B and ZBVZeroBubble
+included, accepts that). Tied weights live on every stage that uses them and
+their gradients are summed between the ranks that hold them. The schedule is the torch class of the
 plan's name (``get_schedule_class``), with ``scale_grads=True``: gradients are
 the mean over micro-batches, which equals the gradient of the mean loss over
 the mini-batch when every micro-batch has the same size and the loss is a mean.
@@ -22,42 +27,18 @@ from torch.distributed.pipelining.schedules import PipelineScheduleMulti, _Pipel
 
 from autopart.errors import AutopartError
 from autopart.formats.plan import Plan
-from autopart.measure.blocks import call_block, split_blocks
+from autopart.measure.blocks import Chain, LossFn, NamedBlock
 
-__all__ = ["StageModule", "Pipeline", "build_pipeline", "check_plan_against_model"]
-
-
-class StageModule(nn.Module):
-    """Blocks of one stage, run in order; submodule paths are the original model's (``h.3``)."""
-
-    def __init__(self, root: nn.Module, block_names: Sequence[str]) -> None:
-        super().__init__()
-        self.block_names = list(block_names)
-        for name in self.block_names:
-            parent: nn.Module = self
-            *path, leaf = name.split(".")
-            for part in path:
-                if part not in parent._modules:
-                    parent.add_module(part, nn.Module())
-                child = parent._modules[part]
-                assert child is not None
-                parent = child
-            parent.add_module(leaf, root.get_submodule(name))
-
-    def forward(self, *args: Any) -> Any:
-        out: Any = args if len(args) > 1 else args[0]
-        for name in self.block_names:
-            out = call_block(self.get_submodule(name), out)
-        return out
+__all__ = ["Pipeline", "SharedParameters", "build_pipeline", "check_plan_against_model"]
 
 
-def check_plan_against_model(plan: Plan, model: nn.Module, world_size: int, model_name: str) -> None:
-    """Refuse, before any training, a plan that does not fit the model or the number of processes."""
+def check_plan_against_model(plan: Plan, blocks: Sequence[str], world_size: int, model_name: str) -> None:
+    """Refuse, before any training, a plan that does not fit the model's blocks or the number of processes."""
     expected = plan.num_ranks
     if world_size != expected:
         raise AutopartError(f"the plan has {plan.num_stages} stages on {expected} ranks "
                             f"({plan.stages_per_rank} per rank) but {world_size} processes were started")
-    ours = [name for name, _ in split_blocks(model)]
+    ours = list(blocks)
     planned = [name for stage in plan.stages for name in stage.blocks]
     if planned != ours:
         diff = next((i for i, (a, b) in enumerate(zip(planned, ours)) if a != b), min(len(planned), len(ours)))
@@ -67,13 +48,70 @@ def check_plan_against_model(plan: Plan, model: nn.Module, world_size: int, mode
                             f"plan but {want!r} in the model ({len(planned)} vs {len(ours)} blocks)")
 
 
+class SharedParameters:
+    """Parameters that several ranks hold a copy of (tied weights): their gradients are summed between
+    those ranks after every backward, as Megatron's embedding group does, so the copies never drift.
+
+    Note: every rank works out every stage's parameters by name from the same chain, so all ranks
+    create the same process groups in the same order (``new_group`` is collective).
+    """
+
+    def __init__(self, plan: Plan, chain: Chain, rank: int, local: list[tuple[int, nn.Module]]) -> None:
+        canonical = _canonical_names(chain.root)
+        holders: dict[str, set[int]] = {}
+        for s, ranks_stage in enumerate(plan.stage_ranks()):
+            first, last = _span(plan, s)
+            for name in _param_names(chain, first, last):
+                holders.setdefault(canonical.get(name, name), set()).add(ranks_stage)
+        shared = sorted((name, tuple(sorted(r))) for name, r in holders.items() if len(r) > 1)
+        groups: dict[tuple[int, ...], dist.ProcessGroup | None] = {}
+        for _, ranks in shared:
+            if ranks not in groups:
+                groups[ranks] = dist.new_group(list(ranks)) if dist.is_initialized() else None
+        mine = {canonical.get(n, n): p for _, m in local for n, p in m.named_parameters(remove_duplicate=False)}
+        self.local = [(name, mine[name], groups[ranks]) for name, ranks in shared if rank in ranks and name in mine]
+        """(name, this rank's copy, the group of ranks that hold one)."""
+
+    def sync_gradients(self) -> None:
+        for _, param, group in self.local:
+            if param.grad is not None and group is not None:
+                dist.all_reduce(param.grad, group=group)
+
+
+def _canonical_names(root: nn.Module) -> dict[str, str]:
+    """Every name of a shared parameter -> its first name in the model."""
+    first: dict[int, str] = {}
+    out = {}
+    for name, param in root.named_parameters(remove_duplicate=False):
+        out[name] = first.setdefault(id(param), name)
+    return out
+
+
+def _span(plan: Plan, stage: int) -> tuple[int, int]:
+    first = sum(plan.balance[:stage])
+    return first, first + plan.balance[stage] - 1
+
+
+def _param_names(chain: Chain, first: int, last: int) -> list[str]:
+    if chain.graph is not None:
+        return chain.graph.parameter_names(first, last)
+    return [f"{name}.{p}" for name, block in chain.blocks[first: last + 1]
+            for p, _ in block.named_parameters(remove_duplicate=False)]
+
+
 class Pipeline:
     """This rank's stages and the schedule that drives them."""
 
-    def __init__(self, plan: Plan, modules: list[tuple[int, StageModule]], schedule: _PipelineSchedule) -> None:
+    def __init__(self, plan: Plan, blocks: dict[int, list[NamedBlock]], modules: list[tuple[int, nn.Module]],
+                 schedule: _PipelineSchedule, loss_fn: LossFn, shared: SharedParameters) -> None:
         self.plan = plan
+        self.blocks = blocks
+        """Each local stage's blocks, one module each (to measure them one by one)."""
         self.modules = modules
         self.schedule = schedule
+        self.loss_fn = loss_fn
+        """The loss on what the last stage returns (the model's output rebuilt for a captured graph)."""
+        self.shared = shared
         self.has_first = any(s == 0 for s, _ in modules)
         self.has_last = any(s == plan.num_stages - 1 for s, _ in modules)
         self.captured: dict[int, tuple[Any, ...]] = {}
@@ -90,39 +128,51 @@ class Pipeline:
         return hook
 
     def parameters(self) -> list[nn.Parameter]:
-        return [p for _, m in self.modules for p in m.parameters()]
+        """This rank's parameters, each once (two local stages may share one)."""
+        seen: dict[int, nn.Parameter] = {}
+        for _, m in self.modules:
+            for p in m.parameters():
+                seen.setdefault(id(p), p)
+        return list(seen.values())
+
+    def span(self, stage: int) -> tuple[int, int]:
+        """The first and last block of a stage."""
+        return _span(self.plan, stage)
 
     def state_dicts(self) -> dict[int, dict[str, torch.Tensor]]:
         return {s: m.state_dict() for s, m in self.modules}
 
-    def step(self, inputs: torch.Tensor, target: torch.Tensor) -> list[torch.Tensor] | None:
-        """One training step of the plan's micro-batches; the per-micro-batch losses on the last stage's rank."""
+    def step(self, inputs: torch.Tensor | tuple[torch.Tensor, ...], target: torch.Tensor
+             ) -> list[torch.Tensor] | None:
+        """One training step of the plan's micro-batches, shared gradients summed; the per-micro-batch
+        losses on the last stage's rank. ``inputs``: the model's input, or a tuple of its inputs."""
         losses: list[torch.Tensor] = []
+        args = inputs if isinstance(inputs, tuple) else (inputs,)
         if self.has_last and self.last_target is None:
             self.last_target = target.tensor_split(self.plan.microbatches)[0].detach().clone()
         if self.has_first and self.has_last:
-            self.schedule.step(inputs, target=target, losses=losses, return_outputs=False)
+            self.schedule.step(*args, target=target, losses=losses, return_outputs=False)
         elif self.has_first:
-            self.schedule.step(inputs, return_outputs=False)
+            self.schedule.step(*args, return_outputs=False)
         elif self.has_last:
             self.schedule.step(target=target, losses=losses, return_outputs=False)
         else:
             self.schedule.step(return_outputs=False)
+        self.shared.sync_gradients()
         return losses if self.has_last else None
 
 
-def build_pipeline(plan: Plan, model: nn.Module, rank: int, world_size: int, device: torch.device,
-                   loss_fn: Callable[[Any, Any], torch.Tensor], group: dist.ProcessGroup | None = None,
-                   init: Callable[[int, StageModule], None] | None = None) -> Pipeline:
-    """This rank's stages of ``model`` (moved to ``device``) wrapped for ``plan``'s schedule.
+def build_pipeline(plan: Plan, chain: Chain, rank: int, device: torch.device, loss_fn: LossFn,
+                   group: dist.ProcessGroup | None = None,
+                   init: Callable[[int, nn.Module], None] | None = None) -> Pipeline:
+    """This rank's stages of ``chain`` (moved to ``device``) wrapped for ``plan``'s schedule.
 
     Blocks built on the meta device get storage on ``device`` here and are then
     handed to ``init(stage, module)`` to fill it.
     """
-    ours = plan.stages_of(rank)
-    modules = []
-    for s in ours:
-        module = StageModule(model, plan.stages[s].blocks)
+    modules: list[tuple[int, nn.Module]] = []
+    for s in plan.stages_of(rank):
+        module = chain.stage_module(*_span(plan, s))
         if any(t.is_meta for t in list(module.parameters()) + list(module.buffers())):
             module.to_empty(device=device)
             if init is None:
@@ -131,13 +181,16 @@ def build_pipeline(plan: Plan, model: nn.Module, rank: int, world_size: int, dev
         else:
             module.to(device)
         modules.append((s, module))
+    shared = SharedParameters(plan, chain, rank, modules)
+    model_loss = chain.model_loss(loss_fn)
     stages = [PipelineStage(module, s, plan.num_stages, device, group=group) for s, module in modules]
     cls = get_schedule_class(plan.schedule)
     schedule: _PipelineSchedule
     if issubclass(cls, PipelineScheduleMulti):
-        schedule = cls(stages, n_microbatches=plan.microbatches, loss_fn=loss_fn)
+        schedule = cls(stages, n_microbatches=plan.microbatches, loss_fn=model_loss)
     else:
         if len(stages) != 1:
             raise AutopartError(f"{plan.schedule} runs one stage per rank, the plan gives rank {rank} {len(stages)}")
-        schedule = cls(stages[0], n_microbatches=plan.microbatches, loss_fn=loss_fn)
-    return Pipeline(plan, modules, schedule)
+        schedule = cls(stages[0], n_microbatches=plan.microbatches, loss_fn=model_loss)
+    blocks = {s: chain.blocks[_span(plan, s)[0]: _span(plan, s)[1] + 1] for s, _ in modules}
+    return Pipeline(plan, blocks, modules, schedule, model_loss, shared)

@@ -81,7 +81,7 @@ class MLP(nn.Module):
         return self.drop(self.c_proj(F.gelu(self.c_fc(x), approximate="tanh")))
 
 
-class Block(nn.Module):
+class TransformerBlock(nn.Module):
     def __init__(self, cfg: GPT2Config) -> None:
         super().__init__()
         self.ln_1 = nn.LayerNorm(cfg.n_embd)
@@ -110,7 +110,7 @@ class GPT2(nn.Sequential):
     def __init__(self, cfg: GPT2Config) -> None:
         super().__init__(OrderedDict(
             embed=Embedding(cfg),
-            h=nn.Sequential(*[Block(cfg) for _ in range(cfg.n_layer)]),
+            h=nn.Sequential(*[TransformerBlock(cfg) for _ in range(cfg.n_layer)]),
             head=Head(cfg),
         ))
         self.config = cfg
