@@ -1,4 +1,9 @@
-"""Run under torchrun by test_execute.py: one pipelined step, each rank saves its losses and gradients."""
+"""Run under torchrun by the pipeline tests: one pipelined step; each rank saves its losses and gradients.
+
+    pp_grad_check.py PLAN MODEL OUT_DIR [BATCH.pt]
+
+BATCH.pt holds ``(inputs, target)`` (inputs a tuple of tensors); without it, gpt2-tiny's token batch.
+"""
 from __future__ import annotations
 
 import os
@@ -7,31 +12,38 @@ import sys
 import torch
 import torch.distributed as dist
 
-from autopart.run.stages import build_pipeline
+from autopart.formats.plan import Plan
 from autopart.measure.blocks import chain_of
 from autopart.measure.spec import load_model, shape_example
-from autopart.formats.plan import Plan
+from autopart.run.stages import build_pipeline
 
 
-def main(plan_path: str, model: str, out_dir: str) -> None:
+def main(plan_path: str, model: str, out_dir: str, batch_path: str | None = None) -> None:
     torch.set_num_threads(1)
     dist.init_process_group("gloo")
     rank = dist.get_rank()
     plan = Plan.from_json(plan_path)
     torch.manual_seed(0)
     bundle = load_model(model)
-    g = torch.Generator().manual_seed(1)
-    batch = plan.microbatches * 2
-    x = torch.randint(0, 256, (batch, 16), generator=g)
-    y = torch.randint(0, 256, (batch, 16), generator=g)
-    chain = chain_of(bundle.module, shape_example(bundle, microbatch_size=2), model)
+    if batch_path is None:
+        g = torch.Generator().manual_seed(1)
+        batch = plan.microbatches * 2
+        inputs: tuple[torch.Tensor, ...] = (torch.randint(0, 256, (batch, 16), generator=g),)
+        target = torch.randint(0, 256, (batch, 16), generator=g)
+    else:
+        inputs, target = torch.load(batch_path)
+    mb = int(inputs[0].shape[0]) // plan.microbatches
+    chain = chain_of(bundle.module, shape_example(bundle, microbatch_size=mb), model)
+    assert bundle.loss_fn is not None
     pipe = build_pipeline(plan, chain, rank, torch.device("cpu"), bundle.loss_fn)
-    losses = pipe.step(x, y)
-    grads = {name: p.grad.clone() for _, m in pipe.modules for name, p in m.named_parameters() if p.grad is not None}
-    torch.save({"losses": [float(v) for v in losses] if losses else None, "grads": grads},
+    losses = pipe.step(inputs, target)
+    grads = {name: p.grad.clone() for _, m in pipe.modules for name, p in m.named_parameters()
+             if p.grad is not None}
+    states = {s: {k: v.clone() for k, v in m.state_dict().items()} for s, m in pipe.modules}
+    torch.save({"losses": [float(v) for v in losses] if losses else None, "grads": grads, "states": states},
                os.path.join(out_dir, f"rank{rank}.pt"))
     dist.destroy_process_group()
 
 
 if __name__ == "__main__":
-    main(*sys.argv[1:4])
+    main(*sys.argv[1:5])

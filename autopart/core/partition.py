@@ -35,7 +35,7 @@ from autopart.formats.devices import Device
 from autopart.formats.stage import StageCost
 from autopart.formats.units import format_bytes
 
-__all__ = ["Split", "METHODS", "split", "split_exact", "split_minvar", "split_uniform", "split_parameters",
+__all__ = ["Split", "METHODS", "split", "split_exact", "split_minvar", "split_uniform", "split_parameters", "split_given",
            "min_memory_scale"]
 
 Ints = npt.NDArray[np.int64]
@@ -482,6 +482,11 @@ def split_uniform(p: Problem) -> Split:
     """Equal block counts; the first n mod K stages take one more (as torchtitan spreads the remainder)."""
     base, extra = divmod(p.n, p.k)
     return _make(p, "uniform", [base + (1 if s < extra else 0) for s in range(p.k)])
+
+
+def split_given(p: Problem, balance: Sequence[int]) -> Split:
+    """A split given as block counts per stage (a hand-tuned ``balance`` list), priced by the same cost model."""
+    return _make(p, "given", balance)
 
 
 def split_parameters(p: Problem) -> Split:

@@ -66,9 +66,9 @@ def value_bytes(node: fx.Node) -> int:
 
 
 @contextlib.contextmanager
-def _module_trail() -> Iterator[list[str]]:
+def _module_trail(root: nn.Module) -> Iterator[list[str]]:
     """The names of the modules whose forward is running, innermost last (for error messages)."""
-    names: dict[nn.Module, str] = {}
+    names = {m: (n or type(root).__name__) for n, m in root.named_modules()}
     stack: list[str] = []
 
     def pre(module: nn.Module, _: Any) -> None:
@@ -95,16 +95,14 @@ def _first_line(exc: BaseException) -> str:
 def capture(module: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any] | None = None,
             name: str = "model") -> ModelGraph:
     """Export ``module`` on one micro-batch (``args``, ``kwargs``) in training mode."""
-    trail_names = {m: (n or type(module).__name__) for n, m in module.named_modules()}
-    with _module_trail() as trail, warnings.catch_warnings():
+    with _module_trail(module) as trail, warnings.catch_warnings():
         warnings.simplefilter("ignore")
         was = module.training
         module.train()
         try:
             ep = torch.export.export(module, tuple(args), kwargs or {}, strict=False)
         except Exception as exc:
-            where = [trail_names.get(m, m) if isinstance(m, nn.Module) else m for m in trail]
-            inside = f"in {where[-1]!r} " if where else ""
+            inside = f"in {trail[-1]!r} " if trail else ""
             raise AutopartError(
                 f"model {name!r}: torch.export could not capture its forward {inside}({type(exc).__name__}: "
                 f"{_first_line(exc)[:200]}); give an nn.Sequential whose children run in order (each child is "
