@@ -220,17 +220,23 @@ def _print_table(profile: Profile) -> None:
     from autopart.formats.units import format_bytes, format_ms
 
     total = profile.step_ms or 1.0
+    skips = any(layer.skip_bytes for layer in profile.layers)
     table = Table(title=f"{profile.model} on {profile.device}, micro-batch {profile.microbatch_size}",
                   title_justify="left")
-    for col in ("block", "forward", "backward", "share", "params", "activations", "output"):
-        table.add_column(col, justify="left" if col == "block" else "right")
+    for col in ("block", "forward", "backward", "share", "params", "activations", "output") + ("skips",) * skips:
+        table.add_column(col, justify="left" if col == "block" else "right", no_wrap=col == "block")
     for layer in profile.layers:
         share = (layer.forward_ms + layer.backward_ms) / total
         table.add_row(layer.name, format_ms(layer.forward_ms), format_ms(layer.backward_ms), f"{share:.1%}",
                       format_bytes(layer.param_bytes), format_bytes(layer.activation_bytes),
-                      format_bytes(layer.output_bytes))
+                      format_bytes(layer.output_bytes),
+                      *([format_bytes(layer.skip_bytes) if layer.skip_bytes else "-"] if skips else []))
     table.add_section()
     table.add_row("total", format_ms(sum(x.forward_ms for x in profile.layers)),
                   format_ms(sum(x.backward_ms for x in profile.layers)), "100%",
-                  format_bytes(profile.param_bytes), format_bytes(sum(x.activation_bytes for x in profile.layers)), "")
-    Console().print(table)
+                  format_bytes(profile.param_bytes), format_bytes(sum(x.activation_bytes for x in profile.layers)), "",
+                  *([""] if skips else []))
+    console = Console()
+    if not console.is_terminal:
+        console = Console(width=140)
+    console.print(table)

@@ -19,6 +19,7 @@ import torch
 from torch import nn
 
 from autopart.errors import AutopartError
+from autopart.measure.hf import build_hf, is_hf_spec
 from autopart.measure.models.registry import BUILTINS
 
 __all__ = ["Example", "LossFn", "ModelBundle", "load_model", "parse_shape", "parse_dtype", "shape_example"]
@@ -40,13 +41,16 @@ class ModelBundle:
     loss_fn: LossFn | None = None
     data: Iterable[Any] | None = None
     builtin: bool = False
+    data_kind: str | None = None
+    """What autopart trains it on when the factory gives no data: "text" (next byte), "masked-text"
+    (masked bytes) or "digits" (scikit-learn's images); None: the factory's data, or synthetic."""
 
 
 def _load_factory(spec: str) -> Callable[[], Any]:
     target, sep, attr = spec.rpartition(":")
     if not sep or not target or not attr:
         known = ", ".join(BUILTINS)
-        raise AutopartError(f"unknown model {spec!r}: not a built-in ({known}) nor 'pkg.mod:factory' "
+        raise AutopartError(f"unknown model {spec!r}: not a built-in ({known}) nor 'hf:NAME', 'pkg.mod:factory' "
                             f"or 'path/file.py:factory'")
     if target.endswith(".py") or "/" in target or "\\" in target:
         path = Path(target)
@@ -93,7 +97,10 @@ def _as_example(value: Any, spec: str) -> Example:
 def load_model(spec: str) -> ModelBundle:
     """Build the model named by ``spec`` (see the module docstring)."""
     builtin = spec in BUILTINS
-    factory = BUILTINS[spec] if builtin else _load_factory(spec)
+    if is_hf_spec(spec):
+        factory: Callable[[], Any] = lambda: build_hf(spec)  # noqa: E731
+    else:
+        factory = BUILTINS[spec] if builtin else _load_factory(spec)
     try:
         made = factory()
     except AutopartError:
@@ -103,6 +110,7 @@ def load_model(spec: str) -> ModelBundle:
     module: Any
     example: Example | None = None
     loss_fn = data = None
+    data_kind: str | None = None
     if isinstance(made, nn.Module):
         module = made
     elif isinstance(made, tuple) and len(made) == 2:
@@ -113,7 +121,7 @@ def load_model(spec: str) -> ModelBundle:
         module = made["module"]
         if made.get("example") is not None:
             example = _as_example(made["example"], spec)
-        loss_fn, data = made.get("loss_fn"), made.get("data")
+        loss_fn, data, data_kind = made.get("loss_fn"), made.get("data"), made.get("data_kind")
         if loss_fn is not None and not callable(loss_fn):
             raise AutopartError(f"model factory {spec!r}: loss_fn is not callable")
     else:
@@ -121,7 +129,8 @@ def load_model(spec: str) -> ModelBundle:
                             f"(module, example) or a mapping with 'module'")
     if not isinstance(module, nn.Module):
         raise AutopartError(f"model factory {spec!r} returned {type(module).__name__} as module, not an nn.Module")
-    return ModelBundle(name=spec, module=module, example=example, loss_fn=loss_fn, data=data, builtin=builtin)
+    return ModelBundle(name=spec, module=module, example=example, loss_fn=loss_fn, data=data, builtin=builtin,
+                       data_kind=data_kind)
 
 
 def parse_shape(text: str) -> tuple[int, ...]:

@@ -40,6 +40,8 @@ class StageFile(TypedDict):
     rank: int
     local_stages: list[int]
     """Every stage that rank held: the optimizer state fits a rank holding the same."""
+    aliases: dict[str, str]
+    """Names in ``model`` that are another name of a tied parameter -> its first name (absent in old files)."""
 
 
 def step_dir(root: str | Path, step: int) -> Path:
@@ -47,13 +49,14 @@ def step_dir(root: str | Path, step: int) -> Path:
 
 
 def save_stage(root: str | Path, step: int, stage: int, model_state: dict[str, torch.Tensor],
-               optimizer_state: dict[str, Any] | None, rank: int, local_stages: list[int]) -> Path:
+               optimizer_state: dict[str, Any] | None, rank: int, local_stages: list[int],
+               aliases: dict[str, str] | None = None) -> Path:
     """Write one stage's file for ``step``, atomically."""
     folder = step_dir(root, step)
     folder.mkdir(parents=True, exist_ok=True)
     buffer = io.BytesIO()
     content = StageFile(step=step, stage=stage, model={k: v.detach().cpu() for k, v in model_state.items()},
-                        optimizer=optimizer_state, rank=rank, local_stages=local_stages)
+                        optimizer=optimizer_state, rank=rank, local_stages=local_stages, aliases=aliases or {})
     torch.save(content, buffer)
     return write_atomic(folder / f"stage-{stage}.pt", lambda handle: handle.write(buffer.getvalue()))
 
@@ -110,7 +113,18 @@ def merge_checkpoint(path: str | Path) -> dict[str, torch.Tensor]:
     if folder is None:
         raise AutopartError(f"no complete checkpoint under {str(base)!r}")
     merged: dict[str, torch.Tensor] = {}
-    for stage in load_stages(folder):
-        for name, tensor in stage["model"].items():
+    copies: dict[str, list[tuple[str, int, torch.Tensor]]] = {}
+    for content in load_stages(folder):
+        aliases = content.get("aliases", {})
+        for name, tensor in content["model"].items():
             merged.setdefault(name, tensor)
+            copies.setdefault(aliases.get(name, name), []).append((name, content["stage"], tensor))
+    for first, found in copies.items():  # a tied weight (or any name two stages hold) must agree everywhere
+        name, stage, reference = found[0]
+        for other, other_stage, tensor in found[1:]:
+            if tensor.shape != reference.shape or not torch.equal(tensor, reference):
+                diff = float((tensor.float() - reference.float()).abs().max()) if tensor.shape == reference.shape \
+                    else float("nan")
+                raise AutopartError(f"checkpoint {folder}: the copies of {first!r} differ ({name!r} in stage {stage}, "
+                                    f"{other!r} in stage {other_stage}: max difference {diff:.3g})")
     return merged

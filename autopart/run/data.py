@@ -125,12 +125,15 @@ def training_data(bundle: ModelBundle, data_path: str | None, global_batch: int,
                   seed: int, start_step: int) -> TrainingData:
     """The built-ins' real data, the factory's own, or labelled synthetic data; batch i depends on the seed and i only."""
     name = bundle.name
-    if bundle.builtin and name.startswith("gpt2"):
+    if bundle.data is None and bundle.data_kind in ("text", "masked-text"):
         assert bundle.loss_fn is not None
         corpus = TextCorpus(data_path)
         seq = sample_shape[0]
-        return TrainingData(corpus.batches(global_batch, seq, seed, start_step), corpus.source, bundle.loss_fn, seq)
-    if bundle.builtin:
+        batches = corpus.batches(global_batch, seq, seed, start_step)
+        if bundle.data_kind == "masked-text":
+            batches = _masked(batches, seed, start_step, _mask_id(bundle))
+        return TrainingData(batches, corpus.source, bundle.loss_fn, seq)
+    if bundle.data is None and bundle.data_kind == "digits":
         assert bundle.loss_fn is not None
         if data_path:
             raise AutopartError(f"--data for {name} is not supported: it trains on scikit-learn's digits")
@@ -144,6 +147,27 @@ def training_data(bundle: ModelBundle, data_path: str | None, global_batch: int,
     return TrainingData(_synthetic(bundle, global_batch, sample_shape, seed),
                         "SYNTHETIC (random inputs, MSE to a fixed random target: measures speed, learns nothing)",
                         F.mse_loss, 1)
+
+
+MASK_SHARE = 0.15
+"""Share of the bytes a masked LM has to guess, as BERT's pre-training masks."""
+
+
+def _mask_id(bundle: ModelBundle) -> int:
+    """A token id that no byte is: the vocabulary's last."""
+    config = getattr(bundle.module, "config", None)
+    return int(getattr(config, "vocab_size", 256)) - 1
+
+
+def _masked(batches: Batches, seed: int, start_step: int, mask_id: int) -> Batches:
+    """Inputs with 15% of the bytes replaced by the mask id; targets those bytes, the rest ignored (-100)."""
+    step = start_step
+    for x, _ in batches:
+        g = torch.Generator().manual_seed(seed * 7_000_003 + step)
+        chosen = torch.rand(x.shape, generator=g) < MASK_SHARE
+        target = torch.where(chosen, x, torch.full_like(x, -100))
+        yield torch.where(chosen, torch.full_like(x, mask_id), x), target
+        step += 1
 
 
 def _user_batches(data: Iterable[Any], global_batch: int) -> Batches:

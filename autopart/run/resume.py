@@ -20,7 +20,8 @@ def save_pipeline(pipe: Pipeline, optimizer: torch.optim.Optimizer, root: str, s
     """Write this rank's stage files for ``step`` (the optimizer state goes with its first stage)."""
     ours = [s for s, _ in pipe.modules]
     for i, (s, module) in enumerate(pipe.modules):
-        save_stage(root, step, s, module.state_dict(), optimizer.state_dict() if i == 0 else None, rank, ours)
+        save_stage(root, step, s, module.state_dict(), optimizer.state_dict() if i == 0 else None, rank, ours,
+                   pipe.shared.aliases)
 
 
 def restore_pipeline(pipe: Pipeline, optimizer: torch.optim.Optimizer, stages: list[StageFile],

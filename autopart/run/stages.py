@@ -68,6 +68,9 @@ class SharedParameters:
         for _, ranks in shared:
             if ranks not in groups:
                 groups[ranks] = dist.new_group(list(ranks)) if dist.is_initialized() else None
+        names = [n for _, m in local for n, _ in m.named_parameters(remove_duplicate=False)]
+        self.aliases = {n: canonical[n] for n in names if n in canonical and canonical[n] != n}
+        """Local parameter names that are another name of a shared parameter -> its first name (for checkpoints)."""
         mine = {canonical.get(n, n): p for _, m in local for n, p in m.named_parameters(remove_duplicate=False)}
         self.local = [(name, mine[name], groups[ranks]) for name, ranks in shared if rank in ranks and name in mine]
         """(name, this rank's copy, the group of ranks that hold one)."""

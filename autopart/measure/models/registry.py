@@ -26,6 +26,7 @@ def _gpt2(name: str) -> Callable[[], dict[str, Any]]:
             "module": GPT2(cfg),
             "example": torch.randint(0, cfg.vocab_size, (batch, seq)),
             "loss_fn": lm_loss,
+            "data_kind": "text",
         }
 
     factory.__doc__ = (f"GPT-2 {name.split('-')[1]}: {cfg.n_layer} layers, width {cfg.n_embd}, "
@@ -39,6 +40,7 @@ def _resnet() -> dict[str, Any]:
         "module": ResNet(),
         "example": torch.randn(16, 1, 32, 32),
         "loss_fn": torch.nn.functional.cross_entropy,
+        "data_kind": "digits",
     }
 
 
@@ -48,6 +50,7 @@ def _mlp() -> dict[str, Any]:
         "module": HeteroMLP(),
         "example": torch.randn(32, 64),
         "loss_fn": torch.nn.functional.cross_entropy,
+        "data_kind": "digits",
     }
 
 

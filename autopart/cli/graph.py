@@ -1,0 +1,133 @@
+"""``autopart graph``: the blocks autopart cuts a model into, and the bytes that cross each cut."""
+from __future__ import annotations
+
+import argparse
+import json
+from typing import TYPE_CHECKING, Any
+
+from autopart.cli.common import Subcommands
+from autopart.errors import AutopartError
+
+if TYPE_CHECKING:
+    from autopart.measure.blocks import Chain
+
+__all__: list[str] = []
+
+HELP = """Show how MODEL is cut into blocks, the units pipeline stages are made of:
+the children of an nn.Sequential (or of a module whose children run in order),
+or else its torch.export graph cut at module boundaries. For every cut between
+two blocks, the bytes that would cross it for one micro-batch: the main path
+(what the block before made) and the skips (values made earlier, or model
+inputs, that a later block needs). Nothing is timed; see autopart profile."""
+
+
+def add_parser(sub: Subcommands) -> None:
+    p = sub.add_parser("graph", help="show a model's blocks and what crosses each cut", description=HELP,
+                       formatter_class=argparse.RawDescriptionHelpFormatter,
+                       epilog="examples:\n  autopart graph my_unet.py:make\n  autopart graph hf:gpt2:n_layer=4 --json")
+    p.add_argument("model", metavar="MODEL", help="built-in name, hf:NAME, pkg.mod:factory or file.py:factory")
+    p.add_argument("--microbatch-size", type=int, metavar="B", help="rows in one micro-batch (default: the example's)")
+    p.add_argument("--input-shape", metavar="SHAPE", help="shape of one micro-batch input, e.g. 8,1024")
+    p.add_argument("--input-dtype", metavar="DTYPE", help="dtype of that input: long for token ids, float32 ...")
+    p.add_argument("--json", action="store_true", help="print the blocks and cuts as JSON")
+    p.set_defaults(run=run)
+
+
+def run(args: argparse.Namespace) -> int:
+    import torch
+
+    from autopart.measure.blocks import chain_of
+    from autopart.measure.spec import load_model, parse_dtype, parse_shape, shape_example
+
+    if args.microbatch_size is not None and args.microbatch_size < 1:
+        raise AutopartError(f"--microbatch-size must be >= 1, got {args.microbatch_size}")
+    input_shape = parse_shape(args.input_shape) if args.input_shape else None
+    input_dtype = parse_dtype(args.input_dtype) if args.input_dtype else None
+    torch.manual_seed(0)
+    bundle = load_model(args.model)
+    example = shape_example(bundle, input_shape, input_dtype, args.microbatch_size)
+    chain = chain_of(bundle.module, example, args.model)
+    rows = _rows(chain, example)
+    if args.json:
+        print(json.dumps({"model": args.model, "captured": chain.graph is not None, "blocks": rows}, indent=2))
+        return 0
+    _print(args.model, chain, rows)
+    return 0
+
+
+def _rows(chain: Chain, example: tuple[Any, ...]) -> list[dict[str, Any]]:
+    """One row per block: its parameters and operations, and what crosses the cut after it."""
+    seen: set[int] = set()
+    out = []
+    boundaries = chain.graph.boundaries if chain.graph is not None else _chain_outputs(chain, example)
+    for i, (name, block) in enumerate(chain.blocks):
+        params = 0
+        for p in block.parameters():
+            if id(p) not in seen:
+                seen.add(id(p))
+                params += p.numel() * p.element_size()
+        row: dict[str, Any] = {"block": name, "param_bytes": params}
+        if chain.graph is not None:
+            start, end = chain.graph.spans[i]
+            row["operations"] = end - start
+        if i < len(boundaries):
+            b = boundaries[i]
+            row["main_bytes"], row["skip_bytes"] = b.main_bytes, b.skip_bytes
+            row["skips"] = [{"value": c.name, "from": c.made_by, "bytes": c.bytes} for c in b.skips]
+        out.append(row)
+    return out
+
+
+def _chain_outputs(chain: Chain, example: tuple[Any, ...]) -> list[Any]:
+    """What crosses each cut of a chain of children: the block's output (one forward, no gradients)."""
+    import torch
+
+    from autopart.measure.blocks import call_block, tensors_of
+    from autopart.measure.cutpoints import Boundary, Crossing
+
+    modes = {m: m.training for m in chain.root.modules()}
+    out: list[Any] = []
+    try:
+        chain.root.eval()
+        with torch.no_grad():
+            value: Any = example if len(example) > 1 else example[0]
+            for name, block in chain.blocks[:-1]:
+                value = call_block(block, value)
+                size = sum(t.numel() * t.element_size() for t in tensors_of(value))
+                out.append(Boundary(after=name, main=(Crossing("output", name, size),), skips=()))
+    finally:
+        for m, training in modes.items():
+            m.training = training
+    return out
+
+
+def _print(model: str, chain: Chain, rows: list[dict[str, Any]]) -> None:
+    from rich.console import Console
+    from rich.table import Table
+
+    from autopart.formats.units import format_bytes
+
+    console = Console()
+    if not console.is_terminal:
+        console = Console(width=140)
+    how = ("captured with torch.export, cut at module boundaries" if chain.graph is not None
+           else "a chain of its children (no capture)")
+    console.print(f"{model}: {len(rows)} blocks, {how}", highlight=False, soft_wrap=True)
+    table = Table()
+    captured = chain.graph is not None
+    columns = ["block", "params"] + (["ops"] if captured else []) + ["cut after: main", "skips", "skip values"]
+    for col in columns:
+        table.add_column(col, justify="left" if col in ("block", "skip values") else "right")
+    for row in rows:
+        cells = [row["block"], format_bytes(row["param_bytes"])] + ([str(row["operations"])] if captured else [])
+        if "main_bytes" in row:
+            values = ", ".join(f"{s['value']} ({s['from']}, {format_bytes(s['bytes'])})" for s in row["skips"])
+            cells += [format_bytes(row["main_bytes"]), format_bytes(row["skip_bytes"]) if row["skips"] else "-",
+                      values]
+        else:
+            cells += ["(output)", "", ""]
+        table.add_row(*cells)
+    console.print(table)
+    if captured and chain.graph is not None and chain.graph.recomputed:
+        console.print(f"{len(chain.graph.recomputed)} values computed from the inputs alone (masks, positions) are "
+                      f"recomputed on each stage instead of sent", highlight=False)

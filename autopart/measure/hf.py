@@ -1,0 +1,133 @@
+"""Hugging Face models from their configuration class, with random weights: ``hf:NAME[:FIELD=VALUE,...]``.
+
+    hf:gpt2                                   GPT-2 small (GPT2Config's defaults), causal LM
+    hf:gpt2-medium                            the published sizes of GPT-2 and BERT are known by name
+    hf:bert-base-uncased                      BERT base, masked LM
+    hf:llama:num_hidden_layers=4,hidden_size=512,intermediate_size=1376
+    hf:mistral                                any model type transformers knows (its config class's defaults)
+
+Nothing is downloaded: the model is built with ``from_config`` and the config
+class's defaults (a checkpoint's exact config cannot be fetched offline), then
+the fields given after the name. The KV cache is off (``use_cache=False``).
+Causal LMs learn next bytes of text and masked LMs masked bytes (both as
+token ids 0..255, which every vocabulary here has); the loss is the usual
+cross-entropy on the logits. Needs the ``transformers`` package
+(``pip install 'autopart[hf]'``).
+"""
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+
+from autopart.errors import AutopartError
+
+__all__ = ["is_hf_spec", "build_hf", "causal_lm_loss", "masked_lm_loss", "MASKED_LM_TYPES", "IGNORE_INDEX"]
+
+IGNORE_INDEX = -100
+"""Targets the loss skips (positions that were not masked)."""
+
+MASKED_LM_TYPES = ("bert", "roberta", "distilbert", "albert", "electra", "deberta", "deberta-v2", "xlm-roberta",
+                   "camembert", "mpnet", "modernbert")
+"""Encoder-only model types: trained as masked LMs; every other type as a causal LM."""
+
+# Published sizes that differ from a config class's defaults (which are the base model's).
+_PRESETS: dict[str, tuple[str, dict[str, Any]]] = {
+    "gpt2": ("gpt2", {}),
+    "gpt2-medium": ("gpt2", {"n_layer": 24, "n_embd": 1024, "n_head": 16}),
+    "gpt2-large": ("gpt2", {"n_layer": 36, "n_embd": 1280, "n_head": 20}),
+    "gpt2-xl": ("gpt2", {"n_layer": 48, "n_embd": 1600, "n_head": 25}),
+    "distilgpt2": ("gpt2", {"n_layer": 6}),
+    "bert-base-uncased": ("bert", {}),
+    "bert-base-cased": ("bert", {"vocab_size": 28996}),
+    "bert-large-uncased": ("bert", {"num_hidden_layers": 24, "hidden_size": 1024, "num_attention_heads": 16,
+                                    "intermediate_size": 4096}),
+    "llama": ("llama", {}),
+}
+_SEQ = 128
+
+
+def is_hf_spec(spec: str) -> bool:
+    return spec.startswith("hf:")
+
+
+def _value(text: str) -> Any:
+    low = text.lower()
+    if low in ("true", "false"):
+        return low == "true"
+    for kind in (int, float):
+        try:
+            return kind(text)
+        except ValueError:
+            pass
+    return text
+
+
+def _parse(spec: str) -> tuple[str, dict[str, Any]]:
+    name, _, fields = spec.removeprefix("hf:").partition(":")
+    if not name:
+        raise AutopartError(f"model {spec!r}: give a name after hf:, e.g. hf:gpt2 or hf:llama:num_hidden_layers=4")
+    overrides: dict[str, Any] = {}
+    for item in filter(None, (f.strip() for f in fields.split(","))):
+        key, eq, value = item.partition("=")
+        if not eq or not key.strip() or not value.strip():
+            raise AutopartError(f"model {spec!r}: {item!r} is not FIELD=VALUE (e.g. n_layer=4)")
+        overrides[key.strip()] = _value(value.strip())
+    return name, overrides
+
+
+def build_hf(spec: str) -> dict[str, Any]:
+    """The model-spec mapping (module, example, loss_fn, data kind) of an ``hf:`` spec."""
+    try:
+        import transformers
+        from transformers import AutoConfig, AutoModelForCausalLM, AutoModelForMaskedLM
+    except ImportError:
+        raise AutopartError(f"model {spec!r} needs the transformers package: pip install 'autopart[hf]'") from None
+    transformers.utils.logging.set_verbosity_error()
+    name, overrides = _parse(spec)
+    model_type, preset = _PRESETS.get(name.lower(), (name.lower(), {}))
+    try:
+        config = AutoConfig.for_model(model_type)
+    except ValueError:
+        known = ", ".join(sorted(_PRESETS))
+        raise AutopartError(f"model {spec!r}: transformers knows no model type {model_type!r} (named here: "
+                            f"{known}; or any type transformers has, e.g. mistral, qwen2)") from None
+    for key, value in {**preset, **overrides}.items():
+        if not hasattr(config, key):
+            raise AutopartError(f"model {spec!r}: {type(config).__name__} has no field {key!r}")
+        setattr(config, key, value)
+    if hasattr(config, "use_cache"):
+        config.use_cache = False
+    masked = model_type in MASKED_LM_TYPES
+    try:
+        module = (AutoModelForMaskedLM if masked else AutoModelForCausalLM).from_config(config)
+    except Exception as exc:
+        raise AutopartError(f"model {spec!r}: building it from its config failed: {type(exc).__name__}: "
+                            f"{str(exc).splitlines()[0] if str(exc) else ''}") from None
+    vocab = int(getattr(config, "vocab_size", 0) or 0)
+    if vocab < 256:
+        raise AutopartError(f"model {spec!r}: vocab_size {vocab} < 256, too small for byte-level text")
+    positions = int(getattr(config, "max_position_embeddings", 0) or getattr(config, "n_positions", 0) or _SEQ)
+    seq = min(_SEQ, positions)
+    return {"module": module.train(), "example": torch.randint(0, 256, (1, seq)),
+            "loss_fn": masked_lm_loss if masked else causal_lm_loss, "data_kind": "masked-text" if masked else "text"}
+
+
+def _logits(out: Any) -> torch.Tensor:
+    logits = out.logits if hasattr(out, "logits") else out[0]
+    assert isinstance(logits, torch.Tensor)
+    return logits
+
+
+def causal_lm_loss(out: Any, target: torch.Tensor) -> torch.Tensor:
+    """Cross-entropy of the next-token logits against the next bytes."""
+    logits = _logits(out)
+    return F.cross_entropy(logits.reshape(-1, logits.shape[-1]).float(), target.reshape(-1))
+
+
+def masked_lm_loss(out: Any, target: torch.Tensor) -> torch.Tensor:
+    """Cross-entropy at the masked positions (the others are :data:`IGNORE_INDEX`)."""
+    logits = _logits(out)
+    return F.cross_entropy(logits.reshape(-1, logits.shape[-1]).float(), target.reshape(-1),
+                           ignore_index=IGNORE_INDEX)
