@@ -72,7 +72,7 @@ def _prepare(cfg: TrainConfig, rank: int, device: torch.device) -> Job:
     per_mb = plan.microbatch_size or (int(bundle.example[0].shape[0]) if bundle.example else 1)
     global_batch = cfg.global_batch or per_mb * m
     microbatch_size = plan.microbatch_size_for(global_batch)
-    chain = _chain(cfg, bundle, microbatch_size)
+    chain = _chain(cfg, bundle, microbatch_size, tuple(plan.sample_shape[1:]))
     check_plan_against_model(plan, chain.names, world, cfg.model)
     sample_shape = tuple(plan.sample_shape[1:]) if plan.sample_shape else (
         tuple(bundle.example[0].shape[1:]) if bundle.example else ())
@@ -92,9 +92,10 @@ def _prepare(cfg: TrainConfig, rank: int, device: torch.device) -> Job:
     return job  # the rest of the model (other ranks' blocks) is freed with ``bundle``
 
 
-def _chain(cfg: TrainConfig, bundle: ModelBundle, microbatch_size: int) -> Chain:
-    """The model's blocks, as the profiler found them; a captured graph is captured at the run's micro-batch."""
-    example = shape_example(bundle, microbatch_size=microbatch_size) if bundle.example is not None else ()
+def _chain(cfg: TrainConfig, bundle: ModelBundle, microbatch_size: int, sample_shape: tuple[int, ...]) -> Chain:
+    """The model's blocks, as the profiler found them; a graph is captured at the run's micro-batch shape."""
+    shape = (microbatch_size, *sample_shape) if sample_shape else None
+    example = shape_example(bundle, shape, None, microbatch_size) if bundle.example is not None else ()
     chain = chain_of(bundle.module, example, cfg.model)
     if cfg.meta_init and chain.graph is not None:
         raise AutopartError(f"--meta-init needs a model whose blocks are its children; {cfg.model!r} is captured "
