@@ -61,12 +61,14 @@ def _rows(chain: Chain, example: tuple[Any, ...]) -> list[dict[str, Any]]:
     out = []
     boundaries = chain.graph.boundaries if chain.graph is not None else _chain_outputs(chain, example)
     for i, (name, block) in enumerate(chain.blocks):
-        params = 0
-        for p in block.parameters():
+        params, tied = 0, []
+        for pname, p in block.named_parameters(remove_duplicate=False):
             if id(p) not in seen:
                 seen.add(id(p))
                 params += p.numel() * p.element_size()
-        row: dict[str, Any] = {"block": name, "param_bytes": params}
+            else:
+                tied.append(pname)
+        row: dict[str, Any] = {"block": name, "param_bytes": params, "tied": tied}
         if chain.graph is not None:
             start, end = chain.graph.spans[i]
             row["operations"] = end - start
@@ -107,9 +109,9 @@ def _print(model: str, chain: Chain, rows: list[dict[str, Any]]) -> None:
 
     from autopart.formats.units import format_bytes
 
-    console = Console()
+    console = Console(emoji=False)
     if not console.is_terminal:
-        console = Console(width=140)
+        console = Console(emoji=False, width=140)
     how = ("captured with torch.export, cut at module boundaries" if chain.graph is not None
            else "a chain of its children (no capture)")
     console.print(f"{model}: {len(rows)} blocks, {how}", highlight=False, soft_wrap=True)
@@ -119,7 +121,8 @@ def _print(model: str, chain: Chain, rows: list[dict[str, Any]]) -> None:
     for col in columns:
         table.add_column(col, justify="left" if col in ("block", "skip values") else "right")
     for row in rows:
-        cells = [row["block"], format_bytes(row["param_bytes"])] + ([str(row["operations"])] if captured else [])
+        params = format_bytes(row["param_bytes"]) + (" + tied" if row["tied"] else "")
+        cells = [row["block"], params] + ([str(row["operations"])] if captured else [])
         if "main_bytes" in row:
             values = ", ".join(f"{s['value']} ({s['from']}, {format_bytes(s['bytes'])})" for s in row["skips"])
             cells += [format_bytes(row["main_bytes"]), format_bytes(row["skip_bytes"]) if row["skips"] else "-",

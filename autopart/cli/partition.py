@@ -175,9 +175,9 @@ def _print_plan(plan: Plan) -> None:
 
     from autopart.formats.units import format_bytes, format_ms
 
-    console = Console()
+    console = Console(emoji=False)
     if not console.is_terminal:
-        console = Console(width=140)
+        console = Console(emoji=False, width=140)
     bottleneck = plan.predicted.bottleneck_ms
     sends = any(st.cost.send_ms for st in plan.stages)
     limits = any(st.device.memory_bytes for st in plan.stages)

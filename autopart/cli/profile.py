@@ -51,6 +51,10 @@ def add_parser(sub: Subcommands) -> None:
     p.add_argument("--threads", type=int, metavar="N",
                    help="CPU threads for torch while measuring (default: torch's choice); times depend on it")
     p.add_argument("--seed", type=int, default=0, help="seed for the random weights and inputs (default: 0)")
+    p.add_argument("--build", choices=("auto", "whole", "by-block"), default="auto",
+                   help="auto (default): build the model, unless its weights need more than half the memory "
+                        "available: then build it on the meta device and measure one block at a time, identical "
+                        "blocks once; whole or by-block: always one or the other")
     p.add_argument("-o", "--output", metavar="FILE",
                    help="where to write the profile (default: MODEL-DEVICE-mbB.json in the current folder)")
     p.set_defaults(run=run)
@@ -67,12 +71,12 @@ def run(args: argparse.Namespace) -> int:
 
     from autopart.formats.atomic import check_writable
 
-    err = Console(stderr=True)
+    err = Console(emoji=False, stderr=True)
     request = _request(args)
     if args.output:
         check_writable(args.output)
     with err.status(f"building {args.model} ...") if err.is_terminal else _nothing():
-        bundle, module, examples = _build(args.model, request)
+        bundle, module, examples = _build(args.model, request, args.build, err)
     output = args.output or _default_output(args.model, args.device, int(examples[0][0].shape[0]))
     check_writable(output)
     profile = _measure(args, bundle, module, examples, err)
@@ -124,21 +128,63 @@ def _request(args: argparse.Namespace) -> _Request:
                     seed=args.seed)
 
 
-def _build(spec: str, request: _Request) -> tuple[ModelBundle, nn.Module, list[Example]]:
-    """The model on the requested device and dtype, and one example per micro-batch size."""
+def _build(spec: str, request: _Request, build: str, err: Console) -> tuple[ModelBundle, nn.Module, list[Example]]:
+    """The model on the requested device and dtype, and one example per micro-batch size.
+
+    A model whose weights would take more than half the memory available is built on the meta device
+    (``--build auto``; ``by-block`` always, ``whole`` never) and profiled one block at a time.
+    """
     import torch
 
+    from autopart.formats.units import format_bytes
     from autopart.measure.spec import load_model, shape_example
 
     torch.manual_seed(request.seed)
+    if build != "whole":
+        try:
+            with torch.device("meta"):
+                bundle = load_model(spec)
+        except AutopartError:
+            if build == "by-block":
+                raise
+            bundle = None  # a factory that cannot run on the meta device: build it whole
+        need = sum(p.numel() for p in bundle.module.parameters()) * request.dtype.itemsize if bundle else 0
+        free = _available_bytes()
+        if bundle is not None and (build == "by-block" or (free is not None and need > free // 2)):
+            err.print(f"{spec}: {format_bytes(need)} of weights, {format_bytes(free or 0)} available: built on the meta "
+                      f"device, measured one block at a time", highlight=False, soft_wrap=True)
+            module = bundle.module.to(dtype=request.dtype)
+            return bundle, module, [_real(shape_example(bundle, request.input_shape, request.input_dtype, size),
+                                          request) for size in request.sizes]
+        torch.manual_seed(request.seed)
     bundle = load_model(spec)
     module = bundle.module.to(device=request.device, dtype=request.dtype)
-    examples = []
-    for size in request.sizes:
-        example = shape_example(bundle, request.input_shape, request.input_dtype, size)
-        examples.append(tuple(t.to(device=request.device, dtype=request.dtype) if t.is_floating_point()
-                              else t.to(request.device) for t in example))
-    return bundle, module, examples
+    return bundle, module, [_real(shape_example(bundle, request.input_shape, request.input_dtype, size), request)
+                            for size in request.sizes]
+
+
+def _real(example: Example, request: _Request) -> Example:
+    """The example on the device and dtype asked for; one made on the meta device gets random values
+    (ids 0 and 1: valid in any vocabulary; only shapes matter for the cost)."""
+    import torch
+
+    out = []
+    for t in example:
+        if t.is_meta:
+            t = torch.randn(t.shape).to(t.dtype) if t.is_floating_point() else torch.randint(0, 2, t.shape, dtype=t.dtype)
+        out.append(t.to(device=request.device, dtype=request.dtype) if t.is_floating_point() else t.to(request.device))
+    return tuple(out)
+
+
+def _available_bytes() -> int | None:
+    """MemAvailable from /proc/meminfo (None where there is none)."""
+    try:
+        for line in open("/proc/meminfo", encoding="ascii"):
+            if line.startswith("MemAvailable:"):
+                return int(line.split()[1]) * 1024
+    except OSError:
+        return None
+    return None
 
 
 def _measure(args: argparse.Namespace, bundle: ModelBundle, module: nn.Module, examples: list[Example],
@@ -169,23 +215,30 @@ def _measure(args: argparse.Namespace, bundle: ModelBundle, module: nn.Module, e
 
 def _loss_and_target(bundle: ModelBundle, module: nn.Module, example: Example
                      ) -> tuple[LossFn | None, torch.Tensor | None]:
-    """The built-ins' loss with a random target of the right shape (class ids over the last dimension)."""
+    """The loss of a model autopart brings data for (built-ins, hf:), with a random target of the right shape
+    (class ids over the last dimension of its first output)."""
     import torch
+    from torch.utils import _pytree as pytree
 
-    if not bundle.builtin or bundle.loss_fn is None:
+    from autopart.measure.stream import on_meta
+
+    if bundle.data_kind is None or bundle.loss_fn is None:
         return None, None
+    if bundle.data_kind in ("text", "masked-text"):  # next (or masked) bytes: ids 0..255 shaped like the input
+        return bundle.loss_fn, torch.randint(0, 256, tuple(example[0].shape), device=example[0].device)
     was = module.training
     try:
         module.eval()
         with torch.no_grad():
-            out = module(*example)
+            leaves = pytree.tree_leaves(module(*[t.to("meta") if on_meta(module) else t for t in example]))
+            out = next(x for x in leaves if isinstance(x, torch.Tensor))
     except Exception as exc:
         shape = list(example[0].shape)
         raise AutopartError(f"model {bundle.name!r} cannot run input of shape {shape}: {type(exc).__name__}: "
                             f"{str(exc).splitlines()[0] if str(exc) else ''}") from None
     finally:
         module.train(was)
-    target = torch.randint(0, out.shape[-1], tuple(out.shape[:-1]), device=out.device)
+    target = torch.randint(0, out.shape[-1], tuple(out.shape[:-1]), device=example[0].device)
     return bundle.loss_fn, target
 
 
@@ -227,7 +280,8 @@ def _print_table(profile: Profile) -> None:
         table.add_column(col, justify="left" if col == "block" else "right", no_wrap=col == "block")
     for layer in profile.layers:
         share = (layer.forward_ms + layer.backward_ms) / total
-        table.add_row(layer.name, format_ms(layer.forward_ms), format_ms(layer.backward_ms), f"{share:.1%}",
+        label = layer.name + (f" (= {layer.same_as})" if layer.same_as else "")
+        table.add_row(label, format_ms(layer.forward_ms), format_ms(layer.backward_ms), f"{share:.1%}",
                       format_bytes(layer.param_bytes), format_bytes(layer.activation_bytes),
                       format_bytes(layer.output_bytes),
                       *([format_bytes(layer.skip_bytes) if layer.skip_bytes else "-"] if skips else []))
@@ -236,7 +290,7 @@ def _print_table(profile: Profile) -> None:
                   format_ms(sum(x.backward_ms for x in profile.layers)), "100%",
                   format_bytes(profile.param_bytes), format_bytes(sum(x.activation_bytes for x in profile.layers)), "",
                   *([""] if skips else []))
-    console = Console()
+    console = Console(emoji=False)
     if not console.is_terminal:
-        console = Console(width=140)
+        console = Console(emoji=False, width=140)
     console.print(table)

@@ -74,9 +74,9 @@ def run(args: argparse.Namespace) -> int:
     if args.json:
         print(json.dumps({"plan": args.plan, **sim.to_dict()}, indent=2))
         return 0
-    console = Console()
+    console = Console(emoji=False)
     if not console.is_terminal:
-        console = Console(width=max(args.width + 30, 100))
+        console = Console(emoji=False, width=max(args.width + 30, 100))
     console.print(title, style="bold", highlight=False)
     console.print(f"step {format_ms(sim.step_ms)}, bubble {sim.bubble_fraction:.1%}"
                   + (f" (the plan predicted {format_ms(plan.predicted.step_ms)})"

@@ -52,12 +52,15 @@ class LayerProfile:
     model inputs) that a later block needs. A stage boundary here sends them too, and the stage after
     it holds them until the micro-batch's backward. 0 for a chain of children."""
 
+    same_as: str = ""
+    """Not measured: identical to this earlier block (same operations, shapes and dtypes), whose numbers
+    these are. Only profiles taken one block at a time (models too big to build) reuse measurements."""
+
     def to_dict(self) -> dict[str, Any]:
         data = asdict(self)
-        if data["cuda_peak_bytes"] is None:
-            del data["cuda_peak_bytes"]
-        if not data["skip_bytes"]:
-            del data["skip_bytes"]
+        for key, empty in (("cuda_peak_bytes", None), ("skip_bytes", 0), ("same_as", "")):
+            if data[key] == empty:
+                del data[key]
         return data
 
     @staticmethod
@@ -80,6 +83,7 @@ class LayerProfile:
             cuda_peak_bytes=peak,
             optimizer_ms=f.number("optimizer_ms", required=False, default=0.0),
             skip_bytes=f.integer("skip_bytes", required=False, default=0),
+            same_as=f.string("same_as", required=False, default=""),
         )
 
 

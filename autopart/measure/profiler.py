@@ -281,6 +281,13 @@ def profile_model(module: nn.Module, example: torch.Tensor | Sequence[torch.Tens
     example_t = (example,) if isinstance(example, torch.Tensor) else tuple(example)
     if not example_t:
         raise AutopartError("example input is empty")
+    from autopart.measure.stream import on_meta, profile_by_block
+
+    if on_meta(module):  # too big to build: one block at a time
+        floats = [t.dtype for t in module.parameters() if t.is_floating_point()]
+        return profile_by_block(module, example_t, name=name, device=example_t[0].device,
+                                dtype=floats[0] if floats else torch.float32, warmup=warmup, repeats=repeats,
+                                progress=progress, loss_fn=loss_fn, target=target)
     device, dtype = _module_device_dtype(module, example_t)
     bad = [str(t.device) for t in example_t if t.device != device]
     if bad:

@@ -173,7 +173,7 @@ def _random(shape: Sequence[int], dtype: torch.dtype, like: torch.Tensor | None)
         return torch.randn(*shape).to(dtype)
     if dtype == torch.bool:
         return torch.randint(0, 2, tuple(shape)).bool()
-    high = int(like.max()) + 1 if like is not None and like.numel() else 2
+    high = int(like.max()) + 1 if like is not None and like.numel() and not like.is_meta else 2
     return torch.randint(0, max(high, 1), tuple(shape), dtype=dtype)
 
 

@@ -128,9 +128,9 @@ def print_report(report: Report, plan_microbatch_size: int | None) -> None:
     from rich.console import Console
     from rich.table import Table
 
-    console = Console(stderr=True)
+    console = Console(emoji=False, stderr=True)
     if not console.is_terminal:
-        console = Console(stderr=True, width=120)
+        console = Console(emoji=False, stderr=True, width=120)
     table = Table(title="compute per micro-batch", title_justify="left")
     for col in ("stage", "blocks", "predicted", "measured", "error"):
         table.add_column(col, justify="right")

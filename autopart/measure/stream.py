@@ -1,0 +1,189 @@
+"""Profile a model too big to build: on the meta device, one block materialised at a time.
+
+    with torch.device("meta"):
+        model = build()                       # no memory for the weights
+    profile = profile_by_block(model, example, name="hf:llama", device=torch.device("cpu"))
+
+Note: the model is captured (or cut into its children) on the meta device.
+Then, in order, each block gets real storage on ``device`` with random
+weights (normal, std 0.02; floating buffers 1, integer buffers 0: the values
+do not change what a block costs), runs on the real output of the block
+before it, is timed like :func:`autopart.measure.profiler.profile_model`
+times a block, and goes back to the meta device. At most one block's weights,
+gradients and optimizer state are real at a time, plus the activations of
+one micro-batch. A block identical to one measured before (the same
+operations on the same shapes and dtypes, parameters of the same shapes) is
+not measured again: its profile is that block's, and ``same_as`` says so.
+Activation bytes are counted per block (a storage two blocks save is charged
+to the first), as the whole-model profiler counts them.
+"""
+from __future__ import annotations
+
+import dataclasses
+from typing import Any, Callable, Sequence
+
+import torch
+from torch import fx, nn
+
+from autopart.errors import AutopartError
+from autopart.formats.profile import LayerProfile, Profile
+from autopart.measure.blocks import Chain, call_block, chain_of, tensors_of
+from autopart.measure.profiler import (
+    ProgressFn,
+    _Clock,
+    _detach,
+    _device_name,
+    _nbytes,
+    _optimizer_ms,
+    _param_bytes,
+    _storage_key,
+    _time_block,
+)
+
+__all__ = ["profile_by_block", "on_meta"]
+
+
+def on_meta(module: nn.Module) -> bool:
+    """True when the module's weights have no storage (built under ``torch.device("meta")``)."""
+    return any(t.is_meta for t in list(module.parameters()) + list(module.buffers()))
+
+
+def _materialise(block: nn.Module, device: torch.device, dtype: torch.dtype) -> None:
+    block.to_empty(device=device)
+    with torch.no_grad():
+        for p in block.parameters():
+            p.copy_(torch.randn(p.shape, dtype=torch.float32).mul_(0.02).to(dtype))
+        for b in block.buffers():
+            b.fill_(1 if b.is_floating_point() else 0)
+
+
+def _off_meta(value: Any, device: torch.device) -> Any:
+    if isinstance(value, torch.device) and value.type == "meta":
+        return device
+    if isinstance(value, (list, tuple)):
+        return type(value)(_off_meta(v, device) for v in value)
+    if isinstance(value, dict):
+        return {k: _off_meta(v, device) for k, v in value.items()}
+    return value
+
+
+def _retarget(block: nn.Module, device: torch.device) -> None:
+    """A graph captured on the meta device names it in some operations (``arange(device=meta)``): run on ``device``."""
+    for module in block.modules():  # nested graphs too (autocast and no-grad regions)
+        if isinstance(module, fx.GraphModule):
+            for node in module.graph.nodes:
+                node.args = _off_meta(node.args, device)
+                node.kwargs = _off_meta(node.kwargs, device)
+            module.recompile()
+
+
+def _signature(chain: Chain, index: int, block: nn.Module, inputs: Any) -> str:
+    """What makes two blocks cost the same: their operations on the same shapes, their parameters' shapes."""
+    params = [(tuple(p.shape), str(p.dtype)) for p in block.parameters()]
+    shapes = [(tuple(t.shape), str(t.dtype)) for t in (inputs if isinstance(inputs, tuple) else (inputs,))
+              if isinstance(t, torch.Tensor)]
+    if chain.graph is not None:
+        start, end = chain.graph.spans[index]
+        ops = [(str(n.target), str(getattr(n.meta.get("val"), "shape", ""))) for n in chain.graph.graph.nodes[start:end]]
+    else:
+        ops = [(type(m).__name__, "") for m in block.modules()]
+    return repr((ops, params, shapes))
+
+
+def _fake_outputs(like: Any) -> Any:
+    """A reused block's outputs for the next block: the same shapes and dtypes, random values."""
+    if isinstance(like, torch.Tensor):
+        if like.is_floating_point():
+            return torch.randn(like.shape, dtype=like.dtype, device=like.device)
+        return torch.zeros_like(like)
+    if isinstance(like, tuple):
+        return tuple(_fake_outputs(x) for x in like)
+    return like
+
+
+def profile_by_block(module: nn.Module, example: Sequence[torch.Tensor], *, name: str, device: torch.device,
+                     dtype: torch.dtype = torch.float32, warmup: int = 2, repeats: int = 7,
+                     progress: ProgressFn | None = None, loss_fn: Callable[[Any, Any], torch.Tensor] | None = None,
+                     target: Any = None) -> Profile:
+    """Profile a meta-device ``module`` on the real micro-batch ``example``, one block in memory at a time."""
+    example_t = tuple(example)
+    chain = chain_of(module, tuple(t.to("meta") for t in example_t), name)
+    blocks = chain.blocks
+    for _, block in blocks:
+        _retarget(block, device)
+    param_bytes, buffer_bytes, ties = _param_bytes(blocks, qualified=chain.graph is not None)
+    crossing = chain.crossing_bytes() or []
+    loss = None
+    if loss_fn is not None and target is not None:
+        wrapped = chain.model_loss(loss_fn)
+        loss = lambda out: wrapped(out, target)  # noqa: E731
+    clock = _Clock(device)
+    measured: dict[str, tuple[str, LayerProfile, Any]] = {}
+    layers: list[LayerProfile] = []
+    carried: set[tuple[int, int]] = set()  # storages the block before saved that its output still holds
+    value: Any = example_t if len(example_t) > 1 else example_t[0]
+    for i, (block_name, block) in enumerate(blocks):
+        last = i == len(blocks) - 1
+        sig = _signature(chain, i, block, value)
+        if sig in measured and not last:
+            first, layer, out_like = measured[sig]
+            layers.append(dataclasses.replace(layer, name=block_name, same_as=first))
+            value, carried = _fake_outputs(out_like), set()
+        else:
+            layer, value, carried = _measure(block, block_name, value, device, dtype, clock, warmup, repeats,
+                                             carried, loss if last else None)
+            layers.append(layer)
+            measured.setdefault(sig, (block_name, layer, _detach(value)))
+        main, skip = crossing[i] if i < len(crossing) else (_nbytes(value), 0)
+        layers[-1] = dataclasses.replace(layers[-1], param_bytes=param_bytes[i], buffer_bytes=buffer_bytes[i],
+                                         output_bytes=main, skip_bytes=skip)
+        if progress is not None:
+            progress(block_name, i + 1, len(blocks))
+    first_input = example_t[0]
+    return Profile(
+        model=name, device=_device_name(device), dtype=str(dtype).removeprefix("torch."),
+        microbatch_size=int(first_input.shape[0]) if first_input.dim() else 1,
+        sample_shape=tuple(int(d) for d in first_input.shape), torch=torch.__version__.split("+")[0],
+        layers=tuple(layers), ties=tuple(ties), threads=torch.get_num_threads() if device.type == "cpu" else None,
+        repeats=repeats, warmup=warmup, input_bytes=_nbytes(example_t), loss_in_last_block=loss is not None)
+
+
+def _measure(block: nn.Module, name: str, value: Any, device: torch.device, dtype: torch.dtype, clock: _Clock,
+             warmup: int, repeats: int, carried: set[tuple[int, int]],
+             loss: Callable[[Any], torch.Tensor] | None) -> tuple[LayerProfile, Any, set[tuple[int, int]]]:
+    """One block, with real weights for as long as it is measured: its profile, its (detached) output, and
+    the storages it saved that the output holds (charged to it, not to the next block)."""
+    _materialise(block, device, dtype)
+    try:
+        block.train()
+        excluded = {k for t in list(block.parameters()) + list(block.buffers()) if (k := _storage_key(t))}
+        seen = set(carried)
+        mine: set[tuple[int, int]] = set()
+
+        def pack(t: torch.Tensor) -> torch.Tensor:
+            key = _storage_key(t)
+            if key is not None and key not in excluded and key not in seen:
+                seen.add(key)
+                mine.add(key)
+            return t
+
+        try:
+            with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+                out = call_block(block, value)
+                if loss is not None:
+                    loss(out)
+        except Exception as exc:
+            raise AutopartError(f"block {name!r} cannot run: {type(exc).__name__}: "
+                                f"{str(exc).splitlines()[0] if str(exc) else ''}") from None
+        out = _detach(out)
+        held = {k for t in tensors_of(out) if (k := _storage_key(t))} & mine
+        f_ms, b_ms, f_iqr, b_iqr, peak = _time_block(block, value, clock, warmup, repeats, device, loss)
+        layer = LayerProfile(name=name, forward_ms=f_ms, backward_ms=b_ms, param_bytes=0,
+                             activation_bytes=sum(size for _, size in mine),
+                             output_bytes=0, forward_iqr_ms=f_iqr, backward_iqr_ms=b_iqr, cuda_peak_bytes=peak,
+                             optimizer_ms=_optimizer_ms(block, clock))
+    finally:
+        for p in block.parameters():
+            p.grad = None
+        block.to_empty(device="meta")
+    return layer, out, held
