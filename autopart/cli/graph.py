@@ -13,7 +13,8 @@ if TYPE_CHECKING:
 
 __all__: list[str] = []
 
-HELP = """Show how MODEL is cut into blocks, the units pipeline stages are made of:
+HELP = """Show how MODEL is cut into blocks, the units pipeline stages are made of
+(built on the meta device: no memory for weights, so any size works):
 the children of an nn.Sequential (or of a module whose children run in order),
 or else its torch.export graph cut at module boundaries. For every cut between
 two blocks, the bytes that would cross it for one micro-batch: the main path
@@ -44,8 +45,13 @@ def run(args: argparse.Namespace) -> int:
     input_shape = parse_shape(args.input_shape) if args.input_shape else None
     input_dtype = parse_dtype(args.input_dtype) if args.input_dtype else None
     torch.manual_seed(0)
-    bundle = load_model(args.model)
-    example = shape_example(bundle, input_shape, input_dtype, args.microbatch_size)
+    try:
+        with torch.device("meta"):  # no weights needed: shapes say what crosses a cut
+            bundle = load_model(args.model)
+    except AutopartError:  # a factory that cannot run on the meta device
+        bundle = load_model(args.model)
+    example = tuple(t.to("meta") if bundle.module is not None and _meta(bundle.module) else t
+                    for t in shape_example(bundle, input_shape, input_dtype, args.microbatch_size))
     chain = chain_of(bundle.module, example, args.model)
     rows = _rows(chain, example)
     if args.json:
@@ -53,6 +59,12 @@ def run(args: argparse.Namespace) -> int:
         return 0
     _print(args.model, chain, rows)
     return 0
+
+
+def _meta(module: Any) -> bool:
+    from autopart.measure.stream import on_meta
+
+    return on_meta(module)
 
 
 def _rows(chain: Chain, example: tuple[Any, ...]) -> list[dict[str, Any]]:
@@ -89,6 +101,7 @@ def _chain_outputs(chain: Chain, example: tuple[Any, ...]) -> list[Any]:
 
     modes = {m: m.training for m in chain.root.modules()}
     out: list[Any] = []
+
     try:
         chain.root.eval()
         with torch.no_grad():
