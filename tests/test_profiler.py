@@ -110,9 +110,14 @@ def test_module_whose_children_run_in_order_is_profiled() -> None:
     assert profile.names == ["a", "b", "c"]
 
 
-def test_module_with_a_skip_is_refused() -> None:
-    with pytest.raises(AutopartError, match="do not reproduce its forward"):
-        profile_model(_Skip(), torch.randn(3, 4), warmup=0, repeats=1)
+def test_module_with_a_skip_is_captured_as_a_graph() -> None:
+    # Until graph capture (issue #9) this was refused ("do not reproduce its forward"); now the skip is counted:
+    # the input x crosses the cut after the first call of `a` (with tanh, which has no parameters, joined to it)
+    # because the second call of `a` needs it, and `a`'s weights are shared by both calls.
+    profile = profile_model(_Skip(), torch.randn(3, 4), warmup=0, repeats=1)
+    assert profile.names == ["a", "a#2", "c"]
+    assert [(x.output_bytes, x.skip_bytes) for x in profile.layers[:2]] == [(3 * 8 * 4, 3 * 4 * 4), (3 * 8 * 4, 0)]
+    assert {tie.owner for tie in profile.ties} == {"a"} and all(tie.blocks == ("a", "a#2") for tie in profile.ties)
 
 
 def test_shape_that_does_not_fit_is_a_clear_error() -> None:

@@ -31,7 +31,7 @@ def test_a_chain_built_on_meta_profiles_like_the_whole_model() -> None:
     parts = profile_model(meta, x, name="g", warmup=0, repeats=1)
     assert on_meta(meta)  # nothing was left materialised
     _same_bytes(whole, parts)
-    assert [x.same_as for x in parts.layers] == ["", "", "h.0", "h.0", "", ""]
+    assert [x.same_as for x in parts.layers] == ["", "", "h.0", "h.0", ""]  # embed, h.0, h.1, h.2, head
 
 
 def test_a_captured_graph_on_meta_keeps_its_skips() -> None:

@@ -79,7 +79,8 @@ class GraphBlocks:
     """Every name of a parameter or buffer the model shares between modules (tied weights), by each name."""
     live: list[list[str]] = field(default_factory=list)
     """``live[b]``: the values crossing the cut after block b, in a fixed order (the last: the model outputs)."""
-    _index: dict[str, int] = field(default_factory=dict)
+    by_name: dict[str, fx.Node] = field(default_factory=dict)
+    """Every node of the captured program by name (placeholders and parameters included)."""
 
     @property
     def boundaries(self) -> list[Boundary]:
@@ -132,13 +133,7 @@ class GraphBlocks:
     # ---- internals ----
 
     def _node(self, name: str) -> fx.Node:
-        return self._all()[name]
-
-    def _all(self) -> dict[str, fx.Node]:
-        if not self._index:
-            for n in self.graph.module.graph.nodes:
-                self._index[n.name] = n  # type: ignore[assignment]
-        return self._index  # type: ignore[return-value]
+        return self.by_name[name]
 
     def _arg(self, arg: fx.Node, env: dict[str, fx.Node], graph: fx.Graph, module: str = "") -> fx.Node:
         if arg.op == "get_attr":
@@ -286,7 +281,7 @@ def graph_blocks(graph: ModelGraph, root: nn.Module) -> GraphBlocks:
         seen[base] += 1
         names.append(base if seen[base] == 1 else f"{base}#{seen[base]}")
     blocks = GraphBlocks(graph=graph, names=names, spans=[(r[1], r[2]) for r in merged], recomputed=set(),
-                         aliases=_aliases(root))
+                         aliases=_aliases(root), by_name={n.name: n for n in graph.module.graph.nodes})
     _choose_recomputed(blocks, params)
     blocks.live = _live_sets(blocks)
     return blocks
