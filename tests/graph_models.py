@@ -67,3 +67,9 @@ def hf_gpt2() -> dict[str, Any]:
     cfg = GPT2Config(n_layer=2, n_embd=32, n_head=2, vocab_size=256, n_positions=32, use_cache=False,
                      resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0, bos_token_id=0, eos_token_id=0)
     return {"module": GPT2LMHeadModel(cfg), "example": torch.randint(0, 256, (2, 16)), "loss_fn": hf_lm_loss}
+
+
+def two_in_two_out_keywords() -> dict[str, Any]:
+    """The same model, its example given as keyword inputs."""
+    return {"module": TwoInTwoOut(), "example": {"x": torch.randn(4, 6), "scale": torch.rand(4, 1) + 0.5},
+            "loss_fn": two_loss}

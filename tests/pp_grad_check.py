@@ -33,7 +33,7 @@ def main(plan_path: str, model: str, out_dir: str, batch_path: str | None = None
     else:
         inputs, target = torch.load(batch_path)
     mb = int(inputs[0].shape[0]) // plan.microbatches
-    chain = chain_of(bundle.module, shape_example(bundle, microbatch_size=mb), model)
+    chain = chain_of(bundle.module, shape_example(bundle, microbatch_size=mb), model, bundle.input_names)
     assert bundle.loss_fn is not None
     pipe = build_pipeline(plan, chain, rank, torch.device("cpu"), bundle.loss_fn)
     losses = pipe.step(inputs, target)

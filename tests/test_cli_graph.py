@@ -82,3 +82,15 @@ def test_merge_refuses_copies_of_a_tied_weight_that_differ(tmp_path: Path) -> No
 def test_hf_spec_errors_are_one_line(spec: str, fragment: str) -> None:
     pytest.importorskip("transformers")
     assert_one_line_error(run_cli("graph", spec), fragment)
+
+
+def test_keyword_inputs_profile_and_train_on_synthetic_data(tmp_path: Path) -> None:
+    spec = f"{ROOT / 'tests' / 'graph_models.py'}:two_in_two_out_keywords"
+    shown = json.loads(run_cli("graph", spec, "--json").stdout)
+    assert shown["captured"] and shown["blocks"][0]["skips"] == [{"value": "scale", "from": "input", "bytes": 16}]
+    profile, plan = tmp_path / "p.json", tmp_path / "plan.json"
+    assert run_cli("profile", spec, "--repeats", "1", "-o", str(profile)).returncode == 0
+    assert run_cli("partition", str(profile), "--stages", "2", "--microbatches", "2", "-o", str(plan)).returncode == 0
+    trained = run_cli("train", str(plan), "--model", spec, "--steps", "2")
+    assert trained.returncode == 0, trained.stderr[-2000:]
+    assert "SYNTHETIC" in trained.stderr and "step 2/2" in trained.stderr

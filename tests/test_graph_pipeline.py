@@ -19,7 +19,7 @@ from autopart.core.planner import make_plan
 from autopart.formats.devices import Device
 from autopart.formats.plan import Plan
 from autopart.measure.profiler import profile_model
-from autopart.measure.spec import load_model
+from autopart.measure.spec import call_model, load_model
 from tests.conftest import ROOT
 
 MODELS = str(ROOT / "tests" / "graph_models.py")
@@ -29,7 +29,8 @@ def _plan(spec: str, balance: list[int], schedule: str, microbatches: int, per_r
     torch.manual_seed(0)
     bundle = load_model(spec)
     assert bundle.example is not None
-    profile = profile_model(bundle.module, bundle.example, name=spec, warmup=0, repeats=1)
+    example = dict(zip(bundle.input_names, bundle.example)) if bundle.input_names else bundle.example
+    profile = profile_model(bundle.module, example, name=spec, warmup=0, repeats=1)
     model = CostModel(schedule=schedule, microbatches=microbatches, stages_per_rank=per_rank)
     problem = Problem.from_profile(profile, [Device("cpu")] * len(balance), model)
     plan = make_plan(split_given(problem, balance), problem, model, [Device("cpu")] * len(balance), model_name=spec)
@@ -42,7 +43,7 @@ def _batch(spec: str, microbatches: int) -> tuple[tuple[torch.Tensor, ...], torc
     n = 2 * microbatches
     if spec.endswith(":unet"):
         return (torch.randn(n, 1, 8, 8, generator=g),), torch.randn(n, 2, 8, 8, generator=g)
-    if spec.endswith(":two_in_two_out"):
+    if spec.endswith(":two_in_two_out") or spec.endswith(":two_in_two_out_keywords"):
         return (torch.randn(n, 6, generator=g), torch.rand(n, 1, generator=g) + 0.5), torch.randn(n, 3, generator=g)
     return (torch.randint(0, 256, (n, 16), generator=g),), torch.randint(0, 256, (n, 16), generator=g)
 
@@ -55,8 +56,8 @@ def _reference(spec: str, inputs: tuple[torch.Tensor, ...], target: torch.Tensor
     assert bundle.loss_fn is not None
     model = bundle.module.train()
     parts = [x.tensor_split(microbatches) for x in inputs]
-    losses = [bundle.loss_fn(model(*[p[k] for p in parts]), target.tensor_split(microbatches)[k])
-              for k in range(microbatches)]
+    losses = [bundle.loss_fn(call_model(model, [p[k] for p in parts], bundle.input_names),
+                             target.tensor_split(microbatches)[k]) for k in range(microbatches)]
     loss = torch.stack(losses).mean()
     loss.backward()
     return float(loss.detach()), model
@@ -68,6 +69,7 @@ def _reference(spec: str, inputs: tuple[torch.Tensor, ...], target: torch.Tensor
     ("hf_gpt2", [3, 3], "1F1B", 2, 1),
     ("hf_gpt2", [2, 1, 1, 2], "Interleaved1F1B", 4, 2),
     ("two_in_two_out", [2, 2], "1F1B", 4, 1),
+    ("two_in_two_out_keywords", [1, 3], "GPipe", 2, 1),
     ("unet", [1, 2, 2], "1F1B", 3, 1),  # three ranks: down1's output passes through the middle rank
 ])
 def test_pipelined_step_equals_the_unpartitioned_model(factory: str, balance: list[int], schedule: str,

@@ -52,7 +52,7 @@ def run(args: argparse.Namespace) -> int:
         bundle = load_model(args.model)
     example = tuple(t.to("meta") if bundle.module is not None and _meta(bundle.module) else t
                     for t in shape_example(bundle, input_shape, input_dtype, args.microbatch_size))
-    chain = chain_of(bundle.module, example, args.model)
+    chain = chain_of(bundle.module, example, args.model, bundle.input_names)
     rows = _rows(chain, example)
     if args.json:
         print(json.dumps({"model": args.model, "captured": chain.graph is not None, "blocks": rows}, indent=2))

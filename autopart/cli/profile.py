@@ -207,7 +207,8 @@ def _measure(args: argparse.Namespace, bundle: ModelBundle, module: nn.Module, e
                 bar.update(task, completed=k * total + done, total=len(examples) * total, block=name + label)
 
             loss_fn, target = _loss_and_target(bundle, module, example)
-            profiles.append(profile_model(module, example, name=args.model, warmup=args.warmup,
+            inputs = dict(zip(bundle.input_names, example)) if bundle.input_names else example
+            profiles.append(profile_model(module, inputs, name=args.model, warmup=args.warmup,
                                           repeats=args.repeats, progress=progress, loss_fn=loss_fn, target=target))
     others = tuple((p.microbatch_size, p.layers) for p in profiles[1:])
     return dataclasses.replace(profiles[0], by_microbatch_size=others) if others else profiles[0]
@@ -220,6 +221,7 @@ def _loss_and_target(bundle: ModelBundle, module: nn.Module, example: Example
     import torch
     from torch.utils import _pytree as pytree
 
+    from autopart.measure.spec import call_model
     from autopart.measure.stream import on_meta
 
     if bundle.data_kind is None or bundle.loss_fn is None:
@@ -230,7 +232,8 @@ def _loss_and_target(bundle: ModelBundle, module: nn.Module, example: Example
     try:
         module.eval()
         with torch.no_grad():
-            leaves = pytree.tree_leaves(module(*[t.to("meta") if on_meta(module) else t for t in example]))
+            inputs = [t.to("meta") if on_meta(module) else t for t in example]
+            leaves = pytree.tree_leaves(call_model(module, inputs, bundle.input_names))
             out = next(x for x in leaves if isinstance(x, torch.Tensor))
     except Exception as exc:
         shape = list(example[0].shape)

@@ -174,17 +174,24 @@ class Chain:
         return [(b.main_bytes, b.skip_bytes) for b in self.graph.boundaries]
 
 
-def chain_of(module: nn.Module, example: tuple[Any, ...], name: str) -> Chain:
+def chain_of(module: nn.Module, example: tuple[Any, ...], name: str,
+             input_names: Sequence[str] | None = None) -> Chain:
     """The blocks of ``module``: the flattened children of an ``nn.Sequential``, the top-level children
-    when they reproduce its forward (the fast path, no capture), or else its ``torch.export`` graph."""
-    try:
-        blocks = split_blocks(module)
-        check_chain(module, blocks, tuple(example), name)
-        return Chain(module, blocks)
-    except AutopartError:
-        pass
+    when they reproduce its forward (the fast path, no capture), or else its ``torch.export`` graph.
+
+    With ``input_names`` the model takes the example as keyword inputs (always captured); its blocks
+    then take them in that order, positionally.
+    """
+    if not input_names:
+        try:
+            blocks = split_blocks(module)
+            check_chain(module, blocks, tuple(example), name)
+            return Chain(module, blocks)
+        except AutopartError:
+            pass
     from autopart.measure.capture import capture
     from autopart.measure.cutpoints import graph_blocks
 
-    graph = graph_blocks(capture(module, tuple(example), name=name), module)
+    args, kwargs = ((), dict(zip(input_names, example))) if input_names else (tuple(example), None)
+    graph = graph_blocks(capture(module, args, kwargs, name=name), module)
     return Chain(module, [(n, graph.stage_module(i, i)) for i, n in enumerate(graph.names)], graph)

@@ -22,7 +22,7 @@ import contextlib
 import statistics
 import time
 from pathlib import Path
-from typing import Any, Callable, Iterator, Sequence
+from typing import Any, Callable, Iterator, Mapping, Sequence
 
 import torch
 from torch import nn
@@ -263,10 +263,10 @@ def _module_device_dtype(module: nn.Module, example: Sequence[torch.Tensor]) -> 
     return device, dtype
 
 
-def profile_model(module: nn.Module, example: torch.Tensor | Sequence[torch.Tensor], *, name: str = "model",
-                  warmup: int = 2, repeats: int = 7, progress: ProgressFn | None = None,
+def profile_model(module: nn.Module, example: torch.Tensor | Sequence[torch.Tensor] | Mapping[str, torch.Tensor], *,
+                  name: str = "model", warmup: int = 2, repeats: int = 7, progress: ProgressFn | None = None,
                   loss_fn: Callable[[Any, Any], torch.Tensor] | None = None, target: Any = None) -> Profile:
-    """Profile ``module`` on one micro-batch ``example`` (a tensor or a tuple of tensors).
+    """Profile ``module`` on one micro-batch ``example``: a tensor, a tuple of tensors, or keyword inputs.
 
     The module is profiled where it is (its device and dtype) in training mode,
     and left unchanged. Blocks are the flattened ``nn.Sequential`` children, or
@@ -278,14 +278,16 @@ def profile_model(module: nn.Module, example: torch.Tensor | Sequence[torch.Tens
         raise AutopartError(f"repeats must be >= 1, got {repeats}")
     if warmup < 0:
         raise AutopartError(f"warmup must be >= 0, got {warmup}")
-    example_t = (example,) if isinstance(example, torch.Tensor) else tuple(example)
+    names = tuple(example) if isinstance(example, Mapping) else None
+    example_t = (example,) if isinstance(example, torch.Tensor) else (
+        tuple(example.values()) if isinstance(example, Mapping) else tuple(example))
     if not example_t:
         raise AutopartError("example input is empty")
     from autopart.measure.stream import on_meta, profile_by_block
 
     if on_meta(module):  # too big to build: one block at a time
         floats = [t.dtype for t in module.parameters() if t.is_floating_point()]
-        return profile_by_block(module, example_t, name=name, device=example_t[0].device,
+        return profile_by_block(module, example_t, name=name, device=example_t[0].device, input_names=names,
                                 dtype=floats[0] if floats else torch.float32, warmup=warmup, repeats=repeats,
                                 progress=progress, loss_fn=loss_fn, target=target)
     device, dtype = _module_device_dtype(module, example_t)
@@ -293,7 +295,7 @@ def profile_model(module: nn.Module, example: torch.Tensor | Sequence[torch.Tens
     if bad:
         raise AutopartError(f"example is on {bad[0]} but the model is on {device}")
     with _preserved(module, device):
-        chain = chain_of(module, example_t, name)
+        chain = chain_of(module, example_t, name, names)
     blocks = chain.blocks
     if loss_fn is not None:
         loss_fn = chain.model_loss(loss_fn)

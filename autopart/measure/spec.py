@@ -22,7 +22,8 @@ from autopart.errors import AutopartError
 from autopart.measure.hf import build_hf, is_hf_spec
 from autopart.measure.models.registry import BUILTINS
 
-__all__ = ["Example", "LossFn", "ModelBundle", "load_model", "parse_shape", "parse_dtype", "shape_example"]
+__all__ = ["Example", "LossFn", "ModelBundle", "call_model", "load_model", "parse_shape", "parse_dtype",
+           "shape_example"]
 
 Example = tuple[torch.Tensor, ...]
 """One micro-batch of inputs, as positional arguments."""
@@ -37,10 +38,13 @@ class ModelBundle:
     name: str
     module: nn.Module
     example: Example | None
-    """One micro-batch of inputs, as positional arguments; None when the factory gave none."""
+    """One micro-batch of inputs, in order; None when the factory gave none."""
     loss_fn: LossFn | None = None
     data: Iterable[Any] | None = None
     builtin: bool = False
+    input_names: tuple[str, ...] | None = None
+    """When the example was given as keyword inputs: their names, in the order of ``example``
+    (the model is then called as ``module(**dict(zip(input_names, example)))``)."""
     data_kind: str | None = None
     """What autopart trains it on when the factory gives no data: "text" (next byte), "masked-text"
     (masked bytes) or "digits" (scikit-learn's images); None: the factory's data, or synthetic."""
@@ -86,12 +90,24 @@ def _first_line(exc: BaseException) -> str:
     return text.splitlines()[0] if text else type(exc).__name__
 
 
-def _as_example(value: Any, spec: str) -> Example:
+def _as_example(value: Any, spec: str) -> tuple[Example, tuple[str, ...] | None]:
+    """The example's tensors in order, and their keyword names when it was a mapping."""
     if isinstance(value, torch.Tensor):
-        return (value,)
+        return (value,), None
     if isinstance(value, (tuple, list)) and value and all(isinstance(v, torch.Tensor) for v in value):
-        return tuple(value)
-    raise AutopartError(f"model {spec!r}: example must be a tensor or a tuple of tensors, got {type(value).__name__}")
+        return tuple(value), None
+    if isinstance(value, Mapping) and value and all(isinstance(k, str) and isinstance(v, torch.Tensor)
+                                                    for k, v in value.items()):
+        return tuple(value.values()), tuple(value.keys())
+    raise AutopartError(f"model {spec!r}: example must be a tensor, a tuple of tensors or a mapping of keyword "
+                        f"inputs to tensors, got {type(value).__name__}")
+
+
+def call_model(module: nn.Module, inputs: Sequence[torch.Tensor], input_names: Sequence[str] | None) -> Any:
+    """``module(*inputs)``, or with keyword inputs when the example had names."""
+    if input_names:
+        return module(**dict(zip(input_names, inputs)))
+    return module(*inputs)
 
 
 def load_model(spec: str) -> ModelBundle:
@@ -110,17 +126,21 @@ def load_model(spec: str) -> ModelBundle:
     module: Any
     example: Example | None = None
     loss_fn = data = None
+    input_names: tuple[str, ...] | None = None
+    """When the example was given as keyword inputs: their names, in the order of ``example``
+    (the model is then called as ``module(**dict(zip(input_names, example)))``)."""
     data_kind: str | None = None
+    names: tuple[str, ...] | None = None
     if isinstance(made, nn.Module):
         module = made
     elif isinstance(made, tuple) and len(made) == 2:
-        module, example = made[0], _as_example(made[1], spec)
+        module, (example, names) = made[0], _as_example(made[1], spec)
     elif isinstance(made, Mapping):
         if "module" not in made:
             raise AutopartError(f"model factory {spec!r} returned a mapping without 'module'")
         module = made["module"]
         if made.get("example") is not None:
-            example = _as_example(made["example"], spec)
+            example, names = _as_example(made["example"], spec)
         loss_fn, data, data_kind = made.get("loss_fn"), made.get("data"), made.get("data_kind")
         if loss_fn is not None and not callable(loss_fn):
             raise AutopartError(f"model factory {spec!r}: loss_fn is not callable")
@@ -130,7 +150,7 @@ def load_model(spec: str) -> ModelBundle:
     if not isinstance(module, nn.Module):
         raise AutopartError(f"model factory {spec!r} returned {type(module).__name__} as module, not an nn.Module")
     return ModelBundle(name=spec, module=module, example=example, loss_fn=loss_fn, data=data, builtin=builtin,
-                       data_kind=data_kind)
+                       input_names=names, data_kind=data_kind)
 
 
 def parse_shape(text: str) -> tuple[int, ...]:

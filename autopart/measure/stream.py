@@ -104,10 +104,10 @@ def _fake_outputs(like: Any) -> Any:
 def profile_by_block(module: nn.Module, example: Sequence[torch.Tensor], *, name: str, device: torch.device,
                      dtype: torch.dtype = torch.float32, warmup: int = 2, repeats: int = 7,
                      progress: ProgressFn | None = None, loss_fn: Callable[[Any, Any], torch.Tensor] | None = None,
-                     target: Any = None) -> Profile:
+                     target: Any = None, input_names: Sequence[str] | None = None) -> Profile:
     """Profile a meta-device ``module`` on the real micro-batch ``example``, one block in memory at a time."""
     example_t = tuple(example)
-    chain = chain_of(module, tuple(t.to("meta") for t in example_t), name)
+    chain = chain_of(module, tuple(t.to("meta") for t in example_t), name, input_names)
     blocks = chain.blocks
     for _, block in blocks:
         _retarget(block, device)

@@ -18,14 +18,15 @@ from typing import Any, Callable, Iterable, Iterator
 
 import torch
 import torch.nn.functional as F
+from torch.utils import _pytree as pytree
 
 from autopart.errors import AutopartError
-from autopart.measure.spec import ModelBundle
+from autopart.measure.spec import ModelBundle, call_model
 
 __all__ = ["TextCorpus", "Digits", "default_corpus_files", "Batches", "TrainingData", "training_data"]
 
-Batches = Iterator[tuple[torch.Tensor, torch.Tensor]]
-"""Mini-batches of (inputs, targets), one per step."""
+Batches = Iterator[tuple[torch.Tensor | tuple[torch.Tensor, ...], torch.Tensor]]
+"""Mini-batches of (inputs, targets), one per step; the inputs a tensor, or a tuple for several inputs."""
 
 _MAX_BYTES = 32 * 2**20  # read at most this much text: plenty for short runs, fast to load
 
@@ -143,10 +144,11 @@ def training_data(bundle: ModelBundle, data_path: str | None, global_batch: int,
     if bundle.data is not None:
         if bundle.loss_fn is None:
             raise AutopartError(f"model {name!r} gives data but no loss_fn")
-        return TrainingData(_user_batches(bundle.data, global_batch), "the factory's data", bundle.loss_fn, 1)
+        return TrainingData(_user_batches(bundle.data, global_batch, bundle.input_names), "the factory's data",
+                            bundle.loss_fn, 1)
     return TrainingData(_synthetic(bundle, global_batch, sample_shape, seed),
                         "SYNTHETIC (random inputs, MSE to a fixed random target: measures speed, learns nothing)",
-                        F.mse_loss, 1)
+                        _synthetic_loss, 1)
 
 
 MASK_SHARE = 0.15
@@ -163,6 +165,7 @@ def _masked(batches: Batches, seed: int, start_step: int, mask_id: int) -> Batch
     """Inputs with 15% of the bytes replaced by the mask id; targets those bytes, the rest ignored (-100)."""
     step = start_step
     for x, _ in batches:
+        assert isinstance(x, torch.Tensor)
         g = torch.Generator().manual_seed(seed * 7_000_003 + step)
         chosen = torch.rand(x.shape, generator=g) < MASK_SHARE
         target = torch.where(chosen, x, torch.full_like(x, -100))
@@ -170,40 +173,52 @@ def _masked(batches: Batches, seed: int, start_step: int, mask_id: int) -> Batch
         step += 1
 
 
-def _user_batches(data: Iterable[Any], global_batch: int) -> Batches:
+def _user_batches(data: Iterable[Any], global_batch: int, names: tuple[str, ...] | None) -> Batches:
     for i, item in enumerate(data):
         if not (isinstance(item, (tuple, list)) and len(item) == 2):
             raise AutopartError(f"the factory's data must yield (input, target) pairs; item {i} is not")
         x, y = item
-        if x.shape[0] != global_batch:
-            raise AutopartError(f"the factory's data gives batches of {x.shape[0]}, the run needs {global_batch}")
-        yield x, y
+        if isinstance(x, dict):
+            if not names or set(x) != set(names):
+                raise AutopartError(f"the factory's data item {i} has inputs {sorted(x)}, the example "
+                                    f"{sorted(names or ())}")
+            x = tuple(x[n] for n in names)
+        first = x[0] if isinstance(x, (tuple, list)) else x
+        if first.shape[0] != global_batch:
+            raise AutopartError(f"the factory's data gives batches of {first.shape[0]}, the run needs {global_batch}")
+        yield (tuple(x) if isinstance(x, (tuple, list)) else x), y
 
 
 def _synthetic(bundle: ModelBundle, global_batch: int, sample_shape: tuple[int, ...], seed: int) -> Batches:
+    """Random inputs shaped like the example (every input), and a fixed random target shaped like the output."""
     if bundle.example is None:
         raise AutopartError(f"model {bundle.name!r} gives no example input to shape synthetic data")
-    example = bundle.example[0]
-    if example.is_meta:
+    if any(t.is_meta for t in bundle.example):
         raise AutopartError("synthetic data needs a real example; --meta-init works with the built-ins")
     g = torch.Generator().manual_seed(seed)
     with torch.no_grad():
         was = bundle.module.training
         bundle.module.eval()
-        out = bundle.module(example[:1])
+        out = call_model(bundle.module, [t[:1] for t in bundle.example], bundle.input_names)
         bundle.module.train(was)
-    target = torch.randn((global_batch, *out.shape[1:]), generator=g)
-    return _synthetic_batches(example, target, global_batch, sample_shape, seed)
+    first = next(x for x in pytree.tree_leaves(out) if isinstance(x, torch.Tensor))
+    target = torch.randn((global_batch, *first.shape[1:]), generator=g)
+    shapes = [(global_batch, *sample_shape)] + [(global_batch, *t.shape[1:]) for t in bundle.example[1:]]
+    return _synthetic_batches(bundle.example, shapes, target, seed)
 
 
-def _synthetic_batches(example: torch.Tensor, target: torch.Tensor, global_batch: int,
-                       sample_shape: tuple[int, ...], seed: int) -> Batches:
+def _synthetic_loss(out: Any, target: torch.Tensor) -> torch.Tensor:
+    """MSE of the model's first output (of several, if it has several) to the fixed target."""
+    first = next(x for x in pytree.tree_leaves(out) if isinstance(x, torch.Tensor))
+    return F.mse_loss(first, target)
+
+
+def _synthetic_batches(example: tuple[torch.Tensor, ...], shapes: list[tuple[int, ...]], target: torch.Tensor,
+                       seed: int) -> Batches:
     step = 0
     while True:
         gs = torch.Generator().manual_seed(seed * 1_000_003 + step)
-        if example.is_floating_point():
-            x = torch.randn((global_batch, *sample_shape), generator=gs).to(example.dtype)
-        else:
-            x = torch.randint(0, int(example.max()) + 1, (global_batch, *sample_shape), generator=gs)
-        yield x, target
+        xs = tuple(torch.randn(shape, generator=gs).to(t.dtype) if t.is_floating_point()
+                   else torch.randint(0, int(t.max()) + 1, shape, generator=gs) for t, shape in zip(example, shapes))
+        yield (xs if len(xs) > 1 else xs[0]), target
         step += 1

@@ -96,7 +96,7 @@ def _chain(cfg: TrainConfig, bundle: ModelBundle, microbatch_size: int, sample_s
     """The model's blocks, as the profiler found them; a graph is captured at the run's micro-batch shape."""
     shape = (microbatch_size, *sample_shape) if sample_shape else None
     example = shape_example(bundle, shape, None, microbatch_size) if bundle.example is not None else ()
-    chain = chain_of(bundle.module, example, cfg.model)
+    chain = chain_of(bundle.module, example, cfg.model, bundle.input_names)
     if cfg.meta_init and chain.graph is not None:
         raise AutopartError(f"--meta-init needs a model whose blocks are its children; {cfg.model!r} is captured "
                             f"as a graph")
@@ -135,7 +135,8 @@ def _train(job: Job) -> StepLog:
     cfg, log = job.cfg, StepLog()
     for step in range(job.start_step, cfg.steps):
         inputs, target = next(job.data.batches)
-        inputs, target = inputs.to(job.device), target.to(job.device)
+        inputs = tuple(x.to(job.device) for x in inputs) if isinstance(inputs, tuple) else inputs.to(job.device)
+        target = target.to(job.device)
         job.optimizer.zero_grad(set_to_none=False)  # in place, as the profile's optimizer time assumes
         dist.barrier()
         t0 = time.perf_counter()
