@@ -68,3 +68,23 @@ def test_bad_profiles(tmp_path: Path) -> None:
     data["layers"][3]["forward_ms"] = -1
     nan.write_text(json.dumps(data))
     assert_one_line_error(run_cli("partition", str(nan), "--stages", "2"), "layers[3].forward_ms is -1")
+
+
+def test_a_given_balance_is_scored_beside_the_plan() -> None:
+    profile = str(ROOT / "profiles" / "gpt2-small-cpu-mb1.json")
+    result = run_cli("partition", profile, "--balance", "1,7,5,1")  # 4 stages, from the list
+    assert result.returncode == 0, result.stderr
+    rows = {line.split("│")[1].strip(): line for line in result.stdout.splitlines() if line.startswith("│")}
+    assert "[4, 5, 4, 1]" in rows["autopart (exact)"] and "2.29 s" in rows["autopart (exact)"]
+    assert "[1, 7, 5, 1]" in rows["given"] and "2.16 s" in rows["given"] and "-5.7%" in rows["given"]
+    assert "balance: [4, 5, 4, 1]" in result.stdout  # the plan's own list, for scripts
+
+
+@pytest.mark.parametrize("balance, fragment", [
+    ("4,5,4", "does not split 14 blocks into 4 non-empty stages"),
+    ("4,5,4,2", "(sum 15, 4 stages)"),
+])
+def test_a_given_balance_that_does_not_split_the_blocks_is_one_line(balance: str, fragment: str) -> None:
+    profile = str(ROOT / "profiles" / "gpt2-small-cpu-mb1.json")
+    assert_one_line_error(run_cli("partition", profile, "--stages", "4", "--balance", balance), fragment)
+    assert_one_line_error(run_cli("partition", profile, "--stages", "4", "--balance", "4,x"), "not a list of block counts")

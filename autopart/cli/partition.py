@@ -33,6 +33,16 @@ def _schedule_arg(text: str) -> str:
         raise argparse.ArgumentTypeError(str(exc)) from None
 
 
+def _balance_arg(text: str) -> list[int]:
+    try:
+        balance = [int(x) for x in text.replace(" ", "").strip("[]").split(",") if x]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a list of block counts like 4,5,4,1") from None
+    if not balance or min(balance) < 1:
+        raise argparse.ArgumentTypeError(f"{text!r}: every stage needs at least one block")
+    return balance
+
+
 def _count_arg(text: str) -> int | str:
     if text.lower() == "auto":
         return "auto"
@@ -81,6 +91,9 @@ def add_parser(sub: Subcommands) -> None:
                    "(default: sends are free)")
     p.add_argument("--latency", metavar="TIME", help="per send: 10us, 0.05ms (default: 0)")
     p.add_argument("--no-recompute", action="store_true", help="never turn on activation recomputation")
+    p.add_argument("--balance", type=_balance_arg, metavar="N,N,...",
+                   help="also score this split (blocks per stage, as torchgpipe or DeepSpeed take it) under the "
+                        "same cost model and show it beside autopart's plan")
     p.add_argument("--format", default="table", choices=FORMATS,
                    help="stdout: table (default), json (the plan), balance, split-spec (torch "
                         "pipelining), fqns (module names per stage)")
@@ -91,7 +104,7 @@ def add_parser(sub: Subcommands) -> None:
 def make_plan_from_args(args: argparse.Namespace) -> Plan:
     """Profile, devices and the search or single configuration the flags ask for."""
     from autopart.core.costmodel import OPTIMIZER_STATES, CostModel
-    from autopart.core.search import all_schedules, plan_search
+    from autopart.core.search import all_schedules, plan_search, score_balance
     from autopart.formats.devices import Device, parse_devices
     from autopart.formats.profile import Profile
     from autopart.formats.schedule_kinds import stages_per_rank
@@ -100,6 +113,8 @@ def make_plan_from_args(args: argparse.Namespace) -> Plan:
     profile = Profile.from_json(args.profile)
     devices = parse_devices(args.devices) if args.devices else None
     k = args.stages
+    if k is None and args.balance and args.schedule not in ("auto", "Interleaved1F1B", "ZBVZeroBubble"):
+        k = len(args.balance)
     if k is None:
         if devices is None:
             raise AutopartError("give --stages K (or --devices)")
@@ -131,8 +146,11 @@ def make_plan_from_args(args: argparse.Namespace) -> Plan:
                       bandwidth_bytes_per_ms=parse_bandwidth(args.bandwidth) / 1e3 if args.bandwidth else None,
                       latency_ms=parse_duration_ms(args.latency) if args.latency else 0.0,
                       recompute=not args.no_recompute)
-    return plan_search(profile, devices, model, method=args.method, global_batch=args.global_batch,
+    plan = plan_search(profile, devices, model, method=args.method, global_batch=args.global_batch,
                        search_microbatches=search_microbatches, schedules=schedules, profile_path=args.profile)
+    if args.balance:
+        args.given = score_balance(profile, devices, plan, args.balance, recompute=not args.no_recompute)
+    return plan
 
 
 def run(args: argparse.Namespace) -> int:
@@ -154,6 +172,8 @@ def run(args: argparse.Namespace) -> int:
         plan.to_json(args.output)
     if args.format == "table":
         _print_plan(plan)
+        if args.balance:
+            _print_given(plan, args.given)
     elif args.format == "json":
         print(json.dumps(plan.to_dict(), indent=2))
     elif args.format == "balance":
@@ -222,3 +242,25 @@ def _print_plan(plan: Plan) -> None:
                             f"{c.step_ms / pred.step_ms - 1:+.1%}", str(list(c.balance)))
         console.print(runners)
     print(f"balance: {list(plan.balance)}")
+
+
+def _print_given(plan: Plan, given: Plan) -> None:
+    """autopart's plan beside a given split, under the same cost model."""
+    from rich.console import Console
+    from rich.table import Table
+
+    from autopart.formats.units import format_bytes, format_ms
+
+    table = Table(title=f"the given split under the same cost model ({plan.schedule}, {plan.microbatches} "
+                        f"micro-batches)", title_justify="left")
+    for col in ("split", "balance", "predicted step", "bottleneck", "memory per stage", "vs autopart"):
+        table.add_column(col, justify="left" if col in ("split", "balance", "memory per stage") else "right")
+    for label, p in ((f"autopart ({plan.method})", plan), ("given", given)):
+        memory = ", ".join(format_bytes(st.cost.memory_bytes) for st in p.stages)
+        slower = f"{p.predicted.step_ms / plan.predicted.step_ms - 1:+.1%}" if plan.predicted.step_ms else "-"
+        table.add_row(label, str(list(p.balance)), format_ms(p.predicted.step_ms), format_ms(p.predicted.bottleneck_ms),
+                      memory + ("" if p.fits else "  (does not fit)"), slower)
+    console = Console(emoji=False)
+    if not console.is_terminal:
+        console = Console(emoji=False, width=160)
+    console.print(table)

@@ -13,10 +13,10 @@ wins, and the plan lists the runners-up. Pure (no torch).
 from __future__ import annotations
 
 import dataclasses
-from typing import Sequence
+from typing import Callable, Sequence
 
 from autopart.core.costmodel import CostModel, Problem
-from autopart.core.partition import split
+from autopart.core.partition import Split, split, split_given
 from autopart.core.planner import make_plan
 from autopart.core.scaling import scale_profile
 from autopart.errors import AutopartError
@@ -25,7 +25,7 @@ from autopart.formats.plan import Candidate, Plan
 from autopart.formats.profile import Profile
 from autopart.formats.schedule_kinds import AUTO_SCHEDULES, canonical_schedule, stage_ranks, stages_per_rank
 
-__all__ = ["plan_partition", "plan_search", "all_schedules", "MAX_MICROBATCHES"]
+__all__ = ["plan_partition", "plan_search", "score_balance", "all_schedules", "MAX_MICROBATCHES"]
 
 MAX_MICROBATCHES = 128
 
@@ -95,12 +95,7 @@ def plan_search(profile: Profile, rank_devices: Sequence[Device], model: CostMod
                 continue
             try:
                 candidate = dataclasses.replace(model, schedule=name, microbatches=m, stages_per_rank=per_rank)
-                devices = _stage_devices(rank_devices, name, per_rank)
-                problem = Problem.from_profile(scaled, devices, candidate)
-                result = split(problem, method)
-                plan = make_plan(result, problem, candidate, devices, profile_path=profile_path,
-                                 model_name=profile.model, microbatch_size=size,
-                                 scaling="" if how == "measured" else how, sample_shape=scaled.sample_shape)
+                plan = _plan_one(scaled, how, size, rank_devices, candidate, lambda p: split(p, method), profile_path)
             except AutopartError as exc:
                 reasons.append(f"{name} M={m}: {exc}")
                 failures.append(exc)
@@ -123,6 +118,31 @@ def plan_search(profile: Profile, rank_devices: Sequence[Device], model: CostMod
     runners = tuple(Candidate(schedule=p.schedule, microbatches=p.microbatches, stages_per_rank=p.stages_per_rank,
                               step_ms=step, balance=p.balance) for step, _, p in tried[1: 1 + keep])
     return dataclasses.replace(best, runners_up=runners)
+
+
+def _plan_one(scaled: Profile, how: str, size: int, rank_devices: Sequence[Device], model: CostModel,
+              make_split: Callable[[Problem], Split], profile_path: str) -> Plan:
+    """One configuration: the profile at its micro-batch size split on the ranks' (virtual) stage devices."""
+    devices = _stage_devices(rank_devices, model.schedule, model.stages_per_rank)
+    problem = Problem.from_profile(scaled, devices, model)
+    return make_plan(make_split(problem), problem, model, devices, profile_path=profile_path, model_name=scaled.model,
+                     microbatch_size=size, scaling="" if how == "measured" else how, sample_shape=scaled.sample_shape)
+
+
+def score_balance(profile: Profile, rank_devices: Sequence[Device], plan: Plan, balance: Sequence[int],
+                  recompute: bool = True) -> Plan:
+    """``balance`` (a hand-tuned split, block counts per stage) under ``plan``'s schedule, micro-batches and
+    cost model: what autopart predicts for it, to set beside ``plan``."""
+    n = len(profile.layers)
+    if len(balance) != plan.num_stages or sum(balance) != n or min(balance) < 1:
+        raise AutopartError(f"balance {list(balance)} does not split {n} blocks into {plan.num_stages} non-empty "
+                            f"stages (sum {sum(balance)}, {len(balance)} stages)")
+    size = plan.microbatch_size or profile.microbatch_size
+    scaled, how = scale_profile(profile, size)
+    model = CostModel(schedule=plan.schedule, microbatches=plan.microbatches, optimizer_states=plan.optimizer_states,
+                      bandwidth_bytes_per_ms=plan.bandwidth_bytes_per_s / 1e3 if plan.bandwidth_bytes_per_s else None,
+                      latency_ms=plan.latency_ms, stages_per_rank=plan.stages_per_rank, recompute=recompute)
+    return _plan_one(scaled, how, size, rank_devices, model, lambda p: split_given(p, balance), plan.profile)
 
 
 def plan_partition(profile: Profile, devices: int | Sequence[Device], model: CostModel | None = None, *,
