@@ -32,6 +32,7 @@ def test_train_checkpoint_merge_resume(plan: Path, tmp_path: Path) -> None:
                     "--report", str(report), "--lr", "3e-3")
     assert first.returncode == 0, first.stderr[-2000:]
     assert "step 3/3" in first.stderr and "tokens/s" in first.stderr and "predicted" in first.stderr
+    assert "measured with" not in first.stderr  # profiled with 1 thread, as each rank gets: nothing to say
     data = json.loads(report.read_text())
     assert len(data["losses"]) == 3 and data["losses"][-1] < data["losses"][0]
     assert data["predicted_step_ms"] > 0 and data["measured_step_ms"] > 0 and len(data["stages"]) == 2
@@ -140,3 +141,15 @@ def test_meta_init_and_running_inside_torchrun(plan: Path, tmp_path: Path) -> No
     assert result.returncode == 0, result.stderr[-2000:]
     report = json.loads((tmp_path / "r.json").read_text())
     assert len(report["losses"]) == 2 and all(loss == loss for loss in report["losses"])
+
+
+def test_threads_other_than_the_profiles_are_said_before_training(plan: Path, tmp_path: Path) -> None:
+    data = json.loads(Path(TINY).read_text())
+    data["threads"] = 64  # more than this machine's cores allow per rank
+    profile, two = tmp_path / "p.json", tmp_path / "plan.json"
+    profile.write_text(json.dumps(data))
+    assert run_cli("partition", str(profile), "--stages", "2", "--microbatches", "2", "-o", str(two)).returncode == 0
+    assert json.loads(two.read_text())["threads"] == 64
+    noted = run_cli("train", str(two), "--model", "gpt2-tiny", "--steps", "1")
+    assert noted.returncode == 0, noted.stderr[-2000:]
+    assert "measured with 64 CPU threads" in noted.stderr and "--threads" in noted.stderr

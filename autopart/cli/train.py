@@ -2,10 +2,13 @@
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import os
+import sys
 
 from autopart.cli.common import Subcommands
 from autopart.errors import AutopartError
+from autopart.formats.plan import Plan
 from autopart.run.config import TrainConfig
 
 __all__: list[str] = []
@@ -39,7 +42,8 @@ def add_parser(sub: Subcommands) -> None:
     p.add_argument("--checkpoint-every", type=int, default=0, metavar="N",
                    help="save every N steps (default: only at the end)")
     p.add_argument("--seed", type=int, default=0, help="seed for weights and data (default: 0)")
-    p.add_argument("--threads", type=int, help="CPU threads per rank (default: cores / ranks)")
+    p.add_argument("--threads", type=int, help="CPU threads per rank (default: the profile's, where the cores "
+                   "allow, else cores / ranks; a different count than the profile's is said before training)")
     p.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"],
                    help="auto: cuda:LOCAL_RANK with NCCL when CUDA is there, else CPU with gloo")
     p.add_argument("--timeout", type=float, default=300.0, metavar="SECONDS",
@@ -90,7 +94,6 @@ def run(args: argparse.Namespace) -> int:
     import torch
 
     from autopart.formats.atomic import check_writable
-    from autopart.formats.plan import Plan
     from autopart.measure.blocks import split_blocks
     from autopart.measure.spec import load_model
     from autopart.run.data import TextCorpus
@@ -116,5 +119,18 @@ def run(args: argparse.Namespace) -> int:
         TextCorpus(cfg.data)  # fail now, not in every rank, if the corpus is missing or empty
     if cfg.checkpoint:
         os.makedirs(cfg.checkpoint, exist_ok=True)
-    threads = cfg.threads or max(1, (os.cpu_count() or 1) // plan.num_ranks)
-    return launch(_worker_args(cfg), plan.num_ranks, threads)
+    threads = _threads(cfg, plan)
+    return launch(_worker_args(dataclasses.replace(cfg, threads=threads)), plan.num_ranks, threads)
+
+
+def _threads(cfg: TrainConfig, plan: Plan) -> int:
+    """CPU threads per rank: --threads, else the profile's where the cores allow, else cores / ranks; said
+    when the prediction assumes another count than the ranks get."""
+    cores = os.cpu_count() or 1
+    fair = max(1, cores // plan.num_ranks)
+    threads = cfg.threads or (plan.threads if plan.threads and plan.threads <= fair else fair)
+    if plan.threads and threads != plan.threads and cfg.device != "cuda":
+        sys.stderr.write(f"note: the plan's times were measured with {plan.threads} CPU threads; each of its "
+                         f"{plan.num_ranks} ranks gets {threads} ({cores} cores here), so expect the measured step to "
+                         f"differ from the prediction (profile with --threads {threads} to match)\n")
+    return threads

@@ -26,7 +26,8 @@ __all__ = ["make_plan", "simulate_plan"]
 
 def make_plan(split: Split, problem: Problem, model: CostModel, devices: Sequence[Device], *,
               profile_path: str = "", model_name: str = "", microbatch_size: int | None = None,
-              scaling: str = "", runners_up: Sequence[Candidate] = (), sample_shape: Sequence[int] = ()) -> Plan:
+              scaling: str = "", runners_up: Sequence[Candidate] = (), sample_shape: Sequence[int] = (),
+              threads: int | None = None) -> Plan:
     """A plan from a split of ``problem``'s blocks, with its step simulated under the model's schedule."""
     stages, first = [], 0
     for count, cost, device in zip(split.balance, split.stages, devices):
@@ -43,7 +44,7 @@ def make_plan(split: Split, problem: Problem, model: CostModel, devices: Sequenc
                 predicted=predicted, optimizer_states=model.optimizer_states, bandwidth_bytes_per_s=bw,
                 latency_ms=model.latency_ms, fits=split.fits, stages_per_rank=model.stages_per_rank,
                 microbatch_size=microbatch_size, scaling=scaling, runners_up=tuple(runners_up),
-                sample_shape=tuple(sample_shape))
+                sample_shape=tuple(sample_shape), threads=threads)
 
 
 def simulate_plan(plan: Plan, microbatches: int | None = None, schedule: str | None = None,

@@ -126,7 +126,8 @@ def _plan_one(scaled: Profile, how: str, size: int, rank_devices: Sequence[Devic
     devices = _stage_devices(rank_devices, model.schedule, model.stages_per_rank)
     problem = Problem.from_profile(scaled, devices, model)
     return make_plan(make_split(problem), problem, model, devices, profile_path=profile_path, model_name=scaled.model,
-                     microbatch_size=size, scaling="" if how == "measured" else how, sample_shape=scaled.sample_shape)
+                     microbatch_size=size, scaling="" if how == "measured" else how, sample_shape=scaled.sample_shape,
+                     threads=scaled.threads)
 
 
 def score_balance(profile: Profile, rank_devices: Sequence[Device], plan: Plan, balance: Sequence[int],

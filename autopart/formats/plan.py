@@ -94,6 +94,8 @@ class Plan:
     """What the joint search beat, best first."""
     sample_shape: tuple[int, ...] = ()
     """Shape of one micro-batch's input (the profile's, at ``microbatch_size``)."""
+    threads: int | None = None
+    """CPU threads the profile was measured with (its times assume them); None: not recorded, or a GPU."""
     schema: str = field(default=PLAN_SCHEMA)
 
     @property
@@ -134,7 +136,7 @@ class Plan:
             "optimizer_states": self.optimizer_states, "bandwidth_bytes_per_s": self.bandwidth_bytes_per_s,
             "latency_ms": self.latency_ms, "fits": self.fits, "stages_per_rank": self.stages_per_rank,
             "microbatch_size": self.microbatch_size, "scaling": self.scaling,
-            "sample_shape": list(self.sample_shape),
+            "sample_shape": list(self.sample_shape), **({"threads": self.threads} if self.threads else {}),
             "stages": [s.to_dict() for s in self.stages],
             "runners_up": [{"schedule": c.schedule, "microbatches": c.microbatches,
                             "stages_per_rank": c.stages_per_rank, "step_ms": c.step_ms, "balance": list(c.balance)}
@@ -184,6 +186,7 @@ class Plan:
                     microbatch_size=f.integer("microbatch_size", required=False, minimum=1),
                     scaling=f.string("scaling", required=False, default=""), runners_up=tuple(runners),
                     sample_shape=tuple(f.int_list("sample_shape", required=False, minimum=1)),
+                    threads=f.integer("threads", required=False, minimum=1),
                     schema=schema)
 
     @staticmethod
