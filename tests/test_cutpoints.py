@@ -103,3 +103,21 @@ class _Gate(nn.Module):
 def test_a_model_that_cannot_be_captured_names_the_module_and_the_way_out() -> None:
     with pytest.raises(AutopartError, match=r"could not capture its forward in 'gate'.*nn.Sequential"):
         capture(_DataDependent(), (torch.randn(2, 4),), name="dd")
+
+
+class _Widen(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.a = nn.Linear(4, 4)
+        self.b = nn.Linear(32, 2)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.b(self.a(x).repeat(1, 8))  # code between the modules that makes 8x the bytes
+
+
+def test_code_between_modules_goes_where_the_cut_is_cheapest() -> None:
+    chain = chain_of(_Widen(), (torch.randn(3, 4),), "widen")
+    assert chain.graph is not None
+    assert chain.graph.cuts == [3 * 4 * 4, 3 * 32 * 4, 3 * 2 * 4]  # after a, after repeat, after b (the output)
+    assert chain.names == ["a", "b"] and chain.graph.spans == [(0, 1), (1, 3)]  # repeat runs in b's block
+    assert [(b.main_bytes, b.skip_bytes) for b in chain.graph.boundaries] == [(48, 0)]

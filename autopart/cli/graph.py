@@ -55,7 +55,10 @@ def run(args: argparse.Namespace) -> int:
     chain = chain_of(bundle.module, example, args.model, bundle.input_names)
     rows = _rows(chain, example)
     if args.json:
-        print(json.dumps({"model": args.model, "captured": chain.graph is not None, "blocks": rows}, indent=2))
+        cuts = [{"after": node.name, "module": chain.graph.graph.module_of(node), "bytes": size}
+                for node, size in zip(chain.graph.graph.nodes, chain.graph.cuts)] if chain.graph is not None else []
+        print(json.dumps({"model": args.model, "captured": chain.graph is not None, "blocks": rows,
+                          "cut_points": cuts}, indent=2))
         return 0
     _print(args.model, chain, rows)
     return 0

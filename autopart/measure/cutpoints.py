@@ -79,6 +79,8 @@ class GraphBlocks:
     """Every name of a parameter or buffer the model shares between modules (tied weights), by each name."""
     live: list[list[str]] = field(default_factory=list)
     """``live[b]``: the values crossing the cut after block b, in a fixed order (the last: the model outputs)."""
+    cuts: list[int] = field(default_factory=list)
+    """Bytes crossing a cut after each operation (``graph.nodes[p]``): every place the graph can be cut."""
     by_name: dict[str, fx.Node] = field(default_factory=dict)
     """Every node of the captured program by name (placeholders and parameters included)."""
 
@@ -255,14 +257,14 @@ def _recomputable(graph: ModelGraph, params: set[str]) -> dict[str, set[str]]:
 def graph_blocks(graph: ModelGraph, root: nn.Module) -> GraphBlocks:
     """Cut ``graph`` (captured from ``root``) into blocks along module boundaries, with each cut's live set."""
     params = {n for n, _ in root.named_parameters(remove_duplicate=False)}
-    descend = _descend(root)
-    units = [_unit(graph.module_stack(n), descend) for n in graph.nodes]
+    sources = _recomputable(graph, params)
+    recomputed = _cheaper_to_recompute(graph, sources)
+    cuts = cut_bytes(graph, recomputed, sources)
+    units = _place_glue([_unit(graph.module_stack(n), _descend(root)) for n in graph.nodes], cuts)
     runs: list[list[Any]] = []  # [unit, start, end, has_params]
     for i, (node, unit) in enumerate(zip(graph.nodes, units)):
-        if runs and (unit is None or unit == runs[-1][0]):
+        if runs and unit == runs[-1][0]:
             runs[-1][2] = i + 1
-        elif runs and runs[-1][0] is None:
-            runs[-1][0], runs[-1][2] = unit, i + 1
         else:
             runs.append([unit, i, i + 1, False])
         runs[-1][3] = runs[-1][3] or _uses_parameters(node, params)
@@ -280,11 +282,71 @@ def graph_blocks(graph: ModelGraph, root: nn.Module) -> GraphBlocks:
         base = run[0] or "input"
         seen[base] += 1
         names.append(base if seen[base] == 1 else f"{base}#{seen[base]}")
-    blocks = GraphBlocks(graph=graph, names=names, spans=[(r[1], r[2]) for r in merged], recomputed=set(),
-                         aliases=_aliases(root), by_name={n.name: n for n in graph.module.graph.nodes})
-    _choose_recomputed(blocks, params)
+    blocks = GraphBlocks(graph=graph, names=names, spans=[(r[1], r[2]) for r in merged], recomputed=recomputed,
+                         aliases=_aliases(root), by_name={n.name: n for n in graph.module.graph.nodes}, cuts=cuts)
     blocks.live = _live_sets(blocks)
     return blocks
+
+
+def cut_bytes(graph: ModelGraph, recomputed: set[str], sources: dict[str, set[str]]) -> list[int]:
+    """Every place the graph can be cut, in operation order: the bytes that cross a cut after operation p
+    (every value made at or before p, or a model input, that an operation after p or the output needs)."""
+    n = len(graph.nodes)
+    made = {node.name: -1 for node in graph.inputs}
+    made.update({node.name: i for i, node in enumerate(graph.nodes)})
+    last: dict[str, int] = {}
+
+    def use(value: fx.Node, at: int) -> None:
+        if value.name in recomputed:
+            for s in sources.get(value.name, ()):
+                last[s] = max(last.get(s, -1), at)
+        elif value.name in made:
+            last[value.name] = max(last.get(value.name, -1), at)
+
+    for i, node in enumerate(graph.nodes):
+        for a in node.all_input_nodes:
+            use(a, i)
+    for value in graph.outputs:
+        if value is not None:
+            use(value, n)
+    by_name = {node.name: node for node in (*graph.inputs, *graph.nodes)}
+    diff = [0] * (n + 1)
+    for name, until in last.items():
+        start = max(made[name], 0)
+        if until > start:
+            size = value_bytes(by_name[name])
+            diff[start] += size
+            diff[until] -= size
+    crossing, running = [], 0
+    for p in range(n):
+        running += diff[p]
+        crossing.append(running)
+    return crossing
+
+
+def _place_glue(units: list[str | None], cuts: list[int]) -> list[str | None]:
+    """Code between two modules' blocks (no module of its own) goes before or after the cut between them,
+    wherever the fewest bytes cross (ties: it joins the block before)."""
+    out = list(units)
+    i, n = 0, len(units)
+    while i < n:
+        if out[i] is not None:
+            i += 1
+            continue
+        end = i
+        while end < n and out[end] is None:
+            end += 1
+        before = out[i - 1] if i > 0 else None
+        after = out[end] if end < n else None
+        if before is None or after is None:
+            fill = after if before is None else before
+            out[i:end] = [fill] * (end - i)
+        else:  # cut after position c: i-1 (all glue after) .. end-1 (all glue before)
+            c = min(range(i - 1, end), key=lambda p: (cuts[p], -p))
+            out[i: c + 1] = [before] * (c + 1 - i)
+            out[c + 1: end] = [after] * (end - c - 1)
+        i = end
+    return out
 
 
 def _aliases(root: nn.Module) -> dict[str, list[str]]:
@@ -295,15 +357,12 @@ def _aliases(root: nn.Module) -> dict[str, list[str]]:
     return {name: names for names in by_tensor.values() if len(names) > 1 for name in names}
 
 
-def _choose_recomputed(blocks: GraphBlocks, params: set[str]) -> None:
-    """Recompute an input-only value on later stages when its inputs are no more bytes than it is."""
-    graph = blocks.graph
-    sources = _recomputable(graph, params)
+def _cheaper_to_recompute(graph: ModelGraph, sources: dict[str, set[str]]) -> set[str]:
+    """The input-only values each stage recomputes: those whose inputs are no more bytes than they are."""
     inputs = {n.name: n for n in graph.inputs}
-    for name, needs in sources.items():
-        node = blocks._node(name)
-        if sum(value_bytes(inputs[s]) for s in needs) <= value_bytes(node):
-            blocks.recomputed.add(name)
+    nodes = {n.name: n for n in graph.nodes}
+    return {name for name, needs in sources.items()
+            if sum(value_bytes(inputs[s]) for s in needs) <= value_bytes(nodes[name])}
 
 
 def _live_sets(blocks: GraphBlocks) -> list[list[str]]:
