@@ -61,3 +61,22 @@ def test_simulate_errors(plan: Path, tmp_path: Path) -> None:
                           "2 < 4")
     assert_one_line_error(run_cli("partition", GPT2, "--stages", "8", "--schedule", "interleaved1f1b"),
                           "16 stages > 14 blocks")
+
+
+def test_trace_is_the_simulated_step_as_chrome_trace_json(plan: Path, tmp_path: Path) -> None:
+    trace = tmp_path / "step.json"
+    result = run_cli("simulate", str(plan), "--trace", str(trace), "--json")
+    assert result.returncode == 0, result.stderr
+    summary = json.loads(result.stdout)
+    data = json.loads(trace.read_text())
+    events = [e for e in data["traceEvents"] if e["ph"] == "X"]
+    names = {e["tid"]: e["args"]["name"] for e in data["traceEvents"] if e["name"] == "thread_name"}
+    assert names == {r: f"rank {r}" for r in range(summary["num_ranks"])}
+    assert data["otherData"]["step_ms"] == pytest.approx(summary["step_ms"])
+    for rank in range(summary["num_ranks"]):  # each rank's events: in order, no overlap, busy time as simulated
+        mine = sorted((e for e in events if e["tid"] == rank), key=lambda e: e["ts"])
+        assert all(a["ts"] + a["dur"] <= b["ts"] + 1e-3 for a, b in zip(mine, mine[1:]))
+        busy_ms = sum(e["dur"] for e in mine) / 1e3
+        idle = summary["bubble_fraction_per_rank"][rank]
+        assert busy_ms == pytest.approx(summary["step_ms"] * (1 - idle), rel=1e-6)
+    assert {e["cat"] for e in events} >= {"forward", "backward", "optimizer"}

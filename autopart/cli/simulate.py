@@ -27,7 +27,8 @@ def add_parser(sub: Subcommands) -> None:
     p = sub.add_parser("simulate", help="simulate a plan's step and draw its timeline", description=HELP,
                        formatter_class=argparse.RawDescriptionHelpFormatter,
                        epilog="examples:\n  autopart simulate plan.json\n"
-                              "  autopart simulate plan.json --microbatches 16 --schedule gpipe --svg step.svg")
+                              "  autopart simulate plan.json --microbatches 16 --schedule gpipe --svg step.svg\n"
+                              "  autopart simulate plan.json --trace step.json      # open in https://ui.perfetto.dev")
     p.add_argument("plan", metavar="PLAN", help="plan JSON written by autopart partition")
     p.add_argument("--microbatches", "-m", type=int, metavar="M", help="micro-batches (default: the plan's)")
     p.add_argument("--schedule", type=_schedule_arg, metavar="NAME",
@@ -37,6 +38,8 @@ def add_parser(sub: Subcommands) -> None:
     p.add_argument("--json", action="store_true", help="print a machine-readable summary only")
     p.add_argument("--svg", metavar="FILE", help="write the timeline as an SVG picture (atomically)")
     p.add_argument("--csv", metavar="FILE", help="write the schedule's per-rank actions as torch's CSV")
+    p.add_argument("--trace", metavar="FILE", help="write the predicted timeline as Chrome trace JSON (torch.profiler's "
+                   "format; open it in Perfetto or chrome://tracing)")
     p.add_argument("--width", type=int, default=100, help="timeline width in characters (default: 100)")
     p.set_defaults(run=run)
 
@@ -47,12 +50,13 @@ def run(args: argparse.Namespace) -> int:
     from autopart.cli.timeline import render_svg, render_text
     from autopart.core.planner import simulate_plan
     from autopart.core.schedules import build_schedule
+    from autopart.core.trace import write_trace
     from autopart.formats.atomic import check_writable, write_atomic
     from autopart.formats.plan import Plan
     from autopart.formats.schedule_kinds import stage_ranks, stages_per_rank
     from autopart.formats.units import format_ms
 
-    for path in (args.svg, args.csv):
+    for path in (args.svg, args.csv, args.trace):
         if path:
             check_writable(path)
     if args.microbatches is not None and args.microbatches < 1:
@@ -71,6 +75,8 @@ def run(args: argparse.Namespace) -> int:
     if args.svg:
         svg = render_svg(sim, title=title)
         write_atomic(args.svg, lambda handle: handle.write(svg.encode()))
+    if args.trace:
+        write_trace(sim, args.trace, label=f"{plan.model} predicted")
     if args.json:
         print(json.dumps({"plan": args.plan, **sim.to_dict()}, indent=2))
         return 0
@@ -85,6 +91,8 @@ def run(args: argparse.Namespace) -> int:
     console.print(render_text(sim, width=args.width))
     if args.svg:
         console.print(f"wrote {args.svg}", highlight=False)
+    if args.trace:
+        console.print(f"wrote {args.trace}", highlight=False)
     return 0
 
 
