@@ -39,6 +39,7 @@ def run(args: argparse.Namespace) -> int:
 
     from autopart.measure.blocks import chain_of
     from autopart.measure.spec import load_model, parse_dtype, parse_shape, shape_example
+    from autopart.measure.stream import on_meta
 
     if args.microbatch_size is not None and args.microbatch_size < 1:
         raise AutopartError(f"--microbatch-size must be >= 1, got {args.microbatch_size}")
@@ -50,7 +51,8 @@ def run(args: argparse.Namespace) -> int:
             bundle = load_model(args.model)
     except AutopartError:  # a factory that cannot run on the meta device
         bundle = load_model(args.model)
-    example = tuple(t.to("meta") if bundle.module is not None and _meta(bundle.module) else t
+    meta = on_meta(bundle.module)
+    example = tuple(t.to("meta") if meta else t
                     for t in shape_example(bundle, input_shape, input_dtype, args.microbatch_size))
     chain = chain_of(bundle.module, example, args.model, bundle.input_names)
     rows = _rows(chain, example)
@@ -62,12 +64,6 @@ def run(args: argparse.Namespace) -> int:
         return 0
     _print(args.model, chain, rows)
     return 0
-
-
-def _meta(module: Any) -> bool:
-    from autopart.measure.stream import on_meta
-
-    return on_meta(module)
 
 
 def _rows(chain: Chain, example: tuple[Any, ...]) -> list[dict[str, Any]]:

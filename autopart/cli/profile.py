@@ -136,31 +136,41 @@ def _build(spec: str, request: _Request, build: str, err: Console) -> tuple[Mode
     """
     import torch
 
-    from autopart.formats.units import format_bytes
     from autopart.measure.spec import load_model, shape_example
 
     torch.manual_seed(request.seed)
-    if build != "whole":
-        try:
-            with torch.device("meta"):
-                bundle = load_model(spec)
-        except AutopartError:
-            if build == "by-block":
-                raise
-            bundle = None  # a factory that cannot run on the meta device: build it whole
-        need = sum(p.numel() for p in bundle.module.parameters()) * request.dtype.itemsize if bundle else 0
-        free = _available_bytes()
-        if bundle is not None and (build == "by-block" or (free is not None and need > free // 2)):
-            err.print(f"{spec}: {format_bytes(need)} of weights, {format_bytes(free or 0)} available: built on the meta "
-                      f"device, measured one block at a time", highlight=False, soft_wrap=True)
-            module = bundle.module.to(dtype=request.dtype)
-            return bundle, module, [_real(shape_example(bundle, request.input_shape, request.input_dtype, size),
-                                          request) for size in request.sizes]
+    meta = _meta_build(spec, request, build, err) if build != "whole" else None
+    if meta is not None:
+        bundle, module = meta, meta.module.to(dtype=request.dtype)
+    else:
         torch.manual_seed(request.seed)
-    bundle = load_model(spec)
-    module = bundle.module.to(device=request.device, dtype=request.dtype)
+        bundle = load_model(spec)
+        module = bundle.module.to(device=request.device, dtype=request.dtype)
     return bundle, module, [_real(shape_example(bundle, request.input_shape, request.input_dtype, size), request)
                             for size in request.sizes]
+
+
+def _meta_build(spec: str, request: _Request, build: str, err: Console) -> ModelBundle | None:
+    """The model built on the meta device when it is to be measured one block at a time, else None."""
+    import torch
+
+    from autopart.formats.units import format_bytes
+    from autopart.measure.spec import load_model
+
+    try:
+        with torch.device("meta"):
+            bundle = load_model(spec)
+    except AutopartError:
+        if build == "by-block":
+            raise
+        return None  # a factory that cannot run on the meta device: build it whole
+    need = sum(p.numel() for p in bundle.module.parameters()) * request.dtype.itemsize
+    free = _available_bytes()
+    if build != "by-block" and (free is None or need <= free // 2):
+        return None
+    err.print(f"{spec}: {format_bytes(need)} of weights, {format_bytes(free or 0)} available: built on the meta "
+              f"device, measured one block at a time", highlight=False, soft_wrap=True)
+    return bundle
 
 
 def _real(example: Example, request: _Request) -> Example:

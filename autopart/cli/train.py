@@ -113,8 +113,6 @@ def run(args: argparse.Namespace) -> int:
         bundle = load_model(cfg.model)
     if isinstance(bundle.module, torch.nn.Sequential):  # cheap on the meta device; other models: the ranks check
         check_plan_against_model(plan, [name for name, _ in split_blocks(bundle.module)], plan.num_ranks, cfg.model)
-    else:
-        check_plan_against_model(plan, [name for st in plan.stages for name in st.blocks], plan.num_ranks, cfg.model)
     if bundle.data is None and bundle.data_kind in ("text", "masked-text"):
         TextCorpus(cfg.data)  # fail now, not in every rank, if the corpus is missing or empty
     if cfg.checkpoint:

@@ -21,7 +21,7 @@ from autopart.formats.devices import Device
 from autopart.formats.plan import Candidate, Plan, PlanStage, Predicted
 from autopart.formats.schedule_kinds import canonical_schedule, stages_per_rank
 
-__all__ = ["make_plan", "simulate_plan"]
+__all__ = ["make_plan", "simulate_plan", "cost_model_of"]
 
 
 def make_plan(split: Split, problem: Problem, model: CostModel, devices: Sequence[Device], *,
@@ -62,3 +62,11 @@ def simulate_plan(plan: Plan, microbatches: int | None = None, schedule: str | N
                             f"stages (must divide)")
     sched = build_schedule(name, plan.num_stages // per_rank, microbatches or plan.microbatches, per_rank)
     return simulate(sched, [st.cost for st in plan.stages])
+
+
+def cost_model_of(plan: Plan, recompute: bool = True) -> CostModel:
+    """The cost model a plan was made under (its schedule, micro-batches, optimizer state and sends)."""
+    bandwidth = plan.bandwidth_bytes_per_s / 1e3 if plan.bandwidth_bytes_per_s else None
+    return CostModel(schedule=plan.schedule, microbatches=plan.microbatches, optimizer_states=plan.optimizer_states,
+                     bandwidth_bytes_per_ms=bandwidth, latency_ms=plan.latency_ms,
+                     stages_per_rank=plan.stages_per_rank, recompute=recompute)

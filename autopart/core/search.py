@@ -17,7 +17,7 @@ from typing import Callable, Sequence
 
 from autopart.core.costmodel import CostModel, Problem
 from autopart.core.partition import Split, split, split_given
-from autopart.core.planner import make_plan
+from autopart.core.planner import cost_model_of, make_plan
 from autopart.core.scaling import scale_profile
 from autopart.errors import AutopartError
 from autopart.formats.devices import Device
@@ -140,10 +140,8 @@ def score_balance(profile: Profile, rank_devices: Sequence[Device], plan: Plan, 
                             f"stages (sum {sum(balance)}, {len(balance)} stages)")
     size = plan.microbatch_size or profile.microbatch_size
     scaled, how = scale_profile(profile, size)
-    model = CostModel(schedule=plan.schedule, microbatches=plan.microbatches, optimizer_states=plan.optimizer_states,
-                      bandwidth_bytes_per_ms=plan.bandwidth_bytes_per_s / 1e3 if plan.bandwidth_bytes_per_s else None,
-                      latency_ms=plan.latency_ms, stages_per_rank=plan.stages_per_rank, recompute=recompute)
-    return _plan_one(scaled, how, size, rank_devices, model, lambda p: split_given(p, balance), plan.profile)
+    return _plan_one(scaled, how, size, rank_devices, cost_model_of(plan, recompute),
+                     lambda p: split_given(p, balance), plan.profile)
 
 
 def plan_partition(profile: Profile, devices: int | Sequence[Device], model: CostModel | None = None, *,

@@ -284,13 +284,15 @@ def graph_blocks(graph: ModelGraph, root: nn.Module) -> GraphBlocks:
         names.append(base if seen[base] == 1 else f"{base}#{seen[base]}")
     blocks = GraphBlocks(graph=graph, names=names, spans=[(r[1], r[2]) for r in merged], recomputed=recomputed,
                          aliases=_aliases(root), by_name={n.name: n for n in graph.module.graph.nodes}, cuts=cuts)
-    blocks.live = _live_sets(blocks)
+    blocks.live = _live_sets(blocks, sources)
     return blocks
 
 
-def cut_bytes(graph: ModelGraph, recomputed: set[str], sources: dict[str, set[str]]) -> list[int]:
-    """Every place the graph can be cut, in operation order: the bytes that cross a cut after operation p
-    (every value made at or before p, or a model input, that an operation after p or the output needs)."""
+def _liveness(graph: ModelGraph, recomputed: set[str], sources: dict[str, set[str]]
+              ) -> tuple[dict[str, int], dict[str, int]]:
+    """Where each value a cut may carry is made (-1: a model input) and the last operation that needs it
+    (``len(graph.nodes)``: the output). A recomputed value is never carried: the model inputs it is made
+    from are, up to its last use."""
     n = len(graph.nodes)
     made = {node.name: -1 for node in graph.inputs}
     made.update({node.name: i for i, node in enumerate(graph.nodes)})
@@ -309,6 +311,14 @@ def cut_bytes(graph: ModelGraph, recomputed: set[str], sources: dict[str, set[st
     for value in graph.outputs:
         if value is not None:
             use(value, n)
+    return made, last
+
+
+def cut_bytes(graph: ModelGraph, recomputed: set[str], sources: dict[str, set[str]]) -> list[int]:
+    """Every place the graph can be cut, in operation order: the bytes that cross a cut after operation p
+    (every value made at or before p, or a model input, that an operation after p or the output needs)."""
+    n = len(graph.nodes)
+    made, last = _liveness(graph, recomputed, sources)
     by_name = {node.name: node for node in (*graph.inputs, *graph.nodes)}
     diff = [0] * (n + 1)
     for name, until in last.items():
@@ -365,40 +375,14 @@ def _cheaper_to_recompute(graph: ModelGraph, sources: dict[str, set[str]]) -> se
             if sum(value_bytes(inputs[s]) for s in needs) <= value_bytes(nodes[name])}
 
 
-def _live_sets(blocks: GraphBlocks) -> list[list[str]]:
-    """For every block, the values live after it, ordered inputs first, then by the operation order."""
+def _live_sets(blocks: GraphBlocks, sources: dict[str, set[str]]) -> list[list[str]]:
+    """For every block, the values live after it (made before its end, needed after it), model inputs first,
+    then in operation order; after the last block, the model's outputs."""
     graph = blocks.graph
+    made, last = _liveness(graph, blocks.recomputed, sources)
     order = {n.name: i for i, n in enumerate(graph.inputs)}
     order.update({n.name: len(graph.inputs) + i for i, n in enumerate(graph.nodes)})
-    block_of = {}
-    for b, (start, end) in enumerate(blocks.spans):
-        for n in graph.nodes[start:end]:
-            block_of[n.name] = b
-    for n in graph.inputs:
-        block_of[n.name] = -1
-    last_use: dict[str, int] = {}
-    nblocks = len(blocks.names)
-
-    def use(value: fx.Node, at: int) -> None:
-        if value.op == "get_attr":
-            return
-        if value.name in blocks.recomputed:
-            for a in value.all_input_nodes:
-                use(a, at)
-            return
-        last_use[value.name] = max(last_use.get(value.name, -1), at)
-
-    for b, (start, end) in enumerate(blocks.spans):
-        for n in graph.nodes[start:end]:
-            for a in n.all_input_nodes:
-                if a.name in block_of and block_of[a.name] != b or a.name in blocks.recomputed:
-                    use(a, b)
-    for out in graph.outputs:
-        if out is not None:
-            use(out, nblocks)
-    live: list[list[str]] = []
-    for b in range(nblocks):
-        names = [v for v, until in last_use.items() if block_of.get(v, -1) <= b < until]
-        live.append(sorted(names, key=order.__getitem__))
+    live = [sorted((v for v, until in last.items() if made[v] < end <= until), key=order.__getitem__)
+            for _, end in blocks.spans]
     live[-1] = [o.name for o in graph.outputs if o is not None]
     return live

@@ -324,11 +324,18 @@ def profile_model(module: nn.Module, example: torch.Tensor | Sequence[torch.Tens
             ))
             if progress is not None:
                 progress(block_name, i + 1, len(blocks))
-    first = example_t[0]
+    return _profile(name, device, dtype, example_t, layers, ties, repeats, warmup,
+                    loss_fn is not None and target is not None)
+
+
+def _profile(name: str, device: torch.device, dtype: torch.dtype, example: tuple[torch.Tensor, ...],
+             layers: Sequence[LayerProfile], ties: Sequence[Tie], repeats: int, warmup: int, loss: bool) -> Profile:
+    """The profile of measured ``layers``, with what it was measured on and how."""
+    first = example[0]
     return Profile(
         model=name, device=_device_name(device), dtype=str(dtype).removeprefix("torch."),
         microbatch_size=int(first.shape[0]) if first.dim() else 1, sample_shape=tuple(int(d) for d in first.shape),
         torch=torch.__version__.split("+")[0], layers=tuple(layers), ties=tuple(ties),
         threads=torch.get_num_threads() if device.type == "cpu" else None, repeats=repeats, warmup=warmup,
-        input_bytes=_nbytes(example_t), loss_in_last_block=loss_fn is not None and target is not None,
+        input_bytes=_nbytes(example), loss_in_last_block=loss,
     )

@@ -126,9 +126,6 @@ def load_model(spec: str) -> ModelBundle:
     module: Any
     example: Example | None = None
     loss_fn = data = None
-    input_names: tuple[str, ...] | None = None
-    """When the example was given as keyword inputs: their names, in the order of ``example``
-    (the model is then called as ``module(**dict(zip(input_names, example)))``)."""
     data_kind: str | None = None
     names: tuple[str, ...] | None = None
     if isinstance(made, nn.Module):

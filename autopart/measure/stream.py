@@ -32,10 +32,10 @@ from autopart.measure.profiler import (
     ProgressFn,
     _Clock,
     _detach,
-    _device_name,
     _nbytes,
     _optimizer_ms,
     _param_bytes,
+    _profile,
     _storage_key,
     _time_block,
 )
@@ -139,13 +139,7 @@ def profile_by_block(module: nn.Module, example: Sequence[torch.Tensor], *, name
                                          output_bytes=main, skip_bytes=skip)
         if progress is not None:
             progress(block_name, i + 1, len(blocks))
-    first_input = example_t[0]
-    return Profile(
-        model=name, device=_device_name(device), dtype=str(dtype).removeprefix("torch."),
-        microbatch_size=int(first_input.shape[0]) if first_input.dim() else 1,
-        sample_shape=tuple(int(d) for d in first_input.shape), torch=torch.__version__.split("+")[0],
-        layers=tuple(layers), ties=tuple(ties), threads=torch.get_num_threads() if device.type == "cpu" else None,
-        repeats=repeats, warmup=warmup, input_bytes=_nbytes(example_t), loss_in_last_block=loss is not None)
+    return _profile(name, device, dtype, example_t, layers, ties, repeats, warmup, loss is not None)
 
 
 def _measure(block: nn.Module, name: str, value: Any, device: torch.device, dtype: torch.dtype, clock: _Clock,

@@ -13,7 +13,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from autopart.core.costmodel import CostModel
+from autopart.core.planner import cost_model_of
 from autopart.core.search import plan_search
 from autopart.formats.profile import LayerProfile, Profile
 from autopart.formats.units import format_ms
@@ -61,10 +61,7 @@ def write_replan(job: Job, stages: list[StageProfile], measured_step_ms: float, 
                       torch=torch.__version__.split("+")[0], layers=tuple(x for st in stages for x in st.layers),
                       loss_in_last_block=True)
     devices = [plan.stages[plan.stages_of(r)[0]].device for r in range(plan.num_ranks)]
-    model = CostModel(schedule=plan.schedule, microbatches=plan.microbatches, optimizer_states=plan.optimizer_states,
-                      bandwidth_bytes_per_ms=plan.bandwidth_bytes_per_s / 1e3 if plan.bandwidth_bytes_per_s else None,
-                      latency_ms=plan.latency_ms, stages_per_rank=plan.stages_per_rank)
-    new = plan_search(profile, devices, model, profile_path="(re-profiled during training)")
+    new = plan_search(profile, devices, cost_model_of(plan), profile_path="(re-profiled during training)")
     new.to_json(path)
     say(f"replan: measured blocks suggest balance {list(new.balance)} (now {list(plan.balance)}), predicted step "
         f"{format_ms(new.predicted.step_ms)} against {format_ms(measured_step_ms)} measured; wrote {path}")

@@ -58,17 +58,17 @@ class SharedParameters:
 
     def __init__(self, plan: Plan, chain: Chain, rank: int, local: list[tuple[int, nn.Module]]) -> None:
         canonical = _canonical_names(chain.root)
+        built = {s: [n for n, _ in m.named_parameters(remove_duplicate=False)] for s, m in local}
         holders: dict[str, set[int]] = {}
         for s, ranks_stage in enumerate(plan.stage_ranks()):
-            first, last = _span(plan, s)
-            for name in _param_names(chain, first, last):
+            for name in built[s] if s in built else _param_names(chain, *_span(plan, s)):
                 holders.setdefault(canonical.get(name, name), set()).add(ranks_stage)
         shared = sorted((name, tuple(sorted(r))) for name, r in holders.items() if len(r) > 1)
         groups: dict[tuple[int, ...], dist.ProcessGroup | None] = {}
         for _, ranks in shared:
             if ranks not in groups:
                 groups[ranks] = dist.new_group(list(ranks)) if dist.is_initialized() else None
-        names = [n for _, m in local for n, _ in m.named_parameters(remove_duplicate=False)]
+        names = [n for s, _ in local for n in built[s]]
         self.aliases = {n: canonical[n] for n in names if n in canonical and canonical[n] != n}
         """Local parameter names that are another name of a shared parameter -> its first name (for checkpoints)."""
         mine = {canonical.get(n, n): p for _, m in local for n, p in m.named_parameters(remove_duplicate=False)}
