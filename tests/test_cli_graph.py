@@ -108,3 +108,15 @@ def test_graph_of_a_chain_of_children_shows_each_output(capsys: pytest.CaptureFi
     assert main(["graph", "gpt2-tiny", "--json"]) == 0
     chain = json.loads(capsys.readouterr().out)
     assert not chain["captured"] and chain["blocks"][0]["main_bytes"] == 4 * 64 * 128 * 4
+
+
+def test_a_model_that_cannot_be_captured_is_one_line_from_the_command_line(tmp_path: Path) -> None:
+    # torch.export prints the partial graph and warnings when it fails: none of that reaches the user
+    model = tmp_path / "gate.py"
+    model.write_text("import torch\n\n\nclass Gate(torch.nn.Module):\n    def forward(self, x):\n"
+                     "        return x * 2 if x.sum() > 0 else x\n\n\nclass M(torch.nn.Module):\n"
+                     "    def __init__(self):\n        super().__init__()\n        self.gate = Gate()\n"
+                     "        self.out = torch.nn.Linear(4, 4)\n\n    def forward(self, x):\n"
+                     "        return self.out(self.gate(x)) + x\n\n\ndef make():\n    return M(), torch.randn(2, 4)\n")
+    assert_one_line_error(run_cli("graph", f"{model}:make"), "could not capture its forward in 'gate'",
+                          "give an nn.Sequential")

@@ -17,6 +17,8 @@ running when capture failed.
 from __future__ import annotations
 
 import contextlib
+import io
+import logging
 import warnings
 from dataclasses import dataclass
 from typing import Any, Iterator
@@ -87,6 +89,19 @@ def _module_trail(root: nn.Module) -> Iterator[list[str]]:
             h.remove()
 
 
+@contextlib.contextmanager
+def _quiet_torch_logs() -> Iterator[None]:
+    """torch.export logs warnings (on loggers whose levels torch sets itself) and prints whole graphs to
+    stderr when it fails; the one-line error says what matters."""
+    before = logging.root.manager.disable
+    logging.disable(logging.CRITICAL)
+    try:
+        with contextlib.redirect_stderr(io.StringIO()):
+            yield
+    finally:
+        logging.disable(before)
+
+
 def _first_line(exc: BaseException) -> str:
     lines = [line.strip() for line in str(exc).splitlines() if line.strip()]
     return lines[0] if lines else type(exc).__name__
@@ -95,7 +110,7 @@ def _first_line(exc: BaseException) -> str:
 def capture(module: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any] | None = None,
             name: str = "model") -> ModelGraph:
     """Export ``module`` on one micro-batch (``args``, ``kwargs``) in training mode."""
-    with _module_trail(module) as trail, warnings.catch_warnings():
+    with _module_trail(module) as trail, warnings.catch_warnings(), _quiet_torch_logs():
         warnings.simplefilter("ignore")
         was = module.training
         module.train()
