@@ -27,7 +27,7 @@ from _common import report  # noqa: E402
 
 from autopart.core.costmodel import CostModel, Problem  # noqa: E402
 from autopart.formats.devices import Device  # noqa: E402
-from autopart.core.partition import split_exact, split_minvar, split_parameters, split_uniform  # noqa: E402
+from autopart.core.partition import split_bottleneck, split_minvar, split_parameters, split_uniform  # noqa: E402
 from autopart.formats.profile import Profile  # noqa: E402
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -114,7 +114,7 @@ def main() -> None:
             problem = Problem(costs, [Device("d")] * k, CostModel(), param_bytes=params)
             lb = problem.lower_bound_ms()
             t0 = time.perf_counter()
-            exact = split_exact(problem)
+            exact = split_bottleneck(problem)
             exact_ms = (time.perf_counter() - t0) * 1e3
             ratios = {"exact": exact.bottleneck_ms / lb}
             for method, fn in (("minvar", split_minvar), ("uniform", split_uniform),

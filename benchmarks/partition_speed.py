@@ -22,7 +22,7 @@ from _common import report  # noqa: E402
 
 from autopart.core.costmodel import CostModel, Problem  # noqa: E402
 from autopart.formats.devices import Device  # noqa: E402
-from autopart.core.partition import split_exact  # noqa: E402
+from autopart.core.partition import split_bottleneck  # noqa: E402
 
 
 def problem(n: int, k: int, constrained: bool, seed: int = 0) -> Problem:
@@ -44,7 +44,7 @@ def best_of(p: Problem, runs: int) -> tuple[float, float]:
     times, gap = [], 0.0
     for _ in range(runs):
         t0 = time.perf_counter()
-        result = split_exact(p)
+        result = split_bottleneck(p)
         times.append(time.perf_counter() - t0)
         gap = result.gap
     return min(times), gap

@@ -13,7 +13,7 @@ from hypothesis import strategies as st
 from autopart.core.costmodel import BlockCosts, CostModel, Problem
 from autopart.formats.devices import Device
 from autopart.errors import AutopartError
-from autopart.core.partition import split_exact, split_minvar, split_parameters, split_uniform
+from autopart.core.partition import split_bottleneck, split_minvar, split_parameters, split_uniform
 from autopart.formats.profile import Profile
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -119,9 +119,9 @@ def _check_exact(case: tuple[dict[str, Any], list[Device], CostModel]) -> None:
     problem = _problem(blocks, devices, model)
     if not feasible:
         with pytest.raises(AutopartError):
-            split_exact(problem)
+            split_bottleneck(problem)
         return
-    result = split_exact(problem)
+    result = split_bottleneck(problem)
     best = min(max(times) for _, times in feasible)
     assert result.fits
     assert result.bottleneck_ms == pytest.approx(best, rel=1e-9, abs=1e-12)
@@ -190,14 +190,14 @@ def test_uniform_spreads_the_remainder_first(n: int, k: int) -> None:
 
 
 def _exact(costs: Sequence[float], k: int, **kw: object) -> tuple[int, ...]:
-    return split_exact(Problem(costs, [Device("d")] * k, CostModel(), **kw)).balance  # type: ignore[arg-type]
+    return split_bottleneck(Problem(costs, [Device("d")] * k, CostModel(), **kw)).balance  # type: ignore[arg-type]
 
 
 def test_known_answers() -> None:
     assert _exact([1.0] * 12, 4) == (3, 3, 3, 3)
     assert _exact([1, 2, 3, 4, 5, 6], 2) == (4, 2)  # torchgpipe's own example
     assert _exact([1, 1, 1, 100, 1, 1, 1], 3) == (3, 1, 3)  # the giant block alone
-    fast = split_exact(Problem([1.0] * 8, [Device("slow"), Device("fast", speed=3.0)], CostModel()))
+    fast = split_bottleneck(Problem([1.0] * 8, [Device("slow"), Device("fast", speed=3.0)], CostModel()))
     assert fast.balance == (2, 6)
 
 
@@ -205,9 +205,9 @@ def test_memory_forces_the_split() -> None:
     # 4 equal blocks of 10 parameter bytes, plain SGD (2 x 10 bytes each): a 40-byte device holds two.
     problem = Problem([1.0, 1.0, 1.0, 5.0], [Device("d", memory_bytes=40)] * 2, CostModel(optimizer_states=0),
                       param_bytes=[10] * 4)
-    assert split_exact(problem).balance == (2, 2)
+    assert split_bottleneck(problem).balance == (2, 2)
     with pytest.raises(AutopartError, match="smallest limit that fits is"):
-        split_exact(Problem([1.0] * 4, [Device("d", memory_bytes=30)] * 2, CostModel(optimizer_states=0),
+        split_bottleneck(Problem([1.0] * 4, [Device("d", memory_bytes=30)] * 2, CostModel(optimizer_states=0),
                             param_bytes=[10] * 4))
 
 
@@ -217,12 +217,12 @@ def test_recomputation_only_where_it_is_needed() -> None:
     problem = Problem([1.0, 1.0, 1.0, 6.0], [Device("d", memory_bytes=60)] * 2,
                       CostModel(schedule="gpipe", microbatches=4), forward_ms=[0.5] * 4,
                       activation_bytes=[10, 10, 10, 1], output_bytes=[1] * 4)
-    result = split_exact(problem)
+    result = split_bottleneck(problem)
     assert result.balance == (3, 1) and [s.recompute for s in result.stages] == [True, False]
     assert result.stages[0].time_ms == 4.5 and result.bottleneck_ms == 6.0
     assert not CostModel(recompute=False).recompute
     with pytest.raises(AutopartError):
-        split_exact(Problem([1.0, 1.0, 1.0, 6.0], [Device("d", memory_bytes=60)] * 2,
+        split_bottleneck(Problem([1.0, 1.0, 1.0, 6.0], [Device("d", memory_bytes=60)] * 2,
                             CostModel(schedule="gpipe", microbatches=4, recompute=False),
                             activation_bytes=[10, 10, 10, 1], output_bytes=[1] * 4))
     assert result.fits
@@ -231,7 +231,7 @@ def test_recomputation_only_where_it_is_needed() -> None:
 def test_lm_head_gets_fewer_layers_than_uniform() -> None:
     profile = Profile.from_json(ROOT / "profiles" / "gpt2-small-cpu-mb1.json")
     problem = Problem.from_profile(profile, [Device("d")] * 4, CostModel(microbatches=4))
-    exact, uniform = split_exact(problem), split_uniform(problem)
+    exact, uniform = split_bottleneck(problem), split_uniform(problem)
     assert exact.balance[-1] < uniform.balance[-1]
     assert exact.bottleneck_ms < uniform.bottleneck_ms
     assert split_parameters(problem).fits
@@ -248,5 +248,5 @@ def test_bad_problems(costs: list[float], k: int, message: str) -> None:
 
 
 def test_lower_bound_and_gap() -> None:
-    result = split_exact(Problem([1.0] * 10, [Device("d")] * 5, CostModel()))
+    result = split_bottleneck(Problem([1.0] * 10, [Device("d")] * 5, CostModel()))
     assert result.lower_bound_ms == 2.0 and result.gap == 0.0

@@ -7,7 +7,7 @@ import pytest
 from autopart.core.costmodel import CostModel, Problem
 from autopart.formats.devices import Device
 from autopart.errors import AutopartError
-from autopart.core.partition import split_exact
+from autopart.core.partition import split_bottleneck
 from autopart.core.planner import make_plan
 from autopart.formats.plan import Plan
 
@@ -17,7 +17,7 @@ def _plan() -> Plan:
     model = CostModel(schedule="gpipe", microbatches=4, bandwidth_bytes_per_ms=1e3)
     problem = Problem([1.0, 2.0, 3.0, 4.0], devices, model, param_bytes=[10] * 4, output_bytes=[100] * 4,
                       names=["embed", "h.0", "h.1", "head"])
-    return make_plan(split_exact(problem), problem, model, devices, profile_path="p.json", model_name="m")
+    return make_plan(split_bottleneck(problem), problem, model, devices, profile_path="p.json", model_name="m")
 
 
 def test_plan_round_trip(tmp_path: Path) -> None:

@@ -14,10 +14,15 @@ if TYPE_CHECKING:
 __all__: list[str] = []
 
 HELP = """Split the profiled blocks into pipeline stages and write a plan JSON
-(schema autopart.plan/1). The default method, exact, gives the smallest
-possible slowest stage (sends included) that fits every device's memory under
-the schedule's in-flight micro-batches, and among those the most even split;
-stages that fit only with activation recomputation get it."""
+(schema autopart.plan/1). The default method, exact, gives the split with the
+smallest predicted step under the schedule and micro-batch count (pipeline
+fill and drain, sends and each rank's optimizer step included) that fits
+every device's memory under the schedule's in-flight micro-batches: every
+split is simulated when there are few enough (the plan says "exact"),
+otherwise a local search from the bottleneck-optimal split (the plan says
+"local"). Among equal steps, the smallest slowest stage wins, then the most
+even split. --method bottleneck gives the smallest possible slowest stage.
+Stages that fit only with activation recomputation get it."""
 
 FORMATS = ("table", "json", "balance", "split-spec", "fqns")
 
@@ -78,8 +83,8 @@ def add_parser(sub: Subcommands) -> None:
     p.add_argument("--stages-per-rank", type=int, default=2, metavar="V",
                    help="virtual stages per rank for Interleaved1F1B (default: 2; ZBVZeroBubble always 2)")
     p.add_argument("--method", default="exact", choices=list(METHODS),
-                   help="exact (default), minvar (GPipe's objective), uniform (equal block counts), "
-                        "parameters (DeepSpeed's default)")
+                   help="exact (default: the fastest predicted step), bottleneck (the smallest slowest stage), "
+                        "minvar (GPipe's objective), uniform (equal block counts), parameters (DeepSpeed's default)")
     p.add_argument("--memory-limit", metavar="SIZE",
                    help="memory per device: 16GiB, 40GB or bytes (default: unlimited, or from --devices)")
     p.add_argument("--optimizer", default="adam", choices=list(OPTIMIZER_STATES),
@@ -203,7 +208,9 @@ def _print_plan(plan: Plan) -> None:
     limits = any(st.device.memory_bytes for st in plan.stages)
     named = any(st.device.name != "device" or st.device.speed != 1 for st in plan.stages)
     ranks = plan.stage_ranks()
-    table = Table(title=f"{plan.model}: {plan.method}, {plan.num_stages} stages on {plan.num_ranks} ranks",
+    method = "exact method, local search (too many splits to simulate each)" if plan.method == "local" \
+        else plan.method
+    table = Table(title=f"{plan.model}: {method}, {plan.num_stages} stages on {plan.num_ranks} ranks",
                   title_justify="left")
     columns = ["stage", "rank", "blocks", "n", "time", "share"] + ["sends"] * sends + ["memory"] + ["limit"] * limits \
         + ["device"] * named

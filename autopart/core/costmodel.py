@@ -35,6 +35,7 @@ import numpy as np
 import numpy.typing as npt
 
 from autopart.core.schedules import peak_in_flight
+from autopart.core.simulate import StageTimes
 from autopart.errors import AutopartError
 from autopart.formats.devices import Device
 from autopart.formats.profile import Profile
@@ -221,6 +222,7 @@ class Problem:
         self.pf = np.concatenate([z, np.cumsum(self.forward)])
         self.pw = np.concatenate([z, np.cumsum(self.params * (2 + model.optimizer_states))])
         self.pa = np.concatenate([z, np.cumsum(self.acts)])
+        self.po = np.concatenate([z, np.cumsum(self.opt)])
         skips = costs.skip_bytes if costs.skip_bytes is not None else np.zeros(n)
         crossing = self.outs + skips
         # send cost of the boundary after block b (b = 0 .. n-2); the last entry is never used
@@ -352,26 +354,37 @@ class Problem:
         time = np.where(rc, self.time_recompute(s, i, j), self.time_plain(s, i, j))
         return time, np.where(rc, mr, mp), rc, fits_plain | (mr <= self.limit[s])
 
+    def stage_times(self, s: int, i: Ints, j: Ints) -> tuple[StageTimes, npt.NDArray[np.bool_]]:
+        """The times of stage ``s`` holding blocks i..j (arrays), recomputing where it must to fit, and
+        whether each fits memory."""
+        _, _, rc, fits = self.evaluate(s, i, j)
+        v = self.speed[s]
+        forward = self.pf[j + 1] - self.pf[i]
+        backward = (self.pc[j + 1] - self.pc[i]) - forward + np.where(rc, forward, 0.0)
+        zero = np.zeros(np.broadcast(i, j).shape)
+        times = StageTimes(forward_ms=forward / v, backward_ms=backward / v,
+                           send_forward_ms=self.send[j] + zero if s < self.k - 1 else zero,
+                           send_backward_ms=self.send[np.maximum(i - 1, 0)] + zero if s > 0 else zero,
+                           optimizer_ms=(self.po[j + 1] - self.po[i]) / v)
+        return times, fits
+
     def stage(self, s: int, first: int, last: int) -> StageCost:
         """The cost of stage ``s`` holding blocks ``first``..``last``."""
         i, j = np.array([first]), np.array([last])
         _, m, rc, _ = self.evaluate(s, i, j)
+        t, _ = self.stage_times(s, i, j)
         recompute = bool(rc[0])
-        v = float(self.speed[s])
-        forward = float(self.pf[last + 1] - self.pf[first])
-        backward = float(self.pc[last + 1] - self.pc[first]) - forward + (forward if recompute else 0.0)
         acts = int(self.pa[last + 1] - self.pa[first])
         keep = int(self.keep[last] if self.mirrored else self.keep[first])
         skip = int(self.skip_in[last] if self.mirrored else self.skip_in[first])
         ties = int(self.tie_bytes(i, j)[0]) if self.ties else 0
         return StageCost(
-            forward_ms=forward / v, backward_ms=backward / v,
-            send_forward_ms=float(self.send[last]) if s < self.k - 1 else 0.0,
-            send_backward_ms=float(self.send[first - 1]) if s > 0 else 0.0,
+            forward_ms=float(t.forward_ms[0]), backward_ms=float(t.backward_ms[0]),
+            send_forward_ms=float(t.send_forward_ms[0]), send_backward_ms=float(t.send_backward_ms[0]),
             activation_bytes=keep if recompute else acts + skip,
             static_bytes=int(self.pw[last + 1] - self.pw[first]) + ties,
             backward_extra_bytes=acts if recompute else 0,
-            optimizer_ms=float(self.opt[first: last + 1].sum()) / v,
+            optimizer_ms=float(t.optimizer_ms[0]),
             memory_bytes=int(round(float(m[0]))), recompute=recompute)
 
     def stages(self, balance: Sequence[int]) -> list[StageCost]:

@@ -1,11 +1,12 @@
-"""Stage boundaries from block costs: exact, minvar, and the baselines people use today.
+"""Stage boundaries from block costs: bottleneck, minvar, and the baselines people use today.
 
-    split = split_exact(problem)          # smallest bottleneck, then smallest spread
+    split = split_bottleneck(problem)     # smallest bottleneck, then smallest spread
     split.balance                         # [4, 3, 3, 4]
+    split(problem, "exact")               # smallest predicted step (autopart.core.fastest)
 
-Pure (numpy, no torch). ``exact`` is exact for the cost model in
+Pure (numpy, no torch). ``bottleneck`` is exact for the cost model in
 :mod:`autopart.core.costmodel`, sends, memory limits, recomputation and devices of
-different speed included:
+different speed included; ``exact`` (the default) starts from it.
 
 Note: the bottleneck is found by bisection on a time bound T with a
 feasibility check that sweeps the stages in order and keeps, per stage, the
@@ -35,7 +36,7 @@ from autopart.formats.devices import Device
 from autopart.formats.stage import StageCost
 from autopart.formats.units import format_bytes
 
-__all__ = ["Split", "METHODS", "split", "split_exact", "split_minvar", "split_uniform", "split_parameters", "split_given",
+__all__ = ["Split", "METHODS", "split", "split_bottleneck", "split_minvar", "split_uniform", "split_parameters", "split_given",
            "min_memory_scale"]
 
 Ints = npt.NDArray[np.int64]
@@ -424,8 +425,9 @@ def _least_squares(p: Problem, T: float, fallback: list[int]) -> list[int]:
     return starts
 
 
-def split_exact(p: Problem) -> Split:
-    """The smallest bottleneck that fits memory; among those, the smallest sum of squared stage times."""
+def split_bottleneck(p: Problem) -> Split:
+    """The smallest bottleneck (slowest stage) that fits memory; among those, the smallest sum of squared
+    stage times."""
     def feasible(T: float) -> list[int] | None:
         if _greedy_safe(p, T):
             return _greedy(p, T)
@@ -442,7 +444,7 @@ def split_exact(p: Problem) -> Split:
         # Bracket the optimum first: without sends and memory limits the problem is
         # monotone (greedy, fast) and its optimum is a lower bound; stepping up from
         # it finds a feasible bound without sweeping wide, slow windows.
-        relaxed = split_exact(p.relaxed()).bottleneck_ms
+        relaxed = split_bottleneck(p.relaxed()).bottleneck_ms
         lo = max(lo, relaxed * (1 - 1e-12))
         step = max(2 * float(p.send.max()), relaxed * 1e-6, hi * 1e-9, 1e-300)
         while relaxed + step < hi:
@@ -462,7 +464,7 @@ def split_exact(p: Problem) -> Split:
             lo = mid
     if p.k > 1:
         best = _least_squares(p, hi * (1 + 1e-12) + 1e-300, best)
-    return _make(p, "exact", _bounds_to_balance(best, p.n))
+    return _make(p, "bottleneck", _bounds_to_balance(best, p.n))
 
 
 def split_minvar(p: Problem) -> Split:
@@ -471,7 +473,7 @@ def split_minvar(p: Problem) -> Split:
     With free sends and equal devices the total time is fixed, so this is the
     split of minimum variance, which torchgpipe's balancer approximates.
     """
-    exact = split_exact(p)
+    exact = split_bottleneck(p)
     bound = float(np.sqrt(exact.sum_sq)) * (1 + 1e-9)  # no stage of the optimum is slower
     starts = np.concatenate([[0], np.cumsum(exact.balance)[:-1]]).tolist()
     best = _least_squares(p, bound, starts) if p.k > 1 else starts
@@ -492,12 +494,17 @@ def split_given(p: Problem, balance: Sequence[int]) -> Split:
 def split_parameters(p: Problem) -> Split:
     """Balance parameter bytes across stages (DeepSpeed's default ``partition_method="parameters"``)."""
     weights = Problem(p.params.tolist(), [Device("unit")] * p.k, CostModel(), names=p.names)
-    balance = split_exact(weights).balance
+    balance = split_bottleneck(weights).balance
     return _make(p, "parameters", balance)
 
 
+def _fastest(p: Problem) -> Split:
+    from autopart.core.fastest import split_fastest  # it builds on this module
+    return split_fastest(p)
+
+
 METHODS: dict[str, Callable[[Problem], Split]] = {
-    "exact": split_exact, "minvar": split_minvar, "uniform": split_uniform, "parameters": split_parameters,
+    "exact": _fastest, "bottleneck": split_bottleneck, "minvar": split_minvar, "uniform": split_uniform, "parameters": split_parameters,
 }
 
 

@@ -1,6 +1,6 @@
 """From a split to a plan, and a plan's step simulated.
 
-    plan = make_plan(split_exact(problem), problem, model, devices)
+    plan = make_plan(split_bottleneck(problem), problem, model, devices)
     sim = simulate_plan(plan)                               # step_ms, bubble_fraction, events
 
 Pure (numpy, no torch). :mod:`autopart.core.costmodel` prices a split,

@@ -24,14 +24,21 @@ input per micro-batch and holds the full activations during the backward.
 """
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass
 from typing import Sequence
+
+import numpy as np
+import numpy.typing as npt
 
 from autopart.core.schedules import Action, Schedule
 from autopart.errors import AutopartError
 from autopart.formats.stage import StageCost
 
-__all__ = ["Event", "Simulation", "simulate", "closed_form_step_ms"]
+__all__ = ["Event", "Simulation", "simulate", "closed_form_step_ms", "StageTimes", "step_ms_batch", "compile_schedule",
+           "Program", "critical_path"]
+
+Floats = npt.NDArray[np.float64]
 
 
 INPUT_GRAD_SHARE = 0.5
@@ -96,84 +103,329 @@ def _duration(kind: str, cost: StageCost) -> float:
     return cost.backward_ms * (1 - INPUT_GRAD_SHARE)
 
 
-def simulate(schedule: Schedule, stages: Sequence[StageCost]) -> Simulation:
-    """Run ``schedule`` with per-stage costs ``stages`` (one entry per stage, in pipeline order)."""
-    if len(stages) != schedule.num_stages:
-        raise AutopartError(f"schedule {schedule.name} has {schedule.num_stages} stages, costs given for {len(stages)}")
+@dataclass(frozen=True)
+class _Step:
+    """One action of a compiled schedule: where it runs, what it waits for, what it makes available."""
+
+    rank: int
+    action: Action
+    waits: tuple[int, ...]
+    """Slots (see :class:`Program`) that must be filled before it starts."""
+    send: str
+    """"F" or "B" when a send to another rank follows it, else ""."""
+    sent_slot: int
+    """The slot it fills with the time after its send (-1: none)."""
+    end_slot: int
+    """The slot it fills with its end (-1: none)."""
+
+
+Ints = npt.NDArray[np.int64]
+
+
+@dataclass(frozen=True, eq=False)
+class Program:
+    """A schedule compiled once: its actions in an order that respects every rank's order and every
+    dependency, so that any costs run through it in one pass (:func:`simulate`, :func:`step_ms_batch`).
+
+    Slot ``(stage * 3 + kind) * M + micro-batch`` holds when a result is
+    ready: kind 0 a forward's output, 1 a backward's input gradient (after
+    its send), 2 the end of the input-gradient half; the extra last slot is
+    always 0 (a missing wait). The columns describe step i for the array
+    passes: duration rows index ``F, B, I, W, send forward, send backward``
+    blocks of ``stages`` rows each, then a zero row.
+    """
+
+    schedule: Schedule
+    steps: tuple[_Step, ...]
+    slots: int
+    rank: Ints
+    waits: Ints
+    """(steps, 2): the slots each step waits for, padded with the zero slot."""
+    duration_row: Ints
+    send_row: Ints
+    sent_slot: Ints
+    end_slot: Ints
+    previous: Ints
+    """The step before it on its rank (-1: its rank's first)."""
+    last_of_rank: tuple[int, ...]
+    maker: Ints
+    """Per slot, the step that fills it."""
+    waves: tuple[tuple[Ints, ...], ...]
+    """Steps grouped so that no step of a group waits for another of it: per group, the columns
+    (indices, rank, first wait, second wait, duration row, send row, sent slot, end slot)."""
+
+
+_KINDS = {"F": 0, "GRAD": 1, "I": 2}
+_ROWS = {"F": 0, "B": 1, "I": 2, "W": 3}
+
+_COMPILED: dict[int, tuple[Schedule, Program]] = {}  # by id: hashing a schedule walks all its actions
+
+
+def compile_schedule(schedule: Schedule) -> Program:
+    """The dependency order of ``schedule``'s actions (raises if the schedule deadlocks), made once per
+    schedule object."""
+    entry = _COMPILED.get(id(schedule))
+    if entry is not None and entry[0] is schedule:
+        return entry[1]
+    program = _columns(schedule, _order(schedule))
+    if len(_COMPILED) >= 64:
+        _COMPILED.pop(next(iter(_COMPILED)))
+    _COMPILED[id(schedule)] = (schedule, program)
+    return program
+
+
+def _order(schedule: Schedule) -> list[_Step]:
+    """Every rank's actions, interleaved in an order where each runs after what it waits for."""
     last = schedule.num_stages - 1
+    m_count = schedule.microbatches
     rank_of = schedule.stage_rank
-    done: dict[tuple[int, str, int], float] = {}  # when an action's result is available to its consumer
-    end_of: dict[tuple[int, str, int], float] = {}  # when an action ended on its own rank
-    clock = [0.0] * schedule.num_ranks
-    busy = [0.0] * schedule.num_ranks
+
+    def slot(stage: int, kind: str, microbatch: int) -> int:
+        return (stage * 3 + _KINDS[kind]) * m_count + microbatch
+
+    filled = bytearray(3 * schedule.num_stages * m_count)
     heads = [0] * schedule.num_ranks
-    events: list[Event] = []
     orders = [[a for a in order if a is not None] for order in schedule.orders]
     remaining = sum(len(o) for o in orders)
-
-    def deps(a: Action) -> list[tuple[int, str, int]] | None:
-        s, m = a.stage, a.microbatch
-        if a.kind == "F":
-            return [(s - 1, "F", m)] if s > 0 else []
-        if a.kind in ("B", "I"):
-            need = [(s, "F", m)]
-            if s < last:
-                need.append((s + 1, "GRAD", m))
-            return need
-        if a.kind == "W":
-            return [(s, "I", m)]
-        return None
-
+    steps: list[_Step] = []
     while remaining:
         progress = False
         for r, order in enumerate(orders):
             while heads[r] < len(order):
                 a = order[heads[r]]
-                need = deps(a)
-                if need is None:
+                s, m = a.stage, a.microbatch
+                if a.kind == "F":
+                    waits = [slot(s - 1, "F", m)] if s > 0 else []
+                elif a.kind in ("B", "I"):
+                    waits = [slot(s, "F", m)] + ([slot(s + 1, "GRAD", m)] if s < last else [])
+                elif a.kind == "W":
+                    waits = [slot(s, "I", m)]
+                else:
                     raise AutopartError(f"unknown action kind in {a}")
-                if any(key not in done for key in need):
+                if not all(filled[w] for w in waits):
                     break
-                cost = stages[a.stage]
-                start = max([clock[r]] + [done[key] for key in need])
-                end = start + _duration(a.kind, cost)
-                events.append(Event(r, str(a), a.kind, start, end))
-                busy[r] += end - start
-                end_of[(a.stage, a.kind, a.microbatch)] = end
-                available = end
-                send = 0.0
-                if a.kind == "F" and a.stage < last and rank_of[a.stage + 1] != r:
-                    send = cost.send_forward_ms
-                elif a.kind in ("B", "I") and a.stage > 0 and rank_of[a.stage - 1] != r:
-                    send = cost.send_backward_ms
-                if send > 0:
-                    events.append(Event(r, f"SEND_{'F' if a.kind == 'F' else 'B'} {a}", "SEND", end, end + send))
-                    busy[r] += send
-                    available = end + send
-                clock[r] = available
-                key = (a.stage, a.kind, a.microbatch)
-                done[key] = available if a.kind == "F" else end
-                if a.kind in ("B", "I"):
-                    done[(a.stage, "GRAD", a.microbatch)] = available
-                    if a.kind == "B":
-                        done[(a.stage, "I", a.microbatch)] = end
+                send = ""
+                if a.kind == "F" and s < last and rank_of[s + 1] != r:
+                    send = "F"
+                elif a.kind in ("B", "I") and s > 0 and rank_of[s - 1] != r:
+                    send = "B"
+                sent_slot = slot(s, "F", m) if a.kind == "F" else slot(s, "GRAD", m) if a.kind != "W" else -1
+                end_slot = slot(s, "I", m) if a.kind in ("B", "I") else -1
+                for f in (sent_slot, end_slot):
+                    if f >= 0:
+                        filled[f] = 1
+                steps.append(_Step(r, a, tuple(waits), send, sent_slot, end_slot))
                 heads[r] += 1
                 remaining -= 1
                 progress = True
         if not progress:
             stuck = [f"rank {r} waits at {orders[r][heads[r]]}" for r in range(len(orders)) if heads[r] < len(orders[r])]
             raise AutopartError(f"schedule {schedule.name} deadlocks: {'; '.join(stuck)}")
+    return steps
+
+
+def _columns(schedule: Schedule, steps: list[_Step]) -> Program:
+    """The steps as index arrays, and grouped by depth: one more than every step a step waits for, the
+    step before it on its rank included."""
+    k = schedule.num_stages
+    slots = 3 * k * schedule.microbatches
+    zero_row = 6 * k
+    maker = np.full(slots + 1, -1, dtype=np.int64)
+    slot_depth = [0] * (slots + 1)
+    rank_depth = [0] * schedule.num_ranks
+    previous = [-1] * len(steps)
+    last_of_rank = [-1] * schedule.num_ranks
+    depth = [0] * len(steps)
+    for i, st in enumerate(steps):
+        d = max([rank_depth[st.rank]] + [slot_depth[w] + 1 for w in st.waits])
+        depth[i], rank_depth[st.rank] = d, d + 1
+        previous[i], last_of_rank[st.rank] = last_of_rank[st.rank], i
+        for f in (st.sent_slot, st.end_slot):
+            if f >= 0:
+                slot_depth[f], maker[f] = d, i
+
+    def column(values: list[int]) -> Ints:
+        return np.array(values, dtype=np.int64)
+    by_depth = np.argsort(column(depth), kind="stable")
+    bounds = np.flatnonzero(np.diff(column(depth)[by_depth])) + 1
+    program = Program(
+        schedule=schedule, steps=tuple(steps), slots=slots, rank=column([st.rank for st in steps]),
+        waits=np.array([list(st.waits) + [slots] * (2 - len(st.waits)) for st in steps], dtype=np.int64
+                       ).reshape(len(steps), 2),
+        duration_row=column([_ROWS[st.action.kind] * k + st.action.stage for st in steps]),
+        send_row=column([(4 if st.send == "F" else 5) * k + st.action.stage if st.send else zero_row
+                         for st in steps]),
+        sent_slot=column([st.sent_slot if st.sent_slot >= 0 else slots for st in steps]),
+        end_slot=column([st.end_slot if st.end_slot >= 0 else slots for st in steps]),
+        previous=column(previous), last_of_rank=tuple(last_of_rank), maker=maker, waves=())
+    cols = (program.rank, program.waits[:, 0], program.waits[:, 1], program.duration_row, program.send_row,
+            program.sent_slot, program.end_slot)
+    waves = tuple((wave,) + tuple(c[wave] for c in cols) for wave in np.split(by_depth, bounds))
+    return dataclasses.replace(program, waves=waves)
+
+
+def simulate(schedule: Schedule, stages: Sequence[StageCost]) -> Simulation:
+    """Run ``schedule`` with per-stage costs ``stages`` (one entry per stage, in pipeline order)."""
+    if len(stages) != schedule.num_stages:
+        raise AutopartError(f"schedule {schedule.name} has {schedule.num_stages} stages, costs given for {len(stages)}")
+    program = compile_schedule(schedule)
+    done = [0.0] * program.slots  # when a result is available to its consumer
+    clock = [0.0] * schedule.num_ranks
+    busy = [0.0] * schedule.num_ranks
+    events: list[Event] = []
+    for step in program.steps:
+        r, a = step.rank, step.action
+        cost = stages[a.stage]
+        start = max([clock[r]] + [done[w] for w in step.waits])
+        end = start + _duration(a.kind, cost)
+        events.append(Event(r, str(a), a.kind, start, end))
+        available = end
+        if step.send:
+            send = cost.send_forward_ms if step.send == "F" else cost.send_backward_ms
+            if send > 0:
+                events.append(Event(r, f"SEND_{step.send} {a}", "SEND", end, end + send))
+                available = end + send
+        busy[r] += available - start
+        clock[r] = available
+        if step.sent_slot >= 0:
+            done[step.sent_slot] = available
+        if step.end_slot >= 0:
+            done[step.end_slot] = end
     for r in range(schedule.num_ranks):  # each rank steps its optimizer once its gradients are complete
-        opt = sum(stages[s].optimizer_ms for s in range(schedule.num_stages) if rank_of[s] == r)
+        opt = sum(stages[s].optimizer_ms for s in range(schedule.num_stages) if schedule.stage_rank[s] == r)
         if opt > 0:
             events.append(Event(r, "OPT", "OPT", clock[r], clock[r] + opt))
             busy[r] += opt
             clock[r] += opt
-    step = max(clock) if clock else 0.0
+    step_ms = max(clock) if clock else 0.0
     peak_mem, peak_act, peak_flight = _memory(schedule, stages, events)
     return Simulation(schedule=schedule.name, num_ranks=schedule.num_ranks, microbatches=schedule.microbatches,
-                      step_ms=step, busy_ms=tuple(busy), peak_memory_bytes=peak_mem, peak_activation_bytes=peak_act,
+                      step_ms=step_ms, busy_ms=tuple(busy), peak_memory_bytes=peak_mem, peak_activation_bytes=peak_act,
                       peak_in_flight=peak_flight, events=tuple(sorted(events, key=lambda e: (e.rank, e.start_ms))))
+
+
+@dataclass(frozen=True, eq=False)
+class StageTimes:
+    """What the step time depends on, for many stages at once: arrays of one shape, (candidates, stages)
+    for :func:`step_ms_batch`."""
+
+    forward_ms: Floats
+    backward_ms: Floats
+    send_forward_ms: Floats
+    send_backward_ms: Floats
+    optimizer_ms: Floats
+
+    @property
+    def time_ms(self) -> Floats:
+        """As :attr:`StageCost.time_ms`: compute and both sends."""
+        out: Floats = self.forward_ms + self.backward_ms + self.send_forward_ms + self.send_backward_ms
+        return out
+
+    @staticmethod
+    def of(splits: Sequence[Sequence[StageCost]]) -> "StageTimes":
+        """(candidates, stages) arrays from candidate splits given as lists of :class:`StageCost`."""
+        def arr(name: str) -> Floats:
+            return np.array([[getattr(c, name) for c in split] for split in splits], dtype=np.float64)
+        return StageTimes(arr("forward_ms"), arr("backward_ms"), arr("send_forward_ms"), arr("send_backward_ms"),
+                          arr("optimizer_ms"))
+
+    @staticmethod
+    def stack(stages: Sequence["StageTimes"]) -> "StageTimes":
+        """(candidates, stages) arrays from one (candidates,) entry per stage."""
+        def arr(name: str) -> Floats:
+            return np.stack([getattr(t, name) for t in stages], axis=1)
+        return StageTimes(arr("forward_ms"), arr("backward_ms"), arr("send_forward_ms"), arr("send_backward_ms"),
+                          arr("optimizer_ms"))
+
+
+def _table(costs: StageTimes) -> Floats:
+    """The duration rows of :class:`Program` for each candidate: (6 stages + 1, candidates)."""
+    b = costs.backward_ms.T
+    count = b.shape[1]
+    return np.concatenate([costs.forward_ms.T, b, b * INPUT_GRAD_SHARE, b * (1 - INPUT_GRAD_SHARE),
+                           costs.send_forward_ms.T, costs.send_backward_ms.T, np.zeros((1, count))])
+
+
+def _run(program: Program, costs: StageTimes, keep: bool
+         ) -> tuple[tuple[Floats, Floats, Floats] | None, Floats]:
+    """Each rank's finish with its optimizer step (ranks, candidates), and with ``keep`` every step's
+    start, end and end after its send (steps, candidates); wave by wave, about 2(M + K) array operations
+    for 1F1B."""
+    schedule = program.schedule
+    count, k = costs.forward_ms.shape
+    if k != schedule.num_stages:
+        raise AutopartError(f"schedule {schedule.name} has {schedule.num_stages} stages, costs given for {k}")
+    table = _table(costs)
+    n = len(program.steps)
+    kept = (np.zeros((n, count)), np.zeros((n, count)), np.zeros((n, count))) if keep else None
+    done = np.zeros((program.slots + 1, count))
+    clock = np.zeros((schedule.num_ranks, count))
+    for index, ranks, wait0, wait1, rows, send_rows, sent_slots, end_slots in program.waves:
+        start = np.maximum(clock[ranks], np.maximum(done[wait0], done[wait1]))
+        end = start + table[rows]
+        available = end + table[send_rows]
+        clock[ranks] = available
+        done[sent_slots] = available
+        done[end_slots] = end
+        done[-1] = 0.0
+        if kept is not None:
+            kept[0][index], kept[1][index], kept[2][index] = start, end, available
+    opt = costs.optimizer_ms.T
+    for s in range(k):
+        clock[schedule.stage_rank[s]] += opt[s]
+    return kept, clock
+
+
+def step_ms_batch(schedule: Schedule, costs: StageTimes) -> Floats:
+    """The step time :func:`simulate` gives, for many candidate splits at once: ``costs`` arrays are
+    (candidates, stages)."""
+    _, finish = _run(compile_schedule(schedule), costs, keep=False)
+    out: Floats = finish.max(axis=0)
+    return out
+
+
+def critical_path(schedule: Schedule, costs: StageTimes) -> tuple[float, StageTimes]:
+    """(step, how often a critical path charges each stage's costs) for one split (arrays of one row).
+
+    The step is a longest path through the schedule's actions, so for any other
+    costs ``c`` the step is at least ``Σ counts × c`` (the same path, repriced):
+    the partitioner uses this to skip moves that cannot help.
+    """
+    program = compile_schedule(schedule)
+    kept, clock = _run(program, costs, keep=True)
+    assert kept is not None
+    end, available, finish = kept[1][:, 0], kept[2][:, 0], clock[:, 0]
+    k = schedule.num_stages
+    last = int(np.argmax(finish))
+    counts = {name: np.zeros((1, k)) for name in _COUNTED}
+    for s in schedule.stages_of(last):
+        counts["optimizer_ms"][0, s] = 1.0
+    share = {"B": 1.0, "I": INPUT_GRAD_SHARE, "W": 1 - INPUT_GRAD_SHARE}
+    index, sent = program.last_of_rank[last], True
+    while index >= 0:
+        step = program.steps[index]
+        stage = step.action.stage
+        if step.action.kind == "F":
+            counts["forward_ms"][0, stage] += 1
+        else:
+            counts["backward_ms"][0, stage] += share[step.action.kind]
+        if step.send and sent:
+            counts["send_forward_ms" if step.send == "F" else "send_backward_ms"][0, stage] += 1
+        # what it waited for: the step before it on its rank (after that one's send), or a slot's maker
+        by, by_sent, when = int(program.previous[index]), True, 0.0
+        if by >= 0:
+            when = float(available[by])
+        for w in step.waits:
+            m = int(program.maker[w])
+            after_send = w == int(program.sent_slot[m])
+            t = float(available[m]) if after_send else float(end[m])
+            if t > when:
+                by, by_sent, when = m, after_send, t
+        index, sent = by, by_sent
+    return float(finish[last]), StageTimes(*(counts[name] for name in _COUNTED))
+
+
+_COUNTED = ("forward_ms", "backward_ms", "send_forward_ms", "send_backward_ms", "optimizer_ms")
 
 
 def _memory(schedule: Schedule, stages: Sequence[StageCost], events: Sequence[Event]

@@ -1,0 +1,220 @@
+"""The split with the smallest predicted step: what ``--method exact`` returns.
+
+    split = split_fastest(problem)       # problem.model names the schedule and micro-batch count
+    split.method                         # "exact": every split simulated; "local": see the note
+
+Pure (numpy, no torch). The step a split predicts is the simulator's
+(:func:`autopart.core.simulate.step_ms_batch` runs many splits through the
+schedule at once): pipeline fill and drain, sends, and every rank's
+optimizer step after its last backward, not only the slowest stage. Among
+splits of equal step (to 1e-9), the smallest bottleneck wins, then the
+smallest sum of squared stage times.
+
+Note: when the splits are few enough to simulate them all
+(``C(n-1, K-1) × actions`` up to :data:`EXHAUSTIVE_WORK`), every split that
+fits memory is simulated and the result is the exact optimum (method
+"exact"). Beyond that (method "local") the search starts from the
+bottleneck-optimal split and shifts runs of neighbouring boundaries by 1, 2,
+4, ... blocks while the predicted step improves: never slower than the
+bottleneck-optimal split, but a local optimum. Each round simulates only
+the moves that a critical path of the current split, repriced with the
+move's stage costs, does not already rule out (that repricing is a lower
+bound on the move's step). I know of no exact method that scales for
+1F1B's step: GPipe's has a closed form, 1F1B's critical path zigzags
+between ranks.
+"""
+from __future__ import annotations
+
+import dataclasses
+import itertools
+import math
+from typing import Iterator
+
+import numpy as np
+import numpy.typing as npt
+
+from autopart.core.costmodel import Problem
+from autopart.core.partition import Split, split_bottleneck
+from autopart.core.schedules import Schedule, build_schedule
+from autopart.core.simulate import StageTimes, compile_schedule, critical_path, step_ms_batch
+
+__all__ = ["split_fastest", "EXHAUSTIVE_WORK"]
+
+Ints = npt.NDArray[np.int64]
+Floats = npt.NDArray[np.float64]
+
+EXHAUSTIVE_WORK = 4_000_000
+"""Splits × schedule actions up to which every split is simulated (about 0.3 s on a 2-core CPU)."""
+_CHUNK = 4096  # splits simulated in one batch
+_TIE = 1e-9  # relative: steps (and bottlenecks) this close are equal
+_MAX_ROUNDS = 500
+_VERIFY = 64  # candidate moves simulated per round, the most promising first
+_FIELDS = ("forward_ms", "backward_ms", "send_forward_ms", "send_backward_ms", "optimizer_ms")
+
+
+def _schedule(p: Problem) -> Schedule:
+    per_rank = p.model.stages_per_rank
+    return build_schedule(p.model.schedule, p.k // per_rank, p.model.microbatches, per_rank)
+
+
+def _costs(p: Problem, starts: Ints) -> tuple[StageTimes, npt.NDArray[np.bool_]]:
+    """The stage times of each split (rows of first blocks), and whether it fits memory."""
+    ends = np.concatenate([starts[:, 1:] - 1, np.full((starts.shape[0], 1), p.n - 1)], axis=1)
+    fits = np.ones(starts.shape[0], dtype=bool)
+    per_stage = []
+    for s in range(p.k):
+        times, ok = p.stage_times(s, starts[:, s], ends[:, s])
+        per_stage.append(times)
+        fits &= ok
+    return StageTimes.stack(per_stage), fits
+
+
+def _score(schedule: Schedule, costs: StageTimes, fits: npt.NDArray[np.bool_]) -> tuple[Floats, Floats, Floats]:
+    """(step, bottleneck, sum of squared stage times) of each split; inf where it does not fit memory."""
+    stage_ms = costs.time_ms
+    step = np.where(fits, step_ms_batch(schedule, costs), np.inf)
+    return step, np.where(fits, stage_ms.max(axis=1), np.inf), np.where(fits, (stage_ms ** 2).sum(axis=1), np.inf)
+
+
+def _best(step: Floats, bottleneck: Floats, sum_sq: Floats) -> int:
+    """The index of the smallest step, then bottleneck, then sum of squares (ties to 1e-9)."""
+    low = float(step.min())
+    if not np.isfinite(low):
+        return -1
+    near = np.flatnonzero(step <= low + _TIE * abs(low))
+    b = bottleneck[near]
+    near = near[b <= b.min() + _TIE * abs(float(b.min()))]
+    return int(near[np.argmin(sum_sq[near])])
+
+
+def _better(a: tuple[float, float, float], b: tuple[float, float, float]) -> bool:
+    """Whether score ``a`` beats ``b`` beyond the tie tolerance, in the order step, bottleneck, sum of squares."""
+    for x, y in zip(a, b):
+        if x < y - _TIE * abs(y):
+            return True
+        if x > y + _TIE * abs(y):
+            return False
+    return False
+
+
+def _better_spread(bottleneck: Floats, sum_sq: Floats, score: tuple[float, float, float]) -> npt.NDArray[np.bool_]:
+    """Which candidates would win the tie-break against ``score`` if their step were equal to it."""
+    _, b, q = score
+    tol_b, tol_q = _TIE * abs(b), _TIE * abs(q)
+    out: npt.NDArray[np.bool_] = (bottleneck < b - tol_b) | ((bottleneck <= b + tol_b) & (sum_sq < q - tol_q))
+    return out
+
+
+def _every_split(n: int, k: int) -> Iterator[Ints]:
+    """All splits of n blocks into k stages, in chunks: rows of first blocks."""
+    combos = itertools.combinations(range(1, n), k - 1)
+    while rows := list(itertools.islice(combos, _CHUNK)):
+        body = np.array(rows, dtype=np.int64).reshape(len(rows), k - 1)
+        yield np.concatenate([np.zeros((len(rows), 1), dtype=np.int64), body], axis=1)
+
+
+def _exhaustive(p: Problem, schedule: Schedule) -> Ints:
+    """The best split of all (one fits: the caller found the bottleneck-optimal one)."""
+    best: Ints | None = None
+    best_score = (np.inf, np.inf, np.inf)
+    for starts in _every_split(p.n, p.k):
+        scores = _score(schedule, *_costs(p, starts))
+        i = _best(*scores)
+        if i < 0:
+            continue
+        score = (float(scores[0][i]), float(scores[1][i]), float(scores[2][i]))
+        if best is None or _better(score, best_score):
+            best, best_score = starts[i], score
+    assert best is not None
+    return best
+
+
+def _neighbours(starts: Ints, n: int) -> Ints:
+    """Splits one move away: a run of neighbouring boundaries shifted together by ±1, ±2, ±4, ...
+
+    Shifting boundaries b..c moves work from one end of the run to the other:
+    stages b..c-1 keep their size, stage b-1 and stage c change."""
+    k = starts.size
+    edges = np.append(starts, n)
+    widest = int(np.diff(edges).max())
+    deltas = np.array([1 << e for e in range(max(1, widest.bit_length()))], dtype=np.int64)
+    deltas = np.concatenate([deltas, -deltas])
+    masks = []  # which edges a move shifts: boundaries b .. b + span - 1
+    for span in range(1, k):
+        for b in range(1, k - span + 1):
+            mask = np.zeros(k + 1, dtype=np.int64)
+            mask[b: b + span] = 1
+            masks.append(mask)
+    if not masks:
+        return np.zeros((0, k), dtype=np.int64)
+    moved = edges[None, None, :] + deltas[:, None, None] * np.array(masks)[None, :, :]
+    moved = moved.reshape(-1, k + 1)
+    ok = np.all(np.diff(moved, axis=1) >= 1, axis=1)
+    return moved[ok, :k]
+
+
+def _repriced(counts: StageTimes, costs: StageTimes) -> Floats:
+    """Each candidate's costs along one critical path of the current split: a lower bound on its step."""
+    out: Floats = sum((getattr(counts, name) * getattr(costs, name)).sum(axis=1)
+                      for name in ("forward_ms", "backward_ms", "send_forward_ms", "send_backward_ms", "optimizer_ms"))
+    return out
+
+
+def _local(p: Problem, schedule: Schedule, starts: Ints) -> Ints:
+    """Best-improvement moves from ``starts`` until none improves (step, then bottleneck, then spread).
+
+    A move is simulated only when the current critical path, repriced with the
+    move's costs, leaves room to improve: the step after a move is at least
+    that (:func:`critical_path`), so the moves skipped cannot win.
+    """
+    current = starts
+    costs, _ = _costs(p, current[None, :])
+    scores = _score(schedule, costs, np.ones(1, dtype=bool))
+    current_score = (float(scores[0][0]), float(scores[1][0]), float(scores[2][0]))
+    for _ in range(_MAX_ROUNDS):
+        step, counts = critical_path(schedule, costs)
+        candidates = _neighbours(current, p.n)
+        if not candidates.size:
+            break
+        cand_costs, fits = _costs(p, candidates)
+        bound = np.where(fits, _repriced(counts, cand_costs), np.inf)
+        order = np.argsort(bound, kind="stable")
+        strictly = int(np.searchsorted(bound[order], step * (1 - _TIE), side="left"))
+        ties = int(np.searchsorted(bound[order], step * (1 + _TIE), side="right"))
+        stage_ms = cand_costs.time_ms
+        evener = _better_spread(stage_ms.max(axis=1), (stage_ms ** 2).sum(axis=1), current_score)
+        tie_pick = order[strictly:ties][evener[order[strictly:ties]]]
+        found = None
+        for pick in (order[:strictly][:_VERIFY], tie_pick):  # a faster step first, then a tie-break win
+            if not pick.size:
+                continue
+            picked = StageTimes(*(getattr(cand_costs, name)[pick] for name in _FIELDS))
+            scores = _score(schedule, picked, fits[pick])
+            i = _best(*scores)
+            score = (float(scores[0][i]), float(scores[1][i]), float(scores[2][i])) if i >= 0 else current_score
+            if i >= 0 and _better(score, current_score):
+                found = (candidates[pick[i]], score)
+                break
+        if found is None:
+            break
+        current, current_score = found
+        costs, _ = _costs(p, current[None, :])
+    return current
+
+
+def split_fastest(p: Problem) -> Split:
+    """The split that fits memory with the smallest predicted step under ``p.model``'s schedule and
+    micro-batch count: method "exact" when every split was simulated, "local" when a local search from
+    the bottleneck-optimal split found it (see the module note)."""
+    base = split_bottleneck(p)  # raises, saying why, when no split fits
+    if p.k == 1:
+        return dataclasses.replace(base, method="exact")
+    schedule = _schedule(p)
+    work = math.comb(p.n - 1, p.k - 1) * len(compile_schedule(schedule).steps)
+    if work <= EXHAUSTIVE_WORK:
+        method, starts = "exact", _exhaustive(p, schedule)
+    else:
+        method, starts = "local", _local(p, schedule, np.concatenate([[0], np.cumsum(base.balance)[:-1]]))
+    balance = [int(b) for b in np.diff(np.append(starts, p.n))]
+    return Split(method=method, balance=tuple(balance), stages=tuple(p.stages(balance)), fits=p.fits(balance),
+                 lower_bound_ms=p.lower_bound_ms())
