@@ -1,4 +1,4 @@
-"""How good is each method's slowest stage? Ratio to the lower bound, on real and model-shaped costs.
+"""How good is each method's split? Its slowest stage against the lower bound, and its predicted step.
 
     bash benchmarks/baselines-env.sh                       # autopart + torchgpipe + DeepSpeed from PyPI
     benchmarks/.venv/bin/python benchmarks/partition_quality.py
@@ -11,6 +11,14 @@ the lower bound max(total / K, largest block). torchgpipe's
 ``blockpartition.solve`` (also fairscale's) and DeepSpeed's
 ``partition_balanced`` get the same per-block times; ``parameters`` balances
 parameter bytes, DeepSpeed's default. Missing baselines print "-".
+
+The second table (results/partition_step) scores every method's split by
+the step the simulator predicts under 1F1B and GPipe with M = K and 1F1B
+with M = 2K micro-batches: ``exact`` (the default) minimises it,
+``bottleneck`` the slowest stage. Profiles bring their own forward,
+backward and optimizer times; the FLOP and lognormal cases take forward =
+1/3 of the block and no optimizer step (lognormal: optimizer = 1/10 of the
+block, so the last backward's rank matters).
 """
 from __future__ import annotations
 
@@ -27,11 +35,16 @@ from _common import report  # noqa: E402
 
 from autopart.core.costmodel import CostModel, Problem  # noqa: E402
 from autopart.formats.devices import Device  # noqa: E402
+from autopart.core.costmodel import BlockCosts  # noqa: E402
+from autopart.core.fastest import split_fastest  # noqa: E402
 from autopart.core.partition import split_bottleneck, split_minvar, split_parameters, split_uniform  # noqa: E402
+from autopart.core.schedules import build_schedule  # noqa: E402
+from autopart.core.simulate import simulate  # noqa: E402
 from autopart.formats.profile import Profile  # noqa: E402
 
 ROOT = Path(__file__).resolve().parent.parent
 Case = tuple[str, list[float], list[float]]  # name, time per block, parameter bytes per block
+STEP_CONFIGS = [("1F1B", 1), ("GPipe", 1), ("1F1B", 2)]  # schedule, micro-batches per stage
 
 
 def gpt2_xl(seq: int = 1024, d: int = 1600, layers: int = 48, vocab: int = 50257) -> Case:
@@ -78,6 +91,47 @@ def profile_case(path: Path) -> Case:
             [float(x.param_bytes) for x in p.layers])
 
 
+def step_blocks(name: str, costs: list[float], params: list[float]) -> BlockCosts:
+    """What the step table splits: a profile's own times, or forward = 1/3 of each block."""
+    path = ROOT / "profiles" / f"{name}.json"
+    if path.exists():
+        return BlockCosts.from_profile(Profile.from_json(path))
+    optimizer = [c / 10 for c in costs] if name.endswith("lognormal") else [0.0] * len(costs)
+    return BlockCosts.of(costs, forward_ms=[c / 3 for c in costs], param_bytes=params, optimizer_ms=optimizer)
+
+
+def step_rows(cases: list[Case], baselines: dict[str, Callable[[list[float], int], list[int]]]) -> list[list[object]]:
+    """Predicted step of each method's split, as % above exact's, per case, K and schedule."""
+    methods: dict[str, Callable[[Problem], tuple[int, ...]]] = {
+        "bottleneck": lambda p: split_bottleneck(p).balance, "minvar": lambda p: split_minvar(p).balance,
+        "uniform": lambda p: split_uniform(p).balance, "parameters": lambda p: split_parameters(p).balance}
+    rows = []
+    for name, costs, params in cases:
+        blocks = step_blocks(name, costs, params)
+        ks = [64] if len(costs) >= 1000 else [k for k in (2, 4, 8) if k <= len(costs)]
+        for k in ks:
+            for schedule, per_stage in STEP_CONFIGS:
+                m = k * per_stage
+                problem = Problem(blocks, [Device("d")] * k, CostModel(schedule=schedule, microbatches=m))
+                plan = build_schedule(schedule, k, m)
+
+                def step(balance: tuple[int, ...] | list[int]) -> float:
+                    return simulate(plan, problem.stages(balance)).step_ms
+                t0 = time.perf_counter()
+                exact = split_fastest(problem)
+                exact_ms = (time.perf_counter() - t0) * 1e3
+                best = step(exact.balance)
+                excess = {m_: step(fn(problem)) / best - 1 for m_, fn in methods.items()}
+                for b_name, solve in baselines.items():
+                    excess[b_name] = step(solve(list(blocks.compute_ms), k)) / best - 1
+                row: list[object] = [name, k, f"{schedule} M={m}", exact.method, f"{best:.4g}"]
+                row += [f"{excess[c]:+.1%}" if c in excess else "-"
+                        for c in ("bottleneck", "minvar", "uniform", "parameters", "torchgpipe", "deepspeed")]
+                rows.append(row + [f"{exact_ms:.1f}"])
+                print(*row, flush=True)
+    return rows
+
+
 def _baselines() -> dict[str, Callable[[list[float], int], list[int]]]:
     found: dict[str, Callable[[list[float], int], list[int]]] = {}
     try:
@@ -105,8 +159,8 @@ def main() -> None:
     cases = [profile_case(p) for p in sorted((ROOT / "profiles").glob("*.json"))]
     cases += [gpt2_xl(), bert_large(), resnet50(), lognormal()]
     baselines = _baselines()
-    columns = ["costs", "K", "exact", "minvar", "uniform", "parameters", "torchgpipe", "deepspeed",
-               "exact ms", "torchgpipe ms", "deepspeed ms"]
+    columns = ["costs", "K", "bottleneck", "minvar", "uniform", "parameters", "torchgpipe", "deepspeed",
+               "bottleneck ms", "torchgpipe ms", "deepspeed ms"]
     rows = []
     for name, costs, params in cases:
         ks = [64] if len(costs) >= 1000 else [k for k in (2, 4, 8) if k <= len(costs)]
@@ -116,7 +170,7 @@ def main() -> None:
             t0 = time.perf_counter()
             exact = split_bottleneck(problem)
             exact_ms = (time.perf_counter() - t0) * 1e3
-            ratios = {"exact": exact.bottleneck_ms / lb}
+            ratios = {"bottleneck": exact.bottleneck_ms / lb}
             for method, fn in (("minvar", split_minvar), ("uniform", split_uniform),
                                ("parameters", split_parameters)):
                 ratios[method] = fn(problem).bottleneck_ms / lb
@@ -133,6 +187,10 @@ def main() -> None:
             rows.append(row)
     report("partition_quality", "slowest stage / lower bound (1.000 = provably optimal), and solve time",
            columns, rows, extra={"baselines": sorted(baselines)})
+    report("partition_step", "predicted step of exact's split (ms), and how much slower each other split is",
+           ["costs", "K", "schedule", "search", "exact step ms", "bottleneck", "minvar", "uniform", "parameters",
+            "torchgpipe", "deepspeed", "exact solve ms"], step_rows(cases, baselines),
+           extra={"baselines": sorted(baselines)})
 
 
 if __name__ == "__main__":
