@@ -30,8 +30,15 @@ class Sleep(nn.Module):
         self.scale = nn.Parameter(torch.ones(1))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return _SleepFn.apply(x, self.forward_ms / 1e3, self.backward_ms / 1e3) * self.scale
+        # through the parameter first, so the backward sleeps even where the input needs no gradient
+        return _SleepFn.apply(x * self.scale, self.forward_ms / 1e3, self.backward_ms / 1e3)
 
 
 def sleep_model(forward_ms: list[float], backward_ms: list[float]) -> nn.Sequential:
     return nn.Sequential(*[Sleep(f, b) for f, b in zip(forward_ms, backward_ms)])
+
+
+def sleep_spec() -> dict[str, Any]:
+    """A model spec (``tests/helpers.py:sleep_spec``) of four blocks of 8 ms forward, 16 ms backward."""
+    return {"module": sleep_model([8.0] * 4, [16.0] * 4), "example": torch.randn(1, 8),
+            "loss_fn": nn.functional.mse_loss}

@@ -153,3 +153,35 @@ def test_threads_other_than_the_profiles_are_said_before_training(plan: Path, tm
     noted = run_cli("train", str(two), "--model", "gpt2-tiny", "--steps", "1")
     assert noted.returncode == 0, noted.stderr[-2000:]
     assert "measured with 64 CPU threads" in noted.stderr and "--threads" in noted.stderr
+
+
+def test_the_report_and_the_trace_are_measured_inside_the_pipeline(tmp_path: Path) -> None:
+    """Blocks that sleep a known time: each stage's forward and backward, timed where the schedule ran them,
+    are what the sleeps add up to; the step is the slowest rank's; the trace and SVG hold every action."""
+    spec = f"{ROOT / 'tests' / 'helpers.py'}:sleep_spec"
+    profile, plan, report = tmp_path / "p.json", tmp_path / "plan.json", tmp_path / "r.json"
+    trace, svg = tmp_path / "t.json", tmp_path / "t.svg"
+    assert run_cli("profile", spec, "--microbatch-size", "1", "-o", str(profile)).returncode == 0
+    made = run_cli("partition", str(profile), "--stages", "2", "--microbatches", "4", "--balance", "2,2",
+                   "-o", str(plan))
+    assert made.returncode == 0, made.stderr
+    ran = run_cli("train", str(plan), "--model", spec, "--steps", "5", "--report", str(report),
+                  "--trace", str(trace), "--svg", str(svg))
+    assert ran.returncode == 0, ran.stderr[-2000:]
+    assert "step (slowest rank, rank" in ran.stderr and "per rank, one step" in ran.stderr
+    data = json.loads(report.read_text())
+    for row in data["stages"]:  # two blocks: 16 ms forward, 32 ms backward, and sleep overshoots a little
+        assert 16 <= row["measured_forward_ms"] < 16 * 1.3 and 32 <= row["measured_backward_ms"] < 32 * 1.3
+    finishes = [r["measured_finish_ms"] for r in data["ranks_detail"]]
+    assert data["measured_step_ms"] >= max(finishes) * (1 - 1e-9)  # each step's slowest rank
+    # 4 micro-batches through 2 ranks: (4 + 1)(16 + 32) ms of compute at the least
+    assert data["measured_step_ms"] >= 5 * 48
+    assert data["simulated_with_measured_stages_ms"] == pytest.approx(data["measured_step_ms"], rel=0.25)
+    events = json.loads(trace.read_text())["traceEvents"]
+    measured = [e for e in events if e["ph"] == "X" and e["pid"] == 0]
+    for rank in (0, 1):
+        names = sorted(e["name"] for e in measured if e["tid"] == rank)
+        assert names == sorted([f"{rank}F{m}" for m in range(4)] + [f"{rank}B{m}" for m in range(4)] + ["OPT"])
+    assert any(e["pid"] == 1 for e in events if e["ph"] == "X")  # the predicted step beside it
+    picture = svg.read_text()
+    assert "predicted: step" in picture and "measured (the median step): step" in picture

@@ -73,10 +73,10 @@ def run(args: argparse.Namespace) -> int:
         write_atomic(args.csv, lambda handle: handle.write(text.encode()))
     title = f"{plan.model}: {schedule}, {plan.num_stages} stages on {sim.num_ranks} ranks, {microbatches} micro-batches"
     if args.svg:
-        svg = render_svg(sim, title=title)
+        svg = render_svg([("", sim)], title=title)
         write_atomic(args.svg, lambda handle: handle.write(svg.encode()))
     if args.trace:
-        write_trace(sim, args.trace, label=f"{plan.model} predicted")
+        write_trace(args.trace, (f"{plan.model} predicted", sim))
     if args.json:
         print(json.dumps({"plan": args.plan, **sim.to_dict()}, indent=2))
         return 0

@@ -1,15 +1,16 @@
 """Draw a simulated step: one row per rank, forward and backward in different colours, idle visible.
 
     render_text(sim, width=100)   -> rich Text for the terminal
-    render_svg(sim)               -> an SVG document a browser shows
+    render_svg([("predicted", sim), ("measured", run)])   -> an SVG a browser shows, one time axis
 """
 from __future__ import annotations
 
 from html import escape
+from typing import Sequence
 
 from rich.text import Text
 
-from autopart.core.simulate import Event, Simulation
+from autopart.core.simulate import Event, Simulation, Timeline
 
 __all__ = ["render_text", "render_svg", "COLOURS"]
 
@@ -60,39 +61,35 @@ def render_text(sim: Simulation, width: int = 100) -> Text:
     return out
 
 
-def render_svg(sim: Simulation, title: str = "", width_px: int = 1200) -> str:
-    """An SVG picture of the same timeline, with action labels where they fit and a time axis."""
-    left, top, row_h, gap = 70, 50, 30, 6
+def render_svg(panels: Sequence[tuple[str, Timeline]], title: str = "", width_px: int = 1200) -> str:
+    """An SVG picture of one or more timelines stacked on one time axis (``(label, timeline)`` each, e.g.
+    predicted above measured), with action labels where they fit."""
+    left, top, row_h, gap, head = 70, 30, 30, 6, 26
     plot_w = width_px - left - 20
-    height = top + sim.num_ranks * (row_h + gap) + 60
-    scale = plot_w / sim.step_ms if sim.step_ms > 0 else 0.0
-    parts = [f'<svg xmlns="http://www.w3.org/2000/svg" width="{width_px}" height="{height}" '
-             f'font-family="sans-serif" font-size="11">',
-             '<rect width="100%" height="100%" fill="white"/>',
-             f'<text x="{left}" y="22" font-size="14" font-weight="bold">{escape(title or sim.schedule)}</text>',
-             f'<text x="{left}" y="40" fill="#555">step {sim.step_ms:.4g} ms, bubble {sim.bubble_fraction:.1%}, '
-             f'{sim.num_ranks} ranks, {sim.microbatches} micro-batches</text>']
-    for r in range(sim.num_ranks):
-        y = top + r * (row_h + gap)
-        parts.append(f'<text x="8" y="{y + row_h / 2 + 4}">rank {r}</text>')
-        parts.append(f'<rect x="{left}" y="{y}" width="{plot_w}" height="{row_h}" fill="#F2F2F2"/>')
-    for e in sim.events:
-        y = top + e.rank * (row_h + gap)
-        x, w = left + e.start_ms * scale, max((e.end_ms - e.start_ms) * scale, 0.5)
-        h = row_h if e.kind != "SEND" else row_h / 3
-        parts.append(f'<rect x="{x:.2f}" y="{y + row_h - h:.2f}" width="{w:.2f}" height="{h:.2f}" '
-                     f'fill="{COLOURS[e.kind]}" stroke="white" stroke-width="0.5"><title>{escape(e.action)} '
-                     f'{e.start_ms:.4g}-{e.end_ms:.4g} ms</title></rect>')
-        label = e.action if e.kind != "SEND" else ""
-        if label and w > 7 * len(label):
-            parts.append(f'<text x="{x + w / 2:.2f}" y="{y + row_h / 2 + 4}" fill="white" '
-                         f'text-anchor="middle">{escape(label)}</text>')
-    axis_y = top + sim.num_ranks * (row_h + gap) + 4
+    span = max([t.step_ms for _, t in panels] + [1e-9])
+    scale = plot_w / span
+    parts = ['<rect width="100%" height="100%" fill="white"/>',
+             f'<text x="{left}" y="22" font-size="14" font-weight="bold">{escape(title or panels[0][1].schedule)}'
+             f'</text>']
+    y = top
+    for label, t in panels:
+        line = f"step {t.step_ms:.4g} ms, bubble {t.bubble_fraction:.1%}, {t.num_ranks} ranks, " \
+               f"{t.microbatches} micro-batches"
+        parts.append(f'<text x="{left}" y="{y + 16}" fill="#555">{escape(f"{label}: {line}" if label else line)}</text>')
+        y += head
+        for r in range(t.num_ranks):
+            parts.append(f'<text x="8" y="{y + r * (row_h + gap) + row_h / 2 + 4}">rank {r}</text>')
+            parts.append(f'<rect x="{left}" y="{y + r * (row_h + gap)}" width="{t.step_ms * scale:.2f}" '
+                         f'height="{row_h}" fill="#F2F2F2"/>')
+        for e in t.events:
+            parts.extend(_svg_event(e, left, y + e.rank * (row_h + gap), row_h, scale))
+        y += t.num_ranks * (row_h + gap) + 4
+    axis_y = y + 4
     parts.append(f'<line x1="{left}" y1="{axis_y}" x2="{left + plot_w}" y2="{axis_y}" stroke="#333"/>')
     for i in range(11):
         x = left + plot_w * i / 10
         parts.append(f'<line x1="{x:.1f}" y1="{axis_y}" x2="{x:.1f}" y2="{axis_y + 5}" stroke="#333"/>')
-        parts.append(f'<text x="{x:.1f}" y="{axis_y + 17}" text-anchor="middle">{sim.step_ms * i / 10:.4g} ms</text>')
+        parts.append(f'<text x="{x:.1f}" y="{axis_y + 17}" text-anchor="middle">{span * i / 10:.4g} ms</text>')
     lx = left
     for label, kind in (("forward", "F"), ("backward", "B"), ("weight grad", "W"), ("send", "SEND"),
                         ("optimizer", "OPT"), ("idle", None)):
@@ -100,5 +97,20 @@ def render_svg(sim: Simulation, title: str = "", width_px: int = 1200) -> str:
         parts.append(f'<rect x="{lx}" y="{axis_y + 28}" width="12" height="12" fill="{fill}" stroke="#999"/>')
         parts.append(f'<text x="{lx + 16}" y="{axis_y + 38}">{label}</text>')
         lx += 110
-    parts.append("</svg>")
-    return "\n".join(parts) + "\n"
+    height = axis_y + 50
+    head_tag = (f'<svg xmlns="http://www.w3.org/2000/svg" width="{width_px}" height="{height}" '
+                f'font-family="sans-serif" font-size="11">')
+    return "\n".join([head_tag] + parts + ["</svg>"]) + "\n"
+
+
+def _svg_event(e: Event, left: float, y: float, row_h: float, scale: float) -> list[str]:
+    x, w = left + e.start_ms * scale, max((e.end_ms - e.start_ms) * scale, 0.5)
+    h = row_h if e.kind != "SEND" else row_h / 3
+    out = [f'<rect x="{x:.2f}" y="{y + row_h - h:.2f}" width="{w:.2f}" height="{h:.2f}" fill="{COLOURS[e.kind]}" '
+           f'stroke="white" stroke-width="0.5"><title>{escape(e.action)} {e.start_ms:.4g}-{e.end_ms:.4g} ms'
+           f'</title></rect>']
+    label = e.action if e.kind not in ("SEND", "OPT") else ""
+    if label and w > 7 * len(label):
+        out.append(f'<text x="{x + w / 2:.2f}" y="{y + row_h / 2 + 4}" fill="white" '
+                   f'text-anchor="middle">{escape(label)}</text>')
+    return out

@@ -49,6 +49,10 @@ def add_parser(sub: Subcommands) -> None:
     p.add_argument("--timeout", type=float, default=300.0, metavar="SECONDS",
                    help="how long a rank waits for a peer before giving up (default: 300)")
     p.add_argument("--report", metavar="FILE", help="write measured-against-predicted as JSON")
+    p.add_argument("--trace", metavar="FILE", help="write the measured step (the median one) and the predicted one "
+                   "as Chrome trace JSON (open in https://ui.perfetto.dev)")
+    p.add_argument("--svg", metavar="FILE", help="write the predicted step above the measured one, same time axis, "
+                   "as an SVG picture")
     p.add_argument("--replan", metavar="FILE", help="re-profile every block where it ran and write the plan "
                    "those measurements suggest")
     p.add_argument("--meta-init", action="store_true",
@@ -67,6 +71,7 @@ def _config(args: argparse.Namespace) -> TrainConfig:
     return TrainConfig(plan=args.plan, model=args.model, steps=args.steps, global_batch=args.global_batch,
                        lr=args.lr, data=args.data, checkpoint=args.checkpoint, checkpoint_every=args.checkpoint_every,
                        seed=args.seed, threads=args.threads, report=args.report, replan=args.replan,
+                       trace=args.trace, svg=args.svg,
                        device=args.device, timeout_s=args.timeout, meta_init=args.meta_init)
 
 
@@ -74,7 +79,8 @@ def _worker_args(cfg: TrainConfig) -> list[str]:
     out = [cfg.plan, "--model", cfg.model, "--steps", str(cfg.steps), "--lr", repr(cfg.lr), "--seed", str(cfg.seed),
            "--device", cfg.device, "--timeout", repr(cfg.timeout_s), "--checkpoint-every", str(cfg.checkpoint_every)]
     for flag, value in (("--global-batch", cfg.global_batch), ("--data", cfg.data), ("--checkpoint", cfg.checkpoint),
-                        ("--threads", cfg.threads), ("--report", cfg.report), ("--replan", cfg.replan)):
+                        ("--threads", cfg.threads), ("--report", cfg.report), ("--replan", cfg.replan),
+                        ("--trace", cfg.trace), ("--svg", cfg.svg)):
         if value is not None:
             out += [flag, str(value)]
     if cfg.meta_init:
@@ -102,7 +108,7 @@ def run(args: argparse.Namespace) -> int:
     plan = Plan.from_json(cfg.plan)
     if cfg.global_batch is not None:
         plan.microbatch_size_for(cfg.global_batch)
-    for path in (cfg.report, cfg.replan):
+    for path in (cfg.report, cfg.replan, cfg.trace, cfg.svg):
         if path:
             check_writable(path)
     if cfg.device == "cuda" and not torch.cuda.is_available():

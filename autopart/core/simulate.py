@@ -35,7 +35,7 @@ from autopart.core.schedules import Action, Schedule
 from autopart.errors import AutopartError
 from autopart.formats.stage import StageCost
 
-__all__ = ["Event", "Simulation", "simulate", "closed_form_step_ms", "StageTimes", "step_ms_batch", "compile_schedule",
+__all__ = ["Event", "Timeline", "Simulation", "simulate", "closed_form_step_ms", "StageTimes", "step_ms_batch", "compile_schedule",
            "Program", "critical_path"]
 
 Floats = npt.NDArray[np.float64]
@@ -60,19 +60,22 @@ class Event:
 
 
 @dataclass(frozen=True)
-class Simulation:
+class Timeline:
+    """One step, action by action on every rank: what the simulator predicts or a training run measured."""
+
     schedule: str
     num_ranks: int
     microbatches: int
     step_ms: float
-    busy_ms: tuple[float, ...]
-    """Per rank: time computing or sending."""
-    peak_memory_bytes: tuple[int, ...]
-    """Per rank: static bytes plus the peak of live activations."""
-    peak_activation_bytes: tuple[int, ...]
-    peak_in_flight: tuple[int, ...]
-    """Per stage: the most micro-batches whose activations it held at once."""
     events: tuple[Event, ...]
+
+    @property
+    def busy_ms(self) -> tuple[float, ...]:
+        """Per rank: time computing, sending or stepping the optimizer."""
+        busy = [0.0] * self.num_ranks
+        for e in self.events:
+            busy[e.rank] += e.end_ms - e.start_ms
+        return tuple(busy)
 
     @property
     def bubble_fractions(self) -> tuple[float, ...]:
@@ -83,6 +86,17 @@ class Simulation:
         """Idle share of all ranks' time in one step."""
         total = self.step_ms * self.num_ranks
         return 1 - sum(self.busy_ms) / total if total > 0 else 0.0
+
+
+@dataclass(frozen=True)
+class Simulation(Timeline):
+    """A predicted step: its timeline and the memory it holds."""
+
+    peak_memory_bytes: tuple[int, ...] = ()
+    """Per rank: static bytes plus the peak of live activations."""
+    peak_activation_bytes: tuple[int, ...] = ()
+    peak_in_flight: tuple[int, ...] = ()
+    """Per stage: the most micro-batches whose activations it held at once."""
 
     def to_dict(self) -> dict[str, object]:
         return {"schedule": self.schedule, "num_ranks": self.num_ranks, "microbatches": self.microbatches,
@@ -271,7 +285,6 @@ def simulate(schedule: Schedule, stages: Sequence[StageCost]) -> Simulation:
     program = compile_schedule(schedule)
     done = [0.0] * program.slots  # when a result is available to its consumer
     clock = [0.0] * schedule.num_ranks
-    busy = [0.0] * schedule.num_ranks
     events: list[Event] = []
     for step in program.steps:
         r, a = step.rank, step.action
@@ -285,7 +298,6 @@ def simulate(schedule: Schedule, stages: Sequence[StageCost]) -> Simulation:
             if send > 0:
                 events.append(Event(r, f"SEND_{step.send} {a}", "SEND", end, end + send))
                 available = end + send
-        busy[r] += available - start
         clock[r] = available
         if step.sent_slot >= 0:
             done[step.sent_slot] = available
@@ -295,12 +307,11 @@ def simulate(schedule: Schedule, stages: Sequence[StageCost]) -> Simulation:
         opt = sum(stages[s].optimizer_ms for s in range(schedule.num_stages) if schedule.stage_rank[s] == r)
         if opt > 0:
             events.append(Event(r, "OPT", "OPT", clock[r], clock[r] + opt))
-            busy[r] += opt
             clock[r] += opt
     step_ms = max(clock) if clock else 0.0
     peak_mem, peak_act, peak_flight = _memory(schedule, stages, events)
     return Simulation(schedule=schedule.name, num_ranks=schedule.num_ranks, microbatches=schedule.microbatches,
-                      step_ms=step_ms, busy_ms=tuple(busy), peak_memory_bytes=peak_mem, peak_activation_bytes=peak_act,
+                      step_ms=step_ms, peak_memory_bytes=peak_mem, peak_activation_bytes=peak_act,
                       peak_in_flight=peak_flight, events=tuple(sorted(events, key=lambda e: (e.rank, e.start_ms))))
 
 

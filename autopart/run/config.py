@@ -30,6 +30,10 @@ class TrainConfig:
     """CPU threads per rank (default: cores / ranks)."""
     report: str | None = None
     """Where to write measured-against-predicted as JSON."""
+    trace: str | None = None
+    """Where to write the measured and predicted step as Chrome trace JSON."""
+    svg: str | None = None
+    """Where to draw the predicted step above the measured one."""
     replan: str | None = None
     """Where to write the plan that re-profiling the blocks where they ran suggests."""
     device: str = "auto"

@@ -5,6 +5,7 @@ from dataclasses import dataclass, field
 
 import torch
 
+from autopart.core.simulate import Event
 from autopart.formats.plan import Plan
 from autopart.run.config import TrainConfig
 from autopart.run.data import TrainingData
@@ -44,3 +45,5 @@ class StepLog:
     """Wall time of each step on this rank, from a barrier to its optimizer step's end."""
     losses: list[float] = field(default_factory=list)
     """Mean loss over the step's micro-batches (on the reporting rank only)."""
+    timelines: list[tuple[Event, ...]] = field(default_factory=list)
+    """Each step's actions on this rank, timed where they ran (:mod:`autopart.run.timeline`)."""

@@ -26,7 +26,7 @@ from autopart.run.data import training_data
 from autopart.run.job import Job, StepLog
 from autopart.run.log import say
 from autopart.run.replan import reprofile_stages, write_replan
-from autopart.run.report import gather_measurements, make_report, measure_stages, print_report, write_report
+from autopart.run.report import gather_measured, make_report, print_report, write_report, write_timelines
 from autopart.run.resume import restore_pipeline, save_pipeline
 from autopart.run.stages import build_pipeline, check_plan_against_model
 
@@ -140,10 +140,10 @@ def _train(job: Job) -> StepLog:
         job.optimizer.zero_grad(set_to_none=False)  # in place, as the profile's optimizer time assumes
         dist.barrier()
         t0 = time.perf_counter()
+        job.pipe.clock.begin_step()
         out = job.pipe.step(inputs, target)
-        job.optimizer.step()
-        if job.device.type == "cuda":
-            torch.cuda.synchronize()
+        job.pipe.clock.timed("OPT", "OPT", job.optimizer.step)
+        log.timelines.append(job.pipe.clock.end_step())  # waits for the device
         elapsed = (time.perf_counter() - t0) * 1e3
         log.step_ms.append(elapsed)
         if out is not None:
@@ -174,15 +174,16 @@ def _checkpoint(job: Job, root: str, step: int) -> None:
 
 
 def _finish(job: Job, log: StepLog) -> None:
-    """Measure each stage, gather, and (on the last stage's rank) report and replan."""
-    measured = measure_stages(job)
+    """Gather every rank's timings, and (on the last stage's rank) report, draw and replan."""
     profiles = reprofile_stages(job) if job.cfg.replan else []
-    stage_ms, profiles = gather_measurements(job, measured, profiles)
+    measured, profiles = gather_measured(job, log, profiles)
     if not job.reporter:
         return
-    report = make_report(job, log, stage_ms)
+    report = make_report(job, log, measured)
     print_report(report, job.plan.microbatch_size)
     if job.cfg.report:
         write_report(report, job.cfg.report)
+    if job.cfg.trace or job.cfg.svg:
+        write_timelines(job.plan, measured, job.cfg.trace, job.cfg.svg)
     if job.cfg.replan:
         write_replan(job, profiles, report.measured_step_ms, job.cfg.replan)

@@ -1,8 +1,15 @@
-"""Measured against predicted, at the end of a run: each stage's compute and the step.
+"""Measured against predicted, at the end of a run: the step, each rank and each stage.
 
-Every rank times its own stages on the first micro-batch they received; the
-times are gathered, and the rank holding the last stage prints the table and
-writes ``--report`` JSON (the same fields as :class:`Report`).
+Every rank times each of its actions inside the real steps
+(:mod:`autopart.run.timeline`); the timelines are gathered, and the rank
+holding the last stage prints the comparison and writes ``--report`` JSON
+(the fields of :class:`Report`), ``--trace`` (Chrome trace JSON) and
+``--svg`` (predicted above measured, one time axis).
+
+The measured step of a training step is its slowest rank's: from leaving
+the barrier before the step to the end of that rank's optimizer step. The
+step reported is the median over the steady steps (all but the first
+quarter), with their spread.
 """
 from __future__ import annotations
 
@@ -11,36 +18,69 @@ import json
 import math
 import statistics
 from dataclasses import dataclass
-from typing import Any, Callable
+from typing import Any, Sequence
 
-import torch
 import torch.distributed as dist
 
 from autopart.core.planner import simulate_plan
+from autopart.core.simulate import Event, Simulation, Timeline
 from autopart.formats.atomic import write_json_atomic
+from autopart.formats.plan import Plan
 from autopart.formats.units import format_ms
-from autopart.measure.profiler import time_block
 from autopart.run.job import Job, StepLog
 from autopart.run.replan import StageProfile
 
-__all__ = ["StageRow", "Report", "measure_stages", "gather_measurements", "make_report", "print_report",
-           "write_report"]
+__all__ = ["StageRow", "RankRow", "Report", "Measured", "gather_measured", "make_report", "measured_timeline",
+           "print_report", "write_report", "write_timelines"]
 
-StageTimes = dict[int, tuple[float, float]]
-"""Stage index -> (forward ms, backward ms) of one micro-batch."""
+
+@dataclass(frozen=True)
+class Measured:
+    """What every rank timed, gathered: per step, the slowest rank's step and all ranks' actions."""
+
+    step_ms: tuple[tuple[float, ...], ...]
+    """Per step, each rank's time from the barrier to the end of its optimizer step."""
+    events: tuple[tuple[Event, ...], ...]
+    """Per step, every rank's actions (ms from that rank's start of the step)."""
+
+    @property
+    def slowest_ms(self) -> list[float]:
+        return [max(ranks) for ranks in self.step_ms]
+
+    def steady(self) -> list[int]:
+        """The steps after warm-up: all but the first quarter (all of them when there are fewer than 2)."""
+        n = len(self.step_ms)
+        return list(range(max(1, math.ceil(n / 4)), n)) if n > 1 else list(range(n))
 
 
 @dataclass(frozen=True)
 class StageRow:
     stage: int
+    rank: int
     blocks: int
-    predicted_compute_ms: float | None
+    predicted_forward_ms: float | None
     """None when the run's micro-batch size differs from the plan's."""
-    measured_compute_ms: float
+    predicted_backward_ms: float | None
     measured_forward_ms: float
+    """Median over the steady steps' micro-batches, timed inside the pipeline."""
     measured_backward_ms: float
+    """Full backward, or its input- and weight-gradient halves added."""
     error: float | None
-    """measured / predicted - 1."""
+    """Measured forward + backward over predicted, minus 1."""
+
+
+@dataclass(frozen=True)
+class RankRow:
+    rank: int
+    predicted_busy_ms: float | None
+    predicted_idle_ms: float | None
+    measured_compute_ms: float
+    """Forwards and backwards in one step (median over the steady steps)."""
+    measured_optimizer_ms: float
+    measured_wait_ms: float
+    """The rest of the slowest rank's step: waiting for sends and receives, the runtime's own work, idle."""
+    measured_finish_ms: float
+    """When this rank's optimizer step ended."""
 
 
 @dataclass(frozen=True)
@@ -55,91 +95,160 @@ class Report:
     steps: int
     losses: list[float]
     step_ms: list[float]
+    """Each step's slowest rank."""
     measured_step_ms: float
-    """Median step after the first quarter of the steps (warm-up)."""
+    """Median over the steady steps of the slowest rank's step."""
+    measured_step_spread_ms: tuple[float, float]
+    """The fastest and slowest of those steps."""
+    steady_steps: int
+    slowest_rank: int
+    """The rank that finished last most often."""
     predicted_step_ms: float | None
     predicted_bubble_fraction: float
     step_error: float | None
     simulated_with_measured_stages_ms: float
-    """The plan's schedule replayed with the measured stage times."""
+    """The plan's schedule replayed with the stage times measured in the pipeline."""
     throughput_per_s: float | None
     throughput_unit: str
     stages: list[StageRow]
+    ranks_detail: list[RankRow]
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
 
 
-def measure_stages(job: Job) -> StageTimes:
-    """Forward and backward ms of each local stage on the first micro-batch it received in the run."""
-    measured: StageTimes = {}
-    target = job.pipe.last_target
-    for s, module in job.pipe.modules:
-        captured = job.pipe.captured.get(s)
-        if captured is None:
-            continue
-        loss: Callable[[Any], torch.Tensor] | None = None
-        if s == job.plan.num_stages - 1 and target is not None:
-            loss = lambda out: job.pipe.loss_fn(out, target)  # noqa: E731
-        measured[s] = time_block(module, captured, job.device, warmup=1, repeats=3, loss=loss)
-    return measured
-
-
-def gather_measurements(job: Job, measured: StageTimes, profiles: list[StageProfile]
-                        ) -> tuple[StageTimes, list[StageProfile]]:
-    """Every rank's stage times and re-profiled stages (``--replan``), on every rank."""
+def gather_measured(job: Job, log: StepLog, profiles: list[StageProfile]) -> tuple[Measured, list[StageProfile]]:
+    """Every rank's step times, actions and re-profiled stages (``--replan``), on every rank."""
     gathered: list[Any] = [None] * job.world
-    dist.all_gather_object(gathered, (measured, profiles))
-    times = {s: v for item, _ in gathered for s, v in item.items()}
-    return times, [p for _, ps in gathered for p in ps]
+    dist.all_gather_object(gathered, (log.step_ms, log.timelines, profiles))
+    steps = len(log.step_ms)
+    step_ms = tuple(tuple(float(g[0][i]) for g in gathered) for i in range(steps))
+    events = tuple(tuple(e for g in gathered for e in g[1][i]) for i in range(steps))
+    return Measured(step_ms, events), [p for g in gathered for p in g[2]]
 
 
-def make_report(job: Job, log: StepLog, stage_ms: StageTimes) -> Report:
+def _median(values: Sequence[float]) -> float:
+    return statistics.median(values) if values else float("nan")
+
+
+def _stage_times(measured: Measured, stages: int) -> dict[int, tuple[float, float]]:
+    """Stage -> (forward, backward) ms of one micro-batch, medians over the steady steps."""
+    by: dict[tuple[int, str], list[float]] = {}
+    for i in measured.steady():
+        for e in measured.events[i]:
+            if e.kind in ("F", "B", "I", "W"):
+                stage = int(e.action.split(e.kind)[0])
+                by.setdefault((stage, e.kind), []).append(e.end_ms - e.start_ms)
+    out = {}
+    for s in range(stages):
+        if (s, "F") not in by:
+            continue
+        backward = _median(by[(s, "B")]) if (s, "B") in by else \
+            _median(by.get((s, "I"), [])) + _median(by.get((s, "W"), []))
+        out[s] = (_median(by[(s, "F")]), backward)
+    return out
+
+
+def measured_timeline(plan: Plan, measured: Measured) -> Timeline:
+    """The steady step whose slowest rank took the median time, as a timeline."""
+    steady = measured.steady()
+    median = _median([measured.slowest_ms[i] for i in steady])
+    pick = min(steady, key=lambda i: abs(measured.slowest_ms[i] - median))
+    return Timeline(schedule=plan.schedule, num_ranks=plan.num_ranks, microbatches=plan.microbatches,
+                    step_ms=measured.slowest_ms[pick], events=measured.events[pick])
+
+
+def _rank_rows(plan: Plan, measured: Measured, predicted: Simulation | None) -> list[RankRow]:
+    rows = []
+    steady = measured.steady()
+    for r in range(plan.num_ranks):
+        compute, opt, finish, wait = [], [], [], []
+        for i in steady:
+            mine = [e for e in measured.events[i] if e.rank == r]
+            c = sum(e.end_ms - e.start_ms for e in mine if e.kind != "OPT")
+            o = sum(e.end_ms - e.start_ms for e in mine if e.kind == "OPT")
+            compute.append(c)
+            opt.append(o)
+            finish.append(measured.step_ms[i][r])
+            wait.append(measured.slowest_ms[i] - c - o)
+        busy = predicted.busy_ms[r] if predicted is not None else None
+        rows.append(RankRow(rank=r, predicted_busy_ms=busy,
+                            predicted_idle_ms=predicted.step_ms - busy if predicted is not None and busy is not None
+                            else None,
+                            measured_compute_ms=_median(compute), measured_optimizer_ms=_median(opt),
+                            measured_wait_ms=_median(wait), measured_finish_ms=_median(finish)))
+    return rows
+
+
+def make_report(job: Job, log: StepLog, measured: Measured) -> Report:
     plan, mb = job.plan, job.microbatch_size
-    steady = log.step_ms[max(1, math.ceil(len(log.step_ms) / 4)):] if len(log.step_ms) > 1 else log.step_ms
-    measured_step = statistics.median(steady) if steady else float("nan")
+    steady = measured.steady()
+    slowest = [measured.slowest_ms[i] for i in steady]
+    measured_step = _median(slowest)
     same_size = plan.microbatch_size in (None, mb)
+    stage_ms = _stage_times(measured, plan.num_stages)
+    ranks = plan.stage_ranks()
     rows = []
     for s, st in enumerate(plan.stages):
         f, b = stage_ms.get(s, (float("nan"), float("nan")))
-        predicted = st.cost.compute_ms
-        rows.append(StageRow(stage=s, blocks=len(st.blocks), predicted_compute_ms=predicted if same_size else None,
-                             measured_compute_ms=f + b, measured_forward_ms=f, measured_backward_ms=b,
-                             error=(f + b) / predicted - 1 if same_size and predicted > 0 else None))
+        compute = st.cost.compute_ms
+        rows.append(StageRow(stage=s, rank=ranks[s], blocks=len(st.blocks),
+                             predicted_forward_ms=st.cost.forward_ms if same_size else None,
+                             predicted_backward_ms=st.cost.backward_ms if same_size else None,
+                             measured_forward_ms=f, measured_backward_ms=b,
+                             error=(f + b) / compute - 1 if same_size and compute > 0 else None))
     replay = [dataclasses.replace(st, cost=dataclasses.replace(st.cost, forward_ms=stage_ms[s][0],
                                                                backward_ms=stage_ms[s][1]))
               if s in stage_ms else st for s, st in enumerate(plan.stages)]
     replayed = simulate_plan(dataclasses.replace(plan, stages=tuple(replay)), microbatches=plan.microbatches)
-    predicted_step = plan.predicted.step_ms if same_size else None
+    predicted = simulate_plan(plan) if same_size else None
+    predicted_step = predicted.step_ms if predicted is not None else None
+    last = [max(range(plan.num_ranks), key=lambda r: measured.step_ms[i][r]) for i in steady]
     tokens = job.data.tokens_per_sample
     return Report(
         plan=job.cfg.plan, model=job.cfg.model, schedule=plan.schedule, microbatches=plan.microbatches,
-        microbatch_size=mb, global_batch=job.global_batch, ranks=job.world, steps=len(log.step_ms),
-        losses=log.losses, step_ms=log.step_ms, measured_step_ms=measured_step,
+        microbatch_size=mb, global_batch=job.global_batch, ranks=job.world, steps=len(measured.step_ms),
+        losses=log.losses, step_ms=measured.slowest_ms, measured_step_ms=measured_step,
+        measured_step_spread_ms=(min(slowest), max(slowest)), steady_steps=len(steady), slowest_rank=statistics.mode(last),
         predicted_step_ms=predicted_step, predicted_bubble_fraction=plan.predicted.bubble_fraction,
         step_error=measured_step / predicted_step - 1 if predicted_step else None,
         simulated_with_measured_stages_ms=replayed.step_ms,
         throughput_per_s=job.global_batch * tokens / (measured_step / 1e3) if measured_step > 0 else None,
-        throughput_unit="tokens" if tokens > 1 else "samples", stages=rows)
+        throughput_unit="tokens" if tokens > 1 else "samples", stages=rows,
+        ranks_detail=_rank_rows(plan, measured, predicted))
+
+
+def _ms(value: float | None) -> str:
+    return format_ms(value) if value is not None and math.isfinite(value) else "-"
 
 
 def print_report(report: Report, plan_microbatch_size: int | None) -> None:
-    """The per-stage table and the step line, on stderr."""
+    """The per-stage and per-rank tables and the step line, on stderr."""
     from rich.console import Console
     from rich.table import Table
 
     console = Console(emoji=False, stderr=True)
     if not console.is_terminal:
         console = Console(emoji=False, stderr=True, width=120)
-    table = Table(title="compute per micro-batch", title_justify="left")
-    for col in ("stage", "blocks", "predicted", "measured", "error"):
+    table = Table(title="per stage, one micro-batch, timed inside the pipeline", title_justify="left")
+    for col in ("stage", "rank", "blocks", "forward", "(predicted)", "backward", "(predicted)", "error"):
         table.add_column(col, justify="right")
     for row in report.stages:
-        pred, err = row.predicted_compute_ms, row.error
-        table.add_row(str(row.stage), str(row.blocks), format_ms(pred) if pred is not None else "-",
-                      format_ms(row.measured_compute_ms), f"{err:+.1%}" if err is not None else "-")
+        table.add_row(str(row.stage), str(row.rank), str(row.blocks), _ms(row.measured_forward_ms),
+                      _ms(row.predicted_forward_ms), _ms(row.measured_backward_ms), _ms(row.predicted_backward_ms),
+                      f"{row.error:+.1%}" if row.error is not None else "-")
     console.print(table)
-    line = f"step: measured {format_ms(report.measured_step_ms)}"
+    ranks = Table(title="per rank, one step (medians)", title_justify="left")
+    for col in ("rank", "compute", "optimizer", "waiting", "(predicted idle)", "done at"):
+        ranks.add_column(col, justify="right")
+    for rr in report.ranks_detail:
+        ranks.add_row(str(rr.rank), _ms(rr.measured_compute_ms), _ms(rr.measured_optimizer_ms),
+                      _ms(rr.measured_wait_ms), _ms(rr.predicted_idle_ms), _ms(rr.measured_finish_ms))
+    console.print(ranks)
+    low, high = report.measured_step_spread_ms
+    line = (f"step (slowest rank, rank {report.slowest_rank}): measured {format_ms(report.measured_step_ms)} "
+            f"(median of {report.steady_steps} steps, "
+            f"{format_ms(low)}-{format_ms(high)})")
     if report.predicted_step_ms is not None and report.step_error is not None:
         line += f", predicted {format_ms(report.predicted_step_ms)} (error {report.step_error:+.1%}, bubble " \
                 f"{report.predicted_bubble_fraction:.1%})"
@@ -154,3 +263,21 @@ def print_report(report: Report, plan_microbatch_size: int | None) -> None:
 def write_report(report: Report, path: str) -> None:
     """``--report``: the report as JSON, atomically (NaN written as null-free floats by ``default=float``)."""
     write_json_atomic(path, json.loads(json.dumps(report.to_dict(), default=float)))
+
+
+def write_timelines(plan: Plan, measured: Measured, trace: str | None, svg: str | None) -> None:
+    """``--trace``: the measured step (and the predicted one, a second process) as Chrome trace JSON;
+    ``--svg``: predicted above measured on one time axis."""
+    from autopart.cli.timeline import render_svg
+    from autopart.core.trace import write_trace
+    from autopart.formats.atomic import write_atomic
+
+    run = measured_timeline(plan, measured)
+    predicted = simulate_plan(plan)
+    if trace:
+        write_trace(trace, ("measured", run), ("predicted", predicted))
+    if svg:
+        picture = render_svg([("predicted", predicted), ("measured (the median step)", run)],
+                             title=f"{plan.model}: {plan.schedule}, {plan.num_stages} stages, balance "
+                                   f"{list(plan.balance)}")
+        write_atomic(svg, lambda handle: handle.write(picture.encode()))

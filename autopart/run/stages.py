@@ -28,6 +28,7 @@ from torch.distributed.pipelining.schedules import PipelineScheduleMulti, _Pipel
 from autopart.errors import AutopartError
 from autopart.formats.plan import Plan
 from autopart.measure.blocks import Chain, LossFn, NamedBlock
+from autopart.run.timeline import ActionClock
 
 __all__ = ["Pipeline", "SharedParameters", "build_pipeline", "check_plan_against_model"]
 
@@ -106,8 +107,10 @@ class Pipeline:
     """This rank's stages and the schedule that drives them."""
 
     def __init__(self, plan: Plan, blocks: dict[int, list[NamedBlock]], modules: list[tuple[int, nn.Module]],
-                 schedule: _PipelineSchedule, loss_fn: LossFn, shared: SharedParameters) -> None:
+                 schedule: _PipelineSchedule, loss_fn: LossFn, shared: SharedParameters, clock: ActionClock) -> None:
         self.plan = plan
+        self.clock = clock
+        """Times every forward and backward the schedule runs here (see :mod:`autopart.run.timeline`)."""
         self.blocks = blocks
         """Each local stage's blocks, one module each (to measure them one by one)."""
         self.modules = modules
@@ -187,6 +190,9 @@ def build_pipeline(plan: Plan, chain: Chain, rank: int, device: torch.device, lo
     shared = SharedParameters(plan, chain, rank, modules)
     model_loss = chain.model_loss(loss_fn)
     stages = [PipelineStage(module, s, plan.num_stages, device, group=group) for s, module in modules]
+    clock = ActionClock(rank, device)
+    for stage in stages:
+        _time_actions(stage, clock)
     cls = get_schedule_class(plan.schedule)
     schedule: _PipelineSchedule
     if issubclass(cls, PipelineScheduleMulti):
@@ -196,4 +202,27 @@ def build_pipeline(plan: Plan, chain: Chain, rank: int, device: torch.device, lo
             raise AutopartError(f"{plan.schedule} runs one stage per rank, the plan gives rank {rank} {len(stages)}")
         schedule = cls(stages[0], n_microbatches=plan.microbatches, loss_fn=model_loss)
     blocks = {s: chain.blocks[_span(plan, s)[0]: _span(plan, s)[1] + 1] for s, _ in modules}
-    return Pipeline(plan, blocks, modules, schedule, model_loss, shared)
+    return Pipeline(plan, blocks, modules, schedule, model_loss, shared, clock)
+
+
+def _time_actions(stage: PipelineStage, clock: ActionClock) -> None:
+    """Route the stage's forward, backward and weight-gradient calls through ``clock`` (the schedules call
+    them on the stage object: ``forward_one_chunk``, ``backward_one_chunk(full_backward=False)`` for the
+    input-gradient half, ``backward_weight_one_chunk``)."""
+    forward, backward, weight = stage.forward_one_chunk, stage.backward_one_chunk, stage.backward_weight_one_chunk
+    s = stage.stage_index
+
+    def forward_one_chunk(fwd_chunk_id: int, *args: Any, **kwargs: Any) -> Any:
+        return clock.timed("F", f"{s}F{fwd_chunk_id}", forward, fwd_chunk_id, *args, **kwargs)
+
+    def backward_one_chunk(bwd_chunk_id: int, *args: Any, **kwargs: Any) -> Any:
+        full = kwargs.get("full_backward", args[1] if len(args) > 1 else True)
+        kind = "B" if full else "I"
+        return clock.timed(kind, f"{s}{kind}{bwd_chunk_id}", backward, bwd_chunk_id, *args, **kwargs)
+
+    def backward_weight_one_chunk(bwd_chunk_id: int, *args: Any, **kwargs: Any) -> Any:
+        return clock.timed("W", f"{s}W{bwd_chunk_id}", weight, bwd_chunk_id, *args, **kwargs)
+
+    stage.forward_one_chunk = forward_one_chunk  # type: ignore[method-assign]
+    stage.backward_one_chunk = backward_one_chunk  # type: ignore[method-assign]
+    stage.backward_weight_one_chunk = backward_weight_one_chunk  # type: ignore[method-assign]

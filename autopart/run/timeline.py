@@ -1,0 +1,74 @@
+"""Every action of every step, timed on the rank that runs it: the measured side of predicted-vs-measured.
+
+    clock = ActionClock(rank, device)
+    clock.begin_step()
+    out = clock.timed("F", stage, microbatch, stage_forward, ...)   # each forward, backward, half, optimizer
+    events = clock.end_step()                                      # simulate.Event, ms from the step's start
+
+The events are the simulator's own type, so a measured step is a
+:class:`autopart.core.simulate.Timeline` like a predicted one: the same
+trace writer and SVG draw both. On CUDA each action is bracketed by CUDA
+events (no synchronisation inside the step; read after it), on CPU by
+``time.perf_counter``. Nothing here knows the pipelining runtime: the stages
+module hands its stages' methods to :meth:`ActionClock.timed`.
+
+Note: ranks start their step clocks when they leave the same barrier, so
+their timelines line up to within that barrier's skew (well under a
+millisecond between local gloo processes).
+"""
+from __future__ import annotations
+
+import time
+from typing import Any, Callable, TypeVar
+
+import torch
+
+from autopart.core.simulate import Event
+
+__all__ = ["ActionClock"]
+
+T = TypeVar("T")
+
+
+class ActionClock:
+    """Times the actions of one rank, step by step."""
+
+    def __init__(self, rank: int, device: torch.device) -> None:
+        self.rank = rank
+        self.cuda = device.type == "cuda"
+        self._origin: Any = None
+        self._marks: list[tuple[str, str, Any, Any]] = []
+
+    def _now(self) -> Any:
+        if self.cuda:
+            mark = torch.cuda.Event(enable_timing=True)
+            mark.record()
+            return mark
+        return time.perf_counter()
+
+    def _ms(self, mark: Any) -> float:
+        if self.cuda:
+            return float(self._origin.elapsed_time(mark))
+        return (float(mark) - float(self._origin)) * 1e3
+
+    def begin_step(self) -> None:
+        self._origin = self._now()
+        self._marks = []
+
+    def timed(self, kind: str, action: str, fn: Callable[..., T], *args: Any, **kwargs: Any) -> T:
+        """Run ``fn`` and record it as ``action`` (``"1F0"``, ``"OPT"``) of ``kind`` (F, B, I, W, OPT)."""
+        if self._origin is None:  # outside a timed step (a warm-up, a check): run it untimed
+            return fn(*args, **kwargs)
+        start = self._now()
+        out = fn(*args, **kwargs)
+        self._marks.append((kind, action, start, self._now()))
+        return out
+
+    def end_step(self) -> tuple[Event, ...]:
+        """This step's actions, in ms from :meth:`begin_step` (waits for the device first)."""
+        if self.cuda:
+            torch.cuda.synchronize()
+        events = tuple(Event(self.rank, action, kind, self._ms(start), self._ms(end))
+                       for kind, action, start, end in self._marks)
+        self._origin, self._marks = None, []
+        return events
