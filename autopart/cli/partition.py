@@ -95,6 +95,9 @@ def add_parser(sub: Subcommands) -> None:
     p.add_argument("--bandwidth", metavar="RATE", help="link between neighbouring stages: 25GB/s, 100Gbit/s "
                    "(default: sends are free)")
     p.add_argument("--latency", metavar="TIME", help="per send: 10us, 0.05ms (default: 0)")
+    p.add_argument("--overhead", metavar="TIME", help="the pipelining runtime's own time per forward or backward "
+                   "action (its send/receive calls and bookkeeping): the 'runtime overhead' autopart train reports "
+                   "(default: 0)")
     p.add_argument("--no-recompute", action="store_true", help="never turn on activation recomputation")
     p.add_argument("--balance", type=_balance_arg, metavar="N,N,...",
                    help="also score this split (blocks per stage, as torchgpipe or DeepSpeed take it) under the "
@@ -150,7 +153,8 @@ def make_plan_from_args(args: argparse.Namespace) -> Plan:
     model = CostModel(microbatches=microbatches, optimizer_states=OPTIMIZER_STATES[args.optimizer],
                       bandwidth_bytes_per_ms=parse_bandwidth(args.bandwidth) / 1e3 if args.bandwidth else None,
                       latency_ms=parse_duration_ms(args.latency) if args.latency else 0.0,
-                      recompute=not args.no_recompute)
+                      recompute=not args.no_recompute,
+                      overhead_ms=parse_duration_ms(args.overhead, "--overhead") if args.overhead else 0.0)
     plan = plan_search(profile, devices, model, method=args.method, global_batch=args.global_batch,
                        search_microbatches=search_microbatches, schedules=schedules, profile_path=args.profile)
     if args.balance:

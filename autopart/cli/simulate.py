@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 from typing import TYPE_CHECKING
 
@@ -35,6 +36,8 @@ def add_parser(sub: Subcommands) -> None:
                    help="GPipe, 1F1B, Interleaved1F1B, ZBVZeroBubble (default: the plan's)")
     p.add_argument("--stages-per-rank", type=int, metavar="V",
                    help="virtual stages per rank for Interleaved1F1B (default: the plan's, else 2)")
+    p.add_argument("--overhead", metavar="TIME", help="the runtime's own time per forward or backward action, "
+                   "instead of the plan's (the 'runtime overhead' autopart train reports)")
     p.add_argument("--json", action="store_true", help="print a machine-readable summary only")
     p.add_argument("--svg", metavar="FILE", help="write the timeline as an SVG picture (atomically)")
     p.add_argument("--csv", metavar="FILE", help="write the schedule's per-rank actions as torch's CSV")
@@ -54,7 +57,7 @@ def run(args: argparse.Namespace) -> int:
     from autopart.formats.atomic import check_writable, write_atomic
     from autopart.formats.plan import Plan
     from autopart.formats.schedule_kinds import stage_ranks, stages_per_rank
-    from autopart.formats.units import format_ms
+    from autopart.formats.units import format_ms, parse_duration_ms
 
     for path in (args.svg, args.csv, args.trace):
         if path:
@@ -67,6 +70,10 @@ def run(args: argparse.Namespace) -> int:
     if per_rank is None:
         per_rank = plan.stages_per_rank if schedule == plan.schedule else stages_per_rank(schedule)
     microbatches = args.microbatches or plan.microbatches
+    if args.overhead is not None:
+        overhead = parse_duration_ms(args.overhead, "--overhead")
+        plan = dataclasses.replace(plan, stages=tuple(
+            dataclasses.replace(st, cost=dataclasses.replace(st.cost, overhead_ms=overhead)) for st in plan.stages))
     sim = simulate_plan(plan, microbatches, schedule, per_rank)
     if args.csv:
         text = build_schedule(schedule, plan.num_stages // per_rank, microbatches, per_rank).csv_text()

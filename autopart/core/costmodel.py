@@ -67,6 +67,8 @@ class CostModel:
     """Allow activation recomputation on stages that do not fit otherwise."""
     stages_per_rank: int = 1
     """Virtual stages per rank (Interleaved1F1B: any, ZBVZeroBubble: 2)."""
+    overhead_ms: float = 0.0
+    """The runtime's own time around each forward or backward action (:attr:`StageCost.overhead_ms`)."""
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "schedule", canonical_schedule(self.schedule))
@@ -78,6 +80,8 @@ class CostModel:
             raise AutopartError(f"bandwidth must be > 0, got {self.bandwidth_bytes_per_ms}")
         if not self.latency_ms >= 0:
             raise AutopartError(f"latency must be >= 0, got {self.latency_ms}")
+        if not 0 <= self.overhead_ms < 1e9:
+            raise AutopartError(f"overhead must be >= 0 ms (and finite), got {self.overhead_ms}")
 
     @property
     def sends(self) -> bool:
@@ -271,7 +275,7 @@ class Problem:
         """The same blocks and devices without sends and memory limits: its optimum bounds ours from below."""
         model = CostModel(schedule=self.model.schedule, microbatches=self.model.microbatches,
                           optimizer_states=self.model.optimizer_states, recompute=self.model.recompute,
-                          stages_per_rank=self.model.stages_per_rank)
+                          stages_per_rank=self.model.stages_per_rank, overhead_ms=self.model.overhead_ms)
         devices = [dataclasses.replace(d, memory_bytes=None) for d in self.devices]
         return Problem(self.blocks, devices, model, mirrored=self.mirrored)
 
@@ -365,7 +369,7 @@ class Problem:
         times = StageTimes(forward_ms=forward / v, backward_ms=backward / v,
                            send_forward_ms=self.send[j] + zero if s < self.k - 1 else zero,
                            send_backward_ms=self.send[np.maximum(i - 1, 0)] + zero if s > 0 else zero,
-                           optimizer_ms=(self.po[j + 1] - self.po[i]) / v)
+                           optimizer_ms=(self.po[j + 1] - self.po[i]) / v, overhead_ms=zero + self.model.overhead_ms)
         return times, fits
 
     def stage(self, s: int, first: int, last: int) -> StageCost:
@@ -384,7 +388,7 @@ class Problem:
             activation_bytes=keep if recompute else acts + skip,
             static_bytes=int(self.pw[last + 1] - self.pw[first]) + ties,
             backward_extra_bytes=acts if recompute else 0,
-            optimizer_ms=float(t.optimizer_ms[0]),
+            optimizer_ms=float(t.optimizer_ms[0]), overhead_ms=self.model.overhead_ms,
             memory_bytes=int(round(float(m[0]))), recompute=recompute)
 
     def stages(self, balance: Sequence[int]) -> list[StageCost]:

@@ -36,7 +36,7 @@ import numpy.typing as npt
 from autopart.core.costmodel import Problem
 from autopart.core.partition import Split, split_bottleneck
 from autopart.core.schedules import Schedule, build_schedule
-from autopart.core.simulate import StageTimes, compile_schedule, critical_path, step_ms_batch
+from autopart.core.simulate import STAGE_TIME_FIELDS, StageTimes, compile_schedule, critical_path, step_ms_batch
 
 __all__ = ["split_fastest", "EXHAUSTIVE_WORK"]
 
@@ -49,7 +49,6 @@ _CHUNK = 4096  # splits simulated in one batch
 _TIE = 1e-9  # relative: steps (and bottlenecks) this close are equal
 _MAX_ROUNDS = 500
 _VERIFY = 64  # candidate moves simulated per round, the most promising first
-_FIELDS = ("forward_ms", "backward_ms", "send_forward_ms", "send_backward_ms", "optimizer_ms")
 
 
 def _schedule(p: Problem) -> Schedule:
@@ -156,7 +155,7 @@ def _neighbours(starts: Ints, n: int) -> Ints:
 def _repriced(counts: StageTimes, costs: StageTimes) -> Floats:
     """Each candidate's costs along one critical path of the current split: a lower bound on its step."""
     out: Floats = sum((getattr(counts, name) * getattr(costs, name)).sum(axis=1)
-                      for name in ("forward_ms", "backward_ms", "send_forward_ms", "send_backward_ms", "optimizer_ms"))
+                      for name in STAGE_TIME_FIELDS)
     return out
 
 
@@ -188,7 +187,7 @@ def _local(p: Problem, schedule: Schedule, starts: Ints) -> Ints:
         for pick in (order[:strictly][:_VERIFY], tie_pick):  # a faster step first, then a tie-break win
             if not pick.size:
                 continue
-            picked = StageTimes(*(getattr(cand_costs, name)[pick] for name in _FIELDS))
+            picked = StageTimes(*(getattr(cand_costs, name)[pick] for name in STAGE_TIME_FIELDS))
             scores = _score(schedule, picked, fits[pick])
             i = _best(*scores)
             score = (float(scores[0][i]), float(scores[1][i]), float(scores[2][i])) if i >= 0 else current_score

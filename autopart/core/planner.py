@@ -65,8 +65,10 @@ def simulate_plan(plan: Plan, microbatches: int | None = None, schedule: str | N
 
 
 def cost_model_of(plan: Plan, recompute: bool = True) -> CostModel:
-    """The cost model a plan was made under (its schedule, micro-batches, optimizer state and sends)."""
+    """The cost model a plan was made under (its schedule, micro-batches, optimizer state, sends and the
+    runtime's overhead per action)."""
     bandwidth = plan.bandwidth_bytes_per_s / 1e3 if plan.bandwidth_bytes_per_s else None
     return CostModel(schedule=plan.schedule, microbatches=plan.microbatches, optimizer_states=plan.optimizer_states,
                      bandwidth_bytes_per_ms=bandwidth, latency_ms=plan.latency_ms,
-                     stages_per_rank=plan.stages_per_rank, recompute=recompute)
+                     stages_per_rank=plan.stages_per_rank, recompute=recompute,
+                     overhead_ms=plan.stages[0].cost.overhead_ms if plan.stages else 0.0)

@@ -36,7 +36,7 @@ from autopart.errors import AutopartError
 from autopart.formats.stage import StageCost
 
 __all__ = ["Event", "Timeline", "Simulation", "simulate", "closed_form_step_ms", "StageTimes", "step_ms_batch", "compile_schedule",
-           "Program", "critical_path"]
+           "Program", "critical_path", "STAGE_TIME_FIELDS"]
 
 Floats = npt.NDArray[np.float64]
 
@@ -109,12 +109,12 @@ class Simulation(Timeline):
 
 def _duration(kind: str, cost: StageCost) -> float:
     if kind == "F":
-        return cost.forward_ms
+        return cost.forward_ms + cost.overhead_ms
     if kind == "B":
-        return cost.backward_ms
+        return cost.backward_ms + cost.overhead_ms
     if kind == "I":
-        return cost.backward_ms * INPUT_GRAD_SHARE
-    return cost.backward_ms * (1 - INPUT_GRAD_SHARE)
+        return cost.backward_ms * INPUT_GRAD_SHARE + cost.overhead_ms
+    return cost.backward_ms * (1 - INPUT_GRAD_SHARE) + cost.overhead_ms
 
 
 @dataclass(frozen=True)
@@ -315,6 +315,9 @@ def simulate(schedule: Schedule, stages: Sequence[StageCost]) -> Simulation:
                       peak_in_flight=peak_flight, events=tuple(sorted(events, key=lambda e: (e.rank, e.start_ms))))
 
 
+STAGE_TIME_FIELDS = ("forward_ms", "backward_ms", "send_forward_ms", "send_backward_ms", "optimizer_ms", "overhead_ms")
+
+
 @dataclass(frozen=True, eq=False)
 class StageTimes:
     """What the step time depends on, for many stages at once: arrays of one shape, (candidates, stages)
@@ -325,6 +328,8 @@ class StageTimes:
     send_forward_ms: Floats
     send_backward_ms: Floats
     optimizer_ms: Floats
+    overhead_ms: Floats
+    """Added to every forward and backward action (:attr:`StageCost.overhead_ms`)."""
 
     @property
     def time_ms(self) -> Floats:
@@ -337,23 +342,21 @@ class StageTimes:
         """(candidates, stages) arrays from candidate splits given as lists of :class:`StageCost`."""
         def arr(name: str) -> Floats:
             return np.array([[getattr(c, name) for c in split] for split in splits], dtype=np.float64)
-        return StageTimes(arr("forward_ms"), arr("backward_ms"), arr("send_forward_ms"), arr("send_backward_ms"),
-                          arr("optimizer_ms"))
+        return StageTimes(*(arr(name) for name in STAGE_TIME_FIELDS))
 
     @staticmethod
     def stack(stages: Sequence["StageTimes"]) -> "StageTimes":
         """(candidates, stages) arrays from one (candidates,) entry per stage."""
         def arr(name: str) -> Floats:
             return np.stack([getattr(t, name) for t in stages], axis=1)
-        return StageTimes(arr("forward_ms"), arr("backward_ms"), arr("send_forward_ms"), arr("send_backward_ms"),
-                          arr("optimizer_ms"))
+        return StageTimes(*(arr(name) for name in STAGE_TIME_FIELDS))
 
 
 def _table(costs: StageTimes) -> Floats:
     """The duration rows of :class:`Program` for each candidate: (6 stages + 1, candidates)."""
-    b = costs.backward_ms.T
+    b, o = costs.backward_ms.T, costs.overhead_ms.T
     count = b.shape[1]
-    return np.concatenate([costs.forward_ms.T, b, b * INPUT_GRAD_SHARE, b * (1 - INPUT_GRAD_SHARE),
+    return np.concatenate([costs.forward_ms.T + o, b + o, b * INPUT_GRAD_SHARE + o, b * (1 - INPUT_GRAD_SHARE) + o,
                            costs.send_forward_ms.T, costs.send_backward_ms.T, np.zeros((1, count))])
 
 
@@ -408,7 +411,7 @@ def critical_path(schedule: Schedule, costs: StageTimes) -> tuple[float, StageTi
     end, available, finish = kept[1][:, 0], kept[2][:, 0], clock[:, 0]
     k = schedule.num_stages
     last = int(np.argmax(finish))
-    counts = {name: np.zeros((1, k)) for name in _COUNTED}
+    counts = {name: np.zeros((1, k)) for name in STAGE_TIME_FIELDS}
     for s in schedule.stages_of(last):
         counts["optimizer_ms"][0, s] = 1.0
     share = {"B": 1.0, "I": INPUT_GRAD_SHARE, "W": 1 - INPUT_GRAD_SHARE}
@@ -416,6 +419,7 @@ def critical_path(schedule: Schedule, costs: StageTimes) -> tuple[float, StageTi
     while index >= 0:
         step = program.steps[index]
         stage = step.action.stage
+        counts["overhead_ms"][0, stage] += 1
         if step.action.kind == "F":
             counts["forward_ms"][0, stage] += 1
         else:
@@ -433,10 +437,7 @@ def critical_path(schedule: Schedule, costs: StageTimes) -> tuple[float, StageTi
             if t > when:
                 by, by_sent, when = m, after_send, t
         index, sent = by, by_sent
-    return float(finish[last]), StageTimes(*(counts[name] for name in _COUNTED))
-
-
-_COUNTED = ("forward_ms", "backward_ms", "send_forward_ms", "send_backward_ms", "optimizer_ms")
+    return float(finish[last]), StageTimes(*(counts[name] for name in STAGE_TIME_FIELDS))
 
 
 def _memory(schedule: Schedule, stages: Sequence[StageCost], events: Sequence[Event]

@@ -36,6 +36,9 @@ class StageCost:
     """Held during a backward only: the recomputed activations."""
     optimizer_ms: float = 0.0
     """The optimizer step over the stage's parameters: once per training step, not per micro-batch."""
+    overhead_ms: float = 0.0
+    """The runtime's own time around each forward or backward action here: its sends' and receives' calls
+    and its bookkeeping, which no block profile holds (fitted from a training run, ``--overhead``)."""
     memory_bytes: int = 0
     """Peak bytes under the schedule's in-flight micro-batches, as the cost model counts them."""
     recompute: bool = False

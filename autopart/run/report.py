@@ -108,6 +108,9 @@ class Report:
     step_error: float | None
     simulated_with_measured_stages_ms: float
     """The plan's schedule replayed with the stage times measured in the pipeline."""
+    fitted_overhead_ms: float
+    """The runtime's own time per forward or backward action that makes that replay take the measured step
+    (0 when the replay is already slower): ``autopart partition --overhead``."""
     throughput_per_s: float | None
     throughput_unit: str
     stages: list[StageRow]
@@ -180,6 +183,23 @@ def _rank_rows(plan: Plan, measured: Measured, predicted: Simulation | None) -> 
     return rows
 
 
+def fit_overhead_ms(plan: Plan, step_ms: float) -> float:
+    """The overhead per action (ms, to 1 us) under which ``plan`` simulates to ``step_ms``: the step grows
+    with it, so bisection finds it."""
+    def simulated(overhead: float) -> float:
+        stages = tuple(dataclasses.replace(st, cost=dataclasses.replace(st.cost, overhead_ms=overhead))
+                       for st in plan.stages)
+        return simulate_plan(dataclasses.replace(plan, stages=stages)).step_ms
+
+    if not math.isfinite(step_ms) or simulated(0.0) >= step_ms:
+        return 0.0
+    low, high = 0.0, step_ms
+    while high - low > 1e-3:
+        mid = (low + high) / 2
+        low, high = (mid, high) if simulated(mid) < step_ms else (low, mid)
+    return (low + high) / 2
+
+
 def make_report(job: Job, log: StepLog, measured: Measured) -> Report:
     plan, mb = job.plan, job.microbatch_size
     steady = measured.steady()
@@ -198,9 +218,10 @@ def make_report(job: Job, log: StepLog, measured: Measured) -> Report:
                              measured_forward_ms=f, measured_backward_ms=b,
                              error=(f + b) / compute - 1 if same_size and compute > 0 else None))
     replay = [dataclasses.replace(st, cost=dataclasses.replace(st.cost, forward_ms=stage_ms[s][0],
-                                                               backward_ms=stage_ms[s][1]))
+                                                               backward_ms=stage_ms[s][1], overhead_ms=0.0))
               if s in stage_ms else st for s, st in enumerate(plan.stages)]
-    replayed = simulate_plan(dataclasses.replace(plan, stages=tuple(replay)), microbatches=plan.microbatches)
+    replay_plan = dataclasses.replace(plan, stages=tuple(replay))
+    replayed = simulate_plan(replay_plan, microbatches=plan.microbatches)
     predicted = simulate_plan(plan) if same_size else None
     predicted_step = predicted.step_ms if predicted is not None else None
     last = [max(range(plan.num_ranks), key=lambda r: measured.step_ms[i][r]) for i in steady]
@@ -213,6 +234,7 @@ def make_report(job: Job, log: StepLog, measured: Measured) -> Report:
         predicted_step_ms=predicted_step, predicted_bubble_fraction=plan.predicted.bubble_fraction,
         step_error=measured_step / predicted_step - 1 if predicted_step else None,
         simulated_with_measured_stages_ms=replayed.step_ms,
+        fitted_overhead_ms=fit_overhead_ms(replay_plan, measured_step),
         throughput_per_s=job.global_batch * tokens / (measured_step / 1e3) if measured_step > 0 else None,
         throughput_unit="tokens" if tokens > 1 else "samples", stages=rows,
         ranks_detail=_rank_rows(plan, measured, predicted))
@@ -256,6 +278,10 @@ def print_report(report: Report, plan_microbatch_size: int | None) -> None:
         line += f" (the plan is for micro-batches of {plan_microbatch_size}, this run used {report.microbatch_size})"
     line += f"; simulated with the measured stage times {format_ms(report.simulated_with_measured_stages_ms)}"
     console.print(line, highlight=False, soft_wrap=True)
+    if report.fitted_overhead_ms > 0:
+        console.print(f"runtime overhead: {format_ms(report.fitted_overhead_ms)} per forward or backward action "
+                      f"(what the measured stage times leave unexplained; plan with --overhead "
+                      f"{report.fitted_overhead_ms:.3g}ms)", highlight=False, soft_wrap=True)
     if report.throughput_per_s:
         console.print(f"throughput {report.throughput_per_s:,.0f} {report.throughput_unit}/s", highlight=False)
 
