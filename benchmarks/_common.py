@@ -2,7 +2,10 @@
 from __future__ import annotations
 
 import json
+import os
 import platform
+import subprocess
+import sys
 import time
 from pathlib import Path
 from typing import Any, Sequence
@@ -13,6 +16,17 @@ from rich.table import Table
 from autopart.formats.atomic import write_atomic, write_json_atomic
 
 RESULTS = Path(__file__).resolve().parent / "results"
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def cli(*args: str, cwd: Path) -> subprocess.CompletedProcess[str]:
+    """Run ``autopart ARGS`` as a user would (this checkout first on the path); stop on failure."""
+    env = dict(os.environ, PYTHONPATH=str(ROOT))
+    result = subprocess.run([sys.executable, "-m", "autopart", *args], cwd=cwd, env=env, text=True,
+                            capture_output=True)
+    if result.returncode:
+        raise SystemExit(f"autopart {' '.join(args)} failed:\n{result.stderr[-2000:]}")
+    return result
 
 
 def machine() -> dict[str, Any]:

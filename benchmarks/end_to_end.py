@@ -16,9 +16,7 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import statistics
-import subprocess
 import sys
 import tempfile
 import time
@@ -27,21 +25,12 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _common import report  # noqa: E402
+from _common import cli, report  # noqa: E402
 
 from autopart.run.data import TextCorpus  # noqa: E402
 from autopart.measure.spec import load_model  # noqa: E402
 
 ROOT = Path(__file__).resolve().parent.parent
-
-
-def cli(*args: str, cwd: Path) -> subprocess.CompletedProcess[str]:
-    env = dict(os.environ, PYTHONPATH=str(ROOT))
-    result = subprocess.run([sys.executable, "-m", "autopart", *args], cwd=cwd, env=env, text=True,
-                            capture_output=True)
-    if result.returncode:
-        raise SystemExit(f"autopart {' '.join(args)} failed:\n{result.stderr[-2000:]}")
-    return result
 
 
 def single_process(model: str, global_batch: int, seq: int, steps: int, threads: int) -> float:

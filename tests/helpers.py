@@ -42,3 +42,16 @@ def sleep_spec() -> dict[str, Any]:
     """A model spec (``tests/helpers.py:sleep_spec``) of four blocks of 8 ms forward, 16 ms backward."""
     return {"module": sleep_model([8.0] * 4, [16.0] * 4), "example": torch.randn(1, 8),
             "loss_fn": nn.functional.mse_loss}
+
+
+class SplitSleep(nn.Module):
+    """A block whose backward takes ``input_ms`` for its input's gradient and ``weight_ms`` more for its
+    weight's: the two are separate branches, so a backward for the input alone skips the second sleep."""
+
+    def __init__(self, input_ms: float, weight_ms: float) -> None:
+        super().__init__()
+        self.input_ms, self.weight_ms = input_ms, weight_ms
+        self.weight = nn.Parameter(torch.ones(1))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return _SleepFn.apply(x, 0.0, self.input_ms / 1e3) + _SleepFn.apply(self.weight, 0.0, self.weight_ms / 1e3)

@@ -10,7 +10,7 @@ from autopart.errors import AutopartError
 from autopart.measure.models.gpt2 import GPT2, GPT2Config
 from autopart.measure.models.resnet import ResNet
 from autopart.measure.profiler import profile_model
-from tests.helpers import sleep_model
+from tests.helpers import SplitSleep, sleep_model
 
 
 def test_sleeping_blocks_get_their_sleep_times() -> None:
@@ -23,6 +23,16 @@ def test_sleeping_blocks_get_their_sleep_times() -> None:
     assert sorted(range(3), key=got_b.__getitem__) == [1, 0, 2]
     for want, got in zip(forward_ms + backward_ms, got_f + got_b):
         assert want * 0.98 <= got <= want * 1.3 + 2.0, (want, got)
+
+
+def test_the_input_gradient_half_of_the_backward_is_timed_on_its_own() -> None:
+    """What ZBVZeroBubble's I action runs: the backward to the block's input, without its weights'."""
+    model = nn.Sequential(SplitSleep(10.0, 20.0), SplitSleep(5.0, 30.0))
+    prof = profile_model(model, torch.randn(2, 4), warmup=1, repeats=3)
+    for layer, (input_ms, weight_ms) in zip(prof.layers, [(10.0, 20.0), (5.0, 30.0)]):
+        assert layer.input_grad_ms is not None
+        assert input_ms <= layer.input_grad_ms < input_ms + 4
+        assert input_ms + weight_ms <= layer.backward_ms < input_ms + weight_ms + 6
 
 
 def test_param_bytes_add_up_to_the_module() -> None:

@@ -44,3 +44,15 @@ def test_closed_form_step_of_equal_stages() -> None:
     for name in ("GPipe", "1F1B"):
         sim = simulate(build_schedule(name, 4, 8), [StageCost(0.5, 1.5)] * 4)
         assert (sim.step_ms, sim.bubble_fraction) == pytest.approx(closed_form_step_ms([2.0] * 4, 8))
+
+
+def test_a_measured_input_gradient_sets_the_split_of_the_backward() -> None:
+    """ZBVZeroBubble runs I then W: I takes the measured input-gradient time, W the rest of the backward;
+    without a measurement, half each."""
+    schedule = build_schedule("ZBVZeroBubble", 2, 4, 2)
+    measured = [StageCost(forward_ms=1.0, backward_ms=4.0, input_grad_ms=1.0)] * 4
+    guessed = [StageCost(forward_ms=1.0, backward_ms=4.0)] * 4
+    for costs, (i_ms, w_ms) in ((measured, (1.0, 3.0)), (guessed, (2.0, 2.0))):
+        events = simulate(schedule, costs).events
+        assert {e.end_ms - e.start_ms for e in events if e.kind == "I"} == {i_ms}
+        assert {e.end_ms - e.start_ms for e in events if e.kind == "W"} == {w_ms}

@@ -35,7 +35,7 @@ import numpy as np
 import numpy.typing as npt
 
 from autopart.core.schedules import peak_in_flight
-from autopart.core.simulate import StageTimes
+from autopart.core.simulate import INPUT_GRAD_SHARE, StageTimes
 from autopart.errors import AutopartError
 from autopart.formats.devices import Device
 from autopart.formats.profile import Profile
@@ -122,6 +122,8 @@ class BlockCosts:
     """Skips crossing the boundary after each block, besides its output (None: a chain, no skips)."""
     ties: tuple[tuple[float, tuple[int, ...]], ...] = ()
     """Shared parameters: (bytes, the blocks that use it, owner first); the owner's ``param_bytes`` has it."""
+    input_grad_ms: Floats | None = None
+    """The input-gradient half of each backward (None: not measured; the simulator assumes half)."""
 
     @property
     def n(self) -> int:
@@ -133,7 +135,8 @@ class BlockCosts:
            output_bytes: Sequence[float] | None = None, input_bytes: float = 0.0,
            names: Sequence[str] | None = None, optimizer_ms: Sequence[float] | None = None,
            skip_bytes: Sequence[float] | None = None,
-           ties: Sequence[tuple[float, Sequence[int]]] = ()) -> "BlockCosts":
+           ties: Sequence[tuple[float, Sequence[int]]] = (),
+           input_grad_ms: Sequence[float] | None = None) -> "BlockCosts":
         """Arrays from lists (missing ones are zeros); a NaN, infinite or negative entry names its block."""
         n = len(compute_ms)
         if n < 1:
@@ -155,7 +158,9 @@ class BlockCosts:
                           output_bytes=arr(output_bytes, "output bytes"),
                           optimizer_ms=arr(optimizer_ms, "optimizer time"), input_bytes=float(input_bytes),
                           skip_bytes=arr(skip_bytes, "skip bytes") if skip_bytes is not None else None,
-                          ties=_ties(ties, n))
+                          ties=_ties(ties, n),
+                          input_grad_ms=arr(input_grad_ms, "input-gradient time") if input_grad_ms is not None
+                          else None)
 
     @staticmethod
     def from_profile(profile: Profile) -> "BlockCosts":
@@ -167,7 +172,9 @@ class BlockCosts:
                              names=profile.names, optimizer_ms=[x.optimizer_ms for x in layers],
                              skip_bytes=[x.skip_bytes for x in layers] if any(x.skip_bytes for x in layers) else None,
                              ties=[(t.bytes, [profile.names.index(b) for b in t.blocks]) for t in profile.ties
-                                   if all(b in profile.names for b in t.blocks)])
+                                   if all(b in profile.names for b in t.blocks)],
+                             input_grad_ms=None if any(x.input_grad_ms is None for x in layers)
+                             else [min(x.input_grad_ms or 0.0, x.backward_ms) for x in layers])
 
     def mirrored(self) -> "BlockCosts":
         """Block n-1 first. The boundary after mirrored block b is the original one after block n-2-b."""
@@ -178,7 +185,8 @@ class BlockCosts:
                           optimizer_ms=self.optimizer_ms[::-1].copy(), input_bytes=self.input_bytes,
                           skip_bytes=None if self.skip_bytes is None else np.concatenate(
                               [self.skip_bytes[:-1][::-1], [0.0]]),
-                          ties=tuple((b, tuple(self.n - 1 - u for u in users)) for b, users in self.ties))
+                          ties=tuple((b, tuple(self.n - 1 - u for u in users)) for b, users in self.ties),
+                          input_grad_ms=None if self.input_grad_ms is None else self.input_grad_ms[::-1].copy())
 
 
 def _ties(ties: Sequence[tuple[float, Sequence[int]]], n: int) -> tuple[tuple[float, tuple[int, ...]], ...]:
@@ -227,6 +235,7 @@ class Problem:
         self.pw = np.concatenate([z, np.cumsum(self.params * (2 + model.optimizer_states))])
         self.pa = np.concatenate([z, np.cumsum(self.acts)])
         self.po = np.concatenate([z, np.cumsum(self.opt)])
+        self.pig = None if costs.input_grad_ms is None else np.concatenate([z, np.cumsum(costs.input_grad_ms)])
         skips = costs.skip_bytes if costs.skip_bytes is not None else np.zeros(n)
         crossing = self.outs + skips
         # send cost of the boundary after block b (b = 0 .. n-2); the last entry is never used
@@ -366,7 +375,11 @@ class Problem:
         forward = self.pf[j + 1] - self.pf[i]
         backward = (self.pc[j + 1] - self.pc[i]) - forward + np.where(rc, forward, 0.0)
         zero = np.zeros(np.broadcast(i, j).shape)
-        times = StageTimes(forward_ms=forward / v, backward_ms=backward / v,
+        if self.pig is None:  # not measured: half of the backward (the simulator's old assumption)
+            input_grad = backward * INPUT_GRAD_SHARE
+        else:  # a recomputing stage recomputes its forward before the input gradient
+            input_grad = (self.pig[j + 1] - self.pig[i]) + np.where(rc, forward, 0.0)
+        times = StageTimes(forward_ms=forward / v, backward_ms=backward / v, input_grad_ms=input_grad / v,
                            send_forward_ms=self.send[j] + zero if s < self.k - 1 else zero,
                            send_backward_ms=self.send[np.maximum(i - 1, 0)] + zero if s > 0 else zero,
                            optimizer_ms=(self.po[j + 1] - self.po[i]) / v, overhead_ms=zero + self.model.overhead_ms)
@@ -384,6 +397,7 @@ class Problem:
         ties = int(self.tie_bytes(i, j)[0]) if self.ties else 0
         return StageCost(
             forward_ms=float(t.forward_ms[0]), backward_ms=float(t.backward_ms[0]),
+            input_grad_ms=float(t.input_grad_ms[0]) if self.pig is not None else None,
             send_forward_ms=float(t.send_forward_ms[0]), send_backward_ms=float(t.send_backward_ms[0]),
             activation_bytes=keep if recompute else acts + skip,
             static_bytes=int(self.pw[last + 1] - self.pw[first]) + ties,

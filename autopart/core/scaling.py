@@ -88,7 +88,11 @@ def scale_profile(profile: Profile, microbatch_size: int) -> tuple[Profile, str]
         def n(field: str) -> int:
             return int(round(_at(sizes, [float(getattr(x, field)) for x in series], microbatch_size, power=False)))
 
+        grads = [x.input_grad_ms for x in series]
+        input_grad = None if any(g is None for g in grads) else \
+            min(_at(sizes, [float(g or 0.0) for g in grads], microbatch_size, power=True), t("backward_ms"))
         layers.append(dataclasses.replace(base, forward_ms=t("forward_ms"), backward_ms=t("backward_ms"),
+                                          input_grad_ms=input_grad,
                                           activation_bytes=n("activation_bytes"), output_bytes=n("output_bytes"),
                                           forward_iqr_ms=0.0, backward_iqr_ms=0.0, cuda_peak_bytes=None))
     input_bytes = int(round(profile.input_bytes * microbatch_size / profile.microbatch_size))

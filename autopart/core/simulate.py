@@ -42,10 +42,8 @@ Floats = npt.NDArray[np.float64]
 
 
 INPUT_GRAD_SHARE = 0.5
-"""Share of a backward that is the input gradient (``I``) when a schedule splits it from ``W``.
-
-Note: an assumption, not a measurement: profiles time the whole backward.
-"""
+"""Share of a backward that is the input gradient (``I``) when a schedule splits it from ``W``, for
+stages whose profile did not measure it (``StageCost.input_grad_ms`` None: profiles from before it was)."""
 
 
 @dataclass(frozen=True)
@@ -112,9 +110,10 @@ def _duration(kind: str, cost: StageCost) -> float:
         return cost.forward_ms + cost.overhead_ms
     if kind == "B":
         return cost.backward_ms + cost.overhead_ms
+    input_grad = cost.backward_ms * INPUT_GRAD_SHARE if cost.input_grad_ms is None else cost.input_grad_ms
     if kind == "I":
-        return cost.backward_ms * INPUT_GRAD_SHARE + cost.overhead_ms
-    return cost.backward_ms * (1 - INPUT_GRAD_SHARE) + cost.overhead_ms
+        return input_grad + cost.overhead_ms
+    return cost.backward_ms - input_grad + cost.overhead_ms
 
 
 @dataclass(frozen=True)
@@ -315,7 +314,8 @@ def simulate(schedule: Schedule, stages: Sequence[StageCost]) -> Simulation:
                       peak_in_flight=peak_flight, events=tuple(sorted(events, key=lambda e: (e.rank, e.start_ms))))
 
 
-STAGE_TIME_FIELDS = ("forward_ms", "backward_ms", "send_forward_ms", "send_backward_ms", "optimizer_ms", "overhead_ms")
+STAGE_TIME_FIELDS = ("forward_ms", "backward_ms", "send_forward_ms", "send_backward_ms", "optimizer_ms", "overhead_ms",
+                     "input_grad_ms")
 
 
 @dataclass(frozen=True, eq=False)
@@ -330,6 +330,8 @@ class StageTimes:
     optimizer_ms: Floats
     overhead_ms: Floats
     """Added to every forward and backward action (:attr:`StageCost.overhead_ms`)."""
+    input_grad_ms: Floats
+    """The input-gradient half of the backward (``I``; ``W`` is the rest)."""
 
     @property
     def time_ms(self) -> Floats:
@@ -340,8 +342,13 @@ class StageTimes:
     @staticmethod
     def of(splits: Sequence[Sequence[StageCost]]) -> "StageTimes":
         """(candidates, stages) arrays from candidate splits given as lists of :class:`StageCost`."""
+        def value(c: StageCost, name: str) -> float:
+            if name == "input_grad_ms" and c.input_grad_ms is None:
+                return c.backward_ms * INPUT_GRAD_SHARE
+            return float(getattr(c, name))
+
         def arr(name: str) -> Floats:
-            return np.array([[getattr(c, name) for c in split] for split in splits], dtype=np.float64)
+            return np.array([[value(c, name) for c in split] for split in splits], dtype=np.float64)
         return StageTimes(*(arr(name) for name in STAGE_TIME_FIELDS))
 
     @staticmethod
@@ -354,9 +361,9 @@ class StageTimes:
 
 def _table(costs: StageTimes) -> Floats:
     """The duration rows of :class:`Program` for each candidate: (6 stages + 1, candidates)."""
-    b, o = costs.backward_ms.T, costs.overhead_ms.T
+    b, o, i = costs.backward_ms.T, costs.overhead_ms.T, costs.input_grad_ms.T
     count = b.shape[1]
-    return np.concatenate([costs.forward_ms.T + o, b + o, b * INPUT_GRAD_SHARE + o, b * (1 - INPUT_GRAD_SHARE) + o,
+    return np.concatenate([costs.forward_ms.T + o, b + o, i + o, b - i + o,
                            costs.send_forward_ms.T, costs.send_backward_ms.T, np.zeros((1, count))])
 
 
@@ -414,16 +421,19 @@ def critical_path(schedule: Schedule, costs: StageTimes) -> tuple[float, StageTi
     counts = {name: np.zeros((1, k)) for name in STAGE_TIME_FIELDS}
     for s in schedule.stages_of(last):
         counts["optimizer_ms"][0, s] = 1.0
-    share = {"B": 1.0, "I": INPUT_GRAD_SHARE, "W": 1 - INPUT_GRAD_SHARE}
     index, sent = program.last_of_rank[last], True
     while index >= 0:
         step = program.steps[index]
         stage = step.action.stage
         counts["overhead_ms"][0, stage] += 1
-        if step.action.kind == "F":
+        kind = step.action.kind
+        if kind == "F":
             counts["forward_ms"][0, stage] += 1
-        else:
-            counts["backward_ms"][0, stage] += share[step.action.kind]
+        elif kind == "I":
+            counts["input_grad_ms"][0, stage] += 1
+        else:  # B, or W: the backward less its input-gradient half
+            counts["backward_ms"][0, stage] += 1
+            counts["input_grad_ms"][0, stage] -= 1 if kind == "W" else 0
         if step.send and sent:
             counts["send_forward_ms" if step.send == "F" else "send_backward_ms"][0, stage] += 1
         # what it waited for: the step before it on its rank (after that one's send), or a slot's maker

@@ -39,6 +39,10 @@ class LayerProfile:
     """Spread of the forward timings: interquartile range."""
     backward_iqr_ms: float = 0.0
     """Spread of the backward timings: interquartile range."""
+    input_grad_ms: float | None = None
+    """Median time of the backward for the input's gradient alone (what a zero-bubble schedule's ``I``
+    action runs; the weights' gradients, ``W``, take the rest of ``backward_ms``). 0 when the input
+    needs no gradient; None in profiles from before it was measured (the simulator then assumes half)."""
     buffer_bytes: int = 0
     """Bytes of buffers (BatchNorm running statistics and the like)."""
     cuda_peak_bytes: int | None = None
@@ -58,7 +62,7 @@ class LayerProfile:
 
     def to_dict(self) -> dict[str, Any]:
         data = asdict(self)
-        for key, empty in (("cuda_peak_bytes", None), ("skip_bytes", 0), ("same_as", "")):
+        for key, empty in (("cuda_peak_bytes", None), ("skip_bytes", 0), ("same_as", ""), ("input_grad_ms", None)):
             if data[key] == empty:
                 del data[key]
         return data
@@ -79,6 +83,7 @@ class LayerProfile:
             output_bytes=f.integer("output_bytes"),
             forward_iqr_ms=f.number("forward_iqr_ms", required=False, default=0.0),
             backward_iqr_ms=f.number("backward_iqr_ms", required=False, default=0.0),
+            input_grad_ms=f.number("input_grad_ms", required=False, default=None),
             buffer_bytes=f.integer("buffer_bytes", required=False, default=0),
             cuda_peak_bytes=peak,
             optimizer_ms=f.number("optimizer_ms", required=False, default=0.0),

@@ -43,6 +43,9 @@ class StageCost:
     """Peak bytes under the schedule's in-flight micro-batches, as the cost model counts them."""
     recompute: bool = False
     """Activation recomputation on: the only way this stage fits its memory."""
+    input_grad_ms: float | None = None
+    """The part of ``backward_ms`` that computes the input's gradient (a zero-bubble schedule's ``I``; ``W``
+    is the rest). None: not measured, the simulator assumes half."""
 
     @property
     def compute_ms(self) -> float:
@@ -62,7 +65,7 @@ class StageCost:
     def to_dict(self) -> dict[str, Any]:
         """The saved fields, plus ``time_ms``, ``compute_ms`` and ``send_ms`` for readers of the file."""
         data: dict[str, Any] = {"time_ms": self.time_ms, "compute_ms": self.compute_ms, "send_ms": self.send_ms}
-        data.update({f.name: getattr(self, f.name) for f in fields(self)})
+        data.update({f.name: getattr(self, f.name) for f in fields(self) if getattr(self, f.name) is not None})
         return data
 
     @staticmethod
@@ -76,6 +79,8 @@ class StageCost:
                 continue
             if field.type == "int":
                 values[field.name] = f.integer(field.name, required=False, default=0)
+            elif field.default is None:
+                values[field.name] = f.number(field.name, required=False, default=None)
             else:
                 values[field.name] = f.number(field.name, required=False, default=0.0)
         return StageCost(**values)

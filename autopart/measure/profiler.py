@@ -31,7 +31,7 @@ from autopart.errors import AutopartError
 from autopart.formats.profile import LayerProfile, Profile, Tie
 from autopart.measure.blocks import NamedBlock, call_block, chain_of, tensors_of
 
-__all__ = ["profile_model", "ProgressFn", "time_block"]
+__all__ = ["profile_model", "ProgressFn"]
 
 ProgressFn = Callable[[str, int, int], None]
 """Called as ``progress(block_name, blocks_done, blocks_total)``."""
@@ -178,11 +178,15 @@ def _iqr(values: Sequence[float]) -> float:
 
 def _time_block(block: nn.Module, block_input: Any, clock: _Clock, warmup: int, repeats: int,
                 device: torch.device, loss: Callable[[Any], torch.Tensor] | None = None
-                ) -> tuple[float, float, float, float, int | None]:
-    """Median forward and backward ms (and their IQRs), and the CUDA peak above the start.
+                ) -> tuple[float, float, float, float, int | None, float]:
+    """Median forward and backward ms (and their IQRs), the CUDA peak above the start, and the median ms of
+    the backward for the input's gradient alone (0 when no input needs one).
 
     With ``loss``, the forward includes computing the loss from the block's
-    output and the backward starts from it (the last stage does both).
+    output and the backward starts from it (the last stage does both). The
+    input-gradient half is ``torch.autograd.grad`` on the inputs alone, as
+    torch.distributed.pipelining's ``stage_backward_input`` runs it; the
+    graph is kept for the full backward timed after it.
     """
     def run(x: Any) -> Any:
         out = call_block(block, x)
@@ -193,17 +197,21 @@ def _time_block(block: nn.Module, block_input: Any, clock: _Clock, warmup: int, 
     outs = [t for t in tensors_of(probe) if t.requires_grad]
     grads = [torch.ones_like(t) if loss is not None else torch.randn_like(t) * 1e-3 for t in outs]
     del probe, outs
-    fwd, bwd = [], []
+    fwd, bwd, igrad = [], [], []
     peak: int | None = None
     for i in range(warmup + repeats):
         x = _with_grad(block_input)
+        needs = [t for t in tensors_of(x) if t.requires_grad]
         if device.type == "cuda" and i == warmup:
             torch.cuda.synchronize()
             base = torch.cuda.memory_allocated(device)
             torch.cuda.reset_peak_memory_stats(device)
         out, f_ms = clock.time(lambda: run(x))
         outs = [t for t in tensors_of(out) if t.requires_grad]
-        b_ms = 0.0
+        b_ms = i_ms = 0.0
+        if outs and needs:
+            _, i_ms = clock.time(lambda: torch.autograd.grad(outs, needs, grads, retain_graph=True,
+                                                             allow_unused=True))
         if outs:
             _, b_ms = clock.time(lambda: torch.autograd.backward(outs, grads))
         if device.type == "cuda" and i == warmup:
@@ -212,16 +220,8 @@ def _time_block(block: nn.Module, block_input: Any, clock: _Clock, warmup: int, 
         if i >= warmup:
             fwd.append(f_ms)
             bwd.append(b_ms)
-    return statistics.median(fwd), statistics.median(bwd), _iqr(fwd), _iqr(bwd), peak
-
-
-def time_block(block: nn.Module, block_input: Any, device: torch.device, warmup: int = 1, repeats: int = 3,
-               loss: Callable[[Any], torch.Tensor] | None = None) -> tuple[float, float]:
-    """Median forward and backward ms of ``block`` on ``block_input`` (with ``loss`` after it, if given)."""
-    single = isinstance(block_input, tuple) and len(block_input) == 1
-    x = block_input[0] if single else block_input
-    f_ms, b_ms, _, _, _ = _time_block(block, x, _Clock(device), warmup, repeats, device, loss)
-    return f_ms, b_ms
+            igrad.append(min(i_ms, b_ms))
+    return statistics.median(fwd), statistics.median(bwd), _iqr(fwd), _iqr(bwd), peak, statistics.median(igrad)
 
 
 def _optimizer_ms(block: nn.Module, clock: _Clock, repeats: int = 3) -> float:
@@ -314,13 +314,14 @@ def profile_model(module: nn.Module, example: torch.Tensor | Sequence[torch.Tens
                                 f"{type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}") from None
         for i, (block_name, block) in enumerate(blocks):
             last = i == len(blocks) - 1
-            f_ms, b_ms, f_iqr, b_iqr, peak = _time_block(block, inputs[i], clock, warmup, repeats, device,
-                                                         loss if last else None)
+            f_ms, b_ms, f_iqr, b_iqr, peak, i_ms = _time_block(block, inputs[i], clock, warmup, repeats, device,
+                                                               loss if last else None)
             main, skip = crossing[i] if i < len(crossing) else (_nbytes(inputs[i + 1]), 0)
             layers.append(LayerProfile(
                 name=block_name, forward_ms=f_ms, backward_ms=b_ms, optimizer_ms=_optimizer_ms(block, clock),
                 param_bytes=param_bytes[i], activation_bytes=saved[i], output_bytes=main, skip_bytes=skip,
                 forward_iqr_ms=f_iqr, backward_iqr_ms=b_iqr, buffer_bytes=buffer_bytes[i], cuda_peak_bytes=peak,
+                input_grad_ms=i_ms,
             ))
             if progress is not None:
                 progress(block_name, i + 1, len(blocks))

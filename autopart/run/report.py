@@ -108,6 +108,10 @@ class Report:
     step_error: float | None
     simulated_with_measured_stages_ms: float
     """The plan's schedule replayed with the stage times measured in the pipeline."""
+    measured_speed: float | None
+    """The profile's compute over the compute measured in the pipeline, summed over the stages: the device
+    speed that makes the plan's compute match this run's (``--devices 2xcpu@SPEED``); None when the run's
+    micro-batch size differs from the plan's."""
     fitted_overhead_ms: float
     """The runtime's own time per forward or backward action that makes that replay take the measured step
     (0 when the replay is already slower): ``autopart partition --overhead``."""
@@ -200,6 +204,13 @@ def fit_overhead_ms(plan: Plan, step_ms: float) -> float:
     return (low + high) / 2
 
 
+def _speed(plan: Plan, stage_ms: dict[int, tuple[float, float]]) -> float | None:
+    """Predicted over measured compute of the stages measured, each at its device's speed."""
+    predicted = sum(plan.stages[s].cost.compute_ms * plan.stages[s].device.speed for s in stage_ms)
+    measured = sum(f + b for f, b in stage_ms.values())
+    return predicted / measured if measured > 0 and math.isfinite(measured) else None
+
+
 def make_report(job: Job, log: StepLog, measured: Measured) -> Report:
     plan, mb = job.plan, job.microbatch_size
     steady = measured.steady()
@@ -235,6 +246,7 @@ def make_report(job: Job, log: StepLog, measured: Measured) -> Report:
         step_error=measured_step / predicted_step - 1 if predicted_step else None,
         simulated_with_measured_stages_ms=replayed.step_ms,
         fitted_overhead_ms=fit_overhead_ms(replay_plan, measured_step),
+        measured_speed=_speed(plan, stage_ms) if same_size else None,
         throughput_per_s=job.global_batch * tokens / (measured_step / 1e3) if measured_step > 0 else None,
         throughput_unit="tokens" if tokens > 1 else "samples", stages=rows,
         ranks_detail=_rank_rows(plan, measured, predicted))
@@ -278,6 +290,10 @@ def print_report(report: Report, plan_microbatch_size: int | None) -> None:
         line += f" (the plan is for micro-batches of {plan_microbatch_size}, this run used {report.microbatch_size})"
     line += f"; simulated with the measured stage times {format_ms(report.simulated_with_measured_stages_ms)}"
     console.print(line, highlight=False, soft_wrap=True)
+    if report.measured_speed is not None:
+        console.print(f"compute in the pipeline ran at {report.measured_speed:.2f}x the profile's speed "
+                      f"(plan with --devices {report.ranks}xMEMORY@{report.measured_speed:.2f} to predict this "
+                      f"machine as it ran)", highlight=False, soft_wrap=True)
     if report.fitted_overhead_ms > 0:
         console.print(f"runtime overhead: {format_ms(report.fitted_overhead_ms)} per forward or backward action "
                       f"(what the measured stage times leave unexplained; plan with --overhead "
