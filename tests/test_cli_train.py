@@ -163,12 +163,13 @@ def test_the_report_and_the_trace_are_measured_inside_the_pipeline(tmp_path: Pat
     trace, svg = tmp_path / "t.json", tmp_path / "t.svg"
     assert run_cli("profile", spec, "--microbatch-size", "1", "-o", str(profile)).returncode == 0
     made = run_cli("partition", str(profile), "--stages", "2", "--microbatches", "4", "--balance", "2,2",
-                   "-o", str(plan))
+                   "--optimizer", "sgd-momentum", "-o", str(plan))
     assert made.returncode == 0, made.stderr
     ran = run_cli("train", str(plan), "--model", spec, "--steps", "5", "--report", str(report),
                   "--trace", str(trace), "--svg", str(svg))
     assert ran.returncode == 0, ran.stderr[-2000:]
     assert "step (slowest rank, rank" in ran.stderr and "per rank, one step" in ran.stderr
+    assert "sgd-momentum, data:" in ran.stderr  # the plan's optimizer runs
     data = json.loads(report.read_text())
     for row in data["stages"]:  # two blocks: 16 ms forward, 32 ms backward, and sleep overshoots a little
         assert 16 <= row["measured_forward_ms"] < 16 * 1.3 and 32 <= row["measured_backward_ms"] < 32 * 1.3

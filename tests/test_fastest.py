@@ -17,7 +17,7 @@ from hypothesis import strategies as st
 
 from autopart.core import fastest
 from autopart.core.costmodel import BlockCosts, CostModel, Problem
-from autopart.core.fastest import split_fastest
+from autopart.core.fastest import RankMemory, split_fastest
 from autopart.core.partition import split_bottleneck
 from autopart.core.schedules import build_schedule
 from autopart.core.simulate import STAGE_TIME_FIELDS, StageTimes, critical_path, simulate, step_ms_batch
@@ -91,7 +91,7 @@ def _problems(draw: st.DrawFn, max_blocks: int = 9) -> _Case:
 
 
 @given(case=_problems())
-@settings(max_examples=150, deadline=None)
+@settings(max_examples=100, deadline=None)
 def test_exact_is_the_fastest_split_of_all(case: _Case) -> None:
     p = case.problem
     every = _brute(p)
@@ -212,3 +212,62 @@ def test_nothing_fits_says_why() -> None:
     p = Problem([1.0] * 4, [Device("d", memory_bytes=10)] * 2, CostModel(microbatches=2), param_bytes=[100] * 4)
     with pytest.raises(AutopartError, match="fit"):
         split_fastest(p)
+
+
+def _rank_brute(p: Problem, ranks: RankMemory) -> float:
+    """The fastest step over every split and every choice of recomputing stages whose ranks fit (each rank
+    taking, of the choices that fit it, the one with the least compute, as autopart does)."""
+    best = float("inf")
+    for balance in _splits(p.n, p.k):
+        first = [sum(balance[:s]) for s in range(p.k)]
+        flags = [False] * p.k
+        ok = True
+        for group, limit in zip(ranks.stages, ranks.limit_bytes):
+            options = []
+            for choice in itertools.product((False, True), repeat=len(group)):
+                if any(c and not p.model.recompute for c in choice):
+                    continue
+                costs = [p.stage(s, first[s], first[s] + balance[s] - 1, c) for s, c in zip(group, choice)]
+                if sum(c.memory_bytes for c in costs) <= limit:
+                    options.append((sum(c.compute_ms + c.send_ms for c in costs), choice))
+            if not options:
+                ok = False
+                break
+            for s, c in zip(group, min(options)[1]):
+                flags[s] = c
+        if ok:
+            per_rank = p.model.stages_per_rank
+            schedule = build_schedule(p.model.schedule, p.k // per_rank, p.model.microbatches, per_rank)
+            best = min(best, simulate(schedule, p.stages(balance, flags)).step_ms)
+    return best
+
+
+@given(seed=st.integers(0, 2**32 - 1), which=st.sampled_from(SCHEDULES[2:]), n=st.integers(4, 8),
+       recompute=st.booleans())
+@settings(max_examples=25, deadline=None)
+def test_stages_of_a_rank_share_its_memory(seed: int, which: tuple[str, int], n: int, recompute: bool) -> None:
+    """Interleaved and zero-bubble stages on one rank share its memory as they need, not half each."""
+    name, per_rank = which
+    rng = np.random.default_rng(seed)
+    model = CostModel(schedule=name, microbatches=4, stages_per_rank=per_rank, recompute=recompute)
+    blocks = BlockCosts.of(rng.uniform(1, 10, n).tolist(), forward_ms=rng.uniform(0.2, 1, n).tolist(),
+                           param_bytes=rng.integers(1, 100, n).tolist(), activation_bytes=rng.integers(1, 40, n).tolist(),
+                           output_bytes=rng.integers(1, 20, n).tolist(), input_bytes=10)
+    total = float(blocks.param_bytes.sum() * 4 + blocks.activation_bytes.sum() * 4)
+    limit = int(total * float(rng.uniform(0.3, 0.8)))
+    k = 2 * per_rank
+    rank_of = [s % 2 if name == "Interleaved1F1B" else (s if s < 2 else 3 - s) for s in range(k)]
+    ranks = RankMemory(stages=tuple(tuple(s for s in range(k) if rank_of[s] == r) for r in range(2)),
+                       limit_bytes=(float(limit), float(limit)))
+    p = Problem(blocks, [Device("d", memory_bytes=limit // per_rank)] * k, model)
+    brute = _rank_brute(p, ranks)
+    try:
+        found = split_fastest(p, ranks)
+    except AutopartError:
+        assert brute == float("inf")
+        return
+    assert found.fits
+    for group, cap in zip(ranks.stages, ranks.limit_bytes):
+        assert sum(found.stages[s].memory_bytes for s in group) <= cap
+    schedule = build_schedule(name, 2, 4, per_rank)
+    assert simulate(schedule, list(found.stages)).step_ms == pytest.approx(brute, rel=1e-9)

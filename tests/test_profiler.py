@@ -1,12 +1,16 @@
 from __future__ import annotations
 
 import copy
+import json
 
 import pytest
 import torch
 from torch import nn
 
+from autopart.core.costmodel import BlockCosts, CostModel, Problem
 from autopart.errors import AutopartError
+from autopart.formats.devices import Device
+from autopart.formats.profile import Profile
 from autopart.measure.models.gpt2 import GPT2, GPT2Config
 from autopart.measure.models.resnet import ResNet
 from autopart.measure.profiler import profile_model
@@ -33,6 +37,22 @@ def test_the_input_gradient_half_of_the_backward_is_timed_on_its_own() -> None:
         assert layer.input_grad_ms is not None
         assert input_ms <= layer.input_grad_ms < input_ms + 4
         assert input_ms + weight_ms <= layer.backward_ms < input_ms + weight_ms + 6
+
+
+def test_every_optimizer_a_plan_can_name_is_timed_and_planned_with() -> None:
+    model = nn.Sequential(nn.Linear(256, 256), nn.ReLU(), nn.Linear(256, 256))
+    prof = profile_model(model, torch.randn(4, 256), warmup=1, repeats=3)
+    linear = dict(prof.layers[0].optimizer_ms_by_name)
+    assert set(linear) == {"adamw", "adam", "sgd-momentum", "sgd"} and linear["adamw"] == prof.layers[0].optimizer_ms
+    assert dict(prof.layers[1].optimizer_ms_by_name) == dict.fromkeys(linear, 0.0)  # ReLU has no parameters
+    again = Profile.from_dict(json.loads(json.dumps(prof.to_dict())))
+    assert again.layers[0].optimizer_ms_by_name == prof.layers[0].optimizer_ms_by_name
+    for name in linear:
+        costs = BlockCosts.from_profile(prof, name)
+        assert costs.optimizer_ms[0] == linear[name]
+        problem = Problem.from_profile(prof, [Device("cpu")], CostModel(optimizer=name))
+        last = dict(prof.layers[2].optimizer_ms_by_name)[name]
+        assert problem.stage(0, 0, 2).optimizer_ms == pytest.approx(linear[name] + last)
 
 
 def test_param_bytes_add_up_to_the_module() -> None:

@@ -55,3 +55,25 @@ def test_global_batch_must_divide() -> None:
                     schedules=[("GPipe", 1)])
     with pytest.raises(AutopartError, match="needs --global-batch"):
         plan_search(_profile(1.0), [Device("d")] * 2, CostModel(), search_microbatches=True)
+
+
+def test_a_zero_bubble_rank_shares_its_memory_between_its_two_stages() -> None:
+    """The first block holds most of the parameters: half a rank's memory each is too little for the stage
+    that holds it, but the rank's other stage needs little, so the rank fits them both."""
+    layers = tuple(LayerProfile(name=f"b{i}", forward_ms=1.0, backward_ms=2.0,
+                                param_bytes=6000 if i == 0 else 100, activation_bytes=10, output_bytes=10)
+                   for i in range(8))
+    profile = Profile(model="m", device="cpu", dtype="float32", microbatch_size=1, sample_shape=(1, 4),
+                      torch="2.13.0", layers=layers)
+    rank_bytes = 30_000  # block 0 alone: 6000 x 4 (weights, gradients, 2 Adam states) = 24,000 > 15,000
+    devices = [Device("d", memory_bytes=rank_bytes)] * 2
+    model = CostModel(schedule="ZBVZeroBubble", microbatches=4, stages_per_rank=2, recompute=False)
+    with pytest.raises(AutopartError):
+        plan_search(profile, devices, model, method="bottleneck")  # an even share each: nothing fits
+    plan = plan_search(profile, devices, model)
+    assert plan.fits and plan.balance[0] >= 1
+    for rank in range(2):
+        stages = [plan.stages[s] for s in plan.stages_of(rank)]
+        assert sum(st.cost.memory_bytes for st in stages) <= rank_bytes
+        assert sum(st.device.memory_bytes or 0 for st in stages) <= rank_bytes  # its shares add up to the rank
+        assert all(st.cost.memory_bytes <= (st.device.memory_bytes or 0) for st in stages)

@@ -87,8 +87,9 @@ def add_parser(sub: Subcommands) -> None:
                         "minvar (GPipe's objective), uniform (equal block counts), parameters (DeepSpeed's default)")
     p.add_argument("--memory-limit", metavar="SIZE",
                    help="memory per device: 16GiB, 40GB or bytes (default: unlimited, or from --devices)")
-    p.add_argument("--optimizer", default="adam", choices=list(OPTIMIZER_STATES),
-                   help="optimizer state per parameter: adam/adamw 2 copies, sgd-momentum 1, sgd 0 (default: adam)")
+    p.add_argument("--optimizer", default="adamw", choices=list(OPTIMIZER_STATES),
+                   help="the optimizer training will use: its state per parameter (adam/adamw 2 copies, "
+                        "sgd-momentum 1, sgd 0) and its step time; autopart train runs it (default: adamw)")
     p.add_argument("--devices", metavar="SPEC",
                    help="per-rank devices in order: 2xA100-40GB,2xH100-80GB@2.0 (COUNTxNAME-or-MEMORY[@SPEED], "
                         "speed relative to the profiled device) or a .json/.toml file")
@@ -107,6 +108,13 @@ def add_parser(sub: Subcommands) -> None:
                         "pipelining), fqns (module names per stage)")
     p.add_argument("-o", "--output", metavar="FILE", help="write the plan JSON here (atomically)")
     p.set_defaults(run=run)
+
+
+def _bottleneck_note(method: str) -> str:
+    """Why an ``exact`` plan's slowest stage may sit above the bound: it minimises the step instead."""
+    if method in ("exact", "local"):
+        return "; exact minimises the predicted step, which can take a slower bottleneck: --method bottleneck"
+    return ""
 
 
 def make_plan_from_args(args: argparse.Namespace) -> Plan:
@@ -151,6 +159,7 @@ def make_plan_from_args(args: argparse.Namespace) -> Plan:
     else:
         schedules = [(args.schedule, stages_per_rank(args.schedule, args.stages_per_rank))]
     model = CostModel(microbatches=microbatches, optimizer_states=OPTIMIZER_STATES[args.optimizer],
+                      optimizer=args.optimizer,
                       bandwidth_bytes_per_ms=parse_bandwidth(args.bandwidth) / 1e3 if args.bandwidth else None,
                       latency_ms=parse_duration_ms(args.latency) if args.latency else 0.0,
                       recompute=not args.no_recompute,
@@ -238,7 +247,7 @@ def _print_plan(plan: Plan) -> None:
     size = f" of {plan.microbatch_size}" if plan.microbatch_size else ""
     per_rank = f" ({plan.stages_per_rank} stages per rank)" if plan.stages_per_rank > 1 else ""
     console.print(f"bottleneck {format_ms(pred.bottleneck_ms)}, lower bound {format_ms(pred.lower_bound_ms)} "
-                  f"(gap {gap:.1%})", highlight=False, soft_wrap=True)
+                  f"(gap {gap:.1%}{_bottleneck_note(plan.method)})", highlight=False, soft_wrap=True)
     console.print(f"schedule {plan.schedule}{per_rank}, {plan.microbatches} micro-batches{size}: predicted step "
                   f"{format_ms(pred.step_ms)}, bubble {pred.bubble_fraction:.1%}", highlight=False, soft_wrap=True)
     if plan.scaling:

@@ -36,7 +36,7 @@ def add_parser(sub: Subcommands) -> None:
     p.add_argument("--steps", type=int, default=10, help="training steps (default: 10)")
     p.add_argument("--global-batch", type=int, metavar="N",
                    help="samples per step (default: the plan's micro-batch size x its micro-batches)")
-    p.add_argument("--lr", type=float, default=1e-3, help="AdamW learning rate (default: 1e-3)")
+    p.add_argument("--lr", type=float, default=1e-3, help="learning rate of the optimizer the plan names (default: 1e-3)")
     p.add_argument("--data", metavar="PATH", help="text file or folder for GPT models (default: Python's own sources)")
     p.add_argument("--checkpoint", metavar="DIR", help="save stage checkpoints here and resume from the latest")
     p.add_argument("--checkpoint-every", type=int, default=0, metavar="N",

@@ -60,6 +60,8 @@ class CostModel:
     microbatches: int = 1
     optimizer_states: int = 2
     """Copies of the parameters the optimizer keeps: 2 for Adam, 1 SGD+momentum, 0 SGD."""
+    optimizer: str = "adamw"
+    """Whose step time each rank pays after its last backward (a key of :data:`OPTIMIZER_STATES`)."""
     bandwidth_bytes_per_ms: float | None = None
     """Link bandwidth between neighbouring stages; None with latency 0 means free sends."""
     latency_ms: float = 0.0
@@ -74,6 +76,8 @@ class CostModel:
         object.__setattr__(self, "schedule", canonical_schedule(self.schedule))
         if self.microbatches < 1:
             raise AutopartError(f"micro-batches must be >= 1, got {self.microbatches}")
+        if self.optimizer not in OPTIMIZER_STATES:
+            raise AutopartError(f"unknown optimizer {self.optimizer!r}; known: {', '.join(OPTIMIZER_STATES)}")
         if self.optimizer_states < 0:
             raise AutopartError(f"optimizer states must be >= 0, got {self.optimizer_states}")
         if self.bandwidth_bytes_per_ms is not None and not self.bandwidth_bytes_per_ms > 0:
@@ -163,13 +167,15 @@ class BlockCosts:
                           else None)
 
     @staticmethod
-    def from_profile(profile: Profile) -> "BlockCosts":
+    def from_profile(profile: Profile, optimizer: str = "adamw") -> "BlockCosts":
+        """The profile's blocks, paying ``optimizer``'s step (AdamW's where the profile did not time it)."""
         layers = profile.layers
         return BlockCosts.of([x.forward_ms + x.backward_ms for x in layers], forward_ms=[x.forward_ms for x in layers],
                              param_bytes=[x.param_bytes for x in layers],
                              activation_bytes=[x.activation_bytes for x in layers],
                              output_bytes=[x.output_bytes for x in layers], input_bytes=profile.input_bytes,
-                             names=profile.names, optimizer_ms=[x.optimizer_ms for x in layers],
+                             names=profile.names,
+                             optimizer_ms=[dict(x.optimizer_ms_by_name).get(optimizer, x.optimizer_ms) for x in layers],
                              skip_bytes=[x.skip_bytes for x in layers] if any(x.skip_bytes for x in layers) else None,
                              ties=[(t.bytes, [profile.names.index(b) for b in t.blocks]) for t in profile.ties
                                    if all(b in profile.names for b in t.blocks)],
@@ -267,7 +273,7 @@ class Problem:
 
     @classmethod
     def from_profile(cls, profile: Profile, devices: Sequence[Device], model: CostModel) -> "Problem":
-        return cls(BlockCosts.from_profile(profile), devices, model)
+        return cls(BlockCosts.from_profile(profile, model.optimizer), devices, model)
 
     def reversed(self) -> "Problem":
         """The mirror image: block n-1 first, stage K-1 first. Stage (i, j) here is
@@ -283,7 +289,8 @@ class Problem:
     def relaxed(self) -> "Problem":
         """The same blocks and devices without sends and memory limits: its optimum bounds ours from below."""
         model = CostModel(schedule=self.model.schedule, microbatches=self.model.microbatches,
-                          optimizer_states=self.model.optimizer_states, recompute=self.model.recompute,
+                          optimizer_states=self.model.optimizer_states, optimizer=self.model.optimizer,
+                          recompute=self.model.recompute,
                           stages_per_rank=self.model.stages_per_rank, overhead_ms=self.model.overhead_ms)
         devices = [dataclasses.replace(d, memory_bytes=None) for d in self.devices]
         return Problem(self.blocks, devices, model, mirrored=self.mirrored)
@@ -367,10 +374,20 @@ class Problem:
         time = np.where(rc, self.time_recompute(s, i, j), self.time_plain(s, i, j))
         return time, np.where(rc, mr, mp), rc, fits_plain | (mr <= self.limit[s])
 
-    def stage_times(self, s: int, i: Ints, j: Ints) -> tuple[StageTimes, npt.NDArray[np.bool_]]:
-        """The times of stage ``s`` holding blocks i..j (arrays), recomputing where it must to fit, and
-        whether each fits memory."""
+    def memories(self, s: int, i: Ints, j: Ints) -> tuple[Floats, Floats]:
+        """Stage ``s``'s bytes holding blocks i..j without and with recomputation (inf where not allowed)."""
+        plain = self.mem_plain(s, i, j)
+        if not self.model.recompute:
+            return plain, np.full(plain.shape, np.inf)
+        return plain, self.mem_recompute(s, i, j)
+
+    def stage_times(self, s: int, i: Ints, j: Ints, recompute: npt.NDArray[np.bool_] | None = None
+                    ) -> tuple[StageTimes, npt.NDArray[np.bool_]]:
+        """The times of stage ``s`` holding blocks i..j (arrays), recomputing where it must to fit (or where
+        ``recompute`` says), and whether each fits its own limit."""
         _, _, rc, fits = self.evaluate(s, i, j)
+        if recompute is not None:
+            rc = np.broadcast_to(recompute, rc.shape)
         v = self.speed[s]
         forward = self.pf[j + 1] - self.pf[i]
         backward = (self.pc[j + 1] - self.pc[i]) - forward + np.where(rc, forward, 0.0)
@@ -385,11 +402,15 @@ class Problem:
                            optimizer_ms=(self.po[j + 1] - self.po[i]) / v, overhead_ms=zero + self.model.overhead_ms)
         return times, fits
 
-    def stage(self, s: int, first: int, last: int) -> StageCost:
-        """The cost of stage ``s`` holding blocks ``first``..``last``."""
+    def stage(self, s: int, first: int, last: int, recompute: bool | None = None) -> StageCost:
+        """The cost of stage ``s`` holding blocks ``first``..``last`` (recomputing where it must to fit its
+        own limit, or as ``recompute`` says)."""
         i, j = np.array([first]), np.array([last])
         _, m, rc, _ = self.evaluate(s, i, j)
-        t, _ = self.stage_times(s, i, j)
+        if recompute is not None:
+            rc = np.array([recompute])
+            m = self.memories(s, i, j)[1 if recompute else 0]
+        t, _ = self.stage_times(s, i, j, rc)
         recompute = bool(rc[0])
         acts = int(self.pa[last + 1] - self.pa[first])
         keep = int(self.keep[last] if self.mirrored else self.keep[first])
@@ -405,13 +426,13 @@ class Problem:
             optimizer_ms=float(t.optimizer_ms[0]), overhead_ms=self.model.overhead_ms,
             memory_bytes=int(round(float(m[0]))), recompute=recompute)
 
-    def stages(self, balance: Sequence[int]) -> list[StageCost]:
-        """Costs of every stage of a split given as block counts."""
+    def stages(self, balance: Sequence[int], recompute: Sequence[bool] | None = None) -> list[StageCost]:
+        """Costs of every stage of a split given as block counts (recomputing as ``recompute`` says, if given)."""
         if len(balance) != self.k or sum(balance) != self.n or min(balance) < 1:
             raise AutopartError(f"balance {list(balance)} does not split {self.n} blocks into {self.k} non-empty stages")
         out, first = [], 0
         for s, count in enumerate(balance):
-            out.append(self.stage(s, first, first + count - 1))
+            out.append(self.stage(s, first, first + count - 1, None if recompute is None else bool(recompute[s])))
             first += count
         return out
 

@@ -28,6 +28,7 @@ from __future__ import annotations
 import dataclasses
 import itertools
 import math
+from dataclasses import dataclass
 from typing import Iterator
 
 import numpy as np
@@ -37,8 +38,9 @@ from autopart.core.costmodel import Problem
 from autopart.core.partition import Split, split_bottleneck
 from autopart.core.schedules import Schedule, build_schedule
 from autopart.core.simulate import STAGE_TIME_FIELDS, StageTimes, compile_schedule, critical_path, step_ms_batch
+from autopart.errors import AutopartError
 
-__all__ = ["split_fastest", "EXHAUSTIVE_WORK"]
+__all__ = ["split_fastest", "RankMemory", "EXHAUSTIVE_WORK"]
 
 Ints = npt.NDArray[np.int64]
 Floats = npt.NDArray[np.float64]
@@ -56,16 +58,58 @@ def _schedule(p: Problem) -> Schedule:
     return build_schedule(p.model.schedule, p.k // per_rank, p.model.microbatches, per_rank)
 
 
-def _costs(p: Problem, starts: Ints) -> tuple[StageTimes, npt.NDArray[np.bool_]]:
-    """The stage times of each split (rows of first blocks), and whether it fits memory."""
+@dataclass(frozen=True)
+class RankMemory:
+    """Ranks holding several (virtual) stages: which stages share each rank's memory, and its bytes.
+
+    Without it each stage must fit its own device's limit (an even share of
+    its rank's under Interleaved1F1B and ZBVZeroBubble); with it the stages of
+    a rank may share its memory as they need, recomputing where that is the
+    fastest way for all of them to fit.
+    """
+
+    stages: tuple[tuple[int, ...], ...]
+    limit_bytes: tuple[float, ...]
+
+
+def _costs(p: Problem, starts: Ints, ranks: RankMemory | None = None
+           ) -> tuple[StageTimes, npt.NDArray[np.bool_], npt.NDArray[np.bool_] | None]:
+    """The stage times of each split (rows of first blocks), whether it fits memory, and (with ``ranks``)
+    which stages recompute; without, each stage recomputes where it must to fit its own limit."""
     ends = np.concatenate([starts[:, 1:] - 1, np.full((starts.shape[0], 1), p.n - 1)], axis=1)
     fits = np.ones(starts.shape[0], dtype=bool)
+    recompute = None
+    if ranks is not None:
+        fits, recompute = _share_ranks(p, starts, ends, ranks)
     per_stage = []
     for s in range(p.k):
-        times, ok = p.stage_times(s, starts[:, s], ends[:, s])
+        times, ok = p.stage_times(s, starts[:, s], ends[:, s], recompute[:, s] if recompute is not None else None)
         per_stage.append(times)
-        fits &= ok
-    return StageTimes.stack(per_stage), fits
+        if recompute is None:
+            fits &= ok
+    return StageTimes.stack(per_stage), fits, recompute
+
+
+def _share_ranks(p: Problem, starts: Ints, ends: Ints, ranks: RankMemory
+                 ) -> tuple[npt.NDArray[np.bool_], npt.NDArray[np.bool_]]:
+    """Per split, whether every rank's stages fit its memory together, and which of them recompute: of the
+    choices that fit, the one with the least compute on the rank."""
+    fits = np.ones(starts.shape[0], dtype=bool)
+    recompute = np.zeros(starts.shape, dtype=bool)
+    for group, limit in zip(ranks.stages, ranks.limit_bytes):
+        mems = {s: p.memories(s, starts[:, s], ends[:, s]) for s in group}
+        times = {s: (p.time_plain(s, starts[:, s], ends[:, s]), p.time_recompute(s, starts[:, s], ends[:, s]))
+                 for s in group}
+        best = np.full(starts.shape[0], np.inf)
+        for flags in itertools.product((False, True), repeat=len(group)):
+            mem = sum(mems[s][int(f)] for s, f in zip(group, flags))
+            cost = sum(times[s][int(f)] for s, f in zip(group, flags))
+            better = (mem <= limit) & (cost < best)
+            best = np.where(better, cost, best)
+            for s, f in zip(group, flags):
+                recompute[better, s] = f
+        fits &= np.isfinite(best)
+    return fits, recompute
 
 
 def _score(schedule: Schedule, costs: StageTimes, fits: npt.NDArray[np.bool_]) -> tuple[Floats, Floats, Floats]:
@@ -112,19 +156,19 @@ def _every_split(n: int, k: int) -> Iterator[Ints]:
         yield np.concatenate([np.zeros((len(rows), 1), dtype=np.int64), body], axis=1)
 
 
-def _exhaustive(p: Problem, schedule: Schedule) -> Ints:
-    """The best split of all (one fits: the caller found the bottleneck-optimal one)."""
+def _exhaustive(p: Problem, schedule: Schedule, ranks: RankMemory | None) -> Ints | None:
+    """The best split of all that fit (None: none does)."""
     best: Ints | None = None
     best_score = (np.inf, np.inf, np.inf)
     for starts in _every_split(p.n, p.k):
-        scores = _score(schedule, *_costs(p, starts))
+        costs, fits, _ = _costs(p, starts, ranks)
+        scores = _score(schedule, costs, fits)
         i = _best(*scores)
         if i < 0:
             continue
         score = (float(scores[0][i]), float(scores[1][i]), float(scores[2][i]))
         if best is None or _better(score, best_score):
             best, best_score = starts[i], score
-    assert best is not None
     return best
 
 
@@ -159,7 +203,7 @@ def _repriced(counts: StageTimes, costs: StageTimes) -> Floats:
     return out
 
 
-def _local(p: Problem, schedule: Schedule, starts: Ints) -> Ints:
+def _local(p: Problem, schedule: Schedule, starts: Ints, ranks: RankMemory | None) -> Ints:
     """Best-improvement moves from ``starts`` until none improves (step, then bottleneck, then spread).
 
     A move is simulated only when the current critical path, repriced with the
@@ -167,7 +211,7 @@ def _local(p: Problem, schedule: Schedule, starts: Ints) -> Ints:
     that (:func:`critical_path`), so the moves skipped cannot win.
     """
     current = starts
-    costs, _ = _costs(p, current[None, :])
+    costs, _, _ = _costs(p, current[None, :], ranks)
     scores = _score(schedule, costs, np.ones(1, dtype=bool))
     current_score = (float(scores[0][0]), float(scores[1][0]), float(scores[2][0]))
     for _ in range(_MAX_ROUNDS):
@@ -175,7 +219,7 @@ def _local(p: Problem, schedule: Schedule, starts: Ints) -> Ints:
         candidates = _neighbours(current, p.n)
         if not candidates.size:
             break
-        cand_costs, fits = _costs(p, candidates)
+        cand_costs, fits, _ = _costs(p, candidates, ranks)
         bound = np.where(fits, _repriced(counts, cand_costs), np.inf)
         order = np.argsort(bound, kind="stable")
         strictly = int(np.searchsorted(bound[order], step * (1 - _TIE), side="left"))
@@ -197,23 +241,51 @@ def _local(p: Problem, schedule: Schedule, starts: Ints) -> Ints:
         if found is None:
             break
         current, current_score = found
-        costs, _ = _costs(p, current[None, :])
+        costs, _, _ = _costs(p, current[None, :], ranks)
     return current
 
 
-def split_fastest(p: Problem) -> Split:
+def _start(p: Problem, ranks: RankMemory | None) -> tuple[Split | None, AutopartError | None]:
+    """The bottleneck-optimal split to search from; with shared rank memory, that of each stage given its
+    whole rank's memory when an even share fits nothing (if the ranks hold it together). Else None and why."""
+    try:
+        return split_bottleneck(p), None
+    except AutopartError as even_share:
+        if ranks is None:
+            raise
+        whole = np.zeros(p.k)
+        for group, limit in zip(ranks.stages, ranks.limit_bytes):
+            whole[list(group)] = limit
+        try:
+            base = split_bottleneck(p.with_limits(whole))
+        except AutopartError:
+            return None, even_share
+        _, fits, _ = _costs(p, np.concatenate([[0], np.cumsum(base.balance)[:-1]])[None, :], ranks)
+        return (base, None) if fits[0] else (None, even_share)
+
+
+def split_fastest(p: Problem, ranks: RankMemory | None = None) -> Split:
     """The split that fits memory with the smallest predicted step under ``p.model``'s schedule and
     micro-batch count: method "exact" when every split was simulated, "local" when a local search from
-    the bottleneck-optimal split found it (see the module note)."""
-    base = split_bottleneck(p)  # raises, saying why, when no split fits
-    if p.k == 1:
+    the bottleneck-optimal split found it (see the module note). ``ranks``: stages that share a rank's
+    memory (:class:`RankMemory`)."""
+    base, why = _start(p, ranks)  # raises, saying why, when no split fits its stages' own limits
+    if p.k == 1 and base is not None:
         return dataclasses.replace(base, method="exact")
     schedule = _schedule(p)
     work = math.comb(p.n - 1, p.k - 1) * len(compile_schedule(schedule).steps)
     if work <= EXHAUSTIVE_WORK:
-        method, starts = "exact", _exhaustive(p, schedule)
+        method, found = "exact", _exhaustive(p, schedule, ranks)
+        if found is None:
+            raise why or AutopartError("no split fits memory")
+        starts = found
     else:
-        method, starts = "local", _local(p, schedule, np.concatenate([[0], np.cumsum(base.balance)[:-1]]))
+        if base is None:
+            raise why or AutopartError("no split fits memory")
+        method = "local"
+        starts = _local(p, schedule, np.concatenate([[0], np.cumsum(base.balance)[:-1]]).astype(np.int64), ranks)
     balance = [int(b) for b in np.diff(np.append(starts, p.n))]
-    return Split(method=method, balance=tuple(balance), stages=tuple(p.stages(balance)), fits=p.fits(balance),
+    _, fits, recompute = _costs(p, starts[None, :], ranks)
+    stages = p.stages(balance, None if recompute is None else recompute[0].tolist())
+    return Split(method=method, balance=tuple(balance), stages=tuple(stages), fits=bool(fits[0]),
                  lower_bound_ms=p.lower_bound_ms())

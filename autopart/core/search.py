@@ -16,6 +16,7 @@ import dataclasses
 from typing import Callable, Sequence
 
 from autopart.core.costmodel import CostModel, Problem
+from autopart.core.fastest import RankMemory, split_fastest
 from autopart.core.partition import Split, split, split_given
 from autopart.core.planner import cost_model_of, make_plan
 from autopart.core.scaling import scale_profile
@@ -36,7 +37,8 @@ def all_schedules(interleaved: int = 2) -> list[tuple[str, int]]:
 
 
 def _stage_devices(rank_devices: Sequence[Device], schedule: str, per_rank: int) -> list[Device]:
-    """A device per (virtual) stage: its rank's, with the rank's memory shared by its stages."""
+    """A device per (virtual) stage: its rank's, with an even share of the rank's memory (the ``exact``
+    method then lets the stages share it as they need: :class:`RankMemory`)."""
     ranks = stage_ranks(schedule, len(rank_devices), per_rank)
     out = []
     for r in ranks:
@@ -95,7 +97,8 @@ def plan_search(profile: Profile, rank_devices: Sequence[Device], model: CostMod
                 continue
             try:
                 candidate = dataclasses.replace(model, schedule=name, microbatches=m, stages_per_rank=per_rank)
-                plan = _plan_one(scaled, how, size, rank_devices, candidate, lambda p: split(p, method), profile_path)
+                plan = _plan_one(scaled, how, size, rank_devices, candidate, _splitter(method, rank_devices, candidate),
+                                 profile_path)
             except AutopartError as exc:
                 reasons.append(f"{name} M={m}: {exc}")
                 failures.append(exc)
@@ -120,12 +123,46 @@ def plan_search(profile: Profile, rank_devices: Sequence[Device], model: CostMod
     return dataclasses.replace(best, runners_up=runners)
 
 
+def _rank_memory(rank_devices: Sequence[Device], model: CostModel) -> RankMemory | None:
+    """The stages that share each rank's memory, when ranks hold several and have a limit."""
+    if model.stages_per_rank < 2 or all(d.memory_bytes is None for d in rank_devices):
+        return None
+    ranks = stage_ranks(model.schedule, len(rank_devices), model.stages_per_rank)
+    return RankMemory(stages=tuple(tuple(s for s, r in enumerate(ranks) if r == rank) for rank in range(len(rank_devices))),
+                      limit_bytes=tuple(float(d.memory_bytes) if d.memory_bytes is not None else float("inf")
+                                        for d in rank_devices))
+
+
+def _splitter(method: str, rank_devices: Sequence[Device], model: CostModel) -> Callable[[Problem], Split]:
+    """How a configuration is split: ``exact`` lets a rank's stages share its memory as they need."""
+    ranks = _rank_memory(rank_devices, model)
+    if method == "exact" and ranks is not None:
+        return lambda p: split_fastest(p, ranks)
+    return lambda p: split(p, method)
+
+
+def _shared_devices(devices: Sequence[Device], split_: Split, ranks: RankMemory) -> list[Device]:
+    """Each stage's share of its rank's memory: what it holds, plus an even part of what is left."""
+    out = list(devices)
+    for group, limit in zip(ranks.stages, ranks.limit_bytes):
+        if limit == float("inf"):
+            continue
+        spare = (limit - sum(split_.stages[s].memory_bytes for s in group)) / len(group)
+        for s in group:
+            out[s] = dataclasses.replace(devices[s], memory_bytes=int(split_.stages[s].memory_bytes + max(spare, 0)))
+    return out
+
+
 def _plan_one(scaled: Profile, how: str, size: int, rank_devices: Sequence[Device], model: CostModel,
               make_split: Callable[[Problem], Split], profile_path: str) -> Plan:
     """One configuration: the profile at its micro-batch size split on the ranks' (virtual) stage devices."""
     devices = _stage_devices(rank_devices, model.schedule, model.stages_per_rank)
     problem = Problem.from_profile(scaled, devices, model)
-    return make_plan(make_split(problem), problem, model, devices, profile_path=profile_path, model_name=scaled.model,
+    chosen = make_split(problem)
+    ranks = _rank_memory(rank_devices, model)
+    if ranks is not None and chosen.method in ("exact", "local"):
+        devices = _shared_devices(devices, chosen, ranks)
+    return make_plan(chosen, problem, model, devices, profile_path=profile_path, model_name=scaled.model,
                      microbatch_size=size, scaling="" if how == "measured" else how, sample_shape=scaled.sample_shape,
                      threads=scaled.threads)
 

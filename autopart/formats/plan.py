@@ -71,6 +71,16 @@ class Predicted:
     source: str = "simulated"
 
 
+_OPTIMIZERS = ("adam", "adamw", "sgd-momentum", "sgd")
+
+
+def _optimizer_name(f: Fields) -> str:
+    name = f.string("optimizer", required=False, default="adamw")
+    if name not in _OPTIMIZERS:
+        raise AutopartError(f"{f.at('optimizer')} is {name!r}; known: {', '.join(_OPTIMIZERS)}")
+    return str(name)
+
+
 @dataclass(frozen=True)
 class Plan:
     profile: str
@@ -82,6 +92,8 @@ class Plan:
     stages: tuple[PlanStage, ...]
     predicted: Predicted
     optimizer_states: int = 2
+    optimizer: str = "adamw"
+    """The optimizer whose step the prediction pays and ``autopart train`` runs."""
     bandwidth_bytes_per_s: float | None = None
     latency_ms: float = 0.0
     fits: bool = True
@@ -133,7 +145,8 @@ class Plan:
         return {
             "schema": self.schema, "profile": self.profile, "model": self.model, "method": self.method,
             "schedule": self.schedule, "microbatches": self.microbatches, "balance": list(self.balance),
-            "optimizer_states": self.optimizer_states, "bandwidth_bytes_per_s": self.bandwidth_bytes_per_s,
+            "optimizer_states": self.optimizer_states, "optimizer": self.optimizer,
+            "bandwidth_bytes_per_s": self.bandwidth_bytes_per_s,
             "latency_ms": self.latency_ms, "fits": self.fits, "stages_per_rank": self.stages_per_rank,
             "microbatch_size": self.microbatch_size, "scaling": self.scaling,
             "sample_shape": list(self.sample_shape), **({"threads": self.threads} if self.threads else {}),
@@ -181,6 +194,7 @@ class Plan:
                     schedule=canonical_schedule(f.string("schedule")), microbatches=f.integer("microbatches", minimum=1),
                     balance=balance, stages=tuple(stages), predicted=predicted,
                     optimizer_states=f.integer("optimizer_states", required=False, default=2),
+                    optimizer=_optimizer_name(f),
                     bandwidth_bytes_per_s=bandwidth, latency_ms=f.number("latency_ms", False, 0.0),
                     fits=bool(f.obj.get("fits", True)), stages_per_rank=stages_per_rank,
                     microbatch_size=f.integer("microbatch_size", required=False, minimum=1),

@@ -18,6 +18,17 @@ __all__ = ["PROFILE_SCHEMA", "LayerProfile", "Profile", "Tie"]
 PROFILE_SCHEMA = "autopart.profile/1"
 
 
+def _optimizer_times(obj: Any, where: str) -> tuple[tuple[str, float], ...]:
+    """``optimizer_ms_by_name``: {name: ms}, each a finite number >= 0."""
+    value = obj.get("optimizer_ms_by_name") if isinstance(obj, dict) else None
+    if value is None:
+        return ()
+    if not isinstance(value, dict):
+        raise AutopartError(f"{where}.optimizer_ms_by_name must be an object of name: ms, got {value!r}")
+    inner = Fields(value, f"{where}.optimizer_ms_by_name")
+    return tuple((str(name), float(inner.number(str(name)))) for name in value)
+
+
 @dataclass(frozen=True)
 class LayerProfile:
     """Costs of one block for one micro-batch."""
@@ -51,6 +62,9 @@ class LayerProfile:
     optimizer_ms: float = 0.0
     """One AdamW step over the block's parameters, with zeroing their gradients:
     paid once per training step, not per micro-batch."""
+    optimizer_ms_by_name: tuple[tuple[str, float], ...] = ()
+    """The same for every optimizer a plan can name (adamw, adam, sgd-momentum, sgd), written as a JSON
+    object; empty in profiles from before they were timed (AdamW's time then stands for all)."""
     skip_bytes: int = 0
     """Bytes of skips that also cross the boundary after the block: values made by earlier blocks (or
     model inputs) that a later block needs. A stage boundary here sends them too, and the stage after
@@ -62,9 +76,12 @@ class LayerProfile:
 
     def to_dict(self) -> dict[str, Any]:
         data = asdict(self)
-        for key, empty in (("cuda_peak_bytes", None), ("skip_bytes", 0), ("same_as", ""), ("input_grad_ms", None)):
+        for key, empty in (("cuda_peak_bytes", None), ("skip_bytes", 0), ("same_as", ""), ("input_grad_ms", None),
+                           ("optimizer_ms_by_name", ())):
             if data[key] == empty:
                 del data[key]
+        if "optimizer_ms_by_name" in data:
+            data["optimizer_ms_by_name"] = dict(self.optimizer_ms_by_name)
         return data
 
     @staticmethod
@@ -84,6 +101,7 @@ class LayerProfile:
             forward_iqr_ms=f.number("forward_iqr_ms", required=False, default=0.0),
             backward_iqr_ms=f.number("backward_iqr_ms", required=False, default=0.0),
             input_grad_ms=f.number("input_grad_ms", required=False, default=None),
+            optimizer_ms_by_name=_optimizer_times(obj, where),
             buffer_bytes=f.integer("buffer_bytes", required=False, default=0),
             cuda_peak_bytes=peak,
             optimizer_ms=f.number("optimizer_ms", required=False, default=0.0),

@@ -31,7 +31,7 @@ from autopart.errors import AutopartError
 from autopart.formats.profile import LayerProfile, Profile, Tie
 from autopart.measure.blocks import NamedBlock, call_block, chain_of, tensors_of
 
-__all__ = ["profile_model", "ProgressFn"]
+__all__ = ["profile_model", "ProgressFn", "make_optimizer", "OPTIMIZERS"]
 
 ProgressFn = Callable[[str, int, int], None]
 """Called as ``progress(block_name, blocks_done, blocks_total)``."""
@@ -224,23 +224,40 @@ def _time_block(block: nn.Module, block_input: Any, clock: _Clock, warmup: int, 
     return statistics.median(fwd), statistics.median(bwd), _iqr(fwd), _iqr(bwd), peak, statistics.median(igrad)
 
 
-def _optimizer_ms(block: nn.Module, clock: _Clock, repeats: int = 3) -> float:
-    """Median time of an AdamW step plus zeroing the gradients, on copies of ``block``'s parameters."""
+def make_optimizer(name: str, params: Sequence[torch.Tensor], lr: float) -> torch.optim.Optimizer:
+    """The optimizer a plan names (``adam``, ``adamw``, ``sgd-momentum`` with momentum 0.9, ``sgd``)."""
+    if name == "adam":
+        return torch.optim.Adam(params, lr=lr)
+    if name == "adamw":
+        return torch.optim.AdamW(params, lr=lr)
+    if name in ("sgd", "sgd-momentum"):
+        return torch.optim.SGD(params, lr=lr, momentum=0.9 if name == "sgd-momentum" else 0.0)
+    raise AutopartError(f"unknown optimizer {name!r}; known: adam, adamw, sgd-momentum, sgd")
+
+
+OPTIMIZERS = ("adamw", "adam", "sgd-momentum", "sgd")
+
+
+def _optimizer_ms(block: nn.Module, clock: _Clock, repeats: int = 3) -> tuple[float, tuple[tuple[str, float], ...]]:
+    """Median time of a step plus zeroing the gradients, on copies of ``block``'s parameters: AdamW's, and
+    every optimizer's by name."""
     params = [p for p in block.parameters() if p.requires_grad]
     if not params:
-        return 0.0
+        return 0.0, tuple((name, 0.0) for name in OPTIMIZERS)
     copies = [p.detach().clone().requires_grad_(True) for p in params]
     for c in copies:
         c.grad = torch.zeros_like(c)
-    optimizer = torch.optim.AdamW(copies, lr=1e-3)
+    by_name = []
+    for name in OPTIMIZERS:
+        optimizer = make_optimizer(name, copies, lr=1e-3)
 
-    def step() -> None:
-        optimizer.step()
-        optimizer.zero_grad(set_to_none=False)
+        def step() -> None:
+            optimizer.step()
+            optimizer.zero_grad(set_to_none=False)
 
-    step()  # creates the optimizer state
-    times = [clock.time(step)[1] for _ in range(repeats)]
-    return statistics.median(times)
+        step()  # creates the optimizer state
+        by_name.append((name, statistics.median([clock.time(step)[1] for _ in range(repeats)])))
+    return by_name[0][1], tuple(by_name)
 
 
 def _device_name(device: torch.device) -> str:
@@ -317,8 +334,10 @@ def profile_model(module: nn.Module, example: torch.Tensor | Sequence[torch.Tens
             f_ms, b_ms, f_iqr, b_iqr, peak, i_ms = _time_block(block, inputs[i], clock, warmup, repeats, device,
                                                                loss if last else None)
             main, skip = crossing[i] if i < len(crossing) else (_nbytes(inputs[i + 1]), 0)
+            optimizer_ms, by_name = _optimizer_ms(block, clock)
             layers.append(LayerProfile(
-                name=block_name, forward_ms=f_ms, backward_ms=b_ms, optimizer_ms=_optimizer_ms(block, clock),
+                name=block_name, forward_ms=f_ms, backward_ms=b_ms, optimizer_ms=optimizer_ms,
+                optimizer_ms_by_name=by_name,
                 param_bytes=param_bytes[i], activation_bytes=saved[i], output_bytes=main, skip_bytes=skip,
                 forward_iqr_ms=f_iqr, backward_iqr_ms=b_iqr, buffer_bytes=buffer_bytes[i], cuda_peak_bytes=peak,
                 input_grad_ms=i_ms,

@@ -172,10 +172,11 @@ def _measure(block: nn.Module, name: str, value: Any, device: torch.device, dtyp
         out = _detach(out)
         held = {k for t in tensors_of(out) if (k := _storage_key(t))} & mine
         f_ms, b_ms, f_iqr, b_iqr, peak, i_ms = _time_block(block, value, clock, warmup, repeats, device, loss)
+        optimizer_ms, by_name = _optimizer_ms(block, clock)
         layer = LayerProfile(name=name, forward_ms=f_ms, backward_ms=b_ms, input_grad_ms=i_ms, param_bytes=0,
                              activation_bytes=sum(size for _, size in mine),
                              output_bytes=0, forward_iqr_ms=f_iqr, backward_iqr_ms=b_iqr, cuda_peak_bytes=peak,
-                             optimizer_ms=_optimizer_ms(block, clock))
+                             optimizer_ms=optimizer_ms, optimizer_ms_by_name=by_name)
     finally:
         for p in block.parameters():
             p.grad = None

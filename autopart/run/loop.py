@@ -19,6 +19,7 @@ from torch import nn
 from autopart.errors import AutopartError
 from autopart.formats.plan import Plan
 from autopart.measure.blocks import Chain, StageModule, chain_of
+from autopart.measure.profiler import make_optimizer
 from autopart.measure.spec import ModelBundle, load_model, shape_example
 from autopart.run.checkpoint import latest_complete, load_stages, mark_complete
 from autopart.run.config import TrainConfig
@@ -82,7 +83,7 @@ def _prepare(cfg: TrainConfig, rank: int, device: torch.device) -> Job:
     data = training_data(bundle, cfg.data, global_batch, sample_shape, cfg.seed, start)
     pipe = build_pipeline(plan, chain, rank, device, data.loss_fn,
                           init=lambda s, module: _initialise(s, module, cfg.seed))
-    optimizer = torch.optim.AdamW(pipe.parameters(), lr=cfg.lr)
+    optimizer = make_optimizer(plan.optimizer, pipe.parameters(), lr=cfg.lr)
     job = Job(cfg=cfg, plan=plan, rank=rank, world=world, device=device, pipe=pipe, optimizer=optimizer, data=data,
               global_batch=global_batch, microbatch_size=microbatch_size, start_step=start)
     if saved:
@@ -115,7 +116,8 @@ def _say_start(job: Job, batchnorm: list[str]) -> None:
             f"(GPipe paper, sec. 3); use more samples per micro-batch or GroupNorm/LayerNorm to avoid it")
     resuming = f", resuming after step {job.start_step}" if job.start_step else ""
     say(f"training {job.cfg.model}: {plan.num_stages} stages on {job.world} ranks, {plan.schedule}, "
-        f"{plan.microbatches} micro-batches of {mb} ({gb} per step), data: {job.data.source}{resuming}")
+        f"{plan.microbatches} micro-batches of {mb} ({gb} per step), {plan.optimizer}, data: {job.data.source}"
+        f"{resuming}")
 
 
 def _initialise(stage: int, module: nn.Module, seed: int) -> None:
