@@ -383,11 +383,14 @@ class Problem:
 
     def stage_times(self, s: int, i: Ints, j: Ints, recompute: npt.NDArray[np.bool_] | None = None
                     ) -> tuple[StageTimes, npt.NDArray[np.bool_]]:
-        """The times of stage ``s`` holding blocks i..j (arrays), recomputing where it must to fit (or where
-        ``recompute`` says), and whether each fits its own limit."""
-        _, _, rc, fits = self.evaluate(s, i, j)
-        if recompute is not None:
-            rc = np.broadcast_to(recompute, rc.shape)
+        """The times of stage ``s`` holding blocks i..j (arrays), recomputing where it must to fit, and
+        whether each fits its own limit; or recomputing where ``recompute`` says (the caller decided what
+        fits: all True)."""
+        if recompute is None:
+            _, _, rc, fits = self.evaluate(s, i, j)
+        else:
+            shape = np.broadcast(i, j).shape
+            rc, fits = np.broadcast_to(recompute, shape), np.ones(shape, dtype=bool)
         v = self.speed[s]
         forward = self.pf[j + 1] - self.pf[i]
         backward = (self.pc[j + 1] - self.pc[i]) - forward + np.where(rc, forward, 0.0)
@@ -406,10 +409,10 @@ class Problem:
         """The cost of stage ``s`` holding blocks ``first``..``last`` (recomputing where it must to fit its
         own limit, or as ``recompute`` says)."""
         i, j = np.array([first]), np.array([last])
-        _, m, rc, _ = self.evaluate(s, i, j)
-        if recompute is not None:
-            rc = np.array([recompute])
-            m = self.memories(s, i, j)[1 if recompute else 0]
+        if recompute is None:
+            _, m, rc, _ = self.evaluate(s, i, j)
+        else:
+            rc, m = np.array([recompute]), self.memories(s, i, j)[1 if recompute else 0]
         t, _ = self.stage_times(s, i, j, rc)
         recompute = bool(rc[0])
         acts = int(self.pa[last + 1] - self.pa[first])

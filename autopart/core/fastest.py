@@ -29,13 +29,13 @@ import dataclasses
 import itertools
 import math
 from dataclasses import dataclass
-from typing import Iterator
+from typing import Iterator, Sequence
 
 import numpy as np
 import numpy.typing as npt
 
 from autopart.core.costmodel import Problem
-from autopart.core.partition import Split, split_bottleneck
+from autopart.core.partition import Split, _bounds_to_balance, split_bottleneck
 from autopart.core.schedules import Schedule, build_schedule
 from autopart.core.simulate import STAGE_TIME_FIELDS, StageTimes, compile_schedule, critical_path, step_ms_batch
 from autopart.errors import AutopartError
@@ -119,6 +119,16 @@ def _score(schedule: Schedule, costs: StageTimes, fits: npt.NDArray[np.bool_]) -
     return step, np.where(fits, stage_ms.max(axis=1), np.inf), np.where(fits, (stage_ms ** 2).sum(axis=1), np.inf)
 
 
+def _at(scores: tuple[Floats, Floats, Floats], i: int) -> tuple[float, float, float]:
+    """Split ``i``'s (step, bottleneck, sum of squares)."""
+    return float(scores[0][i]), float(scores[1][i]), float(scores[2][i])
+
+
+def _first_blocks(balance: Sequence[int]) -> Ints:
+    """The first block of each stage of a split given as block counts."""
+    return np.concatenate([[0], np.cumsum(balance)[:-1]]).astype(np.int64)
+
+
 def _best(step: Floats, bottleneck: Floats, sum_sq: Floats) -> int:
     """The index of the smallest step, then bottleneck, then sum of squares (ties to 1e-9)."""
     low = float(step.min())
@@ -166,7 +176,7 @@ def _exhaustive(p: Problem, schedule: Schedule, ranks: RankMemory | None) -> Int
         i = _best(*scores)
         if i < 0:
             continue
-        score = (float(scores[0][i]), float(scores[1][i]), float(scores[2][i]))
+        score = _at(scores, i)
         if best is None or _better(score, best_score):
             best, best_score = starts[i], score
     return best
@@ -213,7 +223,7 @@ def _local(p: Problem, schedule: Schedule, starts: Ints, ranks: RankMemory | Non
     current = starts
     costs, _, _ = _costs(p, current[None, :], ranks)
     scores = _score(schedule, costs, np.ones(1, dtype=bool))
-    current_score = (float(scores[0][0]), float(scores[1][0]), float(scores[2][0]))
+    current_score = _at(scores, 0)
     for _ in range(_MAX_ROUNDS):
         step, counts = critical_path(schedule, costs)
         candidates = _neighbours(current, p.n)
@@ -234,7 +244,7 @@ def _local(p: Problem, schedule: Schedule, starts: Ints, ranks: RankMemory | Non
             picked = StageTimes(*(getattr(cand_costs, name)[pick] for name in STAGE_TIME_FIELDS))
             scores = _score(schedule, picked, fits[pick])
             i = _best(*scores)
-            score = (float(scores[0][i]), float(scores[1][i]), float(scores[2][i])) if i >= 0 else current_score
+            score = _at(scores, i) if i >= 0 else current_score
             if i >= 0 and _better(score, current_score):
                 found = (candidates[pick[i]], score)
                 break
@@ -260,7 +270,7 @@ def _start(p: Problem, ranks: RankMemory | None) -> tuple[Split | None, Autopart
             base = split_bottleneck(p.with_limits(whole))
         except AutopartError:
             return None, even_share
-        _, fits, _ = _costs(p, np.concatenate([[0], np.cumsum(base.balance)[:-1]])[None, :], ranks)
+        _, fits, _ = _costs(p, _first_blocks(base.balance)[None, :], ranks)
         return (base, None) if fits[0] else (None, even_share)
 
 
@@ -283,8 +293,8 @@ def split_fastest(p: Problem, ranks: RankMemory | None = None) -> Split:
         if base is None:
             raise why or AutopartError("no split fits memory")
         method = "local"
-        starts = _local(p, schedule, np.concatenate([[0], np.cumsum(base.balance)[:-1]]).astype(np.int64), ranks)
-    balance = [int(b) for b in np.diff(np.append(starts, p.n))]
+        starts = _local(p, schedule, _first_blocks(base.balance), ranks)
+    balance = _bounds_to_balance(starts.tolist(), p.n)
     _, fits, recompute = _costs(p, starts[None, :], ranks)
     stages = p.stages(balance, None if recompute is None else recompute[0].tolist())
     return Split(method=method, balance=tuple(balance), stages=tuple(stages), fits=bool(fits[0]),

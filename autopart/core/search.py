@@ -97,7 +97,7 @@ def plan_search(profile: Profile, rank_devices: Sequence[Device], model: CostMod
                 continue
             try:
                 candidate = dataclasses.replace(model, schedule=name, microbatches=m, stages_per_rank=per_rank)
-                plan = _plan_one(scaled, how, size, rank_devices, candidate, _splitter(method, rank_devices, candidate),
+                plan = _plan_one(scaled, how, size, rank_devices, candidate, _splitter(method),
                                  profile_path)
             except AutopartError as exc:
                 reasons.append(f"{name} M={m}: {exc}")
@@ -133,12 +133,14 @@ def _rank_memory(rank_devices: Sequence[Device], model: CostModel) -> RankMemory
                                         for d in rank_devices))
 
 
-def _splitter(method: str, rank_devices: Sequence[Device], model: CostModel) -> Callable[[Problem], Split]:
+MakeSplit = Callable[[Problem, RankMemory | None], Split]
+
+
+def _splitter(method: str) -> MakeSplit:
     """How a configuration is split: ``exact`` lets a rank's stages share its memory as they need."""
-    ranks = _rank_memory(rank_devices, model)
-    if method == "exact" and ranks is not None:
-        return lambda p: split_fastest(p, ranks)
-    return lambda p: split(p, method)
+    if method == "exact":
+        return split_fastest
+    return lambda p, _ranks: split(p, method)
 
 
 def _shared_devices(devices: Sequence[Device], split_: Split, ranks: RankMemory) -> list[Device]:
@@ -154,12 +156,12 @@ def _shared_devices(devices: Sequence[Device], split_: Split, ranks: RankMemory)
 
 
 def _plan_one(scaled: Profile, how: str, size: int, rank_devices: Sequence[Device], model: CostModel,
-              make_split: Callable[[Problem], Split], profile_path: str) -> Plan:
+              make_split: MakeSplit, profile_path: str) -> Plan:
     """One configuration: the profile at its micro-batch size split on the ranks' (virtual) stage devices."""
     devices = _stage_devices(rank_devices, model.schedule, model.stages_per_rank)
     problem = Problem.from_profile(scaled, devices, model)
-    chosen = make_split(problem)
     ranks = _rank_memory(rank_devices, model)
+    chosen = make_split(problem, ranks)
     if ranks is not None and chosen.method in ("exact", "local"):
         devices = _shared_devices(devices, chosen, ranks)
     return make_plan(chosen, problem, model, devices, profile_path=profile_path, model_name=scaled.model,
@@ -178,7 +180,7 @@ def score_balance(profile: Profile, rank_devices: Sequence[Device], plan: Plan, 
     size = plan.microbatch_size or profile.microbatch_size
     scaled, how = scale_profile(profile, size)
     return _plan_one(scaled, how, size, rank_devices, cost_model_of(plan, recompute),
-                     lambda p: split_given(p, balance), plan.profile)
+                     lambda p, _ranks: split_given(p, balance), plan.profile)
 
 
 def plan_partition(profile: Profile, devices: int | Sequence[Device], model: CostModel | None = None, *,

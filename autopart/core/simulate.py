@@ -105,17 +105,6 @@ class Simulation(Timeline):
                 "peak_in_flight": list(self.peak_in_flight)}
 
 
-def _duration(kind: str, cost: StageCost) -> float:
-    if kind == "F":
-        return cost.forward_ms + cost.overhead_ms
-    if kind == "B":
-        return cost.backward_ms + cost.overhead_ms
-    input_grad = cost.backward_ms * INPUT_GRAD_SHARE if cost.input_grad_ms is None else cost.input_grad_ms
-    if kind == "I":
-        return input_grad + cost.overhead_ms
-    return cost.backward_ms - input_grad + cost.overhead_ms
-
-
 @dataclass(frozen=True)
 class _Step:
     """One action of a compiled schedule: where it runs, what it waits for, what it makes available."""
@@ -282,28 +271,19 @@ def simulate(schedule: Schedule, stages: Sequence[StageCost]) -> Simulation:
     if len(stages) != schedule.num_stages:
         raise AutopartError(f"schedule {schedule.name} has {schedule.num_stages} stages, costs given for {len(stages)}")
     program = compile_schedule(schedule)
-    done = [0.0] * program.slots  # when a result is available to its consumer
-    clock = [0.0] * schedule.num_ranks
+    kept, _ = _run(program, StageTimes.of([stages]), keep=True)  # the same pass step_ms_batch makes
+    assert kept is not None
+    start, end, available = (column[:, 0].tolist() for column in kept)
     events: list[Event] = []
-    for step in program.steps:
+    for i, step in enumerate(program.steps):
         r, a = step.rank, step.action
-        cost = stages[a.stage]
-        start = max([clock[r]] + [done[w] for w in step.waits])
-        end = start + _duration(a.kind, cost)
-        events.append(Event(r, str(a), a.kind, start, end))
-        available = end
-        if step.send:
-            send = cost.send_forward_ms if step.send == "F" else cost.send_backward_ms
-            if send > 0:
-                events.append(Event(r, f"SEND_{step.send} {a}", "SEND", end, end + send))
-                available = end + send
-        clock[r] = available
-        if step.sent_slot >= 0:
-            done[step.sent_slot] = available
-        if step.end_slot >= 0:
-            done[step.end_slot] = end
+        events.append(Event(r, str(a), a.kind, start[i], end[i]))
+        send = stages[a.stage].send_forward_ms if step.send == "F" else stages[a.stage].send_backward_ms
+        if step.send and send > 0:
+            events.append(Event(r, f"SEND_{step.send} {a}", "SEND", end[i], available[i]))
+    clock = [available[last] if last >= 0 else 0.0 for last in program.last_of_rank]
     for r in range(schedule.num_ranks):  # each rank steps its optimizer once its gradients are complete
-        opt = sum(stages[s].optimizer_ms for s in range(schedule.num_stages) if schedule.stage_rank[s] == r)
+        opt = sum(stages[s].optimizer_ms for s in schedule.stages_of(r))
         if opt > 0:
             events.append(Event(r, "OPT", "OPT", clock[r], clock[r] + opt))
             clock[r] += opt

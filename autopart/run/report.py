@@ -14,6 +14,7 @@ quarter), with their spread.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import json
 import math
 import statistics
@@ -23,6 +24,7 @@ from typing import Any, Sequence
 import torch.distributed as dist
 
 from autopart.core.planner import simulate_plan
+from autopart.core.schedules import Action
 from autopart.core.simulate import Event, Simulation, Timeline
 from autopart.formats.atomic import write_json_atomic
 from autopart.formats.plan import Plan
@@ -43,7 +45,7 @@ class Measured:
     events: tuple[tuple[Event, ...], ...]
     """Per step, every rank's actions (ms from that rank's start of the step)."""
 
-    @property
+    @functools.cached_property
     def slowest_ms(self) -> list[float]:
         return [max(ranks) for ranks in self.step_ms]
 
@@ -144,8 +146,7 @@ def _stage_times(measured: Measured, stages: int) -> dict[int, tuple[float, floa
     for i in measured.steady():
         for e in measured.events[i]:
             if e.kind in ("F", "B", "I", "W"):
-                stage = int(e.action.split(e.kind)[0])
-                by.setdefault((stage, e.kind), []).append(e.end_ms - e.start_ms)
+                by.setdefault((Action.parse(e.action).stage, e.kind), []).append(e.end_ms - e.start_ms)
     out = {}
     for s in range(stages):
         if (s, "F") not in by:
