@@ -55,3 +55,29 @@ class SplitSleep(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return _SleepFn.apply(x, 0.0, self.input_ms / 1e3) + _SleepFn.apply(self.weight, 0.0, self.weight_ms / 1e3)
+
+
+class Reshape(nn.Module):
+    def __init__(self, *shape: int) -> None:
+        super().__init__()
+        self.shape = shape
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x.reshape(x.shape[0], *self.shape)
+
+
+def batchnorm_model() -> nn.Sequential:
+    """BatchNorm1d (on 2-d and 3-d input), BatchNorm2d with ``momentum=None`` (the cumulative average) and
+    BatchNorm3d with momentum 0.3, between layers that train; input (N, 12), output (N, 4)."""
+    return nn.Sequential(
+        nn.Sequential(nn.Linear(12, 16), nn.BatchNorm1d(16), nn.ReLU()),
+        nn.Sequential(nn.Linear(16, 24), Reshape(4, 6), nn.BatchNorm1d(4), nn.Tanh()),
+        nn.Sequential(nn.Flatten(), nn.Linear(24, 32), Reshape(2, 4, 4), nn.BatchNorm2d(2, momentum=None), nn.ReLU()),
+        nn.Sequential(nn.Flatten(), nn.Linear(32, 24), Reshape(3, 2, 2, 2), nn.BatchNorm3d(3, momentum=0.3),
+                      nn.Flatten(), nn.Linear(24, 4)),
+    )
+
+
+def batchnorm_spec() -> dict[str, Any]:
+    """``batchnorm_model`` on synthetic data (random inputs, MSE to a fixed target), micro-batches of 4."""
+    return {"module": batchnorm_model(), "example": torch.randn(4, 12)}

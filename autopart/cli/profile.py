@@ -48,6 +48,9 @@ def add_parser(sub: Subcommands) -> None:
     p.add_argument("--dtype", default="float32", help="parameter dtype: float32, bfloat16 or float16 (default: float32)")
     p.add_argument("--repeats", type=int, default=7, metavar="N", help="timed passes per block; the median is kept (default: 7)")
     p.add_argument("--warmup", type=int, default=2, metavar="N", help="untimed passes per block first (default: 2)")
+    p.add_argument("--batchnorm", choices=("deferred", "micro"), default="deferred",
+                   help="BatchNorm as train will run it: deferred (default; running statistics over the mini-batch, "
+                        "once per step) or micro (PyTorch's, once per micro-batch); see autopart train --help")
     p.add_argument("--threads", type=int, metavar="N",
                    help="CPU threads for torch while measuring (default: torch's choice); times depend on it")
     p.add_argument("--seed", type=int, default=0, help="seed for the random weights and inputs (default: 0)")
@@ -219,7 +222,8 @@ def _measure(args: argparse.Namespace, bundle: ModelBundle, module: nn.Module, e
             loss_fn, target = _loss_and_target(bundle, module, example)
             inputs = dict(zip(bundle.input_names, example)) if bundle.input_names else example
             profiles.append(profile_model(module, inputs, name=args.model, warmup=args.warmup,
-                                          repeats=args.repeats, progress=progress, loss_fn=loss_fn, target=target))
+                                          repeats=args.repeats, progress=progress, loss_fn=loss_fn, target=target,
+                                          batchnorm=args.batchnorm))
     others = tuple((p.microbatch_size, p.layers) for p in profiles[1:])
     return dataclasses.replace(profiles[0], by_microbatch_size=others) if others else profiles[0]
 

@@ -55,6 +55,11 @@ def add_parser(sub: Subcommands) -> None:
                    "as an SVG picture")
     p.add_argument("--replan", metavar="FILE", help="re-profile every block where it ran and write the plan "
                    "those measurements suggest")
+    p.add_argument("--batchnorm", choices=("deferred", "micro"),
+                   help="BatchNorm layers normalise each micro-batch on its own either way; deferred (the default, "
+                        "or the plan's profile's choice) commits their running mean and variance once per step over "
+                        "the whole mini-batch, as the unpartitioned model would; micro updates them once per "
+                        "micro-batch (PyTorch's own BatchNorm)")
     p.add_argument("--meta-init", action="store_true",
                    help="build the model on the meta device and materialise only each rank's blocks (big models; "
                         "weights are freshly initialised per block, not those of a whole-model build)")
@@ -72,7 +77,8 @@ def _config(args: argparse.Namespace) -> TrainConfig:
                        lr=args.lr, data=args.data, checkpoint=args.checkpoint, checkpoint_every=args.checkpoint_every,
                        seed=args.seed, threads=args.threads, report=args.report, replan=args.replan,
                        trace=args.trace, svg=args.svg,
-                       device=args.device, timeout_s=args.timeout, meta_init=args.meta_init)
+                       device=args.device, timeout_s=args.timeout, meta_init=args.meta_init,
+                       batchnorm=args.batchnorm)
 
 
 def _worker_args(cfg: TrainConfig) -> list[str]:
@@ -80,7 +86,7 @@ def _worker_args(cfg: TrainConfig) -> list[str]:
            "--device", cfg.device, "--timeout", repr(cfg.timeout_s), "--checkpoint-every", str(cfg.checkpoint_every)]
     for flag, value in (("--global-batch", cfg.global_batch), ("--data", cfg.data), ("--checkpoint", cfg.checkpoint),
                         ("--threads", cfg.threads), ("--report", cfg.report), ("--replan", cfg.replan),
-                        ("--trace", cfg.trace), ("--svg", cfg.svg)):
+                        ("--trace", cfg.trace), ("--svg", cfg.svg), ("--batchnorm", cfg.batchnorm)):
         if value is not None:
             out += [flag, str(value)]
     if cfg.meta_init:

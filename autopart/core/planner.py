@@ -27,7 +27,7 @@ __all__ = ["make_plan", "simulate_plan", "cost_model_of"]
 def make_plan(split: Split, problem: Problem, model: CostModel, devices: Sequence[Device], *,
               profile_path: str = "", model_name: str = "", microbatch_size: int | None = None,
               scaling: str = "", runners_up: Sequence[Candidate] = (), sample_shape: Sequence[int] = (),
-              threads: int | None = None) -> Plan:
+              threads: int | None = None, batchnorm: str | None = None) -> Plan:
     """A plan from a split of ``problem``'s blocks, with its step simulated under the model's schedule."""
     stages, first = [], 0
     for count, cost, device in zip(split.balance, split.stages, devices):
@@ -45,7 +45,8 @@ def make_plan(split: Split, problem: Problem, model: CostModel, devices: Sequenc
                 bandwidth_bytes_per_s=bw,
                 latency_ms=model.latency_ms, fits=split.fits, stages_per_rank=model.stages_per_rank,
                 microbatch_size=microbatch_size, scaling=scaling, runners_up=tuple(runners_up),
-                sample_shape=tuple(sample_shape), threads=threads)
+                sample_shape=tuple(sample_shape), threads=threads,
+                batchnorm=batchnorm)
 
 
 def simulate_plan(plan: Plan, microbatches: int | None = None, schedule: str | None = None,

@@ -92,6 +92,13 @@ class Fields:
             raise AutopartError(f"{self.at(key)} is {value}, must be >= {minimum}")
         return value
 
+    def choice(self, key: str, options: tuple[str, ...]) -> str | None:
+        """An optional string that must be one of ``options``; None when absent."""
+        value = self.string(key, required=False)
+        if value is not None and value not in options:
+            raise AutopartError(f"{self.at(key)} is {value!r}, expected one of {', '.join(options)}")
+        return value  # type: ignore[no-any-return]
+
     def array(self, key: str, required: bool = True) -> Any:
         value = self._get(key, required)
         if value is None:

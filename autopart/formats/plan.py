@@ -13,6 +13,7 @@ from autopart.errors import AutopartError
 from autopart.formats.atomic import write_json_atomic
 from autopart.formats.devices import Device
 from autopart.formats.jsonfields import Fields, load_json_file
+from autopart.formats.profile import BATCHNORM_MODES
 from autopart.formats.schedule_kinds import canonical_schedule, stage_ranks
 from autopart.formats.stage import StageCost
 
@@ -108,6 +109,8 @@ class Plan:
     """Shape of one micro-batch's input (the profile's, at ``microbatch_size``)."""
     threads: int | None = None
     """CPU threads the profile was measured with (its times assume them); None: not recorded, or a GPU."""
+    batchnorm: str | None = None
+    """The profile's BatchNorm mode ("deferred" or "micro"; None: no BatchNorm): ``train``'s default."""
     schema: str = field(default=PLAN_SCHEMA)
 
     @property
@@ -150,6 +153,7 @@ class Plan:
             "latency_ms": self.latency_ms, "fits": self.fits, "stages_per_rank": self.stages_per_rank,
             "microbatch_size": self.microbatch_size, "scaling": self.scaling,
             "sample_shape": list(self.sample_shape), **({"threads": self.threads} if self.threads else {}),
+            **({"batchnorm": self.batchnorm} if self.batchnorm else {}),
             "stages": [s.to_dict() for s in self.stages],
             "runners_up": [{"schedule": c.schedule, "microbatches": c.microbatches,
                             "stages_per_rank": c.stages_per_rank, "step_ms": c.step_ms, "balance": list(c.balance)}
@@ -201,7 +205,7 @@ class Plan:
                     scaling=f.string("scaling", required=False, default=""), runners_up=tuple(runners),
                     sample_shape=tuple(f.int_list("sample_shape", required=False, minimum=1)),
                     threads=f.integer("threads", required=False, minimum=1),
-                    schema=schema)
+                    batchnorm=f.choice("batchnorm", BATCHNORM_MODES), schema=schema)
 
     @staticmethod
     def from_json(path: str | Path) -> "Plan":

@@ -13,7 +13,7 @@ from autopart.errors import AutopartError
 from autopart.formats.atomic import write_json_atomic
 from autopart.formats.jsonfields import Fields, load_json_file
 
-__all__ = ["PROFILE_SCHEMA", "LayerProfile", "Profile", "Tie"]
+__all__ = ["PROFILE_SCHEMA", "BATCHNORM_MODES", "LayerProfile", "Profile", "Tie"]
 
 PROFILE_SCHEMA = "autopart.profile/1"
 
@@ -123,6 +123,11 @@ class Tie:
     bytes: int
 
 
+BATCHNORM_MODES = ("deferred", "micro")
+"""How BatchNorm keeps running statistics under micro-batches: "deferred", once per mini-batch
+(:mod:`autopart.measure.batchnorm`), or "micro", PyTorch's own, once per micro-batch."""
+
+
 @dataclass(frozen=True)
 class Profile:
     """One model at one micro-batch size on one device."""
@@ -146,6 +151,9 @@ class Profile:
     """The last block's time and activations include computing the loss."""
     by_microbatch_size: tuple[tuple[int, tuple[LayerProfile, ...]], ...] = ()
     """The same blocks measured at other micro-batch sizes (``--microbatch-size 1,2,4,8``)."""
+    batchnorm: str | None = None
+    """How BatchNorm layers kept their running statistics while measured: "deferred" (once per mini-batch,
+    :mod:`autopart.measure.batchnorm`) or "micro" (PyTorch's, per micro-batch); None: the model has none."""
     schema: str = field(default=PROFILE_SCHEMA)
 
     def __post_init__(self) -> None:
@@ -196,6 +204,8 @@ class Profile:
         }
         if self.by_microbatch_size:
             data["by_microbatch_size"] = {str(b): [x.to_dict() for x in layers] for b, layers in self.by_microbatch_size}
+        if self.batchnorm:
+            data["batchnorm"] = self.batchnorm
         if self.ties:
             data["ties"] = [
                 {"params": list(t.params), "owner": t.owner, "blocks": list(t.blocks), "bytes": t.bytes}
@@ -254,6 +264,7 @@ class Profile:
             repeats=f.integer("repeats", required=False, default=0),
             warmup=f.integer("warmup", required=False, default=0),
             by_microbatch_size=tuple(others),
+            batchnorm=f.choice("batchnorm", BATCHNORM_MODES),
             schema=schema,
         )
 
@@ -261,3 +272,4 @@ class Profile:
     def from_json(path: str | Path) -> "Profile":
         """Read and validate a profile file."""
         return Profile.from_dict(load_json_file(path, "profile"), source=f"profile {str(path)!r}")
+

@@ -19,6 +19,7 @@ statistics), gradients, ``requires_grad`` flags, train/eval modes and the RNG.
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import statistics
 import time
 from pathlib import Path
@@ -28,7 +29,8 @@ import torch
 from torch import nn
 
 from autopart.errors import AutopartError
-from autopart.formats.profile import LayerProfile, Profile, Tie
+from autopart.formats.profile import BATCHNORM_MODES, LayerProfile, Profile, Tie
+from autopart.measure.batchnorm import batchnorm_layers, deferred_batchnorm
 from autopart.measure.blocks import NamedBlock, call_block, chain_of, tensors_of
 
 __all__ = ["profile_model", "ProgressFn", "make_optimizer", "OPTIMIZERS"]
@@ -282,14 +284,18 @@ def _module_device_dtype(module: nn.Module, example: Sequence[torch.Tensor]) -> 
 
 def profile_model(module: nn.Module, example: torch.Tensor | Sequence[torch.Tensor] | Mapping[str, torch.Tensor], *,
                   name: str = "model", warmup: int = 2, repeats: int = 7, progress: ProgressFn | None = None,
-                  loss_fn: Callable[[Any, Any], torch.Tensor] | None = None, target: Any = None) -> Profile:
+                  loss_fn: Callable[[Any, Any], torch.Tensor] | None = None, target: Any = None,
+                  batchnorm: str = "deferred") -> Profile:
     """Profile ``module`` on one micro-batch ``example``: a tensor, a tuple of tensors, or keyword inputs.
 
     The module is profiled where it is (its device and dtype) in training mode,
     and left unchanged. Blocks are the flattened ``nn.Sequential`` children, or
     the top-level children of another module when they reproduce its forward.
     Given ``loss_fn`` and ``target``, the last block's time and activations
-    include the loss, as the last pipeline stage computes it.
+    include the loss, as the last pipeline stage computes it. BatchNorm layers are
+    measured as training will run them: ``batchnorm="deferred"`` swaps in
+    :class:`~autopart.measure.batchnorm.DeferredBatchNorm` while measuring (a
+    model captured as a graph keeps PyTorch's, "micro").
     """
     if repeats < 1:
         raise AutopartError(f"repeats must be >= 1, got {repeats}")
@@ -302,11 +308,16 @@ def profile_model(module: nn.Module, example: torch.Tensor | Sequence[torch.Tens
         raise AutopartError("example input is empty")
     from autopart.measure.stream import on_meta, profile_by_block
 
+    if batchnorm not in BATCHNORM_MODES:
+        raise AutopartError(f"batchnorm must be one of {', '.join(BATCHNORM_MODES)}, got {batchnorm!r}")
+    mode = batchnorm if batchnorm_layers(module) else None
     if on_meta(module):  # too big to build: one block at a time
         floats = [t.dtype for t in module.parameters() if t.is_floating_point()]
-        return profile_by_block(module, example_t, name=name, device=example_t[0].device, input_names=names,
-                                dtype=floats[0] if floats else torch.float32, warmup=warmup, repeats=repeats,
-                                progress=progress, loss_fn=loss_fn, target=target)
+        with deferred_batchnorm(module, mode or "micro"):
+            streamed = profile_by_block(module, example_t, name=name, device=example_t[0].device, input_names=names,
+                                        dtype=floats[0] if floats else torch.float32, warmup=warmup, repeats=repeats,
+                                        progress=progress, loss_fn=loss_fn, target=target)
+        return dataclasses.replace(streamed, batchnorm=mode)
     device, dtype = _module_device_dtype(module, example_t)
     bad = [str(t.device) for t in example_t if t.device != device]
     if bad:
@@ -314,13 +325,17 @@ def profile_model(module: nn.Module, example: torch.Tensor | Sequence[torch.Tens
     with _preserved(module, device):
         chain = chain_of(module, example_t, name, names)
     blocks = chain.blocks
+    if mode == "deferred" and chain.graph is not None:
+        mode = "micro"  # a captured graph runs BatchNorm as an operation, not a module to swap
     if loss_fn is not None:
         loss_fn = chain.model_loss(loss_fn)
     param_bytes, buffer_bytes, ties = _param_bytes(blocks, qualified=chain.graph is not None)
     crossing = chain.crossing_bytes() or []
     clock = _Clock(device)
     layers = []
-    with _preserved(module, device):
+    with _preserved(module, device), deferred_batchnorm(module, mode or "micro"):
+        if chain.graph is None:  # a block that is itself a BatchNorm was swapped too
+            blocks = [(block_name, module.get_submodule(block_name)) for block_name, _ in blocks]
         module.train()
         try:
             loss = (lambda out: loss_fn(out, target)) if loss_fn is not None and target is not None else None
@@ -344,8 +359,9 @@ def profile_model(module: nn.Module, example: torch.Tensor | Sequence[torch.Tens
             ))
             if progress is not None:
                 progress(block_name, i + 1, len(blocks))
-    return _profile(name, device, dtype, example_t, layers, ties, repeats, warmup,
-                    loss_fn is not None and target is not None)
+    profile = _profile(name, device, dtype, example_t, layers, ties, repeats, warmup,
+                       loss_fn is not None and target is not None)
+    return dataclasses.replace(profile, batchnorm=mode)
 
 
 def _profile(name: str, device: torch.device, dtype: torch.dtype, example: tuple[torch.Tensor, ...],

@@ -42,3 +42,5 @@ class TrainConfig:
     """How long a rank waits for a peer before giving up."""
     meta_init: bool = False
     """Build on the meta device and materialise only each rank's blocks."""
+    batchnorm: str | None = None
+    """deferred or micro (:mod:`autopart.measure.batchnorm`); None: the plan's, else deferred."""

@@ -144,9 +144,9 @@ def training_data(bundle: ModelBundle, data_path: str | None, global_batch: int,
     if bundle.data is not None:
         if bundle.loss_fn is None:
             raise AutopartError(f"model {name!r} gives data but no loss_fn")
-        return TrainingData(_user_batches(bundle.data, global_batch, bundle.input_names), "the factory's data",
-                            bundle.loss_fn, 1)
-    return TrainingData(_synthetic(bundle, global_batch, sample_shape, seed),
+        return TrainingData(_user_batches(bundle.data, global_batch, bundle.input_names, start_step),
+                            "the factory's data", bundle.loss_fn, 1)
+    return TrainingData(_synthetic(bundle, global_batch, sample_shape, seed, start_step),
                         "SYNTHETIC (random inputs, MSE to a fixed random target: measures speed, learns nothing)",
                         _synthetic_loss, 1)
 
@@ -173,8 +173,11 @@ def _masked(batches: Batches, seed: int, start_step: int, mask_id: int) -> Batch
         step += 1
 
 
-def _user_batches(data: Iterable[Any], global_batch: int, names: tuple[str, ...] | None) -> Batches:
+def _user_batches(data: Iterable[Any], global_batch: int, names: tuple[str, ...] | None, start_step: int) -> Batches:
+    """The factory's (input, target) pairs from item ``start_step`` on (a resumed run skips what it trained on)."""
     for i, item in enumerate(data):
+        if i < start_step:
+            continue
         if not (isinstance(item, (tuple, list)) and len(item) == 2):
             raise AutopartError(f"the factory's data must yield (input, target) pairs; item {i} is not")
         x, y = item
@@ -189,7 +192,8 @@ def _user_batches(data: Iterable[Any], global_batch: int, names: tuple[str, ...]
         yield (tuple(x) if isinstance(x, (tuple, list)) else x), y
 
 
-def _synthetic(bundle: ModelBundle, global_batch: int, sample_shape: tuple[int, ...], seed: int) -> Batches:
+def _synthetic(bundle: ModelBundle, global_batch: int, sample_shape: tuple[int, ...], seed: int,
+               start_step: int) -> Batches:
     """Random inputs shaped like the example (every input), and a fixed random target shaped like the output."""
     if bundle.example is None:
         raise AutopartError(f"model {bundle.name!r} gives no example input to shape synthetic data")
@@ -204,7 +208,7 @@ def _synthetic(bundle: ModelBundle, global_batch: int, sample_shape: tuple[int, 
     first = next(x for x in pytree.tree_leaves(out) if isinstance(x, torch.Tensor))
     target = torch.randn((global_batch, *first.shape[1:]), generator=g)
     shapes = [(global_batch, *sample_shape)] + [(global_batch, *t.shape[1:]) for t in bundle.example[1:]]
-    return _synthetic_batches(bundle.example, shapes, target, seed)
+    return _synthetic_batches(bundle.example, shapes, target, seed, start_step)
 
 
 def _synthetic_loss(out: Any, target: torch.Tensor) -> torch.Tensor:
@@ -214,8 +218,8 @@ def _synthetic_loss(out: Any, target: torch.Tensor) -> torch.Tensor:
 
 
 def _synthetic_batches(example: tuple[torch.Tensor, ...], shapes: list[tuple[int, ...]], target: torch.Tensor,
-                       seed: int) -> Batches:
-    step = 0
+                       seed: int, start_step: int) -> Batches:
+    step = start_step
     while True:
         gs = torch.Generator().manual_seed(seed * 1_000_003 + step)
         xs = tuple(torch.randn(shape, generator=gs).to(t.dtype) if t.is_floating_point()

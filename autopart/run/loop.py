@@ -18,6 +18,7 @@ from torch import nn
 
 from autopart.errors import AutopartError
 from autopart.formats.plan import Plan
+from autopart.measure.batchnorm import batchnorm_layers, defer_batchnorm
 from autopart.measure.blocks import Chain, StageModule, chain_of
 from autopart.measure.profiler import make_optimizer
 from autopart.measure.spec import ModelBundle, load_model, shape_example
@@ -75,6 +76,10 @@ def _prepare(cfg: TrainConfig, rank: int, device: torch.device) -> Job:
     microbatch_size = plan.microbatch_size_for(global_batch)
     chain = _chain(cfg, bundle, microbatch_size, tuple(plan.sample_shape[1:]))
     check_plan_against_model(plan, chain.names, world, cfg.model)
+    batchnorm = _batchnorm_mode(cfg, plan, chain)
+    if batchnorm == "deferred":
+        defer_batchnorm(chain.root)
+        chain.blocks = [(name, chain.root.get_submodule(name)) for name, _ in chain.blocks]  # a block may be one
     sample_shape = tuple(plan.sample_shape[1:]) if plan.sample_shape else (
         tuple(bundle.example[0].shape[1:]) if bundle.example else ())
     saved_dir = latest_complete(cfg.checkpoint) if cfg.checkpoint else None
@@ -89,7 +94,7 @@ def _prepare(cfg: TrainConfig, rank: int, device: torch.device) -> Job:
     if saved:
         restore_pipeline(pipe, optimizer, saved, job.reporter)
     if job.reporter:
-        _say_start(job, _batchnorm_layers(bundle.module))
+        _say_start(job, batchnorm_layers(chain.root), batchnorm, captured=chain.graph is not None)
     return job  # the rest of the model (other ranks' blocks) is freed with ``bundle``
 
 
@@ -104,16 +109,31 @@ def _chain(cfg: TrainConfig, bundle: ModelBundle, microbatch_size: int, sample_s
     return chain
 
 
-def _batchnorm_layers(model: nn.Module) -> list[str]:
-    return [n for n, m in model.named_modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)]
+def _batchnorm_mode(cfg: TrainConfig, plan: Plan, chain: Chain) -> str | None:
+    """deferred or micro for a model with BatchNorm (``--batchnorm``, else the plan's, else deferred); None
+    without. A captured graph runs BatchNorm as an operation, not a module to swap: micro."""
+    if not batchnorm_layers(chain.root):
+        return None
+    mode = cfg.batchnorm or plan.batchnorm or "deferred"
+    if mode == "deferred" and chain.graph is not None:
+        if cfg.batchnorm == "deferred":
+            raise AutopartError(f"--batchnorm deferred needs a model whose blocks are its children; {cfg.model!r} "
+                                f"is captured as a graph, where BatchNorm is an operation: use --batchnorm micro")
+        return "micro"
+    return mode
 
 
-def _say_start(job: Job, batchnorm: list[str]) -> None:
+def _say_start(job: Job, layers: list[str], batchnorm: str | None, captured: bool) -> None:
     plan, mb, gb = job.plan, job.microbatch_size, job.global_batch
-    if batchnorm:
-        say(f"warning: {len(batchnorm)} BatchNorm layers ({batchnorm[0]}, ...) normalise each micro-batch of {mb} "
-            f"samples on its own: running statistics follow micro-batches, not the {gb}-sample mini-batch "
-            f"(GPipe paper, sec. 3); use more samples per micro-batch or GroupNorm/LayerNorm to avoid it")
+    if batchnorm == "deferred":
+        say(f"BatchNorm: {len(layers)} layers ({layers[0]}, ...), deferred: each micro-batch of {mb} is normalised "
+            f"on its own, running statistics are committed once per step over the {gb}-sample mini-batch")
+    elif batchnorm == "micro":
+        graph = " (deferred needs a model whose blocks are its children)" if captured else ""
+        say(f"warning: BatchNorm: {len(layers)} layers ({layers[0]}, ...), micro: running statistics follow each "
+            f"micro-batch of {mb}, not the {gb}-sample mini-batch (GPipe paper, sec. 3){graph}")
+    if batchnorm and plan.batchnorm and plan.batchnorm != batchnorm:
+        say(f"note: the profile measured BatchNorm {plan.batchnorm}, training runs it {batchnorm}")
     resuming = f", resuming after step {job.start_step}" if job.start_step else ""
     say(f"training {job.cfg.model}: {plan.num_stages} stages on {job.world} ranks, {plan.schedule}, "
         f"{plan.microbatches} micro-batches of {mb} ({gb} per step), {plan.optimizer}, data: {job.data.source}"

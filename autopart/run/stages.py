@@ -27,6 +27,7 @@ from torch.distributed.pipelining.schedules import PipelineScheduleMulti, _Pipel
 
 from autopart.errors import AutopartError
 from autopart.formats.plan import Plan
+from autopart.measure.batchnorm import deferred_layers, statistics_kept
 from autopart.measure.blocks import Chain, LossFn, NamedBlock
 from autopart.run.timeline import ActionClock
 
@@ -118,6 +119,8 @@ class Pipeline:
         self.loss_fn = loss_fn
         """The loss on what the last stage returns (the model's output rebuilt for a captured graph)."""
         self.shared = shared
+        self.deferred = [layer for _, m in modules for layer in deferred_layers(m)]
+        """Deferred BatchNorm layers: they commit their running statistics once per step."""
         self.has_first = any(s == 0 for s, _ in modules)
         self.has_last = any(s == plan.num_stages - 1 for s, _ in modules)
         self.captured: dict[int, tuple[Any, ...]] = {}
@@ -153,6 +156,8 @@ class Pipeline:
         """One training step of the plan's micro-batches, shared gradients summed; the per-micro-batch
         losses on the last stage's rank. ``inputs``: the model's input, or a tuple of its inputs."""
         losses: list[torch.Tensor] = []
+        for layer in self.deferred:
+            layer.reset()
         args = inputs if isinstance(inputs, tuple) else (inputs,)
         if self.has_last and self.last_target is None:
             self.last_target = target.tensor_split(self.plan.microbatches)[0].detach().clone()
@@ -164,6 +169,8 @@ class Pipeline:
             self.schedule.step(target=target, losses=losses, return_outputs=False)
         else:
             self.schedule.step(return_outputs=False)
+        for layer in self.deferred:
+            layer.commit()
         self.shared.sync_gradients()
         return losses if self.has_last else None
 
@@ -223,6 +230,14 @@ def _time_actions(stage: PipelineStage, clock: ActionClock) -> None:
     def backward_weight_one_chunk(bwd_chunk_id: int, *args: Any, **kwargs: Any) -> Any:
         return clock.timed("W", f"{s}W{bwd_chunk_id}", weight, bwd_chunk_id, *args, **kwargs)
 
+    def compute_outputs(*args: Any, module: nn.Module, **kwargs: Any) -> Any:
+        # Only the first step's metadata inference calls this (on real inputs for the first stage, on
+        # uninitialised ones for the others): it must not move BatchNorm's running statistics.
+        with statistics_kept(module):
+            return compute(*args, module=module, **kwargs)
+
+    compute = stage._compute_outputs
+    stage._compute_outputs = compute_outputs  # type: ignore[method-assign]
     stage.forward_one_chunk = forward_one_chunk  # type: ignore[method-assign]
     stage.backward_one_chunk = backward_one_chunk  # type: ignore[method-assign]
     stage.backward_weight_one_chunk = backward_weight_one_chunk  # type: ignore[method-assign]
