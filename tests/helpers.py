@@ -81,3 +81,35 @@ def batchnorm_model() -> nn.Sequential:
 def batchnorm_spec() -> dict[str, Any]:
     """``batchnorm_model`` on synthetic data (random inputs, MSE to a fixed target), micro-batches of 4."""
     return {"module": batchnorm_model(), "example": torch.randn(4, 12)}
+
+
+def restart_spec() -> dict[str, Any]:
+    """Layers that learn (with BatchNorm) between blocks that sleep 30 ms each way, so a step takes long enough
+    to stop a rank in the middle of a run; synthetic data, micro-batches of 4."""
+    model = nn.Sequential(nn.Linear(12, 32), nn.Tanh(), Sleep(30.0, 30.0), nn.Linear(32, 32), nn.BatchNorm1d(32),
+                          nn.Tanh(), Sleep(30.0, 30.0), nn.Linear(32, 4))
+    return {"module": model, "example": torch.randn(4, 12)}
+
+
+class Hang(nn.Module):
+    """Hangs (sleeps ten minutes) in its forward from the ``after``-th call on, in a distributed run only."""
+
+    def __init__(self, after: int) -> None:
+        super().__init__()
+        self.after, self.calls = after, 0
+        self.linear = nn.Linear(8, 8)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        import torch.distributed as dist
+
+        self.calls += 1
+        if dist.is_initialized() and self.calls >= self.after:
+            time.sleep(600)
+        return self.linear(x)
+
+
+def hang_spec() -> dict[str, Any]:
+    """Two blocks; the second hangs in the second micro-batch of step 2: its 6th forward in a distributed run
+    (before step 1's two, the data's output-shape check and the runtime's shape inference run it once each)."""
+    return {"module": nn.Sequential(nn.Linear(8, 8), Hang(after=6)), "example": torch.randn(2, 8),
+            "loss_fn": nn.functional.mse_loss}

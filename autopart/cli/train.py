@@ -41,6 +41,10 @@ def add_parser(sub: Subcommands) -> None:
     p.add_argument("--checkpoint", metavar="DIR", help="save stage checkpoints here and resume from the latest")
     p.add_argument("--checkpoint-every", type=int, default=0, metavar="N",
                    help="save every N steps (default: only at the end)")
+    p.add_argument("--max-restarts", type=int, default=0, metavar="N",
+                   help="when a rank dies, stop the others and start the whole group again, up to N times, resuming "
+                        "from the last complete checkpoint (needs --checkpoint; default 0: stop with the error). "
+                        "Under your own torchrun, pass torchrun's --max-restarts instead")
     p.add_argument("--seed", type=int, default=0, help="seed for weights and data (default: 0)")
     p.add_argument("--threads", type=int, help="CPU threads per rank (default: the profile's, where the cores "
                    "allow, else cores / ranks; a different count than the profile's is said before training)")
@@ -68,9 +72,13 @@ def add_parser(sub: Subcommands) -> None:
 
 def _config(args: argparse.Namespace) -> TrainConfig:
     for flag, value, low in (("--steps", args.steps, 1), ("--checkpoint-every", args.checkpoint_every, 0),
+                             ("--max-restarts", args.max_restarts, 0),
                              ("--threads", args.threads, 1), ("--global-batch", args.global_batch, 1)):
         if value is not None and value < low:
             raise AutopartError(f"{flag} must be >= {low}, got {value}")
+    if args.max_restarts and not args.checkpoint:
+        raise AutopartError(f"--max-restarts {args.max_restarts} needs --checkpoint DIR: a restarted group resumes "
+                            f"from the last complete checkpoint")
     if not args.lr > 0:
         raise AutopartError(f"--lr must be > 0, got {args.lr}")
     return TrainConfig(plan=args.plan, model=args.model, steps=args.steps, global_batch=args.global_batch,
@@ -78,7 +86,7 @@ def _config(args: argparse.Namespace) -> TrainConfig:
                        seed=args.seed, threads=args.threads, report=args.report, replan=args.replan,
                        trace=args.trace, svg=args.svg,
                        device=args.device, timeout_s=args.timeout, meta_init=args.meta_init,
-                       batchnorm=args.batchnorm)
+                       batchnorm=args.batchnorm, max_restarts=args.max_restarts)
 
 
 def _worker_args(cfg: TrainConfig) -> list[str]:
@@ -99,6 +107,9 @@ def run(args: argparse.Namespace) -> int:
 
     cfg = _config(args)
     if inside_torchrun():
+        if cfg.max_restarts:
+            raise AutopartError("--max-restarts is for autopart's own launcher; under torchrun, pass torchrun's "
+                                "--max-restarts (the ranks resume from --checkpoint either way)")
         from autopart.run.worker import worker_main
 
         return worker_main(cfg)
@@ -130,7 +141,10 @@ def run(args: argparse.Namespace) -> int:
     if cfg.checkpoint:
         os.makedirs(cfg.checkpoint, exist_ok=True)
     threads = _threads(cfg, plan)
-    return launch(_worker_args(dataclasses.replace(cfg, threads=threads)), plan.num_ranks, threads)
+    if cfg.max_restarts and not cfg.checkpoint_every:
+        sys.stderr.write(f"note: --max-restarts without --checkpoint-every saves only after step {cfg.steps}, so a "
+                         f"restart starts over\n")
+    return launch(_worker_args(dataclasses.replace(cfg, threads=threads)), plan.num_ranks, threads, cfg.max_restarts)
 
 
 def _threads(cfg: TrainConfig, plan: Plan) -> int:

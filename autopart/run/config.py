@@ -42,5 +42,7 @@ class TrainConfig:
     """How long a rank waits for a peer before giving up."""
     meta_init: bool = False
     """Build on the meta device and materialise only each rank's blocks."""
+    max_restarts: int = 0
+    """Times autopart's launcher starts the group again after a rank fails (resuming from ``checkpoint``)."""
     batchnorm: str | None = None
     """deferred or micro (:mod:`autopart.measure.batchnorm`); None: the plan's, else deferred."""

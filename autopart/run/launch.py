@@ -42,6 +42,12 @@ def _killed(failure: object) -> bool:
     return int(getattr(failure, "exitcode", 1) or 1) < 0
 
 
+def _interrupted(exc: object) -> bool:
+    """Every rank that failed was interrupted (Ctrl-C reaches the ranks too, and they exit with 130)."""
+    failures = list(dict(getattr(exc, "failures", {})).values())
+    return bool(failures) and all(int(getattr(f, "exitcode", 1) or 1) in (130, -2) for f in failures)
+
+
 def _root_cause(exc: object) -> tuple[int, object]:
     """The rank that failed first for a reason of its own, not because a peer vanished.
 
@@ -61,8 +67,13 @@ def _root_cause(exc: object) -> tuple[int, object]:
     return int(rank), failure
 
 
-def launch(worker_args: Sequence[str], nproc: int, threads: int) -> int:
-    """Run ``python -m autopart train WORKER_ARGS`` as ``nproc`` ranks; the exit code of the job."""
+def launch(worker_args: Sequence[str], nproc: int, threads: int, max_restarts: int = 0) -> int:
+    """Run ``python -m autopart train WORKER_ARGS`` as ``nproc`` ranks; the exit code of the job.
+
+    With ``max_restarts``, torchrun's agent starts the whole group again (up to that many times) when a
+    rank fails; the ranks resume from the last complete checkpoint.
+    """
+    from torch.distributed.elastic.multiprocessing.api import SignalException
     from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
     from torch.distributed.launcher.api import LaunchConfig, elastic_launch
 
@@ -72,11 +83,21 @@ def launch(worker_args: Sequence[str], nproc: int, threads: int) -> int:
     os.environ["AUTOPART_LAUNCHED"] = "1"
     config = LaunchConfig(min_nodes=1, max_nodes=1, nproc_per_node=nproc, run_id=f"autopart-{uuid.uuid4().hex[:8]}",
                           rdzv_backend="c10d", rdzv_endpoint="localhost:0", rdzv_configs={"timeout": 120},
-                          max_restarts=0, monitor_interval=0.1, start_method="spawn")
+                          max_restarts=max_restarts, monitor_interval=0.1, start_method="spawn")
     try:
         elastic_launch(config, sys.executable)("-m", "autopart", "train", *worker_args)
+    except (SignalException, KeyboardInterrupt) as exc:
+        signal = getattr(exc, "sigval", None)
+        if signal is not None and signal.name != "SIGINT":
+            sys.stderr.write(f"autopart train: error: stopped by {signal.name}; the ranks were stopped\n")
+            return 128 + int(signal)
+        sys.stderr.write("autopart train: interrupted; the ranks were stopped\n")
+        return 130
     except ChildFailedError as exc:
         rank, failure = _root_cause(exc)
+        if _interrupted(exc):
+            sys.stderr.write("autopart train: interrupted; the ranks were stopped\n")
+            return 130
         code = getattr(failure, "exitcode", 1)
         why = _message(failure)
         if code == 2 and why:

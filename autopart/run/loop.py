@@ -32,15 +32,34 @@ from autopart.run.report import gather_measured, make_report, print_report, writ
 from autopart.run.resume import restore_pipeline, save_pipeline
 from autopart.run.stages import build_pipeline, check_plan_against_model
 
-__all__ = ["run_rank"]
+__all__ = ["run_rank", "PeerTimeout"]
+
+
+class PeerTimeout(RuntimeError):
+    """A peer did not answer within ``--timeout``: says what this rank was waiting for."""
 
 
 def run_rank(cfg: TrainConfig, rank: int) -> None:
     """Everything one rank does, from joining the process group to the report."""
     device = _join(cfg)
     job = _prepare(cfg, rank, device)
-    log = _train(job)
-    _finish(job, log)
+    try:
+        log = _train(job)
+        job.pipe.clock.step, job.pipe.clock.doing = 0, "gathered every rank's timings after the last step"
+        _finish(job, log)
+    except RuntimeError as exc:
+        if not _timed_out(exc):
+            raise
+        clock = job.pipe.clock
+        during = f"in step {clock.step}, " if clock.step else ""
+        raise PeerTimeout(f"no answer within --timeout {cfg.timeout_s:g} s: {during}{clock.doing} (that rank "
+                          f"hung, or is slower than --timeout)") from None
+
+
+def _timed_out(exc: BaseException) -> bool:
+    """A collective's or a send's or receive's own timeout (gloo: "Timed out waiting 5000ms for recv")."""
+    text = str(exc).lower()
+    return "timed out" in text or "timeout" in text
 
 
 def _join(cfg: TrainConfig) -> torch.device:
@@ -53,7 +72,19 @@ def _join(cfg: TrainConfig) -> torch.device:
         torch.cuda.set_device(device)
     else:
         torch.set_num_threads(cfg.threads or 1)
-    dist.init_process_group("nccl" if use_cuda else "gloo", timeout=timedelta(seconds=cfg.timeout_s))
+    backend, timeout = "nccl" if use_cuda else "gloo", timedelta(seconds=cfg.timeout_s)
+    if os.environ.get("TORCHELASTIC_USE_AGENT_STORE") == "True":
+        # torchrun's agent keeps one store for every restart of the group, and torch 2.13 does not prefix
+        # it per attempt: a restarted group would read the dead ranks' gloo addresses. Each attempt gets
+        # its own keys (pytorch/pytorch#167288 is the same failure under NCCL).
+        world = int(os.environ["WORLD_SIZE"])
+        agent = dist.TCPStore(os.environ["MASTER_ADDR"], int(os.environ["MASTER_PORT"]), world, is_master=False,
+                              timeout=timeout)
+        store = dist.PrefixStore(f"autopart/attempt_{os.environ.get('TORCHELASTIC_RESTART_COUNT', '0')}", agent)
+        dist.init_process_group(backend, store=store, rank=int(os.environ["RANK"]), world_size=world,
+                                timeout=timeout)
+    else:
+        dist.init_process_group(backend, timeout=timeout)
     return device
 
 
@@ -134,6 +165,11 @@ def _say_start(job: Job, layers: list[str], batchnorm: str | None, captured: boo
             f"micro-batch of {mb}, not the {gb}-sample mini-batch (GPipe paper, sec. 3){graph}")
     if batchnorm and plan.batchnorm and plan.batchnorm != batchnorm:
         say(f"note: the profile measured BatchNorm {plan.batchnorm}, training runs it {batchnorm}")
+    restart = int(os.environ.get("TORCHELASTIC_RESTART_COUNT", "0") or 0)
+    if restart:
+        where = f"resuming after step {job.start_step}, its last complete checkpoint" if job.start_step else \
+            "starting over: no complete checkpoint yet"
+        say(f"restart {restart} of {os.environ.get('TORCHELASTIC_MAX_RESTARTS', '?')} after a rank failed: {where}")
     resuming = f", resuming after step {job.start_step}" if job.start_step else ""
     say(f"training {job.cfg.model}: {plan.num_stages} stages on {job.world} ranks, {plan.schedule}, "
         f"{plan.microbatches} micro-batches of {mb} ({gb} per step), {plan.optimizer}, data: {job.data.source}"
@@ -160,6 +196,8 @@ def _train(job: Job) -> StepLog:
         inputs = tuple(x.to(job.device) for x in inputs) if isinstance(inputs, tuple) else inputs.to(job.device)
         target = target.to(job.device)
         job.optimizer.zero_grad(set_to_none=False)  # in place, as the profile's optimizer time assumes
+        job.pipe.clock.step = step + 1
+        job.pipe.clock.doing = "waited at the barrier before the step for every rank"
         dist.barrier()
         t0 = time.perf_counter()
         job.pipe.clock.begin_step()
@@ -189,6 +227,7 @@ def _say_step(job: Job, step: int, losses: list[torch.Tensor], elapsed_ms: float
 def _checkpoint(job: Job, root: str, step: int) -> None:
     """Every rank writes its stages; then rank 0 marks the step complete."""
     save_pipeline(job.pipe, job.optimizer, root, step, job.rank)
+    job.pipe.clock.doing = f"waited for every rank to save step {step}'s checkpoint"
     dist.barrier()
     if job.rank == 0:
         mark_complete(root, step, job.plan.num_stages)

@@ -200,6 +200,7 @@ def build_pipeline(plan: Plan, chain: Chain, rank: int, device: torch.device, lo
     clock = ActionClock(rank, device)
     for stage in stages:
         _time_actions(stage, clock)
+        _say_waits(stage, clock, plan.stage_ranks())
     cls = get_schedule_class(plan.schedule)
     schedule: _PipelineSchedule
     if issubclass(cls, PipelineScheduleMulti):
@@ -241,3 +242,28 @@ def _time_actions(stage: PipelineStage, clock: ActionClock) -> None:
     stage.forward_one_chunk = forward_one_chunk  # type: ignore[method-assign]
     stage.backward_one_chunk = backward_one_chunk  # type: ignore[method-assign]
     stage.backward_weight_one_chunk = backward_weight_one_chunk  # type: ignore[method-assign]
+
+
+def _say_waits(stage: PipelineStage, clock: ActionClock, ranks: Sequence[int]) -> None:
+    """Tell ``clock`` which send or receive the schedule posts next (``get_fwd_recv_ops`` and its three
+    siblings, called just before the schedule waits on what they return), so a timeout can say it."""
+    s = stage.stage_index
+
+    def peer(t: int) -> str:
+        return f"stage {t} (rank {ranks[t]})"
+
+    what = {"get_fwd_recv_ops": lambda m: f"stage {s} waited for the input of micro-batch {m} from {peer(s - 1)}",
+            "get_bwd_recv_ops": lambda m: f"stage {s} waited for the gradient of micro-batch {m} from {peer(s + 1)}",
+            "get_fwd_send_ops": lambda m: f"stage {s} sent the output of micro-batch {m} to {peer(s + 1)}",
+            "get_bwd_send_ops": lambda m: f"stage {s} sent the gradient of micro-batch {m} to {peer(s - 1)}"}
+    for name, say in what.items():
+        original = getattr(stage, name)
+
+        def posted(chunk: int, *args: Any, _original: Any = original, _say: Any = say, **kwargs: Any) -> Any:
+            ops = _original(chunk, *args, **kwargs)
+            if ops:
+                clock.doing = _say(chunk)
+            return ops
+
+        setattr(stage, name, posted)
+

@@ -38,6 +38,10 @@ class ActionClock:
         self.cuda = device.type == "cuda"
         self._origin: Any = None
         self._marks: list[tuple[str, str, Any, Any]] = []
+        self.step = 0
+        """The training step under way (1-based; 0 before the first)."""
+        self.doing = "starting"
+        """What this rank last began: an action, a send or receive it posted, a barrier (a timeout says it)."""
 
     def _now(self) -> Any:
         if self.cuda:
@@ -57,6 +61,7 @@ class ActionClock:
 
     def timed(self, kind: str, action: str, fn: Callable[..., T], *args: Any, **kwargs: Any) -> T:
         """Run ``fn`` and record it as ``action`` (``"1F0"``, ``"OPT"``) of ``kind`` (F, B, I, W, OPT)."""
+        self.doing = f"running {action}"
         if self._origin is None:  # outside a timed step (a warm-up, a check): run it untimed
             return fn(*args, **kwargs)
         start = self._now()

@@ -38,6 +38,10 @@ def worker_main(cfg: TrainConfig) -> int:
     try:
         run_rank(cfg, rank)
         return 0
+    except KeyboardInterrupt:  # Ctrl-C reaches every rank; the launcher says it once
+        if not os.environ.get("AUTOPART_LAUNCHED"):
+            say(f"autopart train: rank {rank}: interrupted")
+        return 130
     except AutopartError as exc:
         handler.record_exception(RankFailure(str(exc)))
         if not os.environ.get("AUTOPART_LAUNCHED"):  # our launcher prints the one line itself
