@@ -5,6 +5,7 @@ validate it; :func:`autopart.core.planner.make_plan` makes one from a split.
 """
 from __future__ import annotations
 
+import json
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -133,9 +134,23 @@ class Plan:
         """The stages ``rank`` runs, in increasing order (as multi-stage schedules need)."""
         return [s for s, r in enumerate(self.stage_ranks()) if r == rank]
 
-    def split_spec(self) -> dict[str, str]:
-        """torch.distributed.pipelining ``split_spec``: the first block of every stage but the first."""
-        return {stage.blocks[0]: "SplitPoint.BEGINNING" for stage in self.stages[1:]}
+    def split_points(self) -> list[str]:
+        """The first block of every stage but the first: where each stage begins."""
+        return [stage.blocks[0] for stage in self.stages[1:]]
+
+    def split_spec_code(self) -> str:
+        """Python that defines torch.distributed.pipelining's ``split_spec`` (``SplitPoint.BEGINNING`` at each
+        of :meth:`split_points`), to paste before ``pipeline(model, mb_args=..., split_spec=split_spec)``.
+
+        The keys are the blocks' module names, which ``pipeline()`` finds by ``getattr`` one name at a time
+        (``h.3``: ``model.h`` then its child ``3``); nested ``nn.Sequential`` children are found the same way.
+        """
+        entries = "".join(f"    {json.dumps(name)}: SplitPoint.BEGINNING,\n" for name in self.split_points())
+        return (f"from torch.distributed.pipelining import SplitPoint\n\n"
+                f"# {self.model or 'the model'}: {self.num_stages} stage{'s' * (self.num_stages != 1)}, balance "
+                f"{list(self.balance)}; "
+                f"pipeline(model, mb_args=..., split_spec=split_spec)\n"
+                f"split_spec = {{\n{entries}}}\n")
 
     def fqns(self) -> list[list[str]]:
         """Module names per stage, as torchtitan's ``module_names_per_stage`` takes them."""
