@@ -73,7 +73,7 @@ def _config(args: argparse.Namespace) -> TrainConfig:
     if not args.lr > 0:
         raise AutopartError(f"--lr must be > 0, got {args.lr}")
     if not 0 < args.timeout <= MAX_TIMEOUT_S:  # also refuses nan; inf and more overflow torch's timedelta
-        raise AutopartError(f"--timeout must be > 0 seconds (and at most {MAX_TIMEOUT_S:.0e}), got {args.timeout:g}")
+        raise AutopartError(f"--timeout must be > 0 seconds (and at most 1e9), got {args.timeout:g}")
     return TrainConfig(plan=args.plan, model=args.model, steps=args.steps, global_batch=args.global_batch,
                        lr=args.lr, data=args.data, checkpoint=args.checkpoint, checkpoint_every=args.checkpoint_every,
                        seed=args.seed, threads=args.threads, report=args.report, replan=args.replan,
