@@ -6,7 +6,7 @@ from typing import IO
 
 import pytest
 
-from autopart.formats.atomic import check_writable, write_atomic, write_json_atomic
+from autopart.formats.atomic import check_writable, current_umask, write_atomic, write_json_atomic
 from autopart.errors import AutopartError
 
 
@@ -34,3 +34,15 @@ def test_unwritable_paths_are_refused(tmp_path: Path) -> None:
         locked.mkdir(mode=0o500)
         with pytest.raises(AutopartError, match="cannot write"):
             check_writable(locked / "x.json")
+
+
+@pytest.mark.parametrize("umask, mode", [(0o022, 0o644), (0o027, 0o640), (0o077, 0o600), (0o002, 0o664)])
+def test_written_files_get_the_umask_mode(tmp_path: Path, umask: int, mode: int) -> None:
+    old = os.umask(umask)
+    try:
+        assert current_umask() == umask
+        written = write_json_atomic(tmp_path / "plan.json", {"v": 1})
+        rewritten = write_atomic(written, lambda handle: handle.write(b"{}"))  # replacing a file: the same
+    finally:
+        os.umask(old)
+    assert os.stat(written).st_mode & 0o777 == mode and os.stat(rewritten).st_mode & 0o777 == mode

@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -10,6 +11,7 @@ from autopart.formats.plan import Plan
 from tests.conftest import ROOT, assert_one_line_error, run_cli
 
 GPT2 = str(ROOT / "profiles" / "gpt2-small-cpu-mb1.json")
+TINY = str(ROOT / "profiles" / "gpt2-tiny-cpu-mb4.json")
 
 
 def test_partition_prints_balance_and_writes_plan(tmp_path: Path) -> None:
@@ -28,12 +30,33 @@ def test_partition_prints_balance_and_writes_plan(tmp_path: Path) -> None:
 @pytest.mark.parametrize("fmt, check", [
     ("json", lambda out: json.loads(out)["schema"] == "autopart.plan/1"),
     ("balance", lambda out: sum(json.loads(out)) == 14),
-    ("split-spec", lambda out: all(v == "SplitPoint.BEGINNING" for v in json.loads(out).values())),
+    ("split-spec", lambda out: out.count("SplitPoint.BEGINNING,") == 2 and "import SplitPoint" in out),
     ("fqns", lambda out: sum(len(s) for s in json.loads(out)) == 14),
 ])
 def test_machine_formats(fmt: str, check: object) -> None:
     result = run_cli("partition", GPT2, "--stages", "3", "--format", fmt)
     assert result.returncode == 0 and check(result.stdout)  # type: ignore[operator]
+
+
+@pytest.mark.parametrize("stages", [2, 3])
+def test_a_printed_split_spec_builds_the_pipe_in_torch(tmp_path: Path, stages: int) -> None:
+    """Pasted as it is printed, the split-spec is Python that torch's own ``pipeline()`` takes, and it cuts
+    the real model into the plan's stages."""
+    from torch.distributed.pipelining import pipeline
+
+    from autopart.measure.spec import load_model
+
+    out = tmp_path / "plan.json"
+    result = run_cli("partition", TINY, "--stages", str(stages), "--format", "split-spec", "-o", str(out))
+    assert result.returncode == 0, result.stderr
+    namespace: dict[str, Any] = {}
+    exec(result.stdout, namespace)
+    plan = Plan.from_json(out)
+    assert list(namespace["split_spec"]) == plan.split_points()
+    bundle = load_model("gpt2-tiny")
+    assert bundle.example is not None
+    pipe = pipeline(bundle.module, mb_args=bundle.example, split_spec=namespace["split_spec"])
+    assert pipe.num_stages == plan.num_stages == stages
 
 
 def test_devices_bandwidth_and_memory() -> None:

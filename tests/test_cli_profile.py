@@ -2,12 +2,15 @@
 from __future__ import annotations
 
 import json
+import os
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
 
 from autopart.formats.profile import Profile
-from tests.conftest import assert_one_line_error, run_cli
+from tests.conftest import ROOT, assert_one_line_error, run_cli
 
 
 def test_profile_gpt2_small_writes_14_blocks(tmp_path: Path) -> None:
@@ -82,3 +85,15 @@ def test_existing_output_survives_a_failed_run(tmp_path: Path) -> None:
     out.write_text("precious")
     result = run_cli("profile", "gpt2-tiny", "--input-shape", "2,4096", "-o", str(out))
     assert result.returncode == 2 and out.read_text() == "precious"
+
+
+@pytest.mark.parametrize("umask, mode", [(0o022, 0o644), (0o027, 0o640)])
+def test_profile_and_plan_get_the_mode_the_umask_gives(tmp_path: Path, umask: int, mode: int) -> None:
+    env = dict(os.environ, PYTHONPATH=str(ROOT))
+    profile, plan = tmp_path / "p.json", tmp_path / "plan.json"
+    for args in (["profile", "mlp-hetero", "--microbatch-size", "8", "--repeats", "1", "--warmup", "0",
+                  "--threads", "1", "-o", str(profile)], ["partition", str(profile), "--stages", "2", "-o", str(plan)]):
+        made = subprocess.run([sys.executable, "-m", "autopart", *args], env=env, text=True, capture_output=True,
+                              preexec_fn=lambda: os.umask(umask), timeout=300)
+        assert made.returncode == 0, made.stderr
+    assert (profile.stat().st_mode & 0o777, plan.stat().st_mode & 0o777) == (mode, mode)

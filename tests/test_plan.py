@@ -23,7 +23,11 @@ def _plan() -> Plan:
 def test_plan_round_trip(tmp_path: Path) -> None:
     plan = _plan()
     assert Plan.from_json(plan.to_json(tmp_path / "plan.json")) == plan
-    assert plan.split_spec() == {plan.stages[1].blocks[0]: "SplitPoint.BEGINNING"}
+    assert plan.split_points() == [plan.stages[1].blocks[0]]
+    namespace: dict[str, object] = {}
+    exec(plan.split_spec_code(), namespace)
+    from torch.distributed.pipelining import SplitPoint
+    assert namespace["split_spec"] == {plan.stages[1].blocks[0]: SplitPoint.BEGINNING}
     assert sum(plan.fqns(), []) == ["embed", "h.0", "h.1", "head"]
 
 
@@ -36,3 +40,32 @@ def test_plan_rejects_mismatched_balance() -> None:
     data["schema"] = "autopart.profile/1"
     with pytest.raises(AutopartError, match="expected 'autopart.plan/1'"):
         Plan.from_dict(data)
+
+
+def test_split_spec_keys_are_modules_pipeline_finds_in_nested_sequentials() -> None:
+    """Blocks of a Sequential of Sequentials are named by their paths (``1.1.0``); ``pipeline()`` finds each
+    by ``getattr`` one name at a time, so the printed split_spec cuts there."""
+    import torch
+    from torch import nn
+    from torch.distributed.pipelining import pipeline
+
+    from autopart.formats.plan import PlanStage, Predicted
+    from autopart.formats.stage import StageCost
+    from autopart.measure.blocks import split_blocks
+
+    def model() -> nn.Module:
+        return nn.Sequential(nn.Sequential(nn.Linear(4, 4), nn.ReLU()),
+                             nn.Sequential(nn.Linear(4, 4), nn.Sequential(nn.Tanh(), nn.Linear(4, 2))))
+
+    names = [name for name, _ in split_blocks(model())]
+    assert names == ["0.0", "0.1", "1.0", "1.1.0", "1.1.1"]
+    stages = tuple(PlanStage(blocks=tuple(b), device=Device("cpu"), cost=StageCost(1.0, 2.0))
+                   for b in (names[:1], names[1:3], names[3:]))
+    plan = Plan(profile="", model="nested", method="uniform", schedule="GPipe", microbatches=3, balance=(1, 2, 2),
+                stages=stages, predicted=Predicted(step_ms=1.0, bubble_fraction=0.0, bottleneck_ms=1.0,
+                                                   lower_bound_ms=1.0))
+    namespace: dict[str, object] = {}
+    exec(plan.split_spec_code(), namespace)
+    assert list(namespace["split_spec"]) == ["0.1", "1.1.0"]  # type: ignore[call-overload]
+    pipe = pipeline(model(), mb_args=(torch.randn(2, 4),), split_spec=namespace["split_spec"])  # type: ignore[arg-type]
+    assert pipe.num_stages == 3

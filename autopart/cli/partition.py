@@ -104,8 +104,8 @@ def add_parser(sub: Subcommands) -> None:
                    help="also score this split (blocks per stage, as torchgpipe or DeepSpeed take it) under the "
                         "same cost model and show it beside autopart's plan")
     p.add_argument("--format", default="table", choices=FORMATS,
-                   help="stdout: table (default), json (the plan), balance, split-spec (torch "
-                        "pipelining), fqns (module names per stage)")
+                   help="stdout: table (default), json (the plan), balance, split-spec (Python defining "
+                        "torch pipelining's split_spec, to paste), fqns (module names per stage)")
     p.add_argument("-o", "--output", metavar="FILE", help="write the plan JSON here (atomically)")
     p.set_defaults(run=run)
 
@@ -197,7 +197,7 @@ def run(args: argparse.Namespace) -> int:
     elif args.format == "balance":
         print(json.dumps(list(plan.balance)))
     elif args.format == "split-spec":
-        print(json.dumps(plan.split_spec(), indent=2))
+        print(plan.split_spec_code(), end="")
     else:
         print(json.dumps(plan.fqns(), indent=2))
     return 0

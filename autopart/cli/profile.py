@@ -122,13 +122,25 @@ def _request(args: argparse.Namespace) -> _Request:
     if not dtype.is_floating_point:
         raise AutopartError(f"--dtype must be a floating type, got {args.dtype!r}")
     sizes: list[int | None] = [None]
-    if args.microbatch_size:
-        sizes = list(parse_shape(args.microbatch_size))
-        if len(set(sizes)) != len(sizes):
-            raise AutopartError(f"--microbatch-size {args.microbatch_size} repeats a size")
+    if args.microbatch_size is not None:
+        sizes = list(_microbatch_sizes(args.microbatch_size))
     return _Request(device=device, dtype=dtype, input_shape=parse_shape(args.input_shape) if args.input_shape else None,
                     input_dtype=parse_dtype(args.input_dtype) if args.input_dtype else None, sizes=sizes,
                     seed=args.seed)
+
+
+def _microbatch_sizes(text: str) -> list[int]:
+    """``--microbatch-size 1,2,4,8``: rows per micro-batch, each an integer >= 1, none repeated."""
+    parts = [part.strip() for part in text.split(",")]
+    sizes = [int(part) for part in parts if part.isascii() and part.isdigit()]
+    if len(sizes) != len(parts) or min(sizes, default=0) < 1:
+        bad = next((part for part in parts if not (part.isascii() and part.isdigit()) or int(part) < 1), text)
+        which = f"{text!r}" if bad == text else f"{text!r}: {bad!r}"
+        raise AutopartError(f"--microbatch-size {which} is not a micro-batch size: give rows per micro-batch, "
+                            f"integers >= 1 like 4 or 1,2,4,8")
+    if len(set(sizes)) != len(sizes):
+        raise AutopartError(f"--microbatch-size {text!r} repeats a size")
+    return sizes
 
 
 def _build(spec: str, request: _Request, build: str, err: Console) -> tuple[ModelBundle, nn.Module, list[Example]]:

@@ -17,6 +17,9 @@ if TYPE_CHECKING:
 
 __all__: list[str] = []
 
+MIN_WIDTH = 10
+"""The narrowest timeline, in characters (``render_text`` draws no narrower)."""
+
 HELP = """Simulate one training step of PLAN under its schedule (or another): step
 time, idle share per rank, peak memory per rank, and the timeline of every
 forward, backward and send, in the terminal and optionally as SVG."""
@@ -43,7 +46,8 @@ def add_parser(sub: Subcommands) -> None:
     p.add_argument("--csv", metavar="FILE", help="write the schedule's per-rank actions as torch's CSV")
     p.add_argument("--trace", metavar="FILE", help="write the predicted timeline as Chrome trace JSON (torch.profiler's "
                    "format; open it in Perfetto or chrome://tracing)")
-    p.add_argument("--width", type=int, default=100, help="timeline width in characters (default: 100)")
+    p.add_argument("--width", type=int, default=100,
+                   help=f"timeline width in characters, at least {MIN_WIDTH} (default: 100)")
     p.set_defaults(run=run)
 
 
@@ -64,6 +68,8 @@ def run(args: argparse.Namespace) -> int:
             check_writable(path)
     if args.microbatches is not None and args.microbatches < 1:
         raise AutopartError(f"--microbatches must be >= 1, got {args.microbatches}")
+    if args.width < MIN_WIDTH:
+        raise AutopartError(f"--width must be >= {MIN_WIDTH} characters, got {args.width}")
     plan = Plan.from_json(args.plan)
     schedule = args.schedule or plan.schedule
     per_rank = args.stages_per_rank

@@ -5,6 +5,7 @@ import argparse
 import dataclasses
 import os
 import sys
+from pathlib import Path
 
 from autopart.cli.common import Subcommands
 from autopart.errors import AutopartError
@@ -12,6 +13,9 @@ from autopart.formats.plan import Plan
 from autopart.run.config import TrainConfig
 
 __all__: list[str] = []
+
+MAX_TIMEOUT_S = 1e9
+"""The longest --timeout: 31 years, well inside what ``datetime.timedelta`` and c10d's milliseconds hold."""
 
 HELP = """Train MODEL split as PLAN says, one process per pipeline rank, with PyTorch's
 own pipelining runtime (gloo on CPU, NCCL on GPUs). Started plainly, autopart
@@ -81,6 +85,8 @@ def _config(args: argparse.Namespace) -> TrainConfig:
                             f"from the last complete checkpoint")
     if not args.lr > 0:
         raise AutopartError(f"--lr must be > 0, got {args.lr}")
+    if not 0 < args.timeout <= MAX_TIMEOUT_S:  # also refuses nan; inf and more overflow torch's timedelta
+        raise AutopartError(f"--timeout must be > 0 seconds (and at most 1e9), got {args.timeout:g}")
     return TrainConfig(plan=args.plan, model=args.model, steps=args.steps, global_batch=args.global_batch,
                        lr=args.lr, data=args.data, checkpoint=args.checkpoint, checkpoint_every=args.checkpoint_every,
                        seed=args.seed, threads=args.threads, report=args.report, replan=args.replan,
@@ -116,6 +122,7 @@ def run(args: argparse.Namespace) -> int:
     # Check everything we can before starting any process: one line and exit 2 for bad input.
     import torch
 
+    from autopart.core.planner import simulate_plan
     from autopart.formats.atomic import check_writable
     from autopart.measure.blocks import split_blocks
     from autopart.measure.spec import load_model
@@ -123,11 +130,14 @@ def run(args: argparse.Namespace) -> int:
     from autopart.run.stages import check_plan_against_model
 
     plan = Plan.from_json(cfg.plan)
+    simulate_plan(plan)  # what simulate checks: a schedule the plan's ranks and micro-batches can run
     if cfg.global_batch is not None:
         plan.microbatch_size_for(cfg.global_batch)
     for path in (cfg.report, cfg.replan, cfg.trace, cfg.svg):
         if path:
             check_writable(path)
+    if cfg.checkpoint:
+        _check_checkpoint(cfg.checkpoint)
     if cfg.device == "cuda" and not torch.cuda.is_available():
         raise AutopartError("--device cuda asked for, but CUDA is not available on this machine")
     if cfg.device != "cpu" and torch.cuda.is_available() and torch.cuda.device_count() < plan.num_ranks:
@@ -138,13 +148,33 @@ def run(args: argparse.Namespace) -> int:
         check_plan_against_model(plan, [name for name, _ in split_blocks(bundle.module)], plan.num_ranks, cfg.model)
     if bundle.data is None and bundle.data_kind in ("text", "masked-text"):
         TextCorpus(cfg.data)  # fail now, not in every rank, if the corpus is missing or empty
-    if cfg.checkpoint:
-        os.makedirs(cfg.checkpoint, exist_ok=True)
     threads = _threads(cfg, plan)
     if cfg.max_restarts and not cfg.checkpoint_every:
         sys.stderr.write(f"note: --max-restarts without --checkpoint-every saves only after step {cfg.steps}, so a "
                          f"restart starts over\n")
     return launch(_worker_args(dataclasses.replace(cfg, threads=threads)), plan.num_ranks, threads, cfg.max_restarts)
+
+
+def _check_checkpoint(folder: str) -> None:
+    """``--checkpoint``: a folder autopart can create and write in, and whose latest complete step (the one
+    the ranks would resume from) has stage files that can be read; checked before any rank starts."""
+    from autopart.formats.atomic import check_writable
+    from autopart.run.checkpoint import latest_complete, load_stages
+
+    path = Path(folder)
+    if path.exists() and not path.is_dir():
+        raise AutopartError(f"--checkpoint {folder!r} is a file, not a folder")
+    try:
+        path.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise AutopartError(f"--checkpoint {folder!r}: cannot create the folder: {exc.strerror or exc}") from None
+    try:
+        check_writable(path / "COMPLETE")
+    except AutopartError as exc:
+        raise AutopartError(f"--checkpoint {folder!r}: {exc}") from None
+    saved = latest_complete(path)
+    if saved is not None:
+        load_stages(saved, mmap=True)  # reads each file's index, maps the tensors: cheap at any size
 
 
 def _threads(cfg: TrainConfig, plan: Plan) -> int:

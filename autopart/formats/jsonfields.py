@@ -8,7 +8,7 @@ from __future__ import annotations
 import json
 import math
 from pathlib import Path
-from typing import Any, Mapping
+from typing import Any, Iterable, Mapping
 
 from autopart.errors import AutopartError
 
@@ -34,6 +34,40 @@ def load_json_file(path: str | Path, kind: str) -> Any:
         ) from None
     except ValueError as exc:
         raise AutopartError(f"{kind} file {str(p)!r}: {exc}") from None
+
+
+MAX_BLOCK_MS = 1e9
+"""No device takes longer than this for one block's pass over one micro-batch: 1e9 ms is 11.6 days."""
+MAX_BLOCK_BYTES = 2**50
+"""No device holds more than this for one block: 1 PiB."""
+
+
+def check_plausible(where: str, values: Iterable[tuple[str, float | int | None]], max_ms: float = MAX_BLOCK_MS,
+                    max_bytes: int = MAX_BLOCK_BYTES) -> None:
+    """Refuse a time (a key ending in ``_ms``) above ``max_ms`` or a size (``_bytes``) above ``max_bytes``:
+    numbers no device can have come from a damaged or hand-edited file, and only overflow further on."""
+    for key, value in values:
+        if value is None:
+            continue
+        if key.endswith("_ms") and value > max_ms:
+            raise AutopartError(f"{where}: {key} {value:g} is not a plausible time (> {_ms_text(max_ms)})")
+        if key.endswith("_bytes") and value > max_bytes:
+            raise AutopartError(f"{where}: {key} {value:g} is not a plausible size (> {_bytes_text(max_bytes)})")
+
+
+def _ms_text(ms: float) -> str:
+    """``1e9`` -> ``"1e9 ms = 11.6 days"``."""
+    days = ms / 864e5
+    span = f"{days:.1f} days" if days < 365 else f"{days / 365.25:.1f} years"
+    return f"1e{round(math.log10(ms))} ms = {span}" if ms == 10 ** round(math.log10(ms)) else f"{ms:g} ms = {span}"
+
+
+def _bytes_text(n: int) -> str:
+    """``2**50`` -> ``"2**50 bytes = 1 PiB"``."""
+    power = n.bit_length() - 1
+    if n != 2**power or not 10 <= power < 70:
+        return f"{n} bytes"
+    return f"2**{power} bytes = {2 ** (power % 10)} {('KiB', 'MiB', 'GiB', 'TiB', 'PiB', 'EiB')[power // 10 - 1]}"
 
 
 def _reject_constant(name: str) -> float:

@@ -5,14 +5,15 @@ validate it; :func:`autopart.core.planner.make_plan` makes one from a split.
 """
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+import json
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
 from autopart.errors import AutopartError
 from autopart.formats.atomic import write_json_atomic
 from autopart.formats.devices import Device
-from autopart.formats.jsonfields import Fields, load_json_file
+from autopart.formats.jsonfields import Fields, check_plausible, load_json_file
 from autopart.formats.profile import BATCHNORM_MODES
 from autopart.formats.schedule_kinds import canonical_schedule, stage_ranks
 from autopart.formats.stage import StageCost
@@ -20,6 +21,13 @@ from autopart.formats.stage import StageCost
 __all__ = ["PLAN_SCHEMA", "Plan", "PlanStage", "Predicted", "Candidate"]
 
 PLAN_SCHEMA = "autopart.plan/1"
+
+MAX_STAGE_MS = 1e12
+"""The longest time a plan may hold (a stage's per micro-batch, a step): a thousand times a block's bound
+(:data:`autopart.formats.jsonfields.MAX_BLOCK_MS`), since a stage holds many blocks and a step many
+micro-batches. More is a damaged or edited file."""
+MAX_STAGE_BYTES = 2**60
+"""The largest size a plan may hold (a stage's memory, a device's limit): 1 EiB, a thousand blocks' bound."""
 
 
 @dataclass(frozen=True)
@@ -45,7 +53,10 @@ class PlanStage:
         device = Device(name=sf.string("device", required=False, default=""),
                         memory_bytes=sf.integer("memory_limit_bytes", required=False),
                         speed=sf.number("speed", False, 1.0))
-        return PlanStage(blocks=tuple(blocks), device=device, cost=StageCost.from_fields(sf))
+        stage = PlanStage(blocks=tuple(blocks), device=device, cost=StageCost.from_fields(sf))
+        check_plausible(where, [*asdict(stage.cost).items(), ("memory_limit_bytes", device.memory_bytes)],
+                        MAX_STAGE_MS, MAX_STAGE_BYTES)
+        return stage
 
 
 @dataclass(frozen=True)
@@ -136,9 +147,23 @@ class Plan:
         """The stages ``rank`` runs, in increasing order (as multi-stage schedules need)."""
         return [s for s, r in enumerate(self.stage_ranks()) if r == rank]
 
-    def split_spec(self) -> dict[str, str]:
-        """torch.distributed.pipelining ``split_spec``: the first block of every stage but the first."""
-        return {stage.blocks[0]: "SplitPoint.BEGINNING" for stage in self.stages[1:]}
+    def split_points(self) -> list[str]:
+        """The first block of every stage but the first: where each stage begins."""
+        return [stage.blocks[0] for stage in self.stages[1:]]
+
+    def split_spec_code(self) -> str:
+        """Python that defines torch.distributed.pipelining's ``split_spec`` (``SplitPoint.BEGINNING`` at each
+        of :meth:`split_points`), to paste before ``pipeline(model, mb_args=..., split_spec=split_spec)``.
+
+        The keys are the blocks' module names, which ``pipeline()`` finds by ``getattr`` one name at a time
+        (``h.3``: ``model.h`` then its child ``3``); nested ``nn.Sequential`` children are found the same way.
+        """
+        entries = "".join(f"    {json.dumps(name)}: SplitPoint.BEGINNING,\n" for name in self.split_points())
+        return (f"from torch.distributed.pipelining import SplitPoint\n\n"
+                f"# {self.model or 'the model'}: {self.num_stages} stage{'s' * (self.num_stages != 1)}, balance "
+                f"{list(self.balance)}; "
+                f"pipeline(model, mb_args=..., split_spec=split_spec)\n"
+                f"split_spec = {{\n{entries}}}\n")
 
     def fqns(self) -> list[list[str]]:
         """Module names per stage, as torchtitan's ``module_names_per_stage`` takes them."""
@@ -183,6 +208,7 @@ class Plan:
         predicted = Predicted(step_ms=pf.number("step_ms"), bubble_fraction=pf.number("bubble_fraction"),
                               bottleneck_ms=pf.number("bottleneck_ms"), lower_bound_ms=pf.number("lower_bound_ms"),
                               source=pf.string("source", required=False, default=""))
+        check_plausible(f"{source}: predicted", asdict(predicted).items(), MAX_STAGE_MS, MAX_STAGE_BYTES)
         bandwidth = f.number("bandwidth_bytes_per_s", required=False)
         runners = []
         for k, raw in enumerate(f.array("runners_up", required=False)):
@@ -190,9 +216,11 @@ class Plan:
             runners.append(Candidate(schedule=cf.string("schedule"), microbatches=cf.integer("microbatches", minimum=1),
                                      stages_per_rank=cf.integer("stages_per_rank", False, 1, minimum=1),
                                      step_ms=cf.number("step_ms"), balance=tuple(cf.int_list("balance", minimum=1))))
+            check_plausible(f"{source}: runners_up[{k}]", [("step_ms", runners[-1].step_ms)], MAX_STAGE_MS)
         stages_per_rank = f.integer("stages_per_rank", required=False, default=1, minimum=1)
         if len(stages) % stages_per_rank:
             raise AutopartError(f"{source}: {len(stages)} stages do not divide into {stages_per_rank} per rank")
+        check_plausible(source, [("latency_ms", f.number("latency_ms", False, 0.0))], MAX_STAGE_MS)
         return Plan(profile=f.string("profile", required=False, default=""),
                     model=f.string("model", required=False, default=""), method=f.string("method"),
                     schedule=canonical_schedule(f.string("schedule")), microbatches=f.integer("microbatches", minimum=1),

@@ -2,6 +2,9 @@
 
 Pure data: no torch import, so the partitioner and the simulator can read
 profiles in milliseconds. The measuring lives in :mod:`autopart.measure.profiler`.
+Reading refuses numbers no device can have, which only a damaged or edited
+file holds: a block's time above 1e9 ms (11.6 days) or a size above 2**50
+bytes (1 PiB), naming the block and the value.
 """
 from __future__ import annotations
 
@@ -11,7 +14,7 @@ from typing import Any
 
 from autopart.errors import AutopartError
 from autopart.formats.atomic import write_json_atomic
-from autopart.formats.jsonfields import Fields, load_json_file
+from autopart.formats.jsonfields import Fields, check_plausible, load_json_file
 
 __all__ = ["PROFILE_SCHEMA", "BATCHNORM_MODES", "LayerProfile", "Profile", "Tie"]
 
@@ -91,7 +94,7 @@ class LayerProfile:
         if not name:
             raise AutopartError(f"{where}.name is empty")
         peak = f.integer("cuda_peak_bytes", required=False)
-        return LayerProfile(
+        layer = LayerProfile(
             name=name,
             forward_ms=f.number("forward_ms"),
             backward_ms=f.number("backward_ms"),
@@ -108,6 +111,10 @@ class LayerProfile:
             skip_bytes=f.integer("skip_bytes", required=False, default=0),
             same_as=f.string("same_as", required=False, default=""),
         )
+        check_plausible(f"{where} (block {name!r})",
+                        [(k, v) for k, v in asdict(layer).items() if isinstance(v, (int, float))]
+                        + [(f"{optimizer} optimizer_ms", ms) for optimizer, ms in layer.optimizer_ms_by_name])
+        return layer
 
 
 @dataclass(frozen=True)
@@ -237,6 +244,8 @@ class Profile:
                 blocks=tuple(str(b) for b in tf.array("blocks")),
                 bytes=tf.integer("bytes"),
             ))
+            check_plausible(f"{source}: ties[{i}]", [("tie_bytes", ties[-1].bytes)])
+        check_plausible(source, [("input_bytes", f.integer("input_bytes", required=False, default=0))])
         threads = f.integer("threads", required=False, minimum=1)
         others = []
         raw_sizes = f.obj.get("by_microbatch_size") or {}

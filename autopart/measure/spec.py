@@ -56,8 +56,12 @@ def _load_factory(spec: str) -> Callable[[], Any]:
         known = ", ".join(BUILTINS)
         raise AutopartError(f"unknown model {spec!r}: not a built-in ({known}) nor 'hf:NAME', 'pkg.mod:factory' "
                             f"or 'path/file.py:factory'")
-    if target.endswith(".py") or "/" in target or "\\" in target:
-        path = Path(target)
+    path = Path(target)
+    by_path = target.endswith(".py") or "/" in target or "\\" in target
+    if path.is_dir() and (by_path or not (path / "__init__.py").is_file()):  # a package named as pkg is a module
+        raise AutopartError(f"model spec {spec!r} names a folder, {target!r}, not a .py file or a module: give "
+                            f"path/file.py:factory or pkg.mod:factory")
+    if by_path:
         if not path.is_file():
             raise AutopartError(f"model file {target!r} does not exist")
         mod_name = f"_autopart_user_{abs(hash(str(path.resolve())))}"
@@ -68,11 +72,15 @@ def _load_factory(spec: str) -> Callable[[], Any]:
         sys.modules[mod_name] = module
         try:
             module_spec.loader.exec_module(module)
+        except SystemExit as exc:
+            raise AutopartError(f"importing {target!r} called {_exit_call(exc)}") from None
         except Exception as exc:
             raise AutopartError(f"importing {target!r} raised {type(exc).__name__}: {_first_line(exc)}") from None
     else:
         try:
             module = importlib.import_module(target)
+        except SystemExit as exc:
+            raise AutopartError(f"importing {target!r} called {_exit_call(exc)}") from None
         except ModuleNotFoundError as exc:
             raise AutopartError(f"cannot import module {target!r}: {_first_line(exc)}") from None
         except Exception as exc:
@@ -83,6 +91,11 @@ def _load_factory(spec: str) -> Callable[[], Any]:
     if not callable(factory):
         raise AutopartError(f"{spec!r} is not callable")
     return factory  # type: ignore[no-any-return]
+
+
+def _exit_call(exc: SystemExit) -> str:
+    """``sys.exit(3)``, ``sys.exit('no GPU')`` or ``sys.exit()``, as the code called it."""
+    return "sys.exit()" if exc.code is None else f"sys.exit({exc.code!r})"
 
 
 def _first_line(exc: BaseException) -> str:
@@ -121,6 +134,8 @@ def load_model(spec: str) -> ModelBundle:
         made = factory()
     except AutopartError:
         raise
+    except SystemExit as exc:  # the factory's own "cannot build here": a line, not a silent exit
+        raise AutopartError(f"model factory {spec!r} called {_exit_call(exc)}") from None
     except Exception as exc:
         raise AutopartError(f"model factory {spec!r} raised {type(exc).__name__}: {_first_line(exc)}") from None
     module: Any

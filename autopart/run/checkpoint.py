@@ -84,23 +84,69 @@ def latest_complete(root: str | Path) -> Path | None:
 
 
 def _complete(folder: Path) -> dict[str, Any]:
+    marker = folder / "COMPLETE"
     try:
-        return dict(json.loads((folder / "COMPLETE").read_text()))
+        meta = json.loads(marker.read_text())
     except (OSError, ValueError) as exc:
         raise AutopartError(f"checkpoint {folder} has no readable COMPLETE marker: {exc}") from None
+    stages = meta.get("num_stages") if isinstance(meta, dict) else None
+    if isinstance(stages, bool) or not isinstance(stages, int) or stages < 1:
+        raise AutopartError(f"checkpoint marker {str(marker)!r} is damaged: num_stages is {stages!r}, not a count")
+    return meta
 
 
-def load_stages(folder: str | Path) -> list[StageFile]:
-    """Every stage file of one complete step folder, in stage order."""
+def _first_sentence(exc: BaseException) -> str:
+    """``Type: first sentence`` of an error (torch's zip errors go on for lines)."""
+    text = (str(exc).strip().splitlines() or [""])[0]
+    text = text.split(". ")[0].rstrip(".")
+    return f"{type(exc).__name__}: {text}" if text else type(exc).__name__
+
+
+def _not_a_stage(content: Any, stage: int) -> str:
+    """Why ``content`` is not the :class:`StageFile` of ``stage``; empty when it is."""
+    if not isinstance(content, dict):
+        return f"it holds a {type(content).__name__}, not a stage's dict"
+    missing = [key for key in ("step", "stage", "model", "optimizer", "rank", "local_stages") if key not in content]
+    if missing:
+        return f"it lacks {', '.join(map(repr, missing))}"
+    if content["stage"] != stage:
+        return f"it holds stage {content['stage']!r}, not {stage}"
+    if not isinstance(content["step"], int) or not isinstance(content["local_stages"], list):
+        return f"its step {content['step']!r} or local_stages {content['local_stages']!r} is malformed"
+    model = content["model"]
+    if not isinstance(model, dict) or not all(isinstance(k, str) and isinstance(v, torch.Tensor)
+                                              for k, v in model.items()):
+        return "its 'model' is not a dict of names to tensors"
+    if content["optimizer"] is not None and not isinstance(content["optimizer"], dict):
+        return f"its 'optimizer' is a {type(content['optimizer']).__name__}, not a state_dict"
+    return ""
+
+
+def load_stages(folder: str | Path, mmap: bool = False) -> list[StageFile]:
+    """Every stage file of one complete step folder, in stage order; a file that cannot be read or is not
+    a stage file is an :class:`AutopartError` naming it. ``mmap``: map the tensors instead of reading them
+    (to check the files cheaply)."""
     path = Path(folder)
     meta = _complete(path)
     out = []
-    for s in range(int(meta["num_stages"])):
+    for s in range(meta["num_stages"]):
         file = path / f"stage-{s}.pt"
+        if not file.is_file():
+            raise AutopartError(f"checkpoint {str(path)!r} is marked complete but lacks {file.name}")
         try:
-            out.append(torch.load(file, map_location="cpu", weights_only=False))
-        except (OSError, RuntimeError) as exc:
-            raise AutopartError(f"cannot read checkpoint file {file}: {exc}") from None
+            with open(file, "rb") as handle:
+                magic = handle.read(4)
+            if magic != b"PK\x03\x04":  # every torch.save since 1.6 is a zip archive
+                raise AutopartError(f"checkpoint file {str(file)!r} is damaged: not a torch.save archive")
+            content = torch.load(file, map_location="cpu", weights_only=False, mmap=mmap)
+        except AutopartError:
+            raise
+        except Exception as exc:  # a damaged file raises whatever the unpickler or the zip reader meets
+            raise AutopartError(f"checkpoint file {str(file)!r} is damaged: {_first_sentence(exc)}") from None
+        problem = _not_a_stage(content, s)
+        if problem:
+            raise AutopartError(f"checkpoint file {str(file)!r} is not a stage file autopart wrote: {problem}")
+        out.append(content)
     return out
 
 

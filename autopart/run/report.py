@@ -258,13 +258,13 @@ def _ms(value: float | None) -> str:
 
 
 def print_report(report: Report, plan_microbatch_size: int | None) -> None:
-    """The per-stage and per-rank tables and the step line, on stderr."""
+    """The per-stage and per-rank tables and the step lines: results, so on stdout (progress is on stderr)."""
     from rich.console import Console
     from rich.table import Table
 
-    console = Console(emoji=False, stderr=True)
+    console = Console(emoji=False)
     if not console.is_terminal:
-        console = Console(emoji=False, stderr=True, width=120)
+        console = Console(emoji=False, width=120)
     table = Table(title="per stage, one micro-batch, timed inside the pipeline", title_justify="left")
     for col in ("stage", "rank", "blocks", "forward", "(predicted)", "backward", "(predicted)", "error"):
         table.add_column(col, justify="right")

@@ -1,0 +1,215 @@
+"""Bad input as a new user meets it (issue #11, item 5): one line on stderr and exit code 2, before any rank
+starts. No case trains: each fails in the checks a command runs first."""
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+from typing import Any, Callable
+
+import pytest
+import torch
+
+from autopart.run.checkpoint import mark_complete, save_stage
+from tests.conftest import ROOT, assert_one_line_error, run_cli
+
+TINY = ROOT / "profiles" / "gpt2-tiny-cpu-mb4.json"
+
+
+@pytest.fixture(scope="module")
+def plan(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """gpt2-tiny on 2 ranks, 1F1B, 2 micro-batches."""
+    out = tmp_path_factory.mktemp("bad") / "plan.json"
+    made = run_cli("partition", str(TINY), "--stages", "2", "--microbatches", "2", "-o", str(out))
+    assert made.returncode == 0, made.stderr
+    return out
+
+
+# --- train --checkpoint and --timeout ---------------------------------------------------------------------------
+
+def test_checkpoint_at_a_file_or_under_one(plan: Path, tmp_path: Path) -> None:
+    afile = tmp_path / "afile"
+    afile.write_text("not a folder")
+    assert_one_line_error(run_cli("train", str(plan), "--model", "gpt2-tiny", "--checkpoint", str(afile)),
+                          f"--checkpoint '{afile}' is a file, not a folder")
+    assert_one_line_error(run_cli("train", str(plan), "--model", "gpt2-tiny", "--checkpoint", str(afile / "ckpt")),
+                          f"--checkpoint '{afile / 'ckpt'}': cannot create the folder: Not a directory")
+
+
+@pytest.mark.skipif(os.geteuid() == 0, reason="root writes anywhere")
+def test_checkpoint_in_a_folder_without_write_permission(plan: Path, tmp_path: Path) -> None:
+    locked = tmp_path / "locked"
+    locked.mkdir(mode=0o500)
+    assert_one_line_error(run_cli("train", str(plan), "--model", "gpt2-tiny", "--checkpoint", str(locked / "ckpt")),
+                          "cannot create the folder: Permission denied")
+
+
+@pytest.mark.parametrize("timeout", ["0", "-5", "nan", "inf"])
+def test_timeout_must_be_positive_and_finite(plan: Path, timeout: str) -> None:
+    assert_one_line_error(run_cli("train", str(plan), "--model", "gpt2-tiny", "--timeout", timeout),
+                          "--timeout must be > 0 seconds", f"got {float(timeout):g}")
+
+
+# --- damaged checkpoints: merge-checkpoint and resuming name the file -------------------------------------------
+
+def _truncate(file: Path) -> None:
+    file.write_bytes(file.read_bytes()[: file.stat().st_size // 2])
+
+
+def _garbage(file: Path) -> None:
+    file.write_bytes(b"garbage\n" * 100)
+
+
+def _wrong_content(file: Path) -> None:
+    torch.save({"weights": torch.zeros(3)}, file)
+
+
+def _other_stage(file: Path) -> None:
+    file.write_bytes((file.parent / "stage-0.pt").read_bytes())
+
+
+DAMAGE: list[tuple[Callable[[Path], None], str]] = [
+    (_truncate, "is damaged: RuntimeError: PytorchStreamReader failed reading zip archive"),
+    (_garbage, "is damaged: not a torch.save archive"),
+    (_wrong_content, "is not a stage file autopart wrote: it lacks 'step', 'stage', 'model'"),
+    (_other_stage, "is not a stage file autopart wrote: it holds stage 0, not 1"),
+]
+
+
+def _damaged_checkpoint(root: Path, damage: Callable[[Path], None]) -> Path:
+    """A complete step 1 of two stages whose stage-1.pt ``damage`` spoiled; that file."""
+    for stage in (0, 1):
+        save_stage(root, 1, stage, {f"w{stage}": torch.ones(4)}, {"state": {}, "param_groups": []}, stage, [stage])
+    mark_complete(root, 1, 2)
+    file = root / "step-000001" / "stage-1.pt"
+    damage(file)
+    return file
+
+
+@pytest.mark.parametrize("damage, fragment", DAMAGE, ids=[d.__name__.strip("_") for d, _ in DAMAGE])
+def test_merge_names_the_damaged_stage_file(tmp_path: Path, damage: Callable[[Path], None], fragment: str) -> None:
+    file = _damaged_checkpoint(tmp_path / "ckpt", damage)
+    assert_one_line_error(run_cli("merge-checkpoint", str(tmp_path / "ckpt"), "-o", str(tmp_path / "m.pt")),
+                          f"checkpoint file '{file}'", fragment)
+    assert not (tmp_path / "m.pt").exists()
+
+
+@pytest.mark.parametrize("damage, fragment", DAMAGE[:3], ids=[d.__name__.strip("_") for d, _ in DAMAGE[:3]])
+def test_resuming_from_a_damaged_checkpoint_is_refused_before_the_ranks_start(
+        plan: Path, tmp_path: Path, damage: Callable[[Path], None], fragment: str) -> None:
+    file = _damaged_checkpoint(tmp_path / "ckpt", damage)
+    assert_one_line_error(run_cli("train", str(plan), "--model", "gpt2-tiny", "--checkpoint", str(tmp_path / "ckpt")),
+                          "autopart train: error: checkpoint file", f"'{file}'", fragment)
+
+
+def test_a_damaged_complete_marker_is_named(tmp_path: Path) -> None:
+    _damaged_checkpoint(tmp_path / "ckpt", lambda file: None)
+    marker = tmp_path / "ckpt" / "step-000001" / "COMPLETE"
+    marker.write_text('{"step": 1, "num_stages": "two"}')
+    assert_one_line_error(run_cli("merge-checkpoint", str(tmp_path / "ckpt"), "-o", str(tmp_path / "m.pt")),
+                          f"checkpoint marker '{marker}' is damaged: num_stages is 'two'")
+
+
+# --- numbers no device can have ---------------------------------------------------------------------------------
+
+def _edited(tmp_path: Path, source: Path, edit: Callable[[dict[str, Any]], None]) -> Path:
+    data = json.loads(source.read_text())
+    edit(data)
+    out = tmp_path / f"edited-{source.name}"
+    out.write_text(json.dumps(data))
+    return out
+
+
+@pytest.mark.parametrize("field, value, fragment", [
+    ("forward_ms", 1e308, "forward_ms 1e+308 is not a plausible time (> 1e9 ms = 11.6 days)"),
+    ("backward_ms", 2e9, "backward_ms 2e+09 is not a plausible time"),
+    ("optimizer_ms", 1e10, "optimizer_ms 1e+10 is not a plausible time"),
+    ("param_bytes", 10**30, "param_bytes 1e+30 is not a plausible size (> 2**50 bytes = 1 PiB)"),
+    ("activation_bytes", 2**51, "activation_bytes 2.2518e+15 is not a plausible size"),
+    ("output_bytes", 10**20, "output_bytes 1e+20 is not a plausible size"),
+])
+@pytest.mark.parametrize("limit", [[], ["--memory-limit", "1GiB"]], ids=["no-limit", "limit"])
+def test_a_profile_with_impossible_numbers_is_refused(tmp_path: Path, field: str, value: float, fragment: str,
+                                                      limit: list[str]) -> None:
+    profile = _edited(tmp_path, TINY, lambda d: d["layers"][4].update({field: value}))
+    assert_one_line_error(run_cli("partition", str(profile), "--stages", "2", *limit),
+                          f"profile '{profile}': layers[4] (block 'h.3'): {fragment}")
+
+
+@pytest.mark.parametrize("field, value, fragment", [
+    ("memory_bytes", 10**30, "stages[1]: memory_bytes 1e+30 is not a plausible size (> 2**60 bytes = 1 EiB)"),
+    ("forward_ms", 1e300, "stages[1]: forward_ms 1e+300 is not a plausible time (> 1e12 ms = 31.7 years)"),
+])
+def test_a_plan_with_impossible_numbers_is_refused(plan: Path, tmp_path: Path, field: str, value: float,
+                                                   fragment: str) -> None:
+    edited = _edited(tmp_path, plan, lambda d: d["stages"][1].update({field: value}))
+    assert_one_line_error(run_cli("simulate", str(edited)), f"plan '{edited}': {fragment}")
+
+
+# --- profile: --microbatch-size, a folder as the model ----------------------------------------------------------
+
+@pytest.mark.parametrize("sizes, fragment", [
+    ("0", "--microbatch-size '0' is not a micro-batch size"),
+    ("1,x", "--microbatch-size '1,x': 'x' is not a micro-batch size"),
+    ("4,-2", "'-2' is not a micro-batch size"),
+])
+def test_microbatch_size_errors_name_the_flag(sizes: str, fragment: str) -> None:
+    result = run_cli("profile", "gpt2-tiny", "--microbatch-size", sizes)
+    assert_one_line_error(result, fragment, "integers >= 1 like 4 or 1,2,4,8")
+    assert "input shape" not in result.stderr
+
+
+def test_a_model_spec_naming_a_folder(tmp_path: Path) -> None:
+    (tmp_path / "some_dir").mkdir()
+    for target in (str(tmp_path), "some_dir", "some_dir/"):
+        assert_one_line_error(run_cli("profile", f"{target}:make", cwd=tmp_path),
+                              f"model spec '{target}:make' names a folder, '{target}', not a .py file or a module")
+
+
+# --- simulate --width ---------------------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("width", ["0", "-3", "9"])
+def test_simulate_width_below_the_narrowest_timeline(plan: Path, width: str) -> None:
+    assert_one_line_error(run_cli("simulate", str(plan), "--width", width),
+                          f"--width must be >= 10 characters, got {width}")
+
+
+# --- a factory that calls sys.exit --------------------------------------------------------------------------------
+
+EXITS = '''
+import sys
+
+def code():
+    sys.exit(3)
+
+def plain():
+    sys.exit()
+
+def message():
+    sys.exit("no GPU on this machine")
+'''
+
+
+@pytest.mark.parametrize("factory, called", [("code", "sys.exit(3)"), ("plain", "sys.exit()"),
+                                             ("message", "sys.exit('no GPU on this machine')")])
+def test_a_factory_that_calls_sys_exit(tmp_path: Path, factory: str, called: str) -> None:
+    (tmp_path / "exits.py").write_text(EXITS)
+    spec = f"{tmp_path / 'exits.py'}:{factory}"
+    assert_one_line_error(run_cli("profile", spec), f"model factory '{spec}' called {called}")
+
+
+def test_a_model_file_that_calls_sys_exit_on_import(plan: Path, tmp_path: Path) -> None:
+    (tmp_path / "bye.py").write_text("import sys\nsys.exit(4)\n")
+    assert_one_line_error(run_cli("train", str(plan), "--model", f"{tmp_path / 'bye.py'}:make"),
+                          f"importing '{tmp_path / 'bye.py'}' called sys.exit(4)")
+
+
+# --- a plan whose schedule cannot run: train says what simulate says ----------------------------------------------
+
+def test_train_checks_the_schedule_as_simulate_does(plan: Path, tmp_path: Path) -> None:
+    one = _edited(tmp_path, plan, lambda d: d.update(microbatches=1))
+    line = "1F1B needs at least as many micro-batches as ranks: 1 < 2"
+    simulated = run_cli("simulate", str(one))
+    trained = run_cli("train", str(one), "--model", "gpt2-tiny", "--steps", "1")
+    assert_one_line_error(simulated, f"autopart simulate: error: {line}")
+    assert_one_line_error(trained, f"autopart train: error: {line}")
