@@ -1,9 +1,17 @@
 """The entry of each rank process (started by torchrun or by :mod:`autopart.run.launch`): run the rank,
 and turn any failure into one line for the launcher and an exit code.
+
+What a rank records for torchrun's agent (its error file) is that line, not a
+traceback, so the failure summary torchrun prints under a user's own
+``torchrun`` names the error without autopart's frames. What every rank finds
+alike before joining the group (a plan for another number of processes, a
+schedule the plan cannot run) is said once, by rank 0.
 """
 from __future__ import annotations
 
+import json
 import os
+import time
 
 import torch.distributed as dist
 
@@ -12,7 +20,7 @@ from autopart.run.config import TrainConfig
 from autopart.run.log import say
 from autopart.run.loop import run_rank
 
-__all__ = ["worker_main", "RankFailure"]
+__all__ = ["worker_main", "RankFailure", "check_before_joining"]
 
 
 class RankFailure(Exception):
@@ -28,29 +36,60 @@ def _summary(exc: BaseException) -> str:
     return f"{type(root).__name__}: {lines[0]}" if lines else type(root).__name__
 
 
+def _record(line: str) -> None:
+    """Leave ``line`` in the error file torchrun's agent reads (the format ``record_exception`` writes, with
+    the line where it puts a traceback)."""
+    path = os.environ.get("TORCHELASTIC_ERROR_FILE")
+    if not path:
+        return
+    data = {"message": {"message": f"{RankFailure.__name__}: {line}",
+                        "extraInfo": {"py_callstack": f"{line}\n", "timestamp": str(int(time.time()))}}}
+    try:
+        with open(path, "w") as handle:
+            json.dump(data, handle)
+    except OSError:
+        pass
+
+
+def check_before_joining(cfg: TrainConfig, world: int) -> None:
+    """What every rank can check alike before joining the group: the plan's rank count and schedule."""
+    from autopart.core.planner import simulate_plan
+    from autopart.formats.plan import Plan
+
+    plan = Plan.from_json(cfg.plan)
+    if world != plan.num_ranks:
+        raise AutopartError(f"the plan has {plan.num_stages} stages on {plan.num_ranks} ranks "
+                            f"({plan.stages_per_rank} per rank) but {world} processes were started")
+    simulate_plan(plan)  # a schedule the plan's ranks and micro-batches can run, as simulate checks
+
+
 def worker_main(cfg: TrainConfig) -> int:
     """Run this process's rank. Returns the exit code; failures are one line on stderr."""
-    from torch.distributed.elastic.multiprocessing.errors import get_error_handler
-
     rank = int(os.environ.get("RANK", "0"))
-    handler = get_error_handler()
-    handler.initialize()
+    ours = bool(os.environ.get("AUTOPART_LAUNCHED"))  # our launcher prints the one line itself
+    try:
+        check_before_joining(cfg, int(os.environ.get("WORLD_SIZE", "1")))
+    except AutopartError as exc:
+        _record(str(exc))
+        if not ours and rank == 0:
+            say(f"autopart train: error: {exc}")
+        return 2
     try:
         run_rank(cfg, rank)
         return 0
     except KeyboardInterrupt:  # Ctrl-C reaches every rank; the launcher says it once
-        if not os.environ.get("AUTOPART_LAUNCHED"):
+        if not ours:
             say(f"autopart train: rank {rank}: interrupted")
         return 130
     except AutopartError as exc:
-        handler.record_exception(RankFailure(str(exc)))
-        if not os.environ.get("AUTOPART_LAUNCHED"):  # our launcher prints the one line itself
+        _record(str(exc))
+        if not ours:
             say(f"autopart train: rank {rank}: error: {exc}")
         return 2
     except Exception as exc:  # a rank that dies says which and why, in one line; the launcher stops the rest
         summary = _summary(exc)
-        handler.record_exception(RankFailure(summary))
-        if not os.environ.get("AUTOPART_LAUNCHED"):
+        _record(summary)
+        if not ours:
             say(f"autopart train: rank {rank} failed: {summary}")
         if os.environ.get("AUTOPART_TRACEBACK"):
             import traceback
