@@ -20,6 +20,8 @@ from autopart.run.data import training_data
 from tests.conftest import ROOT, run_cli
 
 SPEC = f"{ROOT / 'tests' / 'helpers.py'}:batchnorm_spec"
+UNET = f"{ROOT / 'tests' / 'graph_models.py'}:unet"
+"""A U-Net with BatchNorm, not a chain of its children: captured as a graph."""
 
 KINDS = [(nn.BatchNorm1d, (5,)), (nn.BatchNorm1d, (5, 7)), (nn.BatchNorm2d, (3, 4, 4)), (nn.BatchNorm3d, (3, 2, 3, 2))]
 
@@ -93,13 +95,15 @@ def _factor(bn: nn.modules.batchnorm._BatchNorm) -> float:
     return bn.momentum if bn.momentum is not None else 1.0 / float(bn.num_batches_tracked)
 
 
-def _reference(mode: str, steps: int, microbatches: int, lr: float) -> dict[str, torch.Tensor]:
+def _reference(spec: str, mode: str, steps: int, microbatches: int, lr: float) -> dict[str, torch.Tensor]:
     """The unpartitioned model in one process, one forward and backward of each mini-batch per step, with
     its BatchNorm layers run as :func:`_ghost` says (so its gradient is the pipeline's too), and SGD."""
     torch.manual_seed(0)
-    bundle = load_model(SPEC)
+    bundle = load_model(spec)
     model = bundle.module
-    data = training_data(bundle, None, 4 * microbatches, (12,), 0, 0)
+    assert bundle.example is not None
+    example = bundle.example[0]
+    data = training_data(bundle, None, example.shape[0] * microbatches, tuple(example.shape[1:]), 0, 0)
     for m in model.modules():
         if isinstance(m, nn.modules.batchnorm._BatchNorm):
             _ghost(m, microbatches, mode)
@@ -113,37 +117,40 @@ def _reference(mode: str, steps: int, microbatches: int, lr: float) -> dict[str,
     return model.state_dict()
 
 
-@pytest.fixture(scope="module")
-def profile(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    out = tmp_path_factory.mktemp("bn") / "p.json"
-    made = run_cli("profile", SPEC, "--repeats", "1", "--warmup", "0", "-o", str(out))
+def _profile(spec: str, folder: Path) -> Path:
+    out = folder / "p.json"
+    made = run_cli("profile", spec, "--repeats", "1", "--warmup", "0", "-o", str(out))
     assert made.returncode == 0, made.stderr
     assert json.loads(out.read_text())["batchnorm"] == "deferred"  # measured as it will train
     return out
 
 
-@pytest.mark.parametrize("schedule, mode", [("GPipe", "deferred"), ("1F1B", "deferred"), ("1F1B", "micro")])
-def test_pipelined_running_statistics_equal_the_unpartitioned_models(profile: Path, tmp_path: Path, schedule: str,
+@pytest.mark.parametrize("spec, schedule, mode", [(SPEC, "GPipe", "deferred"), (SPEC, "1F1B", "deferred"),
+                                                  (SPEC, "1F1B", "micro"), (UNET, "1F1B", "deferred")],
+                         ids=["chain-GPipe-deferred", "chain-1F1B-deferred", "chain-1F1B-micro", "unet-1F1B-deferred"])
+def test_pipelined_running_statistics_equal_the_unpartitioned_models(tmp_path: Path, spec: str, schedule: str,
                                                                       mode: str) -> None:
     """3 steps of 4 micro-batches on 2 real ranks: every BatchNorm's running mean, variance and
     ``num_batches_tracked`` equal the unpartitioned model's after one forward of each mini-batch (deferred:
-    updated once per step from all its rows; micro: once per micro-batch, PyTorch's own, as before)."""
+    updated once per step from all its rows; micro: once per micro-batch, PyTorch's own, as before). The
+    U-Net is captured as a graph: its stages call the BatchNorm layers as modules, so they are swapped too."""
     plan, ckpt = tmp_path / "plan.json", tmp_path / "ckpt"
-    made = run_cli("partition", str(profile), "--stages", "2", "--balance", "7,11", "--schedule", schedule,
+    split = ["--balance", "7,11"] if spec == SPEC else []
+    made = run_cli("partition", str(_profile(spec, tmp_path)), "--stages", "2", *split, "--schedule", schedule,
                    "--microbatches", "4", "--optimizer", "sgd", "-o", str(plan))
     assert made.returncode == 0, made.stderr
     flags = ["--batchnorm", mode] if mode == "micro" else []
-    ran = run_cli("train", str(plan), "--model", SPEC, "--steps", "3", "--lr", "0.05", "--checkpoint", str(ckpt),
+    ran = run_cli("train", str(plan), "--model", spec, "--steps", "3", "--lr", "0.05", "--checkpoint", str(ckpt),
                   *flags)
     assert ran.returncode == 0, ran.stderr[-3000:]
-    assert f"BatchNorm: 4 layers (0.1, ...), {mode}" in ran.stderr
+    first = "0.1" if spec == SPEC else "down1.1"
+    assert f"BatchNorm: {4 if spec == SPEC else 2} layers ({first}, ...), {mode}" in ran.stderr
     got = merge_checkpoint(ckpt)
-    expected = _reference(mode, steps=3, microbatches=4, lr=0.05)
+    expected = _reference(spec, mode, steps=3, microbatches=4, lr=0.05)
     assert got.keys() == expected.keys()
     for name, value in expected.items():
         if "running" in name or "num_batches" in name:
             torch.testing.assert_close(got[name], value, rtol=1e-5, atol=1e-5, msg=name)
         else:  # the weights trained the same way (pipelined gradients equal one process's to 1e-5)
             torch.testing.assert_close(got[name], value, rtol=1e-4, atol=1e-5, msg=name)
-    tracked = got["3.3.num_batches_tracked"]
-    assert int(tracked) == (3 if mode == "deferred" else 12)
+    assert int(got[f"{first}.num_batches_tracked"]) == (3 if mode == "deferred" else 12)

@@ -29,6 +29,7 @@ from typing import Any, Sequence
 
 import torch
 from torch import fx, nn
+from torch.nn.modules.batchnorm import _BatchNorm
 
 from autopart.measure.capture import ModelGraph, value_bytes
 
@@ -83,6 +84,8 @@ class GraphBlocks:
     """Bytes crossing a cut after each operation (``graph.nodes[p]``): every place the graph can be cut."""
     by_name: dict[str, fx.Node] = field(default_factory=dict)
     """Every node of the captured program by name (placeholders and parameters included)."""
+    root: nn.Module | None = None
+    """The model that was captured: its BatchNorm layers run in the stages as the modules they are."""
 
     @property
     def boundaries(self) -> list[Boundary]:
@@ -125,8 +128,11 @@ class GraphBlocks:
             env[node.name] = graph.node_copy(node, lambda arg: self._arg(arg, env, graph, module))
         graph.output(tuple(graph.call_method("contiguous", (self._arg(v, env, graph),))
                            if isinstance(v.meta.get("val"), torch.Tensor) else self._arg(v, env, graph) for v in outs))
+        layers = _batchnorm_as_modules(graph, self.root) if self.root is not None else {}
         graph.lint()
-        return fx.GraphModule(self.graph.module, graph, class_name=f"Stage_{first}_{last}")
+        attrs: dict[str, Any] = {str(n.target): _get_attr(self.graph.module, str(n.target))
+                                 for n in graph.nodes if n.op == "get_attr"}
+        return fx.GraphModule({**attrs, **layers}, graph, class_name=f"Stage_{first}_{last}")
 
     def parameter_names(self, first: int, last: int) -> list[str]:
         """The names under which blocks ``first``..``last`` hold parameters (as :meth:`stage_module` names them)."""
@@ -283,7 +289,8 @@ def graph_blocks(graph: ModelGraph, root: nn.Module) -> GraphBlocks:
         seen[base] += 1
         names.append(base if seen[base] == 1 else f"{base}#{seen[base]}")
     blocks = GraphBlocks(graph=graph, names=names, spans=[(r[1], r[2]) for r in merged], recomputed=recomputed,
-                         aliases=_aliases(root), by_name={n.name: n for n in graph.module.graph.nodes}, cuts=cuts)
+                         aliases=_aliases(root), by_name={n.name: n for n in graph.module.graph.nodes}, cuts=cuts,
+                         root=root)
     blocks.live = _live_sets(blocks, sources)
     return blocks
 
@@ -386,3 +393,49 @@ def _live_sets(blocks: GraphBlocks, sources: dict[str, set[str]]) -> list[list[s
             for _, end in blocks.spans]
     live[-1] = [o.name for o in graph.outputs if o is not None]
     return live
+
+
+def _batchnorm_as_modules(graph: fx.Graph, root: nn.Module) -> dict[str, nn.Module]:
+    """Each ``aten.batch_norm`` on a BatchNorm layer's own statistics becomes a call of the layer itself (the
+    one ``root`` holds now: a deferred one, if swapped), which also counts its batches, so the captured count
+    (``num_batches_tracked.add_(1)``) goes; returns the layers by path.
+
+    The capture fixed the layer's training mode, momentum (and ``momentum=None``'s factor) at trace time; a
+    module call keeps them live, and lets :mod:`autopart.measure.batchnorm` swap it.
+    """
+    layers: dict[str, nn.Module] = {}
+    for node in list(graph.nodes):
+        if node.op != "call_function" or node.target is not torch.ops.aten.batch_norm.default:
+            continue
+        mean = node.args[3]
+        if not (isinstance(mean, fx.Node) and mean.op == "get_attr" and str(mean.target).endswith(".running_mean")):
+            continue
+        path = str(mean.target).removesuffix(".running_mean")
+        try:
+            layer = root.get_submodule(path)
+        except AttributeError:
+            continue
+        if not isinstance(layer, _BatchNorm):
+            continue
+        with graph.inserting_before(node):
+            call = graph.call_module(path, (node.args[0],))
+        call.meta = dict(node.meta)
+        node.replace_all_uses_with(call)
+        graph.erase_node(node)
+        layers[path] = layer
+    for node in list(graph.nodes):
+        target = str(node.target)
+        if node.op == "get_attr" and target.rsplit(".", 1)[0] in layers:
+            for user in list(node.users):
+                if user.op == "call_function" and user.target is torch.ops.aten.add_.Tensor and not user.users:
+                    graph.erase_node(user)  # the captured batch count
+            if not node.users:
+                graph.erase_node(node)
+    return layers
+
+
+def _get_attr(module: nn.Module, target: str) -> Any:
+    for part in target.split("."):
+        module = getattr(module, part)
+    return module
+

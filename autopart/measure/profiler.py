@@ -294,8 +294,7 @@ def profile_model(module: nn.Module, example: torch.Tensor | Sequence[torch.Tens
     Given ``loss_fn`` and ``target``, the last block's time and activations
     include the loss, as the last pipeline stage computes it. BatchNorm layers are
     measured as training will run them: ``batchnorm="deferred"`` swaps in
-    :class:`~autopart.measure.batchnorm.DeferredBatchNorm` while measuring (a
-    model captured as a graph keeps PyTorch's, "micro").
+    :class:`~autopart.measure.batchnorm.DeferredBatchNorm` while measuring.
     """
     if repeats < 1:
         raise AutopartError(f"repeats must be >= 1, got {repeats}")
@@ -325,8 +324,6 @@ def profile_model(module: nn.Module, example: torch.Tensor | Sequence[torch.Tens
     with _preserved(module, device):
         chain = chain_of(module, example_t, name, names)
     blocks = chain.blocks
-    if mode == "deferred" and chain.graph is not None:
-        mode = "micro"  # a captured graph runs BatchNorm as an operation, not a module to swap
     if loss_fn is not None:
         loss_fn = chain.model_loss(loss_fn)
     param_bytes, buffer_bytes, ties = _param_bytes(blocks, qualified=chain.graph is not None)
@@ -334,8 +331,10 @@ def profile_model(module: nn.Module, example: torch.Tensor | Sequence[torch.Tens
     clock = _Clock(device)
     layers = []
     with _preserved(module, device), deferred_batchnorm(module, mode or "micro"):
-        if chain.graph is None:  # a block that is itself a BatchNorm was swapped too
-            blocks = [(block_name, module.get_submodule(block_name)) for block_name, _ in blocks]
+        if mode == "deferred":  # the blocks again, with the swapped layers (a block may be one)
+            graph = chain.graph
+            blocks = [(n, module.get_submodule(n) if graph is None else graph.stage_module(i, i))
+                      for i, (n, _) in enumerate(blocks)]
         module.train()
         try:
             loss = (lambda out: loss_fn(out, target)) if loss_fn is not None and target is not None else None

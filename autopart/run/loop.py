@@ -108,9 +108,11 @@ def _prepare(cfg: TrainConfig, rank: int, device: torch.device) -> Job:
     chain = _chain(cfg, bundle, microbatch_size, tuple(plan.sample_shape[1:]))
     check_plan_against_model(plan, chain.names, world, cfg.model)
     batchnorm = _batchnorm_mode(cfg, plan, chain)
-    if batchnorm == "deferred":
+    if batchnorm == "deferred":  # the blocks again, with the swapped layers (a block may be one)
         defer_batchnorm(chain.root)
-        chain.blocks = [(name, chain.root.get_submodule(name)) for name, _ in chain.blocks]  # a block may be one
+        graph = chain.graph
+        chain.blocks = [(name, chain.root.get_submodule(name) if graph is None else graph.stage_module(i, i))
+                        for i, (name, _) in enumerate(chain.blocks)]
     sample_shape = tuple(plan.sample_shape[1:]) if plan.sample_shape else (
         tuple(bundle.example[0].shape[1:]) if bundle.example else ())
     saved_dir = latest_complete(cfg.checkpoint) if cfg.checkpoint else None
@@ -125,7 +127,7 @@ def _prepare(cfg: TrainConfig, rank: int, device: torch.device) -> Job:
     if saved:
         restore_pipeline(pipe, optimizer, saved, job.reporter)
     if job.reporter:
-        _say_start(job, batchnorm_layers(chain.root), batchnorm, captured=chain.graph is not None)
+        _say_start(job, batchnorm_layers(chain.root), batchnorm)
     return job  # the rest of the model (other ranks' blocks) is freed with ``bundle``
 
 
@@ -142,27 +144,20 @@ def _chain(cfg: TrainConfig, bundle: ModelBundle, microbatch_size: int, sample_s
 
 def _batchnorm_mode(cfg: TrainConfig, plan: Plan, chain: Chain) -> str | None:
     """deferred or micro for a model with BatchNorm (``--batchnorm``, else the plan's, else deferred); None
-    without. A captured graph runs BatchNorm as an operation, not a module to swap: micro."""
+    without."""
     if not batchnorm_layers(chain.root):
         return None
-    mode = cfg.batchnorm or plan.batchnorm or "deferred"
-    if mode == "deferred" and chain.graph is not None:
-        if cfg.batchnorm == "deferred":
-            raise AutopartError(f"--batchnorm deferred needs a model whose blocks are its children; {cfg.model!r} "
-                                f"is captured as a graph, where BatchNorm is an operation: use --batchnorm micro")
-        return "micro"
-    return mode
+    return cfg.batchnorm or plan.batchnorm or "deferred"
 
 
-def _say_start(job: Job, layers: list[str], batchnorm: str | None, captured: bool) -> None:
+def _say_start(job: Job, layers: list[str], batchnorm: str | None) -> None:
     plan, mb, gb = job.plan, job.microbatch_size, job.global_batch
     if batchnorm == "deferred":
         say(f"BatchNorm: {len(layers)} layers ({layers[0]}, ...), deferred: each micro-batch of {mb} is normalised "
             f"on its own, running statistics are committed once per step over the {gb}-sample mini-batch")
     elif batchnorm == "micro":
-        graph = " (deferred needs a model whose blocks are its children)" if captured else ""
         say(f"warning: BatchNorm: {len(layers)} layers ({layers[0]}, ...), micro: running statistics follow each "
-            f"micro-batch of {mb}, not the {gb}-sample mini-batch (GPipe paper, sec. 3){graph}")
+            f"micro-batch of {mb}, not the {gb}-sample mini-batch (GPipe paper, sec. 3)")
     if batchnorm and plan.batchnorm and plan.batchnorm != batchnorm:
         say(f"note: the profile measured BatchNorm {plan.batchnorm}, training runs it {batchnorm}")
     restart = int(os.environ.get("TORCHELASTIC_RESTART_COUNT", "0") or 0)
