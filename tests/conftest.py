@@ -40,6 +40,23 @@ def run_cli(*args: str, cwd: Path | None = None, timeout: float = 300) -> subpro
                           capture_output=True, timeout=timeout)
 
 
+def run_cli_here(*args: str) -> subprocess.CompletedProcess[str]:
+    """``autopart ARGS`` in this process (its ``main``, stdout and stderr captured): for commands that end
+    before any real work, where a new interpreter would cost more than the check."""
+    import contextlib
+    import io
+
+    from autopart.cli import main
+
+    out, err = io.StringIO(), io.StringIO()
+    with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
+        try:
+            code = main(list(args))
+        except SystemExit as exc:  # argparse's own usage errors
+            code = exc.code if isinstance(exc.code, int) else 2
+    return subprocess.CompletedProcess(["autopart", *args], code, out.getvalue(), err.getvalue())
+
+
 def assert_one_line_error(result: subprocess.CompletedProcess[str], *fragments: str) -> None:
     """Exit code 2, no traceback, one line on stderr that contains every fragment."""
     assert result.returncode == 2, (result.returncode, result.stderr)

@@ -1,5 +1,7 @@
 """Bad input as a new user meets it (issue #11, item 5): one line on stderr and exit code 2, before any rank
-starts. No case trains: each fails in the checks a command runs first."""
+starts. No case trains: each fails in the checks a command runs first, so most run the command's ``main`` in
+this process (``run_cli_here``); those whose failure used to reach past Python (C++ frames), or that need
+another working folder, run a real process."""
 from __future__ import annotations
 
 import json
@@ -11,7 +13,7 @@ import pytest
 import torch
 
 from autopart.run.checkpoint import mark_complete, save_stage
-from tests.conftest import ROOT, assert_one_line_error, run_cli
+from tests.conftest import ROOT, assert_one_line_error, run_cli, run_cli_here
 
 TINY = ROOT / "profiles" / "gpt2-tiny-cpu-mb4.json"
 
@@ -30,9 +32,9 @@ def plan(tmp_path_factory: pytest.TempPathFactory) -> Path:
 def test_checkpoint_at_a_file_or_under_one(plan: Path, tmp_path: Path) -> None:
     afile = tmp_path / "afile"
     afile.write_text("not a folder")
-    assert_one_line_error(run_cli("train", str(plan), "--model", "gpt2-tiny", "--checkpoint", str(afile)),
+    assert_one_line_error(run_cli_here("train", str(plan), "--model", "gpt2-tiny", "--checkpoint", str(afile)),
                           f"--checkpoint '{afile}' is a file, not a folder")
-    assert_one_line_error(run_cli("train", str(plan), "--model", "gpt2-tiny", "--checkpoint", str(afile / "ckpt")),
+    assert_one_line_error(run_cli_here("train", str(plan), "--model", "gpt2-tiny", "--checkpoint", str(afile / "ckpt")),
                           f"--checkpoint '{afile / 'ckpt'}': cannot create the folder: Not a directory")
 
 
@@ -40,12 +42,13 @@ def test_checkpoint_at_a_file_or_under_one(plan: Path, tmp_path: Path) -> None:
 def test_checkpoint_in_a_folder_without_write_permission(plan: Path, tmp_path: Path) -> None:
     locked = tmp_path / "locked"
     locked.mkdir(mode=0o500)
-    assert_one_line_error(run_cli("train", str(plan), "--model", "gpt2-tiny", "--checkpoint", str(locked / "ckpt")),
+    assert_one_line_error(run_cli_here("train", str(plan), "--model", "gpt2-tiny", "--checkpoint", str(locked / "ckpt")),
                           "cannot create the folder: Permission denied")
 
 
 @pytest.mark.parametrize("timeout", ["0", "-5", "nan", "inf"])
 def test_timeout_must_be_positive_and_finite(plan: Path, timeout: str) -> None:
+    # a real process: the C++ frames c10d printed for --timeout 0 went to the process's stderr, past Python
     assert_one_line_error(run_cli("train", str(plan), "--model", "gpt2-tiny", "--timeout", timeout),
                           "--timeout must be > 0 seconds", f"got {float(timeout):g}")
 
@@ -89,7 +92,7 @@ def _damaged_checkpoint(root: Path, damage: Callable[[Path], None]) -> Path:
 @pytest.mark.parametrize("damage, fragment", DAMAGE, ids=[d.__name__.strip("_") for d, _ in DAMAGE])
 def test_merge_names_the_damaged_stage_file(tmp_path: Path, damage: Callable[[Path], None], fragment: str) -> None:
     file = _damaged_checkpoint(tmp_path / "ckpt", damage)
-    assert_one_line_error(run_cli("merge-checkpoint", str(tmp_path / "ckpt"), "-o", str(tmp_path / "m.pt")),
+    assert_one_line_error(run_cli_here("merge-checkpoint", str(tmp_path / "ckpt"), "-o", str(tmp_path / "m.pt")),
                           f"checkpoint file '{file}'", fragment)
     assert not (tmp_path / "m.pt").exists()
 
@@ -98,7 +101,7 @@ def test_merge_names_the_damaged_stage_file(tmp_path: Path, damage: Callable[[Pa
 def test_resuming_from_a_damaged_checkpoint_is_refused_before_the_ranks_start(
         plan: Path, tmp_path: Path, damage: Callable[[Path], None], fragment: str) -> None:
     file = _damaged_checkpoint(tmp_path / "ckpt", damage)
-    assert_one_line_error(run_cli("train", str(plan), "--model", "gpt2-tiny", "--checkpoint", str(tmp_path / "ckpt")),
+    assert_one_line_error(run_cli_here("train", str(plan), "--model", "gpt2-tiny", "--checkpoint", str(tmp_path / "ckpt")),
                           "autopart train: error: checkpoint file", f"'{file}'", fragment)
 
 
@@ -106,7 +109,7 @@ def test_a_damaged_complete_marker_is_named(tmp_path: Path) -> None:
     _damaged_checkpoint(tmp_path / "ckpt", lambda file: None)
     marker = tmp_path / "ckpt" / "step-000001" / "COMPLETE"
     marker.write_text('{"step": 1, "num_stages": "two"}')
-    assert_one_line_error(run_cli("merge-checkpoint", str(tmp_path / "ckpt"), "-o", str(tmp_path / "m.pt")),
+    assert_one_line_error(run_cli_here("merge-checkpoint", str(tmp_path / "ckpt"), "-o", str(tmp_path / "m.pt")),
                           f"checkpoint marker '{marker}' is damaged: num_stages is 'two'")
 
 
@@ -132,7 +135,7 @@ def _edited(tmp_path: Path, source: Path, edit: Callable[[dict[str, Any]], None]
 def test_a_profile_with_impossible_numbers_is_refused(tmp_path: Path, field: str, value: float, fragment: str,
                                                       limit: list[str]) -> None:
     profile = _edited(tmp_path, TINY, lambda d: d["layers"][4].update({field: value}))
-    assert_one_line_error(run_cli("partition", str(profile), "--stages", "2", *limit),
+    assert_one_line_error(run_cli_here("partition", str(profile), "--stages", "2", *limit),
                           f"profile '{profile}': layers[4] (block 'h.3'): {fragment}")
 
 
@@ -143,7 +146,7 @@ def test_a_profile_with_impossible_numbers_is_refused(tmp_path: Path, field: str
 def test_a_plan_with_impossible_numbers_is_refused(plan: Path, tmp_path: Path, field: str, value: float,
                                                    fragment: str) -> None:
     edited = _edited(tmp_path, plan, lambda d: d["stages"][1].update({field: value}))
-    assert_one_line_error(run_cli("simulate", str(edited)), f"plan '{edited}': {fragment}")
+    assert_one_line_error(run_cli_here("simulate", str(edited)), f"plan '{edited}': {fragment}")
 
 
 # --- profile: --microbatch-size, a folder as the model ----------------------------------------------------------
@@ -154,7 +157,7 @@ def test_a_plan_with_impossible_numbers_is_refused(plan: Path, tmp_path: Path, f
     ("4,-2", "'-2' is not a micro-batch size"),
 ])
 def test_microbatch_size_errors_name_the_flag(sizes: str, fragment: str) -> None:
-    result = run_cli("profile", "gpt2-tiny", "--microbatch-size", sizes)
+    result = run_cli_here("profile", "gpt2-tiny", "--microbatch-size", sizes)
     assert_one_line_error(result, fragment, "integers >= 1 like 4 or 1,2,4,8")
     assert "input shape" not in result.stderr
 
@@ -170,7 +173,7 @@ def test_a_model_spec_naming_a_folder(tmp_path: Path) -> None:
 
 @pytest.mark.parametrize("width", ["0", "-3", "9"])
 def test_simulate_width_below_the_narrowest_timeline(plan: Path, width: str) -> None:
-    assert_one_line_error(run_cli("simulate", str(plan), "--width", width),
+    assert_one_line_error(run_cli_here("simulate", str(plan), "--width", width),
                           f"--width must be >= 10 characters, got {width}")
 
 
@@ -195,12 +198,12 @@ def message():
 def test_a_factory_that_calls_sys_exit(tmp_path: Path, factory: str, called: str) -> None:
     (tmp_path / "exits.py").write_text(EXITS)
     spec = f"{tmp_path / 'exits.py'}:{factory}"
-    assert_one_line_error(run_cli("profile", spec), f"model factory '{spec}' called {called}")
+    assert_one_line_error(run_cli_here("profile", spec), f"model factory '{spec}' called {called}")
 
 
 def test_a_model_file_that_calls_sys_exit_on_import(plan: Path, tmp_path: Path) -> None:
     (tmp_path / "bye.py").write_text("import sys\nsys.exit(4)\n")
-    assert_one_line_error(run_cli("train", str(plan), "--model", f"{tmp_path / 'bye.py'}:make"),
+    assert_one_line_error(run_cli_here("train", str(plan), "--model", f"{tmp_path / 'bye.py'}:make"),
                           f"importing '{tmp_path / 'bye.py'}' called sys.exit(4)")
 
 
@@ -209,7 +212,7 @@ def test_a_model_file_that_calls_sys_exit_on_import(plan: Path, tmp_path: Path) 
 def test_train_checks_the_schedule_as_simulate_does(plan: Path, tmp_path: Path) -> None:
     one = _edited(tmp_path, plan, lambda d: d.update(microbatches=1))
     line = "1F1B needs at least as many micro-batches as ranks: 1 < 2"
-    simulated = run_cli("simulate", str(one))
-    trained = run_cli("train", str(one), "--model", "gpt2-tiny", "--steps", "1")
+    simulated = run_cli_here("simulate", str(one))
+    trained = run_cli_here("train", str(one), "--model", "gpt2-tiny", "--steps", "1")
     assert_one_line_error(simulated, f"autopart simulate: error: {line}")
     assert_one_line_error(trained, f"autopart train: error: {line}")

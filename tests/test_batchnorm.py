@@ -117,26 +117,31 @@ def _reference(spec: str, mode: str, steps: int, microbatches: int, lr: float) -
     return model.state_dict()
 
 
-def _profile(spec: str, folder: Path) -> Path:
-    out = folder / "p.json"
-    made = run_cli("profile", spec, "--repeats", "1", "--warmup", "0", "-o", str(out))
-    assert made.returncode == 0, made.stderr
-    assert json.loads(out.read_text())["batchnorm"] == "deferred"  # measured as it will train
-    return out
+@pytest.fixture(scope="module")
+def profiles(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
+    """Each model's profile, made once for the module's tests."""
+    folder, made = tmp_path_factory.mktemp("bn"), {}
+    for i, spec in enumerate((SPEC, UNET)):
+        out = folder / f"p{i}.json"
+        ran = run_cli("profile", spec, "--repeats", "1", "--warmup", "0", "-o", str(out))
+        assert ran.returncode == 0, ran.stderr
+        assert json.loads(out.read_text())["batchnorm"] == "deferred"  # measured as it will train
+        made[spec] = out
+    return made
 
 
 @pytest.mark.parametrize("spec, schedule, mode", [(SPEC, "GPipe", "deferred"), (SPEC, "1F1B", "deferred"),
                                                   (SPEC, "1F1B", "micro"), (UNET, "1F1B", "deferred")],
                          ids=["chain-GPipe-deferred", "chain-1F1B-deferred", "chain-1F1B-micro", "unet-1F1B-deferred"])
-def test_pipelined_running_statistics_equal_the_unpartitioned_models(tmp_path: Path, spec: str, schedule: str,
-                                                                      mode: str) -> None:
+def test_pipelined_running_statistics_equal_the_unpartitioned_models(profiles: dict[str, Path], tmp_path: Path,
+                                                                      spec: str, schedule: str, mode: str) -> None:
     """3 steps of 4 micro-batches on 2 real ranks: every BatchNorm's running mean, variance and
     ``num_batches_tracked`` equal the unpartitioned model's after one forward of each mini-batch (deferred:
     updated once per step from all its rows; micro: once per micro-batch, PyTorch's own, as before). The
     U-Net is captured as a graph: its stages call the BatchNorm layers as modules, so they are swapped too."""
     plan, ckpt = tmp_path / "plan.json", tmp_path / "ckpt"
     split = ["--balance", "7,11"] if spec == SPEC else []
-    made = run_cli("partition", str(_profile(spec, tmp_path)), "--stages", "2", *split, "--schedule", schedule,
+    made = run_cli("partition", str(profiles[spec]), "--stages", "2", *split, "--schedule", schedule,
                    "--microbatches", "4", "--optimizer", "sgd", "-o", str(plan))
     assert made.returncode == 0, made.stderr
     flags = ["--batchnorm", mode] if mode == "micro" else []
