@@ -17,7 +17,7 @@ from autopart.measure.profiler import make_optimizer
 from autopart.measure.spec import load_model
 from autopart.run.checkpoint import merge_checkpoint
 from autopart.run.data import training_data
-from tests.conftest import ROOT, run_cli
+from tests.conftest import ROOT, run_cli, run_cli_here
 
 SPEC = f"{ROOT / 'tests' / 'helpers.py'}:batchnorm_spec"
 UNET = f"{ROOT / 'tests' / 'graph_models.py'}:unet"
@@ -123,7 +123,7 @@ def profiles(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
     folder, made = tmp_path_factory.mktemp("bn"), {}
     for i, spec in enumerate((SPEC, UNET)):
         out = folder / f"p{i}.json"
-        ran = run_cli("profile", spec, "--repeats", "1", "--warmup", "0", "-o", str(out))
+        ran = run_cli_here("profile", spec, "--repeats", "1", "--warmup", "0", "-o", str(out))
         assert ran.returncode == 0, ran.stderr
         assert json.loads(out.read_text())["batchnorm"] == "deferred"  # measured as it will train
         made[spec] = out
@@ -141,7 +141,7 @@ def test_pipelined_running_statistics_equal_the_unpartitioned_models(profiles: d
     U-Net is captured as a graph: its stages call the BatchNorm layers as modules, so they are swapped too."""
     plan, ckpt = tmp_path / "plan.json", tmp_path / "ckpt"
     split = ["--balance", "7,11"] if spec == SPEC else []
-    made = run_cli("partition", str(profiles[spec]), "--stages", "2", *split, "--schedule", schedule,
+    made = run_cli_here("partition", str(profiles[spec]), "--stages", "2", *split, "--schedule", schedule,
                    "--microbatches", "4", "--optimizer", "sgd", "-o", str(plan))
     assert made.returncode == 0, made.stderr
     flags = ["--batchnorm", mode] if mode == "micro" else []

@@ -13,7 +13,7 @@ from autopart.formats.plan import Plan
 from autopart.formats.profile import Profile
 from autopart.measure.spec import load_model
 from autopart.run.checkpoint import load_stages, merge_checkpoint, latest_complete
-from tests.conftest import ROOT, assert_one_line_error, run_cli
+from tests.conftest import ROOT, assert_one_line_error, run_cli, run_cli_here
 
 UNET = f"{ROOT / 'tests' / 'graph_models.py'}:unet"
 HF = "hf:gpt2:n_layer=2,n_embd=32,n_head=2,n_positions=64"
@@ -33,7 +33,7 @@ def test_unet_from_a_file_profiles_partitions_and_trains(tmp_path: Path) -> None
     made = run_cli("profile", UNET, "--threads", "1", "--repeats", "3", "-o", str(profile))
     assert made.returncode == 0, made.stderr
     assert [x.skip_bytes for x in Profile.from_json(profile).layers] == [0, 2048, 2048, 0, 0]
-    assert run_cli("partition", str(profile), "--stages", "2", "--microbatches", "2", "-o", str(plan)).returncode == 0
+    assert run_cli_here("partition", str(profile), "--stages", "2", "--microbatches", "2", "-o", str(plan)).returncode == 0
     trained = run_cli("train", str(plan), "--model", UNET, "--steps", "3", "--checkpoint", str(tmp_path / "ckpt"))
     assert trained.returncode == 0, trained.stderr[-2000:]
     assert "step 3/3" in trained.stderr and "SYNTHETIC" in trained.stderr
@@ -47,7 +47,7 @@ def test_hf_gpt2_offline_trains_with_its_tied_embedding_equal_on_both_stages(tmp
     made = run_cli("profile", HF, "--input-shape", "2,32", "--threads", "1", "--repeats", "3", "-o", str(profile))
     assert made.returncode == 0, made.stderr
     assert Profile.from_json(profile).ties  # the LM head shares the token embedding
-    assert run_cli("partition", str(profile), "--stages", "2", "--microbatches", "2", "-o", str(plan)).returncode == 0
+    assert run_cli_here("partition", str(profile), "--stages", "2", "--microbatches", "2", "-o", str(plan)).returncode == 0
     stages = Plan.from_json(plan).stages
     assert stages[0].blocks[0] == "transformer.wte" and stages[-1].blocks[-1] == "lm_head"
     trained = run_cli("train", str(plan), "--model", HF, "--steps", "2", "--lr", "3e-3", "--checkpoint", str(ckpt))
@@ -94,9 +94,9 @@ def test_an_hf_spec_error_is_one_line_from_the_command_line() -> None:
 def test_keyword_inputs_profile_and_train_on_synthetic_data(tmp_path: Path) -> None:
     spec = f"{ROOT / 'tests' / 'graph_models.py'}:two_in_two_out_keywords"
     profile, plan = tmp_path / "p.json", tmp_path / "plan.json"
-    assert run_cli("profile", spec, "--repeats", "1", "-o", str(profile)).returncode == 0
+    assert run_cli_here("profile", spec, "--repeats", "1", "-o", str(profile)).returncode == 0
     assert Profile.from_json(profile).layers[0].skip_bytes == 4 * 1 * 4  # the keyword input "scale", needed last
-    assert run_cli("partition", str(profile), "--stages", "2", "--microbatches", "2", "-o", str(plan)).returncode == 0
+    assert run_cli_here("partition", str(profile), "--stages", "2", "--microbatches", "2", "-o", str(plan)).returncode == 0
     trained = run_cli("train", str(plan), "--model", spec, "--steps", "2")
     assert trained.returncode == 0, trained.stderr[-2000:]
     assert "SYNTHETIC" in trained.stderr and "step 2/2" in trained.stderr

@@ -13,7 +13,7 @@ import torch
 
 from autopart.run.checkpoint import latest_complete, merge_checkpoint
 from autopart.measure.spec import load_model
-from tests.conftest import ROOT, assert_one_line_error, run_cli
+from tests.conftest import ROOT, assert_one_line_error, run_cli, run_cli_here
 
 TINY = str(ROOT / "profiles" / "gpt2-tiny-cpu-mb4.json")
 
@@ -21,7 +21,7 @@ TINY = str(ROOT / "profiles" / "gpt2-tiny-cpu-mb4.json")
 @pytest.fixture(scope="module")
 def plan(tmp_path_factory: pytest.TempPathFactory) -> Path:
     out = tmp_path_factory.mktemp("train") / "plan.json"
-    made = run_cli("partition", TINY, "--stages", "2", "--microbatches", "2", "-o", str(out))
+    made = run_cli_here("partition", TINY, "--stages", "2", "--microbatches", "2", "-o", str(out))
     assert made.returncode == 0, made.stderr
     return out
 
@@ -85,8 +85,8 @@ def make():
 def test_a_rank_that_dies_stops_the_job(tmp_path: Path) -> None:
     (tmp_path / "boom.py").write_text(BOOM)
     spec = f"{tmp_path / 'boom.py'}:make"
-    assert run_cli("profile", spec, "--repeats", "1", "-o", str(tmp_path / "p.json")).returncode == 0
-    assert run_cli("partition", str(tmp_path / "p.json"), "--stages", "2", "--microbatches", "2",
+    assert run_cli_here("profile", spec, "--repeats", "1", "-o", str(tmp_path / "p.json")).returncode == 0
+    assert run_cli_here("partition", str(tmp_path / "p.json"), "--stages", "2", "--microbatches", "2",
                    "-o", str(tmp_path / "plan.json")).returncode == 0
     ckpt = tmp_path / "ckpt"
     started = time.monotonic()
@@ -110,7 +110,7 @@ def test_plan_for_another_model_is_refused(plan: Path) -> None:
 
 def test_plan_for_more_ranks_than_processes(tmp_path: Path) -> None:
     out = tmp_path / "plan3.json"
-    assert run_cli("partition", TINY, "--stages", "3", "-o", str(out)).returncode == 0
+    assert run_cli_here("partition", TINY, "--stages", "3", "-o", str(out)).returncode == 0
     env = dict(os.environ, PYTHONPATH=str(ROOT), OMP_NUM_THREADS="1")
     result = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2",
                              "-m", "autopart", "train", str(out), "--model", "gpt2-tiny", "--steps", "1"],
@@ -127,7 +127,7 @@ def test_images_batchnorm_warning_and_replan(tmp_path: Path) -> None:
     profile, plan, suggested = tmp_path / "p.json", tmp_path / "plan.json", tmp_path / "replan.json"
     assert run_cli("profile", "resnet-mini", "--microbatch-size", "4", "--repeats", "1", "--threads", "1",
                    "-o", str(profile)).returncode == 0
-    assert run_cli("partition", str(profile), "--stages", "2", "--microbatches", "2", "--method", "uniform",
+    assert run_cli_here("partition", str(profile), "--stages", "2", "--microbatches", "2", "--method", "uniform",
                    "-o", str(plan)).returncode == 0
     result = run_cli("train", str(plan), "--model", "resnet-mini", "--steps", "2", "--replan", str(suggested))
     assert result.returncode == 0, result.stderr[-2000:]
@@ -153,7 +153,7 @@ def test_threads_other_than_the_profiles_are_said_before_training(plan: Path, tm
     data["threads"] = 64  # more than this machine's cores allow per rank
     profile, two = tmp_path / "p.json", tmp_path / "plan.json"
     profile.write_text(json.dumps(data))
-    assert run_cli("partition", str(profile), "--stages", "2", "--microbatches", "2", "-o", str(two)).returncode == 0
+    assert run_cli_here("partition", str(profile), "--stages", "2", "--microbatches", "2", "-o", str(two)).returncode == 0
     assert json.loads(two.read_text())["threads"] == 64
     noted = run_cli("train", str(two), "--model", "gpt2-tiny", "--steps", "1")
     assert noted.returncode == 0, noted.stderr[-2000:]
@@ -166,8 +166,8 @@ def test_the_report_and_the_trace_are_measured_inside_the_pipeline(tmp_path: Pat
     spec = f"{ROOT / 'tests' / 'helpers.py'}:sleep_spec"
     profile, plan, report = tmp_path / "p.json", tmp_path / "plan.json", tmp_path / "r.json"
     trace, svg = tmp_path / "t.json", tmp_path / "t.svg"
-    assert run_cli("profile", spec, "--microbatch-size", "1", "-o", str(profile)).returncode == 0
-    made = run_cli("partition", str(profile), "--stages", "2", "--microbatches", "4", "--balance", "2,2",
+    assert run_cli_here("profile", spec, "--microbatch-size", "1", "-o", str(profile)).returncode == 0
+    made = run_cli_here("partition", str(profile), "--stages", "2", "--microbatches", "4", "--balance", "2,2",
                    "--optimizer", "sgd-momentum", "-o", str(plan))
     assert made.returncode == 0, made.stderr
     ran = run_cli("train", str(plan), "--model", spec, "--steps", "5", "--report", str(report),

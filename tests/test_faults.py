@@ -13,7 +13,7 @@ import pytest
 import torch
 
 from autopart.run.checkpoint import latest_complete, load_stages, merge_checkpoint
-from tests.conftest import ROOT
+from tests.conftest import ROOT, run_cli_here
 
 HELPERS = ROOT / "tests" / "helpers.py"
 
@@ -33,9 +33,9 @@ def _run(*args: str) -> subprocess.CompletedProcess[str]:
 
 def _plan(tmp_path: Path, spec: str, *flags: str) -> Path:
     profile, plan = tmp_path / "p.json", tmp_path / "plan.json"
-    made = _run("profile", spec, "--repeats", "1", "--warmup", "0", "-o", str(profile))
+    made = run_cli_here("profile", spec, "--repeats", "1", "--warmup", "0", "-o", str(profile))
     assert made.returncode == 0, made.stderr
-    made = _run("partition", str(profile), "--stages", "2", "--microbatches", "2", *flags, "-o", str(plan))
+    made = run_cli_here("partition", str(profile), "--stages", "2", "--microbatches", "2", *flags, "-o", str(plan))
     assert made.returncode == 0, made.stderr
     return plan
 

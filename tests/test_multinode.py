@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.conftest import ROOT, run_cli
+from tests.conftest import ROOT, run_cli, run_cli_here
 
 TINY = str(ROOT / "profiles" / "gpt2-tiny-cpu-mb4.json")
 
@@ -23,7 +23,7 @@ def _free_port() -> int:
 
 def test_two_nodes_train_the_same_losses_as_one_launcher(tmp_path: Path) -> None:
     plan = tmp_path / "plan.json"
-    made = run_cli("partition", TINY, "--stages", "2", "--microbatches", "2", "-o", str(plan))
+    made = run_cli_here("partition", TINY, "--stages", "2", "--microbatches", "2", "-o", str(plan))
     assert made.returncode == 0, made.stderr
     single = run_cli("train", str(plan), "--model", "gpt2-tiny", "--steps", "2", "--report", str(tmp_path / "one.json"))
     assert single.returncode == 0, single.stderr[-2000:]

@@ -11,7 +11,7 @@ import torch
 
 from autopart.measure.spec import load_model
 from autopart.formats.plan import Plan
-from tests.conftest import ROOT, run_cli
+from tests.conftest import ROOT, run_cli_here
 
 TINY = str(ROOT / "profiles" / "gpt2-tiny-cpu-mb4.json")
 
@@ -26,7 +26,7 @@ def _torchrun(*args: str, cwd: Path) -> subprocess.CompletedProcess[str]:
                                                     ("ZBVZeroBubble", 4)])
 def test_pipelined_step_equals_single_process(schedule: str, microbatches: int, tmp_path: Path) -> None:
     plan_path = tmp_path / "plan.json"
-    made = run_cli("partition", TINY, "--stages", "2", "--schedule", schedule, "--microbatches", str(microbatches),
+    made = run_cli_here("partition", TINY, "--stages", "2", "--schedule", schedule, "--microbatches", str(microbatches),
                    "-o", str(plan_path))
     assert made.returncode == 0, made.stderr
     result = _torchrun(str(ROOT / "tests" / "pp_grad_check.py"), str(plan_path), "gpt2-tiny", str(tmp_path),
