@@ -154,6 +154,13 @@ class Chain:
             return self.graph.stage_module(first, last)
         return StageModule(self.root, self.names[first: last + 1])
 
+    def reload_blocks(self) -> None:
+        """Take each block from ``root`` again, after modules in it were swapped (a block may be one of them;
+        a graph block calls the modules ``root`` holds when it is built)."""
+        graph = self.graph
+        self.blocks = [(name, self.root.get_submodule(name) if graph is None else graph.stage_module(i, i))
+                       for i, (name, _) in enumerate(self.blocks)]
+
     def model_loss(self, loss_fn: LossFn) -> LossFn:
         """``loss_fn(output, target)`` for what the last block returns: a graph returns the model's output
         flattened, which is rebuilt (a tuple, a ModelOutput ...) before the user's loss sees it."""

@@ -25,6 +25,7 @@ from __future__ import annotations
 
 from collections import Counter
 from dataclasses import dataclass, field
+from operator import attrgetter
 from typing import Any, Sequence
 
 import torch
@@ -130,7 +131,7 @@ class GraphBlocks:
                            if isinstance(v.meta.get("val"), torch.Tensor) else self._arg(v, env, graph) for v in outs))
         layers = _batchnorm_as_modules(graph, self.root) if self.root is not None else {}
         graph.lint()
-        attrs: dict[str, Any] = {str(n.target): _get_attr(self.graph.module, str(n.target))
+        attrs: dict[str, Any] = {str(n.target): attrgetter(str(n.target))(self.graph.module)
                                  for n in graph.nodes if n.op == "get_attr"}
         return fx.GraphModule({**attrs, **layers}, graph, class_name=f"Stage_{first}_{last}")
 
@@ -433,9 +434,4 @@ def _batchnorm_as_modules(graph: fx.Graph, root: nn.Module) -> dict[str, nn.Modu
                 graph.erase_node(node)
     return layers
 
-
-def _get_attr(module: nn.Module, target: str) -> Any:
-    for part in target.split("."):
-        module = getattr(module, part)
-    return module
 

@@ -331,10 +331,9 @@ def profile_model(module: nn.Module, example: torch.Tensor | Sequence[torch.Tens
     clock = _Clock(device)
     layers = []
     with _preserved(module, device), deferred_batchnorm(module, mode or "micro"):
-        if mode == "deferred":  # the blocks again, with the swapped layers (a block may be one)
-            graph = chain.graph
-            blocks = [(n, module.get_submodule(n) if graph is None else graph.stage_module(i, i))
-                      for i, (n, _) in enumerate(blocks)]
+        if mode == "deferred":  # the blocks again, with the swapped layers
+            chain.reload_blocks()
+            blocks = chain.blocks
         module.train()
         try:
             loss = (lambda out: loss_fn(out, target)) if loss_fn is not None and target is not None else None

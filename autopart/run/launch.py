@@ -48,6 +48,11 @@ def _interrupted(exc: object) -> bool:
     return bool(failures) and all(int(getattr(f, "exitcode", 1) or 1) in (130, -2) for f in failures)
 
 
+def _say_interrupted() -> int:
+    sys.stderr.write("autopart train: interrupted; the ranks were stopped\n")
+    return 130
+
+
 def _root_cause(exc: object) -> tuple[int, object]:
     """The rank that failed first for a reason of its own, not because a peer vanished.
 
@@ -91,13 +96,11 @@ def launch(worker_args: Sequence[str], nproc: int, threads: int, max_restarts: i
         if signal is not None and signal.name != "SIGINT":
             sys.stderr.write(f"autopart train: error: stopped by {signal.name}; the ranks were stopped\n")
             return 128 + int(signal)
-        sys.stderr.write("autopart train: interrupted; the ranks were stopped\n")
-        return 130
+        return _say_interrupted()
     except ChildFailedError as exc:
         rank, failure = _root_cause(exc)
         if _interrupted(exc):
-            sys.stderr.write("autopart train: interrupted; the ranks were stopped\n")
-            return 130
+            return _say_interrupted()
         code = getattr(failure, "exitcode", 1)
         why = _message(failure)
         if code == 2 and why:

@@ -108,11 +108,9 @@ def _prepare(cfg: TrainConfig, rank: int, device: torch.device) -> Job:
     chain = _chain(cfg, bundle, microbatch_size, tuple(plan.sample_shape[1:]))
     check_plan_against_model(plan, chain.names, world, cfg.model)
     batchnorm = _batchnorm_mode(cfg, plan, chain)
-    if batchnorm == "deferred":  # the blocks again, with the swapped layers (a block may be one)
+    if batchnorm == "deferred":
         defer_batchnorm(chain.root)
-        graph = chain.graph
-        chain.blocks = [(name, chain.root.get_submodule(name) if graph is None else graph.stage_module(i, i))
-                        for i, (name, _) in enumerate(chain.blocks)]
+        chain.reload_blocks()
     sample_shape = tuple(plan.sample_shape[1:]) if plan.sample_shape else (
         tuple(bundle.example[0].shape[1:]) if bundle.example else ())
     saved_dir = latest_complete(cfg.checkpoint) if cfg.checkpoint else None

@@ -31,15 +31,19 @@ from autopart.measure.batchnorm import deferred_layers, statistics_kept
 from autopart.measure.blocks import Chain, LossFn, NamedBlock
 from autopart.run.timeline import ActionClock
 
-__all__ = ["Pipeline", "SharedParameters", "build_pipeline", "check_plan_against_model"]
+__all__ = ["Pipeline", "SharedParameters", "build_pipeline", "check_plan_against_model", "check_world_size"]
+
+
+def check_world_size(plan: Plan, world_size: int) -> None:
+    """Refuse a plan for another number of processes than were started."""
+    if world_size != plan.num_ranks:
+        raise AutopartError(f"the plan has {plan.num_stages} stages on {plan.num_ranks} ranks "
+                            f"({plan.stages_per_rank} per rank) but {world_size} processes were started")
 
 
 def check_plan_against_model(plan: Plan, blocks: Sequence[str], world_size: int, model_name: str) -> None:
     """Refuse, before any training, a plan that does not fit the model's blocks or the number of processes."""
-    expected = plan.num_ranks
-    if world_size != expected:
-        raise AutopartError(f"the plan has {plan.num_stages} stages on {expected} ranks "
-                            f"({plan.stages_per_rank} per rank) but {world_size} processes were started")
+    check_world_size(plan, world_size)
     ours = list(blocks)
     planned = [name for stage in plan.stages for name in stage.blocks]
     if planned != ours:
@@ -201,6 +205,7 @@ def build_pipeline(plan: Plan, chain: Chain, rank: int, device: torch.device, lo
     for stage in stages:
         _time_actions(stage, clock)
         _say_waits(stage, clock, plan.stage_ranks())
+        _keep_statistics_in_shape_inference(stage)
     cls = get_schedule_class(plan.schedule)
     schedule: _PipelineSchedule
     if issubclass(cls, PipelineScheduleMulti):
@@ -231,17 +236,21 @@ def _time_actions(stage: PipelineStage, clock: ActionClock) -> None:
     def backward_weight_one_chunk(bwd_chunk_id: int, *args: Any, **kwargs: Any) -> Any:
         return clock.timed("W", f"{s}W{bwd_chunk_id}", weight, bwd_chunk_id, *args, **kwargs)
 
-    def compute_outputs(*args: Any, module: nn.Module, **kwargs: Any) -> Any:
-        # Only the first step's metadata inference calls this (on real inputs for the first stage, on
-        # uninitialised ones for the others): it must not move BatchNorm's running statistics.
-        with statistics_kept(module):
-            return compute(*args, module=module, **kwargs)
-
-    compute = stage._compute_outputs
-    stage._compute_outputs = compute_outputs  # type: ignore[method-assign]
     stage.forward_one_chunk = forward_one_chunk  # type: ignore[method-assign]
     stage.backward_one_chunk = backward_one_chunk  # type: ignore[method-assign]
     stage.backward_weight_one_chunk = backward_weight_one_chunk  # type: ignore[method-assign]
+
+
+def _keep_statistics_in_shape_inference(stage: PipelineStage) -> None:
+    """The first step's shape inference runs the stage once more (``_compute_outputs``, on real inputs for
+    the first stage, on uninitialised ones for the others): it must not move BatchNorm's running statistics."""
+    compute = stage._compute_outputs
+
+    def compute_outputs(*args: Any, module: nn.Module, **kwargs: Any) -> Any:
+        with statistics_kept(module):
+            return compute(*args, module=module, **kwargs)
+
+    stage._compute_outputs = compute_outputs  # type: ignore[method-assign]
 
 
 def _say_waits(stage: PipelineStage, clock: ActionClock, ranks: Sequence[int]) -> None:

@@ -55,11 +55,10 @@ def check_before_joining(cfg: TrainConfig, world: int) -> None:
     """What every rank can check alike before joining the group: the plan's rank count and schedule."""
     from autopart.core.planner import simulate_plan
     from autopart.formats.plan import Plan
+    from autopart.run.stages import check_world_size
 
     plan = Plan.from_json(cfg.plan)
-    if world != plan.num_ranks:
-        raise AutopartError(f"the plan has {plan.num_stages} stages on {plan.num_ranks} ranks "
-                            f"({plan.stages_per_rank} per rank) but {world} processes were started")
+    check_world_size(plan, world)
     simulate_plan(plan)  # a schedule the plan's ranks and micro-batches can run, as simulate checks
 
 
