@@ -23,7 +23,7 @@ if TYPE_CHECKING:
     from autopart.measure.cutpoints import GraphBlocks
 
 __all__ = ["NamedBlock", "Chain", "StageModule", "chain_of", "split_blocks", "run_chain", "check_chain", "call_block",
-           "tensors_of"]
+           "tensors_of", "contiguous_grad", "stage_inputs", "cannot_run"]
 
 NamedBlock = tuple[str, nn.Module]
 """A block and its name in the model (``"h.3"``)."""
@@ -52,6 +52,44 @@ def call_block(block: nn.Module, inputs: Any) -> Any:
     if isinstance(inputs, tuple):
         return block(*inputs)
     return block(inputs)
+
+
+class _ContiguousGrad(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx: Any, x: torch.Tensor) -> torch.Tensor:
+        # A detached alias: the same storage, but to autograd a new tensor made by this function, not a view
+        # of the input (returning ``x`` or a view of it would be one: an in-place op after it is then refused).
+        return x.detach()
+
+    @staticmethod
+    def backward(ctx: Any, grad: torch.Tensor) -> torch.Tensor:
+        return grad.contiguous()
+
+
+def contiguous_grad(x: torch.Tensor) -> torch.Tensor:
+    """``x``'s values (its storage, no copy) as a tensor autograd made, neither a leaf nor a view, so an
+    in-place op may follow; its gradient is made contiguous backward (gloo sends only contiguous tensors,
+    and a ``cat`` backward gives strided ones)."""
+    return _ContiguousGrad.apply(x)  # type: ignore[no-any-return]
+
+
+def stage_inputs(value: Any) -> Any:
+    """What a stage's first block gets of the inputs it received (a tensor or a tuple): each floating tensor
+    through :func:`contiguous_grad`. A received input is a leaf that requires grad, and a block starting
+    with an in-place op (``ReLU(inplace=True)``) could not run on a leaf."""
+    if isinstance(value, torch.Tensor):
+        return contiguous_grad(value) if value.is_floating_point() else value
+    if isinstance(value, tuple):
+        return tuple(stage_inputs(v) for v in value)
+    return value
+
+
+def cannot_run(name: str, example: Sequence[torch.Tensor], exc: BaseException) -> AutopartError:
+    """The one line for a model that fails on its example input: the input's shape and what failed."""
+    shapes = [list(t.shape) for t in example]
+    text = str(exc).splitlines()[0] if str(exc) else ""
+    return AutopartError(f"model {name!r} cannot run input of shape {shapes[0] if len(shapes) == 1 else shapes}: "
+                         f"{type(exc).__name__}: {text}")
 
 
 def run_chain(blocks: Sequence[NamedBlock], example: tuple[torch.Tensor, ...]) -> Any:
@@ -85,8 +123,9 @@ def check_chain(module: nn.Module, blocks: Sequence[NamedBlock], example: tuple[
     try:
         module.eval()
         with torch.no_grad():
-            expected = tensors_of(module(*example))
-            got = tensors_of(run_chain(blocks, example))
+            # copies: a model may change its input in place
+            expected = tensors_of(module(*[t.clone() for t in example]))
+            got = tensors_of(run_chain(blocks, tuple(t.clone() for t in example)))
     except Exception as exc:
         raise AutopartError(
             f"model {name!r}: running its top-level children in order failed ({type(exc).__name__}: "
@@ -125,7 +164,7 @@ class StageModule(nn.Module):
             parent.add_module(leaf, root.get_submodule(name))
 
     def forward(self, *args: Any) -> Any:
-        out: Any = args if len(args) > 1 else args[0]
+        out: Any = stage_inputs(args if len(args) > 1 else args[0])
         for name in self.block_names:
             out = call_block(self.get_submodule(name), out)
         return out

@@ -32,6 +32,7 @@ import torch
 from torch import fx, nn
 from torch.nn.modules.batchnorm import _BatchNorm
 
+from autopart.measure.blocks import contiguous_grad
 from autopart.measure.capture import ModelGraph, value_bytes
 
 __all__ = ["Crossing", "Boundary", "GraphBlocks", "graph_blocks", "contiguous_grad"]
@@ -118,7 +119,8 @@ class GraphBlocks:
             placeholder.meta = dict(self._node(name).meta)
             value = placeholder.meta.get("val")
             floating = isinstance(value, torch.Tensor) and value.is_floating_point()
-            # gloo sends only contiguous tensors: gradients of the inputs are made so on their way out
+            # a received input is a leaf: the stage's ops see a non-leaf alias (an in-place op may come first),
+            # whose gradient is made contiguous on its way out (gloo sends only contiguous tensors)
             env[name] = graph.call_function(contiguous_grad, (placeholder,)) if floating else placeholder
             env[name].meta = placeholder.meta
         wanted = list(self.graph.nodes[start:end])
@@ -185,21 +187,6 @@ class GraphBlocks:
             for n in self.graph.nodes[start:end]:
                 made[n.name] = name
         return made
-
-
-class _ContiguousGrad(torch.autograd.Function):
-    @staticmethod
-    def forward(ctx: Any, x: torch.Tensor) -> torch.Tensor:
-        return x.view_as(x)
-
-    @staticmethod
-    def backward(ctx: Any, grad: torch.Tensor) -> torch.Tensor:
-        return grad.contiguous()
-
-
-def contiguous_grad(x: torch.Tensor) -> torch.Tensor:
-    """``x`` itself forward; its gradient made contiguous backward (a ``cat`` backward gives strided ones)."""
-    return _ContiguousGrad.apply(x)  # type: ignore[no-any-return]
 
 
 def _repeated(module: nn.Module) -> bool:

@@ -31,7 +31,7 @@ from torch import nn
 from autopart.errors import AutopartError
 from autopart.formats.profile import BATCHNORM_MODES, LayerProfile, Profile, Tie
 from autopart.measure.batchnorm import batchnorm_layers, deferred_batchnorm
-from autopart.measure.blocks import NamedBlock, call_block, chain_of, tensors_of
+from autopart.measure.blocks import NamedBlock, call_block, cannot_run, chain_of, stage_inputs, tensors_of
 
 __all__ = ["profile_model", "ProgressFn", "make_optimizer", "OPTIMIZERS"]
 
@@ -142,9 +142,10 @@ def _detach(value: Any) -> Any:
 
 
 def _with_grad(value: Any) -> Any:
-    """A fresh leaf copy of a block's input; floating tensors require grad (a stage sends it back)."""
+    """A fresh leaf copy of a block's input (a block that changes its input in place gets the same values in
+    every pass); floating tensors require grad (a stage sends it back)."""
     if isinstance(value, torch.Tensor):
-        leaf = value.detach()
+        leaf = value.detach().clone()
         return leaf.requires_grad_(True) if leaf.is_floating_point() else leaf
     if isinstance(value, tuple):
         return tuple(_with_grad(v) for v in value)
@@ -191,7 +192,7 @@ def _time_block(block: nn.Module, block_input: Any, clock: _Clock, warmup: int, 
     graph is kept for the full backward timed after it.
     """
     def run(x: Any) -> Any:
-        out = call_block(block, x)
+        out = call_block(block, stage_inputs(x))  # as a stage gets what it received
         return loss(out) if loss is not None else out
 
     x = _with_grad(block_input)
@@ -339,9 +340,7 @@ def profile_model(module: nn.Module, example: torch.Tensor | Sequence[torch.Tens
             loss = (lambda out: loss_fn(out, target)) if loss_fn is not None and target is not None else None
             saved, inputs = _activation_pass(module, blocks, example_t, loss)
         except Exception as exc:
-            shapes = [list(t.shape) for t in example_t]
-            raise AutopartError(f"model {name!r} cannot run input of shape {shapes[0] if len(shapes) == 1 else shapes}: "
-                                f"{type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}") from None
+            raise cannot_run(name, example_t, exc) from None
         for i, (block_name, block) in enumerate(blocks):
             last = i == len(blocks) - 1
             f_ms, b_ms, f_iqr, b_iqr, peak, i_ms = _time_block(block, inputs[i], clock, warmup, repeats, device,
