@@ -216,3 +216,55 @@ def test_train_checks_the_schedule_as_simulate_does(plan: Path, tmp_path: Path) 
     trained = run_cli_here("train", str(one), "--model", "gpt2-tiny", "--steps", "1")
     assert_one_line_error(simulated, f"autopart simulate: error: {line}")
     assert_one_line_error(trained, f"autopart train: error: {line}")
+
+
+# --- graph checks the input as profile does; models on the meta device; in-place ops (issue #16) --------------------
+
+INPLACE = ROOT / "tests" / "inplace_models.py"
+
+
+@pytest.mark.parametrize("flags, fragment", [
+    (("--input-dtype", "float32"), "cannot run input of shape [4, 64]: RuntimeError: Expected tensor for argument #1 "
+                                   "'indices' to have one of the following scalar types: Long, Int"),
+    (("--input-shape", "4,64,3"), "cannot run input of shape [4, 64, 3]: RuntimeError: The size of tensor a (3)"),
+    (("--input-shape", "2,5000"), "cannot run input of shape [2, 5000]: IndexError: index out of range"),  # > 64 positions
+])
+def test_graph_refuses_an_input_with_the_line_profile_gives(flags: tuple[str, ...], fragment: str,
+                                                            tmp_path: Path) -> None:
+    graphed = run_cli_here("graph", "gpt2-tiny", *flags)
+    profiled = run_cli_here("profile", "gpt2-tiny", *flags, "--repeats", "1", "--warmup", "0",
+                            "-o", str(tmp_path / "p.json"))
+    assert_one_line_error(graphed, f"autopart graph: error: model 'gpt2-tiny' {fragment}")
+    assert_one_line_error(profiled, f"autopart profile: error: model 'gpt2-tiny' {fragment}")
+    assert graphed.stderr.split(" error: ", 1)[1] == profiled.stderr.split(" error: ", 1)[1]
+
+
+def _meta_line(spec: str) -> str:
+    return f"model factory '{spec}' returned a module on the meta device (no weights): build it on a real device"
+
+
+@pytest.mark.parametrize("command", ["profile", "graph"])
+def test_a_factory_that_builds_on_the_meta_device(command: str, tmp_path: Path) -> None:
+    spec = f"{INPLACE}:on_meta"
+    extra = ("-o", str(tmp_path / "p.json")) if command == "profile" else ()
+    assert_one_line_error(run_cli_here(command, spec, *extra), f"autopart {command}: error: {_meta_line(spec)}")
+
+
+@pytest.mark.slow
+def test_train_refuses_a_factory_that_builds_on_the_meta_device(tmp_path: Path) -> None:
+    """The plan is relu_chain's (the same blocks); the ranks build the model and say it has no weights."""
+    profile, plan, spec = tmp_path / "p.json", tmp_path / "plan.json", f"{INPLACE}:on_meta"
+    made = run_cli_here("profile", f"{INPLACE}:relu_chain", "--threads", "1", "--repeats", "1", "-o", str(profile))
+    assert made.returncode == 0, made.stderr
+    assert run_cli_here("partition", str(profile), "--stages", "2", "--microbatches", "2",
+                        "-o", str(plan)).returncode == 0
+    assert_one_line_error(run_cli("train", str(plan), "--model", spec, "--steps", "1"),
+                          f"autopart train: error: rank 0: {_meta_line(spec)}")
+
+
+@pytest.mark.parametrize("factory", ["relu_chain", "relu_first", "inplace_on_input"])
+@pytest.mark.parametrize("command", ["profile", "graph"])
+def test_inplace_ops_after_a_cut_and_on_the_input_are_no_error(command: str, factory: str, tmp_path: Path) -> None:
+    extra = ("--repeats", "1", "--warmup", "0", "-o", str(tmp_path / "p.json")) if command == "profile" else ()
+    result = run_cli_here(command, f"{INPLACE}:{factory}", *extra)
+    assert result.returncode == 0, result.stderr

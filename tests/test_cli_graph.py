@@ -120,3 +120,19 @@ def test_a_model_that_cannot_be_captured_is_one_line_from_the_command_line(tmp_p
                      "        return self.out(self.gate(x)) + x\n\n\ndef make():\n    return M(), torch.randn(2, 4)\n")
     assert_one_line_error(run_cli("graph", f"{model}:make"), "could not capture its forward in 'gate'",
                           "give an nn.Sequential")
+
+
+def test_graph_shows_a_chain_with_a_data_dependent_branch_as_profile_takes_it(tmp_path: Path) -> None:
+    """The way out a capture error suggests: an nn.Sequential whose children run in order, here one with an
+    ``if`` on the values (no meta device, no capture can run it). graph shows its blocks; profile measures them."""
+    spec = f"{ROOT / 'tests' / 'inplace_models.py'}:branchy_chain"
+    shown = run_cli_here("graph", spec, "--json")
+    assert shown.returncode == 0, shown.stderr
+    data = json.loads(shown.stdout)
+    assert not data["captured"]
+    assert [(b["block"], b.get("main_bytes")) for b in data["blocks"]] == [("0", 4 * 8 * 4), ("1", 4 * 8 * 4),
+                                                                          ("2", None)]
+    assert run_cli_here("graph", spec).returncode == 0
+    profiled = run_cli_here("profile", spec, "--repeats", "1", "--warmup", "0", "-o", str(tmp_path / "p.json"))
+    assert profiled.returncode == 0, profiled.stderr
+    assert [layer.name for layer in Profile.from_json(tmp_path / "p.json").layers] == ["0", "1", "2"]

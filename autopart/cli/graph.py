@@ -10,12 +10,14 @@ from autopart.errors import AutopartError
 
 if TYPE_CHECKING:
     from autopart.measure.blocks import Chain
+    from autopart.measure.spec import ModelBundle
 
 __all__: list[str] = []
 
 HELP = """Show how MODEL is cut into blocks, the units pipeline stages are made of
-(built on the meta device: no memory for weights, so any size works):
-the children of an nn.Sequential (or of a module whose children run in order),
+(built as profile builds it: whole, and run once on the input to check it,
+when its weights fit in half the memory available, else on the meta device,
+so any size works): the children of an nn.Sequential (or of a module whose children run in order),
 or else its torch.export graph cut at module boundaries. For every cut between
 two blocks, the bytes that would cross it for one micro-batch: the main path
 (what the block before made) and the skips (values made earlier, or model
@@ -36,26 +38,31 @@ def add_parser(sub: Subcommands) -> None:
 
 def run(args: argparse.Namespace) -> int:
     import torch
+    from rich.console import Console
 
+    from autopart.cli.profile import meta_build
     from autopart.measure.blocks import chain_of
-    from autopart.measure.spec import load_model, parse_dtype, parse_shape, shape_example
-    from autopart.measure.stream import on_meta
+    from autopart.measure.spec import parse_dtype, parse_shape, shape_example
+    from autopart.measure.stream import load_with_weights, on_meta
 
     if args.microbatch_size is not None and args.microbatch_size < 1:
         raise AutopartError(f"--microbatch-size must be >= 1, got {args.microbatch_size}")
     input_shape = parse_shape(args.input_shape) if args.input_shape else None
     input_dtype = parse_dtype(args.input_dtype) if args.input_dtype else None
     torch.manual_seed(0)
-    try:
-        with torch.device("meta"):  # no weights needed: shapes say what crosses a cut
-            bundle = load_model(args.model)
-    except AutopartError:  # a factory that cannot run on the meta device
-        bundle = load_model(args.model)
+    # built as profile builds it: whole where it fits (one real forward then checks the input as profile's
+    # does, and runs what the meta device cannot), else on the meta device
+    bundle = meta_build(args.model, torch.float32, "auto", Console(emoji=False, stderr=True))
+    if bundle is None:
+        torch.manual_seed(0)
+        bundle = load_with_weights(args.model)
     meta = on_meta(bundle.module)
     example = tuple(t.to("meta") if meta else t
                     for t in shape_example(bundle, input_shape, input_dtype, args.microbatch_size))
+    if not meta:
+        _check_runs(bundle, example)
     chain = chain_of(bundle.module, example, args.model, bundle.input_names)
-    rows = _rows(chain, example)
+    rows = _rows(chain, example, args.model)
     if args.json:
         cuts = [{"after": node.name, "module": chain.graph.graph.module_of(node), "bytes": size}
                 for node, size in zip(chain.graph.graph.nodes, chain.graph.cuts)] if chain.graph is not None else []
@@ -66,11 +73,11 @@ def run(args: argparse.Namespace) -> int:
     return 0
 
 
-def _rows(chain: Chain, example: tuple[Any, ...]) -> list[dict[str, Any]]:
+def _rows(chain: Chain, example: tuple[Any, ...], name: str) -> list[dict[str, Any]]:
     """One row per block: its parameters and operations, and what crosses the cut after it."""
     seen: set[int] = set()
     out = []
-    boundaries = chain.graph.boundaries if chain.graph is not None else _chain_outputs(chain, example)
+    boundaries = chain.graph.boundaries if chain.graph is not None else _chain_outputs(chain, example, name)
     for i, (name, block) in enumerate(chain.blocks):
         params, tied = 0, []
         for pname, p in block.named_parameters(remove_duplicate=False):
@@ -91,12 +98,33 @@ def _rows(chain: Chain, example: tuple[Any, ...]) -> list[dict[str, Any]]:
     return out
 
 
-def _chain_outputs(chain: Chain, example: tuple[Any, ...]) -> list[Any]:
+def _check_runs(bundle: ModelBundle, example: tuple[Any, ...]) -> None:
+    """One forward of the model on (a copy of) ``example``, no gradients: an input it cannot take is the line
+    profile gives."""
+    import torch
+
+    from autopart.measure.blocks import cannot_run
+    from autopart.measure.spec import call_model
+
+    modes = {m: m.training for m in bundle.module.modules()}
+    try:
+        bundle.module.eval()
+        with torch.no_grad():
+            call_model(bundle.module, [t.clone() for t in example], bundle.input_names)
+    except Exception as exc:
+        raise cannot_run(bundle.name, example, exc) from None
+    finally:
+        for m, training in modes.items():
+            m.training = training
+
+
+def _chain_outputs(chain: Chain, example: tuple[Any, ...], name: str) -> list[Any]:
     """What crosses each cut of a chain of children: the block's output (one forward, no gradients)."""
     import torch
 
-    from autopart.measure.blocks import call_block, tensors_of
+    from autopart.measure.blocks import call_block, cannot_run, tensors_of
     from autopart.measure.cutpoints import Boundary, Crossing
+    from autopart.measure.stream import on_meta
 
     modes = {m: m.training for m in chain.root.modules()}
     out: list[Any] = []
@@ -104,11 +132,17 @@ def _chain_outputs(chain: Chain, example: tuple[Any, ...]) -> list[Any]:
     try:
         chain.root.eval()
         with torch.no_grad():
-            value: Any = example if len(example) > 1 else example[0]
-            for name, block in chain.blocks[:-1]:
+            value: Any = tuple(t.clone() for t in example) if len(example) > 1 else example[0].clone()
+            for block_name, block in chain.blocks[:-1]:
                 value = call_block(block, value)
                 size = sum(t.numel() * t.element_size() for t in tensors_of(value))
-                out.append(Boundary(after=name, main=(Crossing("output", name, size),), skips=()))
+                out.append(Boundary(after=block_name, main=(Crossing("output", block_name, size),), skips=()))
+    except Exception as exc:
+        if not on_meta(chain.root):
+            raise cannot_run(name, example, exc) from None
+        raise AutopartError(f"model {name!r} is built on the meta device (its weights need more than half the "
+                            f"memory available), where its blocks cannot run: {type(exc).__name__}: "
+                            f"{str(exc).splitlines()[0] if str(exc) else ''}") from None
     finally:
         for m, training in modes.items():
             m.training = training

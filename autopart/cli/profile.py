@@ -151,22 +151,25 @@ def _build(spec: str, request: _Request, build: str, err: Console) -> tuple[Mode
     """
     import torch
 
-    from autopart.measure.spec import load_model, shape_example
+    from autopart.measure.spec import shape_example
+    from autopart.measure.stream import load_with_weights
 
     torch.manual_seed(request.seed)
-    meta = _meta_build(spec, request, build, err) if build != "whole" else None
+    meta = meta_build(spec, request.dtype, build, err) if build != "whole" else None
     if meta is not None:
         bundle, module = meta, meta.module.to(dtype=request.dtype)
     else:
         torch.manual_seed(request.seed)
-        bundle = load_model(spec)
+        bundle = load_with_weights(spec)
         module = bundle.module.to(device=request.device, dtype=request.dtype)
     return bundle, module, [_real(shape_example(bundle, request.input_shape, request.input_dtype, size), request)
                             for size in request.sizes]
 
 
-def _meta_build(spec: str, request: _Request, build: str, err: Console) -> ModelBundle | None:
-    """The model built on the meta device when it is to be measured one block at a time, else None."""
+def meta_build(spec: str, dtype: torch.dtype, build: str, err: Console) -> ModelBundle | None:
+    """The model built on the meta device when it is to be measured one block at a time (``build`` is
+    ``by-block``, or ``auto`` and its weights in ``dtype`` need more than half the memory available), else None
+    (build it then with :func:`autopart.measure.stream.load_with_weights`)."""
     import torch
 
     from autopart.formats.units import format_bytes
@@ -179,7 +182,7 @@ def _meta_build(spec: str, request: _Request, build: str, err: Console) -> Model
         if build == "by-block":
             raise
         return None  # a factory that cannot run on the meta device: build it whole
-    need = sum(p.numel() for p in bundle.module.parameters()) * request.dtype.itemsize
+    need = sum(p.numel() for p in bundle.module.parameters()) * dtype.itemsize
     free = _available_bytes()
     if build != "by-block" and (free is None or need <= free // 2):
         return None
@@ -247,6 +250,7 @@ def _loss_and_target(bundle: ModelBundle, module: nn.Module, example: Example
     import torch
     from torch.utils import _pytree as pytree
 
+    from autopart.measure.blocks import cannot_run
     from autopart.measure.spec import call_model
     from autopart.measure.stream import on_meta
 
@@ -262,9 +266,7 @@ def _loss_and_target(bundle: ModelBundle, module: nn.Module, example: Example
             leaves = pytree.tree_leaves(call_model(module, inputs, bundle.input_names))
             out = next(x for x in leaves if isinstance(x, torch.Tensor))
     except Exception as exc:
-        shape = list(example[0].shape)
-        raise AutopartError(f"model {bundle.name!r} cannot run input of shape {shape}: {type(exc).__name__}: "
-                            f"{str(exc).splitlines()[0] if str(exc) else ''}") from None
+        raise cannot_run(bundle.name, example, exc) from None
     finally:
         module.train(was)
     target = torch.randint(0, out.shape[-1], tuple(out.shape[:-1]), device=example[0].device)

@@ -20,7 +20,7 @@ to the first), as the whole-model profiler counts them.
 from __future__ import annotations
 
 import dataclasses
-from typing import Any, Callable, Sequence
+from typing import TYPE_CHECKING, Any, Callable, Sequence
 
 import torch
 from torch import fx, nn
@@ -40,12 +40,27 @@ from autopart.measure.profiler import (
     _time_block,
 )
 
-__all__ = ["profile_by_block", "on_meta"]
+if TYPE_CHECKING:
+    from autopart.measure.spec import ModelBundle
+
+__all__ = ["profile_by_block", "on_meta", "load_with_weights"]
 
 
 def on_meta(module: nn.Module) -> bool:
     """True when the module's weights have no storage (built under ``torch.device("meta")``)."""
     return any(t.is_meta for t in list(module.parameters()) + list(module.buffers()))
+
+
+def load_with_weights(spec: str) -> ModelBundle:
+    """The model built as its factory builds it, which must give it weights: autopart itself puts a model on
+    the meta device where it must (too big to build, or a rank that materialises its own stages)."""
+    from autopart.measure.spec import load_model
+
+    bundle = load_model(spec)
+    if on_meta(bundle.module):
+        raise AutopartError(f"model factory {spec!r} returned a module on the meta device (no weights): build it on "
+                            f"a real device; autopart builds a model too big for memory on the meta device itself")
+    return bundle
 
 
 def _materialise(block: nn.Module, device: torch.device, dtype: torch.dtype) -> None:

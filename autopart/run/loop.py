@@ -22,6 +22,7 @@ from autopart.measure.batchnorm import batchnorm_layers, defer_batchnorm
 from autopart.measure.blocks import Chain, StageModule, chain_of
 from autopart.measure.profiler import make_optimizer
 from autopart.measure.spec import ModelBundle, load_model, shape_example
+from autopart.measure.stream import load_with_weights
 from autopart.run.checkpoint import latest_complete, load_stages, mark_complete
 from autopart.run.config import TrainConfig
 from autopart.run.data import training_data
@@ -93,7 +94,7 @@ def _build(cfg: TrainConfig) -> ModelBundle:
     if cfg.meta_init:
         with torch.device("meta"):
             return load_model(cfg.model)
-    return load_model(cfg.model)
+    return load_with_weights(cfg.model)
 
 
 def _prepare(cfg: TrainConfig, rank: int, device: torch.device) -> Job:
