@@ -89,3 +89,8 @@ def on_meta() -> tuple[nn.Module, torch.Tensor]:
     """``relu_chain`` built by its factory on the meta device: no weights to profile or train."""
     module = nn.Sequential(nn.Linear(8, 16, device="meta"), nn.ReLU(inplace=True), nn.Linear(16, 4, device="meta"))
     return module, torch.randn(4, 8)
+
+
+def huge_branchy_chain() -> tuple[nn.Module, torch.Tensor]:
+    """``branchy_chain`` with 4 TB of weights: only the meta device can hold it, and there the ``if`` cannot run."""
+    return nn.Sequential(nn.Linear(10**6, 10**6), _Branch(), nn.Linear(10**6, 4)), torch.randn(4, 10**6)

@@ -136,3 +136,13 @@ def test_graph_shows_a_chain_with_a_data_dependent_branch_as_profile_takes_it(tm
     profiled = run_cli_here("profile", spec, "--repeats", "1", "--warmup", "0", "-o", str(tmp_path / "p.json"))
     assert profiled.returncode == 0, profiled.stderr
     assert [layer.name for layer in Profile.from_json(tmp_path / "p.json").layers] == ["0", "1", "2"]
+
+
+def test_graph_of_a_chain_the_meta_device_cannot_run_says_why() -> None:
+    """Too big to build (4 TB of weights), so built on the meta device, where a data-dependent ``if`` has no
+    values to look at: one line that says so."""
+    spec = f"{ROOT / 'tests' / 'inplace_models.py'}:huge_branchy_chain"
+    assert_one_line_error(run_cli_here("graph", spec),
+                          f"model '{spec}' is built on the meta device (its weights need more than half the memory "
+                          f"available), where its blocks cannot run: RuntimeError: Tensor.item() cannot be called "
+                          f"on meta tensors")

@@ -38,7 +38,6 @@ def add_parser(sub: Subcommands) -> None:
 
 def run(args: argparse.Namespace) -> int:
     import torch
-    from rich.console import Console
 
     from autopart.cli.profile import meta_build
     from autopart.measure.blocks import chain_of
@@ -52,7 +51,7 @@ def run(args: argparse.Namespace) -> int:
     torch.manual_seed(0)
     # built as profile builds it: whole where it fits (one real forward then checks the input as profile's
     # does, and runs what the meta device cannot), else on the meta device
-    bundle = meta_build(args.model, torch.float32, "auto", Console(emoji=False, stderr=True))
+    bundle = meta_build(args.model, torch.float32, "auto", None)
     if bundle is None:
         torch.manual_seed(0)
         bundle = load_with_weights(args.model)

@@ -166,10 +166,10 @@ def _build(spec: str, request: _Request, build: str, err: Console) -> tuple[Mode
                             for size in request.sizes]
 
 
-def meta_build(spec: str, dtype: torch.dtype, build: str, err: Console) -> ModelBundle | None:
+def meta_build(spec: str, dtype: torch.dtype, build: str, err: Console | None) -> ModelBundle | None:
     """The model built on the meta device when it is to be measured one block at a time (``build`` is
     ``by-block``, or ``auto`` and its weights in ``dtype`` need more than half the memory available), else None
-    (build it then with :func:`autopart.measure.stream.load_with_weights`)."""
+    (build it then with :func:`autopart.measure.stream.load_with_weights`). ``err``: where to say so."""
     import torch
 
     from autopart.formats.units import format_bytes
@@ -186,8 +186,9 @@ def meta_build(spec: str, dtype: torch.dtype, build: str, err: Console) -> Model
     free = _available_bytes()
     if build != "by-block" and (free is None or need <= free // 2):
         return None
-    err.print(f"{spec}: {format_bytes(need)} of weights, {format_bytes(free or 0)} available: built on the meta "
-              f"device, measured one block at a time", highlight=False, soft_wrap=True)
+    if err is not None:
+        err.print(f"{spec}: {format_bytes(need)} of weights, {format_bytes(free or 0)} available: built on the meta "
+                  f"device, measured one block at a time", highlight=False, soft_wrap=True)
     return bundle
 
 
