@@ -94,3 +94,15 @@ def on_meta() -> tuple[nn.Module, torch.Tensor]:
 def huge_branchy_chain() -> tuple[nn.Module, torch.Tensor]:
     """``branchy_chain`` with 4 TB of weights: only the meta device can hold it, and there the ``if`` cannot run."""
     return nn.Sequential(nn.Linear(10**6, 10**6), _Branch(), nn.Linear(10**6, 4)), torch.randn(4, 10**6)
+
+
+class ScaledPair(nn.Module):
+    """Not a Sequential, but its children run in order; the first changes the model input in place."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.scale = _Scale()
+        self.out = nn.Linear(8, 4)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.out(self.scale(x))

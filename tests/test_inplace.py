@@ -105,3 +105,13 @@ def test_two_ranks_with_an_inplace_op_first_on_a_stage_equal_one_process(factory
         torch.testing.assert_close(grad, model.get_parameter(name).grad, msg=name)
     losses = [v for r in ranks if r["losses"] for v in r["losses"]]
     assert sum(losses) / len(losses) == pytest.approx(expected_loss, rel=1e-5)
+
+
+def test_children_that_change_the_input_in_place_are_still_a_chain() -> None:
+    """The check that the children reproduce the forward runs both on copies of the example: had the first run
+    doubled the example, the second would see 4x and call the model not a chain (then capture it)."""
+    from tests.inplace_models import ScaledPair
+
+    x = torch.randn(4, 8)
+    chain = chain_of(ScaledPair(), (x,), "scaled_pair")
+    assert chain.graph is None and chain.names == ["scale", "out"]
