@@ -17,11 +17,12 @@ __all__: list[str] = []
 HELP = """Show how MODEL is cut into blocks, the units pipeline stages are made of
 (built as profile builds it: whole, and run once on the input to check it,
 when its weights fit in half the memory available, else on the meta device,
-so any size works): the children of an nn.Sequential (or of a module whose children run in order),
-or else its torch.export graph cut at module boundaries. For every cut between
-two blocks, the bytes that would cross it for one micro-batch: the main path
-(what the block before made) and the skips (values made earlier, or model
-inputs, that a later block needs). Nothing is timed; see autopart profile."""
+so any size works): the children of an nn.Sequential (or of a module whose
+children run in order), or else its torch.export graph cut at module
+boundaries. For every cut between two blocks, the bytes that would cross it
+for one micro-batch: the main path (what the block before made) and the skips
+(values made earlier, or model inputs, that a later block needs). Nothing is
+timed; see autopart profile."""
 
 
 def add_parser(sub: Subcommands) -> None:
@@ -72,11 +73,11 @@ def run(args: argparse.Namespace) -> int:
     return 0
 
 
-def _rows(chain: Chain, example: tuple[Any, ...], name: str) -> list[dict[str, Any]]:
+def _rows(chain: Chain, example: tuple[Any, ...], model: str) -> list[dict[str, Any]]:
     """One row per block: its parameters and operations, and what crosses the cut after it."""
     seen: set[int] = set()
     out = []
-    boundaries = chain.graph.boundaries if chain.graph is not None else _chain_outputs(chain, example, name)
+    boundaries = chain.graph.boundaries if chain.graph is not None else _chain_outputs(chain, example, model)
     for i, (name, block) in enumerate(chain.blocks):
         params, tied = 0, []
         for pname, p in block.named_parameters(remove_duplicate=False):
@@ -117,7 +118,7 @@ def _check_runs(bundle: ModelBundle, example: tuple[Any, ...]) -> None:
             m.training = training
 
 
-def _chain_outputs(chain: Chain, example: tuple[Any, ...], name: str) -> list[Any]:
+def _chain_outputs(chain: Chain, example: tuple[Any, ...], model: str) -> list[Any]:
     """What crosses each cut of a chain of children: the block's output (one forward, no gradients)."""
     import torch
 
@@ -138,8 +139,8 @@ def _chain_outputs(chain: Chain, example: tuple[Any, ...], name: str) -> list[An
                 out.append(Boundary(after=block_name, main=(Crossing("output", block_name, size),), skips=()))
     except Exception as exc:
         if not on_meta(chain.root):
-            raise cannot_run(name, example, exc) from None
-        raise AutopartError(f"model {name!r} is built on the meta device (its weights need more than half the "
+            raise cannot_run(model, example, exc) from None
+        raise AutopartError(f"model {model!r} is built on the meta device (its weights need more than half the "
                             f"memory available), where its blocks cannot run: {type(exc).__name__}: "
                             f"{str(exc).splitlines()[0] if str(exc) else ''}") from None
     finally:
