@@ -216,3 +216,115 @@ def test_train_checks_the_schedule_as_simulate_does(plan: Path, tmp_path: Path) 
     trained = run_cli_here("train", str(one), "--model", "gpt2-tiny", "--steps", "1")
     assert_one_line_error(simulated, f"autopart simulate: error: {line}")
     assert_one_line_error(trained, f"autopart train: error: {line}")
+
+
+# --- file names: empty, or longer than a file system takes (issue #16, items 11 and 14) ---------------------------
+
+LONG = "a" * 300  # one name of 300 bytes: ENAMETOOLONG on every Linux file system
+
+
+@pytest.mark.parametrize("args, flag", [
+    (["profile", "gpt2-tiny", "-o", LONG], "argument -o/--output"),
+    (["partition", LONG, "--stages", "2"], "argument PROFILE"),
+    (["partition", str(TINY), "--stages", "2", "-o", f"out/{LONG}/plan.json"], "argument -o/--output"),
+    (["simulate", LONG], "argument PLAN"),
+    (["simulate", "PLAN", "--svg", LONG], "argument --svg"),
+    (["simulate", "PLAN", "--csv", LONG], "argument --csv"),
+    (["simulate", "PLAN", "--trace", LONG], "argument --trace"),
+    (["train", LONG, "--model", "gpt2-tiny"], "argument PLAN"),
+    (["train", "PLAN", "--model", "gpt2-tiny", "--data", LONG], "argument --data"),
+    (["train", "PLAN", "--model", "gpt2-tiny", "--checkpoint", f"{LONG}/ckpt"], "argument --checkpoint"),
+    (["train", "PLAN", "--model", "gpt2-tiny", "--report", LONG], "argument --report"),
+    (["train", "PLAN", "--model", "gpt2-tiny", "--trace", LONG], "argument --trace"),
+    (["train", "PLAN", "--model", "gpt2-tiny", "--svg", LONG], "argument --svg"),
+    (["train", "PLAN", "--model", "gpt2-tiny", "--replan", LONG], "argument --replan"),
+    (["merge-checkpoint", LONG, "-o", "m.pt"], "argument DIR"),
+    (["merge-checkpoint", "ckpt", "-o", LONG], "argument -o/--output"),
+], ids=lambda v: "-".join(v[:1] + [a for a in v if a.startswith("-")]) if isinstance(v, list) else None)
+def test_a_file_name_too_long_names_the_flag(plan: Path, args: list[str], flag: str) -> None:
+    args = [str(plan) if a == "PLAN" else a for a in args]
+    assert_one_line_error(run_cli_here(*args), f"{flag}: file name 'aaaaaaaaaaaaaaaaaaaa…aaaaaaaaaaaaaaaaaaaa' is "
+                                               f"300 bytes, longer than the 255 a file system takes")
+
+
+@pytest.mark.parametrize("args", [["profile", f"{LONG}.py:make"], ["partition", str(TINY), "--devices", f"{LONG}.json"],
+                                  ["train", "PLAN", "--model", f"{LONG}.py:make"]], ids=["profile", "devices", "train"])
+def test_a_file_name_too_long_inside_a_spec(plan: Path, args: list[str]) -> None:
+    args = [str(plan) if a == "PLAN" else a for a in args]
+    assert_one_line_error(run_cli_here(*args), "error: file name too long (30", "'aaaaaaaaaaaaaaaaaaaa…")
+
+
+@pytest.mark.parametrize("args", [["profile", "gpt2-tiny", "-o", ""], ["partition", str(TINY), "-k", "2", "-o", ""],
+                                  ["simulate", "PLAN", "--svg", ""], ["train", "PLAN", "--model", "gpt2-tiny",
+                                                                      "--report", ""]],
+                         ids=["profile", "partition", "simulate", "train"])
+def test_an_empty_file_name_is_refused(plan: Path, tmp_path: Path, args: list[str],
+                                       monkeypatch: pytest.MonkeyPatch) -> None:
+    args = [str(plan) if a == "PLAN" else a for a in args]
+    monkeypatch.chdir(tmp_path)
+    assert_one_line_error(run_cli_here(*args), "needs a file name, got ''")
+    assert os.listdir(tmp_path) == []  # no default name written instead
+
+
+# --- damaged JSON: nested too deep, required fields null (issue #16, items 11 and 14) ----------------------------
+
+def test_json_nested_too_deep(tmp_path: Path) -> None:
+    deep = tmp_path / "deep.json"
+    deep.write_text("[" * 100_000 + "]" * 100_000)
+    assert_one_line_error(run_cli_here("partition", str(deep), "--stages", "2"),
+                          f"profile file '{deep}' is not a valid profile: nesting too deep")
+    assert_one_line_error(run_cli_here("simulate", str(deep)), f"plan file '{deep}' is not a valid plan: nesting too deep")
+    assert_one_line_error(run_cli_here("partition", str(TINY), "--stages", "2", "--devices", str(deep)),
+                          f"devices file '{deep}' is not a valid devices file: nesting too deep")
+
+
+@pytest.mark.parametrize("field", ["model", "device", "microbatch_size", "layers"])
+def test_a_required_profile_field_that_is_null(tmp_path: Path, field: str) -> None:
+    profile = _edited(tmp_path, TINY, lambda d: d.update({field: None}))
+    assert_one_line_error(run_cli_here("partition", str(profile), "--stages", "2"),
+                          f"profile '{profile}': {field} is null; it is required")
+
+
+def test_a_required_block_field_that_is_null(tmp_path: Path) -> None:
+    profile = _edited(tmp_path, TINY, lambda d: d["layers"][2].update(forward_ms=None))
+    assert_one_line_error(run_cli_here("partition", str(profile), "--stages", "2"),
+                          f"profile '{profile}': layers[2].forward_ms is null; it is required")
+
+
+# --- outputs onto devices and symlinks (issue #16, item 10) --------------------------------------------------------
+
+def test_output_onto_a_device_or_a_symlink(tmp_path: Path) -> None:
+    null = tmp_path / "null"
+    null.symlink_to(os.devnull)  # were it replaced, it is our link that goes, not the real /dev/null
+    result = run_cli_here("partition", str(TINY), "--stages", "2", "-o", str(null), "--format", "balance")
+    assert result.returncode == 0, result.stderr
+    assert null.is_symlink() and os.stat(os.devnull).st_rdev == os.makedev(1, 3)
+    real = tmp_path / "real.json"
+    real.write_text("old")
+    link = tmp_path / "plan.json"
+    link.symlink_to(real)
+    result = run_cli_here("partition", str(TINY), "--stages", "2", "-o", str(link), "--format", "balance")
+    assert result.returncode == 0, result.stderr
+    assert link.is_symlink() and json.loads(real.read_text())["balance"] == json.loads(result.stdout)
+
+
+# --- a reader that closes stdout early: exit 0, nothing on stderr (issue #16, item 11) --------------------------
+
+@pytest.mark.slow
+@pytest.mark.parametrize("args", [["partition", str(TINY), "--stages", "2", "--format", "json"],
+                                  ["partition", str(TINY), "--stages", "2"],
+                                  ["simulate", "PLAN", "--json"], ["simulate", "PLAN"]],
+                         ids=["partition-json", "partition-table", "simulate-json", "simulate-table"])
+def test_stdout_closed_by_its_reader(plan: Path, args: list[str]) -> None:
+    import subprocess
+    import sys
+
+    read, write = os.pipe()
+    os.close(read)  # the reader is gone before the first write: every write to stdout fails with EPIPE
+    try:
+        done = subprocess.run([sys.executable, "-m", "autopart", *[str(plan) if a == "PLAN" else a for a in args]],
+                              stdout=write, stderr=subprocess.PIPE, text=True, timeout=120,
+                              env=dict(os.environ, PYTHONPATH=str(ROOT)))
+    finally:
+        os.close(write)
+    assert (done.returncode, done.stderr) == (0, "")

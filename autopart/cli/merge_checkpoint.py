@@ -4,7 +4,7 @@ from __future__ import annotations
 import argparse
 import io
 
-from autopart.cli.common import Subcommands
+from autopart.cli.common import Subcommands, path_arg
 
 __all__: list[str] = []
 
@@ -14,8 +14,8 @@ def add_parser(sub: Subcommands) -> None:
                        description="Merge the per-stage files of the latest complete checkpoint under DIR (or of "
                                    "one step-NNNNNN folder) into a single state_dict file with the unpartitioned "
                                    "model's names: model.load_state_dict(torch.load(FILE)).")
-    p.add_argument("checkpoint", metavar="DIR", help="the --checkpoint folder of autopart train")
-    p.add_argument("-o", "--output", required=True, metavar="FILE", help="where to write the state_dict (atomically)")
+    p.add_argument("checkpoint", metavar="DIR", type=path_arg, help="the --checkpoint folder of autopart train")
+    p.add_argument("-o", "--output", required=True, metavar="FILE", type=path_arg, help="where to write the state_dict (atomically)")
     p.set_defaults(run=run)
 
 

@@ -5,7 +5,7 @@ import argparse
 import json
 from typing import TYPE_CHECKING
 
-from autopart.cli.common import Subcommands
+from autopart.cli.common import Subcommands, path_arg
 from autopart.errors import AutopartError
 
 if TYPE_CHECKING:
@@ -69,7 +69,7 @@ def add_parser(sub: Subcommands) -> None:
                               "  autopart partition p.json --stages 4 --global-batch 64 --microbatches auto "
                               "--schedule auto --memory-limit 8GiB\n"
                               "  autopart partition p.json --devices 2xA100-40GB,2xH100-80GB@2.0 --bandwidth 25GB/s")
-    p.add_argument("profile", metavar="PROFILE", help="profile JSON written by autopart profile")
+    p.add_argument("profile", metavar="PROFILE", type=path_arg, help="profile JSON written by autopart profile")
     p.add_argument("--stages", "-k", type=int, metavar="K", help="pipeline ranks, one device each (default: the "
                    "number of --devices); interleaved schedules put several stages on each")
     p.add_argument("--microbatches", "-m", type=_count_arg, default=None, metavar="M|auto",
@@ -106,7 +106,7 @@ def add_parser(sub: Subcommands) -> None:
     p.add_argument("--format", default="table", choices=FORMATS,
                    help="stdout: table (default), json (the plan), balance, split-spec (Python defining "
                         "torch pipelining's split_spec, to paste), fqns (module names per stage)")
-    p.add_argument("-o", "--output", metavar="FILE", help="write the plan JSON here (atomically)")
+    p.add_argument("-o", "--output", metavar="FILE", type=path_arg, help="write the plan JSON here (atomically)")
     p.set_defaults(run=run)
 
 
@@ -208,14 +208,12 @@ def _blocks_label(blocks: tuple[str, ...]) -> str:
 
 
 def _print_plan(plan: Plan) -> None:
-    from rich.console import Console
     from rich.table import Table
 
+    from autopart.cli.console import stdout_console
     from autopart.formats.units import format_bytes, format_ms
 
-    console = Console(emoji=False)
-    if not console.is_terminal:
-        console = Console(emoji=False, width=140)
+    console = stdout_console(140)
     bottleneck = plan.predicted.bottleneck_ms
     sends = any(st.cost.send_ms for st in plan.stages)
     limits = any(st.device.memory_bytes for st in plan.stages)
@@ -266,9 +264,9 @@ def _print_plan(plan: Plan) -> None:
 
 def _print_given(plan: Plan, given: Plan) -> None:
     """autopart's plan beside a given split, under the same cost model."""
-    from rich.console import Console
     from rich.table import Table
 
+    from autopart.cli.console import stdout_console
     from autopart.formats.units import format_bytes, format_ms
 
     table = Table(title=f"the given split under the same cost model ({plan.schedule}, {plan.microbatches} "
@@ -280,7 +278,5 @@ def _print_given(plan: Plan, given: Plan) -> None:
         slower = f"{p.predicted.step_ms / plan.predicted.step_ms - 1:+.1%}" if plan.predicted.step_ms else "-"
         table.add_row(label, str(list(p.balance)), format_ms(p.predicted.step_ms), format_ms(p.predicted.bottleneck_ms),
                       memory + ("" if p.fits else "  (does not fit)"), slower)
-    console = Console(emoji=False)
-    if not console.is_terminal:
-        console = Console(emoji=False, width=160)
+    console = stdout_console(160)
     console.print(table)

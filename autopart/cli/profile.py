@@ -7,7 +7,7 @@ import re
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Iterator
 
-from autopart.cli.common import Subcommands
+from autopart.cli.common import Subcommands, path_arg
 from autopart.errors import AutopartError
 
 if TYPE_CHECKING:  # torch is imported when the command runs, so `autopart --help` stays fast
@@ -58,7 +58,7 @@ def add_parser(sub: Subcommands) -> None:
                    help="auto (default): build the model, unless its weights need more than half the memory "
                         "available: then build it on the meta device and measure one block at a time, identical "
                         "blocks once; whole or by-block: always one or the other")
-    p.add_argument("-o", "--output", metavar="FILE",
+    p.add_argument("-o", "--output", metavar="FILE", type=path_arg,
                    help="where to write the profile (default: MODEL-DEVICE-mbB.json in the current folder)")
     p.set_defaults(run=run)
 
@@ -296,9 +296,9 @@ def _device(text: str) -> torch.device:
 
 
 def _print_table(profile: Profile) -> None:
-    from rich.console import Console
     from rich.table import Table
 
+    from autopart.cli.console import stdout_console
     from autopart.formats.units import format_bytes, format_ms
 
     total = profile.step_ms or 1.0
@@ -320,7 +320,5 @@ def _print_table(profile: Profile) -> None:
                   format_ms(sum(x.backward_ms for x in profile.layers)), "100%",
                   format_bytes(profile.param_bytes), format_bytes(sum(x.activation_bytes for x in profile.layers)), "",
                   *([""] if skips else []))
-    console = Console(emoji=False)
-    if not console.is_terminal:
-        console = Console(emoji=False, width=140)
+    console = stdout_console(140)
     console.print(table)

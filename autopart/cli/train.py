@@ -7,7 +7,7 @@ import os
 import sys
 from pathlib import Path
 
-from autopart.cli.common import Subcommands
+from autopart.cli.common import Subcommands, path_arg
 from autopart.errors import AutopartError
 from autopart.formats.plan import Plan
 from autopart.run.config import TrainConfig
@@ -35,14 +35,14 @@ def add_parser(sub: Subcommands) -> None:
                        epilog="examples:\n  autopart train plan.json --model gpt2-tiny --steps 20\n"
                               "  torchrun --nnodes 2 --nproc-per-node 4 --rdzv-backend c10d --rdzv-endpoint HOST:29500 "
                               "-m autopart train plan.json --model gpt2-xl")
-    p.add_argument("plan", metavar="PLAN", help="plan JSON written by autopart partition")
+    p.add_argument("plan", metavar="PLAN", type=path_arg, help="plan JSON written by autopart partition")
     p.add_argument("--model", required=True, help="the model the plan was made for (built-in or factory spec)")
     p.add_argument("--steps", type=int, default=10, help="training steps (default: 10)")
     p.add_argument("--global-batch", type=int, metavar="N",
                    help="samples per step (default: the plan's micro-batch size x its micro-batches)")
     p.add_argument("--lr", type=float, default=1e-3, help="learning rate of the optimizer the plan names (default: 1e-3)")
-    p.add_argument("--data", metavar="PATH", help="text file or folder for GPT models (default: Python's own sources)")
-    p.add_argument("--checkpoint", metavar="DIR", help="save stage checkpoints here and resume from the latest")
+    p.add_argument("--data", metavar="PATH", type=path_arg, help="text file or folder for GPT models (default: Python's own sources)")
+    p.add_argument("--checkpoint", metavar="DIR", type=path_arg, help="save stage checkpoints here and resume from the latest")
     p.add_argument("--checkpoint-every", type=int, default=0, metavar="N",
                    help="save every N steps (default: only at the end)")
     p.add_argument("--max-restarts", type=int, default=0, metavar="N",
@@ -56,12 +56,12 @@ def add_parser(sub: Subcommands) -> None:
                    help="auto: cuda:LOCAL_RANK with NCCL when CUDA is there, else CPU with gloo")
     p.add_argument("--timeout", type=float, default=300.0, metavar="SECONDS",
                    help="how long a rank waits for a peer before giving up (default: 300)")
-    p.add_argument("--report", metavar="FILE", help="write measured-against-predicted as JSON")
-    p.add_argument("--trace", metavar="FILE", help="write the measured step (the median one) and the predicted one "
+    p.add_argument("--report", metavar="FILE", type=path_arg, help="write measured-against-predicted as JSON")
+    p.add_argument("--trace", metavar="FILE", type=path_arg, help="write the measured step (the median one) and the predicted one "
                    "as Chrome trace JSON (open in https://ui.perfetto.dev)")
-    p.add_argument("--svg", metavar="FILE", help="write the predicted step above the measured one, same time axis, "
+    p.add_argument("--svg", metavar="FILE", type=path_arg, help="write the predicted step above the measured one, same time axis, "
                    "as an SVG picture")
-    p.add_argument("--replan", metavar="FILE", help="re-profile every block where it ran and write the plan "
+    p.add_argument("--replan", metavar="FILE", type=path_arg, help="re-profile every block where it ran and write the plan "
                    "those measurements suggest")
     p.add_argument("--batchnorm", choices=("deferred", "micro"),
                    help="BatchNorm layers normalise each micro-batch on its own either way; deferred (the default, "
