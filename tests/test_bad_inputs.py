@@ -328,3 +328,97 @@ def test_stdout_closed_by_its_reader(plan: Path, args: list[str]) -> None:
     finally:
         os.close(write)
     assert (done.returncode, done.stderr) == (0, "")
+
+
+# --- smaller: a factory beside its modules, loss_fn without data, --lr, singulars (issue #16, item 7) ------------
+
+def test_a_factory_file_imports_the_module_beside_it(tmp_path: Path) -> None:
+    (tmp_path / "sibling_blocks_16.py").write_text(
+        "import torch\n\ndef blocks():\n    return torch.nn.Sequential(torch.nn.Linear(4, 8), torch.nn.Linear(8, 2))\n")
+    (tmp_path / "model.py").write_text(
+        "import torch\nfrom sibling_blocks_16 import blocks\n\ndef make():\n    return blocks(), torch.randn(3, 4)\n")
+    out = tmp_path / "p.json"
+    result = run_cli_here("profile", f"{tmp_path / 'model.py'}:make", "--repeats", "1", "--warmup", "0", "-o", str(out))
+    assert result.returncode == 0, result.stderr
+    assert [layer["name"] for layer in json.loads(out.read_text())["layers"]] == ["0", "1"]
+
+
+LOSS_NO_DATA = '''
+import torch
+
+def make():
+    module = torch.nn.Sequential(torch.nn.Linear(4, 8), torch.nn.Linear(8, 3))
+    return {"module": module, "example": torch.randn(2, 4), "loss_fn": torch.nn.functional.cross_entropy}
+'''
+
+
+def test_a_loss_without_data_is_said(plan: Path, tmp_path: Path) -> None:
+    (tmp_path / "lossy.py").write_text(LOSS_NO_DATA)
+    spec = f"{tmp_path / 'lossy.py'}:make"
+    result = run_cli_here("profile", spec, "--repeats", "1", "--warmup", "0", "-o", str(tmp_path / "p.json"))
+    assert result.returncode == 0, result.stderr
+    note = f"note: model '{spec}' gives loss_fn but no data, so its loss is not used: train runs synthetic inputs " \
+           f"with MSE to a fixed random target"
+    assert note in result.stderr
+    # train says it once the model is built, before any rank starts: here a plan made for gpt2-tiny stops it next
+    result = run_cli_here("train", str(plan), "--model", spec, "--steps", "1")
+    assert result.returncode == 2 and result.stderr.startswith(note), result.stderr
+    assert "the plan's blocks do not match" in result.stderr.splitlines()[1]
+
+
+@pytest.mark.parametrize("lr", ["-1", "nan", "inf", "-inf"])
+def test_lr_must_be_finite_and_not_negative(plan: Path, lr: str) -> None:
+    assert_one_line_error(run_cli_here("train", str(plan), "--model", "gpt2-tiny", f"--lr={lr}"),
+                          f"--lr must be a finite number >= 0, got {float(lr):g}")
+
+
+def test_lr_zero_is_a_check_run(plan: Path, tmp_path: Path) -> None:
+    # --lr 0 passes the flag checks: the run stops at the next check, the report's missing folder
+    result = run_cli_here("train", str(plan), "--model", "gpt2-tiny", "--lr", "0", "--report", str(tmp_path / "no" / "r"))
+    assert_one_line_error(result, "folder", "does not exist")
+    assert "--lr" not in result.stderr
+
+
+def test_one_of_a_kind_is_singular(tmp_path: Path) -> None:
+    out = tmp_path / "one.json"
+    made = run_cli_here("partition", str(TINY), "--stages", "1", "--microbatches", "1", "--schedule", "gpipe",
+                        "-o", str(out))
+    assert made.returncode == 0, made.stderr
+    assert made.stdout.splitlines()[0].rstrip() == "gpt2-tiny: exact, 1 stage on 1 rank"
+    assert "schedule GPipe, 1 micro-batch of 4:" in made.stdout
+    simulated = run_cli_here("simulate", str(out))
+    assert "gpt2-tiny: GPipe, 1 stage on 1 rank, 1 micro-batch\n" in simulated.stdout
+    assert_one_line_error(run_cli_here("partition", str(TINY), "--stages", "7"), "7 stages > 6 blocks")
+    one_block = _edited(tmp_path, TINY, lambda d: d.update(layers=d["layers"][:1]))
+    assert_one_line_error(run_cli_here("partition", str(one_block), "--stages", "2"), "2 stages > 1 block in")
+
+
+# --- unbounded or silent: micro-batches, a 0-row example (issue #16, item 14) ------------------------------------
+
+@pytest.mark.parametrize("args, fragment", [
+    (["partition", str(TINY), "--stages", "2", "--microbatches", "1000000"],
+     "1000000 micro-batches per step > 4096, the most autopart plans, simulates or trains"),
+    (["simulate", "PLAN", "--microbatches", "1000000"], "1000000 micro-batches per step > 4096"),
+    (["partition", str(TINY), "--stages", "2", "--microbatches", "8", "--global-batch", "4"],
+     "8 micro-batches > global batch 4: each needs at least one sample"),
+    (["train", "PLAN", "--model", "gpt2-tiny", "--global-batch", "1"],
+     "global batch 1 < the plan's 2 micro-batches: each needs at least one sample"),
+], ids=["partition", "simulate", "partition-global-batch", "train-global-batch"])
+def test_microbatches_are_bounded(plan: Path, args: list[str], fragment: str) -> None:
+    assert_one_line_error(run_cli_here(*[str(plan) if a == "PLAN" else a for a in args]), fragment)
+
+
+def test_a_plan_with_a_million_microbatches(plan: Path, tmp_path: Path) -> None:
+    edited = _edited(tmp_path, plan, lambda d: d.update(microbatches=1_000_000))
+    assert_one_line_error(run_cli_here("simulate", str(edited)), "1000000 micro-batches per step > 4096")
+    assert_one_line_error(run_cli_here("train", str(edited), "--model", "gpt2-tiny"),
+                          "1000000 micro-batches per step > 4096")
+
+
+def test_an_example_with_no_rows(tmp_path: Path) -> None:
+    (tmp_path / "empty.py").write_text("import torch\n\ndef make():\n    return torch.nn.Sequential(torch.nn.Linear(4, 2)), "
+                                       "torch.zeros(0, 4)\n")
+    spec = f"{tmp_path / 'empty.py'}:make"
+    assert_one_line_error(run_cli_here("profile", spec, "-o", str(tmp_path / "p.json")),
+                          f"model '{spec}': the example input has 0 rows (shape [0, 4])")
+    assert not (tmp_path / "p.json").exists()

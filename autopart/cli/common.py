@@ -5,9 +5,12 @@ from __future__ import annotations
 import argparse
 import os
 import sys
-from typing import NoReturn
+from typing import TYPE_CHECKING, NoReturn
 
-__all__ = ["Parser", "Subcommands", "path_arg", "shortened", "NAME_MAX_BYTES", "PATH_MAX_BYTES"]
+if TYPE_CHECKING:
+    from autopart.measure.spec import ModelBundle
+
+__all__ = ["Parser", "Subcommands", "path_arg", "shortened", "unused_loss_note", "NAME_MAX_BYTES", "PATH_MAX_BYTES"]
 
 Subcommands = argparse._SubParsersAction  # what ``add_subparsers`` returns; each command adds its parser to it
 
@@ -45,3 +48,13 @@ def path_arg(text: str) -> str:
             raise argparse.ArgumentTypeError(f"file name {shortened(part)!r} is {size} bytes, longer than the "
                                              f"{NAME_MAX_BYTES} a file system takes")
     return text
+
+
+def unused_loss_note(bundle: ModelBundle) -> str | None:
+    """The line profile and train say when a factory gives ``loss_fn`` without ``data``: its targets are
+    unknown, so training runs synthetic data with MSE to a fixed random target, and the loss goes unused."""
+    if bundle.loss_fn is None or bundle.data is not None or bundle.data_kind is not None:
+        return None
+    return (f"note: model {bundle.name!r} gives loss_fn but no data, so its loss is not used: train runs synthetic "
+            f"inputs with MSE to a fixed random target (speed only); give 'data' (input, target) pairs to train "
+            f"with loss_fn\n")

@@ -23,6 +23,7 @@ def run(args: argparse.Namespace) -> int:
     import torch
 
     from autopart.formats.atomic import check_writable, write_atomic
+    from autopart.formats.units import plural
     from autopart.run.checkpoint import merge_checkpoint
 
     check_writable(args.output)
@@ -31,5 +32,5 @@ def run(args: argparse.Namespace) -> int:
     torch.save(state, buffer)
     write_atomic(args.output, lambda handle: handle.write(buffer.getvalue()))
     total = sum(t.numel() * t.element_size() for t in state.values())
-    print(f"wrote {args.output}: {len(state)} tensors, {total / 2**20:.1f} MiB")
+    print(f"wrote {args.output}: {plural(len(state), 'tensor')}, {total / 2**20:.1f} MiB")
     return 0

@@ -124,7 +124,7 @@ def make_plan_from_args(args: argparse.Namespace) -> Plan:
     from autopart.formats.devices import Device, parse_devices
     from autopart.formats.profile import Profile
     from autopart.formats.schedule_kinds import stages_per_rank
-    from autopart.formats.units import parse_bandwidth, parse_bytes, parse_duration_ms
+    from autopart.formats.units import parse_bandwidth, parse_bytes, parse_duration_ms, plural
 
     profile = Profile.from_json(args.profile)
     devices = parse_devices(args.devices) if args.devices else None
@@ -138,9 +138,9 @@ def make_plan_from_args(args: argparse.Namespace) -> Plan:
     if k < 1:
         raise AutopartError(f"--stages must be >= 1, got {k}")
     if devices is not None and len(devices) != k:
-        raise AutopartError(f"--devices names {len(devices)} devices for {k} stages")
+        raise AutopartError(f"--devices names {plural(len(devices), 'device')} for {plural(k, 'stage')}")
     if k > len(profile.layers):
-        raise AutopartError(f"{k} stages > {len(profile.layers)} blocks in {args.profile}")
+        raise AutopartError(f"{plural(k, 'stage')} > {plural(len(profile.layers), 'block')} in {args.profile}")
     limit = parse_bytes(args.memory_limit, "--memory-limit") if args.memory_limit else None
     if devices is None:
         devices = [Device(name="device", memory_bytes=limit) for _ in range(k)]
@@ -211,7 +211,7 @@ def _print_plan(plan: Plan) -> None:
     from rich.table import Table
 
     from autopart.cli.console import stdout_console
-    from autopart.formats.units import format_bytes, format_ms
+    from autopart.formats.units import format_bytes, format_ms, plural
 
     console = stdout_console(140)
     bottleneck = plan.predicted.bottleneck_ms
@@ -221,7 +221,7 @@ def _print_plan(plan: Plan) -> None:
     ranks = plan.stage_ranks()
     method = "exact method, local search (too many splits to simulate each)" if plan.method == "local" \
         else plan.method
-    table = Table(title=f"{plan.model}: {method}, {plan.num_stages} stages on {plan.num_ranks} ranks",
+    table = Table(title=f"{plan.model}: {method}, {plural(plan.num_stages, 'stage')} on {plural(plan.num_ranks, 'rank')}",
                   title_justify="left")
     columns = ["stage", "rank", "blocks", "n", "time", "share"] + ["sends"] * sends + ["memory"] + ["limit"] * limits \
         + ["device"] * named
@@ -246,7 +246,7 @@ def _print_plan(plan: Plan) -> None:
     per_rank = f" ({plan.stages_per_rank} stages per rank)" if plan.stages_per_rank > 1 else ""
     console.print(f"bottleneck {format_ms(pred.bottleneck_ms)}, lower bound {format_ms(pred.lower_bound_ms)} "
                   f"(gap {gap:.1%}{_bottleneck_note(plan.method)})", highlight=False, soft_wrap=True)
-    console.print(f"schedule {plan.schedule}{per_rank}, {plan.microbatches} micro-batches{size}: predicted step "
+    console.print(f"schedule {plan.schedule}{per_rank}, {plural(plan.microbatches, 'micro-batch')}{size}: predicted step "
                   f"{format_ms(pred.step_ms)}, bubble {pred.bubble_fraction:.1%}", highlight=False, soft_wrap=True)
     if plan.scaling:
         console.print(f"note: {plan.scaling}", highlight=False, soft_wrap=True)
@@ -267,10 +267,10 @@ def _print_given(plan: Plan, given: Plan) -> None:
     from rich.table import Table
 
     from autopart.cli.console import stdout_console
-    from autopart.formats.units import format_bytes, format_ms
+    from autopart.formats.units import format_bytes, format_ms, plural
 
-    table = Table(title=f"the given split under the same cost model ({plan.schedule}, {plan.microbatches} "
-                        f"micro-batches)", title_justify="left")
+    table = Table(title=f"the given split under the same cost model ({plan.schedule}, "
+                        f"{plural(plan.microbatches, 'micro-batch')})", title_justify="left")
     for col in ("split", "balance", "predicted step", "bottleneck", "memory per stage", "vs autopart"):
         table.add_column(col, justify="left" if col in ("split", "balance", "memory per stage") else "right")
     for label, p in ((f"autopart ({plan.method})", plan), ("given", given)):

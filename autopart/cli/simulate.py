@@ -60,7 +60,7 @@ def run(args: argparse.Namespace) -> int:
     from autopart.formats.atomic import check_writable, write_atomic
     from autopart.formats.plan import Plan
     from autopart.formats.schedule_kinds import stage_ranks, stages_per_rank
-    from autopart.formats.units import format_ms, parse_duration_ms
+    from autopart.formats.units import format_ms, parse_duration_ms, plural
 
     for path in (args.svg, args.csv, args.trace):
         if path:
@@ -83,7 +83,8 @@ def run(args: argparse.Namespace) -> int:
     if args.csv:
         text = build_schedule(schedule, plan.num_stages // per_rank, microbatches, per_rank).csv_text()
         write_atomic(args.csv, lambda handle: handle.write(text.encode()))
-    title = f"{plan.model}: {schedule}, {plan.num_stages} stages on {sim.num_ranks} ranks, {microbatches} micro-batches"
+    title = (f"{plan.model}: {schedule}, {plural(plan.num_stages, 'stage')} on {plural(sim.num_ranks, 'rank')}, "
+             f"{plural(microbatches, 'micro-batch')}")
     if args.svg:
         svg = render_svg([("", sim)], title=title)
         write_atomic(args.svg, lambda handle: handle.write(svg.encode()))

@@ -3,11 +3,12 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import math
 import os
 import sys
 from pathlib import Path
 
-from autopart.cli.common import Subcommands, path_arg
+from autopart.cli.common import Subcommands, path_arg, unused_loss_note
 from autopart.errors import AutopartError
 from autopart.formats.plan import Plan
 from autopart.run.config import TrainConfig
@@ -83,8 +84,8 @@ def _config(args: argparse.Namespace) -> TrainConfig:
     if args.max_restarts and not args.checkpoint:
         raise AutopartError(f"--max-restarts {args.max_restarts} needs --checkpoint DIR: a restarted group resumes "
                             f"from the last complete checkpoint")
-    if not args.lr > 0:
-        raise AutopartError(f"--lr must be > 0, got {args.lr}")
+    if not (math.isfinite(args.lr) and args.lr >= 0):  # 0: a legitimate check run, weights unchanged
+        raise AutopartError(f"--lr must be a finite number >= 0, got {args.lr:g}")
     if not 0 < args.timeout <= MAX_TIMEOUT_S:  # also refuses nan; inf and more overflow torch's timedelta
         raise AutopartError(f"--timeout must be > 0 seconds (and at most 1e9), got {args.timeout:g}")
     return TrainConfig(plan=args.plan, model=args.model, steps=args.steps, global_batch=args.global_batch,
@@ -144,6 +145,9 @@ def run(args: argparse.Namespace) -> int:
         raise AutopartError(f"the plan needs {plan.num_ranks} GPUs, this machine has {torch.cuda.device_count()}")
     with torch.device("meta"):
         bundle = load_model(cfg.model)
+    note = unused_loss_note(bundle)
+    if note:
+        sys.stderr.write(note)
     if isinstance(bundle.module, torch.nn.Sequential):  # cheap on the meta device; other models: the ranks check
         check_plan_against_model(plan, [name for name, _ in split_blocks(bundle.module)], plan.num_ranks, cfg.model)
     if bundle.data is None and bundle.data_kind in ("text", "masked-text"):
@@ -180,11 +184,13 @@ def _check_checkpoint(folder: str) -> None:
 def _threads(cfg: TrainConfig, plan: Plan) -> int:
     """CPU threads per rank: --threads, else the profile's where the cores allow, else cores / ranks; said
     when the prediction assumes another count than the ranks get."""
+    from autopart.formats.units import plural
+
     cores = os.cpu_count() or 1
     fair = max(1, cores // plan.num_ranks)
     threads = cfg.threads or (plan.threads if plan.threads and plan.threads <= fair else fair)
     if plan.threads and threads != plan.threads and cfg.device != "cuda":
         sys.stderr.write(f"note: the plan's times were measured with {plan.threads} CPU threads; each of its "
-                         f"{plan.num_ranks} ranks gets {threads} ({cores} cores here), so expect the measured step to "
+                         f"{plural(plan.num_ranks, 'rank')} gets {threads} ({plural(cores, 'core')} here), so expect the measured step to "
                          f"differ from the prediction (profile with --threads {threads} to match)\n")
     return threads
