@@ -110,6 +110,8 @@ def write_atomic(path: str | os.PathLike[str], write: Callable[[IO[bytes]], obje
             # appending to this process's own regular file keeps what it printed there before
             with open(given, "ab" if stat.S_ISREG(os.stat(given).st_mode) else "wb") as handle:
                 write(handle)
+        except BrokenPipeError:  # a pipe's reader went away (``--csv /dev/stdout | head -1``): the CLI ends quietly
+            raise
         except OSError as exc:
             raise AutopartError(f"cannot write {str(given)!r}: {exc.strerror or exc}") from None
         return given
