@@ -15,7 +15,8 @@ def add_parser(sub: Subcommands) -> None:
                                    "one step-NNNNNN folder) into a single state_dict file with the unpartitioned "
                                    "model's names: model.load_state_dict(torch.load(FILE)).")
     p.add_argument("checkpoint", metavar="DIR", type=path_arg, help="the --checkpoint folder of autopart train")
-    p.add_argument("-o", "--output", required=True, metavar="FILE", type=path_arg, help="where to write the state_dict (atomically)")
+    p.add_argument("-o", "--output", required=True, metavar="FILE", type=path_arg,
+                   help="where to write the state_dict (atomically)")
     p.set_defaults(run=run)
 
 

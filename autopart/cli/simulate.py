@@ -44,7 +44,8 @@ def add_parser(sub: Subcommands) -> None:
     p.add_argument("--json", action="store_true", help="print a machine-readable summary only")
     p.add_argument("--svg", metavar="FILE", type=path_arg, help="write the timeline as an SVG picture (atomically)")
     p.add_argument("--csv", metavar="FILE", type=path_arg, help="write the schedule's per-rank actions as torch's CSV")
-    p.add_argument("--trace", metavar="FILE", type=path_arg, help="write the predicted timeline as Chrome trace JSON (torch.profiler's "
+    p.add_argument("--trace", metavar="FILE", type=path_arg,
+                   help="write the predicted timeline as Chrome trace JSON (torch.profiler's "
                    "format; open it in Perfetto or chrome://tracing)")
     p.add_argument("--width", type=int, default=100,
                    help=f"timeline width in characters, at least {MIN_WIDTH} (default: 100)")

@@ -41,9 +41,12 @@ def add_parser(sub: Subcommands) -> None:
     p.add_argument("--steps", type=int, default=10, help="training steps (default: 10)")
     p.add_argument("--global-batch", type=int, metavar="N",
                    help="samples per step (default: the plan's micro-batch size x its micro-batches)")
-    p.add_argument("--lr", type=float, default=1e-3, help="learning rate of the optimizer the plan names (default: 1e-3)")
-    p.add_argument("--data", metavar="PATH", type=path_arg, help="text file or folder for GPT models (default: Python's own sources)")
-    p.add_argument("--checkpoint", metavar="DIR", type=path_arg, help="save stage checkpoints here and resume from the latest")
+    p.add_argument("--lr", type=float, default=1e-3, help="learning rate of the optimizer the plan names; 0 runs "
+                   "the steps without changing the weights (default: 1e-3)")
+    p.add_argument("--data", metavar="PATH", type=path_arg,
+                   help="text file or folder for GPT models (default: Python's own sources)")
+    p.add_argument("--checkpoint", metavar="DIR", type=path_arg,
+                   help="save stage checkpoints here and resume from the latest")
     p.add_argument("--checkpoint-every", type=int, default=0, metavar="N",
                    help="save every N steps (default: only at the end)")
     p.add_argument("--max-restarts", type=int, default=0, metavar="N",
@@ -58,11 +61,14 @@ def add_parser(sub: Subcommands) -> None:
     p.add_argument("--timeout", type=float, default=300.0, metavar="SECONDS",
                    help="how long a rank waits for a peer before giving up (default: 300)")
     p.add_argument("--report", metavar="FILE", type=path_arg, help="write measured-against-predicted as JSON")
-    p.add_argument("--trace", metavar="FILE", type=path_arg, help="write the measured step (the median one) and the predicted one "
+    p.add_argument("--trace", metavar="FILE", type=path_arg,
+                   help="write the measured step (the median one) and the predicted one "
                    "as Chrome trace JSON (open in https://ui.perfetto.dev)")
-    p.add_argument("--svg", metavar="FILE", type=path_arg, help="write the predicted step above the measured one, same time axis, "
+    p.add_argument("--svg", metavar="FILE", type=path_arg,
+                   help="write the predicted step above the measured one, same time axis, "
                    "as an SVG picture")
-    p.add_argument("--replan", metavar="FILE", type=path_arg, help="re-profile every block where it ran and write the plan "
+    p.add_argument("--replan", metavar="FILE", type=path_arg,
+                   help="re-profile every block where it ran and write the plan "
                    "those measurements suggest")
     p.add_argument("--batchnorm", choices=("deferred", "micro"),
                    help="BatchNorm layers normalise each micro-batch on its own either way; deferred (the default, "
