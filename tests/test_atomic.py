@@ -1,8 +1,12 @@
 from __future__ import annotations
 
+import errno
+import json
 import os
+import stat
+import subprocess
 from pathlib import Path
-from typing import IO
+from typing import IO, Iterator
 
 import pytest
 
@@ -46,3 +50,86 @@ def test_written_files_get_the_umask_mode(tmp_path: Path, umask: int, mode: int)
     finally:
         os.umask(old)
     assert os.stat(written).st_mode & 0o777 == mode and os.stat(rewritten).st_mode & 0o777 == mode
+
+
+# --- outputs that are not regular files: written into, never replaced (issue #16, item 10) -------------------------
+
+def test_a_symlink_to_dev_null_is_written_through(tmp_path: Path) -> None:
+    # through a link of our own: were the link replaced, the real /dev/null would be untouched
+    link = tmp_path / "null"
+    link.symlink_to(os.devnull)
+    before = os.stat(os.devnull)
+    write_json_atomic(link, {"v": 1})
+    assert link.is_symlink() and os.readlink(link) == os.devnull
+    after = os.stat(os.devnull)
+    assert stat.S_ISCHR(after.st_mode) and (after.st_ino, after.st_rdev) == (before.st_ino, before.st_rdev)
+    assert os.listdir(tmp_path) == ["null"]
+
+
+def test_a_fifo_is_written_into(tmp_path: Path) -> None:
+    fifo = tmp_path / "pipe"
+    os.mkfifo(fifo)
+    reader = os.open(fifo, os.O_RDONLY | os.O_NONBLOCK)  # a reader first, so opening it to write does not wait
+    try:
+        write_json_atomic(fifo, {"v": 1})
+        received = os.read(reader, 1 << 16)
+    except BlockingIOError:  # nothing came through the FIFO
+        received = b""
+    finally:
+        os.close(reader)
+    assert received == b'{\n  "v": 1\n}\n'
+    assert stat.S_ISFIFO(os.lstat(fifo).st_mode)
+    assert os.listdir(tmp_path) == ["pipe"]
+
+
+def test_a_symlink_to_a_regular_file_keeps_the_link(tmp_path: Path) -> None:
+    real = tmp_path / "real.json"
+    write_json_atomic(real, {"v": 1})
+    link = tmp_path / "link.json"
+    link.symlink_to(real)
+    old_inode = os.stat(real).st_ino
+    write_json_atomic(link, {"v": 2})
+    assert link.is_symlink() and os.readlink(link) == str(real)
+    assert json.loads(real.read_text()) == {"v": 2}
+    assert os.stat(real).st_ino != old_inode  # replaced atomically, not rewritten in place
+    assert sorted(os.listdir(tmp_path)) == ["link.json", "real.json"]
+
+
+def test_a_full_device_is_one_error_naming_the_file(tmp_path: Path) -> None:
+    full = tmp_path / "full"
+    full.symlink_to("/dev/full")  # every write: ENOSPC
+    with pytest.raises(AutopartError, match=f"cannot write '{full}': No space left on device"):
+        write_json_atomic(full, {"v": 1})
+
+
+@pytest.fixture
+def full_disk(tmp_path: Path) -> Iterator[Path]:
+    """A 64 KiB tmpfs filled up, holding an old ``plan.json``: needs root and mount (skipped elsewhere)."""
+    folder = tmp_path / "disk"
+    folder.mkdir()
+    mounted = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=64k", "tmpfs", str(folder)], capture_output=True)
+    if mounted.returncode != 0:
+        pytest.skip("cannot mount a tmpfs here")
+    try:
+        (folder / "plan.json").write_text('{"v": 1}\n')
+        filler = os.open(folder / "filler", os.O_WRONLY | os.O_CREAT)
+        try:
+            while True:
+                os.write(filler, bytes(512))
+        except OSError as exc:
+            assert exc.errno == errno.ENOSPC
+        finally:
+            os.close(filler)
+        yield folder
+    finally:
+        subprocess.run(["umount", str(folder)], check=True)
+
+
+def test_a_full_disk_is_refused_before_work_and_keeps_the_old_file(full_disk: Path) -> None:
+    target = full_disk / "plan.json"
+    with pytest.raises(AutopartError, match=f"cannot write '{target}': No space left on device"):
+        check_writable(target)
+    with pytest.raises(AutopartError, match=f"cannot write '{target}': No space left on device"):
+        write_json_atomic(target, {"v": 2})
+    assert target.read_text() == '{"v": 1}\n'
+    assert sorted(os.listdir(full_disk)) == ["filler", "plan.json"]

@@ -268,3 +268,208 @@ def test_inplace_ops_after_a_cut_and_on_the_input_are_no_error(command: str, fac
     extra = ("--repeats", "1", "--warmup", "0", "-o", str(tmp_path / "p.json")) if command == "profile" else ()
     result = run_cli_here(command, f"{INPLACE}:{factory}", *extra)
     assert result.returncode == 0, result.stderr
+
+# --- file names: empty, or longer than a file system takes (issue #16, items 11 and 14) ---------------------------
+
+LONG = "a" * 300  # one name of 300 bytes: ENAMETOOLONG on every Linux file system
+
+
+@pytest.mark.parametrize("args, flag", [
+    (["profile", "gpt2-tiny", "-o", LONG], "argument -o/--output"),
+    (["partition", LONG, "--stages", "2"], "argument PROFILE"),
+    (["partition", str(TINY), "--stages", "2", "-o", f"out/{LONG}/plan.json"], "argument -o/--output"),
+    (["simulate", LONG], "argument PLAN"),
+    (["simulate", "PLAN", "--svg", LONG], "argument --svg"),
+    (["simulate", "PLAN", "--csv", LONG], "argument --csv"),
+    (["simulate", "PLAN", "--trace", LONG], "argument --trace"),
+    (["train", LONG, "--model", "gpt2-tiny"], "argument PLAN"),
+    (["train", "PLAN", "--model", "gpt2-tiny", "--data", LONG], "argument --data"),
+    (["train", "PLAN", "--model", "gpt2-tiny", "--checkpoint", f"{LONG}/ckpt"], "argument --checkpoint"),
+    (["train", "PLAN", "--model", "gpt2-tiny", "--report", LONG], "argument --report"),
+    (["train", "PLAN", "--model", "gpt2-tiny", "--trace", LONG], "argument --trace"),
+    (["train", "PLAN", "--model", "gpt2-tiny", "--svg", LONG], "argument --svg"),
+    (["train", "PLAN", "--model", "gpt2-tiny", "--replan", LONG], "argument --replan"),
+    (["merge-checkpoint", LONG, "-o", "m.pt"], "argument DIR"),
+    (["merge-checkpoint", "ckpt", "-o", LONG], "argument -o/--output"),
+], ids=lambda v: "-".join(v[:1] + [a for a in v if a.startswith("-")]) if isinstance(v, list) else None)
+def test_a_file_name_too_long_names_the_flag(plan: Path, args: list[str], flag: str) -> None:
+    args = [str(plan) if a == "PLAN" else a for a in args]
+    assert_one_line_error(run_cli_here(*args), f"{flag}: file name 'aaaaaaaaaaaaaaaaaaaa…aaaaaaaaaaaaaaaaaaaa' is "
+                                               f"300 bytes, longer than the 255 a file system takes")
+
+
+@pytest.mark.parametrize("args", [["profile", f"{LONG}.py:make"], ["partition", str(TINY), "--devices", f"{LONG}.json"],
+                                  ["train", "PLAN", "--model", f"{LONG}.py:make"]], ids=["profile", "devices", "train"])
+def test_a_file_name_too_long_inside_a_spec(plan: Path, args: list[str]) -> None:
+    args = [str(plan) if a == "PLAN" else a for a in args]
+    assert_one_line_error(run_cli_here(*args), "error: file name too long (30", "'aaaaaaaaaaaaaaaaaaaa…")
+
+
+@pytest.mark.parametrize("args", [["profile", "gpt2-tiny", "-o", ""], ["partition", str(TINY), "-k", "2", "-o", ""],
+                                  ["simulate", "PLAN", "--svg", ""], ["train", "PLAN", "--model", "gpt2-tiny",
+                                                                      "--report", ""]],
+                         ids=["profile", "partition", "simulate", "train"])
+def test_an_empty_file_name_is_refused(plan: Path, tmp_path: Path, args: list[str],
+                                       monkeypatch: pytest.MonkeyPatch) -> None:
+    args = [str(plan) if a == "PLAN" else a for a in args]
+    monkeypatch.chdir(tmp_path)
+    assert_one_line_error(run_cli_here(*args), "needs a file name, got ''")
+    assert os.listdir(tmp_path) == []  # no default name written instead
+
+
+# --- damaged JSON: nested too deep, required fields null (issue #16, items 11 and 14) ----------------------------
+
+def test_json_nested_too_deep(tmp_path: Path) -> None:
+    deep = tmp_path / "deep.json"
+    deep.write_text("[" * 100_000 + "]" * 100_000)
+    assert_one_line_error(run_cli_here("partition", str(deep), "--stages", "2"),
+                          f"profile file '{deep}' is not a valid profile: nesting too deep")
+    assert_one_line_error(run_cli_here("simulate", str(deep)), f"plan file '{deep}' is not a valid plan: nesting too deep")
+    assert_one_line_error(run_cli_here("partition", str(TINY), "--stages", "2", "--devices", str(deep)),
+                          f"devices file '{deep}' is not a valid devices file: nesting too deep")
+
+
+@pytest.mark.parametrize("field", ["model", "device", "microbatch_size", "layers"])
+def test_a_required_profile_field_that_is_null(tmp_path: Path, field: str) -> None:
+    profile = _edited(tmp_path, TINY, lambda d: d.update({field: None}))
+    assert_one_line_error(run_cli_here("partition", str(profile), "--stages", "2"),
+                          f"profile '{profile}': {field} is null; it is required")
+
+
+def test_a_required_block_field_that_is_null(tmp_path: Path) -> None:
+    profile = _edited(tmp_path, TINY, lambda d: d["layers"][2].update(forward_ms=None))
+    assert_one_line_error(run_cli_here("partition", str(profile), "--stages", "2"),
+                          f"profile '{profile}': layers[2].forward_ms is null; it is required")
+
+
+# --- outputs onto devices and symlinks (issue #16, item 10) --------------------------------------------------------
+
+def test_output_onto_a_device_or_a_symlink(tmp_path: Path) -> None:
+    null = tmp_path / "null"
+    null.symlink_to(os.devnull)  # were it replaced, it is our link that goes, not the real /dev/null
+    result = run_cli_here("partition", str(TINY), "--stages", "2", "-o", str(null), "--format", "balance")
+    assert result.returncode == 0, result.stderr
+    assert null.is_symlink() and os.stat(os.devnull).st_rdev == os.makedev(1, 3)
+    real = tmp_path / "real.json"
+    real.write_text("old")
+    link = tmp_path / "plan.json"
+    link.symlink_to(real)
+    result = run_cli_here("partition", str(TINY), "--stages", "2", "-o", str(link), "--format", "balance")
+    assert result.returncode == 0, result.stderr
+    assert link.is_symlink() and json.loads(real.read_text())["balance"] == json.loads(result.stdout)
+
+
+# --- a reader that closes stdout early: exit 0, nothing on stderr (issue #16, item 11) --------------------------
+
+@pytest.mark.slow
+@pytest.mark.parametrize("args", [["partition", str(TINY), "--stages", "2", "--format", "json"],
+                                  ["partition", str(TINY), "--stages", "2"],
+                                  ["simulate", "PLAN", "--json"], ["simulate", "PLAN"]],
+                         ids=["partition-json", "partition-table", "simulate-json", "simulate-table"])
+def test_stdout_closed_by_its_reader(plan: Path, args: list[str]) -> None:
+    import subprocess
+    import sys
+
+    read, write = os.pipe()
+    os.close(read)  # the reader is gone before the first write: every write to stdout fails with EPIPE
+    try:
+        done = subprocess.run([sys.executable, "-m", "autopart", *[str(plan) if a == "PLAN" else a for a in args]],
+                              stdout=write, stderr=subprocess.PIPE, text=True, timeout=120,
+                              env=dict(os.environ, PYTHONPATH=str(ROOT)))
+    finally:
+        os.close(write)
+    assert (done.returncode, done.stderr) == (0, "")
+
+
+# --- smaller: a factory beside its modules, loss_fn without data, --lr, singulars (issue #16, item 7) ------------
+
+def test_a_factory_file_imports_the_module_beside_it(tmp_path: Path) -> None:
+    (tmp_path / "sibling_blocks_16.py").write_text(
+        "import torch\n\ndef blocks():\n    return torch.nn.Sequential(torch.nn.Linear(4, 8), torch.nn.Linear(8, 2))\n")
+    (tmp_path / "model.py").write_text(
+        "import torch\nfrom sibling_blocks_16 import blocks\n\ndef make():\n    return blocks(), torch.randn(3, 4)\n")
+    out = tmp_path / "p.json"
+    result = run_cli_here("profile", f"{tmp_path / 'model.py'}:make", "--repeats", "1", "--warmup", "0", "-o", str(out))
+    assert result.returncode == 0, result.stderr
+    assert [layer["name"] for layer in json.loads(out.read_text())["layers"]] == ["0", "1"]
+
+
+LOSS_NO_DATA = '''
+import torch
+
+def make():
+    module = torch.nn.Sequential(torch.nn.Linear(4, 8), torch.nn.Linear(8, 3))
+    return {"module": module, "example": torch.randn(2, 4), "loss_fn": torch.nn.functional.cross_entropy}
+'''
+
+
+def test_a_loss_without_data_is_said(plan: Path, tmp_path: Path) -> None:
+    (tmp_path / "lossy.py").write_text(LOSS_NO_DATA)
+    spec = f"{tmp_path / 'lossy.py'}:make"
+    result = run_cli_here("profile", spec, "--repeats", "1", "--warmup", "0", "-o", str(tmp_path / "p.json"))
+    assert result.returncode == 0, result.stderr
+    note = f"note: model '{spec}' gives loss_fn but no data, so its loss is not used: train runs synthetic inputs " \
+           f"with MSE to a fixed random target"
+    assert note in result.stderr
+    # train says it once the model is built, before any rank starts: here a plan made for gpt2-tiny stops it next
+    result = run_cli_here("train", str(plan), "--model", spec, "--steps", "1")
+    assert result.returncode == 2 and result.stderr.startswith(note), result.stderr
+    assert "the plan's blocks do not match" in result.stderr.splitlines()[1]
+
+
+@pytest.mark.parametrize("lr", ["-1", "nan", "inf", "-inf"])
+def test_lr_must_be_finite_and_not_negative(plan: Path, lr: str) -> None:
+    assert_one_line_error(run_cli_here("train", str(plan), "--model", "gpt2-tiny", f"--lr={lr}"),
+                          f"--lr must be a finite number >= 0, got {float(lr):g}")
+
+
+def test_lr_zero_is_a_check_run(plan: Path, tmp_path: Path) -> None:
+    # --lr 0 passes the flag checks: the run stops at the next check, the report's missing folder
+    result = run_cli_here("train", str(plan), "--model", "gpt2-tiny", "--lr", "0", "--report", str(tmp_path / "no" / "r"))
+    assert_one_line_error(result, "folder", "does not exist")
+    assert "--lr" not in result.stderr
+
+
+def test_one_of_a_kind_is_singular(tmp_path: Path) -> None:
+    out = tmp_path / "one.json"
+    made = run_cli_here("partition", str(TINY), "--stages", "1", "--microbatches", "1", "--schedule", "gpipe",
+                        "-o", str(out))
+    assert made.returncode == 0, made.stderr
+    assert made.stdout.splitlines()[0].rstrip() == "gpt2-tiny: exact, 1 stage on 1 rank"
+    assert "schedule GPipe, 1 micro-batch of 4:" in made.stdout
+    simulated = run_cli_here("simulate", str(out))
+    assert "gpt2-tiny: GPipe, 1 stage on 1 rank, 1 micro-batch\n" in simulated.stdout
+    assert_one_line_error(run_cli_here("partition", str(TINY), "--stages", "7"), "7 stages > 6 blocks")
+    one_block = _edited(tmp_path, TINY, lambda d: d.update(layers=d["layers"][:1]))
+    assert_one_line_error(run_cli_here("partition", str(one_block), "--stages", "2"), "2 stages > 1 block in")
+
+
+# --- unbounded or silent: micro-batches, a 0-row example (issue #16, item 14) ------------------------------------
+
+@pytest.mark.parametrize("args, fragment", [
+    (["partition", str(TINY), "--stages", "2", "--microbatches", "1000000"],
+     "1000000 micro-batches per step > 4096, the most autopart plans, simulates or trains"),
+    (["simulate", "PLAN", "--microbatches", "1000000"], "1000000 micro-batches per step > 4096"),
+    (["partition", str(TINY), "--stages", "2", "--microbatches", "8", "--global-batch", "4"],
+     "8 micro-batches > global batch 4: each needs at least one sample"),
+    (["train", "PLAN", "--model", "gpt2-tiny", "--global-batch", "1"],
+     "global batch 1 < the plan's 2 micro-batches: each needs at least one sample"),
+], ids=["partition", "simulate", "partition-global-batch", "train-global-batch"])
+def test_microbatches_are_bounded(plan: Path, args: list[str], fragment: str) -> None:
+    assert_one_line_error(run_cli_here(*[str(plan) if a == "PLAN" else a for a in args]), fragment)
+
+
+def test_a_plan_with_a_million_microbatches(plan: Path, tmp_path: Path) -> None:
+    edited = _edited(tmp_path, plan, lambda d: d.update(microbatches=1_000_000))
+    assert_one_line_error(run_cli_here("simulate", str(edited)), "1000000 micro-batches per step > 4096")
+    assert_one_line_error(run_cli_here("train", str(edited), "--model", "gpt2-tiny"),
+                          "1000000 micro-batches per step > 4096")
+
+
+def test_an_example_with_no_rows(tmp_path: Path) -> None:
+    (tmp_path / "empty.py").write_text("import torch\n\ndef make():\n    return torch.nn.Sequential(torch.nn.Linear(4, 2)), "
+                                       "torch.zeros(0, 4)\n")
+    spec = f"{tmp_path / 'empty.py'}:make"
+    assert_one_line_error(run_cli_here("profile", spec, "-o", str(tmp_path / "p.json")),
+                          f"model '{spec}': the example input has 0 rows (shape [0, 4])")
+    assert not (tmp_path / "p.json").exists()

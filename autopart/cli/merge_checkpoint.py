@@ -4,7 +4,7 @@ from __future__ import annotations
 import argparse
 import io
 
-from autopart.cli.common import Subcommands
+from autopart.cli.common import Subcommands, path_arg
 
 __all__: list[str] = []
 
@@ -14,8 +14,9 @@ def add_parser(sub: Subcommands) -> None:
                        description="Merge the per-stage files of the latest complete checkpoint under DIR (or of "
                                    "one step-NNNNNN folder) into a single state_dict file with the unpartitioned "
                                    "model's names: model.load_state_dict(torch.load(FILE)).")
-    p.add_argument("checkpoint", metavar="DIR", help="the --checkpoint folder of autopart train")
-    p.add_argument("-o", "--output", required=True, metavar="FILE", help="where to write the state_dict (atomically)")
+    p.add_argument("checkpoint", metavar="DIR", type=path_arg, help="the --checkpoint folder of autopart train")
+    p.add_argument("-o", "--output", required=True, metavar="FILE", type=path_arg,
+                   help="where to write the state_dict (atomically)")
     p.set_defaults(run=run)
 
 
@@ -23,6 +24,7 @@ def run(args: argparse.Namespace) -> int:
     import torch
 
     from autopart.formats.atomic import check_writable, write_atomic
+    from autopart.formats.units import plural
     from autopart.run.checkpoint import merge_checkpoint
 
     check_writable(args.output)
@@ -31,5 +33,5 @@ def run(args: argparse.Namespace) -> int:
     torch.save(state, buffer)
     write_atomic(args.output, lambda handle: handle.write(buffer.getvalue()))
     total = sum(t.numel() * t.element_size() for t in state.values())
-    print(f"wrote {args.output}: {len(state)} tensors, {total / 2**20:.1f} MiB")
+    print(f"wrote {args.output}: {plural(len(state), 'tensor')}, {total / 2**20:.1f} MiB")
     return 0

@@ -5,7 +5,7 @@ import argparse
 import json
 from typing import TYPE_CHECKING
 
-from autopart.cli.common import Subcommands
+from autopart.cli.common import Subcommands, path_arg
 from autopart.errors import AutopartError
 
 if TYPE_CHECKING:
@@ -69,7 +69,7 @@ def add_parser(sub: Subcommands) -> None:
                               "  autopart partition p.json --stages 4 --global-batch 64 --microbatches auto "
                               "--schedule auto --memory-limit 8GiB\n"
                               "  autopart partition p.json --devices 2xA100-40GB,2xH100-80GB@2.0 --bandwidth 25GB/s")
-    p.add_argument("profile", metavar="PROFILE", help="profile JSON written by autopart profile")
+    p.add_argument("profile", metavar="PROFILE", type=path_arg, help="profile JSON written by autopart profile")
     p.add_argument("--stages", "-k", type=int, metavar="K", help="pipeline ranks, one device each (default: the "
                    "number of --devices); interleaved schedules put several stages on each")
     p.add_argument("--microbatches", "-m", type=_count_arg, default=None, metavar="M|auto",
@@ -106,7 +106,7 @@ def add_parser(sub: Subcommands) -> None:
     p.add_argument("--format", default="table", choices=FORMATS,
                    help="stdout: table (default), json (the plan), balance, split-spec (Python defining "
                         "torch pipelining's split_spec, to paste), fqns (module names per stage)")
-    p.add_argument("-o", "--output", metavar="FILE", help="write the plan JSON here (atomically)")
+    p.add_argument("-o", "--output", metavar="FILE", type=path_arg, help="write the plan JSON here (atomically)")
     p.set_defaults(run=run)
 
 
@@ -124,7 +124,7 @@ def make_plan_from_args(args: argparse.Namespace) -> Plan:
     from autopart.formats.devices import Device, parse_devices
     from autopart.formats.profile import Profile
     from autopart.formats.schedule_kinds import stages_per_rank
-    from autopart.formats.units import parse_bandwidth, parse_bytes, parse_duration_ms
+    from autopart.formats.units import parse_bandwidth, parse_bytes, parse_duration_ms, plural
 
     profile = Profile.from_json(args.profile)
     devices = parse_devices(args.devices) if args.devices else None
@@ -138,9 +138,9 @@ def make_plan_from_args(args: argparse.Namespace) -> Plan:
     if k < 1:
         raise AutopartError(f"--stages must be >= 1, got {k}")
     if devices is not None and len(devices) != k:
-        raise AutopartError(f"--devices names {len(devices)} devices for {k} stages")
+        raise AutopartError(f"--devices names {plural(len(devices), 'device')} for {plural(k, 'stage')}")
     if k > len(profile.layers):
-        raise AutopartError(f"{k} stages > {len(profile.layers)} blocks in {args.profile}")
+        raise AutopartError(f"{plural(k, 'stage')} > {plural(len(profile.layers), 'block')} in {args.profile}")
     limit = parse_bytes(args.memory_limit, "--memory-limit") if args.memory_limit else None
     if devices is None:
         devices = [Device(name="device", memory_bytes=limit) for _ in range(k)]
@@ -208,14 +208,12 @@ def _blocks_label(blocks: tuple[str, ...]) -> str:
 
 
 def _print_plan(plan: Plan) -> None:
-    from rich.console import Console
     from rich.table import Table
 
-    from autopart.formats.units import format_bytes, format_ms
+    from autopart.cli.console import stdout_console
+    from autopart.formats.units import format_bytes, format_ms, plural
 
-    console = Console(emoji=False)
-    if not console.is_terminal:
-        console = Console(emoji=False, width=140)
+    console = stdout_console(140)
     bottleneck = plan.predicted.bottleneck_ms
     sends = any(st.cost.send_ms for st in plan.stages)
     limits = any(st.device.memory_bytes for st in plan.stages)
@@ -223,7 +221,7 @@ def _print_plan(plan: Plan) -> None:
     ranks = plan.stage_ranks()
     method = "exact method, local search (too many splits to simulate each)" if plan.method == "local" \
         else plan.method
-    table = Table(title=f"{plan.model}: {method}, {plan.num_stages} stages on {plan.num_ranks} ranks",
+    table = Table(title=f"{plan.model}: {method}, {plural(plan.num_stages, 'stage')} on {plural(plan.num_ranks, 'rank')}",
                   title_justify="left")
     columns = ["stage", "rank", "blocks", "n", "time", "share"] + ["sends"] * sends + ["memory"] + ["limit"] * limits \
         + ["device"] * named
@@ -248,7 +246,7 @@ def _print_plan(plan: Plan) -> None:
     per_rank = f" ({plan.stages_per_rank} stages per rank)" if plan.stages_per_rank > 1 else ""
     console.print(f"bottleneck {format_ms(pred.bottleneck_ms)}, lower bound {format_ms(pred.lower_bound_ms)} "
                   f"(gap {gap:.1%}{_bottleneck_note(plan.method)})", highlight=False, soft_wrap=True)
-    console.print(f"schedule {plan.schedule}{per_rank}, {plan.microbatches} micro-batches{size}: predicted step "
+    console.print(f"schedule {plan.schedule}{per_rank}, {plural(plan.microbatches, 'micro-batch')}{size}: predicted step "
                   f"{format_ms(pred.step_ms)}, bubble {pred.bubble_fraction:.1%}", highlight=False, soft_wrap=True)
     if plan.scaling:
         console.print(f"note: {plan.scaling}", highlight=False, soft_wrap=True)
@@ -266,13 +264,13 @@ def _print_plan(plan: Plan) -> None:
 
 def _print_given(plan: Plan, given: Plan) -> None:
     """autopart's plan beside a given split, under the same cost model."""
-    from rich.console import Console
     from rich.table import Table
 
-    from autopart.formats.units import format_bytes, format_ms
+    from autopart.cli.console import stdout_console
+    from autopart.formats.units import format_bytes, format_ms, plural
 
-    table = Table(title=f"the given split under the same cost model ({plan.schedule}, {plan.microbatches} "
-                        f"micro-batches)", title_justify="left")
+    table = Table(title=f"the given split under the same cost model ({plan.schedule}, "
+                        f"{plural(plan.microbatches, 'micro-batch')})", title_justify="left")
     for col in ("split", "balance", "predicted step", "bottleneck", "memory per stage", "vs autopart"):
         table.add_column(col, justify="left" if col in ("split", "balance", "memory per stage") else "right")
     for label, p in ((f"autopart ({plan.method})", plan), ("given", given)):
@@ -280,7 +278,5 @@ def _print_given(plan: Plan, given: Plan) -> None:
         slower = f"{p.predicted.step_ms / plan.predicted.step_ms - 1:+.1%}" if plan.predicted.step_ms else "-"
         table.add_row(label, str(list(p.balance)), format_ms(p.predicted.step_ms), format_ms(p.predicted.bottleneck_ms),
                       memory + ("" if p.fits else "  (does not fit)"), slower)
-    console = Console(emoji=False)
-    if not console.is_terminal:
-        console = Console(emoji=False, width=160)
+    console = stdout_console(160)
     console.print(table)

@@ -4,10 +4,11 @@ from __future__ import annotations
 import argparse
 import contextlib
 import re
+import sys
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Iterator
 
-from autopart.cli.common import Subcommands
+from autopart.cli.common import Subcommands, path_arg, unused_loss_note
 from autopart.errors import AutopartError
 
 if TYPE_CHECKING:  # torch is imported when the command runs, so `autopart --help` stays fast
@@ -58,7 +59,7 @@ def add_parser(sub: Subcommands) -> None:
                    help="auto (default): build the model, unless its weights need more than half the memory "
                         "available: then build it on the meta device and measure one block at a time, identical "
                         "blocks once; whole or by-block: always one or the other")
-    p.add_argument("-o", "--output", metavar="FILE",
+    p.add_argument("-o", "--output", metavar="FILE", type=path_arg,
                    help="where to write the profile (default: MODEL-DEVICE-mbB.json in the current folder)")
     p.set_defaults(run=run)
 
@@ -73,6 +74,7 @@ def run(args: argparse.Namespace) -> int:
     from rich.console import Console
 
     from autopart.formats.atomic import check_writable
+    from autopart.formats.units import plural
 
     err = Console(emoji=False, stderr=True)
     request = _request(args)
@@ -80,15 +82,28 @@ def run(args: argparse.Namespace) -> int:
         check_writable(args.output)
     with err.status(f"building {args.model} ...") if err.is_terminal else _nothing():
         bundle, module, examples = _build(args.model, request, args.build, err)
+    note = unused_loss_note(bundle)
+    if note:
+        sys.stderr.write(note)
+    _check_rows(args.model, examples)
     output = args.output or _default_output(args.model, args.device, int(examples[0][0].shape[0]))
     check_writable(output)
     profile = _measure(args, bundle, module, examples, err)
     profile.to_json(output)
     _print_table(profile)
     sizes_text = ", ".join(str(b) for b in profile.sizes())
-    err.print(f"wrote {output} ({len(profile.layers)} blocks, {profile.device}, "
+    err.print(f"wrote {output} ({plural(len(profile.layers), 'block')}, {profile.device}, "
               f"micro-batch {sizes_text}, {profile.dtype})", soft_wrap=True, highlight=False)
     return 0
+
+
+def _check_rows(model: str, examples: list[Example]) -> None:
+    """Refuse an example with no rows: a micro-batch of 0 samples measures nothing and plans nothing."""
+    for example in examples:
+        first = example[0]
+        if first.dim() and first.shape[0] == 0:
+            raise AutopartError(f"model {model!r}: the example input has 0 rows (shape {list(first.shape)}); a "
+                                f"micro-batch needs at least one (--microbatch-size or --input-shape give rows)")
 
 
 @dataclass(frozen=True)
@@ -299,9 +314,9 @@ def _device(text: str) -> torch.device:
 
 
 def _print_table(profile: Profile) -> None:
-    from rich.console import Console
     from rich.table import Table
 
+    from autopart.cli.console import stdout_console
     from autopart.formats.units import format_bytes, format_ms
 
     total = profile.step_ms or 1.0
@@ -323,7 +338,5 @@ def _print_table(profile: Profile) -> None:
                   format_ms(sum(x.backward_ms for x in profile.layers)), "100%",
                   format_bytes(profile.param_bytes), format_bytes(sum(x.activation_bytes for x in profile.layers)), "",
                   *([""] if skips else []))
-    console = Console(emoji=False)
-    if not console.is_terminal:
-        console = Console(emoji=False, width=140)
+    console = stdout_console(140)
     console.print(table)

@@ -6,7 +6,7 @@ import dataclasses
 import json
 from typing import TYPE_CHECKING
 
-from autopart.cli.common import Subcommands
+from autopart.cli.common import Subcommands, path_arg
 from autopart.errors import AutopartError
 
 if TYPE_CHECKING:
@@ -33,7 +33,7 @@ def add_parser(sub: Subcommands) -> None:
                        epilog="examples:\n  autopart simulate plan.json\n"
                               "  autopart simulate plan.json --microbatches 16 --schedule gpipe --svg step.svg\n"
                               "  autopart simulate plan.json --trace step.json      # open in https://ui.perfetto.dev")
-    p.add_argument("plan", metavar="PLAN", help="plan JSON written by autopart partition")
+    p.add_argument("plan", metavar="PLAN", type=path_arg, help="plan JSON written by autopart partition")
     p.add_argument("--microbatches", "-m", type=int, metavar="M", help="micro-batches (default: the plan's)")
     p.add_argument("--schedule", type=_schedule_arg, metavar="NAME",
                    help="GPipe, 1F1B, Interleaved1F1B, ZBVZeroBubble (default: the plan's)")
@@ -42,9 +42,10 @@ def add_parser(sub: Subcommands) -> None:
     p.add_argument("--overhead", metavar="TIME", help="the runtime's own time per forward or backward action, "
                    "instead of the plan's (the 'runtime overhead' autopart train reports)")
     p.add_argument("--json", action="store_true", help="print a machine-readable summary only")
-    p.add_argument("--svg", metavar="FILE", help="write the timeline as an SVG picture (atomically)")
-    p.add_argument("--csv", metavar="FILE", help="write the schedule's per-rank actions as torch's CSV")
-    p.add_argument("--trace", metavar="FILE", help="write the predicted timeline as Chrome trace JSON (torch.profiler's "
+    p.add_argument("--svg", metavar="FILE", type=path_arg, help="write the timeline as an SVG picture (atomically)")
+    p.add_argument("--csv", metavar="FILE", type=path_arg, help="write the schedule's per-rank actions as torch's CSV")
+    p.add_argument("--trace", metavar="FILE", type=path_arg,
+                   help="write the predicted timeline as Chrome trace JSON (torch.profiler's "
                    "format; open it in Perfetto or chrome://tracing)")
     p.add_argument("--width", type=int, default=100,
                    help=f"timeline width in characters, at least {MIN_WIDTH} (default: 100)")
@@ -52,8 +53,7 @@ def add_parser(sub: Subcommands) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from rich.console import Console
-
+    from autopart.cli.console import stdout_console
     from autopart.cli.timeline import render_svg, render_text
     from autopart.core.planner import simulate_plan
     from autopart.core.schedules import build_schedule
@@ -61,7 +61,7 @@ def run(args: argparse.Namespace) -> int:
     from autopart.formats.atomic import check_writable, write_atomic
     from autopart.formats.plan import Plan
     from autopart.formats.schedule_kinds import stage_ranks, stages_per_rank
-    from autopart.formats.units import format_ms, parse_duration_ms
+    from autopart.formats.units import format_ms, parse_duration_ms, plural
 
     for path in (args.svg, args.csv, args.trace):
         if path:
@@ -84,7 +84,8 @@ def run(args: argparse.Namespace) -> int:
     if args.csv:
         text = build_schedule(schedule, plan.num_stages // per_rank, microbatches, per_rank).csv_text()
         write_atomic(args.csv, lambda handle: handle.write(text.encode()))
-    title = f"{plan.model}: {schedule}, {plan.num_stages} stages on {sim.num_ranks} ranks, {microbatches} micro-batches"
+    title = (f"{plan.model}: {schedule}, {plural(plan.num_stages, 'stage')} on {plural(sim.num_ranks, 'rank')}, "
+             f"{plural(microbatches, 'micro-batch')}")
     if args.svg:
         svg = render_svg([("", sim)], title=title)
         write_atomic(args.svg, lambda handle: handle.write(svg.encode()))
@@ -93,9 +94,7 @@ def run(args: argparse.Namespace) -> int:
     if args.json:
         print(json.dumps({"plan": args.plan, **sim.to_dict()}, indent=2))
         return 0
-    console = Console(emoji=False)
-    if not console.is_terminal:
-        console = Console(emoji=False, width=max(args.width + 30, 100))
+    console = stdout_console(max(args.width + 30, 100))
     console.print(title, style="bold", highlight=False)
     console.print(f"step {format_ms(sim.step_ms)}, bubble {sim.bubble_fraction:.1%}"
                   + (f" (the plan predicted {format_ms(plan.predicted.step_ms)})"

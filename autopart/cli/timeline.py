@@ -11,6 +11,7 @@ from typing import Sequence
 from rich.text import Text
 
 from autopart.core.simulate import Event, Simulation, Timeline
+from autopart.formats.units import plural
 
 __all__ = ["render_text", "render_svg", "COLOURS"]
 
@@ -73,8 +74,8 @@ def render_svg(panels: Sequence[tuple[str, Timeline]], title: str = "", width_px
              f'</text>']
     y = top
     for label, t in panels:
-        line = f"step {t.step_ms:.4g} ms, bubble {t.bubble_fraction:.1%}, {t.num_ranks} ranks, " \
-               f"{t.microbatches} micro-batches"
+        line = f"step {t.step_ms:.4g} ms, bubble {t.bubble_fraction:.1%}, {plural(t.num_ranks, 'rank')}, " \
+               f"{plural(t.microbatches, 'micro-batch')}"
         parts.append(f'<text x="{left}" y="{y + 16}" fill="#555">{escape(f"{label}: {line}" if label else line)}</text>')
         y += head
         for r in range(t.num_ranks):

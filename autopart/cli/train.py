@@ -3,11 +3,12 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import math
 import os
 import sys
 from pathlib import Path
 
-from autopart.cli.common import Subcommands
+from autopart.cli.common import Subcommands, path_arg, unused_loss_note
 from autopart.errors import AutopartError
 from autopart.formats.plan import Plan
 from autopart.run.config import TrainConfig
@@ -35,14 +36,17 @@ def add_parser(sub: Subcommands) -> None:
                        epilog="examples:\n  autopart train plan.json --model gpt2-tiny --steps 20\n"
                               "  torchrun --nnodes 2 --nproc-per-node 4 --rdzv-backend c10d --rdzv-endpoint HOST:29500 "
                               "-m autopart train plan.json --model gpt2-xl")
-    p.add_argument("plan", metavar="PLAN", help="plan JSON written by autopart partition")
+    p.add_argument("plan", metavar="PLAN", type=path_arg, help="plan JSON written by autopart partition")
     p.add_argument("--model", required=True, help="the model the plan was made for (built-in or factory spec)")
     p.add_argument("--steps", type=int, default=10, help="training steps (default: 10)")
     p.add_argument("--global-batch", type=int, metavar="N",
                    help="samples per step (default: the plan's micro-batch size x its micro-batches)")
-    p.add_argument("--lr", type=float, default=1e-3, help="learning rate of the optimizer the plan names (default: 1e-3)")
-    p.add_argument("--data", metavar="PATH", help="text file or folder for GPT models (default: Python's own sources)")
-    p.add_argument("--checkpoint", metavar="DIR", help="save stage checkpoints here and resume from the latest")
+    p.add_argument("--lr", type=float, default=1e-3, help="learning rate of the optimizer the plan names; 0 runs "
+                   "the steps without changing the weights (default: 1e-3)")
+    p.add_argument("--data", metavar="PATH", type=path_arg,
+                   help="text file or folder for GPT models (default: Python's own sources)")
+    p.add_argument("--checkpoint", metavar="DIR", type=path_arg,
+                   help="save stage checkpoints here and resume from the latest")
     p.add_argument("--checkpoint-every", type=int, default=0, metavar="N",
                    help="save every N steps (default: only at the end)")
     p.add_argument("--max-restarts", type=int, default=0, metavar="N",
@@ -56,12 +60,15 @@ def add_parser(sub: Subcommands) -> None:
                    help="auto: cuda:LOCAL_RANK with NCCL when CUDA is there, else CPU with gloo")
     p.add_argument("--timeout", type=float, default=300.0, metavar="SECONDS",
                    help="how long a rank waits for a peer before giving up (default: 300)")
-    p.add_argument("--report", metavar="FILE", help="write measured-against-predicted as JSON")
-    p.add_argument("--trace", metavar="FILE", help="write the measured step (the median one) and the predicted one "
+    p.add_argument("--report", metavar="FILE", type=path_arg, help="write measured-against-predicted as JSON")
+    p.add_argument("--trace", metavar="FILE", type=path_arg,
+                   help="write the measured step (the median one) and the predicted one "
                    "as Chrome trace JSON (open in https://ui.perfetto.dev)")
-    p.add_argument("--svg", metavar="FILE", help="write the predicted step above the measured one, same time axis, "
+    p.add_argument("--svg", metavar="FILE", type=path_arg,
+                   help="write the predicted step above the measured one, same time axis, "
                    "as an SVG picture")
-    p.add_argument("--replan", metavar="FILE", help="re-profile every block where it ran and write the plan "
+    p.add_argument("--replan", metavar="FILE", type=path_arg,
+                   help="re-profile every block where it ran and write the plan "
                    "those measurements suggest")
     p.add_argument("--batchnorm", choices=("deferred", "micro"),
                    help="BatchNorm layers normalise each micro-batch on its own either way; deferred (the default, "
@@ -83,8 +90,8 @@ def _config(args: argparse.Namespace) -> TrainConfig:
     if args.max_restarts and not args.checkpoint:
         raise AutopartError(f"--max-restarts {args.max_restarts} needs --checkpoint DIR: a restarted group resumes "
                             f"from the last complete checkpoint")
-    if not args.lr > 0:
-        raise AutopartError(f"--lr must be > 0, got {args.lr}")
+    if not (math.isfinite(args.lr) and args.lr >= 0):  # 0: a legitimate check run, weights unchanged
+        raise AutopartError(f"--lr must be a finite number >= 0, got {args.lr:g}")
     if not 0 < args.timeout <= MAX_TIMEOUT_S:  # also refuses nan; inf and more overflow torch's timedelta
         raise AutopartError(f"--timeout must be > 0 seconds (and at most 1e9), got {args.timeout:g}")
     return TrainConfig(plan=args.plan, model=args.model, steps=args.steps, global_batch=args.global_batch,
@@ -144,6 +151,9 @@ def run(args: argparse.Namespace) -> int:
         raise AutopartError(f"the plan needs {plan.num_ranks} GPUs, this machine has {torch.cuda.device_count()}")
     with torch.device("meta"):
         bundle = load_model(cfg.model)
+    note = unused_loss_note(bundle)
+    if note:
+        sys.stderr.write(note)
     if isinstance(bundle.module, torch.nn.Sequential):  # cheap on the meta device; other models: the ranks check
         check_plan_against_model(plan, [name for name, _ in split_blocks(bundle.module)], plan.num_ranks, cfg.model)
     if bundle.data is None and bundle.data_kind in ("text", "masked-text"):
@@ -180,11 +190,13 @@ def _check_checkpoint(folder: str) -> None:
 def _threads(cfg: TrainConfig, plan: Plan) -> int:
     """CPU threads per rank: --threads, else the profile's where the cores allow, else cores / ranks; said
     when the prediction assumes another count than the ranks get."""
+    from autopart.formats.units import plural
+
     cores = os.cpu_count() or 1
     fair = max(1, cores // plan.num_ranks)
     threads = cfg.threads or (plan.threads if plan.threads and plan.threads <= fair else fair)
     if plan.threads and threads != plan.threads and cfg.device != "cuda":
         sys.stderr.write(f"note: the plan's times were measured with {plan.threads} CPU threads; each of its "
-                         f"{plan.num_ranks} ranks gets {threads} ({cores} cores here), so expect the measured step to "
+                         f"{plural(plan.num_ranks, 'rank')} gets {threads} ({plural(cores, 'core')} here), so expect the measured step to "
                          f"differ from the prediction (profile with --threads {threads} to match)\n")
     return threads

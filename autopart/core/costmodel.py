@@ -39,8 +39,9 @@ from autopart.core.simulate import INPUT_GRAD_SHARE, StageTimes
 from autopart.errors import AutopartError
 from autopart.formats.devices import Device
 from autopart.formats.profile import Profile
-from autopart.formats.schedule_kinds import canonical_schedule
+from autopart.formats.schedule_kinds import canonical_schedule, check_microbatches
 from autopart.formats.stage import StageCost
+from autopart.formats.units import plural
 
 __all__ = ["CostModel", "BlockCosts", "Problem", "OPTIMIZER_STATES"]
 
@@ -74,8 +75,7 @@ class CostModel:
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "schedule", canonical_schedule(self.schedule))
-        if self.microbatches < 1:
-            raise AutopartError(f"micro-batches must be >= 1, got {self.microbatches}")
+        check_microbatches(self.microbatches)
         if self.optimizer not in OPTIMIZER_STATES:
             raise AutopartError(f"unknown optimizer {self.optimizer!r}; known: {', '.join(OPTIMIZER_STATES)}")
         if self.optimizer_states < 0:
@@ -229,7 +229,7 @@ class Problem:
         if k < 1:
             raise AutopartError(f"need at least 1 stage, got {k}")
         if k > n:
-            raise AutopartError(f"{k} stages > {n} blocks: every stage needs at least one block")
+            raise AutopartError(f"{plural(k, 'stage')} > {plural(n, 'block')}: every stage needs at least one block")
         self.blocks, self.n, self.k, self.model, self.devices = costs, n, k, model, list(devices)
         self.names = list(costs.names)
         self.mirrored = mirrored

@@ -34,7 +34,7 @@ from autopart.core.costmodel import CostModel, Problem
 from autopart.errors import AutopartError
 from autopart.formats.devices import Device
 from autopart.formats.stage import StageCost
-from autopart.formats.units import format_bytes
+from autopart.formats.units import format_bytes, plural
 
 __all__ = ["Split", "METHODS", "split", "split_bottleneck", "split_minvar", "split_uniform", "split_parameters", "split_given",
            "min_memory_scale"]
@@ -361,7 +361,7 @@ def _memory_error(p: Problem) -> AutopartError:
         fix = f"the smallest limit that fits is {format_bytes(p.limit[0] * scale)}"
     else:
         fix = f"the limits would have to be {scale:.3g}x larger"
-    what = (f"{p.model.schedule}, {p.model.microbatches} micro-batches, "
+    what = (f"{p.model.schedule}, {plural(p.model.microbatches, 'micro-batch')}, "
             f"{p.model.optimizer_states} optimizer states per parameter")
     if per_block[worst] > largest:
         return AutopartError(

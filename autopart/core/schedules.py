@@ -243,8 +243,7 @@ def build_schedule(name: str, num_ranks: int, microbatches: int, stages_per_rank
     name = canonical_schedule(name)
     if num_ranks < 1:
         raise AutopartError(f"need at least 1 rank, got {num_ranks}")
-    if microbatches < 1:
-        raise AutopartError(f"micro-batches must be >= 1, got {microbatches}")
+    schedule_kinds.check_microbatches(microbatches)
     fixed = schedule_kinds.stages_per_rank(name, stages_per_rank)
     if fixed != stages_per_rank:
         what = "exactly 2 stages per rank (a V)" if fixed == 2 else "one stage per rank"

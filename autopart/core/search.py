@@ -25,6 +25,7 @@ from autopart.formats.devices import Device
 from autopart.formats.plan import Candidate, Plan
 from autopart.formats.profile import Profile
 from autopart.formats.schedule_kinds import AUTO_SCHEDULES, canonical_schedule, stage_ranks, stages_per_rank
+from autopart.formats.units import plural
 
 __all__ = ["plan_partition", "plan_search", "score_balance", "all_schedules", "MAX_MICROBATCHES"]
 
@@ -54,8 +55,10 @@ def _counts(global_batch: int | None, model: CostModel, search: bool, profile: P
         m = model.microbatches
         if global_batch is None:
             return [(m, profile.microbatch_size)]
+        if m > global_batch:
+            raise AutopartError(f"{m} micro-batches > global batch {global_batch}: each needs at least one sample")
         if global_batch % m:
-            raise AutopartError(f"global batch {global_batch} is not divisible by {m} micro-batches")
+            raise AutopartError(f"global batch {global_batch} is not divisible by {plural(m, 'micro-batch')}")
         return [(m, global_batch // m)]
     if global_batch is None:
         raise AutopartError("--microbatches auto needs --global-batch N (the samples in one step)")
@@ -90,8 +93,8 @@ def plan_search(profile: Profile, rank_devices: Sequence[Device], model: CostMod
         scaled, how = scaled_cache[size]
         for name, per_rank in todo:
             if k * per_rank > n_blocks:
-                exc = AutopartError(f"{name} with {per_rank} stages per rank on {k} ranks: "
-                                    f"{k * per_rank} stages > {n_blocks} blocks")
+                exc = AutopartError(f"{name} with {per_rank} stages per rank on {plural(k, 'rank')}: "
+                                    f"{plural(k * per_rank, 'stage')} > {plural(n_blocks, 'block')}")
                 reasons.append(str(exc))
                 failures.append(exc)
                 continue

@@ -14,6 +14,7 @@ from typing import Any
 
 from autopart.core.simulate import Timeline
 from autopart.formats.atomic import write_json_atomic
+from autopart.formats.units import plural
 
 __all__ = ["chrome_trace", "write_trace"]
 
@@ -26,7 +27,7 @@ def chrome_trace(*processes: tuple[str, Timeline]) -> dict[str, Any]:
     events: list[dict[str, Any]] = []
     for pid, (label, t) in enumerate(processes):
         events.append({"name": "process_name", "ph": "M", "pid": pid, "tid": 0,
-                       "args": {"name": f"{label}: {t.schedule}, {t.microbatches} micro-batches"}})
+                       "args": {"name": f"{label}: {t.schedule}, {plural(t.microbatches, 'micro-batch')}"}})
         events.append({"name": "process_sort_index", "ph": "M", "pid": pid, "tid": 0, "args": {"sort_index": pid}})
         for rank in range(t.num_ranks):
             events.append({"name": "thread_name", "ph": "M", "pid": pid, "tid": rank, "args": {"name": f"rank {rank}"}})

@@ -3,40 +3,80 @@
 Every file autopart writes (profiles, plans, checkpoints, reports, traces,
 pictures) goes through :func:`write_atomic`, and gets the mode the user's
 umask gives a new file (0644 under umask 022), as ``open(path, "w")`` would.
-Pure standard library.
+Only regular files are replaced: a device, a FIFO or a socket (``-o /dev/null``)
+and a file descriptor's name (``--csv /dev/stdout``) are written into, as a
+shell's ``>`` would; a symlink to a regular file keeps the link and has the file
+it points to replaced. Pure standard library.
 """
 from __future__ import annotations
 
 import json
 import os
+import stat
 import tempfile
 from pathlib import Path
 from typing import IO, Any, Callable
 
 from autopart.errors import AutopartError
 
-__all__ = ["write_atomic", "write_json_atomic", "check_writable", "current_umask"]
+__all__ = ["write_atomic", "write_json_atomic", "check_writable", "current_umask", "PROBE_BYTES"]
+
+PROBE_BYTES = 4096
+"""What :func:`check_writable` writes (and removes) beside the target: a full disk refuses even that."""
+
+
+def _writes_into(target: Path) -> bool:
+    """Whether ``target`` is to be written into rather than replaced: it exists (symlinks followed) and is
+    not a regular file (a character or block device, a FIFO, a socket), or it is reached through /proc
+    (``/dev/stdout``, ``/dev/fd/N``: this process's own open file, which replacing would detach)."""
+    try:
+        mode = os.stat(target).st_mode
+    except FileNotFoundError:
+        return False
+    except OSError as exc:
+        raise AutopartError(f"cannot write {str(target)!r}: {exc.strerror or exc}") from None
+    if stat.S_ISDIR(mode):
+        return False
+    return not stat.S_ISREG(mode) or os.path.realpath(target).startswith("/proc/")
+
+
+def _replaced(target: Path) -> Path:
+    """The file that replacing ``target`` replaces: the end of its symlinks (so the links stay), else itself."""
+    return Path(os.path.realpath(target)) if target.is_symlink() else target
 
 
 def check_writable(path: str | os.PathLike[str]) -> Path:
     """Fail early, before long work, if ``path`` cannot be written.
 
-    Creates and removes a scratch file beside it, so permissions, a missing
-    folder and a read-only file system are all caught.
+    Creates, fills with :data:`PROBE_BYTES` and removes a scratch file beside it, so permissions, a missing
+    folder, a read-only file system and a full disk are all caught; a device, FIFO or socket must be
+    writable itself.
     """
-    target = Path(path)
-    if target.is_dir():
-        raise AutopartError(f"output path {str(target)!r} is a directory")
+    if not os.fspath(path):
+        raise AutopartError("an output needs a file name, got ''")
+    given = Path(path)
+    if given.is_dir():
+        raise AutopartError(f"output path {str(given)!r} is a directory")
+    if _writes_into(given):
+        if not os.access(given, os.W_OK):
+            raise AutopartError(f"cannot write {str(given)!r}: permission denied")
+        return given
+    target = _replaced(given)
     folder = target.parent if str(target.parent) else Path(".")
     if not folder.is_dir():
-        raise AutopartError(f"cannot write {str(target)!r}: folder {str(folder)!r} does not exist")
+        raise AutopartError(f"cannot write {str(given)!r}: folder {str(folder)!r} does not exist")
     try:
-        fd, scratch = tempfile.mkstemp(prefix=f".{target.name}.", suffix=".probe", dir=folder)
+        fd, scratch = tempfile.mkstemp(prefix=f".{target.name[:40]}.", suffix=".probe", dir=folder)
     except OSError as exc:
-        raise AutopartError(f"cannot write {str(target)!r}: {exc.strerror or exc}") from None
-    os.close(fd)
-    os.unlink(scratch)
-    return target
+        raise AutopartError(f"cannot write {str(given)!r}: {exc.strerror or exc}") from None
+    try:
+        os.write(fd, bytes(PROBE_BYTES))
+    except OSError as exc:
+        raise AutopartError(f"cannot write {str(given)!r}: {exc.strerror or exc}") from None
+    finally:
+        os.close(fd)
+        os.unlink(scratch)
+    return given
 
 
 def current_umask() -> int:
@@ -61,9 +101,22 @@ def write_atomic(path: str | os.PathLike[str], write: Callable[[IO[bytes]], obje
     """Call ``write(file)`` on a temporary file beside ``path``, then rename it into place.
 
     The file gets ``0o666 & ~umask``, what a plain ``open`` would give it (``mkstemp`` alone gives 0600).
+    A target that is not a regular file is written into instead (see the module docstring). A failing
+    write (a full disk) keeps the old file and is one :class:`AutopartError` naming the file.
     """
-    target = check_writable(path)
-    fd, tmp = tempfile.mkstemp(prefix=f".{target.name}.", suffix=".tmp", dir=target.parent)
+    given = check_writable(path)
+    if _writes_into(given):
+        try:
+            # appending to this process's own regular file keeps what it printed there before
+            with open(given, "ab" if stat.S_ISREG(os.stat(given).st_mode) else "wb") as handle:
+                write(handle)
+        except BrokenPipeError:  # a pipe's reader went away (``--csv /dev/stdout | head -1``): the CLI ends quietly
+            raise
+        except OSError as exc:
+            raise AutopartError(f"cannot write {str(given)!r}: {exc.strerror or exc}") from None
+        return given
+    target = _replaced(given)
+    fd, tmp = tempfile.mkstemp(prefix=f".{target.name[:40]}.", suffix=".tmp", dir=target.parent)
     try:
         with os.fdopen(fd, "wb") as handle:
             os.fchmod(handle.fileno(), 0o666 & ~current_umask())
@@ -71,11 +124,19 @@ def write_atomic(path: str | os.PathLike[str], write: Callable[[IO[bytes]], obje
             handle.flush()
             os.fsync(handle.fileno())
         os.replace(tmp, target)
+    except OSError as exc:
+        _remove(tmp)
+        kept = "; the old file is kept" if target.exists() else ""
+        raise AutopartError(f"cannot write {str(given)!r}: {exc.strerror or exc}{kept}") from None
     except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
+        _remove(tmp)
         raise
-    return target
+    return given
+
+
+def _remove(tmp: str) -> None:
+    if os.path.exists(tmp):
+        os.unlink(tmp)
 
 
 def write_json_atomic(path: str | os.PathLike[str], data: Any) -> Path:

@@ -87,6 +87,8 @@ def _from_file(path: Path) -> list[Device]:
         raise AutopartError("TOML device files need Python 3.11+; use JSON") from None
     except (OSError, ValueError) as exc:
         raise AutopartError(f"cannot read devices file {str(path)!r}: {exc}") from None
+    except RecursionError:
+        raise AutopartError(f"devices file {str(path)!r} is not a valid devices file: nesting too deep") from None
     items = data.get("devices") if isinstance(data, dict) else data
     if not isinstance(items, list) or not items:
         raise AutopartError(f"devices file {str(path)!r} must hold a non-empty list 'devices'")

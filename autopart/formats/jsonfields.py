@@ -34,6 +34,8 @@ def load_json_file(path: str | Path, kind: str) -> Any:
         ) from None
     except ValueError as exc:
         raise AutopartError(f"{kind} file {str(p)!r}: {exc}") from None
+    except RecursionError:  # [[[[...]]]] deeper than Python's stack: no file autopart wrote
+        raise AutopartError(f"{kind} file {str(p)!r} is not a valid {kind}: nesting too deep") from None
 
 
 MAX_BLOCK_MS = 1e9
@@ -88,10 +90,13 @@ class Fields:
         return f"{self.where}.{key}" if self.where.endswith("]") else f"{self.where}: {key}"
 
     def _get(self, key: str, required: bool) -> Any:
+        """The field's value; None when it is absent or null, which only an optional field may be."""
         if key not in self.obj:
             if required:
                 raise AutopartError(f"{self.where}: missing field {key!r}")
             return None
+        if required and self.obj[key] is None:
+            raise AutopartError(f"{self.at(key)} is null; it is required")
         return self.obj[key]
 
     def string(self, key: str, required: bool = True, default: str | None = None) -> Any:

@@ -134,6 +134,9 @@ class Plan:
 
     def microbatch_size_for(self, global_batch: int) -> int:
         """Samples per micro-batch when a step has ``global_batch`` samples (which the micro-batches must divide)."""
+        if global_batch < self.microbatches:
+            raise AutopartError(f"global batch {global_batch} < the plan's {self.microbatches} micro-batches: each "
+                                f"needs at least one sample")
         if global_batch % self.microbatches:
             raise AutopartError(f"global batch {global_batch} is not divisible by the plan's {self.microbatches} "
                                 f"micro-batches")

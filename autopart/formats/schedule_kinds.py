@@ -11,7 +11,8 @@ from __future__ import annotations
 
 from autopart.errors import AutopartError
 
-__all__ = ["SCHEDULE_NAMES", "AUTO_SCHEDULES", "canonical_schedule", "stages_per_rank", "stage_ranks"]
+__all__ = ["SCHEDULE_NAMES", "AUTO_SCHEDULES", "MAX_MICROBATCHES_PER_STEP", "canonical_schedule", "check_microbatches",
+           "stages_per_rank", "stage_ranks"]
 
 # torch.distributed.pipelining's class names without "Schedule"; keys are what users may type
 SCHEDULE_NAMES = {"gpipe": "GPipe", "1f1b": "1F1B", "interleaved1f1b": "Interleaved1F1B",
@@ -20,6 +21,20 @@ _ALIASES = {"interleaved": "interleaved1f1b", "interleaved-1f1b": "interleaved1f
             "zero-bubble": "zbvzerobubble"}
 AUTO_SCHEDULES = tuple(SCHEDULE_NAMES.values())
 """What ``--schedule auto`` tries."""
+
+MAX_MICROBATCHES_PER_STEP = 4096
+"""The most micro-batches per step autopart plans, simulates or trains. Pipelines run tens to hundreds
+(GPipe, Megatron-LM); simulating a step costs time and memory in proportion to them (4096 on 8 stages:
+seconds), where a million ran for minutes at gigabytes."""
+
+
+def check_microbatches(microbatches: int) -> None:
+    """Refuse a micro-batch count below 1 or above :data:`MAX_MICROBATCHES_PER_STEP`."""
+    if microbatches < 1:
+        raise AutopartError(f"micro-batches must be >= 1, got {microbatches}")
+    if microbatches > MAX_MICROBATCHES_PER_STEP:
+        raise AutopartError(f"{microbatches} micro-batches per step > {MAX_MICROBATCHES_PER_STEP}, the most autopart "
+                            f"plans, simulates or trains")
 
 
 def canonical_schedule(name: str) -> str:

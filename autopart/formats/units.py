@@ -9,11 +9,19 @@ import re
 
 from autopart.errors import AutopartError
 
-__all__ = ["format_bytes", "parse_bytes", "format_ms", "parse_bandwidth", "parse_duration_ms"]
+__all__ = ["format_bytes", "parse_bytes", "format_ms", "parse_bandwidth", "parse_duration_ms", "plural"]
 
 _BINARY = {"": 1, "b": 1, "kib": 2**10, "mib": 2**20, "gib": 2**30, "tib": 2**40,
            "k": 2**10, "m": 2**20, "g": 2**30, "t": 2**40}
 _DECIMAL = {"kb": 10**3, "mb": 10**6, "gb": 10**9, "tb": 10**12}
+
+
+def plural(n: int, one: str) -> str:
+    """``plural(1, "stage")`` -> ``"1 stage"``, ``plural(2, "stage")`` -> ``"2 stages"``,
+    ``plural(4, "micro-batch")`` -> ``"4 micro-batches"``: the words autopart counts take -s or -es."""
+    if n == 1:
+        return f"{n} {one}"
+    return f"{n} {one}{'es' if one.endswith(('s', 'sh', 'ch', 'x')) else 's'}"
 
 
 def format_bytes(n: float) -> str:

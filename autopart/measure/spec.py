@@ -70,6 +70,9 @@ def _load_factory(spec: str) -> Callable[[], Any]:
             raise AutopartError(f"cannot import model file {target!r}")
         module = importlib.util.module_from_spec(module_spec)
         sys.modules[mod_name] = module
+        folder = str(path.resolve().parent)
+        if folder not in sys.path:  # as `python file.py` does: the file imports the modules beside it,
+            sys.path.insert(0, folder)  # at import time or when the factory runs
         try:
             module_spec.loader.exec_module(module)
         except SystemExit as exc:

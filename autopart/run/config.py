@@ -17,7 +17,8 @@ class TrainConfig:
     global_batch: int | None = None
     """Samples per step; default: the plan's micro-batch size x its micro-batches."""
     lr: float = 1e-3
-    """Learning rate of the optimizer the plan names (AdamW unless partition said otherwise)."""
+    """Learning rate of the optimizer the plan names (AdamW unless partition said otherwise); 0: a check run
+    that leaves the weights as they are."""
     data: str | None = None
     """Text file or folder for the GPT built-ins (default: the Python standard library's sources)."""
     checkpoint: str | None = None

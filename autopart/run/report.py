@@ -28,7 +28,7 @@ from autopart.core.schedules import Action
 from autopart.core.simulate import Event, Simulation, Timeline
 from autopart.formats.atomic import write_json_atomic
 from autopart.formats.plan import Plan
-from autopart.formats.units import format_ms
+from autopart.formats.units import format_ms, plural
 from autopart.run.job import Job, StepLog
 from autopart.run.replan import StageProfile
 
@@ -282,7 +282,7 @@ def print_report(report: Report, plan_microbatch_size: int | None) -> None:
     console.print(ranks)
     low, high = report.measured_step_spread_ms
     line = (f"step (slowest rank, rank {report.slowest_rank}): measured {format_ms(report.measured_step_ms)} "
-            f"(median of {report.steady_steps} steps, "
+            f"(median of {plural(report.steady_steps, 'step')}, "
             f"{format_ms(low)}-{format_ms(high)})")
     if report.predicted_step_ms is not None and report.step_error is not None:
         line += f", predicted {format_ms(report.predicted_step_ms)} (error {report.step_error:+.1%}, bubble " \
@@ -321,6 +321,6 @@ def write_timelines(plan: Plan, measured: Measured, trace: str | None, svg: str 
         write_trace(trace, ("measured", run), ("predicted", predicted))
     if svg:
         picture = render_svg([("predicted", predicted), ("measured (the median step)", run)],
-                             title=f"{plan.model}: {plan.schedule}, {plan.num_stages} stages, balance "
+                             title=f"{plan.model}: {plan.schedule}, {plural(plan.num_stages, 'stage')}, balance "
                                    f"{list(plan.balance)}")
         write_atomic(svg, lambda handle: handle.write(picture.encode()))
