@@ -150,14 +150,12 @@ def _chain_outputs(chain: Chain, example: tuple[Any, ...], model: str) -> list[A
 
 
 def _print(model: str, chain: Chain, rows: list[dict[str, Any]]) -> None:
-    from rich.console import Console
     from rich.table import Table
 
+    from autopart.cli.console import stdout_console
     from autopart.formats.units import format_bytes
 
-    console = Console(emoji=False)
-    if not console.is_terminal:
-        console = Console(emoji=False, width=140)
+    console = stdout_console(140)
     how = ("captured with torch.export, cut at module boundaries" if chain.graph is not None
            else "a chain of its children (no capture)")
     console.print(f"{model}: {len(rows)} blocks, {how}", highlight=False, soft_wrap=True)
