@@ -151,7 +151,7 @@ def _build(spec: str, request: _Request, build: str, err: Console) -> tuple[Mode
     """
     import torch
 
-    from autopart.measure.spec import load_model, shape_example
+    from autopart.measure.spec import load_model, require_parameters, shape_example
 
     torch.manual_seed(request.seed)
     meta = _meta_build(spec, request, build, err) if build != "whole" else None
@@ -161,6 +161,7 @@ def _build(spec: str, request: _Request, build: str, err: Console) -> tuple[Mode
         torch.manual_seed(request.seed)
         bundle = load_model(spec)
         module = bundle.module.to(device=request.device, dtype=request.dtype)
+    require_parameters(bundle)
     return bundle, module, [_real(shape_example(bundle, request.input_shape, request.input_dtype, size), request)
                             for size in request.sizes]
 

@@ -125,7 +125,7 @@ def run(args: argparse.Namespace) -> int:
     from autopart.core.planner import simulate_plan
     from autopart.formats.atomic import check_writable
     from autopart.measure.blocks import split_blocks
-    from autopart.measure.spec import load_model
+    from autopart.measure.spec import load_model, require_parameters
     from autopart.run.data import TextCorpus
     from autopart.run.stages import check_plan_against_model
 
@@ -144,6 +144,7 @@ def run(args: argparse.Namespace) -> int:
         raise AutopartError(f"the plan needs {plan.num_ranks} GPUs, this machine has {torch.cuda.device_count()}")
     with torch.device("meta"):
         bundle = load_model(cfg.model)
+    require_parameters(bundle)
     if isinstance(bundle.module, torch.nn.Sequential):  # cheap on the meta device; other models: the ranks check
         check_plan_against_model(plan, [name for name, _ in split_blocks(bundle.module)], plan.num_ranks, cfg.model)
     if bundle.data is None and bundle.data_kind in ("text", "masked-text"):
