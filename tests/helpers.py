@@ -109,10 +109,10 @@ class Hang(nn.Module):
 
 
 def hang_spec() -> dict[str, Any]:
-    """Two blocks; the second hangs in the second micro-batch of step 2: its 5th forward in a distributed run
-    (before step 1's two, the data's output-shape check runs it once; the stages' shapes are worked out
-    without running it)."""
-    return {"module": nn.Sequential(nn.Linear(8, 8), Hang(after=5)), "example": torch.randn(2, 8),
+    """Two blocks; the second hangs in the second micro-batch of step 2: its 6th forward in a distributed run
+    (before step 1's two, the data's output-shape check and working out the stages' shapes, on fake tensors,
+    run it once each)."""
+    return {"module": nn.Sequential(nn.Linear(8, 8), Hang(after=6)), "example": torch.randn(2, 8),
             "loss_fn": nn.functional.mse_loss}
 
 
@@ -229,3 +229,25 @@ def plan_for(spec: str, balance: list[int], schedule: str, microbatches: int, pa
     plan = make_plan(split_given(problem, balance), problem, model, devices, model_name=spec)
     plan.to_json(path)
     return plan
+
+
+class SkipDropout(nn.Module):
+    """Not a chain (the first layer's output skips past the second), so it is captured as a graph; a
+    Dropout in each half."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.enc = nn.Linear(8, 16)
+        self.body = nn.Linear(16, 16)
+        self.head = nn.Linear(16, 4)
+        self.drop = nn.Dropout(0.3)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = self.drop(torch.tanh(self.enc(x)))
+        g = self.drop(torch.tanh(self.body(h))) + h
+        return self.head(g)
+
+
+def skip_dropout_spec() -> dict[str, Any]:
+    return {"module": SkipDropout(), "example": torch.randn(4, 8), "loss_fn": nn.functional.mse_loss,
+            "data": _batches(lambda g, n: torch.randn(n, 8, generator=g), 4)}

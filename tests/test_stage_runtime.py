@@ -34,6 +34,7 @@ def _reference(spec: str, plan: Plan, steps: int, seed: int, lr: float) -> tuple
     streams = BlockStreams(seed, torch.device("cpu"))
     whole = chain.stage_module(0, len(chain.blocks) - 1, enter=streams.enter)
     streams.keep_caller_state(whole)
+    loss_fn = chain.model_loss(bundle.loss_fn)  # a captured graph returns its outputs flattened
     optimizer = make_optimizer(plan.optimizer, list(bundle.module.parameters()), lr=lr)
     losses = []
     for step in range(steps):
@@ -44,7 +45,7 @@ def _reference(spec: str, plan: Plan, steps: int, seed: int, lr: float) -> tuple
         per_mb = []
         for k in range(m):
             streams.microbatch = k
-            per_mb.append(bundle.loss_fn(whole(*[p[k] for p in parts]), target.tensor_split(m)[k]))
+            per_mb.append(loss_fn(whole(*[p[k] for p in parts]), target.tensor_split(m)[k]))
         loss = torch.stack(per_mb).mean()
         loss.backward()
         optimizer.step()
@@ -69,10 +70,15 @@ def _assert_same(got_losses: list[float], got: dict[str, torch.Tensor], losses: 
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("schedule", ["GPipe", "1F1B"])
-def test_dropout_on_both_stages_equals_one_process_with_the_same_block_streams(schedule: str, tmp_path: Path) -> None:
-    spec = f"{HELPERS}:dropout_mlp_spec"
-    plan = plan_for(spec, [3, 4], schedule, 2, tmp_path / "plan.json")  # a Dropout on each stage
+@pytest.mark.parametrize("factory, balance, schedule", [
+    ("dropout_mlp_spec", [3, 4], "GPipe"),  # a Dropout on each stage
+    ("dropout_mlp_spec", [3, 4], "1F1B"),
+    ("skip_dropout_spec", [1, 2], "1F1B"),  # captured as a graph: the blocks' streams are entered inside it
+])
+def test_dropout_on_both_stages_equals_one_process_with_the_same_block_streams(factory: str, balance: list[int],
+                                                                               schedule: str, tmp_path: Path) -> None:
+    spec = f"{HELPERS}:{factory}"
+    plan = plan_for(spec, balance, schedule, 2, tmp_path / "plan.json")
     losses = _train(tmp_path / "plan.json", spec, tmp_path, 2)
     expected, state = _reference(spec, plan, 2, seed=3, lr=0.05)
     _assert_same(losses, merge_checkpoint(tmp_path / "ckpt"), expected, state)
