@@ -127,3 +127,45 @@ def test_a_model_without_parameters_is_refused_before_anything_runs(tmp_path: Pa
     assert plan.num_stages == 3
     assert_one_line_error(run_cli_here("train", str(tmp_path / "plan.json"), "--model", spec),
                           "has no parameters", "nothing to train")
+
+
+def test_stage_shapes_come_from_the_example_and_leave_the_model_as_it_was() -> None:
+    """Ids cross the cut as int64 without a gradient, features as float32 with one; nothing in the model,
+    nor the random state, changes."""
+    from autopart.run.shapes import stage_signatures
+
+    bundle = load_model(f"{HELPERS}:late_embedding_spec")
+    assert bundle.example is not None
+    chain = chain_of(bundle.module, bundle.example, "late")
+    before, rng = {k: v.clone() for k, v in bundle.module.state_dict().items()}, torch.get_rng_state()
+    first, second = stage_signatures(chain, [1, 2], torch.device("cpu"))
+    described = [(tuple(t.shape), t.dtype, t.requires_grad, t.is_meta) for t in first.outputs]
+    assert described == [((4, 6), torch.int64, False, True), ((4, 6, 4), torch.float32, True, True)]
+    assert [(t.shape, t.dtype, t.requires_grad) for t in second.inputs] == [
+        (t.shape, t.dtype, t.requires_grad) for t in first.outputs]
+    assert [tuple(t.shape) for t in second.outputs] == [(4, 6, 3)]
+    assert [(t.dtype, t.requires_grad) for t in first.inputs] == [(torch.int64, False), (torch.float32, False)]
+    assert torch.equal(rng, torch.get_rng_state())
+    for name, value in bundle.module.state_dict().items():
+        assert torch.equal(value, before[name]), name
+
+
+def test_a_block_that_reads_a_value_is_sized_on_the_examples_real_values() -> None:
+    """BatchNorm with momentum=None reads num_batches_tracked: no fake run; the real one leaves the running
+    statistics as they were. Built on the meta device there are no values: one line."""
+    from autopart.errors import AutopartError
+    from autopart.run.shapes import stage_signatures
+
+    def make() -> torch.nn.Sequential:
+        return torch.nn.Sequential(torch.nn.Linear(4, 6), torch.nn.BatchNorm1d(6, momentum=None),
+                                   torch.nn.Linear(6, 2))
+
+    model = make()
+    chain = chain_of(model, (torch.randn(3, 4),), "bn")
+    first, second = stage_signatures(chain, [2, 1], torch.device("cpu"))
+    assert [(tuple(t.shape), t.requires_grad) for t in first.outputs] == [((3, 6), True)]
+    assert int(model[1].num_batches_tracked) == 0 and float(model[1].running_mean.abs().max()) == 0.0
+    with torch.device("meta"):
+        meta = make()
+    with pytest.raises(AutopartError, match=r"block 1 \(1\) cannot run on shapes alone.*built on the meta device"):
+        stage_signatures(chain_of(meta, (torch.empty(3, 4, device="meta"),), "bn"), [2, 1], torch.device("cpu"))
