@@ -110,6 +110,144 @@ class Hang(nn.Module):
 
 def hang_spec() -> dict[str, Any]:
     """Two blocks; the second hangs in the second micro-batch of step 2: its 6th forward in a distributed run
-    (before step 1's two, the data's output-shape check and the runtime's shape inference run it once each)."""
+    (before step 1's two, the data's output-shape check and working out the stages' shapes, on fake tensors,
+    run it once each)."""
     return {"module": nn.Sequential(nn.Linear(8, 8), Hang(after=6)), "example": torch.randn(2, 8),
             "loss_fn": nn.functional.mse_loss}
+
+
+def _batches(make_input: Any, out_features: int, steps: int = 3, batch: int = 8) -> list[tuple[Any, torch.Tensor]]:
+    """``steps`` fixed (input, target) mini-batches of ``batch`` samples, the same in every process."""
+    g = torch.Generator().manual_seed(5)
+    return [(make_input(g, batch), torch.randn(batch, out_features, generator=g)) for _ in range(steps)]
+
+
+class Scale(nn.Module):
+    """``x * w`` with one learnable scalar ``w``, starting at 1."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.w = nn.Parameter(torch.ones(()))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x * self.w
+
+
+def mean_output(out: torch.Tensor, _target: torch.Tensor) -> torch.Tensor:
+    return out.mean()
+
+
+def two_dropouts_spec() -> dict[str, Any]:
+    """The issue's check: all-ones input through two Dropout(0.5) layers has mean 1 when their masks are
+    independent, 2 when they are the same; the loss is that mean."""
+    ones = [(torch.ones(8, 256), torch.zeros(8, 1)) for _ in range(3)]
+    return {"module": nn.Sequential(Scale(), nn.Dropout(0.5), nn.Dropout(0.5)), "example": torch.ones(4, 256),
+            "loss_fn": mean_output, "data": ones}
+
+
+def dropout_mlp_spec() -> dict[str, Any]:
+    """Seven blocks with a Dropout in each half, on fixed data."""
+    model = nn.Sequential(nn.Linear(8, 16), nn.Tanh(), nn.Dropout(0.3), nn.Linear(16, 16), nn.Tanh(), nn.Dropout(0.3),
+                          nn.Linear(16, 4))
+    return {"module": model, "example": torch.randn(4, 8), "loss_fn": nn.functional.mse_loss,
+            "data": _batches(lambda g, n: torch.randn(n, 8, generator=g), 4)}
+
+
+class CarryIds(nn.Module):
+    """Block 0: features through a layer; the token ids pass through untouched, to the next stage."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.linear = nn.Linear(4, 4)
+
+    def forward(self, ids: torch.Tensor, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        return ids, torch.tanh(self.linear(x))
+
+
+class EmbedAdd(nn.Module):
+    """Block 1: an embedding of the ids (10 of them) added to the features."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.embed = nn.Embedding(10, 4)
+
+    def forward(self, ids: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+        return self.embed(ids) + x
+
+
+class LateEmbedding(nn.Module):
+    """Token ids (N, 6) and features (N, 6, 4) in; the embedding is the second block, so on a later stage
+    it reads ids that crossed a cut."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.carry = CarryIds()
+        self.embed = EmbedAdd()
+        self.head = nn.Linear(4, 3)
+
+    def forward(self, ids: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+        return self.head(self.embed(*self.carry(ids, x)))
+
+
+def late_embedding_spec() -> dict[str, Any]:
+    def inputs(g: torch.Generator, n: int) -> tuple[torch.Tensor, torch.Tensor]:
+        return torch.randint(0, 10, (n, 6), generator=g), torch.randn(n, 6, 4, generator=g)
+
+    data = [((ids, x), y.repeat(1, 18).reshape(-1, 6, 3)) for (ids, x), y in _batches(inputs, 1)]
+    return {"module": LateEmbedding(), "example": inputs(torch.Generator().manual_seed(0), 4),
+            "loss_fn": nn.functional.mse_loss, "data": data}
+
+
+def linear_relu_spec() -> dict[str, Any]:
+    """The issue's plan that could not run: three blocks on three stages puts the ReLU alone on the last."""
+    return {"module": nn.Sequential(nn.Linear(4, 8), nn.Linear(8, 4), nn.ReLU()), "example": torch.randn(4, 4),
+            "loss_fn": nn.functional.mse_loss, "data": _batches(lambda g, n: torch.randn(n, 4, generator=g), 4)}
+
+
+def no_parameters_spec() -> dict[str, Any]:
+    return {"module": nn.Sequential(nn.ReLU(), nn.Tanh()), "example": torch.randn(4, 4),
+            "loss_fn": nn.functional.mse_loss}
+
+
+def plan_for(spec: str, balance: list[int], schedule: str, microbatches: int, path: Any, per_rank: int = 1) -> Any:
+    """A plan of ``spec`` with the given blocks per stage, written to ``path`` (profiled once, in-process)."""
+    from autopart.core.costmodel import CostModel, Problem
+    from autopart.core.partition import split_given
+    from autopart.core.planner import make_plan
+    from autopart.formats.devices import Device
+    from autopart.measure.profiler import profile_model
+    from autopart.measure.spec import load_model
+
+    torch.manual_seed(0)
+    bundle = load_model(spec)
+    assert bundle.example is not None
+    example = dict(zip(bundle.input_names, bundle.example)) if bundle.input_names else bundle.example
+    profile = profile_model(bundle.module, example, name=spec, warmup=0, repeats=1)
+    model = CostModel(schedule=schedule, microbatches=microbatches, stages_per_rank=per_rank)
+    devices = [Device("cpu")] * len(balance)  # as tests/test_graph_pipeline.py does
+    problem = Problem.from_profile(profile, devices, model)
+    plan = make_plan(split_given(problem, balance), problem, model, devices, model_name=spec)
+    plan.to_json(path)
+    return plan
+
+
+class SkipDropout(nn.Module):
+    """Not a chain (the first layer's output skips past the second), so it is captured as a graph; a
+    Dropout in each half."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.enc = nn.Linear(8, 16)
+        self.body = nn.Linear(16, 16)
+        self.head = nn.Linear(16, 4)
+        self.drop = nn.Dropout(0.3)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = self.drop(torch.tanh(self.enc(x)))
+        g = self.drop(torch.tanh(self.body(h))) + h
+        return self.head(g)
+
+
+def skip_dropout_spec() -> dict[str, Any]:
+    return {"module": SkipDropout(), "example": torch.randn(4, 8), "loss_fn": nn.functional.mse_loss,
+            "data": _batches(lambda g, n: torch.randn(n, 8, generator=g), 4)}

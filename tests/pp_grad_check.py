@@ -14,7 +14,7 @@ import torch.distributed as dist
 
 from autopart.formats.plan import Plan
 from autopart.measure.blocks import chain_of
-from autopart.measure.spec import load_model, shape_example
+from autopart.measure.spec import load_model
 from autopart.run.stages import build_pipeline
 
 
@@ -32,8 +32,8 @@ def main(plan_path: str, model: str, out_dir: str, batch_path: str | None = None
         target = torch.randint(0, 256, (batch, 16), generator=g)
     else:
         inputs, target = torch.load(batch_path)
-    mb = int(inputs[0].shape[0]) // plan.microbatches
-    chain = chain_of(bundle.module, shape_example(bundle, microbatch_size=mb), model, bundle.input_names)
+    example = tuple(x.tensor_split(plan.microbatches)[0] for x in inputs)  # the stages' shapes: one micro-batch
+    chain = chain_of(bundle.module, example, model, bundle.input_names)
     assert bundle.loss_fn is not None
     pipe = build_pipeline(plan, chain, rank, torch.device("cpu"), bundle.loss_fn)
     losses = pipe.step(inputs, target)

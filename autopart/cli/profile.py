@@ -166,7 +166,7 @@ def _build(spec: str, request: _Request, build: str, err: Console) -> tuple[Mode
     """
     import torch
 
-    from autopart.measure.spec import shape_example
+    from autopart.measure.spec import require_parameters, shape_example
     from autopart.measure.stream import load_with_weights
 
     torch.manual_seed(request.seed)
@@ -177,6 +177,7 @@ def _build(spec: str, request: _Request, build: str, err: Console) -> tuple[Mode
         torch.manual_seed(request.seed)
         bundle = load_with_weights(spec)
         module = bundle.module.to(device=request.device, dtype=request.dtype)
+    require_parameters(bundle)
     return bundle, module, [_real(shape_example(bundle, request.input_shape, request.input_dtype, size), request)
                             for size in request.sizes]
 

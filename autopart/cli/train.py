@@ -132,7 +132,7 @@ def run(args: argparse.Namespace) -> int:
     from autopart.core.planner import simulate_plan
     from autopart.formats.atomic import check_writable
     from autopart.measure.blocks import split_blocks
-    from autopart.measure.spec import load_model
+    from autopart.measure.spec import load_model, require_parameters
     from autopart.run.data import TextCorpus
     from autopart.run.stages import check_plan_against_model
 
@@ -151,6 +151,7 @@ def run(args: argparse.Namespace) -> int:
         raise AutopartError(f"the plan needs {plan.num_ranks} GPUs, this machine has {torch.cuda.device_count()}")
     with torch.device("meta"):
         bundle = load_model(cfg.model)
+    require_parameters(bundle)
     note = unused_loss_note(bundle)
     if note:
         sys.stderr.write(note)

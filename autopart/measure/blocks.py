@@ -22,11 +22,14 @@ from autopart.errors import AutopartError
 if TYPE_CHECKING:
     from autopart.measure.cutpoints import GraphBlocks
 
-__all__ = ["NamedBlock", "Chain", "StageModule", "chain_of", "split_blocks", "run_chain", "check_chain", "call_block",
-           "tensors_of", "contiguous_grad", "stage_inputs", "cannot_run"]
+__all__ = ["NamedBlock", "EnterBlock", "BlockEntry", "Chain", "StageModule", "chain_of", "split_blocks", "run_chain",
+           "check_chain", "call_block", "tensors_of", "contiguous_grad", "stage_inputs", "cannot_run"]
 
 NamedBlock = tuple[str, nn.Module]
 """A block and its name in the model (``"h.3"``)."""
+
+EnterBlock = Callable[[int], None]
+"""Called with a block's index in the chain just before the block runs (to give it its own random stream)."""
 
 
 def _flatten(prefix: str, module: nn.Module, out: list[NamedBlock]) -> None:
@@ -149,9 +152,13 @@ class StageModule(nn.Module):
     """Blocks of one stage of a chain of modules, run in order; submodule paths are the original model's
     (``h.3``), so the stage's ``state_dict`` keys are the unpartitioned model's."""
 
-    def __init__(self, root: nn.Module, block_names: Sequence[str]) -> None:
+    def __init__(self, root: nn.Module, block_names: Sequence[str], enter: EnterBlock | None = None,
+                 first: int = 0) -> None:
         super().__init__()
         self.block_names = list(block_names)
+        self.enter = enter
+        """Called with each block's index in the chain (``first`` + its place here) just before it runs."""
+        self.first = first
         for name in self.block_names:
             parent: nn.Module = self
             *path, leaf = name.split(".")
@@ -165,9 +172,23 @@ class StageModule(nn.Module):
 
     def forward(self, *args: Any) -> Any:
         out: Any = stage_inputs(args if len(args) > 1 else args[0])
-        for name in self.block_names:
+        for i, name in enumerate(self.block_names):
+            if self.enter is not None:
+                self.enter(self.first + i)
             out = call_block(self.get_submodule(name), out)
         return out
+
+
+class BlockEntry(nn.Module):
+    """A graph node that calls ``enter(block)`` where a block's operations begin (a stage of a captured graph
+    runs its blocks as one graph, not as modules); no parameters, no buffers, nothing in ``state_dict``."""
+
+    def __init__(self, enter: EnterBlock, block: int) -> None:
+        super().__init__()
+        self.enter, self.block = enter, block
+
+    def forward(self) -> None:
+        self.enter(self.block)
 
 
 LossFn = Callable[[Any, Any], torch.Tensor]
@@ -182,16 +203,19 @@ class Chain:
     """(name, module) per block; a graph block takes the values live before it and returns those live after."""
     graph: GraphBlocks | None = None
     """The captured graph and its cuts, when the model is not a chain of its children."""
+    example: tuple[Any, ...] = ()
+    """The micro-batch the chain was cut (and captured) on: the shapes and dtypes a stage's inputs have."""
 
     @property
     def names(self) -> list[str]:
         return [name for name, _ in self.blocks]
 
-    def stage_module(self, first: int, last: int) -> nn.Module:
-        """Blocks ``first``..``last`` as one module whose ``state_dict`` has the model's own names."""
+    def stage_module(self, first: int, last: int, enter: EnterBlock | None = None) -> nn.Module:
+        """Blocks ``first``..``last`` as one module whose ``state_dict`` has the model's own names; with
+        ``enter``, it is called with each block's index just before that block runs."""
         if self.graph is not None:
-            return self.graph.stage_module(first, last)
-        return StageModule(self.root, self.names[first: last + 1])
+            return self.graph.stage_module(first, last, enter)
+        return StageModule(self.root, self.names[first: last + 1], enter, first)
 
     def reload_blocks(self) -> None:
         """Take each block from ``root`` again, after modules in it were swapped (a block may be one of them;
@@ -232,7 +256,7 @@ def chain_of(module: nn.Module, example: tuple[Any, ...], name: str,
         try:
             blocks = split_blocks(module)
             check_chain(module, blocks, tuple(example), name)
-            return Chain(module, blocks)
+            return Chain(module, blocks, example=tuple(example))
         except AutopartError:
             pass
     from autopart.measure.capture import capture
@@ -240,4 +264,4 @@ def chain_of(module: nn.Module, example: tuple[Any, ...], name: str,
 
     args, kwargs = ((), dict(zip(input_names, example))) if input_names else (tuple(example), None)
     graph = graph_blocks(capture(module, args, kwargs, name=name), module)
-    return Chain(module, [(n, graph.stage_module(i, i)) for i, n in enumerate(graph.names)], graph)
+    return Chain(module, [(n, graph.stage_module(i, i)) for i, n in enumerate(graph.names)], graph, tuple(example))

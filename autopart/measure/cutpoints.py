@@ -32,7 +32,7 @@ import torch
 from torch import fx, nn
 from torch.nn.modules.batchnorm import _BatchNorm
 
-from autopart.measure.blocks import contiguous_grad
+from autopart.measure.blocks import BlockEntry, EnterBlock, contiguous_grad
 from autopart.measure.capture import ModelGraph, value_bytes
 
 __all__ = ["Crossing", "Boundary", "GraphBlocks", "graph_blocks", "contiguous_grad"]
@@ -104,11 +104,12 @@ class GraphBlocks:
         """What a stage starting at block ``first`` receives, in order."""
         return [n.name for n in self.graph.inputs] if first == 0 else self.live[first - 1]
 
-    def stage_module(self, first: int, last: int) -> fx.GraphModule:
+    def stage_module(self, first: int, last: int, enter: EnterBlock | None = None) -> fx.GraphModule:
         """Blocks ``first``..``last`` as one module: ``forward(*inputs_of(first))`` returns the live set after
         ``last`` as a tuple (the flattened model outputs when ``last`` is the last block).
 
         Parameters and buffers are the original module's, under its own names (``transformer.h.3.attn.c_attn.weight``).
+        With ``enter``, a node calls ``enter(b)`` where block ``b``'s own operations begin (a :class:`BlockEntry`).
         """
         start, end = self.spans[first][0], self.spans[last][1]
         own = set(n.name for n in self.graph.nodes[start:end])
@@ -126,7 +127,15 @@ class GraphBlocks:
         wanted = list(self.graph.nodes[start:end])
         outs = [self._node(v) for v in self.live[last]]
         needed = self._recompute_closure(wanted, own) | self._recompute_closure(outs, own, direct=True)
-        for node in [n for n in self.graph.nodes if n.name in needed and n.name not in own] + wanted:
+        starts = {self.spans[b][0]: b for b in range(first, last + 1)} if enter is not None else {}
+        entries: dict[str, Any] = {}
+        recomputed = [(-1, n) for n in self.graph.nodes if n.name in needed and n.name not in own]
+        for position, node in recomputed + list(enumerate(wanted, start)):
+            if position in starts:
+                target = f"autopart_enter_block_{starts[position]}"
+                assert enter is not None
+                entries[target] = BlockEntry(enter, starts[position])
+                graph.call_module(target)
             module = self.graph.module_of(node)
             env[node.name] = graph.node_copy(node, lambda arg: self._arg(arg, env, graph, module))
         graph.output(tuple(graph.call_method("contiguous", (self._arg(v, env, graph),))
@@ -135,7 +144,7 @@ class GraphBlocks:
         graph.lint()
         attrs: dict[str, Any] = {str(n.target): attrgetter(str(n.target))(self.graph.module)
                                  for n in graph.nodes if n.op == "get_attr"}
-        return fx.GraphModule({**attrs, **layers}, graph, class_name=f"Stage_{first}_{last}")
+        return fx.GraphModule({**attrs, **layers, **entries}, graph, class_name=f"Stage_{first}_{last}")
 
     def parameter_names(self, first: int, last: int) -> list[str]:
         """The names under which blocks ``first``..``last`` hold parameters (as :meth:`stage_module` names them)."""

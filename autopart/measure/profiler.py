@@ -228,13 +228,15 @@ def _time_block(block: nn.Module, block_input: Any, clock: _Clock, warmup: int, 
 
 
 def make_optimizer(name: str, params: Sequence[torch.Tensor], lr: float) -> torch.optim.Optimizer:
-    """The optimizer a plan names (``adam``, ``adamw``, ``sgd-momentum`` with momentum 0.9, ``sgd``)."""
+    """The optimizer a plan names (``adam``, ``adamw``, ``sgd-momentum`` with momentum 0.9, ``sgd``), over
+    ``params`` as one group; no parameters (a stage of activations only) give one with nothing to update."""
+    groups: list[dict[str, Any]] = [{"params": list(params)}]  # torch refuses a bare empty list, not an empty group
     if name == "adam":
-        return torch.optim.Adam(params, lr=lr)
+        return torch.optim.Adam(groups, lr=lr)
     if name == "adamw":
-        return torch.optim.AdamW(params, lr=lr)
+        return torch.optim.AdamW(groups, lr=lr)
     if name in ("sgd", "sgd-momentum"):
-        return torch.optim.SGD(params, lr=lr, momentum=0.9 if name == "sgd-momentum" else 0.0)
+        return torch.optim.SGD(groups, lr=lr, momentum=0.9 if name == "sgd-momentum" else 0.0)
     raise AutopartError(f"unknown optimizer {name!r}; known: adam, adamw, sgd-momentum, sgd")
 
 

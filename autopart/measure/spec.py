@@ -23,7 +23,7 @@ from autopart.measure.hf import build_hf, is_hf_spec
 from autopart.measure.models.registry import BUILTINS
 
 __all__ = ["Example", "LossFn", "ModelBundle", "call_model", "load_model", "parse_shape", "parse_dtype",
-           "shape_example"]
+           "require_parameters", "shape_example"]
 
 Example = tuple[torch.Tensor, ...]
 """One micro-batch of inputs, as positional arguments."""
@@ -166,6 +166,13 @@ def load_model(spec: str) -> ModelBundle:
         raise AutopartError(f"model factory {spec!r} returned {type(module).__name__} as module, not an nn.Module")
     return ModelBundle(name=spec, module=module, example=example, loss_fn=loss_fn, data=data, builtin=builtin,
                        input_names=names, data_kind=data_kind)
+
+
+def require_parameters(bundle: ModelBundle) -> None:
+    """Refuse a model with no parameters: there is nothing to train (a stage of such blocks in a model that
+    has some is fine; it runs with nothing to update)."""
+    if next(iter(bundle.module.parameters()), None) is None:
+        raise AutopartError(f"model {bundle.name!r} has no parameters: nothing to train")
 
 
 def parse_shape(text: str) -> tuple[int, ...]:

@@ -21,7 +21,7 @@ from autopart.formats.plan import Plan
 from autopart.measure.batchnorm import batchnorm_layers, defer_batchnorm
 from autopart.measure.blocks import Chain, StageModule, chain_of
 from autopart.measure.profiler import make_optimizer
-from autopart.measure.spec import ModelBundle, load_model, shape_example
+from autopart.measure.spec import ModelBundle, load_model, require_parameters, shape_example
 from autopart.measure.stream import load_with_weights
 from autopart.run.checkpoint import latest_complete, load_stages, mark_complete
 from autopart.run.config import TrainConfig
@@ -102,6 +102,7 @@ def _prepare(cfg: TrainConfig, rank: int, device: torch.device) -> Job:
     world = int(os.environ.get("WORLD_SIZE", "1"))
     plan = Plan.from_json(cfg.plan)
     bundle = _build(cfg)
+    require_parameters(bundle)
     m = plan.microbatches
     per_mb = plan.microbatch_size or (int(bundle.example[0].shape[0]) if bundle.example else 1)
     global_batch = cfg.global_batch or per_mb * m
@@ -119,7 +120,7 @@ def _prepare(cfg: TrainConfig, rank: int, device: torch.device) -> Job:
     start = int(saved[0]["step"]) if saved else 0
     data = training_data(bundle, cfg.data, global_batch, sample_shape, cfg.seed, start)
     pipe = build_pipeline(plan, chain, rank, device, data.loss_fn,
-                          init=lambda s, module: _initialise(s, module, cfg.seed))
+                          init=lambda s, module: _initialise(s, module, cfg.seed), seed=cfg.seed, first_step=start)
     optimizer = make_optimizer(plan.optimizer, pipe.parameters(), lr=cfg.lr)
     job = Job(cfg=cfg, plan=plan, rank=rank, world=world, device=device, pipe=pipe, optimizer=optimizer, data=data,
               global_batch=global_batch, microbatch_size=microbatch_size, start_step=start)

@@ -14,6 +14,12 @@ their gradients are summed between the ranks that hold them. The schedule is the
 plan's name (``get_schedule_class``), with ``scale_grads=True``: gradients are
 the mean over micro-batches, which equals the gradient of the mean loss over
 the mini-batch when every micro-batch has the same size and the loss is a mean.
+
+Each block draws its random numbers (dropout) from its own stream, seeded from
+the run's seed, the block, the step and the micro-batch
+(:mod:`autopart.run.streams`), so masks differ between stages and are the same
+whatever the cuts. The stages are given their input and output shapes
+(:mod:`autopart.run.shapes`), so the runtime never runs them to learn them.
 """
 from __future__ import annotations
 
@@ -27,8 +33,10 @@ from torch.distributed.pipelining.schedules import PipelineScheduleMulti, _Pipel
 
 from autopart.errors import AutopartError
 from autopart.formats.plan import Plan
-from autopart.measure.batchnorm import deferred_layers, statistics_kept
+from autopart.measure.batchnorm import deferred_layers
 from autopart.measure.blocks import Chain, LossFn, NamedBlock
+from autopart.run.shapes import StageSignature, stage_signatures
+from autopart.run.streams import BlockStreams
 from autopart.run.timeline import ActionClock
 
 __all__ = ["Pipeline", "SharedParameters", "build_pipeline", "check_plan_against_model", "check_world_size"]
@@ -112,8 +120,13 @@ class Pipeline:
     """This rank's stages and the schedule that drives them."""
 
     def __init__(self, plan: Plan, blocks: dict[int, list[NamedBlock]], modules: list[tuple[int, nn.Module]],
-                 schedule: _PipelineSchedule, loss_fn: LossFn, shared: SharedParameters, clock: ActionClock) -> None:
+                 schedule: _PipelineSchedule, loss_fn: LossFn, shared: SharedParameters, clock: ActionClock,
+                 streams: BlockStreams, signatures: list[StageSignature]) -> None:
         self.plan = plan
+        self.streams = streams
+        """Every block's random stream; its step advances once per :meth:`step`."""
+        self.signatures = signatures
+        """Every stage's input and output shapes (the first stage's inputs: one micro-batch of the model's)."""
         self.clock = clock
         """Times every forward and backward the schedule runs here (see :mod:`autopart.run.timeline`)."""
         self.blocks = blocks
@@ -163,6 +176,7 @@ class Pipeline:
         for layer in self.deferred:
             layer.reset()
         args = inputs if isinstance(inputs, tuple) else (inputs,)
+        self._check_microbatches(args)
         if self.has_last and self.last_target is None:
             self.last_target = target.tensor_split(self.plan.microbatches)[0].detach().clone()
         if self.has_first and self.has_last:
@@ -176,20 +190,37 @@ class Pipeline:
         for layer in self.deferred:
             layer.commit()
         self.shared.sync_gradients()
+        self.streams.step += 1
         return losses if self.has_last else None
+
+    def _check_microbatches(self, args: tuple[torch.Tensor, ...]) -> None:
+        """Refuse inputs whose micro-batches are not what the stages were sized for (every rank draws the
+        same batches, so every rank refuses alike, before any stage waits for another)."""
+        expected = self.signatures[0].inputs
+        got = [x.tensor_split(self.plan.microbatches)[0] for x in args]
+        if len(got) != len(expected) or any(a.shape != b.shape or a.dtype != b.dtype for a, b in zip(got, expected)):
+            def say(ts: Sequence[torch.Tensor]) -> str:
+                return ", ".join(f"{tuple(t.shape)} {str(t.dtype).removeprefix('torch.')}" for t in ts)
+            raise AutopartError(f"the data's micro-batches are {say(got)}, the stages were built for {say(expected)} "
+                                f"(the plan's micro-batch size and sample shape)")
 
 
 def build_pipeline(plan: Plan, chain: Chain, rank: int, device: torch.device, loss_fn: LossFn,
                    group: dist.ProcessGroup | None = None,
-                   init: Callable[[int, nn.Module], None] | None = None) -> Pipeline:
+                   init: Callable[[int, nn.Module], None] | None = None, seed: int = 0,
+                   first_step: int = 0) -> Pipeline:
     """This rank's stages of ``chain`` (moved to ``device``) wrapped for ``plan``'s schedule.
 
     Blocks built on the meta device get storage on ``device`` here and are then
-    handed to ``init(stage, module)`` to fill it.
+    handed to ``init(stage, module)`` to fill it. Random streams come from ``seed``; ``first_step``: steps
+    done before (a resumed run's).
     """
+    streams = BlockStreams(seed, device, first_step)
+    signatures = stage_signatures(chain, plan.balance, device)
     modules: list[tuple[int, nn.Module]] = []
     for s in plan.stages_of(rank):
-        module = chain.stage_module(*_span(plan, s))
+        module = chain.stage_module(*_span(plan, s), enter=streams.enter)
+        streams.keep_caller_state(module)
         if any(t.is_meta for t in list(module.parameters()) + list(module.buffers())):
             module.to_empty(device=device)
             if init is None:
@@ -200,12 +231,13 @@ def build_pipeline(plan: Plan, chain: Chain, rank: int, device: torch.device, lo
         modules.append((s, module))
     shared = SharedParameters(plan, chain, rank, modules)
     model_loss = chain.model_loss(loss_fn)
-    stages = [PipelineStage(module, s, plan.num_stages, device, group=group) for s, module in modules]
+    stages = [PipelineStage(module, s, plan.num_stages, device, input_args=signatures[s].inputs,
+                            output_args=signatures[s].outputs, group=group) for s, module in modules]
     clock = ActionClock(rank, device)
     for stage in stages:
+        _follow_microbatches(stage, streams)
         _time_actions(stage, clock)
         _say_waits(stage, clock, plan.stage_ranks())
-        _keep_statistics_in_shape_inference(stage)
     cls = get_schedule_class(plan.schedule)
     schedule: _PipelineSchedule
     if issubclass(cls, PipelineScheduleMulti):
@@ -215,7 +247,7 @@ def build_pipeline(plan: Plan, chain: Chain, rank: int, device: torch.device, lo
             raise AutopartError(f"{plan.schedule} runs one stage per rank, the plan gives rank {rank} {len(stages)}")
         schedule = cls(stages[0], n_microbatches=plan.microbatches, loss_fn=model_loss)
     blocks = {s: chain.blocks[_span(plan, s)[0]: _span(plan, s)[1] + 1] for s, _ in modules}
-    return Pipeline(plan, blocks, modules, schedule, model_loss, shared, clock)
+    return Pipeline(plan, blocks, modules, schedule, model_loss, shared, clock, streams, signatures)
 
 
 def _time_actions(stage: PipelineStage, clock: ActionClock) -> None:
@@ -241,16 +273,17 @@ def _time_actions(stage: PipelineStage, clock: ActionClock) -> None:
     stage.backward_weight_one_chunk = backward_weight_one_chunk  # type: ignore[method-assign]
 
 
-def _keep_statistics_in_shape_inference(stage: PipelineStage) -> None:
-    """The first step's shape inference runs the stage once more (``_compute_outputs``, on real inputs for
-    the first stage, on uninitialised ones for the others): it must not move BatchNorm's running statistics."""
-    compute = stage._compute_outputs
+def _follow_microbatches(stage: PipelineStage, streams: BlockStreams) -> None:
+    """Tell ``streams`` the micro-batch of every forward and backward the schedule runs on ``stage`` (a
+    backward that recomputes the forward then draws what the forward drew)."""
+    for name in ("forward_one_chunk", "backward_one_chunk", "backward_weight_one_chunk"):
+        original = getattr(stage, name)
 
-    def compute_outputs(*args: Any, module: nn.Module, **kwargs: Any) -> Any:
-        with statistics_kept(module):
-            return compute(*args, module=module, **kwargs)
+        def run(chunk: int, *args: Any, _original: Any = original, **kwargs: Any) -> Any:
+            streams.microbatch = chunk
+            return _original(chunk, *args, **kwargs)
 
-    stage._compute_outputs = compute_outputs  # type: ignore[method-assign]
+        setattr(stage, name, run)
 
 
 def _say_waits(stage: PipelineStage, clock: ActionClock, ranks: Sequence[int]) -> None:
