@@ -28,7 +28,7 @@ from torch.func import functional_call
 
 from autopart.errors import AutopartError
 from autopart.measure.batchnorm import statistics_kept
-from autopart.measure.blocks import Chain, call_block, tensors_of
+from autopart.measure.blocks import Chain, call_block, stage_inputs, tensors_of
 
 __all__ = ["StageSignature", "stage_signatures"]
 
@@ -76,7 +76,7 @@ def _signatures(chain: Chain, balance: Sequence[int], example: tuple[torch.Tenso
         inputs = values if isinstance(values, tuple) else (values,)
         if s > 0:  # a received activation is a leaf of this stage's graph
             inputs = tuple(t.detach().requires_grad_(t.requires_grad) for t in inputs)
-        values = inputs if len(inputs) > 1 else inputs[0]
+        values = stage_inputs(inputs if len(inputs) > 1 else inputs[0])  # as the stage module gets them
         for b in range(first, first + count):
             values = run(b, values)
         # the last stage's output goes to the loss, not to a stage: any structure of tensors will do
