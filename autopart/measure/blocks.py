@@ -10,7 +10,7 @@ and cut at module boundaries (:mod:`autopart.measure.cutpoints`).
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, Callable, Sequence
 
 import torch
@@ -22,7 +22,7 @@ from autopart.errors import AutopartError
 if TYPE_CHECKING:
     from autopart.measure.cutpoints import GraphBlocks
 
-__all__ = ["NamedBlock", "Chain", "StageModule", "chain_of", "split_blocks", "run_chain", "check_chain", "call_block",
+__all__ = ["NamedBlock", "Chain", "StageModule", "FlatOutput", "chain_of", "split_blocks", "run_chain", "check_chain", "call_block",
            "tensors_of"]
 
 NamedBlock = tuple[str, nn.Module]
@@ -106,13 +106,46 @@ def check_chain(module: nn.Module, blocks: Sequence[NamedBlock], example: tuple[
         )
 
 
+class FlatOutput:
+    """The model's output as PyTorch's pipelining runtime carries a stage's output (a tensor or a tuple of
+    tensors), and back: the last block of a chain may return a dict, a ModelOutput, nested tuples or
+    non-tensor values, which are flattened (``torch.utils._pytree``) after the last stage and rebuilt before
+    the user's loss sees them, as a captured graph's output is.
+
+    Note: the loss follows its micro-batch's forward on the last stage's rank in every schedule, so the
+    structure (and any non-tensor leaves) of the latest forward is the one rebuilt.
+    """
+
+    def __init__(self) -> None:
+        self.spec: pytree.TreeSpec | None = None
+        self.leaves: list[Any] = []
+
+    def flatten(self, out: Any) -> Any:
+        """``out`` as a tensor or a tuple of tensors (unchanged when it is one already)."""
+        if isinstance(out, torch.Tensor) or (type(out) is tuple and all(isinstance(t, torch.Tensor) for t in out)):
+            self.spec = None
+            return out
+        self.leaves, self.spec = pytree.tree_flatten(out)
+        return tuple(leaf for leaf in self.leaves if isinstance(leaf, torch.Tensor))
+
+    def rebuild(self, flat: Any) -> Any:
+        """The output :meth:`flatten` was given, with the tensors the runtime passed on."""
+        if self.spec is None:
+            return flat
+        tensors = iter(flat if isinstance(flat, (tuple, list)) else (flat,))
+        leaves = [next(tensors) if isinstance(leaf, torch.Tensor) else leaf for leaf in self.leaves]
+        return pytree.tree_unflatten(leaves, self.spec)
+
+
 class StageModule(nn.Module):
     """Blocks of one stage of a chain of modules, run in order; submodule paths are the original model's
-    (``h.3``), so the stage's ``state_dict`` keys are the unpartitioned model's."""
+    (``h.3``), so the stage's ``state_dict`` keys are the unpartitioned model's. The last stage returns its
+    output through ``output`` (:class:`FlatOutput`)."""
 
-    def __init__(self, root: nn.Module, block_names: Sequence[str]) -> None:
+    def __init__(self, root: nn.Module, block_names: Sequence[str], output: FlatOutput | None = None) -> None:
         super().__init__()
         self.block_names = list(block_names)
+        self.output = output
         for name in self.block_names:
             parent: nn.Module = self
             *path, leaf = name.split(".")
@@ -128,7 +161,7 @@ class StageModule(nn.Module):
         out: Any = args if len(args) > 1 else args[0]
         for name in self.block_names:
             out = call_block(self.get_submodule(name), out)
-        return out
+        return self.output.flatten(out) if self.output is not None else out
 
 
 LossFn = Callable[[Any, Any], torch.Tensor]
@@ -143,6 +176,8 @@ class Chain:
     """(name, module) per block; a graph block takes the values live before it and returns those live after."""
     graph: GraphBlocks | None = None
     """The captured graph and its cuts, when the model is not a chain of its children."""
+    output: FlatOutput = field(default_factory=FlatOutput, repr=False)
+    """How the last stage of a chain of children returns the model's output, and how the loss gets it back."""
 
     @property
     def names(self) -> list[str]:
@@ -152,7 +187,8 @@ class Chain:
         """Blocks ``first``..``last`` as one module whose ``state_dict`` has the model's own names."""
         if self.graph is not None:
             return self.graph.stage_module(first, last)
-        return StageModule(self.root, self.names[first: last + 1])
+        return StageModule(self.root, self.names[first: last + 1],
+                           self.output if last == len(self.blocks) - 1 else None)
 
     def reload_blocks(self) -> None:
         """Take each block from ``root`` again, after modules in it were swapped (a block may be one of them;
@@ -162,10 +198,12 @@ class Chain:
                        for i, (name, _) in enumerate(self.blocks)]
 
     def model_loss(self, loss_fn: LossFn) -> LossFn:
-        """``loss_fn(output, target)`` for what the last block returns: a graph returns the model's output
-        flattened, which is rebuilt (a tuple, a ModelOutput ...) before the user's loss sees it."""
+        """``loss_fn(output, target)`` for what the last block returns: a graph, and the last stage of a chain
+        of children, return the model's output flattened, which is rebuilt (a dict, a ModelOutput ...)
+        before the user's loss sees it."""
         if self.graph is None:
-            return loss_fn
+            output = self.output
+            return lambda flat, target: loss_fn(output.rebuild(flat), target)
         spec = self.graph.graph.out_spec
 
         def loss(flat: Any, target: Any) -> torch.Tensor:
