@@ -50,3 +50,38 @@ def big_spec() -> dict[str, Any]:
     return {"module": nn.Sequential(nn.Linear(512, 512), nn.Linear(512, 4)), "example": torch.randn(2, 512),
             "loss_fn": nn.functional.mse_loss,
             "data": [(torch.randn(GLOBAL_BATCH, 512), torch.randn(GLOBAL_BATCH, 4)) for _ in range(2)]}
+
+
+class Pair(nn.Module):
+    """Returns a tuple for the next block's two arguments: ``(linear(x), 2 * x)``, or ``(linear(x), 2.0)``
+    with ``number``."""
+
+    def __init__(self, number: bool = False) -> None:
+        super().__init__()
+        self.linear, self.number = nn.Linear(8, 8), number
+
+    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, Any]:
+        return self.linear(x), 2.0 if self.number else 2 * x
+
+
+class Two(nn.Module):
+    """A block of two arguments."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.linear = nn.Linear(8, 4)
+
+    def forward(self, a: torch.Tensor, b: Any) -> torch.Tensor:
+        return self.linear(a * b)
+
+
+def tuple_spec() -> dict[str, Any]:
+    """Two blocks, the first passing a tuple of tensors to the second's two arguments."""
+    return {"module": nn.Sequential(Pair(), Two()), "example": torch.randn(2, 8),
+            "loss_fn": nn.functional.mse_loss, "data": _batches(3)}
+
+
+def number_spec() -> dict[str, Any]:
+    """As :func:`tuple_spec`, but the tuple holds a number, which no pipeline can send between stages."""
+    return {"module": nn.Sequential(Pair(number=True), Two()), "example": torch.randn(2, 8),
+            "loss_fn": nn.functional.mse_loss, "data": _batches(3)}

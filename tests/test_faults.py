@@ -241,22 +241,23 @@ def test_a_stage_writer_removes_what_an_earlier_writer_of_that_stage_left(tmp_pa
 def _reference_losses(spec: str, steps: int, microbatches: int = 2) -> list[float]:
     """The losses one process gets training the unpartitioned model as ``train`` does (the same seed,
     AdamW at --lr 1e-3, the mean loss of the step's micro-batches), cycling the factory's data."""
+    from autopart.measure.blocks import run_chain, split_blocks
     from autopart.measure.spec import load_model
 
     torch.manual_seed(0)
     bundle = load_model(spec)
     assert bundle.loss_fn is not None and bundle.data is not None
-    batches = list(bundle.data)
+    batches, blocks = list(bundle.data), split_blocks(bundle.module)  # a tuple is spread into the next block
     optimizer = torch.optim.AdamW(bundle.module.parameters(), lr=1e-3)
     losses = []
     for step in range(steps):
         inputs, target = batches[step % len(batches)]
         optimizer.zero_grad()
-        loss = torch.stack([bundle.loss_fn(bundle.module(x), y) for x, y in
+        loss = torch.stack([bundle.loss_fn(run_chain(blocks, (x,)), y) for x, y in
                             zip(inputs.chunk(microbatches), target.chunk(microbatches))]).mean()
         loss.backward()
         optimizer.step()
-        losses.append(float(loss))
+        losses.append(float(loss.detach()))
     return losses
 
 
@@ -275,6 +276,24 @@ def test_a_last_block_returning_a_dict_trains_as_one_process_does(tmp_path: Path
     spec = f"{FAULTS}:dict_spec"
     losses, _ = _trained_losses(tmp_path, spec, 3)
     assert losses == pytest.approx(_reference_losses(spec, 3), rel=1e-5)
+
+
+@pytest.mark.slow
+def test_a_tuple_into_a_two_argument_block_across_the_cut_trains_as_one_process_does(tmp_path: Path) -> None:
+    spec = f"{FAULTS}:tuple_spec"
+    losses, _ = _trained_losses(tmp_path, spec, 3)
+    assert losses == pytest.approx(_reference_losses(spec, 3), rel=1e-5)
+
+
+@pytest.mark.slow
+def test_a_number_in_the_tuple_crossing_a_cut_is_named_with_its_block(tmp_path: Path) -> None:
+    spec = f"{FAULTS}:number_spec"
+    plan = _plan(tmp_path, spec)
+    result = _run("train", str(plan), "--model", spec, "--steps", "1")
+    assert result.returncode == 2 and "Traceback" not in result.stderr, result.stderr
+    assert result.stderr.splitlines()[-1] == (
+        "autopart train: error: rank 0: block '0' (Pair) returns a tuple of (Tensor, float), which cannot cross the "
+        "cut after it: PyTorch's pipelining sends only tensors between stages; return only tensors from it")
 
 
 @pytest.mark.slow
@@ -413,3 +432,17 @@ def test_a_run_whose_checkpoint_fills_the_disk_says_where(tmp_path: Path, tiny_d
     assert lines[0].startswith(f"autopart train: error: rank 0 failed (exit code 1): OSError: [Errno 28] no space "
                                f"left on the device of folder '{ckpt / 'step-000001'}': writing 'stage-0.pt' ("), lines[0]
     assert not [p for p in (ckpt / "step-000001").iterdir() if p.name.endswith(".tmp")]
+
+
+def test_the_rank_killed_first_is_named_not_the_ranks_the_agent_then_stopped(tmp_path: Path) -> None:
+    """torchrun's own failure records, as its agent makes them when rank 1 is killed (SIGKILL: no error file)
+    and it then stops rank 0 with SIGTERM, in the same second: the launcher names rank 1 and its signal."""
+    from torch.distributed.elastic.multiprocessing.errors import ChildFailedError, ProcessFailure
+
+    from autopart.run.launch import _root_cause
+
+    failures = {0: ProcessFailure(local_rank=0, pid=100, exitcode=-15, error_file=str(tmp_path / "none-0")),
+                1: ProcessFailure(local_rank=1, pid=101, exitcode=-9, error_file=str(tmp_path / "none-1"))}
+    failures[0].timestamp = failures[1].timestamp  # the agent stamps both when it notices them
+    rank, failure = _root_cause(ChildFailedError("autopart", failures))  # type: ignore[arg-type]
+    assert (rank, failure.exitcode) == (1, -9)

@@ -161,7 +161,23 @@ class StageModule(nn.Module):
         out: Any = args if len(args) > 1 else args[0]
         for name in self.block_names:
             out = call_block(self.get_submodule(name), out)
-        return self.output.flatten(out) if self.output is not None else out
+        if self.output is not None:
+            return self.output.flatten(out)
+        self._check_sendable(out)
+        return out
+
+    def _check_sendable(self, out: Any) -> None:
+        """What crosses the cut after this stage: PyTorch's pipelining sends a tensor or a tuple of tensors, and
+        nothing else (a number in a tuple, a dict, None); said as the block and what it returned."""
+        values = out if isinstance(out, (tuple, list)) else (out,)
+        if isinstance(out, torch.Tensor) or (values and all(isinstance(v, torch.Tensor) for v in values)):
+            return
+        name = self.block_names[-1]
+        what = (f"a {type(out).__name__} of ({', '.join(type(v).__name__ for v in values)})"
+                if isinstance(out, (tuple, list)) else f"a {type(out).__name__}")
+        raise AutopartError(f"block {name!r} ({type(self.get_submodule(name)).__name__}) returns {what}, which "
+                            f"cannot cross the cut after it: PyTorch's pipelining sends only tensors between "
+                            f"stages; return only tensors from it")
 
 
 LossFn = Callable[[Any, Any], torch.Tensor]
