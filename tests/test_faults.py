@@ -429,8 +429,9 @@ def test_a_run_whose_checkpoint_fills_the_disk_says_where(tmp_path: Path, tiny_d
     assert result.returncode == 1, result.stderr
     lines = [line for line in result.stderr.splitlines() if line.startswith("autopart train:")]
     assert len(lines) == 1 and "Traceback" not in result.stderr, result.stderr
+    folder = ckpt / "step-000001"
     assert lines[0].startswith(f"autopart train: error: rank 0 failed (exit code 1): OSError: [Errno 28] no space "
-                               f"left on the device of folder '{ckpt / 'step-000001'}': writing 'stage-0.pt' ("), lines[0]
+                               f"left on the device of folder '{folder}': writing 'stage-0.pt' ("), lines[0]
     assert not [p for p in (ckpt / "step-000001").iterdir() if p.name.endswith(".tmp")]
 
 

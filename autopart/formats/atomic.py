@@ -24,16 +24,13 @@ __all__ = ["write_atomic", "write_json_atomic", "check_writable", "current_umask
 _RANDOM = r"[a-z0-9_]{8}"
 """What ``tempfile.mkstemp`` puts between the prefix and the suffix."""
 
-
-def _temporary(name: str) -> tuple[str, str]:
-    """The prefix a temporary file for ``name`` gets; its suffixes are ``.tmp`` (a write) and ``.probe``."""
-    return f".{name}.", ".tmp"
+_DISK_FULL = {errno.ENOSPC, getattr(errno, "EDQUOT", errno.ENOSPC)}
 
 
 def remove_temporaries(folder: str | os.PathLike[str], name_pattern: str) -> list[Path]:
-    """Delete the temporary files that :func:`write_atomic` or :func:`check_writable` left in ``folder`` for
-    targets whose names match the regular expression ``name_pattern`` (a writer killed mid-write leaves one);
-    nothing else is touched. The files removed.
+    """Delete the temporary files that :func:`write_atomic` (``.NAME.XXXXXXXX.tmp``) or :func:`check_writable`
+    (``.NAME.XXXXXXXX.probe``) left in ``folder`` for targets whose NAME matches the regular expression
+    ``name_pattern`` (a writer killed mid-write leaves one); nothing else is touched. The files removed.
 
     Only call this where no writer of those names can be running.
     """
@@ -66,7 +63,7 @@ def check_writable(path: str | os.PathLike[str]) -> Path:
     if not folder.is_dir():
         raise AutopartError(f"cannot write {str(target)!r}: folder {str(folder)!r} does not exist")
     try:
-        fd, scratch = tempfile.mkstemp(prefix=_temporary(target.name)[0], suffix=".probe", dir=folder)
+        fd, scratch = tempfile.mkstemp(prefix=f".{target.name}.", suffix=".probe", dir=folder)
     except OSError as exc:
         raise AutopartError(f"cannot write {str(target)!r}: {exc.strerror or exc}") from None
     os.close(fd)
@@ -100,8 +97,7 @@ def write_atomic(path: str | os.PathLike[str], write: Callable[[IO[bytes]], obje
     A full disk is an ``OSError`` (ENOSPC) that names the folder and the size of the write.
     """
     target = check_writable(path)
-    prefix, suffix = _temporary(target.name)
-    fd, tmp = tempfile.mkstemp(prefix=prefix, suffix=suffix, dir=target.parent)
+    fd, tmp = tempfile.mkstemp(prefix=f".{target.name}.", suffix=".tmp", dir=target.parent)
     try:
         with os.fdopen(fd, "wb") as handle:
             os.fchmod(handle.fileno(), 0o666 & ~current_umask())
@@ -116,7 +112,7 @@ def write_atomic(path: str | os.PathLike[str], write: Callable[[IO[bytes]], obje
         written = os.stat(tmp).st_size if os.path.exists(tmp) else 0
         if os.path.exists(tmp):
             os.unlink(tmp)
-        if exc.errno in (errno.ENOSPC, errno.EDQUOT):
+        if exc.errno in _DISK_FULL:
             raise _disk_full(exc, target, write, written) from None
         raise
     except BaseException:

@@ -22,8 +22,8 @@ from autopart.errors import AutopartError
 if TYPE_CHECKING:
     from autopart.measure.cutpoints import GraphBlocks
 
-__all__ = ["NamedBlock", "Chain", "StageModule", "FlatOutput", "chain_of", "split_blocks", "run_chain", "check_chain", "call_block",
-           "tensors_of"]
+__all__ = ["NamedBlock", "Chain", "StageModule", "FlatOutput", "chain_of", "split_blocks", "run_chain", "check_chain",
+           "call_block", "tensors_of"]
 
 NamedBlock = tuple[str, nn.Module]
 """A block and its name in the model (``"h.3"``)."""

@@ -117,7 +117,7 @@ def launch(worker_args: Sequence[str], nproc: int, threads: int, max_restarts: i
             return _say_interrupted()
         code = getattr(failure, "exitcode", 1)
         why, killed = _message(failure), _signal(failure)
-        if killed is not None and (not why or why.startswith("Signal ")):  # torch's "Signal 9 (SIGKILL) received by PID"
+        if killed is not None and (not why or why.startswith("Signal ")):  # torch's "Signal 9 (SIGKILL) received by"
             why = f"killed by {killed.name}"
         if code == 2 and why:
             raise AutopartError(f"rank {rank}: {why}") from None
