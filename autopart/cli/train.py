@@ -126,7 +126,7 @@ def run(args: argparse.Namespace) -> int:
     from autopart.formats.atomic import check_writable
     from autopart.measure.blocks import split_blocks
     from autopart.measure.spec import load_model
-    from autopart.run.data import TextCorpus, cycled_note
+    from autopart.run.data import TextCorpus
     from autopart.run.stages import check_plan_against_model
 
     plan = Plan.from_json(cfg.plan)
@@ -155,9 +155,6 @@ def run(args: argparse.Namespace) -> int:
     if bundle.data is None and bundle.data_kind in ("text", "masked-text"):
         TextCorpus(cfg.data)  # fail now, not in every rank, if the corpus is missing or empty
     threads = _threads(cfg, plan)
-    cycled = cycled_note(bundle.data, cfg.steps)
-    if cycled:
-        sys.stderr.write(cycled + "\n")
     if cfg.max_restarts and not cfg.checkpoint_every:
         sys.stderr.write(f"note: --max-restarts without --checkpoint-every saves only after step {cfg.steps}, so a "
                          f"restart starts over\n")

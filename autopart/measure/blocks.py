@@ -130,7 +130,7 @@ class FlatOutput:
 
     def rebuild(self, flat: Any) -> Any:
         """The output :meth:`flatten` was given, with the tensors the runtime passed on."""
-        if self.spec is None:
+        if self.spec is None or not isinstance(flat, (torch.Tensor, tuple, list)):  # not what flatten gave
             return flat
         tensors = iter(flat if isinstance(flat, (tuple, list)) else (flat,))
         leaves = [next(tensors) if isinstance(leaf, torch.Tensor) else leaf for leaf in self.leaves]

@@ -121,6 +121,8 @@ class TrainingData:
     loss_fn: Callable[[Any, Any], torch.Tensor]
     tokens_per_sample: int
     """Sequence length for text (throughput in tokens/s), else 1 (samples/s)."""
+    batches_per_pass: int | None = None
+    """How many batches the factory's data has, where it says (``len``); None for data without an end."""
 
 
 def training_data(bundle: ModelBundle, data_path: str | None, global_batch: int, sample_shape: tuple[int, ...],
@@ -146,7 +148,7 @@ def training_data(bundle: ModelBundle, data_path: str | None, global_batch: int,
         if bundle.loss_fn is None:
             raise AutopartError(f"model {name!r} gives data but no loss_fn")
         return TrainingData(_user_batches(bundle.data, global_batch, bundle.input_names, start_step),
-                            "the factory's data", bundle.loss_fn, 1)
+                            "the factory's data", bundle.loss_fn, 1, _length(bundle.data))
     return TrainingData(_synthetic(bundle, global_batch, sample_shape, seed, start_step),
                         "SYNTHETIC (random inputs, MSE to a fixed random target: measures speed, learns nothing)",
                         _synthetic_loss, 1)
@@ -191,14 +193,17 @@ def _user_batches(data: Iterable[Any], global_batch: int, names: tuple[str, ...]
             raise AutopartError(f"the factory's data ran out after {count} batches, at step {step + 1}{once}")
 
 
-def cycled_note(data: Iterable[Any] | None, steps: int) -> str | None:
-    """What to say before training when the factory's data has fewer batches than ``steps`` (it is cycled);
-    None when it has enough, or when its length is not known before reading it."""
+def _length(data: Iterable[Any]) -> int | None:
     try:
-        batches = len(data)  # type: ignore[arg-type]
+        return len(data)  # type: ignore[arg-type]
     except TypeError:
         return None
-    if not 0 < batches < steps:
+
+
+def cycled_note(batches: int | None, steps: int) -> str | None:
+    """What to say before training when the factory's data has fewer batches than ``steps`` (it is cycled);
+    None when it has enough, or when its length is not known before reading it."""
+    if batches is None or not 0 < batches < steps:
         return None
     return (f"note: the factory's data has {batches} batches, fewer than --steps {steps}: it is cycled "
             f"({math.ceil(steps / batches)} passes; step {batches + 1} trains on its first batch again)")
