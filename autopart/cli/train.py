@@ -145,6 +145,12 @@ def run(args: argparse.Namespace) -> int:
             check_writable(path)
     if cfg.checkpoint:
         _check_checkpoint(cfg.checkpoint)
+        from autopart.run.resume import run_complete
+
+        complete = run_complete(cfg.checkpoint, cfg.steps)
+        if complete:  # a rerun of a finished job: no rank needs to start
+            sys.stderr.write(f"autopart train: {complete}\n")
+            return 0
     if cfg.device == "cuda" and not torch.cuda.is_available():
         raise AutopartError("--device cuda asked for, but CUDA is not available on this machine")
     if cfg.device != "cpu" and torch.cuda.is_available() and torch.cuda.device_count() < plan.num_ranks:
@@ -170,7 +176,7 @@ def _check_checkpoint(folder: str) -> None:
     """``--checkpoint``: a folder autopart can create and write in, and whose latest complete step (the one
     the ranks would resume from) has stage files that can be read; checked before any rank starts."""
     from autopart.formats.atomic import check_writable
-    from autopart.run.checkpoint import latest_complete, load_stages
+    from autopart.run.checkpoint import latest_complete, load_stages, remove_stale_temporaries
 
     path = Path(folder)
     if path.exists() and not path.is_dir():
@@ -183,6 +189,7 @@ def _check_checkpoint(folder: str) -> None:
         check_writable(path / "COMPLETE")
     except AutopartError as exc:
         raise AutopartError(f"--checkpoint {folder!r}: {exc}") from None
+    remove_stale_temporaries(path)  # of writers killed mid-write, before any rank writes again
     saved = latest_complete(path)
     if saved is not None:
         load_stages(saved, mmap=True)  # reads each file's index, maps the tensors: cheap at any size

@@ -10,16 +10,21 @@ it points to replaced. Pure standard library.
 """
 from __future__ import annotations
 
+import errno
 import json
 import os
+import re
+import shutil
 import stat
 import tempfile
 from pathlib import Path
 from typing import IO, Any, Callable
 
 from autopart.errors import AutopartError
+from autopart.formats.units import format_bytes
 
-__all__ = ["write_atomic", "write_json_atomic", "check_writable", "current_umask", "PROBE_BYTES"]
+__all__ = ["write_atomic", "write_json_atomic", "check_writable", "current_umask", "remove_temporaries",
+           "PROBE_BYTES"]
 
 PROBE_BYTES = 4096
 """What :func:`check_writable` writes (and removes) beside the target: a full disk refuses even that."""
@@ -43,6 +48,35 @@ def _writes_into(target: Path) -> bool:
 def _replaced(target: Path) -> Path:
     """The file that replacing ``target`` replaces: the end of its symlinks (so the links stay), else itself."""
     return Path(os.path.realpath(target)) if target.is_symlink() else target
+
+
+_RANDOM = r"[a-z0-9_]{8}"
+"""What ``tempfile.mkstemp`` puts between the prefix and the suffix."""
+
+_DISK_FULL = {errno.ENOSPC, getattr(errno, "EDQUOT", errno.ENOSPC)}
+
+
+def remove_temporaries(folder: str | os.PathLike[str], name_pattern: str) -> list[Path]:
+    """Delete the temporary files that :func:`write_atomic` (``.NAME.XXXXXXXX.tmp``) or :func:`check_writable`
+    (``.NAME.XXXXXXXX.probe``) left in ``folder`` for targets whose NAME matches the regular expression
+    ``name_pattern`` (a writer killed mid-write leaves one); nothing else is touched. The files removed.
+
+    Only call this where no writer of those names can be running.
+    """
+    pattern = re.compile(rf"\.(?:{name_pattern})\.{_RANDOM}\.(?:tmp|probe)")
+    removed = []
+    try:
+        entries = list(os.scandir(folder))
+    except OSError:
+        return []
+    for entry in entries:
+        if pattern.fullmatch(entry.name) and entry.is_file(follow_symlinks=False):
+            try:
+                os.unlink(entry.path)
+            except FileNotFoundError:
+                continue
+            removed.append(Path(entry.path))
+    return removed
 
 
 def check_writable(path: str | os.PathLike[str]) -> Path:
@@ -97,19 +131,21 @@ def current_umask() -> int:
     return old
 
 
-def write_atomic(path: str | os.PathLike[str], write: Callable[[IO[bytes]], object]) -> Path:
-    """Call ``write(file)`` on a temporary file beside ``path``, then rename it into place.
+def write_atomic(path: str | os.PathLike[str], write: Callable[[IO[bytes]], object] | bytes) -> Path:
+    """Write ``write`` (the bytes, or a function that writes to the file it is given) to a temporary file
+    beside ``path``, then rename it into place.
 
     The file gets ``0o666 & ~umask``, what a plain ``open`` would give it (``mkstemp`` alone gives 0600).
     A target that is not a regular file is written into instead (see the module docstring). A failing
-    write (a full disk) keeps the old file and is one :class:`AutopartError` naming the file.
+    write keeps the old file and is one :class:`AutopartError` naming the file; for a full disk it also names
+    the folder, the size of the write and the space left.
     """
     given = check_writable(path)
     if _writes_into(given):
         try:
             # appending to this process's own regular file keeps what it printed there before
             with open(given, "ab" if stat.S_ISREG(os.stat(given).st_mode) else "wb") as handle:
-                write(handle)
+                _put(handle, write)
         except BrokenPipeError:  # a pipe's reader went away (``--csv /dev/stdout | head -1``): the CLI ends quietly
             raise
         except OSError as exc:
@@ -120,18 +156,27 @@ def write_atomic(path: str | os.PathLike[str], write: Callable[[IO[bytes]], obje
     try:
         with os.fdopen(fd, "wb") as handle:
             os.fchmod(handle.fileno(), 0o666 & ~current_umask())
-            write(handle)
+            _put(handle, write)
             handle.flush()
             os.fsync(handle.fileno())
         os.replace(tmp, target)
     except OSError as exc:
+        written = os.stat(tmp).st_size if os.path.exists(tmp) else 0
         _remove(tmp)
         kept = "; the old file is kept" if target.exists() else ""
-        raise AutopartError(f"cannot write {str(given)!r}: {exc.strerror or exc}{kept}") from None
+        why = _disk_full(exc, target, write, written) if exc.errno in _DISK_FULL else (exc.strerror or str(exc))
+        raise AutopartError(f"cannot write {str(given)!r}: {why}{kept}") from None
     except BaseException:
         _remove(tmp)
         raise
     return given
+
+
+def _put(handle: IO[bytes], write: Callable[[IO[bytes]], object] | bytes) -> None:
+    if isinstance(write, bytes):
+        handle.write(write)
+    else:
+        write(handle)
 
 
 def _remove(tmp: str) -> None:
@@ -139,7 +184,20 @@ def _remove(tmp: str) -> None:
         os.unlink(tmp)
 
 
+def _disk_full(exc: OSError, target: Path, write: object, written: int) -> str:
+    """The full disk's error, with the folder, the size of the write and the space left."""
+    folder = target.parent
+    size = f"{format_bytes(len(write))}, " if isinstance(write, bytes) else ""
+    try:
+        free = f"; {format_bytes(shutil.disk_usage(folder).free)} free there"
+    except OSError:
+        free = ""
+    why = "no space left on the device" if exc.errno == errno.ENOSPC else "disk quota exceeded"
+    return (f"{why} of folder {str(folder)!r} ({size}{format_bytes(written)} of it written before the disk "
+            f"filled){free}")
+
+
 def write_json_atomic(path: str | os.PathLike[str], data: Any) -> Path:
     """Write ``data`` as indented JSON, atomically."""
     text = json.dumps(data, indent=2, allow_nan=False) + "\n"
-    return write_atomic(path, lambda handle: handle.write(text.encode("utf-8")))
+    return write_atomic(path, text.encode("utf-8"))

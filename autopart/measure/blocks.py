@@ -10,7 +10,7 @@ and cut at module boundaries (:mod:`autopart.measure.cutpoints`).
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, Callable, Sequence
 
 import torch
@@ -22,8 +22,8 @@ from autopart.errors import AutopartError
 if TYPE_CHECKING:
     from autopart.measure.cutpoints import GraphBlocks
 
-__all__ = ["NamedBlock", "EnterBlock", "BlockEntry", "Chain", "StageModule", "chain_of", "split_blocks", "run_chain",
-           "check_chain", "call_block", "tensors_of", "contiguous_grad", "stage_inputs", "cannot_run"]
+__all__ = ["NamedBlock", "EnterBlock", "BlockEntry", "Chain", "StageModule", "FlatOutput", "chain_of", "split_blocks",
+           "run_chain", "check_chain", "call_block", "tensors_of", "contiguous_grad", "stage_inputs", "cannot_run"]
 
 NamedBlock = tuple[str, nn.Module]
 """A block and its name in the model (``"h.3"``)."""
@@ -148,17 +148,50 @@ def check_chain(module: nn.Module, blocks: Sequence[NamedBlock], example: tuple[
         )
 
 
+class FlatOutput:
+    """The model's output as PyTorch's pipelining runtime carries a stage's output (a tensor or a tuple of
+    tensors), and back: the last block of a chain may return a dict, a ModelOutput, nested tuples or
+    non-tensor values, which are flattened (``torch.utils._pytree``) after the last stage and rebuilt before
+    the user's loss sees them, as a captured graph's output is.
+
+    Note: the loss follows its micro-batch's forward on the last stage's rank in every schedule, so the
+    structure (and any non-tensor leaves) of the latest forward is the one rebuilt.
+    """
+
+    def __init__(self) -> None:
+        self.spec: pytree.TreeSpec | None = None
+        self.leaves: list[Any] = []
+
+    def flatten(self, out: Any) -> Any:
+        """``out`` as a tensor or a tuple of tensors (unchanged when it is one already)."""
+        if isinstance(out, torch.Tensor) or (type(out) is tuple and all(isinstance(t, torch.Tensor) for t in out)):
+            self.spec = None
+            return out
+        self.leaves, self.spec = pytree.tree_flatten(out)
+        return tuple(leaf for leaf in self.leaves if isinstance(leaf, torch.Tensor))
+
+    def rebuild(self, flat: Any) -> Any:
+        """The output :meth:`flatten` was given, with the tensors the runtime passed on."""
+        if self.spec is None or not isinstance(flat, (torch.Tensor, tuple, list)):  # not what flatten gave
+            return flat
+        tensors = iter(flat if isinstance(flat, (tuple, list)) else (flat,))
+        leaves = [next(tensors) if isinstance(leaf, torch.Tensor) else leaf for leaf in self.leaves]
+        return pytree.tree_unflatten(leaves, self.spec)
+
+
 class StageModule(nn.Module):
     """Blocks of one stage of a chain of modules, run in order; submodule paths are the original model's
-    (``h.3``), so the stage's ``state_dict`` keys are the unpartitioned model's."""
+    (``h.3``), so the stage's ``state_dict`` keys are the unpartitioned model's. The last stage returns its
+    output through ``output`` (:class:`FlatOutput`)."""
 
     def __init__(self, root: nn.Module, block_names: Sequence[str], enter: EnterBlock | None = None,
-                 first: int = 0) -> None:
+                 first: int = 0, output: FlatOutput | None = None) -> None:
         super().__init__()
         self.block_names = list(block_names)
         self.enter = enter
         """Called with each block's index in the chain (``first`` + its place here) just before it runs."""
         self.first = first
+        self.output = output
         for name in self.block_names:
             parent: nn.Module = self
             *path, leaf = name.split(".")
@@ -176,7 +209,23 @@ class StageModule(nn.Module):
             if self.enter is not None:
                 self.enter(self.first + i)
             out = call_block(self.get_submodule(name), out)
+        if self.output is not None:
+            return self.output.flatten(out)
+        self._check_sendable(out)
         return out
+
+    def _check_sendable(self, out: Any) -> None:
+        """What crosses the cut after this stage: PyTorch's pipelining sends a tensor or a tuple of tensors, and
+        nothing else (a number in a tuple, a dict, None); said as the block and what it returned."""
+        values = out if isinstance(out, (tuple, list)) else (out,)
+        if isinstance(out, torch.Tensor) or (values and all(isinstance(v, torch.Tensor) for v in values)):
+            return
+        name = self.block_names[-1]
+        what = (f"a {type(out).__name__} of ({', '.join(type(v).__name__ for v in values)})"
+                if isinstance(out, (tuple, list)) else f"a {type(out).__name__}")
+        raise AutopartError(f"block {name!r} ({type(self.get_submodule(name)).__name__}) returns {what}, which "
+                            f"cannot cross the cut after it: PyTorch's pipelining sends only tensors between "
+                            f"stages; return only tensors from it")
 
 
 class BlockEntry(nn.Module):
@@ -205,6 +254,8 @@ class Chain:
     """The captured graph and its cuts, when the model is not a chain of its children."""
     example: tuple[Any, ...] = ()
     """The micro-batch the chain was cut (and captured) on: the shapes and dtypes a stage's inputs have."""
+    output: FlatOutput = field(default_factory=FlatOutput, repr=False)
+    """How the last stage of a chain of children returns the model's output, and how the loss gets it back."""
 
     @property
     def names(self) -> list[str]:
@@ -215,7 +266,8 @@ class Chain:
         ``enter``, it is called with each block's index just before that block runs."""
         if self.graph is not None:
             return self.graph.stage_module(first, last, enter)
-        return StageModule(self.root, self.names[first: last + 1], enter, first)
+        return StageModule(self.root, self.names[first: last + 1], enter, first,
+                           self.output if last == len(self.blocks) - 1 else None)
 
     def reload_blocks(self) -> None:
         """Take each block from ``root`` again, after modules in it were swapped (a block may be one of them;
@@ -225,10 +277,12 @@ class Chain:
                        for i, (name, _) in enumerate(self.blocks)]
 
     def model_loss(self, loss_fn: LossFn) -> LossFn:
-        """``loss_fn(output, target)`` for what the last block returns: a graph returns the model's output
-        flattened, which is rebuilt (a tuple, a ModelOutput ...) before the user's loss sees it."""
+        """``loss_fn(output, target)`` for what the last block returns: a graph, and the last stage of a chain
+        of children, return the model's output flattened, which is rebuilt (a dict, a ModelOutput ...)
+        before the user's loss sees it."""
         if self.graph is None:
-            return loss_fn
+            output = self.output
+            return lambda flat, target: loss_fn(output.rebuild(flat), target)
         spec = self.graph.graph.out_spec
 
         def loss(flat: Any, target: Any) -> torch.Tensor:

@@ -21,9 +21,10 @@ from typing import Any, TypedDict
 import torch
 
 from autopart.errors import AutopartError
-from autopart.formats.atomic import write_atomic, write_json_atomic
+from autopart.formats.atomic import remove_temporaries, write_atomic, write_json_atomic
 
-__all__ = ["StageFile", "save_stage", "mark_complete", "latest_complete", "load_stages", "merge_checkpoint"]
+__all__ = ["StageFile", "save_stage", "mark_complete", "latest_complete", "latest_complete_step", "load_stages",
+           "merge_checkpoint", "remove_stale_temporaries"]
 
 _STEP = re.compile(r"step-(\d+)$")
 
@@ -58,7 +59,20 @@ def save_stage(root: str | Path, step: int, stage: int, model_state: dict[str, t
     content = StageFile(step=step, stage=stage, model={k: v.detach().cpu() for k, v in model_state.items()},
                         optimizer=optimizer_state, rank=rank, local_stages=local_stages, aliases=aliases or {})
     torch.save(content, buffer)
-    return write_atomic(folder / f"stage-{stage}.pt", lambda handle: handle.write(buffer.getvalue()))
+    remove_temporaries(folder, re.escape(f"stage-{stage}.pt"))  # this stage's writer killed in an earlier attempt
+    return write_atomic(folder / f"stage-{stage}.pt", buffer.getvalue())
+
+
+def remove_stale_temporaries(root: str | Path) -> list[Path]:
+    """Delete the temporary files that writers killed mid-write left in ``root`` and its step folders (only
+    names of our own stage files' and markers' temporaries); call it before any rank writes. The files
+    removed."""
+    base = Path(root)
+    removed = remove_temporaries(base, "COMPLETE") if base.is_dir() else []
+    for child in sorted(base.iterdir()) if base.is_dir() else []:
+        if _STEP.match(child.name) and child.is_dir():
+            removed += remove_temporaries(child, r"stage-\d+\.pt|COMPLETE")
+    return removed
 
 
 def mark_complete(root: str | Path, step: int, num_stages: int) -> None:
@@ -81,6 +95,13 @@ def latest_complete(root: str | Path) -> Path | None:
         if match and (child / "COMPLETE").exists():
             found.append((int(match.group(1)), child))
     return max(found)[1] if found else None
+
+
+def latest_complete_step(root: str | Path) -> int | None:
+    """The step of the newest complete checkpoint under ``root`` (the step a run resumes after), or None."""
+    folder = latest_complete(root)
+    match = _STEP.match(folder.name) if folder is not None else None
+    return int(match.group(1)) if match else None
 
 
 def _complete(folder: Path) -> dict[str, Any]:

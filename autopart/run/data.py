@@ -11,6 +11,7 @@ inputs and the last stage's targets agree without any communication.
 """
 from __future__ import annotations
 
+import math
 import sysconfig
 from dataclasses import dataclass
 from pathlib import Path
@@ -23,7 +24,7 @@ from torch.utils import _pytree as pytree
 from autopart.errors import AutopartError
 from autopart.measure.spec import ModelBundle, call_model
 
-__all__ = ["TextCorpus", "Digits", "default_corpus_files", "Batches", "TrainingData", "training_data"]
+__all__ = ["TextCorpus", "Digits", "default_corpus_files", "Batches", "TrainingData", "training_data", "cycled_note"]
 
 Batches = Iterator[tuple[torch.Tensor | tuple[torch.Tensor, ...], torch.Tensor]]
 """Mini-batches of (inputs, targets), one per step; the inputs a tensor, or a tuple for several inputs."""
@@ -120,6 +121,8 @@ class TrainingData:
     loss_fn: Callable[[Any, Any], torch.Tensor]
     tokens_per_sample: int
     """Sequence length for text (throughput in tokens/s), else 1 (samples/s)."""
+    batches_per_pass: int | None = None
+    """How many batches the factory's data has, where it says (``len``); None for data without an end."""
 
 
 def training_data(bundle: ModelBundle, data_path: str | None, global_batch: int, sample_shape: tuple[int, ...],
@@ -145,7 +148,7 @@ def training_data(bundle: ModelBundle, data_path: str | None, global_batch: int,
         if bundle.loss_fn is None:
             raise AutopartError(f"model {name!r} gives data but no loss_fn")
         return TrainingData(_user_batches(bundle.data, global_batch, bundle.input_names, start_step),
-                            "the factory's data", bundle.loss_fn, 1)
+                            "the factory's data", bundle.loss_fn, 1, _length(bundle.data))
     return TrainingData(_synthetic(bundle, global_batch, sample_shape, seed, start_step),
                         "SYNTHETIC (random inputs, MSE to a fixed random target: measures speed, learns nothing)",
                         _synthetic_loss, 1)
@@ -174,22 +177,52 @@ def _masked(batches: Batches, seed: int, start_step: int, mask_id: int) -> Batch
 
 
 def _user_batches(data: Iterable[Any], global_batch: int, names: tuple[str, ...] | None, start_step: int) -> Batches:
-    """The factory's (input, target) pairs from item ``start_step`` on (a resumed run skips what it trained on)."""
-    for i, item in enumerate(data):
-        if i < start_step:
-            continue
-        if not (isinstance(item, (tuple, list)) and len(item) == 2):
-            raise AutopartError(f"the factory's data must yield (input, target) pairs; item {i} is not")
-        x, y = item
-        if isinstance(x, dict):
-            if not names or set(x) != set(names):
-                raise AutopartError(f"the factory's data item {i} has inputs {sorted(x)}, the example "
-                                    f"{sorted(names or ())}")
-            x = tuple(x[n] for n in names)
-        first = x[0] if isinstance(x, (tuple, list)) else x
-        if first.shape[0] != global_batch:
-            raise AutopartError(f"the factory's data gives batches of {first.shape[0]}, the run needs {global_batch}")
-        yield (tuple(x) if isinstance(x, (tuple, list)) else x), y
+    """The factory's (input, target) pairs from step ``start_step`` on (a resumed run skips what it trained on),
+    cycled: when they run out, the next step starts them again from the first (an epoch). Data that can be
+    read only once (a generator) cannot be cycled: running out of it is an error that says how many there were."""
+    step = 0
+    while True:
+        count = 0
+        for count, item in enumerate(data, start=1):
+            if step >= start_step:
+                yield _user_batch(item, count - 1, global_batch, names)
+            step += 1
+        if count == 0 or iter(data) is data:
+            once = "" if count == 0 else (f" (it can be read only once, like a generator: give a list, or any "
+                                          f"iterable that can be read again, to cycle it)")
+            raise AutopartError(f"the factory's data ran out after {count} batches, at step {step + 1}{once}")
+
+
+def _length(data: Iterable[Any]) -> int | None:
+    try:
+        return len(data)  # type: ignore[arg-type]
+    except TypeError:
+        return None
+
+
+def cycled_note(batches: int | None, steps: int) -> str | None:
+    """What to say before training when the factory's data has fewer batches than ``steps`` (it is cycled);
+    None when it has enough, or when its length is not known before reading it."""
+    if batches is None or not 0 < batches < steps:
+        return None
+    return (f"note: the factory's data has {batches} batches, fewer than --steps {steps}: it is cycled "
+            f"({math.ceil(steps / batches)} passes; step {batches + 1} trains on its first batch again)")
+
+
+def _user_batch(item: Any, i: int, global_batch: int, names: tuple[str, ...] | None) -> tuple[Any, torch.Tensor]:
+    """One (input, target) pair of the factory's data, checked; ``i``: its index in the data."""
+    if not (isinstance(item, (tuple, list)) and len(item) == 2):
+        raise AutopartError(f"the factory's data must yield (input, target) pairs; item {i} is not")
+    x, y = item
+    if isinstance(x, dict):
+        if not names or set(x) != set(names):
+            raise AutopartError(f"the factory's data item {i} has inputs {sorted(x)}, the example "
+                                f"{sorted(names or ())}")
+        x = tuple(x[n] for n in names)
+    first = x[0] if isinstance(x, (tuple, list)) else x
+    if first.shape[0] != global_batch:
+        raise AutopartError(f"the factory's data gives batches of {first.shape[0]}, the run needs {global_batch}")
+    return (tuple(x) if isinstance(x, (tuple, list)) else x), y
 
 
 def _synthetic(bundle: ModelBundle, global_batch: int, sample_shape: tuple[int, ...], seed: int,

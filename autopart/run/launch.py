@@ -9,11 +9,13 @@ from __future__ import annotations
 
 import logging
 import os
+import signal
 import sys
 import uuid
 from typing import Sequence
 
 from autopart.errors import AutopartError
+from autopart.run.parent import PARENT_PID_ENV
 
 __all__ = ["launch", "inside_torchrun"]
 
@@ -37,9 +39,20 @@ _PEER_LOST = ("connection closed by peer", "connection reset by peer", "remote w
               "connection refused")
 
 
-def _killed(failure: object) -> bool:
-    """Stopped by a signal (the agent's SIGTERM after another rank failed), not by an exit of its own."""
-    return int(getattr(failure, "exitcode", 1) or 1) < 0
+def _signal(failure: object) -> signal.Signals | None:
+    """The signal that ended the rank (a negative exit code), or None when it exited by itself."""
+    code = int(getattr(failure, "exitcode", 1) or 1)
+    if code >= 0:
+        return None
+    try:
+        return signal.Signals(-code)
+    except ValueError:
+        return None
+
+
+def _stopped_by_agent(failure: object) -> bool:
+    """Ended by the signal torchrun's agent sends the ranks still running once one has failed (SIGTERM)."""
+    return _signal(failure) == signal.SIGTERM
 
 
 def _interrupted(exc: object) -> bool:
@@ -54,19 +67,19 @@ def _say_interrupted() -> int:
 
 
 def _root_cause(exc: object) -> tuple[int, object]:
-    """The rank that failed first for a reason of its own, not because a peer vanished.
+    """The rank that failed first for a reason of its own, not because a peer vanished or the agent stopped it.
 
-    Note: error files carry whole-second timestamps, so a rank that lost its
-    peer often ties with the rank that crashed; prefer the one whose message
-    is not a lost connection, and one that exited by itself over one the
-    agent stopped (it may have recorded its error and been killed before
-    its exit code said so).
+    Note: error files carry whole-second timestamps, and a rank ended by a signal has none (the agent
+    stamps it when it notices), so the rank that failed and the ranks the agent then stopped with SIGTERM
+    often tie. Prefer, in order: a rank whose message is not a lost connection; one that exited by itself
+    over one killed by a signal; one killed by another signal (SIGKILL: the OOM killer, kill -9) over
+    one stopped with the agent's SIGTERM; then the earliest, then the lowest rank.
     """
     failures: dict[int, object] = dict(getattr(exc, "failures", {}))
-    own = [(_killed(f), getattr(f, "timestamp", 0), r, f) for r, f in failures.items()
-           if not any(p in _message(f).lower() for p in _PEER_LOST)]
+    own = [(_stopped_by_agent(f), _signal(f) is not None, getattr(f, "timestamp", 0), r, f)
+           for r, f in failures.items() if not any(p in _message(f).lower() for p in _PEER_LOST)]
     if own:
-        *_, rank, failure = min(own, key=lambda item: item[:3])
+        *_, rank, failure = min(own, key=lambda item: item[:4])
         return rank, failure
     rank, failure = exc.get_first_failure()  # type: ignore[attr-defined]
     return int(rank), failure
@@ -86,23 +99,26 @@ def launch(worker_args: Sequence[str], nproc: int, threads: int, max_restarts: i
         logging.getLogger(name).setLevel(logging.CRITICAL)
     os.environ.setdefault("OMP_NUM_THREADS", str(threads))
     os.environ["AUTOPART_LAUNCHED"] = "1"
+    os.environ[PARENT_PID_ENV] = str(os.getpid())  # the parent each rank dies with (autopart.run.parent)
     config = LaunchConfig(min_nodes=1, max_nodes=1, nproc_per_node=nproc, run_id=f"autopart-{uuid.uuid4().hex[:8]}",
                           rdzv_backend="c10d", rdzv_endpoint="localhost:0", rdzv_configs={"timeout": 120},
                           max_restarts=max_restarts, monitor_interval=0.1, start_method="spawn")
     try:
         elastic_launch(config, sys.executable)("-m", "autopart", "train", *worker_args)
     except (SignalException, KeyboardInterrupt) as exc:
-        signal = getattr(exc, "sigval", None)
-        if signal is not None and signal.name != "SIGINT":
-            sys.stderr.write(f"autopart train: error: stopped by {signal.name}; the ranks were stopped\n")
-            return 128 + int(signal)
+        sigval = getattr(exc, "sigval", None)
+        if sigval is not None and sigval.name != "SIGINT":
+            sys.stderr.write(f"autopart train: error: stopped by {sigval.name}; the ranks were stopped\n")
+            return 128 + int(sigval)
         return _say_interrupted()
     except ChildFailedError as exc:
         rank, failure = _root_cause(exc)
         if _interrupted(exc):
             return _say_interrupted()
         code = getattr(failure, "exitcode", 1)
-        why = _message(failure)
+        why, killed = _message(failure), _signal(failure)
+        if killed is not None and (not why or why.startswith("Signal ")):  # torch's "Signal 9 (SIGKILL) received by"
+            why = f"killed by {killed.name}"
         if code == 2 and why:
             raise AutopartError(f"rank {rank}: {why}") from None
         detail = f": {why}" if why else ""

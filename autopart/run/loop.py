@@ -25,7 +25,7 @@ from autopart.measure.spec import ModelBundle, load_model, require_parameters, s
 from autopart.measure.stream import load_with_weights
 from autopart.run.checkpoint import latest_complete, load_stages, mark_complete
 from autopart.run.config import TrainConfig
-from autopart.run.data import training_data
+from autopart.run.data import cycled_note, training_data
 from autopart.run.job import Job, StepLog
 from autopart.run.log import say
 from autopart.run.replan import reprofile_stages, write_replan
@@ -186,6 +186,9 @@ def _initialise(stage: int, module: nn.Module, seed: int) -> None:
 def _train(job: Job) -> StepLog:
     """The steps: one pipelined step of all micro-batches, the optimizer, and checkpoints when due."""
     cfg, log = job.cfg, StepLog()
+    cycled = cycled_note(job.data.batches_per_pass, cfg.steps)
+    if cycled and job.reporter:
+        say(cycled)
     for step in range(job.start_step, cfg.steps):
         inputs, target = next(job.data.batches)
         inputs = tuple(x.to(job.device) for x in inputs) if isinstance(inputs, tuple) else inputs.to(job.device)

@@ -17,11 +17,15 @@ import dataclasses
 import functools
 import json
 import math
+import os
 import statistics
+import sys
 from dataclasses import dataclass
 from typing import Any, Sequence
 
 import torch.distributed as dist
+from rich.console import Console
+from rich.table import Table
 
 from autopart.core.planner import simulate_plan
 from autopart.core.schedules import Action
@@ -258,13 +262,40 @@ def _ms(value: float | None) -> str:
 
 
 def print_report(report: Report, plan_microbatch_size: int | None) -> None:
-    """The per-stage and per-rank tables and the step lines: results, so on stdout (progress is on stderr)."""
-    from rich.console import Console
-    from rich.table import Table
+    """The per-stage and per-rank tables and the step lines: results, so on stdout (progress is on stderr).
 
-    console = Console(emoji=False)
+    A reader that went away (``train ... | head -1``) stops the printing silently, and the rest of the run
+    (``--report``, ``--trace``, ``--replan``) goes on: this rank does not fail for it (rich's own answer to
+    a closed stdout is ``SystemExit(1)``, which the launcher could only report as a failure with no cause).
+    """
+    console = _Results(emoji=False)
     if not console.is_terminal:
-        console = Console(emoji=False, width=120)
+        console = _Results(emoji=False, width=120)
+    try:
+        _print_report(console, report, plan_microbatch_size)
+        sys.stdout.flush()
+    except BrokenPipeError:
+        _stdout_to_devnull()
+
+
+class _Results(Console):
+    """rich's console, but a closed stdout ends the printing, not the process."""
+
+    def on_broken_pipe(self) -> None:
+        self.quiet = True  # print nothing more
+        _stdout_to_devnull()
+
+
+def _stdout_to_devnull() -> None:
+    """Send what is left for stdout (and the flush at exit, which would fail again) to /dev/null."""
+    devnull = os.open(os.devnull, os.O_WRONLY)
+    try:
+        os.dup2(devnull, sys.stdout.fileno())
+    finally:
+        os.close(devnull)
+
+
+def _print_report(console: Console, report: Report, plan_microbatch_size: int | None) -> None:
     table = Table(title="per stage, one micro-batch, timed inside the pipeline", title_justify="left")
     for col in ("stage", "rank", "blocks", "forward", "(predicted)", "backward", "(predicted)", "error"):
         table.add_column(col, justify="right")

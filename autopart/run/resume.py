@@ -9,11 +9,21 @@ from __future__ import annotations
 import torch
 
 from autopart.errors import AutopartError
-from autopart.run.checkpoint import StageFile, save_stage
+from autopart.run.checkpoint import StageFile, latest_complete_step, save_stage
 from autopart.run.log import say
 from autopart.run.stages import Pipeline
 
-__all__ = ["save_pipeline", "restore_pipeline"]
+__all__ = ["save_pipeline", "restore_pipeline", "run_complete"]
+
+
+def run_complete(checkpoint: str | None, steps: int) -> str | None:
+    """Why there is nothing to train: the latest complete checkpoint is at or past ``steps`` (a rerun of a
+    finished job, or a restart after its final checkpoint); None when there are steps left."""
+    done = latest_complete_step(checkpoint) if checkpoint else None
+    if done is None or done < steps:
+        return None
+    return (f"the run is complete: checkpoint {checkpoint} has step {done}, --steps {steps}; nothing to train "
+            f"(raise --steps to continue)")
 
 
 def save_pipeline(pipe: Pipeline, optimizer: torch.optim.Optimizer, root: str, step: int, rank: int) -> None:

@@ -16,9 +16,12 @@ import time
 import torch.distributed as dist
 
 from autopart.errors import AutopartError
+from autopart.run.checkpoint import remove_stale_temporaries
 from autopart.run.config import TrainConfig
 from autopart.run.log import say
 from autopart.run.loop import run_rank
+from autopart.run.parent import die_with_parent
+from autopart.run.resume import run_complete
 
 __all__ = ["worker_main", "RankFailure", "check_before_joining"]
 
@@ -64,6 +67,7 @@ def check_before_joining(cfg: TrainConfig, world: int) -> None:
 
 def worker_main(cfg: TrainConfig) -> int:
     """Run this process's rank. Returns the exit code; failures are one line on stderr."""
+    die_with_parent()  # a launcher killed outright (SIGKILL) takes its ranks with it
     rank = int(os.environ.get("RANK", "0"))
     ours = bool(os.environ.get("AUTOPART_LAUNCHED"))  # our launcher prints the one line itself
     try:
@@ -73,6 +77,15 @@ def worker_main(cfg: TrainConfig) -> int:
         if not ours and rank == 0:
             say(f"autopart train: error: {exc}")
         return 2
+    if cfg.checkpoint and rank == 0:  # before joining: no rank writes until every rank has joined
+        remove_stale_temporaries(cfg.checkpoint)
+    complete = run_complete(cfg.checkpoint, cfg.steps)
+    if complete:  # every rank sees the same checkpoint, so every rank ends here, before joining the group
+        if rank == 0:
+            restart = int(os.environ.get("TORCHELASTIC_RESTART_COUNT", "0") or 0)
+            after = f"restart {restart} after a rank failed: " if restart else ""
+            say(f"autopart train: {after}{complete}")
+        return 0
     try:
         run_rank(cfg, rank)
         return 0
