@@ -185,16 +185,14 @@ def _remove(tmp: str) -> None:
 
 
 def _disk_full(exc: OSError, target: Path, write: object, written: int) -> str:
-    """The full disk's error, with the folder, the size of the write and the space left."""
-    folder = target.parent
-    size = f"{format_bytes(len(write))}, " if isinstance(write, bytes) else ""
+    """What a full disk refused: the size of the write, how much of it went in, and the space left in the folder."""
+    size = f"{format_bytes(len(write))} to write, " if isinstance(write, bytes) else ""
     try:
-        free = f"; {format_bytes(shutil.disk_usage(folder).free)} free there"
+        free = f"; {format_bytes(shutil.disk_usage(target.parent).free)} free in {str(target.parent)!r}"
     except OSError:
-        free = ""
+        free = f" in {str(target.parent)!r}"
     why = "no space left on the device" if exc.errno == errno.ENOSPC else "disk quota exceeded"
-    return (f"{why} of folder {str(folder)!r} ({size}{format_bytes(written)} of it written before the disk "
-            f"filled){free}")
+    return f"{why} ({size}{format_bytes(written)} written before the disk filled){free}"
 
 
 def write_json_atomic(path: str | os.PathLike[str], data: Any) -> Path:

@@ -23,7 +23,8 @@ if TYPE_CHECKING:
     from autopart.measure.cutpoints import GraphBlocks
 
 __all__ = ["NamedBlock", "EnterBlock", "BlockEntry", "Chain", "StageModule", "FlatOutput", "chain_of", "split_blocks",
-           "run_chain", "check_chain", "call_block", "tensors_of", "contiguous_grad", "stage_inputs", "cannot_run"]
+           "run_chain", "check_chain", "call_block", "check_sendable", "tensors_of", "contiguous_grad", "stage_inputs",
+           "cannot_run"]
 
 NamedBlock = tuple[str, nn.Module]
 """A block and its name in the model (``"h.3"``)."""
@@ -211,21 +212,24 @@ class StageModule(nn.Module):
             out = call_block(self.get_submodule(name), out)
         if self.output is not None:
             return self.output.flatten(out)
-        self._check_sendable(out)
+        check_sendable(out, self.block_names[-1], self.get_submodule(self.block_names[-1]))
         return out
 
-    def _check_sendable(self, out: Any) -> None:
-        """What crosses the cut after this stage: PyTorch's pipelining sends a tensor or a tuple of tensors, and
-        nothing else (a number in a tuple, a dict, None); said as the block and what it returned."""
-        values = out if isinstance(out, (tuple, list)) else (out,)
-        if isinstance(out, torch.Tensor) or (values and all(isinstance(v, torch.Tensor) for v in values)):
-            return
-        name = self.block_names[-1]
-        what = (f"a {type(out).__name__} of ({', '.join(type(v).__name__ for v in values)})"
-                if isinstance(out, (tuple, list)) else f"a {type(out).__name__}")
-        raise AutopartError(f"block {name!r} ({type(self.get_submodule(name)).__name__}) returns {what}, which "
-                            f"cannot cross the cut after it: PyTorch's pipelining sends only tensors between "
-                            f"stages; return only tensors from it")
+
+def _kind(value: Any) -> str:
+    return "Tensor" if isinstance(value, torch.Tensor) else type(value).__name__  # a FakeTensor too
+
+
+def check_sendable(out: Any, name: str, block: nn.Module) -> None:
+    """What crosses the cut after block ``name``: PyTorch's pipelining sends a tensor or a tuple of tensors, and
+    nothing else (a number in a tuple, a dict, None); said as the block and what it returned."""
+    values = out if isinstance(out, (tuple, list)) else (out,)
+    if isinstance(out, torch.Tensor) or (values and all(isinstance(v, torch.Tensor) for v in values)):
+        return
+    what = (f"a {type(out).__name__} of ({', '.join(_kind(v) for v in values)})"
+            if isinstance(out, (tuple, list)) else f"a {type(out).__name__}")
+    raise AutopartError(f"block {name!r} ({type(block).__name__}) returns {what}, which cannot cross the cut after "
+                        f"it: PyTorch's pipelining sends only tensors between stages; return only tensors from it")
 
 
 class BlockEntry(nn.Module):

@@ -28,7 +28,7 @@ from torch.func import functional_call
 
 from autopart.errors import AutopartError
 from autopart.measure.batchnorm import statistics_kept
-from autopart.measure.blocks import Chain, call_block, stage_inputs, tensors_of
+from autopart.measure.blocks import Chain, call_block, check_sendable, stage_inputs, tensors_of
 
 __all__ = ["StageSignature", "stage_signatures"]
 
@@ -80,6 +80,8 @@ def _signatures(chain: Chain, balance: Sequence[int], example: tuple[torch.Tenso
         for b in range(first, first + count):
             values = run(b, values)
         # the last stage's output goes to the loss, not to a stage: any structure of tensors will do
+        if s < len(balance) - 1:
+            check_sendable(values, *chain.blocks[first + count - 1])
         outputs = tuple(tensors_of(values)) if s == len(balance) - 1 else \
             values if isinstance(values, tuple) else (values,)
         signatures.append(StageSignature(_on_meta(inputs, s, "receives"), _on_meta(outputs, s, "returns")))
