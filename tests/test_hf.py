@@ -36,3 +36,22 @@ def test_an_encoder_learns_masked_bytes() -> None:
     assert torch.equal(again[0], x) and torch.equal(again[1], y)  # the data order is a function of the step
     loss = masked_lm_loss(bundle.module(x), y)
     assert loss.ndim == 0 and torch.isfinite(loss)
+
+
+LLAMA = ("hf:llama:num_hidden_layers=2,hidden_size=32,intermediate_size=64,num_attention_heads=2,num_key_value_heads=1,"
+         "max_position_embeddings=32,vocab_size=256")
+
+
+def test_stages_hold_exactly_the_models_state_dict_keys() -> None:
+    """Llama's rotary ``inv_freq`` is a non-persistent buffer: out of the model's state_dict, so out of every stage's
+    (a captured stage would register it as a persistent one), and a merged checkpoint loads strictly."""
+    from autopart.measure.blocks import chain_of
+
+    bundle = load_model(LLAMA)
+    chain = chain_of(bundle.module, bundle.example, LLAMA, bundle.input_names)
+    assert chain.graph is not None
+    n = len(chain.names)
+    stages = [chain.stage_module(0, 1), chain.stage_module(2, n - 1)]
+    keys = [k for stage in stages for k in stage.state_dict()]
+    assert sorted(keys) == sorted(bundle.module.state_dict())
+    assert any(name.endswith("rotary_emb.inv_freq") for name, _ in stages[0].named_buffers())  # still there, to run
