@@ -1,8 +1,10 @@
 """The model zoo: models the project does not define, each through graph -> profile -> partition -> train on 2 real
 ranks (2 steps) -> merge-checkpoint, whose result loads strictly into a fresh model with exactly its keys.
 
-Hugging Face families are built offline from shrunk configs (2 layers, hidden 32); torchvision classifiers run
-when torchvision can be imported next to the installed torch.
+Hugging Face families are built offline from shrunk configs (2 layers, hidden 32, byte vocabularies); torchvision
+classifiers run when torchvision can be imported next to the installed torch.
+
+    python -m pytest -q tests/test_zoo.py
 """
 from __future__ import annotations
 
@@ -27,8 +29,11 @@ HF_ZOO = {
     "mistral": f"hf:mistral:{_DECODER},num_key_value_heads=1",
     "gemma": f"hf:gemma:{_DECODER},num_key_value_heads=1,head_dim=16",
     "gpt_neox": f"hf:gpt_neox:{_DECODER}",
-    "t5": "hf:t5:num_layers=2,num_decoder_layers=2,d_model=32,d_kv=16,d_ff=64,num_heads=2,vocab_size=256",
-    "bart": "hf:bart:encoder_layers=2,decoder_layers=2,d_model=32,encoder_attention_heads=2,decoder_attention_heads=2,"
+    # Encoder-decoders: 2 encoder layers, 4 decoder layers, so that the 2-stage cut (by parameters) falls among the
+    # decoder layers and the decoder's integer input ids never cross it (that needs issue #16 item 2, shape inference
+    # of integer inputs on a later stage: "IndexError: index out of range in self"); with it, 2 and 2 would do.
+    "t5": "hf:t5:num_layers=2,num_decoder_layers=4,d_model=32,d_kv=16,d_ff=64,num_heads=2,vocab_size=256",
+    "bart": "hf:bart:encoder_layers=2,decoder_layers=4,d_model=32,encoder_attention_heads=2,decoder_attention_heads=2,"
             "encoder_ffn_dim=64,decoder_ffn_dim=64,max_position_embeddings=32,vocab_size=256",
 }
 """The families run, each as small as its config allows."""
@@ -55,7 +60,8 @@ def _zoo_run(spec: str, tmp_path: Path) -> None:
     made = run_cli_here("profile", spec, "--microbatch-size", "2", "--repeats", "1", "--warmup", "0",
                         "-o", str(profile))
     assert made.returncode == 0, made.stderr
-    parted = run_cli_here("partition", str(profile), "--stages", "2", "-o", str(plan))
+    # split by parameters: the same stages on every run, whatever this machine's timings (one repeat, shared CPUs)
+    parted = run_cli_here("partition", str(profile), "--stages", "2", "--method", "parameters", "-o", str(plan))
     assert parted.returncode == 0, parted.stderr
     assert len(json.loads(plan.read_text())["stages"]) == 2
 
