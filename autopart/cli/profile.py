@@ -275,6 +275,8 @@ def _loss_and_target(bundle: ModelBundle, module: nn.Module, example: Example
         return None, None
     if bundle.data_kind in ("text", "masked-text"):  # next (or masked) bytes: ids 0..255 shaped like the input
         return bundle.loss_fn, torch.randint(0, 256, tuple(example[0].shape), device=example[0].device)
+    if bundle.data_kind == "seq2seq-text":  # the target bytes: shaped like the decoder's input
+        return bundle.loss_fn, torch.randint(0, 256, tuple(example[-1].shape), device=example[-1].device)
     was = module.training
     try:
         module.eval()

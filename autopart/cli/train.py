@@ -133,7 +133,7 @@ def run(args: argparse.Namespace) -> int:
     from autopart.formats.atomic import check_writable
     from autopart.measure.blocks import split_blocks
     from autopart.measure.spec import load_model, require_parameters
-    from autopart.run.data import TextCorpus
+    from autopart.run.data import TEXT_KINDS, TextCorpus
     from autopart.run.stages import check_plan_against_model
 
     plan = Plan.from_json(cfg.plan)
@@ -163,7 +163,7 @@ def run(args: argparse.Namespace) -> int:
         sys.stderr.write(note)
     if isinstance(bundle.module, torch.nn.Sequential):  # cheap on the meta device; other models: the ranks check
         check_plan_against_model(plan, [name for name, _ in split_blocks(bundle.module)], plan.num_ranks, cfg.model)
-    if bundle.data is None and bundle.data_kind in ("text", "masked-text"):
+    if bundle.data is None and bundle.data_kind in TEXT_KINDS:
         TextCorpus(cfg.data)  # fail now, not in every rank, if the corpus is missing or empty
     threads = _threads(cfg, plan)
     if cfg.max_restarts and not cfg.checkpoint_every:

@@ -144,7 +144,9 @@ class GraphBlocks:
         graph.lint()
         attrs: dict[str, Any] = {str(n.target): attrgetter(str(n.target))(self.graph.module)
                                  for n in graph.nodes if n.op == "get_attr"}
-        return fx.GraphModule({**attrs, **layers, **entries}, graph, class_name=f"Stage_{first}_{last}")
+        stage = fx.GraphModule({**attrs, **layers, **entries}, graph, class_name=f"Stage_{first}_{last}")
+        _keep_non_persistent(stage, self.graph.module, attrs)
+        return stage
 
     def parameter_names(self, first: int, last: int) -> list[str]:
         """The names under which blocks ``first``..``last`` hold parameters (as :meth:`stage_module` names them)."""
@@ -196,6 +198,15 @@ class GraphBlocks:
             for n in self.graph.nodes[start:end]:
                 made[n.name] = name
         return made
+
+
+def _keep_non_persistent(stage: fx.GraphModule, model: nn.Module, attrs: dict[str, Any]) -> None:
+    """Buffers the model keeps out of its ``state_dict`` (rotary tables, causal masks) stay out of the stage's:
+    ``fx.GraphModule`` registers every tensor it is given as a persistent buffer."""
+    for target, tensor in attrs.items():
+        path, _, leaf = target.rpartition(".")
+        if leaf in model.get_submodule(path)._non_persistent_buffers_set:
+            stage.get_submodule(path).register_buffer(leaf, tensor, persistent=False)
 
 
 def _repeated(module: nn.Module) -> bool:

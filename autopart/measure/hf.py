@@ -5,17 +5,21 @@
     hf:bert-base-uncased                      BERT base, masked LM
     hf:llama:num_hidden_layers=4,hidden_size=512,intermediate_size=1376
     hf:mistral                                any model type transformers knows (its config class's defaults)
+    hf:t5:num_layers=2,d_model=64             encoder-decoders (T5, BART ...) as sequence-to-sequence LMs
 
 Nothing is downloaded: the model is built with ``from_config`` and the config
 class's defaults (a checkpoint's exact config cannot be fetched offline), then
 the fields given after the name. The KV cache is off (``use_cache=False``).
-Causal LMs learn next bytes of text and masked LMs masked bytes (both as
-token ids 0..255, which every vocabulary here has); the loss is the usual
-cross-entropy on the logits. Needs the ``transformers`` package
-(``pip install 'autopart[hf]'``).
+Causal LMs learn next bytes of text, masked LMs masked bytes, and
+encoder-decoders (``config.is_encoder_decoder``) the bytes that follow
+their source text (all as token ids 0..255, which every vocabulary here
+has); the loss is the usual cross-entropy on the logits. A field that sizes
+or counts something (``n_layer``, ``hidden_size``, ``num_heads`` ...) must
+be >= 1. Needs the ``transformers`` package (``pip install 'autopart[hf]'``).
 """
 from __future__ import annotations
 
+import re
 from typing import Any
 
 import torch
@@ -23,7 +27,8 @@ import torch.nn.functional as F
 
 from autopart.errors import AutopartError
 
-__all__ = ["is_hf_spec", "build_hf", "causal_lm_loss", "masked_lm_loss", "MASKED_LM_TYPES", "IGNORE_INDEX"]
+__all__ = ["is_hf_spec", "build_hf", "causal_lm_loss", "masked_lm_loss", "seq2seq_lm_loss", "MASKED_LM_TYPES",
+           "IGNORE_INDEX"]
 
 IGNORE_INDEX = -100
 """Targets the loss skips (positions that were not masked)."""
@@ -46,6 +51,10 @@ _PRESETS: dict[str, tuple[str, dict[str, Any]]] = {
     "llama": ("llama", {}),
 }
 _SEQ = 128
+
+_SIZE_FIELD = re.compile(r"^(n|num|d)_|_num_|_(size|dim|layers|heads|positions|embeddings)$")
+"""Config fields that size or count something (``n_layer``, ``num_heads``, ``d_model``, ``hidden_size``,
+``encoder_ffn_dim``, ``max_position_embeddings`` ...): a model needs at least one of each."""
 
 
 def is_hf_spec(spec: str) -> bool:
@@ -73,7 +82,11 @@ def _parse(spec: str) -> tuple[str, dict[str, Any]]:
         key, eq, value = item.partition("=")
         if not eq or not key.strip() or not value.strip():
             raise AutopartError(f"model {spec!r}: {item!r} is not FIELD=VALUE (e.g. n_layer=4)")
-        overrides[key.strip()] = _value(value.strip())
+        key, parsed = key.strip(), _value(value.strip())
+        if _SIZE_FIELD.search(key) and isinstance(parsed, int) and not isinstance(parsed, bool) and parsed < 1:
+            raise AutopartError(f"model {spec!r}: {key}={parsed}, but {key} sizes or counts part of the model and "
+                                f"must be >= 1")
+        overrides[key] = parsed
     return name, overrides
 
 
@@ -81,7 +94,7 @@ def build_hf(spec: str) -> dict[str, Any]:
     """The model-spec mapping (module, example, loss_fn, data kind) of an ``hf:`` spec."""
     try:
         import transformers
-        from transformers import AutoConfig, AutoModelForCausalLM, AutoModelForMaskedLM
+        from transformers import AutoConfig, AutoModelForCausalLM, AutoModelForMaskedLM, AutoModelForSeq2SeqLM
     except ImportError:
         raise AutopartError(f"model {spec!r} needs the transformers package: pip install 'autopart[hf]'") from None
     transformers.utils.logging.set_verbosity_error()
@@ -96,12 +109,19 @@ def build_hf(spec: str) -> dict[str, Any]:
     for key, value in {**preset, **overrides}.items():
         if not hasattr(config, key):
             raise AutopartError(f"model {spec!r}: {type(config).__name__} has no field {key!r}")
-        setattr(config, key, value)
+        try:
+            setattr(config, key, value)
+        except Exception as exc:  # transformers checks each field's type as it is set
+            lines = [line.strip() for line in str(exc).splitlines() if line.strip()]
+            raise AutopartError(f"model {spec!r}: {key}={value!r} does not fit {type(config).__name__}: "
+                                f"{lines[-1] if lines else type(exc).__name__}") from None
     if hasattr(config, "use_cache"):
         config.use_cache = False
-    masked = model_type in MASKED_LM_TYPES
+    seq2seq = bool(getattr(config, "is_encoder_decoder", False))
+    masked = not seq2seq and model_type in MASKED_LM_TYPES
+    auto = AutoModelForSeq2SeqLM if seq2seq else AutoModelForMaskedLM if masked else AutoModelForCausalLM
     try:
-        module = (AutoModelForMaskedLM if masked else AutoModelForCausalLM).from_config(config)
+        module = auto.from_config(config)
     except Exception as exc:
         raise AutopartError(f"model {spec!r}: building it from its config failed: {type(exc).__name__}: "
                             f"{str(exc).splitlines()[0] if str(exc) else ''}") from None
@@ -110,6 +130,9 @@ def build_hf(spec: str) -> dict[str, Any]:
         raise AutopartError(f"model {spec!r}: vocab_size {vocab} < 256, too small for byte-level text")
     positions = int(getattr(config, "max_position_embeddings", 0) or getattr(config, "n_positions", 0) or _SEQ)
     seq = min(_SEQ, positions)
+    if seq2seq:  # the source, and the target shifted right one byte (decoder_input_ids): see seq2seq_lm_loss
+        example = {"input_ids": torch.randint(0, 256, (1, seq)), "decoder_input_ids": torch.randint(0, 256, (1, seq))}
+        return {"module": module.train(), "example": example, "loss_fn": seq2seq_lm_loss, "data_kind": "seq2seq-text"}
     return {"module": module.train(), "example": torch.randint(0, 256, (1, seq)),
             "loss_fn": masked_lm_loss if masked else causal_lm_loss, "data_kind": "masked-text" if masked else "text"}
 
@@ -120,14 +143,24 @@ def _logits(out: Any) -> torch.Tensor:
     return logits
 
 
+def _token_loss(out: Any, target: torch.Tensor) -> torch.Tensor:
+    """Cross-entropy of the logits at every position against the target ids there (:data:`IGNORE_INDEX`: none)."""
+    logits = _logits(out)
+    return F.cross_entropy(logits.reshape(-1, logits.shape[-1]).float(), target.reshape(-1),
+                           ignore_index=IGNORE_INDEX)
+
+
 def causal_lm_loss(out: Any, target: torch.Tensor) -> torch.Tensor:
     """Cross-entropy of the next-token logits against the next bytes."""
-    logits = _logits(out)
-    return F.cross_entropy(logits.reshape(-1, logits.shape[-1]).float(), target.reshape(-1))
+    return _token_loss(out, target)
 
 
 def masked_lm_loss(out: Any, target: torch.Tensor) -> torch.Tensor:
     """Cross-entropy at the masked positions (the others are :data:`IGNORE_INDEX`)."""
-    logits = _logits(out)
-    return F.cross_entropy(logits.reshape(-1, logits.shape[-1]).float(), target.reshape(-1),
-                           ignore_index=IGNORE_INDEX)
+    return _token_loss(out, target)
+
+
+def seq2seq_lm_loss(out: Any, target: torch.Tensor) -> torch.Tensor:
+    """Cross-entropy of the decoder's logits against the target bytes (the decoder was given them shifted right
+    by one, so it predicts each from the source and the target bytes before it)."""
+    return _token_loss(out, target)

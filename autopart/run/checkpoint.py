@@ -42,7 +42,8 @@ class StageFile(TypedDict):
     local_stages: list[int]
     """Every stage that rank held: the optimizer state fits a rank holding the same."""
     aliases: dict[str, str]
-    """Names in ``model`` that are another name of a tied parameter -> its first name (absent in old files)."""
+    """Every other name of a tied parameter the rank holds -> its first name, whether a stage uses that name or
+    not (older files: only the names in ``model``; absent in the oldest)."""
 
 
 def step_dir(root: str | Path, step: int) -> Path:
@@ -181,8 +182,11 @@ def merge_checkpoint(path: str | Path) -> dict[str, torch.Tensor]:
         raise AutopartError(f"no complete checkpoint under {str(base)!r}")
     merged: dict[str, torch.Tensor] = {}
     copies: dict[str, list[tuple[str, int, torch.Tensor]]] = {}
+    tied: dict[str, set[str]] = {}  # first name -> every name of a tied parameter
     for content in load_stages(folder):
         aliases = content.get("aliases", {})
+        for name, first in aliases.items():
+            tied.setdefault(first, {first}).add(name)
         for name, tensor in content["model"].items():
             merged.setdefault(name, tensor)
             copies.setdefault(aliases.get(name, name), []).append((name, content["stage"], tensor))
@@ -194,4 +198,8 @@ def merge_checkpoint(path: str | Path) -> dict[str, torch.Tensor]:
                     else float("nan")
                 raise AutopartError(f"checkpoint {folder}: the copies of {first!r} differ ({name!r} in stage {stage}, "
                                     f"{other!r} in stage {other_stage}: max difference {diff:.3g})")
+    for names in tied.values():  # the names of a tied weight that no stage uses (T5's shared.weight) too
+        held = next((merged[n] for n in sorted(names) if n in merged), None)
+        if held is not None:
+            merged.update({n: held for n in names if n not in merged})
     return merged

@@ -2,7 +2,8 @@
 
 - Text: byte-level language modelling on a corpus of files (``--data`` file or
   folder; by default the Python standard library's own source files). Token
-  ids are bytes, 0-255, which GPT-2's vocabulary includes.
+  ids are bytes, 0-255, which GPT-2's vocabulary includes. Encoder-decoders
+  (``seq2seq-text``) read a window of the text and write the bytes after it.
 - Images: scikit-learn's 8x8 handwritten digits (1,797 real images shipped in
   the package), upsampled to the model's input size.
 
@@ -24,12 +25,16 @@ from torch.utils import _pytree as pytree
 from autopart.errors import AutopartError
 from autopart.measure.spec import ModelBundle, call_model
 
-__all__ = ["TextCorpus", "Digits", "default_corpus_files", "Batches", "TrainingData", "training_data", "cycled_note"]
+__all__ = ["TextCorpus", "Digits", "default_corpus_files", "Batches", "TrainingData", "training_data", "cycled_note",
+           "TEXT_KINDS"]
 
 Batches = Iterator[tuple[torch.Tensor | tuple[torch.Tensor, ...], torch.Tensor]]
 """Mini-batches of (inputs, targets), one per step; the inputs a tensor, or a tuple for several inputs."""
 
 _MAX_BYTES = 32 * 2**20  # read at most this much text: plenty for short runs, fast to load
+
+TEXT_KINDS = ("text", "masked-text", "seq2seq-text")
+"""The data kinds read from a text corpus: next bytes, masked bytes, the bytes after a source window."""
 
 
 def default_corpus_files() -> list[Path]:
@@ -129,10 +134,15 @@ def training_data(bundle: ModelBundle, data_path: str | None, global_batch: int,
                   seed: int, start_step: int) -> TrainingData:
     """The built-ins' real data, the factory's own, or labelled synthetic data; batch i depends on the seed and i only."""
     name = bundle.name
-    if bundle.data is None and bundle.data_kind in ("text", "masked-text"):
+    if bundle.data is None and bundle.data_kind in TEXT_KINDS:
         assert bundle.loss_fn is not None
         corpus = TextCorpus(data_path)
         seq = sample_shape[0]
+        if bundle.data_kind == "seq2seq-text":
+            assert bundle.example is not None and len(bundle.example) == 2
+            target_len = int(bundle.example[1].shape[-1])
+            batches = _source_and_target(corpus.batches(global_batch, seq + target_len - 1, seed, start_step), seq)
+            return TrainingData(batches, corpus.source, bundle.loss_fn, seq + target_len)
         batches = corpus.batches(global_batch, seq, seed, start_step)
         if bundle.data_kind == "masked-text":
             batches = _masked(batches, seed, start_step, _mask_id(bundle))
@@ -174,6 +184,14 @@ def _masked(batches: Batches, seed: int, start_step: int, mask_id: int) -> Batch
         target = torch.where(chosen, x, torch.full_like(x, -100))
         yield torch.where(chosen, torch.full_like(x, mask_id), x), target
         step += 1
+
+
+def _source_and_target(batches: Batches, source_len: int) -> Batches:
+    """From next-byte windows of S+L-1 bytes (w[0:S+L-1] -> w[1:S+L]): the source w[0:S], the decoder's input
+    w[S-1:S+L-1] (the target shifted right, led by the source's last byte) and the target w[S:S+L]."""
+    for x, y in batches:
+        assert isinstance(x, torch.Tensor)
+        yield (x[:, :source_len].contiguous(), x[:, source_len - 1:].contiguous()), y[:, source_len - 1:].contiguous()
 
 
 def _user_batches(data: Iterable[Any], global_batch: int, names: tuple[str, ...] | None, start_step: int) -> Batches:

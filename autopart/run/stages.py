@@ -83,8 +83,10 @@ class SharedParameters:
             if ranks not in groups:
                 groups[ranks] = dist.new_group(list(ranks)) if dist.is_initialized() else None
         names = [n for s, _ in local for n in built[s]]
-        self.aliases = {n: canonical[n] for n in names if n in canonical and canonical[n] != n}
-        """Local parameter names that are another name of a shared parameter -> its first name (for checkpoints)."""
+        firsts = {canonical.get(n, n) for n in names}
+        self.aliases = {n: first for n, first in canonical.items() if first in firsts and n != first}
+        """Every other name of a tied parameter this rank holds, used by its stages or not -> its first name (for
+        checkpoints: a merged one has each name the model has)."""
         mine = {canonical.get(n, n): p for _, m in local for n, p in m.named_parameters(remove_duplicate=False)}
         self.local = [(name, mine[name], groups[ranks]) for name, ranks in shared if rank in ranks and name in mine]
         """(name, this rank's copy, the group of ranks that hold one)."""
