@@ -13,29 +13,11 @@ from pathlib import Path
 import pytest
 import torch
 
-from autopart.core.costmodel import CostModel, Problem
-from autopart.core.partition import split_given
-from autopart.core.planner import make_plan
-from autopart.formats.devices import Device
-from autopart.formats.plan import Plan
-from autopart.measure.profiler import profile_model
 from autopart.measure.spec import call_model, load_model
 from tests.conftest import ROOT
+from tests.helpers import plan_for
 
 MODELS = str(ROOT / "tests" / "graph_models.py")
-
-
-def _plan(spec: str, balance: list[int], schedule: str, microbatches: int, per_rank: int, path: Path) -> Plan:
-    torch.manual_seed(0)
-    bundle = load_model(spec)
-    assert bundle.example is not None
-    example = dict(zip(bundle.input_names, bundle.example)) if bundle.input_names else bundle.example
-    profile = profile_model(bundle.module, example, name=spec, warmup=0, repeats=1)
-    model = CostModel(schedule=schedule, microbatches=microbatches, stages_per_rank=per_rank)
-    problem = Problem.from_profile(profile, [Device("cpu")] * len(balance), model)
-    plan = make_plan(split_given(problem, balance), problem, model, [Device("cpu")] * len(balance), model_name=spec)
-    plan.to_json(path)
-    return plan
 
 
 def _batch(spec: str, microbatches: int) -> tuple[tuple[torch.Tensor, ...], torch.Tensor]:
@@ -77,7 +59,7 @@ def test_pipelined_step_equals_the_unpartitioned_model(factory: str, balance: li
     if factory.startswith("hf_"):
         pytest.importorskip("transformers")
     spec = f"{MODELS}:{factory}"
-    plan = _plan(spec, balance, schedule, microbatches, per_rank, tmp_path / "plan.json")
+    plan = plan_for(spec, balance, schedule, microbatches, tmp_path / "plan.json", per_rank)
     inputs, target = _batch(spec, microbatches)
     torch.save((inputs, target), tmp_path / "batch.pt")
     env = dict(os.environ, PYTHONPATH=str(ROOT), OMP_NUM_THREADS="1")

@@ -83,10 +83,11 @@ def test_two_ranks_with_an_inplace_op_first_on_a_stage_equal_one_process(factory
                                                                            tmp_path: Path) -> None:
     """The second stage starts with ``ReLU(inplace=True)``: one 1F1B step on two gloo ranks gives the loss and
     gradients of the unpartitioned model."""
-    from tests.test_graph_pipeline import _plan, _reference
+    from tests.helpers import plan_for
+    from tests.test_graph_pipeline import _reference
 
     spec = f"{MODELS}:{factory}"
-    plan = _plan(spec, balance, "1F1B", 2, 1, tmp_path / "plan.json")
+    plan = plan_for(spec, balance, "1F1B", 2, tmp_path / "plan.json")
     assert plan.stages[1].blocks[0] == ("1" if factory == "relu_chain" else "classifier")
     g = torch.Generator().manual_seed(1)
     inputs, target = (torch.randn(4, 8, generator=g),), torch.randn(4, 4, generator=g)

@@ -206,7 +206,7 @@ def _user_batches(data: Iterable[Any], global_batch: int, names: tuple[str, ...]
                 yield _user_batch(item, count - 1, global_batch, names)
             step += 1
         if count == 0 or iter(data) is data:
-            once = "" if count == 0 else (f" (it can be read only once, like a generator: give a list, or any "
+            once = "" if count == 0 else (" (it can be read only once, like a generator: give a list, or any "
                                           f"iterable that can be read again, to cycle it)")
             raise AutopartError(f"the factory's data ran out after {count} batches, at step {step + 1}{once}")
 
