@@ -133,3 +133,21 @@ def test_a_full_disk_is_refused_before_work_and_keeps_the_old_file(full_disk: Pa
         write_json_atomic(target, {"v": 2})
     assert target.read_text() == '{"v": 1}\n'
     assert sorted(os.listdir(full_disk)) == ["filler", "plan.json"]
+
+
+@pytest.mark.parametrize("redirect", ["truncate", "append"])
+@pytest.mark.parametrize("name", ["/dev/stdout", "/dev/fd/1"])
+def test_own_stdout_redirected_to_a_file_is_written_through_in_order(tmp_path: Path, redirect: str, name: str) -> None:
+    """``--csv /dev/stdout > out.txt`` (or ``>>``): the CSV lands between what the command printed before and
+    after it, in the file the shell opened; the file is not replaced (which would drop the rest)."""
+    import sys
+
+    out = tmp_path / "out.txt"
+    out.write_text("old\n")
+    code = ("from autopart.formats.atomic import write_atomic\n"
+            f"print('before'); write_atomic({name!r}, b'CSV\\n'); print('after')\n")
+    with open(out, "a" if redirect == "append" else "w") as handle:
+        subprocess.run([sys.executable, "-c", code], stdout=handle, check=True,
+                       env=dict(os.environ, PYTHONPATH=str(Path(__file__).resolve().parent.parent)))
+    kept = "old\n" if redirect == "append" else ""
+    assert out.read_text() == f"{kept}before\nCSV\nafter\n"

@@ -381,6 +381,26 @@ def test_ranks_die_with_a_launcher_killed_by_sigkill(tmp_path: Path) -> None:
 
 
 @pytest.mark.slow
+@pytest.mark.parametrize("agent", [False, True])
+def test_only_a_rank_an_agent_started_dies_with_its_parent(tmp_path: Path, agent: bool) -> None:
+    """A rank started by hand (``RANK``/``WORLD_SIZE``, no elastic agent), whose starter exits first (``nohup``,
+    a batch script), keeps running; one an agent started (``TORCHELASTIC_RUN_ID``) dies with it."""
+    done = tmp_path / "done"
+    code = ("import time, pathlib; from autopart.run.parent import die_with_parent; die_with_parent(); "
+            f"time.sleep(1.5); pathlib.Path({str(done)!r}).write_text('ran')")
+    env = dict(os.environ, PYTHONPATH=str(ROOT), RANK="0", WORLD_SIZE="2")
+    env.pop("AUTOPART_PARENT_PID", None)
+    if agent:
+        env["TORCHELASTIC_RUN_ID"] = "test"
+    else:
+        env.pop("TORCHELASTIC_RUN_ID", None)
+    # the shell starts the rank and exits after 0.5 s, while the rank still runs
+    subprocess.run(["sh", "-c", f"{sys.executable} -c \"{code}\" & sleep 0.5"], env=env, check=True, timeout=30)
+    time.sleep(2.5)
+    assert done.exists() is not agent
+
+
+@pytest.mark.slow
 @pytest.mark.skipif(not Path("/proc/self/environ").exists(), reason="finds the rank's process through /proc")
 def test_a_rank_killed_by_a_signal_is_reported_with_it_not_with_the_agents_sigterm(tmp_path: Path) -> None:
     spec = f"{HELPERS}:restart_spec"

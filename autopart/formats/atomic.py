@@ -16,6 +16,7 @@ import os
 import re
 import shutil
 import stat
+import sys
 import tempfile
 from pathlib import Path
 from typing import IO, Any, Callable
@@ -33,7 +34,7 @@ PROBE_BYTES = 4096
 def _writes_into(target: Path) -> bool:
     """Whether ``target`` is to be written into rather than replaced: it exists (symlinks followed) and is
     not a regular file (a character or block device, a FIFO, a socket), or it is reached through /proc
-    (``/dev/stdout``, ``/dev/fd/N``: this process's own open file, which replacing would detach)."""
+    (``/dev/stdout``, ``/dev/fd/N``: an open file, which replacing would detach)."""
     try:
         mode = os.stat(target).st_mode
     except FileNotFoundError:
@@ -42,7 +43,31 @@ def _writes_into(target: Path) -> bool:
         raise AutopartError(f"cannot write {str(target)!r}: {exc.strerror or exc}") from None
     if stat.S_ISDIR(mode):
         return False
-    return not stat.S_ISREG(mode) or os.path.realpath(target).startswith("/proc/")
+    return not stat.S_ISREG(mode) or any(step.startswith(("/proc/", "/dev/fd/")) for step in _link_chain(target))
+
+
+def _link_chain(target: Path) -> list[str]:
+    """``target`` and each path its symlinks lead to, one link at a time (``/dev/stdout``, ``/proc/self/fd/1``,
+    and the file itself): ``realpath`` alone would hide the /proc step."""
+    chain = [str(target)]
+    while os.path.islink(chain[-1]) and len(chain) < 40:
+        chain.append(os.path.normpath(os.path.join(os.path.dirname(chain[-1]), os.readlink(chain[-1]))))
+    return chain
+
+
+def _own_descriptor(target: Path) -> int | None:
+    """The descriptor of this process that ``target`` names (``/dev/stdout`` is 1, ``/dev/fd/2`` is 2,
+    ``/proc/self/fd/N`` is N), if it is open; None for any other path."""
+    for step in _link_chain(target):
+        for prefix in ("/dev/fd/", "/proc/self/fd/", f"/proc/{os.getpid()}/fd/"):
+            number = step.removeprefix(prefix)
+            if step.startswith(prefix) and number.isdigit():
+                try:
+                    os.fstat(int(number))
+                except OSError:
+                    return None
+                return int(number)
+    return None
 
 
 def _replaced(target: Path) -> Path:
@@ -143,7 +168,15 @@ def write_atomic(path: str | os.PathLike[str], write: Callable[[IO[bytes]], obje
     given = check_writable(path)
     if _writes_into(given):
         try:
-            # appending to this process's own regular file keeps what it printed there before
+            descriptor = _own_descriptor(given)
+            if descriptor is not None:
+                # this process's own stdout or stderr, say redirected to a file: write through that very
+                # descriptor (its offset, its O_APPEND), after what Python has buffered for it
+                sys.stdout.flush()
+                sys.stderr.flush()
+                with os.fdopen(os.dup(descriptor), "wb") as handle:
+                    _put(handle, write)
+                return given
             with open(given, "ab" if stat.S_ISREG(os.stat(given).st_mode) else "wb") as handle:
                 _put(handle, write)
         except BrokenPipeError:  # a pipe's reader went away (``--csv /dev/stdout | head -1``): the CLI ends quietly

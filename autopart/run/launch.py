@@ -91,15 +91,27 @@ def launch(worker_args: Sequence[str], nproc: int, threads: int, max_restarts: i
     With ``max_restarts``, torchrun's agent starts the whole group again (up to that many times) when a
     rank fails; the ranks resume from the last complete checkpoint.
     """
+    for name in ("torch.distributed.elastic", "torch.distributed.launcher"):
+        logging.getLogger(name).setLevel(logging.CRITICAL)
+    os.environ.setdefault("OMP_NUM_THREADS", str(threads))
+    marks = {"AUTOPART_LAUNCHED": "1", PARENT_PID_ENV: str(os.getpid())}  # the ranks' parent: autopart.run.parent
+    before = {name: os.environ.get(name) for name in marks}
+    os.environ.update(marks)  # the ranks inherit them; put back after, for whoever called this in-process
+    try:
+        return _launch(worker_args, nproc, max_restarts)
+    finally:
+        for name, value in before.items():
+            if value is None:
+                os.environ.pop(name, None)
+            else:
+                os.environ[name] = value
+
+
+def _launch(worker_args: Sequence[str], nproc: int, max_restarts: int) -> int:
     from torch.distributed.elastic.multiprocessing.api import SignalException
     from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
     from torch.distributed.launcher.api import LaunchConfig, elastic_launch
 
-    for name in ("torch.distributed.elastic", "torch.distributed.launcher"):
-        logging.getLogger(name).setLevel(logging.CRITICAL)
-    os.environ.setdefault("OMP_NUM_THREADS", str(threads))
-    os.environ["AUTOPART_LAUNCHED"] = "1"
-    os.environ[PARENT_PID_ENV] = str(os.getpid())  # the parent each rank dies with (autopart.run.parent)
     config = LaunchConfig(min_nodes=1, max_nodes=1, nproc_per_node=nproc, run_id=f"autopart-{uuid.uuid4().hex[:8]}",
                           rdzv_backend="c10d", rdzv_endpoint="localhost:0", rdzv_configs={"timeout": 120},
                           max_restarts=max_restarts, monitor_interval=0.1, start_method="spawn")

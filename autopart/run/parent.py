@@ -46,10 +46,29 @@ def _prctl_pdeathsig() -> bool:
         return False
 
 
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
 def die_with_parent() -> None:
     """Make this process end when its parent does (see the module's note); if the parent is already gone
-    (it died before the request took effect), end now."""
-    parent = int(os.environ.get(PARENT_PID_ENV, "0") or 0) or os.getppid()
+    (it died before the request took effect), end now.
+
+    Only a rank started by an elastic agent (torchrun's or autopart's launcher: ``TORCHELASTIC_RUN_ID``)
+    does this: a rank a user or a scheduler starts by hand (``RANK``/``WORLD_SIZE`` set, under ``nohup``, say)
+    keeps the life its starter gave it. The launcher's pid (``AUTOPART_PARENT_PID``) counts only while that
+    process is alive; otherwise a rank whose parent is another process took a stale value and keeps it.
+    """
+    if "TORCHELASTIC_RUN_ID" not in os.environ:
+        return
+    named = int(os.environ.get(PARENT_PID_ENV, "0") or 0)
+    parent = named if named and (named == os.getppid() or not _alive(named)) else os.getppid()
     if not _prctl_pdeathsig():
         threading.Thread(target=_watch, args=(parent,), name="autopart-parent-watch", daemon=True).start()
     if os.getppid() != parent:  # the parent died between this process starting and the request

@@ -59,7 +59,7 @@ def stage_signatures(chain: Chain, balance: Sequence[int], device: torch.device)
         if any(not isinstance(t, torch.Tensor) or t.is_meta for t in real):
             raise AutopartError(f"{exc}, and the model was built on the meta device: nothing to run it on") from None
     with torch.random.fork_rng(devices=[]), statistics_kept(chain.root), torch.enable_grad():
-        return _signatures(chain, balance, tuple(t.detach() for t in chain.example),
+        return _signatures(chain, balance, tuple(t.detach().clone() for t in chain.example),
                            lambda b, values: call_block(chain.blocks[b][1], values))
 
 

@@ -136,7 +136,8 @@ class Pipeline:
         self.modules = modules
         self.schedule = schedule
         self.loss_fn = loss_fn
-        """The loss on what the last stage returns (the model's output rebuilt for a captured graph)."""
+        """The loss on what the last stage's blocks return when run on their own, outside the stage module (a
+        captured graph's flat values rebuilt into the model's output; a chain's last block's output as it is)."""
         self.shared = shared
         self.deferred = [layer for _, m in modules for layer in deferred_layers(m)]
         """Deferred BatchNorm layers: they commit their running statistics once per step."""
@@ -249,7 +250,8 @@ def build_pipeline(plan: Plan, chain: Chain, rank: int, device: torch.device, lo
             raise AutopartError(f"{plan.schedule} runs one stage per rank, the plan gives rank {rank} {len(stages)}")
         schedule = cls(stages[0], n_microbatches=plan.microbatches, loss_fn=model_loss)
     blocks = {s: chain.blocks[_span(plan, s)[0]: _span(plan, s)[1] + 1] for s, _ in modules}
-    return Pipeline(plan, blocks, modules, schedule, model_loss, shared, clock, streams, signatures)
+    block_loss = model_loss if chain.graph is not None else loss_fn
+    return Pipeline(plan, blocks, modules, schedule, block_loss, shared, clock, streams, signatures)
 
 
 def _time_actions(stage: PipelineStage, clock: ActionClock) -> None:

@@ -2,10 +2,10 @@
 
 Every rank seeds its generator alike, so without this a dropout on stage 1
 draws the mask its twin on stage 0 drew. Here block ``b`` of micro-batch ``m``
-in step ``t`` runs with the device's generator seeded from ``(seed, b, t, m)``
+in step ``t`` runs with the generators (the CPU's, and the GPU's on CUDA) seeded from ``(seed, b, t, m)``
 (Megatron keeps a stream per model-parallel rank; a stream per block also
 keeps the masks the same whatever the plan). A stage saves the caller's
-generator state before its forward and puts it back after.
+generator states before its forward and puts them back after.
 
     streams = BlockStreams(seed=0, device=torch.device("cpu"))
     stage = chain.stage_module(first, last, enter=streams.enter)
@@ -34,7 +34,7 @@ class BlockStreams:
         """Steps done before the one running (0 in the first; a resumed run goes on from its checkpoint's)."""
         self.microbatch = 0
         """The micro-batch the schedule runs now (set before each forward and backward)."""
-        self._saved: list[torch.Tensor] = []
+        self._saved: list[list[torch.Tensor]] = []
 
     def seed_of(self, block: int) -> int:
         """The seed of ``block`` in the current step and micro-batch: a hash of the four numbers."""
@@ -42,22 +42,25 @@ class BlockStreams:
         return int.from_bytes(hashlib.blake2b(key, digest_size=8).digest(), "little")
 
     def enter(self, block: int) -> None:
-        """Seed this device's generator for ``block`` (on CUDA only the current device's, not the CPU's)."""
-        self._generator().manual_seed(self.seed_of(block))
+        """Seed the generators for ``block``: the CPU's, and on CUDA the current device's too (a block on a GPU
+        may still draw on the CPU, ``torch.randperm`` say)."""
+        for generator in self._generators():
+            generator.manual_seed(self.seed_of(block))
 
     def keep_caller_state(self, module: nn.Module) -> None:
-        """``module``'s forward leaves the generator as the caller had it."""
+        """``module``'s forward leaves the generators as the caller had them."""
         module.register_forward_pre_hook(self._save)
         module.register_forward_hook(self._restore, always_call=True)
 
-    def _generator(self) -> torch.Generator:
+    def _generators(self) -> list[torch.Generator]:
         if self.device.type == "cuda":
             index = self.device.index if self.device.index is not None else torch.cuda.current_device()
-            return torch.cuda.default_generators[index]
-        return torch.default_generator
+            return [torch.default_generator, torch.cuda.default_generators[index]]
+        return [torch.default_generator]
 
     def _save(self, _module: nn.Module, _args: Any) -> None:
-        self._saved.append(self._generator().get_state())
+        self._saved.append([generator.get_state() for generator in self._generators()])
 
     def _restore(self, _module: nn.Module, _args: Any, _out: Any) -> None:
-        self._generator().set_state(self._saved.pop())
+        for generator, state in zip(self._generators(), self._saved.pop()):
+            generator.set_state(state)
