@@ -162,6 +162,7 @@ def test_microbatch_size_errors_name_the_flag(sizes: str, fragment: str) -> None
     assert "input shape" not in result.stderr
 
 
+@pytest.mark.slow
 def test_a_model_spec_naming_a_folder(tmp_path: Path) -> None:
     (tmp_path / "some_dir").mkdir()
     for target in (str(tmp_path), "some_dir", "some_dir/"):

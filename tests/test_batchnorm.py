@@ -133,6 +133,7 @@ def profiles(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
 @pytest.mark.parametrize("spec, schedule, mode", [(SPEC, "GPipe", "deferred"), (SPEC, "1F1B", "deferred"),
                                                   (SPEC, "1F1B", "micro"), (UNET, "1F1B", "deferred")],
                          ids=["chain-GPipe-deferred", "chain-1F1B-deferred", "chain-1F1B-micro", "unet-1F1B-deferred"])
+@pytest.mark.slow
 def test_pipelined_running_statistics_equal_the_unpartitioned_models(profiles: dict[str, Path], tmp_path: Path,
                                                                       spec: str, schedule: str, mode: str) -> None:
     """3 steps of 4 micro-batches on 2 real ranks: every BatchNorm's running mean, variance and

@@ -19,6 +19,7 @@ UNET = f"{ROOT / 'tests' / 'graph_models.py'}:unet"
 HF = "hf:gpt2:n_layer=2,n_embd=32,n_head=2,n_positions=64"
 
 
+@pytest.mark.slow
 def test_graph_shows_each_cut_with_its_skips() -> None:
     shown = run_cli("graph", UNET)
     assert shown.returncode == 0, shown.stderr
@@ -28,6 +29,7 @@ def test_graph_shows_each_cut_with_its_skips() -> None:
         ("down1", 2048, 0), ("down2", 1024, 2048), ("mid", 2048, 2048), ("up2", 4096, 0), ("up1", None, None)]
 
 
+@pytest.mark.slow
 def test_unet_from_a_file_profiles_partitions_and_trains(tmp_path: Path) -> None:
     profile, plan = tmp_path / "unet.json", tmp_path / "plan.json"
     made = run_cli("profile", UNET, "--threads", "1", "--repeats", "3", "-o", str(profile))
@@ -41,6 +43,7 @@ def test_unet_from_a_file_profiles_partitions_and_trains(tmp_path: Path) -> None
     load_model(UNET).module.load_state_dict(merged)  # strict: the unpartitioned model's names
 
 
+@pytest.mark.slow
 def test_hf_gpt2_offline_trains_with_its_tied_embedding_equal_on_both_stages(tmp_path: Path) -> None:
     pytest.importorskip("transformers")
     profile, plan, ckpt = tmp_path / "gpt2.json", tmp_path / "plan.json", tmp_path / "ckpt"
@@ -91,6 +94,7 @@ def test_an_hf_spec_error_is_one_line_from_the_command_line() -> None:
     assert_one_line_error(run_cli("graph", "hf:gpt2:n_layerz=2"), "GPT2Config has no field 'n_layerz'")
 
 
+@pytest.mark.slow
 def test_keyword_inputs_profile_and_train_on_synthetic_data(tmp_path: Path) -> None:
     spec = f"{ROOT / 'tests' / 'graph_models.py'}:two_in_two_out_keywords"
     profile, plan = tmp_path / "p.json", tmp_path / "plan.json"
@@ -110,6 +114,7 @@ def test_graph_of_a_chain_of_children_shows_each_output(capsys: pytest.CaptureFi
     assert not chain["captured"] and chain["blocks"][0]["main_bytes"] == 4 * 64 * 128 * 4
 
 
+@pytest.mark.slow
 def test_a_model_that_cannot_be_captured_is_one_line_from_the_command_line(tmp_path: Path) -> None:
     # torch.export prints the partial graph and warnings when it fails: none of that reaches the user
     model = tmp_path / "gate.py"

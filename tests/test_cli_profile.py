@@ -13,6 +13,7 @@ from autopart.formats.profile import Profile
 from tests.conftest import ROOT, assert_one_line_error, run_cli
 
 
+@pytest.mark.slow
 def test_profile_gpt2_small_writes_14_blocks(tmp_path: Path) -> None:
     out = tmp_path / "p.json"
     result = run_cli("profile", "gpt2-small", "--microbatch-size", "1", "--input-shape", "1,128",
@@ -25,6 +26,7 @@ def test_profile_gpt2_small_writes_14_blocks(tmp_path: Path) -> None:
     assert "head" in result.stdout and "total" in result.stdout
 
 
+@pytest.mark.slow
 def test_default_output_name_and_threads(tmp_path: Path) -> None:
     result = run_cli("profile", "mlp-hetero", "--repeats", "1", "--warmup", "0", "--threads", "1",
                      "--microbatch-size", "8", cwd=tmp_path)
@@ -33,6 +35,7 @@ def test_default_output_name_and_threads(tmp_path: Path) -> None:
     assert data["threads"] == 1 and data["microbatch_size"] == 8
 
 
+@pytest.mark.slow
 def test_user_file_model_with_input_shape(tmp_path: Path) -> None:
     (tmp_path / "net.py").write_text("import torch\ndef make():\n"
                                      "    return torch.nn.Sequential(torch.nn.Linear(6, 4), torch.nn.ReLU())\n")
@@ -62,6 +65,7 @@ def test_help_documents_every_flag() -> None:
     (["gpt2-tiny", "--device", "tpu"], ["device 'tpu'"]),
     ([], ["required: MODEL"]),
 ])
+@pytest.mark.slow
 def test_bad_input_is_one_line_and_exit_2(args: list[str], fragments: list[str]) -> None:
     assert_one_line_error(run_cli("profile", *args), *fragments)
 
@@ -80,6 +84,7 @@ def test_cuda_asked_without_cuda() -> None:
     assert_one_line_error(run_cli("profile", "gpt2-tiny", "--device", "cuda"), "CUDA is not available")
 
 
+@pytest.mark.slow
 def test_existing_output_survives_a_failed_run(tmp_path: Path) -> None:
     out = tmp_path / "p.json"
     out.write_text("precious")
@@ -87,6 +92,7 @@ def test_existing_output_survives_a_failed_run(tmp_path: Path) -> None:
     assert result.returncode == 2 and out.read_text() == "precious"
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("umask, mode", [(0o022, 0o644), (0o027, 0o640)])
 def test_profile_and_plan_get_the_mode_the_umask_gives(tmp_path: Path, umask: int, mode: int) -> None:
     env = dict(os.environ, PYTHONPATH=str(ROOT))

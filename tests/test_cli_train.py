@@ -26,6 +26,7 @@ def plan(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return out
 
 
+@pytest.mark.slow
 def test_train_checkpoint_merge_resume(plan: Path, tmp_path: Path) -> None:
     ckpt, report = tmp_path / "ckpt", tmp_path / "report.json"
     first = run_cli("train", str(plan), "--model", "gpt2-tiny", "--steps", "3", "--checkpoint", str(ckpt),
@@ -82,6 +83,7 @@ def make():
 '''
 
 
+@pytest.mark.slow
 def test_a_rank_that_dies_stops_the_job(tmp_path: Path) -> None:
     (tmp_path / "boom.py").write_text(BOOM)
     spec = f"{tmp_path / 'boom.py'}:make"
@@ -99,6 +101,7 @@ def test_a_rank_that_dies_stops_the_job(tmp_path: Path) -> None:
     assert latest_complete(ckpt) == ckpt / "step-000001"  # the last complete checkpoint survives
 
 
+@pytest.mark.slow
 def test_plan_for_another_model_is_refused(plan: Path) -> None:
     assert_one_line_error(run_cli("train", str(plan), "--model", "mlp-hetero", "--steps", "1"),
                           "do not match model 'mlp-hetero'")
@@ -108,6 +111,7 @@ def test_plan_for_another_model_is_refused(plan: Path) -> None:
                           "does not exist")
 
 
+@pytest.mark.slow
 def test_plan_for_more_ranks_than_processes(tmp_path: Path) -> None:
     out = tmp_path / "plan3.json"
     assert run_cli_here("partition", TINY, "--stages", "3", "-o", str(out)).returncode == 0
@@ -123,6 +127,7 @@ def test_plan_for_more_ranks_than_processes(tmp_path: Path) -> None:
     assert "autopart/run" not in result.stderr and "autopart/cli" not in result.stderr  # no frames of ours
 
 
+@pytest.mark.slow
 def test_images_batchnorm_warning_and_replan(tmp_path: Path) -> None:
     profile, plan, suggested = tmp_path / "p.json", tmp_path / "plan.json", tmp_path / "replan.json"
     assert run_cli("profile", "resnet-mini", "--microbatch-size", "4", "--repeats", "1", "--threads", "1",
@@ -137,6 +142,7 @@ def test_images_batchnorm_warning_and_replan(tmp_path: Path) -> None:
     assert sum(new["balance"]) == 10 and new["schema"] == "autopart.plan/1"
 
 
+@pytest.mark.slow
 def test_meta_init_and_running_inside_torchrun(plan: Path, tmp_path: Path) -> None:
     env = dict(os.environ, PYTHONPATH=str(ROOT), OMP_NUM_THREADS="1")
     result = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2",
@@ -148,6 +154,7 @@ def test_meta_init_and_running_inside_torchrun(plan: Path, tmp_path: Path) -> No
     assert len(report["losses"]) == 2 and all(loss == loss for loss in report["losses"])
 
 
+@pytest.mark.slow
 def test_threads_other_than_the_profiles_are_said_before_training(plan: Path, tmp_path: Path) -> None:
     data = json.loads(Path(TINY).read_text())
     data["threads"] = 64  # more than this machine's cores allow per rank
@@ -160,6 +167,7 @@ def test_threads_other_than_the_profiles_are_said_before_training(plan: Path, tm
     assert "measured with 64 CPU threads" in noted.stderr and "--threads" in noted.stderr
 
 
+@pytest.mark.slow
 def test_the_report_and_the_trace_are_measured_inside_the_pipeline(tmp_path: Path) -> None:
     """Blocks that sleep a known time: each stage's forward and backward, timed where the schedule ran them,
     are what the sleeps add up to; the step is the slowest rank's; the trace and SVG hold every action."""

@@ -77,6 +77,7 @@ def _wait_for(path: Path, proc: subprocess.Popen[str], timeout_s: float = 120) -
         time.sleep(0.02)
 
 
+@pytest.mark.slow
 @pytest.mark.skipif(not Path("/proc/self/environ").exists(), reason="finds the rank's process through /proc")
 def test_a_rank_killed_by_a_signal_is_restarted_and_ends_with_the_uninterrupted_weights(tmp_path: Path) -> None:
     spec = f"{HELPERS}:restart_spec"
@@ -103,6 +104,7 @@ def test_a_rank_killed_by_a_signal_is_restarted_and_ends_with_the_uninterrupted_
         torch.testing.assert_close(resumed[name], value, rtol=1e-6, atol=1e-6, msg=name)
 
 
+@pytest.mark.slow
 def test_a_rank_that_hangs_is_reported_within_the_timeout_with_what_its_peer_waited_for(tmp_path: Path) -> None:
     spec = f"{HELPERS}:hang_spec"
     plan = _plan(tmp_path, spec, "--schedule", "GPipe")
@@ -117,6 +119,7 @@ def test_a_rank_that_hangs_is_reported_within_the_timeout_with_what_its_peer_wai
            "for the gradient of micro-batch 0 from stage 1 (rank 1) (that rank hung" in lines[0], lines[0]
 
 
+@pytest.mark.slow
 def test_ctrl_c_stops_every_rank_with_one_line_and_130(tmp_path: Path) -> None:
     spec = f"{HELPERS}:restart_spec"
     plan = _plan(tmp_path, spec)
@@ -146,6 +149,7 @@ while True:
 """
 
 
+@pytest.mark.slow
 def test_a_checkpoint_half_written_by_a_killed_process_is_never_loaded(tmp_path: Path) -> None:
     """A writer killed by SIGKILL at an arbitrary moment: the latest complete step loads whole, every one of
     its files from that step, and a step whose marker was never written is ignored."""

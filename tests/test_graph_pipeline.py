@@ -54,6 +54,7 @@ def _reference(spec: str, inputs: tuple[torch.Tensor, ...], target: torch.Tensor
     ("two_in_two_out_keywords", [1, 3], "GPipe", 2, 1),
     ("unet", [1, 2, 2], "1F1B", 3, 1),  # three ranks: down1's output passes through the middle rank
 ])
+@pytest.mark.slow
 def test_pipelined_step_equals_the_unpartitioned_model(factory: str, balance: list[int], schedule: str,
                                                        microbatches: int, per_rank: int, tmp_path: Path) -> None:
     if factory.startswith("hf_"):

@@ -21,6 +21,7 @@ def _free_port() -> int:
         return int(s.getsockname()[1])
 
 
+@pytest.mark.slow
 def test_two_nodes_train_the_same_losses_as_one_launcher(tmp_path: Path) -> None:
     plan = tmp_path / "plan.json"
     made = run_cli_here("partition", TINY, "--stages", "2", "--microbatches", "2", "-o", str(plan))

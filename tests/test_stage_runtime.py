@@ -75,6 +75,7 @@ def _assert_same(got_losses: list[float], got: dict[str, torch.Tensor], losses: 
     ("dropout_mlp_spec", [3, 4], "1F1B"),
     ("skip_dropout_spec", [1, 2], "1F1B"),  # captured as a graph: the blocks' streams are entered inside it
 ])
+@pytest.mark.slow
 def test_dropout_on_both_stages_equals_one_process_with_the_same_block_streams(factory: str, balance: list[int],
                                                                                schedule: str, tmp_path: Path) -> None:
     spec = f"{HELPERS}:{factory}"

@@ -24,6 +24,7 @@ def _torchrun(*args: str, cwd: Path) -> subprocess.CompletedProcess[str]:
 
 @pytest.mark.parametrize("schedule, microbatches", [("GPipe", 2), ("1F1B", 4), ("Interleaved1F1B", 4),
                                                     ("ZBVZeroBubble", 4)])
+@pytest.mark.slow
 def test_pipelined_step_equals_single_process(schedule: str, microbatches: int, tmp_path: Path) -> None:
     plan_path = tmp_path / "plan.json"
     made = run_cli_here("partition", TINY, "--stages", "2", "--schedule", schedule, "--microbatches", str(microbatches),

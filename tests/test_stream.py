@@ -44,6 +44,7 @@ def test_a_captured_graph_on_meta_keeps_its_skips() -> None:
     assert [x.skip_bytes for x in parts.layers] == [0, 2048, 2048, 0, 0]
 
 
+@pytest.mark.slow
 def test_hf_llama_by_block_from_the_command_line(tmp_path: object) -> None:
     pytest.importorskip("transformers")
     out = f"{tmp_path}/llama.json"
@@ -58,6 +59,7 @@ def test_hf_llama_by_block_from_the_command_line(tmp_path: object) -> None:
     assert Profile.from_json(out).loss_in_last_block
 
 
+@pytest.mark.slow
 def test_a_factory_that_cannot_build_on_meta_says_so(tmp_path: object) -> None:
     path = f"{tmp_path}/net.py"
     with open(path, "w") as f:
