@@ -44,6 +44,9 @@ def _torchvision_problem() -> str | None:
     """Why torchvision cannot run here (its only wheel for this torch is a CUDA build), or None."""
     try:
         import torchvision  # noqa: F401
+    except ModuleNotFoundError:
+        return (f"torchvision is not installed: the registry's build for torch {torch.__version__.split('+')[0]} "
+                f"(torchvision 0.28.0) is a CUDA build whose operators do not load beside a CPU torch")
     except Exception as exc:  # ImportError, or the CUDA build's "operator torchvision::nms does not exist"
         return f"torchvision cannot be imported next to torch {torch.__version__}: {type(exc).__name__}: " \
                f"{str(exc).splitlines()[0] if str(exc) else ''}"
