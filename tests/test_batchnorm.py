@@ -13,7 +13,7 @@ from hypothesis import strategies as st
 from torch import nn
 
 from autopart.measure.batchnorm import DeferredBatchNorm, deferred_batchnorm, deferred_layers
-from autopart.measure.profiler import make_optimizer
+from autopart.measure.optimizers import make_optimizer
 from autopart.measure.spec import load_model
 from autopart.run.checkpoint import merge_checkpoint
 from autopart.run.data import training_data

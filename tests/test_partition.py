@@ -12,6 +12,7 @@ from hypothesis import strategies as st
 
 from autopart.core.costmodel import BlockCosts, CostModel, Problem
 from autopart.formats.devices import Device
+from autopart.formats.optimizers import OPTIMIZER_STATES
 from autopart.errors import AutopartError
 from autopart.core.partition import split_bottleneck, split_minvar, split_parameters, split_uniform
 from autopart.formats.profile import Profile
@@ -106,7 +107,7 @@ def cases(draw: st.DrawFn, sends: bool, memory: bool, speeds: bool, graph: bool 
         devices.append(Device("d", memory_bytes=limit, speed=speed))
     model = CostModel(
         schedule=draw(st.sampled_from(["gpipe", "1f1b"])), microbatches=draw(st.integers(1, 5)),
-        optimizer_states=draw(st.sampled_from([0, 1, 2])),
+        optimizer=draw(st.sampled_from(sorted(OPTIMIZER_STATES))),
         bandwidth_bytes_per_ms=draw(st.sampled_from([None, 2.0, 7.0])) if sends else None,
         latency_ms=draw(st.sampled_from([0.0, 0.25])) if sends else 0.0,
         recompute=draw(st.booleans()))
@@ -203,11 +204,11 @@ def test_known_answers() -> None:
 
 def test_memory_forces_the_split() -> None:
     # 4 equal blocks of 10 parameter bytes, plain SGD (2 x 10 bytes each): a 40-byte device holds two.
-    problem = Problem([1.0, 1.0, 1.0, 5.0], [Device("d", memory_bytes=40)] * 2, CostModel(optimizer_states=0),
+    problem = Problem([1.0, 1.0, 1.0, 5.0], [Device("d", memory_bytes=40)] * 2, CostModel(optimizer="sgd"),
                       param_bytes=[10] * 4)
     assert split_bottleneck(problem).balance == (2, 2)
     with pytest.raises(AutopartError, match="smallest limit that fits is"):
-        split_bottleneck(Problem([1.0] * 4, [Device("d", memory_bytes=30)] * 2, CostModel(optimizer_states=0),
+        split_bottleneck(Problem([1.0] * 4, [Device("d", memory_bytes=30)] * 2, CostModel(optimizer="sgd"),
                             param_bytes=[10] * 4))
 
 

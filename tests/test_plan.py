@@ -42,6 +42,23 @@ def test_plan_rejects_mismatched_balance() -> None:
         Plan.from_dict(data)
 
 
+@pytest.mark.parametrize("optimizer, states", [("adamw", 2), ("adam", 2), ("sgd-momentum", 1), ("sgd", 0)])
+def test_plan_records_its_optimizers_states_from_the_one_table(optimizer: str, states: int) -> None:
+    """A plan's optimizer_states is its optimizer's (written for readers); a file where they disagree is refused."""
+    model = CostModel(schedule="gpipe", microbatches=1, optimizer=optimizer)
+    problem = Problem([1.0, 2.0], [Device("a")] * 2, model, param_bytes=[10, 10])
+    plan = make_plan(split_bottleneck(problem), problem, model, [Device("a")] * 2)
+    data = plan.to_dict()
+    assert (data["optimizer"], data["optimizer_states"]) == (optimizer, states)
+    assert (plan.optimizer, plan.optimizer_states, model.optimizer_states) == (optimizer, states, states)
+    assert plan.stages[0].cost.memory_bytes == 10 * (2 + states)  # weights, gradients, optimizer state
+    assert Plan.from_dict(data) == plan
+    data["optimizer_states"] = states + 1
+    with pytest.raises(AutopartError, match=f"plan: optimizer_states is {states + 1}, but optimizer '{optimizer}' "
+                                            f"keeps {states}"):
+        Plan.from_dict(data)
+
+
 def test_split_spec_keys_are_modules_pipeline_finds_in_nested_sequentials() -> None:
     """Blocks of a Sequential of Sequentials are named by their paths (``1.1.0``); ``pipeline()`` finds each
     by ``getattr`` one name at a time, so the printed split_spec cuts there."""

@@ -10,9 +10,11 @@ from torch import nn
 from autopart.core.costmodel import BlockCosts, CostModel, Problem
 from autopart.errors import AutopartError
 from autopart.formats.devices import Device
+from autopart.formats.optimizers import OPTIMIZER_STATES
 from autopart.formats.profile import Profile
 from autopart.measure.models.gpt2 import GPT2, GPT2Config
 from autopart.measure.models.resnet import ResNet
+from autopart.measure.optimizers import make_optimizer
 from autopart.measure.profiler import profile_model
 from tests.helpers import SplitSleep, sleep_model
 
@@ -53,6 +55,20 @@ def test_every_optimizer_a_plan_can_name_is_timed_and_planned_with() -> None:
         problem = Problem.from_profile(prof, [Device("cpu")], CostModel(optimizer=name))
         last = dict(prof.layers[2].optimizer_ms_by_name)[name]
         assert problem.stage(0, 0, 2).optimizer_ms == pytest.approx(linear[name] + last)
+
+
+@pytest.mark.parametrize("name", list(OPTIMIZER_STATES))
+def test_each_optimizer_keeps_the_copies_of_state_the_table_prices(name: str) -> None:
+    """The table the cost model prices memory with says what torch's optimizer really keeps per parameter."""
+    layer = nn.Linear(8, 4)
+    optimizer = make_optimizer(name, layer.parameters(), lr=1e-3)
+    layer(torch.randn(2, 8)).sum().backward()
+    optimizer.step()
+    for p in layer.parameters():
+        copies = [v for v in optimizer.state[p].values() if isinstance(v, torch.Tensor) and v.shape == p.shape]
+        assert len(copies) == OPTIMIZER_STATES[name], (name, list(optimizer.state[p]))
+    with pytest.raises(AutopartError, match="'adagrad'; known: adam, adamw, sgd-momentum, sgd"):
+        make_optimizer("adagrad", layer.parameters(), lr=1e-3)
 
 
 def test_param_bytes_add_up_to_the_module() -> None:

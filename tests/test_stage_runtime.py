@@ -11,7 +11,7 @@ import torch
 
 from autopart.formats.plan import Plan
 from autopart.measure.blocks import chain_of
-from autopart.measure.profiler import make_optimizer
+from autopart.measure.optimizers import make_optimizer
 from autopart.measure.spec import load_model
 from autopart.run.checkpoint import merge_checkpoint
 from autopart.run.streams import BlockStreams

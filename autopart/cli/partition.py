@@ -58,8 +58,8 @@ def _count_arg(text: str) -> int | str:
 
 
 def add_parser(sub: Subcommands) -> None:
-    from autopart.core.costmodel import OPTIMIZER_STATES
     from autopart.core.partition import METHODS
+    from autopart.formats.optimizers import DEFAULT_OPTIMIZER, OPTIMIZER_STATES
 
     p = sub.add_parser("partition", help="choose stage boundaries (and micro-batches, schedule) from a profile",
                        description=HELP, formatter_class=argparse.RawDescriptionHelpFormatter,
@@ -87,9 +87,10 @@ def add_parser(sub: Subcommands) -> None:
                         "minvar (GPipe's objective), uniform (equal block counts), parameters (DeepSpeed's default)")
     p.add_argument("--memory-limit", metavar="SIZE",
                    help="memory per device: 16GiB, 40GB or bytes (default: unlimited, or from --devices)")
-    p.add_argument("--optimizer", default="adamw", choices=list(OPTIMIZER_STATES),
+    p.add_argument("--optimizer", default=DEFAULT_OPTIMIZER, choices=list(OPTIMIZER_STATES),
                    help="the optimizer training will use: its state per parameter (adam/adamw 2 copies, "
-                        "sgd-momentum 1, sgd 0) and its step time; autopart train runs it (default: adamw)")
+                        "sgd-momentum 1, sgd 0) and its step time; autopart train runs it "
+                        f"(default: {DEFAULT_OPTIMIZER})")
     p.add_argument("--devices", metavar="SPEC",
                    help="per-rank devices in order: 2xA100-40GB,2xH100-80GB@2.0 (COUNTxNAME-or-MEMORY[@SPEED], "
                         "speed relative to the profiled device) or a .json/.toml file")
@@ -119,7 +120,7 @@ def _bottleneck_note(method: str) -> str:
 
 def make_plan_from_args(args: argparse.Namespace) -> Plan:
     """Profile, devices and the search or single configuration the flags ask for."""
-    from autopart.core.costmodel import OPTIMIZER_STATES, CostModel
+    from autopart.core.costmodel import CostModel
     from autopart.core.search import all_schedules, plan_search, score_balance
     from autopart.formats.devices import Device, parse_devices
     from autopart.formats.profile import Profile
@@ -158,8 +159,7 @@ def make_plan_from_args(args: argparse.Namespace) -> Plan:
         schedules = all_schedules(args.stages_per_rank)
     else:
         schedules = [(args.schedule, stages_per_rank(args.schedule, args.stages_per_rank))]
-    model = CostModel(microbatches=microbatches, optimizer_states=OPTIMIZER_STATES[args.optimizer],
-                      optimizer=args.optimizer,
+    model = CostModel(microbatches=microbatches, optimizer=args.optimizer,
                       bandwidth_bytes_per_ms=parse_bandwidth(args.bandwidth) / 1e3 if args.bandwidth else None,
                       latency_ms=parse_duration_ms(args.latency) if args.latency else 0.0,
                       recompute=not args.no_recompute,

@@ -38,18 +38,16 @@ from autopart.core.schedules import peak_in_flight
 from autopart.core.simulate import INPUT_GRAD_SHARE, StageTimes
 from autopart.errors import AutopartError
 from autopart.formats.devices import Device
+from autopart.formats.optimizers import DEFAULT_OPTIMIZER, OPTIMIZER_STATES, check_optimizer
 from autopart.formats.profile import Profile
 from autopart.formats.schedule_kinds import canonical_schedule, check_microbatches
 from autopart.formats.stage import StageCost
 from autopart.formats.units import plural
 
-__all__ = ["CostModel", "BlockCosts", "Problem", "OPTIMIZER_STATES"]
+__all__ = ["CostModel", "BlockCosts", "Problem"]
 
 Ints = npt.NDArray[np.int64]
 Floats = npt.NDArray[np.float64]
-
-OPTIMIZER_STATES = {"adam": 2, "adamw": 2, "sgd-momentum": 1, "sgd": 0}
-
 
 @dataclass(frozen=True)
 class CostModel:
@@ -59,10 +57,9 @@ class CostModel:
     """A torch.distributed.pipelining schedule name (GPipe, 1F1B, Interleaved1F1B,
     ZBVZeroBubble; any case): how many micro-batches a stage holds activations for."""
     microbatches: int = 1
-    optimizer_states: int = 2
-    """Copies of the parameters the optimizer keeps: 2 for Adam, 1 SGD+momentum, 0 SGD."""
-    optimizer: str = "adamw"
-    """Whose step time each rank pays after its last backward (a key of :data:`OPTIMIZER_STATES`)."""
+    optimizer: str = DEFAULT_OPTIMIZER
+    """Whose step time each rank pays after its last backward, and whose state each parameter carries
+    (a key of :data:`~autopart.formats.optimizers.OPTIMIZER_STATES`)."""
     bandwidth_bytes_per_ms: float | None = None
     """Link bandwidth between neighbouring stages; None with latency 0 means free sends."""
     latency_ms: float = 0.0
@@ -76,16 +73,18 @@ class CostModel:
     def __post_init__(self) -> None:
         object.__setattr__(self, "schedule", canonical_schedule(self.schedule))
         check_microbatches(self.microbatches)
-        if self.optimizer not in OPTIMIZER_STATES:
-            raise AutopartError(f"unknown optimizer {self.optimizer!r}; known: {', '.join(OPTIMIZER_STATES)}")
-        if self.optimizer_states < 0:
-            raise AutopartError(f"optimizer states must be >= 0, got {self.optimizer_states}")
+        check_optimizer(self.optimizer)
         if self.bandwidth_bytes_per_ms is not None and not self.bandwidth_bytes_per_ms > 0:
             raise AutopartError(f"bandwidth must be > 0, got {self.bandwidth_bytes_per_ms}")
         if not self.latency_ms >= 0:
             raise AutopartError(f"latency must be >= 0, got {self.latency_ms}")
         if not 0 <= self.overhead_ms < 1e9:
             raise AutopartError(f"overhead must be >= 0 ms (and finite), got {self.overhead_ms}")
+
+    @property
+    def optimizer_states(self) -> int:
+        """Copies of the parameters the optimizer keeps: 2 for Adam, 1 SGD+momentum, 0 SGD (from the table)."""
+        return OPTIMIZER_STATES[self.optimizer]
 
     @property
     def sends(self) -> bool:
@@ -167,7 +166,7 @@ class BlockCosts:
                           else None)
 
     @staticmethod
-    def from_profile(profile: Profile, optimizer: str = "adamw") -> "BlockCosts":
+    def from_profile(profile: Profile, optimizer: str = DEFAULT_OPTIMIZER) -> "BlockCosts":
         """The profile's blocks, paying ``optimizer``'s step (AdamW's where the profile did not time it)."""
         layers = profile.layers
         return BlockCosts.of([x.forward_ms + x.backward_ms for x in layers], forward_ms=[x.forward_ms for x in layers],
@@ -289,7 +288,7 @@ class Problem:
     def relaxed(self) -> "Problem":
         """The same blocks and devices without sends and memory limits: its optimum bounds ours from below."""
         model = CostModel(schedule=self.model.schedule, microbatches=self.model.microbatches,
-                          optimizer_states=self.model.optimizer_states, optimizer=self.model.optimizer,
+                          optimizer=self.model.optimizer,
                           recompute=self.model.recompute,
                           stages_per_rank=self.model.stages_per_rank, overhead_ms=self.model.overhead_ms)
         devices = [dataclasses.replace(d, memory_bytes=None) for d in self.devices]

@@ -41,7 +41,7 @@ def make_plan(split: Split, problem: Problem, model: CostModel, devices: Sequenc
     bw = model.bandwidth_bytes_per_ms * 1e3 if model.bandwidth_bytes_per_ms else None
     return Plan(profile=profile_path, model=model_name, method=split.method, schedule=model.schedule,
                 microbatches=model.microbatches, balance=split.balance, stages=tuple(stages),
-                predicted=predicted, optimizer_states=model.optimizer_states, optimizer=model.optimizer,
+                predicted=predicted, optimizer=model.optimizer,
                 bandwidth_bytes_per_s=bw,
                 latency_ms=model.latency_ms, fits=split.fits, stages_per_rank=model.stages_per_rank,
                 microbatch_size=microbatch_size, scaling=scaling, runners_up=tuple(runners_up),
@@ -70,8 +70,7 @@ def cost_model_of(plan: Plan, recompute: bool = True) -> CostModel:
     """The cost model a plan was made under (its schedule, micro-batches, optimizer state, sends and the
     runtime's overhead per action)."""
     bandwidth = plan.bandwidth_bytes_per_s / 1e3 if plan.bandwidth_bytes_per_s else None
-    return CostModel(schedule=plan.schedule, microbatches=plan.microbatches, optimizer_states=plan.optimizer_states,
-                     optimizer=plan.optimizer,
+    return CostModel(schedule=plan.schedule, microbatches=plan.microbatches, optimizer=plan.optimizer,
                      bandwidth_bytes_per_ms=bandwidth, latency_ms=plan.latency_ms,
                      stages_per_rank=plan.stages_per_rank, recompute=recompute,
                      overhead_ms=plan.stages[0].cost.overhead_ms if plan.stages else 0.0)

@@ -1,7 +1,7 @@
 """Joint search: micro-batch count, schedule (and virtual stages) and boundaries together.
 
     plan = plan_partition(profile, 4)                       # 4 unlimited devices, 1F1B, 4 micro-batches
-    plan = plan_search(profile, rank_devices, CostModel(optimizer_states=2), global_batch=64,
+    plan = plan_search(profile, rank_devices, CostModel(optimizer="adamw"), global_batch=64,
                        search_microbatches=True, schedules=all_schedules())
 
 For every schedule and every micro-batch count M that divides the global

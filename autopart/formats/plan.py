@@ -14,6 +14,7 @@ from autopart.errors import AutopartError
 from autopart.formats.atomic import write_json_atomic
 from autopart.formats.devices import Device
 from autopart.formats.jsonfields import Fields, check_plausible, load_json_file
+from autopart.formats.optimizers import DEFAULT_OPTIMIZER, OPTIMIZER_STATES, check_optimizer
 from autopart.formats.profile import BATCHNORM_MODES
 from autopart.formats.schedule_kinds import canonical_schedule, stage_ranks
 from autopart.formats.stage import StageCost
@@ -83,14 +84,16 @@ class Predicted:
     source: str = "simulated"
 
 
-_OPTIMIZERS = ("adam", "adamw", "sgd-momentum", "sgd")
-
-
 def _optimizer_name(f: Fields) -> str:
-    name = f.string("optimizer", required=False, default="adamw")
-    if name not in _OPTIMIZERS:
-        raise AutopartError(f"{f.at('optimizer')} is {name!r}; known: {', '.join(_OPTIMIZERS)}")
-    return str(name)
+    """The plan's optimizer (the default when the file names none); its ``optimizer_states``, which the file
+    also records, must be the table's for it."""
+    name = check_optimizer(f.string("optimizer", required=False, default=DEFAULT_OPTIMIZER), f.at("optimizer"))
+    states = f.integer("optimizer_states", required=False)
+    if states is not None and states != OPTIMIZER_STATES[name]:
+        raise AutopartError(f"{f.at('optimizer_states')} is {states}, but optimizer {name!r} keeps "
+                            f"{OPTIMIZER_STATES[name]} (known: "
+                            f"{', '.join(f'{k} {v}' for k, v in OPTIMIZER_STATES.items())})")
+    return name
 
 
 @dataclass(frozen=True)
@@ -103,9 +106,8 @@ class Plan:
     balance: tuple[int, ...]
     stages: tuple[PlanStage, ...]
     predicted: Predicted
-    optimizer_states: int = 2
-    optimizer: str = "adamw"
-    """The optimizer whose step the prediction pays and ``autopart train`` runs."""
+    optimizer: str = DEFAULT_OPTIMIZER
+    """The optimizer whose step and state the prediction pays and ``autopart train`` runs."""
     bandwidth_bytes_per_s: float | None = None
     latency_ms: float = 0.0
     fits: bool = True
@@ -123,6 +125,14 @@ class Plan:
     batchnorm: str | None = None
     """The profile's BatchNorm mode ("deferred" or "micro"; None: no BatchNorm): ``train``'s default."""
     schema: str = field(default=PLAN_SCHEMA)
+
+    def __post_init__(self) -> None:
+        check_optimizer(self.optimizer)
+
+    @property
+    def optimizer_states(self) -> int:
+        """Copies of the parameters the optimizer keeps (the table's; the file records it for readers)."""
+        return OPTIMIZER_STATES[self.optimizer]
 
     @property
     def num_stages(self) -> int:
@@ -228,7 +238,6 @@ class Plan:
                     model=f.string("model", required=False, default=""), method=f.string("method"),
                     schedule=canonical_schedule(f.string("schedule")), microbatches=f.integer("microbatches", minimum=1),
                     balance=balance, stages=tuple(stages), predicted=predicted,
-                    optimizer_states=f.integer("optimizer_states", required=False, default=2),
                     optimizer=_optimizer_name(f),
                     bandwidth_bytes_per_s=bandwidth, latency_ms=f.number("latency_ms", False, 0.0),
                     fits=bool(f.obj.get("fits", True)), stages_per_rank=stages_per_rank,

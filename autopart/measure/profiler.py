@@ -20,37 +20,28 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
-import statistics
-import time
-from pathlib import Path
 from typing import Any, Callable, Iterator, Mapping, Sequence
 
 import torch
 from torch import nn
 
 from autopart.errors import AutopartError
-from autopart.formats.profile import BATCHNORM_MODES, LayerProfile, Profile, Tie
+from autopart.formats.profile import BATCHNORM_MODES, LayerProfile, Profile
 from autopart.measure.batchnorm import batchnorm_layers, deferred_batchnorm
-from autopart.measure.blocks import NamedBlock, call_block, cannot_run, chain_of, stage_inputs, tensors_of
+from autopart.measure.blocks import NamedBlock, call_block, cannot_run, chain_of
+from autopart.measure.timing import (
+    Clock,
+    ProgressFn,
+    block_param_bytes,
+    detach,
+    make_profile,
+    nbytes,
+    optimizer_times,
+    storage_key,
+    time_block,
+)
 
-__all__ = ["profile_model", "ProgressFn", "make_optimizer", "OPTIMIZERS"]
-
-ProgressFn = Callable[[str, int, int], None]
-"""Called as ``progress(block_name, blocks_done, blocks_total)``."""
-
-
-def _nbytes(value: Any) -> int:
-    return sum(t.numel() * t.element_size() for t in tensors_of(value))
-
-
-def _storage_key(t: torch.Tensor) -> tuple[int, int] | None:
-    try:
-        storage = t.untyped_storage()
-    except (RuntimeError, NotImplementedError):
-        return None
-    if storage.nbytes() == 0:
-        return None
-    return storage.data_ptr(), storage.nbytes()
+__all__ = ["profile_model", "ProgressFn"]
 
 
 @contextlib.contextmanager
@@ -77,44 +68,16 @@ def _preserved(module: nn.Module, device: torch.device) -> Iterator[None]:
                     b.copy_(saved)
 
 
-def _param_bytes(blocks: Sequence[NamedBlock], qualified: bool = False) -> tuple[list[int], list[int], list[Tie]]:
-    """Parameter and buffer bytes per block; a shared tensor counts in its first block.
-
-    ``qualified``: the blocks' own parameter names are already the model's (graph blocks).
-    """
-    first_owner: dict[int, str] = {}
-    names: dict[int, list[str]] = {}
-    users: dict[int, list[str]] = {}
-    sizes: dict[int, int] = {}
-    params, buffers = [], []
-    for block_name, block in blocks:
-        total = 0
-        for pname, p in block.named_parameters(remove_duplicate=False):
-            key = id(p)
-            names.setdefault(key, []).append(pname if qualified else f"{block_name}.{pname}")
-            if block_name not in users.setdefault(key, []):
-                users[key].append(block_name)
-            if key not in first_owner:
-                first_owner[key] = block_name
-                sizes[key] = p.numel() * p.element_size()
-                total += sizes[key]
-        params.append(total)
-        buffers.append(sum(b.numel() * b.element_size() for b in block.buffers()))
-    ties = [Tie(params=tuple(names[k]), owner=first_owner[k], blocks=tuple(users[k]), bytes=sizes[k])
-            for k in names if len(names[k]) > 1]
-    return params, buffers, ties
-
-
 def _activation_pass(module: nn.Module, blocks: Sequence[NamedBlock], example: tuple[torch.Tensor, ...],
                      loss: Callable[[Any], torch.Tensor] | None = None) -> tuple[list[int], list[Any]]:
     """One connected forward: saved bytes per block, and each block's input (detached)."""
-    excluded = {k for t in list(module.parameters()) + list(module.buffers()) if (k := _storage_key(t))}
+    excluded = {k for t in list(module.parameters()) + list(module.buffers()) if (k := storage_key(t))}
     seen: set[tuple[int, int]] = set()
     saved = [0] * len(blocks)
     current = 0
 
     def pack(t: torch.Tensor) -> torch.Tensor:
-        key = _storage_key(t)
+        key = storage_key(t)
         if key is not None and key not in excluded and key not in seen:
             seen.add(key)
             saved[current] += key[1]
@@ -124,157 +87,13 @@ def _activation_pass(module: nn.Module, blocks: Sequence[NamedBlock], example: t
     out: Any = example if len(example) > 1 else example[0]
     with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
         for current, (_, block) in enumerate(blocks):
-            inputs.append(_detach(out))
+            inputs.append(detach(out))
             out = call_block(block, out)
-        final = _detach(out)
+        final = detach(out)
         if loss is not None:
             loss(out)  # what the loss saves for backward is the last stage's too
     inputs.append(final)
     return saved, inputs
-
-
-def _detach(value: Any) -> Any:
-    if isinstance(value, torch.Tensor):
-        return value.detach()
-    if isinstance(value, tuple):
-        return tuple(_detach(v) for v in value)
-    return value
-
-
-def _with_grad(value: Any) -> Any:
-    """A fresh leaf copy of a block's input (a block that changes its input in place gets the same values in
-    every pass); floating tensors require grad (a stage sends it back)."""
-    if isinstance(value, torch.Tensor):
-        leaf = value.detach().clone()
-        return leaf.requires_grad_(True) if leaf.is_floating_point() else leaf
-    if isinstance(value, tuple):
-        return tuple(_with_grad(v) for v in value)
-    return value
-
-
-class _Clock:
-    """Wall time on CPU; CUDA events (after synchronising) on GPU."""
-
-    def __init__(self, device: torch.device) -> None:
-        self.cuda = device.type == "cuda"
-
-    def time(self, fn: Callable[[], Any]) -> tuple[Any, float]:
-        if self.cuda:
-            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-            torch.cuda.synchronize()
-            start.record()
-            result = fn()
-            end.record()
-            torch.cuda.synchronize()
-            return result, float(start.elapsed_time(end))
-        t0 = time.perf_counter()
-        result = fn()
-        return result, (time.perf_counter() - t0) * 1e3
-
-
-def _iqr(values: Sequence[float]) -> float:
-    if len(values) < 2:
-        return 0.0
-    q = statistics.quantiles(values, n=4, method="inclusive")
-    return q[2] - q[0]
-
-
-def _time_block(block: nn.Module, block_input: Any, clock: _Clock, warmup: int, repeats: int,
-                device: torch.device, loss: Callable[[Any], torch.Tensor] | None = None
-                ) -> tuple[float, float, float, float, int | None, float]:
-    """Median forward and backward ms (and their IQRs), the CUDA peak above the start, and the median ms of
-    the backward for the input's gradient alone (0 when no input needs one).
-
-    With ``loss``, the forward includes computing the loss from the block's
-    output and the backward starts from it (the last stage does both). The
-    input-gradient half is ``torch.autograd.grad`` on the inputs alone, as
-    torch.distributed.pipelining's ``stage_backward_input`` runs it; the
-    graph is kept for the full backward timed after it.
-    """
-    def run(x: Any) -> Any:
-        out = call_block(block, stage_inputs(x))  # as a stage gets what it received
-        return loss(out) if loss is not None else out
-
-    x = _with_grad(block_input)
-    probe = run(x)
-    outs = [t for t in tensors_of(probe) if t.requires_grad]
-    grads = [torch.ones_like(t) if loss is not None else torch.randn_like(t) * 1e-3 for t in outs]
-    del probe, outs
-    fwd, bwd, igrad = [], [], []
-    peak: int | None = None
-    for i in range(warmup + repeats):
-        x = _with_grad(block_input)
-        needs = [t for t in tensors_of(x) if t.requires_grad]
-        if device.type == "cuda" and i == warmup:
-            torch.cuda.synchronize()
-            base = torch.cuda.memory_allocated(device)
-            torch.cuda.reset_peak_memory_stats(device)
-        out, f_ms = clock.time(lambda: run(x))
-        outs = [t for t in tensors_of(out) if t.requires_grad]
-        b_ms = i_ms = 0.0
-        if outs and needs:
-            _, i_ms = clock.time(lambda: torch.autograd.grad(outs, needs, grads, retain_graph=True,
-                                                             allow_unused=True))
-        if outs:
-            _, b_ms = clock.time(lambda: torch.autograd.backward(outs, grads))
-        if device.type == "cuda" and i == warmup:
-            peak = max(0, torch.cuda.max_memory_allocated(device) - base)
-        del out, outs
-        if i >= warmup:
-            fwd.append(f_ms)
-            bwd.append(b_ms)
-            igrad.append(min(i_ms, b_ms))
-    return statistics.median(fwd), statistics.median(bwd), _iqr(fwd), _iqr(bwd), peak, statistics.median(igrad)
-
-
-def make_optimizer(name: str, params: Sequence[torch.Tensor], lr: float) -> torch.optim.Optimizer:
-    """The optimizer a plan names (``adam``, ``adamw``, ``sgd-momentum`` with momentum 0.9, ``sgd``), over
-    ``params`` as one group; no parameters (a stage of activations only) give one with nothing to update."""
-    groups: list[dict[str, Any]] = [{"params": list(params)}]  # torch refuses a bare empty list, not an empty group
-    if name == "adam":
-        return torch.optim.Adam(groups, lr=lr)
-    if name == "adamw":
-        return torch.optim.AdamW(groups, lr=lr)
-    if name in ("sgd", "sgd-momentum"):
-        return torch.optim.SGD(groups, lr=lr, momentum=0.9 if name == "sgd-momentum" else 0.0)
-    raise AutopartError(f"unknown optimizer {name!r}; known: adam, adamw, sgd-momentum, sgd")
-
-
-OPTIMIZERS = ("adamw", "adam", "sgd-momentum", "sgd")
-
-
-def _optimizer_ms(block: nn.Module, clock: _Clock, repeats: int = 3) -> tuple[float, tuple[tuple[str, float], ...]]:
-    """Median time of a step plus zeroing the gradients, on copies of ``block``'s parameters: AdamW's, and
-    every optimizer's by name."""
-    params = [p for p in block.parameters() if p.requires_grad]
-    if not params:
-        return 0.0, tuple((name, 0.0) for name in OPTIMIZERS)
-    copies = [p.detach().clone().requires_grad_(True) for p in params]
-    for c in copies:
-        c.grad = torch.zeros_like(c)
-    by_name = []
-    for name in OPTIMIZERS:
-        optimizer = make_optimizer(name, copies, lr=1e-3)
-
-        def step() -> None:
-            optimizer.step()
-            optimizer.zero_grad(set_to_none=False)
-
-        step()  # creates the optimizer state
-        by_name.append((name, statistics.median([clock.time(step)[1] for _ in range(repeats)])))
-    return by_name[0][1], tuple(by_name)
-
-
-def _device_name(device: torch.device) -> str:
-    if device.type == "cuda":
-        return torch.cuda.get_device_name(device)
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return f"cpu ({line.split(':', 1)[1].strip()})"
-    except OSError:
-        pass
-    return "cpu"
 
 
 def _module_device_dtype(module: nn.Module, example: Sequence[torch.Tensor]) -> tuple[torch.device, torch.dtype]:
@@ -329,9 +148,9 @@ def profile_model(module: nn.Module, example: torch.Tensor | Sequence[torch.Tens
     blocks = chain.blocks
     if loss_fn is not None:
         loss_fn = chain.model_loss(loss_fn)
-    param_bytes, buffer_bytes, ties = _param_bytes(blocks, qualified=chain.graph is not None)
+    param_bytes, buffer_bytes, ties = block_param_bytes(blocks, qualified=chain.graph is not None)
     crossing = chain.crossing_bytes() or []
-    clock = _Clock(device)
+    clock = Clock(device)
     layers = []
     with _preserved(module, device), deferred_batchnorm(module, mode or "micro"):
         if mode == "deferred":  # the blocks again, with the swapped layers
@@ -345,10 +164,10 @@ def profile_model(module: nn.Module, example: torch.Tensor | Sequence[torch.Tens
             raise cannot_run(name, example_t, exc) from None
         for i, (block_name, block) in enumerate(blocks):
             last = i == len(blocks) - 1
-            f_ms, b_ms, f_iqr, b_iqr, peak, i_ms = _time_block(block, inputs[i], clock, warmup, repeats, device,
+            f_ms, b_ms, f_iqr, b_iqr, peak, i_ms = time_block(block, inputs[i], clock, warmup, repeats, device,
                                                                loss if last else None)
-            main, skip = crossing[i] if i < len(crossing) else (_nbytes(inputs[i + 1]), 0)
-            optimizer_ms, by_name = _optimizer_ms(block, clock)
+            main, skip = crossing[i] if i < len(crossing) else (nbytes(inputs[i + 1]), 0)
+            optimizer_ms, by_name = optimizer_times(block, clock)
             layers.append(LayerProfile(
                 name=block_name, forward_ms=f_ms, backward_ms=b_ms, optimizer_ms=optimizer_ms,
                 optimizer_ms_by_name=by_name,
@@ -358,19 +177,8 @@ def profile_model(module: nn.Module, example: torch.Tensor | Sequence[torch.Tens
             ))
             if progress is not None:
                 progress(block_name, i + 1, len(blocks))
-    profile = _profile(name, device, dtype, example_t, layers, ties, repeats, warmup,
+    profile = make_profile(name, device, dtype, example_t, layers, ties, repeats, warmup,
                        loss_fn is not None and target is not None)
     return dataclasses.replace(profile, batchnorm=mode)
 
 
-def _profile(name: str, device: torch.device, dtype: torch.dtype, example: tuple[torch.Tensor, ...],
-             layers: Sequence[LayerProfile], ties: Sequence[Tie], repeats: int, warmup: int, loss: bool) -> Profile:
-    """The profile of measured ``layers``, with what it was measured on and how."""
-    first = example[0]
-    return Profile(
-        model=name, device=_device_name(device), dtype=str(dtype).removeprefix("torch."),
-        microbatch_size=int(first.shape[0]) if first.dim() else 1, sample_shape=tuple(int(d) for d in first.shape),
-        torch=torch.__version__.split("+")[0], layers=tuple(layers), ties=tuple(ties),
-        threads=torch.get_num_threads() if device.type == "cpu" else None, repeats=repeats, warmup=warmup,
-        input_bytes=_nbytes(example), loss_in_last_block=loss,
-    )

@@ -28,16 +28,16 @@ from torch import fx, nn
 from autopart.errors import AutopartError
 from autopart.formats.profile import LayerProfile, Profile
 from autopart.measure.blocks import Chain, call_block, chain_of, tensors_of
-from autopart.measure.profiler import (
+from autopart.measure.timing import (
+    Clock,
     ProgressFn,
-    _Clock,
-    _detach,
-    _nbytes,
-    _optimizer_ms,
-    _param_bytes,
-    _profile,
-    _storage_key,
-    _time_block,
+    block_param_bytes,
+    detach,
+    make_profile,
+    nbytes,
+    optimizer_times,
+    storage_key,
+    time_block,
 )
 
 if TYPE_CHECKING:
@@ -126,13 +126,13 @@ def profile_by_block(module: nn.Module, example: Sequence[torch.Tensor], *, name
     blocks = chain.blocks
     for _, block in blocks:
         _retarget(block, device)
-    param_bytes, buffer_bytes, ties = _param_bytes(blocks, qualified=chain.graph is not None)
+    param_bytes, buffer_bytes, ties = block_param_bytes(blocks, qualified=chain.graph is not None)
     crossing = chain.crossing_bytes() or []
     loss = None
     if loss_fn is not None and target is not None:
         wrapped = chain.model_loss(loss_fn)
         loss = lambda out: wrapped(out, target)  # noqa: E731
-    clock = _Clock(device)
+    clock = Clock(device)
     measured: dict[str, tuple[str, LayerProfile, Any]] = {}
     layers: list[LayerProfile] = []
     carried: set[tuple[int, int]] = set()  # storages the block before saved that its output still holds
@@ -148,16 +148,16 @@ def profile_by_block(module: nn.Module, example: Sequence[torch.Tensor], *, name
             layer, value, carried = _measure(block, block_name, value, device, dtype, clock, warmup, repeats,
                                              carried, loss if last else None)
             layers.append(layer)
-            measured.setdefault(sig, (block_name, layer, _detach(value)))
-        main, skip = crossing[i] if i < len(crossing) else (_nbytes(value), 0)
+            measured.setdefault(sig, (block_name, layer, detach(value)))
+        main, skip = crossing[i] if i < len(crossing) else (nbytes(value), 0)
         layers[-1] = dataclasses.replace(layers[-1], param_bytes=param_bytes[i], buffer_bytes=buffer_bytes[i],
                                          output_bytes=main, skip_bytes=skip)
         if progress is not None:
             progress(block_name, i + 1, len(blocks))
-    return _profile(name, device, dtype, example_t, layers, ties, repeats, warmup, loss is not None)
+    return make_profile(name, device, dtype, example_t, layers, ties, repeats, warmup, loss is not None)
 
 
-def _measure(block: nn.Module, name: str, value: Any, device: torch.device, dtype: torch.dtype, clock: _Clock,
+def _measure(block: nn.Module, name: str, value: Any, device: torch.device, dtype: torch.dtype, clock: Clock,
              warmup: int, repeats: int, carried: set[tuple[int, int]],
              loss: Callable[[Any], torch.Tensor] | None) -> tuple[LayerProfile, Any, set[tuple[int, int]]]:
     """One block, with real weights for as long as it is measured: its profile, its (detached) output, and
@@ -165,12 +165,12 @@ def _measure(block: nn.Module, name: str, value: Any, device: torch.device, dtyp
     _materialise(block, device, dtype)
     try:
         block.train()
-        excluded = {k for t in list(block.parameters()) + list(block.buffers()) if (k := _storage_key(t))}
+        excluded = {k for t in list(block.parameters()) + list(block.buffers()) if (k := storage_key(t))}
         seen = set(carried)
         mine: set[tuple[int, int]] = set()
 
         def pack(t: torch.Tensor) -> torch.Tensor:
-            key = _storage_key(t)
+            key = storage_key(t)
             if key is not None and key not in excluded and key not in seen:
                 seen.add(key)
                 mine.add(key)
@@ -184,10 +184,10 @@ def _measure(block: nn.Module, name: str, value: Any, device: torch.device, dtyp
         except Exception as exc:
             raise AutopartError(f"block {name!r} cannot run: {type(exc).__name__}: "
                                 f"{str(exc).splitlines()[0] if str(exc) else ''}") from None
-        out = _detach(out)
-        held = {k for t in tensors_of(out) if (k := _storage_key(t))} & mine
-        f_ms, b_ms, f_iqr, b_iqr, peak, i_ms = _time_block(block, value, clock, warmup, repeats, device, loss)
-        optimizer_ms, by_name = _optimizer_ms(block, clock)
+        out = detach(out)
+        held = {k for t in tensors_of(out) if (k := storage_key(t))} & mine
+        f_ms, b_ms, f_iqr, b_iqr, peak, i_ms = time_block(block, value, clock, warmup, repeats, device, loss)
+        optimizer_ms, by_name = optimizer_times(block, clock)
         layer = LayerProfile(name=name, forward_ms=f_ms, backward_ms=b_ms, input_grad_ms=i_ms, param_bytes=0,
                              activation_bytes=sum(size for _, size in mine),
                              output_bytes=0, forward_iqr_ms=f_iqr, backward_iqr_ms=b_iqr, cuda_peak_bytes=peak,

@@ -20,7 +20,7 @@ from autopart.errors import AutopartError
 from autopart.formats.plan import Plan
 from autopart.measure.batchnorm import batchnorm_layers, defer_batchnorm
 from autopart.measure.blocks import Chain, StageModule, chain_of
-from autopart.measure.profiler import make_optimizer
+from autopart.measure.optimizers import make_optimizer
 from autopart.measure.spec import ModelBundle, load_model, require_parameters, shape_example
 from autopart.measure.stream import load_with_weights
 from autopart.run.checkpoint import latest_complete, load_stages, mark_complete

@@ -1,0 +1,217 @@
+"""Measuring one block: its times (forward, backward, the input's gradient, the optimizer's step), its bytes,
+and the profile record the measurements make.
+
+    clock = Clock(device)
+    fwd_ms, bwd_ms, fwd_iqr_ms, bwd_iqr_ms, cuda_peak, input_grad_ms = time_block(block, x, clock, 2, 7, device)
+    optimizer_ms, optimizer_ms_by_name = optimizer_times(block, clock)
+
+Shared by the whole-model profiler (:mod:`autopart.measure.profiler`) and the
+one-block-at-a-time profiler (:mod:`autopart.measure.stream`), so both measure a block the same way.
+"""
+from __future__ import annotations
+
+import statistics
+import time
+from pathlib import Path
+from typing import Any, Callable, Sequence
+
+import torch
+from torch import nn
+
+from autopart.formats.optimizers import OPTIMIZER_STATES
+from autopart.formats.profile import LayerProfile, Profile, Tie
+from autopart.measure.blocks import NamedBlock, call_block, stage_inputs, tensors_of
+from autopart.measure.optimizers import make_optimizer
+
+__all__ = ["ProgressFn", "Clock", "time_block", "optimizer_times", "nbytes", "storage_key", "block_param_bytes",
+           "detach", "make_profile"]
+
+ProgressFn = Callable[[str, int, int], None]
+"""Called as ``progress(block_name, blocks_done, blocks_total)``."""
+
+
+def storage_key(t: torch.Tensor) -> tuple[int, int] | None:
+    """(data pointer, bytes) of the storage under ``t``; None for one without (sparse, empty)."""
+    try:
+        storage = t.untyped_storage()
+    except (RuntimeError, NotImplementedError):
+        return None
+    if storage.nbytes() == 0:
+        return None
+    return storage.data_ptr(), storage.nbytes()
+
+
+def nbytes(value: Any) -> int:
+    """Bytes of every tensor in ``value`` (a tensor, or nested tuples, lists and dicts of them)."""
+    return sum(t.numel() * t.element_size() for t in tensors_of(value))
+
+
+def block_param_bytes(blocks: Sequence[NamedBlock], qualified: bool = False) -> tuple[list[int], list[int], list[Tie]]:
+    """Parameter and buffer bytes per block; a shared tensor counts in its first block.
+
+    ``qualified``: the blocks' own parameter names are already the model's (graph blocks).
+    """
+    first_owner: dict[int, str] = {}
+    names: dict[int, list[str]] = {}
+    users: dict[int, list[str]] = {}
+    sizes: dict[int, int] = {}
+    params, buffers = [], []
+    for block_name, block in blocks:
+        total = 0
+        for pname, p in block.named_parameters(remove_duplicate=False):
+            key = id(p)
+            names.setdefault(key, []).append(pname if qualified else f"{block_name}.{pname}")
+            if block_name not in users.setdefault(key, []):
+                users[key].append(block_name)
+            if key not in first_owner:
+                first_owner[key] = block_name
+                sizes[key] = p.numel() * p.element_size()
+                total += sizes[key]
+        params.append(total)
+        buffers.append(sum(b.numel() * b.element_size() for b in block.buffers()))
+    ties = [Tie(params=tuple(names[k]), owner=first_owner[k], blocks=tuple(users[k]), bytes=sizes[k])
+            for k in names if len(names[k]) > 1]
+    return params, buffers, ties
+
+
+def detach(value: Any) -> Any:
+    """``value`` with its tensors (alone or in tuples) detached from autograd."""
+    if isinstance(value, torch.Tensor):
+        return value.detach()
+    if isinstance(value, tuple):
+        return tuple(detach(v) for v in value)
+    return value
+
+
+def _with_grad(value: Any) -> Any:
+    """A fresh leaf copy of a block's input (a block that changes its input in place gets the same values in
+    every pass); floating tensors require grad (a stage sends it back)."""
+    if isinstance(value, torch.Tensor):
+        leaf = value.detach().clone()
+        return leaf.requires_grad_(True) if leaf.is_floating_point() else leaf
+    if isinstance(value, tuple):
+        return tuple(_with_grad(v) for v in value)
+    return value
+
+
+class Clock:
+    """Wall time on CPU; CUDA events (after synchronising) on GPU."""
+
+    def __init__(self, device: torch.device) -> None:
+        self.cuda = device.type == "cuda"
+
+    def time(self, fn: Callable[[], Any]) -> tuple[Any, float]:
+        """``fn()``'s result and the milliseconds it took."""
+        if self.cuda:
+            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            torch.cuda.synchronize()
+            start.record()
+            result = fn()
+            end.record()
+            torch.cuda.synchronize()
+            return result, float(start.elapsed_time(end))
+        t0 = time.perf_counter()
+        result = fn()
+        return result, (time.perf_counter() - t0) * 1e3
+
+
+def _iqr(values: Sequence[float]) -> float:
+    if len(values) < 2:
+        return 0.0
+    q = statistics.quantiles(values, n=4, method="inclusive")
+    return q[2] - q[0]
+
+
+def time_block(block: nn.Module, block_input: Any, clock: Clock, warmup: int, repeats: int,
+                device: torch.device, loss: Callable[[Any], torch.Tensor] | None = None
+                ) -> tuple[float, float, float, float, int | None, float]:
+    """Median forward and backward ms (and their IQRs), the CUDA peak above the start, and the median ms of
+    the backward for the input's gradient alone (0 when no input needs one).
+
+    With ``loss``, the forward includes computing the loss from the block's
+    output and the backward starts from it (the last stage does both). The
+    input-gradient half is ``torch.autograd.grad`` on the inputs alone, as
+    torch.distributed.pipelining's ``stage_backward_input`` runs it; the
+    graph is kept for the full backward timed after it.
+    """
+    def run(x: Any) -> Any:
+        out = call_block(block, stage_inputs(x))  # as a stage gets what it received
+        return loss(out) if loss is not None else out
+
+    x = _with_grad(block_input)
+    probe = run(x)
+    outs = [t for t in tensors_of(probe) if t.requires_grad]
+    grads = [torch.ones_like(t) if loss is not None else torch.randn_like(t) * 1e-3 for t in outs]
+    del probe, outs
+    fwd, bwd, igrad = [], [], []
+    peak: int | None = None
+    for i in range(warmup + repeats):
+        x = _with_grad(block_input)
+        needs = [t for t in tensors_of(x) if t.requires_grad]
+        if device.type == "cuda" and i == warmup:
+            torch.cuda.synchronize()
+            base = torch.cuda.memory_allocated(device)
+            torch.cuda.reset_peak_memory_stats(device)
+        out, f_ms = clock.time(lambda: run(x))
+        outs = [t for t in tensors_of(out) if t.requires_grad]
+        b_ms = i_ms = 0.0
+        if outs and needs:
+            _, i_ms = clock.time(lambda: torch.autograd.grad(outs, needs, grads, retain_graph=True,
+                                                             allow_unused=True))
+        if outs:
+            _, b_ms = clock.time(lambda: torch.autograd.backward(outs, grads))
+        if device.type == "cuda" and i == warmup:
+            peak = max(0, torch.cuda.max_memory_allocated(device) - base)
+        del out, outs
+        if i >= warmup:
+            fwd.append(f_ms)
+            bwd.append(b_ms)
+            igrad.append(min(i_ms, b_ms))
+    return statistics.median(fwd), statistics.median(bwd), _iqr(fwd), _iqr(bwd), peak, statistics.median(igrad)
+
+
+def optimizer_times(block: nn.Module, clock: Clock, repeats: int = 3) -> tuple[float, tuple[tuple[str, float], ...]]:
+    """Median time of a step plus zeroing the gradients, on copies of ``block``'s parameters: AdamW's, and
+    every optimizer's by name."""
+    params = [p for p in block.parameters() if p.requires_grad]
+    if not params:
+        return 0.0, tuple((name, 0.0) for name in OPTIMIZER_STATES)
+    copies = [p.detach().clone().requires_grad_(True) for p in params]
+    for c in copies:
+        c.grad = torch.zeros_like(c)
+    by_name = []
+    for name in OPTIMIZER_STATES:
+        optimizer = make_optimizer(name, copies, lr=1e-3)
+
+        def step() -> None:
+            optimizer.step()
+            optimizer.zero_grad(set_to_none=False)
+
+        step()  # creates the optimizer state
+        by_name.append((name, statistics.median([clock.time(step)[1] for _ in range(repeats)])))
+    return dict(by_name)["adamw"], tuple(by_name)  # a profile's optimizer_ms is AdamW's
+
+
+def _device_name(device: torch.device) -> str:
+    if device.type == "cuda":
+        return torch.cuda.get_device_name(device)
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return f"cpu ({line.split(':', 1)[1].strip()})"
+    except OSError:
+        pass
+    return "cpu"
+
+
+def make_profile(name: str, device: torch.device, dtype: torch.dtype, example: tuple[torch.Tensor, ...],
+             layers: Sequence[LayerProfile], ties: Sequence[Tie], repeats: int, warmup: int, loss: bool) -> Profile:
+    """The profile of measured ``layers``, with what it was measured on and how."""
+    first = example[0]
+    return Profile(
+        model=name, device=_device_name(device), dtype=str(dtype).removeprefix("torch."),
+        microbatch_size=int(first.shape[0]) if first.dim() else 1, sample_shape=tuple(int(d) for d in first.shape),
+        torch=torch.__version__.split("+")[0], layers=tuple(layers), ties=tuple(ties),
+        threads=torch.get_num_threads() if device.type == "cpu" else None, repeats=repeats, warmup=warmup,
+        input_bytes=nbytes(example), loss_in_last_block=loss,
+    )
