@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.conftest import ROOT, assert_one_line_error, run_cli
+from tests.conftest import ROOT, assert_one_line_error, run_cli, run_cli_here
 
 GPT2 = str(ROOT / "profiles" / "gpt2-small-cpu-mb1.json")
 
@@ -61,6 +61,16 @@ def test_simulate_errors(plan: Path, tmp_path: Path) -> None:
                           "2 < 4")
     assert_one_line_error(run_cli("partition", GPT2, "--stages", "8", "--schedule", "interleaved1f1b"),
                           "16 stages > 14 blocks")
+
+
+def test_schedule_names_are_checked_where_they_are_read(tmp_path: Path) -> None:
+    """Both commands read --schedule with the shared argument types: only partition chooses one (auto)."""
+    plan = tmp_path / "p.json"
+    assert run_cli_here("partition", GPT2, "--stages", "2", "--schedule", "AUTO", "-o", str(plan)).returncode == 0
+    assert_one_line_error(run_cli_here("simulate", str(plan), "--schedule", "auto"),
+                          "autopart simulate: error: argument --schedule: unknown schedule 'auto'; known: GPipe, 1F1B,",
+                          "(see autopart simulate --help)")
+    assert run_cli_here("simulate", str(plan), "--schedule", "gpipe", "--json").returncode == 0
 
 
 def test_trace_is_the_simulated_step_as_chrome_trace_json(plan: Path, tmp_path: Path) -> None:

@@ -1,5 +1,5 @@
-"""What the subcommands share: the type of argparse's sub-command registry, the one-line usage error, and
-the check of every file or folder name a command is given."""
+"""What the subcommands share: the type of argparse's sub-command registry, the one-line usage error, the
+check of every file or folder name a command is given, and the argument types several commands take."""
 from __future__ import annotations
 
 import argparse
@@ -7,10 +7,14 @@ import os
 import sys
 from typing import TYPE_CHECKING, NoReturn
 
+from autopart.errors import AutopartError
+from autopart.formats.schedule_kinds import canonical_schedule
+
 if TYPE_CHECKING:
     from autopart.measure.spec import ModelBundle
 
-__all__ = ["Parser", "Subcommands", "path_arg", "shortened", "unused_loss_note", "NAME_MAX_BYTES", "PATH_MAX_BYTES"]
+__all__ = ["Parser", "Subcommands", "path_arg", "schedule_arg", "schedule_or_auto_arg", "shortened", "unused_loss_note",
+           "NAME_MAX_BYTES", "PATH_MAX_BYTES"]
 
 Subcommands = argparse._SubParsersAction  # what ``add_subparsers`` returns; each command adds its parser to it
 
@@ -48,6 +52,20 @@ def path_arg(text: str) -> str:
             raise argparse.ArgumentTypeError(f"file name {shortened(part)!r} is {size} bytes, longer than the "
                                              f"{NAME_MAX_BYTES} a file system takes")
     return text
+
+
+def schedule_arg(text: str) -> str:
+    """The argparse type of ``--schedule``: a torch.distributed.pipelining schedule, any case, as its canonical
+    name (``gpipe`` -> ``GPipe``)."""
+    try:
+        return canonical_schedule(text)
+    except AutopartError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
+
+
+def schedule_or_auto_arg(text: str) -> str:
+    """:func:`schedule_arg`, or ``auto`` (any case): let the command choose the schedule."""
+    return "auto" if text.lower() == "auto" else schedule_arg(text)
 
 
 def unused_loss_note(bundle: ModelBundle) -> str | None:

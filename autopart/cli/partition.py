@@ -5,7 +5,7 @@ import argparse
 import json
 from typing import TYPE_CHECKING
 
-from autopart.cli.common import Subcommands, path_arg
+from autopart.cli.common import Subcommands, path_arg, schedule_or_auto_arg
 from autopart.errors import AutopartError
 
 if TYPE_CHECKING:
@@ -25,17 +25,6 @@ even split. --method bottleneck gives the smallest possible slowest stage.
 Stages that fit only with activation recomputation get it."""
 
 FORMATS = ("table", "json", "balance", "split-spec", "fqns")
-
-
-def _schedule_arg(text: str) -> str:
-    from autopart.formats.schedule_kinds import canonical_schedule
-
-    if text.lower() == "auto":
-        return "auto"
-    try:
-        return canonical_schedule(text)
-    except AutopartError as exc:
-        raise argparse.ArgumentTypeError(str(exc)) from None
 
 
 def _balance_arg(text: str) -> list[int]:
@@ -58,7 +47,7 @@ def _count_arg(text: str) -> int | str:
 
 
 def add_parser(sub: Subcommands) -> None:
-    from autopart.core.partition import METHODS
+    from autopart.core.methods import METHODS
     from autopart.formats.optimizers import DEFAULT_OPTIMIZER, OPTIMIZER_STATES
 
     p = sub.add_parser("partition", help="choose stage boundaries (and micro-batches, schedule) from a profile",
@@ -77,7 +66,7 @@ def add_parser(sub: Subcommands) -> None:
                         "(default: K, the fewest 1F1B accepts)")
     p.add_argument("--global-batch", type=int, metavar="N",
                    help="samples per step; the micro-batch size is N / M (default: the profile's micro-batch x M)")
-    p.add_argument("--schedule", default="1F1B", type=_schedule_arg, metavar="NAME|auto",
+    p.add_argument("--schedule", default="1F1B", type=schedule_or_auto_arg, metavar="NAME|auto",
                    help="GPipe, 1F1B (default), Interleaved1F1B, ZBVZeroBubble (torch.distributed.pipelining "
                         "names, any case), or auto: simulate each and keep the fastest")
     p.add_argument("--stages-per-rank", type=int, default=2, metavar="V",

@@ -6,7 +6,7 @@ import dataclasses
 import json
 from typing import TYPE_CHECKING
 
-from autopart.cli.common import Subcommands, path_arg
+from autopart.cli.common import Subcommands, path_arg, schedule_arg
 from autopart.errors import AutopartError
 
 if TYPE_CHECKING:
@@ -26,8 +26,6 @@ forward, backward and send, in the terminal and optionally as SVG."""
 
 
 def add_parser(sub: Subcommands) -> None:
-    from autopart.cli.partition import _schedule_arg
-
     p = sub.add_parser("simulate", help="simulate a plan's step and draw its timeline", description=HELP,
                        formatter_class=argparse.RawDescriptionHelpFormatter,
                        epilog="examples:\n  autopart simulate plan.json\n"
@@ -35,7 +33,7 @@ def add_parser(sub: Subcommands) -> None:
                               "  autopart simulate plan.json --trace step.json      # open in https://ui.perfetto.dev")
     p.add_argument("plan", metavar="PLAN", type=path_arg, help="plan JSON written by autopart partition")
     p.add_argument("--microbatches", "-m", type=int, metavar="M", help="micro-batches (default: the plan's)")
-    p.add_argument("--schedule", type=_schedule_arg, metavar="NAME",
+    p.add_argument("--schedule", type=schedule_arg, metavar="NAME",
                    help="GPipe, 1F1B, Interleaved1F1B, ZBVZeroBubble (default: the plan's)")
     p.add_argument("--stages-per-rank", type=int, metavar="V",
                    help="virtual stages per rank for Interleaved1F1B (default: the plan's, else 2)")

@@ -35,7 +35,7 @@ import numpy as np
 import numpy.typing as npt
 
 from autopart.core.costmodel import Problem
-from autopart.core.partition import Split, _bounds_to_balance, split_bottleneck
+from autopart.core.partition import Split, bounds_to_balance, split_bottleneck
 from autopart.core.schedules import Schedule, build_schedule
 from autopart.core.simulate import STAGE_TIME_FIELDS, StageTimes, compile_schedule, critical_path, step_ms_batch
 from autopart.errors import AutopartError
@@ -294,7 +294,7 @@ def split_fastest(p: Problem, ranks: RankMemory | None = None) -> Split:
             raise why or AutopartError("no split fits memory")
         method = "local"
         starts = _local(p, schedule, _first_blocks(base.balance), ranks)
-    balance = _bounds_to_balance(starts.tolist(), p.n)
+    balance = bounds_to_balance(starts.tolist(), p.n)
     _, fits, recompute = _costs(p, starts[None, :], ranks)
     stages = p.stages(balance, None if recompute is None else recompute[0].tolist())
     return Split(method=method, balance=tuple(balance), stages=tuple(stages), fits=bool(fits[0]),

@@ -2,7 +2,7 @@
 
     split = split_bottleneck(problem)     # smallest bottleneck, then smallest spread
     split.balance                         # [4, 3, 3, 4]
-    split(problem, "exact")               # smallest predicted step (autopart.core.fastest)
+    split(problem, "exact")               # by name (autopart.core.methods); exact: autopart.core.fastest
 
 Pure (numpy, no torch). ``bottleneck`` is exact for the cost model in
 :mod:`autopart.core.costmodel`, sends, memory limits, recomputation and devices of
@@ -25,7 +25,7 @@ from __future__ import annotations
 
 import bisect
 from dataclasses import dataclass
-from typing import Callable, Sequence
+from typing import Sequence
 
 import numpy as np
 import numpy.typing as npt
@@ -36,8 +36,8 @@ from autopart.formats.devices import Device
 from autopart.formats.stage import StageCost
 from autopart.formats.units import format_bytes, plural
 
-__all__ = ["Split", "METHODS", "split", "split_bottleneck", "split_minvar", "split_uniform", "split_parameters", "split_given",
-           "min_memory_scale"]
+__all__ = ["Split", "split_bottleneck", "split_minvar", "split_uniform", "split_parameters", "split_given",
+           "min_memory_scale", "bounds_to_balance"]
 
 Ints = npt.NDArray[np.int64]
 Floats = npt.NDArray[np.float64]
@@ -77,7 +77,8 @@ def _make(problem: Problem, method: str, balance: Sequence[int]) -> Split:
                  fits=problem.fits(balance), lower_bound_ms=problem.lower_bound_ms())
 
 
-def _bounds_to_balance(starts: Sequence[int], n: int) -> list[int]:
+def bounds_to_balance(starts: Sequence[int], n: int) -> list[int]:
+    """Blocks per stage, from each stage's first block and the block count ``n``."""
     edges = list(starts) + [n]
     return [edges[s + 1] - edges[s] for s in range(len(starts))]
 
@@ -464,7 +465,7 @@ def split_bottleneck(p: Problem) -> Split:
             lo = mid
     if p.k > 1:
         best = _least_squares(p, hi * (1 + 1e-12) + 1e-300, best)
-    return _make(p, "bottleneck", _bounds_to_balance(best, p.n))
+    return _make(p, "bottleneck", bounds_to_balance(best, p.n))
 
 
 def split_minvar(p: Problem) -> Split:
@@ -477,7 +478,7 @@ def split_minvar(p: Problem) -> Split:
     bound = float(np.sqrt(exact.sum_sq)) * (1 + 1e-9)  # no stage of the optimum is slower
     starts = np.concatenate([[0], np.cumsum(exact.balance)[:-1]]).tolist()
     best = _least_squares(p, bound, starts) if p.k > 1 else starts
-    return _make(p, "minvar", _bounds_to_balance(best, p.n))
+    return _make(p, "minvar", bounds_to_balance(best, p.n))
 
 
 def split_uniform(p: Problem) -> Split:
@@ -496,21 +497,3 @@ def split_parameters(p: Problem) -> Split:
     weights = Problem(p.params.tolist(), [Device("unit")] * p.k, CostModel(), names=p.names)
     balance = split_bottleneck(weights).balance
     return _make(p, "parameters", balance)
-
-
-def _fastest(p: Problem) -> Split:
-    from autopart.core.fastest import split_fastest  # it builds on this module
-    return split_fastest(p)
-
-
-METHODS: dict[str, Callable[[Problem], Split]] = {
-    "exact": _fastest, "bottleneck": split_bottleneck, "minvar": split_minvar, "uniform": split_uniform, "parameters": split_parameters,
-}
-
-
-def split(p: Problem, method: str = "exact") -> Split:
-    try:
-        fn = METHODS[method]
-    except KeyError:
-        raise AutopartError(f"unknown method {method!r}; known: {', '.join(METHODS)}") from None
-    return fn(p)

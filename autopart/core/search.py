@@ -17,7 +17,8 @@ from typing import Callable, Sequence
 
 from autopart.core.costmodel import CostModel, Problem
 from autopart.core.fastest import RankMemory, split_fastest
-from autopart.core.partition import Split, split, split_given
+from autopart.core.methods import split
+from autopart.core.partition import Split, split_given
 from autopart.core.planner import cost_model_of, make_plan
 from autopart.core.scaling import scale_profile
 from autopart.errors import AutopartError
