@@ -52,7 +52,7 @@ def add_parser(sub: Subcommands) -> None:
 
 def run(args: argparse.Namespace) -> int:
     from autopart.cli.console import stdout_console
-    from autopart.cli.timeline import render_svg, render_text
+    from autopart.render.timeline import render_svg, render_text
     from autopart.core.planner import simulate_plan
     from autopart.core.schedules import build_schedule
     from autopart.core.trace import write_trace

@@ -3,8 +3,9 @@
 Every rank times each of its actions inside the real steps
 (:mod:`autopart.run.timeline`); the timelines are gathered, and the rank
 holding the last stage prints the comparison and writes ``--report`` JSON
-(the fields of :class:`Report`), ``--trace`` (Chrome trace JSON) and
-``--svg`` (predicted above measured, one time axis).
+(the fields of :class:`autopart.formats.report.Report`), ``--trace`` (Chrome trace JSON) and
+``--svg`` (predicted above measured, one time axis); :mod:`autopart.render`
+draws the tables and the picture.
 
 The measured step of a training step is its slowest rank's: from leaving
 the barrier before the step to the end of that rank's optimizer step. The
@@ -25,19 +26,20 @@ from typing import Any, Sequence
 
 import torch.distributed as dist
 from rich.console import Console
-from rich.table import Table
 
 from autopart.core.planner import simulate_plan
 from autopart.core.schedules import Action
 from autopart.core.simulate import Event, Simulation, Timeline
 from autopart.formats.atomic import write_json_atomic
 from autopart.formats.plan import Plan
-from autopart.formats.units import format_ms, plural
+from autopart.formats.report import RankRow, Report, StageRow
+from autopart.formats.units import plural
+from autopart.render.report import report_lines
 from autopart.run.job import Job, StepLog
 from autopart.run.replan import StageProfile
 
-__all__ = ["StageRow", "RankRow", "Report", "Measured", "gather_measured", "make_report", "measured_timeline",
-           "print_report", "write_report", "write_timelines"]
+__all__ = ["Measured", "gather_measured", "make_report", "measured_timeline", "print_report", "write_report",
+           "write_timelines"]
 
 
 @dataclass(frozen=True)
@@ -57,77 +59,6 @@ class Measured:
         """The steps after warm-up: all but the first quarter (all of them when there are fewer than 2)."""
         n = len(self.step_ms)
         return list(range(max(1, math.ceil(n / 4)), n)) if n > 1 else list(range(n))
-
-
-@dataclass(frozen=True)
-class StageRow:
-    stage: int
-    rank: int
-    blocks: int
-    predicted_forward_ms: float | None
-    """None when the run's micro-batch size differs from the plan's."""
-    predicted_backward_ms: float | None
-    measured_forward_ms: float
-    """Median over the steady steps' micro-batches, timed inside the pipeline."""
-    measured_backward_ms: float
-    """Full backward, or its input- and weight-gradient halves added."""
-    error: float | None
-    """Measured forward + backward over predicted, minus 1."""
-
-
-@dataclass(frozen=True)
-class RankRow:
-    rank: int
-    predicted_busy_ms: float | None
-    predicted_idle_ms: float | None
-    measured_compute_ms: float
-    """Forwards and backwards in one step (median over the steady steps)."""
-    measured_optimizer_ms: float
-    measured_wait_ms: float
-    """The rest of the slowest rank's step: waiting for sends and receives, the runtime's own work, idle."""
-    measured_finish_ms: float
-    """When this rank's optimizer step ended."""
-
-
-@dataclass(frozen=True)
-class Report:
-    plan: str
-    model: str
-    schedule: str
-    microbatches: int
-    microbatch_size: int
-    global_batch: int
-    ranks: int
-    steps: int
-    losses: list[float]
-    step_ms: list[float]
-    """Each step's slowest rank."""
-    measured_step_ms: float
-    """Median over the steady steps of the slowest rank's step."""
-    measured_step_spread_ms: tuple[float, float]
-    """The fastest and slowest of those steps."""
-    steady_steps: int
-    slowest_rank: int
-    """The rank that finished last most often."""
-    predicted_step_ms: float | None
-    predicted_bubble_fraction: float
-    step_error: float | None
-    simulated_with_measured_stages_ms: float
-    """The plan's schedule replayed with the stage times measured in the pipeline."""
-    measured_speed: float | None
-    """The profile's compute over the compute measured in the pipeline, summed over the stages: the device
-    speed that makes the plan's compute match this run's (``--devices 2xcpu@SPEED``); None when the run's
-    micro-batch size differs from the plan's."""
-    fitted_overhead_ms: float
-    """The runtime's own time per forward or backward action that makes that replay take the measured step
-    (0 when the replay is already slower): ``autopart partition --overhead``."""
-    throughput_per_s: float | None
-    throughput_unit: str
-    stages: list[StageRow]
-    ranks_detail: list[RankRow]
-
-    def to_dict(self) -> dict[str, Any]:
-        return dataclasses.asdict(self)
 
 
 def gather_measured(job: Job, log: StepLog, profiles: list[StageProfile]) -> tuple[Measured, list[StageProfile]]:
@@ -257,10 +188,6 @@ def make_report(job: Job, log: StepLog, measured: Measured) -> Report:
         ranks_detail=_rank_rows(plan, measured, predicted))
 
 
-def _ms(value: float | None) -> str:
-    return format_ms(value) if value is not None and math.isfinite(value) else "-"
-
-
 def print_report(report: Report, plan_microbatch_size: int | None) -> None:
     """The per-stage and per-rank tables and the step lines: results, so on stdout (progress is on stderr).
 
@@ -272,7 +199,11 @@ def print_report(report: Report, plan_microbatch_size: int | None) -> None:
     if not console.is_terminal:
         console = _Results(emoji=False, width=120)
     try:
-        _print_report(console, report, plan_microbatch_size)
+        for item in report_lines(report, plan_microbatch_size):
+            if isinstance(item, str):
+                console.print(item, highlight=False, soft_wrap=True)
+            else:
+                console.print(item)
         sys.stdout.flush()
     except BrokenPipeError:
         _stdout_to_devnull()
@@ -295,45 +226,6 @@ def _stdout_to_devnull() -> None:
         os.close(devnull)
 
 
-def _print_report(console: Console, report: Report, plan_microbatch_size: int | None) -> None:
-    table = Table(title="per stage, one micro-batch, timed inside the pipeline", title_justify="left")
-    for col in ("stage", "rank", "blocks", "forward", "(predicted)", "backward", "(predicted)", "error"):
-        table.add_column(col, justify="right")
-    for row in report.stages:
-        table.add_row(str(row.stage), str(row.rank), str(row.blocks), _ms(row.measured_forward_ms),
-                      _ms(row.predicted_forward_ms), _ms(row.measured_backward_ms), _ms(row.predicted_backward_ms),
-                      f"{row.error:+.1%}" if row.error is not None else "-")
-    console.print(table)
-    ranks = Table(title="per rank, one step (medians)", title_justify="left")
-    for col in ("rank", "compute", "optimizer", "waiting", "(predicted idle)", "done at"):
-        ranks.add_column(col, justify="right")
-    for rr in report.ranks_detail:
-        ranks.add_row(str(rr.rank), _ms(rr.measured_compute_ms), _ms(rr.measured_optimizer_ms),
-                      _ms(rr.measured_wait_ms), _ms(rr.predicted_idle_ms), _ms(rr.measured_finish_ms))
-    console.print(ranks)
-    low, high = report.measured_step_spread_ms
-    line = (f"step (slowest rank, rank {report.slowest_rank}): measured {format_ms(report.measured_step_ms)} "
-            f"(median of {plural(report.steady_steps, 'step')}, "
-            f"{format_ms(low)}-{format_ms(high)})")
-    if report.predicted_step_ms is not None and report.step_error is not None:
-        line += f", predicted {format_ms(report.predicted_step_ms)} (error {report.step_error:+.1%}, bubble " \
-                f"{report.predicted_bubble_fraction:.1%})"
-    else:
-        line += f" (the plan is for micro-batches of {plan_microbatch_size}, this run used {report.microbatch_size})"
-    line += f"; simulated with the measured stage times {format_ms(report.simulated_with_measured_stages_ms)}"
-    console.print(line, highlight=False, soft_wrap=True)
-    if report.measured_speed is not None:
-        console.print(f"compute in the pipeline ran at {report.measured_speed:.2f}x the profile's speed "
-                      f"(plan with --devices {report.ranks}xMEMORY@{report.measured_speed:.2f} to predict this "
-                      f"machine as it ran)", highlight=False, soft_wrap=True)
-    if report.fitted_overhead_ms > 0:
-        console.print(f"runtime overhead: {format_ms(report.fitted_overhead_ms)} per forward or backward action "
-                      f"(what the measured stage times leave unexplained; plan with --overhead "
-                      f"{report.fitted_overhead_ms:.3g}ms)", highlight=False, soft_wrap=True)
-    if report.throughput_per_s:
-        console.print(f"throughput {report.throughput_per_s:,.0f} {report.throughput_unit}/s", highlight=False)
-
-
 def write_report(report: Report, path: str) -> None:
     """``--report``: the report as JSON, atomically (NaN written as null-free floats by ``default=float``)."""
     write_json_atomic(path, json.loads(json.dumps(report.to_dict(), default=float)))
@@ -342,7 +234,7 @@ def write_report(report: Report, path: str) -> None:
 def write_timelines(plan: Plan, measured: Measured, trace: str | None, svg: str | None) -> None:
     """``--trace``: the measured step (and the predicted one, a second process) as Chrome trace JSON;
     ``--svg``: predicted above measured on one time axis."""
-    from autopart.cli.timeline import render_svg
+    from autopart.render.timeline import render_svg
     from autopart.core.trace import write_trace
     from autopart.formats.atomic import write_atomic
 

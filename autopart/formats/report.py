@@ -1,0 +1,83 @@
+"""What ``autopart train`` measured against what its plan predicted: the ``--report`` JSON (pure data).
+
+:func:`autopart.run.report.make_report` fills it in on the rank holding the
+last stage; :func:`autopart.render.report.report_lines` shows it.
+"""
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass
+from typing import Any
+
+__all__ = ["Report", "StageRow", "RankRow"]
+
+
+@dataclass(frozen=True)
+class StageRow:
+    stage: int
+    rank: int
+    blocks: int
+    predicted_forward_ms: float | None
+    """None when the run's micro-batch size differs from the plan's."""
+    predicted_backward_ms: float | None
+    measured_forward_ms: float
+    """Median over the steady steps' micro-batches, timed inside the pipeline."""
+    measured_backward_ms: float
+    """Full backward, or its input- and weight-gradient halves added."""
+    error: float | None
+    """Measured forward + backward over predicted, minus 1."""
+
+
+@dataclass(frozen=True)
+class RankRow:
+    rank: int
+    predicted_busy_ms: float | None
+    predicted_idle_ms: float | None
+    measured_compute_ms: float
+    """Forwards and backwards in one step (median over the steady steps)."""
+    measured_optimizer_ms: float
+    measured_wait_ms: float
+    """The rest of the slowest rank's step: waiting for sends and receives, the runtime's own work, idle."""
+    measured_finish_ms: float
+    """When this rank's optimizer step ended."""
+
+
+@dataclass(frozen=True)
+class Report:
+    plan: str
+    model: str
+    schedule: str
+    microbatches: int
+    microbatch_size: int
+    global_batch: int
+    ranks: int
+    steps: int
+    losses: list[float]
+    step_ms: list[float]
+    """Each step's slowest rank."""
+    measured_step_ms: float
+    """Median over the steady steps of the slowest rank's step."""
+    measured_step_spread_ms: tuple[float, float]
+    """The fastest and slowest of those steps."""
+    steady_steps: int
+    slowest_rank: int
+    """The rank that finished last most often."""
+    predicted_step_ms: float | None
+    predicted_bubble_fraction: float
+    step_error: float | None
+    simulated_with_measured_stages_ms: float
+    """The plan's schedule replayed with the stage times measured in the pipeline."""
+    measured_speed: float | None
+    """The profile's compute over the compute measured in the pipeline, summed over the stages: the device
+    speed that makes the plan's compute match this run's (``--devices 2xcpu@SPEED``); None when the run's
+    micro-batch size differs from the plan's."""
+    fitted_overhead_ms: float
+    """The runtime's own time per forward or backward action that makes that replay take the measured step
+    (0 when the replay is already slower): ``autopart partition --overhead``."""
+    throughput_per_s: float | None
+    throughput_unit: str
+    stages: list[StageRow]
+    ranks_detail: list[RankRow]
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
