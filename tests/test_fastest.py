@@ -20,7 +20,14 @@ from autopart.core.costmodel import BlockCosts, CostModel, Problem
 from autopart.core.fastest import RankMemory, split_fastest
 from autopart.core.partition import split_bottleneck
 from autopart.core.schedules import build_schedule
-from autopart.core.simulate import STAGE_TIME_FIELDS, StageTimes, critical_path, simulate, step_ms_batch
+from autopart.core.simulate import (
+    STAGE_TIME_FIELDS,
+    StageTimes,
+    compile_schedule,
+    critical_path,
+    simulate,
+    step_ms_batch,
+)
 from autopart.errors import AutopartError
 from autopart.formats.devices import Device
 from autopart.formats.profile import Profile
@@ -175,11 +182,13 @@ def test_the_array_simulator_agrees_with_simulate(seed: int, which: tuple[str, i
     schedule = build_schedule(name, ranks, m, per_rank)
     rng = np.random.default_rng(seed)
     splits = [_random_costs(rng, schedule.num_stages, float(rng.choice([0.0, 1.5]))) for _ in range(4)]
-    batch = step_ms_batch(schedule, StageTimes.of(splits))
+    program = compile_schedule(schedule)
+    batch = step_ms_batch(program, StageTimes.of(splits))
     for costs, step in zip(splits, batch):
         assert step == pytest.approx(simulate(schedule, costs).step_ms, rel=1e-12)
+        assert simulate(program, costs) == simulate(schedule, costs)  # compiled once or each time: the same
     # a critical path repriced with other costs is a lower bound on their step, and exact on its own
-    step, counts = critical_path(schedule, StageTimes.of(splits[:1]))
+    step, counts = critical_path(program, StageTimes.of(splits[:1]))
     assert step == pytest.approx(float(batch[0]), rel=1e-12)
     for costs, other in zip(splits, batch):
         priced = StageTimes.of([costs])

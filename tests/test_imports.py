@@ -69,3 +69,32 @@ def test_render_never_imports_torch() -> None:
     for path in sorted((PACKAGE / "render").rglob("*.py")):
         torch = [m for m, _ in _imported(path) if m == "torch" or m.startswith("torch.")]
         assert torch == [], path
+
+
+def _mutated_module_names(path: Path) -> list[str]:
+    """Module-level names that a function of the file changes: assigns into, calls a mutating method of,
+    or declares ``global``."""
+    tree = ast.parse(path.read_text())
+    top = {t.id for node in tree.body if isinstance(node, (ast.Assign, ast.AnnAssign))
+           for t in (node.targets if isinstance(node, ast.Assign) else [node.target]) if isinstance(t, ast.Name)}
+    changed = []
+    for func in (n for n in ast.walk(tree) if isinstance(n, (ast.FunctionDef, ast.AsyncFunctionDef))):
+        for node in ast.walk(func):
+            if isinstance(node, ast.Global):
+                changed += node.names
+            elif isinstance(node, (ast.Assign, ast.AugAssign, ast.Delete)):
+                targets = node.targets if isinstance(node, (ast.Assign, ast.Delete)) else [node.target]
+                changed += [t.value.id for t in targets
+                            if isinstance(t, ast.Subscript) and isinstance(t.value, ast.Name)]
+            elif (isinstance(node, ast.Call) and isinstance(node.func, ast.Attribute)
+                  and isinstance(node.func.value, ast.Name) and node.func.attr in
+                  ("pop", "popitem", "append", "extend", "setdefault", "update", "clear", "add", "insert", "remove")):
+                changed.append(node.func.value.id)
+    return sorted({name for name in changed if name in top})
+
+
+def test_the_planner_keeps_no_state_between_calls() -> None:
+    """core/ and formats/ hold constants only: a function's answer depends on its arguments alone."""
+    state = {str(p.relative_to(ROOT)): names for p in sorted((PACKAGE / "core").glob("*.py"))
+             + sorted((PACKAGE / "formats").glob("*.py")) if (names := _mutated_module_names(p))}
+    assert state == {}

@@ -37,7 +37,14 @@ import numpy.typing as npt
 from autopart.core.costmodel import Problem
 from autopart.core.partition import Split, bounds_to_balance, split_bottleneck
 from autopart.core.schedules import Schedule, build_schedule
-from autopart.core.simulate import STAGE_TIME_FIELDS, StageTimes, compile_schedule, critical_path, step_ms_batch
+from autopart.core.simulate import (
+    STAGE_TIME_FIELDS,
+    Program,
+    StageTimes,
+    compile_schedule,
+    critical_path,
+    step_ms_batch,
+)
 from autopart.errors import AutopartError
 
 __all__ = ["split_fastest", "RankMemory", "EXHAUSTIVE_WORK"]
@@ -112,10 +119,10 @@ def _share_ranks(p: Problem, starts: Ints, ends: Ints, ranks: RankMemory
     return fits, recompute
 
 
-def _score(schedule: Schedule, costs: StageTimes, fits: npt.NDArray[np.bool_]) -> tuple[Floats, Floats, Floats]:
+def _score(program: Program, costs: StageTimes, fits: npt.NDArray[np.bool_]) -> tuple[Floats, Floats, Floats]:
     """(step, bottleneck, sum of squared stage times) of each split; inf where it does not fit memory."""
     stage_ms = costs.time_ms
-    step = np.where(fits, step_ms_batch(schedule, costs), np.inf)
+    step = np.where(fits, step_ms_batch(program, costs), np.inf)
     return step, np.where(fits, stage_ms.max(axis=1), np.inf), np.where(fits, (stage_ms ** 2).sum(axis=1), np.inf)
 
 
@@ -166,13 +173,13 @@ def _every_split(n: int, k: int) -> Iterator[Ints]:
         yield np.concatenate([np.zeros((len(rows), 1), dtype=np.int64), body], axis=1)
 
 
-def _exhaustive(p: Problem, schedule: Schedule, ranks: RankMemory | None) -> Ints | None:
+def _exhaustive(p: Problem, program: Program, ranks: RankMemory | None) -> Ints | None:
     """The best split of all that fit (None: none does)."""
     best: Ints | None = None
     best_score = (np.inf, np.inf, np.inf)
     for starts in _every_split(p.n, p.k):
         costs, fits, _ = _costs(p, starts, ranks)
-        scores = _score(schedule, costs, fits)
+        scores = _score(program, costs, fits)
         i = _best(*scores)
         if i < 0:
             continue
@@ -213,7 +220,7 @@ def _repriced(counts: StageTimes, costs: StageTimes) -> Floats:
     return out
 
 
-def _local(p: Problem, schedule: Schedule, starts: Ints, ranks: RankMemory | None) -> Ints:
+def _local(p: Problem, program: Program, starts: Ints, ranks: RankMemory | None) -> Ints:
     """Best-improvement moves from ``starts`` until none improves (step, then bottleneck, then spread).
 
     A move is simulated only when the current critical path, repriced with the
@@ -222,10 +229,10 @@ def _local(p: Problem, schedule: Schedule, starts: Ints, ranks: RankMemory | Non
     """
     current = starts
     costs, _, _ = _costs(p, current[None, :], ranks)
-    scores = _score(schedule, costs, np.ones(1, dtype=bool))
+    scores = _score(program, costs, np.ones(1, dtype=bool))
     current_score = _at(scores, 0)
     for _ in range(_MAX_ROUNDS):
-        step, counts = critical_path(schedule, costs)
+        step, counts = critical_path(program, costs)
         candidates = _neighbours(current, p.n)
         if not candidates.size:
             break
@@ -242,7 +249,7 @@ def _local(p: Problem, schedule: Schedule, starts: Ints, ranks: RankMemory | Non
             if not pick.size:
                 continue
             picked = StageTimes(*(getattr(cand_costs, name)[pick] for name in STAGE_TIME_FIELDS))
-            scores = _score(schedule, picked, fits[pick])
+            scores = _score(program, picked, fits[pick])
             i = _best(*scores)
             score = _at(scores, i) if i >= 0 else current_score
             if i >= 0 and _better(score, current_score):
@@ -282,10 +289,10 @@ def split_fastest(p: Problem, ranks: RankMemory | None = None) -> Split:
     base, why = _start(p, ranks)  # raises, saying why, when no split fits its stages' own limits
     if p.k == 1 and base is not None:
         return dataclasses.replace(base, method="exact")
-    schedule = _schedule(p)
-    work = math.comb(p.n - 1, p.k - 1) * len(compile_schedule(schedule).steps)
+    program = compile_schedule(_schedule(p))  # once: every candidate split runs through it
+    work = math.comb(p.n - 1, p.k - 1) * len(program.steps)
     if work <= EXHAUSTIVE_WORK:
-        method, found = "exact", _exhaustive(p, schedule, ranks)
+        method, found = "exact", _exhaustive(p, program, ranks)
         if found is None:
             raise why or AutopartError("no split fits memory")
         starts = found
@@ -293,7 +300,7 @@ def split_fastest(p: Problem, ranks: RankMemory | None = None) -> Split:
         if base is None:
             raise why or AutopartError("no split fits memory")
         method = "local"
-        starts = _local(p, schedule, _first_blocks(base.balance), ranks)
+        starts = _local(p, program, _first_blocks(base.balance), ranks)
     balance = bounds_to_balance(starts.tolist(), p.n)
     _, fits, recompute = _costs(p, starts[None, :], ranks)
     stages = p.stages(balance, None if recompute is None else recompute[0].tolist())

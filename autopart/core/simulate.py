@@ -160,20 +160,10 @@ class Program:
 _KINDS = {"F": 0, "GRAD": 1, "I": 2}
 _ROWS = {"F": 0, "B": 1, "I": 2, "W": 3}
 
-_COMPILED: dict[int, tuple[Schedule, Program]] = {}  # by id: hashing a schedule walks all its actions
-
-
 def compile_schedule(schedule: Schedule) -> Program:
-    """The dependency order of ``schedule``'s actions (raises if the schedule deadlocks), made once per
-    schedule object."""
-    entry = _COMPILED.get(id(schedule))
-    if entry is not None and entry[0] is schedule:
-        return entry[1]
-    program = _columns(schedule, _order(schedule))
-    if len(_COMPILED) >= 64:
-        _COMPILED.pop(next(iter(_COMPILED)))
-    _COMPILED[id(schedule)] = (schedule, program)
-    return program
+    """The dependency order of ``schedule``'s actions (raises if the schedule deadlocks). A caller that runs
+    many costs through one schedule compiles it once and passes the :class:`Program` on."""
+    return _columns(schedule, _order(schedule))
 
 
 def _order(schedule: Schedule) -> list[_Step]:
@@ -266,11 +256,13 @@ def _columns(schedule: Schedule, steps: list[_Step]) -> Program:
     return dataclasses.replace(program, waves=waves)
 
 
-def simulate(schedule: Schedule, stages: Sequence[StageCost]) -> Simulation:
-    """Run ``schedule`` with per-stage costs ``stages`` (one entry per stage, in pipeline order)."""
+def simulate(schedule: Schedule | Program, stages: Sequence[StageCost]) -> Simulation:
+    """Run ``schedule`` (or its compiled :class:`Program`) with per-stage costs ``stages`` (one entry per
+    stage, in pipeline order)."""
+    program = schedule if isinstance(schedule, Program) else compile_schedule(schedule)
+    schedule = program.schedule
     if len(stages) != schedule.num_stages:
         raise AutopartError(f"schedule {schedule.name} has {schedule.num_stages} stages, costs given for {len(stages)}")
-    program = compile_schedule(schedule)
     kept, _ = _run(program, StageTimes.of([stages]), keep=True)  # the same pass step_ms_batch makes
     assert kept is not None
     start, end, available = (column[:, 0].tolist() for column in kept)
@@ -377,22 +369,22 @@ def _run(program: Program, costs: StageTimes, keep: bool
     return kept, clock
 
 
-def step_ms_batch(schedule: Schedule, costs: StageTimes) -> Floats:
+def step_ms_batch(program: Program, costs: StageTimes) -> Floats:
     """The step time :func:`simulate` gives, for many candidate splits at once: ``costs`` arrays are
-    (candidates, stages)."""
-    _, finish = _run(compile_schedule(schedule), costs, keep=False)
+    (candidates, stages); ``program``: the schedule, compiled (:func:`compile_schedule`)."""
+    _, finish = _run(program, costs, keep=False)
     out: Floats = finish.max(axis=0)
     return out
 
 
-def critical_path(schedule: Schedule, costs: StageTimes) -> tuple[float, StageTimes]:
+def critical_path(program: Program, costs: StageTimes) -> tuple[float, StageTimes]:
     """(step, how often a critical path charges each stage's costs) for one split (arrays of one row).
 
     The step is a longest path through the schedule's actions, so for any other
     costs ``c`` the step is at least ``Σ counts × c`` (the same path, repriced):
-    the partitioner uses this to skip moves that cannot help.
+    the partitioner uses this to skip moves that cannot help. ``program``: the schedule, compiled.
     """
-    program = compile_schedule(schedule)
+    schedule = program.schedule
     kept, clock = _run(program, costs, keep=True)
     assert kept is not None
     end, available, finish = kept[1][:, 0], kept[2][:, 0], clock[:, 0]
