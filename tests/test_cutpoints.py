@@ -2,6 +2,7 @@
 checked against numbers worked out by hand."""
 from __future__ import annotations
 
+import dataclasses
 from pathlib import Path
 
 import pytest
@@ -40,6 +41,10 @@ def test_a_model_input_needed_later_crosses_every_cut_before_its_use() -> None:
     skips = [[(c.name, c.made_by, c.bytes) for c in b.skips] for b in chain.graph.boundaries]
     assert skips[0] == [("scale", "input", scale)] and skips[1] == [("scale", "input", scale)]
     assert skips[2][0][1] == "body"  # head_b still needs the hidden state head_a read
+    # the live sets are made with the blocks, one per block, and never changed after
+    assert len(chain.graph.live) == len(chain.names) and chain.graph.live[0][0] == "scale"
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        chain.graph.live = []  # type: ignore[misc]
 
 
 def test_stage_modules_compose_to_the_model_and_keep_its_names() -> None:

@@ -68,7 +68,7 @@ class Boundary:
         return sum(c.bytes for c in self.skips)
 
 
-@dataclass(eq=False)
+@dataclass(frozen=True, eq=False)
 class GraphBlocks:
     """A captured model as an ordered chain of blocks."""
 
@@ -78,10 +78,10 @@ class GraphBlocks:
     """Each block's operations: ``graph.nodes[first:end]``."""
     recomputed: set[str]
     """Input-only values every stage recomputes instead of receiving."""
+    live: list[list[str]]
+    """``live[b]``: the values crossing the cut after block b, in a fixed order (the last: the model outputs)."""
     aliases: dict[str, list[str]] = field(default_factory=dict)
     """Every name of a parameter or buffer the model shares between modules (tied weights), by each name."""
-    live: list[list[str]] = field(default_factory=list)
-    """``live[b]``: the values crossing the cut after block b, in a fixed order (the last: the model outputs)."""
     cuts: list[int] = field(default_factory=list)
     """Bytes crossing a cut after each operation (``graph.nodes[p]``): every place the graph can be cut."""
     by_name: dict[str, fx.Node] = field(default_factory=dict)
@@ -296,11 +296,10 @@ def graph_blocks(graph: ModelGraph, root: nn.Module) -> GraphBlocks:
         base = run[0] or "input"
         seen[base] += 1
         names.append(base if seen[base] == 1 else f"{base}#{seen[base]}")
-    blocks = GraphBlocks(graph=graph, names=names, spans=[(r[1], r[2]) for r in merged], recomputed=recomputed,
-                         aliases=_aliases(root), by_name={n.name: n for n in graph.module.graph.nodes}, cuts=cuts,
-                         root=root)
-    blocks.live = _live_sets(blocks, sources)
-    return blocks
+    spans = [(r[1], r[2]) for r in merged]
+    return GraphBlocks(graph=graph, names=names, spans=spans, recomputed=recomputed,
+                       live=_live_sets(graph, recomputed, spans, sources), aliases=_aliases(root),
+                       by_name={n.name: n for n in graph.module.graph.nodes}, cuts=cuts, root=root)
 
 
 def _liveness(graph: ModelGraph, recomputed: set[str], sources: dict[str, set[str]]
@@ -390,15 +389,15 @@ def _cheaper_to_recompute(graph: ModelGraph, sources: dict[str, set[str]]) -> se
             if sum(value_bytes(inputs[s]) for s in needs) <= value_bytes(nodes[name])}
 
 
-def _live_sets(blocks: GraphBlocks, sources: dict[str, set[str]]) -> list[list[str]]:
-    """For every block, the values live after it (made before its end, needed after it), model inputs first,
-    then in operation order; after the last block, the model's outputs."""
-    graph = blocks.graph
-    made, last = _liveness(graph, blocks.recomputed, sources)
+def _live_sets(graph: ModelGraph, recomputed: set[str], spans: Sequence[tuple[int, int]],
+               sources: dict[str, set[str]]) -> list[list[str]]:
+    """For every block (``spans``: its operations), the values live after it (made before its end, needed
+    after it), model inputs first, then in operation order; after the last block, the model's outputs."""
+    made, last = _liveness(graph, recomputed, sources)
     order = {n.name: i for i, n in enumerate(graph.inputs)}
     order.update({n.name: len(graph.inputs) + i for i, n in enumerate(graph.nodes)})
     live = [sorted((v for v, until in last.items() if made[v] < end <= until), key=order.__getitem__)
-            for _, end in blocks.spans]
+            for _, end in spans]
     live[-1] = [o.name for o in graph.outputs if o is not None]
     return live
 
