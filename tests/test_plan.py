@@ -57,6 +57,14 @@ def test_plan_records_its_optimizers_states_from_the_one_table(optimizer: str, s
     with pytest.raises(AutopartError, match=f"plan: optimizer_states is {states + 1}, but optimizer '{optimizer}' "
                                             f"keeps {states}"):
         Plan.from_dict(data)
+    del data["optimizer"]  # a plan from before optimizers had names: the default, adamw, keeps 2
+    data["optimizer_states"] = states
+    if states == 2:
+        assert Plan.from_dict(data).optimizer == "adamw"
+    else:
+        with pytest.raises(AutopartError, match=f"is {states}, but the default optimizer 'adamw' \\(the plan "
+                                                f"names none\\) keeps 2"):
+            Plan.from_dict(data)
 
 
 def test_split_spec_keys_are_modules_pipeline_finds_in_nested_sequentials() -> None:

@@ -160,6 +160,7 @@ class Program:
 _KINDS = {"F": 0, "GRAD": 1, "I": 2}
 _ROWS = {"F": 0, "B": 1, "I": 2, "W": 3}
 
+
 def compile_schedule(schedule: Schedule) -> Program:
     """The dependency order of ``schedule``'s actions (raises if the schedule deadlocks). A caller that runs
     many costs through one schedule compiles it once and passes the :class:`Program` on."""

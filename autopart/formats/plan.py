@@ -90,9 +90,10 @@ def _optimizer_name(f: Fields) -> str:
     name = check_optimizer(f.string("optimizer", required=False, default=DEFAULT_OPTIMIZER), f.at("optimizer"))
     states = f.integer("optimizer_states", required=False)
     if states is not None and states != OPTIMIZER_STATES[name]:
-        raise AutopartError(f"{f.at('optimizer_states')} is {states}, but optimizer {name!r} keeps "
-                            f"{OPTIMIZER_STATES[name]} (known: "
-                            f"{', '.join(f'{k} {v}' for k, v in OPTIMIZER_STATES.items())})")
+        named = (f"optimizer {name!r}" if "optimizer" in f.obj
+                 else f"the default optimizer {name!r} (the plan names none)")
+        raise AutopartError(f"{f.at('optimizer_states')} is {states}, but {named} keeps {OPTIMIZER_STATES[name]} "
+                            f"(known: {', '.join(f'{k} {v}' for k, v in OPTIMIZER_STATES.items())})")
     return name
 
 
