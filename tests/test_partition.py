@@ -79,10 +79,12 @@ def _problem(blocks: dict[str, Any], devices: Sequence[Device], model: CostModel
 
 
 @st.composite
-def cases(draw: st.DrawFn, sends: bool, memory: bool, speeds: bool, graph: bool = False
+def cases(draw: st.DrawFn, sends: bool, memory: bool, speeds: bool, graph: bool = False, choice: bool = False
           ) -> tuple[dict[str, Any], list[Device], CostModel]:
-    n = draw(st.integers(1, 8))
-    k = draw(st.integers(1, min(n, 4)))
+    """Blocks, devices and a cost model; with ``choice``, at least 2 stages and a block more than stages, so
+    there is more than one split to choose from."""
+    n = draw(st.integers(3 if choice else 1, 8))
+    k = draw(st.integers(2 if choice else 1, min(n - 1 if choice else n, 4)))
     small = st.integers(0, 12)
     forward = [draw(small) / 4 for _ in range(n)]
     blocks = {
@@ -168,16 +170,41 @@ def test_exact_with_skips_under_memory_alone_matches_brute_force(case: tuple[dic
     _check_exact(case)
 
 
+def _plain_bytes(blocks: dict[str, Any], k: int, model: CostModel, s: int, i: int, j: int) -> float:
+    """DESIGN.md's memory of stage ``s`` holding blocks ``i..j`` without recomputation (as :func:`_brute_stage`)."""
+    params = sum(blocks["params"][i: j + 1]) * (2 + model.optimizer_states)
+    in_flight = model.microbatches if model.schedule == "GPipe" else min(model.microbatches, k - s)
+    return params + in_flight * sum(blocks["acts"][i: j + 1])
+
+
+@st.composite
+def fitting_cases(draw: st.DrawFn) -> tuple[dict[str, Any], list[Device], CostModel]:
+    """Memory limits that some split fits by construction: a split is drawn first, and each device's limit is
+    that split's stage's own need plus a little (often nothing), so the limits bind but never rule out all."""
+    blocks, devices, model = draw(cases(sends=True, memory=False, speeds=True, choice=True))
+    n, k = len(blocks["compute"]), len(devices)
+    chosen = draw(st.sampled_from(_compositions(n, k)))
+    first = 0
+    for s, count in enumerate(chosen):
+        need = _plain_bytes(blocks, k, model, s, first, first + count - 1)
+        slack = draw(st.one_of(st.none(), st.sampled_from([0, 0, 1, 5, 20])))
+        limit = None if slack is None else int(need) + slack
+        devices[s] = Device("d", memory_bytes=limit, speed=devices[s].speed)
+        first += count
+    return blocks, devices, model
+
+
 @settings(deadline=None)
-@given(cases(sends=True, memory=True, speeds=True))
+@given(fitting_cases())
 def test_minvar_matches_brute_force(case: tuple[dict[str, list[float]], list[Device], CostModel]) -> None:
     blocks, devices, model = case
     feasible = _brute(blocks, devices, model)
-    if not feasible:
-        return
+    assert feasible  # by construction: the drawn split fits
     result = split_minvar(_problem(blocks, devices, model))
+    assert result.fits and sum(result.balance) == len(blocks["compute"])
     assert result.sum_sq == pytest.approx(min(sum(t * t for t in times) for _, times in feasible),
                                           rel=1e-9, abs=1e-12)
+    assert list(result.balance) in [balance for balance, _ in feasible]
 
 
 @settings(deadline=None)
