@@ -152,6 +152,38 @@ def test_meta_init_and_running_inside_torchrun(plan: Path, tmp_path: Path) -> No
     assert result.returncode == 0, result.stderr[-2000:]
     report = json.loads((tmp_path / "r.json").read_text())
     assert len(report["losses"]) == 2 and all(loss == loss for loss in report["losses"])
+    # the first step's loss is that of per-block fresh weights (not the whole model's), in one process
+    fresh, whole = _first_loss(plan, per_block_init=True), _first_loss(plan, per_block_init=False)
+    assert abs(fresh - whole) > 0.1  # the two initialisations are told apart
+    assert report["losses"][0] == pytest.approx(fresh, rel=1e-5), (report["losses"], fresh, whole)
+
+
+def _first_loss(plan_path: Path, per_block_init: bool) -> float:
+    """gpt2-tiny's loss on the run's first batch (seed 0), averaged over the plan's micro-batches, in this
+    process: with the weights a whole-model build draws, or with ``--meta-init``'s, each block's submodules
+    reset from the seed ``7919 seed + 131 stage + block`` (``autopart.run.loop._initialise``)."""
+    from autopart.formats.plan import Plan
+    from autopart.measure.stream import load_with_weights
+    from autopart.run.data import training_data
+
+    plan = Plan.from_json(plan_path)
+    torch.manual_seed(0)
+    bundle = load_with_weights("gpt2-tiny")
+    if per_block_init:
+        for s, stage in enumerate(plan.stages):
+            for i, name in enumerate(stage.blocks):
+                torch.manual_seed(0 * 7919 + s * 131 + i)
+                for sub in bundle.module.get_submodule(name).modules():
+                    reset = getattr(sub, "reset_parameters", None)
+                    if callable(reset):
+                        reset()
+    m = plan.microbatches
+    data = training_data(bundle, None, plan.microbatch_size * m, tuple(plan.sample_shape[1:]), 0, 0)
+    inputs, target = next(data.batches)
+    assert isinstance(inputs, torch.Tensor) and data.loss_fn is not None
+    with torch.no_grad():
+        losses = [data.loss_fn(bundle.module(x), t) for x, t in zip(inputs.tensor_split(m), target.tensor_split(m))]
+    return float(torch.stack(losses).mean())
 
 
 @pytest.mark.slow
