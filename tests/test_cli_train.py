@@ -138,8 +138,25 @@ def test_images_batchnorm_warning_and_replan(tmp_path: Path) -> None:
     assert result.returncode == 0, result.stderr[-2000:]
     assert "scikit-learn digits" in result.stderr and "samples/s" in result.stderr
     assert "BatchNorm" in result.stderr and "replan:" in result.stderr
-    new = json.loads(suggested.read_text())
+    old, new = json.loads(plan.read_text()), json.loads(suggested.read_text())
     assert sum(new["balance"]) == 10 and new["schema"] == "autopart.plan/1"
+    # planned again, by the default search, from blocks measured in the run: not the old (uniform) plan
+    assert (old["method"], old["balance"]) == ("uniform", [5, 5])
+    assert new["method"] == "exact" and new["profile"] == "(re-profiled during training)"
+    for key in ("model", "schedule", "microbatches", "microbatch_size", "stages_per_rank", "sample_shape"):
+        assert new[key] == old[key], key  # the same run's settings
+    blocks = [name for stage in old["stages"] for name in stage["blocks"]]
+    assert [name for stage in new["stages"] for name in stage["blocks"]] == blocks
+    assert [len(stage["blocks"]) for stage in new["stages"]] == new["balance"]
+    assert new["stages"] != old["stages"]  # re-measured costs, even where the balance is the same
+    said = [line for line in result.stderr.splitlines() if line.startswith("replan: ")]
+    assert len(said) == 1 and f"suggest balance {new['balance']} (now [5, 5])" in said[0], said
+    # its prediction is its own stages' simulated step
+    from autopart.core.planner import simulate_plan
+    from autopart.formats.plan import Plan
+
+    replanned = Plan.from_json(suggested)
+    assert simulate_plan(replanned).step_ms == pytest.approx(new["predicted"]["step_ms"], rel=1e-9)
 
 
 @pytest.mark.slow
