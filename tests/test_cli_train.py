@@ -194,8 +194,9 @@ def _first_loss(plan_path: Path, per_block_init: bool) -> float:
                     reset = getattr(sub, "reset_parameters", None)
                     if callable(reset):
                         reset()
-    m = plan.microbatches
-    data = training_data(bundle, None, plan.microbatch_size * m, tuple(plan.sample_shape[1:]), 0, 0)
+    m, size = plan.microbatches, plan.microbatch_size
+    assert size is not None
+    data = training_data(bundle, None, size * m, tuple(plan.sample_shape[1:]), 0, 0)
     inputs, target = next(data.batches)
     assert isinstance(inputs, torch.Tensor) and data.loss_fn is not None
     with torch.no_grad():
