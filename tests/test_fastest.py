@@ -71,7 +71,7 @@ def _problems(draw: st.DrawFn, max_blocks: int = 9, choosy: bool = False) -> _Ca
     name, per_rank = draw(st.sampled_from(SCHEDULES))
     ranks = draw(st.integers(2 if choosy else 1, 3))
     k = ranks * per_rank
-    n = draw(st.integers(max(k + 1 if choosy else k, 2), max(k + 1, max_blocks)))
+    n = draw(st.integers(max(k + 1 if choosy else k, 2), max(k + 1 if choosy else k, max_blocks)))
     m = draw(st.integers(ranks, ranks + 1 if choosy else 2 * ranks + 2))
     if name == "Interleaved1F1B":
         m = max(1, m // ranks) * ranks  # rounds of whole ranks, as torch requires
@@ -109,7 +109,8 @@ def test_exact_is_the_fastest_split_of_all(case: _Case) -> None:
 @given(case=_problems(choosy=True))
 @settings(max_examples=60, deadline=None)
 def test_exact_is_the_fastest_where_the_bottleneck_split_is_not(case: _Case) -> None:
-    """46% of these draws have a split faster than the bottleneck split (16-20% of the draws above)."""
+    """45% of these draws have a split faster than the bottleneck split (22% of the draws above, and a fifth
+    of those have nothing that fits)."""
     assert _brute(case.problem)  # a split fits by construction
     _check_fastest(case.problem)
 
