@@ -251,3 +251,71 @@ class SkipDropout(nn.Module):
 def skip_dropout_spec() -> dict[str, Any]:
     return {"module": SkipDropout(), "example": torch.randn(4, 8), "loss_fn": nn.functional.mse_loss,
             "data": _batches(lambda g, n: torch.randn(n, 8, generator=g), 4)}
+
+
+
+CAP_DAC_OVERRIDE, CAP_DAC_READ_SEARCH = 1, 2  # linux/capability.h: what lets root ignore permission bits
+
+
+def _drop_permission_override() -> None:
+    """Clear this process's capabilities to bypass file permission bits (capset(2), via libc)."""
+    import ctypes
+    import os
+
+    class Header(ctypes.Structure):
+        _fields_ = [("version", ctypes.c_uint32), ("pid", ctypes.c_int)]
+
+    class Data(ctypes.Structure):
+        _fields_ = [("effective", ctypes.c_uint32), ("permitted", ctypes.c_uint32), ("inheritable", ctypes.c_uint32)]
+
+    libc = ctypes.CDLL(None, use_errno=True)
+    header, data = Header(0x20080522, 0), (Data * 2)()  # _LINUX_CAPABILITY_VERSION_3: two 32-bit words
+    if libc.capget(ctypes.byref(header), data) != 0:
+        raise OSError(ctypes.get_errno(), "capget")
+    keep = ~((1 << CAP_DAC_OVERRIDE) | (1 << CAP_DAC_READ_SEARCH)) & 0xFFFFFFFF
+    data[0].effective &= keep
+    data[0].permitted &= keep
+    data[0].inheritable &= keep
+    if libc.capset(ctypes.byref(header), data) != 0:
+        raise OSError(ctypes.get_errno(), "capset")
+
+
+def bound_by_permissions(fn: Any) -> Any:
+    """``fn()``'s result, computed where file permission bits bind: in this process when it is not root;
+    otherwise in a forked child that first drops root's power to override them (root writes anywhere, and
+    CI runs as root). It stays root otherwise, so it still reads root's own files (the interpreter, say).
+
+    The child's result, or the exception it raised, comes back pickled."""
+    import os
+    import pickle
+
+    if os.geteuid() != 0:
+        return fn()
+    import ctypes  # noqa: F401 -- loaded before the fork, as the child drops its rights
+
+    read_end, write_end = os.pipe()
+    pid = os.fork()
+    if pid == 0:  # the child: never returns into pytest
+        code = 0
+        try:
+            os.close(read_end)
+            _drop_permission_override()
+            try:
+                outcome: tuple[bool, Any] = (True, fn())
+            except BaseException as exc:  # noqa: BLE001 -- carried to the parent
+                outcome = (False, exc)
+            with os.fdopen(write_end, "wb") as pipe:
+                pickle.dump(outcome, pipe)
+        except BaseException:  # noqa: BLE001
+            code = 1
+        finally:
+            os._exit(code)
+    os.close(write_end)
+    with os.fdopen(read_end, "rb") as pipe:
+        data = pipe.read()
+    _, status = os.waitpid(pid, 0)
+    assert os.waitstatus_to_exitcode(status) == 0 and data, "the child that gave up root's override failed"
+    ok, value = pickle.loads(data)
+    if not ok:
+        raise value
+    return value

@@ -12,6 +12,7 @@ import pytest
 
 from autopart.formats.atomic import check_writable, current_umask, write_atomic, write_json_atomic
 from autopart.errors import AutopartError
+from tests.helpers import bound_by_permissions
 
 
 def test_failed_write_keeps_the_old_file(tmp_path: Path) -> None:
@@ -33,11 +34,12 @@ def test_unwritable_paths_are_refused(tmp_path: Path) -> None:
         check_writable(tmp_path / "no" / "such" / "x.json")
     with pytest.raises(AutopartError, match="is a directory"):
         check_writable(tmp_path)
-    if os.geteuid() != 0:  # root writes anywhere
-        locked = tmp_path / "locked"
-        locked.mkdir(mode=0o500)
-        with pytest.raises(AutopartError, match="cannot write"):
-            check_writable(locked / "x.json")
+    locked = tmp_path / "locked"  # a folder its owner may not write into; checked without root's override
+    locked.mkdir(mode=0o555)
+    target = locked / "x.json"
+    with pytest.raises(AutopartError, match=f"cannot write '{target}': Permission denied"):
+        bound_by_permissions(lambda: check_writable(target))
+    assert os.listdir(locked) == []
 
 
 @pytest.mark.parametrize("umask, mode", [(0o022, 0o644), (0o027, 0o640), (0o077, 0o600), (0o002, 0o664)])

@@ -1,14 +1,20 @@
 """`autopart partition` as a user runs it."""
 from __future__ import annotations
 
+import itertools
 import json
 from pathlib import Path
 from typing import Any
 
 import pytest
 
+from autopart.core.costmodel import Problem
+from autopart.core.planner import cost_model_of
+from autopart.formats.devices import Device
 from autopart.formats.plan import Plan
+from autopart.formats.profile import Profile
 from tests.conftest import ROOT, assert_one_line_error, run_cli
+from tests.test_fastest import _brute
 
 GPT2 = str(ROOT / "profiles" / "gpt2-small-cpu-mb1.json")
 TINY = str(ROOT / "profiles" / "gpt2-tiny-cpu-mb4.json")
@@ -27,15 +33,29 @@ def test_partition_prints_balance_and_writes_plan(tmp_path: Path) -> None:
     assert balance[-1] < json.loads(uniform.stdout)[-1]  # fewer layers beside the LM head
 
 
-@pytest.mark.parametrize("fmt, check", [
-    ("json", lambda out: json.loads(out)["schema"] == "autopart.plan/1"),
-    ("balance", lambda out: sum(json.loads(out)) == 14),
-    ("split-spec", lambda out: out.count("SplitPoint.BEGINNING,") == 2 and "import SplitPoint" in out),
-    ("fqns", lambda out: sum(len(s) for s in json.loads(out)) == 14),
-])
-def test_machine_formats(fmt: str, check: object) -> None:
-    result = run_cli("partition", GPT2, "--stages", "3", "--format", fmt)
-    assert result.returncode == 0 and check(result.stdout)  # type: ignore[operator]
+def test_machine_formats() -> None:
+    """Every format prints the same split, and that split is the fastest of all 78 (brute force)."""
+    printed = {}
+    for fmt in ("json", "balance", "split-spec", "fqns"):
+        result = run_cli("partition", GPT2, "--stages", "3", "--format", fmt)
+        assert result.returncode == 0 and result.stderr == "", (fmt, result.stderr)
+        printed[fmt] = result.stdout
+    plan = Plan.from_dict(json.loads(printed["json"]))
+    assert plan.schema == "autopart.plan/1" and plan.num_stages == 3
+    problem = Problem.from_profile(Profile.from_json(GPT2), [Device("cpu")] * 3, cost_model_of(plan))
+    every = _brute(problem)
+    assert len(every) == 78
+    fastest_step, _, fastest = min(every, key=lambda x: (x[0], x[1]))
+    assert list(plan.balance) == fastest == [7, 6, 1]
+    assert plan.predicted.step_ms == pytest.approx(fastest_step, rel=1e-9)
+    assert json.loads(printed["balance"]) == fastest
+    names = [layer.name for layer in Profile.from_json(GPT2).layers]
+    firsts = list(itertools.accumulate(fastest[:-1]))  # each later stage's first block
+    assert json.loads(printed["fqns"]) == [names[a:b] for a, b in zip([0] + firsts, firsts + [len(names)])]
+    assert printed["split-spec"] == (
+        "from torch.distributed.pipelining import SplitPoint\n\n"
+        "# gpt2-small: 3 stages, balance [7, 6, 1]; pipeline(model, mb_args=..., split_spec=split_spec)\n"
+        "split_spec = {\n" + "".join(f'    "{names[i]}": SplitPoint.BEGINNING,\n' for i in firsts) + "}\n")
 
 
 @pytest.mark.parametrize("stages", [2, 3])

@@ -41,11 +41,27 @@ def test_simulate_prints_timeline_and_writes_svg(plan: Path, tmp_path: Path) -> 
 
 
 def test_simulate_json_and_overrides(plan: Path) -> None:
+    """The plan's own stages under GPipe with 8 micro-batches: its step has a closed form (test_fastest),
+    ΣF' + 7 max F' + max_s [Σ_{t>=s} B' + 7 max_{t>=s} B' + opt_s], and GPipe holds all 8 in flight."""
+    data = json.loads(plan.read_text())
+    assert (data["schedule"], data["microbatches"], data["stages_per_rank"]) != ("GPipe", 8, 1)  # overrides show
     result = run_cli("simulate", str(plan), "--json", "--microbatches", "8", "--schedule", "gpipe")
     assert result.returncode == 0, result.stderr
-    data = json.loads(result.stdout)
-    assert set(data) >= {"step_ms", "bubble_fraction", "peak_memory_bytes"} and data["schedule"] == "GPipe"
-    assert len(data["peak_memory_bytes"]) == data["num_ranks"]
+    got = json.loads(result.stdout)
+    stages = data["stages"]
+    k, m = len(stages), 8
+    assert all(st["overhead_ms"] == 0.0 for st in stages)  # the closed form has no cost per action
+    f = [st["forward_ms"] + (st["send_forward_ms"] if s < k - 1 else 0.0) for s, st in enumerate(stages)]
+    b = [st["backward_ms"] + (st["send_backward_ms"] if s > 0 else 0.0) for s, st in enumerate(stages)]
+    step_ms = sum(f) + (m - 1) * max(f) + max(sum(b[s:]) + (m - 1) * max(b[s:]) + stages[s]["optimizer_ms"]
+                                              for s in range(k))
+    assert (got["schedule"], got["num_ranks"], got["microbatches"]) == ("GPipe", k, m)
+    assert got["step_ms"] == pytest.approx(step_ms, rel=1e-9)
+    assert got["peak_in_flight"] == [m] * k
+    assert got["peak_activation_bytes"] == [m * st["activation_bytes"] for st in stages]
+    own = json.loads(run_cli("simulate", str(plan), "--json").stdout)  # no overrides: the plan's own
+    assert (own["schedule"], own["microbatches"]) == (data["schedule"], data["microbatches"])
+    assert own["step_ms"] == pytest.approx(data["predicted"]["step_ms"], rel=1e-9)
 
 
 def test_simulate_errors(plan: Path, tmp_path: Path) -> None:

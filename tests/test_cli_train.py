@@ -138,8 +138,25 @@ def test_images_batchnorm_warning_and_replan(tmp_path: Path) -> None:
     assert result.returncode == 0, result.stderr[-2000:]
     assert "scikit-learn digits" in result.stderr and "samples/s" in result.stderr
     assert "BatchNorm" in result.stderr and "replan:" in result.stderr
-    new = json.loads(suggested.read_text())
+    old, new = json.loads(plan.read_text()), json.loads(suggested.read_text())
     assert sum(new["balance"]) == 10 and new["schema"] == "autopart.plan/1"
+    # planned again, by the default search, from blocks measured in the run: not the old (uniform) plan
+    assert (old["method"], old["balance"]) == ("uniform", [5, 5])
+    assert new["method"] == "exact" and new["profile"] == "(re-profiled during training)"
+    for key in ("model", "schedule", "microbatches", "microbatch_size", "stages_per_rank", "sample_shape"):
+        assert new[key] == old[key], key  # the same run's settings
+    blocks = [name for stage in old["stages"] for name in stage["blocks"]]
+    assert [name for stage in new["stages"] for name in stage["blocks"]] == blocks
+    assert [len(stage["blocks"]) for stage in new["stages"]] == new["balance"]
+    assert new["stages"] != old["stages"]  # re-measured costs, even where the balance is the same
+    said = [line for line in result.stderr.splitlines() if line.startswith("replan: ")]
+    assert len(said) == 1 and f"suggest balance {new['balance']} (now [5, 5])" in said[0], said
+    # its prediction is its own stages' simulated step
+    from autopart.core.planner import simulate_plan
+    from autopart.formats.plan import Plan
+
+    replanned = Plan.from_json(suggested)
+    assert simulate_plan(replanned).step_ms == pytest.approx(new["predicted"]["step_ms"], rel=1e-9)
 
 
 @pytest.mark.slow
@@ -152,6 +169,39 @@ def test_meta_init_and_running_inside_torchrun(plan: Path, tmp_path: Path) -> No
     assert result.returncode == 0, result.stderr[-2000:]
     report = json.loads((tmp_path / "r.json").read_text())
     assert len(report["losses"]) == 2 and all(loss == loss for loss in report["losses"])
+    # the first step's loss is that of per-block fresh weights (not the whole model's), in one process
+    fresh, whole = _first_loss(plan, per_block_init=True), _first_loss(plan, per_block_init=False)
+    assert abs(fresh - whole) > 0.1  # the two initialisations are told apart
+    assert report["losses"][0] == pytest.approx(fresh, rel=1e-5), (report["losses"], fresh, whole)
+
+
+def _first_loss(plan_path: Path, per_block_init: bool) -> float:
+    """gpt2-tiny's loss on the run's first batch (seed 0), averaged over the plan's micro-batches, in this
+    process: with the weights a whole-model build draws, or with ``--meta-init``'s, each block's submodules
+    reset from the seed ``7919 seed + 131 stage + block`` (``autopart.run.loop._initialise``)."""
+    from autopart.formats.plan import Plan
+    from autopart.measure.stream import load_with_weights
+    from autopart.run.data import training_data
+
+    plan = Plan.from_json(plan_path)
+    torch.manual_seed(0)
+    bundle = load_with_weights("gpt2-tiny")
+    if per_block_init:
+        for s, stage in enumerate(plan.stages):
+            for i, name in enumerate(stage.blocks):
+                torch.manual_seed(0 * 7919 + s * 131 + i)
+                for sub in bundle.module.get_submodule(name).modules():
+                    reset = getattr(sub, "reset_parameters", None)
+                    if callable(reset):
+                        reset()
+    m, size = plan.microbatches, plan.microbatch_size
+    assert size is not None
+    data = training_data(bundle, None, size * m, tuple(plan.sample_shape[1:]), 0, 0)
+    inputs, target = next(data.batches)
+    assert isinstance(inputs, torch.Tensor) and data.loss_fn is not None
+    with torch.no_grad():
+        losses = [data.loss_fn(bundle.module(x), t) for x, t in zip(inputs.tensor_split(m), target.tensor_split(m))]
+    return float(torch.stack(losses).mean())
 
 
 @pytest.mark.slow

@@ -80,10 +80,12 @@ def _problem(blocks: dict[str, Any], devices: Sequence[Device], model: CostModel
 
 
 @st.composite
-def cases(draw: st.DrawFn, sends: bool, memory: bool, speeds: bool, graph: bool = False
+def cases(draw: st.DrawFn, sends: bool, memory: bool, speeds: bool, graph: bool = False, choice: bool = False
           ) -> tuple[dict[str, Any], list[Device], CostModel]:
-    n = draw(st.integers(1, 8))
-    k = draw(st.integers(1, min(n, 4)))
+    """Blocks, devices and a cost model; with ``choice``, at least 2 stages and a block more than stages, so
+    there is more than one split to choose from."""
+    n = draw(st.integers(3 if choice else 1, 8))
+    k = draw(st.integers(2 if choice else 1, min(n - 1 if choice else n, 4)))
     small = st.integers(0, 12)
     forward = [draw(small) / 4 for _ in range(n)]
     blocks = {
@@ -169,16 +171,41 @@ def test_exact_with_skips_under_memory_alone_matches_brute_force(case: tuple[dic
     _check_exact(case)
 
 
+def _plain_bytes(blocks: dict[str, Any], k: int, model: CostModel, s: int, i: int, j: int) -> float:
+    """DESIGN.md's memory of stage ``s`` holding blocks ``i..j`` without recomputation (as :func:`_brute_stage`)."""
+    params = sum(blocks["params"][i: j + 1]) * (2 + model.optimizer_states)
+    in_flight = model.microbatches if model.schedule == "GPipe" else min(model.microbatches, k - s)
+    return params + in_flight * sum(blocks["acts"][i: j + 1])
+
+
+@st.composite
+def fitting_cases(draw: st.DrawFn) -> tuple[dict[str, Any], list[Device], CostModel]:
+    """Memory limits that some split fits by construction: a split is drawn first, and each device's limit is
+    that split's stage's own need plus a little (often nothing), so the limits bind but never rule out all."""
+    blocks, devices, model = draw(cases(sends=True, memory=False, speeds=True, choice=True))
+    n, k = len(blocks["compute"]), len(devices)
+    chosen = draw(st.sampled_from(_compositions(n, k)))
+    first = 0
+    for s, count in enumerate(chosen):
+        need = _plain_bytes(blocks, k, model, s, first, first + count - 1)
+        slack = draw(st.one_of(st.none(), st.sampled_from([0, 0, 1, 5, 20])))
+        limit = None if slack is None else int(need) + slack
+        devices[s] = Device("d", memory_bytes=limit, speed=devices[s].speed)
+        first += count
+    return blocks, devices, model
+
+
 @settings(deadline=None)
-@given(cases(sends=True, memory=True, speeds=True))
+@given(fitting_cases())
 def test_minvar_matches_brute_force(case: tuple[dict[str, list[float]], list[Device], CostModel]) -> None:
     blocks, devices, model = case
     feasible = _brute(blocks, devices, model)
-    if not feasible:
-        return
+    assert feasible  # by construction: the drawn split fits
     result = split_minvar(_problem(blocks, devices, model))
+    assert result.fits and sum(result.balance) == len(blocks["compute"])
     assert result.sum_sq == pytest.approx(min(sum(t * t for t in times) for _, times in feasible),
                                           rel=1e-9, abs=1e-12)
+    assert list(result.balance) in [balance for balance, _ in feasible]
 
 
 @settings(deadline=None)
@@ -221,12 +248,19 @@ def test_recomputation_only_where_it_is_needed() -> None:
     result = split_bottleneck(problem)
     assert result.balance == (3, 1) and [s.recompute for s in result.stages] == [True, False]
     assert result.stages[0].time_ms == 4.5 and result.bottleneck_ms == 6.0
-    assert not CostModel(recompute=False).recompute
-    with pytest.raises(AutopartError):
-        split_bottleneck(Problem([1.0, 1.0, 1.0, 6.0], [Device("d", memory_bytes=60)] * 2,
-                            CostModel(schedule="gpipe", microbatches=4, recompute=False),
-                            activation_bytes=[10, 10, 10, 1], output_bytes=[1] * 4))
     assert result.fits
+    # without recomputation nothing fits 60 B: (2, 2) holds 4 x 20 = 80 B and 4 x 11 = 44 B, the least of all
+    # splits ((3, 1): 120 B, (1, 3): 84 B), so 80 B is the smallest limit, and there (2, 2) is the split
+    def plain(limit: int) -> Problem:
+        return Problem([1.0, 1.0, 1.0, 6.0], [Device("d", memory_bytes=limit)] * 2,
+                       CostModel(schedule="gpipe", microbatches=4, recompute=False), forward_ms=[0.5] * 4,
+                       activation_bytes=[10, 10, 10, 1], output_bytes=[1] * 4)
+
+    with pytest.raises(AutopartError, match=r"no split of 4 blocks into 2 stages fits the memory limits "
+                                            r"\(GPipe, 4 micro-batches, .*\); the smallest limit that fits is 80 B$"):
+        split_bottleneck(plain(60))
+    at_80 = split_bottleneck(plain(80))
+    assert at_80.balance == (2, 2) and not any(s.recompute for s in at_80.stages) and at_80.bottleneck_ms == 7.0
 
 
 def test_lm_head_gets_fewer_layers_than_uniform() -> None:
@@ -235,7 +269,35 @@ def test_lm_head_gets_fewer_layers_than_uniform() -> None:
     exact, uniform = split_bottleneck(problem), split_uniform(problem)
     assert exact.balance[-1] < uniform.balance[-1]
     assert exact.bottleneck_ms < uniform.bottleneck_ms
-    assert split_parameters(problem).fits
+
+
+def test_parameters_split_balances_parameter_bytes_not_time() -> None:
+    # one block holds most of the weights: by parameters it stands alone, by time the blocks split evenly
+    problem = Problem([1.0] * 6, [Device("d")] * 2, CostModel(), param_bytes=[30, 1, 1, 1, 1, 1])
+    by_params = split_parameters(problem)
+    assert by_params.method == "parameters" and by_params.balance == (1, 5)
+    assert [s.time_ms for s in by_params.stages] == [1.0, 5.0]  # priced by the real problem, not the weights
+    assert split_bottleneck(problem).balance == (3, 3)
+    tight = Problem([1.0] * 6, [Device("d", memory_bytes=100)] * 2, CostModel(), param_bytes=[30, 1, 1, 1, 1, 1])
+    assert not split_parameters(tight).fits  # 30 B x 4 (weights, gradients, 2 Adam states) = 120 B > 100 B
+
+
+def test_parameters_split_matches_brute_force_on_gpt2() -> None:
+    """Every split of GPT-2 small's 14 blocks into 4 stages: the fewest parameter bytes on the fullest stage,
+    then the smallest sum of squares (the bottleneck split's tie-break)."""
+    profile = Profile.from_json(ROOT / "profiles" / "gpt2-small-cpu-mb1.json")
+    problem = Problem.from_profile(profile, [Device("d")] * 4, CostModel(microbatches=4))
+    params = [layer.param_bytes for layer in profile.layers]
+
+    def stage_bytes(balance: Sequence[int]) -> list[int]:
+        edges = list(itertools.accumulate(balance, initial=0))
+        return [sum(params[a:b]) for a, b in zip(edges, edges[1:])]
+
+    best = min(_compositions(len(params), 4), key=lambda b: (max(stage_bytes(b)), sum(x * x for x in stage_bytes(b))))
+    got = split_parameters(problem)
+    assert max(stage_bytes(got.balance)) == max(stage_bytes(best))
+    assert list(got.balance) == best, (got.balance, stage_bytes(got.balance), best, stage_bytes(best))
+    assert got.balance != split_bottleneck(problem).balance  # the LM head is heavy in time, not in bytes
 
 
 @pytest.mark.parametrize("costs, k, message", [

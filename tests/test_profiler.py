@@ -19,16 +19,20 @@ from autopart.measure.profiler import profile_model
 from tests.helpers import SplitSleep, sleep_model
 
 
+@pytest.mark.slow
 def test_sleeping_blocks_get_their_sleep_times() -> None:
-    forward_ms = [4.0, 16.0, 8.0]
-    backward_ms = [12.0, 4.0, 20.0]
-    profile = profile_model(sleep_model(forward_ms, backward_ms), torch.randn(2, 3), warmup=1, repeats=3)
+    """Each block's median time is its sleep plus at most 10% and 1 ms (a busy machine wakes sleepers late):
+    a clock 25% off, another block's work, or the input-gradient half counted twice shows (the old bound, +30%
+    and 2 ms on sleeps of 4-20 ms, let 80% through)."""
+    forward_ms = [10.0, 40.0, 20.0]
+    backward_ms = [30.0, 10.0, 50.0]
+    profile = profile_model(sleep_model(forward_ms, backward_ms), torch.randn(2, 3), warmup=1, repeats=5)
     got_f = [layer.forward_ms for layer in profile.layers]
     got_b = [layer.backward_ms for layer in profile.layers]
     assert sorted(range(3), key=got_f.__getitem__) == [0, 2, 1]
     assert sorted(range(3), key=got_b.__getitem__) == [1, 0, 2]
     for want, got in zip(forward_ms + backward_ms, got_f + got_b):
-        assert want * 0.98 <= got <= want * 1.3 + 2.0, (want, got)
+        assert want <= got <= want * 1.1 + 1.0, (want, got)  # time.sleep never wakes early
 
 
 def test_the_input_gradient_half_of_the_backward_is_timed_on_its_own() -> None:

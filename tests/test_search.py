@@ -20,16 +20,26 @@ def _profile(overhead_ms: float, blocks: int = 8) -> Profile:
                    layers=layers(1), by_microbatch_size=tuple((b, layers(b)) for b in (2, 4, 8, 16)))
 
 
-def test_overhead_per_microbatch_limits_how_many_pay_off() -> None:
-    devices = [Device("d")] * 4
-    free = plan_search(_profile(0.0), devices, CostModel(), global_batch=64, search_microbatches=True,
-                       schedules=[("1F1B", 1)])
-    costly = plan_search(_profile(8.0), devices, CostModel(), global_batch=64, search_microbatches=True,
-                         schedules=[("1F1B", 1)])
-    assert free.microbatches == 64  # no overhead: more micro-batches, smaller bubble
-    assert 4 <= costly.microbatches < 64  # a fixed cost per micro-batch makes very many slow
-    assert costly.runners_up and all(c.step_ms >= costly.predicted.step_ms for c in costly.runners_up)
-    assert "fitted" in costly.scaling or costly.microbatch_size in (1, 2, 4, 8, 16)
+def _one_f_one_b_step_ms(overhead_ms: float, microbatches: int, global_batch: int = 64) -> float:
+    """Known answer: 8 equal blocks on 4 ranks are 2 per stage, each stage ``2 (overhead + size)`` ms per
+    micro-batch (the profile has every size's times), and 1F1B without sends takes ``M + 4 - 1`` stage times."""
+    return (microbatches + 3) * 2 * (overhead_ms + global_batch / microbatches)
+
+
+@pytest.mark.parametrize("overhead_ms, best, scaling", [
+    (0.0, 64, ""),  # no overhead: more micro-batches, smaller bubble; size 1 is the profile's own
+    (8.0, 4, "measured at micro-batch size 16"),  # a fixed cost per micro-batch makes very many slow
+])
+def test_overhead_per_microbatch_limits_how_many_pay_off(overhead_ms: float, best: int, scaling: str) -> None:
+    plan = plan_search(_profile(overhead_ms), [Device("d")] * 4, CostModel(), global_batch=64,
+                       search_microbatches=True, schedules=[("1F1B", 1)])
+    counts = [4, 8, 16, 32, 64]  # the divisors of 64 with at least one micro-batch per rank
+    want = sorted((_one_f_one_b_step_ms(overhead_ms, m), m) for m in counts)
+    assert want[0][1] == best and plan.microbatches == best and plan.microbatch_size == 64 // best
+    assert plan.balance == (2, 2, 2, 2) and plan.scaling == scaling
+    assert plan.predicted.step_ms == pytest.approx(want[0][0], rel=1e-12)
+    assert [(c.microbatches, c.step_ms) for c in plan.runners_up] == [(m, pytest.approx(t, rel=1e-12))
+                                                                      for t, m in want[1:]]
 
 
 def test_auto_schedule_records_the_winner_and_runners_up() -> None:

@@ -16,10 +16,13 @@ LLAMA = ("hf:llama:hidden_size=64,intermediate_size=128,num_hidden_layers=3,num_
 
 
 def _same_bytes(whole: object, parts: object) -> None:
-    for a, b in zip(whole.layers, parts.layers):  # type: ignore[attr-defined]
-        assert (a.name, a.param_bytes, a.output_bytes, a.skip_bytes) == (b.name, b.param_bytes, b.output_bytes,
-                                                                          b.skip_bytes)
-        assert b.activation_bytes == pytest.approx(a.activation_bytes, rel=0.1, abs=64)
+    """Block by block, every byte count the same: sizes and saved storages do not depend on where the
+    weights live, so a profile built on meta is exact (every block, none missing or extra)."""
+    def sizes(profile: object) -> list[tuple[str, int, int, int, int]]:
+        return [(x.name, x.param_bytes, x.activation_bytes, x.output_bytes, x.skip_bytes)
+                for x in profile.layers]  # type: ignore[attr-defined]
+
+    assert sizes(parts) == sizes(whole)
 
 
 def test_a_chain_built_on_meta_profiles_like_the_whole_model() -> None:
