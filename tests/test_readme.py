@@ -9,22 +9,40 @@ from pathlib import Path
 
 import pytest
 
-from tests.conftest import ROOT
+from tests.conftest import ROOT, run_cli_here
 
 PAGES = [ROOT / "README.md", *sorted((ROOT / "docs").glob("*.md"))]
-FENCE = re.compile(r"^```python\n(.*?)^```", re.S | re.M)
 PRINT_WITH_OUTPUT = re.compile(r"^print\(.*\)\s+# (.*)$")
+
+
+def fences(text: str) -> list[tuple[int, str, list[str]]]:
+    """(line, info string, lines) of every fenced code block of a Markdown text, indented ones (in a list
+    item) dedented."""
+    found: list[tuple[int, str, list[str]]] = []
+    opened: tuple[int, int, str] | None = None
+    body: list[str] = []
+    for number, line in enumerate(text.splitlines(), 1):
+        stripped = line.lstrip()
+        if opened is None and stripped.startswith("```"):
+            opened, body = (number, len(line) - len(stripped), stripped[3:].strip()), []
+        elif opened is not None and stripped.startswith("```"):
+            found.append((opened[0], opened[2], body))
+            opened = None
+        elif opened is not None:
+            indent = opened[1]
+            body.append(line[indent:] if not line[:indent].strip() else line.lstrip())
+    return found
+
+
+def test_fences_pairs_openings_with_closings() -> None:
+    text = "a\n```bash\nx\n```\nprose\n  ```\n  $ y\n    z\n  ```\n```python\n  z\n```\n"
+    assert fences(text) == [(2, "bash", ["x"]), (6, "", ["$ y", "  z"]), (10, "python", ["  z"])]
 
 
 def python_blocks() -> list[tuple[str, int, str]]:
     """(page, line, code) of every ```python block of the README and docs/."""
-    found = []
-    for page in PAGES:
-        text = page.read_text()
-        for match in FENCE.finditer(text):
-            line = text.count("\n", 0, match.start()) + 1
-            found.append((str(page.relative_to(ROOT)), line, match.group(1)))
-    return found
+    return [(str(page.relative_to(ROOT)), line, "\n".join(body) + "\n")
+            for page in PAGES for line, info, body in fences(page.read_text()) if info == "python"]
 
 
 def expected_output(code: str) -> list[str]:
@@ -110,3 +128,60 @@ def test_no_code_cites_a_document_the_project_lacks() -> None:
                 if not (ROOT / page).exists():
                     cited.append(f"{path.relative_to(ROOT)}: {page}")
     assert not cited, cited
+
+
+PLANNING = ("autopart partition ", "autopart simulate ")
+"""Commands whose output follows from the shipped profiles alone (no timing, no torch): their blocks are rerun."""
+
+
+def console_blocks(page: Path) -> list[tuple[int, list[str], list[str]]]:
+    """(line, command words, output lines) of every plain code block of ``page`` that shows a planning
+    command (``$ autopart partition ...``, continued by trailing backslashes) and what it printed."""
+    found = []
+    for line, info, body in fences(page.read_text()):
+        lines = [x.rstrip() for x in body]
+        if info or not lines or not lines[0].startswith("$ ") or not lines[0][2:].startswith(PLANNING):
+            continue
+        command = lines.pop(0)[2:]
+        while command.endswith("\\"):
+            command = command[:-1] + " " + lines.pop(0).strip()
+        found.append((line, command.split()[1:], lines))
+    return found
+
+
+def reads_what_it_has(args: list[str], written: set[str]) -> bool:
+    """The command's input is a shipped profile, or a file an earlier command of the page wrote."""
+    return args[1].startswith("profiles/") or args[1] in written
+
+
+def shown_lines_missing(shown: list[str], printed: list[str]) -> list[str]:
+    """The lines a page shows (``...`` stands for lines left out) that the command did not print."""
+    have = {line.rstrip() for line in printed}
+    return [line for line in shown if line.strip() != "..." and line.rstrip() not in have]
+
+
+def test_shown_lines_missing_skips_elisions() -> None:
+    assert shown_lines_missing(["a", "...", "c "], ["a", "b", "c"]) == []
+    assert shown_lines_missing(["a", "d"], ["a", "b"]) == ["d"]
+
+
+CONSOLE_PAGES = [page for page in PAGES if any(args[1].startswith("profiles/") for _, args, _ in console_blocks(page))]
+
+
+@pytest.mark.parametrize("page", CONSOLE_PAGES, ids=[str(p.relative_to(ROOT)) for p in CONSOLE_PAGES])
+def test_planning_outputs_shown_are_what_the_commands_print(page: Path, tmp_path: Path,
+                                                            monkeypatch: pytest.MonkeyPatch) -> None:
+    """Every planning command a page shows runs again (in order, in one folder: a plan written by one is
+    read by the next) and prints every line the page shows."""
+    (tmp_path / "profiles").symlink_to(ROOT / "profiles")
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setenv("COLUMNS", "200")
+    written: set[str] = set()
+    for line, args, shown in console_blocks(page):
+        if not reads_what_it_has(args, written):
+            continue
+        written |= {args[i + 1] for i, word in enumerate(args[:-1]) if word in ("-o", "--output")}
+        result = run_cli_here(*args)
+        assert result.returncode == 0, f"{page.name}:{line}: {result.stderr}"
+        printed = (result.stdout + result.stderr).splitlines()
+        assert shown_lines_missing(shown, printed) == [], f"{page.name}:{line}: autopart {' '.join(args)}"
