@@ -58,7 +58,13 @@ def test_the_pages_have_python_blocks() -> None:
     assert {"README.md", "docs/python-api.md", "docs/formats.md"} <= pages
 
 
-@pytest.mark.parametrize("page, line, code", BLOCKS, ids=[f"{p}:{n}" for p, n, _ in BLOCKS])
+def _param(page: str, line: int, code: str) -> object:
+    """A block that imports torch (to profile a model) takes seconds: slow."""
+    marks = [pytest.mark.slow] if re.search(r"^(import|from) torch\b", code, re.M) else []
+    return pytest.param(page, line, code, id=f"{page}:{line}", marks=marks)
+
+
+@pytest.mark.parametrize("page, line, code", [_param(*block) for block in BLOCKS])
 def test_python_block_runs_and_prints_its_comments(page: str, line: int, code: str, tmp_path: Path,
                                                    monkeypatch: pytest.MonkeyPatch) -> None:
     """Each block runs in a fresh namespace in an empty folder that sees the shipped ``profiles/``."""
