@@ -1,7 +1,7 @@
 """The step-optimal split (``--method exact``) against brute force, and the array simulator it runs on.
 
 Brute force here prices every contiguous split with the cost model
-(``Problem.stages``, itself checked against DESIGN.md in test_partition) and
+(``Problem.stages``, itself checked against docs/cost-model.md written out in test_partition) and
 runs it through the one-at-a-time simulator, :func:`simulate`.
 """
 from __future__ import annotations

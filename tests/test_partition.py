@@ -26,7 +26,7 @@ def _compositions(n: int, k: int) -> list[list[int]]:
 
 def _brute_stage(blocks: dict[str, Any], devices: Sequence[Device], model: CostModel, s: int,
                  i: int, j: int) -> float | None:
-    """DESIGN.md's cost model written out plainly: the stage's time, or None if it cannot fit."""
+    """The cost model (docs/cost-model.md) written out plainly: the stage's time, or None if it cannot fit."""
     k = len(devices)
     skips = blocks.get("skips", [0.0] * len(blocks["compute"]))
     comp = sum(blocks["compute"][i: j + 1])

@@ -1,4 +1,4 @@
-"""The cost model that the partitioner and the simulator share (DESIGN.md).
+"""The cost model that the partitioner and the simulator share (docs/cost-model.md, term by term).
 
 K stages, M micro-batches, stage s holds blocks i..j (inclusive):
 

@@ -1,6 +1,6 @@
 """Load a model from a spec: a built-in name, ``pkg.mod:factory`` or ``path/file.py:factory``.
 
-The factory contract is in DESIGN.md: it returns an ``nn.Module``, a tuple
+The factory contract is in docs/formats.md: it returns an ``nn.Module``, a tuple
 ``(module, example)``, or a mapping with ``module``, ``example`` and optionally
 ``loss_fn`` and ``data``. Every way a spec can fail becomes an AutopartError.
 """

@@ -1,6 +1,6 @@
 """The built-in models' factories, by name.
 
-Each factory returns the mapping of the model-spec contract (DESIGN.md):
+Each factory returns the mapping of the model-spec contract (docs/formats.md):
 ``module``, ``example`` (one micro-batch) and ``loss_fn``.
 """
 from __future__ import annotations
