@@ -15,9 +15,9 @@ from typing import TYPE_CHECKING, Any, Callable, Sequence
 
 import torch
 from torch import nn
-from torch.utils import _pytree as pytree
 
 from autopart.errors import AutopartError
+from autopart.torch_compat import pytree
 
 if TYPE_CHECKING:
     from autopart.measure.cutpoints import GraphBlocks

@@ -1,0 +1,112 @@
+"""Every private torch API autopart uses, in one place, and the torch versions it was tested on.
+
+    from autopart.torch_compat import pytree, FakeTensorMode, BatchNormBase, non_persistent_buffers
+
+A torch upgrade that renames or changes one of these breaks this module, not
+the ones that use it. Importing it checks torch's version once: outside
+:data:`TESTED_TORCH` (``setup.cfg`` asks for ``torch>=2.13,<3``) rank 0 says so
+in one line on stderr and goes on (a newer torch may well work).
+
+What stays elsewhere, and why: the schedule-to-stage calls of
+``torch.distributed.pipelining`` (``forward_one_chunk``, ``backward_one_chunk``,
+the ``get_*_ops``) are overridden by the one ``PipelineStage`` subclass in
+:mod:`autopart.run.stages`, the only module that may import pipelining
+(``tests/test_layout.py``); this module imports no ``torch.distributed`` at all,
+so the measuring side may use it too.
+"""
+from __future__ import annotations
+
+import json
+import os
+import re
+import sys
+import time
+
+import torch
+from torch import nn
+from torch._subclasses.fake_tensor import FakeTensorMode
+from torch.nn.modules.batchnorm import _BatchNorm as BatchNormBase
+from torch.utils import _pytree as pytree
+
+__all__ = ["TESTED_TORCH", "BatchNormBase", "FakeTensorMode", "pytree", "non_persistent_buffers",
+           "untested_torch", "warn_if_untested", "is_timeout", "write_error_file"]
+
+TESTED_TORCH = ((2, 13),)
+"""The (major, minor) torch releases the test suite has run on (CI: 2.13.0, the CPU build)."""
+
+# pytree: torch.utils._pytree (tree_flatten, tree_unflatten, tree_leaves, TreeSpec); torch 2.13 has no public
+#   pytree module.
+# FakeTensorMode: torch._subclasses.fake_tensor, what torch.export itself runs a model under to learn its shapes.
+# BatchNormBase: torch.nn.modules.batchnorm._BatchNorm, the base of BatchNorm1d/2d/3d, SyncBatchNorm and the lazy
+#   ones (an isinstance test for all of them, and the base DeferredBatchNorm extends).
+
+
+def non_persistent_buffers(module: nn.Module) -> set[str]:
+    """The names of ``module``'s own buffers registered with ``persistent=False`` (not in its state_dict)."""
+    return set(module._non_persistent_buffers_set)
+
+
+def _release(version: str) -> tuple[int, int] | None:
+    """``(major, minor)`` of a torch version string (``"2.13.0+cpu"``, ``"2.14.0.dev20260101"``); None if unreadable."""
+    found = re.match(r"(\d+)\.(\d+)", version)
+    return (int(found.group(1)), int(found.group(2))) if found else None
+
+
+def untested_torch(version: str) -> str | None:
+    """The warning for a torch ``version`` outside :data:`TESTED_TORCH`, or None for a tested one."""
+    if _release(version) in TESTED_TORCH:
+        return None
+    tested = ", ".join(f"{major}.{minor}" for major, minor in TESTED_TORCH)
+    return (f"autopart: warning: torch {version} is not a version autopart was tested on (tested: torch {tested}); "
+            f"it may work, but its pipelining internals may differ")
+
+
+_warned = False
+
+
+def warn_if_untested(version: str = torch.__version__) -> bool:
+    """Say :func:`untested_torch`'s line on stderr, once per process and only on rank 0 (every rank imports this);
+    True when it said it."""
+    global _warned
+    line = untested_torch(version)
+    if line is None or _warned or os.environ.get("RANK", "0") != "0":
+        return False
+    _warned = True
+    print(line, file=sys.stderr, flush=True)
+    return True
+
+
+def is_timeout(exc: BaseException) -> bool:
+    """A collective's or a send's or receive's own timeout.
+
+    Note: torch 2.13 gives no exception type for a timeout. gloo raises a plain ``RuntimeError``
+    ("[.../gloo/transport/tcp/unbound_buffer.cc:78] Timed out waiting 5000ms for recv operation to complete",
+    and on the next operation "Application timeout caused pair closure"); ``torch.distributed.DistError``'s
+    subclasses (``DistBackendError``, ``DistNetworkError``, ``DistStoreError``) name the layer that failed,
+    not the cause. So the text decides, as it is the only place torch says it.
+    """
+    text = str(exc).lower()
+    return "timed out" in text or "timeout" in text
+
+
+def write_error_file(type_name: str, line: str) -> None:
+    """Leave ``line`` in the error file torchrun's agent reads (``TORCHELASTIC_ERROR_FILE``), where torch puts
+    a traceback; nothing without one.
+
+    The format is ``ErrorHandler.record_exception``'s in
+    ``torch/distributed/elastic/multiprocessing/errors/error_handler.py``: that method writes
+    ``traceback.format_exc()`` as the call stack and cannot be given a line instead, so it is written here.
+    """
+    path = os.environ.get("TORCHELASTIC_ERROR_FILE")
+    if not path:
+        return
+    data = {"message": {"message": f"{type_name}: {line}",
+                        "extraInfo": {"py_callstack": f"{line}\n", "timestamp": str(int(time.time()))}}}
+    try:
+        with open(path, "w") as handle:
+            json.dump(data, handle)
+    except OSError:
+        pass
+
+
+warn_if_untested()
