@@ -28,7 +28,8 @@ from torch._subclasses.fake_tensor import FakeTensorMode
 from torch.nn.modules.batchnorm import _BatchNorm as BatchNormBase
 from torch.utils import _pytree as pytree
 
-__all__ = ["TESTED_TORCH", "BatchNormBase", "FakeTensorMode", "pytree", "non_persistent_buffers",
+__all__ = ["TESTED_TORCH", "BatchNormBase", "FakeTensorMode", "pytree", "own_parameters", "own_buffers",
+           "own_children", "non_persistent_buffers",
            "untested_torch", "warn_if_untested", "is_timeout", "write_error_file"]
 
 TESTED_TORCH = ((2, 13),)
@@ -38,7 +39,25 @@ TESTED_TORCH = ((2, 13),)
 #   pytree module.
 # FakeTensorMode: torch._subclasses.fake_tensor, what torch.export itself runs a model under to learn its shapes.
 # BatchNormBase: torch.nn.modules.batchnorm._BatchNorm, the base of BatchNorm1d/2d/3d, SyncBatchNorm and the lazy
-#   ones (an isinstance test for all of them, and the base DeferredBatchNorm extends).
+#   ones (an isinstance test for all of them, and the base DeferredBatchNorm extends: it overrides the base's
+#   ``_check_input_dim`` as every BatchNorm class does).
+
+
+def own_parameters(module: nn.Module) -> dict[str, nn.Parameter | None]:
+    """``module``'s own parameters by attribute name, ``None`` entries included (a BatchNorm without affine has
+    ``weight = None``); the live dict (``nn.Module._parameters``), not a copy."""
+    return module._parameters
+
+
+def own_buffers(module: nn.Module) -> dict[str, torch.Tensor | None]:
+    """``module``'s own buffers by attribute name, ``None`` entries included; the live dict (``_buffers``)."""
+    return module._buffers
+
+
+def own_children(module: nn.Module) -> dict[str, nn.Module | None]:
+    """``module``'s direct children by attribute name, each name once even where two hold the same module (which
+    ``named_children`` would show once); the live dict (``nn.Module._modules``)."""
+    return module._modules
 
 
 def non_persistent_buffers(module: nn.Module) -> set[str]:

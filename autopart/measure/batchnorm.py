@@ -29,7 +29,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from autopart.formats.profile import BATCHNORM_MODES
-from autopart.torch_compat import BatchNormBase, non_persistent_buffers
+from autopart.torch_compat import BatchNormBase, non_persistent_buffers, own_buffers, own_children, own_parameters
 
 __all__ = ["BATCHNORM_MODES", "DeferredBatchNorm", "batchnorm_layers", "defer_batchnorm", "deferred_batchnorm",
            "deferred_layers", "statistics_kept"]
@@ -53,9 +53,9 @@ class DeferredBatchNorm(BatchNormBase):
         self.affine, self.track_running_stats = like.affine, like.track_running_stats
         self.kind: type[BatchNormBase] = type(like)
         """The class it stands in for (its input-shape check, and the class it goes back to)."""
-        for name, param in like._parameters.items():
+        for name, param in own_parameters(like).items():
             self.register_parameter(name, param)
-        for name, buffer in like._buffers.items():
+        for name, buffer in own_buffers(like).items():
             self.register_buffer(name, buffer, persistent=name not in non_persistent_buffers(like))
         self.train(like.training)
         self._count = 0
@@ -118,7 +118,7 @@ def defer_batchnorm(model: nn.Module) -> list[tuple[nn.Module, str, BatchNormBas
     returns (parent, attribute, original) for each, to put them back."""
     swapped = []
     for parent in list(model.modules()):
-        for attr, child in list(parent._modules.items()):
+        for attr, child in list(own_children(parent).items()):
             if type(child) in _KINDS:
                 assert isinstance(child, BatchNormBase)
                 setattr(parent, attr, DeferredBatchNorm(child))
@@ -135,7 +135,7 @@ def deferred_batchnorm(model: nn.Module, mode: str = "deferred") -> Iterator[int
         yield len(swapped)
     finally:
         for parent, attr, original in swapped:
-            current = parent._modules[attr]
+            current = own_children(parent)[attr]
             if isinstance(current, DeferredBatchNorm):
                 original.train(current.training)
             setattr(parent, attr, original)
