@@ -30,7 +30,7 @@ from torch.utils import _pytree as pytree
 
 __all__ = ["TESTED_TORCH", "BatchNormBase", "FakeTensorMode", "pytree", "own_parameters", "own_buffers",
            "own_children", "non_persistent_buffers",
-           "untested_torch", "warn_if_untested", "is_timeout", "write_error_file"]
+           "untested_torch", "warn_if_untested", "is_timeout", "FAILURE_TYPE", "write_error_file", "failure_line"]
 
 TESTED_TORCH = ((2, 13),)
 """The (major, minor) torch releases the test suite has run on (CI: 2.13.0, the CPU build)."""
@@ -84,11 +84,12 @@ _warned = False
 
 
 def warn_if_untested(version: str = torch.__version__) -> bool:
-    """Say :func:`untested_torch`'s line on stderr, once per process and only on rank 0 (every rank imports this);
-    True when it said it."""
+    """Say :func:`untested_torch`'s line on stderr once per job: once per process, on rank 0 only (every rank
+    imports this), and not in the ranks autopart's launcher started (``AUTOPART_LAUNCHED``: it said it). True
+    when it said it."""
     global _warned
     line = untested_torch(version)
-    if line is None or _warned or os.environ.get("RANK", "0") != "0":
+    if line is None or _warned or os.environ.get("RANK", "0") != "0" or os.environ.get("AUTOPART_LAUNCHED"):
         return False
     _warned = True
     print(line, file=sys.stderr, flush=True)
@@ -108,7 +109,11 @@ def is_timeout(exc: BaseException) -> bool:
     return "timed out" in text or "timeout" in text
 
 
-def write_error_file(type_name: str, line: str) -> None:
+FAILURE_TYPE = "RankFailure"
+"""The type the error file names before the line (``autopart.run.worker.RankFailure``)."""
+
+
+def write_error_file(line: str) -> None:
     """Leave ``line`` in the error file torchrun's agent reads (``TORCHELASTIC_ERROR_FILE``), where torch puts
     a traceback; nothing without one.
 
@@ -119,13 +124,28 @@ def write_error_file(type_name: str, line: str) -> None:
     path = os.environ.get("TORCHELASTIC_ERROR_FILE")
     if not path:
         return
-    data = {"message": {"message": f"{type_name}: {line}",
+    data = {"message": {"message": f"{FAILURE_TYPE}: {line}",
                         "extraInfo": {"py_callstack": f"{line}\n", "timestamp": str(int(time.time()))}}}
     try:
         with open(path, "w") as handle:
             json.dump(data, handle)
     except OSError:
         pass
+
+
+
+def failure_line(failure: object) -> str:
+    """The line a failed rank left in its error file (:func:`write_error_file`), from the
+    ``torch.distributed.elastic.multiprocessing.errors.ProcessFailure`` the agent made of it; "" where the rank
+    left none and torchelastic's ``message`` is its own placeholder ("Process failed with exitcode 1", "To
+    enable traceback see: ...")."""
+    message = getattr(failure, "message", "")
+    if isinstance(message, dict):
+        message = message.get("message", "")
+    text = str(message).strip().removeprefix(f"{FAILURE_TYPE}: ")
+    if text.startswith("Process failed with exitcode") or text.startswith("To enable traceback"):
+        return ""
+    return text.splitlines()[0] if text else ""
 
 
 warn_if_untested()

@@ -11,9 +11,8 @@ import torch
 from torch.distributed.elastic.multiprocessing.errors import ProcessFailure
 
 from autopart import torch_compat
-from autopart.run.launch import _message
 from autopart.run.stages import _full_backward
-from autopart.torch_compat import is_timeout, untested_torch, warn_if_untested, write_error_file
+from autopart.torch_compat import failure_line, is_timeout, untested_torch, warn_if_untested, write_error_file
 from tests.conftest import ROOT, run_cli, run_cli_here
 
 
@@ -42,6 +41,9 @@ def test_an_untested_torch_is_said_once_in_one_line_and_only_by_rank_0(
     monkeypatch.setenv("RANK", "1")
     assert not warn_if_untested("2.14.0")
     monkeypatch.setenv("RANK", "0")
+    monkeypatch.setenv("AUTOPART_LAUNCHED", "1")  # a rank of autopart's launcher: the launcher said it
+    assert not warn_if_untested("2.14.0")
+    monkeypatch.delenv("AUTOPART_LAUNCHED")
     assert warn_if_untested("2.14.0") and not warn_if_untested("2.14.0")
     assert not warn_if_untested("2.13.0")
     assert capsys.readouterr().err == untested_torch("2.14.0") + "\n"
@@ -65,15 +67,15 @@ def test_the_error_file_is_read_back_by_torchelastic_as_our_one_line(
     where it expects a traceback, and the launcher takes it back out."""
     path = tmp_path / "error.json"
     monkeypatch.setenv("TORCHELASTIC_ERROR_FILE", str(path))
-    write_error_file("RankFailure", "ValueError: 4 stages > 3 blocks")
+    write_error_file("ValueError: 4 stages > 3 blocks")
     failure = ProcessFailure(local_rank=1, pid=os.getpid(), exitcode=1, error_file=str(path))
     assert failure.message == {"message": "RankFailure: ValueError: 4 stages > 3 blocks",
                                "extraInfo": {"py_callstack": "ValueError: 4 stages > 3 blocks\n",
                                              "timestamp": str(failure.timestamp)}}
-    assert _message(failure) == "ValueError: 4 stages > 3 blocks"
+    assert failure_line(failure) == "ValueError: 4 stages > 3 blocks"
     monkeypatch.delenv("TORCHELASTIC_ERROR_FILE")
     path.unlink()
-    write_error_file("RankFailure", "anything")  # outside torchrun: nothing is written
+    write_error_file("anything")  # outside torchrun: nothing is written
     assert not path.exists()
 
 

@@ -40,7 +40,8 @@ from autopart.run.shapes import StageSignature, stage_signatures
 from autopart.run.streams import BlockStreams
 from autopart.run.timeline import ActionClock
 
-__all__ = ["Pipeline", "SharedParameters", "TimedStage", "build_pipeline", "check_plan_against_model", "check_world_size"]
+__all__ = ["Pipeline", "SharedParameters", "TimedStage", "build_pipeline", "check_plan_against_model",
+           "check_world_size"]
 
 Schedule = PipelineScheduleSingle | PipelineScheduleMulti
 """Every schedule ``get_schedule_class`` returns is one of the two."""

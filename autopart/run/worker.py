@@ -40,7 +40,7 @@ def _summary(exc: BaseException) -> str:
 
 def _record(line: str) -> None:
     """Leave ``line`` for torchrun's agent, in this rank's error file, where torch puts a traceback."""
-    write_error_file(RankFailure.__name__, line)
+    write_error_file(line)
 
 
 def check_before_joining(cfg: TrainConfig, world: int) -> None:
