@@ -20,6 +20,10 @@ the run's seed, the block, the step and the micro-batch
 (:mod:`autopart.run.streams`), so masks differ between stages and are the same
 whatever the cuts. The stages are given their input and output shapes
 (:mod:`autopart.run.shapes`), so the runtime never runs them to learn them.
+Each stage is a :class:`TimedStage`, torch's ``PipelineStage`` with the calls
+the schedules make on it overridden: each action is timed, tells the streams
+its micro-batch, and a send or receive posted says what this rank waits for.
+Every other private torch API autopart uses is in :mod:`autopart.torch_compat`.
 """
 from __future__ import annotations
 
