@@ -27,9 +27,9 @@ from typing import Iterator
 import torch
 import torch.nn.functional as F
 from torch import nn
-from torch.nn.modules.batchnorm import _BatchNorm
 
 from autopart.formats.profile import BATCHNORM_MODES
+from autopart.torch_compat import BatchNormBase, non_persistent_buffers, own_buffers, own_children, own_parameters
 
 __all__ = ["BATCHNORM_MODES", "DeferredBatchNorm", "batchnorm_layers", "defer_batchnorm", "deferred_batchnorm",
            "deferred_layers", "statistics_kept"]
@@ -40,23 +40,23 @@ _KINDS = (nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d)
 
 def batchnorm_layers(model: nn.Module) -> list[str]:
     """Names of the BatchNorm layers (plain or already deferred) in ``model``."""
-    return [name for name, m in model.named_modules() if isinstance(m, _BatchNorm)]
+    return [name for name, m in model.named_modules() if isinstance(m, BatchNormBase)]
 
 
-class DeferredBatchNorm(_BatchNorm):
+class DeferredBatchNorm(BatchNormBase):
     """A BatchNorm1d/2d/3d whose running statistics are committed once per step, over every micro-batch
     it saw since the last commit (see the module's text)."""
 
-    def __init__(self, like: _BatchNorm) -> None:
+    def __init__(self, like: BatchNormBase) -> None:
         nn.Module.__init__(self)
         self.num_features, self.eps, self.momentum = like.num_features, like.eps, like.momentum
         self.affine, self.track_running_stats = like.affine, like.track_running_stats
-        self.kind: type[_BatchNorm] = type(like)
+        self.kind: type[BatchNormBase] = type(like)
         """The class it stands in for (its input-shape check, and the class it goes back to)."""
-        for name, param in like._parameters.items():
+        for name, param in own_parameters(like).items():
             self.register_parameter(name, param)
-        for name, buffer in like._buffers.items():
-            self.register_buffer(name, buffer, persistent=name not in like._non_persistent_buffers_set)
+        for name, buffer in own_buffers(like).items():
+            self.register_buffer(name, buffer, persistent=name not in non_persistent_buffers(like))
         self.train(like.training)
         self._count = 0
         """Samples per channel merged since the last commit."""
@@ -97,7 +97,7 @@ class DeferredBatchNorm(_BatchNorm):
 
     @torch.no_grad()
     def commit(self) -> None:
-        """Fold the merged statistics into the running ones as one batch, as ``_BatchNorm.forward`` would."""
+        """Fold the merged statistics into the running ones as one batch, as torch's ``_BatchNorm.forward`` would."""
         if self._count == 0 or self._mean is None or self._m2 is None or not self.track_running_stats:
             self.reset()
             return
@@ -113,14 +113,14 @@ class DeferredBatchNorm(_BatchNorm):
         self.reset()
 
 
-def defer_batchnorm(model: nn.Module) -> list[tuple[nn.Module, str, _BatchNorm]]:
+def defer_batchnorm(model: nn.Module) -> list[tuple[nn.Module, str, BatchNormBase]]:
     """Replace every BatchNorm1d/2d/3d in ``model`` by a :class:`DeferredBatchNorm` holding the same tensors;
     returns (parent, attribute, original) for each, to put them back."""
     swapped = []
     for parent in list(model.modules()):
-        for attr, child in list(parent._modules.items()):
+        for attr, child in list(own_children(parent).items()):
             if type(child) in _KINDS:
-                assert isinstance(child, _BatchNorm)
+                assert isinstance(child, BatchNormBase)
                 setattr(parent, attr, DeferredBatchNorm(child))
                 swapped.append((parent, attr, child))
     return swapped
@@ -135,7 +135,7 @@ def deferred_batchnorm(model: nn.Module, mode: str = "deferred") -> Iterator[int
         yield len(swapped)
     finally:
         for parent, attr, original in swapped:
-            current = parent._modules[attr]
+            current = own_children(parent)[attr]
             if isinstance(current, DeferredBatchNorm):
                 original.train(current.training)
             setattr(parent, attr, original)

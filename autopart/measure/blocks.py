@@ -15,9 +15,9 @@ from typing import TYPE_CHECKING, Any, Callable, Sequence
 
 import torch
 from torch import nn
-from torch.utils import _pytree as pytree
 
 from autopart.errors import AutopartError
+from autopart.torch_compat import own_children, pytree
 
 if TYPE_CHECKING:
     from autopart.measure.cutpoints import GraphBlocks
@@ -197,9 +197,9 @@ class StageModule(nn.Module):
             parent: nn.Module = self
             *path, leaf = name.split(".")
             for part in path:
-                if part not in parent._modules:
+                if part not in own_children(parent):
                     parent.add_module(part, nn.Module())
-                child = parent._modules[part]
+                child = own_children(parent)[part]
                 assert child is not None
                 parent = child
             parent.add_module(leaf, root.get_submodule(name))

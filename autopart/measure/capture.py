@@ -26,9 +26,9 @@ from typing import Any, Iterator
 import networkx as nx
 import torch
 from torch import fx, nn
-from torch.utils import _pytree as pytree
 
 from autopart.errors import AutopartError
+from autopart.torch_compat import pytree
 
 __all__ = ["ModelGraph", "capture", "value_bytes"]
 

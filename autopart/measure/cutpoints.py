@@ -30,10 +30,10 @@ from typing import Any, Sequence
 
 import torch
 from torch import fx, nn
-from torch.nn.modules.batchnorm import _BatchNorm
 
 from autopart.measure.blocks import BlockEntry, EnterBlock, contiguous_grad
 from autopart.measure.capture import ModelGraph, value_bytes
+from autopart.torch_compat import BatchNormBase, non_persistent_buffers
 
 __all__ = ["Crossing", "Boundary", "GraphBlocks", "graph_blocks", "contiguous_grad"]
 
@@ -205,7 +205,7 @@ def _keep_non_persistent(stage: fx.GraphModule, model: nn.Module, attrs: dict[st
     ``fx.GraphModule`` registers every tensor it is given as a persistent buffer."""
     for target, tensor in attrs.items():
         path, _, leaf = target.rpartition(".")
-        if leaf in model.get_submodule(path)._non_persistent_buffers_set:
+        if leaf in non_persistent_buffers(model.get_submodule(path)):
             stage.get_submodule(path).register_buffer(leaf, tensor, persistent=False)
 
 
@@ -422,7 +422,7 @@ def _batchnorm_as_modules(graph: fx.Graph, root: nn.Module) -> dict[str, nn.Modu
             layer = root.get_submodule(path)
         except AttributeError:
             continue
-        if not isinstance(layer, _BatchNorm):
+        if not isinstance(layer, BatchNormBase):
             continue
         with graph.inserting_before(node):
             call = graph.call_module(path, (node.args[0],))

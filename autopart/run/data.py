@@ -20,10 +20,10 @@ from typing import Any, Callable, Iterable, Iterator
 
 import torch
 import torch.nn.functional as F
-from torch.utils import _pytree as pytree
 
 from autopart.errors import AutopartError
 from autopart.measure.spec import ModelBundle, call_model
+from autopart.torch_compat import pytree
 
 __all__ = ["TextCorpus", "Digits", "default_corpus_files", "Batches", "TrainingData", "training_data", "cycled_note",
            "TEXT_KINDS"]

@@ -16,6 +16,7 @@ from typing import Sequence
 
 from autopart.errors import AutopartError
 from autopart.run.parent import PARENT_PID_ENV
+from autopart.torch_compat import failure_line
 
 __all__ = ["launch", "inside_torchrun"]
 
@@ -23,16 +24,6 @@ __all__ = ["launch", "inside_torchrun"]
 def inside_torchrun() -> bool:
     """True in a process started by torchrun (or by :func:`launch`)."""
     return "TORCHELASTIC_RUN_ID" in os.environ or ("RANK" in os.environ and "WORLD_SIZE" in os.environ)
-
-
-def _message(failure: object) -> str:
-    message = getattr(failure, "message", "")
-    if isinstance(message, dict):
-        message = message.get("message", "")
-    text = str(message).strip().removeprefix("RankFailure: ")
-    if text.startswith("Process failed with exitcode") or text.startswith("To enable traceback"):
-        return ""
-    return text.splitlines()[0] if text else ""
 
 
 _PEER_LOST = ("connection closed by peer", "connection reset by peer", "remote worker", "broken pipe",
@@ -77,7 +68,7 @@ def _root_cause(exc: object) -> tuple[int, object]:
     """
     failures: dict[int, object] = dict(getattr(exc, "failures", {}))
     own = [(_stopped_by_agent(f), _signal(f) is not None, getattr(f, "timestamp", 0), r, f)
-           for r, f in failures.items() if not any(p in _message(f).lower() for p in _PEER_LOST)]
+           for r, f in failures.items() if not any(p in failure_line(f).lower() for p in _PEER_LOST)]
     if own:
         *_, rank, failure = min(own, key=lambda item: item[:4])
         return rank, failure
@@ -128,7 +119,7 @@ def _launch(worker_args: Sequence[str], nproc: int, max_restarts: int) -> int:
         if _interrupted(exc):
             return _say_interrupted()
         code = getattr(failure, "exitcode", 1)
-        why, killed = _message(failure), _signal(failure)
+        why, killed = failure_line(failure), _signal(failure)
         if killed is not None and (not why or why.startswith("Signal ")):  # torch's "Signal 9 (SIGKILL) received by"
             why = f"killed by {killed.name}"
         if code == 2 and why:

@@ -32,6 +32,7 @@ from autopart.run.replan import reprofile_stages, write_replan
 from autopart.run.report import gather_measured, make_report, print_report, write_report, write_timelines
 from autopart.run.resume import restore_pipeline, save_pipeline
 from autopart.run.stages import build_pipeline, check_plan_against_model
+from autopart.torch_compat import is_timeout
 
 __all__ = ["run_rank", "PeerTimeout"]
 
@@ -49,18 +50,12 @@ def run_rank(cfg: TrainConfig, rank: int) -> None:
         job.pipe.clock.step, job.pipe.clock.doing = 0, "gathered every rank's timings after the last step"
         _finish(job, log)
     except RuntimeError as exc:
-        if not _timed_out(exc):
+        if not is_timeout(exc):
             raise
         clock = job.pipe.clock
         during = f"in step {clock.step}, " if clock.step else ""
         raise PeerTimeout(f"no answer within --timeout {cfg.timeout_s:g} s: {during}{clock.doing} (that rank "
                           f"hung, or is slower than --timeout)") from None
-
-
-def _timed_out(exc: BaseException) -> bool:
-    """A collective's or a send's or receive's own timeout (gloo: "Timed out waiting 5000ms for recv")."""
-    text = str(exc).lower()
-    return "timed out" in text or "timeout" in text
 
 
 def _join(cfg: TrainConfig) -> torch.device:

@@ -23,12 +23,12 @@ from dataclasses import dataclass
 from typing import Any, Callable, Sequence
 
 import torch
-from torch._subclasses.fake_tensor import FakeTensorMode
 from torch.func import functional_call
 
 from autopart.errors import AutopartError
 from autopart.measure.batchnorm import statistics_kept
 from autopart.measure.blocks import Chain, call_block, check_sendable, stage_inputs, tensors_of
+from autopart.torch_compat import FakeTensorMode
 
 __all__ = ["StageSignature", "stage_signatures"]
 

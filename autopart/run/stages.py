@@ -20,16 +20,21 @@ the run's seed, the block, the step and the micro-batch
 (:mod:`autopart.run.streams`), so masks differ between stages and are the same
 whatever the cuts. The stages are given their input and output shapes
 (:mod:`autopart.run.shapes`), so the runtime never runs them to learn them.
+Each stage is a :class:`TimedStage`, torch's ``PipelineStage`` with the calls
+the schedules make on it overridden: each action is timed, tells the streams
+its micro-batch, and a send or receive posted says what this rank waits for.
+Every other private torch API autopart uses is in :mod:`autopart.torch_compat`.
 """
 from __future__ import annotations
 
+import inspect
 from typing import Any, Callable, Sequence
 
 import torch
 import torch.distributed as dist
 from torch import nn
 from torch.distributed.pipelining import PipelineStage
-from torch.distributed.pipelining.schedules import PipelineScheduleMulti, _PipelineSchedule, get_schedule_class
+from torch.distributed.pipelining.schedules import PipelineScheduleMulti, PipelineScheduleSingle, get_schedule_class
 
 from autopart.errors import AutopartError
 from autopart.formats.plan import Plan
@@ -39,7 +44,11 @@ from autopart.run.shapes import StageSignature, stage_signatures
 from autopart.run.streams import BlockStreams
 from autopart.run.timeline import ActionClock
 
-__all__ = ["Pipeline", "SharedParameters", "build_pipeline", "check_plan_against_model", "check_world_size"]
+__all__ = ["Pipeline", "SharedParameters", "TimedStage", "build_pipeline", "check_plan_against_model",
+           "check_world_size"]
+
+Schedule = PipelineScheduleSingle | PipelineScheduleMulti
+"""Every schedule ``get_schedule_class`` returns is one of the two."""
 
 
 def check_world_size(plan: Plan, world_size: int) -> None:
@@ -122,7 +131,7 @@ class Pipeline:
     """This rank's stages and the schedule that drives them."""
 
     def __init__(self, plan: Plan, blocks: dict[int, list[NamedBlock]], modules: list[tuple[int, nn.Module]],
-                 schedule: _PipelineSchedule, loss_fn: LossFn, shared: SharedParameters, clock: ActionClock,
+                 schedule: Schedule, loss_fn: LossFn, shared: SharedParameters, clock: ActionClock,
                  streams: BlockStreams, signatures: list[StageSignature]) -> None:
         self.plan = plan
         self.streams = streams
@@ -234,15 +243,12 @@ def build_pipeline(plan: Plan, chain: Chain, rank: int, device: torch.device, lo
         modules.append((s, module))
     shared = SharedParameters(plan, chain, rank, modules)
     model_loss = chain.model_loss(loss_fn)
-    stages = [PipelineStage(module, s, plan.num_stages, device, input_args=signatures[s].inputs,
-                            output_args=signatures[s].outputs, group=group) for s, module in modules]
     clock = ActionClock(rank, device)
-    for stage in stages:
-        _follow_microbatches(stage, streams)
-        _time_actions(stage, clock)
-        _say_waits(stage, clock, plan.stage_ranks())
+    stages = [TimedStage(module, s, plan.num_stages, device, clock=clock, streams=streams, ranks=plan.stage_ranks(),
+                         input_args=signatures[s].inputs, output_args=signatures[s].outputs, group=group)
+              for s, module in modules]
     cls = get_schedule_class(plan.schedule)
-    schedule: _PipelineSchedule
+    schedule: Schedule
     if issubclass(cls, PipelineScheduleMulti):
         schedule = cls(stages, n_microbatches=plan.microbatches, loss_fn=model_loss)
     else:
@@ -254,62 +260,73 @@ def build_pipeline(plan: Plan, chain: Chain, rank: int, device: torch.device, lo
     return Pipeline(plan, blocks, modules, schedule, block_loss, shared, clock, streams, signatures)
 
 
-def _time_actions(stage: PipelineStage, clock: ActionClock) -> None:
-    """Route the stage's forward, backward and weight-gradient calls through ``clock`` (the schedules call
-    them on the stage object: ``forward_one_chunk``, ``backward_one_chunk(full_backward=False)`` for the
-    input-gradient half, ``backward_weight_one_chunk``)."""
-    forward, backward, weight = stage.forward_one_chunk, stage.backward_one_chunk, stage.backward_weight_one_chunk
-    s = stage.stage_index
-
-    def forward_one_chunk(fwd_chunk_id: int, *args: Any, **kwargs: Any) -> Any:
-        return clock.timed("F", f"{s}F{fwd_chunk_id}", forward, fwd_chunk_id, *args, **kwargs)
-
-    def backward_one_chunk(bwd_chunk_id: int, *args: Any, **kwargs: Any) -> Any:
-        full = kwargs.get("full_backward", args[1] if len(args) > 1 else True)
-        kind = "B" if full else "I"
-        return clock.timed(kind, f"{s}{kind}{bwd_chunk_id}", backward, bwd_chunk_id, *args, **kwargs)
-
-    def backward_weight_one_chunk(bwd_chunk_id: int, *args: Any, **kwargs: Any) -> Any:
-        return clock.timed("W", f"{s}W{bwd_chunk_id}", weight, bwd_chunk_id, *args, **kwargs)
-
-    stage.forward_one_chunk = forward_one_chunk  # type: ignore[method-assign]
-    stage.backward_one_chunk = backward_one_chunk  # type: ignore[method-assign]
-    stage.backward_weight_one_chunk = backward_weight_one_chunk  # type: ignore[method-assign]
+_BACKWARD_PARAMETERS = list(inspect.signature(PipelineStage.backward_one_chunk).parameters.values())[2:]
+"""``backward_one_chunk``'s parameters after ``self`` and ``bwd_chunk_id``, as torch declares them."""
 
 
-def _follow_microbatches(stage: PipelineStage, streams: BlockStreams) -> None:
-    """Tell ``streams`` the micro-batch of every forward and backward the schedule runs on ``stage`` (a
-    backward that recomputes the forward then draws what the forward drew)."""
-    for name in ("forward_one_chunk", "backward_one_chunk", "backward_weight_one_chunk"):
-        original = getattr(stage, name)
-
-        def run(chunk: int, *args: Any, _original: Any = original, **kwargs: Any) -> Any:
-            streams.microbatch = chunk
-            return _original(chunk, *args, **kwargs)
-
-        setattr(stage, name, run)
+def _full_backward(args: tuple[Any, ...], kwargs: dict[str, Any]) -> bool:
+    """Whether a ``backward_one_chunk(bwd_chunk_id, *args, **kwargs)`` call runs the whole backward (True) or only
+    its input-gradient half (``full_backward=False``: the zero-bubble schedules' I, whose W comes later), the
+    argument found by name or by its position in torch's own signature."""
+    if "full_backward" in kwargs:
+        return bool(kwargs["full_backward"])
+    at = [p.name for p in _BACKWARD_PARAMETERS].index("full_backward")
+    return bool(args[at]) if len(args) > at else bool(_BACKWARD_PARAMETERS[at].default)
 
 
-def _say_waits(stage: PipelineStage, clock: ActionClock, ranks: Sequence[int]) -> None:
-    """Tell ``clock`` which send or receive the schedule posts next (``get_fwd_recv_ops`` and its three
-    siblings, called just before the schedule waits on what they return), so a timeout can say it."""
-    s = stage.stage_index
+class TimedStage(PipelineStage):
+    """A ``PipelineStage`` that tells the rest of the run what the schedule does with it.
 
-    def peer(t: int) -> str:
-        return f"stage {t} (rank {ranks[t]})"
+    The schedules call the stage's ``forward_one_chunk``, ``backward_one_chunk`` (``full_backward=False``
+    for the input-gradient half) and ``backward_weight_one_chunk``; each is timed on ``clock`` (F, B, I, W)
+    and first tells ``streams`` its micro-batch (a backward that recomputes the forward then draws what the
+    forward drew). Just before the schedule waits on the sends and receives that ``get_fwd_recv_ops`` and its
+    three siblings return, ``clock.doing`` says which, so a timeout can say what this rank waited for.
+    """
 
-    what = {"get_fwd_recv_ops": lambda m: f"stage {s} waited for the input of micro-batch {m} from {peer(s - 1)}",
-            "get_bwd_recv_ops": lambda m: f"stage {s} waited for the gradient of micro-batch {m} from {peer(s + 1)}",
-            "get_fwd_send_ops": lambda m: f"stage {s} sent the output of micro-batch {m} to {peer(s + 1)}",
-            "get_bwd_send_ops": lambda m: f"stage {s} sent the gradient of micro-batch {m} to {peer(s - 1)}"}
-    for name, say in what.items():
-        original = getattr(stage, name)
+    def __init__(self, submodule: nn.Module, stage_index: int, num_stages: int, device: torch.device, *,
+                 clock: ActionClock, streams: BlockStreams, ranks: Sequence[int], **kwargs: Any) -> None:
+        super().__init__(submodule, stage_index, num_stages, device, **kwargs)
+        self.clock = clock
+        self.streams = streams
+        self.ranks = list(ranks)
+        """The rank of every stage of the plan (to name a peer)."""
 
-        def posted(chunk: int, *args: Any, _original: Any = original, _say: Any = say, **kwargs: Any) -> Any:
-            ops = _original(chunk, *args, **kwargs)
-            if ops:
-                clock.doing = _say(chunk)
-            return ops
+    def forward_one_chunk(self, fwd_chunk_id: int, *args: Any, **kwargs: Any) -> Any:
+        self.streams.microbatch = fwd_chunk_id
+        return self.clock.timed("F", f"{self.stage_index}F{fwd_chunk_id}", super().forward_one_chunk,
+                                fwd_chunk_id, *args, **kwargs)
 
-        setattr(stage, name, posted)
+    def backward_one_chunk(self, bwd_chunk_id: int, *args: Any, **kwargs: Any) -> Any:
+        self.streams.microbatch = bwd_chunk_id
+        kind = "B" if _full_backward(args, kwargs) else "I"
+        return self.clock.timed(kind, f"{self.stage_index}{kind}{bwd_chunk_id}", super().backward_one_chunk,
+                                bwd_chunk_id, *args, **kwargs)
 
+    def backward_weight_one_chunk(self, bwd_chunk_id: int, *args: Any, **kwargs: Any) -> Any:
+        self.streams.microbatch = bwd_chunk_id
+        return self.clock.timed("W", f"{self.stage_index}W{bwd_chunk_id}", super().backward_weight_one_chunk,
+                                bwd_chunk_id, *args, **kwargs)
+
+    def _posted(self, ops: list[dist.P2POp], what: str, chunk: int, to: str, peer: int) -> list[dist.P2POp]:
+        """``ops`` as the schedule gets them; when there are any, ``clock.doing`` says what they are."""
+        if ops:
+            self.clock.doing = f"stage {self.stage_index} {what} of micro-batch {chunk} {to} stage {peer} " \
+                               f"(rank {self.ranks[peer]})"
+        return ops
+
+    def get_fwd_recv_ops(self, fwd_chunk_id: int) -> list[dist.P2POp]:
+        ops = super().get_fwd_recv_ops(fwd_chunk_id)
+        return self._posted(ops, "waited for the input", fwd_chunk_id, "from", self.stage_index - 1)
+
+    def get_bwd_recv_ops(self, bwd_chunk_id: int) -> list[dist.P2POp]:
+        ops = super().get_bwd_recv_ops(bwd_chunk_id)
+        return self._posted(ops, "waited for the gradient", bwd_chunk_id, "from", self.stage_index + 1)
+
+    def get_fwd_send_ops(self, fwd_chunk_id: int) -> list[dist.P2POp]:
+        ops = super().get_fwd_send_ops(fwd_chunk_id)
+        return self._posted(ops, "sent the output", fwd_chunk_id, "to", self.stage_index + 1)
+
+    def get_bwd_send_ops(self, bwd_chunk_id: int) -> list[dist.P2POp]:
+        ops = super().get_bwd_send_ops(bwd_chunk_id)
+        return self._posted(ops, "sent the gradient", bwd_chunk_id, "to", self.stage_index - 1)

@@ -9,9 +9,7 @@ schedule the plan cannot run) is said once, by rank 0.
 """
 from __future__ import annotations
 
-import json
 import os
-import time
 
 import torch.distributed as dist
 
@@ -22,6 +20,7 @@ from autopart.run.log import say
 from autopart.run.loop import run_rank
 from autopart.run.parent import die_with_parent
 from autopart.run.resume import run_complete
+from autopart.torch_compat import write_error_file
 
 __all__ = ["worker_main", "RankFailure", "check_before_joining"]
 
@@ -40,18 +39,8 @@ def _summary(exc: BaseException) -> str:
 
 
 def _record(line: str) -> None:
-    """Leave ``line`` in the error file torchrun's agent reads (the format ``record_exception`` writes, with
-    the line where it puts a traceback)."""
-    path = os.environ.get("TORCHELASTIC_ERROR_FILE")
-    if not path:
-        return
-    data = {"message": {"message": f"{RankFailure.__name__}: {line}",
-                        "extraInfo": {"py_callstack": f"{line}\n", "timestamp": str(int(time.time()))}}}
-    try:
-        with open(path, "w") as handle:
-            json.dump(data, handle)
-    except OSError:
-        pass
+    """Leave ``line`` for torchrun's agent, in this rank's error file, where torch puts a traceback."""
+    write_error_file(line)
 
 
 def check_before_joining(cfg: TrainConfig, world: int) -> None:
