@@ -172,7 +172,7 @@ def test_exact_with_skips_under_memory_alone_matches_brute_force(case: tuple[dic
 
 
 def _plain_bytes(blocks: dict[str, Any], k: int, model: CostModel, s: int, i: int, j: int) -> float:
-    """DESIGN.md's memory of stage ``s`` holding blocks ``i..j`` without recomputation (as :func:`_brute_stage`)."""
+    """The memory (docs/cost-model.md) of stage ``s`` holding blocks ``i..j`` without recomputation (as :func:`_brute_stage`)."""
     params = sum(blocks["params"][i: j + 1]) * (2 + model.optimizer_states)
     in_flight = model.microbatches if model.schedule == "GPipe" else min(model.microbatches, k - s)
     return params + in_flight * sum(blocks["acts"][i: j + 1])

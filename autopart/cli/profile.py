@@ -265,7 +265,7 @@ def _loss_and_target(bundle: ModelBundle, module: nn.Module, example: Example
     """The loss of a model autopart brings data for (built-ins, hf:), with a random target of the right shape
     (class ids over the last dimension of its first output)."""
     import torch
-    from torch.utils import _pytree as pytree
+    from autopart.torch_compat import pytree
 
     from autopart.measure.blocks import cannot_run
     from autopart.measure.spec import call_model
