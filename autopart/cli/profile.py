@@ -265,9 +265,9 @@ def _loss_and_target(bundle: ModelBundle, module: nn.Module, example: Example
     """The loss of a model autopart brings data for (built-ins, hf:), with a random target of the right shape
     (class ids over the last dimension of its first output)."""
     import torch
-    from autopart.torch_compat import pytree
 
     from autopart.measure.blocks import cannot_run
+    from autopart.torch_compat import pytree
     from autopart.measure.spec import call_model
     from autopart.measure.stream import on_meta
 
