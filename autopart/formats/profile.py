@@ -15,21 +15,11 @@ from typing import Any
 from autopart.errors import AutopartError
 from autopart.formats.atomic import write_json_atomic
 from autopart.formats.jsonfields import Fields, check_plausible, load_json_file
+from autopart.formats.record import read_record, saved, write_record
 
 __all__ = ["PROFILE_SCHEMA", "BATCHNORM_MODES", "LayerProfile", "Profile", "Tie"]
 
 PROFILE_SCHEMA = "autopart.profile/1"
-
-
-def _optimizer_times(obj: Any, where: str) -> tuple[tuple[str, float], ...]:
-    """``optimizer_ms_by_name``: {name: ms}, each a finite number >= 0."""
-    value = obj.get("optimizer_ms_by_name") if isinstance(obj, dict) else None
-    if value is None:
-        return ()
-    if not isinstance(value, dict):
-        raise AutopartError(f"{where}.optimizer_ms_by_name must be an object of name: ms, got {value!r}")
-    inner = Fields(value, f"{where}.optimizer_ms_by_name")
-    return tuple((str(name), float(inner.number(str(name)))) for name in value)
 
 
 @dataclass(frozen=True)
@@ -53,64 +43,39 @@ class LayerProfile:
     """Spread of the forward timings: interquartile range."""
     backward_iqr_ms: float = 0.0
     """Spread of the backward timings: interquartile range."""
-    input_grad_ms: float | None = None
+    input_grad_ms: float | None = field(default=None, metadata=saved(omit=(None,)))
     """Median time of the backward for the input's gradient alone (what a zero-bubble schedule's ``I``
     action runs; the weights' gradients, ``W``, take the rest of ``backward_ms``). 0 when the input
     needs no gradient; None in profiles from before it was measured (the simulator then assumes half)."""
     buffer_bytes: int = 0
     """Bytes of buffers (BatchNorm running statistics and the like)."""
-    cuda_peak_bytes: int | None = None
+    cuda_peak_bytes: int | None = field(default=None, metadata=saved(omit=(None,)))
     """CUDA only: the allocator's peak above the block's inputs and weights during
     its forward and backward."""
     optimizer_ms: float = 0.0
     """One AdamW step over the block's parameters, with zeroing their gradients:
     paid once per training step, not per micro-batch."""
-    optimizer_ms_by_name: tuple[tuple[str, float], ...] = ()
+    optimizer_ms_by_name: tuple[tuple[str, float], ...] = field(default=(), metadata=saved(omit=((),)))
     """The same for every optimizer a plan can name (adamw, adam, sgd-momentum, sgd), written as a JSON
     object; empty in profiles from before they were timed (AdamW's time then stands for all)."""
-    skip_bytes: int = 0
+    skip_bytes: int = field(default=0, metadata=saved(omit=(0,)))
     """Bytes of skips that also cross the boundary after the block: values made by earlier blocks (or
     model inputs) that a later block needs. A stage boundary here sends them too, and the stage after
     it holds them until the micro-batch's backward. 0 for a chain of children."""
 
-    same_as: str = ""
+    same_as: str = field(default="", metadata=saved(omit=("",)))
     """Not measured: identical to this earlier block (same operations, shapes and dtypes), whose numbers
     these are. Only profiles taken one block at a time (models too big to build) reuse measurements."""
 
     def to_dict(self) -> dict[str, Any]:
-        data = asdict(self)
-        for key, empty in (("cuda_peak_bytes", None), ("skip_bytes", 0), ("same_as", ""), ("input_grad_ms", None),
-                           ("optimizer_ms_by_name", ())):
-            if data[key] == empty:
-                del data[key]
-        if "optimizer_ms_by_name" in data:
-            data["optimizer_ms_by_name"] = dict(self.optimizer_ms_by_name)
-        return data
+        return write_record(self)
 
     @staticmethod
     def from_dict(obj: Any, where: str) -> "LayerProfile":
-        f = Fields(obj, where)
-        name = f.string("name")
+        layer = read_record(LayerProfile, Fields(obj, where))
+        name = layer.name
         if not name:
             raise AutopartError(f"{where}.name is empty")
-        peak = f.integer("cuda_peak_bytes", required=False)
-        layer = LayerProfile(
-            name=name,
-            forward_ms=f.number("forward_ms"),
-            backward_ms=f.number("backward_ms"),
-            param_bytes=f.integer("param_bytes"),
-            activation_bytes=f.integer("activation_bytes"),
-            output_bytes=f.integer("output_bytes"),
-            forward_iqr_ms=f.number("forward_iqr_ms", required=False, default=0.0),
-            backward_iqr_ms=f.number("backward_iqr_ms", required=False, default=0.0),
-            input_grad_ms=f.number("input_grad_ms", required=False, default=None),
-            optimizer_ms_by_name=_optimizer_times(obj, where),
-            buffer_bytes=f.integer("buffer_bytes", required=False, default=0),
-            cuda_peak_bytes=peak,
-            optimizer_ms=f.number("optimizer_ms", required=False, default=0.0),
-            skip_bytes=f.integer("skip_bytes", required=False, default=0),
-            same_as=f.string("same_as", required=False, default=""),
-        )
         check_plausible(f"{where} (block {name!r})",
                         [(k, v) for k, v in asdict(layer).items() if isinstance(v, (int, float))]
                         + [(f"{optimizer} optimizer_ms", ms) for optimizer, ms in layer.optimizer_ms_by_name])
@@ -214,10 +179,7 @@ class Profile:
         if self.batchnorm:
             data["batchnorm"] = self.batchnorm
         if self.ties:
-            data["ties"] = [
-                {"params": list(t.params), "owner": t.owner, "blocks": list(t.blocks), "bytes": t.bytes}
-                for t in self.ties
-            ]
+            data["ties"] = [write_record(tie) for tie in self.ties]
         return data
 
     def to_json(self, path: str | Path) -> Path:
@@ -237,13 +199,7 @@ class Profile:
         layers = tuple(LayerProfile.from_dict(item, f"{source}: layers[{i}]") for i, item in enumerate(raw_layers))
         ties = []
         for i, item in enumerate(f.array("ties", required=False)):
-            tf = Fields(item, f"{source}: ties[{i}]")
-            ties.append(Tie(
-                params=tuple(str(p) for p in tf.array("params")),
-                owner=tf.string("owner"),
-                blocks=tuple(str(b) for b in tf.array("blocks")),
-                bytes=tf.integer("bytes"),
-            ))
+            ties.append(read_record(Tie, Fields(item, f"{source}: ties[{i}]")))
             check_plausible(f"{source}: ties[{i}]", [("tie_bytes", ties[-1].bytes)])
         check_plausible(source, [("input_bytes", f.integer("input_bytes", required=False, default=0))])
         threads = f.integer("threads", required=False, minimum=1)
