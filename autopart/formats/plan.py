@@ -16,6 +16,7 @@ from autopart.formats.devices import Device
 from autopart.formats.jsonfields import Fields, check_plausible, load_json_file
 from autopart.formats.optimizers import DEFAULT_OPTIMIZER, OPTIMIZER_STATES, check_optimizer
 from autopart.formats.profile import BATCHNORM_MODES
+from autopart.formats.record import read_record, saved, write_record
 from autopart.formats.schedule_kinds import canonical_schedule, stage_ranks
 from autopart.formats.stage import StageCost
 
@@ -65,10 +66,10 @@ class Candidate:
     """A configuration the joint search tried."""
 
     schedule: str
-    microbatches: int
-    stages_per_rank: int
+    microbatches: int = field(metadata=saved(minimum=1))
+    stages_per_rank: int = field(metadata=saved(minimum=1, absent=1))
     step_ms: float
-    balance: tuple[int, ...]
+    balance: tuple[int, ...] = field(metadata=saved(minimum=1))
 
 
 @dataclass(frozen=True)
@@ -81,7 +82,8 @@ class Predicted:
     """The slowest stage's time per micro-batch."""
     lower_bound_ms: float
     """No split has a faster slowest stage than this."""
-    source: str = "simulated"
+    source: str = field(default="simulated", metadata=saved(absent=""))
+    """Where the numbers come from: "simulated" (the schedule simulator); "" in files that do not say."""
 
 
 def _optimizer_name(f: Fields) -> str:
@@ -194,12 +196,8 @@ class Plan:
             "sample_shape": list(self.sample_shape), **({"threads": self.threads} if self.threads else {}),
             **({"batchnorm": self.batchnorm} if self.batchnorm else {}),
             "stages": [s.to_dict() for s in self.stages],
-            "runners_up": [{"schedule": c.schedule, "microbatches": c.microbatches,
-                            "stages_per_rank": c.stages_per_rank, "step_ms": c.step_ms, "balance": list(c.balance)}
-                           for c in self.runners_up],
-            "predicted": {"step_ms": self.predicted.step_ms, "bubble_fraction": self.predicted.bubble_fraction,
-                          "bottleneck_ms": self.predicted.bottleneck_ms,
-                          "lower_bound_ms": self.predicted.lower_bound_ms, "source": self.predicted.source},
+            "runners_up": [write_record(c) for c in self.runners_up],
+            "predicted": write_record(self.predicted),
         }
 
     def to_json(self, path: str | Path) -> Path:
@@ -219,17 +217,13 @@ class Plan:
             raise AutopartError(f"{source}: balance {list(balance)} does not match the stages' block counts "
                                 f"{[len(s.blocks) for s in stages]}")
         pf = Fields(f.obj.get("predicted"), f"{source}: predicted")
-        predicted = Predicted(step_ms=pf.number("step_ms"), bubble_fraction=pf.number("bubble_fraction"),
-                              bottleneck_ms=pf.number("bottleneck_ms"), lower_bound_ms=pf.number("lower_bound_ms"),
-                              source=pf.string("source", required=False, default=""))
+        predicted = read_record(Predicted, pf)
         check_plausible(f"{source}: predicted", asdict(predicted).items(), MAX_STAGE_MS, MAX_STAGE_BYTES)
         bandwidth = f.number("bandwidth_bytes_per_s", required=False)
         runners = []
         for k, raw in enumerate(f.array("runners_up", required=False)):
             cf = Fields(raw, f"{source}: runners_up[{k}]")
-            runners.append(Candidate(schedule=cf.string("schedule"), microbatches=cf.integer("microbatches", minimum=1),
-                                     stages_per_rank=cf.integer("stages_per_rank", False, 1, minimum=1),
-                                     step_ms=cf.number("step_ms"), balance=tuple(cf.int_list("balance", minimum=1))))
+            runners.append(read_record(Candidate, cf))
             check_plausible(f"{source}: runners_up[{k}]", [("step_ms", runners[-1].step_ms)], MAX_STAGE_MS)
         stages_per_rank = f.integer("stages_per_rank", required=False, default=1, minimum=1)
         if len(stages) % stages_per_rank:

@@ -43,11 +43,14 @@ class Saved:
     """Values written by leaving the key out (compared with ``==``)."""
     absent: Any = UNSET
     """What a missing key reads as, when not the dataclass's default; a field with one is optional."""
+    required: bool = False
+    """The file must hold it even though the dataclass has a default."""
 
 
-def saved(*, minimum: float = 0, omit: tuple[Any, ...] = (), absent: Any = UNSET) -> dict[str, Saved]:
+def saved(*, minimum: float = 0, omit: tuple[Any, ...] = (), absent: Any = UNSET,
+          required: bool = False) -> dict[str, Saved]:
     """Metadata for ``dataclasses.field(metadata=...)``: how the field is saved (see :class:`Saved`)."""
-    return {"autopart": Saved(minimum=minimum, omit=omit, absent=absent)}
+    return {"autopart": Saved(minimum=minimum, omit=omit, absent=absent, required=required)}
 
 
 def _saved(fld: dataclasses.Field[Any]) -> Saved:
@@ -63,6 +66,8 @@ def _type(fld: dataclasses.Field[Any]) -> str:
 def _absent(fld: dataclasses.Field[Any]) -> Any:
     """What the field reads as when its key is missing; MISSING when it is required."""
     spec = _saved(fld)
+    if spec.required:
+        return MISSING
     if spec.absent is not UNSET:
         return spec.absent
     if fld.default_factory is not MISSING:

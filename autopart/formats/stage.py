@@ -8,10 +8,11 @@ Pure data (standard library only).
 """
 from __future__ import annotations
 
-from dataclasses import dataclass, fields
+from dataclasses import dataclass, field
 from typing import Any
 
 from autopart.formats.jsonfields import Fields
+from autopart.formats.record import read_record, saved, write_record
 
 __all__ = ["StageCost"]
 
@@ -20,9 +21,9 @@ __all__ = ["StageCost"]
 class StageCost:
     """One (virtual) stage on its device, per micro-batch unless a field says otherwise."""
 
-    forward_ms: float
+    forward_ms: float = field(metadata=saved(absent=0.0))
     """Forward of one micro-batch on this stage's device."""
-    backward_ms: float
+    backward_ms: float = field(metadata=saved(absent=0.0))
     """Full backward (input and weight gradients) of one micro-batch, the recomputed forward included."""
     send_forward_ms: float = 0.0
     """Sending the output to the next stage (charged when that stage is on another rank)."""
@@ -39,11 +40,11 @@ class StageCost:
     overhead_ms: float = 0.0
     """The runtime's own time around each forward or backward action here: its sends' and receives' calls
     and its bookkeeping, which no block profile holds (fitted from a training run, ``--overhead``)."""
-    memory_bytes: int = 0
+    memory_bytes: int = field(default=0, metadata=saved(required=True))
     """Peak bytes under the schedule's in-flight micro-batches, as the cost model counts them."""
     recompute: bool = False
     """Activation recomputation on: the only way this stage fits its memory."""
-    input_grad_ms: float | None = None
+    input_grad_ms: float | None = field(default=None, metadata=saved(omit=(None,)))
     """The part of ``backward_ms`` that computes the input's gradient (a zero-bubble schedule's ``I``; ``W``
     is the rest). None: not measured, the simulator assumes half."""
 
@@ -65,22 +66,11 @@ class StageCost:
     def to_dict(self) -> dict[str, Any]:
         """The saved fields, plus ``time_ms``, ``compute_ms`` and ``send_ms`` for readers of the file."""
         data: dict[str, Any] = {"time_ms": self.time_ms, "compute_ms": self.compute_ms, "send_ms": self.send_ms}
-        data.update({f.name: getattr(self, f.name) for f in fields(self) if getattr(self, f.name) is not None})
+        data.update(write_record(self))
         return data
 
     @staticmethod
     def from_fields(f: Fields) -> "StageCost":
         """Read the fields :meth:`to_dict` writes (``time_ms`` and ``memory_bytes`` required, the rest optional)."""
         f.number("time_ms")  # derived on reading, but a plan without it is not one autopart wrote
-        values: dict[str, Any] = {"memory_bytes": f.integer("memory_bytes"),
-                                  "recompute": bool(f.obj.get("recompute", False))}
-        for field in fields(StageCost):
-            if field.name in values:
-                continue
-            if field.type == "int":
-                values[field.name] = f.integer(field.name, required=False, default=0)
-            elif field.default is None:
-                values[field.name] = f.number(field.name, required=False, default=None)
-            else:
-                values[field.name] = f.number(field.name, required=False, default=0.0)
-        return StageCost(**values)
+        return read_record(StageCost, f)
