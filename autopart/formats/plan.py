@@ -17,12 +17,15 @@ from autopart.formats.jsonfields import Fields, check_plausible, load_json_file
 from autopart.formats.optimizers import DEFAULT_OPTIMIZER, OPTIMIZER_STATES, check_optimizer
 from autopart.formats.profile import BATCHNORM_MODES
 from autopart.formats.record import read_record, saved, write_record
+from autopart.formats.version import check_version
 from autopart.formats.schedule_kinds import canonical_schedule, stage_ranks
 from autopart.formats.stage import StageCost
 
-__all__ = ["PLAN_SCHEMA", "Plan", "PlanStage", "Predicted", "Candidate"]
+__all__ = ["PLAN_SCHEMA", "PLAN_FEATURES", "Plan", "PlanStage", "Predicted", "Candidate"]
 
 PLAN_SCHEMA = "autopart.plan/1"
+PLAN_FEATURES: frozenset[str] = frozenset()
+"""Features (:mod:`autopart.formats.version`) this autopart reads in a plan's ``features``: none yet."""
 
 MAX_STAGE_MS = 1e12
 """The longest time a plan may hold (a stage's per micro-batch, a step): a thousand times a block's bound
@@ -127,6 +130,8 @@ class Plan:
     """CPU threads the profile was measured with (its times assume them); None: not recorded, or a GPU."""
     batchnorm: str | None = None
     """The profile's BatchNorm mode ("deferred" or "micro"; None: no BatchNorm): ``train``'s default."""
+    features: tuple[str, ...] = ()
+    """What a reader must understand to read the file (:mod:`autopart.formats.version`); written when not empty."""
     schema: str = field(default=PLAN_SCHEMA)
 
     def __post_init__(self) -> None:
@@ -187,7 +192,8 @@ class Plan:
 
     def to_dict(self) -> dict[str, Any]:
         return {
-            "schema": self.schema, "profile": self.profile, "model": self.model, "method": self.method,
+            "schema": self.schema, **({"features": list(self.features)} if self.features else {}),
+            "profile": self.profile, "model": self.model, "method": self.method,
             "schedule": self.schedule, "microbatches": self.microbatches, "balance": list(self.balance),
             "optimizer_states": self.optimizer_states, "optimizer": self.optimizer,
             "bandwidth_bytes_per_s": self.bandwidth_bytes_per_s,
@@ -206,9 +212,7 @@ class Plan:
     @staticmethod
     def from_dict(obj: Any, source: str = "plan") -> "Plan":
         f = Fields(obj, source)
-        schema = f.string("schema")
-        if schema != PLAN_SCHEMA:
-            raise AutopartError(f"{source}: schema is {schema!r}, expected {PLAN_SCHEMA!r}")
+        schema, features = check_version(f, "autopart.plan", 1, PLAN_FEATURES)
         stages = [PlanStage.from_dict(raw, f"{source}: stages[{k}]") for k, raw in enumerate(f.array("stages"))]
         if not stages:
             raise AutopartError(f"{source}: 'stages' is empty")
@@ -240,7 +244,7 @@ class Plan:
                     scaling=f.string("scaling", required=False, default=""), runners_up=tuple(runners),
                     sample_shape=tuple(f.int_list("sample_shape", required=False, minimum=1)),
                     threads=f.integer("threads", required=False, minimum=1),
-                    batchnorm=f.choice("batchnorm", BATCHNORM_MODES), schema=schema)
+                    batchnorm=f.choice("batchnorm", BATCHNORM_MODES), features=features, schema=schema)
 
     @staticmethod
     def from_json(path: str | Path) -> "Plan":

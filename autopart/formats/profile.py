@@ -16,10 +16,13 @@ from autopart.errors import AutopartError
 from autopart.formats.atomic import write_json_atomic
 from autopart.formats.jsonfields import Fields, check_plausible, load_json_file
 from autopart.formats.record import read_record, saved, write_record
+from autopart.formats.version import check_version
 
-__all__ = ["PROFILE_SCHEMA", "BATCHNORM_MODES", "LayerProfile", "Profile", "Tie"]
+__all__ = ["PROFILE_SCHEMA", "PROFILE_FEATURES", "BATCHNORM_MODES", "LayerProfile", "Profile", "Tie"]
 
 PROFILE_SCHEMA = "autopart.profile/1"
+PROFILE_FEATURES: frozenset[str] = frozenset()
+"""Features (:mod:`autopart.formats.version`) this autopart reads in a profile's ``features``: none yet."""
 
 
 @dataclass(frozen=True)
@@ -126,6 +129,8 @@ class Profile:
     batchnorm: str | None = None
     """How BatchNorm layers kept their running statistics while measured: "deferred" (once per mini-batch,
     :mod:`autopart.measure.batchnorm`) or "micro" (PyTorch's, per micro-batch); None: the model has none."""
+    features: tuple[str, ...] = ()
+    """What a reader must understand to read the file (:mod:`autopart.formats.version`); written when not empty."""
     schema: str = field(default=PROFILE_SCHEMA)
 
     def __post_init__(self) -> None:
@@ -161,6 +166,7 @@ class Profile:
     def to_dict(self) -> dict[str, Any]:
         data: dict[str, Any] = {
             "schema": self.schema,
+            **({"features": list(self.features)} if self.features else {}),
             "model": self.model,
             "device": self.device,
             "dtype": self.dtype,
@@ -190,9 +196,7 @@ class Profile:
     def from_dict(obj: Any, source: str = "profile") -> "Profile":
         """Validate and build; every problem is an :class:`AutopartError` naming the field."""
         f = Fields(obj, source)
-        schema = f.string("schema")
-        if schema != PROFILE_SCHEMA:
-            raise AutopartError(f"{source}: schema is {schema!r}, expected {PROFILE_SCHEMA!r}")
+        schema, features = check_version(f, "autopart.profile", 1, PROFILE_FEATURES)
         raw_layers = f.array("layers")
         if not raw_layers:
             raise AutopartError(f"{source}: 'layers' is empty")
@@ -230,6 +234,7 @@ class Profile:
             warmup=f.integer("warmup", required=False, default=0),
             by_microbatch_size=tuple(others),
             batchnorm=f.choice("batchnorm", BATCHNORM_MODES),
+            features=features,
             schema=schema,
         )
 
