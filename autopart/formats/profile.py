@@ -103,35 +103,36 @@ BATCHNORM_MODES = ("deferred", "micro")
 (:mod:`autopart.measure.batchnorm`), or "micro", PyTorch's own, once per micro-batch."""
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, kw_only=True)
 class Profile:
-    """One model at one micro-batch size on one device."""
+    """One model at one micro-batch size on one device. The fields are in the file's order."""
 
+    schema: str = PROFILE_SCHEMA
+    features: tuple[str, ...] = field(default=(), metadata=saved(omit=((),)))
+    """What a reader must understand to read the file (:mod:`autopart.formats.version`); written when not empty."""
     model: str
     device: str
     dtype: str
-    microbatch_size: int
+    microbatch_size: int = field(metadata=saved(minimum=1))
     sample_shape: tuple[int, ...]
-    torch: str
-    layers: tuple[LayerProfile, ...]
-    ties: tuple[Tie, ...] = ()
-    threads: int | None = None
+    torch: str = field(metadata=saved(absent="unknown"))
+    threads: int | None = field(default=None, metadata=saved(minimum=1))
     """CPU threads torch used while measuring (the times depend on it)."""
     input_bytes: int = 0
     """Bytes of one micro-batch's input: what the first stage keeps per micro-batch
     when it recomputes its activations."""
-    repeats: int = 0
-    warmup: int = 0
     loss_in_last_block: bool = False
     """The last block's time and activations include computing the loss."""
-    by_microbatch_size: tuple[tuple[int, tuple[LayerProfile, ...]], ...] = ()
-    """The same blocks measured at other micro-batch sizes (``--microbatch-size 1,2,4,8``)."""
-    batchnorm: str | None = None
+    warmup: int = 0
+    repeats: int = 0
+    layers: tuple[LayerProfile, ...]
+    by_microbatch_size: tuple[tuple[int, tuple[LayerProfile, ...]], ...] = field(default=(), metadata=saved(omit=((),)))
+    """The same blocks measured at other micro-batch sizes (``--microbatch-size 1,2,4,8``), written as an
+    object of size: layers."""
+    batchnorm: str | None = field(default=None, metadata=saved(omit=(None, "")))
     """How BatchNorm layers kept their running statistics while measured: "deferred" (once per mini-batch,
     :mod:`autopart.measure.batchnorm`) or "micro" (PyTorch's, per micro-batch); None: the model has none."""
-    features: tuple[str, ...] = ()
-    """What a reader must understand to read the file (:mod:`autopart.formats.version`); written when not empty."""
-    schema: str = field(default=PROFILE_SCHEMA)
+    ties: tuple[Tie, ...] = field(default=(), metadata=saved(omit=((),)))
 
     def __post_init__(self) -> None:
         if not self.layers:
@@ -164,29 +165,8 @@ class Profile:
         return sum(layer.forward_ms + layer.backward_ms for layer in self.layers)
 
     def to_dict(self) -> dict[str, Any]:
-        data: dict[str, Any] = {
-            "schema": self.schema,
-            **({"features": list(self.features)} if self.features else {}),
-            "model": self.model,
-            "device": self.device,
-            "dtype": self.dtype,
-            "microbatch_size": self.microbatch_size,
-            "sample_shape": list(self.sample_shape),
-            "torch": self.torch,
-            "threads": self.threads,
-            "input_bytes": self.input_bytes,
-            "loss_in_last_block": self.loss_in_last_block,
-            "warmup": self.warmup,
-            "repeats": self.repeats,
-            "layers": [layer.to_dict() for layer in self.layers],
-        }
-        if self.by_microbatch_size:
-            data["by_microbatch_size"] = {str(b): [x.to_dict() for x in layers] for b, layers in self.by_microbatch_size}
-        if self.batchnorm:
-            data["batchnorm"] = self.batchnorm
-        if self.ties:
-            data["ties"] = [write_record(tie) for tie in self.ties]
-        return data
+        return write_record(self, by_microbatch_size={str(size): [x.to_dict() for x in layers]
+                                                      for size, layers in self.by_microbatch_size})
 
     def to_json(self, path: str | Path) -> Path:
         """Write the profile to ``path`` atomically."""
@@ -206,7 +186,6 @@ class Profile:
             ties.append(read_record(Tie, Fields(item, f"{source}: ties[{i}]")))
             check_plausible(f"{source}: ties[{i}]", [("tie_bytes", ties[-1].bytes)])
         check_plausible(source, [("input_bytes", f.integer("input_bytes", required=False, default=0))])
-        threads = f.integer("threads", required=False, minimum=1)
         others = []
         raw_sizes = f.obj.get("by_microbatch_size") or {}
         if not isinstance(raw_sizes, dict):
@@ -218,25 +197,8 @@ class Profile:
                 raise AutopartError(f"{source}: by_microbatch_size[{key}] must list {len(layers)} layers")
             others.append((int(key), tuple(LayerProfile.from_dict(item, f"{source}: by_microbatch_size[{key}][{i}]")
                                            for i, item in enumerate(items))))
-        return Profile(
-            model=f.string("model"),
-            device=f.string("device"),
-            dtype=f.string("dtype"),
-            microbatch_size=f.integer("microbatch_size", minimum=1),
-            sample_shape=tuple(f.int_list("sample_shape")),
-            torch=f.string("torch", required=False, default="unknown"),
-            layers=layers,
-            ties=tuple(ties),
-            threads=threads,
-            input_bytes=f.integer("input_bytes", required=False, default=0),
-            loss_in_last_block=bool(f.obj.get("loss_in_last_block", False)),
-            repeats=f.integer("repeats", required=False, default=0),
-            warmup=f.integer("warmup", required=False, default=0),
-            by_microbatch_size=tuple(others),
-            batchnorm=f.choice("batchnorm", BATCHNORM_MODES),
-            features=features,
-            schema=schema,
-        )
+        return read_record(Profile, f, schema=schema, features=features, layers=layers, ties=tuple(ties),
+                           by_microbatch_size=tuple(others), batchnorm=f.choice("batchnorm", BATCHNORM_MODES))
 
     @staticmethod
     def from_json(path: str | Path) -> "Profile":

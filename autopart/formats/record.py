@@ -139,13 +139,14 @@ def _json(value: Any, kind: str) -> Any:
     return value
 
 
-def write_record(record: Any) -> dict[str, Any]:
+def write_record(record: Any, **given: Any) -> dict[str, Any]:
     """``record``'s fields as a JSON object, in declaration order, leaving out each field whose value is one
-    of its :attr:`Saved.omit`; tuples become lists and nested records objects."""
+    of its :attr:`Saved.omit`; tuples become lists and nested records objects. ``given`` supplies the JSON
+    of fields written another way."""
     data: dict[str, Any] = {}
     for fld in dataclasses.fields(record):
         value = getattr(record, fld.name)
         if any(value == empty for empty in _saved(fld).omit):
             continue
-        data[fld.name] = _json(value, _type(fld))
+        data[fld.name] = given[fld.name] if fld.name in given else _json(value, _type(fld))
     return data
