@@ -102,45 +102,47 @@ def _optimizer_name(f: Fields) -> str:
     return name
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, kw_only=True)
 class Plan:
-    profile: str
-    model: str
+    """Which blocks each stage holds, how the step runs, and what the cost model predicts. The fields are in
+    the file's order."""
+
+    schema: str = PLAN_SCHEMA
+    features: tuple[str, ...] = field(default=(), metadata=saved(omit=((),)))
+    """What a reader must understand to read the file (:mod:`autopart.formats.version`); written when not empty."""
+    profile: str = field(metadata=saved(absent=""))
+    model: str = field(metadata=saved(absent=""))
     method: str
     schedule: str
-    microbatches: int
+    microbatches: int = field(metadata=saved(minimum=1))
     balance: tuple[int, ...]
-    stages: tuple[PlanStage, ...]
-    predicted: Predicted
+    optimizer_states: int = field(init=False, default=0)
+    """Copies of the parameters the optimizer keeps: the table's for ``optimizer``, which the file records for
+    its readers (set from ``optimizer``, never given)."""
     optimizer: str = DEFAULT_OPTIMIZER
     """The optimizer whose step and state the prediction pays and ``autopart train`` runs."""
     bandwidth_bytes_per_s: float | None = None
     latency_ms: float = 0.0
     fits: bool = True
-    stages_per_rank: int = 1
-    microbatch_size: int | None = None
+    stages_per_rank: int = field(default=1, metadata=saved(minimum=1))
+    microbatch_size: int | None = field(default=None, metadata=saved(minimum=1))
     """Rows per micro-batch the times are for (the profile's, or the search's choice)."""
     scaling: str = ""
     """How times were scaled to ``microbatch_size`` when it differs from the profile's."""
+    sample_shape: tuple[int, ...] = field(default=(), metadata=saved(minimum=1))
+    """Shape of one micro-batch's input (the profile's, at ``microbatch_size``)."""
+    threads: int | None = field(default=None, metadata=saved(minimum=1, omit=(None, 0)))
+    """CPU threads the profile was measured with (its times assume them); None: not recorded, or a GPU."""
+    batchnorm: str | None = field(default=None, metadata=saved(omit=(None, "")))
+    """The profile's BatchNorm mode ("deferred" or "micro"; None: no BatchNorm): ``train``'s default."""
+    stages: tuple[PlanStage, ...]
     runners_up: tuple[Candidate, ...] = ()
     """What the joint search beat, best first."""
-    sample_shape: tuple[int, ...] = ()
-    """Shape of one micro-batch's input (the profile's, at ``microbatch_size``)."""
-    threads: int | None = None
-    """CPU threads the profile was measured with (its times assume them); None: not recorded, or a GPU."""
-    batchnorm: str | None = None
-    """The profile's BatchNorm mode ("deferred" or "micro"; None: no BatchNorm): ``train``'s default."""
-    features: tuple[str, ...] = ()
-    """What a reader must understand to read the file (:mod:`autopart.formats.version`); written when not empty."""
-    schema: str = field(default=PLAN_SCHEMA)
+    predicted: Predicted
 
     def __post_init__(self) -> None:
         check_optimizer(self.optimizer)
-
-    @property
-    def optimizer_states(self) -> int:
-        """Copies of the parameters the optimizer keeps (the table's; the file records it for readers)."""
-        return OPTIMIZER_STATES[self.optimizer]
+        object.__setattr__(self, "optimizer_states", OPTIMIZER_STATES[self.optimizer])
 
     @property
     def num_stages(self) -> int:
@@ -191,20 +193,7 @@ class Plan:
         return [list(stage.blocks) for stage in self.stages]
 
     def to_dict(self) -> dict[str, Any]:
-        return {
-            "schema": self.schema, **({"features": list(self.features)} if self.features else {}),
-            "profile": self.profile, "model": self.model, "method": self.method,
-            "schedule": self.schedule, "microbatches": self.microbatches, "balance": list(self.balance),
-            "optimizer_states": self.optimizer_states, "optimizer": self.optimizer,
-            "bandwidth_bytes_per_s": self.bandwidth_bytes_per_s,
-            "latency_ms": self.latency_ms, "fits": self.fits, "stages_per_rank": self.stages_per_rank,
-            "microbatch_size": self.microbatch_size, "scaling": self.scaling,
-            "sample_shape": list(self.sample_shape), **({"threads": self.threads} if self.threads else {}),
-            **({"batchnorm": self.batchnorm} if self.batchnorm else {}),
-            "stages": [s.to_dict() for s in self.stages],
-            "runners_up": [write_record(c) for c in self.runners_up],
-            "predicted": write_record(self.predicted),
-        }
+        return write_record(self, stages=[stage.to_dict() for stage in self.stages])
 
     def to_json(self, path: str | Path) -> Path:
         return write_json_atomic(path, self.to_dict())
@@ -223,7 +212,6 @@ class Plan:
         pf = Fields(f.obj.get("predicted"), f"{source}: predicted")
         predicted = read_record(Predicted, pf)
         check_plausible(f"{source}: predicted", asdict(predicted).items(), MAX_STAGE_MS, MAX_STAGE_BYTES)
-        bandwidth = f.number("bandwidth_bytes_per_s", required=False)
         runners = []
         for k, raw in enumerate(f.array("runners_up", required=False)):
             cf = Fields(raw, f"{source}: runners_up[{k}]")
@@ -233,18 +221,10 @@ class Plan:
         if len(stages) % stages_per_rank:
             raise AutopartError(f"{source}: {len(stages)} stages do not divide into {stages_per_rank} per rank")
         check_plausible(source, [("latency_ms", f.number("latency_ms", False, 0.0))], MAX_STAGE_MS)
-        return Plan(profile=f.string("profile", required=False, default=""),
-                    model=f.string("model", required=False, default=""), method=f.string("method"),
-                    schedule=canonical_schedule(f.string("schedule")), microbatches=f.integer("microbatches", minimum=1),
-                    balance=balance, stages=tuple(stages), predicted=predicted,
-                    optimizer=_optimizer_name(f),
-                    bandwidth_bytes_per_s=bandwidth, latency_ms=f.number("latency_ms", False, 0.0),
-                    fits=bool(f.obj.get("fits", True)), stages_per_rank=stages_per_rank,
-                    microbatch_size=f.integer("microbatch_size", required=False, minimum=1),
-                    scaling=f.string("scaling", required=False, default=""), runners_up=tuple(runners),
-                    sample_shape=tuple(f.int_list("sample_shape", required=False, minimum=1)),
-                    threads=f.integer("threads", required=False, minimum=1),
-                    batchnorm=f.choice("batchnorm", BATCHNORM_MODES), features=features, schema=schema)
+        return read_record(Plan, f, schema=schema, features=features, schedule=canonical_schedule(f.string("schedule")),
+                           balance=balance, optimizer=_optimizer_name(f), stages_per_rank=stages_per_rank,
+                           stages=tuple(stages), runners_up=tuple(runners), predicted=predicted,
+                           batchnorm=f.choice("batchnorm", BATCHNORM_MODES))
 
     @staticmethod
     def from_json(path: str | Path) -> "Plan":

@@ -121,10 +121,11 @@ def read_field(f: Fields, fld: dataclasses.Field[Any]) -> Any:
 
 def read_record(cls: type[T], f: Fields, **given: Any) -> T:
     """Build ``cls`` from the object ``f`` reads, field by field in declaration order; ``given`` supplies
-    fields read another way (nested records, derived values)."""
+    fields read another way (nested records, cross-checked values). Fields the constructor does not take
+    (``init=False``: derived, written for readers) are not read."""
     values = dict(given)
     for fld in dataclasses.fields(cls):  # type: ignore[arg-type]
-        if fld.name not in values:
+        if fld.init and fld.name not in values:
             values[fld.name] = read_field(f, fld)
     return cls(**values)
 
