@@ -17,9 +17,9 @@ from autopart.formats.jsonfields import Fields, check_plausible, load_json_file
 from autopart.formats.optimizers import DEFAULT_OPTIMIZER, OPTIMIZER_STATES, check_optimizer
 from autopart.formats.profile import BATCHNORM_MODES
 from autopart.formats.record import read_record, saved, write_record
-from autopart.formats.version import check_version
 from autopart.formats.schedule_kinds import canonical_schedule, stage_ranks
 from autopart.formats.stage import StageCost
+from autopart.formats.version import check_version
 
 __all__ = ["PLAN_SCHEMA", "PLAN_FEATURES", "Plan", "PlanStage", "Predicted", "Candidate"]
 
@@ -201,7 +201,7 @@ class Plan:
     @staticmethod
     def from_dict(obj: Any, source: str = "plan") -> "Plan":
         f = Fields(obj, source)
-        schema, features = check_version(f, "autopart.plan", 1, PLAN_FEATURES)
+        schema, features = check_version(f, PLAN_SCHEMA, PLAN_FEATURES)
         stages = [PlanStage.from_dict(raw, f"{source}: stages[{k}]") for k, raw in enumerate(f.array("stages"))]
         if not stages:
             raise AutopartError(f"{source}: 'stages' is empty")

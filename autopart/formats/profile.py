@@ -176,7 +176,7 @@ class Profile:
     def from_dict(obj: Any, source: str = "profile") -> "Profile":
         """Validate and build; every problem is an :class:`AutopartError` naming the field."""
         f = Fields(obj, source)
-        schema, features = check_version(f, "autopart.profile", 1, PROFILE_FEATURES)
+        schema, features = check_version(f, PROFILE_SCHEMA, PROFILE_FEATURES)
         raw_layers = f.array("layers")
         if not raw_layers:
             raise AutopartError(f"{source}: 'layers' is empty")

@@ -16,14 +16,15 @@ from autopart.formats.jsonfields import Fields
 __all__ = ["check_version"]
 
 
-def check_version(f: Fields, family: str, version: int, known: frozenset[str]) -> tuple[str, tuple[str, ...]]:
-    """The file's ``schema`` and ``features`` once checked: ``schema`` must be ``family/version`` (an older
-    autopart's file of a later version is refused as newer) and every feature must be in ``known``."""
-    expected = f"{family}/{version}"
+def check_version(f: Fields, expected: str, known: frozenset[str]) -> tuple[str, tuple[str, ...]]:
+    """The file's ``schema`` and ``features`` once checked: ``schema`` must be ``expected`` (``family/N``; a
+    later version of the family is refused as made by a newer autopart) and every feature must be in
+    ``known``."""
+    family, _, version = expected.rpartition("/")
     schema: str = f.string("schema")
     if schema != expected:
         later = schema.removeprefix(f"{family}/")
-        if schema.startswith(f"{family}/") and later.isdigit() and int(later) > version:
+        if schema.startswith(f"{family}/") and later.isdigit() and int(later) > int(version):
             raise AutopartError(f"{f.where}: made by a newer autopart: schema is {schema!r}, this autopart reads "
                                 f"{expected!r}")
         raise AutopartError(f"{f.where}: schema is {schema!r}, expected {expected!r}")
