@@ -11,8 +11,9 @@ from torch import nn
 
 from autopart.errors import AutopartError
 from autopart.formats.profile import Profile
-from autopart.measure.blocks import GraphChain, chain_of
+from autopart.measure.blocks import ChildrenChain, GraphChain, call_block, chain_of
 from autopart.measure.capture import capture
+from autopart.measure.cutpoints import graph_blocks
 from autopart.measure.profiler import profile_model
 from tests.graph_models import TwoInTwoOut, UNet, hf_gpt2
 
@@ -126,3 +127,45 @@ def test_code_between_modules_goes_where_the_cut_is_cheapest() -> None:
     assert chain.graph.cuts == [3 * 4 * 4, 3 * 32 * 4, 3 * 2 * 4]  # after a, after repeat, after b (the output)
     assert chain.names == ["a", "b"] and chain.graph.spans == [(0, 1), (1, 3)]  # repeat runs in b's block
     assert [(b.main_bytes, b.skip_bytes) for b in chain.graph.boundaries] == [(48, 0)]
+
+
+class _DictHead(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.proj = nn.Linear(6, 3)
+
+    def forward(self, x: torch.Tensor) -> dict[str, torch.Tensor]:
+        return {"y": self.proj(x)}
+
+
+def test_both_kinds_of_chain_agree_on_a_model_that_is_a_chain_of_its_children() -> None:
+    """The same Sequential cut as its children and as its captured graph: the same blocks, parameter names,
+    stage keys, bytes crossing each cut, and loss (of the whole model as one stage, and of its blocks run in
+    order) as the model's own, its dict output rebuilt by each kind its own way."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(4, 6), nn.Linear(6, 6), _DictHead())
+    x, target = torch.randn(5, 4), torch.randn(5, 3)
+    children = chain_of(model, (x,), "seq")
+    graph = GraphChain(model, graph_blocks(capture(model, (x,)), model), (x,))
+    assert isinstance(children, ChildrenChain) and (children.captured, graph.captured) == (False, True)
+    assert children.names == graph.names == ["0", "1", "2"]
+    for first in range(3):
+        for last in range(first, 3):
+            assert children.parameter_names(first, last) == graph.parameter_names(first, last)
+            assert (sorted(children.stage_module(first, last).state_dict())
+                    == sorted(graph.stage_module(first, last).state_dict()))
+    hidden = 5 * 6 * F32
+    assert [(b.main_bytes, b.skip_bytes) for b in children.crossings()] == [(hidden, 0)] * 2
+    assert [(b.main_bytes, b.skip_bytes) for b in graph.crossings()] == [(hidden, 0)] * 2
+    assert (children.crossing_bytes(), graph.crossing_bytes()) == ([], [(hidden, 0)] * 2)
+
+    def loss_fn(out: dict[str, torch.Tensor], t: torch.Tensor) -> torch.Tensor:
+        return ((out["y"] - t) ** 2).mean()
+
+    expected = loss_fn(model(x), target)
+    for chain in (children, graph):
+        torch.testing.assert_close(chain.model_loss(loss_fn)(chain.stage_module(0, 2)(x), target), expected)
+        out = x
+        for _, block in chain.blocks:
+            out = call_block(block, out)
+        torch.testing.assert_close(chain.block_loss(loss_fn)(out, target), expected)
