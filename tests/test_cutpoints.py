@@ -11,8 +11,9 @@ from torch import nn
 
 from autopart.errors import AutopartError
 from autopart.formats.profile import Profile
-from autopart.measure.blocks import chain_of
+from autopart.measure.blocks import ChildrenChain, GraphChain, call_block, chain_of
 from autopart.measure.capture import capture
+from autopart.measure.cutpoints import graph_blocks
 from autopart.measure.profiler import profile_model
 from tests.graph_models import TwoInTwoOut, UNet, hf_gpt2
 
@@ -22,7 +23,7 @@ F32 = 4
 def test_unet_blocks_follow_its_modules_and_count_the_skips_by_hand() -> None:
     chain = chain_of(UNet(), (torch.randn(2, 1, 8, 8),), "unet")
     assert chain.names == ["down1", "down2", "mid", "up2", "up1"]
-    assert chain.graph is not None
+    assert isinstance(chain, GraphChain)
     d1 = 2 * 4 * 8 * 8 * F32  # down1's output: 4 channels at 8x8, skips to the last block
     d2 = 2 * 8 * 4 * 4 * F32  # down2's output: 8 channels at 4x4, skips over mid
     cat = 2 * 16 * 4 * 4 * F32  # mid ends with cat([mid, d2]) (glue code joins the block before it)
@@ -36,7 +37,7 @@ def test_unet_blocks_follow_its_modules_and_count_the_skips_by_hand() -> None:
 def test_a_model_input_needed_later_crosses_every_cut_before_its_use() -> None:
     chain = chain_of(TwoInTwoOut(), (torch.randn(4, 6), torch.rand(4, 1)), "two")
     assert chain.names == ["enc", "body", "head_a", "head_b"]
-    assert chain.graph is not None
+    assert isinstance(chain, GraphChain)
     scale = 4 * 1 * F32
     skips = [[(c.name, c.made_by, c.bytes) for c in b.skips] for b in chain.graph.boundaries]
     assert skips[0] == [("scale", "input", scale)] and skips[1] == [("scale", "input", scale)]
@@ -68,7 +69,7 @@ def test_hf_gpt2_masks_are_recomputed_and_the_tied_embedding_keeps_both_names() 
     chain = chain_of(made["module"], (made["example"],), "gpt2")
     assert chain.names == ["transformer.wte", "transformer.wpe", "transformer.h.0", "transformer.h.1",
                            "transformer.ln_f", "lm_head"]
-    assert chain.graph is not None
+    assert isinstance(chain, GraphChain)
     assert all(b.skip_bytes == 0 for b in chain.graph.boundaries)  # masks and positions: recomputed, not sent
     hidden = 2 * 16 * 32 * F32
     assert [b.main_bytes for b in chain.graph.boundaries] == [hidden] * 5
@@ -122,7 +123,49 @@ class _Widen(nn.Module):
 
 def test_code_between_modules_goes_where_the_cut_is_cheapest() -> None:
     chain = chain_of(_Widen(), (torch.randn(3, 4),), "widen")
-    assert chain.graph is not None
+    assert isinstance(chain, GraphChain)
     assert chain.graph.cuts == [3 * 4 * 4, 3 * 32 * 4, 3 * 2 * 4]  # after a, after repeat, after b (the output)
     assert chain.names == ["a", "b"] and chain.graph.spans == [(0, 1), (1, 3)]  # repeat runs in b's block
     assert [(b.main_bytes, b.skip_bytes) for b in chain.graph.boundaries] == [(48, 0)]
+
+
+class _DictHead(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.proj = nn.Linear(6, 3)
+
+    def forward(self, x: torch.Tensor) -> dict[str, torch.Tensor]:
+        return {"y": self.proj(x)}
+
+
+def test_both_kinds_of_chain_agree_on_a_model_that_is_a_chain_of_its_children() -> None:
+    """The same Sequential cut as its children and as its captured graph: the same blocks, parameter names,
+    stage keys, bytes crossing each cut, and loss (of the whole model as one stage, and of its blocks run in
+    order) as the model's own, its dict output rebuilt by each kind its own way."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(4, 6), nn.Linear(6, 6), _DictHead())
+    x, target = torch.randn(5, 4), torch.randn(5, 3)
+    children = chain_of(model, (x,), "seq")
+    graph = GraphChain(model, graph_blocks(capture(model, (x,)), model), (x,))
+    assert isinstance(children, ChildrenChain) and (children.captured, graph.captured) == (False, True)
+    assert children.names == graph.names == ["0", "1", "2"]
+    for first in range(3):
+        for last in range(first, 3):
+            assert children.parameter_names(first, last) == graph.parameter_names(first, last)
+            assert (sorted(children.stage_module(first, last).state_dict())
+                    == sorted(graph.stage_module(first, last).state_dict()))
+    hidden = 5 * 6 * F32
+    assert [(b.main_bytes, b.skip_bytes) for b in children.crossings()] == [(hidden, 0)] * 2
+    assert [(b.main_bytes, b.skip_bytes) for b in graph.crossings()] == [(hidden, 0)] * 2
+    assert (children.crossing_bytes(), graph.crossing_bytes()) == ([], [(hidden, 0)] * 2)
+
+    def loss_fn(out: dict[str, torch.Tensor], t: torch.Tensor) -> torch.Tensor:
+        return ((out["y"] - t) ** 2).mean()
+
+    expected = loss_fn(model(x), target)
+    for chain in (children, graph):
+        torch.testing.assert_close(chain.model_loss(loss_fn)(chain.stage_module(0, 2)(x), target), expected)
+        out = x
+        for _, block in chain.blocks:
+            out = call_block(block, out)
+        torch.testing.assert_close(chain.block_loss(loss_fn)(out, target), expected)

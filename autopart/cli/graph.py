@@ -62,22 +62,21 @@ def run(args: argparse.Namespace) -> int:
     if not meta:
         _check_runs(bundle, example)
     chain = chain_of(bundle.module, example, args.model, bundle.input_names)
-    rows = _rows(chain, example, args.model)
+    rows = _rows(chain, args.model)
     if args.json:
-        cuts = [{"after": node.name, "module": chain.graph.graph.module_of(node), "bytes": size}
-                for node, size in zip(chain.graph.graph.nodes, chain.graph.cuts)] if chain.graph is not None else []
-        print(json.dumps({"model": args.model, "captured": chain.graph is not None, "blocks": rows,
+        cuts = [{"after": after, "module": module, "bytes": size} for after, module, size in chain.cut_points()]
+        print(json.dumps({"model": args.model, "captured": chain.captured, "blocks": rows,
                           "cut_points": cuts}, indent=2))
         return 0
     _print(args.model, chain, rows)
     return 0
 
 
-def _rows(chain: Chain, example: tuple[Any, ...], model: str) -> list[dict[str, Any]]:
+def _rows(chain: Chain, model: str) -> list[dict[str, Any]]:
     """One row per block: its parameters and operations, and what crosses the cut after it."""
     seen: set[int] = set()
     out = []
-    boundaries = chain.graph.boundaries if chain.graph is not None else _chain_outputs(chain, example, model)
+    boundaries = _crossings(chain, model)
     for i, (name, block) in enumerate(chain.blocks):
         params, tied = 0, []
         for pname, p in block.named_parameters(remove_duplicate=False):
@@ -87,9 +86,7 @@ def _rows(chain: Chain, example: tuple[Any, ...], model: str) -> list[dict[str, 
             else:
                 tied.append(pname)
         row: dict[str, Any] = {"block": name, "param_bytes": params, "tied": tied}
-        if chain.graph is not None:
-            start, end = chain.graph.spans[i]
-            row["operations"] = end - start
+        row.update(chain.block_facts(i))
         if i < len(boundaries):
             b = boundaries[i]
             row["main_bytes"], row["skip_bytes"] = b.main_bytes, b.skip_bytes
@@ -118,35 +115,20 @@ def _check_runs(bundle: ModelBundle, example: tuple[Any, ...]) -> None:
             m.training = training
 
 
-def _chain_outputs(chain: Chain, example: tuple[Any, ...], model: str) -> list[Any]:
-    """What crosses each cut of a chain of children: the block's output (one forward, no gradients)."""
-    import torch
-
-    from autopart.measure.blocks import call_block, cannot_run, tensors_of
-    from autopart.measure.cutpoints import Boundary, Crossing
+def _crossings(chain: Chain, model: str) -> list[Any]:
+    """What crosses each cut; a block that fails (a chain of children runs its blocks to know) is the line
+    profile gives, or on the meta device, that it cannot run there."""
+    from autopart.measure.blocks import cannot_run
     from autopart.measure.stream import on_meta
 
-    modes = {m: m.training for m in chain.root.modules()}
-    out: list[Any] = []
-
     try:
-        chain.root.eval()
-        with torch.no_grad():
-            value: Any = tuple(t.clone() for t in example) if len(example) > 1 else example[0].clone()
-            for block_name, block in chain.blocks[:-1]:
-                value = call_block(block, value)
-                size = sum(t.numel() * t.element_size() for t in tensors_of(value))
-                out.append(Boundary(after=block_name, main=(Crossing("output", block_name, size),), skips=()))
+        return chain.crossings()
     except Exception as exc:
         if not on_meta(chain.root):
-            raise cannot_run(model, example, exc) from None
+            raise cannot_run(model, chain.example, exc) from None
         raise AutopartError(f"model {model!r} is built on the meta device (its weights need more than half the "
                             f"memory available), where its blocks cannot run: {type(exc).__name__}: "
                             f"{str(exc).splitlines()[0] if str(exc) else ''}") from None
-    finally:
-        for m, training in modes.items():
-            m.training = training
-    return out
 
 
 def _print(model: str, chain: Chain, rows: list[dict[str, Any]]) -> None:
@@ -156,11 +138,9 @@ def _print(model: str, chain: Chain, rows: list[dict[str, Any]]) -> None:
     from autopart.formats.units import format_bytes
 
     console = stdout_console(140)
-    how = ("captured with torch.export, cut at module boundaries" if chain.graph is not None
-           else "a chain of its children (no capture)")
-    console.print(f"{model}: {len(rows)} blocks, {how}", highlight=False, soft_wrap=True)
+    console.print(f"{model}: {len(rows)} blocks, {chain.description}", highlight=False, soft_wrap=True)
     table = Table()
-    captured = chain.graph is not None
+    captured = chain.captured
     columns = ["block", "params"] + (["ops"] if captured else []) + ["cut after: main", "skips", "skip values"]
     for col in columns:
         table.add_column(col, justify="left" if col in ("block", "skip values") else "right")
@@ -175,6 +155,6 @@ def _print(model: str, chain: Chain, rows: list[dict[str, Any]]) -> None:
             cells += ["(output)", "", ""]
         table.add_row(*cells)
     console.print(table)
-    if captured and chain.graph is not None and chain.graph.recomputed:
-        console.print(f"{len(chain.graph.recomputed)} values computed from the inputs alone (masks, positions) are "
+    if chain.recomputed():
+        console.print(f"{len(chain.recomputed())} values computed from the inputs alone (masks, positions) are "
                       f"recomputed on each stage instead of sent", highlight=False)

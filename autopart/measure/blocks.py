@@ -10,8 +10,8 @@ and cut at module boundaries (:mod:`autopart.measure.cutpoints`).
 """
 from __future__ import annotations
 
-from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any, Callable, Sequence
+from abc import ABC, abstractmethod
+from typing import TYPE_CHECKING, Any, Callable, ClassVar, Sequence
 
 import torch
 from torch import nn
@@ -20,11 +20,11 @@ from autopart.errors import AutopartError
 from autopart.torch_compat import own_children, pytree
 
 if TYPE_CHECKING:
-    from autopart.measure.cutpoints import GraphBlocks
+    from autopart.measure.cutpoints import Boundary, GraphBlocks
 
-__all__ = ["NamedBlock", "EnterBlock", "BlockEntry", "Chain", "StageModule", "FlatOutput", "chain_of", "split_blocks",
-           "run_chain", "check_chain", "call_block", "check_sendable", "tensors_of", "contiguous_grad", "stage_inputs",
-           "cannot_run"]
+__all__ = ["NamedBlock", "EnterBlock", "BlockEntry", "Chain", "ChildrenChain", "GraphChain", "StageModule",
+           "FlatOutput", "chain_of", "split_blocks", "run_chain", "check_chain", "call_block", "check_sendable",
+           "tensors_of", "contiguous_grad", "stage_inputs", "cannot_run"]
 
 NamedBlock = tuple[str, nn.Module]
 """A block and its name in the model (``"h.3"``)."""
@@ -247,46 +247,166 @@ class BlockEntry(nn.Module):
 LossFn = Callable[[Any, Any], torch.Tensor]
 
 
-@dataclass(eq=False)
-class Chain:
-    """A model as an ordered chain of blocks: its children, or its captured graph cut at module boundaries."""
+class Chain(ABC):
+    """A model as an ordered chain of blocks, of one of two kinds: :class:`ChildrenChain` (its children) or
+    :class:`GraphChain` (its captured graph cut at module boundaries). Callers use what both kinds implement."""
 
-    root: nn.Module
-    blocks: list[NamedBlock]
-    """(name, module) per block; a graph block takes the values live before it and returns those live after."""
-    graph: GraphBlocks | None = None
-    """The captured graph and its cuts, when the model is not a chain of its children."""
-    example: tuple[Any, ...] = ()
-    """The micro-batch the chain was cut (and captured) on: the shapes and dtypes a stage's inputs have."""
-    output: FlatOutput = field(default_factory=FlatOutput, repr=False)
-    """How the last stage of a chain of children returns the model's output, and how the loss gets it back."""
+    captured: ClassVar[bool]
+    """Whether the chain is a captured graph (said in ``autopart graph``; ``--meta-init`` needs children)."""
+    description: ClassVar[str]
+    """How the model was cut, in words."""
+    qualified_parameters: ClassVar[bool]
+    """Whether a block's own parameter names are already the model's (a graph block's are)."""
+
+    def __init__(self, root: nn.Module, blocks: list[NamedBlock], example: tuple[Any, ...]) -> None:
+        self.root = root
+        self.blocks = blocks
+        """(name, module) per block."""
+        self.example = example
+        """The micro-batch the chain was cut (and captured) on: the shapes and dtypes a stage's inputs have."""
 
     @property
     def names(self) -> list[str]:
         return [name for name, _ in self.blocks]
 
+    @abstractmethod
     def stage_module(self, first: int, last: int, enter: EnterBlock | None = None) -> nn.Module:
         """Blocks ``first``..``last`` as one module whose ``state_dict`` has the model's own names; with
         ``enter``, it is called with each block's index just before that block runs."""
-        if self.graph is not None:
-            return self.graph.stage_module(first, last, enter)
+
+    @abstractmethod
+    def reload_blocks(self) -> None:
+        """Take each block from ``root`` again, after modules in it were swapped (a block may be one of them;
+        a graph block calls the modules ``root`` holds when it is built)."""
+
+    @abstractmethod
+    def model_loss(self, loss_fn: LossFn) -> LossFn:
+        """``loss_fn(output, target)`` for what the last stage returns: the model's output flattened, which is
+        rebuilt (a dict, a ModelOutput ...) before the user's loss sees it."""
+
+    @abstractmethod
+    def block_loss(self, loss_fn: LossFn) -> LossFn:
+        """``loss_fn(output, target)`` for what the last of :attr:`blocks` returns, run as a block."""
+
+    @abstractmethod
+    def crossing_bytes(self) -> list[tuple[int, int]]:
+        """(main path, skips) bytes at each cut known without running the model: a captured graph's; none
+        for a chain of children."""
+
+    @abstractmethod
+    def crossings(self) -> list[Boundary]:
+        """What crosses each cut between blocks (one fewer than blocks). A chain of children runs its blocks to
+        know: what a block raises is raised."""
+
+    @abstractmethod
+    def parameter_names(self, first: int, last: int) -> list[str]:
+        """The model's names of every parameter of blocks ``first``..``last``, a shared one under each name."""
+
+    @abstractmethod
+    def operations(self, index: int) -> list[tuple[str, str]]:
+        """What block ``index`` runs: (operation, output shape) per graph node, or (module type, "") per
+        module of a block that is a child."""
+
+    @abstractmethod
+    def block_facts(self, index: int) -> dict[str, Any]:
+        """What only this kind of chain knows about block ``index``, for ``autopart graph``'s row."""
+
+    @abstractmethod
+    def cut_points(self) -> list[tuple[str, str, int]]:
+        """(operation, module it ran in, bytes crossing a cut after it) for every place the model can be cut
+        (a captured graph's operations; none for a chain of children)."""
+
+    @abstractmethod
+    def recomputed(self) -> set[str]:
+        """Input-only values each stage recomputes instead of receiving (a captured graph's)."""
+
+
+class ChildrenChain(Chain):
+    """A chain of the model's children (flattened through ``nn.Sequential``), run in order as modules."""
+
+    captured = False
+    description = "a chain of its children (no capture)"
+    qualified_parameters = False
+
+    def __init__(self, root: nn.Module, blocks: list[NamedBlock], example: tuple[Any, ...]) -> None:
+        super().__init__(root, blocks, example)
+        self.output = FlatOutput()
+        """How the last stage returns the model's output, and how the loss gets it back."""
+
+    def stage_module(self, first: int, last: int, enter: EnterBlock | None = None) -> nn.Module:
         return StageModule(self.root, self.names[first: last + 1], enter, first,
                            self.output if last == len(self.blocks) - 1 else None)
 
     def reload_blocks(self) -> None:
-        """Take each block from ``root`` again, after modules in it were swapped (a block may be one of them;
-        a graph block calls the modules ``root`` holds when it is built)."""
-        graph = self.graph
-        self.blocks = [(name, self.root.get_submodule(name) if graph is None else graph.stage_module(i, i))
-                       for i, (name, _) in enumerate(self.blocks)]
+        self.blocks = [(name, self.root.get_submodule(name)) for name, _ in self.blocks]
 
     def model_loss(self, loss_fn: LossFn) -> LossFn:
-        """``loss_fn(output, target)`` for what the last block returns: a graph, and the last stage of a chain
-        of children, return the model's output flattened, which is rebuilt (a dict, a ModelOutput ...)
-        before the user's loss sees it."""
-        if self.graph is None:
-            output = self.output
-            return lambda flat, target: loss_fn(output.rebuild(flat), target)
+        output = self.output
+        return lambda flat, target: loss_fn(output.rebuild(flat), target)
+
+    def block_loss(self, loss_fn: LossFn) -> LossFn:
+        return loss_fn  # the last child returns the model's output as it is
+
+    def crossing_bytes(self) -> list[tuple[int, int]]:
+        return []
+
+    def crossings(self) -> list[Boundary]:
+        """Each block's output (one forward on :attr:`example`, in eval mode, no gradients)."""
+        from autopart.measure.cutpoints import Boundary, Crossing
+
+        modes = {m: m.training for m in self.root.modules()}
+        out: list[Boundary] = []
+        example = self.example
+        try:
+            self.root.eval()
+            with torch.no_grad():
+                value: Any = tuple(t.clone() for t in example) if len(example) > 1 else example[0].clone()
+                for block_name, block in self.blocks[:-1]:
+                    value = call_block(block, value)
+                    size = sum(t.numel() * t.element_size() for t in tensors_of(value))
+                    out.append(Boundary(after=block_name, main=(Crossing("output", block_name, size),), skips=()))
+        finally:
+            for m, training in modes.items():
+                m.training = training
+        return out
+
+    def parameter_names(self, first: int, last: int) -> list[str]:
+        return [f"{name}.{p}" for name, block in self.blocks[first: last + 1]
+                for p, _ in block.named_parameters(remove_duplicate=False)]
+
+    def operations(self, index: int) -> list[tuple[str, str]]:
+        return [(type(m).__name__, "") for m in self.blocks[index][1].modules()]
+
+    def block_facts(self, index: int) -> dict[str, Any]:
+        return {}
+
+    def cut_points(self) -> list[tuple[str, str, int]]:
+        return []
+
+    def recomputed(self) -> set[str]:
+        return set()
+
+
+class GraphChain(Chain):
+    """A captured graph cut at module boundaries: each block is a graph module taking the values live before
+    it and returning those live after it."""
+
+    captured = True
+    description = "captured with torch.export, cut at module boundaries"
+    qualified_parameters = True
+
+    def __init__(self, root: nn.Module, graph: GraphBlocks, example: tuple[Any, ...]) -> None:
+        super().__init__(root, [(n, graph.stage_module(i, i)) for i, n in enumerate(graph.names)], example)
+        self.graph = graph
+        """The captured graph and its cuts."""
+
+    def stage_module(self, first: int, last: int, enter: EnterBlock | None = None) -> nn.Module:
+        return self.graph.stage_module(first, last, enter)
+
+    def reload_blocks(self) -> None:
+        self.blocks = [(name, self.graph.stage_module(i, i)) for i, (name, _) in enumerate(self.blocks)]
+
+    def model_loss(self, loss_fn: LossFn) -> LossFn:
         spec = self.graph.graph.out_spec
 
         def loss(flat: Any, target: Any) -> torch.Tensor:
@@ -295,11 +415,34 @@ class Chain:
 
         return loss
 
-    def crossing_bytes(self) -> list[tuple[int, int]] | None:
-        """(main path, skips) bytes at each cut of a captured graph; None for a chain of children."""
-        if self.graph is None:
-            return None
+    def block_loss(self, loss_fn: LossFn) -> LossFn:
+        return self.model_loss(loss_fn)  # the last block returns the flattened output, as the last stage does
+
+    def crossing_bytes(self) -> list[tuple[int, int]]:
         return [(b.main_bytes, b.skip_bytes) for b in self.graph.boundaries]
+
+    def crossings(self) -> list[Boundary]:
+        """The live sets: the main path and the skips."""
+        return self.graph.boundaries
+
+    def parameter_names(self, first: int, last: int) -> list[str]:
+        return self.graph.parameter_names(first, last)
+
+    def operations(self, index: int) -> list[tuple[str, str]]:
+        start, end = self.graph.spans[index]
+        return [(str(n.target), str(getattr(n.meta.get("val"), "shape", "")))
+                for n in self.graph.graph.nodes[start:end]]
+
+    def block_facts(self, index: int) -> dict[str, Any]:
+        start, end = self.graph.spans[index]
+        return {"operations": end - start}
+
+    def cut_points(self) -> list[tuple[str, str, int]]:
+        return [(node.name, self.graph.graph.module_of(node), size)
+                for node, size in zip(self.graph.graph.nodes, self.graph.cuts)]
+
+    def recomputed(self) -> set[str]:
+        return self.graph.recomputed
 
 
 def chain_of(module: nn.Module, example: tuple[Any, ...], name: str,
@@ -314,7 +457,7 @@ def chain_of(module: nn.Module, example: tuple[Any, ...], name: str,
         try:
             blocks = split_blocks(module)
             check_chain(module, blocks, tuple(example), name)
-            return Chain(module, blocks, example=tuple(example))
+            return ChildrenChain(module, blocks, tuple(example))
         except AutopartError:
             pass
     from autopart.measure.capture import capture
@@ -322,4 +465,4 @@ def chain_of(module: nn.Module, example: tuple[Any, ...], name: str,
 
     args, kwargs = ((), dict(zip(input_names, example))) if input_names else (tuple(example), None)
     graph = graph_blocks(capture(module, args, kwargs, name=name), module)
-    return Chain(module, [(n, graph.stage_module(i, i)) for i, n in enumerate(graph.names)], graph, tuple(example))
+    return GraphChain(module, graph, tuple(example))

@@ -148,8 +148,8 @@ def profile_model(module: nn.Module, example: torch.Tensor | Sequence[torch.Tens
     blocks = chain.blocks
     if loss_fn is not None:
         loss_fn = chain.model_loss(loss_fn)
-    param_bytes, buffer_bytes, ties = block_param_bytes(blocks, qualified=chain.graph is not None)
-    crossing = chain.crossing_bytes() or []
+    param_bytes, buffer_bytes, ties = block_param_bytes(blocks, qualified=chain.qualified_parameters)
+    crossing = chain.crossing_bytes()
     clock = Clock(device)
     layers = []
     with _preserved(module, device), deferred_batchnorm(module, mode or "micro"):

@@ -97,12 +97,7 @@ def _signature(chain: Chain, index: int, block: nn.Module, inputs: Any) -> str:
     params = [(tuple(p.shape), str(p.dtype)) for p in block.parameters()]
     shapes = [(tuple(t.shape), str(t.dtype)) for t in (inputs if isinstance(inputs, tuple) else (inputs,))
               if isinstance(t, torch.Tensor)]
-    if chain.graph is not None:
-        start, end = chain.graph.spans[index]
-        ops = [(str(n.target), str(getattr(n.meta.get("val"), "shape", ""))) for n in chain.graph.graph.nodes[start:end]]
-    else:
-        ops = [(type(m).__name__, "") for m in block.modules()]
-    return repr((ops, params, shapes))
+    return repr((chain.operations(index), params, shapes))
 
 
 def _fake_outputs(like: Any) -> Any:
@@ -126,8 +121,8 @@ def profile_by_block(module: nn.Module, example: Sequence[torch.Tensor], *, name
     blocks = chain.blocks
     for _, block in blocks:
         _retarget(block, device)
-    param_bytes, buffer_bytes, ties = block_param_bytes(blocks, qualified=chain.graph is not None)
-    crossing = chain.crossing_bytes() or []
+    param_bytes, buffer_bytes, ties = block_param_bytes(blocks, qualified=chain.qualified_parameters)
+    crossing = chain.crossing_bytes()
     loss = None
     if loss_fn is not None and target is not None:
         wrapped = chain.model_loss(loss_fn)

@@ -131,7 +131,7 @@ def _chain(cfg: TrainConfig, bundle: ModelBundle, microbatch_size: int, sample_s
     shape = (microbatch_size, *sample_shape) if sample_shape else None
     example = shape_example(bundle, shape, None, microbatch_size) if bundle.example is not None else ()
     chain = chain_of(bundle.module, example, cfg.model, bundle.input_names)
-    if cfg.meta_init and chain.graph is not None:
+    if cfg.meta_init and chain.captured:
         raise AutopartError(f"--meta-init needs a model whose blocks are its children; {cfg.model!r} is captured "
                             f"as a graph")
     return chain

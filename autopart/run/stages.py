@@ -84,7 +84,7 @@ class SharedParameters:
         built = {s: [n for n, _ in m.named_parameters(remove_duplicate=False)] for s, m in local}
         holders: dict[str, set[int]] = {}
         for s, ranks_stage in enumerate(plan.stage_ranks()):
-            for name in built[s] if s in built else _param_names(chain, *_span(plan, s)):
+            for name in built[s] if s in built else chain.parameter_names(*_span(plan, s)):
                 holders.setdefault(canonical.get(name, name), set()).add(ranks_stage)
         shared = sorted((name, tuple(sorted(r))) for name, r in holders.items() if len(r) > 1)
         groups: dict[tuple[int, ...], dist.ProcessGroup | None] = {}
@@ -118,13 +118,6 @@ def _canonical_names(root: nn.Module) -> dict[str, str]:
 def _span(plan: Plan, stage: int) -> tuple[int, int]:
     first = sum(plan.balance[:stage])
     return first, first + plan.balance[stage] - 1
-
-
-def _param_names(chain: Chain, first: int, last: int) -> list[str]:
-    if chain.graph is not None:
-        return chain.graph.parameter_names(first, last)
-    return [f"{name}.{p}" for name, block in chain.blocks[first: last + 1]
-            for p, _ in block.named_parameters(remove_duplicate=False)]
 
 
 class Pipeline:
@@ -256,7 +249,7 @@ def build_pipeline(plan: Plan, chain: Chain, rank: int, device: torch.device, lo
             raise AutopartError(f"{plan.schedule} runs one stage per rank, the plan gives rank {rank} {len(stages)}")
         schedule = cls(stages[0], n_microbatches=plan.microbatches, loss_fn=model_loss)
     blocks = {s: chain.blocks[_span(plan, s)[0]: _span(plan, s)[1] + 1] for s, _ in modules}
-    block_loss = model_loss if chain.graph is not None else loss_fn
+    block_loss = chain.block_loss(loss_fn)
     return Pipeline(plan, blocks, modules, schedule, block_loss, shared, clock, streams, signatures)
 
 
