@@ -6,11 +6,12 @@ import math
 from pathlib import Path
 from typing import Any, Sequence
 
+import numpy as np
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from autopart.core.costmodel import BlockCosts, CostModel, Problem
+from autopart.core.costmodel import BlockCosts, CostModel, MirroredProblem, Problem
 from autopart.formats.devices import Device
 from autopart.formats.optimizers import OPTIMIZER_STATES
 from autopart.errors import AutopartError
@@ -169,6 +170,36 @@ def test_exact_with_skips_and_tied_weights_matches_brute_force(case: tuple[dict[
 def test_exact_with_skips_under_memory_alone_matches_brute_force(case: tuple[dict[str, Any], list[Device], CostModel]
                                                                   ) -> None:
     _check_exact(case)
+
+
+@settings(deadline=None)
+@given(cases(sends=True, memory=True, speeds=True, graph=True))
+def test_mirror_image_prices_every_stage_as_the_original(case: tuple[dict[str, Any], list[Device], CostModel]
+                                                         ) -> None:
+    """Every stage (s, i, j) that some split has, and stage (K-1-s, n-1-j, n-1-i) of the mirror image
+    (:class:`MirroredProblem`, which the tie-break's backward sweep runs on) cost the same, sends swapped;
+    the mirror of the mirror is a plain :class:`Problem` again."""
+    blocks, devices, model = case
+    problem = _problem(blocks, devices, model)
+    mirror = problem.reversed()
+    assert isinstance(mirror, MirroredProblem)
+    again = mirror.reversed()
+    assert type(again) is Problem
+    n, k = problem.n, problem.k
+    for s, i in itertools.product(range(k), range(n)):
+        for j in range(i, n):
+            if (s == 0) != (i == 0) or (s == k - 1) != (j == n - 1) or i < s or n - 1 - j < k - 1 - s:
+                continue  # stage s of no split
+            here, there, back = problem.stage(s, i, j), mirror.stage(k - 1 - s, n - 1 - j, n - 1 - i), again.stage(s, i, j)
+            assert back == here
+            assert (there.memory_bytes, there.recompute, there.static_bytes, there.activation_bytes,
+                    there.backward_extra_bytes) == (here.memory_bytes, here.recompute, here.static_bytes,
+                                                    here.activation_bytes, here.backward_extra_bytes)
+            assert there.time_ms == pytest.approx(here.time_ms, rel=1e-12, abs=1e-12)
+            assert (there.send_forward_ms, there.send_backward_ms) == (here.send_backward_ms, here.send_forward_ms)
+            fits_here = problem.evaluate(s, np.array([i]), np.array([j]))[3][0]
+            fits_there = mirror.evaluate(k - 1 - s, np.array([n - 1 - j]), np.array([n - 1 - i]))[3][0]
+            assert bool(fits_there) == bool(fits_here)
 
 
 def _plain_bytes(blocks: dict[str, Any], k: int, model: CostModel, s: int, i: int, j: int) -> float:

@@ -44,7 +44,7 @@ from autopart.formats.schedule_kinds import canonical_schedule, check_microbatch
 from autopart.formats.stage import StageCost
 from autopart.formats.units import plural
 
-__all__ = ["CostModel", "BlockCosts", "Problem"]
+__all__ = ["CostModel", "BlockCosts", "Problem", "MirroredProblem"]
 
 Ints = npt.NDArray[np.int64]
 Floats = npt.NDArray[np.float64]
@@ -204,23 +204,29 @@ def _ties(ties: Sequence[tuple[float, Sequence[int]]], n: int) -> tuple[tuple[fl
 
 
 class Problem:
-    """Blocks, devices (one per stage) and a cost model: the prefix sums the partitioner works on.
+    """Blocks, devices (one per stage) and a cost model, and what a stage of them costs.
 
         Problem([1.0, 2.0, 3.0], [Device("gpu")] * 2, CostModel())      # compute times, other costs zero
         Problem.from_profile(profile, devices, model)
+
+    The description (``blocks``, ``devices``, ``model`` and the per-block and
+    per-stage arrays derived from them: ``compute``, ``params``, ``speed``,
+    ``limit``) is read-only. Stage ``s`` holding blocks ``i..j`` (arrays,
+    inclusive) is priced by :meth:`time_plain`, :meth:`time_recompute`,
+    :meth:`mem_plain`, :meth:`mem_recompute`, :meth:`send_ms` (and its halves
+    :meth:`send_in_ms`, :meth:`send_out_ms`), :meth:`evaluate` and
+    :meth:`stage_times`; the partitioner's window searches read the three
+    monotone prefix sums :meth:`compute_prefix`, :meth:`plain_prefix` and
+    :meth:`rc_prefix`. Every other prefix sum is private. The mirror image
+    (block n-1 first) is a :class:`MirroredProblem`, from :meth:`reversed`.
     """
 
     def __init__(self, blocks: BlockCosts | Sequence[float], devices: Sequence[Device], model: CostModel, *,
                  forward_ms: Sequence[float] | None = None, param_bytes: Sequence[float] | None = None,
                  activation_bytes: Sequence[float] | None = None, output_bytes: Sequence[float] | None = None,
                  input_bytes: float = 0.0, names: Sequence[str] | None = None,
-                 optimizer_ms: Sequence[float] | None = None, mirrored: bool = False) -> None:
-        """``blocks`` is a :class:`BlockCosts`, or the compute times with the other arrays as keywords.
-
-        ``mirrored`` is for :meth:`reversed` alone: stage s of this problem is
-        stage K-1-s of the original, and a recomputing stage keeps the input
-        of its last block's mirror image.
-        """
+                 optimizer_ms: Sequence[float] | None = None) -> None:
+        """``blocks`` is a :class:`BlockCosts`, or the compute times with the other arrays as keywords."""
         costs = blocks if isinstance(blocks, BlockCosts) else BlockCosts.of(
             blocks, forward_ms=forward_ms, param_bytes=param_bytes, activation_bytes=activation_bytes,
             output_bytes=output_bytes, input_bytes=input_bytes, names=names, optimizer_ms=optimizer_ms)
@@ -229,46 +235,59 @@ class Problem:
             raise AutopartError(f"need at least 1 stage, got {k}")
         if k > n:
             raise AutopartError(f"{plural(k, 'stage')} > {plural(n, 'block')}: every stage needs at least one block")
-        self.blocks, self.n, self.k, self.model, self.devices = costs, n, k, model, list(devices)
+        self.blocks, self.n, self.k, self.model, self.devices = costs, n, k, model, tuple(devices)
         self.names = list(costs.names)
-        self.mirrored = mirrored
-        self.compute, self.forward, self.params = costs.compute_ms, costs.forward_ms, costs.param_bytes
-        self.acts, self.outs, self.opt = costs.activation_bytes, costs.output_bytes, costs.optimizer_ms
+        self.compute, self.params = costs.compute_ms, costs.param_bytes
+        """Per block: forward plus backward (ms), parameter bytes."""
+        self.speed = np.array([d.speed for d in devices], dtype=np.float64)
+        self.limit = np.array([np.inf if d.memory_bytes is None else float(d.memory_bytes) for d in devices])
+        """Per stage: device speed, memory limit in bytes (inf: none)."""
         z = np.zeros(1)
-        self.pc = np.concatenate([z, np.cumsum(self.compute)])
-        self.pf = np.concatenate([z, np.cumsum(self.forward)])
-        self.pw = np.concatenate([z, np.cumsum(self.params * (2 + model.optimizer_states))])
-        self.pa = np.concatenate([z, np.cumsum(self.acts)])
-        self.po = np.concatenate([z, np.cumsum(self.opt)])
-        self.pig = None if costs.input_grad_ms is None else np.concatenate([z, np.cumsum(costs.input_grad_ms)])
+        self._compute_prefix_ms = np.concatenate([z, np.cumsum(costs.compute_ms)])
+        self._forward_prefix_ms = np.concatenate([z, np.cumsum(costs.forward_ms)])
+        self._static_prefix_bytes = np.concatenate([z, np.cumsum(costs.param_bytes * (2 + model.optimizer_states))])
+        """Parameters, their gradients and the optimizer's state."""
+        self._activation_prefix_bytes = np.concatenate([z, np.cumsum(costs.activation_bytes)])
+        self._optimizer_prefix_ms = np.concatenate([z, np.cumsum(costs.optimizer_ms)])
+        self._input_grad_prefix_ms = (None if costs.input_grad_ms is None
+                                      else np.concatenate([z, np.cumsum(costs.input_grad_ms)]))
         skips = costs.skip_bytes if costs.skip_bytes is not None else np.zeros(n)
-        crossing = self.outs + skips
+        crossing = costs.output_bytes + skips
         # send cost of the boundary after block b (b = 0 .. n-2); the last entry is never used
         if model.sends:
             bw = model.bandwidth_bytes_per_ms
-            self.send = (crossing / bw if bw else np.zeros(n)) + model.latency_ms
+            self._send_after_ms = (crossing / bw if bw else np.zeros(n)) + model.latency_ms
         else:
-            self.send = np.zeros(n)
-        # what a stage receives per micro-batch, all of it (keep: recomputing) or its skips (held until the
-        # backward), indexed by the stage's first block; by its last in the mirror image
-        if mirrored:
-            self.keep = np.concatenate([crossing[:-1], [costs.input_bytes]])
-            self.skip_in = np.concatenate([skips[:-1], [0.0]])
-        else:
-            self.keep = np.concatenate([[costs.input_bytes], crossing[:-1]])
-            self.skip_in = np.concatenate([[0.0], skips[:-1]])
-        self.ties = [(size * (2 + model.optimizer_states), np.array(sorted(users), dtype=np.int64), users[0])
-                     for size, users in costs.ties if len(set(users)) > 1]
-        self.general = bool(np.any(skips > 0) or self.ties)
+            self._send_after_ms = np.zeros(n)
+        # what a stage receives per micro-batch, all of it (a recomputing stage keeps it) or its skips (held
+        # until the backward), indexed by the block :meth:`_received` picks
+        self._received_bytes = self._incoming(crossing, costs.input_bytes)
+        self._received_skip_bytes = self._incoming(skips, 0.0)
+        self._ties = [(size * (2 + model.optimizer_states), np.array(sorted(users), dtype=np.int64), users[0])
+                      for size, users in costs.ties if len(set(users)) > 1]
+        self.general = bool(np.any(skips > 0) or self._ties)
         """Memory is not a difference of prefix sums (skips, ties): the partitioner checks stages pair by pair."""
-        self.speed = np.array([d.speed for d in devices], dtype=np.float64)
-        self.limit = np.array([np.inf if d.memory_bytes is None else float(d.memory_bytes) for d in devices])
-        in_flight = [model.in_flight(s, k) for s in range(k)]
-        self.in_flight = np.array(in_flight[::-1] if mirrored else in_flight, dtype=np.float64)
+        self._in_flight = np.array(self._per_stage([model.in_flight(s, k) for s in range(k)]), dtype=np.float64)
         self._plain: dict[float, Floats] = {}  # memory prefix sums per in-flight count, made on first use
         self._rc: Floats | None = None
         self._lists: dict[str, list[float]] = {}  # the same as Python lists, for the greedy path
         self._single_fits: bool | None = None
+
+    # ---- which way the blocks run: overridden by MirroredProblem alone ----
+
+    def _incoming(self, after_block: Floats, at_input: float) -> Floats:
+        """Per block b, what crosses into a stage that starts at b: ``at_input`` for block 0, else what
+        crosses the boundary after block b-1."""
+        return np.concatenate([[at_input], after_block[:-1]])
+
+    def _received(self, per_block: Floats, i: Ints, j: Ints) -> Floats:
+        """The entry of an :meth:`_incoming` array for stages i..j: the first block's."""
+        out: Floats = per_block[i]
+        return out
+
+    def _per_stage(self, values: list[int]) -> list[int]:
+        """Per-stage values of the original order, in this problem's stage order."""
+        return values
 
     @classmethod
     def from_profile(cls, profile: Profile, devices: Sequence[Device], model: CostModel) -> "Problem":
@@ -277,13 +296,17 @@ class Problem:
     def reversed(self) -> "Problem":
         """The mirror image: block n-1 first, stage K-1 first. Stage (i, j) here is
         stage (K-1-s, n-1-j, n-1-i) there, with the same time and memory."""
-        return Problem(self.blocks.mirrored(), self.devices[::-1], self.model, mirrored=True)
+        return MirroredProblem(self.blocks.mirrored(), self.devices[::-1], self.model)
+
+    def _like(self, devices: Sequence[Device], model: CostModel) -> "Problem":
+        """The same blocks, running the same way, on other devices or under another model."""
+        return type(self)(self.blocks, devices, model)
 
     def with_limits(self, limits: Floats) -> "Problem":
         """The same problem with other memory limits per stage (whole bytes; inf for none)."""
         devices = [dataclasses.replace(d, memory_bytes=None if not np.isfinite(x) else int(np.floor(x)))
                    for d, x in zip(self.devices, limits)]
-        return Problem(self.blocks, devices, self.model, mirrored=self.mirrored)
+        return self._like(devices, self.model)
 
     def relaxed(self) -> "Problem":
         """The same blocks and devices without sends and memory limits: its optimum bounds ours from below."""
@@ -292,19 +315,25 @@ class Problem:
                           recompute=self.model.recompute,
                           stages_per_rank=self.model.stages_per_rank, overhead_ms=self.model.overhead_ms)
         devices = [dataclasses.replace(d, memory_bytes=None) for d in self.devices]
-        return Problem(self.blocks, devices, model, mirrored=self.mirrored)
+        return self._like(devices, model)
+
+    # ---- the monotone prefix sums the partitioner's window searches read ----
+
+    def compute_prefix(self) -> Floats:
+        """Prefix sums of the blocks' compute (forward plus backward, ms on a speed-1 device)."""
+        return self._compute_prefix_ms
 
     def plain_prefix(self, s: int) -> Floats:
         """Prefix sums of a block's memory on stage s without recomputation (exact: integer bytes)."""
-        f = float(self.in_flight[s])
+        f = float(self._in_flight[s])
         if f not in self._plain:
-            self._plain[f] = self.pw + f * self.pa
+            self._plain[f] = self._static_prefix_bytes + f * self._activation_prefix_bytes
         return self._plain[f]
 
     def rc_prefix(self) -> Floats:
         """Prefix sums of a block's memory on a recomputing stage, inputs aside."""
         if self._rc is None:
-            self._rc = self.pw + self.pa
+            self._rc = self._static_prefix_bytes + self._activation_prefix_bytes
         return self._rc
 
     def as_list(self, key: str, values: Floats) -> list[float]:
@@ -314,6 +343,7 @@ class Problem:
         return self._lists[key]
 
     def every_block_fits_every_stage(self) -> bool:
+        """Does each block alone fit each stage without recomputation?"""
         if self._single_fits is None:
             self._single_fits = all(bool(np.all(np.diff(self.plain_prefix(s)) <= self.limit[s]))
                                     for s in range(self.k))
@@ -321,45 +351,69 @@ class Problem:
 
     @property
     def limited(self) -> bool:
+        """Does some stage have a memory limit?"""
         return bool(np.any(np.isfinite(self.limit)))
+
+    @property
+    def max_send_ms(self) -> float:
+        """The dearest boundary's send (0 when sends are free)."""
+        return float(self._send_after_ms.max())
 
     # ---- vectorised stage costs: i, j are arrays of first and last block (inclusive) ----
 
+    def send_in_ms(self, s: int, i: Ints) -> Floats:
+        """Stage s's backward send of its input's gradient, starting at blocks i (0 on the first stage)."""
+        zero = np.zeros(np.shape(i))
+        return self._send_after_ms[np.maximum(i - 1, 0)] + zero if s > 0 else zero
+
+    def send_out_ms(self, s: int, j: Ints) -> Floats:
+        """Stage s's forward send of its output, ending at blocks j (0 on the last stage)."""
+        zero = np.zeros(np.shape(j))
+        return self._send_after_ms[j] + zero if s < self.k - 1 else zero
+
     def send_ms(self, s: int, i: Ints, j: Ints) -> Floats:
+        """Both sends of stage s holding blocks i..j."""
         out = np.zeros(np.broadcast(i, j).shape)
         if s > 0:
-            out = out + self.send[np.maximum(i - 1, 0)]
+            out = out + self._send_after_ms[np.maximum(i - 1, 0)]
         if s < self.k - 1:
-            out = out + self.send[j]
+            out = out + self._send_after_ms[j]
         return out
 
     def mem_plain(self, s: int, i: Ints, j: Ints) -> Floats:
+        """Stage s's bytes holding blocks i..j without recomputation."""
         q = self.plain_prefix(s)
         if not self.general:
             return q[j + 1] - q[i]
-        skip = self.skip_in[j] if self.mirrored else self.skip_in[i]
-        return q[j + 1] - q[i] + self.in_flight[s] * skip + self.tie_bytes(i, j)
+        skip = self._received(self._received_skip_bytes, i, j)
+        return q[j + 1] - q[i] + self._in_flight[s] * skip + self.tie_bytes(i, j)
 
     def mem_recompute(self, s: int, i: Ints, j: Ints) -> Floats:
-        keep = self.keep[j] if self.mirrored else self.keep[i]
-        mem = (self.pw[j + 1] - self.pw[i]) + self.in_flight[s] * keep + (self.pa[j + 1] - self.pa[i])
-        return mem + self.tie_bytes(i, j) if self.ties else mem
+        """Stage s's bytes holding blocks i..j, recomputing."""
+        keep = self._received(self._received_bytes, i, j)
+        static, acts = self._static_prefix_bytes, self._activation_prefix_bytes
+        mem = (static[j + 1] - static[i]) + self._in_flight[s] * keep + (acts[j + 1] - acts[i])
+        return mem + self.tie_bytes(i, j) if self._ties else mem
 
     def tie_bytes(self, i: Ints, j: Ints) -> Floats:
         """Copies of shared parameters (with gradients and optimizer state) that blocks i..j use but whose
         owner is elsewhere (the owner's share is in the prefix sums)."""
         out = np.zeros(np.broadcast(i, j).shape)
-        for size, users, owner in self.ties:
+        for size, users, owner in self._ties:
             nxt = users[np.minimum(np.searchsorted(users, i), users.size - 1)]
             used = (nxt >= i) & (nxt <= j)
             out = out + np.where(used & ~((i <= owner) & (owner <= j)), size, 0.0)
         return out
 
     def time_plain(self, s: int, i: Ints, j: Ints) -> Floats:
-        return (self.pc[j + 1] - self.pc[i]) / self.speed[s] + self.send_ms(s, i, j)
+        """Stage s's time holding blocks i..j without recomputation, sends included."""
+        pc = self._compute_prefix_ms
+        return (pc[j + 1] - pc[i]) / self.speed[s] + self.send_ms(s, i, j)
 
     def time_recompute(self, s: int, i: Ints, j: Ints) -> Floats:
-        work = (self.pc[j + 1] - self.pc[i]) + (self.pf[j + 1] - self.pf[i])
+        """Stage s's time holding blocks i..j, recomputing (one more forward), sends included."""
+        pc, pf = self._compute_prefix_ms, self._forward_prefix_ms
+        work = (pc[j + 1] - pc[i]) + (pf[j + 1] - pf[i])
         return work / self.speed[s] + self.send_ms(s, i, j)
 
     def evaluate(self, s: int, i: Ints, j: Ints) -> tuple[Floats, Floats, npt.NDArray[np.bool_], npt.NDArray[np.bool_]]:
@@ -391,17 +445,18 @@ class Problem:
             shape = np.broadcast(i, j).shape
             rc, fits = np.broadcast_to(recompute, shape), np.ones(shape, dtype=bool)
         v = self.speed[s]
-        forward = self.pf[j + 1] - self.pf[i]
-        backward = (self.pc[j + 1] - self.pc[i]) - forward + np.where(rc, forward, 0.0)
+        pc, pf, po, pig = (self._compute_prefix_ms, self._forward_prefix_ms, self._optimizer_prefix_ms,
+                           self._input_grad_prefix_ms)
+        forward = pf[j + 1] - pf[i]
+        backward = (pc[j + 1] - pc[i]) - forward + np.where(rc, forward, 0.0)
         zero = np.zeros(np.broadcast(i, j).shape)
-        if self.pig is None:  # not measured: half of the backward (the simulator's old assumption)
+        if pig is None:  # not measured: half of the backward (the simulator's old assumption)
             input_grad = backward * INPUT_GRAD_SHARE
         else:  # a recomputing stage recomputes its forward before the input gradient
-            input_grad = (self.pig[j + 1] - self.pig[i]) + np.where(rc, forward, 0.0)
+            input_grad = (pig[j + 1] - pig[i]) + np.where(rc, forward, 0.0)
         times = StageTimes(forward_ms=forward / v, backward_ms=backward / v, input_grad_ms=input_grad / v,
-                           send_forward_ms=self.send[j] + zero if s < self.k - 1 else zero,
-                           send_backward_ms=self.send[np.maximum(i - 1, 0)] + zero if s > 0 else zero,
-                           optimizer_ms=(self.po[j + 1] - self.po[i]) / v, overhead_ms=zero + self.model.overhead_ms)
+                           send_forward_ms=self.send_out_ms(s, j) + zero, send_backward_ms=self.send_in_ms(s, i) + zero,
+                           optimizer_ms=(po[j + 1] - po[i]) / v, overhead_ms=zero + self.model.overhead_ms)
         return times, fits
 
     def stage(self, s: int, first: int, last: int, recompute: bool | None = None) -> StageCost:
@@ -414,16 +469,17 @@ class Problem:
             rc, m = np.array([recompute]), self.memories(s, i, j)[1 if recompute else 0]
         t, _ = self.stage_times(s, i, j, rc)
         recompute = bool(rc[0])
-        acts = int(self.pa[last + 1] - self.pa[first])
-        keep = int(self.keep[last] if self.mirrored else self.keep[first])
-        skip = int(self.skip_in[last] if self.mirrored else self.skip_in[first])
-        ties = int(self.tie_bytes(i, j)[0]) if self.ties else 0
+        static, pa = self._static_prefix_bytes, self._activation_prefix_bytes
+        acts = int(pa[last + 1] - pa[first])
+        keep = int(self._received(self._received_bytes, i, j)[0])
+        skip = int(self._received(self._received_skip_bytes, i, j)[0])
+        ties = int(self.tie_bytes(i, j)[0]) if self._ties else 0
         return StageCost(
             forward_ms=float(t.forward_ms[0]), backward_ms=float(t.backward_ms[0]),
-            input_grad_ms=float(t.input_grad_ms[0]) if self.pig is not None else None,
+            input_grad_ms=float(t.input_grad_ms[0]) if self._input_grad_prefix_ms is not None else None,
             send_forward_ms=float(t.send_forward_ms[0]), send_backward_ms=float(t.send_backward_ms[0]),
             activation_bytes=keep if recompute else acts + skip,
-            static_bytes=int(self.pw[last + 1] - self.pw[first]) + ties,
+            static_bytes=int(static[last + 1] - static[first]) + ties,
             backward_extra_bytes=acts if recompute else 0,
             optimizer_ms=float(t.optimizer_ms[0]), overhead_ms=self.model.overhead_ms,
             memory_bytes=int(round(float(m[0]))), recompute=recompute)
@@ -439,6 +495,7 @@ class Problem:
         return out
 
     def fits(self, balance: Sequence[int]) -> bool:
+        """Does every stage of the split fit its device (recomputing where allowed)?"""
         first = 0
         for s, count in enumerate(balance):
             _, _, _, ok = self.evaluate(s, np.array([first]), np.array([first + count - 1]))
@@ -452,4 +509,24 @@ class Problem:
 
         max(total compute / total speed, the largest block on the fastest device).
         """
-        return float(max(self.pc[-1] / self.speed.sum(), self.compute.max() / self.speed.max()))
+        return float(max(self._compute_prefix_ms[-1] / self.speed.sum(), self.compute.max() / self.speed.max()))
+
+
+class MirroredProblem(Problem):
+    """A problem built from mirrored blocks (:meth:`BlockCosts.mirrored`) and reversed devices: stage s
+    here is stage K-1-s of the original, and what a stage receives is indexed by its last block (the
+    mirror image of the original stage's first). Made by :meth:`Problem.reversed`."""
+
+    def _incoming(self, after_block: Floats, at_input: float) -> Floats:
+        return np.concatenate([after_block[:-1], [at_input]])
+
+    def _received(self, per_block: Floats, i: Ints, j: Ints) -> Floats:
+        out: Floats = per_block[j]
+        return out
+
+    def _per_stage(self, values: list[int]) -> list[int]:
+        return values[::-1]
+
+    def reversed(self) -> Problem:
+        """The original problem again."""
+        return Problem(self.blocks.mirrored(), self.devices[::-1], self.model)

@@ -91,8 +91,9 @@ def _lo_time(p: Problem, s: int, T: float, js: Ints) -> Ints:
     """A safe lower bound on the first block of stage s ending at js under time T (compute alone)."""
     if not np.isfinite(T):
         return np.zeros(js.shape, dtype=np.int64)
-    target = p.pc[js + 1] - T * p.speed[s] * (1 + 1e-9) - 1e-12
-    return np.minimum(np.searchsorted(p.pc, target, side="left").astype(np.int64), js)
+    pc = p.compute_prefix()
+    target = pc[js + 1] - T * p.speed[s] * (1 + 1e-9) - 1e-12
+    return np.minimum(np.searchsorted(pc, target, side="left").astype(np.int64), js)
 
 
 def _lo_mem(p: Problem, s: int, js: Ints) -> Ints:
@@ -114,13 +115,11 @@ def _lo_rc(p: Problem, s: int, js: Ints) -> Ints:
 
 
 def _start_term(p: Problem, s: int, i: Ints) -> Floats:
-    g = p.pc[i] / p.speed[s]
-    return g - p.send[np.maximum(i - 1, 0)] if s > 0 else g
+    return p.compute_prefix()[i] / p.speed[s] - p.send_in_ms(s, i)
 
 
 def _end_term(p: Problem, s: int, j: Ints, T: float) -> Floats:
-    h = p.pc[j + 1] / p.speed[s] - T
-    return h + p.send[j] if s < p.k - 1 else h
+    return p.compute_prefix()[j + 1] / p.speed[s] - T + p.send_out_ms(s, j)
 
 
 def _ok_pairs(p: Problem, s: int, T: float, i: Ints, j: Ints) -> Bools:
@@ -181,7 +180,7 @@ def _range_max(values: Floats, lo: Ints, hi: Ints) -> Floats:
 
 def _reach(p: Problem, T: float) -> list[Bools]:
     """reach[s][j]: blocks 0..j can be split into stages 0..s, each within time T and memory."""
-    n, K = p.n, p.k
+    n, K, pc = p.n, p.k, p.compute_prefix()
     idx = np.arange(n, dtype=np.int64)
     last = n - K  # stage 0 must leave a block for every later stage
     js = idx[: last + 1]
@@ -198,12 +197,12 @@ def _reach(p: Problem, T: float) -> list[Bools]:
         first_i, last_i = int(starts[0]), int(starts[-1])
         j_hi = n - 1 - (K - 1 - s)
         if np.isfinite(T):  # no stage is longer in compute than T allows
-            reach_end = np.searchsorted(p.pc, p.pc[last_i] + T * p.speed[s] * (1 + 1e-9) + 1e-12, side="right") - 2
+            reach_end = np.searchsorted(pc, pc[last_i] + T * p.speed[s] * (1 + 1e-9) + 1e-12, side="right") - 2
             j_hi = min(j_hi, int(reach_end))
         j_lo = first_i if s < K - 1 else n - 1
         if np.isfinite(T) and s < K - 1:  # the rest must fit the later stages' compute
             rest = T * float(p.speed[s + 1:].sum()) * (1 + 1e-9) + 1e-12
-            j_lo = max(j_lo, int(np.searchsorted(p.pc, p.pc[n] - rest, side="left")) - 1)
+            j_lo = max(j_lo, int(np.searchsorted(pc, pc[n] - rest, side="left")) - 1)
         if j_lo > j_hi:
             continue
         js = np.arange(j_lo, j_hi + 1, dtype=np.int64)
@@ -296,7 +295,7 @@ def _greedy(p: Problem, T: float) -> list[int] | None:
     Decides feasibility exactly where :func:`_greedy_safe` says so. Plain
     Python floats: the same IEEE arithmetic as the cost model's arrays.
     """
-    pc = p.as_list("pc", p.pc)
+    pc = p.as_list("pc", p.compute_prefix())
     starts, i, n, K = [], 0, p.n, p.k
     for s in range(K):
         v, limit = float(p.speed[s]), float(p.limit[s])
@@ -447,7 +446,7 @@ def split_bottleneck(p: Problem) -> Split:
         # it finds a feasible bound without sweeping wide, slow windows.
         relaxed = split_bottleneck(p.relaxed()).bottleneck_ms
         lo = max(lo, relaxed * (1 - 1e-12))
-        step = max(2 * float(p.send.max()), relaxed * 1e-6, hi * 1e-9, 1e-300)
+        step = max(2 * p.max_send_ms, relaxed * 1e-6, hi * 1e-9, 1e-300)
         while relaxed + step < hi:
             found = feasible(relaxed + step)
             if found is not None:
