@@ -11,11 +11,6 @@ from tests.conftest import ROOT
 
 PACKAGE = ROOT / "autopart"
 
-KNOWN_CIRCLES = [{"autopart.measure.blocks", "autopart.measure.cutpoints"}]
-"""Left for now: ``chain_of`` (blocks) cuts a captured graph with ``graph_blocks`` (cutpoints), which marks
-block entries with blocks' ``EnterBlock``. Only a function-level import closes the circle."""
-
-
 def _module(path: Path) -> str:
     parts = list(path.relative_to(ROOT).with_suffix("").parts)
     return ".".join(parts[:-1] if parts[-1] == "__init__" else parts)
@@ -46,7 +41,7 @@ def _graph() -> nx.DiGraph:
 
 def test_no_import_circles() -> None:
     circles = [set(c) for c in nx.simple_cycles(_graph())]
-    assert [c for c in circles if c not in KNOWN_CIRCLES] == []
+    assert circles == []
 
 
 def test_no_private_name_is_imported_from_another_module() -> None:

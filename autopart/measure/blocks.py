@@ -17,6 +17,7 @@ import torch
 from torch import nn
 
 from autopart.errors import AutopartError
+from autopart.measure.entry import BlockEntry, EnterBlock, contiguous_grad
 from autopart.torch_compat import own_children, pytree
 
 if TYPE_CHECKING:
@@ -28,10 +29,6 @@ __all__ = ["NamedBlock", "EnterBlock", "BlockEntry", "Chain", "ChildrenChain", "
 
 NamedBlock = tuple[str, nn.Module]
 """A block and its name in the model (``"h.3"``)."""
-
-EnterBlock = Callable[[int], None]
-"""Called with a block's index in the chain just before the block runs (to give it its own random stream)."""
-
 
 def _flatten(prefix: str, module: nn.Module, out: list[NamedBlock]) -> None:
     for name, child in module.named_children():
@@ -56,25 +53,6 @@ def call_block(block: nn.Module, inputs: Any) -> Any:
     if isinstance(inputs, tuple):
         return block(*inputs)
     return block(inputs)
-
-
-class _ContiguousGrad(torch.autograd.Function):
-    @staticmethod
-    def forward(ctx: Any, x: torch.Tensor) -> torch.Tensor:
-        # A detached alias: the same storage, but to autograd a new tensor made by this function, not a view
-        # of the input (returning ``x`` or a view of it would be one: an in-place op after it is then refused).
-        return x.detach()
-
-    @staticmethod
-    def backward(ctx: Any, grad: torch.Tensor) -> torch.Tensor:
-        return grad.contiguous()
-
-
-def contiguous_grad(x: torch.Tensor) -> torch.Tensor:
-    """``x``'s values (its storage, no copy) as a tensor autograd made, neither a leaf nor a view, so an
-    in-place op may follow; its gradient is made contiguous backward (gloo sends only contiguous tensors,
-    and a ``cat`` backward gives strided ones)."""
-    return _ContiguousGrad.apply(x)  # type: ignore[no-any-return]
 
 
 def stage_inputs(value: Any) -> Any:
@@ -230,18 +208,6 @@ def check_sendable(out: Any, name: str, block: nn.Module) -> None:
             if isinstance(out, (tuple, list)) else f"a {type(out).__name__}")
     raise AutopartError(f"block {name!r} ({type(block).__name__}) returns {what}, which cannot cross the cut after "
                         f"it: PyTorch's pipelining sends only tensors between stages; return only tensors from it")
-
-
-class BlockEntry(nn.Module):
-    """A graph node that calls ``enter(block)`` where a block's operations begin (a stage of a captured graph
-    runs its blocks as one graph, not as modules); no parameters, no buffers, nothing in ``state_dict``."""
-
-    def __init__(self, enter: EnterBlock, block: int) -> None:
-        super().__init__()
-        self.enter, self.block = enter, block
-
-    def forward(self) -> None:
-        self.enter(self.block)
 
 
 LossFn = Callable[[Any, Any], torch.Tensor]

@@ -31,7 +31,7 @@ from typing import Any, Sequence
 import torch
 from torch import fx, nn
 
-from autopart.measure.blocks import BlockEntry, EnterBlock, contiguous_grad
+from autopart.measure.entry import BlockEntry, EnterBlock, contiguous_grad
 from autopart.measure.capture import ModelGraph, value_bytes
 from autopart.torch_compat import BatchNormBase, non_persistent_buffers
 
