@@ -175,6 +175,20 @@ def test_meta_init_and_running_inside_torchrun(plan: Path, tmp_path: Path) -> No
     assert report["losses"][0] == pytest.approx(fresh, rel=1e-5), (report["losses"], fresh, whole)
 
 
+@pytest.mark.slow
+def test_meta_init_refuses_a_captured_model_before_capturing_it(tmp_path: Path) -> None:
+    from tests.helpers import plan_for
+
+    spec = f"{ROOT / 'tests' / 'graph_models.py'}:unet"  # skips: its children do not reproduce its forward
+    plan_for(spec, [2, 3], "GPipe", 2, tmp_path / "plan.json")
+    result = run_cli("train", str(tmp_path / "plan.json"), "--model", spec, "--meta-init", "--steps", "1",
+                     "--threads", "1", cwd=tmp_path)
+    assert result.returncode == 2 and "Traceback" not in result.stderr, result.stderr[-2000:]
+    # before it, one note: unet gives loss_fn but no data
+    assert result.stderr.splitlines()[-1] == (f"autopart train: error: rank 0: --meta-init needs a model whose "
+                                              f"blocks are its children; {spec!r} is captured as a graph")
+
+
 def _first_loss(plan_path: Path, per_block_init: bool) -> float:
     """gpt2-tiny's loss on the run's first batch (seed 0), averaged over the plan's micro-batches, in this
     process: with the weights a whole-model build draws, or with ``--meta-init``'s, each block's submodules

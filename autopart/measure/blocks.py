@@ -24,7 +24,7 @@ if TYPE_CHECKING:
     from autopart.measure.cutpoints import Boundary, GraphBlocks
 
 __all__ = ["NamedBlock", "EnterBlock", "BlockEntry", "Chain", "ChildrenChain", "GraphChain", "StageModule",
-           "FlatOutput", "chain_of", "split_blocks", "run_chain", "check_chain", "call_block", "check_sendable",
+           "FlatOutput", "chain_of", "children_chain", "split_blocks", "run_chain", "check_chain", "call_block", "check_sendable",
            "tensors_of", "contiguous_grad", "stage_inputs", "cannot_run"]
 
 NamedBlock = tuple[str, nn.Module]
@@ -411,6 +411,14 @@ class GraphChain(Chain):
         return self.graph.recomputed
 
 
+def children_chain(module: nn.Module, example: tuple[Any, ...], name: str) -> ChildrenChain:
+    """The blocks of ``module`` as its (flattened) children, no capture; :class:`AutopartError` unless they
+    reproduce its forward on ``example`` (on the meta device: its shapes)."""
+    blocks = split_blocks(module)
+    check_chain(module, blocks, tuple(example), name)
+    return ChildrenChain(module, blocks, tuple(example))
+
+
 def chain_of(module: nn.Module, example: tuple[Any, ...], name: str,
              input_names: Sequence[str] | None = None) -> Chain:
     """The blocks of ``module``: the flattened children of an ``nn.Sequential``, the top-level children
@@ -421,9 +429,7 @@ def chain_of(module: nn.Module, example: tuple[Any, ...], name: str,
     """
     if not input_names:
         try:
-            blocks = split_blocks(module)
-            check_chain(module, blocks, tuple(example), name)
-            return ChildrenChain(module, blocks, tuple(example))
+            return children_chain(module, example, name)
         except AutopartError:
             pass
     from autopart.measure.capture import capture

@@ -19,7 +19,7 @@ from torch import nn
 from autopart.errors import AutopartError
 from autopart.formats.plan import Plan
 from autopart.measure.batchnorm import batchnorm_layers, defer_batchnorm
-from autopart.measure.blocks import Chain, StageModule, chain_of
+from autopart.measure.blocks import Chain, StageModule, chain_of, children_chain
 from autopart.measure.optimizers import make_optimizer
 from autopart.measure.spec import ModelBundle, load_model, require_parameters, shape_example
 from autopart.measure.stream import load_with_weights
@@ -130,11 +130,18 @@ def _chain(cfg: TrainConfig, bundle: ModelBundle, microbatch_size: int, sample_s
     """The model's blocks, as the profiler found them; a graph is captured at the run's micro-batch shape."""
     shape = (microbatch_size, *sample_shape) if sample_shape else None
     example = shape_example(bundle, shape, None, microbatch_size) if bundle.example is not None else ()
-    chain = chain_of(bundle.module, example, cfg.model, bundle.input_names)
-    if cfg.meta_init and chain.captured:
-        raise AutopartError(f"--meta-init needs a model whose blocks are its children; {cfg.model!r} is captured "
+    if not cfg.meta_init:
+        return chain_of(bundle.module, example, cfg.model, bundle.input_names)
+    # Checked before any capture (a graph is not captured from meta tensors): keyword inputs, or children that
+    # do not reproduce the forward, would be captured.
+    refused = AutopartError(f"--meta-init needs a model whose blocks are its children; {cfg.model!r} is captured "
                             f"as a graph")
-    return chain
+    if bundle.input_names:
+        raise refused
+    try:
+        return children_chain(bundle.module, example, cfg.model)
+    except AutopartError:
+        raise refused from None
 
 
 def _batchnorm_mode(cfg: TrainConfig, plan: Plan, chain: Chain) -> str | None:
