@@ -160,6 +160,38 @@ def test_images_batchnorm_warning_and_replan(tmp_path: Path) -> None:
 
 
 @pytest.mark.slow
+def test_the_launcher_prints_the_report_the_rank_hands_over(plan: Path, tmp_path: Path) -> None:
+    """The ranks are other processes: the reporting rank hands the report over in a file, and the launcher
+    prints exactly what rendering the ``--report`` JSON gives (the same lines the rank printed before)."""
+    import contextlib
+    import io
+
+    from autopart.formats.plan import Plan
+    from autopart.run.report import print_report, read_handed_report
+
+    result = run_cli("train", str(plan), "--model", "gpt2-tiny", "--steps", "2", "--threads", "1",
+                     "--report", str(tmp_path / "r.json"), cwd=tmp_path)
+    assert result.returncode == 0, result.stderr[-2000:]
+    report = read_handed_report(str(tmp_path / "r.json"))
+    assert report is not None
+    shown = io.StringIO()
+    with contextlib.redirect_stdout(shown):
+        print_report(report, Plan.from_json(str(plan)).microbatch_size)
+    assert "per stage" in result.stdout and result.stdout == shown.getvalue()
+    assert list(tmp_path.iterdir()) == [tmp_path / "r.json"]  # the hand-over file is not left behind here
+    # under torchrun, with the launcher's variable set, the rank hands the report over instead of printing it
+    handed = tmp_path / "handed.json"
+    env = dict(os.environ, PYTHONPATH=str(ROOT), OMP_NUM_THREADS="1", AUTOPART_REPORT_HANDOFF=str(handed))
+    ranks = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2",
+                            "-m", "autopart", "train", str(plan), "--model", "gpt2-tiny", "--steps", "1",
+                            "--report", str(tmp_path / "r1.json")],
+                           cwd=tmp_path, env=env, text=True, capture_output=True, timeout=300)
+    assert ranks.returncode == 0, ranks.stderr[-2000:]
+    assert "per stage" not in ranks.stdout
+    assert read_handed_report(str(handed)) == read_handed_report(str(tmp_path / "r1.json"))
+
+
+@pytest.mark.slow
 def test_meta_init_and_running_inside_torchrun(plan: Path, tmp_path: Path) -> None:
     env = dict(os.environ, PYTHONPATH=str(ROOT), OMP_NUM_THREADS="1")
     result = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2",

@@ -116,7 +116,7 @@ def _worker_args(cfg: TrainConfig) -> list[str]:
 
 
 def run(args: argparse.Namespace) -> int:
-    from autopart.run.launch import inside_torchrun, launch
+    from autopart.run.launch import inside_torchrun
 
     cfg = _config(args)
     if inside_torchrun():
@@ -169,7 +169,32 @@ def run(args: argparse.Namespace) -> int:
     if cfg.max_restarts and not cfg.checkpoint_every:
         sys.stderr.write(f"note: --max-restarts without --checkpoint-every saves only after step {cfg.steps}, so a "
                          f"restart starts over\n")
-    return launch(_worker_args(dataclasses.replace(cfg, threads=threads)), plan.num_ranks, threads, cfg.max_restarts)
+    return _launch_and_report(_worker_args(dataclasses.replace(cfg, threads=threads)), plan, threads, cfg.max_restarts)
+
+
+def _launch_and_report(worker_args: list[str], plan: Plan, threads: int, max_restarts: int) -> int:
+    """Launch the ranks; print the report the reporting rank hands over (a file in a private folder) when the
+    job succeeds."""
+    import tempfile
+
+    from autopart.run.launch import launch
+    from autopart.run.report import REPORT_HANDOFF_ENV, print_report, read_handed_report
+
+    with tempfile.TemporaryDirectory(prefix="autopart-train-") as folder:
+        path = os.path.join(folder, "report.json")
+        before = os.environ.get(REPORT_HANDOFF_ENV)
+        os.environ[REPORT_HANDOFF_ENV] = path  # the ranks inherit it
+        try:
+            code = launch(worker_args, plan.num_ranks, threads, max_restarts)
+        finally:
+            if before is None:
+                os.environ.pop(REPORT_HANDOFF_ENV, None)
+            else:
+                os.environ[REPORT_HANDOFF_ENV] = before
+        report = read_handed_report(path) if code == 0 else None
+    if report is not None:
+        print_report(report, plan.microbatch_size)
+    return code
 
 
 def _check_checkpoint(folder: str) -> None:

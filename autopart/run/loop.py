@@ -29,7 +29,7 @@ from autopart.run.data import cycled_note, training_data
 from autopart.run.job import Job, StepLog
 from autopart.run.log import say
 from autopart.run.replan import reprofile_stages, write_replan
-from autopart.run.report import gather_measured, make_report, print_report, write_report, write_timelines
+from autopart.run.report import gather_measured, hand_over_report, make_report, write_report, write_timelines
 from autopart.run.resume import restore_pipeline, save_pipeline
 from autopart.run.stages import build_pipeline, check_plan_against_model
 from autopart.torch_compat import is_timeout
@@ -235,13 +235,14 @@ def _checkpoint(job: Job, root: str, step: int) -> None:
 
 
 def _finish(job: Job, log: StepLog) -> None:
-    """Gather every rank's timings, and (on the last stage's rank) report, draw and replan."""
+    """Gather every rank's timings, and (on the last stage's rank) hand the report to the launcher (or print it),
+    write it, draw and replan."""
     profiles = reprofile_stages(job) if job.cfg.replan else []
     measured, profiles = gather_measured(job, log, profiles)
     if not job.reporter:
         return
     report = make_report(job, log, measured)
-    print_report(report, job.plan.microbatch_size)
+    hand_over_report(report, job.plan.microbatch_size)
     if job.cfg.report:
         write_report(report, job.cfg.report)
     if job.cfg.trace or job.cfg.svg:

@@ -2,7 +2,9 @@
 
 Every rank times each of its actions inside the real steps
 (:mod:`autopart.run.timeline`); the timelines are gathered, and the rank
-holding the last stage prints the comparison and writes ``--report`` JSON
+holding the last stage hands the comparison to autopart's launcher, which
+prints it (:func:`hand_over_report`; under a user's own torchrun the rank
+prints it itself), and writes ``--report`` JSON
 (the fields of :class:`autopart.formats.report.Report`), ``--trace`` (Chrome trace JSON) and
 ``--svg`` (predicted above measured, one time axis); :mod:`autopart.render`
 draws the tables and the picture.
@@ -30,7 +32,7 @@ from rich.console import Console
 from autopart.core.planner import simulate_plan
 from autopart.core.schedules import Action
 from autopart.core.simulate import Event, Simulation, Timeline
-from autopart.formats.atomic import write_json_atomic
+from autopart.formats.atomic import write_atomic, write_json_atomic
 from autopart.formats.plan import Plan
 from autopart.formats.report import RankRow, Report, StageRow
 from autopart.formats.units import plural
@@ -39,6 +41,7 @@ from autopart.run.job import Job, StepLog
 from autopart.run.replan import StageProfile
 
 __all__ = ["Measured", "gather_measured", "make_report", "measured_timeline", "print_report", "write_report",
+           "REPORT_HANDOFF_ENV", "hand_over_report", "read_handed_report",
            "write_timelines"]
 
 
@@ -186,6 +189,35 @@ def make_report(job: Job, log: StepLog, measured: Measured) -> Report:
         throughput_per_s=job.global_batch * tokens / (measured_step / 1e3) if measured_step > 0 else None,
         throughput_unit="tokens" if tokens > 1 else "samples", stages=rows,
         ranks_detail=_rank_rows(plan, measured, predicted))
+
+
+REPORT_HANDOFF_ENV = "AUTOPART_REPORT_HANDOFF"
+"""Set by autopart's launcher for the ranks: the file the reporting rank writes the report to, for the
+launcher to print (ranks are other processes)."""
+
+
+def hand_over_report(report: Report, plan_microbatch_size: int | None) -> None:
+    """The report to whoever prints it: written atomically to the launcher's :data:`REPORT_HANDOFF_ENV` file,
+    or, under a user's own torchrun (no such file), printed by this rank."""
+    path = os.environ.get(REPORT_HANDOFF_ENV)
+    if not path:
+        print_report(report, plan_microbatch_size)
+        return
+    text = json.dumps(report.to_dict())  # NaN and inf as JSON's extensions: read back by the launcher only
+    write_atomic(path, lambda handle: handle.write(text.encode()))
+
+
+def read_handed_report(path: str) -> Report | None:
+    """The report a rank handed over in ``path``; None when no rank wrote one."""
+    try:
+        with open(path, encoding="utf-8") as handle:
+            data = json.load(handle)
+    except FileNotFoundError:
+        return None
+    spread = data.pop("measured_step_spread_ms")
+    return Report(**{**data, "measured_step_spread_ms": (spread[0], spread[1]),
+                     "stages": [StageRow(**row) for row in data["stages"]],
+                     "ranks_detail": [RankRow(**row) for row in data["ranks_detail"]]})
 
 
 def print_report(report: Report, plan_microbatch_size: int | None) -> None:
