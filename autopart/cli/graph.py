@@ -40,7 +40,7 @@ def add_parser(sub: Subcommands) -> None:
 def run(args: argparse.Namespace) -> int:
     import torch
 
-    from autopart.cli.profile import meta_build
+    from autopart.measure.api import meta_build
     from autopart.measure.blocks import chain_of
     from autopart.measure.spec import parse_dtype, parse_shape, shape_example
     from autopart.measure.stream import load_with_weights, on_meta
