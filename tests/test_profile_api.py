@@ -39,7 +39,10 @@ def test_api_profile_equals_cli(tmp_path: Path, model: str, sizes: tuple[int, ..
 
 @pytest.mark.parametrize("field, value, message", [("repeats", 0, "--repeats must be >= 1, got 0"),
                                                    ("warmup", -1, "--warmup must be >= 0, got -1"),
-                                                   ("threads", 0, "--threads must be >= 1, got 0")])
-def test_config_refuses_bad_values(field: str, value: int, message: str) -> None:
+                                                   ("threads", 0, "--threads must be >= 1, got 0"),
+                                                   ("device", "mps", "unsupported device 'mps'"),
+                                                   ("dtype", "int64", "--dtype must be a floating type, got 'int64'")])
+def test_config_refuses_bad_values(field: str, value: int | str, message: str) -> None:
+    """A config is checked when made, so the CLI refuses a bad flag before it checks -o or builds anything."""
     with pytest.raises(AutopartError, match=message):
         autopart.ProfileConfig(**{field: value})

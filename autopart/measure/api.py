@@ -70,6 +70,7 @@ class ProfileConfig:
             raise AutopartError(f"--warmup must be >= 0, got {self.warmup}")
         if self.threads is not None and self.threads < 1:
             raise AutopartError(f"--threads must be >= 1, got {self.threads}")
+        _request(self, apply=False)  # the device and the dtypes, checked now
 
 
 @dataclass(frozen=True)
@@ -96,20 +97,21 @@ class _Request:
     seed: int
 
 
-def profile(spec: str, config: ProfileConfig = ProfileConfig(), *, progress: ProgressFn | None = None,
+def profile(spec: str, config: ProfileConfig | None = None, *, progress: ProgressFn | None = None,
             note: NoteFn | None = None) -> Profile:
     """Profile the model ``spec`` (a built-in name, ``pkg.module:factory`` or ``file.py:factory``) as
     ``autopart profile`` does: the same build, examples, loss target and micro-batch sizes."""
-    return measure(prepare(spec, config, note=note), config, progress=progress)
+    return measure(prepare(spec, config, note=note), config, progress=progress)  # None: ProfileConfig()
 
 
-def prepare(spec: str, config: ProfileConfig = ProfileConfig(), *, note: NoteFn | None = None) -> Prepared:
+def prepare(spec: str, config: ProfileConfig | None = None, *, note: NoteFn | None = None) -> Prepared:
     """Check ``config``, build the model ``spec`` and its examples (one per micro-batch size).
 
-    A model whose weights would take more than half the memory available is built on the meta device
+    ``config`` None: :class:`ProfileConfig`'s defaults (``autopart profile``'s). A model whose weights would take more than half the memory available is built on the meta device
     (``build="auto"``; ``"by-block"`` always, ``"whole"`` never) and profiled one block at a time.
     Raises :class:`AutopartError` for a bad config or model, an example with no rows included.
     """
+    config = config or ProfileConfig()
     request = _request(config)
     torch.manual_seed(request.seed)
     meta = meta_build(spec, request.dtype, config.build, note) if config.build != "whole" else None
@@ -126,10 +128,11 @@ def prepare(spec: str, config: ProfileConfig = ProfileConfig(), *, note: NoteFn 
     return Prepared(spec=spec, bundle=bundle, module=module, examples=examples)
 
 
-def measure(prepared: Prepared, config: ProfileConfig = ProfileConfig(), *,
+def measure(prepared: Prepared, config: ProfileConfig | None = None, *,
             progress: ProgressFn | None = None) -> Profile:
     """Profile every example of ``prepared``; the first is the profile, the others its other sizes. The
     loss of a model autopart brings data for (built-ins, hf:) is measured in the last block."""
+    config = config or ProfileConfig()
     bundle, module, examples = prepared.bundle, prepared.module, prepared.examples
     profiles = []
     for k, example in enumerate(examples):
@@ -157,8 +160,9 @@ def _check_rows(model: str, examples: tuple[Example, ...]) -> None:
                                 f"micro-batch needs at least one (--microbatch-size or --input-shape give rows)")
 
 
-def _request(config: ProfileConfig) -> _Request:
-    if config.threads is not None:
+def _request(config: ProfileConfig, apply: bool = True) -> _Request:
+    """``config`` parsed to torch values (one-line errors for bad ones); ``apply``: set torch's thread count."""
+    if apply and config.threads is not None:
         torch.set_num_threads(config.threads)
     device = _device(config.device)
     dtype = parse_dtype(config.dtype)
