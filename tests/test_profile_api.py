@@ -46,3 +46,25 @@ def test_config_refuses_bad_values(field: str, value: int | str, message: str) -
     """A config is checked when made, so the CLI refuses a bad flag before it checks -o or builds anything."""
     with pytest.raises(AutopartError, match=message):
         autopart.ProfileConfig(**{field: value})
+
+
+@pytest.mark.slow
+def test_api_graph_equals_cli() -> None:
+    """``autopart graph --json`` prints what :func:`build_chain` and :func:`block_rows` give."""
+    from autopart.measure.graphview import GraphConfig, block_rows, build_chain
+
+    model = f"{ROOT}/tests/graph_models.py:unet"
+    result = run_cli("graph", model, "--microbatch-size", "2", "--json")
+    assert result.returncode == 0, result.stderr
+    chain = build_chain(model, GraphConfig(microbatch_size=2))
+    assert json.loads(result.stdout)["blocks"] == json.loads(json.dumps(block_rows(chain, model)))
+    assert len(block_rows(chain, model)) > 1
+
+
+def test_graph_config_refuses_bad_values() -> None:
+    from autopart.measure.graphview import GraphConfig
+
+    with pytest.raises(AutopartError, match="--microbatch-size must be >= 1, got 0"):
+        GraphConfig(microbatch_size=0)
+    with pytest.raises(AutopartError, match="unknown dtype 'foo'"):
+        GraphConfig(input_dtype="foo")
