@@ -1,8 +1,7 @@
 """autopart: automatic pipeline-parallel partitioning for PyTorch.
 
     import autopart
-    bundle = autopart.load_model("gpt2-tiny")
-    profile = autopart.profile_model(bundle.module, bundle.example, name="gpt2-tiny")
+    profile = autopart.profile("gpt2-tiny", autopart.ProfileConfig(repeats=3))  # as `autopart profile` does
     plan = autopart.plan_partition(profile, 2)            # 2 ranks, 1F1B, 2 micro-batches
     print(plan.balance, autopart.simulate(plan).step_ms)
 
@@ -28,14 +27,17 @@ if TYPE_CHECKING:
     from autopart.core.planner import simulate_plan as simulate
     from autopart.core.search import plan_partition
     from autopart.core.simulate import Simulation
+    from autopart.measure.api import ProfileConfig, profile
     from autopart.measure.profiler import profile_model
     from autopart.measure.spec import load_model
 
-__all__ = ["AutopartError", "CostModel", "Device", "LayerProfile", "Plan", "Profile", "Simulation", "StageCost",
-           "load_model", "plan_partition", "profile_model", "simulate"]
+__all__ = ["AutopartError", "CostModel", "Device", "LayerProfile", "Plan", "Profile", "ProfileConfig", "Simulation",
+           "StageCost", "load_model", "plan_partition", "profile", "profile_model", "simulate"]
 
 _LAZY = {
     "load_model": ("autopart.measure.spec", "load_model"),
+    "profile": ("autopart.measure.api", "profile"),
+    "ProfileConfig": ("autopart.measure.api", "ProfileConfig"),
     "profile_model": ("autopart.measure.profiler", "profile_model"),
     "CostModel": ("autopart.core.costmodel", "CostModel"),
     "plan_partition": ("autopart.core.search", "plan_partition"),

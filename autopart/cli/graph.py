@@ -6,11 +6,9 @@ import json
 from typing import TYPE_CHECKING, Any
 
 from autopart.cli.common import Subcommands
-from autopart.errors import AutopartError
 
 if TYPE_CHECKING:
     from autopart.measure.blocks import Chain
-    from autopart.measure.spec import ModelBundle
 
 __all__: list[str] = []
 
@@ -38,31 +36,14 @@ def add_parser(sub: Subcommands) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    import torch
+    from autopart.measure.graphview import GraphConfig, block_rows, build_chain
+    from autopart.measure.spec import parse_shape
 
-    from autopart.cli.profile import meta_build
-    from autopart.measure.blocks import chain_of
-    from autopart.measure.spec import parse_dtype, parse_shape, shape_example
-    from autopart.measure.stream import load_with_weights, on_meta
-
-    if args.microbatch_size is not None and args.microbatch_size < 1:
-        raise AutopartError(f"--microbatch-size must be >= 1, got {args.microbatch_size}")
-    input_shape = parse_shape(args.input_shape) if args.input_shape else None
-    input_dtype = parse_dtype(args.input_dtype) if args.input_dtype else None
-    torch.manual_seed(0)
-    # built as profile builds it: whole where it fits (one real forward then checks the input as profile's
-    # does, and runs what the meta device cannot), else on the meta device
-    bundle = meta_build(args.model, torch.float32, "auto", None)
-    if bundle is None:
-        torch.manual_seed(0)
-        bundle = load_with_weights(args.model)
-    meta = on_meta(bundle.module)
-    example = tuple(t.to("meta") if meta else t
-                    for t in shape_example(bundle, input_shape, input_dtype, args.microbatch_size))
-    if not meta:
-        _check_runs(bundle, example)
-    chain = chain_of(bundle.module, example, args.model, bundle.input_names)
-    rows = _rows(chain, args.model)
+    config = GraphConfig(microbatch_size=args.microbatch_size,
+                         input_shape=parse_shape(args.input_shape) if args.input_shape else None,
+                         input_dtype=args.input_dtype or None)
+    chain = build_chain(args.model, config)
+    rows = block_rows(chain, args.model)
     if args.json:
         cuts = [{"after": after, "module": module, "bytes": size} for after, module, size in chain.cut_points()]
         print(json.dumps({"model": args.model, "captured": chain.captured, "blocks": rows,
@@ -70,65 +51,6 @@ def run(args: argparse.Namespace) -> int:
         return 0
     _print(args.model, chain, rows)
     return 0
-
-
-def _rows(chain: Chain, model: str) -> list[dict[str, Any]]:
-    """One row per block: its parameters and operations, and what crosses the cut after it."""
-    seen: set[int] = set()
-    out = []
-    boundaries = _crossings(chain, model)
-    for i, (name, block) in enumerate(chain.blocks):
-        params, tied = 0, []
-        for pname, p in block.named_parameters(remove_duplicate=False):
-            if id(p) not in seen:
-                seen.add(id(p))
-                params += p.numel() * p.element_size()
-            else:
-                tied.append(pname)
-        row: dict[str, Any] = {"block": name, "param_bytes": params, "tied": tied}
-        row.update(chain.block_facts(i))
-        if i < len(boundaries):
-            b = boundaries[i]
-            row["main_bytes"], row["skip_bytes"] = b.main_bytes, b.skip_bytes
-            row["skips"] = [{"value": c.name, "from": c.made_by, "bytes": c.bytes} for c in b.skips]
-        out.append(row)
-    return out
-
-
-def _check_runs(bundle: ModelBundle, example: tuple[Any, ...]) -> None:
-    """One forward of the model on (a copy of) ``example``, no gradients: an input it cannot take is the line
-    profile gives."""
-    import torch
-
-    from autopart.measure.blocks import cannot_run
-    from autopart.measure.spec import call_model
-
-    modes = {m: m.training for m in bundle.module.modules()}
-    try:
-        bundle.module.eval()
-        with torch.no_grad():
-            call_model(bundle.module, [t.clone() for t in example], bundle.input_names)
-    except Exception as exc:
-        raise cannot_run(bundle.name, example, exc) from None
-    finally:
-        for m, training in modes.items():
-            m.training = training
-
-
-def _crossings(chain: Chain, model: str) -> list[Any]:
-    """What crosses each cut; a block that fails (a chain of children runs its blocks to know) is the line
-    profile gives, or on the meta device, that it cannot run there."""
-    from autopart.measure.blocks import cannot_run
-    from autopart.measure.stream import on_meta
-
-    try:
-        return chain.crossings()
-    except Exception as exc:
-        if not on_meta(chain.root):
-            raise cannot_run(model, chain.example, exc) from None
-        raise AutopartError(f"model {model!r} is built on the meta device (its weights need more than half the "
-                            f"memory available), where its blocks cannot run: {type(exc).__name__}: "
-                            f"{str(exc).splitlines()[0] if str(exc) else ''}") from None
 
 
 def _print(model: str, chain: Chain, rows: list[dict[str, Any]]) -> None:

@@ -5,19 +5,16 @@ import argparse
 import contextlib
 import re
 import sys
-from dataclasses import dataclass
 from typing import TYPE_CHECKING, Iterator
 
 from autopart.cli.common import Subcommands, path_arg, unused_loss_note
 from autopart.errors import AutopartError
 
 if TYPE_CHECKING:  # torch is imported when the command runs, so `autopart --help` stays fast
-    import torch
     from rich.console import Console
-    from torch import nn
 
     from autopart.formats.profile import Profile
-    from autopart.measure.spec import Example, LossFn, ModelBundle
+    from autopart.measure.api import Prepared, ProfileConfig
 
 __all__: list[str] = []
 
@@ -75,20 +72,24 @@ def run(args: argparse.Namespace) -> int:
 
     from autopart.formats.atomic import check_writable
     from autopart.formats.units import plural
+    from autopart.measure.api import prepare
 
     err = Console(emoji=False, stderr=True)
-    request = _request(args)
+    config = _config(args)
     if args.output:
         check_writable(args.output)
+
+    def note(text: str) -> None:
+        err.print(text, highlight=False, soft_wrap=True)
+
     with err.status(f"building {args.model} ...") if err.is_terminal else _nothing():
-        bundle, module, examples = _build(args.model, request, args.build, err)
-    note = unused_loss_note(bundle)
-    if note:
-        sys.stderr.write(note)
-    _check_rows(args.model, examples)
-    output = args.output or _default_output(args.model, args.device, int(examples[0][0].shape[0]))
+        prepared = prepare(args.model, config, note=note)
+    loss_note = unused_loss_note(prepared.bundle)
+    if loss_note:
+        sys.stderr.write(loss_note)
+    output = args.output or _default_output(args.model, args.device, int(prepared.examples[0][0].shape[0]))
     check_writable(output)
-    profile = _measure(args, bundle, module, examples, err)
+    profile = _measure(prepared, config, err)
     profile.to_json(output)
     _print_table(profile)
     sizes_text = ", ".join(str(b) for b in profile.sizes())
@@ -97,51 +98,16 @@ def run(args: argparse.Namespace) -> int:
     return 0
 
 
-def _check_rows(model: str, examples: list[Example]) -> None:
-    """Refuse an example with no rows: a micro-batch of 0 samples measures nothing and plans nothing."""
-    for example in examples:
-        first = example[0]
-        if first.dim() and first.shape[0] == 0:
-            raise AutopartError(f"model {model!r}: the example input has 0 rows (shape {list(first.shape)}); a "
-                                f"micro-batch needs at least one (--microbatch-size or --input-shape give rows)")
+def _config(args: argparse.Namespace) -> ProfileConfig:
+    """The flags as a :class:`~autopart.measure.api.ProfileConfig` (its checks raise on bad values)."""
+    from autopart.measure.api import ProfileConfig
+    from autopart.measure.spec import parse_shape
 
-
-@dataclass(frozen=True)
-class _Request:
-    """The flags that shape the model and its examples, checked."""
-
-    device: torch.device
-    dtype: torch.dtype
-    input_shape: tuple[int, ...] | None
-    input_dtype: torch.dtype | None
-    sizes: list[int | None]
-    """Micro-batch sizes to measure; None keeps the example's."""
-    seed: int
-
-
-def _request(args: argparse.Namespace) -> _Request:
-    import torch
-
-    from autopart.measure.spec import parse_dtype, parse_shape
-
-    if args.repeats < 1:
-        raise AutopartError(f"--repeats must be >= 1, got {args.repeats}")
-    if args.warmup < 0:
-        raise AutopartError(f"--warmup must be >= 0, got {args.warmup}")
-    if args.threads is not None:
-        if args.threads < 1:
-            raise AutopartError(f"--threads must be >= 1, got {args.threads}")
-        torch.set_num_threads(args.threads)
-    device = _device(args.device)
-    dtype = parse_dtype(args.dtype)
-    if not dtype.is_floating_point:
-        raise AutopartError(f"--dtype must be a floating type, got {args.dtype!r}")
-    sizes: list[int | None] = [None]
-    if args.microbatch_size is not None:
-        sizes = list(_microbatch_sizes(args.microbatch_size))
-    return _Request(device=device, dtype=dtype, input_shape=parse_shape(args.input_shape) if args.input_shape else None,
-                    input_dtype=parse_dtype(args.input_dtype) if args.input_dtype else None, sizes=sizes,
-                    seed=args.seed)
+    sizes = tuple(_microbatch_sizes(args.microbatch_size)) if args.microbatch_size is not None else ()
+    return ProfileConfig(microbatch_sizes=sizes, input_shape=parse_shape(args.input_shape) if args.input_shape else None,
+                         input_dtype=args.input_dtype or None, device=args.device, dtype=args.dtype,
+                         repeats=args.repeats, warmup=args.warmup, batchnorm=args.batchnorm, threads=args.threads,
+                         seed=args.seed, build=args.build)
 
 
 def _microbatch_sizes(text: str) -> list[int]:
@@ -158,162 +124,25 @@ def _microbatch_sizes(text: str) -> list[int]:
     return sizes
 
 
-def _build(spec: str, request: _Request, build: str, err: Console) -> tuple[ModelBundle, nn.Module, list[Example]]:
-    """The model on the requested device and dtype, and one example per micro-batch size.
-
-    A model whose weights would take more than half the memory available is built on the meta device
-    (``--build auto``; ``by-block`` always, ``whole`` never) and profiled one block at a time.
-    """
-    import torch
-
-    from autopart.measure.spec import require_parameters, shape_example
-    from autopart.measure.stream import load_with_weights
-
-    torch.manual_seed(request.seed)
-    meta = meta_build(spec, request.dtype, build, err) if build != "whole" else None
-    if meta is not None:
-        bundle, module = meta, meta.module.to(dtype=request.dtype)
-    else:
-        torch.manual_seed(request.seed)
-        bundle = load_with_weights(spec)
-        module = bundle.module.to(device=request.device, dtype=request.dtype)
-    require_parameters(bundle)
-    return bundle, module, [_real(shape_example(bundle, request.input_shape, request.input_dtype, size), request)
-                            for size in request.sizes]
-
-
-def meta_build(spec: str, dtype: torch.dtype, build: str, err: Console | None) -> ModelBundle | None:
-    """The model built on the meta device when it is to be measured one block at a time (``build`` is
-    ``by-block``, or ``auto`` and its weights in ``dtype`` need more than half the memory available), else None
-    (build it then with :func:`autopart.measure.stream.load_with_weights`). ``err``: where to say so."""
-    import torch
-
-    from autopart.formats.units import format_bytes
-    from autopart.measure.spec import load_model
-
-    try:
-        with torch.device("meta"):
-            bundle = load_model(spec)
-    except AutopartError:
-        if build == "by-block":
-            raise
-        return None  # a factory that cannot run on the meta device: build it whole
-    need = sum(p.numel() for p in bundle.module.parameters()) * dtype.itemsize
-    free = _available_bytes()
-    if build != "by-block" and (free is None or need <= free // 2):
-        return None
-    if err is not None:
-        err.print(f"{spec}: {format_bytes(need)} of weights, {format_bytes(free or 0)} available: built on the meta "
-                  f"device, measured one block at a time", highlight=False, soft_wrap=True)
-    return bundle
-
-
-def _real(example: Example, request: _Request) -> Example:
-    """The example on the device and dtype asked for; one made on the meta device gets random values
-    (ids 0 and 1: valid in any vocabulary; only shapes matter for the cost)."""
-    import torch
-
-    out = []
-    for t in example:
-        if t.is_meta:
-            t = torch.randn(t.shape).to(t.dtype) if t.is_floating_point() else torch.randint(0, 2, t.shape, dtype=t.dtype)
-        out.append(t.to(device=request.device, dtype=request.dtype) if t.is_floating_point() else t.to(request.device))
-    return tuple(out)
-
-
-def _available_bytes() -> int | None:
-    """MemAvailable from /proc/meminfo (None where there is none)."""
-    try:
-        for line in open("/proc/meminfo", encoding="ascii"):
-            if line.startswith("MemAvailable:"):
-                return int(line.split()[1]) * 1024
-    except OSError:
-        return None
-    return None
-
-
-def _measure(args: argparse.Namespace, bundle: ModelBundle, module: nn.Module, examples: list[Example],
-             err: Console) -> Profile:
-    """Profile every example with a progress bar; the first is the profile, the others its other sizes."""
-    import dataclasses
-
+def _measure(prepared: Prepared, config: ProfileConfig, err: Console) -> Profile:
+    """:func:`autopart.measure.api.measure` with a progress bar on a terminal."""
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
-    from autopart.measure.profiler import profile_model
+    from autopart.measure.api import measure
 
-    profiles = []
     with Progress(TextColumn("profiling [bold]{task.fields[block]}"), BarColumn(), MofNCompleteColumn(),
                   TimeElapsedColumn(), console=err, transient=True, disable=not err.is_terminal) as bar:
         task = bar.add_task("profile", total=None, block="...")
-        for k, example in enumerate(examples):
-            label = f" (micro-batch {example[0].shape[0]})" if len(examples) > 1 else ""
 
-            def progress(name: str, done: int, total: int, label: str = label, k: int = k) -> None:
-                bar.update(task, completed=k * total + done, total=len(examples) * total, block=name + label)
+        def progress(block: str, done: int, total: int) -> None:
+            bar.update(task, completed=done, total=total, block=block)
 
-            loss_fn, target = _loss_and_target(bundle, module, example)
-            inputs = dict(zip(bundle.input_names, example)) if bundle.input_names else example
-            profiles.append(profile_model(module, inputs, name=args.model, warmup=args.warmup,
-                                          repeats=args.repeats, progress=progress, loss_fn=loss_fn, target=target,
-                                          batchnorm=args.batchnorm))
-    others = tuple((p.microbatch_size, p.layers) for p in profiles[1:])
-    return dataclasses.replace(profiles[0], by_microbatch_size=others) if others else profiles[0]
-
-
-def _loss_and_target(bundle: ModelBundle, module: nn.Module, example: Example
-                     ) -> tuple[LossFn | None, torch.Tensor | None]:
-    """The loss of a model autopart brings data for (built-ins, hf:), with a random target of the right shape
-    (class ids over the last dimension of its first output)."""
-    import torch
-
-    from autopart.measure.blocks import cannot_run
-    from autopart.torch_compat import pytree
-    from autopart.measure.spec import call_model
-    from autopart.measure.stream import on_meta
-
-    if bundle.data_kind is None or bundle.loss_fn is None:
-        return None, None
-    if bundle.data_kind in ("text", "masked-text"):  # next (or masked) bytes: ids 0..255 shaped like the input
-        return bundle.loss_fn, torch.randint(0, 256, tuple(example[0].shape), device=example[0].device)
-    if bundle.data_kind == "seq2seq-text":  # the target bytes: shaped like the decoder's input
-        return bundle.loss_fn, torch.randint(0, 256, tuple(example[-1].shape), device=example[-1].device)
-    was = module.training
-    try:
-        module.eval()
-        with torch.no_grad():
-            inputs = [t.to("meta") if on_meta(module) else t for t in example]
-            leaves = pytree.tree_leaves(call_model(module, inputs, bundle.input_names))
-            out = next(x for x in leaves if isinstance(x, torch.Tensor))
-    except Exception as exc:
-        raise cannot_run(bundle.name, example, exc) from None
-    finally:
-        module.train(was)
-    target = torch.randint(0, out.shape[-1], tuple(out.shape[:-1]), device=example[0].device)
-    return bundle.loss_fn, target
+        return measure(prepared, config, progress=progress)
 
 
 @contextlib.contextmanager
 def _nothing() -> Iterator[None]:
     yield
-
-
-def _device(text: str) -> torch.device:
-    import torch
-
-    try:
-        device = torch.device(text)
-    except RuntimeError:
-        raise AutopartError(f"unknown device {text!r}; use cpu, cuda or cuda:N") from None
-    if device.type == "cuda":
-        if not torch.cuda.is_available():
-            raise AutopartError(f"--device {text} asked for, but CUDA is not available on this machine")
-        index = device.index or 0
-        if index >= torch.cuda.device_count():
-            raise AutopartError(f"--device {text}: only {torch.cuda.device_count()} CUDA device(s)")
-        return torch.device("cuda", index)
-    if device.type != "cpu":
-        raise AutopartError(f"unsupported device {text!r}; use cpu, cuda or cuda:N")
-    return device
 
 
 def _print_table(profile: Profile) -> None:
