@@ -260,7 +260,6 @@ CAP_DAC_OVERRIDE, CAP_DAC_READ_SEARCH = 1, 2  # linux/capability.h: what lets ro
 def _drop_permission_override() -> None:
     """Clear this process's capabilities to bypass file permission bits (capset(2), via libc)."""
     import ctypes
-    import os
 
     class Header(ctypes.Structure):
         _fields_ = [("version", ctypes.c_uint32), ("pid", ctypes.c_int)]

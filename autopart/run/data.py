@@ -207,7 +207,7 @@ def _user_batches(data: Iterable[Any], global_batch: int, names: tuple[str, ...]
             step += 1
         if count == 0 or iter(data) is data:
             once = "" if count == 0 else (" (it can be read only once, like a generator: give a list, or any "
-                                          f"iterable that can be read again, to cycle it)")
+                                          "iterable that can be read again, to cycle it)")
             raise AutopartError(f"the factory's data ran out after {count} batches, at step {step + 1}{once}")
 
 
