@@ -18,6 +18,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, Iterable, Iterator
 
+import numpy as np
+import numpy.typing as npt
 import torch
 import torch.nn.functional as F
 
@@ -47,7 +49,12 @@ def default_corpus_files() -> list[Path]:
 
 
 class TextCorpus:
-    """Random windows of a byte stream: inputs are bytes t..t+T-1, targets t+1..t+T."""
+    """Random windows of a byte stream: inputs are bytes t..t+T-1, targets t+1..t+T.
+
+    The stream is held as bytes (``uint8``, one byte per token): memory-mapped read-only from the file when
+    ``--data`` is one file, else the files joined in memory. Only each drawn window becomes int64 token ids,
+    so a rank's host memory holds the corpus once, at one byte a token (not eight).
+    """
 
     def __init__(self, path: str | None = None) -> None:
         if path is None:
@@ -59,32 +66,56 @@ class TextCorpus:
                 raise AutopartError(f"--data {path!r} does not exist")
             files = [p] if p.is_file() else sorted(f for f in p.rglob("*") if f.is_file())
             self.source = str(p)
-        chunks, total = [], 0
-        for f in files:
-            try:
-                data = f.read_bytes()
-            except OSError:
-                continue
-            chunks.append(data)
-            total += len(data)
-            if total >= _MAX_BYTES:
-                break
-        text = b"\n".join(chunks)[:_MAX_BYTES]
-        if len(text) < 1024:
-            raise AutopartError(f"text corpus {self.source!r} has only {len(text)} bytes; need at least 1 KiB")
-        self.tokens = torch.frombuffer(bytearray(text), dtype=torch.uint8).long()
+        mapped = _mapped(Path(path)) if path is not None and Path(path).is_file() else None
+        self.tokens: npt.NDArray[np.uint8] = mapped if mapped is not None else \
+            np.frombuffer(_joined(files), dtype=np.uint8)
+        if self.tokens.size < 1024:
+            raise AutopartError(f"text corpus {self.source!r} has only {self.tokens.size} bytes; need at least 1 KiB")
+
+    @property
+    def nbytes(self) -> int:
+        """Bytes of host memory (or of the mapped file) the corpus takes: one a token."""
+        return int(self.tokens.nbytes)
 
     def batches(self, batch: int, seq_len: int, seed: int, start_step: int = 0) -> Batches:
-        if seq_len + 1 >= self.tokens.numel():
-            raise AutopartError(f"sequence length {seq_len} does not fit a corpus of {self.tokens.numel()} bytes")
+        size = int(self.tokens.size)
+        if seq_len + 1 >= size:
+            raise AutopartError(f"sequence length {seq_len} does not fit a corpus of {size} bytes")
         step = start_step
         while True:
             g = torch.Generator().manual_seed(seed * 1_000_003 + step)
-            starts = torch.randint(0, self.tokens.numel() - seq_len - 1, (batch,), generator=g)
+            starts = torch.randint(0, size - seq_len - 1, (batch,), generator=g)
             idx = starts[:, None] + torch.arange(seq_len + 1)[None, :]
-            window = self.tokens[idx]
+            window = torch.from_numpy(self.tokens[idx.numpy()]).long()  # a copy: only this window as int64
             yield window[:, :-1].contiguous(), window[:, 1:].contiguous()
             step += 1
+
+
+def _joined(files: list[Path]) -> bytes:
+    """The files' bytes joined by newlines, up to :data:`_MAX_BYTES` (unreadable files skipped)."""
+    chunks, total = [], 0
+    for f in files:
+        try:
+            data = f.read_bytes()
+        except OSError:
+            continue
+        chunks.append(data)
+        total += len(data)
+        if total >= _MAX_BYTES:
+            break
+    return b"\n".join(chunks)[:_MAX_BYTES]
+
+
+def _mapped(path: Path) -> npt.NDArray[np.uint8] | None:
+    """The file's first :data:`_MAX_BYTES` bytes, memory-mapped read-only; None when it cannot be mapped
+    (empty, unreadable: the caller reads it, and says what is wrong)."""
+    try:
+        size = min(path.stat().st_size, _MAX_BYTES)
+        if size == 0:
+            return None
+        return np.memmap(path, dtype=np.uint8, mode="r", shape=(size,))
+    except (OSError, ValueError):
+        return None
 
 
 class Digits:
