@@ -296,3 +296,94 @@ def test_the_report_and_the_trace_are_measured_inside_the_pipeline(tmp_path: Pat
     assert any(e["pid"] == 1 for e in events if e["ph"] == "X")  # the predicted step beside it
     picture = svg.read_text()
     assert "predicted: step" in picture and "measured (the median step): step" in picture
+
+
+SMALL = str(ROOT / "profiles" / "gpt2-small-cpu-mb1-2-4-8.json")
+
+
+def test_a_global_batch_that_changes_the_microbatch_size_is_refused_with_the_commands_that_replan(plan: Path) -> None:
+    # The plan is for 2 micro-batches of 4, from a profile measured at 4 only: 16 would run micro-batches of 8,
+    # whose memory and times nothing measured. Refused before any rank starts.
+    assert_one_line_error(run_cli_here("train", str(plan), "--model", "gpt2-tiny", "--global-batch", "16"),
+                          "--global-batch 16 makes micro-batches of 8, the plan's are 4 (2 micro-batches)",
+                          "not measured at 8 (only [4])",
+                          "autopart profile gpt2-tiny --microbatch-size 8 --threads 1 -o profile-mb8.json && "
+                          "autopart partition profile-mb8.json --stages 2 --schedule 1F1B --microbatches 2")
+
+
+def test_a_measured_microbatch_size_over_the_memory_limit_is_refused_before_training(tmp_path: Path) -> None:
+    free, limited = tmp_path / "free.json", tmp_path / "limited.json"
+    args = ("--stages", "2", "--schedule", "GPipe", "--microbatches", "4", "--global-batch", "8")
+    assert run_cli_here("partition", SMALL, *args, "-o", str(free)).returncode == 0
+    need = max(st["memory_bytes"] for st in json.loads(free.read_text())["stages"])
+    limit = int(need * 1.2)  # micro-batches of 2 fit without recomputation; of 8, not
+    assert run_cli_here("partition", SMALL, *args, "--memory-limit", str(limit), "-o", str(limited)).returncode == 0
+    assert not any(st["recompute"] for st in json.loads(limited.read_text())["stages"])
+    assert_one_line_error(run_cli_here("train", str(limited), "--model", "gpt2-small", "--global-batch", "32"),
+                          "--global-batch 32 makes micro-batches of 8, the plan's are 2",
+                          "at 8 the plan's split needs", f"over its limit of", "re-plan for it: autopart profile "
+                          "gpt2-small --microbatch-size 8", f"--memory-limit {limit} -o plan-mb8.json")
+
+
+PROBE = '''
+import torch
+import torch.distributed as dist
+
+
+class Probe(torch.nn.Linear):
+    """Says the threads torch uses and the rows of its input, in a distributed run, whenever they change."""
+
+    said = set()
+
+    def forward(self, x):
+        seen = (torch.get_num_threads(), x.shape[0])
+        if dist.is_initialized() and seen not in Probe.said:
+            Probe.said.add(seen)
+            print(f"probe: rank {dist.get_rank()} torch threads {seen[0]} rows {seen[1]}", flush=True)
+        return super().forward(x)
+
+
+def make():
+    model = torch.nn.Sequential(Probe(8, 8), torch.nn.Tanh(), Probe(8, 8))
+    return {"module": model, "example": torch.randn(4, 8), "loss_fn": torch.nn.functional.mse_loss}
+'''
+
+
+@pytest.mark.slow
+def test_a_measured_microbatch_size_is_rechecked_said_and_run(tmp_path: Path) -> None:
+    (tmp_path / "probe.py").write_text(PROBE)
+    spec, profile, plan, report = f"{tmp_path / 'probe.py'}:make", tmp_path / "p.json", tmp_path / "plan.json", \
+        tmp_path / "r.json"
+    assert run_cli_here("profile", spec, "--microbatch-size", "2,4", "--repeats", "1", "-o", str(profile)).returncode == 0
+    assert run_cli_here("partition", str(profile), "--stages", "2", "--microbatches", "2", "--global-batch", "4",
+                        "-o", str(plan)).returncode == 0
+    result = run_cli("train", str(plan), "--model", spec, "--steps", "1", "--global-batch", "8", "--report",
+                     str(report), cwd=tmp_path)
+    assert result.returncode == 0, result.stderr[-2000:]
+    note = next(line for line in result.stderr.splitlines() if line.startswith("note: --global-batch 8"))
+    assert "micro-batches of 4, the plan's are 2" in note and "its profile measured 4" in note
+    assert result.stderr.index(note) < result.stderr.index("training ")  # said before training
+    assert "rows 4" in result.stdout and "rows 2" not in result.stdout  # micro-batches of 4 ran
+    data = json.loads(report.read_text())
+    assert data["microbatch_size"] == 4 and data["predicted_step_ms"] is not None  # the re-priced plan's
+
+
+@pytest.mark.slow
+def test_threads_follow_the_plan_under_a_users_torchrun(tmp_path: Path) -> None:
+    # torchrun leaves a rank torch's default thread count (1 here, as OMP_NUM_THREADS says); the rank sets the
+    # count the plan's profile measured with (2: one rank on this machine's 2 cores), and says so
+    (tmp_path / "probe.py").write_text(PROBE)
+    spec, profile, plan = f"{tmp_path / 'probe.py'}:make", tmp_path / "p.json", tmp_path / "plan.json"
+    assert run_cli_here("profile", spec, "--repeats", "1", "--threads", "2", "-o", str(profile)).returncode == 0
+    assert run_cli_here("partition", str(profile), "--stages", "1", "--microbatches", "2", "-o", str(plan)).returncode == 0
+    assert json.loads(plan.read_text())["threads"] == 2
+    if (os.cpu_count() or 1) < 2:
+        pytest.skip("needs 2 cores")
+    env = dict(os.environ, PYTHONPATH=str(ROOT), OMP_NUM_THREADS="1")
+    result = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "1",
+                             "-m", "autopart", "train", str(plan), "--model", spec, "--steps", "1"],
+                            cwd=tmp_path, env=env, text=True, capture_output=True, timeout=300)
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert "probe: rank 0 torch threads 2" in result.stdout, result.stdout + result.stderr[-2000:]
+    assert ("CPU threads: 2 per rank (as the plan's profile measured; not OMP_NUM_THREADS=1; --threads N sets "
+            "another count)") in result.stderr

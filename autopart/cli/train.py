@@ -138,8 +138,7 @@ def run(args: argparse.Namespace) -> int:
 
     plan = Plan.from_json(cfg.plan)
     simulate_plan(plan)  # what simulate checks: a schedule the plan's ranks and micro-batches can run
-    if cfg.global_batch is not None:
-        plan.microbatch_size_for(cfg.global_batch)
+    _check_microbatch_size(cfg, plan)
     for path in (cfg.report, cfg.replan, cfg.trace, cfg.svg):
         if path:
             check_writable(path)
@@ -220,16 +219,24 @@ def _check_checkpoint(folder: str) -> None:
         load_stages(saved, mmap=True)  # reads each file's index, maps the tensors: cheap at any size
 
 
+def _check_microbatch_size(cfg: TrainConfig, plan: Plan) -> None:
+    """``--global-batch`` that changes the plan's micro-batch size: refused with the commands that re-plan, or
+    (the profile measured that size) the new peaks said before any rank starts (:mod:`autopart.run.microbatch`)."""
+    from autopart.run.microbatch import plan_for_run
+
+    note = plan_for_run(plan, cfg.plan, cfg.global_batch).note
+    if note:
+        sys.stderr.write(note + "\n")
+
+
 def _threads(cfg: TrainConfig, plan: Plan) -> int:
-    """CPU threads per rank: --threads, else the profile's where the cores allow, else cores / ranks; said
-    when the prediction assumes another count than the ranks get."""
-    from autopart.formats.units import plural
+    """CPU threads per rank (:func:`autopart.run.resources.rank_threads`); said when the prediction assumes
+    another count than the ranks get."""
+    from autopart.run.resources import rank_threads, threads_note
 
     cores = os.cpu_count() or 1
-    fair = max(1, cores // plan.num_ranks)
-    threads = cfg.threads or (plan.threads if plan.threads and plan.threads <= fair else fair)
-    if plan.threads and threads != plan.threads and cfg.device != "cuda":
-        sys.stderr.write(f"note: the plan's times were measured with {plan.threads} CPU threads; each of its "
-                         f"{plural(plan.num_ranks, 'rank')} gets {threads} ({plural(cores, 'core')} here), so expect the measured step to "
-                         f"differ from the prediction (profile with --threads {threads} to match)\n")
+    threads = rank_threads(cfg.threads, plan.threads, cores, plan.num_ranks)
+    note = threads_note(plan, threads, cores)
+    if note and cfg.device != "cuda":
+        sys.stderr.write(note + "\n")
     return threads

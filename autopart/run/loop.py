@@ -18,6 +18,7 @@ from torch import nn
 
 from autopart.errors import AutopartError
 from autopart.formats.plan import Plan
+from autopart.formats.units import plural
 from autopart.measure.batchnorm import batchnorm_layers, defer_batchnorm
 from autopart.measure.blocks import Chain, StageModule, chain_of, children_chain
 from autopart.measure.optimizers import make_optimizer
@@ -28,8 +29,10 @@ from autopart.run.config import TrainConfig
 from autopart.run.data import cycled_note, training_data
 from autopart.run.job import Job, StepLog
 from autopart.run.log import say
+from autopart.run.microbatch import plan_for_run
 from autopart.run.replan import reprofile_stages, write_replan
 from autopart.run.report import gather_measured, hand_over_report, make_report, write_report, write_timelines
+from autopart.run.resources import check_device_memory, rank_threads, threads_note
 from autopart.run.resume import restore_pipeline, save_pipeline
 from autopart.run.stages import build_pipeline, check_plan_against_model
 from autopart.torch_compat import is_timeout
@@ -43,8 +46,11 @@ class PeerTimeout(RuntimeError):
 
 def run_rank(cfg: TrainConfig, rank: int) -> None:
     """Everything one rank does, from joining the process group to the report."""
-    device = _join(cfg)
-    job = _prepare(cfg, rank, device)
+    run = plan_for_run(Plan.from_json(cfg.plan), cfg.plan, cfg.global_batch)
+    device = _join(cfg, run.plan, rank)
+    if run.note and rank == 0 and not os.environ.get("AUTOPART_LAUNCHED"):  # autopart's launcher said it
+        say(run.note)
+    job = _prepare(cfg, rank, device, run.plan)
     try:
         log = _train(job)
         job.pipe.clock.step, job.pipe.clock.doing = 0, "gathered every rank's timings after the last step"
@@ -58,16 +64,19 @@ def run_rank(cfg: TrainConfig, rank: int) -> None:
                           f"hung, or is slower than --timeout)") from None
 
 
-def _join(cfg: TrainConfig) -> torch.device:
-    """This rank's device and threads, and the process group (gloo on CPU, NCCL on CUDA)."""
+def _join(cfg: TrainConfig, plan: Plan, rank: int) -> torch.device:
+    """This rank's device (refused when its free memory is below the plan's peak for it) and threads (the
+    plan's, under a user's torchrun too), and the process group (gloo on CPU, NCCL on CUDA)."""
     use_cuda = cfg.device == "cuda" or (cfg.device == "auto" and torch.cuda.is_available())
     if use_cuda and not torch.cuda.is_available():
         raise AutopartError("--device cuda asked for, but CUDA is not available")
     device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0"))) if use_cuda else torch.device("cpu")
     if use_cuda:
         torch.cuda.set_device(device)
+        free, total = torch.cuda.mem_get_info(device)
+        check_device_memory(plan, rank, str(device), int(total), int(free))
     else:
-        torch.set_num_threads(cfg.threads or 1)
+        _set_threads(cfg, plan, rank)
     backend, timeout = "nccl" if use_cuda else "gloo", timedelta(seconds=cfg.timeout_s)
     if os.environ.get("TORCHELASTIC_USE_AGENT_STORE") == "True":
         # torchrun's agent keeps one store for every restart of the group, and torch 2.13 does not prefix
@@ -84,6 +93,25 @@ def _join(cfg: TrainConfig) -> torch.device:
     return device
 
 
+def _set_threads(cfg: TrainConfig, plan: Plan, rank: int) -> None:
+    """CPU threads as the plan's profile measured (``--threads`` if given; fewer where this machine's ranks
+    would oversubscribe its cores). autopart's launcher passes the count it chose and said; a rank started by
+    the user's torchrun (which sets OMP_NUM_THREADS=1) chooses it here, and rank 0 says so."""
+    cores = os.cpu_count() or 1
+    ranks_here = int(os.environ.get("LOCAL_WORLD_SIZE", "0") or 0) or plan.num_ranks
+    threads = rank_threads(cfg.threads, plan.threads, cores, ranks_here)
+    torch.set_num_threads(threads)
+    if rank == 0 and not os.environ.get("AUTOPART_LAUNCHED"):
+        source = "--threads" if cfg.threads else ("as the plan's profile measured" if threads == plan.threads else
+                                                   f"{plural(cores, 'core')} / {plural(ranks_here, 'rank')} here")
+        omp = os.environ.get("OMP_NUM_THREADS")
+        unused = f"not OMP_NUM_THREADS={omp}; " if omp and omp != str(threads) and not cfg.threads else ""
+        say(f"CPU threads: {threads} per rank ({source}; {unused}--threads N sets another count)")
+        note = threads_note(plan, threads, cores)
+        if note:
+            say(note)
+
+
 def _build(cfg: TrainConfig) -> ModelBundle:
     torch.manual_seed(cfg.seed)
     if cfg.meta_init:
@@ -92,10 +120,10 @@ def _build(cfg: TrainConfig) -> ModelBundle:
     return load_with_weights(cfg.model)
 
 
-def _prepare(cfg: TrainConfig, rank: int, device: torch.device) -> Job:
-    """The plan checked against the model, this rank's stages, data and optimizer, resumed if asked."""
+def _prepare(cfg: TrainConfig, rank: int, device: torch.device, plan: Plan) -> Job:
+    """The plan (at the run's micro-batch size) checked against the model, this rank's stages, data and
+    optimizer, resumed if asked."""
     world = int(os.environ.get("WORLD_SIZE", "1"))
-    plan = Plan.from_json(cfg.plan)
     bundle = _build(cfg)
     require_parameters(bundle)
     m = plan.microbatches

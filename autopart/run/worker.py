@@ -44,14 +44,17 @@ def _record(line: str) -> None:
 
 
 def check_before_joining(cfg: TrainConfig, world: int) -> None:
-    """What every rank can check alike before joining the group: the plan's rank count and schedule."""
+    """What every rank can check alike before joining the group: the plan's rank count and schedule, and a
+    micro-batch size (``--global-batch``) the plan is for or its profile measured."""
     from autopart.core.planner import simulate_plan
     from autopart.formats.plan import Plan
+    from autopart.run.microbatch import plan_for_run
     from autopart.run.stages import check_world_size
 
     plan = Plan.from_json(cfg.plan)
     check_world_size(plan, world)
     simulate_plan(plan)  # a schedule the plan's ranks and micro-batches can run, as simulate checks
+    plan_for_run(plan, cfg.plan, cfg.global_batch)
 
 
 def worker_main(cfg: TrainConfig) -> int:

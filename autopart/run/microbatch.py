@@ -1,0 +1,102 @@
+"""``train --global-batch`` that changes the plan's micro-batch size: refused, or re-checked before it runs.
+
+The plan's times and memory are for its micro-batch size. A global batch that
+makes micro-batches of another size is refused with the commands that plan
+for it, unless the plan's profile measured that size too (``profile
+--microbatch-size 2,4``): then the plan's own split, schedule and
+recomputation are re-priced at that size (:mod:`autopart.core.resize`), the
+new peak per stage is said before training, and a rank whose stages no
+longer fit their device's limit is refused. Nothing here imports torch.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+from autopart.errors import AutopartError
+from autopart.formats.plan import Plan
+from autopart.formats.profile import Profile
+from autopart.formats.optimizers import DEFAULT_OPTIMIZER
+from autopart.formats.units import format_bytes, parse_bytes, plural
+
+__all__ = ["RunPlan", "plan_for_run", "replan_commands"]
+
+
+@dataclass(frozen=True)
+class RunPlan:
+    """The plan a run follows, at the micro-batch size it runs."""
+
+    plan: Plan
+    """The saved plan, or its split re-priced at the run's micro-batch size."""
+    note: str | None = None
+    """What to say before training (the new peaks), when the size changed; None when it did not."""
+
+
+def plan_for_run(plan: Plan, plan_path: str, global_batch: int | None) -> RunPlan:
+    """``plan`` at the micro-batch size ``global_batch`` makes (the plan's own when None): the same plan when
+    the size is the plan's, re-priced from the profile when the profile measured that size, else refused."""
+    if global_batch is None:
+        return RunPlan(plan)
+    size = plan.microbatch_size_for(global_batch)
+    if plan.microbatch_size is None or size == plan.microbatch_size:
+        return RunPlan(plan)
+    from autopart.core.resize import plan_at_microbatch_size, ranks_over_limit
+
+    change = (f"--global-batch {global_batch} makes micro-batches of {size}, the plan's are "
+              f"{plan.microbatch_size} ({plural(plan.microbatches, 'micro-batch')})")
+    profile, where = _profile_of(plan, plan_path)
+    if profile is None or size not in profile.sizes():
+        known = (f"its profile {where} was not measured at {size} (only {sorted(profile.sizes())})"
+                 if profile is not None else f"its profile {where}")
+        raise AutopartError(f"{change}, and {known}, so its memory and times at {size} are not known: "
+                            f"re-plan for it: {replan_commands(plan, size, profile)}")
+    resized = plan_at_microbatch_size(plan, profile, size)
+    peaks = ", ".join(f"stage {s} {format_bytes(st.cost.memory_bytes)}" for s, st in enumerate(resized.stages))
+    over = ranks_over_limit(resized)
+    if over:
+        rank, need, limit = over[0]
+        raise AutopartError(f"{change}; at {size} the plan's split needs {format_bytes(need)} on rank {rank}, over "
+                            f"its limit of {format_bytes(limit)}: re-plan for it: {replan_commands(plan, size, profile)}")
+    return RunPlan(resized, f"note: {change}; its profile measured {size}: the plan's split at that size peaks at "
+                            f"{peaks} (was {', '.join(format_bytes(st.cost.memory_bytes) for st in plan.stages)})")
+
+
+def _profile_of(plan: Plan, plan_path: str) -> tuple[Profile | None, str]:
+    """The plan's profile (its path as partition was given it, from here or from the plan's folder), and how
+    to name it: None and why when it cannot be read."""
+    if not plan.profile:
+        return None, "is not named in the plan"
+    for path in (Path(plan.profile), Path(plan_path).parent / plan.profile):
+        if path.is_file():
+            try:
+                return Profile.from_json(path), repr(plan.profile)
+            except AutopartError as exc:
+                return None, f"{plan.profile!r} cannot be read ({exc})"
+    return None, f"{plan.profile!r} is not there"
+
+
+def replan_commands(plan: Plan, microbatch_size: int, profile: Profile | None = None) -> str:
+    """The commands that profile the model at ``microbatch_size`` (on the profile's device and threads) and
+    split it as the plan was split (its ranks, schedule, micro-batches, optimizer and memory limit)."""
+    model = plan.model or (profile.model if profile is not None else "MODEL")
+    kind = profile.device.split()[0] if profile is not None and profile.device.strip() else "cpu"  # "cpu (Xeon)"
+    device = f" --device {kind}" if kind != "cpu" else ""
+    threads = f" --threads {plan.threads}" if plan.threads else ""
+    out = f"profile-mb{microbatch_size}.json"
+    partition = (f"autopart partition {out} --stages {plan.num_ranks} --schedule {plan.schedule} "
+                 f"--microbatches {plan.microbatches}")
+    if plan.stages_per_rank > 1:
+        partition += f" --stages-per-rank {plan.stages_per_rank}"
+    if plan.optimizer != DEFAULT_OPTIMIZER:
+        partition += f" --optimizer {plan.optimizer}"
+    limits = {st.device.memory_bytes for st in plan.stages}
+    if len(limits) == 1 and None not in limits and plan.stages_per_rank == 1:
+        partition += f" --memory-limit {_size_arg(int(next(iter(limits)) or 0))}"
+    return (f"autopart profile {model} --microbatch-size {microbatch_size}{device}{threads} -o {out} && "
+            f"{partition} -o plan-mb{microbatch_size}.json")
+
+
+def _size_arg(n: int) -> str:
+    """``n`` bytes as ``--memory-limit`` reads it back exactly: 400MiB, else the bare count."""
+    text = format_bytes(n).replace(" ", "")
+    return text if parse_bytes(text) == n else str(n)
