@@ -321,8 +321,9 @@ def test_a_measured_microbatch_size_over_the_memory_limit_is_refused_before_trai
     assert not any(st["recompute"] for st in json.loads(limited.read_text())["stages"])
     assert_one_line_error(run_cli_here("train", str(limited), "--model", "gpt2-small", "--global-batch", "32"),
                           "--global-batch 32 makes micro-batches of 8, the plan's are 2",
-                          "at 8 the plan's split needs", f"over its limit of", "re-plan for it: autopart profile "
-                          "gpt2-small --microbatch-size 8", f"--memory-limit {limit} -o plan-mb8.json")
+                          "at 8 the plan's split needs", "over its limit of", f"re-plan for it: autopart partition {SMALL} "
+                          "--stages 2 --schedule GPipe --microbatches 4 --global-batch 32 --memory-limit "
+                          f"{limit} -o plan-mb8.json")
 
 
 PROBE = '''

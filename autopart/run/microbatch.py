@@ -19,7 +19,7 @@ from autopart.formats.profile import Profile
 from autopart.formats.optimizers import DEFAULT_OPTIMIZER
 from autopart.formats.units import format_bytes, parse_bytes, plural
 
-__all__ = ["RunPlan", "plan_for_run", "replan_commands"]
+__all__ = ["RunPlan", "plan_for_run", "replan_commands", "partition_command"]
 
 
 @dataclass(frozen=True)
@@ -56,7 +56,8 @@ def plan_for_run(plan: Plan, plan_path: str, global_batch: int | None) -> RunPla
     if over:
         rank, need, limit = over[0]
         raise AutopartError(f"{change}; at {size} the plan's split needs {format_bytes(need)} on rank {rank}, over "
-                            f"its limit of {format_bytes(limit)}: re-plan for it: {replan_commands(plan, size, profile)}")
+                            f"its limit of {format_bytes(limit)}: re-plan for it: "
+                            f"{partition_command(plan, size, plan.profile, global_batch)}")
     return RunPlan(resized, f"note: {change}; its profile measured {size}: the plan's split at that size peaks at "
                             f"{peaks} (was {', '.join(format_bytes(st.cost.memory_bytes) for st in plan.stages)})")
 
@@ -77,23 +78,31 @@ def _profile_of(plan: Plan, plan_path: str) -> tuple[Profile | None, str]:
 
 def replan_commands(plan: Plan, microbatch_size: int, profile: Profile | None = None) -> str:
     """The commands that profile the model at ``microbatch_size`` (on the profile's device and threads) and
-    split it as the plan was split (its ranks, schedule, micro-batches, optimizer and memory limit)."""
+    split it as the plan was split (:func:`partition_command`)."""
     model = plan.model or (profile.model if profile is not None else "MODEL")
     kind = profile.device.split()[0] if profile is not None and profile.device.strip() else "cpu"  # "cpu (Xeon)"
     device = f" --device {kind}" if kind != "cpu" else ""
     threads = f" --threads {plan.threads}" if plan.threads else ""
     out = f"profile-mb{microbatch_size}.json"
-    partition = (f"autopart partition {out} --stages {plan.num_ranks} --schedule {plan.schedule} "
-                 f"--microbatches {plan.microbatches}")
+    return (f"autopart profile {model} --microbatch-size {microbatch_size}{device}{threads} -o {out} && "
+            f"{partition_command(plan, microbatch_size, out)}")
+
+
+def partition_command(plan: Plan, microbatch_size: int, profile_path: str, global_batch: int | None = None) -> str:
+    """``autopart partition`` of ``profile_path`` as the plan was made (its ranks, schedule, micro-batches,
+    optimizer and memory limit), at ``global_batch`` samples a step where given (the profile measured the size)."""
+    out = (f"autopart partition {profile_path} --stages {plan.num_ranks} --schedule {plan.schedule} "
+           f"--microbatches {plan.microbatches}")
+    if global_batch is not None:
+        out += f" --global-batch {global_batch}"
     if plan.stages_per_rank > 1:
-        partition += f" --stages-per-rank {plan.stages_per_rank}"
+        out += f" --stages-per-rank {plan.stages_per_rank}"
     if plan.optimizer != DEFAULT_OPTIMIZER:
-        partition += f" --optimizer {plan.optimizer}"
+        out += f" --optimizer {plan.optimizer}"
     limits = {st.device.memory_bytes for st in plan.stages}
     if len(limits) == 1 and None not in limits and plan.stages_per_rank == 1:
-        partition += f" --memory-limit {_size_arg(int(next(iter(limits)) or 0))}"
-    return (f"autopart profile {model} --microbatch-size {microbatch_size}{device}{threads} -o {out} && "
-            f"{partition} -o plan-mb{microbatch_size}.json")
+        out += f" --memory-limit {_size_arg(int(next(iter(limits)) or 0))}"
+    return f"{out} -o plan-mb{microbatch_size}.json"
 
 
 def _size_arg(n: int) -> str:
