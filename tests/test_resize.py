@@ -77,6 +77,9 @@ def test_plan_for_run_refuses_an_unmeasured_size_with_the_replan_commands(tmp_pa
     assert "not measured at 8 (only [4])" in text
     assert ("autopart profile gpt2-tiny --microbatch-size 8 --threads 1 -o profile-mb8.json && autopart partition "
             "profile-mb8.json --stages 2 --schedule GPipe --microbatches 2 -o plan-mb8.json") in text
+    other = dataclasses.replace(plan, profile=str(SMALL))  # measured at 8, but not these blocks
+    with pytest.raises(AutopartError, match="holds other blocks than the plan's"):
+        plan_for_run(other, "plan.json", 16)
     missing = dataclasses.replace(plan, profile="/no/such/profile.json")
     with pytest.raises(AutopartError, match="its profile '/no/such/profile.json' is not there"):
         plan_for_run(missing, "plan.json", 16)

@@ -38,7 +38,8 @@ def plan_at_microbatch_size(plan: Plan, profile: Profile, microbatch_size: int) 
     resized = dataclasses.replace(plan, stages=stages, microbatch_size=microbatch_size, scaling="",
                                   sample_shape=scaled.sample_shape, runners_up=())
     sim = simulate_plan(resized)
-    predicted = Predicted(step_ms=sim.step_ms, bubble_fraction=sim.bubble_fraction, bottleneck_ms=max(c.time_ms for c in costs),
+    predicted = Predicted(step_ms=sim.step_ms, bubble_fraction=sim.bubble_fraction,
+                          bottleneck_ms=max(c.time_ms for c in costs),
                           lower_bound_ms=problem.lower_bound_ms())
     return dataclasses.replace(resized, predicted=predicted, fits=not ranks_over_limit(resized))
 

@@ -44,7 +44,7 @@ def plan_for_run(plan: Plan, plan_path: str, global_batch: int | None) -> RunPla
 
     change = (f"--global-batch {global_batch} makes micro-batches of {size}, the plan's are "
               f"{plan.microbatch_size} ({plural(plan.microbatches, 'micro-batch')})")
-    profile, where = _profile_of(plan, plan_path)
+    profile, where, found = _profile_of(plan, plan_path)
     if profile is None or size not in profile.sizes():
         known = (f"its profile {where} was not measured at {size} (only {sorted(profile.sizes())})"
                  if profile is not None else f"its profile {where}")
@@ -57,23 +57,26 @@ def plan_for_run(plan: Plan, plan_path: str, global_batch: int | None) -> RunPla
         rank, need, limit = over[0]
         raise AutopartError(f"{change}; at {size} the plan's split needs {format_bytes(need)} on rank {rank}, over "
                             f"its limit of {format_bytes(limit)}: re-plan for it: "
-                            f"{partition_command(plan, size, plan.profile, global_batch)}")
+                            f"{partition_command(plan, size, found, global_batch)}")
     return RunPlan(resized, f"note: {change}; its profile measured {size}: the plan's split at that size peaks at "
                             f"{peaks} (was {', '.join(format_bytes(st.cost.memory_bytes) for st in plan.stages)})")
 
 
-def _profile_of(plan: Plan, plan_path: str) -> tuple[Profile | None, str]:
-    """The plan's profile (its path as partition was given it, from here or from the plan's folder), and how
-    to name it: None and why when it cannot be read."""
+def _profile_of(plan: Plan, plan_path: str) -> tuple[Profile | None, str, str]:
+    """The plan's profile (its path as partition was given it, from here or from the plan's folder), how to
+    name it, and the path it was found at: None and why when it cannot be read."""
     if not plan.profile:
-        return None, "is not named in the plan"
+        return None, "is not named in the plan", ""
     for path in (Path(plan.profile), Path(plan_path).parent / plan.profile):
         if path.is_file():
             try:
-                return Profile.from_json(path), repr(plan.profile)
+                profile = Profile.from_json(path)
             except AutopartError as exc:
-                return None, f"{plan.profile!r} cannot be read ({exc})"
-    return None, f"{plan.profile!r} is not there"
+                return None, f"{plan.profile!r} cannot be read ({exc})", str(path)
+            if profile.names != [name for st in plan.stages for name in st.blocks]:
+                return None, f"{plan.profile!r} holds other blocks than the plan's (profiled again since?)", str(path)
+            return profile, repr(plan.profile), str(path)
+    return None, f"{plan.profile!r} is not there", ""
 
 
 def replan_commands(plan: Plan, microbatch_size: int, profile: Profile | None = None) -> str:
