@@ -11,6 +11,7 @@ from pathlib import Path
 import pytest
 import torch
 
+from autopart.errors import AutopartError
 from autopart.run.checkpoint import latest_complete, merge_checkpoint
 from autopart.measure.spec import load_model
 from tests.conftest import ROOT, assert_one_line_error, run_cli, run_cli_here
@@ -388,3 +389,12 @@ def test_threads_follow_the_plan_under_a_users_torchrun(tmp_path: Path) -> None:
     assert "probe: rank 0 torch threads 2" in result.stdout, result.stdout + result.stderr[-2000:]
     assert ("CPU threads: 2 per rank (as the plan's profile measured; not OMP_NUM_THREADS=1; --threads N sets "
             "another count)") in result.stderr
+
+
+def test_under_a_users_torchrun_every_rank_checks_the_microbatch_size_before_joining(plan: Path) -> None:
+    from autopart.run.config import TrainConfig
+    from autopart.run.worker import check_before_joining
+
+    check_before_joining(TrainConfig(plan=str(plan), model="gpt2-tiny", global_batch=8), world=2)  # the plan's 4
+    with pytest.raises(AutopartError, match="--global-batch 16 makes micro-batches of 8, the plan's are 4"):
+        check_before_joining(TrainConfig(plan=str(plan), model="gpt2-tiny", global_batch=16), world=2)
