@@ -9,6 +9,9 @@ prints it itself), and writes ``--report`` JSON
 ``--svg`` (predicted above measured, one time axis); :mod:`autopart.render`
 draws the tables and the picture.
 
+Each rank's peak memory in the steps (:class:`autopart.measure.memory.MemoryMeter`, read by the loop)
+is gathered with the timelines and set beside the plan's ``memory_bytes`` of that rank's stages.
+
 The measured step of a training step is its slowest rank's: from leaving
 the barrier before the step to the end of that rank's optimizer step. The
 step reported is the median over the steady steps (all but the first
