@@ -2,6 +2,7 @@
 and the same step without, compared (tests/recompute_check.py runs both in each rank)."""
 from __future__ import annotations
 
+import json
 import os
 import subprocess
 import sys
@@ -12,7 +13,7 @@ import pytest
 import torch
 
 from autopart.measure.spec import load_model
-from tests.conftest import ROOT
+from tests.conftest import ROOT, run_cli
 from tests.helpers import plan_for
 
 HELPERS = ROOT / "tests" / "helpers.py"
@@ -130,3 +131,17 @@ def test_recompute_with_several_stages_per_rank(spec: str, balance: list[int], s
     ranks = _run(spec, balance, schedule, 4, [0, 1, 2, 3], tmp_path, per_rank=2)
     _assert_same_step(ranks)
     _assert_recomputed(ranks, [0, 1, 2, 3], 4, runs)
+
+
+@pytest.mark.slow
+def test_train_says_which_stages_recompute_and_runs_them(tmp_path: Path) -> None:
+    """``autopart train`` on a plan with stage 1 recomputed: its start line says so, and it trains."""
+    spec = f"{HELPERS}:dropout_mlp_spec"
+    plan_for(spec, [4, 3], "1F1B", 2, tmp_path / "plan.json")
+    raw = json.loads((tmp_path / "plan.json").read_text())
+    raw["stages"][1]["recompute"] = True
+    (tmp_path / "plan.json").write_text(json.dumps(raw))
+    ran = run_cli("train", str(tmp_path / "plan.json"), "--model", spec, "--steps", "2", cwd=tmp_path)
+    assert ran.returncode == 0, ran.stderr[-3000:]
+    said = " ".join(ran.stderr.split())  # progress goes to stderr, the line wrapped at the console's width
+    assert "(8 per step), stage 1 recomputed in the backward, adamw" in said, ran.stderr
