@@ -200,7 +200,7 @@ def test_recompute_forward_in_one_process() -> None:
     for (name, a), b in zip(got.named_parameters(), want.parameters()):
         assert a.grad is not None and b.grad is not None
         torch.testing.assert_close(a.grad, b.grad, rtol=1e-6, atol=1e-7, msg=name)
-    for (name, a), b in zip(got.named_buffers(), want.buffers()):
-        torch.testing.assert_close(a, b, rtol=1e-6, atol=1e-7, msg=name)
+    for (name, buffer), expected in zip(got.named_buffers(), want.buffers()):
+        torch.testing.assert_close(buffer, expected, rtol=1e-6, atol=1e-7, msg=name)
     assert saved == [4 * 6 * 4, 4 * 6 * 4] and all(s > 4 * 6 * 4 for s in saved_plain)
     assert dict(entered) == {b: 4 for b in range(5)} and dict(entered_plain) == {b: 2 for b in range(5)}
