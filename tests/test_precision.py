@@ -220,3 +220,20 @@ def test_a_bf16_true_plan_trains_in_bfloat16(tmp_path: Path) -> None:
     first = torch.stack([bundle.loss_fn(bundle.module(a.bfloat16()), b) for a, b in zip(x.tensor_split(2),
                                                                                          t.tensor_split(2))]).mean()
     assert losses[0] == pytest.approx(float(first.detach()), rel=1e-2)
+
+
+@pytest.mark.slow
+def test_fp16_mixed_checkpoints_keep_the_scale_and_a_resumed_run_goes_on_from_it(tmp_path: Path) -> None:
+    """The skipped first step halves the scale (2^16 -> 2^15); the checkpoint holds it, and a run resumed from
+    it keeps it (a fresh scaler would be back at 2^16; none grows within 2000 steps)."""
+    spec = f"{HELPERS}:inf_first_step_spec"
+    plan_for(spec, [1, 1], "GPipe", 2, tmp_path / "plan.json", precision="fp16-mixed")
+    ckpt = tmp_path / "ckpt"
+    for steps in (1, 2):
+        result = run_cli("train", str(tmp_path / "plan.json"), "--model", spec, "--steps", str(steps), "--lr", "0.1",
+                         "--checkpoint", str(ckpt), "--threads", "1")
+        assert result.returncode == 0, result.stderr[-3000:]
+    for step in (1, 2):
+        for stage in (0, 1):
+            saved = torch.load(ckpt / f"step-00000{step}" / f"stage-{stage}.pt", weights_only=False)
+            assert saved["scaler"]["scale"] == 2.0 ** 15, (step, stage)
