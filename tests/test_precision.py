@@ -78,6 +78,20 @@ def test_bf16_mixed_halves_activations_and_keeps_param_bytes() -> None:
     assert [x.output_bytes for x in mixed.layers] == [x.output_bytes // 2 for x in fp32.layers]
 
 
+@pytest.mark.parametrize("precision", ["fp32", "bf16-mixed"])
+def test_by_block_on_meta_measures_as_the_whole_model_does(precision: str) -> None:
+    """A model too big to build, one block at a time, under the precision: the same bytes per block as the whole
+    model (a later block's input needs a gradient there too, so a Linear saves its bfloat16 weight)."""
+    with torch.device("meta"):
+        meta = nn.Sequential(nn.Linear(64, 64), nn.ReLU(), nn.Linear(64, 64))
+    whole, x = _stack(256)
+    by_block = profile_model(meta, x, warmup=0, repeats=1, precision=precision)
+    measured = profile_model(whole[:3], x, warmup=0, repeats=1, precision=precision)
+    assert by_block.precision == precision
+    assert [(a.activation_bytes, a.output_bytes) for a in by_block.layers] == \
+        [(a.activation_bytes, a.output_bytes) for a in measured.layers]
+
+
 def test_bf16_true_halves_param_bytes() -> None:
     model, x = _stack(8)
     fp32 = profile_model(model, x, warmup=0, repeats=1)
