@@ -17,25 +17,31 @@ from autopart.formats.devices import Device
 def _blocks(n: int, seed: int, skips: bool = True, ties: bool = True) -> BlockCosts:
     rng = np.random.default_rng(seed)
     ints = lambda lo, hi: rng.integers(lo, hi, n).astype(float).tolist()  # noqa: E731
+    acts = ints(0, 5000)
     return BlockCosts.of(ints(1, 9), forward_ms=ints(0, 1), param_bytes=ints(0, 1000),
-                         activation_bytes=ints(0, 5000), output_bytes=ints(1, 300), input_bytes=77,
+                         activation_bytes=acts, output_bytes=ints(1, 300), input_bytes=77, model_output_bytes=999,
+                         loss_activation_bytes=[0.0] * (n - 1) + [acts[-1] // 2],
                          skip_bytes=ints(0, 50) if skips else None,
                          ties=[(64.0, (0, n - 1))] if ties and n > 2 else ())
 
 
 def _by_hand(p: Problem, s: int, i: int, j: int, recompute: bool) -> float:
     """Stage s's bytes from the definitions in docs/cost-model.md, written out term by term."""
-    b, opt = p.blocks, p.model.optimizer_states
+    b, opt, m, n = p.blocks, p.model.optimizer_states, p.model.microbatches, p.blocks.n
     in_flight = p.model.in_flight(s, p.k)
-    skips = b.skip_bytes if b.skip_bytes is not None else np.zeros(b.n)
+    skips = b.skip_bytes if b.skip_bytes is not None else np.zeros(n)
+    loss = b.loss_activation_bytes if b.loss_activation_bytes is not None else np.zeros(n)
     received = b.input_bytes if i == 0 else b.output_bytes[i - 1] + skips[i - 1]
-    mem = float(b.param_bytes[i:j + 1].sum()) * (2 + opt)
-    mem += sum(size * (2 + opt) for size, users in b.ties
-               if any(i <= u <= j for u in users) and not i <= users[0] <= j)
-    acts = float(b.activation_bytes[i:j + 1].sum())
+    sent = b.model_output_bytes if j == n - 1 else b.output_bytes[j] + skips[j]
+    weights = float(b.param_bytes[i:j + 1].sum()) * (2 + opt)
+    weights += sum(size * (2 + opt) for size, users in b.ties
+                   if any(i <= u <= j for u in users) and not i <= users[0] <= j)
+    acts, loss_acts = float(b.activation_bytes[i:j + 1].sum()), float(loss[i:j + 1].sum())
+    gradients = sent + (received if i > 0 else 0.0) + (b.model_output_bytes if j == n - 1 else 0.0)
+    buffers = (m - in_flight) * received + (0.0 if j == n - 1 else m * sent)
     if recompute:
-        return mem + in_flight * received + acts
-    return mem + in_flight * (acts + (skips[i - 1] if i > 0 else 0.0))
+        return weights + in_flight * (received + sent + loss_acts) + (acts - loss_acts) + gradients + buffers
+    return weights + in_flight * (acts + (skips[i - 1] if i > 0 else 0.0) + sent) + gradients + buffers
 
 
 @settings(max_examples=60, deadline=None)
@@ -55,7 +61,7 @@ def test_every_stage_memory_is_the_sum_of_the_documented_terms(n: int, k: int, m
                     cost = p.stage(s, i, j, recompute)
                     in_flight = p.model.in_flight(s, k)
                     assert cost.memory_bytes == (cost.static_bytes + in_flight * cost.activation_bytes
-                                                 + cost.backward_extra_bytes)
+                                                 + cost.backward_extra_bytes + cost.runtime_bytes)
                     assert cost.memory_bytes == _by_hand(p, s, i, j, recompute)
 
 
@@ -66,7 +72,7 @@ def test_a_new_term_is_one_entry_of_the_table(monkeypatch: pytest.MonkeyPatch) -
     model = CostModel(schedule="GPipe", microbatches=4)
     devices = [Device("d")] * 2
     before = Problem(blocks, devices, model)
-    extra = MemoryTerm("test buffer", "1000 bytes per block per micro-batch", "activation_bytes", "always",
+    extra = MemoryTerm("test buffer", "1000 bytes per block per micro-batch", "activation_bytes", "always", "in_flight",
                        per_block=lambda b, m: np.full(b.n, 1000.0))
     monkeypatch.setattr(costmodel, "MEMORY_TERMS", MEMORY_TERMS + (extra,))
     after = Problem(blocks, devices, model)
@@ -97,3 +103,25 @@ def test_a_problem_is_read_only() -> None:
     source = np.array([1.0, 2.0])
     BlockCosts.of(source)
     source[0] = 5.0  # the caller's own array stays writable
+
+
+def test_the_profile_measures_what_the_loss_saves_apart() -> None:
+    """Cross-entropy saves its log-softmax (batch x classes float32), the target (int64) and its total weight
+    (one float): the last block's ``loss_activation_bytes``, inside its ``activation_bytes``."""
+    import torch
+    from torch import nn
+
+    from autopart.measure.profiler import profile_model
+
+    torch.manual_seed(0)
+    batch, classes = 4, 32
+    model = nn.Sequential(nn.Linear(8, 16), nn.Linear(16, classes))
+    profile = profile_model(model, torch.randn(batch, 8), warmup=0, repeats=1,
+                            loss_fn=nn.functional.cross_entropy, target=torch.randint(0, classes, (batch,)))
+    last = profile.layers[-1]
+    assert last.loss_activation_bytes == batch * classes * 4 + batch * 8 + 4
+    assert last.activation_bytes == batch * 16 * 4 + last.loss_activation_bytes  # the Linear saves its input
+    assert profile.layers[0].loss_activation_bytes is None
+    blocks = BlockCosts.from_profile(profile)
+    assert blocks.loss_activation_bytes is not None and blocks.loss_activation_bytes.tolist() == [
+        0.0, float(last.loss_activation_bytes)]

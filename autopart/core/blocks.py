@@ -39,12 +39,17 @@ class BlockCosts:
     optimizer_ms: Floats
     input_bytes: float = 0.0
     """One micro-batch's input: what a recomputing first stage keeps per micro-batch."""
+    model_output_bytes: float = 0.0
+    """One micro-batch's output of the last block (an LM's logits): what the last stage holds per
+    in-flight micro-batch until its backward. Kept apart from ``output_bytes`` so the mirror image has it."""
     skip_bytes: Floats | None = None
     """Skips crossing the boundary after each block, besides its output (None: a chain, no skips)."""
     ties: tuple[tuple[float, tuple[int, ...]], ...] = ()
     """Shared parameters: (bytes, the blocks that use it, owner first); the owner's ``param_bytes`` has it."""
     input_grad_ms: Floats | None = None
     """The input-gradient half of each backward (None: not measured; the simulator assumes half)."""
+    loss_activation_bytes: Floats | None = None
+    """Per block, the part of ``activation_bytes`` the loss saves (the last block's; None: no loss)."""
 
     def __post_init__(self) -> None:
         for f in fields(self):  # read-only: a problem built on these blocks cannot change under its callers
@@ -62,11 +67,14 @@ class BlockCosts:
     def of(compute_ms: Sequence[float], *, forward_ms: Sequence[float] | None = None,
            param_bytes: Sequence[float] | None = None, activation_bytes: Sequence[float] | None = None,
            output_bytes: Sequence[float] | None = None, input_bytes: float = 0.0,
-           names: Sequence[str] | None = None, optimizer_ms: Sequence[float] | None = None,
+           model_output_bytes: float | None = None, names: Sequence[str] | None = None,
+           optimizer_ms: Sequence[float] | None = None,
            skip_bytes: Sequence[float] | None = None,
            ties: Sequence[tuple[float, Sequence[int]]] = (),
-           input_grad_ms: Sequence[float] | None = None) -> "BlockCosts":
-        """Arrays from lists (missing ones are zeros); a NaN, infinite or negative entry names its block."""
+           input_grad_ms: Sequence[float] | None = None,
+           loss_activation_bytes: Sequence[float] | None = None) -> "BlockCosts":
+        """Arrays from lists (missing ones are zeros; ``model_output_bytes``: the last block's
+        ``output_bytes``); a NaN, infinite or negative entry names its block."""
         n = len(compute_ms)
         if n < 1:
             raise AutopartError("no blocks to partition")
@@ -81,15 +89,21 @@ class BlockCosts:
                 raise AutopartError(f"{what} of block {labels[bad]!r} is {a[bad]}, must be finite and >= 0")
             return a
 
+        outputs = arr(output_bytes, "output bytes")
         return BlockCosts(names=labels, compute_ms=arr(compute_ms, "compute time"),
                           forward_ms=arr(forward_ms, "forward time"), param_bytes=arr(param_bytes, "parameter bytes"),
                           activation_bytes=arr(activation_bytes, "activation bytes"),
-                          output_bytes=arr(output_bytes, "output bytes"),
+                          output_bytes=outputs,
                           optimizer_ms=arr(optimizer_ms, "optimizer time"), input_bytes=float(input_bytes),
+                          model_output_bytes=float(outputs[-1] if model_output_bytes is None
+                                                   else model_output_bytes),
                           skip_bytes=arr(skip_bytes, "skip bytes") if skip_bytes is not None else None,
                           ties=_ties(ties, n),
                           input_grad_ms=arr(input_grad_ms, "input-gradient time") if input_grad_ms is not None
-                          else None)
+                          else None,
+                          loss_activation_bytes=None if loss_activation_bytes is None else np.minimum(
+                              arr(loss_activation_bytes, "loss activation bytes"),
+                              arr(activation_bytes, "activation bytes")))
 
     @staticmethod
     def from_profile(profile: Profile, optimizer: str = DEFAULT_OPTIMIZER) -> "BlockCosts":
@@ -105,7 +119,8 @@ class BlockCosts:
                              ties=[(t.bytes, [profile.names.index(b) for b in t.blocks]) for t in profile.ties
                                    if all(b in profile.names for b in t.blocks)],
                              input_grad_ms=None if any(x.input_grad_ms is None for x in layers)
-                             else [min(x.input_grad_ms or 0.0, x.backward_ms) for x in layers])
+                             else [min(x.input_grad_ms or 0.0, x.backward_ms) for x in layers],
+                             loss_activation_bytes=_loss_activation_bytes(profile))
 
     def mirrored(self) -> "BlockCosts":
         """Block n-1 first. The boundary after mirrored block b is the original one after block n-2-b."""
@@ -114,10 +129,13 @@ class BlockCosts:
                           activation_bytes=self.activation_bytes[::-1].copy(),
                           output_bytes=np.concatenate([self.output_bytes[:-1][::-1], [0.0]]),
                           optimizer_ms=self.optimizer_ms[::-1].copy(), input_bytes=self.input_bytes,
+                          model_output_bytes=self.model_output_bytes,
                           skip_bytes=None if self.skip_bytes is None else np.concatenate(
                               [self.skip_bytes[:-1][::-1], [0.0]]),
                           ties=tuple((b, tuple(self.n - 1 - u for u in users)) for b, users in self.ties),
-                          input_grad_ms=None if self.input_grad_ms is None else self.input_grad_ms[::-1].copy())
+                          input_grad_ms=None if self.input_grad_ms is None else self.input_grad_ms[::-1].copy(),
+                          loss_activation_bytes=None if self.loss_activation_bytes is None
+                          else self.loss_activation_bytes[::-1].copy())
 
 
 def _ties(ties: Sequence[tuple[float, Sequence[int]]], n: int) -> tuple[tuple[float, tuple[int, ...]], ...]:
@@ -129,3 +147,15 @@ def _ties(ties: Sequence[tuple[float, Sequence[int]]], n: int) -> tuple[tuple[fl
     return tuple(out)
 
 
+
+
+def _loss_activation_bytes(profile: Profile) -> list[float] | None:
+    """Per block, what the loss saves: measured on the last block, or, in profiles from before it was
+    (None), estimated as one copy of the model's output (cross-entropy saves its log-softmax) when the
+    last block's bytes include the loss; None when they do not."""
+    if not profile.loss_in_last_block:
+        return None
+    last = profile.layers[-1]
+    measured = last.loss_activation_bytes
+    estimate = min(last.output_bytes, last.activation_bytes) if measured is None else measured
+    return [0.0] * (len(profile.layers) - 1) + [float(estimate)]

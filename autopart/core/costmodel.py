@@ -8,9 +8,11 @@ K stages, M micro-batches, stage s holds blocks i..j (inclusive):
   input's gradient when it is not the first, each ``output_bytes / bandwidth + latency``
   of the boundary crossed. Sends are free when no bandwidth or latency is given.
 - memory: the sum of the terms of :data:`autopart.core.memory.MEMORY_TERMS`
-  (parameters, gradients and optimizer state; activations × in-flight
-  micro-batches; skips received; with recomputation only the stage's input
-  per in-flight micro-batch plus one micro-batch's activations; tied copies).
+  (parameters, gradients and optimizer state; tied copies; per in-flight
+  micro-batch the saved activations, skips received and the stage's output
+  held until its backward, or with recomputation only its input, output and
+  the loss's saved tensors plus one micro-batch's activations; the gradients
+  of one backward; the runtime's receive buffers for the step's M micro-batches).
 
 The description (:class:`~autopart.core.blocks.BlockCosts`, the devices, the
 :class:`~autopart.core.training.CostModel`) is read-only, and so is every
@@ -112,42 +114,47 @@ class Problem:
         object.__setattr__(self, name, value)
 
     def _init_memory(self, costs: BlockCosts, model: CostModel) -> None:
-        """The memory terms of :data:`MEMORY_TERMS`, as prefix sums (per-block terms), arrays indexed by a
-        stage's first block (received terms; :meth:`_incoming`) and tie lists, per mode (plain, recompute)."""
+        """The memory terms of :data:`MEMORY_TERMS`, per mode (plain, recompute): prefix sums (per-block
+        terms), arrays indexed by a stage's first or last block (received and sent terms: :meth:`_incoming`,
+        :meth:`_outgoing`) and tie lists, each with its scale and ``StageCost`` field."""
         z = np.zeros(1)
-        # per mode: [(term, unscaled prefix sums)], [(term, received per block)], [(term, ties)]
-        blocks: dict[bool, list[tuple[str, Floats]]] = {False: [], True: []}
-        received: dict[bool, list[tuple[str, Floats]]] = {False: [], True: []}
-        shared: dict[bool, list[tuple[str, list[tuple[float, Ints, int]]]]] = {False: [], True: []}
+        blocks: dict[bool, list[tuple[str, str, Floats]]] = {False: [], True: []}
+        edges: dict[bool, list[tuple[str, str, bool, Floats]]] = {False: [], True: []}
+        shared: dict[bool, list[tuple[str, str, list[tuple[float, Ints, int]]]]] = {False: [], True: []}
         for term in MEMORY_TERMS:
             for rc in (False, True):
                 if not term.applies(rc):
                     continue
                 if term.per_block is not None:
-                    blocks[rc].append((term.part, np.concatenate([z, np.cumsum(term.per_block(costs, model))])))
-                elif term.received is not None:
-                    values = self._incoming(*term.received(costs))
+                    prefix = np.concatenate([z, np.cumsum(term.per_block(costs, model))])
+                    blocks[rc].append((term.scale, term.part, prefix))
+                elif term.received is not None or term.sent is not None:
+                    first = term.received is not None
+                    values = (self._incoming(*term.received(costs)) if term.received is not None
+                              else self._outgoing(*term.sent(costs)) if term.sent is not None else z)
                     if np.any(values != 0):  # a term that is zero everywhere costs nothing to leave out
-                        received[rc].append((term.part, values))
+                        edges[rc].append((term.scale, term.part, first, values))
                 elif term.shared is not None:
                     ties = [(size, np.array(sorted(users), dtype=np.int64), users[0])
                             for size, users in term.shared(costs, model) if len(set(users)) > 1]
                     if ties:
-                        shared[rc].append((term.part, ties))
-        self._block_terms, self._received_terms, self._shared_terms = blocks, received, shared
-        self.general = bool(received[False] or shared[False] or shared[True])
-        """Memory is not a difference of prefix sums (skips, ties): the partitioner checks stages pair by pair."""
+                        shared[rc].append((term.scale, term.part, ties))
+        self._block_terms, self._edge_terms, self._shared_terms = blocks, edges, shared
+        self.general = bool(edges[False] or shared[False] or shared[True])
+        """Memory is not a difference of prefix sums (what a stage receives or sends, ties): the partitioner
+        checks stages pair by pair."""
         self._prefix = {rc: tuple(self._scaled_prefix(rc, s) for s in range(self.k)) for rc in (False, True)}
 
-    def _factor(self, part: str, s: int) -> float:
-        """How often stage ``s`` holds a term of this ``StageCost`` field: once, or per in-flight micro-batch."""
-        return float(self._in_flight[s]) if PART_SCALE[part] == "in_flight" else 1.0
+    def _factor(self, scale: str, s: int) -> float:
+        """How many copies of a term of this scale stage ``s`` holds."""
+        in_flight, m = float(self._in_flight[s]), float(self.model.microbatches)
+        return {"once": 1.0, "in_flight": in_flight, "microbatches": m, "not_in_flight": m - in_flight}[scale]
 
     def _scaled_prefix(self, recompute: bool, s: int) -> Floats:
         """Prefix sums of the per-block terms on stage s, each times its factor there."""
         out = np.zeros(self.n + 1)
-        for part, prefix in self._block_terms[recompute]:
-            out = out + self._factor(part, s) * prefix
+        for scale, _, prefix in self._block_terms[recompute]:
+            out = out + self._factor(scale, s) * prefix
         return _frozen(out)
 
     # ---- which way the blocks run: overridden by MirroredProblem alone ----
@@ -157,9 +164,14 @@ class Problem:
         crosses the boundary after block b-1."""
         return np.concatenate([[at_input], after_block[:-1]])
 
-    def _received(self, per_block: Floats, i: Ints, j: Ints) -> Floats:
-        """The entry of an :meth:`_incoming` array for stages i..j: the first block's."""
-        out: Floats = per_block[i]
+    def _outgoing(self, after_block: Floats, at_output: float) -> Floats:
+        """Per block b, what leaves a stage that ends at b: what crosses the boundary after block b, or
+        ``at_output`` for block n-1."""
+        return np.concatenate([after_block[:-1], [at_output]])
+
+    def _edge(self, per_block: Floats, first: bool, i: Ints, j: Ints) -> Floats:
+        """The entry of an :meth:`_incoming` (``first``) or :meth:`_outgoing` array for stages i..j."""
+        out: Floats = per_block[i] if first else per_block[j]
         return out
 
     def _per_stage(self, values: list[int]) -> list[int]:
@@ -239,10 +251,10 @@ class Problem:
         """Stage s's bytes holding blocks i..j: every term of the table that applies, summed."""
         q = self._prefix[recompute][s]
         mem: Floats = q[j + 1] - q[i]
-        for part, values in self._received_terms[recompute]:
-            mem = mem + self._factor(part, s) * self._received(values, i, j)
-        for part, ties in self._shared_terms[recompute]:
-            mem = mem + self._factor(part, s) * _tied(ties, i, j)
+        for scale, _, first, values in self._edge_terms[recompute]:
+            mem = mem + self._factor(scale, s) * self._edge(values, first, i, j)
+        for scale, _, ties in self._shared_terms[recompute]:
+            mem = mem + self._factor(scale, s) * _tied(ties, i, j)
         return mem
 
     def memories(self, s: int, i: Ints, j: Ints) -> tuple[Floats, Floats]:
@@ -300,17 +312,22 @@ class Problem:
                            optimizer_ms=(po[j + 1] - po[i]) / v, overhead_ms=zero + self.model.overhead_ms)
         return times, fits
 
-    def _memory_parts(self, first: int, last: int, recompute: bool) -> dict[str, int]:
-        """Stage blocks first..last's bytes per ``StageCost`` memory field, unscaled (per micro-batch for
-        ``activation_bytes``): every term of the table that applies, summed into its field."""
+    def _memory_parts(self, s: int, first: int, last: int, recompute: bool) -> dict[str, int]:
+        """Stage s holding blocks first..last: its bytes per ``StageCost`` memory field, every term of the
+        table that applies summed into its field (``activation_bytes``: one micro-batch's; the others
+        scaled: ``runtime_bytes`` holds M receive buffers)."""
         parts = dict.fromkeys(PART_SCALE, 0)
         i, j = np.array([first]), np.array([last])
-        for part, prefix in self._block_terms[recompute]:
-            parts[part] += int(prefix[last + 1] - prefix[first])
-        for part, values in self._received_terms[recompute]:
-            parts[part] += int(self._received(values, i, j)[0])
-        for part, ties in self._shared_terms[recompute]:
-            parts[part] += int(_tied(ties, i, j)[0])
+
+        def add(scale: str, part: str, value: float) -> None:
+            parts[part] += int(round(value * (1.0 if scale == PART_SCALE[part] else self._factor(scale, s))))
+
+        for scale, part, prefix in self._block_terms[recompute]:
+            add(scale, part, float(prefix[last + 1] - prefix[first]))
+        for scale, part, first_block, values in self._edge_terms[recompute]:
+            add(scale, part, float(self._edge(values, first_block, i, j)[0]))
+        for scale, part, ties in self._shared_terms[recompute]:
+            add(scale, part, float(_tied(ties, i, j)[0]))
         return parts
 
     def stage(self, s: int, first: int, last: int, recompute: bool | None = None) -> StageCost:
@@ -323,7 +340,7 @@ class Problem:
             rc, m = np.array([recompute]), self.memories(s, i, j)[1 if recompute else 0]
         t, _ = self.stage_times(s, i, j, rc)
         recompute = bool(rc[0])
-        parts = self._memory_parts(first, last, recompute)
+        parts = self._memory_parts(s, first, last, recompute)
         return StageCost(
             forward_ms=float(t.forward_ms[0]), backward_ms=float(t.backward_ms[0]),
             input_grad_ms=float(t.input_grad_ms[0]) if self._input_grad_prefix_ms is not None else None,
@@ -379,8 +396,11 @@ class MirroredProblem(Problem):
     def _incoming(self, after_block: Floats, at_input: float) -> Floats:
         return np.concatenate([after_block[:-1], [at_input]])
 
-    def _received(self, per_block: Floats, i: Ints, j: Ints) -> Floats:
-        out: Floats = per_block[j]
+    def _outgoing(self, after_block: Floats, at_output: float) -> Floats:
+        return np.concatenate([[at_output], after_block[:-1]])
+
+    def _edge(self, per_block: Floats, first: bool, i: Ints, j: Ints) -> Floats:
+        out: Floats = per_block[j] if first else per_block[i]
         return out
 
     def _per_stage(self, values: list[int]) -> list[int]:
