@@ -125,3 +125,29 @@ def test_the_profile_measures_what_the_loss_saves_apart() -> None:
     blocks = BlockCosts.from_profile(profile)
     assert blocks.loss_activation_bytes is not None and blocks.loss_activation_bytes.tolist() == [
         0.0, float(last.loss_activation_bytes)]
+
+
+def test_a_model_built_on_meta_measures_the_same_loss_bytes() -> None:
+    """Profiling block by block (meta build) counts what the loss saves as the whole-model profile does."""
+    import torch
+    from torch import nn
+
+    from autopart.measure.models.gpt2 import GPT2, GPT2Config
+    from autopart.measure.profiler import profile_model
+
+    def loss(out: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+        return nn.functional.cross_entropy(out.flatten(0, 1), target.flatten())
+
+    cfg = GPT2Config(vocab_size=300, context=32, n_layer=2, n_embd=32, n_head=2)
+    x, target = torch.randint(0, 300, (2, 16)), torch.randint(0, 300, (2, 16))
+    whole = profile_model(GPT2(cfg), x, name="g", warmup=0, repeats=1, loss_fn=loss, target=target)
+    with torch.device("meta"):
+        meta = GPT2(cfg)
+    parts = profile_model(meta, x, name="g", warmup=0, repeats=1, loss_fn=loss, target=target)
+    logits = 2 * 16 * 300 * 4
+    for profile in (whole, parts):
+        last = profile.layers[-1]
+        assert last.loss_activation_bytes == logits + 2 * 16 * 8 + 4  # log-softmax, target, total weight
+        assert last.output_bytes == logits
+    assert [(x.activation_bytes, x.loss_activation_bytes) for x in parts.layers] == [
+        (x.activation_bytes, x.loss_activation_bytes) for x in whole.layers]
