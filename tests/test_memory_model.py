@@ -1,6 +1,8 @@
 """The memory model: one table of terms (autopart/core/memory.py) that every memory price derives from."""
 from __future__ import annotations
 
+from pathlib import Path
+
 import numpy as np
 import pytest
 from hypothesis import given, settings
@@ -151,3 +153,48 @@ def test_a_model_built_on_meta_measures_the_same_loss_bytes() -> None:
         assert last.output_bytes == logits
     assert [(x.activation_bytes, x.loss_activation_bytes) for x in parts.layers] == [
         (x.activation_bytes, x.loss_activation_bytes) for x in whole.layers]
+
+
+@pytest.mark.slow
+def test_what_torch_pipelining_holds_is_what_the_terms_count(tmp_path: Path) -> None:
+    """2 real ranks (gloo), gpt2-tiny, 1F1B, 4 micro-batches: the runtime's forward cache holds the stage's
+    output for in_flight micro-batches (``held output``), and it keeps a receive buffer for every
+    micro-batch (``receive buffers`` for those not in flight, the in-flight ones inside ``activations``)
+    and a gradient buffer for every micro-batch (``gradient receive buffers``)."""
+    import json
+    import os
+    import subprocess
+    import sys
+
+    from autopart.formats.plan import Plan
+    from autopart.measure.profiler import profile_model
+    from autopart.measure.spec import load_model
+    from tests.helpers import plan_for
+
+    root = Path(__file__).resolve().parent.parent
+    m = 4
+    plan_for("gpt2-tiny", [3, 3], "1F1B", m, tmp_path / "plan.json")
+    plan = Plan.from_json(tmp_path / "plan.json")
+    env = dict(os.environ, PYTHONPATH=str(root), OMP_NUM_THREADS="1")
+    result = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2",
+                             str(root / "tests" / "memory_terms_check.py"), str(tmp_path / "plan.json"), "gpt2-tiny",
+                             str(tmp_path)], cwd=tmp_path, env=env, text=True, capture_output=True, timeout=300)
+    assert result.returncode == 0, result.stderr[-3000:]
+    got = [json.loads((tmp_path / f"rank{r}.json").read_text()) for r in range(2)]
+    bundle = load_model("gpt2-tiny")
+    assert bundle.example is not None
+    profile = profile_model(bundle.module, bundle.example, name="gpt2-tiny", warmup=0, repeats=1)
+    layers = profile.layers
+    boundary, logits = layers[2].output_bytes, layers[-1].output_bytes  # per micro-batch
+    model = CostModel(schedule="1F1B", microbatches=m)
+    in_flight = [model.in_flight(s, 2) for s in range(2)]
+    assert [g["in_flight"] for g in got] == in_flight == [2, 1]
+    assert got[0]["held_output_bytes"] == in_flight[0] * boundary  # the hidden state sent on
+    assert got[1]["held_output_bytes"] == in_flight[1] * logits  # the last stage's: the logits
+    assert got[1]["receive_buffers"] == m and got[1]["receive_buffer_bytes"] == m * boundary
+    assert got[0]["gradient_buffer_bytes"] == m * boundary and got[1]["gradient_buffer_bytes"] == 0
+    # the plan's runtime_bytes: the buffers not in flight (the in-flight inputs are the first block's saved
+    # input, inside activation_bytes) and every gradient buffer; on stage 0 the step's batch of token ids
+    # (the schedule's split of it, not a buffer of torch's) stands in for the receive buffers
+    assert plan.stages[0].cost.runtime_bytes == m * boundary + (m - in_flight[0]) * profile.input_bytes
+    assert plan.stages[1].cost.runtime_bytes == (m - in_flight[1]) * boundary
