@@ -25,6 +25,30 @@ def _compositions(n: int, k: int) -> list[list[int]]:
     return [[b - a for a, b in zip((0,) + cut, cut + (n,))] for cut in itertools.combinations(range(1, n), k - 1)]
 
 
+def _stage_bytes(blocks: dict[str, Any], k: int, model: CostModel, s: int, i: int, j: int,
+                 recompute: bool) -> float:
+    """The memory of stage ``s`` holding blocks ``i..j`` (docs/cost-model.md, the memory terms' table),
+    written out plainly."""
+    n = len(blocks["compute"])
+    skips = blocks.get("skips", [0.0] * n)
+    params = sum(blocks["params"][i: j + 1]) * (2 + model.optimizer_states)
+    for size, users in blocks.get("ties", []):  # a copy on every stage that uses it but not its owner
+        if users[0] not in range(i, j + 1) and any(u in range(i, j + 1) for u in users):
+            params += size * (2 + model.optimizer_states)
+    acts = sum(blocks["acts"][i: j + 1])
+    skip_in = skips[i - 1] if i > 0 else 0.0
+    m = model.microbatches
+    in_flight = m if model.schedule == "GPipe" else min(m, k - s)
+    keep = blocks["input"][0] if i == 0 else blocks["outs"][i - 1] + skips[i - 1]  # what the stage receives
+    last = j == n - 1
+    held = blocks["outs"][n - 1] if last else blocks["outs"][j] + skips[j]  # its output, until the backward
+    gradients = held + (keep if i > 0 else 0.0) + (blocks["outs"][n - 1] if last else 0.0)  # during a backward
+    runtime = (m - in_flight) * keep + (0.0 if last else m * held)  # receive buffers: inputs, output gradients
+    if recompute:
+        return params + in_flight * (keep + held) + acts + gradients + runtime
+    return params + in_flight * (acts + skip_in + held) + gradients + runtime
+
+
 def _brute_stage(blocks: dict[str, Any], devices: Sequence[Device], model: CostModel, s: int,
                  i: int, j: int) -> float | None:
     """The cost model (docs/cost-model.md) written out plainly: the stage's time, or None if it cannot fit."""
@@ -32,12 +56,6 @@ def _brute_stage(blocks: dict[str, Any], devices: Sequence[Device], model: CostM
     skips = blocks.get("skips", [0.0] * len(blocks["compute"]))
     comp = sum(blocks["compute"][i: j + 1])
     fwd = sum(blocks["forward"][i: j + 1])
-    params = sum(blocks["params"][i: j + 1]) * (2 + model.optimizer_states)
-    for size, users in blocks.get("ties", []):  # a copy on every stage that uses it but not its owner
-        if users[0] not in range(i, j + 1) and any(u in range(i, j + 1) for u in users):
-            params += size * (2 + model.optimizer_states)
-    acts = sum(blocks["acts"][i: j + 1])
-    skip_in = skips[i - 1] if i > 0 else 0.0
 
     def send(b: int) -> float:
         if not model.sends:
@@ -46,12 +64,10 @@ def _brute_stage(blocks: dict[str, Any], devices: Sequence[Device], model: CostM
         return ((blocks["outs"][b] + skips[b]) / bw if bw else 0.0) + model.latency_ms
 
     sends = (send(i - 1) if s > 0 else 0.0) + (send(j) if s < k - 1 else 0.0)
-    in_flight = model.microbatches if model.schedule == "GPipe" else min(model.microbatches, k - s)
     limit = devices[s].memory_bytes if devices[s].memory_bytes is not None else math.inf
-    if params + in_flight * (acts + skip_in) <= limit:
+    if _stage_bytes(blocks, k, model, s, i, j, False) <= limit:
         return comp / devices[s].speed + sends
-    keep = blocks["input"][0] if i == 0 else blocks["outs"][i - 1] + skips[i - 1]
-    if model.recompute and params + in_flight * keep + acts <= limit:
+    if model.recompute and _stage_bytes(blocks, k, model, s, i, j, True) <= limit:
         return (comp + fwd) / devices[s].speed + sends
     return None
 
@@ -202,13 +218,6 @@ def test_mirror_image_prices_every_stage_as_the_original(case: tuple[dict[str, A
             assert bool(fits_there) == bool(fits_here)
 
 
-def _plain_bytes(blocks: dict[str, Any], k: int, model: CostModel, s: int, i: int, j: int) -> float:
-    """The memory (docs/cost-model.md) of stage ``s`` holding blocks ``i..j`` without recomputation (as :func:`_brute_stage`)."""
-    params = sum(blocks["params"][i: j + 1]) * (2 + model.optimizer_states)
-    in_flight = model.microbatches if model.schedule == "GPipe" else min(model.microbatches, k - s)
-    return params + in_flight * sum(blocks["acts"][i: j + 1])
-
-
 @st.composite
 def fitting_cases(draw: st.DrawFn) -> tuple[dict[str, Any], list[Device], CostModel]:
     """Memory limits that some split fits by construction: a split is drawn first, and each device's limit is
@@ -218,7 +227,7 @@ def fitting_cases(draw: st.DrawFn) -> tuple[dict[str, Any], list[Device], CostMo
     chosen = draw(st.sampled_from(_compositions(n, k)))
     first = 0
     for s, count in enumerate(chosen):
-        need = _plain_bytes(blocks, k, model, s, first, first + count - 1)
+        need = _stage_bytes(blocks, k, model, s, first, first + count - 1, False)
         slack = draw(st.one_of(st.none(), st.sampled_from([0, 0, 1, 5, 20])))
         limit = None if slack is None else int(need) + slack
         devices[s] = Device("d", memory_bytes=limit, speed=devices[s].speed)
@@ -280,18 +289,19 @@ def test_recomputation_only_where_it_is_needed() -> None:
     assert result.balance == (3, 1) and [s.recompute for s in result.stages] == [True, False]
     assert result.stages[0].time_ms == 4.5 and result.bottleneck_ms == 6.0
     assert result.fits
-    # without recomputation nothing fits 60 B: (2, 2) holds 4 x 20 = 80 B and 4 x 11 = 44 B, the least of all
-    # splits ((3, 1): 120 B, (1, 3): 84 B), so 80 B is the smallest limit, and there (2, 2) is the split
+    # without recomputation nothing fits 60 B: (2, 2) holds 4 x (20 + 1 held output) + 1 output gradient
+    # + 4 x 1 gradient receive buffer = 89 B and 4 x (11 + 1) + 3 gradients = 51 B, the least of all splits
+    # ((3, 1): 129 B, (1, 3): 91 B), so 89 B is the smallest limit, and there (2, 2) is the split
     def plain(limit: int) -> Problem:
         return Problem([1.0, 1.0, 1.0, 6.0], [Device("d", memory_bytes=limit)] * 2,
                        CostModel(schedule="gpipe", microbatches=4, recompute=False), forward_ms=[0.5] * 4,
                        activation_bytes=[10, 10, 10, 1], output_bytes=[1] * 4)
 
     with pytest.raises(AutopartError, match=r"no split of 4 blocks into 2 stages fits the memory limits "
-                                            r"\(GPipe, 4 micro-batches, .*\); the smallest limit that fits is 80 B$"):
+                                            r"\(GPipe, 4 micro-batches, .*\); the smallest limit that fits is 89 B$"):
         split_bottleneck(plain(60))
-    at_80 = split_bottleneck(plain(80))
-    assert at_80.balance == (2, 2) and not any(s.recompute for s in at_80.stages) and at_80.bottleneck_ms == 7.0
+    at_89 = split_bottleneck(plain(89))
+    assert at_89.balance == (2, 2) and not any(s.recompute for s in at_89.stages) and at_89.bottleneck_ms == 7.0
 
 
 def test_lm_head_gets_fewer_layers_than_uniform() -> None:

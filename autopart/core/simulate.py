@@ -443,7 +443,7 @@ def _memory(schedule: Schedule, stages: Sequence[StageCost], events: Sequence[Ev
             changes[e.rank].append((e.end_ms, 0, -cost.backward_extra_bytes, schedule.num_stages))
     static = [0] * schedule.num_ranks
     for s, cost in enumerate(stages):
-        static[schedule.stage_rank[s]] += cost.static_bytes
+        static[schedule.stage_rank[s]] += cost.static_bytes + cost.runtime_bytes
     peak_act = []
     flight = [0] * schedule.num_stages
     peak_flight = [0] * schedule.num_stages

@@ -64,6 +64,10 @@ class LayerProfile:
     optimizer_ms_by_name: tuple[tuple[str, float], ...] = field(default=(), metadata=saved(omit=((),)))
     """The same for every optimizer a plan can name (adamw, adam, sgd-momentum, sgd), written as a JSON
     object; empty in profiles from before they were timed (AdamW's time then stands for all)."""
+    loss_activation_bytes: int | None = field(default=None, metadata=saved(omit=(None,)))
+    """Last block only, when the profile includes the loss: the part of ``activation_bytes`` the loss saves
+    (cross-entropy: its log-softmax). The loss runs outside a recomputed stage, so a recomputing last stage
+    still holds it per in-flight micro-batch. None: not measured (older profiles; docs/cost-model.md)."""
     skip_bytes: int = field(default=0, metadata=saved(omit=(0,)))
     """Bytes of skips that also cross the boundary after the block: values made by earlier blocks (or
     model inputs) that a later block needs. A stage boundary here sends them too, and the stage after

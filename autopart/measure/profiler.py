@@ -72,12 +72,12 @@ def _preserved(module: nn.Module, device: torch.device) -> Iterator[None]:
 
 def _activation_pass(module: nn.Module, blocks: Sequence[NamedBlock], example: tuple[torch.Tensor, ...],
                      loss: Callable[[Any], torch.Tensor] | None = None,
-                     mixed: ContextManager[object] | None = None) -> tuple[list[int], list[Any]]:
-    """One connected forward (under ``mixed``, the precision's autocast): saved bytes per block, and each
-    block's input (detached)."""
+                     mixed: ContextManager[object] | None = None) -> tuple[list[int], list[Any], int]:
+    """One connected forward (under ``mixed``, the precision's autocast): saved bytes per block, each block's
+    input (detached), and the bytes the loss saves (counted apart; 0 without a loss)."""
     excluded = {k for t in list(module.parameters()) + list(module.buffers()) if (k := storage_key(t))}
     seen: set[tuple[int, int]] = set()
-    saved = [0] * len(blocks)
+    saved = [0] * (len(blocks) + 1)  # the last entry: the loss's
     current = 0
 
     def pack(t: torch.Tensor) -> torch.Tensor:
@@ -95,9 +95,10 @@ def _activation_pass(module: nn.Module, blocks: Sequence[NamedBlock], example: t
             out = call_block(block, out)
         final = detach(out)
         if loss is not None:
+            current = len(blocks)
             loss(out)  # what the loss saves for backward is the last stage's too
     inputs.append(final)
-    return saved, inputs
+    return saved[:-1], inputs, saved[-1]
 
 
 def _precision_for(name: str | None, dtype: torch.dtype) -> Precision:
@@ -178,7 +179,7 @@ def profile_model(module: nn.Module, example: torch.Tensor | Sequence[torch.Tens
         module.train()
         try:
             loss = (lambda out: loss_fn(out, target)) if loss_fn is not None and target is not None else None
-            saved, inputs = _activation_pass(module, blocks, example_t, loss, autocast(chosen, device))
+            saved, inputs, loss_saved = _activation_pass(module, blocks, example_t, loss, autocast(chosen, device))
         except Exception as exc:
             raise cannot_run(name, example_t, exc) from None
         for i, (block_name, block) in enumerate(blocks):
@@ -190,7 +191,9 @@ def profile_model(module: nn.Module, example: torch.Tensor | Sequence[torch.Tens
             layers.append(LayerProfile(
                 name=block_name, forward_ms=f_ms, backward_ms=b_ms, optimizer_ms=optimizer_ms,
                 optimizer_ms_by_name=by_name,
-                param_bytes=param_bytes[i], activation_bytes=saved[i], output_bytes=main, skip_bytes=skip,
+                param_bytes=param_bytes[i], activation_bytes=saved[i] + (loss_saved if last else 0),
+                loss_activation_bytes=loss_saved if last and loss is not None else None,
+                output_bytes=main, skip_bytes=skip,
                 forward_iqr_ms=f_iqr, backward_iqr_ms=b_iqr, buffer_bytes=buffer_bytes[i], cuda_peak_bytes=peak,
                 input_grad_ms=i_ms,
             ))

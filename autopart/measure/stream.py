@@ -180,18 +180,21 @@ def _measure(block: nn.Module, name: str, value: Any, device: torch.device, dtyp
         excluded = {k for t in list(block.parameters()) + list(block.buffers()) if (k := storage_key(t))}
         seen = set(carried)
         mine: set[tuple[int, int]] = set()
+        by_loss: set[tuple[int, int]] = set()  # what the loss saves, counted apart
+        sink = [mine]
 
         def pack(t: torch.Tensor) -> torch.Tensor:
             key = storage_key(t)
             if key is not None and key not in excluded and key not in seen:
                 seen.add(key)
-                mine.add(key)
+                sink[0].add(key)
             return t
 
         try:
             with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t), autocast(precision, device):
                 out = call_block(block, value)
                 if loss is not None:
+                    sink[0] = by_loss
                     loss(out)
         except Exception as exc:
             raise AutopartError(f"block {name!r} cannot run: {type(exc).__name__}: "
@@ -202,7 +205,8 @@ def _measure(block: nn.Module, name: str, value: Any, device: torch.device, dtyp
                                                            precision)
         optimizer_ms, by_name = optimizer_times(block, clock)
         layer = LayerProfile(name=name, forward_ms=f_ms, backward_ms=b_ms, input_grad_ms=i_ms, param_bytes=0,
-                             activation_bytes=sum(size for _, size in mine),
+                             activation_bytes=sum(size for _, size in mine | by_loss),
+                             loss_activation_bytes=sum(size for _, size in by_loss) if loss is not None else None,
                              output_bytes=0, forward_iqr_ms=f_iqr, backward_iqr_ms=b_iqr, cuda_peak_bytes=peak,
                              optimizer_ms=optimizer_ms, optimizer_ms_by_name=by_name)
     finally:

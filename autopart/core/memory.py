@@ -1,0 +1,186 @@
+"""Every term of a stage's memory, in one table: :data:`MEMORY_TERMS` (docs/cost-model.md, "Memory").
+
+A stage's bytes are the sum of the terms that apply to it, each read from the
+blocks one of four ways:
+
+- ``per_block``: per-block bytes, summed over the stage's blocks (prefix sums);
+- ``received``: what crosses into the stage per micro-batch (the boundary
+  before its first block, or the model's input on the first stage);
+- ``sent``: what leaves the stage per micro-batch (the boundary after its
+  last block, or the model's output on the last stage);
+- ``shared``: tied parameters, a copy on every stage that uses one but does
+  not hold its owner.
+
+and counted where the term's ``when`` says (``always``, ``plain``: only
+without recomputation, ``recompute``: only when recomputing), times its
+``scale`` (once, per in-flight micro-batch, per micro-batch of the step, per
+micro-batch not in flight), into the :class:`StageCost` field its ``part``
+names (:data:`PART_SCALE`).
+:class:`~autopart.core.costmodel.Problem` builds every memory price
+(``memories``, the partitioner's prefix sums, ``StageCost``'s breakdown)
+from this table alone, so a new term is one entry here and its line in
+docs/cost-model.md.
+
+Byte amounts are integers held in float64 (exact below 2**53), so the sums
+are the same whatever the order.
+
+Pure numpy (no torch).
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from types import MappingProxyType
+from typing import Callable, Literal, Mapping
+
+import numpy as np
+import numpy.typing as npt
+
+from autopart.core.blocks import BlockCosts
+from autopart.core.training import CostModel
+from autopart.errors import AutopartError
+
+__all__ = ["MemoryTerm", "MEMORY_TERMS", "PART_SCALE", "Part", "When", "Scale", "Ties"]
+
+Floats = npt.NDArray[np.float64]
+Part = Literal["static_bytes", "activation_bytes", "backward_extra_bytes", "runtime_bytes"]
+"""The :class:`~autopart.formats.stage.StageCost` field a term adds to."""
+When = Literal["always", "plain", "recompute"]
+Scale = Literal["once", "in_flight", "microbatches", "not_in_flight"]
+"""How often a stage holds a term's bytes: once, per in-flight micro-batch (the schedule's peak), per
+micro-batch of the step (M), or per micro-batch not in flight at the peak (M − in-flight)."""
+Ties = tuple[tuple[float, tuple[int, ...]], ...]
+"""Shared parameters: (bytes of each copy, the blocks that use it, owner first)."""
+
+PART_SCALE: Mapping[str, Literal["once", "in_flight"]] = MappingProxyType({
+    "static_bytes": "once",             # always resident
+    "activation_bytes": "in_flight",    # held per in-flight micro-batch until its backward
+    "backward_extra_bytes": "once",     # held during one backward
+    "runtime_bytes": "once",            # the pipelining runtime's buffers for the step, all micro-batches
+})
+"""How each ``StageCost`` memory field adds into ``memory_bytes``:
+``memory = static + in_flight × activation + backward_extra + runtime``. A field added once holds its
+terms already scaled (``runtime_bytes``: M × a receive buffer); ``activation_bytes`` holds one
+micro-batch's."""
+
+
+@dataclass(frozen=True)
+class MemoryTerm:
+    """One named term of a stage's memory. Exactly one of ``per_block``, ``received``, ``sent``, ``shared``
+    is set."""
+
+    name: str
+    doc: str
+    """What the bytes are (one line, as docs/cost-model.md lists it)."""
+    part: Part
+    when: When
+    scale: Scale = "once"
+    per_block: Callable[[BlockCosts, CostModel], Floats] | None = None
+    """Bytes of each block, summed over the stage's blocks."""
+    received: Callable[[BlockCosts], tuple[Floats, float]] | None = None
+    """(bytes crossing the boundary after each block, bytes at the model's input): what a stage receives."""
+    sent: Callable[[BlockCosts], tuple[Floats, float]] | None = None
+    """(bytes crossing the boundary after each block, bytes at the model's output): what a stage sends on
+    (or, on the last stage, its output)."""
+    shared: Callable[[BlockCosts, CostModel], Ties] | None = None
+    """Tied parameters: a copy on every stage that uses one but not its owner."""
+
+    def __post_init__(self) -> None:
+        if sum(x is not None for x in (self.per_block, self.received, self.sent, self.shared)) != 1:
+            raise AutopartError(f"memory term {self.name!r} needs exactly one of per_block, received, sent, shared")
+        if self.part not in PART_SCALE or self.when not in ("always", "plain", "recompute"):
+            raise AutopartError(f"memory term {self.name!r}: unknown part {self.part!r} or when {self.when!r}")
+        if (self.scale == "in_flight") != (PART_SCALE[self.part] == "in_flight"):
+            raise AutopartError(f"memory term {self.name!r}: {self.part} terms scale "
+                                f"{'per in-flight micro-batch' if PART_SCALE[self.part] == 'in_flight' else 'otherwise'}")
+
+    def applies(self, recompute: bool) -> bool:
+        """Is the term counted on a stage that does (or does not) recompute?"""
+        return self.when == "always" or self.when == ("recompute" if recompute else "plain")
+
+
+def _weights(b: BlockCosts, m: CostModel) -> Floats:
+    out: Floats = b.param_bytes * (2 + m.optimizer_states)
+    return out
+
+
+def _activations(b: BlockCosts, m: CostModel) -> Floats:
+    return b.activation_bytes
+
+
+def _recomputed(b: BlockCosts, m: CostModel) -> Floats:
+    if b.loss_activation_bytes is None:
+        return b.activation_bytes
+    out: Floats = b.activation_bytes - b.loss_activation_bytes
+    return out
+
+
+def _loss_activations(b: BlockCosts, m: CostModel) -> Floats:
+    return b.loss_activation_bytes if b.loss_activation_bytes is not None else np.zeros(b.n)
+
+
+def _skips(b: BlockCosts) -> tuple[Floats, float]:
+    return (b.skip_bytes if b.skip_bytes is not None else np.zeros(b.n)), 0.0
+
+
+def _crossing_in(b: BlockCosts) -> tuple[Floats, float]:
+    out: Floats = b.output_bytes + _skips(b)[0]
+    return out, b.input_bytes
+
+
+def _crossing_in_grad(b: BlockCosts) -> tuple[Floats, float]:
+    return _crossing_in(b)[0], 0.0  # the model's input needs no gradient
+
+
+def _crossing_out(b: BlockCosts) -> tuple[Floats, float]:
+    return _crossing_in(b)[0], b.model_output_bytes
+
+
+def _crossing_out_grad(b: BlockCosts) -> tuple[Floats, float]:
+    return _crossing_in(b)[0], 0.0  # the last stage receives no gradient
+
+
+def _loss_gradient(b: BlockCosts) -> tuple[Floats, float]:
+    return np.zeros(b.n), b.model_output_bytes
+
+
+def _tied_copies(b: BlockCosts, m: CostModel) -> Ties:
+    return tuple((size * (2 + m.optimizer_states), users) for size, users in b.ties)
+
+
+MEMORY_TERMS: tuple[MemoryTerm, ...] = (
+    MemoryTerm("weights", "parameters, their gradients and the optimizer's state: param_bytes × (2 + optimizer_states)",
+               "static_bytes", "always", per_block=_weights),
+    MemoryTerm("tied copies", "a copy of each shared parameter (with gradient and optimizer state) on every "
+               "stage that uses it but does not hold its owner", "static_bytes", "always", shared=_tied_copies),
+    MemoryTerm("activations", "what autograd saves for one micro-batch's backward (the first block's saved "
+               "input is the micro-batch's receive buffer)", "activation_bytes", "plain", "in_flight",
+               per_block=_activations),
+    MemoryTerm("received skips", "skips crossing into the stage (graph models), held until the micro-batch's "
+               "backward", "activation_bytes", "plain", "in_flight", received=_skips),
+    MemoryTerm("kept input", "a recomputing stage's whole input (output and skips received, or the model's "
+               "input on stage 0): the micro-batch's receive buffer", "activation_bytes", "recompute", "in_flight",
+               received=_crossing_in),
+    MemoryTerm("held output", "the stage's output, kept by the runtime's forward cache until the micro-batch's "
+               "backward (on the last stage the model's output: an LM's logits)", "activation_bytes", "always",
+               "in_flight", sent=_crossing_out),
+    MemoryTerm("loss activations", "what the loss saves (cross-entropy: its log-softmax): the loss runs "
+               "outside a recomputed stage, so it is held per in-flight micro-batch", "activation_bytes",
+               "recompute", "in_flight", per_block=_loss_activations),
+    MemoryTerm("recomputed activations", "one micro-batch's activations, recomputed during its backward "
+               "(the loss's aside)", "backward_extra_bytes", "recompute", per_block=_recomputed),
+    MemoryTerm("output gradient", "the gradient of the stage's output during one backward (on the last "
+               "stage the loss's gradient of the model's output)", "backward_extra_bytes", "always",
+               sent=_crossing_out),
+    MemoryTerm("input gradient", "the gradient of the stage's input, made by one backward and sent back",
+               "backward_extra_bytes", "always", received=_crossing_in_grad),
+    MemoryTerm("loss working set", "the loss's own gradient of the model's output (cross-entropy: the "
+               "log-softmax's), beside the output's, on the last stage", "backward_extra_bytes", "always",
+               sent=_loss_gradient),
+    MemoryTerm("receive buffers", "the runtime's receive buffer of every micro-batch of the step not in flight "
+               "at the peak (those in flight are the saved or kept input); on stage 0 the step's batch",
+               "runtime_bytes", "always", "not_in_flight", received=_crossing_in),
+    MemoryTerm("gradient receive buffers", "the runtime's buffer for the gradient of the stage's output, one "
+               "per micro-batch of the step (none on the last stage)", "runtime_bytes", "always", "microbatches",
+               sent=_crossing_out_grad),
+)
+"""The terms, in the order they are summed."""
