@@ -23,7 +23,7 @@ from autopart.formats.profile import LayerProfile, Profile
 from autopart.formats.stage import StageCost
 
 if TYPE_CHECKING:
-    from autopart.core.costmodel import CostModel
+    from autopart.core.training import CostModel
     from autopart.core.planner import simulate_plan as simulate
     from autopart.core.search import plan_partition
     from autopart.core.simulate import Simulation
@@ -39,7 +39,7 @@ _LAZY = {
     "profile": ("autopart.measure.api", "profile"),
     "ProfileConfig": ("autopart.measure.api", "ProfileConfig"),
     "profile_model": ("autopart.measure.profiler", "profile_model"),
-    "CostModel": ("autopart.core.costmodel", "CostModel"),
+    "CostModel": ("autopart.core.training", "CostModel"),
     "plan_partition": ("autopart.core.search", "plan_partition"),
     "simulate": ("autopart.core.planner", "simulate_plan"),
     "Simulation": ("autopart.core.simulate", "Simulation"),

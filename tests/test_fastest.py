@@ -66,7 +66,7 @@ class _Case:
     def __repr__(self) -> str:
         p = self.problem
         return (f"Case({p.model.schedule} x{p.model.stages_per_rank}, M={p.model.microbatches}, n={p.n}, k={p.k}, "
-                f"compute={p.compute.round(2).tolist()}, limit={p.limit.tolist()}, speed={p.speed.tolist()})")
+                f"compute={p.blocks.compute_ms.round(2).tolist()}, limit={p.limit.tolist()}, speed={p.speed.tolist()})")
 
 
 @st.composite

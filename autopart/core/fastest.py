@@ -105,8 +105,7 @@ def _share_ranks(p: Problem, starts: Ints, ends: Ints, ranks: RankMemory
     recompute = np.zeros(starts.shape, dtype=bool)
     for group, limit in zip(ranks.stages, ranks.limit_bytes):
         mems = {s: p.memories(s, starts[:, s], ends[:, s]) for s in group}
-        times = {s: (p.time_plain(s, starts[:, s], ends[:, s]), p.time_recompute(s, starts[:, s], ends[:, s]))
-                 for s in group}
+        times = {s: p.times(s, starts[:, s], ends[:, s]) for s in group}
         best = np.full(starts.shape[0], np.inf)
         for flags in itertools.product((False, True), repeat=len(group)):
             mem = sum(mems[s][int(f)] for s, f in zip(group, flags))

@@ -110,7 +110,7 @@ def _lo_mem(p: Problem, s: int, js: Ints) -> Ints:
 
 def _lo_rc(p: Problem, s: int, js: Ints) -> Ints:
     """A lower bound on the start of a recomputing stage ending at js that fits (inputs not counted)."""
-    q = p.rc_prefix()
+    q = p.rc_prefix(s)
     return np.minimum(np.searchsorted(q, q[js + 1] - p.limit[s], side="left").astype(np.int64), js + 1)
 
 
@@ -124,10 +124,11 @@ def _end_term(p: Problem, s: int, j: Ints, T: float) -> Floats:
 
 def _ok_pairs(p: Problem, s: int, T: float, i: Ints, j: Ints) -> Bools:
     """Can stage s hold blocks i..j within time T and its memory? (The search's own test.)"""
-    fits_plain = p.mem_plain(s, i, j) <= p.limit[s]
+    plain, recompute = p.memories(s, i, j)
+    fits_plain = plain <= p.limit[s]
     ok = fits_plain & (_start_term(p, s, i) >= _end_term(p, s, j, T))
     if p.model.recompute and np.isfinite(p.limit[s]):
-        rc = ~fits_plain & (p.mem_recompute(s, i, j) <= p.limit[s]) & (p.time_recompute(s, i, j) <= T)
+        rc = ~fits_plain & (recompute <= p.limit[s]) & (p.times(s, i, j)[1] <= T)
         ok |= rc
     return ok
 
@@ -269,7 +270,7 @@ def _backtrack(p: Problem, T: float, reach: list[Bools]) -> list[int]:
 def _monotone(p: Problem) -> bool:
     """True when a stage that fits still fits with fewer blocks: no sends, no recomputation, and no skips
     or ties under a memory limit (a stage that starts after a skip's source holds it)."""
-    return not p.model.sends and (not p.limited or (not p.model.recompute and not p.general))
+    return not p.model.sends and (not _limited(p) or (not p.model.recompute and not p.general))
 
 
 def _greedy_safe(p: Problem, T: float) -> bool:
@@ -284,9 +285,19 @@ def _greedy_safe(p: Problem, T: float) -> bool:
     """
     if not _monotone(p):
         return False
-    if T < float(p.compute.max()) / float(p.speed.min()):
+    if T < float(p.blocks.compute_ms.max()) / float(p.speed.min()):
         return False
-    return p.every_block_fits_every_stage() if p.limited else True
+    return _every_block_fits_every_stage(p) if _limited(p) else True
+
+
+def _limited(p: Problem) -> bool:
+    """Does some stage have a memory limit?"""
+    return bool(np.any(np.isfinite(p.limit)))
+
+
+def _every_block_fits_every_stage(p: Problem) -> bool:
+    """Does each block alone fit each stage without recomputation?"""
+    return all(bool(np.all(np.diff(p.plain_prefix(s)) <= p.limit[s])) for s in range(p.k))
 
 
 def _greedy(p: Problem, T: float) -> list[int] | None:
@@ -295,11 +306,11 @@ def _greedy(p: Problem, T: float) -> list[int] | None:
     Decides feasibility exactly where :func:`_greedy_safe` says so. Plain
     Python floats: the same IEEE arithmetic as the cost model's arrays.
     """
-    pc = p.as_list("pc", p.compute_prefix())
+    pc = p.compute_prefix().tolist()
     starts, i, n, K = [], 0, p.n, p.k
     for s in range(K):
         v, limit = float(p.speed[s]), float(p.limit[s])
-        q = p.as_list(f"q{s}", p.plain_prefix(s)) if np.isfinite(limit) else None
+        q = p.plain_prefix(s).tolist() if np.isfinite(limit) else None
         starts.append(i)
         if s == K - 1:
             fits = q is None or q[n] - q[i] <= limit
@@ -350,7 +361,7 @@ def _memory_error(p: Problem) -> AutopartError:
     for b in range(p.n):
         bb = np.array([b])
         need = min(
-            float(min(p.mem_plain(s, bb, bb)[0], p.mem_recompute(s, bb, bb)[0] if p.model.recompute else np.inf))
+            float(min(m[0] for m in p.memories(s, bb, bb)))
             for s in range(p.k))
         per_block.append(need)
     worst = int(np.argmax(per_block))
@@ -493,6 +504,6 @@ def split_given(p: Problem, balance: Sequence[int]) -> Split:
 
 def split_parameters(p: Problem) -> Split:
     """Balance parameter bytes across stages (DeepSpeed's default ``partition_method="parameters"``)."""
-    weights = Problem(p.params.tolist(), [Device("unit")] * p.k, CostModel(), names=p.names)
+    weights = Problem(p.blocks.param_bytes.tolist(), [Device("unit")] * p.k, CostModel(), names=p.names)
     balance = split_bottleneck(weights).balance
     return _make(p, "parameters", balance)

@@ -1,0 +1,131 @@
+"""The blocks the partitioner splits: per-block costs of one micro-batch, validated and read-only.
+
+    BlockCosts.of([1.0, 2.0, 3.0], activation_bytes=[10, 20, 30])
+    BlockCosts.from_profile(profile, optimizer="adamw")
+
+Pure numpy (no torch). Every array is made read-only when the blocks are
+made, so a :class:`~autopart.core.costmodel.Problem` built on them cannot
+change under the partitioner.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, fields
+from typing import Sequence
+
+import numpy as np
+import numpy.typing as npt
+
+from autopart.errors import AutopartError
+from autopart.formats.optimizers import DEFAULT_OPTIMIZER
+from autopart.formats.profile import Profile
+
+__all__ = ["BlockCosts"]
+
+Floats = npt.NDArray[np.float64]
+
+
+@dataclass(frozen=True, eq=False)
+class BlockCosts:
+    """Per-block costs for one micro-batch, validated: what the partitioner splits."""
+
+    names: tuple[str, ...]
+    compute_ms: Floats
+    """Forward plus backward."""
+    forward_ms: Floats
+    param_bytes: Floats
+    activation_bytes: Floats
+    output_bytes: Floats
+    """What crosses the boundary after the block."""
+    optimizer_ms: Floats
+    input_bytes: float = 0.0
+    """One micro-batch's input: what a recomputing first stage keeps per micro-batch."""
+    skip_bytes: Floats | None = None
+    """Skips crossing the boundary after each block, besides its output (None: a chain, no skips)."""
+    ties: tuple[tuple[float, tuple[int, ...]], ...] = ()
+    """Shared parameters: (bytes, the blocks that use it, owner first); the owner's ``param_bytes`` has it."""
+    input_grad_ms: Floats | None = None
+    """The input-gradient half of each backward (None: not measured; the simulator assumes half)."""
+
+    def __post_init__(self) -> None:
+        for f in fields(self):  # read-only: a problem built on these blocks cannot change under its callers
+            value = getattr(self, f.name)
+            if isinstance(value, np.ndarray):  # a read-only view: the caller's array stays as it was
+                view = value.view()
+                view.flags.writeable = False
+                object.__setattr__(self, f.name, view)
+
+    @property
+    def n(self) -> int:
+        return len(self.names)
+
+    @staticmethod
+    def of(compute_ms: Sequence[float], *, forward_ms: Sequence[float] | None = None,
+           param_bytes: Sequence[float] | None = None, activation_bytes: Sequence[float] | None = None,
+           output_bytes: Sequence[float] | None = None, input_bytes: float = 0.0,
+           names: Sequence[str] | None = None, optimizer_ms: Sequence[float] | None = None,
+           skip_bytes: Sequence[float] | None = None,
+           ties: Sequence[tuple[float, Sequence[int]]] = (),
+           input_grad_ms: Sequence[float] | None = None) -> "BlockCosts":
+        """Arrays from lists (missing ones are zeros); a NaN, infinite or negative entry names its block."""
+        n = len(compute_ms)
+        if n < 1:
+            raise AutopartError("no blocks to partition")
+        labels = tuple(names) if names is not None else tuple(str(i) for i in range(n))
+
+        def arr(values: Sequence[float] | None, what: str) -> Floats:
+            a = np.zeros(n) if values is None else np.asarray(values, dtype=np.float64)
+            if a.shape != (n,):
+                raise AutopartError(f"{what} has {a.size} entries for {n} blocks")
+            if not np.all(np.isfinite(a)) or np.any(a < 0):
+                bad = int(np.flatnonzero(~np.isfinite(a) | (a < 0))[0])
+                raise AutopartError(f"{what} of block {labels[bad]!r} is {a[bad]}, must be finite and >= 0")
+            return a
+
+        return BlockCosts(names=labels, compute_ms=arr(compute_ms, "compute time"),
+                          forward_ms=arr(forward_ms, "forward time"), param_bytes=arr(param_bytes, "parameter bytes"),
+                          activation_bytes=arr(activation_bytes, "activation bytes"),
+                          output_bytes=arr(output_bytes, "output bytes"),
+                          optimizer_ms=arr(optimizer_ms, "optimizer time"), input_bytes=float(input_bytes),
+                          skip_bytes=arr(skip_bytes, "skip bytes") if skip_bytes is not None else None,
+                          ties=_ties(ties, n),
+                          input_grad_ms=arr(input_grad_ms, "input-gradient time") if input_grad_ms is not None
+                          else None)
+
+    @staticmethod
+    def from_profile(profile: Profile, optimizer: str = DEFAULT_OPTIMIZER) -> "BlockCosts":
+        """The profile's blocks, paying ``optimizer``'s step (AdamW's where the profile did not time it)."""
+        layers = profile.layers
+        return BlockCosts.of([x.forward_ms + x.backward_ms for x in layers], forward_ms=[x.forward_ms for x in layers],
+                             param_bytes=[x.param_bytes for x in layers],
+                             activation_bytes=[x.activation_bytes for x in layers],
+                             output_bytes=[x.output_bytes for x in layers], input_bytes=profile.input_bytes,
+                             names=profile.names,
+                             optimizer_ms=[dict(x.optimizer_ms_by_name).get(optimizer, x.optimizer_ms) for x in layers],
+                             skip_bytes=[x.skip_bytes for x in layers] if any(x.skip_bytes for x in layers) else None,
+                             ties=[(t.bytes, [profile.names.index(b) for b in t.blocks]) for t in profile.ties
+                                   if all(b in profile.names for b in t.blocks)],
+                             input_grad_ms=None if any(x.input_grad_ms is None for x in layers)
+                             else [min(x.input_grad_ms or 0.0, x.backward_ms) for x in layers])
+
+    def mirrored(self) -> "BlockCosts":
+        """Block n-1 first. The boundary after mirrored block b is the original one after block n-2-b."""
+        return BlockCosts(names=self.names[::-1], compute_ms=self.compute_ms[::-1].copy(),
+                          forward_ms=self.forward_ms[::-1].copy(), param_bytes=self.param_bytes[::-1].copy(),
+                          activation_bytes=self.activation_bytes[::-1].copy(),
+                          output_bytes=np.concatenate([self.output_bytes[:-1][::-1], [0.0]]),
+                          optimizer_ms=self.optimizer_ms[::-1].copy(), input_bytes=self.input_bytes,
+                          skip_bytes=None if self.skip_bytes is None else np.concatenate(
+                              [self.skip_bytes[:-1][::-1], [0.0]]),
+                          ties=tuple((b, tuple(self.n - 1 - u for u in users)) for b, users in self.ties),
+                          input_grad_ms=None if self.input_grad_ms is None else self.input_grad_ms[::-1].copy())
+
+
+def _ties(ties: Sequence[tuple[float, Sequence[int]]], n: int) -> tuple[tuple[float, tuple[int, ...]], ...]:
+    out = []
+    for size, users in ties:
+        if not users or any(not 0 <= u < n for u in users) or not size >= 0:
+            raise AutopartError(f"tie of {size} bytes names blocks {list(users)} outside 0..{n - 1}")
+        out.append((float(size), tuple(int(u) for u in users)))
+    return tuple(out)
+
+
