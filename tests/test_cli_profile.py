@@ -61,7 +61,9 @@ def test_help_documents_every_flag() -> None:
     (["gpt2-tiny", "--input-shape", "2,x"], ["not a list of integers"]),
     (["gpt2-tiny", "-o", "/no/such/folder/p.json"], ["folder '/no/such/folder' does not exist"]),
     (["gpt2-tiny", "--dtype", "int8"], ["unknown dtype 'int8'"]),
-    (["gpt2-tiny", "--repeats", "0"], ["--repeats must be >= 1"]),
+    (["gpt2-tiny", "--repeats", "0"], ["argument --repeats: must be >= 1, got 0"]),
+    (["gpt2-tiny", "--warmup", "-1"], ["argument --warmup: must be >= 0, got -1"]),
+    (["gpt2-tiny", "--threads", "two"], ["argument --threads: needs a whole number, got 'two'"]),
     (["gpt2-tiny", "--device", "tpu"], ["device 'tpu'"]),
     ([], ["required: MODEL"]),
 ])

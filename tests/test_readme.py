@@ -9,45 +9,12 @@ from pathlib import Path
 
 import pytest
 
+from benchmarks.readme import PAGES, console_blocks, expected_output, fences, python_blocks
 from tests.conftest import ROOT, run_cli_here
-
-PAGES = [ROOT / "README.md", *sorted((ROOT / "docs").glob("*.md"))]
-PRINT_WITH_OUTPUT = re.compile(r"^print\(.*\)\s+# (.*)$")
-
-
-def fences(text: str) -> list[tuple[int, str, list[str]]]:
-    """(line, info string, lines) of every fenced code block of a Markdown text, indented ones (in a list
-    item) dedented."""
-    found: list[tuple[int, str, list[str]]] = []
-    opened: tuple[int, int, str] | None = None
-    body: list[str] = []
-    for number, line in enumerate(text.splitlines(), 1):
-        stripped = line.lstrip()
-        if opened is None and stripped.startswith("```"):
-            opened, body = (number, len(line) - len(stripped), stripped[3:].strip()), []
-        elif opened is not None and stripped.startswith("```"):
-            found.append((opened[0], opened[2], body))
-            opened = None
-        elif opened is not None:
-            indent = opened[1]
-            body.append(line[indent:] if not line[:indent].strip() else line.lstrip())
-    return found
-
 
 def test_fences_pairs_openings_with_closings() -> None:
     text = "a\n```bash\nx\n```\nprose\n  ```\n  $ y\n    z\n  ```\n```python\n  z\n```\n"
     assert fences(text) == [(2, "bash", ["x"]), (6, "", ["$ y", "  z"]), (10, "python", ["  z"])]
-
-
-def python_blocks() -> list[tuple[str, int, str]]:
-    """(page, line, code) of every ```python block of the README and docs/."""
-    return [(str(page.relative_to(ROOT)), line, "\n".join(body) + "\n")
-            for page in PAGES for line, info, body in fences(page.read_text()) if info == "python"]
-
-
-def expected_output(code: str) -> list[str]:
-    """What the block must print: the comment of every top-level ``print(...)  # OUTPUT`` line, in order."""
-    return [m.group(1).strip() for m in map(PRINT_WITH_OUTPUT.match, code.splitlines()) if m]
 
 
 BLOCKS = python_blocks()
@@ -127,6 +94,8 @@ def test_no_code_cites_a_document_the_project_lacks() -> None:
     cited: list[str] = []
     for folder in ("autopart", "tests", "benchmarks"):
         for path in sorted((ROOT / folder).rglob("*.py")):
+            if any(part.startswith(".") for part in path.relative_to(ROOT).parts):
+                continue  # a virtual environment (benchmarks/.venv), not the project's code
             text = path.read_text()
             if path.name != "test_readme.py" and "DESIGN" + ".md" in text:
                 cited.append(f"{path.relative_to(ROOT)}: DESIGN.md")
@@ -134,25 +103,6 @@ def test_no_code_cites_a_document_the_project_lacks() -> None:
                 if not (ROOT / page).exists():
                     cited.append(f"{path.relative_to(ROOT)}: {page}")
     assert not cited, cited
-
-
-PLANNING = ("autopart partition ", "autopart simulate ")
-"""Commands whose output follows from the shipped profiles alone (no timing, no torch): their blocks are rerun."""
-
-
-def console_blocks(page: Path) -> list[tuple[int, list[str], list[str]]]:
-    """(line, command words, output lines) of every plain code block of ``page`` that shows a planning
-    command (``$ autopart partition ...``, continued by trailing backslashes) and what it printed."""
-    found = []
-    for line, info, body in fences(page.read_text()):
-        lines = [x.rstrip() for x in body]
-        if info or not lines or not lines[0].startswith("$ ") or not lines[0][2:].startswith(PLANNING):
-            continue
-        command = lines.pop(0)[2:]
-        while command.endswith("\\"):
-            command = command[:-1] + " " + lines.pop(0).strip()
-        found.append((line, command.split()[1:], lines))
-    return found
 
 
 def reads_what_it_has(args: list[str], written: set[str]) -> bool:

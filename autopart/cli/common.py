@@ -5,7 +5,7 @@ from __future__ import annotations
 import argparse
 import os
 import sys
-from typing import TYPE_CHECKING, NoReturn
+from typing import TYPE_CHECKING, Callable, NoReturn
 
 from autopart.errors import AutopartError
 from autopart.formats.schedule_kinds import canonical_schedule
@@ -52,6 +52,19 @@ def path_arg(text: str) -> str:
             raise argparse.ArgumentTypeError(f"file name {shortened(part)!r} is {size} bytes, longer than the "
                                              f"{NAME_MAX_BYTES} a file system takes")
     return text
+
+
+def at_least(lowest: int) -> Callable[[str], int]:
+    """An argparse type: an integer >= ``lowest`` (argparse names the flag in the error)."""
+    def parse(text: str) -> int:
+        try:
+            value = int(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"needs a whole number, got {text!r}") from None
+        if value < lowest:
+            raise argparse.ArgumentTypeError(f"must be >= {lowest}, got {value}")
+        return value
+    return parse
 
 
 def schedule_arg(text: str) -> str:

@@ -7,7 +7,7 @@ import re
 import sys
 from typing import TYPE_CHECKING, Iterator
 
-from autopart.cli.common import Subcommands, path_arg, unused_loss_note
+from autopart.cli.common import Subcommands, at_least, path_arg, unused_loss_note
 from autopart.errors import AutopartError
 
 if TYPE_CHECKING:  # torch is imported when the command runs, so `autopart --help` stays fast
@@ -49,12 +49,12 @@ def add_parser(sub: Subcommands) -> None:
                         "(default), bf16-mixed / fp16-mixed (float32 weights, forward and loss under autocast; "
                         "fp16 with a gradient scaler), bf16-true (everything in bfloat16)")
     p.add_argument("--dtype", help="old name: float32 is --precision fp32, bfloat16 is --precision bf16-true")
-    p.add_argument("--repeats", type=int, default=7, metavar="N", help="timed passes per block; the median is kept (default: 7)")
-    p.add_argument("--warmup", type=int, default=2, metavar="N", help="untimed passes per block first (default: 2)")
+    p.add_argument("--repeats", type=at_least(1), default=7, metavar="N", help="timed passes per block; the median is kept (default: 7)")
+    p.add_argument("--warmup", type=at_least(0), default=2, metavar="N", help="untimed passes per block first (default: 2)")
     p.add_argument("--batchnorm", choices=("deferred", "micro"), default="deferred",
                    help="BatchNorm as train will run it: deferred (default; running statistics over the mini-batch, "
                         "once per step) or micro (PyTorch's, once per micro-batch); see autopart train --help")
-    p.add_argument("--threads", type=int, metavar="N",
+    p.add_argument("--threads", type=at_least(1), metavar="N",
                    help="CPU threads for torch while measuring (default: torch's choice); times depend on it")
     p.add_argument("--seed", type=int, default=0, help="seed for the random weights and inputs (default: 0)")
     p.add_argument("--build", choices=("auto", "whole", "by-block"), default="auto",

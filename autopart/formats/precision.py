@@ -65,9 +65,9 @@ def precision_of_dtype(dtype: str, where: str = "--dtype") -> str:
     name = dtype.removeprefix("torch.")
     if name in ("float16", "half"):
         raise AutopartError(f"{where} float16 is not offered (float16 parameters do not train without a "
-                            f"gradient scaler): use --precision fp16-mixed")
+                            f"gradient scaler): use precision fp16-mixed")
     if name not in _OF_DTYPE:
-        raise AutopartError(f"{where} {dtype!r} is not a training dtype; use --precision "
+        raise AutopartError(f"{where} {dtype!r} is not a training dtype; use a precision: "
                             f"{'|'.join(PRECISIONS)}")
     return _OF_DTYPE[name]
 

@@ -72,11 +72,11 @@ class ProfileConfig:
 
     def __post_init__(self) -> None:
         if self.repeats < 1:
-            raise AutopartError(f"--repeats must be >= 1, got {self.repeats}")
+            raise AutopartError(f"repeats must be >= 1, got {self.repeats}")
         if self.warmup < 0:
-            raise AutopartError(f"--warmup must be >= 0, got {self.warmup}")
+            raise AutopartError(f"warmup must be >= 0, got {self.warmup}")
         if self.threads is not None and self.threads < 1:
-            raise AutopartError(f"--threads must be >= 1, got {self.threads}")
+            raise AutopartError(f"threads must be >= 1, got {self.threads}")
         _request(self, apply=False)  # the device and the dtypes, checked now
 
 
@@ -166,7 +166,7 @@ def _check_rows(model: str, examples: tuple[Example, ...]) -> None:
         first = example[0]
         if first.dim() and first.shape[0] == 0:
             raise AutopartError(f"model {model!r}: the example input has 0 rows (shape {list(first.shape)}); a "
-                                f"micro-batch needs at least one (--microbatch-size or --input-shape give rows)")
+                                f"micro-batch needs at least one")
 
 
 def _request(config: ProfileConfig, apply: bool = True) -> _Request:
@@ -186,12 +186,12 @@ def training_precision(config: ProfileConfig) -> Precision:
     errors for an unknown name, a dtype that is not floating or not offered, and both given."""
     if config.dtype is not None:
         if config.precision is not None:
-            raise AutopartError(f"--dtype {config.dtype} and --precision {config.precision} both given: --dtype is "
-                                f"the old name of --precision, give only --precision")
+            raise AutopartError(f"dtype {config.dtype} and precision {config.precision} both given: dtype is "
+                                f"the old name of precision, give only precision")
         if not parse_dtype(config.dtype).is_floating_point:
-            raise AutopartError(f"--dtype must be a floating type, got {config.dtype!r}")
-        return check_precision(precision_of_dtype(config.dtype))
-    return check_precision(config.precision or DEFAULT_PRECISION)
+            raise AutopartError(f"dtype must be a floating type, got {config.dtype!r}")
+        return check_precision(precision_of_dtype(config.dtype, "dtype"), "precision")
+    return check_precision(config.precision or DEFAULT_PRECISION, "precision")
 
 
 def meta_build(spec: str, dtype: torch.dtype, build: str, note: NoteFn | None) -> ModelBundle | None:
@@ -269,10 +269,10 @@ def _device(text: str) -> torch.device:
         raise AutopartError(f"unknown device {text!r}; use cpu, cuda or cuda:N") from None
     if device.type == "cuda":
         if not torch.cuda.is_available():
-            raise AutopartError(f"--device {text} asked for, but CUDA is not available on this machine")
+            raise AutopartError(f"device {text!r} asked for, but CUDA is not available on this machine")
         index = device.index or 0
         if index >= torch.cuda.device_count():
-            raise AutopartError(f"--device {text}: only {torch.cuda.device_count()} CUDA device(s)")
+            raise AutopartError(f"device {text!r}: only {torch.cuda.device_count()} CUDA device(s)")
         return torch.device("cuda", index)
     if device.type != "cpu":
         raise AutopartError(f"unsupported device {text!r}; use cpu, cuda or cuda:N")
