@@ -21,7 +21,7 @@ MiB = 2**20
 
 CPU_PEAK = """
 import torch
-from autopart.measure.memory import MemoryMeter
+from autopart.measure.memory import MemoryMeter, lower_mmap_threshold
 MiB = 2**20
 assert lower_mmap_threshold()
 torch.ones(MiB // 4).sum()  # as in any training process, a 1 MiB block freed: glibc's own threshold rises
