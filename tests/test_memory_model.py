@@ -308,3 +308,38 @@ def test_the_optimizer_step_is_its_own_phase() -> None:
     assert stage(10.0, True) == (4000, static + 4000)  # 1 x (1000 + 3000)
     assert stage(5000.0, False) == (4000, static + 10000 + 2000)  # the backward holds more: the step is inside
     assert stage(10.0, False, "sgd") == (0, 4000 * 2 + 20 + 2000)
+
+
+@pytest.mark.slow
+def test_a_limit_bound_plans_ranks_stay_under_their_limit(tmp_path: Path) -> None:
+    """2 real ranks (gloo), gpt2-tiny (with its loss), GPipe, 4 micro-batches, every device limited to 3%
+    above what the model prices the [5, 1] split at (the head alone on the last stage, its logits the
+    largest part): the partitioner's plan fits, and each rank's measured peak over the training steps is
+    under the limit. Without the transient terms the limit falls below what the head's rank holds: its
+    weight's 24.5 MiB gradient, made while every micro-batch's logits are still held."""
+    import json
+    import math
+
+    from autopart.formats.plan import Plan
+    from autopart.formats.profile import Profile
+    from tests.conftest import run_cli
+
+    profiled = run_cli("profile", "gpt2-tiny", "--threads", "1", "--warmup", "0", "--repeats", "1",
+                       "-o", str(tmp_path / "profile.json"))
+    assert profiled.returncode == 0, profiled.stderr
+    profile = Profile.from_json(tmp_path / "profile.json")
+    problem = Problem.from_profile(profile, [Device("cpu")] * 2, CostModel(schedule="GPipe", microbatches=4))
+    MiB = 2**20
+    limit_mib = math.ceil(1.03 * max(st.memory_bytes for st in problem.stages([5, 1])) / MiB)
+    made = run_cli("partition", str(tmp_path / "profile.json"), "--stages", "2", "--schedule", "GPipe",
+                   "--microbatches", "4", "--memory-limit", f"{limit_mib}MiB", "-o", str(tmp_path / "plan.json"))
+    assert made.returncode == 0, made.stderr
+    plan = Plan.from_json(tmp_path / "plan.json")
+    assert plan.fits
+    ran = run_cli("train", str(tmp_path / "plan.json"), "--model", "gpt2-tiny", "--steps", "2", "--threads", "1",
+                  "--report", str(tmp_path / "r.json"))
+    assert ran.returncode == 0, ran.stderr[-3000:]
+    rows = json.loads((tmp_path / "r.json").read_text())["ranks_detail"]
+    for row in rows:
+        measured = row["memory_measured_bytes"]
+        assert measured <= limit_mib * MiB, (plan.balance, measured / MiB, limit_mib)
