@@ -16,10 +16,11 @@ from autopart.core.training import CostModel
 from autopart.formats.devices import Device
 
 
-def _blocks(n: int, seed: int, skips: bool = True, ties: bool = True, foreach: bool = False) -> BlockCosts:
+def _blocks(n: int, seed: int, skips: bool = True, ties: bool = True, foreach: bool = False,
+            acts_bytes: int = 5000) -> BlockCosts:
     rng = np.random.default_rng(seed)
     ints = lambda lo, hi: rng.integers(lo, hi, n).astype(float).tolist()  # noqa: E731
-    acts, params = ints(0, 5000), ints(0, 1000)
+    acts, params = ints(0, acts_bytes), ints(0, 1000)
     return BlockCosts.of(ints(1, 9), forward_ms=ints(0, 1), param_bytes=params,
                          largest_param_bytes=[float(int(x * f)) for x, f in zip(params, rng.uniform(0, 1, n).tolist())],
                          foreach_optimizer=foreach,
@@ -343,3 +344,21 @@ def test_a_limit_bound_plans_ranks_stay_under_their_limit(tmp_path: Path) -> Non
     for row in rows:
         measured = row["memory_measured_bytes"]
         assert measured <= limit_mib * MiB, (plan.balance, measured / MiB, limit_mib)
+
+
+@settings(max_examples=30, deadline=None)
+@given(n=st.integers(2, 6), m=st.integers(2, 6), seed=st.integers(0, 10**6), foreach=st.booleans(),
+       schedule=st.sampled_from(["GPipe", "1F1B"]), acts_bytes=st.sampled_from([1, 50, 5000]))
+def test_the_simulator_holds_the_optimizer_step_as_the_plan_counts_it(n: int, m: int, seed: int, foreach: bool,
+                                                                      schedule: str, acts_bytes: int) -> None:
+    """One stage per rank: the simulator's peak per rank (activations allocated by F and freed by B, the
+    backward's extra during B, the step's temporaries in the rank's optimizer step) is the plan's count,
+    whichever phase is the larger (small activations: the step)."""
+    from autopart.core.schedules import build_schedule
+    from autopart.core.simulate import simulate
+
+    blocks = _blocks(n, seed, skips=False, ties=False, foreach=foreach, acts_bytes=acts_bytes)
+    p = Problem(blocks, [Device("d")] * 2, CostModel(schedule=schedule, microbatches=m))
+    costs = p.stages([n // 2, n - n // 2])
+    sim = simulate(build_schedule(schedule, 2, m), costs)
+    assert list(sim.peak_memory_bytes) == [c.memory_bytes for c in costs]
