@@ -7,12 +7,14 @@ K stages, M micro-batches, stage s holds blocks i..j (inclusive):
   its output when it is not the last stage and the backward send of its
   input's gradient when it is not the first, each ``output_bytes / bandwidth + latency``
   of the boundary crossed. Sends are free when no bandwidth or latency is given.
-- memory: the sum of the terms of :data:`autopart.core.memory.MEMORY_TERMS`
+- memory: the terms of :data:`autopart.core.memory.MEMORY_TERMS`
   (parameters, gradients and optimizer state; tied copies; per in-flight
   micro-batch the saved activations, skips received and the stage's output
   held until its backward, or with recomputation only its input, output and
   the loss's saved tensors plus one micro-batch's activations; the gradients
-  of one backward; the runtime's receive buffers for the step's M micro-batches).
+  of one backward, the largest parameter's among them; the runtime's receive
+  buffers for the step's M micro-batches), with the optimizer step's
+  temporaries a phase of their own: ``held + max(backward phase, step)``.
 
 The description (:class:`~autopart.core.blocks.BlockCosts`, the devices, the
 :class:`~autopart.core.training.CostModel`) is read-only, and so is every

@@ -35,7 +35,7 @@ class StageCost:
     """Parameters, gradients and optimizer state: always resident."""
     backward_extra_bytes: int = 0
     """Held during a backward only: the recomputed activations, the gradients of the stage's input and
-    output (and the loss's, on the last stage)."""
+    output (and the loss's, on the last stage), one parameter's gradient before it is added into ``.grad``."""
     runtime_bytes: int = field(default=0, metadata=saved(omit=(0,)))
     """Held by the pipelining runtime for the whole step, all micro-batches together: receive buffers of
     the micro-batches not in flight, gradient receive buffers (0 in plans from before it was counted)."""
