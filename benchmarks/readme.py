@@ -7,8 +7,8 @@ Two kinds of output are regenerated (``tests/test_readme.py`` checks both with t
 
 - in every torch-free ```python block, the comment of each top-level ``print(...)  # OUTPUT`` line;
 - every plain block that shows ``$ autopart partition ...`` or ``$ autopart simulate ...`` on a shipped
-  profile (or a plan an earlier block of the page wrote): its output lines, unless the page elides some
-  (``...``), which are listed for a person to redo.
+  profile (or a plan an earlier block of the page wrote): its output lines; a block that shows ``...``
+  and then the output's last lines keeps that many; other elisions are listed for a person to redo.
 
 Blocks that profile or train (they import torch, or run other commands) show measured times that vary
 from run to run: they name their machine and are not rewritten.
@@ -138,9 +138,14 @@ def refresh_console(page: Path, text: str, where: Path) -> tuple[str, int, list[
     for (start, args, shown), printed in reversed(list(zip(blocks, outputs))):
         if printed is None or shown == printed:
             continue
-        if any(x.strip() == "..." for x in shown):
+        elided = [k for k, x in enumerate(shown) if x.strip() == "..."]
+        if elided == [0] and len(printed) >= len(shown) - 1:  # "..." then the output's last lines
+            printed = ["..."] + printed[len(printed) - (len(shown) - 1):]
+        elif elided:
             if [x for x in shown if x.strip() != "..." and x not in printed]:
                 by_hand.append(f"{page.relative_to(ROOT)}:{start}: autopart {' '.join(args)}")
+            continue
+        if shown == printed:
             continue
         first = start  # the block's first body line, 0-based (``start`` is the opening fence's, 1-based)
         command_lines = 1

@@ -16,11 +16,14 @@ from autopart.core.training import CostModel
 from autopart.formats.devices import Device
 
 
-def _blocks(n: int, seed: int, skips: bool = True, ties: bool = True) -> BlockCosts:
+def _blocks(n: int, seed: int, skips: bool = True, ties: bool = True, foreach: bool = False,
+            acts_bytes: int = 5000) -> BlockCosts:
     rng = np.random.default_rng(seed)
     ints = lambda lo, hi: rng.integers(lo, hi, n).astype(float).tolist()  # noqa: E731
-    acts = ints(0, 5000)
-    return BlockCosts.of(ints(1, 9), forward_ms=ints(0, 1), param_bytes=ints(0, 1000),
+    acts, params = ints(0, acts_bytes), ints(0, 1000)
+    return BlockCosts.of(ints(1, 9), forward_ms=ints(0, 1), param_bytes=params,
+                         largest_param_bytes=[float(int(x * f)) for x, f in zip(params, rng.uniform(0, 1, n).tolist())],
+                         foreach_optimizer=foreach,
                          activation_bytes=acts, output_bytes=ints(1, 300), input_bytes=77, model_output_bytes=999,
                          loss_activation_bytes=[0.0] * (n - 1) + [acts[-1] // 2],
                          skip_bytes=ints(0, 50) if skips else None,
@@ -41,18 +44,25 @@ def _by_hand(p: Problem, s: int, i: int, j: int, recompute: bool) -> float:
     acts, loss_acts = float(b.activation_bytes[i:j + 1].sum()), float(loss[i:j + 1].sum())
     gradients = sent + (received if i > 0 else 0.0) + (b.model_output_bytes if j == n - 1 else 0.0)
     buffers = (m - in_flight) * received + (0.0 if j == n - 1 else m * sent)
+    largest = float(b.largest_param_bytes[i:j + 1].max()) if b.largest_param_bytes is not None else 0.0
+    gradients += largest  # one parameter's gradient before it is added into .grad
+    # the optimizer step, after the last backward: AdamW's sqrt and quotient of one tensor at a time (CPU),
+    # or one copy of every parameter (foreach, CUDA)
+    step = float(b.param_bytes[i:j + 1].sum()) if b.foreach_optimizer else 2 * largest
     if recompute:
-        return weights + in_flight * (received + sent + loss_acts) + (acts - loss_acts) + gradients + buffers
-    return weights + in_flight * (acts + (skips[i - 1] if i > 0 else 0.0) + sent) + gradients + buffers
+        busy = in_flight * (received + sent + loss_acts) + (acts - loss_acts) + gradients
+    else:
+        busy = in_flight * (acts + (skips[i - 1] if i > 0 else 0.0) + sent) + gradients
+    return weights + buffers + max(busy, step)
 
 
 @settings(max_examples=60, deadline=None)
 @given(n=st.integers(2, 8), k=st.integers(1, 4), m=st.integers(1, 6), seed=st.integers(0, 10**6),
-       schedule=st.sampled_from(["GPipe", "1F1B"]))
+       schedule=st.sampled_from(["GPipe", "1F1B"]), foreach=st.booleans())
 def test_every_stage_memory_is_the_sum_of_the_documented_terms(n: int, k: int, m: int, seed: int,
-                                                                schedule: str) -> None:
+                                                                schedule: str, foreach: bool) -> None:
     k = min(k, n)
-    p = Problem(_blocks(n, seed), [Device("d")] * k, CostModel(schedule=schedule, microbatches=m))
+    p = Problem(_blocks(n, seed, foreach=foreach), [Device("d")] * k, CostModel(schedule=schedule, microbatches=m))
     for s in range(k):
         for i in range(n):
             for j in range(i, n):
@@ -62,8 +72,8 @@ def test_every_stage_memory_is_the_sum_of_the_documented_terms(n: int, k: int, m
                 for recompute in (False, True):
                     cost = p.stage(s, i, j, recompute)
                     in_flight = p.model.in_flight(s, k)
-                    assert cost.memory_bytes == (cost.static_bytes + in_flight * cost.activation_bytes
-                                                 + cost.backward_extra_bytes + cost.runtime_bytes)
+                    assert cost.memory_bytes == (cost.static_bytes + cost.runtime_bytes + max(
+                        in_flight * cost.activation_bytes + cost.backward_extra_bytes, cost.optimizer_step_bytes))
                     assert cost.memory_bytes == _by_hand(p, s, i, j, recompute)
 
 
@@ -198,3 +208,157 @@ def test_what_torch_pipelining_holds_is_what_the_terms_count(tmp_path: Path) -> 
     # (the schedule's split of it, not a buffer of torch's) stands in for the receive buffers
     assert plan.stages[0].cost.runtime_bytes == m * boundary + (m - in_flight[0]) * profile.input_bytes
     assert plan.stages[1].cost.runtime_bytes == (m - in_flight[1]) * boundary
+
+
+TRANSIENTS = """
+import torch
+from torch import nn
+from autopart.measure.memory import MemoryMeter, lower_mmap_threshold
+assert lower_mmap_threshold()
+torch.manual_seed(0)
+layer = nn.Linear(2048, 2048)          # a 16 MiB weight
+x = torch.randn(64, 2048)
+opt = torch.optim.AdamW(layer.parameters(), lr=1e-3)
+layer(x).sum().backward()
+opt.step()                             # state made; gradients kept, as train keeps them (zeroed in place)
+meter = MemoryMeter(torch.device("cpu"))
+meter.start()
+out = layer(x)                         # saves x (already held): nothing new but the output
+meter.reset_peak()
+out.sum().backward()                   # the weight's gradient is made, then added into .grad
+backward = meter.peak_bytes()
+del out
+meter.reset_peak()
+opt.step()                             # per-tensor AdamW (CPU): sqrt and quotient of each tensor
+step = meter.peak_bytes()
+print(backward, step)
+"""
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(not Path("/proc/self/clear_refs").exists(), reason="needs Linux's /proc")
+def test_the_transient_terms_are_what_one_process_holds() -> None:
+    """A 2048 x 2048 Linear (16 MiB weight) with its gradient kept, measured in a fresh process (as a rank
+    is): its backward peaks at one weight gradient (plus the 0.5 MiB gradient of its output), the
+    ``parameter gradient`` term; AdamW's step on CPU at two copies of the weight, the ``optimizer
+    temporaries (per tensor)`` term. The profile records the weight as the block's largest tensor."""
+    import os
+    import subprocess
+    import sys
+
+    import torch
+    from torch import nn
+
+    from autopart.measure.profiler import profile_model
+
+    root = Path(__file__).resolve().parent.parent
+    result = subprocess.run([sys.executable, "-c", TRANSIENTS], capture_output=True, text=True,
+                            env=dict(os.environ, PYTHONPATH=str(root), OMP_NUM_THREADS="1"), timeout=120)
+    assert result.returncode == 0, result.stderr
+    backward, step = (int(v) for v in result.stdout.split())
+    profile = profile_model(nn.Linear(2048, 2048), torch.randn(64, 2048), warmup=0, repeats=1)
+    weight = 2048 * 2048 * 4
+    assert profile.layers[0].largest_param_bytes == weight
+    cost = Problem.from_profile(profile, [Device("cpu")], CostModel(schedule="GPipe", microbatches=1)).stage(0, 0, 0)
+    output_grad = 64 * 2048 * 4
+    # the parameter's gradient; the output's; on a last stage the loss's working set (no loss here)
+    assert cost.backward_extra_bytes == weight + output_grad + output_grad
+    assert cost.optimizer_step_bytes == 2 * weight
+    MiB = 2**20
+    assert abs(backward - (weight + output_grad)) < 2 * MiB, backward / MiB
+    assert abs(step - cost.optimizer_step_bytes) < 2 * MiB, (step / MiB, cost.optimizer_step_bytes / MiB)
+
+
+def test_a_tied_parameter_is_the_largest_tensor_of_every_block_that_uses_it() -> None:
+    """An embedding tied to the LM head: the head's block owns no parameter of that size, yet makes its
+    gradient; the profile records the tie as both blocks' largest tensor. A profile from before the field
+    plans with an upper bound: the block's own parameter bytes, or a larger tie it uses."""
+    import dataclasses
+
+    import torch
+    from torch import nn
+
+    from autopart.measure.profiler import profile_model
+
+    emb, head = nn.Embedding(100, 16), nn.Linear(16, 100, bias=False)
+    head.weight = emb.weight
+    model = nn.Sequential(emb, nn.Linear(16, 16), head)
+    profile = profile_model(model, torch.randint(0, 100, (2, 4)), warmup=0, repeats=1)
+    assert [x.largest_param_bytes for x in profile.layers] == [100 * 16 * 4, 16 * 16 * 4, 100 * 16 * 4]
+    old = dataclasses.replace(profile, layers=tuple(dataclasses.replace(x, largest_param_bytes=None)
+                                                    for x in profile.layers))
+    blocks = BlockCosts.from_profile(old)
+    assert blocks.largest_param_bytes is not None
+    assert blocks.largest_param_bytes.tolist() == [100 * 16 * 4, 16 * 16 * 4 + 16 * 4, 100 * 16 * 4]
+
+
+def test_the_optimizer_step_is_its_own_phase() -> None:
+    """The optimizer step runs after the last backward: its temporaries count only where they exceed what
+    the backward holds (activations, gradients in flight), never on top of them. Per tensor (CPU) they are
+    two copies of the stage's largest parameter tensor, foreach (CUDA) one copy of all its parameters;
+    SGD updates in place."""
+    def stage(acts: float, foreach: bool, optimizer: str = "adamw") -> tuple[int, int]:
+        blocks = BlockCosts.of([1.0, 1.0], param_bytes=[1000.0, 3000.0], largest_param_bytes=[600.0, 2000.0],
+                               activation_bytes=[acts, acts], foreach_optimizer=foreach)
+        cost = Problem(blocks, [Device("d")], CostModel(schedule="GPipe", microbatches=1,
+                                                         optimizer=optimizer)).stage(0, 0, 1)
+        return cost.optimizer_step_bytes, cost.memory_bytes
+
+    static = 4000 * 4  # parameters, gradients, AdamW's two states
+    assert stage(10.0, False) == (4000, static + 4000)  # the step's 2 x 2000 over the backward's 20 + 2000
+    assert stage(10.0, True) == (4000, static + 4000)  # 1 x (1000 + 3000)
+    assert stage(5000.0, False) == (4000, static + 10000 + 2000)  # the backward holds more: the step is inside
+    assert stage(10.0, False, "sgd") == (0, 4000 * 2 + 20 + 2000)
+
+
+@pytest.mark.slow
+def test_a_limit_bound_plans_ranks_stay_under_their_limit(tmp_path: Path) -> None:
+    """2 real ranks (gloo), gpt2-tiny (with its loss), GPipe, 4 micro-batches, every device limited to 3%
+    above what the model prices the [5, 1] split at (the head alone on the last stage, its logits the
+    largest part): the partitioner's plan fits, and each rank's measured peak over the training steps is
+    under the limit. Without the transient terms the limit falls below what the head's rank holds: its
+    weight's 24.5 MiB gradient, made while every micro-batch's logits are still held."""
+    import json
+    import math
+
+    from autopart.formats.plan import Plan
+    from autopart.formats.profile import Profile
+    from tests.conftest import run_cli
+
+    profiled = run_cli("profile", "gpt2-tiny", "--threads", "1", "--warmup", "0", "--repeats", "1",
+                       "-o", str(tmp_path / "profile.json"))
+    assert profiled.returncode == 0, profiled.stderr
+    profile = Profile.from_json(tmp_path / "profile.json")
+    problem = Problem.from_profile(profile, [Device("cpu")] * 2, CostModel(schedule="GPipe", microbatches=4))
+    MiB = 2**20
+    limit_mib = math.ceil(1.03 * max(st.memory_bytes for st in problem.stages([5, 1])) / MiB)
+    made = run_cli("partition", str(tmp_path / "profile.json"), "--stages", "2", "--schedule", "GPipe",
+                   "--microbatches", "4", "--memory-limit", f"{limit_mib}MiB", "-o", str(tmp_path / "plan.json"))
+    assert made.returncode == 0, made.stderr
+    plan = Plan.from_json(tmp_path / "plan.json")
+    assert plan.fits
+    ran = run_cli("train", str(tmp_path / "plan.json"), "--model", "gpt2-tiny", "--steps", "2", "--threads", "1",
+                  "--report", str(tmp_path / "r.json"))
+    assert ran.returncode == 0, ran.stderr[-3000:]
+    rows = json.loads((tmp_path / "r.json").read_text())["ranks_detail"]
+    for row in rows:
+        measured = row["memory_measured_bytes"]
+        assert measured <= limit_mib * MiB, (plan.balance, measured / MiB, limit_mib)
+
+
+@settings(max_examples=30, deadline=None)
+@given(n=st.integers(2, 6), m=st.integers(2, 6), seed=st.integers(0, 10**6), foreach=st.booleans(),
+       schedule=st.sampled_from(["GPipe", "1F1B"]), acts_bytes=st.sampled_from([1, 50, 5000]))
+def test_the_simulator_holds_the_optimizer_step_as_the_plan_counts_it(n: int, m: int, seed: int, foreach: bool,
+                                                                      schedule: str, acts_bytes: int) -> None:
+    """One stage per rank: the simulator's peak per rank (activations allocated by F and freed by B, the
+    backward's extra during B, the step's temporaries in the rank's optimizer step) is the plan's count,
+    whichever phase is the larger (small activations: the step)."""
+    from autopart.core.schedules import build_schedule
+    from autopart.core.simulate import simulate
+
+    blocks = _blocks(n, seed, skips=False, ties=False, foreach=foreach, acts_bytes=acts_bytes)
+    p = Problem(blocks, [Device("d")] * 2, CostModel(schedule=schedule, microbatches=m))
+    costs = p.stages([n // 2, n - n // 2])
+    sim = simulate(build_schedule(schedule, 2, m), costs)
+    assert list(sim.peak_memory_bytes) == [c.memory_bytes for c in costs]

@@ -50,6 +50,11 @@ class BlockCosts:
     """The input-gradient half of each backward (None: not measured; the simulator assumes half)."""
     loss_activation_bytes: Floats | None = None
     """Per block, the part of ``activation_bytes`` the loss saves (the last block's; None: no loss)."""
+    largest_param_bytes: Floats | None = None
+    """Per block, the largest parameter tensor it uses, a tied one included (None: not counted)."""
+    foreach_optimizer: bool = False
+    """The optimizer steps all of a stage's parameters at once (torch's foreach kernels, its default on
+    CUDA) rather than one tensor at a time (its default on CPU): the profile's device says which."""
 
     def __post_init__(self) -> None:
         for f in fields(self):  # read-only: a problem built on these blocks cannot change under its callers
@@ -72,7 +77,9 @@ class BlockCosts:
            skip_bytes: Sequence[float] | None = None,
            ties: Sequence[tuple[float, Sequence[int]]] = (),
            input_grad_ms: Sequence[float] | None = None,
-           loss_activation_bytes: Sequence[float] | None = None) -> "BlockCosts":
+           loss_activation_bytes: Sequence[float] | None = None,
+           largest_param_bytes: Sequence[float] | None = None,
+           foreach_optimizer: bool = False) -> "BlockCosts":
         """Arrays from lists (missing ones are zeros; ``model_output_bytes``: the last block's
         ``output_bytes``); a NaN, infinite or negative entry names its block."""
         n = len(compute_ms)
@@ -103,7 +110,10 @@ class BlockCosts:
                           else None,
                           loss_activation_bytes=None if loss_activation_bytes is None else np.minimum(
                               arr(loss_activation_bytes, "loss activation bytes"),
-                              arr(activation_bytes, "activation bytes")))
+                              arr(activation_bytes, "activation bytes")),
+                          largest_param_bytes=None if largest_param_bytes is None
+                          else arr(largest_param_bytes, "largest parameter bytes"),
+                          foreach_optimizer=foreach_optimizer)
 
     @staticmethod
     def from_profile(profile: Profile, optimizer: str = DEFAULT_OPTIMIZER) -> "BlockCosts":
@@ -120,7 +130,9 @@ class BlockCosts:
                                    if all(b in profile.names for b in t.blocks)],
                              input_grad_ms=None if any(x.input_grad_ms is None for x in layers)
                              else [min(x.input_grad_ms or 0.0, x.backward_ms) for x in layers],
-                             loss_activation_bytes=_loss_activation_bytes(profile))
+                             loss_activation_bytes=_loss_activation_bytes(profile),
+                             largest_param_bytes=_largest_param_bytes(profile),
+                             foreach_optimizer=profile.device.startswith("cuda"))
 
     def mirrored(self) -> "BlockCosts":
         """Block n-1 first. The boundary after mirrored block b is the original one after block n-2-b."""
@@ -135,7 +147,10 @@ class BlockCosts:
                           ties=tuple((b, tuple(self.n - 1 - u for u in users)) for b, users in self.ties),
                           input_grad_ms=None if self.input_grad_ms is None else self.input_grad_ms[::-1].copy(),
                           loss_activation_bytes=None if self.loss_activation_bytes is None
-                          else self.loss_activation_bytes[::-1].copy())
+                          else self.loss_activation_bytes[::-1].copy(),
+                          largest_param_bytes=None if self.largest_param_bytes is None
+                          else self.largest_param_bytes[::-1].copy(),
+                          foreach_optimizer=self.foreach_optimizer)
 
 
 def _ties(ties: Sequence[tuple[float, Sequence[int]]], n: int) -> tuple[tuple[float, tuple[int, ...]], ...]:
@@ -159,3 +174,15 @@ def _loss_activation_bytes(profile: Profile) -> list[float] | None:
     measured = last.loss_activation_bytes
     estimate = min(last.output_bytes, last.activation_bytes) if measured is None else measured
     return [0.0] * (len(profile.layers) - 1) + [float(estimate)]
+
+
+def _largest_param_bytes(profile: Profile) -> list[float]:
+    """Per block, its largest parameter tensor: measured, or, in profiles from before it was recorded
+    (None), an upper bound: the larger of the block's own parameter bytes and the largest tied parameter
+    it uses."""
+    tied: dict[str, int] = {}
+    for t in profile.ties:
+        for b in t.blocks:
+            tied[b] = max(tied.get(b, 0), t.bytes)
+    return [float(x.largest_param_bytes if x.largest_param_bytes is not None
+                  else max(x.param_bytes, tied.get(x.name, 0))) for x in profile.layers]

@@ -7,12 +7,14 @@ K stages, M micro-batches, stage s holds blocks i..j (inclusive):
   its output when it is not the last stage and the backward send of its
   input's gradient when it is not the first, each ``output_bytes / bandwidth + latency``
   of the boundary crossed. Sends are free when no bandwidth or latency is given.
-- memory: the sum of the terms of :data:`autopart.core.memory.MEMORY_TERMS`
+- memory: the terms of :data:`autopart.core.memory.MEMORY_TERMS`
   (parameters, gradients and optimizer state; tied copies; per in-flight
   micro-batch the saved activations, skips received and the stage's output
   held until its backward, or with recomputation only its input, output and
   the loss's saved tensors plus one micro-batch's activations; the gradients
-  of one backward; the runtime's receive buffers for the step's M micro-batches).
+  of one backward, the largest parameter's among them; the runtime's receive
+  buffers for the step's M micro-batches), with the optimizer step's
+  temporaries a phase of their own: ``held + max(backward phase, step)``.
 
 The description (:class:`~autopart.core.blocks.BlockCosts`, the devices, the
 :class:`~autopart.core.training.CostModel`) is read-only, and so is every
@@ -23,13 +25,13 @@ same arithmetic gives the numbers a plan reports.
 from __future__ import annotations
 
 import dataclasses
-from typing import Any, Sequence
+from typing import Any, Iterator, Sequence
 
 import numpy as np
 import numpy.typing as npt
 
 from autopart.core.blocks import BlockCosts
-from autopart.core.memory import MEMORY_TERMS, PART_SCALE
+from autopart.core.memory import MEMORY_TERMS, PART_SCALE, PHASE
 from autopart.core.simulate import INPUT_GRAD_SHARE, StageTimes
 from autopart.core.training import CostModel
 from autopart.errors import AutopartError
@@ -116,11 +118,13 @@ class Problem:
     def _init_memory(self, costs: BlockCosts, model: CostModel) -> None:
         """The memory terms of :data:`MEMORY_TERMS`, per mode (plain, recompute): prefix sums (per-block
         terms), arrays indexed by a stage's first or last block (received and sent terms: :meth:`_incoming`,
-        :meth:`_outgoing`) and tie lists, each with its scale and ``StageCost`` field."""
+        :meth:`_outgoing`), tie lists and range maxima (largest terms), each with its scale and ``StageCost``
+        field."""
         z = np.zeros(1)
         blocks: dict[bool, list[tuple[str, str, Floats]]] = {False: [], True: []}
         edges: dict[bool, list[tuple[str, str, bool, Floats]]] = {False: [], True: []}
         shared: dict[bool, list[tuple[str, str, list[tuple[float, Ints, int]]]]] = {False: [], True: []}
+        largest: dict[bool, list[tuple[str, str, RangeMax]]] = {False: [], True: []}
         for term in MEMORY_TERMS:
             for rc in (False, True):
                 if not term.applies(rc):
@@ -139,22 +143,35 @@ class Problem:
                             for size, users in term.shared(costs, model) if len(set(users)) > 1]
                     if ties:
                         shared[rc].append((term.scale, term.part, ties))
+                elif term.largest is not None:
+                    values = term.largest(costs, model)
+                    if np.any(values != 0):
+                        largest[rc].append((term.scale, term.part, RangeMax(values)))
         self._block_terms, self._edge_terms, self._shared_terms = blocks, edges, shared
-        self.general = bool(edges[False] or shared[False] or shared[True])
-        """Memory is not a difference of prefix sums (what a stage receives or sends, ties): the partitioner
-        checks stages pair by pair."""
-        self._prefix = {rc: tuple(self._scaled_prefix(rc, s) for s in range(self.k)) for rc in (False, True)}
+        self._largest_terms = largest
+        self.general = bool(edges[False] or shared[False] or shared[True] or largest[False] or largest[True])
+        """Memory is not a difference of prefix sums (what a stage receives or sends, ties, a largest
+        tensor): the partitioner checks stages pair by pair."""
+        self._prefix = {rc: tuple(self._scaled_prefix(rc, s, ("held", "backward")) for s in range(self.k))
+                        for rc in (False, True)}
+        self._step_prefix = {rc: tuple(self._scaled_prefix(rc, s, ("step",)) for s in range(self.k))
+                             for rc in (False, True)}
+        self._held_prefix = {rc: tuple(self._scaled_prefix(rc, s, ("held",)) for s in range(self.k))
+                             for rc in (False, True)}
+        self._steps = any(PHASE[part] == "step" for terms in (blocks, edges, shared, largest)
+                          for rc in (False, True) for _, part, *_ in terms[rc])
 
     def _factor(self, scale: str, s: int) -> float:
         """How many copies of a term of this scale stage ``s`` holds."""
         in_flight, m = float(self._in_flight[s]), float(self.model.microbatches)
         return {"once": 1.0, "in_flight": in_flight, "microbatches": m, "not_in_flight": m - in_flight}[scale]
 
-    def _scaled_prefix(self, recompute: bool, s: int) -> Floats:
-        """Prefix sums of the per-block terms on stage s, each times its factor there."""
+    def _scaled_prefix(self, recompute: bool, s: int, phases: tuple[str, ...]) -> Floats:
+        """Prefix sums of the per-block terms of these phases on stage s, each times its factor there."""
         out = np.zeros(self.n + 1)
-        for scale, _, prefix in self._block_terms[recompute]:
-            out = out + self._factor(scale, s) * prefix
+        for scale, part, prefix in self._block_terms[recompute]:
+            if PHASE[part] in phases:
+                out = out + self._factor(scale, s) * prefix
         return _frozen(out)
 
     # ---- which way the blocks run: overridden by MirroredProblem alone ----
@@ -248,14 +265,37 @@ class Problem:
         return out
 
     def _memory(self, s: int, i: Ints, j: Ints, recompute: bool) -> Floats:
-        """Stage s's bytes holding blocks i..j: every term of the table that applies, summed."""
+        """Stage s's bytes holding blocks i..j: every term of the table that applies, what is held throughout
+        plus the larger of the backward phase and the optimizer step (:data:`PHASE`)."""
         q = self._prefix[recompute][s]
-        mem: Floats = q[j + 1] - q[i]
-        for scale, _, first, values in self._edge_terms[recompute]:
-            mem = mem + self._factor(scale, s) * self._edge(values, first, i, j)
-        for scale, _, ties in self._shared_terms[recompute]:
-            mem = mem + self._factor(scale, s) * _tied(ties, i, j)
-        return mem
+        mem: Floats = q[j + 1] - q[i]  # held and backward phases
+        step: Floats | None = None
+        held_mem: Floats = mem
+        if self._steps:
+            held, qs = self._held_prefix[recompute][s], self._step_prefix[recompute][s]
+            held_mem = held[j + 1] - held[i]
+            step = qs[j + 1] - qs[i]
+        for scale, part, raw in self._stage_terms(i, j, recompute):
+            value = self._factor(scale, s) * raw
+            if PHASE[part] == "step":
+                step = value if step is None else step + value
+            else:
+                mem = mem + value
+                if self._steps and PHASE[part] == "held":
+                    held_mem = held_mem + value
+        if step is None:
+            return mem
+        return held_mem + np.maximum(mem - held_mem, step)
+
+    def _stage_terms(self, i: Ints, j: Ints, recompute: bool) -> Iterator[tuple[str, str, Floats]]:
+        """(scale, part, bytes of one copy) of every term that is no difference of prefix sums, for stages
+        holding blocks i..j."""
+        for scale, part, first, values in self._edge_terms[recompute]:
+            yield scale, part, self._edge(values, first, i, j)
+        for scale, part, ties in self._shared_terms[recompute]:
+            yield scale, part, _tied(ties, i, j)
+        for scale, part, table in self._largest_terms[recompute]:
+            yield scale, part, table.max(i, j)
 
     def memories(self, s: int, i: Ints, j: Ints) -> tuple[Floats, Floats]:
         """Stage ``s``'s bytes holding blocks i..j without and with recomputation (inf where not allowed)."""
@@ -324,10 +364,8 @@ class Problem:
 
         for scale, part, prefix in self._block_terms[recompute]:
             add(scale, part, float(prefix[last + 1] - prefix[first]))
-        for scale, part, first_block, values in self._edge_terms[recompute]:
-            add(scale, part, float(self._edge(values, first_block, i, j)[0]))
-        for scale, part, ties in self._shared_terms[recompute]:
-            add(scale, part, float(_tied(ties, i, j)[0]))
+        for scale, part, raw in self._stage_terms(i, j, recompute):
+            add(scale, part, float(raw[0]))
         return parts
 
     def stage(self, s: int, first: int, last: int, recompute: bool | None = None) -> StageCost:
@@ -375,6 +413,31 @@ class Problem:
         """
         return float(max(self._compute_prefix_ms[-1] / self.speed.sum(),
                          self.blocks.compute_ms.max() / self.speed.max()))
+
+
+class RangeMax:
+    """The largest of ``values[i..j]`` (inclusive) for arrays of i and j, in O(1) each: a sparse table of
+    maxima over windows of 2**k blocks."""
+
+    def __init__(self, values: Floats) -> None:
+        levels = [np.asarray(values, dtype=np.float64)]
+        width = 1
+        while 2 * width <= len(values):
+            prev = levels[-1]
+            levels.append(np.maximum(prev[:-width], prev[width:]))
+            width *= 2
+        self._levels = [_frozen(level) for level in levels]
+
+    def max(self, i: Ints, j: Ints) -> Floats:
+        """The largest value of blocks i..j (i <= j)."""
+        i, j = np.broadcast_arrays(np.asarray(i, dtype=np.int64), np.asarray(j, dtype=np.int64))
+        k = np.floor(np.log2(j - i + 1)).astype(np.int64)
+        out = np.empty(i.shape)
+        for level in np.unique(k):
+            sel = k == level
+            table = self._levels[int(level)]
+            out[sel] = np.maximum(table[i[sel]], table[j[sel] - (1 << int(level)) + 1])
+        return out
 
 
 def _tied(ties: list[tuple[float, Ints, int]], i: Ints, j: Ints) -> Floats:

@@ -1,7 +1,7 @@
 """Every term of a stage's memory, in one table: :data:`MEMORY_TERMS` (docs/cost-model.md, "Memory").
 
-A stage's bytes are the sum of the terms that apply to it, each read from the
-blocks one of four ways:
+A stage's bytes are the terms that apply to it, each read from the blocks one
+of five ways:
 
 - ``per_block``: per-block bytes, summed over the stage's blocks (prefix sums);
 - ``received``: what crosses into the stage per micro-batch (the boundary
@@ -9,13 +9,18 @@ blocks one of four ways:
 - ``sent``: what leaves the stage per micro-batch (the boundary after its
   last block, or the model's output on the last stage);
 - ``shared``: tied parameters, a copy on every stage that uses one but does
-  not hold its owner.
+  not hold its owner;
+- ``largest``: per-block bytes, the largest over the stage's blocks (a
+  transient that holds one tensor at a time: one parameter's gradient).
 
 and counted where the term's ``when`` says (``always``, ``plain``: only
 without recomputation, ``recompute``: only when recomputing), times its
 ``scale`` (once, per in-flight micro-batch, per micro-batch of the step, per
 micro-batch not in flight), into the :class:`StageCost` field its ``part``
-names (:data:`PART_SCALE`).
+names (:data:`PART_SCALE`). The fields add up as :data:`PHASE` says: what is held
+throughout, plus the larger of what the backward phase holds and what the
+optimizer step does (the step runs after the last backward freed the
+activations).
 :class:`~autopart.core.costmodel.Problem` builds every memory price
 (``memories``, the partitioner's prefix sums, ``StageCost``'s breakdown)
 from this table alone, so a new term is one entry here and its line in
@@ -39,10 +44,11 @@ from autopart.core.blocks import BlockCosts
 from autopart.core.training import CostModel
 from autopart.errors import AutopartError
 
-__all__ = ["MemoryTerm", "MEMORY_TERMS", "PART_SCALE", "Part", "When", "Scale", "Ties"]
+__all__ = ["MemoryTerm", "MEMORY_TERMS", "PART_SCALE", "PHASE", "Part", "When", "Scale", "Ties",
+           "optimizer_step_copies"]
 
 Floats = npt.NDArray[np.float64]
-Part = Literal["static_bytes", "activation_bytes", "backward_extra_bytes", "runtime_bytes"]
+Part = Literal["static_bytes", "activation_bytes", "backward_extra_bytes", "runtime_bytes", "optimizer_step_bytes"]
 """The :class:`~autopart.formats.stage.StageCost` field a term adds to."""
 When = Literal["always", "plain", "recompute"]
 Scale = Literal["once", "in_flight", "microbatches", "not_in_flight"]
@@ -56,11 +62,21 @@ PART_SCALE: Mapping[str, Literal["once", "in_flight"]] = MappingProxyType({
     "activation_bytes": "in_flight",    # held per in-flight micro-batch until its backward
     "backward_extra_bytes": "once",     # held during one backward
     "runtime_bytes": "once",            # the pipelining runtime's buffers for the step, all micro-batches
+    "optimizer_step_bytes": "once",     # held during the optimizer step
 })
 """How each ``StageCost`` memory field adds into ``memory_bytes``:
 ``memory = static + in_flight × activation + backward_extra + runtime``. A field added once holds its
 terms already scaled (``runtime_bytes``: M × a receive buffer); ``activation_bytes`` holds one
 micro-batch's."""
+
+PHASE: Mapping[str, Literal["held", "backward", "step"]] = MappingProxyType({
+    "static_bytes": "held", "runtime_bytes": "held",
+    "activation_bytes": "backward", "backward_extra_bytes": "backward",
+    "optimizer_step_bytes": "step",
+})
+"""When each field's bytes are live: ``held`` throughout the step; ``backward`` while micro-batches are in
+flight; ``step`` during the optimizer step, after the last backward. A stage's peak:
+``memory = static + runtime + max(in_flight × activation + backward_extra, optimizer_step)``."""
 
 
 @dataclass(frozen=True)
@@ -83,10 +99,13 @@ class MemoryTerm:
     (or, on the last stage, its output)."""
     shared: Callable[[BlockCosts, CostModel], Ties] | None = None
     """Tied parameters: a copy on every stage that uses one but not its owner."""
+    largest: Callable[[BlockCosts, CostModel], Floats] | None = None
+    """Bytes of each block, the largest over the stage's blocks (one tensor at a time)."""
 
     def __post_init__(self) -> None:
-        if sum(x is not None for x in (self.per_block, self.received, self.sent, self.shared)) != 1:
-            raise AutopartError(f"memory term {self.name!r} needs exactly one of per_block, received, sent, shared")
+        if sum(x is not None for x in (self.per_block, self.received, self.sent, self.shared, self.largest)) != 1:
+            raise AutopartError(f"memory term {self.name!r} needs exactly one of per_block, received, sent, "
+                                "shared, largest")
         if self.part not in PART_SCALE or self.when not in ("always", "plain", "recompute"):
             raise AutopartError(f"memory term {self.name!r}: unknown part {self.part!r} or when {self.when!r}")
         if (self.scale == "in_flight") != (PART_SCALE[self.part] == "in_flight"):
@@ -147,6 +166,39 @@ def _tied_copies(b: BlockCosts, m: CostModel) -> Ties:
     return tuple((size * (2 + m.optimizer_states), users) for size, users in b.ties)
 
 
+OPTIMIZER_STEP_COPIES: Mapping[str, tuple[float, float]] = MappingProxyType({
+    "adamw": (2.0, 1.0), "adam": (2.0, 1.0), "sgd-momentum": (0.0, 0.0), "sgd": (0.0, 0.0),
+})
+"""Per optimizer: (copies of the largest parameter tensor a per-tensor step holds, copies of all the stage's
+parameters a foreach step holds). torch/optim/adam.py: ``_single_tensor_adam`` makes
+``exp_avg_sq.sqrt()`` and its quotient by the bias correction (two tensors of the parameter's size, one
+parameter at a time); ``_multi_tensor_adam`` makes ``_foreach_mul(grads, 1 - beta2)``, frees it, then
+``_foreach_sqrt(exp_avg_sqs)`` (one copy of every parameter at once). SGD (momentum or not, no weight
+decay) updates in place."""
+
+
+def optimizer_step_copies(m: CostModel, foreach: bool) -> float:
+    """How many copies the optimizer step's temporaries hold: of the largest parameter tensor (per-tensor
+    step, torch's default on CPU) or of all the stage's parameters (``foreach``, its default on CUDA)."""
+    per_tensor, all_params = OPTIMIZER_STEP_COPIES.get(m.optimizer, OPTIMIZER_STEP_COPIES["adamw"])
+    return all_params if foreach else per_tensor
+
+
+def _largest_param(b: BlockCosts, m: CostModel) -> Floats:
+    return b.largest_param_bytes if b.largest_param_bytes is not None else np.zeros(b.n)
+
+
+def _step_per_tensor(b: BlockCosts, m: CostModel) -> Floats:
+    copies = 0.0 if b.foreach_optimizer else optimizer_step_copies(m, False)
+    out: Floats = copies * _largest_param(b, m)
+    return out
+
+
+def _step_foreach(b: BlockCosts, m: CostModel) -> Floats:
+    out: Floats = (optimizer_step_copies(m, True) if b.foreach_optimizer else 0.0) * b.param_bytes
+    return out
+
+
 MEMORY_TERMS: tuple[MemoryTerm, ...] = (
     MemoryTerm("weights", "parameters, their gradients and the optimizer's state: param_bytes × (2 + optimizer_states)",
                "static_bytes", "always", per_block=_weights),
@@ -182,5 +234,14 @@ MEMORY_TERMS: tuple[MemoryTerm, ...] = (
     MemoryTerm("gradient receive buffers", "the runtime's buffer for the gradient of the stage's output, one "
                "per micro-batch of the step (none on the last stage)", "runtime_bytes", "always", "microbatches",
                sent=_crossing_out_grad),
+    MemoryTerm("parameter gradient", "one parameter's gradient, made in full by the backward before it is "
+               "added into the kept .grad: the stage's largest parameter tensor", "backward_extra_bytes", "always",
+               largest=_largest_param),
+    MemoryTerm("optimizer temporaries (per tensor)", "a per-tensor optimizer step (torch's default on CPU): "
+               "AdamW's sqrt and quotient of the largest parameter tensor, 2 copies", "optimizer_step_bytes",
+               "always", largest=_step_per_tensor),
+    MemoryTerm("optimizer temporaries (foreach)", "a foreach optimizer step (torch's default on CUDA): AdamW's "
+               "one copy of every parameter of the stage", "optimizer_step_bytes", "always",
+               per_block=_step_foreach),
 )
 """The terms, in the order they are summed."""

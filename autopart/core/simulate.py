@@ -441,9 +441,10 @@ def _memory(schedule: Schedule, stages: Sequence[StageCost], events: Sequence[Ev
         if e.kind in ("B", "I") and cost.backward_extra_bytes:
             changes[e.rank].append((e.start_ms, 1, cost.backward_extra_bytes, schedule.num_stages))
             changes[e.rank].append((e.end_ms, 0, -cost.backward_extra_bytes, schedule.num_stages))
-    static = [0] * schedule.num_ranks
+    static, step = [0] * schedule.num_ranks, [0] * schedule.num_ranks
     for s, cost in enumerate(stages):
         static[schedule.stage_rank[s]] += cost.static_bytes + cost.runtime_bytes
+        step[schedule.stage_rank[s]] += cost.optimizer_step_bytes  # the rank's OPT, after its last backward
     peak_act = []
     flight = [0] * schedule.num_stages
     peak_flight = [0] * schedule.num_stages
@@ -458,7 +459,7 @@ def _memory(schedule: Schedule, stages: Sequence[StageCost], events: Sequence[Ev
             elif tag < 0:
                 flight[-tag - 1] -= 1
         peak_act.append(best)
-    peak_mem = tuple(s + a for s, a in zip(static, peak_act))
+    peak_mem = tuple(s + max(a, o) for s, a, o in zip(static, peak_act, step))
     return peak_mem, tuple(peak_act), tuple(peak_flight)
 
 

@@ -68,6 +68,11 @@ class LayerProfile:
     """Last block only, when the profile includes the loss: the part of ``activation_bytes`` the loss saves
     (cross-entropy: its log-softmax). The loss runs outside a recomputed stage, so a recomputing last stage
     still holds it per in-flight micro-batch. None: not measured (older profiles; docs/cost-model.md)."""
+    largest_param_bytes: int | None = field(default=None, metadata=saved(omit=(None,)))
+    """Bytes of the largest parameter tensor the block uses (a tied one included, whichever block owns it):
+    what one parameter's gradient holds while the backward makes it, before it is added into ``.grad``, and
+    what a per-tensor optimizer step's temporaries scale with. None in profiles from before it was recorded
+    (the planner then takes an upper bound: docs/cost-model.md, "Memory")."""
     skip_bytes: int = field(default=0, metadata=saved(omit=(0,)))
     """Bytes of skips that also cross the boundary after the block: values made by earlier blocks (or
     model inputs) that a later block needs. A stage boundary here sends them too, and the stage after

@@ -35,10 +35,14 @@ class StageCost:
     """Parameters, gradients and optimizer state: always resident."""
     backward_extra_bytes: int = 0
     """Held during a backward only: the recomputed activations, the gradients of the stage's input and
-    output (and the loss's, on the last stage)."""
+    output (and the loss's, on the last stage), one parameter's gradient before it is added into ``.grad``."""
     runtime_bytes: int = field(default=0, metadata=saved(omit=(0,)))
     """Held by the pipelining runtime for the whole step, all micro-batches together: receive buffers of
     the micro-batches not in flight, gradient receive buffers (0 in plans from before it was counted)."""
+    optimizer_step_bytes: int = field(default=0, metadata=saved(omit=(0,)))
+    """Held during the optimizer step only, after the step's last backward has freed the activations: the
+    step's temporaries (0 in plans from before they were counted). ``memory_bytes`` counts the larger of
+    this and the backward's ``in_flight × activation_bytes + backward_extra_bytes``."""
     optimizer_ms: float = 0.0
     """The optimizer step over the stage's parameters: once per training step, not per micro-batch."""
     overhead_ms: float = 0.0

@@ -35,6 +35,7 @@ from autopart.measure.timing import (
     Clock,
     ProgressFn,
     block_param_bytes,
+    largest_param_bytes,
     crossing_bytes,
     detach,
     make_profile,
@@ -169,6 +170,7 @@ def profile_model(module: nn.Module, example: torch.Tensor | Sequence[torch.Tens
     if loss_fn is not None:
         loss_fn = chain.model_loss(loss_fn)
     param_bytes, buffer_bytes, ties = block_param_bytes(blocks, qualified=chain.qualified_parameters)
+    largest = largest_param_bytes(blocks)
     crossing = chain.crossing_bytes()
     clock = Clock(device)
     layers = []
@@ -191,7 +193,7 @@ def profile_model(module: nn.Module, example: torch.Tensor | Sequence[torch.Tens
             layers.append(LayerProfile(
                 name=block_name, forward_ms=f_ms, backward_ms=b_ms, optimizer_ms=optimizer_ms,
                 optimizer_ms_by_name=by_name,
-                param_bytes=param_bytes[i], activation_bytes=saved[i] + (loss_saved if last else 0),
+                param_bytes=param_bytes[i], largest_param_bytes=largest[i], activation_bytes=saved[i] + (loss_saved if last else 0),
                 loss_activation_bytes=loss_saved if last and loss is not None else None,
                 output_bytes=main, skip_bytes=skip,
                 forward_iqr_ms=f_iqr, backward_iqr_ms=b_iqr, buffer_bytes=buffer_bytes[i], cuda_peak_bytes=peak,

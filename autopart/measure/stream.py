@@ -34,6 +34,7 @@ from autopart.measure.timing import (
     Clock,
     ProgressFn,
     block_param_bytes,
+    largest_param_bytes,
     crossing_bytes,
     detach,
     make_profile,
@@ -137,6 +138,7 @@ def profile_by_block(module: nn.Module, example: Sequence[torch.Tensor], *, name
     for _, block in blocks:
         _retarget(block, device)
     param_bytes, buffer_bytes, ties = block_param_bytes(blocks, qualified=chain.qualified_parameters)
+    largest = largest_param_bytes(blocks)
     crossing = chain.crossing_bytes()
     loss = None
     if loss_fn is not None and target is not None:
@@ -162,6 +164,7 @@ def profile_by_block(module: nn.Module, example: Sequence[torch.Tensor], *, name
             measured.setdefault(sig, (block_name, layer, detach(value)))
         main, skip = crossing_bytes(crossing, i, value, precision)
         layers[-1] = dataclasses.replace(layers[-1], param_bytes=param_bytes[i], buffer_bytes=buffer_bytes[i],
+                                         largest_param_bytes=largest[i],
                                          output_bytes=main, skip_bytes=skip)
         if progress is not None:
             progress(block_name, i + 1, len(blocks))

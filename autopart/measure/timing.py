@@ -48,6 +48,13 @@ def nbytes(value: Any) -> int:
     return sum(t.numel() * t.element_size() for t in tensors_of(value))
 
 
+def largest_param_bytes(blocks: Sequence[NamedBlock]) -> list[int]:
+    """Per block, the bytes of the largest parameter tensor it uses (a shared one too, whichever block owns
+    it): one parameter's gradient before it is added into ``.grad``, and what a per-tensor optimizer step's
+    temporaries scale with (docs/cost-model.md, "Memory")."""
+    return [max((p.numel() * p.element_size() for p in block.parameters()), default=0) for _, block in blocks]
+
+
 def block_param_bytes(blocks: Sequence[NamedBlock], qualified: bool = False) -> tuple[list[int], list[int], list[Tie]]:
     """Parameter and buffer bytes per block; a shared tensor counts in its first block.
 
