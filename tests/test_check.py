@@ -1,0 +1,141 @@
+"""`autopart check`: a plan's stages tried one at a time in one process, against the plan and against `train`."""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+import pytest
+import torch
+from torch import nn
+
+from autopart.run.check import verdict
+from tests.conftest import ROOT, assert_one_line_error, run_cli, run_cli_here
+from tests.helpers import plan_for
+
+WIDE = f"{Path(__file__).resolve()}:wide_mlp"
+"""Four 4 MiB blocks: big enough that each stage's memory stands well above the meter's noise."""
+
+DEEP = f"{Path(__file__).resolve()}:deep_mlp"
+"""Narrow layers on a wide micro-batch: activations outweigh parameters (to see recomputation)."""
+OTHER = f"{ROOT / 'tests' / 'helpers.py'}:linear_relu_spec"
+MIB = 2**20
+
+
+def wide_mlp() -> dict[str, Any]:
+    torch.manual_seed(0)
+    blocks = [nn.Linear(1024, 1024) for _ in range(4)]
+    return {"module": nn.Sequential(blocks[0], nn.Tanh(), blocks[1], nn.Tanh(), blocks[2], blocks[3]),
+            "example": torch.randn(256, 1024)}
+
+
+def deep_mlp() -> dict[str, Any]:
+    torch.manual_seed(0)
+    layers: list[nn.Module] = []
+    for _ in range(6):
+        layers += [nn.Linear(256, 256), nn.Tanh()]
+    return {"module": nn.Sequential(*layers), "example": torch.randn(1024, 256)}
+
+
+@pytest.fixture(scope="module")
+def wide_plan(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    path = tmp_path_factory.mktemp("check") / "plan.json"
+    plan_for(WIDE, [3, 3], "GPipe", 4, path)
+    return path
+
+
+def test_verdict_against_a_limit_or_the_plan() -> None:
+    assert verdict(300 * MIB, 100 * MIB, 400 * MIB) == (True, "fits (75% of 400 MiB)")
+    assert verdict(int(1.7 * 2**30), 100 * MIB, 512 * MIB) == (False, "over by 1.2 GiB")
+    assert verdict(103 * MIB, 100 * MIB, None) == (True, "as planned (+3%)")
+    assert verdict(145 * MIB, 100 * MIB, None) == (True, "above plan (+45%)")
+    assert verdict(80 * MIB, 100 * MIB, None) == (True, "below plan (-20%)")
+    assert verdict(None, 100 * MIB, 10) == (True, "not measured")
+
+
+@pytest.mark.slow
+def test_check_prints_a_row_per_stage_and_writes_json(wide_plan: Path, tmp_path: Path) -> None:
+    out = tmp_path / "check.json"
+    result = run_cli("check", str(wide_plan), "--model", WIDE, "--threads", "1", "-o", str(out))
+    assert result.returncode == 0, result.stderr[-2000:]
+    rows = [line for line in result.stdout.splitlines() if line.startswith("│")]
+    assert len(rows) == 2 and "0..2" in rows[0] and "3..5" in rows[1], result.stdout
+    assert "checking stage 0/1" in result.stderr and "checking stage 1/1" in result.stderr
+    data = json.loads(out.read_text())
+    assert data["fits"] is True and data["device"] == "cpu" and data["threads"] == 1
+    plan = json.loads(wide_plan.read_text())
+    for stage, planned in zip(data["stages"], plan["stages"]):
+        assert stage["in_flight"] == stage["planned_in_flight"] == 4  # GPipe holds every micro-batch
+        assert stage["planned_bytes"] == planned["memory_bytes"]
+        assert stage["forward_ms"] > 0 and stage["backward_ms"] > 0 and stage["optimizer_ms"] > 0
+        # parameters, gradients and AdamW's two states of two 4 MiB layers at least: 32 MiB
+        assert stage["measured_bytes"] > 32 * MIB, stage
+        assert stage["verdict"].startswith(("as planned", "above plan", "below plan"))
+
+
+@pytest.mark.slow
+def test_in_flight_follows_the_schedule(tmp_path: Path) -> None:
+    path = tmp_path / "plan.json"
+    plan_for(WIDE, [2, 2, 2], "1F1B", 4, path)
+    result = run_cli("check", str(path), "--model", WIDE, "--threads", "1", "--steps", "1", "--json")
+    assert result.returncode == 0, result.stderr[-2000:]
+    stages = json.loads(result.stdout)["stages"]
+    assert [s["in_flight"] for s in stages] == [s["planned_in_flight"] for s in stages] == [3, 2, 1]
+
+
+@pytest.mark.slow
+def test_a_stage_over_its_limit_fails_with_exit_1(wide_plan: Path, tmp_path: Path) -> None:
+    raw = json.loads(wide_plan.read_text())
+    raw["stages"][1]["memory_limit_bytes"] = 8 * MIB  # less than its parameters and their optimizer state
+    tight = tmp_path / "tight.json"
+    tight.write_text(json.dumps(raw))
+    result = run_cli("check", str(tight), "--model", WIDE, "--threads", "1", "--steps", "1", "--json")
+    assert result.returncode == 1, result.stderr[-2000:]
+    first, second = json.loads(result.stdout)["stages"]
+    assert first["fits"] and first["limit_bytes"] is None
+    assert not second["fits"] and second["limit_bytes"] == 8 * MIB and second["limit_source"] == "plan"
+    assert second["verdict"].startswith("over by ")
+
+
+@pytest.mark.slow
+def test_recomputed_stage_holds_less(tmp_path: Path) -> None:
+    """A stage the plan marks recompute keeps only its input per micro-batch (here the data, held anyway) and
+    one micro-batch's activations while recomputing. Stage 0 holds five Linear-Tanh pairs: without, each of 8
+    micro-batches keeps five Tanh outputs of 1024 x 256 float32 (5 MiB, the last one its output); with, only
+    its output (1 MiB), and one micro-batch's 4 MiB while recomputing: some 28 MiB less at the peak."""
+    plain = tmp_path / "plain.json"
+    plan_for(DEEP, [10, 2], "GPipe", 8, plain)
+    raw = json.loads(plain.read_text())
+    raw["stages"][0]["recompute"] = True
+    recomputed = tmp_path / "recompute.json"
+    recomputed.write_text(json.dumps(raw))
+    peaks = []
+    for path in (plain, recomputed):
+        result = run_cli("check", str(path), "--model", DEEP, "--threads", "1", "--steps", "2", "--stage", "0",
+                         "--json")
+        assert result.returncode == 0, result.stderr[-2000:]
+        peaks.append(json.loads(result.stdout)["stages"][0]["measured_bytes"])
+    assert peaks[0] - peaks[1] > 20 * MIB, peaks
+
+
+@pytest.fixture(scope="module")
+def mlp_plan(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A plan made from a saved profile (nothing profiled, nothing to wait for)."""
+    out = tmp_path_factory.mktemp("check") / "mlp.json"
+    made = run_cli_here("partition", str(ROOT / "profiles" / "mlp-hetero-cpu-mb32.json"), "--stages", "2", "-o",
+                        str(out))
+    assert made.returncode == 0, made.stderr
+    return out
+
+
+@pytest.mark.parametrize("args, fragments", [
+    (["missing.json", "--model", "mlp-hetero"], ["missing.json"]),
+    (["{plan}", "--model", OTHER], ["do not match model", "vs 3 blocks)"]),
+    (["{plan}", "--model", "mlp-hetero", "--stage", "2"], ["stage 2 is not in the plan's 2 stages (0..1)"]),
+    (["{plan}", "--model", "mlp-hetero", "--steps", "0"], ["--steps must be >= 1, got 0"]),
+    (["{plan}", "--model", "no-such-model"], ["no-such-model"]),
+    (["{plan}", "--model", "mlp-hetero", "-o", "/no/such/folder/out.json"], ["/no/such/folder"]),
+])
+def test_bad_input_is_one_line(mlp_plan: Path, args: list[str], fragments: list[str]) -> None:
+    result = run_cli_here("check", *[a.format(plan=mlp_plan) for a in args])
+    assert_one_line_error(result, *fragments)
