@@ -168,9 +168,11 @@ def _say_start(job: Job, layers: list[str], batchnorm: str | None) -> None:
             "starting over: no complete checkpoint yet"
         say(f"restart {restart} of {os.environ.get('TORCHELASTIC_MAX_RESTARTS', '?')} after a rank failed: {where}")
     resuming = f", resuming after step {job.start_step}" if job.start_step else ""
+    again = [str(s) for s, stage in enumerate(plan.stages) if stage.cost.recompute]
+    recompute = f", stage{'s' if len(again) > 1 else ''} {', '.join(again)} recomputed in the backward" if again else ""
     say(f"training {job.cfg.model}: {plan.num_stages} stages on {job.world} ranks, {plan.schedule}, "
-        f"{plan.microbatches} micro-batches of {mb} ({gb} per step), {plan.optimizer}, data: {job.data.source}"
-        f"{resuming}")
+        f"{plan.microbatches} micro-batches of {mb} ({gb} per step){recompute}, {plan.optimizer}, "
+        f"data: {job.data.source}{resuming}")
 
 
 def _initialise(stage: int, module: nn.Module, seed: int) -> None:

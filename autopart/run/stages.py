@@ -24,10 +24,18 @@ Each stage is a :class:`TimedStage`, torch's ``PipelineStage`` with the calls
 the schedules make on it overridden: each action is timed, tells the streams
 its micro-batch, and a send or receive posted says what this rank waits for.
 Every other private torch API autopart uses is in :mod:`autopart.torch_compat`.
+
+A stage the plan marks ``recompute`` runs its whole forward under ``torch.utils.checkpoint`` (non-reentrant,
+:func:`recompute_forward`): autograd keeps only the stage's inputs per in-flight micro-batch, and each backward
+runs the forward again (the cost model's recompute term, ``docs/cost-model.md``). The recomputation runs inside
+the backward call, after the stage has told the streams its micro-batch, so each block draws the masks it drew
+forward; it leaves no trace on buffers (deferred BatchNorm merges each micro-batch once).
 """
 from __future__ import annotations
 
 import inspect
+from contextlib import AbstractContextManager, nullcontext
+from types import TracebackType
 from typing import Any, Callable, Sequence
 
 import torch
@@ -35,17 +43,18 @@ import torch.distributed as dist
 from torch import nn
 from torch.distributed.pipelining import PipelineStage
 from torch.distributed.pipelining.schedules import PipelineScheduleMulti, PipelineScheduleSingle, get_schedule_class
+from torch.utils.checkpoint import checkpoint
 
 from autopart.errors import AutopartError
 from autopart.formats.plan import Plan
-from autopart.measure.batchnorm import deferred_layers
+from autopart.measure.batchnorm import deferred_layers, statistics_kept
 from autopart.measure.blocks import Chain, LossFn, NamedBlock
 from autopart.run.shapes import StageSignature, stage_signatures
 from autopart.run.streams import BlockStreams
 from autopart.run.timeline import ActionClock
 
 __all__ = ["Pipeline", "SharedParameters", "TimedStage", "build_pipeline", "check_plan_against_model",
-           "check_world_size"]
+           "check_world_size", "recompute_forward"]
 
 Schedule = PipelineScheduleSingle | PipelineScheduleMulti
 """Every schedule ``get_schedule_class`` returns is one of the two."""
@@ -225,6 +234,8 @@ def build_pipeline(plan: Plan, chain: Chain, rank: int, device: torch.device, lo
     modules: list[tuple[int, nn.Module]] = []
     for s in plan.stages_of(rank):
         module = chain.stage_module(*_span(plan, s), enter=streams.enter)
+        if plan.stages[s].cost.recompute:
+            recompute_forward(module)
         streams.keep_caller_state(module)
         if any(t.is_meta for t in list(module.parameters()) + list(module.buffers())):
             module.to_empty(device=device)
@@ -251,6 +262,45 @@ def build_pipeline(plan: Plan, chain: Chain, rank: int, device: torch.device, lo
     blocks = {s: chain.blocks[_span(plan, s)[0]: _span(plan, s)[1] + 1] for s, _ in modules}
     block_loss = chain.block_loss(loss_fn)
     return Pipeline(plan, blocks, modules, schedule, block_loss, shared, clock, streams, signatures)
+
+
+def recompute_forward(module: nn.Module) -> None:
+    """Run ``module``'s forward under activation checkpointing from now on (non-reentrant, the random generators'
+    state preserved): autograd keeps only its inputs, and the backward runs the forward again, under
+    ``statistics_kept`` so a recomputation changes no buffer (BatchNorm's statistics count each micro-batch once).
+
+    The module stays the same object (its parameter and buffer names, hooks and ``state_dict`` unchanged); its
+    hooks run once per forward, not again when the backward recomputes it.
+    """
+    forward = module.forward
+    recomputing = _Recomputing(module)
+
+    def contexts() -> tuple[AbstractContextManager[None], AbstractContextManager[None]]:
+        return nullcontext(), recomputing
+
+    def checkpointed(*args: Any, **kwargs: Any) -> Any:
+        return checkpoint(forward, *args, use_reentrant=False, preserve_rng_state=True, context_fn=contexts,
+                          **kwargs)
+
+    module.forward = checkpointed  # type: ignore[method-assign]
+
+
+class _Recomputing(AbstractContextManager[None]):
+    """``statistics_kept(module)`` around each recomputation; re-entrant: a zero-bubble schedule's input and weight
+    halves of one backward each recompute (two graph tasks)."""
+
+    def __init__(self, module: nn.Module) -> None:
+        self.module = module
+        self.open: list[AbstractContextManager[None]] = []
+
+    def __enter__(self) -> None:
+        kept = statistics_kept(self.module)
+        kept.__enter__()
+        self.open.append(kept)
+
+    def __exit__(self, kind: type[BaseException] | None, exc: BaseException | None,
+                 tb: TracebackType | None) -> bool | None:
+        return self.open.pop().__exit__(kind, exc, tb)
 
 
 _BACKWARD_PARAMETERS = list(inspect.signature(PipelineStage.backward_one_chunk).parameters.values())[2:]
