@@ -209,8 +209,10 @@ def no_parameters_spec() -> dict[str, Any]:
             "loss_fn": nn.functional.mse_loss}
 
 
-def plan_for(spec: str, balance: list[int], schedule: str, microbatches: int, path: Any, per_rank: int = 1) -> Any:
-    """A plan of ``spec`` with the given blocks per stage, written to ``path`` (profiled once, in-process)."""
+def plan_for(spec: str, balance: list[int], schedule: str, microbatches: int, path: Any, per_rank: int = 1,
+             precision: str | None = None) -> Any:
+    """A plan of ``spec`` with the given blocks per stage, written to ``path`` (profiled once, in-process, under
+    ``precision``: None is the model's own dtype's)."""
     from autopart.core.costmodel import CostModel, Problem
     from autopart.core.partition import split_given
     from autopart.core.planner import make_plan
@@ -222,11 +224,15 @@ def plan_for(spec: str, balance: list[int], schedule: str, microbatches: int, pa
     bundle = load_model(spec)
     assert bundle.example is not None
     example = dict(zip(bundle.input_names, bundle.example)) if bundle.input_names else bundle.example
-    profile = profile_model(bundle.module, example, name=spec, warmup=0, repeats=1)
+    if precision == "bf16-true":  # a true precision is measured on the model cast, as train runs it
+        bundle.module.to(torch.bfloat16)
+        example = tuple(x.bfloat16() if x.is_floating_point() else x for x in bundle.example)
+    profile = profile_model(bundle.module, example, name=spec, warmup=0, repeats=1, precision=precision)
     model = CostModel(schedule=schedule, microbatches=microbatches, stages_per_rank=per_rank)
     devices = [Device("cpu")] * len(balance)  # as tests/test_graph_pipeline.py does
     problem = Problem.from_profile(profile, devices, model)
-    plan = make_plan(split_given(problem, balance), problem, model, devices, model_name=spec)
+    plan = make_plan(split_given(problem, balance), problem, model, devices, model_name=spec,
+                     precision=profile.precision)
     plan.to_json(path)
     return plan
 
@@ -318,3 +324,34 @@ def bound_by_permissions(fn: Any) -> Any:
     if not ok:
         raise value
     return value
+
+
+def tanh_mlp_spec() -> dict[str, Any]:
+    """Five blocks, no dropout, on fixed data: what a precision changes is all that differs between runs."""
+    model = nn.Sequential(nn.Linear(16, 64), nn.Tanh(), nn.Linear(64, 64), nn.Tanh(), nn.Linear(64, 4))
+    return {"module": model, "example": torch.randn(4, 16), "loss_fn": nn.functional.mse_loss,
+            "data": _batches(lambda g, n: torch.randn(n, 16, generator=g), 4)}
+
+
+class FiniteOnly(nn.Module):
+    """``x * w`` (one weight per feature) where finite, 0 elsewhere: an inf in the input gives a finite output
+    but a nan gradient for ``w``."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.w = nn.Parameter(torch.ones(4))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        z = x * self.w
+        return torch.where(torch.isfinite(z), z, torch.zeros_like(z))
+
+
+def inf_first_step_spec() -> dict[str, Any]:
+    """Two blocks; the first step's input holds an inf, so (block 0 alone on stage 0) only the first stage's
+    gradients are not finite in that step: a gradient scaler must skip the step on every rank."""
+    data = _batches(lambda g, n: torch.randn(n, 4, generator=g), 4)
+    first = data[0][0].clone()
+    first[0, 0] = float("inf")
+    data[0] = (first, data[0][1])
+    return {"module": nn.Sequential(FiniteOnly(), nn.Linear(4, 4)), "example": torch.randn(4, 4),
+            "loss_fn": nn.functional.mse_loss, "data": data}

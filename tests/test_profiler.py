@@ -175,13 +175,15 @@ def test_shape_that_does_not_fit_is_a_clear_error() -> None:
         profile_model(nn.Sequential(nn.Linear(4, 2)), torch.randn(3, 5), warmup=0, repeats=1)
 
 
-@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
-def test_low_precision_on_cpu(dtype: torch.dtype) -> None:
-    model = nn.Sequential(nn.Linear(8, 16), nn.GELU(), nn.Linear(16, 4)).to(dtype)
-    profile = profile_model(model, torch.randn(2, 8, dtype=dtype), warmup=0, repeats=1)
-    assert profile.dtype == str(dtype).removeprefix("torch.")
+def test_low_precision_on_cpu() -> None:
+    """A bfloat16 model is profiled as bf16-true; float16 parameters are no precision autopart trains."""
+    model = nn.Sequential(nn.Linear(8, 16), nn.GELU(), nn.Linear(16, 4)).to(torch.bfloat16)
+    profile = profile_model(model, torch.randn(2, 8, dtype=torch.bfloat16), warmup=0, repeats=1)
+    assert (profile.dtype, profile.precision) == ("bfloat16", "bf16-true")
     assert profile.layers[0].param_bytes == (8 * 16 + 16) * 2
     assert profile.layers[0].activation_bytes == 2 * 8 * 2
+    with pytest.raises(AutopartError, match="float16 is not offered .* use --precision fp16-mixed"):
+        profile_model(model.to(torch.float16), torch.randn(2, 8, dtype=torch.float16), warmup=0, repeats=1)
 
 
 def test_profile_records_its_conditions() -> None:

@@ -28,6 +28,7 @@ or a mapping with 'module', 'example' and optionally 'loss_fn' and 'data'."""
 
 
 def add_parser(sub: Subcommands) -> None:
+    from autopart.formats.precision import PRECISIONS
     from autopart.measure.models import BUILTIN_NAMES
 
     p = sub.add_parser("profile", help="measure a model block by block", description=HELP,
@@ -43,7 +44,11 @@ def add_parser(sub: Subcommands) -> None:
     p.add_argument("--input-dtype", metavar="DTYPE",
                    help="dtype of that input: long for token ids, float32 ... (default: the example's, else float32)")
     p.add_argument("--device", default="cpu", help="cpu, cuda or cuda:N (default: cpu)")
-    p.add_argument("--dtype", default="float32", help="parameter dtype: float32, bfloat16 or float16 (default: float32)")
+    p.add_argument("--precision", choices=list(PRECISIONS),
+                   help="training precision to measure under, which the plan records and train runs: fp32 "
+                        "(default), bf16-mixed / fp16-mixed (float32 weights, forward and loss under autocast; "
+                        "fp16 with a gradient scaler), bf16-true (everything in bfloat16)")
+    p.add_argument("--dtype", help="old name: float32 is --precision fp32, bfloat16 is --precision bf16-true")
     p.add_argument("--repeats", type=int, default=7, metavar="N", help="timed passes per block; the median is kept (default: 7)")
     p.add_argument("--warmup", type=int, default=2, metavar="N", help="untimed passes per block first (default: 2)")
     p.add_argument("--batchnorm", choices=("deferred", "micro"), default="deferred",
@@ -94,7 +99,7 @@ def run(args: argparse.Namespace) -> int:
     _print_table(profile)
     sizes_text = ", ".join(str(b) for b in profile.sizes())
     err.print(f"wrote {output} ({plural(len(profile.layers), 'block')}, {profile.device}, "
-              f"micro-batch {sizes_text}, {profile.dtype})", soft_wrap=True, highlight=False)
+              f"micro-batch {sizes_text}, {profile.precision})", soft_wrap=True, highlight=False)
     return 0
 
 
@@ -106,6 +111,7 @@ def _config(args: argparse.Namespace) -> ProfileConfig:
     sizes = tuple(_microbatch_sizes(args.microbatch_size)) if args.microbatch_size is not None else ()
     return ProfileConfig(microbatch_sizes=sizes, input_shape=parse_shape(args.input_shape) if args.input_shape else None,
                          input_dtype=args.input_dtype or None, device=args.device, dtype=args.dtype,
+                         precision=args.precision,
                          repeats=args.repeats, warmup=args.warmup, batchnorm=args.batchnorm, threads=args.threads,
                          seed=args.seed, build=args.build)
 

@@ -11,6 +11,7 @@ from pathlib import Path
 from autopart.cli.common import Subcommands, path_arg, unused_loss_note
 from autopart.errors import AutopartError
 from autopart.formats.plan import Plan
+from autopart.formats.precision import PRECISIONS
 from autopart.run.config import TrainConfig
 
 __all__: list[str] = []
@@ -70,6 +71,9 @@ def add_parser(sub: Subcommands) -> None:
     p.add_argument("--replan", metavar="FILE", type=path_arg,
                    help="re-profile every block where it ran and write the plan "
                    "those measurements suggest")
+    p.add_argument("--precision", choices=list(PRECISIONS),
+                   help="the precision to train in; the plan's is what runs (its memory and times are for it), so "
+                        "another is refused with the commands that re-plan for it (default: the plan's)")
     p.add_argument("--batchnorm", choices=("deferred", "micro"),
                    help="BatchNorm layers normalise each micro-batch on its own either way; deferred (the default, "
                         "or the plan's profile's choice) commits their running mean and variance once per step over "
@@ -102,6 +106,17 @@ def _config(args: argparse.Namespace) -> TrainConfig:
                        batchnorm=args.batchnorm, max_restarts=args.max_restarts)
 
 
+def check_plan_precision(plan: Plan, path: str, asked: str, model: str) -> None:
+    """Refuse ``--precision asked`` for a plan made under another: its memory and times are for its own, and
+    ``train`` runs the plan's. The error gives the commands that make a plan for ``asked``."""
+    if asked != plan.precision:
+        profile = f"{Path(plan.profile).stem if plan.profile else 'profile'}-{asked}.json"
+        raise AutopartError(f"--precision {asked}, but plan {path!r} was made for {plan.precision} (its memory and "
+                            f"times are for that, and train runs it): re-plan with `autopart profile {model} "
+                            f"--precision {asked} -o {profile}` then `autopart partition {profile} ...`, or leave "
+                            f"out --precision")
+
+
 def _worker_args(cfg: TrainConfig) -> list[str]:
     out = [cfg.plan, "--model", cfg.model, "--steps", str(cfg.steps), "--lr", repr(cfg.lr), "--seed", str(cfg.seed),
            "--device", cfg.device, "--timeout", repr(cfg.timeout_s), "--checkpoint-every", str(cfg.checkpoint_every)]
@@ -119,6 +134,8 @@ def run(args: argparse.Namespace) -> int:
     from autopart.run.launch import inside_torchrun
 
     cfg = _config(args)
+    if args.precision is not None:  # under torchrun too: every rank runs the plan's precision
+        check_plan_precision(Plan.from_json(cfg.plan), cfg.plan, args.precision, cfg.model)
     if inside_torchrun():
         if cfg.max_restarts:
             raise AutopartError("--max-restarts is for autopart's own launcher; under torchrun, pass torchrun's "

@@ -19,6 +19,7 @@ from autopart.core.simulate import Simulation, simulate
 from autopart.errors import AutopartError
 from autopart.formats.devices import Device
 from autopart.formats.plan import Candidate, Plan, PlanStage, Predicted
+from autopart.formats.precision import DEFAULT_PRECISION
 from autopart.formats.schedule_kinds import canonical_schedule, stages_per_rank
 
 __all__ = ["make_plan", "simulate_plan", "cost_model_of"]
@@ -27,8 +28,9 @@ __all__ = ["make_plan", "simulate_plan", "cost_model_of"]
 def make_plan(split: Split, problem: Problem, model: CostModel, devices: Sequence[Device], *,
               profile_path: str = "", model_name: str = "", microbatch_size: int | None = None,
               scaling: str = "", runners_up: Sequence[Candidate] = (), sample_shape: Sequence[int] = (),
-              threads: int | None = None, batchnorm: str | None = None) -> Plan:
-    """A plan from a split of ``problem``'s blocks, with its step simulated under the model's schedule."""
+              threads: int | None = None, batchnorm: str | None = None, precision: str = DEFAULT_PRECISION) -> Plan:
+    """A plan from a split of ``problem``'s blocks, with its step simulated under the model's schedule;
+    ``precision``: the profile's (:mod:`autopart.formats.precision`), which the plan records for ``train``."""
     stages, first = [], 0
     for count, cost, device in zip(split.balance, split.stages, devices):
         stages.append(PlanStage(blocks=tuple(problem.names[first: first + count]), device=device, cost=cost))
@@ -46,7 +48,7 @@ def make_plan(split: Split, problem: Problem, model: CostModel, devices: Sequenc
                 latency_ms=model.latency_ms, fits=split.fits, stages_per_rank=model.stages_per_rank,
                 microbatch_size=microbatch_size, scaling=scaling, runners_up=tuple(runners_up),
                 sample_shape=tuple(sample_shape), threads=threads,
-                batchnorm=batchnorm)
+                batchnorm=batchnorm, precision=precision)
 
 
 def simulate_plan(plan: Plan, microbatches: int | None = None, schedule: str | None = None,

@@ -170,7 +170,7 @@ def _plan_one(scaled: Profile, how: str, size: int, rank_devices: Sequence[Devic
         devices = _shared_devices(devices, chosen, ranks)
     return make_plan(chosen, problem, model, devices, profile_path=profile_path, model_name=scaled.model,
                      microbatch_size=size, scaling="" if how == "measured" else how, sample_shape=scaled.sample_shape,
-                     threads=scaled.threads, batchnorm=scaled.batchnorm)
+                     threads=scaled.threads, batchnorm=scaled.batchnorm, precision=scaled.precision)
 
 
 def score_balance(profile: Profile, rank_devices: Sequence[Device], plan: Plan, balance: Sequence[int],

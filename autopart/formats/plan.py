@@ -15,6 +15,7 @@ from autopart.formats.atomic import write_json_atomic
 from autopart.formats.devices import Device
 from autopart.formats.jsonfields import Fields, check_plausible, load_json_file
 from autopart.formats.optimizers import DEFAULT_OPTIMIZER, OPTIMIZER_STATES, check_optimizer
+from autopart.formats.precision import DEFAULT_PRECISION, check_precision
 from autopart.formats.profile import BATCHNORM_MODES
 from autopart.formats.record import read_record, saved, write_record
 from autopart.formats.schedule_kinds import canonical_schedule, stage_ranks
@@ -24,8 +25,9 @@ from autopart.formats.version import check_version
 __all__ = ["PLAN_SCHEMA", "PLAN_FEATURES", "Plan", "PlanStage", "Predicted", "Candidate"]
 
 PLAN_SCHEMA = "autopart.plan/1"
-PLAN_FEATURES: frozenset[str] = frozenset()
-"""Features (:mod:`autopart.formats.version`) this autopart reads in a plan's ``features``: none yet."""
+PLAN_FEATURES: frozenset[str] = frozenset({"precision"})
+"""Features (:mod:`autopart.formats.version`) this autopart reads in a plan's ``features``: ``precision``,
+which a plan under another precision than fp32 lists (an older autopart would train it in float32)."""
 
 MAX_STAGE_MS = 1e12
 """The longest time a plan may hold (a stage's per micro-batch, a step): a thousand times a block's bound
@@ -116,6 +118,9 @@ class Plan:
     schedule: str
     microbatches: int = field(metadata=saved(minimum=1))
     balance: tuple[int, ...]
+    precision: str = field(default=DEFAULT_PRECISION, metadata=saved(omit=(DEFAULT_PRECISION,)))
+    """The training precision (:mod:`autopart.formats.precision`), the profile's: what the memory and times are
+    for and what ``autopart train`` runs. Written when not fp32; a plan without it is fp32."""
     optimizer_states: int = field(init=False, default=0)
     """Copies of the parameters the optimizer keeps: the table's for ``optimizer``, which the file records for
     its readers (set from ``optimizer``, never given)."""
@@ -142,6 +147,9 @@ class Plan:
 
     def __post_init__(self) -> None:
         check_optimizer(self.optimizer)
+        check_precision(self.precision, f"plan of {self.model!r}: precision")
+        if self.precision != DEFAULT_PRECISION and "precision" not in self.features:
+            object.__setattr__(self, "features", (*self.features, "precision"))
         object.__setattr__(self, "optimizer_states", OPTIMIZER_STATES[self.optimizer])
 
     @property
@@ -222,7 +230,9 @@ class Plan:
             raise AutopartError(f"{source}: {len(stages)} stages do not divide into {stages_per_rank} per rank")
         check_plausible(source, [("latency_ms", f.number("latency_ms", False, 0.0))], MAX_STAGE_MS)
         return read_record(Plan, f, schema=schema, features=features, schedule=canonical_schedule(f.string("schedule")),
-                           balance=balance, optimizer=_optimizer_name(f), stages_per_rank=stages_per_rank,
+                           balance=balance, optimizer=_optimizer_name(f),
+                           precision=check_precision(f.string("precision", False, DEFAULT_PRECISION),
+                                                     f.at("precision")).name, stages_per_rank=stages_per_rank,
                            stages=tuple(stages), runners_up=tuple(runners), predicted=predicted,
                            batchnorm=f.choice("batchnorm", BATCHNORM_MODES))
 

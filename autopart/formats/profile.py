@@ -15,14 +15,17 @@ from typing import Any
 from autopart.errors import AutopartError
 from autopart.formats.atomic import write_json_atomic
 from autopart.formats.jsonfields import Fields, check_plausible, load_json_file
+from autopart.formats.precision import DEFAULT_PRECISION, check_precision, precision_of_old_file
 from autopart.formats.record import read_record, saved, write_record
 from autopart.formats.version import check_version
 
 __all__ = ["PROFILE_SCHEMA", "PROFILE_FEATURES", "BATCHNORM_MODES", "LayerProfile", "Profile", "Tie"]
 
 PROFILE_SCHEMA = "autopart.profile/1"
-PROFILE_FEATURES: frozenset[str] = frozenset()
-"""Features (:mod:`autopart.formats.version`) this autopart reads in a profile's ``features``: none yet."""
+PROFILE_FEATURES: frozenset[str] = frozenset({"precision"})
+"""Features (:mod:`autopart.formats.version`) this autopart reads in a profile's ``features``: ``precision``,
+which a profile measured under another precision than fp32 lists (an older autopart would plan it, and
+train the plan, in float32)."""
 
 
 @dataclass(frozen=True)
@@ -113,6 +116,11 @@ class Profile:
     model: str
     device: str
     dtype: str
+    """The parameters' dtype (float32 under a mixed precision)."""
+    precision: str = field(default=DEFAULT_PRECISION, metadata=saved(omit=(DEFAULT_PRECISION,)))
+    """The training precision measured under (:mod:`autopart.formats.precision`); written when not fp32. A file
+    without it (from before precisions) reads as bf16-true when its ``dtype`` is bfloat16, fp16-mixed when
+    float16, else fp32."""
     microbatch_size: int = field(metadata=saved(minimum=1))
     sample_shape: tuple[int, ...]
     torch: str = field(metadata=saved(absent="unknown"))
@@ -137,6 +145,9 @@ class Profile:
     def __post_init__(self) -> None:
         if not self.layers:
             raise AutopartError(f"profile of {self.model!r} has no layers")
+        check_precision(self.precision, f"profile of {self.model!r}: precision")
+        if self.precision != DEFAULT_PRECISION and "precision" not in self.features:
+            object.__setattr__(self, "features", (*self.features, "precision"))
         names = [layer.name for layer in self.layers]
         if len(set(names)) != len(names):
             dup = sorted({n for n in names if names.count(n) > 1})
@@ -197,8 +208,12 @@ class Profile:
                 raise AutopartError(f"{source}: by_microbatch_size[{key}] must list {len(layers)} layers")
             others.append((int(key), tuple(LayerProfile.from_dict(item, f"{source}: by_microbatch_size[{key}][{i}]")
                                            for i, item in enumerate(items))))
+        dtype = f.string("dtype")
+        precision = f.string("precision", required=False) or precision_of_old_file(dtype)
+        check_precision(precision, f.at("precision"))
         return read_record(Profile, f, schema=schema, features=features, layers=layers, ties=tuple(ties),
-                           by_microbatch_size=tuple(others), batchnorm=f.choice("batchnorm", BATCHNORM_MODES))
+                           by_microbatch_size=tuple(others), batchnorm=f.choice("batchnorm", BATCHNORM_MODES),
+                           dtype=dtype, precision=precision)
 
     @staticmethod
     def from_json(path: str | Path) -> "Profile":

@@ -16,7 +16,9 @@ import torch
 from torch import nn
 
 from autopart.errors import AutopartError
+from autopart.formats.precision import DEFAULT_PRECISION, Precision, check_precision, precision_of_dtype
 from autopart.formats.profile import Profile
+from autopart.measure.amp import param_dtype
 from autopart.formats.units import format_bytes
 from autopart.measure.blocks import cannot_run
 from autopart.measure.profiler import profile_model
@@ -25,7 +27,8 @@ from autopart.measure.spec import (Example, LossFn, ModelBundle, call_model, loa
 from autopart.measure.stream import load_with_weights, on_meta
 from autopart.torch_compat import pytree
 
-__all__ = ["Prepared", "ProfileConfig", "ProgressFn", "NoteFn", "meta_build", "measure", "prepare", "profile"]
+__all__ = ["Prepared", "ProfileConfig", "ProgressFn", "NoteFn", "meta_build", "measure", "prepare", "profile",
+           "training_precision"]
 
 ProgressFn = Callable[[str, int, int], None]
 """``progress(block, done, total)``: the block being measured (with its micro-batch size when there are
@@ -47,8 +50,12 @@ class ProfileConfig:
     """dtype of that input (``long`` for token ids ...); None: the example's, else float32."""
     device: str = "cpu"
     """cpu, cuda or cuda:N."""
-    dtype: str = "float32"
-    """Parameter dtype: float32, bfloat16 or float16."""
+    precision: str | None = None
+    """Training precision (:mod:`autopart.formats.precision`): fp32, bf16-mixed, bf16-true or fp16-mixed; None:
+    what ``dtype`` means, else fp32."""
+    dtype: str | None = None
+    """The old way to say it, by the parameters' dtype: float32 (fp32) or bfloat16 (bf16-true); float16 is
+    refused (use ``precision="fp16-mixed"``), as is giving both."""
     repeats: int = 7
     """Timed passes per block; the median is kept."""
     warmup: int = 2
@@ -89,7 +96,9 @@ class _Request:
     """The config, checked and parsed to torch values."""
 
     device: torch.device
+    precision: Precision
     dtype: torch.dtype
+    """The parameters' (float32 under a mixed precision)."""
     input_shape: tuple[int, ...] | None
     input_dtype: torch.dtype | None
     sizes: list[int | None]
@@ -146,7 +155,7 @@ def measure(prepared: Prepared, config: ProfileConfig | None = None, *,
         inputs = dict(zip(bundle.input_names, example)) if bundle.input_names else example
         profiles.append(profile_model(module, inputs, name=prepared.spec, warmup=config.warmup,
                                       repeats=config.repeats, progress=one, loss_fn=loss_fn, target=target,
-                                      batchnorm=config.batchnorm))
+                                      batchnorm=config.batchnorm, precision=training_precision(config).name))
     others = tuple((p.microbatch_size, p.layers) for p in profiles[1:])
     return dataclasses.replace(profiles[0], by_microbatch_size=others) if others else profiles[0]
 
@@ -165,13 +174,24 @@ def _request(config: ProfileConfig, apply: bool = True) -> _Request:
     if apply and config.threads is not None:
         torch.set_num_threads(config.threads)
     device = _device(config.device)
-    dtype = parse_dtype(config.dtype)
-    if not dtype.is_floating_point:
-        raise AutopartError(f"--dtype must be a floating type, got {config.dtype!r}")
+    precision = training_precision(config)
     sizes: list[int | None] = list(config.microbatch_sizes) or [None]
-    return _Request(device=device, dtype=dtype, input_shape=config.input_shape,
+    return _Request(device=device, precision=precision, dtype=param_dtype(precision), input_shape=config.input_shape,
                     input_dtype=parse_dtype(config.input_dtype) if config.input_dtype else None, sizes=sizes,
                     seed=config.seed)
+
+
+def training_precision(config: ProfileConfig) -> Precision:
+    """The precision ``config`` asks for: ``precision``, or what the old ``dtype`` means, else fp32. One-line
+    errors for an unknown name, a dtype that is not floating or not offered, and both given."""
+    if config.dtype is not None:
+        if config.precision is not None:
+            raise AutopartError(f"--dtype {config.dtype} and --precision {config.precision} both given: --dtype is "
+                                f"the old name of --precision, give only --precision")
+        if not parse_dtype(config.dtype).is_floating_point:
+            raise AutopartError(f"--dtype must be a floating type, got {config.dtype!r}")
+        return check_precision(precision_of_dtype(config.dtype))
+    return check_precision(config.precision or DEFAULT_PRECISION)
 
 
 def meta_build(spec: str, dtype: torch.dtype, build: str, note: NoteFn | None) -> ModelBundle | None:

@@ -20,19 +20,22 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
-from typing import Any, Callable, Iterator, Mapping, Sequence
+from typing import Any, Callable, ContextManager, Iterator, Mapping, Sequence
 
 import torch
 from torch import nn
 
 from autopart.errors import AutopartError
+from autopart.formats.precision import Precision, check_precision, precision_of_dtype
 from autopart.formats.profile import BATCHNORM_MODES, LayerProfile, Profile
+from autopart.measure.amp import autocast, param_dtype
 from autopart.measure.batchnorm import batchnorm_layers, deferred_batchnorm
 from autopart.measure.blocks import NamedBlock, call_block, cannot_run, chain_of
 from autopart.measure.timing import (
     Clock,
     ProgressFn,
     block_param_bytes,
+    crossing_bytes,
     detach,
     make_profile,
     nbytes,
@@ -69,8 +72,10 @@ def _preserved(module: nn.Module, device: torch.device) -> Iterator[None]:
 
 
 def _activation_pass(module: nn.Module, blocks: Sequence[NamedBlock], example: tuple[torch.Tensor, ...],
-                     loss: Callable[[Any], torch.Tensor] | None = None) -> tuple[list[int], list[Any]]:
-    """One connected forward: saved bytes per block, and each block's input (detached)."""
+                     loss: Callable[[Any], torch.Tensor] | None = None,
+                     mixed: ContextManager[object] | None = None) -> tuple[list[int], list[Any]]:
+    """One connected forward (under ``mixed``, the precision's autocast): saved bytes per block, and each
+    block's input (detached)."""
     excluded = {k for t in list(module.parameters()) + list(module.buffers()) if (k := storage_key(t))}
     seen: set[tuple[int, int]] = set()
     saved = [0] * len(blocks)
@@ -85,7 +90,7 @@ def _activation_pass(module: nn.Module, blocks: Sequence[NamedBlock], example: t
 
     inputs: list[Any] = []
     out: Any = example if len(example) > 1 else example[0]
-    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t), mixed or contextlib.nullcontext():
         for current, (_, block) in enumerate(blocks):
             inputs.append(detach(out))
             out = call_block(block, out)
@@ -94,6 +99,15 @@ def _activation_pass(module: nn.Module, blocks: Sequence[NamedBlock], example: t
             loss(out)  # what the loss saves for backward is the last stage's too
     inputs.append(final)
     return saved, inputs
+
+
+def _precision_for(name: str | None, dtype: torch.dtype) -> Precision:
+    """The precision asked for (its parameter dtype must be the module's), or the one the module's dtype means."""
+    chosen = check_precision(name or precision_of_dtype(str(dtype), "a model whose parameters are"))
+    if param_dtype(chosen) != dtype:
+        raise AutopartError(f"precision {chosen.name} keeps parameters in {chosen.param_dtype}, but the model's are "
+                            f"{str(dtype).removeprefix('torch.')}")
+    return chosen
 
 
 def _module_device_dtype(module: nn.Module, example: Sequence[torch.Tensor]) -> tuple[torch.device, torch.dtype]:
@@ -107,7 +121,7 @@ def _module_device_dtype(module: nn.Module, example: Sequence[torch.Tensor]) -> 
 def profile_model(module: nn.Module, example: torch.Tensor | Sequence[torch.Tensor] | Mapping[str, torch.Tensor], *,
                   name: str = "model", warmup: int = 2, repeats: int = 7, progress: ProgressFn | None = None,
                   loss_fn: Callable[[Any, Any], torch.Tensor] | None = None, target: Any = None,
-                  batchnorm: str = "deferred") -> Profile:
+                  batchnorm: str = "deferred", precision: str | None = None) -> Profile:
     """Profile ``module`` on one micro-batch ``example``: a tensor, a tuple of tensors, or keyword inputs.
 
     The module is profiled where it is (its device and dtype) in training mode,
@@ -116,7 +130,10 @@ def profile_model(module: nn.Module, example: torch.Tensor | Sequence[torch.Tens
     Given ``loss_fn`` and ``target``, the last block's time and activations
     include the loss, as the last pipeline stage computes it. BatchNorm layers are
     measured as training will run them: ``batchnorm="deferred"`` swaps in
-    :class:`~autopart.measure.batchnorm.DeferredBatchNorm` while measuring.
+    :class:`~autopart.measure.batchnorm.DeferredBatchNorm` while measuring. ``precision``
+    (:mod:`autopart.formats.precision`): each forward and the loss run under its autocast when it is mixed,
+    so activation and output bytes are its sizes; its parameter dtype must be the module's. None: the
+    module's dtype says (float32 is fp32, bfloat16 bf16-true).
     """
     if repeats < 1:
         raise AutopartError(f"repeats must be >= 1, got {repeats}")
@@ -134,12 +151,15 @@ def profile_model(module: nn.Module, example: torch.Tensor | Sequence[torch.Tens
     mode = batchnorm if batchnorm_layers(module) else None
     if on_meta(module):  # too big to build: one block at a time
         floats = [t.dtype for t in module.parameters() if t.is_floating_point()]
+        meta_dtype = floats[0] if floats else torch.float32
         with deferred_batchnorm(module, mode or "micro"):
             streamed = profile_by_block(module, example_t, name=name, device=example_t[0].device, input_names=names,
-                                        dtype=floats[0] if floats else torch.float32, warmup=warmup, repeats=repeats,
-                                        progress=progress, loss_fn=loss_fn, target=target)
+                                        dtype=meta_dtype, warmup=warmup, repeats=repeats,
+                                        progress=progress, loss_fn=loss_fn, target=target,
+                                        precision=_precision_for(precision, meta_dtype))
         return dataclasses.replace(streamed, batchnorm=mode)
     device, dtype = _module_device_dtype(module, example_t)
+    chosen = _precision_for(precision, dtype)
     bad = [str(t.device) for t in example_t if t.device != device]
     if bad:
         raise AutopartError(f"example is on {bad[0]} but the model is on {device}")
@@ -159,14 +179,14 @@ def profile_model(module: nn.Module, example: torch.Tensor | Sequence[torch.Tens
         module.train()
         try:
             loss = (lambda out: loss_fn(out, target)) if loss_fn is not None and target is not None else None
-            saved, inputs = _activation_pass(module, blocks, example_t, loss)
+            saved, inputs = _activation_pass(module, blocks, example_t, loss, autocast(chosen, device))
         except Exception as exc:
             raise cannot_run(name, example_t, exc) from None
         for i, (block_name, block) in enumerate(blocks):
             last = i == len(blocks) - 1
             f_ms, b_ms, f_iqr, b_iqr, peak, i_ms = time_block(block, inputs[i], clock, warmup, repeats, device,
-                                                               loss if last else None)
-            main, skip = crossing[i] if i < len(crossing) else (nbytes(inputs[i + 1]), 0)
+                                                               loss if last else None, chosen)
+            main, skip = crossing_bytes(crossing, i, inputs[i + 1], chosen)
             optimizer_ms, by_name = optimizer_times(block, clock)
             layers.append(LayerProfile(
                 name=block_name, forward_ms=f_ms, backward_ms=b_ms, optimizer_ms=optimizer_ms,
@@ -178,7 +198,7 @@ def profile_model(module: nn.Module, example: torch.Tensor | Sequence[torch.Tens
             if progress is not None:
                 progress(block_name, i + 1, len(blocks))
     profile = make_profile(name, device, dtype, example_t, layers, ties, repeats, warmup,
-                       loss_fn is not None and target is not None)
+                       loss_fn is not None and target is not None, chosen)
     return dataclasses.replace(profile, batchnorm=mode)
 
 

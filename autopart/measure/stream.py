@@ -26,12 +26,15 @@ import torch
 from torch import fx, nn
 
 from autopart.errors import AutopartError
+from autopart.formats.precision import DEFAULT_PRECISION, PRECISIONS, Precision
 from autopart.formats.profile import LayerProfile, Profile
+from autopart.measure.amp import autocast
 from autopart.measure.blocks import Chain, call_block, chain_of, tensors_of
 from autopart.measure.timing import (
     Clock,
     ProgressFn,
     block_param_bytes,
+    crossing_bytes,
     detach,
     make_profile,
     nbytes,
@@ -114,8 +117,10 @@ def _fake_outputs(like: Any) -> Any:
 def profile_by_block(module: nn.Module, example: Sequence[torch.Tensor], *, name: str, device: torch.device,
                      dtype: torch.dtype = torch.float32, warmup: int = 2, repeats: int = 7,
                      progress: ProgressFn | None = None, loss_fn: Callable[[Any, Any], torch.Tensor] | None = None,
-                     target: Any = None, input_names: Sequence[str] | None = None) -> Profile:
-    """Profile a meta-device ``module`` on the real micro-batch ``example``, one block in memory at a time."""
+                     target: Any = None, input_names: Sequence[str] | None = None,
+                     precision: Precision = PRECISIONS[DEFAULT_PRECISION]) -> Profile:
+    """Profile a meta-device ``module`` on the real micro-batch ``example``, one block in memory at a time, each
+    forward (and the loss) under ``precision``'s autocast; ``dtype``: the parameters'."""
     example_t = tuple(example)
     chain = chain_of(module, tuple(t.to("meta") for t in example_t), name, input_names)
     blocks = chain.blocks
@@ -141,20 +146,21 @@ def profile_by_block(module: nn.Module, example: Sequence[torch.Tensor], *, name
             value, carried = _fake_outputs(out_like), set()
         else:
             layer, value, carried = _measure(block, block_name, value, device, dtype, clock, warmup, repeats,
-                                             carried, loss if last else None)
+                                             carried, loss if last else None, precision)
             layers.append(layer)
             measured.setdefault(sig, (block_name, layer, detach(value)))
-        main, skip = crossing[i] if i < len(crossing) else (nbytes(value), 0)
+        main, skip = crossing_bytes(crossing, i, value, precision)
         layers[-1] = dataclasses.replace(layers[-1], param_bytes=param_bytes[i], buffer_bytes=buffer_bytes[i],
                                          output_bytes=main, skip_bytes=skip)
         if progress is not None:
             progress(block_name, i + 1, len(blocks))
-    return make_profile(name, device, dtype, example_t, layers, ties, repeats, warmup, loss is not None)
+    return make_profile(name, device, dtype, example_t, layers, ties, repeats, warmup, loss is not None, precision)
 
 
 def _measure(block: nn.Module, name: str, value: Any, device: torch.device, dtype: torch.dtype, clock: Clock,
              warmup: int, repeats: int, carried: set[tuple[int, int]],
-             loss: Callable[[Any], torch.Tensor] | None) -> tuple[LayerProfile, Any, set[tuple[int, int]]]:
+             loss: Callable[[Any], torch.Tensor] | None, precision: Precision
+             ) -> tuple[LayerProfile, Any, set[tuple[int, int]]]:
     """One block, with real weights for as long as it is measured: its profile, its (detached) output, and
     the storages it saved that the output holds (charged to it, not to the next block)."""
     _materialise(block, device, dtype)
@@ -172,7 +178,7 @@ def _measure(block: nn.Module, name: str, value: Any, device: torch.device, dtyp
             return t
 
         try:
-            with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+            with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t), autocast(precision, device):
                 out = call_block(block, value)
                 if loss is not None:
                     loss(out)
@@ -181,7 +187,8 @@ def _measure(block: nn.Module, name: str, value: Any, device: torch.device, dtyp
                                 f"{str(exc).splitlines()[0] if str(exc) else ''}") from None
         out = detach(out)
         held = {k for t in tensors_of(out) if (k := storage_key(t))} & mine
-        f_ms, b_ms, f_iqr, b_iqr, peak, i_ms = time_block(block, value, clock, warmup, repeats, device, loss)
+        f_ms, b_ms, f_iqr, b_iqr, peak, i_ms = time_block(block, value, clock, warmup, repeats, device, loss,
+                                                           precision)
         optimizer_ms, by_name = optimizer_times(block, clock)
         layer = LayerProfile(name=name, forward_ms=f_ms, backward_ms=b_ms, input_grad_ms=i_ms, param_bytes=0,
                              activation_bytes=sum(size for _, size in mine),

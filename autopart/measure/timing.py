@@ -19,12 +19,14 @@ import torch
 from torch import nn
 
 from autopart.formats.optimizers import OPTIMIZER_STATES
+from autopart.formats.precision import DEFAULT_PRECISION, PRECISIONS, Precision
 from autopart.formats.profile import LayerProfile, Profile, Tie
+from autopart.measure.amp import autocast
 from autopart.measure.blocks import NamedBlock, call_block, stage_inputs, tensors_of
 from autopart.measure.optimizers import make_optimizer
 
 __all__ = ["ProgressFn", "Clock", "time_block", "optimizer_times", "nbytes", "storage_key", "block_param_bytes",
-           "detach", "make_profile"]
+           "detach", "make_profile", "crossing_bytes"]
 
 ProgressFn = Callable[[str, int, int], None]
 """Called as ``progress(block_name, blocks_done, blocks_total)``."""
@@ -123,7 +125,8 @@ def _iqr(values: Sequence[float]) -> float:
 
 
 def time_block(block: nn.Module, block_input: Any, clock: Clock, warmup: int, repeats: int,
-                device: torch.device, loss: Callable[[Any], torch.Tensor] | None = None
+                device: torch.device, loss: Callable[[Any], torch.Tensor] | None = None,
+                precision: Precision = PRECISIONS[DEFAULT_PRECISION]
                 ) -> tuple[float, float, float, float, int | None, float]:
     """Median forward and backward ms (and their IQRs), the CUDA peak above the start, and the median ms of
     the backward for the input's gradient alone (0 when no input needs one).
@@ -132,11 +135,13 @@ def time_block(block: nn.Module, block_input: Any, clock: Clock, warmup: int, re
     output and the backward starts from it (the last stage does both). The
     input-gradient half is ``torch.autograd.grad`` on the inputs alone, as
     torch.distributed.pipelining's ``stage_backward_input`` runs it; the
-    graph is kept for the full backward timed after it.
+    graph is kept for the full backward timed after it. The forward (and the loss) runs under the
+    ``precision``'s autocast, as a stage of ``autopart train`` runs it.
     """
     def run(x: Any) -> Any:
-        out = call_block(block, stage_inputs(x))  # as a stage gets what it received
-        return loss(out) if loss is not None else out
+        with autocast(precision, device):
+            out = call_block(block, stage_inputs(x))  # as a stage gets what it received
+            return loss(out) if loss is not None else out
 
     x = _with_grad(block_input)
     probe = run(x)
@@ -192,6 +197,20 @@ def optimizer_times(block: nn.Module, clock: Clock, repeats: int = 3) -> tuple[f
     return dict(by_name)["adamw"], tuple(by_name)  # a profile's optimizer_ms is AdamW's
 
 
+def crossing_bytes(crossing: Sequence[tuple[int, int]], i: int, after: Any, precision: Precision) -> tuple[int, int]:
+    """(main path, skips) bytes crossing the cut after block ``i``: a captured graph's sizes, or the values
+    ``after`` it (a chain of children). A graph is captured without autocast, so under a mixed precision its
+    sizes are scaled to what crosses the cut under autocast, main and skips alike."""
+    real = nbytes(after)
+    if i >= len(crossing):
+        return real, 0
+    main, skip = crossing[i]
+    if not precision.mixed or main + skip == 0:
+        return main, skip
+    scaled_main = round(real * main / (main + skip))
+    return scaled_main, real - scaled_main
+
+
 def _device_name(device: torch.device) -> str:
     if device.type == "cuda":
         return torch.cuda.get_device_name(device)
@@ -205,11 +224,12 @@ def _device_name(device: torch.device) -> str:
 
 
 def make_profile(name: str, device: torch.device, dtype: torch.dtype, example: tuple[torch.Tensor, ...],
-             layers: Sequence[LayerProfile], ties: Sequence[Tie], repeats: int, warmup: int, loss: bool) -> Profile:
-    """The profile of measured ``layers``, with what it was measured on and how."""
+             layers: Sequence[LayerProfile], ties: Sequence[Tie], repeats: int, warmup: int, loss: bool,
+             precision: Precision = PRECISIONS[DEFAULT_PRECISION]) -> Profile:
+    """The profile of measured ``layers``, with what it was measured on and how (``dtype``: the parameters')."""
     first = example[0]
     return Profile(
-        model=name, device=_device_name(device), dtype=str(dtype).removeprefix("torch."),
+        model=name, device=_device_name(device), dtype=str(dtype).removeprefix("torch."), precision=precision.name,
         microbatch_size=int(first.shape[0]) if first.dim() else 1, sample_shape=tuple(int(d) for d in first.shape),
         torch=torch.__version__.split("+")[0], layers=tuple(layers), ties=tuple(ties),
         threads=torch.get_num_threads() if device.type == "cpu" else None, repeats=repeats, warmup=warmup,

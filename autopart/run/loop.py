@@ -18,6 +18,8 @@ from torch import nn
 
 from autopart.errors import AutopartError
 from autopart.formats.plan import Plan
+from autopart.formats.precision import check_precision
+from autopart.measure.amp import param_dtype
 from autopart.measure.batchnorm import batchnorm_layers, defer_batchnorm
 from autopart.measure.blocks import Chain, StageModule, chain_of, children_chain
 from autopart.measure.optimizers import make_optimizer
@@ -98,11 +100,14 @@ def _prepare(cfg: TrainConfig, rank: int, device: torch.device) -> Job:
     plan = Plan.from_json(cfg.plan)
     bundle = _build(cfg)
     require_parameters(bundle)
+    dtype = _cast_to(plan)
+    if dtype is not None:
+        bundle.module.to(dtype=dtype)  # bf16-true: every weight in bfloat16
     m = plan.microbatches
     per_mb = plan.microbatch_size or (int(bundle.example[0].shape[0]) if bundle.example else 1)
     global_batch = cfg.global_batch or per_mb * m
     microbatch_size = plan.microbatch_size_for(global_batch)
-    chain = _chain(cfg, bundle, microbatch_size, tuple(plan.sample_shape[1:]))
+    chain = _chain(cfg, bundle, microbatch_size, tuple(plan.sample_shape[1:]), dtype)
     check_plan_against_model(plan, chain.names, world, cfg.model)
     batchnorm = _batchnorm_mode(cfg, plan, chain)
     if batchnorm == "deferred":
@@ -126,10 +131,20 @@ def _prepare(cfg: TrainConfig, rank: int, device: torch.device) -> Job:
     return job  # the rest of the model (other ranks' blocks) is freed with ``bundle``
 
 
-def _chain(cfg: TrainConfig, bundle: ModelBundle, microbatch_size: int, sample_shape: tuple[int, ...]) -> Chain:
-    """The model's blocks, as the profiler found them; a graph is captured at the run's micro-batch shape."""
+def _cast_to(plan: Plan) -> torch.dtype | None:
+    """The dtype a true precision casts the model and its floating inputs to (bf16-true's bfloat16); None: the
+    model trains as built, float32 weights (fp32, and a mixed precision, which autocasts each forward)."""
+    precision = check_precision(plan.precision)
+    return None if precision.param_dtype == "float32" else param_dtype(precision)
+
+
+def _chain(cfg: TrainConfig, bundle: ModelBundle, microbatch_size: int, sample_shape: tuple[int, ...],
+           dtype: torch.dtype | None) -> Chain:
+    """The model's blocks, as the profiler found them; a graph is captured at the run's micro-batch shape, its
+    floating inputs in ``dtype`` (None: as they are)."""
     shape = (microbatch_size, *sample_shape) if sample_shape else None
-    example = shape_example(bundle, shape, None, microbatch_size) if bundle.example is not None else ()
+    example = _in_dtype(shape_example(bundle, shape, None, microbatch_size), dtype) \
+        if bundle.example is not None else ()
     if not cfg.meta_init:
         return chain_of(bundle.module, example, cfg.model, bundle.input_names)
     # Checked before any capture (a graph is not captured from meta tensors): keyword inputs, or children that
@@ -142,6 +157,11 @@ def _chain(cfg: TrainConfig, bundle: ModelBundle, microbatch_size: int, sample_s
         return children_chain(bundle.module, example, cfg.model)
     except AutopartError:
         raise refused from None
+
+
+def _in_dtype(inputs: tuple[torch.Tensor, ...], dtype: torch.dtype | None) -> tuple[torch.Tensor, ...]:
+    """Floating inputs in ``dtype`` (a true precision's; None: as they are), the others (token ids) as they are."""
+    return tuple(x.to(dtype) if dtype is not None and x.is_floating_point() else x for x in inputs)
 
 
 def _batchnorm_mode(cfg: TrainConfig, plan: Plan, chain: Chain) -> str | None:
@@ -170,8 +190,9 @@ def _say_start(job: Job, layers: list[str], batchnorm: str | None) -> None:
     resuming = f", resuming after step {job.start_step}" if job.start_step else ""
     again = [str(s) for s, stage in enumerate(plan.stages) if stage.cost.recompute]
     recompute = f", stage{'s' if len(again) > 1 else ''} {', '.join(again)} recomputed in the backward" if again else ""
+    precision = f", {plan.precision}" if plan.precision != "fp32" else ""
     say(f"training {job.cfg.model}: {plan.num_stages} stages on {job.world} ranks, {plan.schedule}, "
-        f"{plan.microbatches} micro-batches of {mb} ({gb} per step){recompute}, {plan.optimizer}, "
+        f"{plan.microbatches} micro-batches of {mb} ({gb} per step){recompute}, {plan.optimizer}{precision}, "
         f"data: {job.data.source}{resuming}")
 
 
@@ -195,7 +216,9 @@ def _train(job: Job) -> StepLog:
         say(cycled)
     for step in range(job.start_step, cfg.steps):
         inputs, target = next(job.data.batches)
-        inputs = tuple(x.to(job.device) for x in inputs) if isinstance(inputs, tuple) else inputs.to(job.device)
+        dtype = _cast_to(job.plan)
+        inputs = _in_dtype(tuple(x.to(job.device) for x in inputs), dtype) if isinstance(inputs, tuple) else \
+            _in_dtype((inputs.to(job.device),), dtype)[0]
         target = target.to(job.device)
         job.optimizer.zero_grad(set_to_none=False)  # in place, as the profile's optimizer time assumes
         job.pipe.clock.step = step + 1
@@ -204,15 +227,35 @@ def _train(job: Job) -> StepLog:
         t0 = time.perf_counter()
         job.pipe.clock.begin_step()
         out = job.pipe.step(inputs, target)
-        job.pipe.clock.timed("OPT", "OPT", job.optimizer.step)
+        scale = _optimizer_step(job)
         log.timelines.append(job.pipe.clock.end_step())  # waits for the device
         elapsed = (time.perf_counter() - t0) * 1e3
         log.step_ms.append(elapsed)
         if out is not None:
-            log.losses.append(_say_step(job, step, out, elapsed))
+            log.losses.append(_say_step(job, step, [x.detach() / scale for x in out], elapsed))
         if cfg.checkpoint and (step + 1 == cfg.steps or (cfg.checkpoint_every and (step + 1) % cfg.checkpoint_every == 0)):
             _checkpoint(job, cfg.checkpoint, step + 1)
     return log
+
+
+def _optimizer_step(job: Job) -> float:
+    """The optimizer's step; under fp16-mixed, the gradients unscaled first, the step skipped on every rank when
+    any found inf/nan (its scaler all-reduces the flag), and the scale updated. The scale the step's losses were
+    multiplied by (1 without a scaler)."""
+    scaler = job.pipe.scaler
+    if scaler is None:
+        job.pipe.clock.timed("OPT", "OPT", job.optimizer.step)
+        return 1.0
+    scale = scaler.get_scale()
+    job.pipe.clock.doing = "unscaled the gradients and agreed with every rank on skipping the step"
+
+    def step() -> None:
+        scaler.unscale_(job.optimizer)
+        scaler.step(job.optimizer)
+        scaler.update()
+
+    job.pipe.clock.timed("OPT", "OPT", step)
+    return scale
 
 
 def _say_step(job: Job, step: int, losses: list[torch.Tensor], elapsed_ms: float) -> float:

@@ -33,6 +33,7 @@ forward; it leaves no trace on buffers (deferred BatchNorm merges each micro-bat
 """
 from __future__ import annotations
 
+import functools
 import inspect
 from contextlib import AbstractContextManager, nullcontext
 from types import TracebackType
@@ -41,12 +42,15 @@ from typing import Any, Callable, Sequence
 import torch
 import torch.distributed as dist
 from torch import nn
+from torch.distributed.fsdp.sharded_grad_scaler import ShardedGradScaler
 from torch.distributed.pipelining import PipelineStage
 from torch.distributed.pipelining.schedules import PipelineScheduleMulti, PipelineScheduleSingle, get_schedule_class
 from torch.utils.checkpoint import checkpoint
 
 from autopart.errors import AutopartError
 from autopart.formats.plan import Plan
+from autopart.formats.precision import Precision, check_precision
+from autopart.measure.amp import autocast
 from autopart.measure.batchnorm import deferred_layers, statistics_kept
 from autopart.measure.blocks import Chain, LossFn, NamedBlock
 from autopart.run.shapes import StageSignature, stage_signatures
@@ -54,7 +58,7 @@ from autopart.run.streams import BlockStreams
 from autopart.run.timeline import ActionClock
 
 __all__ = ["Pipeline", "SharedParameters", "TimedStage", "build_pipeline", "check_plan_against_model",
-           "check_world_size", "recompute_forward"]
+           "check_world_size", "in_precision", "loss_in_precision", "recompute_forward"]
 
 Schedule = PipelineScheduleSingle | PipelineScheduleMulti
 """Every schedule ``get_schedule_class`` returns is one of the two."""
@@ -134,8 +138,12 @@ class Pipeline:
 
     def __init__(self, plan: Plan, blocks: dict[int, list[NamedBlock]], modules: list[tuple[int, nn.Module]],
                  schedule: Schedule, loss_fn: LossFn, shared: SharedParameters, clock: ActionClock,
-                 streams: BlockStreams, signatures: list[StageSignature]) -> None:
+                 streams: BlockStreams, signatures: list[StageSignature],
+                 scaler: ShardedGradScaler | None = None) -> None:
         self.plan = plan
+        self.scaler = scaler
+        """fp16-mixed's gradient scaler (None under the other precisions): the loss the schedule backpropagates is
+        scaled by it; the optimizer step unscales, and every rank skips a step any rank found inf/nan in."""
         self.streams = streams
         """Every block's random stream; its step advances once per :meth:`step`."""
         self.signatures = signatures
@@ -223,14 +231,17 @@ def build_pipeline(plan: Plan, chain: Chain, rank: int, device: torch.device, lo
                    group: dist.ProcessGroup | None = None,
                    init: Callable[[int, nn.Module], None] | None = None, seed: int = 0,
                    first_step: int = 0) -> Pipeline:
-    """This rank's stages of ``chain`` (moved to ``device``) wrapped for ``plan``'s schedule.
+    """This rank's stages of ``chain`` (moved to ``device``) wrapped for ``plan``'s schedule, under the plan's
+    precision (the chain's model already in its parameter dtype).
 
     Blocks built on the meta device get storage on ``device`` here and are then
     handed to ``init(stage, module)`` to fill it. Random streams come from ``seed``; ``first_step``: steps
     done before (a resumed run's).
     """
+    precision = check_precision(plan.precision)
     streams = BlockStreams(seed, device, first_step)
-    signatures = stage_signatures(chain, plan.balance, device)
+    with autocast(precision, device):  # what crosses a cut under autocast is what the receiver allocates for
+        signatures = stage_signatures(chain, plan.balance, device)
     modules: list[tuple[int, nn.Module]] = []
     for s in plan.stages_of(rank):
         module = chain.stage_module(*_span(plan, s), enter=streams.enter)
@@ -244,9 +255,13 @@ def build_pipeline(plan: Plan, chain: Chain, rank: int, device: torch.device, lo
             init(s, module)
         else:
             module.to(device)
-        modules.append((s, module))
+        modules.append((s, in_precision(module, precision, device)))
     shared = SharedParameters(plan, chain, rank, modules)
-    model_loss = chain.model_loss(loss_fn)
+    scaler = ShardedGradScaler(device=device.type, process_group=group or dist.group.WORLD) \
+        if precision.scaler else None
+    if scaler is not None:
+        scaler.scale(torch.zeros((), device=device))  # makes its scale on every rank, not only the loss's
+    model_loss = loss_in_precision(chain.model_loss(loss_fn), precision, device, scaler)
     clock = ActionClock(rank, device)
     stages = [TimedStage(module, s, plan.num_stages, device, clock=clock, streams=streams, ranks=plan.stage_ranks(),
                          input_args=signatures[s].inputs, output_args=signatures[s].outputs, group=group)
@@ -261,7 +276,33 @@ def build_pipeline(plan: Plan, chain: Chain, rank: int, device: torch.device, lo
         schedule = cls(stages[0], n_microbatches=plan.microbatches, loss_fn=model_loss)
     blocks = {s: chain.blocks[_span(plan, s)[0]: _span(plan, s)[1] + 1] for s, _ in modules}
     block_loss = chain.block_loss(loss_fn)
-    return Pipeline(plan, blocks, modules, schedule, block_loss, shared, clock, streams, signatures)
+    return Pipeline(plan, blocks, modules, schedule, block_loss, shared, clock, streams, signatures, scaler)
+
+
+def in_precision(module: nn.Module, precision: Precision, device: torch.device) -> nn.Module:
+    """``module`` with its forward run under the precision's autocast (a mixed precision; the others are cast, not
+    wrapped). The forward is replaced on the instance, so parameter names and ``state_dict`` keys stay the model's."""
+    if not precision.mixed:
+        return module
+    forward = module.forward
+
+    @functools.wraps(forward)
+    def autocast_forward(*args: Any, **kwargs: Any) -> Any:
+        with autocast(precision, device):
+            return forward(*args, **kwargs)
+
+    setattr(module, "forward", autocast_forward)
+    return module
+
+
+def loss_in_precision(loss_fn: Callable[[Any, Any], torch.Tensor], precision: Precision, device: torch.device,
+                      scaler: ShardedGradScaler | None) -> Callable[[Any, Any], torch.Tensor]:
+    """The last stage's loss under the precision's autocast, scaled by ``scaler`` (fp16-mixed) for the backward."""
+    def loss(output: Any, target: Any) -> torch.Tensor:
+        with autocast(precision, device):
+            value = loss_fn(output, target)
+        return scaler.scale(value) if scaler is not None else value
+    return loss
 
 
 def recompute_forward(module: nn.Module) -> None:
