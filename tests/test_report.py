@@ -51,12 +51,45 @@ def test_the_report_is_rendered_without_printing_or_torch() -> None:
                     measured_step_spread_ms=(20.0, 30.0), steady_steps=4, slowest_rank=1, predicted_step_ms=None,
                     predicted_bubble_fraction=0.25, step_error=None, simulated_with_measured_stages_ms=19.0,
                     measured_speed=None, fitted_overhead_ms=0.123, throughput_per_s=1234.5, throughput_unit="tokens",
+                    memory_method="by a known method",
                     stages=[StageRow(0, 0, 3, None, None, 1.7, 3.2, None)],
-                    ranks_detail=[RankRow(0, None, None, 10.0, 2.0, 3.0, 20.0)])
-    stages, ranks, *lines = report_lines(report, 4)
-    assert isinstance(stages, Table) and isinstance(ranks, Table) and stages.row_count == ranks.row_count == 1
+                    ranks_detail=[RankRow(0, None, None, 10.0, 2.0, 3.0, 20.0, memory_planned_bytes=100 * 2**20,
+                                          memory_measured_bytes=112 * 2**20, memory_reserved_bytes=None,
+                                          memory_ratio=1.12),
+                                  RankRow(1, None, None, 10.0, 2.0, 3.0, 20.0, memory_planned_bytes=2**30,
+                                          memory_measured_bytes=None, memory_reserved_bytes=None, memory_ratio=None)])
+    stages, ranks, memory, *lines = report_lines(report, 4)
+    assert isinstance(stages, Table) and isinstance(ranks, Table) and isinstance(memory, Table)
+    assert stages.row_count == 1 and ranks.row_count == memory.row_count == 2
+    assert [c.header for c in memory.columns] == ["rank", "measured", "(planned)", "measured/planned"]  # no CUDA
+    assert [list(c.cells) for c in memory.columns] == [["0", "1"], ["112 MiB", "-"], ["100 MiB", "1 GiB"],
+                                                        ["1.12x", "-"]]
     assert lines == ["step (slowest rank, rank 1): measured 21.5 ms (median of 4 steps, 20 ms-30 ms) (the plan is for "
                      "micro-batches of 4, this run used 2); simulated with the measured stage times 19 ms",
                      "runtime overhead: 123 µs per forward or backward action (what the measured stage times leave "
                      "unexplained; plan with --overhead 0.123ms)",
-                     "throughput 1,234 tokens/s"]
+                     "throughput 1,234 tokens/s",
+                     "memory per rank: by a known method"]
+    cuda = dataclasses.replace(report, ranks_detail=[dataclasses.replace(report.ranks_detail[0],
+                                                                         memory_reserved_bytes=128 * 2**20)])
+    memory = report_lines(cuda, 4)[2]
+    assert isinstance(memory, Table) and [list(c.cells) for c in memory.columns][-1] == ["128 MiB"]
+
+
+def test_each_ranks_planned_memory_is_its_stages_and_the_ratio_its_measured_peak() -> None:
+    """Interleaved1F1B: rank r holds stages r and r + 2, so its planned memory is theirs added; the measured
+    peaks gathered from the ranks are set beside them."""
+    from autopart.measure.memory import MemoryPeak
+    from autopart.run.report import _rank_rows
+
+    profile = Profile.from_json(str(ROOT / "profiles" / "gpt2-small-cpu-mb1.json"))
+    plan = plan_partition(profile, 2, CostModel(schedule="Interleaved1F1B", microbatches=4, stages_per_rank=2))
+    assert plan.num_ranks == 2 and plan.stages_of(0) == [0, 2]
+    peaks = (MemoryPeak(peak_bytes=300 * 2**20, reserved_bytes=None), MemoryPeak(peak_bytes=None, reserved_bytes=None))
+    events = ((Event(0, "0F0", "F", 0.0, 1.0), Event(1, "1F0", "F", 1.0, 2.0)),)
+    rows = _rank_rows(plan, Measured(step_ms=((2.0, 2.0),), events=events, memory=peaks), None)
+    memory = [st.cost.memory_bytes for st in plan.stages]
+    assert [r.memory_planned_bytes for r in rows] == [memory[0] + memory[2], memory[1] + memory[3]]
+    assert rows[0].memory_measured_bytes == 300 * 2**20 and rows[1].memory_measured_bytes is None
+    assert rows[0].memory_ratio == pytest.approx(300 * 2**20 / (memory[0] + memory[2]), rel=1e-12)
+    assert rows[1].memory_ratio is None and rows[0].memory_reserved_bytes is None

@@ -40,6 +40,15 @@ class RankRow:
     """The rest of the slowest rank's step: waiting for sends and receives, the runtime's own work, idle."""
     measured_finish_ms: float
     """When this rank's optimizer step ended."""
+    memory_planned_bytes: int
+    """The plan's ``memory_bytes`` summed over this rank's stages."""
+    memory_measured_bytes: int | None
+    """The most this rank held at once in the training steps (from the first on), over what it held before
+    the model was built (docs/train.md, Memory); None where it could not be measured."""
+    memory_reserved_bytes: int | None
+    """CUDA: the caching allocator's reserved peak over the same baseline; None on CPU."""
+    memory_ratio: float | None
+    """Measured over planned (None when either is missing or nothing was planned)."""
 
 
 @dataclass(frozen=True)
@@ -76,6 +85,8 @@ class Report:
     (0 when the replay is already slower): ``autopart partition --overhead``."""
     throughput_per_s: float | None
     throughput_unit: str
+    memory_method: str
+    """How each rank's memory was measured (or why it was not)."""
     stages: list[StageRow]
     ranks_detail: list[RankRow]
 

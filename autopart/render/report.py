@@ -13,7 +13,7 @@ import math
 from rich.table import Table
 
 from autopart.formats.report import Report
-from autopart.formats.units import format_ms, plural
+from autopart.formats.units import format_bytes, format_ms, plural
 
 __all__ = ["report_lines"]
 
@@ -22,8 +22,26 @@ def _ms(value: float | None) -> str:
     return format_ms(value) if value is not None and math.isfinite(value) else "-"
 
 
+def _bytes(value: int | None) -> str:
+    return format_bytes(value) if value is not None else "-"
+
+
+def _memory_table(report: Report) -> Table:
+    """Per rank: the steps' peak memory beside the plan's (and, on CUDA, the allocator's reserved peak)."""
+    reserved = any(rr.memory_reserved_bytes is not None for rr in report.ranks_detail)
+    table = Table(title="per rank, peak memory in the training steps", title_justify="left")
+    for col in ("rank", "measured", "(planned)", "measured/planned", *(("reserved",) if reserved else ())):
+        table.add_column(col, justify="right")
+    for rr in report.ranks_detail:
+        table.add_row(str(rr.rank), _bytes(rr.memory_measured_bytes), _bytes(rr.memory_planned_bytes),
+                      f"{rr.memory_ratio:.2f}x" if rr.memory_ratio is not None else "-",
+                      *((_bytes(rr.memory_reserved_bytes),) if reserved else ()))
+    return table
+
+
 def report_lines(report: Report, plan_microbatch_size: int | None) -> list[Table | str]:
-    """The tables, then one string per line (rich markup; printed without highlighting, soft-wrapped)."""
+    """The tables (stages, ranks, memory), then one string per line (rich markup; printed without
+    highlighting, soft-wrapped)."""
     out: list[Table | str] = []
     table = Table(title="per stage, one micro-batch, timed inside the pipeline", title_justify="left")
     for col in ("stage", "rank", "blocks", "forward", "(predicted)", "backward", "(predicted)", "error"):
@@ -40,6 +58,7 @@ def report_lines(report: Report, plan_microbatch_size: int | None) -> list[Table
         ranks.add_row(str(rr.rank), _ms(rr.measured_compute_ms), _ms(rr.measured_optimizer_ms),
                       _ms(rr.measured_wait_ms), _ms(rr.predicted_idle_ms), _ms(rr.measured_finish_ms))
     out.append(ranks)
+    out.append(_memory_table(report))
     low, high = report.measured_step_spread_ms
     line = (f"step (slowest rank, rank {report.slowest_rank}): measured {format_ms(report.measured_step_ms)} "
             f"(median of {plural(report.steady_steps, 'step')}, "
@@ -61,4 +80,5 @@ def report_lines(report: Report, plan_microbatch_size: int | None) -> list[Table
                    f"{report.fitted_overhead_ms:.3g}ms)")
     if report.throughput_per_s:
         out.append(f"throughput {report.throughput_per_s:,.0f} {report.throughput_unit}/s")
+    out.append(f"memory per rank: {report.memory_method}")
     return out

@@ -22,6 +22,7 @@ from autopart.formats.precision import check_precision
 from autopart.measure.amp import param_dtype
 from autopart.measure.batchnorm import batchnorm_layers, defer_batchnorm
 from autopart.measure.blocks import Chain, StageModule, chain_of, children_chain
+from autopart.measure.memory import MemoryMeter, MemoryPeak, lower_mmap_threshold
 from autopart.measure.optimizers import make_optimizer
 from autopart.measure.spec import ModelBundle, load_model, require_parameters, shape_example
 from autopart.measure.stream import load_with_weights
@@ -45,12 +46,16 @@ class PeerTimeout(RuntimeError):
 
 def run_rank(cfg: TrainConfig, rank: int) -> None:
     """Everything one rank does, from joining the process group to the report."""
+    lower_mmap_threshold()  # before anything big is allocated: freed memory leaves the resident set
     device = _join(cfg)
+    meter = MemoryMeter(device)
+    meter.start()  # the baseline: torch imported and the group joined, no model yet
     job = _prepare(cfg, rank, device)
     try:
-        log = _train(job)
+        log = _train(job, meter)
+        memory = meter.read()  # the steps' peak, before the report's own work (--replan re-profiles)
         job.pipe.clock.step, job.pipe.clock.doing = 0, "gathered every rank's timings after the last step"
-        _finish(job, log)
+        _finish(job, log, memory, meter.method)
     except RuntimeError as exc:
         if not is_timeout(exc):
             raise
@@ -208,12 +213,14 @@ def _initialise(stage: int, module: nn.Module, seed: int) -> None:
                 reset()
 
 
-def _train(job: Job) -> StepLog:
-    """The steps: one pipelined step of all micro-batches, the optimizer, and checkpoints when due."""
+def _train(job: Job, meter: MemoryMeter) -> StepLog:
+    """The steps: one pipelined step of all micro-batches, the optimizer, and checkpoints when due; ``meter``
+    holds their peak memory (from the first step on: the optimizer's state appears in it)."""
     cfg, log = job.cfg, StepLog()
     cycled = cycled_note(job.data.batches_per_pass, cfg.steps)
     if cycled and job.reporter:
         say(cycled)
+    meter.reset_peak()  # the other ranks' blocks, built and dropped, are not this rank's
     for step in range(job.start_step, cfg.steps):
         inputs, target = next(job.data.batches)
         dtype = _cast_to(job.plan)
@@ -279,11 +286,11 @@ def _checkpoint(job: Job, root: str, step: int) -> None:
     dist.barrier()
 
 
-def _finish(job: Job, log: StepLog) -> None:
-    """Gather every rank's timings, and (on the last stage's rank) hand the report to the launcher (or print it),
-    write it, draw and replan."""
+def _finish(job: Job, log: StepLog, memory: MemoryPeak, memory_method: str) -> None:
+    """Gather every rank's timings and peak memory, and (on the last stage's rank) hand the report to the
+    launcher (or print it), write it, draw and replan."""
     profiles = reprofile_stages(job) if job.cfg.replan else []
-    measured, profiles = gather_measured(job, log, profiles)
+    measured, profiles = gather_measured(job, log, profiles, memory, memory_method)
     if not job.reporter:
         return
     report = make_report(job, log, measured)

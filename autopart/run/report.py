@@ -9,6 +9,9 @@ prints it itself), and writes ``--report`` JSON
 ``--svg`` (predicted above measured, one time axis); :mod:`autopart.render`
 draws the tables and the picture.
 
+Each rank's peak memory in the steps (:class:`autopart.measure.memory.MemoryMeter`, read by the loop)
+is gathered with the timelines and set beside the plan's ``memory_bytes`` of that rank's stages.
+
 The measured step of a training step is its slowest rank's: from leaving
 the barrier before the step to the end of that rank's optimizer step. The
 step reported is the median over the steady steps (all but the first
@@ -36,6 +39,7 @@ from autopart.formats.atomic import write_atomic, write_json_atomic
 from autopart.formats.plan import Plan
 from autopart.formats.report import RankRow, Report, StageRow
 from autopart.formats.units import plural
+from autopart.measure.memory import MemoryPeak
 from autopart.render.report import report_lines
 from autopart.run.job import Job, StepLog
 from autopart.run.replan import StageProfile
@@ -53,6 +57,10 @@ class Measured:
     """Per step, each rank's time from the barrier to the end of its optimizer step."""
     events: tuple[tuple[Event, ...], ...]
     """Per step, every rank's actions (ms from that rank's start of the step)."""
+    memory: tuple[MemoryPeak, ...] = ()
+    """Per rank, its peak memory over the training steps (:mod:`autopart.measure.memory`)."""
+    memory_method: str = "not measured"
+    """How the reporting rank measured it."""
 
     @functools.cached_property
     def slowest_ms(self) -> list[float]:
@@ -64,14 +72,16 @@ class Measured:
         return list(range(max(1, math.ceil(n / 4)), n)) if n > 1 else list(range(n))
 
 
-def gather_measured(job: Job, log: StepLog, profiles: list[StageProfile]) -> tuple[Measured, list[StageProfile]]:
-    """Every rank's step times, actions and re-profiled stages (``--replan``), on every rank."""
+def gather_measured(job: Job, log: StepLog, profiles: list[StageProfile], memory: MemoryPeak,
+                    memory_method: str) -> tuple[Measured, list[StageProfile]]:
+    """Every rank's step times, actions, peak memory and re-profiled stages (``--replan``), on every rank."""
     gathered: list[Any] = [None] * job.world
-    dist.all_gather_object(gathered, (log.step_ms, log.timelines, profiles))
+    dist.all_gather_object(gathered, (log.step_ms, log.timelines, profiles, memory))
     steps = len(log.step_ms)
     step_ms = tuple(tuple(float(g[0][i]) for g in gathered) for i in range(steps))
     events = tuple(tuple(e for g in gathered for e in g[1][i]) for i in range(steps))
-    return Measured(step_ms, events), [p for g in gathered for p in g[2]]
+    return (Measured(step_ms, events, memory=tuple(g[3] for g in gathered), memory_method=memory_method),
+            [p for g in gathered for p in g[2]])
 
 
 def _median(values: Sequence[float]) -> float:
@@ -118,11 +128,17 @@ def _rank_rows(plan: Plan, measured: Measured, predicted: Simulation | None) -> 
             finish.append(measured.step_ms[i][r])
             wait.append(measured.slowest_ms[i] - c - o)
         busy = predicted.busy_ms[r] if predicted is not None else None
+        planned = sum(plan.stages[s].cost.memory_bytes for s in plan.stages_of(r))
+        peak = measured.memory[r] if r < len(measured.memory) else MemoryPeak(None, None)
         rows.append(RankRow(rank=r, predicted_busy_ms=busy,
                             predicted_idle_ms=predicted.step_ms - busy if predicted is not None and busy is not None
                             else None,
                             measured_compute_ms=_median(compute), measured_optimizer_ms=_median(opt),
-                            measured_wait_ms=_median(wait), measured_finish_ms=_median(finish)))
+                            measured_wait_ms=_median(wait), measured_finish_ms=_median(finish),
+                            memory_planned_bytes=planned, memory_measured_bytes=peak.peak_bytes,
+                            memory_reserved_bytes=peak.reserved_bytes,
+                            memory_ratio=peak.peak_bytes / planned if peak.peak_bytes is not None and planned > 0
+                            else None))
     return rows
 
 
@@ -187,7 +203,7 @@ def make_report(job: Job, log: StepLog, measured: Measured) -> Report:
         fitted_overhead_ms=fit_overhead_ms(replay_plan, measured_step),
         measured_speed=_speed(plan, stage_ms) if same_size else None,
         throughput_per_s=job.global_batch * tokens / (measured_step / 1e3) if measured_step > 0 else None,
-        throughput_unit="tokens" if tokens > 1 else "samples", stages=rows,
+        throughput_unit="tokens" if tokens > 1 else "samples", memory_method=measured.memory_method, stages=rows,
         ranks_detail=_rank_rows(plan, measured, predicted))
 
 
