@@ -139,3 +139,33 @@ def mlp_plan(tmp_path_factory: pytest.TempPathFactory) -> Path:
 def test_bad_input_is_one_line(mlp_plan: Path, args: list[str], fragments: list[str]) -> None:
     result = run_cli_here("check", *[a.format(plan=mlp_plan) for a in args])
     assert_one_line_error(result, *fragments)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("schedule, recompute", [("GPipe", False), ("1F1B", True)])
+def test_check_agrees_with_train(tmp_path: Path, schedule: str, recompute: bool) -> None:
+    """Each stage's peak in `check` is within 10% of what `train --report` measures on its rank, for the same plan
+    of gpt2-tiny (from the saved profile) on 2 CPU ranks: GPipe, and 1F1B with stage 0 recomputed. Both read a
+    small text file (the default corpus would add the rank's copy of it to train's side only)."""
+    corpus = tmp_path / "corpus.txt"
+    corpus.write_bytes((ROOT / "autopart" / "run" / "loop.py").read_bytes() * 4)
+    plan = tmp_path / "plan.json"
+    made = run_cli_here("partition", str(ROOT / "profiles" / "gpt2-tiny-cpu-mb4.json"), "--stages", "2",
+                        "--microbatches", "4", "--schedule", schedule, "-o", str(plan))
+    assert made.returncode == 0, made.stderr
+    if recompute:
+        raw = json.loads(plan.read_text())
+        raw["stages"][0]["recompute"] = True
+        plan.write_text(json.dumps(raw))
+    common = ["--model", "gpt2-tiny", "--steps", "2", "--threads", "1", "--data", str(corpus)]
+    trained = run_cli("train", str(plan), *common, "--report", str(tmp_path / "train.json"), cwd=tmp_path)
+    assert trained.returncode == 0, trained.stderr[-2000:]
+    checked = run_cli("check", str(plan), *common, "-o", str(tmp_path / "check.json"), cwd=tmp_path)
+    assert checked.returncode == 0, checked.stderr[-2000:]
+    ranks = {r["rank"]: r["memory_measured_bytes"] for r in json.loads((tmp_path / "train.json").read_text())
+             ["ranks_detail"]}
+    stages = json.loads((tmp_path / "check.json").read_text())["stages"]
+    assert len(ranks) == len(stages) == 2
+    for stage in stages:
+        run = ranks[stage["rank"]]
+        assert abs(stage["measured_bytes"] - run) <= 0.10 * run, (stage["stage"], stage["measured_bytes"], run)

@@ -37,7 +37,9 @@ from autopart.core.planner import cost_model_of
 from autopart.core.schedules import build_schedule
 from autopart.errors import AutopartError
 from autopart.formats.plan import Plan
+from autopart.formats.precision import check_precision
 from autopart.formats.units import format_bytes
+from autopart.measure.amp import autocast, param_dtype
 from autopart.measure.batchnorm import batchnorm_layers, defer_batchnorm, deferred_layers
 from autopart.measure.blocks import Chain, chain_of, tensors_of
 from autopart.measure.memory import MemoryMeter
@@ -47,7 +49,7 @@ from autopart.measure.stream import load_with_weights
 from autopart.measure.timing import Clock
 from autopart.run.data import training_data
 from autopart.run.shapes import StageSignature, stage_signatures
-from autopart.run.stages import check_plan_against_model
+from autopart.run.stages import check_plan_against_model, in_precision, loss_in_precision, recompute_forward
 
 __all__ = ["StageCheck", "check_plan", "verdict", "memory_method", "AS_PLANNED_SHARE"]
 
@@ -131,8 +133,8 @@ def check_plan(plan: Plan, model: str, device: torch.device, *, data: str | None
     meter = MemoryMeter(device)
     # A first build pays, before any stage is measured, what a process pays once (the factory's imports, a
     # capture's, the data), so that every stage is measured alike; the plan is checked against the model.
-    bundle = _build(model, seed)
-    shared = _Shared.of(plan, bundle, _chain(plan, bundle), model, data, seed)
+    bundle = _build(model, seed, plan)
+    shared = _Shared.of(plan, bundle, _chain(plan, bundle), model, data, seed, device)
     del bundle
     _pay_fixed_costs(plan.optimizer, device)
     results = []
@@ -143,9 +145,9 @@ def check_plan(plan: Plan, model: str, device: torch.device, *, data: str | None
         if device.type == "cuda":
             torch.cuda.empty_cache()
         meter.start()  # the baseline: the process before this stage's model is built
-        bundle = _build(model, seed)
+        bundle = _build(model, seed, plan)
         chain = _chain(plan, bundle)
-        stage = _stage_module(plan, chain, s)
+        stage = _stage_module(plan, chain, s, device)
         del bundle, chain  # the other stages' blocks go with them
         stage.to(device)
         gc.collect()
@@ -199,12 +201,26 @@ def _pay_fixed_costs(optimizer: str, device: torch.device) -> None:
     make_optimizer(optimizer, list(layer.parameters()), lr=1e-3).step()
 
 
-def _build(model: str, seed: int) -> ModelBundle:
-    """The whole model, from the seed ``train``'s ranks build it from."""
+def _build(model: str, seed: int, plan: Plan) -> ModelBundle:
+    """The whole model, from the seed ``train``'s ranks build it from, in the plan's parameter dtype."""
     torch.manual_seed(seed)
     bundle = load_with_weights(model)
     require_parameters(bundle)
+    dtype = _true_dtype(plan)
+    if dtype is not None:
+        bundle.module.to(dtype=dtype)
     return bundle
+
+
+def _true_dtype(plan: Plan) -> torch.dtype | None:
+    """The dtype a true precision casts the model and its floating inputs to (bf16-true's bfloat16), as ``train``
+    casts them; None: float32 weights (fp32, and a mixed precision, which autocasts each forward)."""
+    precision = check_precision(plan.precision)
+    return None if precision.param_dtype == "float32" else param_dtype(precision)
+
+
+def _in_dtype(inputs: tuple[torch.Tensor, ...], dtype: torch.dtype | None) -> tuple[torch.Tensor, ...]:
+    return tuple(x.to(dtype) if dtype is not None and x.is_floating_point() else x for x in inputs)
 
 
 @dataclass(frozen=True)
@@ -220,14 +236,21 @@ class _Shared:
     """The loss on what the last stage returns."""
 
     @staticmethod
-    def of(plan: Plan, bundle: ModelBundle, chain: Chain, model: str, data: str | None, seed: int) -> "_Shared":
+    def of(plan: Plan, bundle: ModelBundle, chain: Chain, model: str, data: str | None, seed: int,
+           device: torch.device) -> "_Shared":
         check_plan_against_model(plan, chain.names, plan.num_ranks, model)
         per_mb, sample_shape = _microbatch(plan, bundle)
         drawn = training_data(bundle, data, per_mb * plan.microbatches, sample_shape, seed, 0)
         inputs, target = next(drawn.batches)  # every step of the check runs this mini-batch
-        return _Shared(signatures=stage_signatures(chain, plan.balance, torch.device("cpu")),
-                       inputs=inputs if isinstance(inputs, tuple) else (inputs,), target=target,
-                       loss_fn=chain.model_loss(drawn.loss_fn))
+        precision = check_precision(plan.precision)
+        with autocast(precision, device):  # as build_pipeline: what crosses a cut is what autocast makes
+            signatures = stage_signatures(chain, plan.balance, device)
+        # fp16-mixed: no gradient scaler (torch's ShardedGradScaler needs a process group); scaling the loss and
+        # unscaling the gradients changes neither what is held nor, measurably, the times
+        return _Shared(signatures=signatures,
+                       inputs=_in_dtype(inputs if isinstance(inputs, tuple) else (inputs,), _true_dtype(plan)),
+                       target=target, loss_fn=loss_in_precision(chain.model_loss(drawn.loss_fn), precision, device,
+                                                                None))
 
 
 def _microbatch(plan: Plan, bundle: ModelBundle) -> tuple[int, tuple[int, ...]]:
@@ -243,7 +266,8 @@ def _chain(plan: Plan, bundle: ModelBundle) -> Chain:
     deferred as ``train`` defers it by default."""
     per_mb, sample_shape = _microbatch(plan, bundle)
     shape = (per_mb, *sample_shape) if sample_shape else None
-    example = shape_example(bundle, shape, None, per_mb) if bundle.example is not None else ()
+    example = _in_dtype(shape_example(bundle, shape, None, per_mb), _true_dtype(plan)) \
+        if bundle.example is not None else ()
     chain = chain_of(bundle.module, example, bundle.name, bundle.input_names)
     if batchnorm_layers(chain.root):
         defer_batchnorm(chain.root)
@@ -251,25 +275,14 @@ def _chain(plan: Plan, bundle: ModelBundle) -> Chain:
     return chain
 
 
-def _stage_module(plan: Plan, chain: Chain, stage: int) -> nn.Module:
-    """Stage ``stage``'s blocks as one module, as ``train`` builds it (recomputing where the plan says)."""
+def _stage_module(plan: Plan, chain: Chain, stage: int, device: torch.device) -> nn.Module:
+    """Stage ``stage``'s blocks as one module, as ``train`` builds it: recomputing where the plan says, its forward
+    under the plan's precision."""
     first = sum(plan.balance[:stage])
     module = chain.stage_module(first, first + plan.balance[stage] - 1)
     if plan.stages[stage].cost.recompute:
-        _recompute_forward(module)
-    return module
-
-
-def _recompute_forward(module: nn.Module) -> None:
-    """Adapter until i18-recompute lands (then :func:`autopart.run.stages.recompute_forward`)."""
-    from torch.utils.checkpoint import checkpoint
-
-    forward = module.forward
-
-    def checkpointed(*args: Any) -> Any:
-        return checkpoint(forward, *args, use_reentrant=False, preserve_rng_state=True)
-
-    module.forward = checkpointed  # type: ignore[method-assign]
+        recompute_forward(module)
+    return in_precision(module, check_precision(plan.precision), device)
 
 
 @dataclass
