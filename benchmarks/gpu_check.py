@@ -56,7 +56,22 @@ TINY = (Model("gpt2-tiny", "gpt2-tiny", 2, "2,32"),
                             "num_attention_heads=4,num_key_value_heads=2,vocab_size=256", 2, "2,32"))
 STAGES = 4
 MICROBATCHES = 4
-TRAIN_STEPS = 3
+DATA = ROOT / "autopart"
+"""The text both `check` and `train` read (this package's sources, some 1 MB): on CPU every rank holds its
+corpus, which the default (Python's standard library, tens of MB) would make most of a tiny model's peak."""
+
+
+@dataclass(frozen=True)
+class Effort:
+    """How long each command measures: the real run's, or the tiny test's (fewer repeats and steps)."""
+
+    profile: tuple[str, ...]
+    check_steps: int
+    train_steps: int
+
+
+REAL = Effort(("--repeats", "5", "--warmup", "2"), check_steps=2, train_steps=4)
+QUICK = Effort(("--repeats", "1", "--warmup", "1"), check_steps=1, train_steps=2)
 
 
 def autopart(*args: str, cwd: Path, allowed: Sequence[int] = (0,)) -> subprocess.CompletedProcess[str]:
@@ -71,19 +86,20 @@ def autopart(*args: str, cwd: Path, allowed: Sequence[int] = (0,)) -> subprocess
     return result
 
 
-def check_model(model: Model, device: str, profiles: Path, work: Path, threads: list[str]
+def check_model(model: Model, device: str, profiles: Path, work: Path, threads: list[str], effort: Effort
                 ) -> tuple[list[list[Any]], list[Any], dict[str, Any]]:
     """Profile, check a 4-stage plan, train a 1-stage plan: the check's rows, the training row, raw results."""
     print(f"{model.label} ({model.spec})", flush=True)
     profile = profiles / f"{model.label}-{device}-mb{model.microbatch_size}-{PRECISION}.json"
     shape = ["--input-shape", model.input_shape] if model.input_shape else []
     autopart("profile", model.spec, "--device", device, "--precision", PRECISION, "--microbatch-size",
-             str(model.microbatch_size), *shape, *threads, "-o", str(profile), cwd=work)
+             str(model.microbatch_size), *shape, *effort.profile, *threads, "-o", str(profile), cwd=work)
     plan4, checked = work / f"{model.label}-plan4.json", work / f"{model.label}-check.json"
     autopart("partition", str(profile), "--stages", str(STAGES), "--schedule", "1F1B", "--microbatches",
              str(MICROBATCHES), "-o", str(plan4), cwd=work)
-    autopart("check", str(plan4), "--model", model.spec, "--device", device, *threads, "-o", str(checked),
-             cwd=work, allowed=(0, 1))
+    data = ["--data", str(DATA)]
+    autopart("check", str(plan4), "--model", model.spec, "--device", device, "--steps", str(effort.check_steps),
+             *data, *threads, "-o", str(checked), cwd=work, allowed=(0, 1))
     check = json.loads(checked.read_text())
     rows = [[model.label, s["stage"], len(s["blocks"]), s["in_flight"], _size(s["measured_bytes"]),
              _size(s["planned_bytes"]), _error(s["measured_bytes"], s["planned_bytes"]),
@@ -92,8 +108,8 @@ def check_model(model: Model, device: str, profiles: Path, work: Path, threads: 
     plan1, report = work / f"{model.label}-plan1.json", work / f"{model.label}-train.json"
     autopart("partition", str(profile), "--stages", "1", "--microbatches", str(MICROBATCHES), "-o", str(plan1),
              cwd=work)
-    autopart("train", str(plan1), "--model", model.spec, "--device", device, "--steps", str(TRAIN_STEPS),
-             *threads, "--report", str(report), cwd=work)
+    autopart("train", str(plan1), "--model", model.spec, "--device", device, "--steps", str(effort.train_steps),
+             *data, *threads, "--report", str(report), cwd=work)
     trained = json.loads(report.read_text())
     planned = json.loads(plan1.read_text())["stages"][0]["memory_bytes"]
     measured = _rank_memory(trained)
@@ -158,18 +174,20 @@ def main(argv: Sequence[str] | None = None) -> int:
     for folder in (results, profiles, work):
         folder.mkdir(parents=True, exist_ok=True)
     threads = ["--threads", str(args.threads)] if args.threads else []
+    effort = QUICK if args.tiny else REAL
     started = time.perf_counter()
     check_rows: list[list[Any]] = []
     train_rows: list[Any] = []
     raw = {}
     for model in TINY if args.tiny else FULL:
-        rows, train_row, raw[model.label] = check_model(model, args.device, profiles, work, threads)
+        rows, train_row, raw[model.label] = check_model(model, args.device, profiles, work, threads, effort)
         check_rows += rows
         train_rows.append(train_row)
     elapsed = time.perf_counter() - started
     device = raw[next(iter(raw))]["check"]["device"]
     title = f"autopart check of a {STAGES}-stage 1F1B plan, {MICROBATCHES} micro-batches, {PRECISION}, on {device}"
-    train_title = f"one rank trains a 1-stage plan ({TRAIN_STEPS} steps, median step), {PRECISION}, on {device}"
+    train_title = (f"one rank trains a 1-stage plan ({effort.train_steps} steps, median of the steady ones), "
+                   f"{PRECISION}, on {device}")
     _print(title, CHECK_COLUMNS, check_rows)
     _print(train_title, TRAIN_COLUMNS, train_rows)
     print(f"{elapsed:.0f} s in all", flush=True)
