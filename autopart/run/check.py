@@ -4,8 +4,10 @@
     for r in results:
         print(r.stage, r.measured_bytes, r.planned_bytes, r.verdict)
 
-For each stage in turn, one process builds the model as ``train`` does (same seed), keeps only that stage's
-blocks (the rest is freed) and runs the stage's own actions in the order the plan's schedule gives its rank
+For each stage in turn, one process builds the model as ``train`` does (same seed, the plan's precision: a
+true one casts the model, a mixed one runs the stage's forward and the loss under autocast; recomputing where
+the plan says, with :func:`autopart.run.stages.recompute_forward`), keeps only that stage's blocks (the rest is
+freed) and runs the stage's own actions in the order the plan's schedule gives its rank
 (:func:`autopart.core.schedules.build_schedule`): its forwards, each holding its output until its backward as
 torch's runtime holds it (its forward cache), so the stage reaches the schedule's peak of in-flight
 micro-batches; its backwards; then the optimizer step. The stage holds what torch's ``PipelineStage`` holds
@@ -21,7 +23,9 @@ gradients and the optimizer state). Times are the median forward and backward of
 optimizer step, of the steps after the first. Zero-bubble schedules split a backward into ``I`` and ``W``:
 here the whole backward runs at ``W`` (what the stage holds is freed then, as in the run).
 
-One process, no torch.distributed: nothing is sent; what a stage would send stays where it is made.
+One process, no torch.distributed: nothing is sent; what a stage would send stays where it is made. Under
+fp16-mixed there is no gradient scaler (torch's ``ShardedGradScaler`` needs a process group): scaling the loss
+and unscaling the gradients change neither what is held nor, measurably, the times.
 """
 from __future__ import annotations
 
@@ -245,8 +249,7 @@ class _Shared:
         precision = check_precision(plan.precision)
         with autocast(precision, device):  # as build_pipeline: what crosses a cut is what autocast makes
             signatures = stage_signatures(chain, plan.balance, device)
-        # fp16-mixed: no gradient scaler (torch's ShardedGradScaler needs a process group); scaling the loss and
-        # unscaling the gradients changes neither what is held nor, measurably, the times
+        # fp16-mixed: no gradient scaler (the module docstring says why that changes nothing measured)
         return _Shared(signatures=signatures,
                        inputs=_in_dtype(inputs if isinstance(inputs, tuple) else (inputs,), _true_dtype(plan)),
                        target=target, loss_fn=loss_in_precision(chain.model_loss(drawn.loss_fn), precision, device,
