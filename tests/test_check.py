@@ -98,24 +98,26 @@ def test_a_stage_over_its_limit_fails_with_exit_1(wide_plan: Path, tmp_path: Pat
 
 
 @pytest.mark.slow
-def test_recomputed_stage_holds_less(tmp_path: Path) -> None:
-    """A stage the plan marks recompute keeps only its input per micro-batch (here the data, held anyway) and
-    one micro-batch's activations while recomputing. Stage 0 holds five Linear-Tanh pairs: without, each of 8
-    micro-batches keeps five Tanh outputs of 1024 x 256 float32 (5 MiB, the last one its output); with, only
-    its output (1 MiB), and one micro-batch's 4 MiB while recomputing: some 28 MiB less at the peak."""
+def test_recomputation_and_precision_change_what_a_stage_holds(tmp_path: Path) -> None:
+    """Stage 0 holds five Linear-Tanh pairs; each of 8 micro-batches of 1024 x 256 keeps five Tanh outputs
+    (5 MiB in float32, the last one its output) until its backward under GPipe. Marked recompute, it keeps only
+    its output (1 MiB) and one micro-batch's 4 MiB while recomputing: some 28 MiB less at the peak. Under
+    bf16-mixed, autocast runs each Linear in bfloat16, so the Tanh outputs are half as big: some 20 MiB less."""
     plain = tmp_path / "plain.json"
     plan_for(DEEP, [10, 2], "GPipe", 8, plain)
     raw = json.loads(plain.read_text())
-    raw["stages"][0]["recompute"] = True
-    recomputed = tmp_path / "recompute.json"
-    recomputed.write_text(json.dumps(raw))
-    peaks = []
-    for path in (plain, recomputed):
+    variants = {"recompute": dict(raw, stages=[dict(raw["stages"][0], recompute=True), raw["stages"][1]]),
+                "bf16-mixed": dict(raw, precision="bf16-mixed", features=["precision"])}
+    peaks = {}
+    for name, path in [("plain", plain)] + [(n, tmp_path / f"{n}.json") for n in variants]:
+        if name in variants:
+            path.write_text(json.dumps(variants[name]))
         result = run_cli("check", str(path), "--model", DEEP, "--threads", "1", "--steps", "2", "--stage", "0",
                          "--json")
         assert result.returncode == 0, result.stderr[-2000:]
-        peaks.append(json.loads(result.stdout)["stages"][0]["measured_bytes"])
-    assert peaks[0] - peaks[1] > 20 * MIB, peaks
+        peaks[name] = json.loads(result.stdout)["stages"][0]["measured_bytes"]
+    assert peaks["plain"] - peaks["recompute"] > 20 * MIB, peaks
+    assert peaks["plain"] - peaks["bf16-mixed"] > 12 * MIB, peaks
 
 
 @pytest.fixture(scope="module")
