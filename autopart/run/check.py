@@ -137,9 +137,16 @@ def check_plan(plan: Plan, model: str, device: torch.device, *, data: str | None
     meter = MemoryMeter(device)
     # A first build pays, before any stage is measured, what a process pays once (the factory's imports, a
     # capture's, the data), so that every stage is measured alike; the plan is checked against the model.
+    # On CPU the host memory is what is measured, so each stage is built anew and the rest freed; on a GPU one
+    # build (kept on the host) serves every stage, each moved to the device and back in turn.
+    keep = device.type != "cpu"
     bundle = _build(model, seed, plan)
-    shared = _Shared.of(plan, bundle, _chain(plan, bundle), model, data, seed, device)
+    kept: Chain | None = _chain(plan, bundle)
+    assert kept is not None
+    shared = _Shared.of(plan, bundle, kept, model, data, seed, device)
     del bundle
+    if not keep:
+        kept = None
     _pay_fixed_costs(plan.optimizer, device)
     results = []
     for s in chosen:
@@ -148,11 +155,10 @@ def check_plan(plan: Plan, model: str, device: torch.device, *, data: str | None
         gc.collect()
         if device.type == "cuda":
             torch.cuda.empty_cache()
-        meter.start()  # the baseline: the process before this stage's model is built
-        bundle = _build(model, seed, plan)
-        chain = _chain(plan, bundle)
+        meter.start()  # the baseline: the process before this stage's model is built (on CPU) or moved (GPU)
+        chain = kept if kept is not None else _chain(plan, _build(model, seed, plan))
         stage = _stage_module(plan, chain, s, device)
-        del bundle, chain  # the other stages' blocks go with them
+        del chain  # on CPU the other stages' blocks go with it
         stage.to(device)
         gc.collect()
         meter.reset_peak()
@@ -161,6 +167,9 @@ def check_plan(plan: Plan, model: str, device: torch.device, *, data: str | None
         run = _StageRun(plan, s, stage, shared, device, lr)
         times = [run.step(actions) for _ in range(steps)]
         peak = meter.read().peak_bytes
+        if keep:  # the kept model's blocks back to the host, without their gradients
+            stage.zero_grad(set_to_none=True)
+            stage.to("cpu")
         del run, stage
         later = times[1:] or times
         forward = [t for step in later for t in step.forward_ms]
