@@ -74,13 +74,20 @@ def test_check_prints_a_row_per_stage_and_writes_json(wide_plan: Path, tmp_path:
 
 
 @pytest.mark.slow
-def test_in_flight_follows_the_schedule(tmp_path: Path) -> None:
+@pytest.mark.parametrize("schedule, balance, per_rank, in_flight", [
+    ("1F1B", [2, 2, 2], 1, [3, 2, 1]),
+    ("ZBVZeroBubble", [2, 1, 1, 2], 2, [4, 3, 2, 1]),  # held from F until W, the backward's second half
+])
+def test_in_flight_follows_the_schedule(tmp_path: Path, schedule: str, balance: list[int], per_rank: int,
+                                        in_flight: list[int]) -> None:
+    """Each stage runs its rank's actions in the schedule's order: it holds as many micro-batches at once as the
+    cost model counts for it."""
     path = tmp_path / "plan.json"
-    plan_for(WIDE, [2, 2, 2], "1F1B", 4, path)
+    plan_for(WIDE, balance, schedule, 4, path, per_rank=per_rank)
     result = run_cli("check", str(path), "--model", WIDE, "--threads", "1", "--steps", "1", "--json")
     assert result.returncode == 0, result.stderr[-2000:]
     stages = json.loads(result.stdout)["stages"]
-    assert [s["in_flight"] for s in stages] == [s["planned_in_flight"] for s in stages] == [3, 2, 1]
+    assert [s["in_flight"] for s in stages] == [s["planned_in_flight"] for s in stages] == in_flight
 
 
 @pytest.mark.slow
@@ -141,6 +148,12 @@ def mlp_plan(tmp_path_factory: pytest.TempPathFactory) -> Path:
 def test_bad_input_is_one_line(mlp_plan: Path, args: list[str], fragments: list[str]) -> None:
     result = run_cli_here("check", *[a.format(plan=mlp_plan) for a in args])
     assert_one_line_error(result, *fragments)
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="needs a machine without CUDA")
+def test_cuda_asked_for_without_cuda(mlp_plan: Path) -> None:
+    result = run_cli_here("check", str(mlp_plan), "--model", "mlp-hetero", "--device", "cuda")
+    assert_one_line_error(result, "--device cuda asked for, but CUDA is not available")
 
 
 @pytest.mark.slow
