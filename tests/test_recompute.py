@@ -6,13 +6,19 @@ import json
 import os
 import subprocess
 import sys
+from collections import Counter
 from pathlib import Path
 from typing import Any
 
 import pytest
 import torch
+from torch import nn
 
+from autopart.measure.batchnorm import defer_batchnorm, deferred_layers
+from autopart.measure.blocks import children_chain
 from autopart.measure.spec import load_model
+from autopart.run.stages import recompute_forward
+from autopart.run.streams import BlockStreams
 from tests.conftest import ROOT, run_cli
 from tests.helpers import plan_for
 
@@ -145,3 +151,56 @@ def test_train_says_which_stages_recompute_and_runs_them(tmp_path: Path) -> None
     assert ran.returncode == 0, ran.stderr[-3000:]
     said = " ".join(ran.stderr.split())  # progress goes to stderr, the line wrapped at the console's width
     assert "(8 per step), stage 1 recomputed in the backward, adamw" in said, ran.stderr
+
+
+def _one_process_step(recompute: bool) -> tuple[nn.Module, list[int], Counter[int]]:
+    """Two micro-batches through a stage of Linear, Dropout, deferred BatchNorm, Linear, each backward after
+    both forwards (GPipe's order), the stream told the micro-batch before each action as ``TimedStage`` does:
+    the model after the step, the bytes autograd saved per forward, how often each block was entered."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(6, 8), nn.Dropout(0.5), nn.BatchNorm1d(8), nn.Tanh(), nn.Linear(8, 3))
+    defer_batchnorm(model)
+    streams = BlockStreams(seed=3, device=torch.device("cpu"))
+    entered: Counter[int] = Counter()
+
+    def enter(block: int) -> None:
+        entered[block] += 1
+        streams.enter(block)
+
+    stage = children_chain(model, (torch.randn(4, 6),), "m").stage_module(0, 4, enter=enter)
+    if recompute:
+        recompute_forward(stage)
+    streams.keep_caller_state(stage)
+    g = torch.Generator().manual_seed(1)
+    x = torch.randn(8, 6, generator=g)
+    saved: list[int] = []
+    outs = []
+    for m, part in enumerate(x.tensor_split(2)):
+        streams.microbatch = m
+        saved.append(0)
+
+        def pack(t: torch.Tensor) -> torch.Tensor:
+            saved[-1] += t.numel() * t.element_size()
+            return t
+        with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+            outs.append(stage(part.requires_grad_()))
+    for m, out in enumerate(outs):
+        streams.microbatch = m
+        out.square().mean().backward()
+    for layer in deferred_layers(model):
+        layer.commit()
+    return model, saved, entered
+
+
+def test_recompute_forward_in_one_process() -> None:
+    """The same gradients, dropout masks and BatchNorm statistics with recomputation as without; autograd saves
+    only the stage's input per micro-batch, and each block runs once more per micro-batch."""
+    got, saved, entered = _one_process_step(recompute=True)
+    want, saved_plain, entered_plain = _one_process_step(recompute=False)
+    for (name, a), b in zip(got.named_parameters(), want.parameters()):
+        assert a.grad is not None and b.grad is not None
+        torch.testing.assert_close(a.grad, b.grad, rtol=1e-6, atol=1e-7, msg=name)
+    for (name, buffer), expected in zip(got.named_buffers(), want.buffers()):
+        torch.testing.assert_close(buffer, expected, rtol=1e-6, atol=1e-7, msg=name)
+    assert saved == [4 * 6 * 4, 4 * 6 * 4] and all(s > 4 * 6 * 4 for s in saved_plain)
+    assert dict(entered) == {b: 4 for b in range(5)} and dict(entered_plain) == {b: 2 for b in range(5)}

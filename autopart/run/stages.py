@@ -327,8 +327,9 @@ def recompute_forward(module: nn.Module) -> None:
 
 
 class _Recomputing(AbstractContextManager[None]):
-    """``statistics_kept(module)`` around each recomputation; re-entrant: a zero-bubble schedule's input and weight
-    halves of one backward each recompute (two graph tasks)."""
+    """``statistics_kept(module)`` around each recomputation; reusable: checkpoint recomputes once per backward
+    call that needs the saved tensors, and a zero-bubble schedule makes several per micro-batch (the input half,
+    then the weight half's)."""
 
     def __init__(self, module: nn.Module) -> None:
         self.module = module
