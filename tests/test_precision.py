@@ -78,6 +78,20 @@ def test_bf16_mixed_halves_activations_and_keeps_param_bytes() -> None:
     assert [x.output_bytes for x in mixed.layers] == [x.output_bytes // 2 for x in fp32.layers]
 
 
+@pytest.mark.parametrize("precision", ["fp32", "bf16-mixed"])
+def test_by_block_on_meta_measures_as_the_whole_model_does(precision: str) -> None:
+    """A model too big to build, one block at a time, under the precision: the same bytes per block as the whole
+    model (a later block's input needs a gradient there too, so a Linear saves its bfloat16 weight)."""
+    with torch.device("meta"):
+        meta = nn.Sequential(nn.Linear(64, 64), nn.ReLU(), nn.Linear(64, 64))
+    whole, x = _stack(256)
+    by_block = profile_model(meta, x, warmup=0, repeats=1, precision=precision)
+    measured = profile_model(whole[:3], x, warmup=0, repeats=1, precision=precision)
+    assert by_block.precision == precision
+    assert [(a.activation_bytes, a.output_bytes) for a in by_block.layers] == \
+        [(a.activation_bytes, a.output_bytes) for a in measured.layers]
+
+
 def test_bf16_true_halves_param_bytes() -> None:
     model, x = _stack(8)
     fp32 = profile_model(model, x, warmup=0, repeats=1)
@@ -220,3 +234,20 @@ def test_a_bf16_true_plan_trains_in_bfloat16(tmp_path: Path) -> None:
     first = torch.stack([bundle.loss_fn(bundle.module(a.bfloat16()), b) for a, b in zip(x.tensor_split(2),
                                                                                          t.tensor_split(2))]).mean()
     assert losses[0] == pytest.approx(float(first.detach()), rel=1e-2)
+
+
+@pytest.mark.slow
+def test_fp16_mixed_checkpoints_keep_the_scale_and_a_resumed_run_goes_on_from_it(tmp_path: Path) -> None:
+    """The skipped first step halves the scale (2^16 -> 2^15); the checkpoint holds it, and a run resumed from
+    it keeps it (a fresh scaler would be back at 2^16; none grows within 2000 steps)."""
+    spec = f"{HELPERS}:inf_first_step_spec"
+    plan_for(spec, [1, 1], "GPipe", 2, tmp_path / "plan.json", precision="fp16-mixed")
+    ckpt = tmp_path / "ckpt"
+    for steps in (1, 2):
+        result = run_cli("train", str(tmp_path / "plan.json"), "--model", spec, "--steps", str(steps), "--lr", "0.1",
+                         "--checkpoint", str(ckpt), "--threads", "1")
+        assert result.returncode == 0, result.stderr[-3000:]
+    for step in (1, 2):
+        for stage in (0, 1):
+            saved = torch.load(ckpt / f"step-00000{step}" / f"stage-{stage}.pt", weights_only=False)
+            assert saved["scaler"]["scale"] == 2.0 ** 15, (step, stage)

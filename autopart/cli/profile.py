@@ -160,6 +160,7 @@ def _print_table(profile: Profile) -> None:
     total = profile.step_ms or 1.0
     skips = any(layer.skip_bytes for layer in profile.layers)
     norm = f", BatchNorm {profile.batchnorm}" if profile.batchnorm else ""
+    norm += f", {profile.precision}" if profile.precision != "fp32" else ""
     table = Table(title=f"{profile.model} on {profile.device}, micro-batch {profile.microbatch_size}{norm}",
                   title_justify="left")
     for col in ("block", "forward", "backward", "share", "params", "activations", "output") + ("skips",) * skips:

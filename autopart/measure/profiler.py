@@ -38,7 +38,6 @@ from autopart.measure.timing import (
     crossing_bytes,
     detach,
     make_profile,
-    nbytes,
     optimizer_times,
     storage_key,
     time_block,

@@ -37,7 +37,6 @@ from autopart.measure.timing import (
     crossing_bytes,
     detach,
     make_profile,
-    nbytes,
     optimizer_times,
     storage_key,
     time_block,
@@ -103,6 +102,17 @@ def _signature(chain: Chain, index: int, block: nn.Module, inputs: Any) -> str:
     return repr((chain.operations(index), params, shapes))
 
 
+def _as_received(value: Any) -> Any:
+    """A block's input from the block before as the whole model's forward has it: its floating tensors need a
+    gradient, so what the block saves for its input's gradient (under autocast, the low-precision copy of a
+    weight) is counted as there."""
+    if isinstance(value, torch.Tensor):
+        return value.detach().requires_grad_(value.is_floating_point())
+    if isinstance(value, tuple):
+        return tuple(_as_received(v) for v in value)
+    return value
+
+
 def _fake_outputs(like: Any) -> Any:
     """A reused block's outputs for the next block: the same shapes and dtypes, random values."""
     if isinstance(like, torch.Tensor):
@@ -145,7 +155,8 @@ def profile_by_block(module: nn.Module, example: Sequence[torch.Tensor], *, name
             layers.append(dataclasses.replace(layer, name=block_name, same_as=first))
             value, carried = _fake_outputs(out_like), set()
         else:
-            layer, value, carried = _measure(block, block_name, value, device, dtype, clock, warmup, repeats,
+            layer, value, carried = _measure(block, block_name, value if i == 0 else _as_received(value), device,
+                                             dtype, clock, warmup, repeats,
                                              carried, loss if last else None, precision)
             layers.append(layer)
             measured.setdefault(sig, (block_name, layer, detach(value)))

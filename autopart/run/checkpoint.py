@@ -16,7 +16,7 @@ import json
 import re
 import time
 from pathlib import Path
-from typing import Any, TypedDict
+from typing import Any, NotRequired, TypedDict
 
 import torch
 
@@ -44,6 +44,10 @@ class StageFile(TypedDict):
     aliases: dict[str, str]
     """Every other name of a tied parameter the rank holds -> its first name, whether a stage uses that name or
     not (older files: only the names in ``model``; absent in the oldest)."""
+    scaler: NotRequired[dict[str, Any] | None]
+    """fp16-mixed: the gradient scaler's state (its scale), the same on every rank, with the rank's first stage;
+    None or absent under the other precisions (and in older files). The parameters themselves are saved in
+    their training dtype: float32 under fp32 and the mixed precisions, bfloat16 under bf16-true."""
 
 
 def step_dir(root: str | Path, step: int) -> Path:
@@ -52,13 +56,14 @@ def step_dir(root: str | Path, step: int) -> Path:
 
 def save_stage(root: str | Path, step: int, stage: int, model_state: dict[str, torch.Tensor],
                optimizer_state: dict[str, Any] | None, rank: int, local_stages: list[int],
-               aliases: dict[str, str] | None = None) -> Path:
-    """Write one stage's file for ``step``, atomically."""
+               aliases: dict[str, str] | None = None, scaler_state: dict[str, Any] | None = None) -> Path:
+    """Write one stage's file for ``step``, atomically (``scaler_state``: fp16-mixed's gradient scaler's)."""
     folder = step_dir(root, step)
     folder.mkdir(parents=True, exist_ok=True)
     buffer = io.BytesIO()
     content = StageFile(step=step, stage=stage, model={k: v.detach().cpu() for k, v in model_state.items()},
-                        optimizer=optimizer_state, rank=rank, local_stages=local_stages, aliases=aliases or {})
+                        optimizer=optimizer_state, rank=rank, local_stages=local_stages, aliases=aliases or {},
+                        scaler=scaler_state)
     torch.save(content, buffer)
     remove_temporaries(folder, re.escape(f"stage-{stage}.pt"))  # this stage's writer killed in an earlier attempt
     return write_atomic(folder / f"stage-{stage}.pt", buffer.getvalue())

@@ -46,7 +46,7 @@ def reprofile_stages(job: Job) -> list[StageProfile]:
         last = s == job.plan.num_stages - 1
         prof = profile_model(seq, captured, name="stage", warmup=1, repeats=3,
                              loss_fn=job.pipe.loss_fn if last else None,
-                             target=job.pipe.last_target if last else None)
+                             target=job.pipe.last_target if last else None, precision=job.plan.precision)
         layers = tuple(dataclasses.replace(layer, name=names[i]) for i, layer in enumerate(prof.layers))
         out.append(StageProfile(stage=s, layers=layers, device=prof.device, dtype=prof.dtype))
     return out
@@ -56,7 +56,7 @@ def write_replan(job: Job, stages: list[StageProfile], measured_step_ms: float, 
     """Plan again from the re-profiled blocks (same schedule, micro-batches and devices) and write it."""
     plan = job.plan
     stages = sorted(stages, key=lambda item: item.stage)
-    profile = Profile(model=job.cfg.model, device=stages[0].device, dtype=stages[0].dtype,
+    profile = Profile(model=job.cfg.model, device=stages[0].device, dtype=stages[0].dtype, precision=plan.precision,
                       microbatch_size=job.microbatch_size, sample_shape=tuple(plan.sample_shape) or (job.microbatch_size,),
                       torch=torch.__version__.split("+")[0], layers=tuple(x for st in stages for x in st.layers),
                       loss_in_last_block=True)

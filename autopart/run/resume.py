@@ -27,11 +27,13 @@ def run_complete(checkpoint: str | None, steps: int) -> str | None:
 
 
 def save_pipeline(pipe: Pipeline, optimizer: torch.optim.Optimizer, root: str, step: int, rank: int) -> None:
-    """Write this rank's stage files for ``step`` (the optimizer state goes with its first stage)."""
+    """Write this rank's stage files for ``step`` (the optimizer state, and fp16-mixed's scaler, go with its first
+    stage)."""
     ours = [s for s, _ in pipe.modules]
+    scaler = pipe.scaler.state_dict() if pipe.scaler is not None else None
     for i, (s, module) in enumerate(pipe.modules):
         save_stage(root, step, s, module.state_dict(), optimizer.state_dict() if i == 0 else None, rank, ours,
-                   pipe.shared.aliases)
+                   pipe.shared.aliases, scaler if i == 0 else None)
 
 
 def restore_pipeline(pipe: Pipeline, optimizer: torch.optim.Optimizer, stages: list[StageFile],
@@ -51,6 +53,9 @@ def restore_pipeline(pipe: Pipeline, optimizer: torch.optim.Optimizer, stages: l
     ours = [s for s, _ in pipe.modules]
     first = stages[ours[0]] if ours[0] < len(stages) else None
     same_plan = first is not None and first["local_stages"] == ours and len(stages) == pipe.plan.num_stages
+    scalers = [state for stage in stages if (state := stage.get("scaler"))]
+    if pipe.scaler is not None and scalers:  # every rank saved the same scale: any stage's will do
+        pipe.scaler.load_state_dict(scalers[0])
     if same_plan and first is not None and first["optimizer"] is not None:
         optimizer.load_state_dict(first["optimizer"])
     elif reporter:
