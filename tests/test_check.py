@@ -127,6 +127,21 @@ def test_recomputation_and_precision_change_what_a_stage_holds(tmp_path: Path) -
     assert peaks["plain"] - peaks["bf16-mixed"] > 12 * MIB, peaks
 
 
+@pytest.mark.cuda
+@pytest.mark.slow
+def test_check_on_cuda_measures_the_allocator_against_the_device(wide_plan: Path, tmp_path: Path) -> None:
+    """On a GPU the peak is the caching allocator's over what was allocated before the stage was moved there, and
+    a plan without limits is held against the device's total memory."""
+    result = run_cli("check", str(wide_plan), "--model", WIDE, "--device", "cuda", "--json")
+    assert result.returncode == 0, result.stderr[-2000:]
+    data = json.loads(result.stdout)
+    assert "max_memory_allocated" in data["meter"]
+    total = torch.cuda.get_device_properties(0).total_memory
+    for stage in data["stages"]:
+        assert stage["limit_bytes"] == total and stage["limit_source"] == "device" and stage["fits"]
+        assert 32 * MIB < stage["measured_bytes"] < 200 * MIB, stage  # the weights, gradients and AdamW state
+
+
 @pytest.fixture(scope="module")
 def mlp_plan(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """A plan made from a saved profile (nothing profiled, nothing to wait for)."""
