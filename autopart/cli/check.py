@@ -41,7 +41,7 @@ def add_parser(sub: Subcommands) -> None:
     p.add_argument("--data", metavar="PATH", type=path_arg,
                    help="text file or folder for GPT models, as train takes it (default: Python's own sources)")
     p.add_argument("--seed", type=int, default=0, help="seed for weights and data (default: 0)")
-X
+    p.add_argument("--threads", type=int, metavar="N", help="CPU threads (default: the plan's profile's)")
     p.add_argument("--json", action="store_true", help="print the results as JSON instead of a table")
     p.add_argument("-o", "--output", metavar="FILE", type=path_arg, help="also write the results as JSON")
     p.set_defaults(run=run)
