@@ -23,13 +23,13 @@ __all__ = ["main"]
 
 
 def build_parser() -> argparse.ArgumentParser:
-    from autopart.cli import graph, merge_checkpoint, partition, profile, simulate, train
+    from autopart.cli import check, graph, merge_checkpoint, partition, profile, simulate, train
 
     parser = Parser(prog="autopart", description="Automatic pipeline-parallel partitioning for PyTorch: "
                      "profile a model block by block, plan the stages, simulate, train.")
     parser.add_argument("--version", action="version", version=_version())
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", parser_class=Parser)
-    for command in (graph, profile, partition, simulate, train, merge_checkpoint):
+    for command in (graph, profile, partition, simulate, check, train, merge_checkpoint):
         command.add_parser(sub)
     return parser
 
