@@ -355,3 +355,18 @@ def inf_first_step_spec() -> dict[str, Any]:
     data[0] = (first, data[0][1])
     return {"module": nn.Sequential(FiniteOnly(), nn.Linear(4, 4)), "example": torch.randn(4, 4),
             "loss_fn": nn.functional.mse_loss, "data": data}
+
+
+def join_rank(plan_path: str, model: str) -> tuple[int, Any, Any]:
+    """What every rank script of the tests does first: one thread, join gloo, read the plan, build the model
+    from seed 0. Returns (rank, plan, bundle)."""
+    import torch.distributed as dist
+
+    from autopart.formats.plan import Plan
+    from autopart.measure.spec import load_model
+
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo")
+    plan = Plan.from_json(plan_path)
+    torch.manual_seed(0)
+    return dist.get_rank(), plan, load_model(model)

@@ -17,10 +17,9 @@ from typing import Any
 import torch
 import torch.distributed as dist
 
-from autopart.formats.plan import Plan
 from autopart.measure.blocks import chain_of
-from autopart.measure.spec import load_model
 from autopart.run.stages import build_pipeline
+from tests.helpers import join_rank
 
 
 def _bytes(value: Any) -> int:
@@ -36,12 +35,7 @@ def _buffers(infos: dict[int, Any]) -> int:
 
 
 def main(plan_path: str, model: str, out_dir: str) -> None:
-    torch.set_num_threads(1)
-    dist.init_process_group("gloo")
-    rank = dist.get_rank()
-    plan = Plan.from_json(plan_path)
-    torch.manual_seed(0)
-    bundle = load_model(model)
+    rank, plan, bundle = join_rank(plan_path, model)
     assert bundle.example is not None and bundle.loss_fn is not None
     example = tuple(bundle.example)
     inputs = tuple(x.repeat(plan.microbatches, *[1] * (x.dim() - 1)) for x in example)  # M micro-batches

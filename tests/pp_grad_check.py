@@ -12,19 +12,13 @@ import sys
 import torch
 import torch.distributed as dist
 
-from autopart.formats.plan import Plan
 from autopart.measure.blocks import chain_of
-from autopart.measure.spec import load_model
 from autopart.run.stages import build_pipeline
+from tests.helpers import join_rank
 
 
 def main(plan_path: str, model: str, out_dir: str, batch_path: str | None = None) -> None:
-    torch.set_num_threads(1)
-    dist.init_process_group("gloo")
-    rank = dist.get_rank()
-    plan = Plan.from_json(plan_path)
-    torch.manual_seed(0)
-    bundle = load_model(model)
+    rank, plan, bundle = join_rank(plan_path, model)
     if batch_path is None:
         g = torch.Generator().manual_seed(1)
         batch = plan.microbatches * 2

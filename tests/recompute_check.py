@@ -25,9 +25,9 @@ from torch import nn
 from autopart.formats.plan import Plan
 from autopart.measure.batchnorm import batchnorm_layers, defer_batchnorm
 from autopart.measure.blocks import chain_of, tensors_of
-from autopart.measure.spec import load_model
 from autopart.run import streams as streams_module
 from autopart.run.stages import build_pipeline
+from tests.helpers import join_rank
 
 ENTERED: Counter[int] = Counter()
 """Block index -> how many times a block was entered (forward or recomputation), in this process."""
@@ -86,12 +86,7 @@ def one_step(plan: Plan, chain: Any, rank: int, inputs: tuple[torch.Tensor, ...]
 
 
 def main(plan_path: str, model: str, out_dir: str, batch_path: str, stages: str) -> None:
-    torch.set_num_threads(1)
-    dist.init_process_group("gloo")
-    rank = dist.get_rank()
-    plan = Plan.from_json(plan_path)
-    torch.manual_seed(0)
-    bundle = load_model(model)
+    rank, plan, bundle = join_rank(plan_path, model)
     inputs, target = torch.load(batch_path)
     example = tuple(x.tensor_split(plan.microbatches)[0] for x in inputs)
     chain = chain_of(bundle.module, example, model, bundle.input_names)
