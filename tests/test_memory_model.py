@@ -42,7 +42,9 @@ def _by_hand(p: Problem, s: int, i: int, j: int, recompute: bool) -> float:
     weights += sum(size * (2 + opt) for size, users in b.ties
                    if any(i <= u <= j for u in users) and not i <= users[0] <= j)
     acts, loss_acts = float(b.activation_bytes[i:j + 1].sum()), float(loss[i:j + 1].sum())
-    gradients = sent + (received if i > 0 else 0.0) + (b.model_output_bytes if j == n - 1 else 0.0)
+    loss_gradient = b.model_output_bytes if b.loss_activation_bytes is None else \
+        max(b.model_output_bytes, 2 * float(loss.sum()) - b.model_output_bytes)  # the loss's dtype (fp32 under autocast)
+    gradients = sent + (received if i > 0 else 0.0) + (loss_gradient if j == n - 1 else 0.0)
     buffers = (m - in_flight) * received + (0.0 if j == n - 1 else m * sent)
     largest = float(b.largest_param_bytes[i:j + 1].max()) if b.largest_param_bytes is not None else 0.0
     gradients += largest  # one parameter's gradient before it is added into .grad
@@ -309,6 +311,36 @@ def test_the_optimizer_step_is_its_own_phase() -> None:
     assert stage(10.0, True) == (4000, static + 4000)  # 1 x (1000 + 3000)
     assert stage(5000.0, False) == (4000, static + 10000 + 2000)  # the backward holds more: the step is inside
     assert stage(10.0, False, "sgd") == (0, 4000 * 2 + 20 + 2000)
+
+
+def test_the_loss_gradients_are_counted_in_the_losss_dtype() -> None:
+    """Cross-entropy under autocast works in float32 on bfloat16 logits: it saves float32 log-probabilities
+    (twice the logits' bytes) and its backward makes two float32 gradients of them, one cast back to the
+    logits' dtype. Measured (4096 x 8192 logits, CPU): fp32 254.4 MiB in the backward, bf16-mixed 255.1 MiB;
+    the last stage's backward-only bytes must say 2 x 128 MiB in both."""
+    mib = float(2**20)
+
+    def backward_extra(logits: float, loss_saved: float) -> int:
+        blocks = BlockCosts.of([1.0], model_output_bytes=logits, activation_bytes=[loss_saved],  # the loss's are
+                               loss_activation_bytes=[loss_saved])                           # the block's too
+        return Problem(blocks, [Device("d")], CostModel(schedule="GPipe", microbatches=1)).stage(0, 0, 0) \
+            .backward_extra_bytes
+
+    assert backward_extra(128 * mib, 128 * mib) == 256 * mib  # fp32: the output's gradient and the loss's
+    assert backward_extra(64 * mib, 128 * mib) == 256 * mib  # bf16-mixed: the same float32 working set
+    assert backward_extra(64 * mib, 16 * mib) == 128 * mib  # a loss that saves little: two of the output's
+
+
+def test_a_gpu_profile_steps_its_optimizer_foreach() -> None:
+    """A CUDA profile names its GPU ("NVIDIA H200"), not "cuda": the foreach step (one copy of every
+    parameter, torch's default on CUDA) is chosen for any device but the CPU."""
+    import dataclasses
+
+    from autopart.formats.profile import Profile
+
+    profile = Profile.from_json(Path(__file__).resolve().parent.parent / "profiles" / "gpt2-tiny-cpu-mb4.json")
+    assert not BlockCosts.from_profile(profile).foreach_optimizer
+    assert BlockCosts.from_profile(dataclasses.replace(profile, device="NVIDIA H200")).foreach_optimizer
 
 
 @pytest.mark.slow

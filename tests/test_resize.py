@@ -101,6 +101,16 @@ def test_replan_commands_keep_the_plans_memory_limit() -> None:
     assert f"--memory-limit {2 * GiB + 1} " in replan_commands(odd, 8)  # exactly, as partition reads it back
 
 
+def test_replan_commands_profile_on_the_plans_device_and_precision() -> None:
+    """A GPU profile names its GPU ("NVIDIA H200"): the command profiles with --device cuda, and under the plan's
+    precision (a profile without it would be fp32, which train then refuses for a bf16-mixed plan)."""
+    profile = Profile.from_json(SMALL)
+    plan = dataclasses.replace(_plan(profile, "GPipe", 4, 8), precision="bf16-mixed")
+    gpu = dataclasses.replace(profile, device="NVIDIA H200")
+    assert "--microbatch-size 8 --device cuda --precision bf16-mixed " in replan_commands(plan, 8, gpu)
+    assert " --device" not in replan_commands(plan, 8, profile)  # "cpu (Intel Xeon)": the default device
+
+
 def test_rank_threads() -> None:
     assert rank_threads(None, 4, cores=16, ranks_here=2) == 4  # the profile's
     assert rank_threads(None, 12, cores=16, ranks_here=2) == 8  # more than the cores allow: an even share

@@ -132,7 +132,7 @@ class BlockCosts:
                              else [min(x.input_grad_ms or 0.0, x.backward_ms) for x in layers],
                              loss_activation_bytes=_loss_activation_bytes(profile),
                              largest_param_bytes=_largest_param_bytes(profile),
-                             foreach_optimizer=profile.device.startswith("cuda"))
+                             foreach_optimizer=not profile.device.startswith("cpu"))  # "cpu (Xeon)"; a GPU's name ("NVIDIA H200")
 
     def mirrored(self) -> "BlockCosts":
         """Block n-1 first. The boundary after mirrored block b is the original one after block n-2-b."""

@@ -159,7 +159,14 @@ def _crossing_out_grad(b: BlockCosts) -> tuple[Floats, float]:
 
 
 def _loss_gradient(b: BlockCosts) -> tuple[Floats, float]:
-    return np.zeros(b.n), b.model_output_bytes
+    """The loss's gradient of its own input beside the model output's gradient: the size of the model's output
+    when the loss works in its dtype (fp32); when the loss works in a wider one (cross-entropy under autocast
+    keeps float32 log-probabilities of bfloat16 logits), two of the loss's saved tensors less the output's
+    gradient counted beside it (``output gradient``): 2 x 128 - 64 MiB for 64 MiB of bfloat16 logits."""
+    if b.loss_activation_bytes is None:
+        return np.zeros(b.n), b.model_output_bytes
+    loss_bytes = float(b.loss_activation_bytes.sum())  # one block holds the loss: any order of the blocks
+    return np.zeros(b.n), max(b.model_output_bytes, 2.0 * loss_bytes - b.model_output_bytes)
 
 
 def _tied_copies(b: BlockCosts, m: CostModel) -> Ties:
@@ -226,7 +233,8 @@ MEMORY_TERMS: tuple[MemoryTerm, ...] = (
     MemoryTerm("input gradient", "the gradient of the stage's input, made by one backward and sent back",
                "backward_extra_bytes", "always", received=_crossing_in_grad),
     MemoryTerm("loss working set", "the loss's own gradient of the model's output (cross-entropy: the "
-               "log-softmax's), beside the output's, on the last stage", "backward_extra_bytes", "always",
+               "log-softmax's), beside the output's, on the last stage, in the loss's dtype (float32 under "
+               "autocast)", "backward_extra_bytes", "always",
                sent=_loss_gradient),
     MemoryTerm("receive buffers", "the runtime's receive buffer of every micro-batch of the step not in flight "
                "at the peak (those in flight are the saved or kept input); on stage 0 the step's batch",

@@ -11,8 +11,9 @@ freed) and runs the stage's own actions in the order the plan's schedule gives i
 (:func:`autopart.core.schedules.build_schedule`): its forwards, each holding its output until its backward as
 torch's runtime holds it (its forward cache), so the stage reaches the schedule's peak of in-flight
 micro-batches; its backwards; then the optimizer step. The stage holds what torch's ``PipelineStage`` holds
-besides: a receive buffer per micro-batch for its input (not the first stage), whose gradients stay until the
-next step, and one for its output's gradient (not the last stage). The first stage gets real data, drawn as
+besides: a receive buffer per micro-batch for its input (not the first stage), whose gradient is dropped
+after its backward (torch's ``stage_backward`` sends it and sets ``.grad`` to None), and one for its output's
+gradient (not the last stage). The first stage gets real data, drawn as
 ``train`` draws it (:mod:`autopart.run.data`); a later stage's inputs are random values shaped as the plan's
 boundary (:mod:`autopart.run.shapes`), zeros for integer inputs; the last stage computes the loss on the real
 targets after each forward, as the schedule does.
@@ -275,13 +276,13 @@ def _microbatch(plan: Plan, bundle: ModelBundle) -> tuple[int, tuple[int, ...]]:
 
 def _chain(plan: Plan, bundle: ModelBundle) -> Chain:
     """The model's blocks as ``train`` cuts them (a graph captured at the run's micro-batch shape), BatchNorm
-    deferred as ``train`` defers it by default."""
+    deferred as ``train`` defers it unless the plan says ``micro``."""
     per_mb, sample_shape = _microbatch(plan, bundle)
     shape = (per_mb, *sample_shape) if sample_shape else None
     example = _in_dtype(shape_example(bundle, shape, None, per_mb), _true_dtype(plan)) \
         if bundle.example is not None else ()
     chain = chain_of(bundle.module, example, bundle.name, bundle.input_names)
-    if batchnorm_layers(chain.root):
+    if batchnorm_layers(chain.root) and plan.batchnorm != "micro":  # as train runs the plan (deferred by default)
         defer_batchnorm(chain.root)
         chain.reload_blocks()
     return chain
@@ -368,6 +369,8 @@ class _StageRun:
         pairs = [(t, g) for t, g in zip(tensors_of(out), self.grads_received[mb]) if t.requires_grad and g is not None]
         if pairs:
             torch.autograd.backward([t for t, _ in pairs], [g for _, g in pairs])
+        for t in self.received[mb] if not self.first else ():  # sent at once; torch's stage_backward drops it
+            t.grad = None
 
 
 def _random_like(meta: torch.Tensor, device: torch.device, scale: float | None = None) -> torch.Tensor:

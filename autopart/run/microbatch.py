@@ -83,8 +83,9 @@ def replan_commands(plan: Plan, microbatch_size: int, profile: Profile | None = 
     """The commands that profile the model at ``microbatch_size`` (on the profile's device and threads) and
     split it as the plan was split (:func:`partition_command`)."""
     model = plan.model or (profile.model if profile is not None else "MODEL")
-    kind = profile.device.split()[0] if profile is not None and profile.device.strip() else "cpu"  # "cpu (Xeon)"
-    device = f" --device {kind}" if kind != "cpu" else ""
+    on_cpu = profile is None or profile.device.startswith("cpu")  # "cpu (Xeon)", or a GPU's name ("NVIDIA H200")
+    device = "" if on_cpu else " --device cuda"
+    device += f" --precision {plan.precision}" if plan.precision != "fp32" else ""
     threads = f" --threads {plan.threads}" if plan.threads else ""
     out = f"profile-mb{microbatch_size}.json"
     return (f"autopart profile {model} --microbatch-size {microbatch_size}{device}{threads} -o {out} && "
