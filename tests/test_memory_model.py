@@ -20,11 +20,14 @@ def _blocks(n: int, seed: int, skips: bool = True, ties: bool = True, foreach: b
             acts_bytes: int = 5000) -> BlockCosts:
     rng = np.random.default_rng(seed)
     ints = lambda lo, hi: rng.integers(lo, hi, n).astype(float).tolist()  # noqa: E731
-    acts, params = ints(0, acts_bytes), ints(0, 1000)
+    acts, params, outputs = ints(0, acts_bytes), ints(0, 1000), ints(1, 300)
+    # the part of a block's output it saved itself (a ReLU's): none, some or all of it
+    output_saved = [float(int(o * f)) for o, f in zip(outputs, rng.choice([0.0, 0.5, 1.0], n).tolist())]
     return BlockCosts.of(ints(1, 9), forward_ms=ints(0, 1), param_bytes=params,
                          largest_param_bytes=[float(int(x * f)) for x, f in zip(params, rng.uniform(0, 1, n).tolist())],
                          foreach_optimizer=foreach,
-                         activation_bytes=acts, output_bytes=ints(1, 300), input_bytes=77, model_output_bytes=999,
+                         activation_bytes=acts, output_bytes=outputs, input_bytes=77,
+                         output_saved_bytes=output_saved, model_output_bytes=999,
                          loss_activation_bytes=[0.0] * (n - 1) + [acts[-1] // 2],
                          skip_bytes=ints(0, 50) if skips else None,
                          ties=[(64.0, (0, n - 1))] if ties and n > 2 else ())
@@ -38,6 +41,11 @@ def _by_hand(p: Problem, s: int, i: int, j: int, recompute: bool) -> float:
     loss = b.loss_activation_bytes if b.loss_activation_bytes is not None else np.zeros(n)
     received = b.input_bytes if i == 0 else b.output_bytes[i - 1] + skips[i - 1]
     sent = b.model_output_bytes if j == n - 1 else b.output_bytes[j] + skips[j]
+    # a block that saved its own output (a ReLU's) was charged for it: the stage ending there holds it in its
+    # activations, not again as its held output; the stage after it holds its receive buffer besides
+    saved_out = b.output_saved_bytes if b.output_saved_bytes is not None else np.zeros(n)
+    held = sent - (b.model_output_saved_bytes if j == n - 1 else saved_out[j])
+    received_saved = saved_out[i - 1] if i > 0 else 0.0
     weights = float(b.param_bytes[i:j + 1].sum()) * (2 + opt)
     weights += sum(size * (2 + opt) for size, users in b.ties
                    if any(i <= u <= j for u in users) and not i <= users[0] <= j)
@@ -54,7 +62,7 @@ def _by_hand(p: Problem, s: int, i: int, j: int, recompute: bool) -> float:
     if recompute:
         busy = in_flight * (received + sent + loss_acts) + (acts - loss_acts) + gradients
     else:
-        busy = in_flight * (acts + (skips[i - 1] if i > 0 else 0.0) + sent) + gradients
+        busy = in_flight * (acts + (skips[i - 1] if i > 0 else 0.0) + held + received_saved) + gradients
     return weights + buffers + max(busy, step)
 
 
@@ -394,3 +402,69 @@ def test_the_simulator_holds_the_optimizer_step_as_the_plan_counts_it(n: int, m:
     costs = p.stages([n // 2, n - n // 2])
     sim = simulate(build_schedule(schedule, 2, m), costs)
     assert list(sim.peak_memory_bytes) == [c.memory_bytes for c in costs]
+
+
+def _relu_mlp() -> torch.nn.Module:
+    """The reviewer's model: ``Sequential(Linear(512, 512), ReLU) x 3``; each ReLU saves its own output."""
+    from torch import nn
+
+    return nn.Sequential(*[nn.Sequential(nn.Linear(512, 512), nn.ReLU()) for _ in range(3)])
+
+
+def _held_per_microbatch(stage: torch.nn.Module, x: torch.Tensor) -> int:
+    """Brute force: the bytes one micro-batch keeps on a stage until its backward, run as the stage runs
+    (its input a fresh receive buffer): every distinct storage autograd saves (parameters aside) and the
+    output the runtime's forward cache holds."""
+    import torch
+
+    params = {t.untyped_storage().data_ptr() for t in stage.parameters()}
+    kept: dict[int, int] = {}
+
+    def pack(t: torch.Tensor) -> torch.Tensor:
+        if t.untyped_storage().data_ptr() not in params:
+            kept[t.untyped_storage().data_ptr()] = t.untyped_storage().nbytes()
+        return t
+
+    received = x.detach().clone().requires_grad_(True)
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        out = stage(received)
+    kept[out.untyped_storage().data_ptr()] = out.untyped_storage().nbytes()
+    return sum(kept.values())
+
+
+def test_a_block_that_saves_its_output_is_counted_once_and_the_next_stage_holds_its_input() -> None:
+    """The reviewer's example, profiled in one process (both profile paths): a ReLU's output is charged to
+    the ReLU, so a stage ending in it holds its output once (not again as ``held output``), and the stage after
+    it holds its receive buffer (no block of it is charged for it). Split [2, 4] under GPipe: stage 0 holds
+    the input and the first ReLU's output (262144 B per micro-batch, not 393216), stage 1 its receive buffer
+    and two ReLU outputs (393216 B), as running each stage on its own counts."""
+    import dataclasses
+
+    import torch
+
+    from autopart.measure.profiler import profile_model
+
+    torch.manual_seed(0)
+    x = torch.randn(64, 512)
+    size = 64 * 512 * 4  # 131072 B: the input, and every block's output
+    model = _relu_mlp()
+    whole = profile_model(model, x, name="relu-mlp", warmup=0, repeats=1)
+    with torch.device("meta"):
+        meta = _relu_mlp()
+    parts = profile_model(meta, x, name="relu-mlp", warmup=0, repeats=1)
+    for profile in (whole, parts):
+        assert list(profile.names) == ["0.0", "0.1", "1.0", "1.1", "2.0", "2.1"]
+        assert [b.activation_bytes for b in profile.layers] == [size, size, 0, size, 0, size]
+        assert [b.output_saved_bytes for b in profile.layers] == [0, size, 0, size, 0, size]
+    p = Problem.from_profile(whole, [Device("d")] * 2, CostModel(schedule="GPipe", microbatches=4))
+    plain = p.stages([2, 4], recompute=[False, False])
+    assert [c.activation_bytes for c in plain] == [2 * size, 3 * size]
+    assert [c.activation_bytes for c in plain] == [_held_per_microbatch(model[:1], x),
+                                                  _held_per_microbatch(model[1:], model[:1](x).detach())]
+    # a recomputing stage keeps its input and its output (the forward cache's), whoever saved it
+    assert [c.activation_bytes for c in p.stages([2, 4], recompute=[True, True])] == [2 * size, 2 * size]
+    # a profile from before the field: today's arithmetic (the ReLU's output counted twice on stage 0)
+    old = dataclasses.replace(whole, layers=tuple(dataclasses.replace(b, output_saved_bytes=None)
+                                                  for b in whole.layers))
+    before = Problem.from_profile(old, [Device("d")] * 2, CostModel(schedule="GPipe", microbatches=4))
+    assert [c.activation_bytes for c in before.stages([2, 4], recompute=[False, False])] == [3 * size, 3 * size]

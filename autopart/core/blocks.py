@@ -52,6 +52,11 @@ class BlockCosts:
     """Per block, the part of ``activation_bytes`` the loss saves (the last block's; None: no loss)."""
     largest_param_bytes: Floats | None = None
     """Per block, the largest parameter tensor it uses, a tied one included (None: not counted)."""
+    output_saved_bytes: Floats | None = None
+    """Per block, the part of ``output_bytes`` the block saved itself (in its ``activation_bytes``, in no later
+    block's); None: not recorded (older profiles), counted as 0."""
+    model_output_saved_bytes: float = 0.0
+    """The same for the model's output (``model_output_bytes``), kept apart as it is for the mirror image."""
     foreach_optimizer: bool = False
     """The optimizer steps all of a stage's parameters at once (torch's foreach kernels, its default on
     CUDA) rather than one tensor at a time (its default on CPU): the profile's device says which."""
@@ -79,9 +84,11 @@ class BlockCosts:
            input_grad_ms: Sequence[float] | None = None,
            loss_activation_bytes: Sequence[float] | None = None,
            largest_param_bytes: Sequence[float] | None = None,
+           output_saved_bytes: Sequence[float] | None = None,
            foreach_optimizer: bool = False) -> "BlockCosts":
         """Arrays from lists (missing ones are zeros; ``model_output_bytes``: the last block's
-        ``output_bytes``); a NaN, infinite or negative entry names its block."""
+        ``output_bytes``, its saved part the last block's ``output_saved_bytes``); a NaN, infinite or
+        negative entry names its block."""
         n = len(compute_ms)
         if n < 1:
             raise AutopartError("no blocks to partition")
@@ -97,6 +104,7 @@ class BlockCosts:
             return a
 
         outputs = arr(output_bytes, "output bytes")
+        saved_out = None if output_saved_bytes is None else arr(output_saved_bytes, "output saved bytes")
         return BlockCosts(names=labels, compute_ms=arr(compute_ms, "compute time"),
                           forward_ms=arr(forward_ms, "forward time"), param_bytes=arr(param_bytes, "parameter bytes"),
                           activation_bytes=arr(activation_bytes, "activation bytes"),
@@ -113,6 +121,10 @@ class BlockCosts:
                               arr(activation_bytes, "activation bytes")),
                           largest_param_bytes=None if largest_param_bytes is None
                           else arr(largest_param_bytes, "largest parameter bytes"),
+                          output_saved_bytes=None if saved_out is None else np.minimum(saved_out, outputs),
+                          model_output_saved_bytes=0.0 if saved_out is None else min(
+                              float(saved_out[-1]), float(outputs[-1] if model_output_bytes is None
+                                                          else model_output_bytes)),
                           foreach_optimizer=foreach_optimizer)
 
     @staticmethod
@@ -132,6 +144,8 @@ class BlockCosts:
                              else [min(x.input_grad_ms or 0.0, x.backward_ms) for x in layers],
                              loss_activation_bytes=_loss_activation_bytes(profile),
                              largest_param_bytes=_largest_param_bytes(profile),
+                             output_saved_bytes=[x.output_saved_bytes or 0 for x in layers]
+                             if any(x.output_saved_bytes is not None for x in layers) else None,
                              foreach_optimizer=not profile.device.startswith("cpu"))  # "cpu (Xeon)"; a GPU's name ("NVIDIA H200")
 
     def mirrored(self) -> "BlockCosts":
@@ -150,6 +164,9 @@ class BlockCosts:
                           else self.loss_activation_bytes[::-1].copy(),
                           largest_param_bytes=None if self.largest_param_bytes is None
                           else self.largest_param_bytes[::-1].copy(),
+                          output_saved_bytes=None if self.output_saved_bytes is None else np.concatenate(
+                              [self.output_saved_bytes[:-1][::-1], [0.0]]),
+                          model_output_saved_bytes=self.model_output_saved_bytes,
                           foreach_optimizer=self.foreach_optimizer)
 
 

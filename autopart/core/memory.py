@@ -154,6 +154,26 @@ def _crossing_out(b: BlockCosts) -> tuple[Floats, float]:
     return _crossing_in(b)[0], b.model_output_bytes
 
 
+def _output_saved(b: BlockCosts) -> tuple[Floats, float]:
+    """(the part of each block's output it saved itself, the same of the model's output): 0 when not recorded."""
+    if b.output_saved_bytes is None:
+        return np.zeros(b.n), 0.0
+    return b.output_saved_bytes, b.model_output_saved_bytes
+
+
+def _held_output(b: BlockCosts) -> tuple[Floats, float]:
+    """The stage's output less what its last block saved itself (in the activations, or ``saved output``)."""
+    crossing, model_output = _crossing_out(b)
+    saved, model_saved = _output_saved(b)
+    out: Floats = crossing - saved
+    return out, model_output - model_saved
+
+
+def _received_saved(b: BlockCosts) -> tuple[Floats, float]:
+    """What a stage receives that the block before it saved itself (the model's input: none before it)."""
+    return _output_saved(b)[0], 0.0
+
+
 def _crossing_out_grad(b: BlockCosts) -> tuple[Floats, float]:
     return _crossing_in(b)[0], 0.0  # the last stage receives no gradient
 
@@ -220,8 +240,14 @@ MEMORY_TERMS: tuple[MemoryTerm, ...] = (
                "input on stage 0): the micro-batch's receive buffer", "activation_bytes", "recompute", "in_flight",
                received=_crossing_in),
     MemoryTerm("held output", "the stage's output, kept by the runtime's forward cache until the micro-batch's "
-               "backward (on the last stage the model's output: an LM's logits)", "activation_bytes", "always",
-               "in_flight", sent=_crossing_out),
+               "backward (on the last stage the model's output: an LM's logits), less what its last block saved "
+               "itself (in the activations)", "activation_bytes", "always", "in_flight", sent=_held_output),
+    MemoryTerm("saved output", "on a recomputing stage, the part of its output its last block saves itself "
+               "(a ReLU's): held by the forward cache, as the checkpoint saves no activation",
+               "activation_bytes", "recompute", "in_flight", sent=_output_saved),
+    MemoryTerm("received saved input", "the receive buffer of an input the block before saved itself (a "
+               "ReLU's output): the profile charged it to that block, not to the stage's first",
+               "activation_bytes", "plain", "in_flight", received=_received_saved),
     MemoryTerm("loss activations", "what the loss saves (cross-entropy: its log-softmax): the loss runs "
                "outside a recomputed stage, so it is held per in-flight micro-batch", "activation_bytes",
                "recompute", "in_flight", per_block=_loss_activations),

@@ -73,6 +73,12 @@ class LayerProfile:
     what one parameter's gradient holds while the backward makes it, before it is added into ``.grad``, and
     what a per-tensor optimizer step's temporaries scale with. None in profiles from before it was recorded
     (the planner then takes an upper bound: docs/cost-model.md, "Memory")."""
+    output_saved_bytes: int | None = field(default=None, metadata=saved(omit=(None,)))
+    """Bytes of the block's output storage that the block itself saved for its backward in the profile's
+    connected forward (a block ending in ReLU saves its output), so charged to it in ``activation_bytes``
+    and to no block after it: a stage ending here already holds its output there, and a stage starting
+    after it holds its received input apart (docs/cost-model.md, "Memory"). None in profiles from before
+    it was recorded (counted as 0)."""
     skip_bytes: int = field(default=0, metadata=saved(omit=(0,)))
     """Bytes of skips that also cross the boundary after the block: values made by earlier blocks (or
     model inputs) that a later block needs. A stage boundary here sends them too, and the stage after

@@ -30,7 +30,7 @@ from autopart.formats.precision import Precision, check_precision, precision_of_
 from autopart.formats.profile import BATCHNORM_MODES, LayerProfile, Profile
 from autopart.measure.amp import autocast, param_dtype
 from autopart.measure.batchnorm import batchnorm_layers, deferred_batchnorm
-from autopart.measure.blocks import NamedBlock, call_block, cannot_run, chain_of
+from autopart.measure.blocks import NamedBlock, call_block, cannot_run, chain_of, tensors_of
 from autopart.measure.timing import (
     Clock,
     ProgressFn,
@@ -73,12 +73,16 @@ def _preserved(module: nn.Module, device: torch.device) -> Iterator[None]:
 
 def _activation_pass(module: nn.Module, blocks: Sequence[NamedBlock], example: tuple[torch.Tensor, ...],
                      loss: Callable[[Any], torch.Tensor] | None = None,
-                     mixed: ContextManager[object] | None = None) -> tuple[list[int], list[Any], int]:
+                     mixed: ContextManager[object] | None = None
+                     ) -> tuple[list[int], list[Any], int, list[int]]:
     """One connected forward (under ``mixed``, the precision's autocast): saved bytes per block, each block's
-    input (detached), and the bytes the loss saves (counted apart; 0 without a loss)."""
+    input (detached), the bytes the loss saves (counted apart; 0 without a loss), and per block the bytes of
+    its output's storage it saved itself (charged to it, so to no block after it)."""
     excluded = {k for t in list(module.parameters()) + list(module.buffers()) if (k := storage_key(t))}
     seen: set[tuple[int, int]] = set()
     saved = [0] * (len(blocks) + 1)  # the last entry: the loss's
+    charged: set[tuple[int, int]] = set()  # the storages the current block saved first
+    output_saved = [0] * len(blocks)
     current = 0
 
     def pack(t: torch.Tensor) -> torch.Tensor:
@@ -86,6 +90,7 @@ def _activation_pass(module: nn.Module, blocks: Sequence[NamedBlock], example: t
         if key is not None and key not in excluded and key not in seen:
             seen.add(key)
             saved[current] += key[1]
+            charged.add(key)
         return t
 
     inputs: list[Any] = []
@@ -93,13 +98,16 @@ def _activation_pass(module: nn.Module, blocks: Sequence[NamedBlock], example: t
     with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t), mixed or contextlib.nullcontext():
         for current, (_, block) in enumerate(blocks):
             inputs.append(detach(out))
+            charged.clear()
             out = call_block(block, out)
+            held = {key for t in tensors_of(out) if (key := storage_key(t)) is not None} & charged
+            output_saved[current] = sum(size for _, size in held)
         final = detach(out)
         if loss is not None:
             current = len(blocks)
             loss(out)  # what the loss saves for backward is the last stage's too
     inputs.append(final)
-    return saved[:-1], inputs, saved[-1]
+    return saved[:-1], inputs, saved[-1], output_saved
 
 
 def _precision_for(name: str | None, dtype: torch.dtype) -> Precision:
@@ -181,7 +189,7 @@ def profile_model(module: nn.Module, example: torch.Tensor | Sequence[torch.Tens
         module.train()
         try:
             loss = (lambda out: loss_fn(out, target)) if loss_fn is not None and target is not None else None
-            saved, inputs, loss_saved = _activation_pass(module, blocks, example_t, loss, autocast(chosen, device))
+            saved, inputs, loss_saved, output_saved = _activation_pass(module, blocks, example_t, loss, autocast(chosen, device))
         except Exception as exc:
             raise cannot_run(name, example_t, exc) from None
         for i, (block_name, block) in enumerate(blocks):
@@ -197,7 +205,7 @@ def profile_model(module: nn.Module, example: torch.Tensor | Sequence[torch.Tens
                 loss_activation_bytes=loss_saved if last and loss is not None else None,
                 output_bytes=main, skip_bytes=skip,
                 forward_iqr_ms=f_iqr, backward_iqr_ms=b_iqr, buffer_bytes=buffer_bytes[i], cuda_peak_bytes=peak,
-                input_grad_ms=i_ms,
+                input_grad_ms=i_ms, output_saved_bytes=output_saved[i],
             ))
             if progress is not None:
                 progress(block_name, i + 1, len(blocks))

@@ -12,8 +12,8 @@ before it, is timed like :func:`autopart.measure.profiler.profile_model`
 times a block, and goes back to the meta device. At most one block's weights,
 gradients and optimizer state are real at a time, plus the activations of
 one micro-batch. A block identical to one measured before (the same
-operations on the same shapes and dtypes, parameters of the same shapes) is
-not measured again: its profile is that block's, and ``same_as`` says so.
+operations on the same shapes and dtypes, parameters of the same shapes, the
+same inputs saved by the block before it) is not measured again: its profile is that block's, and ``same_as`` says so.
 Activation bytes are counted per block (a storage two blocks save is charged
 to the first), as the whole-model profiler counts them.
 """
@@ -95,12 +95,18 @@ def _retarget(block: nn.Module, device: torch.device) -> None:
             module.recompile()
 
 
-def _signature(chain: Chain, index: int, block: nn.Module, inputs: Any) -> str:
-    """What makes two blocks cost the same: their operations on the same shapes, their parameters' shapes."""
+def _signature(chain: Chain, index: int, block: nn.Module, inputs: Any, carried: set[tuple[int, int]]) -> str:
+    """What makes two blocks cost the same: their operations on the same shapes, their parameters' shapes, and
+    which of their inputs the block before saved (those are charged to it, not to this block)."""
     params = [(tuple(p.shape), str(p.dtype)) for p in block.parameters()]
-    shapes = [(tuple(t.shape), str(t.dtype)) for t in (inputs if isinstance(inputs, tuple) else (inputs,))
-              if isinstance(t, torch.Tensor)]
+    tensors = [t for t in (inputs if isinstance(inputs, tuple) else (inputs,)) if isinstance(t, torch.Tensor)]
+    shapes = [(tuple(t.shape), str(t.dtype), storage_key(t) in carried) for t in tensors]
     return repr((chain.operations(index), params, shapes))
+
+
+def _held_positions(value: Any, held: set[tuple[int, int]]) -> tuple[int, ...]:
+    """Which of a block's output tensors it saved itself (by position)."""
+    return tuple(k for k, t in enumerate(tensors_of(value)) if storage_key(t) in held)
 
 
 def _as_received(value: Any) -> Any:
@@ -145,23 +151,24 @@ def profile_by_block(module: nn.Module, example: Sequence[torch.Tensor], *, name
         wrapped = chain.model_loss(loss_fn)
         loss = lambda out: wrapped(out, target)  # noqa: E731
     clock = Clock(device)
-    measured: dict[str, tuple[str, LayerProfile, Any]] = {}
+    measured: dict[str, tuple[str, LayerProfile, Any, tuple[int, ...]]] = {}
     layers: list[LayerProfile] = []
     carried: set[tuple[int, int]] = set()  # storages the block before saved that its output still holds
     value: Any = example_t if len(example_t) > 1 else example_t[0]
     for i, (block_name, block) in enumerate(blocks):
         last = i == len(blocks) - 1
-        sig = _signature(chain, i, block, value)
+        sig = _signature(chain, i, block, value, carried)
         if sig in measured and not last:
-            first, layer, out_like = measured[sig]
+            first, layer, out_like, positions = measured[sig]
             layers.append(dataclasses.replace(layer, name=block_name, same_as=first))
-            value, carried = _fake_outputs(out_like), set()
+            value = _fake_outputs(out_like)  # what the block saved of it, the next block is not charged for
+            carried = {k for p, t in enumerate(tensors_of(value)) if p in positions and (k := storage_key(t))}
         else:
             layer, value, carried = _measure(block, block_name, value if i == 0 else _as_received(value), device,
                                              dtype, clock, warmup, repeats,
                                              carried, loss if last else None, precision)
             layers.append(layer)
-            measured.setdefault(sig, (block_name, layer, detach(value)))
+            measured.setdefault(sig, (block_name, layer, detach(value), _held_positions(value, carried)))
         main, skip = crossing_bytes(crossing, i, value, precision)
         layers[-1] = dataclasses.replace(layers[-1], param_bytes=param_bytes[i], buffer_bytes=buffer_bytes[i],
                                          largest_param_bytes=largest[i],
@@ -211,7 +218,8 @@ def _measure(block: nn.Module, name: str, value: Any, device: torch.device, dtyp
                              activation_bytes=sum(size for _, size in mine | by_loss),
                              loss_activation_bytes=sum(size for _, size in by_loss) if loss is not None else None,
                              output_bytes=0, forward_iqr_ms=f_iqr, backward_iqr_ms=b_iqr, cuda_peak_bytes=peak,
-                             optimizer_ms=optimizer_ms, optimizer_ms_by_name=by_name)
+                             optimizer_ms=optimizer_ms, optimizer_ms_by_name=by_name,
+                             output_saved_bytes=sum(size for _, size in held))
     finally:
         for p in block.parameters():
             p.grad = None
