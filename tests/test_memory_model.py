@@ -468,3 +468,32 @@ def test_a_block_that_saves_its_output_is_counted_once_and_the_next_stage_holds_
                                                   for b in whole.layers))
     before = Problem.from_profile(old, [Device("d")] * 2, CostModel(schedule="GPipe", microbatches=4))
     assert [c.activation_bytes for c in before.stages([2, 4], recompute=[False, False])] == [3 * size, 3 * size]
+
+
+@pytest.mark.slow
+def test_two_ranks_hold_a_relu_output_once_and_the_next_stage_its_input(tmp_path: Path) -> None:
+    """2 real ranks (gloo), the reviewer's ReLU model split [2, 4], GPipe, 2 micro-batches: at each stage's
+    first backward the distinct storages kept for the backward (saved tensors and the forward cache's
+    outputs) are the plan's ``activation_bytes`` per in-flight micro-batch: 262144 B on stage 0 (not the
+    393216 B that counts the ReLU's output twice) and 393216 B on stage 1 (its receive buffer included)."""
+    import json
+    import os
+    import subprocess
+    import sys
+
+    from autopart.formats.plan import Plan
+    from tests.helpers import plan_for
+
+    root = Path(__file__).resolve().parent.parent
+    m, size = 2, 64 * 512 * 4
+    plan_for(f"{root}/tests/held_output_check.py:relu_mlp", [2, 4], "GPipe", m, tmp_path / "plan.json")
+    plan = Plan.from_json(tmp_path / "plan.json")
+    assert [s.cost.activation_bytes for s in plan.stages] == [2 * size, 3 * size]
+    env = dict(os.environ, PYTHONPATH=str(root), OMP_NUM_THREADS="1")
+    result = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2",
+                             str(root / "tests" / "held_output_check.py"), str(tmp_path / "plan.json"),
+                             str(tmp_path)], cwd=tmp_path, env=env, text=True, capture_output=True, timeout=300)
+    assert result.returncode == 0, result.stderr[-3000:]
+    got = [json.loads((tmp_path / f"rank{r}.json").read_text()) for r in range(2)]
+    assert [g["in_flight"] for g in got] == [m, m]
+    assert [g["held_bytes"] for g in got] == [m * s.cost.activation_bytes for s in plan.stages]
