@@ -497,3 +497,22 @@ def test_two_ranks_hold_a_relu_output_once_and_the_next_stage_its_input(tmp_path
     got = [json.loads((tmp_path / f"rank{r}.json").read_text()) for r in range(2)]
     assert [g["in_flight"] for g in got] == [m, m]
     assert [g["held_bytes"] for g in got] == [m * s.cost.activation_bytes for s in plan.stages]
+
+
+@settings(max_examples=30, deadline=None)
+@given(n=st.integers(2, 7), k=st.integers(1, 4), m=st.integers(1, 5), seed=st.integers(0, 10**6),
+       schedule=st.sampled_from(["GPipe", "1F1B"]))
+def test_the_mirror_image_prices_a_saved_output_where_the_original_does(n: int, k: int, m: int, seed: int,
+                                                                         schedule: str) -> None:
+    """Blocks that save their own output (``output_saved_bytes``): stage (s, i, j) and stage (K-1-s, n-1-j,
+    n-1-i) of the mirror image (the partitioner's backward sweep) hold the same bytes, with and without
+    recomputation."""
+    k = min(k, n)
+    p = Problem(_blocks(n, seed), [Device("d")] * k, CostModel(schedule=schedule, microbatches=m))
+    mirror = p.reversed()
+    for s in range(k):
+        for i in range(n):
+            for j in range(i, n):
+                for recompute in (False, True):
+                    here, there = p.stage(s, i, j, recompute), mirror.stage(k - 1 - s, n - 1 - j, n - 1 - i, recompute)
+                    assert (there.memory_bytes, there.activation_bytes) == (here.memory_bytes, here.activation_bytes)
