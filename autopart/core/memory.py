@@ -146,8 +146,10 @@ def _crossing_in(b: BlockCosts) -> tuple[Floats, float]:
     return out, b.input_bytes
 
 
-def _crossing_in_grad(b: BlockCosts) -> tuple[Floats, float]:
-    return _crossing_in(b)[0], 0.0  # the model's input needs no gradient
+def _crossing_grad(b: BlockCosts) -> tuple[Floats, float]:
+    """The gradient of what crosses a cut, in either direction; none at the model's ends (its input needs no
+    gradient, and the last stage receives none)."""
+    return _crossing_in(b)[0], 0.0
 
 
 def _crossing_out(b: BlockCosts) -> tuple[Floats, float]:
@@ -172,10 +174,6 @@ def _held_output(b: BlockCosts) -> tuple[Floats, float]:
 def _received_saved(b: BlockCosts) -> tuple[Floats, float]:
     """What a stage receives that the block before it saved itself (the model's input: none before it)."""
     return _output_saved(b)[0], 0.0
-
-
-def _crossing_out_grad(b: BlockCosts) -> tuple[Floats, float]:
-    return _crossing_in(b)[0], 0.0  # the last stage receives no gradient
 
 
 def _loss_gradient(b: BlockCosts) -> tuple[Floats, float]:
@@ -257,7 +255,7 @@ MEMORY_TERMS: tuple[MemoryTerm, ...] = (
                "stage the loss's gradient of the model's output)", "backward_extra_bytes", "always",
                sent=_crossing_out),
     MemoryTerm("input gradient", "the gradient of the stage's input, made by one backward and sent back",
-               "backward_extra_bytes", "always", received=_crossing_in_grad),
+               "backward_extra_bytes", "always", received=_crossing_grad),
     MemoryTerm("loss working set", "the loss's own gradient of the model's output (cross-entropy: the "
                "log-softmax's), beside the output's, on the last stage, in the loss's dtype (float32 under "
                "autocast)", "backward_extra_bytes", "always",
@@ -267,7 +265,7 @@ MEMORY_TERMS: tuple[MemoryTerm, ...] = (
                "runtime_bytes", "always", "not_in_flight", received=_crossing_in),
     MemoryTerm("gradient receive buffers", "the runtime's buffer for the gradient of the stage's output, one "
                "per micro-batch of the step (none on the last stage)", "runtime_bytes", "always", "microbatches",
-               sent=_crossing_out_grad),
+               sent=_crossing_grad),
     MemoryTerm("parameter gradient", "one parameter's gradient, made in full by the backward before it is "
                "added into the kept .grad: the stage's largest parameter tensor", "backward_extra_bytes", "always",
                largest=_largest_param),

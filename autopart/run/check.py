@@ -44,7 +44,7 @@ from autopart.errors import AutopartError
 from autopart.formats.plan import Plan
 from autopart.formats.precision import check_precision
 from autopart.formats.units import format_bytes
-from autopart.measure.amp import autocast, param_dtype
+from autopart.measure.amp import autocast, cast_dtype, floating_in
 from autopart.measure.batchnorm import batchnorm_layers, defer_batchnorm, deferred_layers
 from autopart.measure.blocks import Chain, chain_of, tensors_of
 from autopart.measure.memory import MemoryMeter
@@ -53,6 +53,7 @@ from autopart.measure.spec import ModelBundle, require_parameters, shape_example
 from autopart.measure.stream import load_with_weights
 from autopart.measure.timing import Clock
 from autopart.run.data import training_data
+from autopart.run.microbatch import microbatch_shape
 from autopart.run.shapes import StageSignature, stage_signatures
 from autopart.run.stages import check_plan_against_model, in_precision, loss_in_precision, recompute_forward
 
@@ -220,21 +221,10 @@ def _build(model: str, seed: int, plan: Plan) -> ModelBundle:
     torch.manual_seed(seed)
     bundle = load_with_weights(model)
     require_parameters(bundle)
-    dtype = _true_dtype(plan)
+    dtype = cast_dtype(check_precision(plan.precision))
     if dtype is not None:
         bundle.module.to(dtype=dtype)
     return bundle
-
-
-def _true_dtype(plan: Plan) -> torch.dtype | None:
-    """The dtype a true precision casts the model and its floating inputs to (bf16-true's bfloat16), as ``train``
-    casts them; None: float32 weights (fp32, and a mixed precision, which autocasts each forward)."""
-    precision = check_precision(plan.precision)
-    return None if precision.param_dtype == "float32" else param_dtype(precision)
-
-
-def _in_dtype(inputs: tuple[torch.Tensor, ...], dtype: torch.dtype | None) -> tuple[torch.Tensor, ...]:
-    return tuple(x.to(dtype) if dtype is not None and x.is_floating_point() else x for x in inputs)
 
 
 @dataclass(frozen=True)
@@ -253,7 +243,7 @@ class _Shared:
     def of(plan: Plan, bundle: ModelBundle, chain: Chain, model: str, data: str | None, seed: int,
            device: torch.device) -> "_Shared":
         check_plan_against_model(plan, chain.names, plan.num_ranks, model)
-        per_mb, sample_shape = _microbatch(plan, bundle)
+        per_mb, sample_shape = microbatch_shape(plan, bundle)
         drawn = training_data(bundle, data, per_mb * plan.microbatches, sample_shape, seed, 0)
         inputs, target = next(drawn.batches)  # every step of the check runs this mini-batch
         precision = check_precision(plan.precision)
@@ -261,26 +251,18 @@ class _Shared:
             signatures = stage_signatures(chain, plan.balance, device)
         # fp16-mixed: no gradient scaler (the module docstring says why that changes nothing measured)
         return _Shared(signatures=signatures,
-                       inputs=_in_dtype(inputs if isinstance(inputs, tuple) else (inputs,), _true_dtype(plan)),
+                       inputs=floating_in(inputs if isinstance(inputs, tuple) else (inputs,), cast_dtype(precision)),
                        target=target, loss_fn=loss_in_precision(chain.model_loss(drawn.loss_fn), precision, device,
                                                                 None))
-
-
-def _microbatch(plan: Plan, bundle: ModelBundle) -> tuple[int, tuple[int, ...]]:
-    """Samples per micro-batch and one sample's input shape, as ``train`` finds them."""
-    per_mb = plan.microbatch_size or (int(bundle.example[0].shape[0]) if bundle.example else 1)
-    sample_shape = tuple(plan.sample_shape[1:]) if plan.sample_shape else (
-        tuple(bundle.example[0].shape[1:]) if bundle.example else ())
-    return per_mb, sample_shape
 
 
 def _chain(plan: Plan, bundle: ModelBundle) -> Chain:
     """The model's blocks as ``train`` cuts them (a graph captured at the run's micro-batch shape), BatchNorm
     deferred as ``train`` defers it unless the plan says ``micro``."""
-    per_mb, sample_shape = _microbatch(plan, bundle)
+    per_mb, sample_shape = microbatch_shape(plan, bundle)
     shape = (per_mb, *sample_shape) if sample_shape else None
-    example = _in_dtype(shape_example(bundle, shape, None, per_mb), _true_dtype(plan)) \
-        if bundle.example is not None else ()
+    dtype = cast_dtype(check_precision(plan.precision))
+    example = floating_in(shape_example(bundle, shape, None, per_mb), dtype) if bundle.example is not None else ()
     chain = chain_of(bundle.module, example, bundle.name, bundle.input_names)
     if batchnorm_layers(chain.root) and plan.batchnorm != "micro":  # as train runs the plan (deferred by default)
         defer_batchnorm(chain.root)

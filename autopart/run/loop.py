@@ -20,7 +20,7 @@ from autopart.errors import AutopartError
 from autopart.formats.plan import Plan
 from autopart.formats.precision import check_precision
 from autopart.formats.units import plural
-from autopart.measure.amp import param_dtype
+from autopart.measure.amp import cast_dtype, floating_in
 from autopart.measure.batchnorm import batchnorm_layers, defer_batchnorm
 from autopart.measure.blocks import Chain, StageModule, chain_of, children_chain
 from autopart.measure.memory import MemoryMeter, MemoryPeak, lower_mmap_threshold
@@ -32,7 +32,7 @@ from autopart.run.config import TrainConfig
 from autopart.run.data import cycled_note, training_data
 from autopart.run.job import Job, StepLog
 from autopart.run.log import say
-from autopart.run.microbatch import plan_for_run
+from autopart.run.microbatch import microbatch_shape, plan_for_run
 from autopart.run.replan import reprofile_stages, write_replan
 from autopart.run.report import gather_measured, hand_over_report, make_report, write_report, write_timelines
 from autopart.run.resources import check_device_memory, rank_threads, threads_note
@@ -133,11 +133,11 @@ def _prepare(cfg: TrainConfig, rank: int, device: torch.device, plan: Plan) -> J
     world = int(os.environ.get("WORLD_SIZE", "1"))
     bundle = _build(cfg)
     require_parameters(bundle)
-    dtype = _cast_to(plan)
+    dtype = cast_dtype(check_precision(plan.precision))
     if dtype is not None:
         bundle.module.to(dtype=dtype)  # bf16-true: every weight in bfloat16
     m = plan.microbatches
-    per_mb = plan.microbatch_size or (int(bundle.example[0].shape[0]) if bundle.example else 1)
+    per_mb, sample_shape = microbatch_shape(plan, bundle)
     global_batch = cfg.global_batch or per_mb * m
     microbatch_size = plan.microbatch_size_for(global_batch)
     chain = _chain(cfg, bundle, microbatch_size, tuple(plan.sample_shape[1:]), dtype)
@@ -146,8 +146,6 @@ def _prepare(cfg: TrainConfig, rank: int, device: torch.device, plan: Plan) -> J
     if batchnorm == "deferred":
         defer_batchnorm(chain.root)
         chain.reload_blocks()
-    sample_shape = tuple(plan.sample_shape[1:]) if plan.sample_shape else (
-        tuple(bundle.example[0].shape[1:]) if bundle.example else ())
     saved_dir = latest_complete(cfg.checkpoint) if cfg.checkpoint else None
     saved = load_stages(saved_dir) if saved_dir is not None else []
     start = int(saved[0]["step"]) if saved else 0
@@ -164,19 +162,12 @@ def _prepare(cfg: TrainConfig, rank: int, device: torch.device, plan: Plan) -> J
     return job  # the rest of the model (other ranks' blocks) is freed with ``bundle``
 
 
-def _cast_to(plan: Plan) -> torch.dtype | None:
-    """The dtype a true precision casts the model and its floating inputs to (bf16-true's bfloat16); None: the
-    model trains as built, float32 weights (fp32, and a mixed precision, which autocasts each forward)."""
-    precision = check_precision(plan.precision)
-    return None if precision.param_dtype == "float32" else param_dtype(precision)
-
-
 def _chain(cfg: TrainConfig, bundle: ModelBundle, microbatch_size: int, sample_shape: tuple[int, ...],
            dtype: torch.dtype | None) -> Chain:
     """The model's blocks, as the profiler found them; a graph is captured at the run's micro-batch shape, its
     floating inputs in ``dtype`` (None: as they are)."""
     shape = (microbatch_size, *sample_shape) if sample_shape else None
-    example = _in_dtype(shape_example(bundle, shape, None, microbatch_size), dtype) \
+    example = floating_in(shape_example(bundle, shape, None, microbatch_size), dtype) \
         if bundle.example is not None else ()
     if not cfg.meta_init:
         return chain_of(bundle.module, example, cfg.model, bundle.input_names)
@@ -190,11 +181,6 @@ def _chain(cfg: TrainConfig, bundle: ModelBundle, microbatch_size: int, sample_s
         return children_chain(bundle.module, example, cfg.model)
     except AutopartError:
         raise refused from None
-
-
-def _in_dtype(inputs: tuple[torch.Tensor, ...], dtype: torch.dtype | None) -> tuple[torch.Tensor, ...]:
-    """Floating inputs in ``dtype`` (a true precision's; None: as they are), the others (token ids) as they are."""
-    return tuple(x.to(dtype) if dtype is not None and x.is_floating_point() else x for x in inputs)
 
 
 def _batchnorm_mode(cfg: TrainConfig, plan: Plan, chain: Chain) -> str | None:
@@ -249,11 +235,11 @@ def _train(job: Job, meter: MemoryMeter) -> StepLog:
     if cycled and job.reporter:
         say(cycled)
     meter.reset_peak()  # the other ranks' blocks, built and dropped, are not this rank's
+    dtype = cast_dtype(check_precision(job.plan.precision))
     for step in range(job.start_step, cfg.steps):
         inputs, target = next(job.data.batches)
-        dtype = _cast_to(job.plan)
-        inputs = _in_dtype(tuple(x.to(job.device) for x in inputs), dtype) if isinstance(inputs, tuple) else \
-            _in_dtype((inputs.to(job.device),), dtype)[0]
+        inputs = floating_in(tuple(x.to(job.device) for x in inputs), dtype) if isinstance(inputs, tuple) else \
+            floating_in((inputs.to(job.device),), dtype)[0]
         target = target.to(job.device)
         job.optimizer.zero_grad(set_to_none=False)  # in place, as the profile's optimizer time assumes
         job.pipe.clock.step = step + 1

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from autopart.errors import AutopartError
 from autopart.formats.plan import Plan
@@ -19,7 +20,10 @@ from autopart.formats.profile import Profile
 from autopart.formats.optimizers import DEFAULT_OPTIMIZER
 from autopart.formats.units import format_bytes, parse_bytes, plural
 
-__all__ = ["RunPlan", "plan_for_run", "replan_commands", "partition_command"]
+if TYPE_CHECKING:
+    from autopart.measure.spec import ModelBundle
+
+__all__ = ["RunPlan", "microbatch_shape", "plan_for_run", "replan_commands", "partition_command"]
 
 
 @dataclass(frozen=True)
@@ -113,3 +117,13 @@ def _size_arg(n: int) -> str:
     """``n`` bytes as ``--memory-limit`` reads it back exactly: 400MiB, else the bare count."""
     text = format_bytes(n).replace(" ", "")
     return text if parse_bytes(text) == n else str(n)
+
+
+def microbatch_shape(plan: Plan, bundle: "ModelBundle") -> tuple[int, tuple[int, ...]]:
+    """Samples per micro-batch (the plan's, else the model's example's rows) and one sample's input shape (the
+    plan's, else the example's): what ``train`` and ``check`` draw and cut."""
+    example = bundle.example[0] if bundle.example else None
+    per_mb = plan.microbatch_size or (int(example.shape[0]) if example is not None else 1)
+    sample_shape = tuple(plan.sample_shape[1:]) if plan.sample_shape else (
+        tuple(example.shape[1:]) if example is not None else ())
+    return per_mb, sample_shape
