@@ -20,6 +20,7 @@ be >= 1. Needs the ``transformers`` package (``pip install 'autopart[hf]'``).
 from __future__ import annotations
 
 import re
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -27,7 +28,7 @@ import torch.nn.functional as F
 
 from autopart.errors import AutopartError
 
-__all__ = ["is_hf_spec", "build_hf", "causal_lm_loss", "masked_lm_loss", "seq2seq_lm_loss", "MASKED_LM_TYPES",
+__all__ = ["is_hf_spec", "hf_folder", "build_hf", "causal_lm_loss", "masked_lm_loss", "seq2seq_lm_loss", "MASKED_LM_TYPES",
            "IGNORE_INDEX"]
 
 IGNORE_INDEX = -100
@@ -59,6 +60,20 @@ _SIZE_FIELD = re.compile(r"^(n|num|d)_|_num_|_(size|dim|layers|heads|positions|e
 
 def is_hf_spec(spec: str) -> bool:
     return spec.startswith("hf:")
+
+
+def hf_folder(spec: str) -> Path | None:
+    """The local folder of an ``hf:PATH`` spec (a saved model: ``config.json``, its weights, maybe a tokenizer);
+    None for ``hf:NAME``. PATH is a folder when it has a path separator, starts with ``.`` or ``~``, or names an
+    existing folder here (``hf:gpt2`` is the name unless ``./gpt2`` exists)."""
+    if not is_hf_spec(spec):
+        return None
+    name = spec.removeprefix("hf:").partition(":")[0]
+    if not name:
+        return None
+    if "/" in name or "\\" in name or name.startswith((".", "~")) or Path(name).is_dir():
+        return Path(name).expanduser()
+    return None
 
 
 def _value(text: str) -> Any:
