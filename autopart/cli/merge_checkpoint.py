@@ -1,8 +1,7 @@
-"""``autopart merge-checkpoint``: one state_dict with the original names, from a run's stage files."""
+"""``autopart merge-checkpoint``: the trained model from a run's stage files, as one state_dict or a model folder."""
 from __future__ import annotations
 
 import argparse
-import io
 
 from autopart.cli.common import Subcommands, path_arg
 
@@ -10,28 +9,68 @@ __all__: list[str] = []
 
 
 def add_parser(sub: Subcommands) -> None:
-    p = sub.add_parser("merge-checkpoint", help="merge a run's per-stage checkpoint into one state_dict",
+    p = sub.add_parser("merge-checkpoint",
+                       help="merge a run's per-stage checkpoint into one state_dict or model folder",
                        description="Merge the per-stage files of the latest complete checkpoint under DIR (or of "
-                                   "one step-NNNNNN folder) into a single state_dict file with the unpartitioned "
-                                   "model's names: model.load_state_dict(torch.load(FILE)).")
+                                   "one step-NNNNNN folder) into the unpartitioned model's weights: --format pt "
+                                   "(default) one state_dict file, model.load_state_dict(torch.load(FILE)); "
+                                   "--format safetensors a folder that transformers' from_pretrained(OUT) loads "
+                                   "for an hf: model (config.json, model.safetensors or one shard per stage with "
+                                   "its index, and hf:PATH's tokenizer files), and safetensors or --weights OUT "
+                                   "reads for any model. The stage files are mapped, not read whole.")
     p.add_argument("checkpoint", metavar="DIR", type=path_arg, help="the --checkpoint folder of autopart train")
-    p.add_argument("-o", "--output", required=True, metavar="FILE", type=path_arg,
-                   help="where to write the state_dict (atomically)")
+    p.add_argument("-o", "--output", required=True, metavar="OUT", type=path_arg,
+                   help="where to write: a file for pt, a folder for safetensors (atomically, whole or not at all)")
+    p.add_argument("--format", choices=("pt", "safetensors"), default="pt",
+                   help="pt: one torch.save'd state_dict with every name (default); safetensors: a model folder")
+    p.add_argument("--config", metavar="FILE|hf:SPEC|none", type=path_arg, default=None,
+                   help="safetensors: the model's config when the checkpoint does not record its model (older "
+                        "autopart), or to override it: a config.json, an hf: spec, or none (weights alone)")
+    p.add_argument("--force", action="store_true",
+                   help="safetensors: replace an OUT folder that exists and is not empty")
     p.set_defaults(run=run)
 
 
 def run(args: argparse.Namespace) -> int:
+    from autopart.errors import AutopartError
+
+    if args.format == "pt" and (args.config is not None or args.force):
+        raise AutopartError(f"{'--config' if args.config is not None else '--force'} is for --format safetensors "
+                            f"(--format pt writes the file -o names, replacing it)")
+    return _pt(args) if args.format == "pt" else _safetensors(args)
+
+
+def _pt(args: argparse.Namespace) -> int:
     import torch
 
     from autopart.formats.atomic import check_writable, write_atomic
     from autopart.formats.units import plural
-    from autopart.run.checkpoint import merge_checkpoint
+    from autopart.run.checkpoint import read_checkpoint
 
     check_writable(args.output)
-    state = merge_checkpoint(args.checkpoint)
-    buffer = io.BytesIO()
-    torch.save(state, buffer)
-    write_atomic(args.output, lambda handle: handle.write(buffer.getvalue()))
-    total = sum(t.numel() * t.element_size() for t in state.values())
-    print(f"wrote {args.output}: {plural(len(state), 'tensor')}, {total / 2**20:.1f} MiB")
+    ckpt = read_checkpoint(args.checkpoint, mmap=True)
+    state = ckpt.state
+    write_atomic(args.output, lambda handle: torch.save(state, handle))  # streamed from the stage files' maps
+    unique = {id(t): t for t in state.values()}.values()
+    total = sum(t.numel() * t.element_size() for t in unique)
+    dtypes = ", ".join(sorted({str(t.dtype).removeprefix("torch.") for t in unique}))
+    print(f"wrote {args.output}: {plural(len(state), 'tensor')}, {total / 2**20:.1f} MiB {dtypes} "
+          f"(step {ckpt.meta['step']})")
+    return 0
+
+
+def _safetensors(args: argparse.Namespace) -> int:
+    from autopart.formats.units import plural
+    from autopart.run.checkpoint import read_checkpoint
+    from autopart.run.export import model_source, write_safetensors
+
+    ckpt = read_checkpoint(args.checkpoint, mmap=True)
+    source = model_source(ckpt, args.config)
+    done = write_safetensors(ckpt, args.output, source, replace=args.force)
+    beside = f"; {', '.join(done.copied)}" if done.copied else "; no config.json (not a transformers model)"
+    tied = "".join(f"; {name} tied to {kept}, left out" for name, kept in sorted(done.left_out.items())[:3])
+    if len(done.left_out) > 3:
+        tied += f" (and {len(done.left_out) - 3} more tied names)"
+    print(f"wrote {args.output}: {plural(done.shards, 'shard')}, {plural(done.tensors, 'tensor')}, "
+          f"{done.size_bytes / 2**20:.1f} MiB {', '.join(done.dtypes)} (step {ckpt.meta['step']}){beside}{tied}")
     return 0

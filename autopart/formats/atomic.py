@@ -24,8 +24,8 @@ from typing import IO, Any, Callable
 from autopart.errors import AutopartError
 from autopart.formats.units import format_bytes
 
-__all__ = ["write_atomic", "write_json_atomic", "check_writable", "current_umask", "remove_temporaries",
-           "PROBE_BYTES"]
+__all__ = ["write_atomic", "write_json_atomic", "write_folder_atomic", "check_writable", "current_umask",
+           "remove_temporaries", "PROBE_BYTES"]
 
 PROBE_BYTES = 4096
 """What :func:`check_writable` writes (and removes) beside the target: a full disk refuses even that."""
@@ -232,3 +232,66 @@ def write_json_atomic(path: str | os.PathLike[str], data: Any) -> Path:
     """Write ``data`` as indented JSON, atomically."""
     text = json.dumps(data, indent=2, allow_nan=False) + "\n"
     return write_atomic(path, text.encode("utf-8"))
+
+
+def write_folder_atomic(path: str | os.PathLike[str], fill: Callable[[Path], object], replace: bool = False) -> Path:
+    """Create the folder ``path`` whole or not at all: ``fill`` writes the files into a temporary sibling
+    (``.NAME.XXXXXXXX.tmp``), each file and the folder are fsynced, and the folder is renamed into place.
+
+    The folder gets ``0o777 & ~umask`` (``mkdtemp`` alone gives 0700), its files ``0o666 & ~umask``. An
+    existing empty folder is replaced; a non-empty one is refused unless ``replace``, which moves it aside, renames
+    the new one in and deletes the old one; a file there is always refused. A failing write leaves ``path`` as it
+    was and is one :class:`AutopartError` naming it (a full disk also names the space left).
+    """
+    if not os.fspath(path):
+        raise AutopartError("an output needs a folder name, got ''")
+    given = Path(path)
+    if given.exists() and not given.is_dir():
+        raise AutopartError(f"output {str(given)!r} is a file, not a folder")
+    if given.is_dir() and any(given.iterdir()) and not replace:
+        raise AutopartError(f"output folder {str(given)!r} exists and is not empty (--force replaces it)")
+    parent = given.parent if str(given.parent) else Path(".")
+    if not parent.is_dir():
+        raise AutopartError(f"cannot write {str(given)!r}: folder {str(parent)!r} does not exist")
+    try:
+        tmp = Path(tempfile.mkdtemp(prefix=f".{given.name[:40]}.", suffix=".tmp", dir=parent))
+    except OSError as exc:
+        raise AutopartError(f"cannot write {str(given)!r}: {exc.strerror or exc}") from None
+    try:
+        os.chmod(tmp, 0o777 & ~current_umask())
+        fill(tmp)
+        for entry in os.scandir(tmp):
+            if entry.is_file(follow_symlinks=False):
+                os.chmod(entry.path, 0o666 & ~current_umask())  # some writers (safetensors) create files 0600
+                _fsync(entry.path)
+        _fsync(tmp)
+        if given.is_dir() and any(given.iterdir()):  # replace: rename(2) only replaces an empty folder
+            old = Path(tempfile.mkdtemp(prefix=f".{given.name[:40]}.", suffix=".old", dir=parent))
+            os.rename(given, old)
+            os.rename(tmp, given)
+            shutil.rmtree(old, ignore_errors=True)
+        else:
+            os.rename(tmp, given)
+        _fsync(parent)
+    except OSError as exc:
+        shutil.rmtree(tmp, ignore_errors=True)
+        why = "no space left on the device" if exc.errno in _DISK_FULL else (exc.strerror or str(exc))
+        if exc.errno in _DISK_FULL:
+            try:
+                why += f"; {format_bytes(shutil.disk_usage(parent).free)} free in {str(parent)!r}"
+            except OSError:
+                pass
+        raise AutopartError(f"cannot write {str(given)!r}: {why}") from None
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return given
+
+
+def _fsync(path: str | os.PathLike[str]) -> None:
+    """Flush a file's or a folder's contents to the disk."""
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)

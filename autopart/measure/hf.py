@@ -179,3 +179,56 @@ def seq2seq_lm_loss(out: Any, target: torch.Tensor) -> torch.Tensor:
     """Cross-entropy of the decoder's logits against the target bytes (the decoder was given them shifted right
     by one, so it predicts each from the source and the target bytes before it)."""
     return _token_loss(out, target)
+
+
+__all__ += ["hf_config", "hf_auto_class"]  # kept apart from the list above while build_hf changes in parallel
+
+
+def hf_config(spec: str) -> Any:
+    """The ``transformers`` config of an ``hf:`` spec, without building the model: ``hf:PATH``'s
+    ``config.json`` (read offline), or the config class of ``hf:NAME`` with the preset's and the spec's fields
+    (``use_cache`` off, as :func:`build_hf` sets it)."""
+    try:
+        import transformers
+        from transformers import AutoConfig
+    except ImportError:
+        raise AutopartError(f"model {spec!r} needs the transformers package: pip install 'autopart[hf]'") from None
+    transformers.utils.logging.set_verbosity_error()
+    name, overrides = _parse(spec)
+    folder = hf_folder(spec)
+    if folder is not None:
+        try:
+            config = AutoConfig.from_pretrained(folder, local_files_only=True)
+        except Exception as exc:  # no config.json, a damaged one, a model type transformers does not know
+            lines = [line.strip() for line in str(exc).splitlines() if line.strip()]
+            raise AutopartError(f"model {spec!r}: cannot read {str(folder / 'config.json')!r}: "
+                                f"{lines[0] if lines else type(exc).__name__}") from None
+        preset: dict[str, Any] = {}
+    else:
+        model_type, preset = _PRESETS.get(name.lower(), (name.lower(), {}))
+        try:
+            config = AutoConfig.for_model(model_type)
+        except ValueError:
+            raise AutopartError(f"model {spec!r}: transformers knows no model type {model_type!r}") from None
+    for key, value in {**preset, **overrides}.items():
+        if not hasattr(config, key):
+            raise AutopartError(f"model {spec!r}: {type(config).__name__} has no field {key!r}")
+        try:
+            setattr(config, key, value)
+        except Exception as exc:  # transformers checks each field's type as it is set
+            lines = [line.strip() for line in str(exc).splitlines() if line.strip()]
+            raise AutopartError(f"model {spec!r}: {key}={value!r} does not fit {type(config).__name__}: "
+                                f"{lines[-1] if lines else type(exc).__name__}") from None
+    if hasattr(config, "use_cache"):
+        config.use_cache = False
+    return config
+
+
+def hf_auto_class(config: Any) -> Any:
+    """The ``transformers`` auto class autopart trains a model of ``config`` as: a sequence-to-sequence, masked
+    or causal LM (as :func:`build_hf` chooses)."""
+    from transformers import AutoModelForCausalLM, AutoModelForMaskedLM, AutoModelForSeq2SeqLM
+
+    if getattr(config, "is_encoder_decoder", False):
+        return AutoModelForSeq2SeqLM
+    return AutoModelForMaskedLM if config.model_type in MASKED_LM_TYPES else AutoModelForCausalLM

@@ -15,6 +15,7 @@ import io
 import json
 import re
 import time
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, NotRequired, TypedDict
 
@@ -24,7 +25,7 @@ from autopart.errors import AutopartError
 from autopart.formats.atomic import remove_temporaries, write_atomic, write_json_atomic
 
 __all__ = ["StageFile", "save_stage", "mark_complete", "latest_complete", "latest_complete_step", "load_stages",
-           "merge_checkpoint", "remove_stale_temporaries"]
+           "MergedCheckpoint", "read_checkpoint", "merge_checkpoint", "remove_stale_temporaries"]
 
 _STEP = re.compile(r"step-(\d+)$")
 
@@ -81,13 +82,24 @@ def remove_stale_temporaries(root: str | Path) -> list[Path]:
     return removed
 
 
-def mark_complete(root: str | Path, step: int, num_stages: int) -> None:
-    """Declare ``step`` complete (after every rank saved); called by one rank."""
+def mark_complete(root: str | Path, step: int, num_stages: int, model: str | None = None,
+                  precision: str | None = None) -> None:
+    """Declare ``step`` complete (after every rank saved); called by one rank. ``model``: the spec the run
+    trained (``hf:PATH``'s folder is also recorded as an absolute path, so a merge from elsewhere finds its
+    config); ``precision``: the run's (the dtype its stage files hold)."""
     folder = step_dir(root, step)
     missing = [s for s in range(num_stages) if not (folder / f"stage-{s}.pt").exists()]
     if missing:
         raise AutopartError(f"checkpoint {folder} lacks stages {missing}")
-    write_json_atomic(folder / "COMPLETE", {"step": step, "num_stages": num_stages, "time": time.time()})
+    meta: dict[str, Any] = {"step": step, "num_stages": num_stages, "time": time.time()}
+    if model is not None:
+        from autopart.measure.hf import hf_folder
+
+        local = hf_folder(model)
+        meta.update(model=model, model_folder=str(local.resolve()) if local is not None else None)
+    if precision is not None:
+        meta["precision"] = precision
+    write_json_atomic(folder / "COMPLETE", meta)
 
 
 def latest_complete(root: str | Path) -> Path | None:
@@ -177,8 +189,27 @@ def load_stages(folder: str | Path, mmap: bool = False) -> list[StageFile]:
     return out
 
 
-def merge_checkpoint(path: str | Path) -> dict[str, torch.Tensor]:
-    """One state_dict with the original model's names from a checkpoint folder (or its latest step)."""
+@dataclass
+class MergedCheckpoint:
+    """A complete step's stage files read as the unpartitioned model (tensors mapped, not read, when ``mmap``)."""
+
+    folder: Path
+    """The step folder."""
+    meta: dict[str, Any]
+    """Its COMPLETE marker: the step, the stage count, and (since autopart recorded them) the model spec, its
+    local folder and the precision."""
+    state: dict[str, torch.Tensor]
+    """Every name of the model's state dict: a tied weight's names share one tensor."""
+    stage_of: dict[str, int]
+    """Name -> the stage whose file holds its tensor."""
+    tied: list[tuple[str, ...]]
+    """The names of each tied weight, the first name (the one the stage files' aliases point to) first."""
+
+
+def read_checkpoint(path: str | Path, mmap: bool = False) -> MergedCheckpoint:
+    """The latest complete step under ``path`` (or the step folder ``path``), with every tied weight's copies
+    checked equal; ``mmap``: map the stage files (a tensor's pages are read when it is, and the optimizer state
+    never is)."""
     base = Path(path)
     if not base.exists():
         raise AutopartError(f"checkpoint {str(base)!r} does not exist")
@@ -186,14 +217,16 @@ def merge_checkpoint(path: str | Path) -> dict[str, torch.Tensor]:
     if folder is None:
         raise AutopartError(f"no complete checkpoint under {str(base)!r}")
     merged: dict[str, torch.Tensor] = {}
+    stage_of: dict[str, int] = {}
     copies: dict[str, list[tuple[str, int, torch.Tensor]]] = {}
     tied: dict[str, set[str]] = {}  # first name -> every name of a tied parameter
-    for content in load_stages(folder):
+    for content in load_stages(folder, mmap=mmap):
         aliases = content.get("aliases", {})
         for name, first in aliases.items():
             tied.setdefault(first, {first}).add(name)
         for name, tensor in content["model"].items():
             merged.setdefault(name, tensor)
+            stage_of.setdefault(name, content["stage"])
             copies.setdefault(aliases.get(name, name), []).append((name, content["stage"], tensor))
     for first, found in copies.items():  # a tied weight (or any name two stages hold) must agree everywhere
         name, stage, reference = found[0]
@@ -203,8 +236,18 @@ def merge_checkpoint(path: str | Path) -> dict[str, torch.Tensor]:
                     else float("nan")
                 raise AutopartError(f"checkpoint {folder}: the copies of {first!r} differ ({name!r} in stage {stage}, "
                                     f"{other!r} in stage {other_stage}: max difference {diff:.3g})")
-    for names in tied.values():  # the names of a tied weight that no stage uses (T5's shared.weight) too
-        held = next((merged[n] for n in sorted(names) if n in merged), None)
+    del copies
+    groups = []
+    for first, names in tied.items():  # the names of a tied weight that no stage uses (T5's shared.weight) too
+        held = next((n for n in sorted(names) if n in merged), None)
         if held is not None:
-            merged.update({n: held for n in names if n not in merged})
-    return merged
+            for n in names - merged.keys():
+                merged[n], stage_of[n] = merged[held], stage_of[held]
+            groups.append((first, *sorted(names - {first})))
+    return MergedCheckpoint(folder, _complete(folder), merged, stage_of, groups)
+
+
+def merge_checkpoint(path: str | Path, mmap: bool = False) -> dict[str, torch.Tensor]:
+    """One state_dict with the original model's names from a checkpoint folder (or its latest step); ``mmap``:
+    its tensors map the stage files (``torch.save`` it to stream them out)."""
+    return read_checkpoint(path, mmap).state

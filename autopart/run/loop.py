@@ -296,7 +296,7 @@ def _checkpoint(job: Job, root: str, step: int) -> None:
     job.pipe.clock.doing = f"waited for every rank to save step {step}'s checkpoint"
     dist.barrier()
     if job.rank == 0:
-        mark_complete(root, step, job.plan.num_stages)
+        mark_complete(root, step, job.plan.num_stages, job.cfg.model, job.plan.precision)
     dist.barrier()
 
 
