@@ -67,7 +67,7 @@ def _safetensors(args: argparse.Namespace) -> int:
     ckpt = read_checkpoint(args.checkpoint, mmap=True)
     source = model_source(ckpt, args.config)
     done = write_safetensors(ckpt, args.output, source, replace=args.force)
-    beside = f"; {', '.join(done.copied)}" if done.copied else "; no config.json (not a transformers model)"
+    beside = f"; {', '.join(done.copied)}" if done.copied else "; weights only, no config.json"
     tied = "".join(f"; {name} tied to {kept}, left out" for name, kept in sorted(done.left_out.items())[:3])
     if len(done.left_out) > 3:
         tied += f" (and {len(done.left_out) - 3} more tied names)"
