@@ -155,6 +155,23 @@ def test_an_hf_path_folder_gives_its_config_and_tokenizer_files(tmp_path: Path) 
     assert all(torch.equal(loaded.state_dict()[k], v) for k, v in state.items())
 
 
+def test_bfloat16_weights_are_named_so_in_the_config(tmp_path: Path) -> None:
+    """Under bf16-true the stage files hold bfloat16: the folder's config says so (as save_pretrained's would),
+    so from_pretrained builds the model in bfloat16; the rest of hf:PATH's config.json is kept."""
+    from transformers import AutoModelForCausalLM
+
+    state = {k: v.bfloat16() for k, v in _tiny_gpt2(tmp_path / "tiny").state_dict().items()}
+    _checkpoint(tmp_path / "ckpt", state, {"lm_head.weight": "transformer.wte.weight"}, f"hf:{tmp_path / 'tiny'}",
+                split=5)
+    said = _merge(tmp_path / "ckpt", tmp_path / "out", "--format", "safetensors")
+    assert "MiB bfloat16 (step 1)" in said
+    config, source = (json.loads((tmp_path / name / "config.json").read_text()) for name in ("out", "tiny"))
+    assert source["dtype"] == "float32" and config == {**source, "dtype": "bfloat16"}
+    loaded = AutoModelForCausalLM.from_pretrained(tmp_path / "out", local_files_only=True)
+    assert loaded.dtype == torch.bfloat16
+    assert all(torch.equal(loaded.state_dict()[k], v) for k, v in state.items())
+
+
 def test_tied_names_of_any_other_model_are_written_once_under_the_first(tmp_path: Path) -> None:
     weight = torch.arange(6.0).reshape(3, 2)
     save_stage(tmp_path / "ckpt", 1, 0, {"embed.weight": weight, "b": torch.ones(2)}, None, 0, [0],
@@ -199,8 +216,8 @@ def test_an_output_folder_that_exists_is_kept_unless_force(tmp_path: Path) -> No
                           f"output folder '{out}' exists and is not empty (--force replaces it)")
     assert [p.name for p in out.iterdir()] == ["notes.txt"]
     _merge(tmp_path / "ckpt", out, "--format", "safetensors", "--force")
-    assert sorted(p.name for p in out.iterdir()) == ["model-00001-of-00002.safetensors",
-                                                      "model-00002-of-00002.safetensors", "model.safetensors.index.json"]
+    assert sorted(p.name for p in out.iterdir()) == [
+        "model-00001-of-00002.safetensors", "model-00002-of-00002.safetensors", "model.safetensors.index.json"]
     assert [p.name for p in tmp_path.iterdir() if p.name.startswith(".")] == []  # no temporary left beside it
     umask = os.umask(0)
     os.umask(umask)

@@ -14,6 +14,7 @@ tensors are read at a time, straight from the map into its shard.
 """
 from __future__ import annotations
 
+import json
 import shutil
 from dataclasses import dataclass
 from pathlib import Path
@@ -192,12 +193,7 @@ def write_safetensors(ckpt: MergedCheckpoint, out: str | Path, source: ModelSour
                               {"metadata": {"total_size": size},
                                "weight_map": {n: files[written[n]] for n in sorted(written)}})
         if model is not None:
-            if source.config_file is not None:
-                shutil.copyfile(source.config_file, folder / "config.json")
-            else:
-                config = source.config
-                config.architectures = [type(model).__name__]
-                config.to_json_file(folder / "config.json")
+            _write_config(source, model, folder / "config.json", dtypes[0] if len(dtypes) == 1 else None)
             copied.append("config.json")
         for name in COPIED_FILES if source.folder is not None else ():
             if source.folder is not None and (source.folder / name).is_file():
@@ -206,6 +202,26 @@ def write_safetensors(ckpt: MergedCheckpoint, out: str | Path, source: ModelSour
 
     write_folder_atomic(out, fill, replace=replace)
     return Exported(Path(out), len(stages), len(written), size, dtypes, left_out, tuple(copied))
+
+
+def _write_config(source: ModelSource, model: torch.nn.Module, path: Path, dtype: str | None) -> None:
+    """``config.json`` with the dtype of the weights written (bfloat16 after bf16-true), as ``save_pretrained``
+    records it: ``hf:PATH``'s own file copied as it is when its dtype is that one (or it names none)."""
+    if source.config_file is not None:
+        data = json.loads(source.config_file.read_text())
+        named = data.get("dtype", data.get("torch_dtype"))
+        if dtype is None or named is None or named == dtype:
+            shutil.copyfile(source.config_file, path)
+            return
+        data.pop("torch_dtype", None)
+        data["dtype"] = dtype
+        path.write_text(json.dumps(data, indent=2, sort_keys=True) + "\n")
+        return
+    config = source.config
+    config.architectures = [type(model).__name__]
+    if dtype is not None:
+        config.dtype = getattr(torch, dtype)
+    config.to_json_file(path)
 
 
 def _dense(tensor: torch.Tensor) -> torch.Tensor:
