@@ -133,19 +133,17 @@ def _checkpoint(root: Path, state: dict[str, torch.Tensor], aliases: dict[str, s
     mark_complete(root, 1, 2, model, "fp32" if model else None)
 
 
-def test_an_hf_path_folder_gives_its_config_and_tokenizer_files(tmp_path: Path) -> None:
+def test_an_hf_path_folder_gives_its_config_and_tokenizer_files(tmp_path: Path,
+                                                                monkeypatch: pytest.MonkeyPatch) -> None:
     from transformers import AutoModelForCausalLM
 
     source = _tiny_gpt2(tmp_path / "tiny")
     state = source.state_dict()
     work = tmp_path / "work"
     work.mkdir()
-    cwd = os.getcwd()
-    os.chdir(work)  # the run named the folder relatively: the merge, elsewhere, still finds it
-    try:
-        _checkpoint(Path("ckpt"), state, {"lm_head.weight": "transformer.wte.weight"}, "hf:../tiny", split=5)
-    finally:
-        os.chdir(cwd)
+    monkeypatch.chdir(work)  # the run named the folder relatively: the merge, from elsewhere, still finds it
+    _checkpoint(Path("ckpt"), state, {"lm_head.weight": "transformer.wte.weight"}, "hf:../tiny", split=5)
+    monkeypatch.chdir(tmp_path)
     said = _merge(work / "ckpt", tmp_path / "out", "--format", "safetensors")
     assert said.endswith("config.json, generation_config.json, tokenizer.json; "
                          "lm_head.weight tied to transformer.wte.weight, left out"), said
@@ -204,6 +202,23 @@ def test_a_checkpoint_that_records_no_model_needs_config(tmp_path: Path) -> None
                                        "n_positions=16,vocab_size=300"),
                           "does not fit hf:gpt2:n_layer=3", "it lacks transformer.h.2.attn.c_attn.bias")
     assert not (tmp_path / "bad").exists()
+
+
+@pytest.mark.parametrize("config, fragment", [
+    ("nosuch.json", "--config 'nosuch.json': no such file (give a config.json, hf:SPEC or none)"),
+    ("bad.json", "--config 'bad.json' is not a transformers config: "),
+    ("hf:nosuch", "model 'hf:nosuch': transformers knows no model type 'nosuch'"),
+])
+def test_a_config_that_cannot_be_read_is_one_line(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, config: str,
+                                                  fragment: str) -> None:
+    _checkpoint(tmp_path / "ckpt", {"a": torch.ones(3), "b": torch.zeros(2)}, {}, None, split=1)
+    (tmp_path / "bad.json").write_text("{bad")
+    monkeypatch.chdir(tmp_path)
+    assert_one_line_error(run_cli_here("merge-checkpoint", "ckpt", "-o", "out", "--format", "safetensors",
+                                       "--config", config), fragment)
+    assert not (tmp_path / "out").exists()
+    assert_one_line_error(run_cli_here("merge-checkpoint", str(tmp_path / "ckpt"), "-o", str(tmp_path / "m.pt"),
+                                       "--config", "none"), "--config is for --format safetensors")
 
 
 def test_an_output_folder_that_exists_is_kept_unless_force(tmp_path: Path) -> None:

@@ -95,8 +95,10 @@ def model_source(ckpt: MergedCheckpoint, config: str | None) -> ModelSource:
 
 
 def _read_config(file: Path) -> Any:
+    import transformers
     from transformers import AutoConfig
 
+    transformers.utils.logging.set_verbosity_error()  # its warnings about a config's fields are not ours to print
     try:
         return AutoConfig.from_pretrained(file, local_files_only=True)
     except Exception as exc:  # not JSON, no model_type, a type transformers does not know
