@@ -246,6 +246,24 @@ def test_an_output_folder_that_exists_is_kept_unless_force(tmp_path: Path) -> No
     _merge(tmp_path / "ckpt", empty, "--format", "safetensors")  # an empty folder is filled, as a user expects
 
 
+def test_a_folder_whose_writing_fails_is_not_there_and_the_old_one_is_kept(tmp_path: Path) -> None:
+    from autopart.formats.atomic import write_folder_atomic
+
+    def half(folder: Path) -> None:
+        (folder / "model-00001-of-00002.safetensors").write_bytes(b"x" * 100)
+        raise KeyboardInterrupt  # Ctrl-C between two shards
+
+    with pytest.raises(KeyboardInterrupt):
+        write_folder_atomic(tmp_path / "new", half)
+    assert list(tmp_path.iterdir()) == []
+    (tmp_path / "old").mkdir()
+    (tmp_path / "old" / "model.safetensors").write_text("the old weights")
+    with pytest.raises(KeyboardInterrupt):
+        write_folder_atomic(tmp_path / "old", half, replace=True)
+    assert [p.name for p in tmp_path.iterdir()] == ["old"]
+    assert (tmp_path / "old" / "model.safetensors").read_text() == "the old weights"
+
+
 def test_a_damaged_stage_file_is_one_line_and_writes_nothing(tmp_path: Path) -> None:
     _checkpoint(tmp_path / "ckpt", {"a": torch.ones(3), "b": torch.zeros(2)}, {}, "my.py:make", split=1)
     file = tmp_path / "ckpt" / "step-000001" / "stage-1.pt"

@@ -60,10 +60,12 @@ def _pt(args: argparse.Namespace) -> int:
 
 
 def _safetensors(args: argparse.Namespace) -> int:
+    from autopart.formats.atomic import check_folder_writable
     from autopart.formats.units import plural
     from autopart.run.checkpoint import read_checkpoint
     from autopart.run.export import model_source, write_safetensors
 
+    check_folder_writable(args.output, replace=args.force)
     ckpt = read_checkpoint(args.checkpoint, mmap=True)
     source = model_source(ckpt, args.config)
     done = write_safetensors(ckpt, args.output, source, replace=args.force)

@@ -24,8 +24,8 @@ from typing import IO, Any, Callable
 from autopart.errors import AutopartError
 from autopart.formats.units import format_bytes
 
-__all__ = ["write_atomic", "write_json_atomic", "write_folder_atomic", "check_writable", "current_umask",
-           "remove_temporaries", "PROBE_BYTES"]
+__all__ = ["write_atomic", "write_json_atomic", "write_folder_atomic", "check_folder_writable", "check_writable",
+           "current_umask", "remove_temporaries", "PROBE_BYTES"]
 
 PROBE_BYTES = 4096
 """What :func:`check_writable` writes (and removes) beside the target: a full disk refuses even that."""
@@ -234,15 +234,9 @@ def write_json_atomic(path: str | os.PathLike[str], data: Any) -> Path:
     return write_atomic(path, text.encode("utf-8"))
 
 
-def write_folder_atomic(path: str | os.PathLike[str], fill: Callable[[Path], object], replace: bool = False) -> Path:
-    """Create the folder ``path`` whole or not at all: ``fill`` writes the files into a temporary sibling
-    (``.NAME.XXXXXXXX.tmp``), each file and the folder are fsynced, and the folder is renamed into place.
-
-    The folder gets ``0o777 & ~umask`` (``mkdtemp`` alone gives 0700), its files ``0o666 & ~umask``. An
-    existing empty folder is replaced; a non-empty one is refused unless ``replace``, which moves it aside, renames
-    the new one in and deletes the old one; a file there is always refused. A failing write leaves ``path`` as it
-    was and is one :class:`AutopartError` naming it (a full disk also names the space left).
-    """
+def check_folder_writable(path: str | os.PathLike[str], replace: bool = False) -> Path:
+    """Fail early, before long work, if :func:`write_folder_atomic` would refuse ``path``: a file there, a
+    non-empty folder (unless ``replace``), a missing or unwritable parent folder."""
     if not os.fspath(path):
         raise AutopartError("an output needs a folder name, got ''")
     given = Path(path)
@@ -253,6 +247,22 @@ def write_folder_atomic(path: str | os.PathLike[str], fill: Callable[[Path], obj
     parent = given.parent if str(given.parent) else Path(".")
     if not parent.is_dir():
         raise AutopartError(f"cannot write {str(given)!r}: folder {str(parent)!r} does not exist")
+    if not os.access(parent, os.W_OK | os.X_OK):
+        raise AutopartError(f"cannot write {str(given)!r}: permission denied in {str(parent)!r}")
+    return given
+
+
+def write_folder_atomic(path: str | os.PathLike[str], fill: Callable[[Path], object], replace: bool = False) -> Path:
+    """Create the folder ``path`` whole or not at all: ``fill`` writes the files into a temporary sibling
+    (``.NAME.XXXXXXXX.tmp``), each file and the folder are fsynced, and the folder is renamed into place.
+
+    The folder gets ``0o777 & ~umask`` (``mkdtemp`` alone gives 0700), its files ``0o666 & ~umask``. An
+    existing empty folder is replaced; a non-empty one is refused unless ``replace``, which moves it aside, renames
+    the new one in and deletes the old one; a file there is always refused. A failing write leaves ``path`` as it
+    was and is one :class:`AutopartError` naming it (a full disk also names the space left).
+    """
+    given = check_folder_writable(path, replace)
+    parent = given.parent
     try:
         tmp = Path(tempfile.mkdtemp(prefix=f".{given.name[:40]}.", suffix=".tmp", dir=parent))
     except OSError as exc:

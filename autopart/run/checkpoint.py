@@ -4,7 +4,9 @@ Layout: ``DIR/step-000010/stage-3.pt`` holds stage 3's parameters and buffers
 under the unpartitioned model's own names, its optimizer state and the step;
 ``DIR/step-000010/COMPLETE`` is written last, by rank 0, once every rank has
 written its stages, so a step folder without it is ignored (a run that died
-while saving leaves the previous checkpoint in charge).
+while saving leaves the previous checkpoint in charge). It is JSON: the step,
+the stage count, and the model spec and precision the run trained
+(``model``, ``model_folder``, ``precision``; absent from older checkpoints).
 
     state = merge_checkpoint("ckpt")        # the latest complete step
     model.load_state_dict(state)            # the original, unpartitioned model
