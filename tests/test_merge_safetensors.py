@@ -89,9 +89,10 @@ def test_from_pretrained_loads_the_folder_and_it_equals_the_merged_pt(
         assert model.get_parameter(name) is model.get_parameter(kept)
     config = AutoConfig.from_pretrained(tmp_path / "out", local_files_only=True).to_dict()
     own = hf_config(spec).to_dict()
-    ignored = {"architectures", "transformers_version", "dtype", "torch_dtype", "_name_or_path"}
+    ignored = {"architectures", "transformers_version", "dtype", "torch_dtype", "_name_or_path", "use_cache"}
     assert {k: v for k, v in config.items() if k not in ignored} == {k: v for k, v in own.items() if k not in ignored}
-    assert config["architectures"] == [type(model).__name__]
+    assert config["architectures"] == [type(model).__name__] and config["dtype"] == "float32"
+    assert config["use_cache"] and not own["use_cache"]  # trained without the KV cache, generates with it
 
 
 @pytest.mark.slow

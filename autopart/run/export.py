@@ -221,6 +221,8 @@ def _write_config(source: ModelSource, model: torch.nn.Module, path: Path, dtype
         return
     config = source.config
     config.architectures = [type(model).__name__]
+    if hasattr(config, "use_cache"):  # autopart trains without the KV cache; generating from the folder wants it
+        config.use_cache = getattr(type(config)(), "use_cache", True)
     if dtype is not None:
         config.dtype = getattr(torch, dtype)
     config.to_json_file(path)
