@@ -215,6 +215,33 @@ class Pipeline:
         self.streams.step += 1
         return losses if self.has_last else None
 
+    def evaluate(self, inputs: torch.Tensor | tuple[torch.Tensor, ...], target: torch.Tensor
+                 ) -> list[torch.Tensor] | None:
+        """The per-micro-batch losses of one forward-only pass (torch's ``schedule.eval``: no backward, no gradients)
+        with dropout off and BatchNorm on its running statistics (every local module in ``eval()`` mode, each put
+        back as it was after); on the last stage's rank, else None. Nothing is committed: no gradient, no
+        BatchNorm statistic, no step of the random streams."""
+        losses: list[torch.Tensor] = []
+        args = inputs if isinstance(inputs, tuple) else (inputs,)
+        self._check_microbatches(args)
+        modes = [(sub, sub.training) for _, m in self.modules for sub in m.modules()]
+        for _, m in self.modules:
+            m.eval()
+        try:
+            with torch.no_grad():
+                if self.has_first and self.has_last:
+                    self.schedule.eval(*args, target=target, losses=losses)
+                elif self.has_first:
+                    self.schedule.eval(*args)
+                elif self.has_last:
+                    self.schedule.eval(target=target, losses=losses)
+                else:
+                    self.schedule.eval()
+        finally:
+            for sub, training in modes:
+                sub.training = training
+        return losses if self.has_last else None
+
     def _check_microbatches(self, args: tuple[torch.Tensor, ...]) -> None:
         """Refuse inputs whose micro-batches are not what the stages were sized for (every rank draws the
         same batches, so every rank refuses alike, before any stage waits for another)."""
