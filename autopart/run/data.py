@@ -18,7 +18,6 @@ batches of it, in order.
 from __future__ import annotations
 
 import math
-import sysconfig
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, Iterable, Iterator
@@ -30,6 +29,8 @@ import torch.nn.functional as F
 
 from autopart.errors import AutopartError
 from autopart.measure.spec import ModelBundle, call_model
+from autopart.run.texts import MAX_TEXT_BYTES, default_corpus_files
+from autopart.run.tokens import tokenize_for, tokenizer_file
 from autopart.torch_compat import pytree
 
 __all__ = ["TextCorpus", "Digits", "default_corpus_files", "Batches", "TrainingData", "training_data", "text_corpus",
@@ -38,7 +39,6 @@ __all__ = ["TextCorpus", "Digits", "default_corpus_files", "Batches", "TrainingD
 Batches = Iterator[tuple[torch.Tensor | tuple[torch.Tensor, ...], torch.Tensor]]
 """Mini-batches of (inputs, targets), one per step; the inputs a tensor, or a tuple for several inputs."""
 
-MAX_TEXT_BYTES = 32 * 2**20  # read at most this much text: plenty for short runs, fast to load
 
 HELD_OUT_SHARE = 0.05
 """The share of the data ``--eval-every`` holds out: the last 5% of a text's token stream, the last 5% of the
@@ -46,15 +46,6 @@ digits (the same on every resume: it depends on the data alone)."""
 
 TEXT_KINDS = ("text", "masked-text", "seq2seq-text")
 """The data kinds read from a text corpus: next bytes, masked bytes, the bytes after a source window."""
-
-
-def default_corpus_files() -> list[Path]:
-    """The standard library's .py files: a text corpus present wherever Python is."""
-    root = Path(sysconfig.get_paths()["stdlib"])
-    files = sorted(p for p in root.rglob("*.py") if "test" not in p.parts and "site-packages" not in p.parts)
-    if not files:
-        raise AutopartError(f"no Python sources under {root} to use as the default text corpus; pass --data")
-    return files
 
 
 class TextCorpus:
@@ -280,8 +271,6 @@ def training_data(bundle: ModelBundle, data_path: str | None, global_batch: int,
 def text_corpus(bundle: ModelBundle, data_path: str | None, held_out: bool = False) -> TextCorpus:
     """The text a text model trains on: tokenized with the model's own tokenizer where its ``hf:PATH`` folder
     has one (:mod:`autopart.run.tokens`), else bytes."""
-    from autopart.run.tokens import tokenize_for, tokenizer_file
-
     found = tokenizer_file(bundle.name)
     if found is None:
         return TextCorpus(data_path, held_out=held_out)

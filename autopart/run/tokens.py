@@ -10,7 +10,7 @@ network, so a model folder trains offline exactly as it was tokenized when saved
 
 Documents: each line's ``text`` of a ``.jsonl`` file (JSON Lines); any other file is one document; a folder, each
 of its files; without ``--data``, each of the Python standard library's sources. At most
-:data:`~autopart.run.data.MAX_TEXT_BYTES` of text is read, as for bytes (the document that passes it is the last).
+:data:`~autopart.run.texts.MAX_TEXT_BYTES` of text is read, as for bytes (the document that passes it is the last).
 Each document is encoded without the tokenizer's own special tokens (no BOS, no truncation, no padding) and
 followed by the end-of-text token, and the documents make one stream that windows are cut from, with no padding
 (GPT-2's packing). The end-of-text token is the one ``tokenizer_config.json`` names (``eos_token``), else
@@ -31,7 +31,7 @@ import numpy.typing as npt
 from autopart.errors import AutopartError
 from autopart.formats.units import format_bytes
 from autopart.measure.hf import hf_folder
-from autopart.run.data import MAX_TEXT_BYTES, default_corpus_files
+from autopart.run.texts import MAX_TEXT_BYTES, default_corpus_files
 
 __all__ = ["TOKENIZER_FILE", "TokenText", "tokenizer_file", "tokenize_for", "read_documents"]
 
@@ -143,7 +143,7 @@ def _check_vocabulary(tokens: npt.NDArray[np.integer[Any]], tokenizer: Any, path
 
 def read_documents(data_path: str | None) -> tuple[str, Iterator[str]]:
     """Where the text comes from (for messages) and its documents, read lazily, up to about
-    :data:`~autopart.run.data.MAX_TEXT_BYTES` of text."""
+    :data:`~autopart.run.texts.MAX_TEXT_BYTES` of text."""
     if data_path is None:
         files = default_corpus_files()
         return f"Python standard library sources ({len(files)} files)", _capped(_files(files))
@@ -185,7 +185,7 @@ def _jsonl(path: Path) -> Iterator[str]:
 
 
 def _capped(documents: Iterator[str]) -> Iterator[str]:
-    """The documents until :data:`~autopart.run.data.MAX_TEXT_BYTES` of text have passed."""
+    """The documents until :data:`~autopart.run.texts.MAX_TEXT_BYTES` of text have passed."""
     total = 0
     for text in documents:
         yield text
