@@ -222,3 +222,27 @@ def test_eval_flags_are_checked_before_any_rank_starts(plan: Path, tmp_path: Pat
                                        "--eval-every", "1"),
                           "the held-out split (the last 5% of", "256 bytes) holds 3 windows of 65",
                           "--eval-batches 2 of 8 need 16")
+
+
+def test_eval_is_refused_under_a_schedule_torchs_eval_cannot_run(tmp_path: Path) -> None:
+    from tests.conftest import ROOT
+
+    zbv = tmp_path / "zbv.json"
+    assert run_cli_here("partition", str(ROOT / "profiles" / "gpt2-tiny-cpu-mb4.json"), "--stages", "2",
+                        "--schedule", "ZBVZeroBubble", "--microbatches", "4", "-o", str(zbv)).returncode == 0
+    assert_one_line_error(run_cli_here("train", str(zbv), "--model", "gpt2-tiny", "--eval-every", "1"),
+                          "--eval-every under ZBVZeroBubble")
+
+
+def test_a_resumed_run_evaluates_on_the_same_held_out_batches(model: tuple[ModelBundle, Any], tmp_path: Path) -> None:
+    bundle, _ = model
+    data = tmp_path / "d.jsonl"
+    data.write_text("".join(json.dumps({"text": s}) + "\n" for s in SENTENCES * 20))
+    fresh = training_data(bundle, str(data), 2, (4,), seed=0, start_step=0, eval_batches=2)
+    resumed = training_data(bundle, str(data), 2, (4,), seed=0, start_step=7, eval_batches=2)
+    assert fresh.held_out is not None and resumed.held_out is not None and len(fresh.held_out) == 2
+    for (x0, y0), (x1, y1) in zip(fresh.held_out, resumed.held_out):
+        assert torch.equal(x0, x1) and torch.equal(y0, y1)
+    for _ in range(7):
+        next(fresh.batches)
+    assert all(torch.equal(a, b) for a, b in zip(next(fresh.batches), next(resumed.batches)))  # step 8 either way

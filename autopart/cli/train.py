@@ -169,7 +169,7 @@ def run(args: argparse.Namespace) -> int:
     from autopart.measure.spec import load_model, require_parameters
     from autopart.run.data import TEXT_KINDS, text_corpus, training_data
     from autopart.run.microbatch import microbatch_shape
-    from autopart.run.stages import check_plan_against_model
+    from autopart.run.stages import check_evaluable, check_plan_against_model
 
     plan = Plan.from_json(cfg.plan)
     simulate_plan(plan)  # what simulate checks: a schedule the plan's ranks and micro-batches can run
@@ -201,6 +201,7 @@ def run(args: argparse.Namespace) -> int:
         text_corpus(bundle, cfg.data)  # fail now, not in every rank: a missing or empty corpus, a bad line, a token
         # the model has no row for
     if cfg.eval_every:  # the same, and a held-out split that holds --eval-batches (or data that has none)
+        check_evaluable(plan)
         per_mb, sample_shape = microbatch_shape(plan, bundle)
         training_data(bundle, cfg.data, cfg.global_batch or per_mb * plan.microbatches, sample_shape, cfg.seed, 0,
                       cfg.eval_batches)

@@ -37,7 +37,7 @@ from autopart.run.replan import reprofile_stages, write_replan
 from autopart.run.report import gather_measured, hand_over_report, make_report, write_report, write_timelines
 from autopart.run.resources import check_device_memory, rank_threads, threads_note
 from autopart.run.resume import restore_pipeline, save_pipeline
-from autopart.run.stages import build_pipeline, check_plan_against_model
+from autopart.run.stages import build_pipeline, check_evaluable, check_plan_against_model
 from autopart.torch_compat import is_timeout
 
 __all__ = ["run_rank", "PeerTimeout"]
@@ -232,6 +232,8 @@ def _train(job: Job, meter: MemoryMeter) -> StepLog:
     """The steps: one pipelined step of all micro-batches, the optimizer, and checkpoints when due; ``meter``
     holds their peak memory (from the first step on: the optimizer's state appears in it)."""
     cfg, log = job.cfg, StepLog()
+    if cfg.eval_every:
+        check_evaluable(job.plan)  # under a user's torchrun too, before the first step
     cycled = cycled_note(job.data.batches_per_pass, cfg.steps)
     if cycled and job.reporter:
         say(cycled)

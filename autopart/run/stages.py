@@ -57,7 +57,7 @@ from autopart.run.shapes import StageSignature, stage_signatures
 from autopart.run.streams import BlockStreams
 from autopart.run.timeline import ActionClock
 
-__all__ = ["Pipeline", "SharedParameters", "TimedStage", "build_pipeline", "check_plan_against_model",
+__all__ = ["Pipeline", "SharedParameters", "TimedStage", "build_pipeline", "check_evaluable", "check_plan_against_model",
            "check_world_size", "in_precision", "loss_in_precision", "recompute_forward"]
 
 Schedule = PipelineScheduleSingle | PipelineScheduleMulti
@@ -82,6 +82,16 @@ def check_plan_against_model(plan: Plan, blocks: Sequence[str], world_size: int,
         want = ours[diff] if diff < len(ours) else "(end)"
         raise AutopartError(f"the plan's blocks do not match model {model_name!r}: block {diff} is {got!r} in the "
                             f"plan but {want!r} in the model ({len(planned)} vs {len(ours)} blocks)")
+
+
+def check_evaluable(plan: Plan) -> None:
+    """Refuse ``--eval-every`` under a schedule that torch 2.13's ``schedule.eval`` cannot run: ZBVZeroBubble, whose
+    runtime hands a gradient between a rank's two stages of the V even when the schedule runs no backward
+    (``AssertionError: can't steal_bwd_input if this stage doesn't have backward``)."""
+    if plan.schedule == "ZBVZeroBubble":
+        raise AutopartError("--eval-every under ZBVZeroBubble: torch's forward-only schedule.eval does not run a "
+                            "V-shaped schedule (it passes gradients between a rank's two stages without a backward); "
+                            "partition with another schedule (1F1B, GPipe, Interleaved1F1B) to evaluate")
 
 
 class SharedParameters:
