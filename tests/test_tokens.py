@@ -246,3 +246,23 @@ def test_a_resumed_run_evaluates_on_the_same_held_out_batches(model: tuple[Model
     for _ in range(7):
         next(fresh.batches)
     assert all(torch.equal(a, b) for a, b in zip(next(fresh.batches), next(resumed.batches)))  # step 8 either way
+
+
+class _Wrapper(torch.nn.Module):
+    """A module around the model (as a rank may hand the data a stand-in for its model)."""
+
+    def __init__(self, inner: torch.nn.Module) -> None:
+        super().__init__()
+        self.inner = inner
+
+
+def test_the_vocabulary_is_found_through_a_module_that_wraps_the_model(tmp_path: Path) -> None:
+    import dataclasses
+
+    folder = tmp_path / "small"
+    save_tokenizer(folder)
+    bundle = save_llama(folder, vocab_size=10)
+    data = tmp_path / "t.txt"
+    data.write_text(" ".join(SENTENCES))
+    with pytest.raises(AutopartError, match="vocab_size is 10"):
+        text_corpus(dataclasses.replace(bundle, module=_Wrapper(bundle.module)), str(data))

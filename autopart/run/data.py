@@ -279,9 +279,13 @@ def text_corpus(bundle: ModelBundle, data_path: str | None, held_out: bool = Fal
 
 
 def _vocab_size(bundle: ModelBundle) -> int | None:
-    """The model's vocabulary size, where its config says it (a ``transformers`` model)."""
-    size = getattr(getattr(bundle.module, "config", None), "vocab_size", None)
-    return int(size) if isinstance(size, int) else None
+    """The model's vocabulary size, where its config says it (a ``transformers`` model, or a module that wraps
+    one: the first of its modules with a ``config`` that has ``vocab_size``)."""
+    for module in bundle.module.modules():
+        size = getattr(getattr(module, "config", None), "vocab_size", None)
+        if isinstance(size, int) and not isinstance(size, bool):
+            return size
+    return None
 
 
 MASK_SHARE = 0.15
@@ -296,8 +300,7 @@ def _mask_id(bundle: ModelBundle, corpus: TextCorpus) -> int:
     """The tokenizer's mask token; for bytes, a token id that no byte is: the vocabulary's last."""
     if corpus.mask_id is not None:
         return corpus.mask_id
-    config = getattr(bundle.module, "config", None)
-    return int(getattr(config, "vocab_size", 256)) - 1
+    return (_vocab_size(bundle) or 256) - 1
 
 
 def _masked(batches: Batches, seed: int, start_step: int, mask_id: int) -> Batches:
