@@ -266,3 +266,26 @@ def test_the_vocabulary_is_found_through_a_module_that_wraps_the_model(tmp_path:
     data.write_text(" ".join(SENTENCES))
     with pytest.raises(AutopartError, match="vocab_size is 10"):
         text_corpus(dataclasses.replace(bundle, module=_Wrapper(bundle.module)), str(data))
+
+
+def test_the_digits_hold_out_their_last_images() -> None:
+    pytest.importorskip("sklearn")
+    from autopart.run.data import Digits
+
+    digits = Digits(held_out=True)
+    n = len(digits.labels)
+    assert (n, digits.train_size) == (1797, 1797 - 90) and Digits().train_size == n
+    held = digits.held_out_batches(2, 8, (1, 8, 8))
+    assert [tuple(x.shape) for x, _ in held] == [(8, 1, 8, 8)] * 2
+    assert torch.equal(torch.cat([x for x, _ in held]), digits.images[1707:1723])
+    assert torch.equal(torch.cat([y for _, y in held]), digits.labels[1707:1723])
+    training = set()
+    batches = digits.batches(64, (1, 8, 8), seed=0)
+    for _ in range(40):
+        x, _ = next(batches)
+        training |= {bytes(img.numpy().tobytes()) for img in x}
+    held_images = {bytes(img.numpy().tobytes()) for img in digits.images[1707:]}
+    assert held_images - {bytes(img.numpy().tobytes()) for img in digits.images[:1707]}  # some are unique to it
+    assert not (training & (held_images - {bytes(img.numpy().tobytes()) for img in digits.images[:1707]}))
+    with pytest.raises(AutopartError, match=r"90 images\) holds fewer than --eval-batches 12 of 8"):
+        digits.held_out_batches(12, 8, (1, 8, 8))
