@@ -26,8 +26,10 @@ launches the ranks on this machine through torchrun's API; started by torchrun
 of the ranks, so several machines use torchrun's own multi-node flags.
 
 Built-in GPT models train as byte-level language models on --data (a file or
-folder of text; default: the Python standard library's sources); resnet-mini
-and mlp-hetero on scikit-learn's digits. At the end, a table compares each
+folder of text; default: the Python standard library's sources); an hf:PATH
+model whose folder has a tokenizer.json reads the same text (or .jsonl
+documents, field "text") as its own tokens; resnet-mini and mlp-hetero train
+on scikit-learn's digits. At the end, a table compares each
 stage's measured compute and the measured step with the plan's prediction."""
 
 
@@ -45,7 +47,13 @@ def add_parser(sub: Subcommands) -> None:
     p.add_argument("--lr", type=float, default=1e-3, help="learning rate of the optimizer the plan names; 0 runs "
                    "the steps without changing the weights (default: 1e-3)")
     p.add_argument("--data", metavar="PATH", type=path_arg,
-                   help="text file or folder for GPT models (default: Python's own sources)")
+                   help="text file or folder for text models, .jsonl read as one document per line (field \"text\"; "
+                        "default: Python's own sources)")
+    p.add_argument("--eval-every", type=int, default=0, metavar="N",
+                   help="every N steps and after the last, the loss on held-out data (the last 5%% of the text's "
+                        "tokens, or of the digits; training then never draws from it), forward only, dropout off")
+    p.add_argument("--eval-batches", type=int, metavar="K",
+                   help="global batches of the held-out data each --eval-every runs (default: 2)")
     p.add_argument("--checkpoint", metavar="DIR", type=path_arg,
                    help="save stage checkpoints here and resume from the latest")
     p.add_argument("--checkpoint-every", type=int, default=0, metavar="N",
@@ -87,10 +95,15 @@ def add_parser(sub: Subcommands) -> None:
 
 def _config(args: argparse.Namespace) -> TrainConfig:
     for flag, value, low in (("--steps", args.steps, 1), ("--checkpoint-every", args.checkpoint_every, 0),
+                             ("--eval-every", args.eval_every, 0),
                              ("--max-restarts", args.max_restarts, 0),
                              ("--threads", args.threads, 1), ("--global-batch", args.global_batch, 1)):
         if value is not None and value < low:
             raise AutopartError(f"{flag} must be >= {low}, got {value}")
+    if args.eval_batches is not None and args.eval_batches < 1:
+        raise AutopartError(f"--eval-batches must be >= 1, got {args.eval_batches}")
+    if args.eval_batches is not None and not args.eval_every:
+        raise AutopartError(f"--eval-batches {args.eval_batches} needs --eval-every N (how often to evaluate)")
     if args.max_restarts and not args.checkpoint:
         raise AutopartError(f"--max-restarts {args.max_restarts} needs --checkpoint DIR: a restarted group resumes "
                             f"from the last complete checkpoint")
@@ -103,7 +116,8 @@ def _config(args: argparse.Namespace) -> TrainConfig:
                        seed=args.seed, threads=args.threads, report=args.report, replan=args.replan,
                        trace=args.trace, svg=args.svg,
                        device=args.device, timeout_s=args.timeout, meta_init=args.meta_init,
-                       batchnorm=args.batchnorm, max_restarts=args.max_restarts)
+                       batchnorm=args.batchnorm, max_restarts=args.max_restarts, eval_every=args.eval_every,
+                       eval_batches=args.eval_batches or 2)
 
 
 def check_plan_precision(plan: Plan, path: str, asked: str, model: str) -> None:
@@ -119,7 +133,10 @@ def check_plan_precision(plan: Plan, path: str, asked: str, model: str) -> None:
 
 def _worker_args(cfg: TrainConfig) -> list[str]:
     out = [cfg.plan, "--model", cfg.model, "--steps", str(cfg.steps), "--lr", repr(cfg.lr), "--seed", str(cfg.seed),
-           "--device", cfg.device, "--timeout", repr(cfg.timeout_s), "--checkpoint-every", str(cfg.checkpoint_every)]
+           "--device", cfg.device, "--timeout", repr(cfg.timeout_s), "--checkpoint-every", str(cfg.checkpoint_every),
+           "--eval-every", str(cfg.eval_every)]
+    if cfg.eval_every:
+        out += ["--eval-batches", str(cfg.eval_batches)]
     for flag, value in (("--global-batch", cfg.global_batch), ("--data", cfg.data), ("--checkpoint", cfg.checkpoint),
                         ("--threads", cfg.threads), ("--report", cfg.report), ("--replan", cfg.replan),
                         ("--trace", cfg.trace), ("--svg", cfg.svg), ("--batchnorm", cfg.batchnorm)):
@@ -150,8 +167,9 @@ def run(args: argparse.Namespace) -> int:
     from autopart.formats.atomic import check_writable
     from autopart.measure.blocks import split_blocks
     from autopart.measure.spec import load_model, require_parameters
-    from autopart.run.data import TEXT_KINDS, TextCorpus
-    from autopart.run.stages import check_plan_against_model
+    from autopart.run.data import TEXT_KINDS, text_corpus, training_data
+    from autopart.run.microbatch import microbatch_shape
+    from autopart.run.stages import check_evaluable, check_plan_against_model
 
     plan = Plan.from_json(cfg.plan)
     simulate_plan(plan)  # what simulate checks: a schedule the plan's ranks and micro-batches can run
@@ -179,8 +197,14 @@ def run(args: argparse.Namespace) -> int:
         sys.stderr.write(note)
     if isinstance(bundle.module, torch.nn.Sequential):  # cheap on the meta device; other models: the ranks check
         check_plan_against_model(plan, [name for name, _ in split_blocks(bundle.module)], plan.num_ranks, cfg.model)
-    if bundle.data is None and bundle.data_kind in TEXT_KINDS:
-        TextCorpus(cfg.data)  # fail now, not in every rank, if the corpus is missing or empty
+    if bundle.data is None and bundle.data_kind in TEXT_KINDS and not cfg.eval_every:
+        text_corpus(bundle, cfg.data)  # fail now, not in every rank: a missing or empty corpus, a bad line, a token
+        # the model has no row for
+    if cfg.eval_every:  # the same, and a held-out split that holds --eval-batches (or data that has none)
+        check_evaluable(plan)
+        per_mb, sample_shape = microbatch_shape(plan, bundle)
+        training_data(bundle, cfg.data, cfg.global_batch or per_mb * plan.microbatches, sample_shape, cfg.seed, 0,
+                      cfg.eval_batches)
     threads = _threads(cfg, plan)
     if cfg.max_restarts and not cfg.checkpoint_every:
         sys.stderr.write(f"note: --max-restarts without --checkpoint-every saves only after step {cfg.steps}, so a "

@@ -89,6 +89,8 @@ class Report:
     """How each rank's memory was measured (or why it was not)."""
     stages: list[StageRow]
     ranks_detail: list[RankRow]
+    eval_losses: list[dict[str, float]] = dataclasses.field(default_factory=list)
+    """``--eval-every``: the held-out loss after each evaluation, ``{"step": N, "loss": L}``."""
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)

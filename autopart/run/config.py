@@ -47,3 +47,7 @@ class TrainConfig:
     """Times autopart's launcher starts the group again after a rank fails (resuming from ``checkpoint``)."""
     batchnorm: str | None = None
     """deferred or micro (:mod:`autopart.measure.batchnorm`); None: the plan's, else deferred."""
+    eval_every: int = 0
+    """Every N steps (and after the last), the loss on held-out data, forward only (0: never)."""
+    eval_batches: int = 2
+    """Global batches of the held-out split each evaluation runs."""

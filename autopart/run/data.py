@@ -4,16 +4,20 @@
   folder; by default the Python standard library's own source files). Token
   ids are bytes, 0-255, which GPT-2's vocabulary includes. Encoder-decoders
   (``seq2seq-text``) read a window of the text and write the bytes after it.
+  An ``hf:PATH`` model whose folder has a ``tokenizer.json`` reads the same
+  text (or ``.jsonl`` documents) as its own tokens instead (:mod:`autopart.run.tokens`).
 - Images: scikit-learn's 8x8 handwritten digits (1,797 real images shipped in
   the package), upsampled to the model's input size.
 
 Every rank draws the same batches from the same seed, so the first stage's
 inputs and the last stage's targets agree without any communication.
+``--eval-every`` holds out the last 5% of the text's token stream (or of the
+digits): training never draws from it, and each evaluation reads the same
+batches of it, in order.
 """
 from __future__ import annotations
 
 import math
-import sysconfig
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, Iterable, Iterator
@@ -25,74 +29,106 @@ import torch.nn.functional as F
 
 from autopart.errors import AutopartError
 from autopart.measure.spec import ModelBundle, call_model
+from autopart.run.texts import MAX_TEXT_BYTES, default_corpus_files
+from autopart.run.tokens import tokenize_for, tokenizer_file
 from autopart.torch_compat import pytree
 
-__all__ = ["TextCorpus", "Digits", "default_corpus_files", "Batches", "TrainingData", "training_data", "cycled_note",
-           "TEXT_KINDS"]
+__all__ = ["TextCorpus", "Digits", "default_corpus_files", "Batches", "TrainingData", "training_data", "text_corpus",
+           "cycled_note", "TEXT_KINDS", "HELD_OUT_SHARE", "MAX_TEXT_BYTES"]
 
 Batches = Iterator[tuple[torch.Tensor | tuple[torch.Tensor, ...], torch.Tensor]]
 """Mini-batches of (inputs, targets), one per step; the inputs a tensor, or a tuple for several inputs."""
 
-_MAX_BYTES = 32 * 2**20  # read at most this much text: plenty for short runs, fast to load
+
+HELD_OUT_SHARE = 0.05
+"""The share of the data ``--eval-every`` holds out: the last 5% of a text's token stream, the last 5% of the
+digits (the same on every resume: it depends on the data alone)."""
 
 TEXT_KINDS = ("text", "masked-text", "seq2seq-text")
 """The data kinds read from a text corpus: next bytes, masked bytes, the bytes after a source window."""
 
 
-def default_corpus_files() -> list[Path]:
-    """The standard library's .py files: a text corpus present wherever Python is."""
-    root = Path(sysconfig.get_paths()["stdlib"])
-    files = sorted(p for p in root.rglob("*.py") if "test" not in p.parts and "site-packages" not in p.parts)
-    if not files:
-        raise AutopartError(f"no Python sources under {root} to use as the default text corpus; pass --data")
-    return files
-
-
 class TextCorpus:
-    """Random windows of a byte stream: inputs are bytes t..t+T-1, targets t+1..t+T.
+    """Random windows of a token stream: inputs are tokens t..t+T-1, targets t+1..t+T.
 
-    The stream is held as bytes (``uint8``, one byte per token): memory-mapped read-only from the file when
-    ``--data`` is one file, else the files joined in memory. Only each drawn window becomes int64 token ids,
-    so a rank's host memory holds the corpus once, at one byte a token (not eight).
+    Bytes by default: the stream is held as ``uint8`` (one byte per token), memory-mapped read-only from the
+    file when ``--data`` is one file, else the files joined in memory. A model with its own tokenizer gives
+    the stream instead (``tokens``: ``uint16`` or ``int32``, :mod:`autopart.run.tokens`). Only each drawn
+    window becomes int64 token ids, so a rank's host memory holds the corpus once, compactly (not at eight
+    bytes a token).
+
+    With a held-out split (``held_out=True``) the last :data:`HELD_OUT_SHARE` of the stream is never drawn for
+    training: :meth:`held_out_batches` reads it in order. Without one, windows come from the whole stream,
+    as they always did.
     """
 
-    def __init__(self, path: str | None = None) -> None:
-        if path is None:
-            files = default_corpus_files()
-            self.source = f"Python standard library sources ({len(files)} files)"
+    def __init__(self, path: str | None = None, *, tokens: npt.NDArray[np.integer[Any]] | None = None,
+                 source: str | None = None, held_out: bool = False, mask_id: int | None = None) -> None:
+        self.mask_id = mask_id
+        """The tokenizer's mask token (masked LMs); None for bytes."""
+        if tokens is not None:
+            self.tokens: npt.NDArray[np.integer[Any]] = tokens
+            self.source = source or "tokens"
+            unit = "tokens"
         else:
-            p = Path(path)
-            if not p.exists():
-                raise AutopartError(f"--data {path!r} does not exist")
-            files = [p] if p.is_file() else sorted(f for f in p.rglob("*") if f.is_file())
-            self.source = str(p)
-        mapped = _mapped(Path(path)) if path is not None and Path(path).is_file() else None
-        self.tokens: npt.NDArray[np.uint8] = mapped if mapped is not None else \
-            np.frombuffer(_joined(files), dtype=np.uint8)
-        if self.tokens.size < 1024:
-            raise AutopartError(f"text corpus {self.source!r} has only {self.tokens.size} bytes; need at least 1 KiB")
+            if path is None:
+                files = default_corpus_files()
+                self.source = f"Python standard library sources ({len(files)} files)"
+            else:
+                p = Path(path)
+                if not p.exists():
+                    raise AutopartError(f"--data {path!r} does not exist")
+                files = [p] if p.is_file() else sorted(f for f in p.rglob("*") if f.is_file())
+                self.source = str(p)
+            mapped = _mapped(Path(path)) if path is not None and Path(path).is_file() else None
+            self.tokens = mapped if mapped is not None else np.frombuffer(_joined(files), dtype=np.uint8)
+            unit = "bytes"
+            if self.tokens.size < 1024:
+                raise AutopartError(f"text corpus {self.source!r} has only {self.tokens.size} bytes; need at "
+                                    f"least 1 KiB")
+        size = int(self.tokens.size)
+        self.unit = unit
+        """What one entry of the stream is, in messages: bytes or tokens."""
+        self.train_size = size - math.ceil(size * HELD_OUT_SHARE) if held_out else size
+        """Tokens that training windows are drawn from: the stream's first ones (all without a held-out split)."""
 
     @property
     def nbytes(self) -> int:
-        """Bytes of host memory (or of the mapped file) the corpus takes: one a token."""
+        """Bytes of host memory (or of the mapped file) the corpus takes: one a token for bytes."""
         return int(self.tokens.nbytes)
 
+    def _window(self, idx: npt.NDArray[np.int64]) -> torch.Tensor:
+        """The tokens at ``idx`` as int64 token ids (a copy: only these windows are ever int64)."""
+        return torch.from_numpy(np.asarray(self.tokens[idx], dtype=np.int64))
+
     def batches(self, batch: int, seq_len: int, seed: int, start_step: int = 0) -> Batches:
-        size = int(self.tokens.size)
+        size = self.train_size
         if seq_len + 1 >= size:
-            raise AutopartError(f"sequence length {seq_len} does not fit a corpus of {size} bytes")
+            raise AutopartError(f"sequence length {seq_len} does not fit a corpus of {size} {self.unit}")
         step = start_step
         while True:
             g = torch.Generator().manual_seed(seed * 1_000_003 + step)
             starts = torch.randint(0, size - seq_len - 1, (batch,), generator=g)
             idx = starts[:, None] + torch.arange(seq_len + 1)[None, :]
-            window = torch.from_numpy(self.tokens[idx.numpy()]).long()  # a copy: only this window as int64
+            window = self._window(idx.numpy())
             yield window[:, :-1].contiguous(), window[:, 1:].contiguous()
             step += 1
 
+    def held_out_batches(self, count: int, batch: int, seq_len: int) -> list[tuple[torch.Tensor, torch.Tensor]]:
+        """``count`` batches of the held-out split: consecutive windows of ``seq_len + 1`` tokens from its start,
+        none overlapping (the same every time, and never among the training windows)."""
+        held, windows, need = int(self.tokens.size) - self.train_size, count * batch, seq_len + 1
+        if held < windows * need:
+            raise AutopartError(f"the held-out split (the last {HELD_OUT_SHARE:.0%} of {self.source}: {held:,} "
+                                f"{self.unit}) holds {held // need} windows of {need}; --eval-batches {count} of "
+                                f"{batch} need {windows}: give more text or fewer --eval-batches")
+        starts = self.train_size + need * np.arange(windows, dtype=np.int64)
+        window = self._window(starts[:, None] + np.arange(need, dtype=np.int64)[None, :])
+        return [(w[:, :-1].contiguous(), w[:, 1:].contiguous()) for w in window.split(batch)]
+
 
 def _joined(files: list[Path]) -> bytes:
-    """The files' bytes joined by newlines, up to :data:`_MAX_BYTES` (unreadable files skipped)."""
+    """The files' bytes joined by newlines, up to :data:`MAX_TEXT_BYTES` (unreadable files skipped)."""
     chunks, total = [], 0
     for f in files:
         try:
@@ -101,16 +137,16 @@ def _joined(files: list[Path]) -> bytes:
             continue
         chunks.append(data)
         total += len(data)
-        if total >= _MAX_BYTES:
+        if total >= MAX_TEXT_BYTES:
             break
-    return b"\n".join(chunks)[:_MAX_BYTES]
+    return b"\n".join(chunks)[:MAX_TEXT_BYTES]
 
 
 def _mapped(path: Path) -> npt.NDArray[np.uint8] | None:
-    """The file's first :data:`_MAX_BYTES` bytes, memory-mapped read-only; None when it cannot be mapped
+    """The file's first :data:`MAX_TEXT_BYTES` bytes, memory-mapped read-only; None when it cannot be mapped
     (empty, unreadable: the caller reads it, and says what is wrong)."""
     try:
-        size = min(path.stat().st_size, _MAX_BYTES)
+        size = min(path.stat().st_size, MAX_TEXT_BYTES)
         if size == 0:
             return None
         return np.memmap(path, dtype=np.uint8, mode="r", shape=(size,))
@@ -119,9 +155,10 @@ def _mapped(path: Path) -> npt.NDArray[np.uint8] | None:
 
 
 class Digits:
-    """scikit-learn's digits: 1,797 real 8x8 greyscale images of 0-9."""
+    """scikit-learn's digits: 1,797 real 8x8 greyscale images of 0-9 (with a held-out split, the last
+    :data:`HELD_OUT_SHARE` of them are never drawn for training)."""
 
-    def __init__(self) -> None:
+    def __init__(self, held_out: bool = False) -> None:
         try:
             from sklearn.datasets import load_digits
         except ImportError:
@@ -130,21 +167,39 @@ class Digits:
         self.images = torch.tensor(data.images, dtype=torch.float32)[:, None] / 16.0  # (n, 1, 8, 8) in [0, 1]
         self.labels = torch.tensor(data.target, dtype=torch.long)
         self.source = f"scikit-learn digits ({len(self.labels)} images)"
+        n = len(self.labels)
+        self.train_size = n - math.ceil(n * HELD_OUT_SHARE) if held_out else n
+        """Images that training draws from: the first ones (all without a held-out split)."""
 
     def batches(self, batch: int, sample_shape: tuple[int, ...], seed: int, start_step: int = 0) -> Batches:
         step = start_step
         while True:
             g = torch.Generator().manual_seed(seed * 1_000_003 + step)
-            idx = torch.randint(0, len(self.labels), (batch,), generator=g)
-            x = self.images[idx]
-            if len(sample_shape) == 1:  # a flat feature vector (the MLP)
-                x = x.flatten(1)
-                if x.shape[1] != sample_shape[0]:
-                    raise AutopartError(f"digits have 64 features, the model takes {sample_shape[0]}")
-            elif tuple(sample_shape[1:]) != tuple(x.shape[2:]):
-                x = F.interpolate(x, size=tuple(sample_shape[1:]), mode="bilinear", align_corners=False)
-            yield x, self.labels[idx]
+            idx = torch.randint(0, self.train_size, (batch,), generator=g)
+            yield _shaped(self.images[idx], sample_shape), self.labels[idx]
             step += 1
+
+    def held_out_batches(self, count: int, batch: int, sample_shape: tuple[int, ...]
+                         ) -> list[tuple[torch.Tensor, torch.Tensor]]:
+        """``count`` batches of the held-out images, in order (the same every time)."""
+        held = len(self.labels) - self.train_size
+        if held < count * batch:
+            raise AutopartError(f"the held-out split (the last {HELD_OUT_SHARE:.0%} of the digits: {held} images) "
+                                f"holds fewer than --eval-batches {count} of {batch} ({count * batch} images): "
+                                f"give fewer --eval-batches or a smaller --global-batch")
+        idx = torch.arange(self.train_size, self.train_size + count * batch)
+        return [(_shaped(self.images[i], sample_shape), self.labels[i]) for i in idx.split(batch)]
+
+
+def _shaped(x: torch.Tensor, sample_shape: tuple[int, ...]) -> torch.Tensor:
+    """Digit images as the model takes them: flat features (the MLP), or resized to its input size."""
+    if len(sample_shape) == 1:
+        x = x.flatten(1)
+        if x.shape[1] != sample_shape[0]:
+            raise AutopartError(f"digits have 64 features, the model takes {sample_shape[0]}")
+    elif tuple(sample_shape[1:]) != tuple(x.shape[2:]):
+        x = F.interpolate(x, size=tuple(sample_shape[1:]), mode="bilinear", align_corners=False)
+    return x
 
 
 @dataclass(frozen=True)
@@ -159,32 +214,50 @@ class TrainingData:
     """Sequence length for text (throughput in tokens/s), else 1 (samples/s)."""
     batches_per_pass: int | None = None
     """How many batches the factory's data has, where it says (``len``); None for data without an end."""
+    held_out: list[tuple[Any, torch.Tensor]] | None = None
+    """``--eval-every``'s batches of (inputs, target) from the held-out split, the same at every evaluation; None
+    without ``--eval-every``."""
 
 
 def training_data(bundle: ModelBundle, data_path: str | None, global_batch: int, sample_shape: tuple[int, ...],
-                  seed: int, start_step: int) -> TrainingData:
-    """The built-ins' real data, the factory's own, or labelled synthetic data; batch i depends on the seed and i only."""
+                  seed: int, start_step: int, eval_batches: int = 0) -> TrainingData:
+    """The built-ins' real data, the factory's own, or labelled synthetic data; batch i depends on the seed and i
+    only. ``eval_batches`` > 0 (``--eval-every``): that many batches of a held-out split too, which training then
+    never draws from (refused for data that has none: the factory's own, synthetic)."""
     name = bundle.name
+    held = eval_batches > 0
     if bundle.data is None and bundle.data_kind in TEXT_KINDS:
         assert bundle.loss_fn is not None
-        corpus = TextCorpus(data_path)
+        corpus = text_corpus(bundle, data_path, held)
         seq = sample_shape[0]
         if bundle.data_kind == "seq2seq-text":
             assert bundle.example is not None and len(bundle.example) == 2
             target_len = int(bundle.example[1].shape[-1])
-            batches = _source_and_target(corpus.batches(global_batch, seq + target_len - 1, seed, start_step), seq)
-            return TrainingData(batches, corpus.source, bundle.loss_fn, seq + target_len)
+            window = seq + target_len - 1
+            batches = _source_and_target(corpus.batches(global_batch, window, seed, start_step), seq)
+            evals = list(_source_and_target(iter(corpus.held_out_batches(eval_batches, global_batch, window)), seq)) \
+                if held else None
+            return TrainingData(batches, corpus.source, bundle.loss_fn, seq + target_len, held_out=evals)
         batches = corpus.batches(global_batch, seq, seed, start_step)
+        evals = list(corpus.held_out_batches(eval_batches, global_batch, seq)) if held else None
         if bundle.data_kind == "masked-text":
-            batches = _masked(batches, seed, start_step, _mask_id(bundle))
-        return TrainingData(batches, corpus.source, bundle.loss_fn, seq)
+            mask_id = _mask_id(bundle, corpus)
+            batches = _masked(batches, seed, start_step, mask_id)
+            if evals is not None:
+                evals = list(_masked(iter(evals), seed, _EVAL_MASK_STEP, mask_id))
+        return TrainingData(batches, corpus.source, bundle.loss_fn, seq, held_out=evals)
     if bundle.data is None and bundle.data_kind == "digits":
         assert bundle.loss_fn is not None
         if data_path:
             raise AutopartError(f"--data for {name} is not supported: it trains on scikit-learn's digits")
-        digits = Digits()
+        digits = Digits(held)
+        images = list(digits.held_out_batches(eval_batches, global_batch, sample_shape)) if held else None
         return TrainingData(digits.batches(global_batch, sample_shape, seed, start_step), digits.source,
-                            bundle.loss_fn, 1)
+                            bundle.loss_fn, 1, held_out=images)
+    if held:
+        what = "the factory's own data" if bundle.data is not None else "synthetic data"
+        raise AutopartError(f"--eval-every needs data with a held-out split (text, or the digits); model {name!r} "
+                            f"trains on {what}, which has none")
     if bundle.data is not None:
         if bundle.loss_fn is None:
             raise AutopartError(f"model {name!r} gives data but no loss_fn")
@@ -195,18 +268,43 @@ def training_data(bundle: ModelBundle, data_path: str | None, global_batch: int,
                         _synthetic_loss, 1)
 
 
+def text_corpus(bundle: ModelBundle, data_path: str | None, held_out: bool = False) -> TextCorpus:
+    """The text a text model trains on: tokenized with the model's own tokenizer where its ``hf:PATH`` folder
+    has one (:mod:`autopart.run.tokens`), else bytes."""
+    found = tokenizer_file(bundle.name)
+    if found is None:
+        return TextCorpus(data_path, held_out=held_out)
+    text = tokenize_for(found, data_path, _vocab_size(bundle))
+    return TextCorpus(tokens=text.tokens, source=text.description, held_out=held_out, mask_id=text.mask_id)
+
+
+def _vocab_size(bundle: ModelBundle) -> int | None:
+    """The model's vocabulary size, where its config says it (a ``transformers`` model, or a module that wraps
+    one: the first of its modules with a ``config`` that has ``vocab_size``)."""
+    for module in bundle.module.modules():
+        size = getattr(getattr(module, "config", None), "vocab_size", None)
+        if isinstance(size, int) and not isinstance(size, bool):
+            return size
+    return None
+
+
 MASK_SHARE = 0.15
-"""Share of the bytes a masked LM has to guess, as BERT's pre-training masks."""
+"""Share of the tokens a masked LM has to guess, as BERT's pre-training masks."""
+
+_EVAL_MASK_STEP = 2**40
+"""The step number the held-out batches' masks are drawn for: the same masks at every evaluation, drawn from
+seeds no training step uses."""
 
 
-def _mask_id(bundle: ModelBundle) -> int:
-    """A token id that no byte is: the vocabulary's last."""
-    config = getattr(bundle.module, "config", None)
-    return int(getattr(config, "vocab_size", 256)) - 1
+def _mask_id(bundle: ModelBundle, corpus: TextCorpus) -> int:
+    """The tokenizer's mask token; for bytes, a token id that no byte is: the vocabulary's last."""
+    if corpus.mask_id is not None:
+        return corpus.mask_id
+    return (_vocab_size(bundle) or 256) - 1
 
 
 def _masked(batches: Batches, seed: int, start_step: int, mask_id: int) -> Batches:
-    """Inputs with 15% of the bytes replaced by the mask id; targets those bytes, the rest ignored (-100)."""
+    """Inputs with 15% of the tokens replaced by the mask id; targets those bytes, the rest ignored (-100)."""
     step = start_step
     for x, _ in batches:
         assert isinstance(x, torch.Tensor)

@@ -47,3 +47,5 @@ class StepLog:
     """Mean loss over the step's micro-batches (on the reporting rank only)."""
     timelines: list[tuple[Event, ...]] = field(default_factory=list)
     """Each step's actions on this rank, timed where they ran (:mod:`autopart.run.timeline`)."""
+    eval_losses: list[dict[str, float]] = field(default_factory=list)
+    """``--eval-every``: ``{"step": N, "loss": L}`` after each evaluation (on the reporting rank only)."""

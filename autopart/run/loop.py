@@ -37,7 +37,7 @@ from autopart.run.replan import reprofile_stages, write_replan
 from autopart.run.report import gather_measured, hand_over_report, make_report, write_report, write_timelines
 from autopart.run.resources import check_device_memory, rank_threads, threads_note
 from autopart.run.resume import restore_pipeline, save_pipeline
-from autopart.run.stages import build_pipeline, check_plan_against_model
+from autopart.run.stages import build_pipeline, check_evaluable, check_plan_against_model
 from autopart.torch_compat import is_timeout
 
 __all__ = ["run_rank", "PeerTimeout"]
@@ -149,7 +149,8 @@ def _prepare(cfg: TrainConfig, rank: int, device: torch.device, plan: Plan) -> J
     saved_dir = latest_complete(cfg.checkpoint) if cfg.checkpoint else None
     saved = load_stages(saved_dir) if saved_dir is not None else []
     start = int(saved[0]["step"]) if saved else 0
-    data = training_data(bundle, cfg.data, global_batch, sample_shape, cfg.seed, start)
+    data = training_data(bundle, cfg.data, global_batch, sample_shape, cfg.seed, start,
+                         cfg.eval_batches if cfg.eval_every else 0)
     pipe = build_pipeline(plan, chain, rank, device, data.loss_fn,
                           init=lambda s, module: _initialise(s, module, cfg.seed), seed=cfg.seed, first_step=start)
     optimizer = make_optimizer(plan.optimizer, pipe.parameters(), lr=cfg.lr)
@@ -231,6 +232,8 @@ def _train(job: Job, meter: MemoryMeter) -> StepLog:
     """The steps: one pipelined step of all micro-batches, the optimizer, and checkpoints when due; ``meter``
     holds their peak memory (from the first step on: the optimizer's state appears in it)."""
     cfg, log = job.cfg, StepLog()
+    if cfg.eval_every:
+        check_evaluable(job.plan)  # under a user's torchrun too, before the first step
     cycled = cycled_note(job.data.batches_per_pass, cfg.steps)
     if cycled and job.reporter:
         say(cycled)
@@ -238,9 +241,7 @@ def _train(job: Job, meter: MemoryMeter) -> StepLog:
     dtype = cast_dtype(check_precision(job.plan.precision))
     for step in range(job.start_step, cfg.steps):
         inputs, target = next(job.data.batches)
-        inputs = floating_in(tuple(x.to(job.device) for x in inputs), dtype) if isinstance(inputs, tuple) else \
-            floating_in((inputs.to(job.device),), dtype)[0]
-        target = target.to(job.device)
+        inputs, target = _on_device(job, inputs, dtype), target.to(job.device)
         job.optimizer.zero_grad(set_to_none=False)  # in place, as the profile's optimizer time assumes
         job.pipe.clock.step = step + 1
         job.pipe.clock.doing = "waited at the barrier before the step for every rank"
@@ -254,9 +255,38 @@ def _train(job: Job, meter: MemoryMeter) -> StepLog:
         log.step_ms.append(elapsed)
         if out is not None:
             log.losses.append(_say_step(job, step, [x.detach() / scale for x in out], elapsed))
+        if cfg.eval_every and (step + 1 == cfg.steps or (step + 1) % cfg.eval_every == 0):
+            _evaluate(job, step + 1, log)
         if cfg.checkpoint and (step + 1 == cfg.steps or (cfg.checkpoint_every and (step + 1) % cfg.checkpoint_every == 0)):
             _checkpoint(job, cfg.checkpoint, step + 1)
     return log
+
+
+def _on_device(job: Job, inputs: torch.Tensor | tuple[torch.Tensor, ...], dtype: torch.dtype | None
+               ) -> torch.Tensor | tuple[torch.Tensor, ...]:
+    """A batch's inputs on this rank's device, floating ones in ``dtype`` (None: as they are)."""
+    if isinstance(inputs, tuple):
+        return floating_in(tuple(x.to(job.device) for x in inputs), dtype)
+    return floating_in((inputs.to(job.device),), dtype)[0]
+
+
+def _evaluate(job: Job, step: int, log: StepLog) -> None:
+    """``--eval-every``: the held-out batches through the pipeline, forward only (:meth:`Pipeline.evaluate`);
+    on the last stage's rank, their mean loss said and logged."""
+    assert job.data.held_out is not None
+    dtype = cast_dtype(check_precision(job.plan.precision))
+    losses: list[torch.Tensor] = []
+    for inputs, target in job.data.held_out:
+        job.pipe.clock.doing = f"evaluated the held-out data after step {step}"
+        out = job.pipe.evaluate(_on_device(job, inputs, dtype), target.to(job.device))
+        losses += out or []
+    if not losses:
+        return
+    scale = job.pipe.scaler.get_scale() if job.pipe.scaler is not None else 1.0  # the loss fn scales under fp16
+    loss = float(torch.stack([x.detach().float() for x in losses]).mean()) / scale
+    say(f"eval after step {step}: loss {loss:.4f} ({plural(len(job.data.held_out), 'batch')} of "
+        f"{job.global_batch}, held out)")
+    log.eval_losses.append({"step": step, "loss": loss})
 
 
 def _optimizer_step(job: Job) -> float:

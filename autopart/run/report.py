@@ -204,7 +204,7 @@ def make_report(job: Job, log: StepLog, measured: Measured) -> Report:
         measured_speed=_speed(plan, stage_ms) if same_size else None,
         throughput_per_s=job.global_batch * tokens / (measured_step / 1e3) if measured_step > 0 else None,
         throughput_unit="tokens" if tokens > 1 else "samples", memory_method=measured.memory_method, stages=rows,
-        ranks_detail=_rank_rows(plan, measured, predicted))
+        ranks_detail=_rank_rows(plan, measured, predicted), eval_losses=log.eval_losses)
 
 
 REPORT_HANDOFF_ENV = "AUTOPART_REPORT_HANDOFF"

@@ -57,7 +57,7 @@ from autopart.run.shapes import StageSignature, stage_signatures
 from autopart.run.streams import BlockStreams
 from autopart.run.timeline import ActionClock
 
-__all__ = ["Pipeline", "SharedParameters", "TimedStage", "build_pipeline", "check_plan_against_model",
+__all__ = ["Pipeline", "SharedParameters", "TimedStage", "build_pipeline", "check_evaluable", "check_plan_against_model",
            "check_world_size", "in_precision", "loss_in_precision", "recompute_forward"]
 
 Schedule = PipelineScheduleSingle | PipelineScheduleMulti
@@ -82,6 +82,16 @@ def check_plan_against_model(plan: Plan, blocks: Sequence[str], world_size: int,
         want = ours[diff] if diff < len(ours) else "(end)"
         raise AutopartError(f"the plan's blocks do not match model {model_name!r}: block {diff} is {got!r} in the "
                             f"plan but {want!r} in the model ({len(planned)} vs {len(ours)} blocks)")
+
+
+def check_evaluable(plan: Plan) -> None:
+    """Refuse ``--eval-every`` under a schedule that torch 2.13's ``schedule.eval`` cannot run: ZBVZeroBubble, whose
+    runtime hands a gradient between a rank's two stages of the V even when the schedule runs no backward
+    (``AssertionError: can't steal_bwd_input if this stage doesn't have backward``)."""
+    if plan.schedule == "ZBVZeroBubble":
+        raise AutopartError("--eval-every under ZBVZeroBubble: torch's forward-only schedule.eval does not run a "
+                            "V-shaped schedule (it passes gradients between a rank's two stages without a backward); "
+                            "partition with another schedule (1F1B, GPipe, Interleaved1F1B) to evaluate")
 
 
 class SharedParameters:
@@ -213,6 +223,33 @@ class Pipeline:
             layer.commit()
         self.shared.sync_gradients()
         self.streams.step += 1
+        return losses if self.has_last else None
+
+    def evaluate(self, inputs: torch.Tensor | tuple[torch.Tensor, ...], target: torch.Tensor
+                 ) -> list[torch.Tensor] | None:
+        """The per-micro-batch losses of one forward-only pass (torch's ``schedule.eval``: no backward, no gradients)
+        with dropout off and BatchNorm on its running statistics (every local module in ``eval()`` mode, each put
+        back as it was after); on the last stage's rank, else None. Nothing is committed: no gradient, no
+        BatchNorm statistic, no step of the random streams."""
+        losses: list[torch.Tensor] = []
+        args = inputs if isinstance(inputs, tuple) else (inputs,)
+        self._check_microbatches(args)
+        modes = [(sub, sub.training) for _, m in self.modules for sub in m.modules()]
+        for _, m in self.modules:
+            m.eval()
+        try:
+            with torch.no_grad():
+                if self.has_first and self.has_last:
+                    self.schedule.eval(*args, target=target, losses=losses)
+                elif self.has_first:
+                    self.schedule.eval(*args)
+                elif self.has_last:
+                    self.schedule.eval(target=target, losses=losses)
+                else:
+                    self.schedule.eval()
+        finally:
+            for sub, training in modes:
+                sub.training = training
         return losses if self.has_last else None
 
     def _check_microbatches(self, args: tuple[torch.Tensor, ...]) -> None:
