@@ -1,0 +1,265 @@
+"""Reading a model's weights from files: safetensors (one file, or the shards ``save_pretrained`` writes with
+``model.safetensors.index.json``), a ``torch.save``d state dict, or an autopart checkpoint folder.
+
+    source = open_weights("my-llama")                   # lazy: nothing but the files' indexes is read yet
+    check_keys(source, expected, aliases, "hf:my-llama")  # every name the model has, and no other
+    load_into(stage_module, source, aliases)            # only this stage's tensors are read
+
+Every rank reads only the tensors of its own stages: safetensors through
+``safe_open`` per key (the handles stay open, no shard is read whole), state
+dicts and checkpoint stage files mapped with ``mmap=True``. A tied parameter is
+found under any of its names (GPT-2's ``save_pretrained`` keeps
+``transformer.wte.weight`` and drops ``lm_head.weight``).
+"""
+from __future__ import annotations
+
+import json
+from abc import ABC, abstractmethod
+from pathlib import Path
+from typing import Any, Mapping, Sequence
+
+import torch
+from torch import nn
+
+from autopart.errors import AutopartError
+
+__all__ = ["WeightSource", "open_weights", "check_keys", "load_into", "model_names"]
+
+_INDEX = "model.safetensors.index.json"
+_SINGLE = "model.safetensors"
+_ZIP = b"PK\x03\x04"
+_SHOWN = 3
+"""Keys an error names before ``(and N more)``."""
+
+
+class WeightSource(ABC):
+    """Named tensors in files, read one at a time."""
+
+    def __init__(self, path: Path, description: str) -> None:
+        self.path = str(path)
+        """The file or folder the names are reported against (an index file for shards)."""
+        self.description = description
+        """For messages: ``/x (safetensors, 3 shards)``."""
+
+    @abstractmethod
+    def keys(self) -> list[str]:
+        """Every tensor's name, in the files' order."""
+
+    @abstractmethod
+    def shape(self, key: str) -> torch.Size:
+        """The shape of ``key``'s tensor, without reading it."""
+
+    @abstractmethod
+    def read(self, key: str) -> torch.Tensor:
+        """``key``'s tensor (read now, on the CPU)."""
+
+
+class _Safetensors(WeightSource):
+    """safetensors files, each opened once with ``safe_open`` and read per key."""
+
+    def __init__(self, path: Path, description: str, files: Mapping[str, Path]) -> None:
+        super().__init__(path, description)
+        from safetensors import safe_open
+
+        self._handles: dict[Path, Any] = {}
+        for file in dict.fromkeys(files.values()):
+            if not file.is_file():
+                raise AutopartError(f"weights {self.path!r} name shard {file.name!r}, which is missing")
+            try:
+                self._handles[file] = safe_open(str(file), framework="pt")
+            except Exception as exc:  # SafetensorError: a header that does not parse
+                raise AutopartError(f"weights file {str(file)!r} is damaged or not safetensors: "
+                                    f"{_first_line(exc)}") from None
+        self._where: dict[str, Any] = {}
+        held = {file: set(handle.keys()) for file, handle in self._handles.items()}
+        for key, file in files.items():
+            if key not in held[file]:
+                raise AutopartError(f"weights {self.path!r} put {key!r} in {file.name!r}, which lacks it")
+            self._where[key] = self._handles[file]
+
+    def keys(self) -> list[str]:
+        return list(self._where)
+
+    def shape(self, key: str) -> torch.Size:
+        return torch.Size(self._where[key].get_slice(key).get_shape())
+
+    def read(self, key: str) -> torch.Tensor:
+        try:
+            tensor = self._where[key].get_tensor(key)
+        except Exception as exc:  # data cut short after a good header
+            raise AutopartError(f"weights {self.path!r}: cannot read {key!r}: {_first_line(exc)}") from None
+        assert isinstance(tensor, torch.Tensor)
+        return tensor
+
+
+class _Tensors(WeightSource):
+    """Tensors already mapped (``torch.load(..., mmap=True)``): read is a view until it is copied."""
+
+    def __init__(self, path: Path, description: str, tensors: Mapping[str, torch.Tensor]) -> None:
+        super().__init__(path, description)
+        self._tensors = dict(tensors)
+
+    def keys(self) -> list[str]:
+        return list(self._tensors)
+
+    def shape(self, key: str) -> torch.Size:
+        return self._tensors[key].shape
+
+    def read(self, key: str) -> torch.Tensor:
+        return self._tensors[key]
+
+
+def open_weights(path: str | Path) -> WeightSource:
+    """The weights at ``path``: a safetensors file; a folder with ``model.safetensors`` or shards and
+    ``model.safetensors.index.json``; a ``torch.save``d state dict; an autopart checkpoint folder (its latest
+    complete step) or one of its ``step-NNNNNN`` folders. Only the files' indexes are read here."""
+    base = Path(path).expanduser()
+    if not base.exists():
+        raise AutopartError(f"weights {str(base)!r} do not exist")
+    if base.is_dir():
+        if (base / _INDEX).is_file():
+            return _sharded(base / _INDEX)
+        if (base / _SINGLE).is_file():
+            return _Safetensors(base / _SINGLE, f"{base / _SINGLE} (safetensors)", _file_keys(base / _SINGLE))
+        return _checkpoint(base)
+    if base.name.endswith(".index.json"):
+        return _sharded(base)
+    try:
+        with open(base, "rb") as handle:
+            magic = handle.read(4)
+    except OSError as exc:
+        raise AutopartError(f"weights {str(base)!r}: cannot read: {exc.strerror or exc}") from None
+    if magic == _ZIP:
+        return _state_dict(base)
+    return _Safetensors(base, f"{base} (safetensors)", _file_keys(base))
+
+
+def _first_line(exc: BaseException) -> str:
+    text = (str(exc).strip().splitlines() or [""])[0]
+    return f"{type(exc).__name__}: {text}" if text else type(exc).__name__
+
+
+def _file_keys(file: Path) -> dict[str, Path]:
+    """Every key of one safetensors file -> the file (reads its header only)."""
+    from safetensors import safe_open
+
+    try:
+        with safe_open(str(file), framework="pt") as handle:
+            return {key: file for key in handle.keys()}
+    except Exception as exc:
+        raise AutopartError(f"weights file {str(file)!r} is damaged or not safetensors (nor a torch.save archive): "
+                            f"{_first_line(exc)}") from None
+
+
+def _sharded(index: Path) -> WeightSource:
+    try:
+        content = json.loads(index.read_text(encoding="utf-8"))
+    except OSError as exc:
+        raise AutopartError(f"weights index {str(index)!r}: cannot read: {exc.strerror or exc}") from None
+    except (ValueError, UnicodeDecodeError) as exc:
+        raise AutopartError(f"weights index {str(index)!r} is not JSON: {str(exc).splitlines()[0]}") from None
+    weight_map = content.get("weight_map") if isinstance(content, dict) else None
+    if not isinstance(weight_map, dict) or not all(isinstance(k, str) and isinstance(v, str)
+                                                   for k, v in weight_map.items()):
+        raise AutopartError(f"weights index {str(index)!r} has no \"weight_map\" of names to shard files")
+    files = {key: index.parent / name for key, name in weight_map.items()}
+    shards = len(set(files.values()))
+    return _Safetensors(index, f"{index.parent} (safetensors, {shards} shard{'s' if shards != 1 else ''})", files)
+
+
+def _state_dict(file: Path) -> WeightSource:
+    try:
+        content = torch.load(file, map_location="cpu", mmap=True, weights_only=True)
+    except Exception as exc:  # a damaged archive, or pickled objects weights_only refuses
+        raise AutopartError(f"weights file {str(file)!r} does not load as a state dict: {_first_line(exc)}") from None
+    if not isinstance(content, dict) or not all(isinstance(k, str) and isinstance(v, torch.Tensor)
+                                                for k, v in content.items()):
+        kind = type(content).__name__
+        raise AutopartError(f"weights file {str(file)!r} holds a {kind}, not a state dict (names -> tensors, as "
+                            f"torch.save(model.state_dict(), FILE) writes)")
+    return _Tensors(file, f"{file} (torch.save state dict)", content)
+
+
+def _checkpoint(folder: Path) -> WeightSource:
+    from autopart.run.checkpoint import latest_complete, load_stages
+
+    step = folder if (folder / "COMPLETE").exists() else latest_complete(folder)
+    if step is None:
+        raise AutopartError(f"weights {str(folder)!r} holds no {_SINGLE}, {_INDEX}, nor a complete autopart "
+                            f"checkpoint (step-NNNNNN/COMPLETE)")
+    stages = load_stages(step, mmap=True)
+    tensors: dict[str, torch.Tensor] = {}
+    for stage in stages:
+        for name, tensor in stage["model"].items():
+            tensors.setdefault(name, tensor)
+    count = len(stages)
+    return _Tensors(step, f"{step} (autopart checkpoint, {count} stage{'s' if count != 1 else ''})", tensors)
+
+
+def model_names(module: nn.Module) -> tuple[dict[str, torch.Size], dict[str, str]]:
+    """What :func:`check_keys` expects of ``module`` (on any device, meta included): every state_dict name and
+    its shape, and every other name of a tied parameter -> its first name."""
+    from autopart.run.stages import _canonical_names
+
+    expected = {name: tensor.shape for name, tensor in module.state_dict(keep_vars=True).items()}
+    aliases = {name: first for name, first in _canonical_names(module).items() if name != first}
+    return expected, aliases
+
+
+def _resolver(source: WeightSource, aliases: Mapping[str, str]) -> dict[str, str]:
+    """Every name the source has a tensor for, a tied parameter's other names included -> the source's key."""
+    have = set(source.keys())
+    groups: dict[str, list[str]] = {}
+    for name, first in aliases.items():
+        groups.setdefault(first, [first]).append(name)
+    found = {key: key for key in have}
+    for names in groups.values():
+        key = next((n for n in names if n in have), None)
+        if key is not None:
+            found.update({n: key for n in names if n not in have})
+    return found
+
+
+def _some(keys: Sequence[str]) -> str:
+    shown = ", ".join(repr(k) for k in keys[:_SHOWN])
+    return shown + (f" (and {len(keys) - _SHOWN} more)" if len(keys) > _SHOWN else "")
+
+
+def check_keys(source: WeightSource, expected: Mapping[str, torch.Size], aliases: Mapping[str, str],
+               model: str) -> None:
+    """Refuse weights that do not fit the model, in one line: keys missing (a tied parameter counts as present
+    under any of its names), keys the model does not have, or shapes that differ (weights for another config)."""
+    found = _resolver(source, aliases)
+    missing = [name for name in expected if name not in found]
+    if missing:
+        raise AutopartError(f"{len(missing)} key{'s' if len(missing) != 1 else ''} of model {model!r} missing from "
+                            f"{source.path}: {_some(missing)}")
+    known = set(expected) | set(aliases) | set(aliases.values())
+    unexpected = [key for key in source.keys() if key not in known]
+    if unexpected:
+        raise AutopartError(f"{len(unexpected)} key{'s' if len(unexpected) != 1 else ''} in {source.path} that "
+                            f"model {model!r} does not have: {_some(unexpected)}")
+    wrong = [(name, shape, source.shape(found[name])) for name, shape in expected.items()
+             if source.shape(found[name]) != shape]
+    if wrong:
+        name, ours, theirs = wrong[0]
+        more = f" (and {len(wrong) - 1} more)" if len(wrong) > 1 else ""
+        raise AutopartError(f"weights {source.path} do not fit model {model!r} (another config?): {name!r} is "
+                            f"{list(theirs)} there but {list(ours)} in the model{more}")
+
+
+def load_into(module: nn.Module, source: WeightSource, aliases: Mapping[str, str]) -> None:
+    """Copy every entry of ``module.state_dict()`` from ``source`` (a stage module uses the unpartitioned model's
+    names), cast to the module's dtype, on its device. Non-persistent buffers are not in a state_dict and stay
+    as built. Only the tensors the module has are read."""
+    found = _resolver(source, aliases)
+    with torch.no_grad():
+        for name, target in module.state_dict(keep_vars=True).items():
+            key = found.get(name)
+            if key is None:
+                raise AutopartError(f"weights {source.path} have no {name!r}")
+            value = source.read(key)
+            if value.shape != target.shape:
+                raise AutopartError(f"weights {source.path} do not fit: {name!r} is {list(value.shape)} there but "
+                                    f"{list(target.shape)} in the model")
+            target.copy_(value)
