@@ -159,8 +159,9 @@ def build_hf(spec: str) -> dict[str, Any]:
     transformers.utils.logging.set_verbosity_error()
     name, overrides = _parse(spec)
     folder = hf_folder(spec)
+    preset: dict[str, Any] = {}
     if folder is not None:
-        config, preset = folder_config(spec, folder), {}
+        config = folder_config(spec, folder)
         model_type = str(config.model_type)
     else:
         model_type, preset = _PRESETS.get(name.lower(), (name.lower(), {}))

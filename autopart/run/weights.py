@@ -23,7 +23,7 @@ from torch import nn
 
 from autopart.errors import AutopartError
 
-__all__ = ["WeightSource", "open_weights", "check_keys", "load_into", "model_names"]
+__all__ = ["WeightSource", "open_weights", "check_keys", "load_into", "model_names", "load_stage_weights"]
 
 _INDEX = "model.safetensors.index.json"
 _SINGLE = "model.safetensors"
@@ -225,20 +225,26 @@ def _some(keys: Sequence[str]) -> str:
     return shown + (f" (and {len(keys) - _SHOWN} more)" if len(keys) > _SHOWN else "")
 
 
+def _count(keys: Sequence[str]) -> str:
+    return f"{len(keys)} key{'s' if len(keys) != 1 else ''}"
+
+
 def check_keys(source: WeightSource, expected: Mapping[str, torch.Size], aliases: Mapping[str, str],
                model: str) -> None:
     """Refuse weights that do not fit the model, in one line: keys missing (a tied parameter counts as present
     under any of its names), keys the model does not have, or shapes that differ (weights for another config)."""
     found = _resolver(source, aliases)
     missing = [name for name in expected if name not in found]
-    if missing:
-        raise AutopartError(f"{len(missing)} key{'s' if len(missing) != 1 else ''} of model {model!r} missing from "
-                            f"{source.path}: {_some(missing)}")
     known = set(expected) | set(aliases) | set(aliases.values())
     unexpected = [key for key in source.keys() if key not in known]
+    problems = []
+    if missing:
+        problems.append(f"{_count(missing)} of model {model!r} missing from {source.path}: {_some(missing)}")
     if unexpected:
-        raise AutopartError(f"{len(unexpected)} key{'s' if len(unexpected) != 1 else ''} in {source.path} that "
-                            f"model {model!r} does not have: {_some(unexpected)}")
+        problems.append(f"{_count(unexpected)} in {source.path} that model {model!r} does not have: "
+                        f"{_some(unexpected)}")
+    if problems:
+        raise AutopartError("; ".join(problems))
     wrong = [(name, shape, source.shape(found[name])) for name, shape in expected.items()
              if source.shape(found[name]) != shape]
     if wrong:
@@ -263,3 +269,14 @@ def load_into(module: nn.Module, source: WeightSource, aliases: Mapping[str, str
                 raise AutopartError(f"weights {source.path} do not fit: {name!r} is {list(value.shape)} there but "
                                     f"{list(target.shape)} in the model")
             target.copy_(value)
+
+
+def load_stage_weights(path: str | Path, model: nn.Module, stages: Sequence[nn.Module], spec: str) -> WeightSource:
+    """Check the weights at ``path`` against the whole ``model`` (meta is enough) and load each of this rank's
+    ``stages`` from them; the source, for its description."""
+    source = open_weights(path)
+    expected, aliases = model_names(model)
+    check_keys(source, expected, aliases, spec)
+    for module in stages:
+        load_into(module, source, aliases)
+    return source
