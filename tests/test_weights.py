@@ -211,7 +211,8 @@ def profiles(folders: dict[str, Path], tmp_path_factory: pytest.TempPathFactory)
 def test_a_saved_model_trains_from_its_weights_on_real_ranks(kind: str, stages: int, folders: dict[str, Path],
                                                              profiles: dict[str, Path], tmp_path: Path) -> None:
     spec, plan = f"hf:{folders[kind]}", tmp_path / "plan.json"
-    result = run_cli("partition", str(profiles[kind]), "--stages", str(stages), "--microbatches", "2", "-o", str(plan))
+    result = run_cli("partition", str(profiles[kind]), "--stages", str(stages), "--microbatches", str(stages), "-o",
+                     str(plan))
     assert result.returncode == 0, result.stderr[-3000:]
     loss, header = _train_one_step(plan, spec, tmp_path)
     shards = len(list(folders[kind].glob("model-*.safetensors")))
