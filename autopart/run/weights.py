@@ -199,10 +199,10 @@ def _checkpoint(folder: Path) -> WeightSource:
 def model_names(module: nn.Module) -> tuple[dict[str, torch.Size], dict[str, str]]:
     """What :func:`check_keys` expects of ``module`` (on any device, meta included): every state_dict name and
     its shape, and every other name of a tied parameter -> its first name."""
-    from autopart.run.stages import _canonical_names
+    from autopart.run.stages import canonical_names
 
     expected = {name: tensor.shape for name, tensor in module.state_dict(keep_vars=True).items()}
-    aliases = {name: first for name, first in _canonical_names(module).items() if name != first}
+    aliases = {name: first for name, first in canonical_names(module).items() if name != first}
     return expected, aliases
 
 
