@@ -16,7 +16,12 @@ the fields given after the name. ``hf:PATH`` (a path with a separator, starting
 with ``.`` or ``~``, or an existing folder: :func:`hf_folder`) reads
 ``PATH/config.json`` as ``from_pretrained(PATH)`` does, offline; ``profile`` and
 ``graph`` need only that, ``train`` also loads the folder's weights
-(:mod:`autopart.run.weights`). The KV cache is off (``use_cache=False``).
+(:mod:`autopart.run.weights`). Every model is built in float32, whatever
+``dtype`` (``torch_dtype``) its config.json names (a Hub folder often says
+bfloat16): the plan's precision decides what runs (bf16-true casts the
+stages at train time, :mod:`autopart.formats.precision`), and weights saved
+in another dtype are cast to the model's as they load. The KV cache is off
+(``use_cache=False``).
 Causal LMs learn next bytes of text, masked LMs masked bytes, and
 encoder-decoders (``config.is_encoder_decoder``) the bytes that follow
 their source text (all as token ids 0..255, which every vocabulary here
@@ -186,7 +191,7 @@ def build_hf(spec: str) -> dict[str, Any]:
     masked = not seq2seq and model_type in MASKED_LM_TYPES
     auto = AutoModelForSeq2SeqLM if seq2seq else AutoModelForMaskedLM if masked else AutoModelForCausalLM
     try:
-        module = auto.from_config(config)
+        module = auto.from_config(config, dtype=torch.float32)  # not config.json's dtype: the plan's precision runs
     except Exception as exc:
         raise AutopartError(f"model {spec!r}: building it from its config failed: {type(exc).__name__}: "
                             f"{str(exc).splitlines()[0] if str(exc) else ''}") from None
