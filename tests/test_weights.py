@@ -47,18 +47,17 @@ def test_shards_load_exactly_what_from_pretrained_loads(kind: str, folders: dict
     shards = len(list(folders[kind].glob("model-*.safetensors")))
     assert shards > 1 and source.description == f"{folders[kind]} (safetensors, {shards} shards)"
     model = _fresh(folders[kind])
-    expected, aliases = model_names(model)
-    assert aliases == ({"lm_head.weight": "transformer.wte.weight"} if kind == "gpt2" else {})
+    names = model_names(model)
+    assert names.aliases == ({"lm_head.weight": "transformer.wte.weight"} if kind == "gpt2" else {})
     assert ("lm_head.weight" in source.keys()) == (kind == "llama")  # GPT-2 saves its tied head once
-    check_keys(source, expected, aliases, kind)
-    load_into(model, source, aliases)
+    load_into(model, source, check_keys(source, names, kind))
     _assert_same(model.state_dict(), from_folder(folders[kind]).state_dict())
 
 
 def test_a_stage_reads_only_its_own_tensors(folders: dict[str, Path]) -> None:
     from autopart.measure.blocks import chain_of
     from autopart.measure.spec import load_model
-    from autopart.run.weights import load_into, model_names, open_weights
+    from autopart.run.weights import check_keys, load_into, model_names, open_weights
 
     bundle = load_model(f"hf:{folders['gpt2']}")
     chain = chain_of(bundle.module, bundle.example if isinstance(bundle.example, tuple) else (bundle.example,),
@@ -68,7 +67,7 @@ def test_a_stage_reads_only_its_own_tensors(folders: dict[str, Path]) -> None:
     reads: list[str] = []
     read = source.read
     source.read = lambda key: reads.append(key) or read(key)  # type: ignore[method-assign]
-    load_into(last, source, model_names(bundle.module)[1])
+    load_into(last, source, check_keys(source, model_names(bundle.module), "gpt2"))
     assert sorted(reads) == ["transformer.ln_f.bias", "transformer.ln_f.weight", "transformer.wte.weight"]
     want = from_folder(folders["gpt2"]).state_dict()
     _assert_same(last.state_dict(), {k: want[k] for k in last.state_dict()})
@@ -92,8 +91,7 @@ def test_a_saved_state_dict_and_a_checkpoint_folder_are_sources(folders: dict[st
         source = open_weights(path)
         assert source.description.endswith(f"({kind})"), source.description
         model = _fresh(folders["gpt2"])
-        check_keys(source, *model_names(model), "gpt2")
-        load_into(model, source, model_names(model)[1])
+        load_into(model, source, check_keys(source, model_names(model), "gpt2"))
         _assert_same(model.state_dict(), want)
 
 

@@ -195,7 +195,7 @@ def run(args: argparse.Namespace) -> int:
     if cfg.weights:  # the names and shapes, on the meta device: every rank checks them again, and reads its own
         from autopart.run.weights import check_keys, model_names, open_weights
 
-        check_keys(open_weights(cfg.weights), *model_names(bundle.module), cfg.model)
+        check_keys(open_weights(cfg.weights), model_names(bundle.module), cfg.model)
     if isinstance(bundle.module, torch.nn.Sequential):  # cheap on the meta device; other models: the ranks check
         check_plan_against_model(plan, [name for name, _ in split_blocks(bundle.module)], plan.num_ranks, cfg.model)
     if bundle.data is None and bundle.data_kind in TEXT_KINDS:

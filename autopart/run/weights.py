@@ -2,28 +2,37 @@
 ``model.safetensors.index.json``), a ``torch.save``d state dict, or an autopart checkpoint folder.
 
     source = open_weights("my-llama")                   # lazy: nothing but the files' indexes is read yet
-    check_keys(source, expected, aliases, "hf:my-llama")  # every name the model has, and no other
-    load_into(stage_module, source, aliases)            # only this stage's tensors are read
+    keys = check_keys(source, model_names(model), "hf:my-llama")  # model name -> file key; every name, no other
+    load_into(stage_module, source, keys)               # only this stage's tensors are read
 
 Every rank reads only the tensors of its own stages: safetensors through
 ``safe_open`` per key (the handles stay open, no shard is read whole), state
 dicts and checkpoint stage files mapped with ``mmap=True``. A tied parameter is
 found under any of its names (GPT-2's ``save_pretrained`` keeps
-``transformer.wte.weight`` and drops ``lm_head.weight``).
+``transformer.wte.weight`` and drops ``lm_head.weight``). The names are matched
+once per source (:func:`check_keys`): exactly, except for ``transformers``
+models, matched as ``from_pretrained`` matches them (with or without the base
+model's prefix, and its lists of keys to ignore), so the files published on
+the Hub load too (``gpt2``'s store ``h.0.attn.c_attn.weight`` and the stale
+``h.0.attn.bias`` masks).
 """
 from __future__ import annotations
 
 import json
+import re
+import sys
 from abc import ABC, abstractmethod
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Mapping, Sequence
+from typing import Any, Callable, Mapping, Sequence
 
 import torch
 from torch import nn
 
 from autopart.errors import AutopartError
 
-__all__ = ["WeightSource", "open_weights", "check_keys", "load_into", "model_names", "load_stage_weights"]
+__all__ = ["WeightSource", "ModelNames", "KeyMap", "open_weights", "check_keys", "load_into", "model_names",
+           "load_stage_weights"]
 
 _INDEX = "model.safetensors.index.json"
 _SINGLE = "model.safetensors"
@@ -196,28 +205,105 @@ def _checkpoint(folder: Path) -> WeightSource:
     return _Tensors(step, f"{step} (autopart checkpoint, {count} stage{'s' if count != 1 else ''})", tensors)
 
 
-def model_names(module: nn.Module) -> tuple[dict[str, torch.Size], dict[str, str]]:
-    """What :func:`check_keys` expects of ``module`` (on any device, meta included): every state_dict name and
-    its shape, and every other name of a tied parameter -> its first name."""
+@dataclass(frozen=True)
+class ModelNames:
+    """What weights for a model must hold (:func:`model_names`)."""
+
+    shapes: Mapping[str, torch.Size]
+    """Every ``state_dict`` name -> its shape."""
+    aliases: Mapping[str, str]
+    """Every other name of a tied parameter -> its first name."""
+    prefix: str = ""
+    """A ``transformers`` model's ``base_model_prefix`` (``transformer`` for GPT-2): a file's key may lack it or
+    carry it where the model's name does not (the Hub's ``gpt2`` files store ``h.0.attn.c_attn.weight``). ""
+    for other models: their names, exactly."""
+    ignore_missing: tuple[str, ...] = ()
+    """Patterns (``re.search``) of names that weights may lack: the model keeps them as built."""
+    ignore_unexpected: tuple[str, ...] = ()
+    """Patterns of keys that weights may have and the model does not (GPT-2's stale ``attn.bias`` masks)."""
+
+
+@dataclass(frozen=True)
+class KeyMap:
+    """Where each of a model's names is in one source (:func:`check_keys`)."""
+
+    keys: Mapping[str, str]
+    """A model's name (a tied parameter under any of its names) -> the source's key."""
+    kept: frozenset[str] = frozenset()
+    """Names the source lacks that the model may keep as built (:attr:`ModelNames.ignore_missing`)."""
+
+
+def model_names(module: nn.Module) -> ModelNames:
+    """What :func:`check_keys` expects of ``module`` (on any device, meta included). A ``transformers`` model's
+    names are matched as ``from_pretrained`` matches them: with or without its ``base_model_prefix``, and with its
+    ``_keys_to_ignore_on_load_missing`` / ``_keys_to_ignore_on_load_unexpected`` (and the stale ``rotary_emb.inv_freq``
+    and ``position_ids`` buffers that ``from_pretrained`` skips for models that have them); any other model's names
+    exactly."""
     from autopart.run.stages import canonical_names
 
-    expected = {name: tensor.shape for name, tensor in module.state_dict(keep_vars=True).items()}
+    shapes = {name: tensor.shape for name, tensor in module.state_dict(keep_vars=True).items()}
     aliases = {name: first for name, first in canonical_names(module).items() if name != first}
-    return expected, aliases
+    if not _is_transformers_model(module):
+        return ModelNames(shapes, aliases)
+    buffers = [name for name, _ in module.named_buffers()]
+    stale = [pattern for suffix, pattern in (("rotary_emb.inv_freq", r"rotary_emb\.inv_freq"),
+                                             ("position_ids", r"(^|\.)position_ids$"))
+             if any(name.endswith(suffix) for name in buffers)]
+    return ModelNames(shapes, aliases, prefix=str(getattr(module, "base_model_prefix", "") or ""),
+                      ignore_missing=_patterns(module, "_keys_to_ignore_on_load_missing"),
+                      ignore_unexpected=_patterns(module, "_keys_to_ignore_on_load_unexpected") + tuple(stale))
 
 
-def _resolver(source: WeightSource, aliases: Mapping[str, str]) -> dict[str, str]:
-    """Every name the source has a tensor for, a tied parameter's other names included -> the source's key."""
-    have = set(source.keys())
+def _is_transformers_model(module: nn.Module) -> bool:
+    transformers = sys.modules.get("transformers")  # a model built by it has imported it
+    return transformers is not None and isinstance(module, transformers.PreTrainedModel)
+
+
+def _patterns(module: nn.Module, attribute: str) -> tuple[str, ...]:
+    """A ``transformers`` model's ignore list (``post_init`` gathers its children's into it), sorted."""
+    return tuple(sorted(str(pattern) for pattern in getattr(module, attribute, None) or ()))
+
+
+def _matcher(patterns: Sequence[str]) -> Callable[[str], bool]:
+    if not patterns:
+        return lambda name: False
+    compiled = re.compile("|".join(f"({pattern})" for pattern in patterns))
+    return lambda name: compiled.search(name) is not None
+
+
+def _model_name(key: str, names: ModelNames) -> str:
+    """The model's name for a source's ``key``: the key with the base-model prefix taken off or put on where
+    that is a name the model has (``from_pretrained``'s order), else the key itself."""
+    prefix = names.prefix
+    if prefix:
+        if key.startswith(prefix + ".") and key[len(prefix) + 1:] in names.shapes:
+            return key[len(prefix) + 1:]
+        if f"{prefix}.{key}" in names.shapes:
+            return f"{prefix}.{key}"
+    return key
+
+
+def _match(source: WeightSource, names: ModelNames) -> tuple[dict[str, str], list[str]]:
+    """Every model name the source has a tensor for (a tied parameter's other names included) -> the source's
+    key; and the source's keys that are no name of the model's, less those it ignores."""
+    ignored = _matcher(names.ignore_unexpected)
+    known = set(names.shapes) | set(names.aliases) | set(names.aliases.values())
+    found: dict[str, str] = {}
+    unexpected = []
+    for key in source.keys():
+        name = _model_name(key, names)
+        if name in known:
+            found.setdefault(name, key)
+        elif not ignored(key):
+            unexpected.append(key)
     groups: dict[str, list[str]] = {}
-    for name, first in aliases.items():
+    for name, first in names.aliases.items():
         groups.setdefault(first, [first]).append(name)
-    found = {key: key for key in have}
-    for names in groups.values():
-        key = next((n for n in names if n in have), None)
-        if key is not None:
-            found.update({n: key for n in names if n not in have})
-    return found
+    for group in groups.values():
+        held = next((found[n] for n in group if n in found), None)
+        if held is not None:
+            found.update({n: held for n in group if n not in found})
+    return found, unexpected
 
 
 def _some(keys: Sequence[str]) -> str:
@@ -229,14 +315,14 @@ def _count(keys: Sequence[str]) -> str:
     return f"{len(keys)} key{'s' if len(keys) != 1 else ''}"
 
 
-def check_keys(source: WeightSource, expected: Mapping[str, torch.Size], aliases: Mapping[str, str],
-               model: str) -> None:
-    """Refuse weights that do not fit the model, in one line: keys missing (a tied parameter counts as present
-    under any of its names), keys the model does not have, or shapes that differ (weights for another config)."""
-    found = _resolver(source, aliases)
-    missing = [name for name in expected if name not in found]
-    known = set(expected) | set(aliases) | set(aliases.values())
-    unexpected = [key for key in source.keys() if key not in known]
+def check_keys(source: WeightSource, names: ModelNames, model: str) -> KeyMap:
+    """Where each of the model's ``names`` is in ``source``; refused in one line when the weights do not fit the
+    model: keys missing (a tied parameter counts as present under any of its names), keys the model does not
+    have, or shapes that differ (weights for another config)."""
+    found, unexpected = _match(source, names)
+    may_lack = _matcher(names.ignore_missing)
+    absent = [name for name in names.shapes if name not in found]
+    missing = [name for name in absent if not may_lack(name)]
     problems = []
     if missing:
         problems.append(f"{_count(missing)} of model {model!r} missing from {source.path}: {_some(missing)}")
@@ -245,28 +331,31 @@ def check_keys(source: WeightSource, expected: Mapping[str, torch.Size], aliases
                         f"{_some(unexpected)}")
     if problems:
         raise AutopartError("; ".join(problems))
-    wrong = [(name, shape, source.shape(found[name])) for name, shape in expected.items()
-             if source.shape(found[name]) != shape]
+    wrong = [(name, shape, source.shape(found[name])) for name, shape in names.shapes.items()
+             if name in found and source.shape(found[name]) != shape]
     if wrong:
         name, ours, theirs = wrong[0]
         more = f" (and {len(wrong) - 1} more)" if len(wrong) > 1 else ""
-        raise AutopartError(f"weights {source.path} do not fit model {model!r} (another config?): {name!r} is "
-                            f"{list(theirs)} there but {list(ours)} in the model{more}")
+        raise AutopartError(f"weights {source.path} do not fit model {model!r} (another config?): "
+                            f"{found[name]!r} is {list(theirs)} there but {list(ours)} in the model{more}")
+    return KeyMap(found, frozenset(absent))
 
 
-def load_into(module: nn.Module, source: WeightSource, aliases: Mapping[str, str]) -> None:
-    """Copy every entry of ``module.state_dict()`` from ``source`` (a stage module uses the unpartitioned model's
-    names), cast to the module's dtype, on its device. Non-persistent buffers are not in a state_dict and stay
-    as built. Only the tensors the module has are read."""
-    found = _resolver(source, aliases)
+def load_into(module: nn.Module, source: WeightSource, keys: KeyMap) -> None:
+    """Copy every entry of ``module.state_dict()`` from ``source`` where ``keys`` (:func:`check_keys`) finds it
+    (a stage module uses the unpartitioned model's names), cast to the module's dtype, on its device; a name the
+    model may lack stays as built, as do non-persistent buffers (not in a state_dict). Only the tensors the
+    module has are read."""
     with torch.no_grad():
         for name, target in module.state_dict(keep_vars=True).items():
-            key = found.get(name)
+            key = keys.keys.get(name)
             if key is None:
+                if name in keys.kept:
+                    continue
                 raise AutopartError(f"weights {source.path} have no {name!r}")
             value = source.read(key)
             if value.shape != target.shape:
-                raise AutopartError(f"weights {source.path} do not fit: {name!r} is {list(value.shape)} there but "
+                raise AutopartError(f"weights {source.path} do not fit: {key!r} is {list(value.shape)} there but "
                                     f"{list(target.shape)} in the model")
             target.copy_(value)
 
@@ -275,8 +364,7 @@ def load_stage_weights(path: str | Path, model: nn.Module, stages: Sequence[nn.M
     """Check the weights at ``path`` against the whole ``model`` (meta is enough) and load each of this rank's
     ``stages`` from them; the source, for its description."""
     source = open_weights(path)
-    expected, aliases = model_names(model)
-    check_keys(source, expected, aliases, spec)
+    keys = check_keys(source, model_names(model), spec)
     for module in stages:
-        load_into(module, source, aliases)
+        load_into(module, source, keys)
     return source
