@@ -48,3 +48,33 @@ def from_folder(folder: Path) -> Any:
     from transformers import AutoModelForCausalLM
 
     return AutoModelForCausalLM.from_pretrained(folder, local_files_only=True)
+
+
+def save_bf16(kind: str, folder: Path, seed: int = 7) -> Path:
+    """``kind``'s tiny model in bfloat16, saved in shards as Hub checkpoints often are (config.json: ``"dtype":
+    "bfloat16"``)."""
+    import transformers
+
+    transformers.utils.logging.set_verbosity_error()
+    torch.manual_seed(seed)
+    MODELS[kind]().to(torch.bfloat16).save_pretrained(folder, max_shard_size=SHARD)
+    return folder
+
+
+def as_published(folder: Path, out: Path, prefix: str, extra: dict[str, torch.Tensor]) -> Path:
+    """``folder``'s model rewritten as the Hub's original files are: one ``model.safetensors`` whose names lack the
+    base model's ``prefix`` (``gpt2``'s store ``h.0.attn.c_attn.weight``), with ``extra`` stale entries; and its
+    config.json."""
+    import shutil
+
+    from safetensors import safe_open
+    from safetensors.torch import save_file
+
+    tensors: dict[str, torch.Tensor] = {}
+    for shard in sorted(folder.glob("model-*.safetensors")):
+        with safe_open(str(shard), framework="pt") as handle:
+            tensors.update({key.removeprefix(prefix): handle.get_tensor(key) for key in handle.keys()})
+    out.mkdir()
+    save_file({**tensors, **extra}, out / "model.safetensors", metadata={"format": "pt"})
+    shutil.copy(folder / "config.json", out / "config.json")
+    return out

@@ -11,8 +11,9 @@ from typing import Any
 import pytest
 import torch
 
+from autopart.errors import AutopartError
 from tests.conftest import ROOT, assert_one_line_error, run_cli, run_cli_here
-from tests.hf_folders import from_folder, save_model
+from tests.hf_folders import as_published, from_folder, save_bf16, save_model
 
 pytest.importorskip("transformers")
 
@@ -95,6 +96,96 @@ def test_a_saved_state_dict_and_a_checkpoint_folder_are_sources(folders: dict[st
         _assert_same(model.state_dict(), want)
 
 
+def _stages_loaded(spec: str, source_path: Path, stages: int) -> dict[str, torch.Tensor]:
+    """The state of every stage of ``spec``'s chain in ``stages`` near-equal stages, each loaded from the weights at
+    ``source_path`` as a rank loads its own."""
+    from autopart.measure.blocks import chain_of
+    from autopart.measure.spec import load_model
+    from autopart.run.weights import check_keys, load_into, model_names, open_weights
+
+    torch.manual_seed(99)  # other weights than the saved ones
+    bundle = load_model(spec)
+    chain = chain_of(bundle.module, bundle.example if isinstance(bundle.example, tuple) else (bundle.example,),
+                     spec, bundle.input_names)
+    source = open_weights(source_path)
+    keys = check_keys(source, model_names(bundle.module), spec)
+    bounds = [round(i * len(chain.names) / stages) for i in range(stages + 1)]
+    state: dict[str, torch.Tensor] = {}
+    for first, end in zip(bounds, bounds[1:]):
+        stage = chain.stage_module(first, end - 1)
+        load_into(stage, source, keys)
+        state.update(stage.state_dict())
+    return state
+
+
+def test_a_bf16_folder_builds_float32_and_starts_from_its_values_upcast(tmp_path: Path) -> None:
+    from transformers import AutoModelForCausalLM
+
+    from autopart.measure.spec import load_model
+
+    folder = save_bf16("llama", tmp_path / "bf16")
+    assert json.loads((folder / "config.json").read_text())["dtype"] == "bfloat16"
+    spec = f"hf:{folder}"
+    assert {p.dtype for p in load_model(spec).module.parameters()} == {torch.float32}
+    want = AutoModelForCausalLM.from_pretrained(folder, local_files_only=True, dtype=torch.float32).state_dict()
+    saved = AutoModelForCausalLM.from_pretrained(folder, local_files_only=True, dtype=torch.bfloat16).state_dict()
+    assert all(torch.equal(want[k], saved[k].float()) for k in want)  # from_pretrained's float32 is bf16 upcast
+    got = _stages_loaded(spec, folder, 2)
+    assert {v.dtype for v in got.values()} == {torch.float32}
+    _assert_same(got, want)
+
+
+@pytest.mark.parametrize("kind, prefix, stale", [
+    ("gpt2", "transformer.", ("h.0.attn.bias", "h.1.attn.bias")),  # as the Hub's gpt2 file has them
+    ("llama", "model.", ("layers.0.self_attn.rotary_emb.inv_freq",)),  # as older Llama checkpoints have them
+])
+def test_names_as_published_on_the_hub_load_what_from_pretrained_loads(kind: str, prefix: str, stale: tuple[str, ...],
+                                                                       folders: dict[str, Path],
+                                                                       tmp_path: Path) -> None:
+    from safetensors import safe_open
+
+    from autopart.run.weights import model_names
+
+    extra = {key: torch.tril(torch.ones(1, 1, 8, 8)) for key in stale}
+    published = as_published(folders[kind], tmp_path / "published", prefix, extra)
+    with safe_open(str(published / "model.safetensors"), framework="pt") as handle:
+        keys = set(handle.keys())
+    assert not any(key.startswith(prefix) for key in keys) and set(stale) <= keys
+    want = from_folder(folders[kind]).state_dict()
+    _assert_same(from_folder(published).state_dict(), want)  # transformers reads them alike
+    _assert_same(_stages_loaded(f"hf:{published}", published, 3), want)
+    assert model_names(_fresh(published)).prefix == prefix.rstrip(".")
+
+
+def test_other_models_match_names_exactly(tmp_path: Path) -> None:
+    from autopart.measure.spec import load_model
+    from autopart.run.weights import ModelNames, check_keys, model_names, open_weights
+
+    model = load_model(UNET).module
+    names = model_names(model)
+    assert names == ModelNames(names.shapes, names.aliases)  # no prefix, nothing ignored
+    first = next(iter(names.shapes)).partition(".")[0]
+    torch.save({k.removeprefix(f"{first}."): v for k, v in model.state_dict().items()}, tmp_path / "stripped.pt")
+    with pytest.raises(AutopartError, match=r"keys? of model 'unet' missing .* that model 'unet' does not have"):
+        check_keys(open_weights(tmp_path / "stripped.pt"), names, "unet")
+
+
+def test_a_name_the_model_may_lack_stays_as_built(tmp_path: Path) -> None:
+    from autopart.run.weights import ModelNames, check_keys, load_into, open_weights
+
+    model = torch.nn.Linear(3, 2)
+    built = model.bias.detach().clone()
+    torch.save({"weight": torch.ones(2, 3)}, tmp_path / "weight-only.pt")
+    source = open_weights(tmp_path / "weight-only.pt")
+    shapes = {k: v.shape for k, v in model.state_dict().items()}
+    with pytest.raises(AutopartError, match="1 key of model 'linear' missing from .*: 'bias'"):
+        check_keys(source, ModelNames(shapes, {}), "linear")
+    keys = check_keys(source, ModelNames(shapes, {}, ignore_missing=(r"\.?bias$",)), "linear")
+    assert keys.kept == {"bias"}
+    load_into(model, source, keys)
+    assert torch.equal(model.weight, torch.ones(2, 3)) and torch.equal(model.bias, built)
+
+
 @pytest.fixture(scope="module")
 def llama_plan(folders: dict[str, Path], tmp_path_factory: pytest.TempPathFactory) -> Path:
     from tests.helpers import plan_for
@@ -161,6 +252,19 @@ def test_weights_that_do_not_fit_are_one_line_before_any_rank_starts(how: str, f
     spec, flags, shown = _break(how, _copy(folders["llama"], tmp_path))
     result = run_cli_here("train", str(llama_plan), "--model", spec, "--steps", "1", "--threads", "1", *flags)
     assert_one_line_error(result, *shown)
+
+
+def test_a_key_no_model_has_is_still_one_line_among_published_names(folders: dict[str, Path],
+                                                                      tmp_path: Path) -> None:
+    from tests.helpers import plan_for
+
+    stale = {"h.0.attn.bias": torch.tril(torch.ones(1, 1, 8, 8)), "h.0.attn.gate.weight": torch.ones(2)}
+    published = as_published(folders["gpt2"], tmp_path / "published", "transformer.", stale)
+    spec = f"hf:{published}"
+    plan_for(spec, [3, 3], "1F1B", 2, tmp_path / "plan.json")
+    result = run_cli_here("train", str(tmp_path / "plan.json"), "--model", spec, "--steps", "1", "--threads", "1")
+    assert_one_line_error(result, f"1 key in {published}/model.safetensors that model {spec!r} does not have: "
+                                  f"'h.0.attn.gate.weight'")
 
 
 def _first_loss(spec: str, plan_path: Path, model: torch.nn.Module) -> float:
