@@ -87,6 +87,11 @@ def add_parser(sub: Subcommands) -> None:
                         "or the plan's profile's choice) commits their running mean and variance once per step over "
                         "the whole mini-batch, as the unpartitioned model would; micro updates them once per "
                         "micro-batch (PyTorch's own BatchNorm)")
+    p.add_argument("--weights", metavar="FILE|DIR", type=path_arg,
+                   help="start from these weights: a safetensors file or folder (model.safetensors, or shards with "
+                        "model.safetensors.index.json), a torch.save'd state dict, or an autopart checkpoint folder; "
+                        "each rank reads only its stages' tensors (default: an hf:PATH model's folder, else the "
+                        "model's own initialisation)")
     p.add_argument("--meta-init", action="store_true",
                    help="build the model on the meta device and materialise only each rank's blocks (big models; "
                         "weights are freshly initialised per block, not those of a whole-model build)")
@@ -117,7 +122,16 @@ def _config(args: argparse.Namespace) -> TrainConfig:
                        trace=args.trace, svg=args.svg,
                        device=args.device, timeout_s=args.timeout, meta_init=args.meta_init,
                        batchnorm=args.batchnorm, max_restarts=args.max_restarts, eval_every=args.eval_every,
-                       eval_batches=args.eval_batches or 2)
+                       eval_batches=args.eval_batches or 2,
+                       weights=args.weights or _folder_weights(args.model))
+
+
+def _folder_weights(model: str) -> str | None:
+    """The weights an ``hf:PATH`` model implies: its folder's."""
+    from autopart.measure.hf import hf_folder
+
+    folder = hf_folder(model)
+    return str(folder) if folder is not None else None
 
 
 def check_plan_precision(plan: Plan, path: str, asked: str, model: str) -> None:
@@ -139,7 +153,8 @@ def _worker_args(cfg: TrainConfig) -> list[str]:
         out += ["--eval-batches", str(cfg.eval_batches)]
     for flag, value in (("--global-batch", cfg.global_batch), ("--data", cfg.data), ("--checkpoint", cfg.checkpoint),
                         ("--threads", cfg.threads), ("--report", cfg.report), ("--replan", cfg.replan),
-                        ("--trace", cfg.trace), ("--svg", cfg.svg), ("--batchnorm", cfg.batchnorm)):
+                        ("--trace", cfg.trace), ("--svg", cfg.svg), ("--batchnorm", cfg.batchnorm),
+                        ("--weights", cfg.weights)):
         if value is not None:
             out += [flag, str(value)]
     if cfg.meta_init:
@@ -195,6 +210,10 @@ def run(args: argparse.Namespace) -> int:
     note = unused_loss_note(bundle)
     if note:
         sys.stderr.write(note)
+    if cfg.weights:  # the names and shapes, on the meta device: every rank checks them again, and reads its own
+        from autopart.run.weights import check_keys, model_names, open_weights
+
+        check_keys(open_weights(cfg.weights), model_names(bundle.module), cfg.model)
     if isinstance(bundle.module, torch.nn.Sequential):  # cheap on the meta device; other models: the ranks check
         check_plan_against_model(plan, [name for name, _ in split_blocks(bundle.module)], plan.num_ranks, cfg.model)
     if bundle.data is None and bundle.data_kind in TEXT_KINDS and not cfg.eval_every:

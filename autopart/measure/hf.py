@@ -1,4 +1,5 @@
-"""Hugging Face models from their configuration class, with random weights: ``hf:NAME[:FIELD=VALUE,...]``.
+"""Hugging Face models: ``hf:NAME[:FIELD=VALUE,...]`` from a config class, ``hf:PATH[:FIELD=VALUE,...]`` from a
+folder that ``save_pretrained`` wrote.
 
     hf:gpt2                                   GPT-2 small (GPT2Config's defaults), causal LM
     hf:gpt2-medium                            the published sizes of GPT-2 and BERT are known by name
@@ -6,10 +7,21 @@
     hf:llama:num_hidden_layers=4,hidden_size=512,intermediate_size=1376
     hf:mistral                                any model type transformers knows (its config class's defaults)
     hf:t5:num_layers=2,d_model=64             encoder-decoders (T5, BART ...) as sequence-to-sequence LMs
+    hf:./my-llama                             a local folder: its config.json (and, for train, its weights)
+    hf:/models/gpt2:n_positions=256           a folder's config with fields changed
 
-Nothing is downloaded: the model is built with ``from_config`` and the config
+Nothing is downloaded. ``hf:NAME`` is built with ``from_config`` and the config
 class's defaults (a checkpoint's exact config cannot be fetched offline), then
-the fields given after the name. The KV cache is off (``use_cache=False``).
+the fields given after the name. ``hf:PATH`` (a path with a separator, starting
+with ``.`` or ``~``, or an existing folder: :func:`hf_folder`) reads
+``PATH/config.json`` as ``from_pretrained(PATH)`` does, offline; ``profile`` and
+``graph`` need only that, ``train`` also loads the folder's weights
+(:mod:`autopart.run.weights`). Every model is built in float32, whatever
+``dtype`` (``torch_dtype``) its config.json names (a Hub folder often says
+bfloat16): the plan's precision decides what runs (bf16-true casts the
+stages at train time, :mod:`autopart.formats.precision`), and weights saved
+in another dtype are cast to the model's as they load. The KV cache is off
+(``use_cache=False``).
 Causal LMs learn next bytes of text, masked LMs masked bytes, and
 encoder-decoders (``config.is_encoder_decoder``) the bytes that follow
 their source text (all as token ids 0..255, which every vocabulary here
@@ -19,6 +31,7 @@ be >= 1. Needs the ``transformers`` package (``pip install 'autopart[hf]'``).
 """
 from __future__ import annotations
 
+import json
 import re
 from pathlib import Path
 from typing import Any
@@ -28,7 +41,7 @@ import torch.nn.functional as F
 
 from autopart.errors import AutopartError
 
-__all__ = ["is_hf_spec", "hf_folder", "build_hf", "causal_lm_loss", "masked_lm_loss", "seq2seq_lm_loss", "MASKED_LM_TYPES",
+__all__ = ["is_hf_spec", "hf_folder", "folder_config", "build_hf", "causal_lm_loss", "masked_lm_loss", "seq2seq_lm_loss", "MASKED_LM_TYPES",
            "IGNORE_INDEX"]
 
 IGNORE_INDEX = -100
@@ -105,6 +118,42 @@ def _parse(spec: str) -> tuple[str, dict[str, Any]]:
     return name, overrides
 
 
+def folder_config(spec: str, folder: Path) -> Any:
+    """The config of a folder ``save_pretrained`` wrote, read offline as ``from_pretrained(folder)`` reads it
+    (``AutoConfig.from_pretrained(folder, local_files_only=True)``); one-line errors for a folder that is not
+    one."""
+    import transformers
+    from transformers import AutoConfig
+    from transformers.models.auto.configuration_auto import CONFIG_MAPPING
+
+    where = f"model {spec!r}: {str(folder)!r}"
+    if not folder.exists():
+        raise AutopartError(f"{where} does not exist")
+    if not folder.is_dir():
+        raise AutopartError(f"{where} is not a folder (hf:PATH is a folder save_pretrained wrote, with config.json)")
+    file = folder / "config.json"
+    if not file.is_file():
+        raise AutopartError(f"{where} has no config.json (hf:PATH is a folder save_pretrained wrote)")
+    try:
+        fields = json.loads(file.read_text(encoding="utf-8"))
+    except OSError as exc:
+        raise AutopartError(f"{where}: cannot read config.json: {exc.strerror or exc}") from None
+    except (ValueError, UnicodeDecodeError) as exc:
+        raise AutopartError(f"{where}: config.json is not JSON: {str(exc).splitlines()[0]}") from None
+    model_type = fields.get("model_type") if isinstance(fields, dict) else None
+    if not isinstance(model_type, str) or not model_type:
+        raise AutopartError(f"{where}: config.json has no \"model_type\" (e.g. \"gpt2\", \"llama\")")
+    if model_type not in CONFIG_MAPPING:
+        raise AutopartError(f"{where}: config.json's model_type {model_type!r} is not one transformers "
+                            f"{transformers.__version__} knows")
+    try:
+        return AutoConfig.from_pretrained(str(folder), local_files_only=True)
+    except Exception as exc:  # a field the config class refuses
+        lines = [line.strip() for line in str(exc).splitlines() if line.strip()]
+        raise AutopartError(f"{where}: its config.json does not load: {type(exc).__name__}: "
+                            f"{lines[0] if lines else ''}") from None
+
+
 def build_hf(spec: str) -> dict[str, Any]:
     """The model-spec mapping (module, example, loss_fn, data kind) of an ``hf:`` spec."""
     try:
@@ -114,13 +163,19 @@ def build_hf(spec: str) -> dict[str, Any]:
         raise AutopartError(f"model {spec!r} needs the transformers package: pip install 'autopart[hf]'") from None
     transformers.utils.logging.set_verbosity_error()
     name, overrides = _parse(spec)
-    model_type, preset = _PRESETS.get(name.lower(), (name.lower(), {}))
-    try:
-        config = AutoConfig.for_model(model_type)
-    except ValueError:
-        known = ", ".join(sorted(_PRESETS))
-        raise AutopartError(f"model {spec!r}: transformers knows no model type {model_type!r} (named here: "
-                            f"{known}; or any type transformers has, e.g. mistral, qwen2)") from None
+    folder = hf_folder(spec)
+    preset: dict[str, Any] = {}
+    if folder is not None:
+        config = folder_config(spec, folder)
+        model_type = str(config.model_type)
+    else:
+        model_type, preset = _PRESETS.get(name.lower(), (name.lower(), {}))
+        try:
+            config = AutoConfig.for_model(model_type)
+        except ValueError:
+            known = ", ".join(sorted(_PRESETS))
+            raise AutopartError(f"model {spec!r}: transformers knows no model type {model_type!r} (named here: "
+                                f"{known}; or any type transformers has, e.g. mistral, qwen2)") from None
     for key, value in {**preset, **overrides}.items():
         if not hasattr(config, key):
             raise AutopartError(f"model {spec!r}: {type(config).__name__} has no field {key!r}")
@@ -136,7 +191,7 @@ def build_hf(spec: str) -> dict[str, Any]:
     masked = not seq2seq and model_type in MASKED_LM_TYPES
     auto = AutoModelForSeq2SeqLM if seq2seq else AutoModelForMaskedLM if masked else AutoModelForCausalLM
     try:
-        module = auto.from_config(config)
+        module = auto.from_config(config, dtype=torch.float32)  # not config.json's dtype: the plan's precision runs
     except Exception as exc:
         raise AutopartError(f"model {spec!r}: building it from its config failed: {type(exc).__name__}: "
                             f"{str(exc).splitlines()[0] if str(exc) else ''}") from None

@@ -45,6 +45,9 @@ class TrainConfig:
     """Build on the meta device and materialise only each rank's blocks."""
     max_restarts: int = 0
     """Times autopart's launcher starts the group again after a rank fails (resuming from ``checkpoint``)."""
+    weights: str | None = None
+    """Weights to start from (:mod:`autopart.run.weights`: safetensors file or folder, torch.save state dict,
+    autopart checkpoint); an ``hf:PATH`` model's folder unless given; None: the model's own initialisation."""
     batchnorm: str | None = None
     """deferred or micro (:mod:`autopart.measure.batchnorm`); None: the plan's, else deferred."""
     eval_every: int = 0

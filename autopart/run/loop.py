@@ -38,6 +38,7 @@ from autopart.run.report import gather_measured, hand_over_report, make_report, 
 from autopart.run.resources import check_device_memory, rank_threads, threads_note
 from autopart.run.resume import restore_pipeline, save_pipeline
 from autopart.run.stages import build_pipeline, check_evaluable, check_plan_against_model
+from autopart.run.weights import load_stage_weights
 from autopart.torch_compat import is_timeout
 
 __all__ = ["run_rank", "PeerTimeout"]
@@ -153,13 +154,15 @@ def _prepare(cfg: TrainConfig, rank: int, device: torch.device, plan: Plan) -> J
                          cfg.eval_batches if cfg.eval_every else 0)
     pipe = build_pipeline(plan, chain, rank, device, data.loss_fn,
                           init=lambda s, module: _initialise(s, module, cfg.seed), seed=cfg.seed, first_step=start)
+    weights = load_stage_weights(cfg.weights, bundle.module, [m for _, m in pipe.modules], cfg.model) \
+        if cfg.weights else None  # every rank checks them alike before any waits for another; a resume wins
     optimizer = make_optimizer(plan.optimizer, pipe.parameters(), lr=cfg.lr)
     job = Job(cfg=cfg, plan=plan, rank=rank, world=world, device=device, pipe=pipe, optimizer=optimizer, data=data,
               global_batch=global_batch, microbatch_size=microbatch_size, start_step=start)
     if saved:
         restore_pipeline(pipe, optimizer, saved, job.reporter)
     if job.reporter:
-        _say_start(job, batchnorm_layers(chain.root), batchnorm)
+        _say_start(job, batchnorm_layers(chain.root), batchnorm, weights.description if weights else None)
     return job  # the rest of the model (other ranks' blocks) is freed with ``bundle``
 
 
@@ -192,7 +195,7 @@ def _batchnorm_mode(cfg: TrainConfig, plan: Plan, chain: Chain) -> str | None:
     return cfg.batchnorm or plan.batchnorm or "deferred"
 
 
-def _say_start(job: Job, layers: list[str], batchnorm: str | None) -> None:
+def _say_start(job: Job, layers: list[str], batchnorm: str | None, weights: str | None) -> None:
     plan, mb, gb = job.plan, job.microbatch_size, job.global_batch
     if batchnorm == "deferred":
         say(f"BatchNorm: {len(layers)} layers ({layers[0]}, ...), deferred: each micro-batch of {mb} is normalised "
@@ -213,7 +216,7 @@ def _say_start(job: Job, layers: list[str], batchnorm: str | None) -> None:
     precision = f", {plan.precision}" if plan.precision != "fp32" else ""
     say(f"training {job.cfg.model}: {plan.num_stages} stages on {job.world} ranks, {plan.schedule}, "
         f"{plan.microbatches} micro-batches of {mb} ({gb} per step){recompute}, {plan.optimizer}{precision}, "
-        f"data: {job.data.source}{resuming}")
+        f"data: {job.data.source}{f', weights: {weights}' if weights else ''}{resuming}")
 
 
 def _initialise(stage: int, module: nn.Module, seed: int) -> None:

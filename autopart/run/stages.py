@@ -57,8 +57,8 @@ from autopart.run.shapes import StageSignature, stage_signatures
 from autopart.run.streams import BlockStreams
 from autopart.run.timeline import ActionClock
 
-__all__ = ["Pipeline", "SharedParameters", "TimedStage", "build_pipeline", "check_evaluable", "check_plan_against_model",
-           "check_world_size", "in_precision", "loss_in_precision", "recompute_forward"]
+__all__ = ["Pipeline", "SharedParameters", "TimedStage", "build_pipeline", "canonical_names", "check_evaluable",
+           "check_plan_against_model", "check_world_size", "in_precision", "loss_in_precision", "recompute_forward"]
 
 Schedule = PipelineScheduleSingle | PipelineScheduleMulti
 """Every schedule ``get_schedule_class`` returns is one of the two."""
@@ -103,7 +103,7 @@ class SharedParameters:
     """
 
     def __init__(self, plan: Plan, chain: Chain, rank: int, local: list[tuple[int, nn.Module]]) -> None:
-        canonical = _canonical_names(chain.root)
+        canonical = canonical_names(chain.root)
         built = {s: [n for n, _ in m.named_parameters(remove_duplicate=False)] for s, m in local}
         holders: dict[str, set[int]] = {}
         for s, ranks_stage in enumerate(plan.stage_ranks()):
@@ -129,7 +129,7 @@ class SharedParameters:
                 dist.all_reduce(param.grad, group=group)
 
 
-def _canonical_names(root: nn.Module) -> dict[str, str]:
+def canonical_names(root: nn.Module) -> dict[str, str]:
     """Every name of a shared parameter -> its first name in the model."""
     first: dict[int, str] = {}
     out = {}
