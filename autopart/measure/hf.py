@@ -41,8 +41,8 @@ import torch.nn.functional as F
 
 from autopart.errors import AutopartError
 
-__all__ = ["is_hf_spec", "hf_folder", "folder_config", "build_hf", "causal_lm_loss", "masked_lm_loss", "seq2seq_lm_loss", "MASKED_LM_TYPES",
-           "IGNORE_INDEX"]
+__all__ = ["is_hf_spec", "hf_folder", "folder_config", "hf_config", "hf_auto_class", "build_hf", "causal_lm_loss",
+           "masked_lm_loss", "seq2seq_lm_loss", "MASKED_LM_TYPES", "IGNORE_INDEX"]
 
 IGNORE_INDEX = -100
 """Targets the loss skips (positions that were not masked)."""
@@ -156,40 +156,10 @@ def folder_config(spec: str, folder: Path) -> Any:
 
 def build_hf(spec: str) -> dict[str, Any]:
     """The model-spec mapping (module, example, loss_fn, data kind) of an ``hf:`` spec."""
-    try:
-        import transformers
-        from transformers import AutoConfig, AutoModelForCausalLM, AutoModelForMaskedLM, AutoModelForSeq2SeqLM
-    except ImportError:
-        raise AutopartError(f"model {spec!r} needs the transformers package: pip install 'autopart[hf]'") from None
-    transformers.utils.logging.set_verbosity_error()
-    name, overrides = _parse(spec)
-    folder = hf_folder(spec)
-    preset: dict[str, Any] = {}
-    if folder is not None:
-        config = folder_config(spec, folder)
-        model_type = str(config.model_type)
-    else:
-        model_type, preset = _PRESETS.get(name.lower(), (name.lower(), {}))
-        try:
-            config = AutoConfig.for_model(model_type)
-        except ValueError:
-            known = ", ".join(sorted(_PRESETS))
-            raise AutopartError(f"model {spec!r}: transformers knows no model type {model_type!r} (named here: "
-                                f"{known}; or any type transformers has, e.g. mistral, qwen2)") from None
-    for key, value in {**preset, **overrides}.items():
-        if not hasattr(config, key):
-            raise AutopartError(f"model {spec!r}: {type(config).__name__} has no field {key!r}")
-        try:
-            setattr(config, key, value)
-        except Exception as exc:  # transformers checks each field's type as it is set
-            lines = [line.strip() for line in str(exc).splitlines() if line.strip()]
-            raise AutopartError(f"model {spec!r}: {key}={value!r} does not fit {type(config).__name__}: "
-                                f"{lines[-1] if lines else type(exc).__name__}") from None
-    if hasattr(config, "use_cache"):
-        config.use_cache = False
+    config = hf_config(spec)
+    auto = hf_auto_class(config)
     seq2seq = bool(getattr(config, "is_encoder_decoder", False))
-    masked = not seq2seq and model_type in MASKED_LM_TYPES
-    auto = AutoModelForSeq2SeqLM if seq2seq else AutoModelForMaskedLM if masked else AutoModelForCausalLM
+    masked = not seq2seq and config.model_type in MASKED_LM_TYPES
     try:
         module = auto.from_config(config, dtype=torch.float32)  # not config.json's dtype: the plan's precision runs
     except Exception as exc:
@@ -236,7 +206,6 @@ def seq2seq_lm_loss(out: Any, target: torch.Tensor) -> torch.Tensor:
     return _token_loss(out, target)
 
 
-__all__ += ["hf_config", "hf_auto_class"]  # kept apart from the list above while build_hf changes in parallel
 
 
 def hf_config(spec: str) -> Any:
@@ -251,20 +220,17 @@ def hf_config(spec: str) -> Any:
     transformers.utils.logging.set_verbosity_error()
     name, overrides = _parse(spec)
     folder = hf_folder(spec)
+    preset: dict[str, Any] = {}
     if folder is not None:
-        try:
-            config = AutoConfig.from_pretrained(folder, local_files_only=True)
-        except Exception as exc:  # no config.json, a damaged one, a model type transformers does not know
-            lines = [line.strip() for line in str(exc).splitlines() if line.strip()]
-            raise AutopartError(f"model {spec!r}: cannot read {str(folder / 'config.json')!r}: "
-                                f"{lines[0] if lines else type(exc).__name__}") from None
-        preset: dict[str, Any] = {}
+        config = folder_config(spec, folder)
     else:
         model_type, preset = _PRESETS.get(name.lower(), (name.lower(), {}))
         try:
             config = AutoConfig.for_model(model_type)
         except ValueError:
-            raise AutopartError(f"model {spec!r}: transformers knows no model type {model_type!r}") from None
+            known = ", ".join(sorted(_PRESETS))
+            raise AutopartError(f"model {spec!r}: transformers knows no model type {model_type!r} (named here: "
+                                f"{known}; or any type transformers has, e.g. mistral, qwen2)") from None
     for key, value in {**preset, **overrides}.items():
         if not hasattr(config, key):
             raise AutopartError(f"model {spec!r}: {type(config).__name__} has no field {key!r}")
