@@ -114,6 +114,19 @@ def test_a_damaged_cache_is_rebuilt_with_a_note(folder: Path, token_cache: Path,
     assert "cached" in tokenize_for(folder / "tokenizer.json", str(data), None).description
 
 
+def test_a_writer_killed_mid_write_leaves_nothing_behind_the_rebuild(folder: Path, token_cache: Path) -> None:
+    data = folder.parent / "d.jsonl"
+    tokenize_for(folder / "tokenizer.json", str(data), None)
+    (path,) = _streams(token_cache)
+    left = path.parent / f".{path.name}.k1ll3d0x.tmp"  # what write_atomic leaves when killed mid-write
+    left.write_bytes(b"\0" * 10)
+    other = path.parent / ".0123abcd.tokens.k1ll3d0x.tmp"  # another stream's: not this writer's to remove
+    other.write_bytes(b"")
+    path.write_bytes(b"")  # the rebuild
+    assert "tokenized in" in tokenize_for(folder / "tokenizer.json", str(data), None).description
+    assert not left.exists() and other.exists()
+
+
 def test_the_cache_folder_follows_autopart_cache_then_xdg(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
     from autopart.run.token_cache import cache_folder
 

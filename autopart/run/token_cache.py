@@ -20,6 +20,7 @@ import fcntl
 import hashlib
 import json
 import os
+import re
 import sys
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -30,7 +31,7 @@ import numpy as np
 import numpy.typing as npt
 
 from autopart.errors import AutopartError
-from autopart.formats.atomic import write_atomic
+from autopart.formats.atomic import remove_temporaries, write_atomic
 
 __all__ = ["CACHE_ENV", "StreamFacts", "cache_folder", "locked", "load", "store", "stream_path"]
 
@@ -162,7 +163,9 @@ def store(folder: Path, key: str, write: Callable[[Callable[[bytes], None]], Str
           ) -> tuple[npt.NDArray[np.integer[Any]], StreamFacts]:
     """Build stream ``key``: ``write`` is given a function that appends bytes of token ids to the stream, and
     returns its facts (the SHA-256 is filled in here); the ids, then the facts, are written atomically. The
-    stream, memory-mapped, and its facts."""
+    stream, memory-mapped, and its facts. Call it holding :func:`locked`: it first removes what a writer of this
+    stream killed mid-write left (only the lock's holder writes it)."""
+    remove_temporaries(folder, re.escape(key) + r"\.(?:tokens|json)")
     made: list[StreamFacts] = []
 
     def body(handle: IO[bytes]) -> None:
