@@ -20,6 +20,15 @@ def seed() -> None:
     torch.manual_seed(0)
 
 
+@pytest.fixture(autouse=True)
+def token_cache(tmp_path_factory: pytest.TempPathFactory, monkeypatch: pytest.MonkeyPatch) -> Path:
+    """Every test has its own empty token cache (``AUTOPART_CACHE``, inherited by the CLI and its ranks): nothing
+    is written to the user's home, and no test reads another's streams."""
+    folder = tmp_path_factory.mktemp("autopart-cache")
+    monkeypatch.setenv("AUTOPART_CACHE", str(folder))
+    return folder
+
+
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
     try:
         import torch

@@ -216,9 +216,13 @@ def run(args: argparse.Namespace) -> int:
         check_keys(open_weights(cfg.weights), model_names(bundle.module), cfg.model)
     if isinstance(bundle.module, torch.nn.Sequential):  # cheap on the meta device; other models: the ranks check
         check_plan_against_model(plan, [name for name, _ in split_blocks(bundle.module)], plan.num_ranks, cfg.model)
-    if bundle.data is None and bundle.data_kind in TEXT_KINDS and not cfg.eval_every:
-        text_corpus(bundle, cfg.data)  # fail now, not in every rank: a missing or empty corpus, a bad line, a token
-        # the model has no row for
+    if bundle.data is None and bundle.data_kind in TEXT_KINDS:
+        # fail now, not in every rank: a missing or empty corpus, a bad line, a token the model has no row for; and
+        # tokenize here, once, into the token cache that every rank then maps (run/token_cache.py)
+        corpus = text_corpus(bundle, cfg.data)
+        if corpus.unit == "tokens":
+            sys.stderr.write(f"tokens: {corpus.source}\n")
+        del corpus  # the launcher holds no text while the ranks train
     if cfg.eval_every:  # the same, and a held-out split that holds --eval-batches (or data that has none)
         check_evaluable(plan)
         per_mb, sample_shape = microbatch_shape(plan, bundle)

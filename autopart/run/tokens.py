@@ -20,10 +20,12 @@ line says so).
 """
 from __future__ import annotations
 
+import hashlib
 import json
+import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any, Callable, Iterator
 
 import numpy as np
 import numpy.typing as npt
@@ -32,8 +34,12 @@ from autopart.errors import AutopartError
 from autopart.formats.units import format_bytes
 from autopart.measure.hf import hf_folder
 from autopart.run.texts import MAX_TEXT_BYTES, default_corpus_files
+from autopart.run.token_cache import StreamFacts, cache_folder, load, locked, store, stream_path
 
-__all__ = ["TOKENIZER_FILE", "TokenText", "tokenizer_file", "tokenize_for", "read_documents"]
+__all__ = ["TOKENIZER_FILE", "TokenText", "tokenizer_file", "tokenize_for", "read_documents", "data_files"]
+
+_CACHE_FORMAT = 1
+"""The token cache's layout and packing; a change here makes every cached stream stale."""
 
 TOKENIZER_FILE = "tokenizer.json"
 
@@ -42,8 +48,9 @@ _EOS_NAMES = ("<|endoftext|>", "</s>", "<eos>", "<|end_of_text|>", "<|im_end|>",
 
 _MASK_NAMES = ("[MASK]", "<mask>")
 
-_ENCODE_CHUNK_BYTES = 4 * 2**20
-"""Text handed to the tokenizer at a time (``encode_batch`` runs a chunk's documents in parallel)."""
+_ENCODE_CHUNK_BYTES = 2**20
+"""Text handed to the tokenizer at a time (``encode_batch_fast`` runs a chunk's documents in parallel): the
+tokenizer's memory while tokenizing is about a chunk's, whatever the corpus."""
 
 
 @dataclass(frozen=True)
@@ -73,7 +80,70 @@ def tokenizer_file(spec: str) -> Path | None:
 
 def tokenize_for(path: Path, data_path: str | None, vocab_size: int | None) -> TokenText:
     """``data_path``'s documents (default: the standard library's sources) as the tokens of the tokenizer in
-    ``path``, checked against the model's ``vocab_size`` (None: not checked)."""
+    ``path``, checked against the model's ``vocab_size`` (None: not checked).
+
+    Tokenized once into the token cache (:mod:`autopart.run.token_cache`) and memory-mapped from it: a later
+    call with the same tokenizer files, data files (path, size, modification time) and packing options reads
+    the cached stream and never loads the tokenizer (the launcher tokenizes, every rank maps its file)."""
+    source, files = data_files(data_path)
+    key = _cache_key(path, files)
+    folder = cache_folder()
+    with locked(folder, key):
+        found = load(folder, key)
+        if found is None:
+            started = time.perf_counter()
+            tokens, facts = store(folder, key, lambda put: _tokenize_into(put, path, source, files))
+            how = f"tokenized in {time.perf_counter() - started:.1f} s into {stream_path(folder, key)}"
+        else:
+            tokens, facts = found
+            how = f"cached {stream_path(folder, key)}"
+    if facts.tokens == 0:
+        raise AutopartError(f"--data {facts.source}: no text to train on")
+    if vocab_size is not None and facts.top_id >= vocab_size:
+        raise AutopartError(f"tokenizer {str(path)!r} gives token id {facts.top_id} ({facts.top_name!r}) but the "
+                            f"model's vocab_size is {vocab_size}: the tokenizer is not this model's")
+    ended = (f"each ended by {facts.eos_name}" if facts.eos_name
+             else "joined with nothing: the tokenizer has no end-of-text token")
+    description = (f"{facts.source}: {facts.documents:,} documents, {facts.tokens:,} tokens by {path} "
+                   f"({facts.dtype}, {format_bytes(tokens.nbytes)}; {ended}); {how}")
+    return TokenText(tokens, facts.documents, facts.eos_id, facts.mask_id, description)
+
+
+def _cache_key(path: Path, files: list[Path]) -> str:
+    """What the stream depends on, hashed: the tokenizer's files' bytes (``tokenizer.json``, and the two configs
+    that name the end-of-text token), the ``tokenizers`` library's version, each data file's path, size and
+    modification time, and how documents are read and packed."""
+    digest = hashlib.sha256()
+    digest.update(json.dumps({"format": _CACHE_FORMAT, "max_text_bytes": MAX_TEXT_BYTES,
+                              "tokenizers": _version("tokenizers")}).encode())
+    for name in (path.name, "tokenizer_config.json", "config.json"):
+        try:
+            digest.update(name.encode() + b"\0" + (path.parent / name).read_bytes() + b"\0")
+        except OSError:
+            digest.update(name.encode() + b"\0absent\0")
+    for f in files:
+        try:
+            st = f.stat()
+        except OSError:
+            digest.update(f"{f.resolve()}\0unreadable\0".encode())
+            continue
+        digest.update(f"{f.resolve()}\0{st.st_size}\0{st.st_mtime_ns}\0".encode())
+    return digest.hexdigest()[:32]
+
+
+def _version(package: str) -> str:
+    from importlib.metadata import PackageNotFoundError, version
+
+    try:
+        return version(package)
+    except PackageNotFoundError:
+        return "absent"
+
+
+def _tokenize_into(put: Callable[[bytes], None], path: Path, source: str, files: list[Path]) -> StreamFacts:
+    """Tokenize the documents of ``files`` with the tokenizer in ``path``, a chunk of documents at a time, each
+    chunk's ids handed to ``put`` as bytes (so memory holds one chunk, never the corpus); the stream's facts
+    (its SHA-256 left for the caller)."""
     from tokenizers import Tokenizer
 
     try:
@@ -86,22 +156,19 @@ def tokenize_for(path: Path, data_path: str | None, vocab_size: int | None) -> T
     eos_id, eos_name = _special(tokenizer, path.parent, "eos", _EOS_NAMES)
     mask_id, _ = _special(tokenizer, path.parent, "mask", _MASK_NAMES)
     dtype = np.uint16 if tokenizer.get_vocab_size(with_added_tokens=True) <= 2**16 else np.int32
-    source, documents = read_documents(data_path)
-    chunks: list[npt.NDArray[np.integer[Any]]] = []
-    count = 0
+    tokens = documents = top = 0
     end = [eos_id] if eos_id is not None else []
-    for batch in _chunks(documents):
-        encoded = tokenizer.encode_batch(batch, add_special_tokens=False)
-        chunks.append(np.concatenate([np.asarray(e.ids + end, dtype=dtype) for e in encoded]))
-        count += len(batch)
-    tokens: npt.NDArray[np.integer[Any]] = np.concatenate(chunks) if chunks else np.zeros(0, dtype=dtype)
-    if tokens.size == 0:
-        raise AutopartError(f"--data {source}: no text to train on")
-    _check_vocabulary(tokens, tokenizer, path, vocab_size)
-    ended = f"each ended by {eos_name}" if eos_name else "joined with nothing: the tokenizer has no end-of-text token"
-    description = (f"{source}: {count:,} documents, {tokens.size:,} tokens by {path} "
-                   f"({np.dtype(dtype).name}, {format_bytes(tokens.nbytes)}; {ended})")
-    return TokenText(tokens, count, eos_id, mask_id, description)
+    for batch in _chunks(_capped(_files(files))):
+        for encoding in tokenizer.encode_batch_fast(batch, add_special_tokens=False):
+            ids = np.asarray(encoding.ids + end, dtype=dtype)
+            if ids.size:
+                put(ids.tobytes())
+                tokens += int(ids.size)
+                top = max(top, int(ids.max()))
+        documents += len(batch)
+    return StreamFacts(dtype=np.dtype(dtype).name, tokens=tokens, documents=documents, eos_id=eos_id,
+                       eos_name=eos_name, mask_id=mask_id, top_id=top, top_name=tokenizer.id_to_token(top) or "",
+                       sha256="", source=source)
 
 
 def _special(tokenizer: Any, folder: Path, kind: str, names: tuple[str, ...]) -> tuple[int | None, str | None]:
@@ -133,25 +200,22 @@ def _json(path: Path) -> dict[str, Any]:
     return data if isinstance(data, dict) else {}
 
 
-def _check_vocabulary(tokens: npt.NDArray[np.integer[Any]], tokenizer: Any, path: Path, vocab_size: int | None) -> None:
-    """Refuse a token id the model's embedding has no row for (a tokenizer from another model)."""
-    top = int(tokens.max())
-    if vocab_size is not None and top >= vocab_size:
-        raise AutopartError(f"tokenizer {str(path)!r} gives token id {top} ({tokenizer.id_to_token(top)!r}) but the "
-                            f"model's vocab_size is {vocab_size}: the tokenizer is not this model's")
+def data_files(data_path: str | None) -> tuple[str, list[Path]]:
+    """Where the text comes from (for messages) and the files it is read from, in order."""
+    if data_path is None:
+        files = default_corpus_files()
+        return f"Python standard library sources ({len(files)} files)", files
+    path = Path(data_path)
+    if not path.exists():
+        raise AutopartError(f"--data {data_path!r} does not exist")
+    return str(path), [path] if path.is_file() else sorted(f for f in path.rglob("*") if f.is_file())
 
 
 def read_documents(data_path: str | None) -> tuple[str, Iterator[str]]:
     """Where the text comes from (for messages) and its documents, read lazily, up to about
     :data:`~autopart.run.texts.MAX_TEXT_BYTES` of text."""
-    if data_path is None:
-        files = default_corpus_files()
-        return f"Python standard library sources ({len(files)} files)", _capped(_files(files))
-    path = Path(data_path)
-    if not path.exists():
-        raise AutopartError(f"--data {data_path!r} does not exist")
-    files = [path] if path.is_file() else sorted(f for f in path.rglob("*") if f.is_file())
-    return str(path), _capped(_files(files))
+    source, files = data_files(data_path)
+    return source, _capped(_files(files))
 
 
 def _files(files: list[Path]) -> Iterator[str]:
