@@ -79,9 +79,8 @@ def add_parser(sub: Subcommands) -> None:
                         "or the plan's profile's choice) commits their running mean and variance once per step over "
                         "the whole mini-batch, as the unpartitioned model would; micro updates them once per "
                         "micro-batch (PyTorch's own BatchNorm)")
-    p.add_argument("--meta-init", action="store_true",
-                   help="build the model on the meta device and materialise only each rank's blocks (big models; "
-                        "weights are freshly initialised per block, not those of a whole-model build)")
+    # Each rank builds only its own stages now, always (docs/train.md): the old flag is accepted and does nothing.
+    p.add_argument("--meta-init", action="store_true", help=argparse.SUPPRESS)
     p.set_defaults(run=run)
 
 
@@ -102,7 +101,7 @@ def _config(args: argparse.Namespace) -> TrainConfig:
                        lr=args.lr, data=args.data, checkpoint=args.checkpoint, checkpoint_every=args.checkpoint_every,
                        seed=args.seed, threads=args.threads, report=args.report, replan=args.replan,
                        trace=args.trace, svg=args.svg,
-                       device=args.device, timeout_s=args.timeout, meta_init=args.meta_init,
+                       device=args.device, timeout_s=args.timeout,
                        batchnorm=args.batchnorm, max_restarts=args.max_restarts)
 
 
@@ -125,8 +124,6 @@ def _worker_args(cfg: TrainConfig) -> list[str]:
                         ("--trace", cfg.trace), ("--svg", cfg.svg), ("--batchnorm", cfg.batchnorm)):
         if value is not None:
             out += [flag, str(value)]
-    if cfg.meta_init:
-        out.append("--meta-init")
     return out
 
 
