@@ -26,9 +26,9 @@ class Sinusoidal(nn.Module):
 
 
 def sinusoidal() -> dict[str, Any]:
-    """Embedding -> position table -> two layers -> head: the table is on the first stage's rank."""
-    module = nn.Sequential(nn.Embedding(64, 16), Sinusoidal(8, 16), nn.Linear(16, 16), nn.Tanh(), nn.Linear(16, 64))
-    return {"module": module, "example": torch.randint(0, 64, (4, 8)),
+    """Byte embedding -> position table -> two layers -> head: the table is on the first stage's rank."""
+    module = nn.Sequential(nn.Embedding(256, 16), Sinusoidal(8, 16), nn.Linear(16, 16), nn.Tanh(), nn.Linear(16, 256))
+    return {"module": module, "example": torch.randint(0, 256, (4, 8)),
             "loss_fn": lambda out, y: F.cross_entropy(out.flatten(0, 1), y.flatten()), "data_kind": "text"}
 
 

@@ -11,11 +11,12 @@ import pytest
 import torch
 
 from autopart.formats.plan import Plan
-from autopart.measure.blocks import chain_of
 from autopart.measure.optimizers import make_optimizer
 from autopart.measure.spec import call_model
-from autopart.run.build import build_for_rank, build_model, buffers_to_meta, materialise_stage, uncovered_parameter
+from autopart.run.build import (build_for_rank, build_model, buffers_to_meta, cut_on_meta, materialise_stage,
+                                 uncovered_parameter)
 from autopart.run.data import training_data
+from autopart.run.microbatch import microbatch_shape
 from tests.conftest import ROOT, run_cli
 from tests.helpers import plan_for
 
@@ -31,9 +32,9 @@ def reference_losses(spec: str, plan_path: Path, steps: int, lr: float = 1e-3, s
     data ``autopart train --seed`` draws: what a pipelined run's losses equal."""
     plan = Plan.from_json(plan_path)
     bundle = build_model(spec, seed)
-    m, size = plan.microbatches, plan.microbatch_size
-    assert size is not None
-    data = training_data(bundle, None, size * m, tuple(plan.sample_shape[1:]), seed, 0)
+    m = plan.microbatches
+    per_microbatch, sample_shape = microbatch_shape(plan, bundle)  # as train sizes its batches
+    data = training_data(bundle, None, per_microbatch * m, sample_shape, seed, 0)
     assert data.loss_fn is not None
     model = bundle.module.train()
     optimizer = make_optimizer(plan.optimizer, list(model.parameters()), lr=lr)
@@ -63,7 +64,7 @@ def _stages_one_by_one(spec: str, balance: list[int]) -> dict[str, torch.Tensor]
         drawn = {id(p): p.dtype for p in root.parameters()}
         buffers = buffers_to_meta(root)
         assert built.bundle.example is not None
-        chain = chain_of(root, tuple(t.to("meta") for t in built.bundle.example), spec, built.bundle.input_names)
+        chain = cut_on_meta(root, built.bundle.example, spec, built.bundle.input_names, torch.device("cpu"))
         stage = chain.stage_module(first, first + count - 1)
         materialise_stage(stage, chain, root, buffers, drawn, None, torch.device("cpu"), 0)
         held = {**dict(stage.named_parameters(remove_duplicate=False)), **dict(stage.named_buffers())}

@@ -26,12 +26,12 @@ import torch
 from torch import nn
 
 from autopart.errors import AutopartError
-from autopart.measure.blocks import Chain
+from autopart.measure.blocks import Chain, chain_of
 from autopart.measure.empty import parameters_on_meta
 from autopart.measure.spec import ModelBundle, load_model
 from autopart.measure.stream import load_with_weights, retarget
 
-__all__ = ["RankBuild", "buffers_to_meta", "build_for_rank", "build_model", "fill_stage", "initialise", "materialise",
+__all__ = ["RankBuild", "buffers_to_meta", "build_for_rank", "build_model", "cut_on_meta", "fill_stage", "initialise", "materialise",
            "materialise_stage", "module_seed", "replace_tensors", "uncovered_parameter"]
 
 
@@ -148,6 +148,18 @@ def buffers_to_meta(root: nn.Module) -> dict[str, torch.Tensor]:
     return kept
 
 
+def cut_on_meta(root: nn.Module, example: tuple[torch.Tensor, ...], spec: str, input_names: Sequence[str] | None,
+                device: torch.device) -> Chain:
+    """The blocks of a model wholly on the meta device, cut (a graph captured) on the meta example; a captured
+    graph's operations that name the meta device (``arange(device=meta)``) then name ``device``."""
+    chain = chain_of(root, tuple(t.to("meta") for t in example), spec, input_names)
+    graph = getattr(getattr(chain, "graph", None), "graph", None)
+    if graph is not None:
+        retarget(graph.module, device)
+        chain.reload_blocks()
+    return chain
+
+
 def materialise_stage(stage: nn.Module, chain: Chain, root: nn.Module, buffers: Mapping[str, torch.Tensor],
                        drawn: Mapping[int, torch.dtype], dtype: torch.dtype | None, device: torch.device,
                        seed: int) -> None:
@@ -172,8 +184,6 @@ def materialise_stage(stage: nn.Module, chain: Chain, root: nn.Module, buffers: 
             for p in made.values():
                 if p.is_floating_point():
                     p.data = p.data.to(dtype)
-    for module in [stage, *(block for _, block in chain.blocks)]:
-        retarget(module, device)  # a graph captured on meta names the meta device in some operations
 
 
 def _empty(spec: str, seed: int) -> ModelBundle:

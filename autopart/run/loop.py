@@ -29,7 +29,7 @@ from autopart.measure.memory import MemoryMeter, MemoryPeak, lower_mmap_threshol
 from autopart.measure.optimizers import make_optimizer
 from autopart.measure.hf import is_hf_spec
 from autopart.measure.spec import ModelBundle, require_parameters, shape_example
-from autopart.run.build import build_for_rank, buffers_to_meta, materialise_stage
+from autopart.run.build import build_for_rank, buffers_to_meta, cut_on_meta, materialise_stage
 from autopart.run.checkpoint import latest_complete, load_stages, mark_complete
 from autopart.run.config import TrainConfig
 from autopart.run.data import cycled_note, training_data
@@ -170,7 +170,7 @@ def _prepare(cfg: TrainConfig, rank: int, device: torch.device, plan: Plan) -> J
     global_batch = cfg.global_batch or per_mb * m
     microbatch_size = plan.microbatch_size_for(global_batch)
     buffers = buffers_to_meta(bundle.module) if built.empty else {}
-    chain = _chain(cfg, bundle, microbatch_size, tuple(plan.sample_shape[1:]), dtype, built.empty)
+    chain = _chain(cfg, bundle, microbatch_size, tuple(plan.sample_shape[1:]), dtype, device if built.empty else None)
     check_plan_against_model(plan, chain.names, world, cfg.model)
     batchnorm = _batchnorm_mode(cfg, plan, chain)
     if batchnorm == "deferred":
@@ -198,15 +198,15 @@ def _prepare(cfg: TrainConfig, rank: int, device: torch.device, plan: Plan) -> J
 
 
 def _chain(cfg: TrainConfig, bundle: ModelBundle, microbatch_size: int, sample_shape: tuple[int, ...],
-           dtype: torch.dtype | None, on_meta: bool) -> Chain:
+           dtype: torch.dtype | None, on_meta: torch.device | None) -> Chain:
     """The model's blocks, as the profiler found them; a graph is captured at the run's micro-batch shape, its
     floating inputs in ``dtype`` (None: as they are). ``on_meta``: the model is wholly on the meta device, and so
-    is the example it is cut (captured) on."""
+    is the example it is cut (captured) on; its stages will run on this device."""
     shape = (microbatch_size, *sample_shape) if sample_shape else None
     example = floating_in(shape_example(bundle, shape, None, microbatch_size), dtype) \
         if bundle.example is not None else ()
-    if on_meta:
-        example = tuple(t.to("meta") for t in example)
+    if on_meta is not None:
+        return cut_on_meta(bundle.module, example, cfg.model, bundle.input_names, on_meta)
     return chain_of(bundle.module, example, cfg.model, bundle.input_names)
 
 
