@@ -20,7 +20,7 @@ from __future__ import annotations
 
 import zlib
 from dataclasses import dataclass, replace
-from typing import Any, Callable, Iterator, Mapping, Sequence
+from typing import Callable, Iterable, Iterator, Mapping, Sequence
 
 import torch
 from torch import nn
@@ -88,12 +88,14 @@ def _post_order(module: nn.Module, name: str, init: Callable[[nn.Module], None] 
     yield name, module, init
 
 
-def initialise(root: nn.Module, seed: int) -> None:
-    """The model's own initialisation of every module that holds a real (not meta) parameter, each from
-    :func:`module_seed` (see the module docstring): the same values whichever of them are real."""
+def initialise(root: nn.Module, seed: int, params: Iterable[torch.Tensor] | None = None) -> None:
+    """The model's own initialisation of every module that holds one of ``params`` (in it or below it; None:
+    every real, not meta, parameter), each from :func:`module_seed` (see the module docstring): the same values
+    whichever of them are real."""
+    wanted = {id(p) for p in (params if params is not None else root.parameters()) if not p.is_meta}
     with torch.no_grad():
         for name, module, init in _post_order(root, "", None, set()):
-            if all(p.is_meta for p in module.parameters()):
+            if not any(id(p) in wanted for p in module.parameters()):
                 continue
             torch.manual_seed(module_seed(seed, name))
             if init is not None:
@@ -136,8 +138,9 @@ def replace_tensors(trees: Sequence[nn.Module], made: Mapping[int, torch.Tensor]
 
 def fill_stage(stage: nn.Module, root: nn.Module, seed: int) -> None:
     """Values for a stage's parameters, its storage already real (:func:`materialise`): the model's own
-    initialisation (:func:`initialise`). The one place a stage's weights come from."""
-    initialise(root, seed)
+    initialisation of the modules that hold them (:func:`initialise`). The one place a stage's weights come
+    from (weights loaded from a file are to be put in here)."""
+    initialise(root, seed, stage.parameters())
 
 
 def buffers_to_meta(root: nn.Module) -> dict[str, torch.Tensor]:
