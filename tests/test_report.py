@@ -74,7 +74,7 @@ def test_the_report_is_rendered_without_printing_or_torch() -> None:
     cuda = dataclasses.replace(report, ranks_detail=[dataclasses.replace(report.ranks_detail[0],
                                                                          memory_reserved_bytes=128 * 2**20)])
     memory = report_lines(cuda, 4)[2]
-    assert isinstance(memory, Table) and [list(c.cells) for c in memory.columns][-2] == ["128 MiB"]  # before the build peak
+    assert isinstance(memory, Table) and [list(c.cells) for c in memory.columns][-2] == ["128 MiB"]
 
 
 def test_each_ranks_planned_memory_is_its_stages_and_the_ratio_its_measured_peak() -> None:
