@@ -166,14 +166,15 @@ def cut_on_meta(root: nn.Module, example: tuple[torch.Tensor, ...], spec: str, i
 def materialise_stage(stage: nn.Module, chain: Chain, root: nn.Module, buffers: Mapping[str, torch.Tensor],
                        drawn: Mapping[int, torch.dtype], dtype: torch.dtype | None, device: torch.device,
                        seed: int) -> None:
-    """Storage on ``device`` for one stage built on the meta device, its buffers' values back (by their names in
-    the model) and its parameters filled (:func:`autopart.run.build.fill_stage`), then cast to ``dtype``; every
-    module that holds one of its tensors (the model, the captured graph, the blocks) holds the real one."""
+    """Storage for one stage built on the meta device, its buffers' values back (by their names in the model) and
+    its parameters filled (:func:`fill_stage`) on the CPU, where :func:`build_model` draws them too, then moved to
+    ``device`` and cast to ``dtype``; every module that holds one of its tensors (the model, the captured graph,
+    the blocks) holds the real one."""
     trees: list[nn.Module] = [root, chain.root, stage, *(block for _, block in chain.blocks)]
     graph = getattr(getattr(chain, "graph", None), "graph", None)
     if graph is not None:
         trees.append(graph.module)
-    made = materialise(list(stage.parameters()), trees, device, drawn)
+    made = materialise(list(stage.parameters()), trees, torch.device("cpu"), drawn)
     values: dict[int, torch.Tensor] = {}
     for name, buffer in stage.named_buffers(remove_duplicate=False):
         if buffer.is_meta and id(buffer) not in values:
@@ -182,11 +183,12 @@ def materialise_stage(stage: nn.Module, chain: Chain, root: nn.Module, buffers: 
             values[id(buffer)] = buffers[name].to(device, copy=True)
     replace_tensors(trees, values)
     fill_stage(stage, root, seed)
-    if dtype is not None:
-        with torch.no_grad():
-            for p in made.values():
-                if p.is_floating_point():
-                    p.data = p.data.to(dtype)
+    if device.type != "cpu" or dtype is not None:
+        moved: dict[int, torch.Tensor] = {}
+        for p in made.values():
+            value = p.detach().to(device, dtype if dtype is not None and p.is_floating_point() else p.dtype)
+            moved[id(p)] = nn.Parameter(value, requires_grad=p.requires_grad)
+        replace_tensors(trees, moved)
 
 
 def _empty(spec: str, seed: int) -> ModelBundle:
@@ -219,7 +221,7 @@ def build_model(spec: str, seed: int = 0, device: torch.device | str = "cpu") ->
     root = built.bundle.module
     if not built.empty:
         return replace(built.bundle, module=root.to(device))
-    materialise(list(root.parameters()), [root], torch.device(device))
-    root.to(device)  # the buffers
+    materialise(list(root.parameters()), [root], torch.device("cpu"))
     fill_stage(root, root, seed)
+    root.to(device)
     return built.bundle
