@@ -192,9 +192,16 @@ def materialise_stage(stage: nn.Module, chain: Chain, root: nn.Module, buffers: 
 
 
 def _empty(spec: str, seed: int) -> ModelBundle:
+    """The model with its parameters on the meta device; refused when its factory put a tensor there itself (it
+    has no weights autopart could give back: a buffer's values, or a parameter autopart does not know of)."""
     torch.manual_seed(seed)
-    with parameters_on_meta():
-        return load_model(spec)
+    with parameters_on_meta() as moved:
+        bundle = load_model(spec)
+    module = bundle.module
+    if any(p.is_meta and id(p) not in moved for p in module.parameters()) or any(b.is_meta for b in module.buffers()):
+        raise AutopartError(f"model factory {spec!r} returned a module on the meta device (no weights): build it on "
+                            f"a real device; autopart builds only each rank's stages of it itself")
+    return bundle
 
 
 def build_for_rank(spec: str, seed: int) -> RankBuild:
