@@ -6,8 +6,8 @@ A rank of ``autopart train`` builds the model with its parameters on the meta de
 (:func:`autopart.measure.empty.parameters_on_meta`), cuts it (a graph is captured on meta), and gives real
 storage only to its own stages' tensors (:func:`materialise`), which :func:`fill_stage` then fills.
 
-The initialisation is the model's own, per module, and the same whatever the split: every module that holds a
-real parameter (in it or below it) is initialised in post-order (children first, as ``nn.Module.apply`` and
+The initialisation is the model's own, per module, and the same whatever the split: every module that holds one
+of the stage's parameters (in it or below it) is initialised in post-order (children first, as ``nn.Module.apply`` and
 ``transformers``' ``initialize_weights`` go), each from its own seed, ``crc32`` of (seed, its name in the
 model). A module is initialised by the nearest module at or above it that has an ``_init_weights(module)``
 method (every ``transformers`` model has one; so can yours), else by its own ``reset_parameters()``. A tied
@@ -31,8 +31,8 @@ from autopart.measure.empty import parameters_on_meta
 from autopart.measure.spec import ModelBundle, load_model
 from autopart.measure.stream import load_with_weights, retarget
 
-__all__ = ["RankBuild", "buffers_to_meta", "build_for_rank", "build_model", "cut_on_meta", "fill_stage", "initialise", "materialise",
-           "materialise_stage", "module_seed", "replace_tensors", "uncovered_parameter"]
+__all__ = ["RankBuild", "buffers_to_meta", "build_for_rank", "build_model", "cut_on_meta", "fill_stage", "initialise",
+           "materialise", "materialise_stage", "module_seed", "replace_tensors", "uncovered_parameter"]
 
 
 @dataclass(frozen=True)

@@ -25,9 +25,9 @@ from autopart.formats.units import plural
 from autopart.measure.amp import cast_dtype, floating_in
 from autopart.measure.batchnorm import batchnorm_layers, defer_batchnorm
 from autopart.measure.blocks import Chain, chain_of
+from autopart.measure.hf import is_hf_spec
 from autopart.measure.memory import MemoryMeter, MemoryPeak, lower_mmap_threshold
 from autopart.measure.optimizers import make_optimizer
-from autopart.measure.hf import is_hf_spec
 from autopart.measure.spec import ModelBundle, require_parameters, shape_example
 from autopart.run.build import build_for_rank, buffers_to_meta, cut_on_meta, materialise_stage
 from autopart.run.checkpoint import latest_complete, load_stages, mark_complete
