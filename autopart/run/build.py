@@ -26,7 +26,7 @@ import torch
 from torch import nn
 
 from autopart.errors import AutopartError
-from autopart.measure.blocks import Chain, chain_of
+from autopart.measure.blocks import Chain, GraphChain, chain_of
 from autopart.measure.empty import parameters_on_meta
 from autopart.measure.spec import ModelBundle, load_model
 from autopart.measure.stream import load_with_weights, retarget
@@ -152,13 +152,32 @@ def buffers_to_meta(root: nn.Module) -> dict[str, torch.Tensor]:
 
 
 def cut_on_meta(root: nn.Module, example: tuple[torch.Tensor, ...], spec: str, input_names: Sequence[str] | None,
-                device: torch.device) -> Chain:
+                device: torch.device, names: Sequence[str] | None = None) -> Chain:
     """The blocks of a model wholly on the meta device, cut (a graph captured) on the meta example; a captured
-    graph's operations that name the meta device (``arange(device=meta)``) then name ``device``."""
-    chain = chain_of(root, tuple(t.to("meta") for t in example), spec, input_names)
-    graph = getattr(getattr(chain, "graph", None), "graph", None)
-    if graph is not None:
-        retarget(graph.module, device)
+    graph's operations that name the meta device (``arange(device=meta)``) then name ``device``.
+
+    On meta, whether a model's top-level children reproduce its forward can be checked on shapes only (a skip
+    connection or an operation between children goes unseen), so a model that is not an ``nn.Sequential`` is
+    captured, and its children are taken only where that fails or where their names, not the graph's, are the
+    ``names`` the plan was made with (a captured chain computes what its children do, under the same names)."""
+    meta = tuple(t.to("meta") for t in example)
+    if input_names or isinstance(root, nn.Sequential):
+        chain = chain_of(root, meta, spec, input_names)
+    else:
+        chain = chain_of(root, meta, spec)  # its children where they pass on shapes, else captured
+        if not chain.captured:
+            from autopart.measure.capture import capture
+            from autopart.measure.cutpoints import graph_blocks
+
+            try:
+                graph: Chain | None = GraphChain(root, graph_blocks(capture(root, meta, None, name=spec), root), meta)
+            except AutopartError:
+                graph = None  # cannot be captured: its children, as they passed
+            if graph is not None and (names is None or list(names) == graph.names or list(names) != chain.names):
+                chain = graph
+    program = getattr(getattr(chain, "graph", None), "graph", None)
+    if program is not None:
+        retarget(program.module, device)
         chain.reload_blocks()
     return chain
 
@@ -204,8 +223,12 @@ def _empty(spec: str, seed: int) -> ModelBundle:
     return bundle
 
 
-def build_for_rank(spec: str, seed: int) -> RankBuild:
-    """The model as a rank of ``autopart train`` builds it (see the module docstring)."""
+def build_for_rank(spec: str, seed: int, whole: str | None = None) -> RankBuild:
+    """The model as a rank of ``autopart train`` builds it (see the module docstring); ``whole``: why this rank
+    builds the whole model instead (with :func:`build_model`'s weights), said as the note."""
+    if whole is not None:
+        return RankBuild(build_model(spec, seed), empty=False,
+                         note=f"note: {whole}, on the meta device: every rank builds the whole model")
     bundle = _empty(spec, seed)
     if not any(p.is_meta for p in bundle.module.parameters()):  # a factory that builds its own way
         return RankBuild(bundle, empty=False)
@@ -214,8 +237,7 @@ def build_for_rank(spec: str, seed: int) -> RankBuild:
         return RankBuild(bundle, empty=True)
     name, kind = uncovered
     torch.manual_seed(seed)
-    whole = load_with_weights(spec)
-    return RankBuild(whole, empty=False, note=(
+    return RankBuild(load_with_weights(spec), empty=False, note=(
         f"note: parameter {name!r} ({kind}) has no initialisation autopart can run per stage (no reset_parameters "
         f"at or above it, no _init_weights on the model): every rank builds the whole model; give {kind} a "
         f"reset_parameters() to build only each rank's stages"))

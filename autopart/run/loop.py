@@ -40,6 +40,7 @@ from autopart.run.replan import reprofile_stages, write_replan
 from autopart.run.report import gather_measured, hand_over_report, make_report, write_report, write_timelines
 from autopart.run.resources import check_device_memory, rank_threads, threads_note
 from autopart.run.resume import restore_pipeline, save_pipeline
+from autopart.run.shapes import NeedsValues
 from autopart.run.stages import build_pipeline, check_plan_against_model
 from autopart.torch_compat import is_timeout, pytree
 
@@ -152,11 +153,11 @@ class _ShapesOnMeta(nn.Module):
                                if isinstance(t, torch.Tensor) else t, out)
 
 
-def _prepare(cfg: TrainConfig, rank: int, device: torch.device, plan: Plan) -> Job:
+def _prepare(cfg: TrainConfig, rank: int, device: torch.device, plan: Plan, whole: str | None = None) -> Job:
     """The plan (at the run's micro-batch size) checked against the model, this rank's stages, data and
-    optimizer, resumed if asked."""
+    optimizer, resumed if asked. ``whole``: why this rank builds the whole model (else only its stages)."""
     world = int(os.environ.get("WORLD_SIZE", "1"))
-    built = build_for_rank(cfg.model, cfg.seed)
+    built = build_for_rank(cfg.model, cfg.seed, whole)
     bundle = built.bundle
     if built.note and rank == 0:
         say(built.note)
@@ -170,7 +171,9 @@ def _prepare(cfg: TrainConfig, rank: int, device: torch.device, plan: Plan) -> J
     global_batch = cfg.global_batch or per_mb * m
     microbatch_size = plan.microbatch_size_for(global_batch)
     buffers = buffers_to_meta(bundle.module) if built.empty else {}
-    chain = _chain(cfg, bundle, microbatch_size, tuple(plan.sample_shape[1:]), dtype, device if built.empty else None)
+    planned = [name for stage in plan.stages for name in stage.blocks]
+    chain = _chain(cfg, bundle, microbatch_size, tuple(plan.sample_shape[1:]), dtype,
+                   device if built.empty else None, planned)
     check_plan_against_model(plan, chain.names, world, cfg.model)
     batchnorm = _batchnorm_mode(cfg, plan, chain)
     if batchnorm == "deferred":
@@ -185,8 +188,13 @@ def _prepare(cfg: TrainConfig, rank: int, device: torch.device, plan: Plan) -> J
     def own_stage(_: int, module: nn.Module) -> None:
         materialise_stage(module, chain, bundle.module, buffers, drawn, dtype, device, cfg.seed)
 
-    pipe = build_pipeline(plan, chain, rank, device, data.loss_fn, materialise=own_stage, seed=cfg.seed,
-                          first_step=start)
+    try:
+        pipe = build_pipeline(plan, chain, rank, device, data.loss_fn, materialise=own_stage, seed=cfg.seed,
+                              first_step=start)
+    except NeedsValues as exc:  # before any collective: every rank finds it alike
+        if not built.empty:
+            raise
+        return _prepare(cfg, rank, device, plan, whole=str(exc).split(", and the model")[0])
     optimizer = make_optimizer(plan.optimizer, pipe.parameters(), lr=cfg.lr)
     job = Job(cfg=cfg, plan=plan, rank=rank, world=world, device=device, pipe=pipe, optimizer=optimizer, data=data,
               global_batch=global_batch, microbatch_size=microbatch_size, start_step=start)
@@ -198,15 +206,15 @@ def _prepare(cfg: TrainConfig, rank: int, device: torch.device, plan: Plan) -> J
 
 
 def _chain(cfg: TrainConfig, bundle: ModelBundle, microbatch_size: int, sample_shape: tuple[int, ...],
-           dtype: torch.dtype | None, on_meta: torch.device | None) -> Chain:
+           dtype: torch.dtype | None, on_meta: torch.device | None, planned: list[str]) -> Chain:
     """The model's blocks, as the profiler found them; a graph is captured at the run's micro-batch shape, its
     floating inputs in ``dtype`` (None: as they are). ``on_meta``: the model is wholly on the meta device, and so
-    is the example it is cut (captured) on; its stages will run on this device."""
+    is the example it is cut (captured) on; its stages will run on this device; ``planned``: the plan's blocks."""
     shape = (microbatch_size, *sample_shape) if sample_shape else None
     example = floating_in(shape_example(bundle, shape, None, microbatch_size), dtype) \
         if bundle.example is not None else ()
     if on_meta is not None:
-        return cut_on_meta(bundle.module, example, cfg.model, bundle.input_names, on_meta)
+        return cut_on_meta(bundle.module, example, cfg.model, bundle.input_names, on_meta, planned)
     return chain_of(bundle.module, example, cfg.model, bundle.input_names)
 
 
