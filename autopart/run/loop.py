@@ -68,6 +68,9 @@ def run_rank(cfg: TrainConfig, rank: int) -> None:
         memory = meter.read()  # the steps' peak, before the report's own work (--replan re-profiles)
         job.pipe.clock.step, job.pipe.clock.doing = 0, "gathered every rank's timings after the last step"
         _finish(job, log, memory, meter.method, build_peak)
+        job.pipe.clock.doing = "waited for every rank to finish before leaving the group"
+        dist.barrier()
+        dist.destroy_process_group()  # its threads end here, not in the interpreter's teardown
     except RuntimeError as exc:
         if not is_timeout(exc):
             raise
