@@ -30,12 +30,14 @@ if TYPE_CHECKING:
     from autopart.measure.api import ProfileConfig, profile
     from autopart.measure.profiler import profile_model
     from autopart.measure.spec import load_model
+    from autopart.run.build import build_model
 
-__all__ = ["AutopartError", "CostModel", "Device", "LayerProfile", "Plan", "Profile", "ProfileConfig", "Simulation",
+__all__ = ["AutopartError", "CostModel", "build_model", "Device", "LayerProfile", "Plan", "Profile", "ProfileConfig", "Simulation",
            "StageCost", "load_model", "plan_partition", "profile", "profile_model", "simulate"]
 
 _LAZY = {
     "load_model": ("autopart.measure.spec", "load_model"),
+    "build_model": ("autopart.run.build", "build_model"),
     "profile": ("autopart.measure.api", "profile"),
     "ProfileConfig": ("autopart.measure.api", "ProfileConfig"),
     "profile_model": ("autopart.measure.profiler", "profile_model"),

@@ -14,7 +14,7 @@ from torch import nn
 
 from autopart.measure.batchnorm import DeferredBatchNorm, deferred_batchnorm, deferred_layers
 from autopart.measure.optimizers import make_optimizer
-from autopart.measure.spec import load_model
+from autopart.run.build import build_model
 from autopart.run.checkpoint import merge_checkpoint
 from autopart.run.data import training_data
 from tests.conftest import ROOT, run_cli, run_cli_here
@@ -98,8 +98,7 @@ def _factor(bn: nn.modules.batchnorm._BatchNorm) -> float:
 def _reference(spec: str, mode: str, steps: int, microbatches: int, lr: float) -> dict[str, torch.Tensor]:
     """The unpartitioned model in one process, one forward and backward of each mini-batch per step, with
     its BatchNorm layers run as :func:`_ghost` says (so its gradient is the pipeline's too), and SGD."""
-    torch.manual_seed(0)
-    bundle = load_model(spec)
+    bundle = build_model(spec, 0)
     model = bundle.module
     assert bundle.example is not None
     example = bundle.example[0]

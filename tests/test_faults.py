@@ -247,10 +247,9 @@ def _reference_losses(spec: str, steps: int, microbatches: int = 2) -> list[floa
     """The losses one process gets training the unpartitioned model as ``train`` does (the same seed,
     AdamW at --lr 1e-3, the mean loss of the step's micro-batches), cycling the factory's data."""
     from autopart.measure.blocks import run_chain, split_blocks
-    from autopart.measure.spec import load_model
+    from autopart.run.build import build_model
 
-    torch.manual_seed(0)
-    bundle = load_model(spec)
+    bundle = build_model(spec, 0)  # the weights every rank's stages start from
     assert bundle.loss_fn is not None and bundle.data is not None
     batches, blocks = list(bundle.data), split_blocks(bundle.module)  # a tuple is spread into the next block
     optimizer = torch.optim.AdamW(bundle.module.parameters(), lr=1e-3)

@@ -20,7 +20,7 @@ from autopart.measure.api import ProfileConfig, training_precision
 from autopart.measure.blocks import chain_of
 from autopart.measure.optimizers import make_optimizer
 from autopart.measure.profiler import profile_model
-from autopart.measure.spec import load_model
+from autopart.run.build import build_model
 from autopart.run.checkpoint import merge_checkpoint
 from tests.conftest import ROOT, assert_one_line_error, run_cli, run_cli_here
 from tests.helpers import plan_for
@@ -152,8 +152,7 @@ def _reference(spec: str, microbatches: int, steps: int, precision: str, lr: flo
                ) -> tuple[list[float], dict[str, torch.Tensor]]:
     """One process: every micro-batch through all blocks under the precision's autocast, the mean loss's
     gradients (scaled, unscaled and the step skipped on inf/nan by torch's GradScaler for fp16-mixed), AdamW."""
-    torch.manual_seed(3)
-    bundle = load_model(spec)
+    bundle = build_model(spec, 3)
     assert bundle.loss_fn is not None and bundle.data is not None
     data = list(bundle.data)
     prec = check_precision(precision)
@@ -209,8 +208,7 @@ def test_fp16_mixed_skips_a_step_with_inf_gradients_on_every_rank(tmp_path: Path
     spec = f"{HELPERS}:inf_first_step_spec"
     plan_for(spec, [1, 1], "GPipe", 2, tmp_path / "plan.json", precision="fp16-mixed")
     losses, weights = _train(tmp_path / "plan.json", spec, tmp_path, 1, lr=0.1)
-    torch.manual_seed(3)
-    initial = load_model(spec).module.state_dict()
+    initial = build_model(spec, 3).module.state_dict()
     assert all(map(lambda v: v == v and abs(v) < 1e6, losses)), losses  # reported unscaled and finite
     for name, value in initial.items():
         assert torch.equal(weights[name], value), name
@@ -226,8 +224,7 @@ def test_a_bf16_true_plan_trains_in_bfloat16(tmp_path: Path) -> None:
     assert plan["precision"] == "bf16-true"
     losses, weights = _train(tmp_path / "plan.json", spec, tmp_path, 2, lr=0.01)
     assert all(v.dtype == torch.bfloat16 for v in weights.values())  # checkpoints keep the training dtype
-    torch.manual_seed(3)
-    bundle = load_model(spec)
+    bundle = build_model(spec, 3)  # initialised in float32, then cast, as the ranks do
     bundle.module.to(torch.bfloat16)
     assert bundle.data is not None and bundle.loss_fn is not None
     x, t = bundle.data[0]

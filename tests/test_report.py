@@ -55,15 +55,16 @@ def test_the_report_is_rendered_without_printing_or_torch() -> None:
                     stages=[StageRow(0, 0, 3, None, None, 1.7, 3.2, None)],
                     ranks_detail=[RankRow(0, None, None, 10.0, 2.0, 3.0, 20.0, memory_planned_bytes=100 * 2**20,
                                           memory_measured_bytes=112 * 2**20, memory_reserved_bytes=None,
-                                          memory_ratio=1.12),
+                                          memory_ratio=1.12, build_peak_bytes=65 * 2**20),
                                   RankRow(1, None, None, 10.0, 2.0, 3.0, 20.0, memory_planned_bytes=2**30,
                                           memory_measured_bytes=None, memory_reserved_bytes=None, memory_ratio=None)])
     stages, ranks, memory, *lines = report_lines(report, 4)
     assert isinstance(stages, Table) and isinstance(ranks, Table) and isinstance(memory, Table)
     assert stages.row_count == 1 and ranks.row_count == memory.row_count == 2
-    assert [c.header for c in memory.columns] == ["rank", "measured", "(planned)", "measured/planned"]  # no CUDA
+    assert [c.header for c in memory.columns] == ["rank", "measured", "(planned)", "measured/planned",  # no CUDA
+                                                  "build peak"]
     assert [list(c.cells) for c in memory.columns] == [["0", "1"], ["112 MiB", "-"], ["100 MiB", "1 GiB"],
-                                                        ["1.12x", "-"]]
+                                                        ["1.12x", "-"], ["65 MiB", "-"]]
     assert lines == ["step (slowest rank, rank 1): measured 21.5 ms (median of 4 steps, 20 ms-30 ms) (the plan is for "
                      "micro-batches of 4, this run used 2); simulated with the measured stage times 19 ms",
                      "runtime overhead: 123 µs per forward or backward action (what the measured stage times leave "
@@ -73,7 +74,7 @@ def test_the_report_is_rendered_without_printing_or_torch() -> None:
     cuda = dataclasses.replace(report, ranks_detail=[dataclasses.replace(report.ranks_detail[0],
                                                                          memory_reserved_bytes=128 * 2**20)])
     memory = report_lines(cuda, 4)[2]
-    assert isinstance(memory, Table) and [list(c.cells) for c in memory.columns][-1] == ["128 MiB"]
+    assert isinstance(memory, Table) and [list(c.cells) for c in memory.columns][-2] == ["128 MiB"]
 
 
 def test_each_ranks_planned_memory_is_its_stages_and_the_ratio_its_measured_peak() -> None:

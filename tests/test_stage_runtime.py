@@ -13,6 +13,7 @@ from autopart.formats.plan import Plan
 from autopart.measure.blocks import chain_of
 from autopart.measure.optimizers import make_optimizer
 from autopart.measure.spec import load_model
+from autopart.run.build import build_model
 from autopart.run.checkpoint import merge_checkpoint
 from autopart.run.streams import BlockStreams
 from tests.conftest import ROOT, assert_one_line_error, run_cli, run_cli_here
@@ -24,8 +25,7 @@ HELPERS = str(ROOT / "tests" / "helpers.py")
 def _reference(spec: str, plan: Plan, steps: int, seed: int, lr: float) -> tuple[list[float], dict[str, torch.Tensor]]:
     """One process: the model built as every rank builds it, each micro-batch through all blocks with the
     same per-block streams, the mean loss's gradients, the plan's optimizer. Losses per step, final weights."""
-    torch.manual_seed(seed)
-    bundle = load_model(spec)
+    bundle = build_model(spec, seed)
     assert bundle.loss_fn is not None and bundle.data is not None and bundle.example is not None
     data = list(bundle.data)
     m = plan.microbatches

@@ -16,6 +16,7 @@ import pytest
 import torch
 
 from autopart.measure.spec import load_model
+from autopart.run.build import build_model
 from tests.conftest import ROOT, run_cli, run_cli_here
 
 _DECODER = "num_hidden_layers=2,hidden_size=32,intermediate_size=64,num_attention_heads=2,max_position_embeddings=32," \
@@ -75,8 +76,7 @@ def _zoo_run(spec: str, tmp_path: Path) -> None:
     merged = run_cli_here("merge-checkpoint", str(ckpt), "-o", str(merged_file))
     assert merged.returncode == 0, merged.stderr
     state = torch.load(merged_file)
-    torch.manual_seed(0)  # as every rank built it (train's --seed 0)
-    model = load_model(spec).module
+    model = build_model(spec, 0).module  # as every rank built its stages (train's --seed 0)
     fresh = {k: v.clone() for k, v in model.state_dict().items()}
     assert set(state) == set(fresh)  # exactly the model's own keys: no non-persistent buffer, every tied name
     model.load_state_dict(state, strict=True)

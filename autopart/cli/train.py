@@ -92,9 +92,8 @@ def add_parser(sub: Subcommands) -> None:
                         "model.safetensors.index.json), a torch.save'd state dict, or an autopart checkpoint folder; "
                         "each rank reads only its stages' tensors (default: an hf:PATH model's folder, else the "
                         "model's own initialisation)")
-    p.add_argument("--meta-init", action="store_true",
-                   help="build the model on the meta device and materialise only each rank's blocks (big models; "
-                        "weights are freshly initialised per block, not those of a whole-model build)")
+    # Each rank builds only its own stages now, always (docs/train.md): the old flag is accepted and does nothing.
+    p.add_argument("--meta-init", action="store_true", help=argparse.SUPPRESS)
     p.set_defaults(run=run)
 
 
@@ -120,7 +119,7 @@ def _config(args: argparse.Namespace) -> TrainConfig:
                        lr=args.lr, data=args.data, checkpoint=args.checkpoint, checkpoint_every=args.checkpoint_every,
                        seed=args.seed, threads=args.threads, report=args.report, replan=args.replan,
                        trace=args.trace, svg=args.svg,
-                       device=args.device, timeout_s=args.timeout, meta_init=args.meta_init,
+                       device=args.device, timeout_s=args.timeout,
                        batchnorm=args.batchnorm, max_restarts=args.max_restarts, eval_every=args.eval_every,
                        eval_batches=args.eval_batches or 2,
                        weights=args.weights or _folder_weights(args.model))
@@ -157,8 +156,6 @@ def _worker_args(cfg: TrainConfig) -> list[str]:
                         ("--weights", cfg.weights)):
         if value is not None:
             out += [flag, str(value)]
-    if cfg.meta_init:
-        out.append("--meta-init")
     return out
 
 

@@ -49,6 +49,9 @@ class RankRow:
     """CUDA: the caching allocator's reserved peak over the same baseline; None on CPU."""
     memory_ratio: float | None
     """Measured over planned (None when either is missing or nothing was planned)."""
+    build_peak_bytes: int | None = None
+    """The most this rank held at once while it built its stages, over the same baseline (each rank builds only
+    its own stages: about their bytes, not the model's); None where it could not be measured."""
 
 
 @dataclass(frozen=True)

@@ -46,7 +46,7 @@ from autopart.measure.timing import (
 if TYPE_CHECKING:
     from autopart.measure.spec import ModelBundle
 
-__all__ = ["profile_by_block", "on_meta", "load_with_weights"]
+__all__ = ["profile_by_block", "on_meta", "load_with_weights", "retarget"]
 
 
 def on_meta(module: nn.Module) -> bool:
@@ -85,7 +85,7 @@ def _off_meta(value: Any, device: torch.device) -> Any:
     return value
 
 
-def _retarget(block: nn.Module, device: torch.device) -> None:
+def retarget(block: nn.Module, device: torch.device) -> None:
     """A graph captured on the meta device names it in some operations (``arange(device=meta)``): run on ``device``."""
     for module in block.modules():  # nested graphs too (autocast and no-grad regions)
         if isinstance(module, fx.GraphModule):
@@ -142,7 +142,7 @@ def profile_by_block(module: nn.Module, example: Sequence[torch.Tensor], *, name
     chain = chain_of(module, tuple(t.to("meta") for t in example_t), name, input_names)
     blocks = chain.blocks
     for _, block in blocks:
-        _retarget(block, device)
+        retarget(block, device)
     param_bytes, buffer_bytes, ties = block_param_bytes(blocks, qualified=chain.qualified_parameters)
     largest = largest_param_bytes(blocks)
     crossing = chain.crossing_bytes()

@@ -30,12 +30,13 @@ def _memory_table(report: Report) -> Table:
     """Per rank: the steps' peak memory beside the plan's (and, on CUDA, the allocator's reserved peak)."""
     reserved = any(rr.memory_reserved_bytes is not None for rr in report.ranks_detail)
     table = Table(title="per rank, peak memory in the training steps", title_justify="left")
-    for col in ("rank", "measured", "(planned)", "measured/planned", *(("reserved",) if reserved else ())):
+    for col in ("rank", "measured", "(planned)", "measured/planned", *(("reserved",) if reserved else ()),
+                "build peak"):
         table.add_column(col, justify="right")
     for rr in report.ranks_detail:
         table.add_row(str(rr.rank), _bytes(rr.memory_measured_bytes), _bytes(rr.memory_planned_bytes),
                       f"{rr.memory_ratio:.2f}x" if rr.memory_ratio is not None else "-",
-                      *((_bytes(rr.memory_reserved_bytes),) if reserved else ()))
+                      *((_bytes(rr.memory_reserved_bytes),) if reserved else ()), _bytes(rr.build_peak_bytes))
     return table
 
 

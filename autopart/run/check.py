@@ -50,8 +50,8 @@ from autopart.measure.blocks import Chain, chain_of, tensors_of
 from autopart.measure.memory import MemoryMeter
 from autopart.measure.optimizers import make_optimizer
 from autopart.measure.spec import ModelBundle, require_parameters, shape_example
-from autopart.measure.stream import load_with_weights
 from autopart.measure.timing import Clock
+from autopart.run.build import build_model
 from autopart.run.data import training_data
 from autopart.run.microbatch import microbatch_shape
 from autopart.run.shapes import StageSignature, stage_signatures
@@ -217,9 +217,9 @@ def _pay_fixed_costs(optimizer: str, device: torch.device) -> None:
 
 
 def _build(model: str, seed: int, plan: Plan) -> ModelBundle:
-    """The whole model, from the seed ``train``'s ranks build it from, in the plan's parameter dtype."""
-    torch.manual_seed(seed)
-    bundle = load_with_weights(model)
+    """The whole model, with the weights ``train``'s ranks build their stages with (``build_model``), in the plan's
+    parameter dtype."""
+    bundle = build_model(model, seed)
     require_parameters(bundle)
     dtype = cast_dtype(check_precision(plan.precision))
     if dtype is not None:

@@ -41,8 +41,6 @@ class TrainConfig:
     """auto, cpu or cuda."""
     timeout_s: float = 300.0
     """How long a rank waits for a peer before giving up."""
-    meta_init: bool = False
-    """Build on the meta device and materialise only each rank's blocks."""
     max_restarts: int = 0
     """Times autopart's launcher starts the group again after a rank fails (resuming from ``checkpoint``)."""
     weights: str | None = None

@@ -378,7 +378,8 @@ def _synthetic(bundle: ModelBundle, global_batch: int, sample_shape: tuple[int, 
     if bundle.example is None:
         raise AutopartError(f"model {bundle.name!r} gives no example input to shape synthetic data")
     if any(t.is_meta for t in bundle.example):
-        raise AutopartError("synthetic data needs a real example; --meta-init works with the built-ins")
+        raise AutopartError(f"model {bundle.name!r} gives its example on the meta device: synthetic data needs a real "
+                           f"one (give the factory's example as real tensors, or its own data)")
     g = torch.Generator().manual_seed(seed)
     with torch.no_grad():
         was = bundle.module.training

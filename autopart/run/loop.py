@@ -1,16 +1,18 @@
 """One rank of ``autopart train``: set up its stages from the plan, train, checkpoint, report.
 
-Note: every rank builds the whole model from the same seed (so a pipelined run
-starts from exactly the weights a single process would) and then keeps only
-its own blocks; ``--meta-init`` builds on the meta device instead and
-materialises only the local blocks, for models too big to build whole.
+Note: every rank builds the model with its parameters on the meta device and its buffers real, cuts it (a
+graph is captured on meta), and gives storage and values only to its own stages (:mod:`autopart.run.build`):
+the weights are those :func:`autopart.run.build.build_model` gives the whole model in one process, whatever
+the split. A model with a parameter nothing initialises is built whole on every rank, which says so.
 """
 from __future__ import annotations
 
 import math
 import os
 import time
+from dataclasses import replace
 from datetime import timedelta
+from typing import Any
 
 import torch
 import torch.distributed as dist
@@ -22,11 +24,12 @@ from autopart.formats.precision import check_precision
 from autopart.formats.units import plural
 from autopart.measure.amp import cast_dtype, floating_in
 from autopart.measure.batchnorm import batchnorm_layers, defer_batchnorm
-from autopart.measure.blocks import Chain, StageModule, chain_of, children_chain
+from autopart.measure.blocks import Chain, chain_of
+from autopart.measure.hf import is_hf_spec
 from autopart.measure.memory import MemoryMeter, MemoryPeak, lower_mmap_threshold
 from autopart.measure.optimizers import make_optimizer
-from autopart.measure.spec import ModelBundle, load_model, require_parameters, shape_example
-from autopart.measure.stream import load_with_weights
+from autopart.measure.spec import ModelBundle, require_parameters, shape_example
+from autopart.run.build import build_for_rank, buffers_to_meta, cut_on_meta, materialise_stage
 from autopart.run.checkpoint import latest_complete, load_stages, mark_complete
 from autopart.run.config import TrainConfig
 from autopart.run.data import cycled_note, training_data
@@ -37,9 +40,10 @@ from autopart.run.replan import reprofile_stages, write_replan
 from autopart.run.report import gather_measured, hand_over_report, make_report, write_report, write_timelines
 from autopart.run.resources import check_device_memory, rank_threads, threads_note
 from autopart.run.resume import restore_pipeline, save_pipeline
+from autopart.run.shapes import NeedsValues
 from autopart.run.stages import build_pipeline, check_evaluable, check_plan_against_model
 from autopart.run.weights import load_stage_weights
-from autopart.torch_compat import is_timeout
+from autopart.torch_compat import is_timeout, pytree
 
 __all__ = ["run_rank", "PeerTimeout"]
 
@@ -53,16 +57,21 @@ def run_rank(cfg: TrainConfig, rank: int) -> None:
     lower_mmap_threshold()  # before anything big is allocated: freed memory leaves the resident set
     run = plan_for_run(Plan.from_json(cfg.plan), cfg.plan, cfg.global_batch)
     device = _join(cfg, run.plan, rank)
+    _import_model_code(cfg.model)
     meter = MemoryMeter(device)
-    meter.start()  # the baseline: torch imported and the group joined, no model yet
+    meter.start()  # the baseline: torch (and the model's code) imported and the group joined, no model yet
     if run.note and rank == 0 and not os.environ.get("AUTOPART_LAUNCHED"):  # autopart's launcher said it
         say(run.note)
     job = _prepare(cfg, rank, device, run.plan)
+    build_peak = meter.read().peak_bytes  # the build's peak: this rank's stages, not the whole model
     try:
         log = _train(job, meter)
         memory = meter.read()  # the steps' peak, before the report's own work (--replan re-profiles)
         job.pipe.clock.step, job.pipe.clock.doing = 0, "gathered every rank's timings after the last step"
-        _finish(job, log, memory, meter.method)
+        _finish(job, log, memory, meter.method, build_peak)
+        job.pipe.clock.doing = "waited for every rank to finish before leaving the group"
+        dist.barrier()
+        dist.destroy_process_group()  # its threads end here, not in the interpreter's teardown
     except RuntimeError as exc:
         if not is_timeout(exc):
             raise
@@ -120,28 +129,55 @@ def _set_threads(cfg: TrainConfig, plan: Plan, rank: int) -> None:
             say(note)
 
 
-def _build(cfg: TrainConfig) -> ModelBundle:
-    torch.manual_seed(cfg.seed)
-    if cfg.meta_init:
-        with torch.device("meta"):
-            return load_model(cfg.model)
-    return load_with_weights(cfg.model)
+def _import_model_code(spec: str) -> None:
+    """Import the model's library before the memory baseline, so its import is not counted as the build's or
+    the steps' peak (``transformers`` for an ``hf:`` model)."""
+    if is_hf_spec(spec):
+        try:
+            import transformers  # noqa: F401
+        except ImportError:
+            pass  # load_model says so, as one line
 
 
-def _prepare(cfg: TrainConfig, rank: int, device: torch.device, plan: Plan) -> Job:
+class _ShapesOnMeta(nn.Module):
+    """A model whose parameters are on the meta device, run on the meta device: outputs of the right shapes
+    and dtypes (zeros on the inputs' device), for what needs only those (synthetic data's target)."""
+
+    def __init__(self, module: nn.Module) -> None:
+        super().__init__()
+        self.inner = module
+
+    def forward(self, *args: Any, **kwargs: Any) -> Any:
+        def to(value: Any, device: torch.device | str) -> Any:
+            return pytree.tree_map(lambda t: t.to(device) if isinstance(t, torch.Tensor) else t, value)
+
+        where = next((t.device for t in pytree.tree_leaves((args, kwargs)) if isinstance(t, torch.Tensor)), "cpu")
+        out = self.inner(*to(args, "meta"), **to(kwargs, "meta"))
+        return pytree.tree_map(lambda t: torch.zeros(t.shape, dtype=t.dtype, device=where)
+                               if isinstance(t, torch.Tensor) else t, out)
+
+
+def _prepare(cfg: TrainConfig, rank: int, device: torch.device, plan: Plan, whole: str | None = None) -> Job:
     """The plan (at the run's micro-batch size) checked against the model, this rank's stages, data and
-    optimizer, resumed if asked."""
+    optimizer, resumed if asked. ``whole``: why this rank builds the whole model (else only its stages)."""
     world = int(os.environ.get("WORLD_SIZE", "1"))
-    bundle = _build(cfg)
+    built = build_for_rank(cfg.model, cfg.seed, whole)
+    bundle = built.bundle
+    if built.note and rank == 0:
+        say(built.note)
     require_parameters(bundle)
     dtype = cast_dtype(check_precision(plan.precision))
+    drawn = {id(p): p.dtype for p in bundle.module.parameters()}  # initialised in these, then cast
     if dtype is not None:
-        bundle.module.to(dtype=dtype)  # bf16-true: every weight in bfloat16
+        bundle.module.to(dtype=dtype)  # bf16-true: every weight in bfloat16 (on meta: nothing allocated)
     m = plan.microbatches
     per_mb, sample_shape = microbatch_shape(plan, bundle)
     global_batch = cfg.global_batch or per_mb * m
     microbatch_size = plan.microbatch_size_for(global_batch)
-    chain = _chain(cfg, bundle, microbatch_size, tuple(plan.sample_shape[1:]), dtype)
+    buffers = buffers_to_meta(bundle.module) if built.empty else {}
+    planned = [name for stage in plan.stages for name in stage.blocks]
+    chain = _chain(cfg, bundle, microbatch_size, tuple(plan.sample_shape[1:]), dtype,
+                   device if built.empty else None, planned)
     check_plan_against_model(plan, chain.names, world, cfg.model)
     batchnorm = _batchnorm_mode(cfg, plan, chain)
     if batchnorm == "deferred":
@@ -150,10 +186,20 @@ def _prepare(cfg: TrainConfig, rank: int, device: torch.device, plan: Plan) -> J
     saved_dir = latest_complete(cfg.checkpoint) if cfg.checkpoint else None
     saved = load_stages(saved_dir) if saved_dir is not None else []
     start = int(saved[0]["step"]) if saved else 0
-    data = training_data(bundle, cfg.data, global_batch, sample_shape, cfg.seed, start,
+    data = training_data(replace(bundle, module=_ShapesOnMeta(bundle.module)) if built.empty else bundle,
+                         cfg.data, global_batch, sample_shape, cfg.seed, start,
                          cfg.eval_batches if cfg.eval_every else 0)
-    pipe = build_pipeline(plan, chain, rank, device, data.loss_fn,
-                          init=lambda s, module: _initialise(s, module, cfg.seed), seed=cfg.seed, first_step=start)
+
+    def own_stage(_: int, module: nn.Module) -> None:
+        materialise_stage(module, chain, bundle.module, buffers, drawn, dtype, device, cfg.seed)
+
+    try:
+        pipe = build_pipeline(plan, chain, rank, device, data.loss_fn, materialise=own_stage, seed=cfg.seed,
+                              first_step=start)
+    except NeedsValues as exc:  # before any collective: every rank finds it alike
+        if not built.empty:
+            raise
+        return _prepare(cfg, rank, device, plan, whole=str(exc).split(", and the model")[0])
     weights = load_stage_weights(cfg.weights, bundle.module, [m for _, m in pipe.modules], cfg.model) \
         if cfg.weights else None  # every rank checks them alike before any waits for another; a resume wins
     optimizer = make_optimizer(plan.optimizer, pipe.parameters(), lr=cfg.lr)
@@ -167,24 +213,16 @@ def _prepare(cfg: TrainConfig, rank: int, device: torch.device, plan: Plan) -> J
 
 
 def _chain(cfg: TrainConfig, bundle: ModelBundle, microbatch_size: int, sample_shape: tuple[int, ...],
-           dtype: torch.dtype | None) -> Chain:
+           dtype: torch.dtype | None, on_meta: torch.device | None, planned: list[str]) -> Chain:
     """The model's blocks, as the profiler found them; a graph is captured at the run's micro-batch shape, its
-    floating inputs in ``dtype`` (None: as they are)."""
+    floating inputs in ``dtype`` (None: as they are). ``on_meta``: the model is wholly on the meta device, and so
+    is the example it is cut (captured) on; its stages will run on this device; ``planned``: the plan's blocks."""
     shape = (microbatch_size, *sample_shape) if sample_shape else None
     example = floating_in(shape_example(bundle, shape, None, microbatch_size), dtype) \
         if bundle.example is not None else ()
-    if not cfg.meta_init:
-        return chain_of(bundle.module, example, cfg.model, bundle.input_names)
-    # Checked before any capture (a graph is not captured from meta tensors): keyword inputs, or children that
-    # do not reproduce the forward, would be captured.
-    refused = AutopartError(f"--meta-init needs a model whose blocks are its children; {cfg.model!r} is captured "
-                            f"as a graph")
-    if bundle.input_names:
-        raise refused
-    try:
-        return children_chain(bundle.module, example, cfg.model)
-    except AutopartError:
-        raise refused from None
+    if on_meta is not None:
+        return cut_on_meta(bundle.module, example, cfg.model, bundle.input_names, on_meta, planned)
+    return chain_of(bundle.module, example, cfg.model, bundle.input_names)
 
 
 def _batchnorm_mode(cfg: TrainConfig, plan: Plan, chain: Chain) -> str | None:
@@ -217,18 +255,6 @@ def _say_start(job: Job, layers: list[str], batchnorm: str | None, weights: str 
     say(f"training {job.cfg.model}: {plan.num_stages} stages on {job.world} ranks, {plan.schedule}, "
         f"{plan.microbatches} micro-batches of {mb} ({gb} per step){recompute}, {plan.optimizer}{precision}, "
         f"data: {job.data.source}{f', weights: {weights}' if weights else ''}{resuming}")
-
-
-def _initialise(stage: int, module: nn.Module, seed: int) -> None:
-    """Fresh weights for a stage materialised from the meta device: each submodule's own
-    ``reset_parameters``, seeded per block so every run draws the same."""
-    assert isinstance(module, StageModule)
-    for i, name in enumerate(module.block_names):
-        torch.manual_seed(seed * 7919 + stage * 131 + i)
-        for sub in module.get_submodule(name).modules():
-            reset = getattr(sub, "reset_parameters", None)
-            if callable(reset):
-                reset()
 
 
 def _train(job: Job, meter: MemoryMeter) -> StepLog:
@@ -333,11 +359,11 @@ def _checkpoint(job: Job, root: str, step: int) -> None:
     dist.barrier()
 
 
-def _finish(job: Job, log: StepLog, memory: MemoryPeak, memory_method: str) -> None:
+def _finish(job: Job, log: StepLog, memory: MemoryPeak, memory_method: str, build_peak_bytes: int | None) -> None:
     """Gather every rank's timings and peak memory, and (on the last stage's rank) hand the report to the
     launcher (or print it), write it, draw and replan."""
     profiles = reprofile_stages(job) if job.cfg.replan else []
-    measured, profiles = gather_measured(job, log, profiles, memory, memory_method)
+    measured, profiles = gather_measured(job, log, profiles, memory, memory_method, build_peak_bytes)
     if not job.reporter:
         return
     report = make_report(job, log, measured)

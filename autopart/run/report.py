@@ -59,6 +59,8 @@ class Measured:
     """Per step, every rank's actions (ms from that rank's start of the step)."""
     memory: tuple[MemoryPeak, ...] = ()
     """Per rank, its peak memory over the training steps (:mod:`autopart.measure.memory`)."""
+    build: tuple[int | None, ...] = ()
+    """Per rank, its peak memory while it built its stages, over the same baseline."""
     memory_method: str = "not measured"
     """How the reporting rank measured it."""
 
@@ -73,14 +75,15 @@ class Measured:
 
 
 def gather_measured(job: Job, log: StepLog, profiles: list[StageProfile], memory: MemoryPeak,
-                    memory_method: str) -> tuple[Measured, list[StageProfile]]:
+                    memory_method: str, build_peak_bytes: int | None = None) -> tuple[Measured, list[StageProfile]]:
     """Every rank's step times, actions, peak memory and re-profiled stages (``--replan``), on every rank."""
     gathered: list[Any] = [None] * job.world
-    dist.all_gather_object(gathered, (log.step_ms, log.timelines, profiles, memory))
+    dist.all_gather_object(gathered, (log.step_ms, log.timelines, profiles, memory, build_peak_bytes))
     steps = len(log.step_ms)
     step_ms = tuple(tuple(float(g[0][i]) for g in gathered) for i in range(steps))
     events = tuple(tuple(e for g in gathered for e in g[1][i]) for i in range(steps))
-    return (Measured(step_ms, events, memory=tuple(g[3] for g in gathered), memory_method=memory_method),
+    return (Measured(step_ms, events, memory=tuple(g[3] for g in gathered), memory_method=memory_method,
+                     build=tuple(g[4] for g in gathered)),
             [p for g in gathered for p in g[2]])
 
 
@@ -138,7 +141,7 @@ def _rank_rows(plan: Plan, measured: Measured, predicted: Simulation | None) -> 
                             memory_planned_bytes=planned, memory_measured_bytes=peak.peak_bytes,
                             memory_reserved_bytes=peak.reserved_bytes,
                             memory_ratio=peak.peak_bytes / planned if peak.peak_bytes is not None and planned > 0
-                            else None))
+                            else None, build_peak_bytes=measured.build[r] if r < len(measured.build) else None))
     return rows
 
 

@@ -30,7 +30,7 @@ from autopart.measure.batchnorm import statistics_kept
 from autopart.measure.blocks import Chain, call_block, check_sendable, stage_inputs, tensors_of
 from autopart.torch_compat import FakeTensorMode
 
-__all__ = ["StageSignature", "stage_signatures"]
+__all__ = ["NeedsValues", "StageSignature", "stage_signatures"]
 
 
 @dataclass(frozen=True)
@@ -57,10 +57,14 @@ def stage_signatures(chain: Chain, balance: Sequence[int], device: torch.device)
     except _NeedsValues as exc:
         real = [*chain.example, *chain.root.parameters(), *chain.root.buffers()]
         if any(not isinstance(t, torch.Tensor) or t.is_meta for t in real):
-            raise AutopartError(f"{exc}, and the model was built on the meta device: nothing to run it on") from None
+            raise NeedsValues(f"{exc}, and the model was built on the meta device: nothing to run it on") from None
     with torch.random.fork_rng(devices=[]), statistics_kept(chain.root), torch.enable_grad():
         return _signatures(chain, balance, tuple(t.detach().clone() for t in chain.example),
                            lambda b, values: call_block(chain.blocks[b][1], values))
+
+
+class NeedsValues(AutopartError):
+    """A block needs real values to size the stages, and the model has none (built on the meta device)."""
 
 
 class _NeedsValues(Exception):

@@ -266,13 +266,13 @@ class Pipeline:
 
 def build_pipeline(plan: Plan, chain: Chain, rank: int, device: torch.device, loss_fn: LossFn,
                    group: dist.ProcessGroup | None = None,
-                   init: Callable[[int, nn.Module], None] | None = None, seed: int = 0,
+                   materialise: Callable[[int, nn.Module], None] | None = None, seed: int = 0,
                    first_step: int = 0) -> Pipeline:
     """This rank's stages of ``chain`` (moved to ``device``) wrapped for ``plan``'s schedule, under the plan's
     precision (the chain's model already in its parameter dtype).
 
-    Blocks built on the meta device get storage on ``device`` here and are then
-    handed to ``init(stage, module)`` to fill it. Random streams come from ``seed``; ``first_step``: steps
+    A stage built on the meta device is handed to ``materialise(stage, module)``, which gives it storage on
+    ``device`` and its values (:func:`autopart.run.build.fill_stage`). Random streams come from ``seed``; ``first_step``: steps
     done before (a resumed run's).
     """
     precision = check_precision(plan.precision)
@@ -286,10 +286,9 @@ def build_pipeline(plan: Plan, chain: Chain, rank: int, device: torch.device, lo
             recompute_forward(module)
         streams.keep_caller_state(module)
         if any(t.is_meta for t in list(module.parameters()) + list(module.buffers())):
-            module.to_empty(device=device)
-            if init is None:
-                raise AutopartError(f"stage {s} was built on the meta device and nothing initialises it")
-            init(s, module)
+            if materialise is None:
+                raise AutopartError(f"stage {s} was built on the meta device and nothing materialises it")
+            materialise(s, module)
         else:
             module.to(device)
         modules.append((s, in_precision(module, precision, device)))

@@ -7,6 +7,10 @@ The model is an ``nn.Sequential`` of ``embed`` (token + position embedding),
 (final LayerNorm + LM head). The LM head owns a separate copy of the
 embedding matrix (untied), as pipeline setups usually do, so the first and
 the last stage each hold their own.
+
+Weights: GPT-2's scheme, as one ``_init_weights(module)`` per module (the contract
+:mod:`autopart.run.build` runs per stage): each layer's own ``reset_parameters``, then every matrix
+normal with std 0.02, and the residual projections (``c_proj``) 0.02 / sqrt(2 n_layer).
 """
 from __future__ import annotations
 
@@ -114,11 +118,19 @@ class GPT2(nn.Sequential):
             head=Head(cfg),
         ))
         self.config = cfg
-        for name, p in self.named_parameters():
-            if name.endswith("c_proj.weight"):  # GPT-2's scaled init of residual projections
-                nn.init.normal_(p, std=0.02 / (2 * cfg.n_layer) ** 0.5)
-            elif p.dim() >= 2:
-                nn.init.normal_(p, std=0.02)
+        self.apply(self._init_weights)  # children first: a residual projection is scaled after its own init
+
+    @torch.no_grad()
+    def _init_weights(self, module: nn.Module) -> None:
+        """One module's weights (its parameters, and a residual projection below it): the layer's own
+        ``reset_parameters``, then its matrices normal with std 0.02; an attention or MLP's ``c_proj`` weight
+        normal with GPT-2's std 0.02 / sqrt(2 n_layer)."""
+        if isinstance(module, (nn.Linear, nn.Embedding, nn.LayerNorm)):
+            module.reset_parameters()
+            if module.weight.dim() >= 2:
+                nn.init.normal_(module.weight, std=0.02)
+        if isinstance(module, (CausalSelfAttention, MLP)):  # GPT-2's scaled init of residual projections
+            nn.init.normal_(module.c_proj.weight, std=0.02 / (2 * self.config.n_layer) ** 0.5)
 
 
 def lm_loss(logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:

@@ -1,0 +1,256 @@
+"""Each rank builds only its own stages, with the weights a whole-model build gives.
+
+    bundle = build_model("gpt2-tiny", seed=0)      # one process: the whole model, the weights every run starts from
+
+A rank of ``autopart train`` builds the model with its parameters on the meta device and its buffers real
+(:func:`autopart.measure.empty.parameters_on_meta`), cuts it (a graph is captured on meta), and gives real
+storage only to its own stages' tensors (:func:`materialise`), which :func:`fill_stage` then fills.
+
+The initialisation is the model's own, per module, and the same whatever the split: every module that holds one
+of the stage's parameters (in it or below it) is initialised in post-order (children first, as ``nn.Module.apply`` and
+``transformers``' ``initialize_weights`` go), each from its own seed, ``crc32`` of (seed, its name in the
+model). A module is initialised by the nearest module at or above it that has an ``_init_weights(module)``
+method (every ``transformers`` model has one; so can yours), else by its own ``reset_parameters()``. A tied
+parameter is one tensor, held by every module that uses it, so every rank that holds a copy draws the same
+values. A parameter that no ``reset_parameters`` (of its module or one above it) and no ``_init_weights``
+covers would be left uninitialised: such a model (:func:`uncovered_parameter`) is built whole on every rank,
+from the seed, with the weights its factory draws, and the run says so.
+"""
+from __future__ import annotations
+
+import zlib
+from dataclasses import dataclass, replace
+from typing import Callable, Iterable, Iterator, Mapping, Sequence
+
+import torch
+from torch import nn
+
+from autopart.errors import AutopartError
+from autopart.measure.blocks import Chain, GraphChain, chain_of
+from autopart.measure.empty import parameters_on_meta
+from autopart.measure.spec import ModelBundle, load_model
+from autopart.measure.stream import load_with_weights, retarget
+
+__all__ = ["RankBuild", "buffers_to_meta", "build_for_rank", "build_model", "cut_on_meta", "fill_stage", "initialise",
+           "materialise", "materialise_stage", "module_seed", "replace_tensors", "uncovered_parameter"]
+
+
+@dataclass(frozen=True)
+class RankBuild:
+    """A model as a rank builds it: on meta (``empty``), or whole (``note`` says why)."""
+
+    bundle: ModelBundle
+    empty: bool
+    """Parameters on the meta device, buffers real: only the rank's stages get storage."""
+    note: str | None = None
+
+
+def module_seed(seed: int, name: str) -> int:
+    """The seed module ``name`` (its name in the model; "" for the root) is initialised from: stable across
+    processes and Python versions (``crc32``, not ``hash``)."""
+    return zlib.crc32(f"{seed}:{name}".encode())
+
+
+def _initialiser(module: nn.Module) -> Callable[[nn.Module], None] | None:
+    init = getattr(module, "_init_weights", None)
+    return init if callable(init) else None
+
+
+def uncovered_parameter(root: nn.Module) -> tuple[str, str] | None:
+    """The first parameter nothing initialises (its name, and its module's class), or None: no module at or
+    above it has ``reset_parameters`` and none has ``_init_weights``."""
+    owners: dict[int, str] = {}
+
+    def walk(module: nn.Module, prefix: str, covered: bool) -> Iterator[tuple[str, str]]:
+        covered = covered or _initialiser(module) is not None or callable(getattr(module, "reset_parameters", None))
+        for name, param in module._parameters.items():
+            if param is None or id(param) in owners:
+                continue
+            owners[id(param)] = prefix + name
+            if not covered:
+                yield prefix + name, type(module).__name__
+        for child_name, child in module._modules.items():
+            if child is not None:
+                yield from walk(child, f"{prefix}{child_name}.", covered)
+
+    return next(walk(root, "", False), None)
+
+
+def _post_order(module: nn.Module, name: str, init: Callable[[nn.Module], None] | None, seen: set[int]
+                ) -> Iterator[tuple[str, nn.Module, Callable[[nn.Module], None] | None]]:
+    if id(module) in seen:
+        return
+    seen.add(id(module))
+    init = _initialiser(module) or init
+    for child_name, child in module._modules.items():
+        if child is not None:
+            yield from _post_order(child, f"{name}.{child_name}" if name else child_name, init, seen)
+    yield name, module, init
+
+
+def initialise(root: nn.Module, seed: int, params: Iterable[torch.Tensor] | None = None) -> None:
+    """The model's own initialisation of every module that holds one of ``params`` (in it or below it; None:
+    every real, not meta, parameter), each from :func:`module_seed` (see the module docstring): the same values
+    whichever of them are real."""
+    wanted = {id(p) for p in (params if params is not None else root.parameters()) if not p.is_meta}
+    with torch.no_grad():
+        for name, module, init in _post_order(root, "", None, set()):
+            if not any(id(p) in wanted for p in module.parameters()):
+                continue
+            torch.manual_seed(module_seed(seed, name))
+            if init is not None:
+                init(module)
+            else:
+                reset = getattr(module, "reset_parameters", None)
+                if callable(reset):
+                    reset()
+
+
+def materialise(tensors: Sequence[torch.Tensor], trees: Sequence[nn.Module], device: torch.device,
+                dtypes: Mapping[int, torch.dtype] | None = None) -> dict[int, torch.Tensor]:
+    """Real, uninitialised storage on ``device`` for each meta tensor of ``tensors`` (a parameter stays a
+    parameter), put in its place in every module of ``trees`` that holds it, so a tied parameter stays one
+    tensor. ``dtypes``: a tensor's dtype by ``id`` where it is to differ from its meta one. Old id -> new."""
+    made: dict[int, torch.Tensor] = {}
+    for t in tensors:
+        if id(t) in made or not t.is_meta:
+            continue
+        dtype = (dtypes or {}).get(id(t), t.dtype)
+        real = torch.empty(t.shape, dtype=dtype, device=device)
+        made[id(t)] = nn.Parameter(real, requires_grad=t.requires_grad) if isinstance(t, nn.Parameter) else real
+    replace_tensors(trees, made)
+    return made
+
+
+def replace_tensors(trees: Sequence[nn.Module], made: Mapping[int, torch.Tensor]) -> None:
+    """Put ``made[id(old)]`` in place of every parameter or buffer ``old`` that a module of ``trees`` holds."""
+    seen: set[int] = set()
+    for tree in trees:
+        for module in tree.modules():
+            if id(module) in seen:
+                continue
+            seen.add(id(module))
+            for store in (module._parameters, module._buffers):
+                for key, value in store.items():
+                    if value is not None and id(value) in made:
+                        store[key] = made[id(value)]  # type: ignore[assignment]
+
+
+def fill_stage(stage: nn.Module, root: nn.Module, seed: int) -> None:
+    """Values for a stage's parameters, its storage already real (:func:`materialise`): the model's own
+    initialisation of the modules that hold them (:func:`initialise`). The one place a stage's weights come
+    from (weights loaded from a file are to be put in here)."""
+    initialise(root, seed, stage.parameters())
+
+
+def buffers_to_meta(root: nn.Module) -> dict[str, torch.Tensor]:
+    """Every buffer's value by each of its names in the model, the buffers then moved to the meta device: a graph
+    is captured with everything on meta, and each stage gets its buffers' values back when it is materialised."""
+    kept = dict(root.named_buffers(remove_duplicate=False))
+    root.to(torch.device("meta"))
+    return kept
+
+
+def cut_on_meta(root: nn.Module, example: tuple[torch.Tensor, ...], spec: str, input_names: Sequence[str] | None,
+                device: torch.device, names: Sequence[str] | None = None) -> Chain:
+    """The blocks of a model wholly on the meta device, cut (a graph captured) on the meta example; a captured
+    graph's operations that name the meta device (``arange(device=meta)``) then name ``device``.
+
+    On meta, whether a model's top-level children reproduce its forward can be checked on shapes only (a skip
+    connection or an operation between children goes unseen), so a model that is not an ``nn.Sequential`` is
+    captured, and its children are taken only where that fails or where their names, not the graph's, are the
+    ``names`` the plan was made with (a captured chain computes what its children do, under the same names)."""
+    meta = tuple(t.to("meta") for t in example)
+    if input_names or isinstance(root, nn.Sequential):
+        chain = chain_of(root, meta, spec, input_names)
+    else:
+        chain = chain_of(root, meta, spec)  # its children where they pass on shapes, else captured
+        if not chain.captured:
+            from autopart.measure.capture import capture
+            from autopart.measure.cutpoints import graph_blocks
+
+            try:
+                graph: Chain | None = GraphChain(root, graph_blocks(capture(root, meta, None, name=spec), root), meta)
+            except AutopartError:
+                graph = None  # cannot be captured: its children, as they passed
+            if graph is not None and (names is None or list(names) == graph.names or list(names) != chain.names):
+                chain = graph
+    program = getattr(getattr(chain, "graph", None), "graph", None)
+    if program is not None:
+        retarget(program.module, device)
+        chain.reload_blocks()
+    return chain
+
+
+def materialise_stage(stage: nn.Module, chain: Chain, root: nn.Module, buffers: Mapping[str, torch.Tensor],
+                       drawn: Mapping[int, torch.dtype], dtype: torch.dtype | None, device: torch.device,
+                       seed: int) -> None:
+    """Storage for one stage built on the meta device, its buffers' values back (by their names in the model) and
+    its parameters filled (:func:`fill_stage`) on the CPU, where :func:`build_model` draws them too, then moved to
+    ``device`` and cast to ``dtype``; every module that holds one of its tensors (the model, the captured graph,
+    the blocks) holds the real one."""
+    trees: list[nn.Module] = [root, chain.root, stage, *(block for _, block in chain.blocks)]
+    graph = getattr(getattr(chain, "graph", None), "graph", None)
+    if graph is not None:
+        trees.append(graph.module)
+    made = materialise(list(stage.parameters()), trees, torch.device("cpu"), drawn)
+    values: dict[int, torch.Tensor] = {}
+    for name, buffer in stage.named_buffers(remove_duplicate=False):
+        if buffer.is_meta and id(buffer) not in values:
+            if name not in buffers:
+                raise AutopartError(f"buffer {name!r} of the model has no value to materialise it with")
+            values[id(buffer)] = buffers[name].to(device, copy=True)
+    replace_tensors(trees, values)
+    fill_stage(stage, root, seed)
+    if device.type != "cpu" or dtype is not None:
+        moved: dict[int, torch.Tensor] = {}
+        for p in made.values():
+            value = p.detach().to(device, dtype if dtype is not None and p.is_floating_point() else p.dtype)
+            moved[id(p)] = nn.Parameter(value, requires_grad=p.requires_grad)
+        replace_tensors(trees, moved)
+
+
+def _empty(spec: str, seed: int) -> ModelBundle:
+    """The model with its parameters on the meta device; refused when its factory put a tensor there itself (it
+    has no weights autopart could give back: a buffer's values, or a parameter autopart does not know of)."""
+    torch.manual_seed(seed)
+    with parameters_on_meta() as moved:
+        bundle = load_model(spec)
+    module = bundle.module
+    if any(p.is_meta and id(p) not in moved for p in module.parameters()) or any(b.is_meta for b in module.buffers()):
+        raise AutopartError(f"model factory {spec!r} returned a module on the meta device (no weights): build it on "
+                            f"a real device; autopart builds only each rank's stages of it itself")
+    return bundle
+
+
+def build_for_rank(spec: str, seed: int, whole: str | None = None) -> RankBuild:
+    """The model as a rank of ``autopart train`` builds it (see the module docstring); ``whole``: why this rank
+    builds the whole model instead (with :func:`build_model`'s weights), said as the note."""
+    if whole is not None:
+        return RankBuild(build_model(spec, seed), empty=False,
+                         note=f"note: {whole}, on the meta device: every rank builds the whole model")
+    bundle = _empty(spec, seed)
+    if not any(p.is_meta for p in bundle.module.parameters()):  # a factory that builds its own way
+        return RankBuild(bundle, empty=False)
+    uncovered = uncovered_parameter(bundle.module)
+    if uncovered is None:
+        return RankBuild(bundle, empty=True)
+    name, kind = uncovered
+    torch.manual_seed(seed)
+    return RankBuild(load_with_weights(spec), empty=False, note=(
+        f"note: parameter {name!r} ({kind}) has no initialisation autopart can run per stage (no reset_parameters "
+        f"at or above it, no _init_weights on the model): every rank builds the whole model; give {kind} a "
+        f"reset_parameters() to build only each rank's stages"))
+
+
+def build_model(spec: str, seed: int = 0, device: torch.device | str = "cpu") -> ModelBundle:
+    """The whole model named by ``spec``, with the weights every ``autopart train --seed SEED`` run starts
+    from (each rank builds only its own stages of it): the reference a pipelined run equals."""
+    built = build_for_rank(spec, seed)
+    root = built.bundle.module
+    if not built.empty:
+        return replace(built.bundle, module=root.to(device))
+    materialise(list(root.parameters()), [root], torch.device("cpu"))
+    fill_stage(root, root, seed)
+    root.to(device)
+    return built.bundle
