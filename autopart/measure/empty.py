@@ -1,4 +1,4 @@
-"""Build a model with its parameters on the meta device and its buffers real.
+"""Build a model with its parameters on the meta device and its buffers real, and notice a factory that sets weights.
 
     with parameters_on_meta() as moved:
         model = Model()          # no memory for the weights; a buffer computed in __init__ keeps its values
@@ -9,40 +9,199 @@ Every parameter goes to the meta device as it is registered (``nn.Module.registe
 free. Buffers are left alone: a table computed in ``__init__`` (a sinusoidal position encoding, rotary
 frequencies) keeps its values, which nothing could compute again after ``to_empty``.
 
-This mirrors ``accelerate.init_empty_weights(include_buffers=False)`` (``accelerate.big_modeling.init_on_device``);
+A factory that sets weights itself once the model is made (``model.load_state_dict(torch.load(...))``, as
+torchvision's and timm's pretrained builders do, ``nn.init.zeros_(model.head.weight)``, ``p.data.fill_(...)``, a
+real parameter assigned or loaded with ``assign=True``) would write into meta tensors, and its values would be
+lost: the first such write stops the factory with :class:`SetsWeights`. A write is the model's own construction,
+and not one of these, when it happens inside an ``nn.Module``'s ``__init__``, ``reset_parameters`` or
+``_init_weights`` (or ``transformers``' ``post_init``, ``init_weights``, ``initialize_weights``,
+``tie_weights`` of a model with ``_init_weights``), unless it is a ``load_state_dict``: loaded values are
+never the model's own initialisation. Writes are found by the storage they touch (a view, ``.data`` or
+``.detach()`` of a parameter shares it), at the dispatcher (``TorchDispatchMode``: any operator whose schema
+writes an argument), plus ``.data =`` (a ``TorchFunctionMode``, since it is no operator).
+
+The meta half mirrors ``accelerate.init_empty_weights(include_buffers=False)`` (``accelerate.big_modeling``);
 it is written here rather than imported because accelerate would add huggingface_hub, psutil and pyyaml to
 every install of autopart for one context manager.
 """
 from __future__ import annotations
 
+import os
+import sys
+import warnings
 from contextlib import contextmanager
-from typing import Iterator
+from dataclasses import dataclass
+from types import FrameType
+from typing import Any, Iterator
 
 import torch
 from torch import nn
+from torch.overrides import TorchFunctionMode
+from torch.utils._python_dispatch import TorchDispatchMode
 
-__all__ = ["parameters_on_meta"]
+__all__ = ["SetsWeights", "WeightWrite", "parameters_on_meta"]
+
+_CONSTRUCTION = frozenset({"__init__", "reset_parameters", "_init_weights"})
+"""Methods of an ``nn.Module`` whose writes are its construction (autopart runs the last two per stage)."""
+_HF_INIT = frozenset({"post_init", "init_weights", "initialize_weights", "_initialize_weights", "tie_weights"})
+"""``transformers``' methods that run ``_init_weights`` (and tie): construction on a model that has it."""
+_LOADS = frozenset({"load_state_dict", "_load_from_state_dict"})
+_TORCH = os.path.dirname(torch.__file__) + os.sep
+_HERE = os.path.dirname(os.path.dirname(os.path.abspath(__file__))) + os.sep  # autopart's own files
+
+
+@dataclass(frozen=True)
+class WeightWrite:
+    """A factory's write of values into a parameter on the meta device, outside the model's own construction."""
+
+    how: str
+    """``load_state_dict``, the operator (``copy_``, ``zero_``, ``fill_``, ...), ``.data =`` or ``assigned``."""
+    parameter: str
+    """Its name in the largest module the factory's code holds (``fc.weight``), else its module's class and name."""
+    where: str
+    """``file.py:LINE`` of the factory's own code that made the write (the first frame outside torch)."""
+
+
+class SetsWeights(BaseException):
+    """Raised out of the factory at its first :class:`WeightWrite` (a ``BaseException``, so that the factory's own
+    ``except Exception`` does not swallow it)."""
+
+    def __init__(self, write: WeightWrite) -> None:
+        super().__init__(f"{write.how} into {write.parameter!r} at {write.where}")
+        self.write = write
+
+
+def _self_module(frame: FrameType) -> nn.Module | None:
+    code = frame.f_code
+    if not code.co_varnames or code.co_varnames[0] != "self":
+        return None
+    value = frame.f_locals.get("self")
+    return value if isinstance(value, nn.Module) else None
+
+
+def _loaded_or_made(frame: FrameType | None) -> str | None:
+    """``load_state_dict`` when the innermost module method on the stack is a load, None when the write is the
+    model's construction (see the module docstring), ``""`` when it is neither (the factory's own)."""
+    while frame is not None:
+        name = frame.f_code.co_name
+        if name in _LOADS or name in _CONSTRUCTION or name in _HF_INIT:
+            module = _self_module(frame)
+            if module is not None:
+                if name in _LOADS:
+                    return "load_state_dict"
+                if name in _CONSTRUCTION or callable(getattr(module, "_init_weights", None)):
+                    return None
+        frame = frame.f_back
+    return ""
+
+
+def _describe(param: nn.Parameter, frame: FrameType | None, owners: dict[int, str]) -> tuple[str, str]:
+    """The parameter's name (in the largest module a frame of the factory holds) and the factory's line."""
+    where, best, size = "", owners.get(id(param), "a parameter"), -1
+    while frame is not None:
+        file = frame.f_code.co_filename
+        if not file.startswith((_TORCH, _HERE)):
+            if not where:
+                where = f"{os.path.basename(file)}:{frame.f_lineno}"
+            for value in list(frame.f_locals.values()):
+                if isinstance(value, nn.Module):
+                    named = dict((id(p), n) for n, p in value.named_parameters(remove_duplicate=False))
+                    if id(param) in named and len(named) > size:
+                        best, size = named[id(param)], len(named)
+        frame = frame.f_back
+    return best, where or "?"
+
+
+def _written(func: Any, args: tuple[Any, ...], kwargs: dict[str, Any]) -> Iterator[torch.Tensor]:
+    """The tensors an operator writes into (its schema's ``Tensor(a!)`` arguments, lists of them included)."""
+    schema = func._schema
+    for index, arg in enumerate(schema.arguments):
+        if arg.alias_info is None or not arg.alias_info.is_write:
+            continue
+        value = args[index] if index < len(args) else kwargs.get(arg.name)
+        for tensor in (value if isinstance(value, (list, tuple)) else (value,)):
+            if isinstance(tensor, torch.Tensor):
+                yield tensor
+
+
+class _Watch:
+    """The parameters moved to meta, by the storage they share with their views, and the check of a write."""
+
+    def __init__(self) -> None:
+        self.params: dict[int, nn.Parameter] = {}
+        self.owners: dict[int, str] = {}
+
+    def add(self, param: nn.Parameter, module: nn.Module, name: str) -> None:
+        self.params[param.untyped_storage()._cdata] = param
+        self.owners[id(param)] = f"{type(module).__name__}.{name}"
+
+    def check(self, tensor: torch.Tensor, how: str) -> None:
+        if not tensor.is_meta:
+            return
+        param = self.params.get(tensor.untyped_storage()._cdata)
+        if param is not None:
+            self.fire(param, how)
+
+    def fire(self, param: nn.Parameter, how: str) -> None:
+        frame = sys._getframe(2)
+        kind = _loaded_or_made(frame)
+        if kind is not None:
+            name, where = _describe(param, frame, self.owners)
+            raise SetsWeights(WeightWrite(how=kind or how, parameter=name, where=where))
+
+
+class _Writes(TorchDispatchMode):
+    def __init__(self, watch: _Watch) -> None:
+        super().__init__()
+        self.watch = watch
+
+    def __torch_dispatch__(self, func: Any, types: Any, args: tuple[Any, ...] = (),
+                           kwargs: dict[str, Any] | None = None) -> Any:
+        kwargs = kwargs or {}
+        if func._schema.is_mutable:
+            for tensor in _written(func, args, kwargs):
+                self.watch.check(tensor, func.__name__.split(".")[0])
+        return func(*args, **kwargs)
+
+
+class _DataSet(TorchFunctionMode):
+    def __init__(self, watch: _Watch) -> None:
+        super().__init__()
+        self.watch = watch
+
+    def __torch_function__(self, func: Any, types: Any, args: tuple[Any, ...] = (),
+                           kwargs: dict[str, Any] | None = None) -> Any:
+        if getattr(func, "__self__", None) is torch._C.TensorBase.data and func.__name__ == "__set__" \
+                and len(args) == 2 and isinstance(args[1], torch.Tensor) and not args[1].is_meta:
+            self.watch.check(args[0], ".data =")
+        return func(*args, **(kwargs or {}))
 
 
 @contextmanager
 def parameters_on_meta() -> Iterator[set[int]]:
     """Within it, every parameter a module registers is moved to the meta device (its class, ``requires_grad``
-    and attributes kept); buffers stay where they are made. Yields the set of the ``id`` of each parameter it
-    moved, filled as they are registered."""
+    and attributes kept); buffers stay where they are made; a write of values into a moved parameter outside the
+    model's construction raises :class:`SetsWeights` (see the module docstring). Yields the set of the ``id`` of
+    each parameter it moved, filled as they are registered."""
     original = nn.Module.register_parameter
     moved: set[int] = set()
+    watch = _Watch()
 
     def register(self: nn.Module, name: str, param: nn.Parameter | None) -> None:
         original(self, name, param)
         made = self._parameters[name]
         if made is not None and not made.is_meta:
+            watch.fire(made, "assigned")  # a real parameter put in after construction (assign=True loads too)
             kwargs = dict(made.__dict__)
             kwargs["requires_grad"] = made.requires_grad
             self._parameters[name] = on_meta = type(made)(made.to(torch.device("meta")), **kwargs)
             moved.add(id(on_meta))
+            watch.add(on_meta, self, name)
 
     nn.Module.register_parameter = register  # type: ignore[method-assign,assignment]
     try:
-        yield moved
+        with _DataSet(watch), _Writes(watch), warnings.catch_warnings():
+            warnings.filterwarnings("ignore", message=r".*non-meta parameter in the checkpoint to a meta parameter")
+            yield moved
     finally:
         nn.Module.register_parameter = original  # type: ignore[method-assign]

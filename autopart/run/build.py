@@ -27,7 +27,7 @@ from torch import nn
 
 from autopart.errors import AutopartError
 from autopart.measure.blocks import Chain, GraphChain, chain_of
-from autopart.measure.empty import parameters_on_meta
+from autopart.measure.empty import SetsWeights, WeightWrite, parameters_on_meta
 from autopart.measure.spec import ModelBundle, load_model
 from autopart.measure.stream import load_with_weights, retarget
 
@@ -210,12 +210,17 @@ def materialise_stage(stage: nn.Module, chain: Chain, root: nn.Module, buffers: 
         replace_tensors(trees, moved)
 
 
-def _empty(spec: str, seed: int) -> ModelBundle:
-    """The model with its parameters on the meta device; refused when its factory put a tensor there itself (it
-    has no weights autopart could give back: a buffer's values, or a parameter autopart does not know of)."""
+def _empty(spec: str, seed: int) -> ModelBundle | WeightWrite:
+    """The model with its parameters on the meta device, or the first write of the factory's own weights into one
+    of them (:class:`autopart.measure.empty.SetsWeights`: they would be lost). Refused when its factory put a tensor
+    on meta itself (it has no weights autopart could give back: a buffer's values, or a parameter autopart does not
+    know of)."""
     torch.manual_seed(seed)
-    with parameters_on_meta() as moved:
-        bundle = load_model(spec)
+    try:
+        with parameters_on_meta() as moved:
+            bundle = load_model(spec)
+    except SetsWeights as stop:
+        return stop.write
     module = bundle.module
     if any(p.is_meta and id(p) not in moved for p in module.parameters()) or any(b.is_meta for b in module.buffers()):
         raise AutopartError(f"model factory {spec!r} returned a module on the meta device (no weights): build it on "
@@ -230,6 +235,13 @@ def build_for_rank(spec: str, seed: int, whole: str | None = None) -> RankBuild:
         return RankBuild(build_model(spec, seed), empty=False,
                          note=f"note: {whole}, on the meta device: every rank builds the whole model")
     bundle = _empty(spec, seed)
+    if isinstance(bundle, WeightWrite):
+        write = bundle
+        torch.manual_seed(seed)
+        return RankBuild(load_with_weights(spec), empty=False, note=(
+            f"note: model factory {spec!r} sets weights itself ({write.how} into {write.parameter!r} at "
+            f"{write.where}): every rank builds the whole model to keep them; give them with --weights FILE to "
+            f"build only each rank's stages"))
     if not any(p.is_meta for p in bundle.module.parameters()):  # a factory that builds its own way
         return RankBuild(bundle, empty=False)
     uncovered = uncovered_parameter(bundle.module)
