@@ -52,3 +52,66 @@ def lopsided() -> dict[str, Any]:
     """Stage 0 (one block) holds 64 MiB of parameters, stage 1 (one block) 1 MiB."""
     module = nn.Sequential(nn.Linear(4096, 4096, bias=False), nn.Linear(4096, 64, bias=False))
     return {"module": module, "example": torch.randn(2, 4096), "loss_fn": F.mse_loss}
+
+
+class Net(nn.Module):
+    """A body and a head; ``__init__`` zeroes the head's bias and ``reset_parameters`` fills ``gain`` (writes in
+    place that are the model's own construction)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.body = nn.Linear(8, 8)
+        self.head = nn.Linear(8, 4)
+        nn.init.zeros_(self.head.bias)
+        self.gain = nn.Parameter(torch.empty(8))
+        self.reset_parameters()
+
+    def reset_parameters(self) -> None:
+        with torch.no_grad():
+            self.gain.fill_(1.0)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.head(torch.tanh(self.body(x)) * self.gain)
+
+
+def _net(module: nn.Module) -> dict[str, Any]:
+    return {"module": module, "example": torch.randn(4, 8), "loss_fn": F.mse_loss}
+
+
+def own_init() -> dict[str, Any]:
+    """Writes in place only while it is constructed: built per stage."""
+    return _net(Net())
+
+
+def loads_state_dict() -> dict[str, Any]:
+    """Loads a state dict saved beside this file, as torchvision's and timm's pretrained builders do."""
+    import os
+
+    model = Net()
+    model.load_state_dict(torch.load(os.environ["AUTOPART_TEST_STATE"], weights_only=True))
+    return _net(model)
+
+
+def zeroes_head() -> dict[str, Any]:
+    model = Net()
+    nn.init.zeros_(model.head.weight)
+    return _net(model)
+
+
+def copies_under_no_grad() -> dict[str, Any]:
+    model = Net()
+    with torch.no_grad():
+        model.body.weight.copy_(torch.eye(8))
+    return _net(model)
+
+
+def fills_data() -> dict[str, Any]:
+    model = Net()
+    model.body.bias.data.fill_(0.5)
+    return _net(model)
+
+
+def assigns() -> dict[str, Any]:
+    model = Net()
+    model.load_state_dict({"head.weight": torch.full((4, 8), 0.25)}, strict=False, assign=True)
+    return _net(model)
