@@ -115,3 +115,20 @@ def assigns() -> dict[str, Any]:
     model = Net()
     model.load_state_dict({"head.weight": torch.full((4, 8), 0.25)}, strict=False, assign=True)
     return _net(model)
+
+
+def sets_data() -> dict[str, Any]:
+    model = Net()
+    model.head.weight.data = torch.ones(4, 8)
+    return _net(model)
+
+
+def helper_loads() -> dict[str, Any]:
+    """Loads through a helper of its own (as a pretrained builder does): the note names the factory's line."""
+    return _net(_pretrained())
+
+
+def _pretrained() -> Net:
+    model = Net()
+    model.load_state_dict({k: torch.zeros_like(v) for k, v in Net().state_dict().items()})
+    return model

@@ -17,7 +17,8 @@ from tests.test_build import HF_GPT2, HF_LLAMA, MODELS, UNET, _train, reference_
 
 WRITES = {"loads_state_dict": ("load_state_dict", "gain"), "zeroes_head": ("zero_", "head.weight"),
           "copies_under_no_grad": ("copy_", "body.weight"), "fills_data": ("fill_", "body.bias"),
-          "assigns": ("load_state_dict", "head.weight")}
+          "assigns": ("load_state_dict", "head.weight"), "sets_data": (".data =", "head.weight"),
+          "helper_loads": ("load_state_dict", "gain")}
 
 
 @pytest.fixture()
@@ -53,6 +54,13 @@ def test_a_factory_that_sets_weights_is_built_whole_with_its_weights(factory: st
         assert torch.equal(weights["head.weight"], torch.zeros(4, 8))
     elif factory == "copies_under_no_grad":
         assert torch.equal(weights["body.weight"], torch.eye(8))
+    elif factory == "helper_loads":  # the factory's line, not the helper's
+        assert "at build_models.py:" in built.note and f":{_line('return _net(_pretrained())')})" in built.note
+
+
+def _line(text: str) -> int:
+    lines = (ROOT / "tests" / "build_models.py").read_text().splitlines()
+    return next(i for i, line in enumerate(lines, 1) if text in line)
 
 
 @pytest.mark.parametrize("spec", [f"{MODELS}:own_init", f"{MODELS}:sinusoidal", "gpt2-tiny", "resnet-mini",

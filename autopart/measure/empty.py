@@ -59,7 +59,7 @@ class WeightWrite:
     parameter: str
     """Its name in the largest module the factory's code holds (``fc.weight``), else its module's class and name."""
     where: str
-    """``file.py:LINE`` of the factory's own code that made the write (the first frame outside torch)."""
+    """``file.py:LINE`` in the factory autopart called, of the call that led to the write."""
 
 
 class SetsWeights(BaseException):
@@ -96,16 +96,19 @@ def _loaded_or_made(frame: FrameType | None) -> str | None:
 
 
 def _describe(param: nn.Parameter, frame: FrameType | None, owners: dict[int, str]) -> tuple[str, str]:
-    """The parameter's name (in the largest module a frame of the factory holds) and the factory's line."""
-    where, best, size = "", owners.get(id(param), "a parameter"), -1
+    """The parameter's name (in the largest module a frame of the factory's code holds, else its module's class and
+    name) and the line of the factory that led to the write: the outermost frame of the code autopart called (the
+    frames from the write out to the first of autopart's own, less torch's)."""
+    where, best, size, inside = "", owners.get(id(param), "a parameter"), -1, False
     while frame is not None:
         file = frame.f_code.co_filename
+        if file.startswith(_HERE) and inside:
+            break  # back in autopart (load_model): the factory's frames are done
         if not file.startswith((_TORCH, _HERE)):
-            if not where:
-                where = f"{os.path.basename(file)}:{frame.f_lineno}"
+            inside, where = True, f"{os.path.basename(file)}:{frame.f_lineno}"
             for value in list(frame.f_locals.values()):
                 if isinstance(value, nn.Module):
-                    named = dict((id(p), n) for n, p in value.named_parameters(remove_duplicate=False))
+                    named = {id(p): n for n, p in value.named_parameters(remove_duplicate=False)}
                     if id(param) in named and len(named) > size:
                         best, size = named[id(param)], len(named)
         frame = frame.f_back
