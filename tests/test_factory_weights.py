@@ -63,13 +63,20 @@ def _line(text: str) -> int:
     return next(i for i, line in enumerate(lines, 1) if text in line)
 
 
+HF_BERT = "hf:bert:num_hidden_layers=2,hidden_size=32,intermediate_size=64,num_attention_heads=2,vocab_size=256"
+HF_T5 = "hf:t5:num_layers=2,d_model=32,d_ff=64,num_heads=2,d_kv=16,vocab_size=256"
+
+
 @pytest.mark.parametrize("spec", [f"{MODELS}:own_init", f"{MODELS}:sinusoidal", "gpt2-tiny", "resnet-mini",
                                   "mlp-hetero", UNET, f"{ROOT / 'tests' / 'graph_models.py'}:hf_gpt2", HF_GPT2,
-                                  HF_LLAMA])
+                                  HF_LLAMA, HF_BERT, HF_T5, f"{MODELS}:nanogpt_fixed", f"{MODELS}:torch_parts",
+                                  f"{MODELS}:clones"])
 def test_the_models_own_construction_is_not_a_factory_write(spec: str) -> None:
-    """Writes in ``__init__`` (``nn.Linear``'s, ``zeros_`` of ``Net``'s head bias), in ``reset_parameters`` (``Net``
-    fills ``gain``) and transformers' ``post_init`` / ``_init_weights`` / ``tie_weights``: each rank builds its
-    stages only."""
+    """Writes in ``reset_parameters`` (``nn.Linear``'s from its ``__init__``, torch's Conv, Embedding with
+    ``padding_idx``, norms, LSTM/GRU; ``Net``'s zeroed head bias and ``gain``), in ``_init_weights`` (nanoGPT's with
+    its scaled ``c_proj`` moved into it) and transformers' ``post_init`` / ``_init_weights`` / ``tie_weights``
+    (which overwrite what ``Conv1D.__init__`` draws), blocks cloned with ``deepcopy``: each rank builds its stages
+    only."""
     if "hf" in spec:
         pytest.importorskip("transformers")
     built = build_for_rank(spec, 0)
@@ -84,6 +91,107 @@ def test_two_ranks_keep_a_loaded_state_dict_and_say_so_once(saved_state: dict[st
     report, said = _train(spec, [1, 1], tmp_path, steps=2)
     assert said.count("sets weights itself (load_state_dict into 'gain'") == 1, said
     def factory_weights(name: str, seed: int) -> ModelBundle:  # as every rank built it before issue #19
+        torch.manual_seed(seed)
+        return load_model(name)
+
+    expected = reference_losses(spec, tmp_path / "plan.json", 2, build=factory_weights)
+    assert report["losses"] == pytest.approx(expected, rel=1e-6, abs=1e-6)
+
+
+INIT_WRITES = {"init_writes": ("InitZeroes.__init__", "head.bias"), "nanogpt": ("NanoGPT.__init__", "h.0.c_proj.weight"),
+               "attention": ("MultiheadAttention.__init__", "in_proj_weight"),
+               "transformer": ("MultiheadAttention.__init__", "in_proj_weight")}
+
+
+def _factory_weights(spec: str, seed: int = 0) -> dict[str, torch.Tensor]:
+    torch.manual_seed(seed)
+    return load_model(spec).module.state_dict()  # the factory's own weights, as before issue #19
+
+
+def _assert_factory_weights(spec: str, *models: torch.nn.Module) -> dict[str, torch.Tensor]:
+    expected = _factory_weights(spec)
+    for model in models:
+        got = model.state_dict()
+        assert set(got) == set(expected) and not any(t.is_meta for t in got.values())
+        for key, tensor in expected.items():
+            assert torch.equal(got[key], tensor), key
+    return expected
+
+
+@pytest.mark.parametrize("factory", sorted(INIT_WRITES))
+def test_a_write_in_init_outside_its_init_methods_is_built_whole(factory: str) -> None:
+    """nanoGPT scales ``c_proj.weight`` in ``GPT.__init__`` after ``apply(_init_weights)``; ``nn.MultiheadAttention``
+    (and so ``nn.Transformer``) draws xavier in ``_reset_parameters`` from ``__init__``: neither is redone by the
+    per-module init, so every rank builds the whole model with those weights and says which write."""
+    spec = f"{MODELS}:{factory}"
+    built = build_for_rank(spec, 0)
+    inside, name = INIT_WRITES[factory]
+    assert not built.empty and built.note is not None
+    assert built.note.startswith(f"note: {inside!r} writes "), built.note
+    assert f"{name}' outside reset_parameters/_init_weights (" in built.note, built.note
+    assert "every rank builds the whole model to keep it; move the write into _init_weights" in built.note
+    weights = _assert_factory_weights(spec, built.bundle.module, build_model(spec, 0).module)
+    if factory == "init_writes":
+        assert torch.equal(weights["head.bias"], torch.full((4,), 0.5))
+        assert built.note.endswith(f"(build_models.py:{_line('nn.init.constant_(self.head.bias, 0.5)')}): every rank "
+                                   "builds the whole model to keep it; move the write into _init_weights or "
+                                   "reset_parameters to build only each rank's stages")
+    elif factory == "nanogpt":  # its scaled init kept: std 0.02 / sqrt(2 * n_layer) = 0.01
+        assert float(weights["h.0.c_proj.weight"].std()) == pytest.approx(0.01, rel=0.3)
+    elif factory == "attention":
+        assert torch.equal(weights["attn.out_proj.bias"], torch.zeros(16))
+
+
+@torch.no_grad()
+def test_an_init_moved_into_init_weights_is_kept_per_stage() -> None:
+    """nanoGPT with its ``c_proj`` scaling moved into ``_init_weights``: per stage, with that scaling."""
+    model = build_model(f"{MODELS}:nanogpt_fixed", 0).module
+    assert float(model.get_parameter("h.0.c_proj.weight").std()) == pytest.approx(0.01, rel=0.3)
+    assert float(model.get_parameter("h.0.c_attn.weight").std()) == pytest.approx(0.02, rel=0.3)
+    parts = build_model(f"{MODELS}:torch_parts", 0).module
+    assert torch.equal(parts.get_parameter("embed.weight")[0], torch.zeros(8))  # padding_idx row, as torch makes it
+
+
+@pytest.mark.parametrize("factory", ["ends_to_cpu", "ends_cuda", "ends_float", "ends_bf16"])
+def test_a_factory_that_moves_or_casts_its_model_is_built_per_stage(factory: str) -> None:
+    """``model.to("cpu")``, ``.cuda()``, ``.float()``, ``.to(torch.bfloat16)`` at the end of a factory: the
+    parameters stay on meta (a rank gives them storage on its own device), a cast is kept; the weights are
+    ``Net``'s per-stage ones, drawn in the cast's dtype."""
+    spec = f"{MODELS}:{factory}"
+    built = build_for_rank(spec, 0)
+    assert built.empty and built.note is None
+    dtype = torch.bfloat16 if factory == "ends_bf16" else torch.float32
+    assert all(p.is_meta and p.dtype == dtype for p in built.bundle.module.parameters())
+    got = build_model(spec, 0).module.state_dict()
+    expected = build_model(f"{MODELS}:own_init", 0).module.state_dict()
+    assert set(got) == set(expected)
+    for key, tensor in expected.items():
+        assert got[key].dtype == dtype and got[key].device.type == "cpu"
+        assert torch.allclose(got[key].float(), tensor, rtol=0, atol=0 if dtype == torch.float32 else 2e-3), key
+
+
+@pytest.mark.parametrize("factory, said", [
+    ("reads_a_weight", "fails with its parameters on the meta device (model factory "
+                       "'{spec}' raised RuntimeError: Tensor.item() cannot be called on meta tensors)"),
+    ("weight_norm", "makes 'body.parametrizations.weight.original0' from a parameter on the meta device")])
+def test_a_factory_that_cannot_run_on_meta_is_built_whole(factory: str, said: str) -> None:
+    """A factory that reads a weight's value (``.item()``) or applies ``weight_norm``: the whole build, with the
+    factory's weights, said once."""
+    spec = f"{MODELS}:{factory}"
+    built = build_for_rank(spec, 0)
+    assert not built.empty and built.note is not None
+    assert built.note.startswith(f"note: model factory {spec!r} {said.format(spec=spec)}"), built.note
+    assert built.note.endswith(": every rank builds the whole model")
+    _assert_factory_weights(spec, built.bundle.module, build_model(spec, 0).module)
+
+
+@pytest.mark.slow
+def test_two_ranks_keep_nanogpts_init_and_say_so_once(tmp_path: Path) -> None:
+    spec = f"{MODELS}:nanogpt"
+    report, said = _train(spec, [2, 2], tmp_path, steps=2)
+    assert said.count("'NanoGPT.__init__' writes 'h.0.c_proj.weight' outside reset_parameters") == 1, said
+
+    def factory_weights(name: str, seed: int) -> ModelBundle:
         torch.manual_seed(seed)
         return load_model(name)
 

@@ -41,11 +41,13 @@ from torch.utils._python_dispatch import TorchDispatchMode
 
 __all__ = ["SetsWeights", "WeightWrite", "parameters_on_meta"]
 
-_CONSTRUCTION = frozenset({"__init__", "reset_parameters", "_init_weights"})
-"""Methods of an ``nn.Module`` whose writes are its construction (autopart runs the last two per stage)."""
+_CONSTRUCTION = frozenset({"reset_parameters", "_init_weights"})
+"""Methods of an ``nn.Module`` whose writes are its construction: autopart runs them per stage."""
 _HF_INIT = frozenset({"post_init", "init_weights", "initialize_weights", "_initialize_weights", "tie_weights"})
 """``transformers``' methods that run ``_init_weights`` (and tie): construction on a model that has it."""
 _LOADS = frozenset({"load_state_dict", "_load_from_state_dict"})
+_MOVES = frozenset({"to", "cuda", "cpu"})
+"""``Tensor`` methods a factory's ``model.to(...)`` / ``.cuda()`` / ``.cpu()`` calls on each parameter."""
 _TORCH = os.path.dirname(torch.__file__) + os.sep
 _HERE = os.path.dirname(os.path.dirname(os.path.abspath(__file__))) + os.sep  # autopart's own files
 
@@ -59,7 +61,11 @@ class WeightWrite:
     parameter: str
     """Its name in the largest module the factory's code holds (``fc.weight``), else its module's class and name."""
     where: str
-    """``file.py:LINE`` in the factory autopart called, of the call that led to the write."""
+    """``file.py:LINE`` of the call that led to the write: in ``inside`` where set, else in the factory autopart
+    called."""
+    inside: str = ""
+    """The module method the write is in, outside ``reset_parameters`` / ``_init_weights`` (``GPT.__init__``), or
+    "" when it is the factory's own code."""
 
 
 class SetsWeights(BaseException):
@@ -79,20 +85,24 @@ def _self_module(frame: FrameType) -> nn.Module | None:
     return value if isinstance(value, nn.Module) else None
 
 
-def _loaded_or_made(frame: FrameType | None) -> str | None:
-    """``load_state_dict`` when the innermost module method on the stack is a load, None when the write is the
-    model's construction (see the module docstring), ``""`` when it is neither (the factory's own)."""
+def _loaded_or_made(frame: FrameType | None) -> tuple[str | None, FrameType | None]:
+    """What the innermost module method on the stack makes of a write: ``(None, None)`` when it is the model's
+    construction autopart runs per stage (see the module docstring); ``("load_state_dict", None)`` for a load;
+    ``("", frame)`` for a write in a module's ``__init__`` (the frame of that ``__init__``) and ``("", None)``
+    for the factory's own code."""
     while frame is not None:
         name = frame.f_code.co_name
-        if name in _LOADS or name in _CONSTRUCTION or name in _HF_INIT:
+        if name in _LOADS or name in _CONSTRUCTION or name in _HF_INIT or name == "__init__":
             module = _self_module(frame)
             if module is not None:
                 if name in _LOADS:
-                    return "load_state_dict"
+                    return "load_state_dict", None
+                if name == "__init__":
+                    return "", frame
                 if name in _CONSTRUCTION or callable(getattr(module, "_init_weights", None)):
-                    return None
+                    return None, None
         frame = frame.f_back
-    return ""
+    return "", None
 
 
 def _describe(param: nn.Parameter, frame: FrameType | None, owners: dict[int, str]) -> tuple[str, str]:
@@ -133,10 +143,20 @@ class _Watch:
     def __init__(self) -> None:
         self.params: dict[int, nn.Parameter] = {}
         self.owners: dict[int, str] = {}
+        self.standing: dict[int, WeightWrite] = {}
+        """Writes in a module's ``__init__`` not yet overwritten by construction, by the ``id`` of the parameter."""
 
     def add(self, param: nn.Parameter, module: nn.Module, name: str) -> None:
         self.params[param.untyped_storage()._cdata] = param
         self.owners[id(param)] = f"{type(module).__name__}.{name}"
+
+    def copied(self, source: nn.Parameter, copy: nn.Parameter) -> None:
+        """``copy.deepcopy`` of a moved parameter (``nn.TransformerEncoder`` clones its layer so): the copy is
+        watched as its source, and carries the source's standing write."""
+        self.params[copy.untyped_storage()._cdata] = copy
+        self.owners[id(copy)] = self.owners[id(source)]
+        if id(source) in self.standing:
+            self.standing[id(copy)] = self.standing[id(source)]
 
     def check(self, tensor: torch.Tensor, how: str) -> None:
         if not tensor.is_meta:
@@ -145,12 +165,39 @@ class _Watch:
         if param is not None:
             self.fire(param, how)
 
+    def watched(self, tensor: torch.Tensor) -> bool:
+        """Whether ``tensor`` is a moved parameter or a view of one."""
+        return tensor.is_meta and tensor.untyped_storage()._cdata in self.params
+
+    def rekey(self, param: torch.Tensor) -> None:
+        """A moved parameter given new meta storage (``param.data =`` of a dtype cast) stays watched."""
+        if isinstance(param, nn.Parameter) and id(param) in self.owners and param.is_meta:
+            self.params[param.untyped_storage()._cdata] = param
+
     def fire(self, param: nn.Parameter, how: str) -> None:
+        """A write into a moved parameter: construction overwrites what an ``__init__`` wrote before it; a write
+        in an ``__init__`` stands until then (:meth:`first_standing`); any other is raised at once."""
         frame = sys._getframe(2)
-        kind = _loaded_or_made(frame)
-        if kind is not None:
-            name, where = _describe(param, frame, self.owners)
+        kind, init = _loaded_or_made(frame)
+        if kind is None:
+            self.standing.pop(id(param), None)
+            return
+        if init is not None and how == "assigned":
+            return  # a parameter made in an __init__: its creation, not a write
+        name, where = _describe(param, frame, self.owners)
+        if init is None:
             raise SetsWeights(WeightWrite(how=kind or how, parameter=name, where=where))
+        module = _self_module(init)
+        self.standing.pop(id(param), None)  # the latest write into it is the one that stands
+        self.standing[id(param)] = WeightWrite(
+            how=how, parameter=name, where=f"{os.path.basename(init.f_code.co_filename)}:{init.f_lineno}",
+            inside=f"{type(module).__name__}.__init__")
+
+    def first_standing(self) -> None:
+        """Raises :class:`SetsWeights` for the first write in an ``__init__`` that nothing autopart runs per stage
+        overwrote: its value would be lost."""
+        if self.standing:
+            raise SetsWeights(next(iter(self.standing.values())))
 
 
 class _Writes(TorchDispatchMode):
@@ -174,10 +221,20 @@ class _DataSet(TorchFunctionMode):
 
     def __torch_function__(self, func: Any, types: Any, args: tuple[Any, ...] = (),
                            kwargs: dict[str, Any] | None = None) -> Any:
+        kwargs = kwargs or {}
         if getattr(func, "__self__", None) is torch._C.TensorBase.data and func.__name__ == "__set__" \
-                and len(args) == 2 and isinstance(args[1], torch.Tensor) and not args[1].is_meta:
-            self.watch.check(args[0], ".data =")
-        return func(*args, **(kwargs or {}))
+                and len(args) == 2 and isinstance(args[1], torch.Tensor):
+            if not args[1].is_meta:
+                self.watch.check(args[0], ".data =")
+            out = func(*args, **kwargs)
+            self.watch.rekey(args[0])
+            return out
+        if func.__name__ in _MOVES and getattr(func, "__objclass__", None) is torch._C.TensorBase and args \
+                and isinstance(args[0], torch.Tensor) and self.watch.watched(args[0]):
+            # a moved parameter stays on meta: the rank gives it storage on its own device; a cast is kept
+            dtype = torch._C._nn._parse_to(*args[1:], **kwargs)[1] if func.__name__ == "to" else None
+            return args[0] if dtype is None else args[0].to(dtype=dtype)
+        return func(*args, **kwargs)
 
 
 @contextmanager
@@ -201,10 +258,22 @@ def parameters_on_meta() -> Iterator[set[int]]:
             moved.add(id(on_meta))
             watch.add(on_meta, self, name)
 
+    original_copy = nn.Parameter.__deepcopy__
+
+    def deepcopy(self: nn.Parameter, memo: dict[int, Any]) -> nn.Parameter:
+        copied: nn.Parameter = original_copy(self, memo)
+        if id(self) in moved and copied.is_meta:
+            moved.add(id(copied))
+            watch.copied(self, copied)
+        return copied
+
     nn.Module.register_parameter = register  # type: ignore[method-assign,assignment]
+    nn.Parameter.__deepcopy__ = deepcopy  # type: ignore[method-assign]
     try:
         with _DataSet(watch), _Writes(watch), warnings.catch_warnings():
             warnings.filterwarnings("ignore", message=r".*non-meta parameter in the checkpoint to a meta parameter")
             yield moved
+            watch.first_standing()
     finally:
         nn.Module.register_parameter = original  # type: ignore[method-assign]
+        nn.Parameter.__deepcopy__ = original_copy  # type: ignore[method-assign]
