@@ -268,7 +268,7 @@ def parameters_on_meta() -> Iterator[set[int]]:
         return copied
 
     nn.Module.register_parameter = register  # type: ignore[method-assign,assignment]
-    nn.Parameter.__deepcopy__ = deepcopy  # type: ignore[method-assign]
+    nn.Parameter.__deepcopy__ = deepcopy  # type: ignore[method-assign,assignment]
     try:
         with _DataSet(watch), _Writes(watch), warnings.catch_warnings():
             warnings.filterwarnings("ignore", message=r".*non-meta parameter in the checkpoint to a meta parameter")
