@@ -304,3 +304,11 @@ def clones() -> dict[str, Any]:
     block = Block(16)
     module = nn.Sequential(nn.Embedding(256, 16), *(copy.deepcopy(block) for _ in range(3)), nn.Linear(16, 256))
     return _text(module)
+
+
+def sinusoidal_to_cpu() -> dict[str, Any]:
+    """:func:`sinusoidal`, its factory ending in ``.to("cpu")`` (the launcher builds it on meta, the ranks per
+    stage)."""
+    made = sinusoidal()
+    made["module"] = made["module"].to("cpu")
+    return made

@@ -170,6 +170,24 @@ def test_a_factory_that_moves_or_casts_its_model_is_built_per_stage(factory: str
         assert torch.allclose(got[key].float(), tensor, rtol=0, atol=0 if dtype == torch.float32 else 2e-3), key
 
 
+def test_a_device_move_on_the_meta_device_stays_there() -> None:
+    """What ``autopart train``'s launcher builds (names and shapes): ``.cuda()`` / ``.to("cpu")`` keep meta."""
+    from autopart.measure.empty import on_meta_device
+
+    for factory in ("ends_cuda", "ends_to_cpu", "ends_bf16", "sinusoidal_to_cpu"):
+        with on_meta_device():
+            module = load_model(f"{MODELS}:{factory}").module
+        assert all(t.is_meta for t in [*module.parameters(), *module.buffers()]), factory
+
+
+@pytest.mark.slow
+def test_two_ranks_train_a_factory_ending_in_to_cpu_per_stage(tmp_path: Path) -> None:
+    spec = f"{MODELS}:sinusoidal_to_cpu"
+    report, said = _train(spec, [2, 3], tmp_path, steps=2)
+    assert "note:" not in said, said
+    assert report["losses"] == pytest.approx(reference_losses(spec, tmp_path / "plan.json", 2), rel=1e-6, abs=1e-6)
+
+
 @pytest.mark.parametrize("factory, said", [
     ("reads_a_weight", "fails with its parameters on the meta device (model factory "
                        "'{spec}' raised RuntimeError: Tensor.item() cannot be called on meta tensors)"),

@@ -39,7 +39,7 @@ from torch import nn
 from torch.overrides import TorchFunctionMode
 from torch.utils._python_dispatch import TorchDispatchMode
 
-__all__ = ["SetsWeights", "WeightWrite", "parameters_on_meta"]
+__all__ = ["SetsWeights", "WeightWrite", "on_meta_device", "parameters_on_meta"]
 
 _CONSTRUCTION = frozenset({"reset_parameters", "_init_weights"})
 """Methods of an ``nn.Module`` whose writes are its construction: autopart runs them per stage."""
@@ -165,10 +165,6 @@ class _Watch:
         if param is not None:
             self.fire(param, how)
 
-    def watched(self, tensor: torch.Tensor) -> bool:
-        """Whether ``tensor`` is a moved parameter or a view of one."""
-        return tensor.is_meta and tensor.untyped_storage()._cdata in self.params
-
     def rekey(self, param: torch.Tensor) -> None:
         """A moved parameter given new meta storage (``param.data =`` of a dtype cast) stays watched."""
         if isinstance(param, nn.Parameter) and id(param) in self.owners and param.is_meta:
@@ -229,12 +225,33 @@ class _DataSet(TorchFunctionMode):
             out = func(*args, **kwargs)
             self.watch.rekey(args[0])
             return out
-        if func.__name__ in _MOVES and getattr(func, "__objclass__", None) is torch._C.TensorBase and args \
-                and isinstance(args[0], torch.Tensor) and self.watch.watched(args[0]):
-            # a moved parameter stays on meta: the rank gives it storage on its own device; a cast is kept
-            dtype = torch._C._nn._parse_to(*args[1:], **kwargs)[1] if func.__name__ == "to" else None
-            return args[0] if dtype is None else args[0].to(dtype=dtype)
-        return func(*args, **kwargs)
+        return _stay_on_meta(func, args, kwargs)
+
+
+def _stay_on_meta(func: Any, args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
+    """``func(*args, **kwargs)``, except that a device move (``.to(device)``, ``.cuda()``, ``.cpu()``) of a meta
+    tensor keeps it on meta (it has no values to move; whoever gives it storage puts it on its device), with a
+    dtype cast kept."""
+    if func.__name__ in _MOVES and getattr(func, "__objclass__", None) is torch._C.TensorBase and args \
+            and isinstance(args[0], torch.Tensor) and args[0].is_meta:
+        dtype = torch._C._nn._parse_to(*args[1:], **kwargs)[1] if func.__name__ == "to" else None
+        return args[0] if dtype is None else args[0].to(dtype=dtype)
+    return func(*args, **kwargs)
+
+
+class _MovesStay(TorchFunctionMode):
+    def __torch_function__(self, func: Any, types: Any, args: tuple[Any, ...] = (),
+                           kwargs: dict[str, Any] | None = None) -> Any:
+        return _stay_on_meta(func, args, kwargs or {})
+
+
+@contextmanager
+def on_meta_device() -> Iterator[None]:
+    """``torch.device("meta")`` for a model's names and shapes, where a factory's ``model.to("cpu")``,
+    ``.cuda()`` or ``.cpu()`` keeps the tensors on meta instead of failing (``Cannot copy out of meta
+    tensor``)."""
+    with torch.device("meta"), _MovesStay():
+        yield
 
 
 @contextmanager
