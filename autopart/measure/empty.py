@@ -13,12 +13,20 @@ A factory that sets weights itself once the model is made (``model.load_state_di
 torchvision's and timm's pretrained builders do, ``nn.init.zeros_(model.head.weight)``, ``p.data.fill_(...)``, a
 real parameter assigned or loaded with ``assign=True``) would write into meta tensors, and its values would be
 lost: the first such write stops the factory with :class:`SetsWeights`. A write is the model's own construction,
-and not one of these, when it happens inside an ``nn.Module``'s ``__init__``, ``reset_parameters`` or
-``_init_weights`` (or ``transformers``' ``post_init``, ``init_weights``, ``initialize_weights``,
-``tie_weights`` of a model with ``_init_weights``), unless it is a ``load_state_dict``: loaded values are
-never the model's own initialisation. Writes are found by the storage they touch (a view, ``.data`` or
-``.detach()`` of a parameter shares it), at the dispatcher (``TorchDispatchMode``: any operator whose schema
-writes an argument), plus ``.data =`` (a ``TorchFunctionMode``, since it is no operator).
+which autopart runs again per stage, when it happens inside an ``nn.Module``'s ``reset_parameters`` or
+``_init_weights`` (or ``transformers``' ``post_init``, ``init_weights``, ``initialize_weights``, ``tie_weights``
+of a model with ``_init_weights``), unless it is a ``load_state_dict``: loaded values are never the model's own
+initialisation. A write in a module's ``__init__`` outside those (nanoGPT's scaled ``c_proj`` after
+``apply(_init_weights)``, ``nn.MultiheadAttention``'s ``_reset_parameters``) stands unless construction writes
+that parameter again later (``transformers``' ``post_init`` overwrites what ``Conv1D.__init__`` drew); one still
+standing when the factory returns stops it too. A parameter made in an ``__init__`` is its creation, not a write.
+Writes are found by the storage they touch (a view, ``.data`` or ``.detach()`` of a parameter shares it), at the
+dispatcher (``TorchDispatchMode``: any operator whose schema writes an argument), plus ``.data =`` (a
+``TorchFunctionMode``, since it is no operator); a ``copy.deepcopy`` of a moved parameter is watched too.
+
+A device move at the end of a factory (``model.to("cpu")``, ``.cuda()``, ``.cpu()``) leaves a meta tensor on
+meta (whoever gives it storage puts it on its device), and a dtype cast stays a meta cast: the rank then
+materialises it in that dtype (:func:`on_meta_device` does the same under ``torch.device("meta")``).
 
 The meta half mirrors ``accelerate.init_empty_weights(include_buffers=False)`` (``accelerate.big_modeling``);
 it is written here rather than imported because accelerate would add huggingface_hub, psutil and pyyaml to
