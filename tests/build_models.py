@@ -312,3 +312,10 @@ def sinusoidal_to_cpu() -> dict[str, Any]:
     made = sinusoidal()
     made["module"] = made["module"].to("cpu")
     return made
+
+
+def chain_reads_a_weight() -> dict[str, Any]:
+    """A chain whose factory reads a weight's value: it cannot run on meta, the launcher's build included."""
+    model = nn.Sequential(nn.Linear(8, 8), nn.Tanh(), nn.Linear(8, 4))
+    model.scale = float(model[0].weight.detach().abs().max())
+    return {"module": model, "example": torch.randn(4, 8), "loss_fn": F.mse_loss}

@@ -215,3 +215,17 @@ def test_two_ranks_keep_nanogpts_init_and_say_so_once(tmp_path: Path) -> None:
 
     expected = reference_losses(spec, tmp_path / "plan.json", 2, build=factory_weights)
     assert report["losses"] == pytest.approx(expected, rel=1e-6, abs=1e-6)
+
+
+@pytest.mark.slow
+def test_two_ranks_train_a_factory_that_fails_on_meta_whole_and_say_so_once(tmp_path: Path) -> None:
+    spec = f"{MODELS}:chain_reads_a_weight"
+    report, said = _train(spec, [1, 2], tmp_path, steps=2)
+    assert said.count("fails with its parameters on the meta device (model factory ") == 1, said
+
+    def factory_weights(name: str, seed: int) -> ModelBundle:
+        torch.manual_seed(seed)
+        return load_model(name)
+
+    expected = reference_losses(spec, tmp_path / "plan.json", 2, build=factory_weights)
+    assert report["losses"] == pytest.approx(expected, rel=1e-6, abs=1e-6)
