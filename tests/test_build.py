@@ -6,13 +6,14 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
+from typing import Callable
 
 import pytest
 import torch
 
 from autopart.formats.plan import Plan
 from autopart.measure.optimizers import make_optimizer
-from autopart.measure.spec import call_model
+from autopart.measure.spec import ModelBundle, call_model
 from autopart.run.build import (build_for_rank, build_model, buffers_to_meta, cut_on_meta, materialise_stage,
                                  uncovered_parameter)
 from autopart.run.data import training_data
@@ -27,11 +28,12 @@ HF_LLAMA = ("hf:llama:num_hidden_layers=2,hidden_size=32,intermediate_size=64,nu
             "num_key_value_heads=1,max_position_embeddings=32,vocab_size=256")
 
 
-def reference_losses(spec: str, plan_path: Path, steps: int, lr: float = 1e-3, seed: int = 0) -> list[float]:
-    """``steps`` steps of the plan's micro-batches in one process, from :func:`build_model`'s weights, on the
-    data ``autopart train --seed`` draws: what a pipelined run's losses equal."""
+def reference_losses(spec: str, plan_path: Path, steps: int, lr: float = 1e-3, seed: int = 0,
+                     build: Callable[[str, int], ModelBundle] = build_model) -> list[float]:
+    """``steps`` steps of the plan's micro-batches in one process, from :func:`build_model`'s weights (or
+    ``build``'s), on the data ``autopart train --seed`` draws: what a pipelined run's losses equal."""
     plan = Plan.from_json(plan_path)
-    bundle = build_model(spec, seed)
+    bundle = build(spec, seed)
     m = plan.microbatches
     per_microbatch, sample_shape = microbatch_shape(plan, bundle)  # as train sizes its batches
     data = training_data(bundle, None, per_microbatch * m, sample_shape, seed, 0)

@@ -178,6 +178,7 @@ def run(args: argparse.Namespace) -> int:
     from autopart.core.planner import simulate_plan
     from autopart.formats.atomic import check_writable
     from autopart.measure.blocks import split_blocks
+    from autopart.measure.empty import on_meta_device
     from autopart.measure.spec import load_model, require_parameters
     from autopart.run.data import TEXT_KINDS, text_corpus, training_data
     from autopart.run.microbatch import microbatch_shape
@@ -201,8 +202,13 @@ def run(args: argparse.Namespace) -> int:
         raise AutopartError("--device cuda asked for, but CUDA is not available on this machine")
     if cfg.device != "cpu" and torch.cuda.is_available() and torch.cuda.device_count() < plan.num_ranks:
         raise AutopartError(f"the plan needs {plan.num_ranks} GPUs, this machine has {torch.cuda.device_count()}")
-    with torch.device("meta"):
-        bundle = load_model(cfg.model)
+    try:
+        with on_meta_device():  # names and shapes; a factory's .to("cpu") / .cuda() stays on meta
+            bundle = load_model(cfg.model)
+    except AutopartError:  # a factory that cannot run on meta (it reads a weight): as the ranks, build it whole
+        from autopart.measure.stream import load_with_weights
+
+        bundle = load_with_weights(cfg.model)  # a bad spec fails here as it is
     require_parameters(bundle)
     note = unused_loss_note(bundle)
     if note:

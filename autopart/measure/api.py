@@ -21,6 +21,7 @@ from autopart.formats.profile import Profile
 from autopart.measure.amp import param_dtype
 from autopart.formats.units import format_bytes
 from autopart.measure.blocks import cannot_run
+from autopart.measure.empty import on_meta_device
 from autopart.measure.profiler import profile_model
 from autopart.measure.spec import (Example, LossFn, ModelBundle, call_model, load_model, parse_dtype,
                                    require_parameters, shape_example)
@@ -199,7 +200,7 @@ def meta_build(spec: str, dtype: torch.dtype, build: str, note: NoteFn | None) -
     ``by-block``, or ``auto`` and its weights in ``dtype`` need more than half the memory available), else None
     (build it then with :func:`autopart.measure.stream.load_with_weights`). ``note``: where to say so."""
     try:
-        with torch.device("meta"):
+        with on_meta_device():  # a factory's .to("cpu") / .cuda() stays on meta
             bundle = load_model(spec)
     except AutopartError:
         if build == "by-block":

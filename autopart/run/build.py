@@ -27,7 +27,7 @@ from torch import nn
 
 from autopart.errors import AutopartError
 from autopart.measure.blocks import Chain, GraphChain, chain_of
-from autopart.measure.empty import parameters_on_meta
+from autopart.measure.empty import SetsWeights, WeightWrite, parameters_on_meta
 from autopart.measure.spec import ModelBundle, load_model
 from autopart.measure.stream import load_with_weights, retarget
 
@@ -210,16 +210,38 @@ def materialise_stage(stage: nn.Module, chain: Chain, root: nn.Module, buffers: 
         replace_tensors(trees, moved)
 
 
-def _empty(spec: str, seed: int) -> ModelBundle:
-    """The model with its parameters on the meta device; refused when its factory put a tensor there itself (it
-    has no weights autopart could give back: a buffer's values, or a parameter autopart does not know of)."""
+def _note(spec: str, write: WeightWrite) -> str:
+    if write.inside:
+        return (f"note: {write.inside!r} writes {write.parameter!r} outside reset_parameters/_init_weights "
+                f"({write.where}): every rank builds the whole model to keep it; move the write into _init_weights or "
+                f"reset_parameters to build only each rank's stages")
+    return (f"note: model factory {spec!r} sets weights itself ({write.how} into {write.parameter!r} at "
+            f"{write.where}): every rank builds the whole model to keep them; give them with --weights FILE to build "
+            f"only each rank's stages")
+
+
+def _empty(spec: str, seed: int) -> ModelBundle | str:
+    """The model with its parameters on the meta device, or why it cannot be built so (the note): a write of
+    weights that would be lost (:class:`autopart.measure.empty.SetsWeights`), an error the factory raises with
+    its parameters on meta (a bad spec too: the whole build then raises it as it is), or a tensor it put on meta
+    itself (``weight_norm`` and other parametrizations make their parameters from the meta weight)."""
     torch.manual_seed(seed)
-    with parameters_on_meta() as moved:
-        bundle = load_model(spec)
+    try:
+        with parameters_on_meta() as moved:
+            bundle = load_model(spec)
+    except SetsWeights as stop:
+        return _note(spec, stop.write)
+    except Exception as error:  # noqa: BLE001 - any failure on meta: the whole build, which raises it if it is not that
+        said = str(error) if isinstance(error, AutopartError) else f"{type(error).__name__}: {error}"
+        return (f"note: model factory {spec!r} fails with its parameters on the meta device "
+                f"({' '.join(said.split())[:200]}): every rank builds the whole model")
     module = bundle.module
-    if any(p.is_meta and id(p) not in moved for p in module.parameters()) or any(b.is_meta for b in module.buffers()):
-        raise AutopartError(f"model factory {spec!r} returned a module on the meta device (no weights): build it on "
-                            f"a real device; autopart builds only each rank's stages of it itself")
+    made = next((name for name, p in module.named_parameters() if p.is_meta and id(p) not in moved), None)
+    if made is None:
+        made = next((name for name, b in module.named_buffers() if b.is_meta), None)
+    if made is not None:
+        return (f"note: model factory {spec!r} makes {made!r} from a parameter on the meta device (a "
+                f"parametrization such as weight_norm): every rank builds the whole model")
     return bundle
 
 
@@ -230,6 +252,9 @@ def build_for_rank(spec: str, seed: int, whole: str | None = None) -> RankBuild:
         return RankBuild(build_model(spec, seed), empty=False,
                          note=f"note: {whole}, on the meta device: every rank builds the whole model")
     bundle = _empty(spec, seed)
+    if isinstance(bundle, str):
+        torch.manual_seed(seed)
+        return RankBuild(load_with_weights(spec), empty=False, note=bundle)
     if not any(p.is_meta for p in bundle.module.parameters()):  # a factory that builds its own way
         return RankBuild(bundle, empty=False)
     uncovered = uncovered_parameter(bundle.module)
