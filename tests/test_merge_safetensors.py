@@ -163,7 +163,7 @@ def test_bfloat16_weights_are_named_so_in_the_config(tmp_path: Path) -> None:
     _checkpoint(tmp_path / "ckpt", state, {"lm_head.weight": "transformer.wte.weight"}, f"hf:{tmp_path / 'tiny'}",
                 split=5)
     said = _merge(tmp_path / "ckpt", tmp_path / "out", "--format", "safetensors")
-    assert "MiB bfloat16 (step 1)" in said
+    assert "KiB bfloat16 (step 1)" in said
     config, source = (json.loads((tmp_path / name / "config.json").read_text()) for name in ("out", "tiny"))
     assert source["dtype"] == "float32" and config == {**source, "dtype": "bfloat16"}
     loaded = AutoModelForCausalLM.from_pretrained(tmp_path / "out", local_files_only=True)

@@ -44,7 +44,7 @@ def _pt(args: argparse.Namespace) -> int:
     import torch
 
     from autopart.formats.atomic import check_writable, write_atomic
-    from autopart.formats.units import plural
+    from autopart.formats.units import format_bytes, plural
     from autopart.run.checkpoint import read_checkpoint
 
     check_writable(args.output)
@@ -54,14 +54,14 @@ def _pt(args: argparse.Namespace) -> int:
     unique = {id(t): t for t in state.values()}.values()
     total = sum(t.numel() * t.element_size() for t in unique)
     dtypes = ", ".join(sorted({str(t.dtype).removeprefix("torch.") for t in unique}))
-    print(f"wrote {args.output}: {plural(len(state), 'tensor')}, {total / 2**20:.1f} MiB {dtypes} "
+    print(f"wrote {args.output}: {plural(len(state), 'tensor')}, {format_bytes(total)} {dtypes} "
           f"(step {ckpt.meta['step']})")
     return 0
 
 
 def _safetensors(args: argparse.Namespace) -> int:
     from autopart.formats.atomic import check_folder_writable
-    from autopart.formats.units import plural
+    from autopart.formats.units import format_bytes, plural
     from autopart.run.checkpoint import read_checkpoint
     from autopart.run.export import model_source, write_safetensors
 
@@ -74,5 +74,5 @@ def _safetensors(args: argparse.Namespace) -> int:
     if len(done.left_out) > 3:
         tied += f" (and {len(done.left_out) - 3} more tied names)"
     print(f"wrote {args.output}: {plural(done.shards, 'shard')}, {plural(done.tensors, 'tensor')}, "
-          f"{done.size_bytes / 2**20:.1f} MiB {', '.join(done.dtypes)} (step {ckpt.meta['step']}){beside}{tied}")
+          f"{format_bytes(done.size_bytes)} {', '.join(done.dtypes)} (step {ckpt.meta['step']}){beside}{tied}")
     return 0

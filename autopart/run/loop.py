@@ -130,13 +130,17 @@ def _set_threads(cfg: TrainConfig, plan: Plan, rank: int) -> None:
 
 
 def _import_model_code(spec: str) -> None:
-    """Import the model's library before the memory baseline, so its import is not counted as the build's or
-    the steps' peak (``transformers`` for an ``hf:`` model)."""
+    """Import the model's code before the memory baseline, so its import is not counted as the build's or the
+    steps' peak: for an ``hf:`` model the module of its class (``modeling_llama`` ...: about 130 MiB with what
+    it pulls in, against 18 MiB for ``import transformers`` alone)."""
     if is_hf_spec(spec):
         try:
-            import transformers  # noqa: F401
-        except ImportError:
-            pass  # load_model says so, as one line
+            from autopart.measure.hf import hf_auto_class, hf_config
+
+            config = hf_config(spec)
+            hf_auto_class(config)._model_mapping[type(config)]  # the lazy mapping imports the class's module
+        except Exception:  # noqa: BLE001 - load_model says what is wrong with the spec, as one line
+            pass
 
 
 class _ShapesOnMeta(nn.Module):
