@@ -289,3 +289,32 @@ def test_the_digits_hold_out_their_last_images() -> None:
     assert not (training & (held_images - {bytes(img.numpy().tobytes()) for img in digits.images[:1707]}))
     with pytest.raises(AutopartError, match=r"90 images\) holds fewer than --eval-batches 12 of 8"):
         digits.held_out_batches(12, 8, (1, 8, 8))
+
+
+def test_a_large_text_file_is_read_up_to_the_budget_in_pieces_cut_at_newlines(model: tuple[ModelBundle, Any],
+                                                                              tmp_path: Path,
+                                                                              monkeypatch: pytest.MonkeyPatch) -> None:
+    """A file three budgets long: at most the budget's bytes are read, in pieces that end at a newline, the
+    document's end-of-text token only after the last; the stream is the budget's text tokenized (known answer)."""
+    import autopart.run.tokens as tokens
+
+    monkeypatch.setattr(tokens, "MAX_TEXT_BYTES", 200)
+    monkeypatch.setattr(tokens, "_PIECE_BYTES", 64)
+    _, tokenizer = model
+    text = "\n".join(SENTENCES[i % len(SENTENCES)] for i in range(30))
+    assert len(text.encode()) > 3 * 200
+    big = tmp_path / "big.txt"
+    big.write_text(text)
+    _, read = tokens.read_documents(str(big))
+    pieces = list(read)
+    assert "".join(p for p, _ in pieces) == text[:200] and len(pieces) >= 4
+    assert [ends for _, ends in pieces] == [False] * (len(pieces) - 1) + [True]
+    assert all(p.endswith("\n") and len(p.encode()) <= 64 for p, _ in pieces[:-1])
+    got = tokens.tokenize_for(tmp_path / "llama" / "tokenizer.json", str(big), None)
+    assert got.tokens.tolist() == _stream(tokenizer, [text[:200]], eos=1) and got.documents == 1
+    lines = tmp_path / "big.jsonl"  # JSON Lines stop before the line that would pass the budget
+    lines.write_text("".join(json.dumps({"text": SENTENCES[i % len(SENTENCES)]}) + "\n" for i in range(30)))
+    fit = [line for line in lines.read_text().splitlines(keepends=True)]
+    whole = max(n for n in range(len(fit) + 1) if len("".join(fit[:n]).encode()) <= 200)
+    _, read = tokens.read_documents(str(lines))
+    assert [t for t, _ in read] == [SENTENCES[i % len(SENTENCES)] for i in range(whole)] and 0 < whole < 30

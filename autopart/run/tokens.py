@@ -10,7 +10,9 @@ network, so a model folder trains offline exactly as it was tokenized when saved
 
 Documents: each line's ``text`` of a ``.jsonl`` file (JSON Lines); any other file is one document; a folder, each
 of its files; without ``--data``, each of the Python standard library's sources. At most
-:data:`~autopart.run.texts.MAX_TEXT_BYTES` of text is read, as for bytes (the document that passes it is the last).
+:data:`~autopart.run.texts.MAX_TEXT_BYTES` bytes of text are read, as for bytes: a text file is read and tokenized
+about 1 MiB at a time, cut at a newline (the document's end-of-text token follows its last piece), and the budget
+ends a file mid-way (that piece ends its document) or before the ``.jsonl`` line that would pass it.
 Each document is encoded without the tokenizer's own special tokens (no BOS, no truncation, no padding) and
 followed by the end-of-text token, and the documents make one stream that windows are cut from, with no padding
 (GPT-2's packing). The end-of-text token is the one ``tokenizer_config.json`` names (``eos_token``), else
@@ -20,6 +22,7 @@ line says so).
 """
 from __future__ import annotations
 
+import codecs
 import hashlib
 import json
 import time
@@ -38,7 +41,7 @@ from autopart.run.token_cache import StreamFacts, cache_folder, load, locked, st
 
 __all__ = ["TOKENIZER_FILE", "TokenText", "tokenizer_file", "tokenize_for", "read_documents", "data_files"]
 
-_CACHE_FORMAT = 1
+_CACHE_FORMAT = 2
 """The token cache's layout and packing; a change here makes every cached stream stale."""
 
 TOKENIZER_FILE = "tokenizer.json"
@@ -47,6 +50,9 @@ _EOS_NAMES = ("<|endoftext|>", "</s>", "<eos>", "<|end_of_text|>", "<|im_end|>",
 """End-of-text tokens by their usual names (GPT-2, Llama/T5/BART, Gemma, Llama 3, Qwen, BERT)."""
 
 _MASK_NAMES = ("[MASK]", "<mask>")
+
+_PIECE_BYTES = 2**20
+"""A text file is read this much at a time, cut at its last newline: a 20 GB file is never held whole."""
 
 _ENCODE_CHUNK_BYTES = 2**20
 """Text handed to the tokenizer at a time (``encode_batch_fast`` runs a chunk's documents in parallel): the
@@ -158,14 +164,15 @@ def _tokenize_into(put: Callable[[bytes], None], path: Path, source: str, files:
     dtype = np.uint16 if tokenizer.get_vocab_size(with_added_tokens=True) <= 2**16 else np.int32
     tokens = documents = top = 0
     end = [eos_id] if eos_id is not None else []
-    for batch in _chunks(_capped(_files(files))):
-        for encoding in tokenizer.encode_batch_fast(batch, add_special_tokens=False):
-            ids = np.asarray(encoding.ids + end, dtype=dtype)
+    for batch in _chunks(_files(files, _Budget(MAX_TEXT_BYTES))):
+        encodings = tokenizer.encode_batch_fast([text for text, _ in batch], add_special_tokens=False)
+        for encoding, (_, ends) in zip(encodings, batch):
+            ids = np.asarray(encoding.ids + (end if ends else []), dtype=dtype)
             if ids.size:
                 put(ids.tobytes())
                 tokens += int(ids.size)
                 top = max(top, int(ids.max()))
-        documents += len(batch)
+            documents += int(ends)
     return StreamFacts(dtype=np.dtype(dtype).name, tokens=tokens, documents=documents, eos_id=eos_id,
                        eos_name=eos_name, mask_id=mask_id, top_id=top, top_name=tokenizer.id_to_token(top) or "",
                        sha256="", source=source)
@@ -211,29 +218,68 @@ def data_files(data_path: str | None) -> tuple[str, list[Path]]:
     return str(path), [path] if path.is_file() else sorted(f for f in path.rglob("*") if f.is_file())
 
 
-def read_documents(data_path: str | None) -> tuple[str, Iterator[str]]:
-    """Where the text comes from (for messages) and its documents, read lazily, up to about
-    :data:`~autopart.run.texts.MAX_TEXT_BYTES` of text."""
+def read_documents(data_path: str | None) -> tuple[str, Iterator[tuple[str, bool]]]:
+    """Where the text comes from (for messages) and its text, read lazily, at most
+    :data:`~autopart.run.texts.MAX_TEXT_BYTES` bytes of it: pieces of about :data:`_PIECE_BYTES`, each with
+    whether a document ends with it (a text file is cut into pieces at newlines; its last piece ends it)."""
     source, files = data_files(data_path)
-    return source, _capped(_files(files))
+    return source, _files(files, _Budget(MAX_TEXT_BYTES))
 
 
-def _files(files: list[Path]) -> Iterator[str]:
+class _Budget:
+    """The bytes of text still to be read (shared by the files of one corpus)."""
+
+    def __init__(self, left_bytes: int) -> None:
+        self.left_bytes = left_bytes
+
+
+def _files(files: list[Path], budget: _Budget) -> Iterator[tuple[str, bool]]:
+    """The text of ``files`` as pieces, each with whether a document ends with it, until ``budget`` is spent."""
     for f in files:
-        if f.suffix == ".jsonl":
-            yield from _jsonl(f)
-            continue
+        if budget.left_bytes <= 0:
+            return
         try:
-            yield f.read_bytes().decode("utf-8", errors="replace")
+            if f.suffix == ".jsonl":
+                yield from ((text, True) for text in _jsonl(f, budget))
+            else:
+                yield from _text_pieces(f, budget)
         except OSError:
             continue  # unreadable: skipped, as the byte corpus skips it
 
 
-def _jsonl(path: Path) -> Iterator[str]:
-    """The ``text`` of each line of a JSON Lines file (blank lines skipped); a line that is not JSON, or has no
-    string ``text``: an error that names it."""
-    with open(path, encoding="utf-8", errors="replace") as handle:
-        for number, line in enumerate(handle, start=1):
+def _text_pieces(path: Path, budget: _Budget) -> Iterator[tuple[str, bool]]:
+    """One file as one document, in pieces of at most :data:`_PIECE_BYTES` (never more than ``budget`` in
+    all), each cut after its last newline, so a piece ends where a line does (memory holds a piece, not the file);
+    the last piece, at the end of the file or of the budget, ends the document."""
+    decoder = codecs.getincrementaldecoder("utf-8")(errors="replace")
+    carry = b""
+    with open(path, "rb") as handle:
+        while True:
+            want = min(_PIECE_BYTES - len(carry), budget.left_bytes)  # the carry is after a newline: shorter
+            block = handle.read(want) if want > 0 else b""
+            if not block:
+                yield decoder.decode(carry, final=True), True
+                return
+            budget.left_bytes -= len(block)
+            data = carry + block
+            cut = data.rfind(b"\n") + 1 or len(data)
+            data, carry = data[:cut], data[cut:]
+            yield decoder.decode(data), False
+
+
+def _jsonl(path: Path, budget: _Budget) -> Iterator[str]:
+    """The ``text`` of each line of a JSON Lines file (blank lines skipped), while the lines' bytes fit in
+    ``budget`` (the line that would pass it is not read); a line that is not JSON, or has no string ``text``:
+    an error that names it."""
+    with open(path, "rb") as handle:
+        number = 0
+        while budget.left_bytes > 0:
+            raw = handle.readline(budget.left_bytes + 1)
+            if not raw or len(raw) > budget.left_bytes:
+                return
+            budget.left_bytes -= len(raw)
+            number += 1
+            line = raw.decode("utf-8", errors="replace")
             if not line.strip():
                 continue
             try:
@@ -248,23 +294,13 @@ def _jsonl(path: Path) -> Iterator[str]:
             yield text
 
 
-def _capped(documents: Iterator[str]) -> Iterator[str]:
-    """The documents until :data:`~autopart.run.texts.MAX_TEXT_BYTES` of text have passed."""
-    total = 0
-    for text in documents:
-        yield text
-        total += len(text)
-        if total >= MAX_TEXT_BYTES:
-            return
-
-
-def _chunks(documents: Iterator[str]) -> Iterator[list[str]]:
-    """The documents in lists of about :data:`_ENCODE_CHUNK_BYTES` of text."""
-    batch: list[str] = []
+def _chunks(pieces: Iterator[tuple[str, bool]]) -> Iterator[list[tuple[str, bool]]]:
+    """The pieces in lists of about :data:`_ENCODE_CHUNK_BYTES` of text."""
+    batch: list[tuple[str, bool]] = []
     size = 0
-    for text in documents:
-        batch.append(text)
-        size += len(text)
+    for piece in pieces:
+        batch.append(piece)
+        size += len(piece[0])
         if size >= _ENCODE_CHUNK_BYTES:
             yield batch
             batch, size = [], 0
