@@ -177,3 +177,37 @@ def test_ranks_map_the_launchers_tokens_and_hold_about_their_stage(tmp_path: Pat
     peaks = [r["memory_measured_bytes"] for r in json.loads(report.read_text())["ranks_detail"]]
     print("rank peaks MiB", [round(p / 2**20) for p in peaks])
     assert len(peaks) == 2 and all(0 < p < RANK_PEAK_LIMIT_BYTES for p in peaks), peaks
+
+
+def test_a_built_stream_is_read_under_a_shared_lock_and_built_under_an_exclusive_one(folder: Path,
+                                                                                   token_cache: Path) -> None:
+    """Another process's shared lock (a rank reading) does not hold a reader back, but does hold back a build."""
+    import fcntl
+    import threading
+
+    data = folder.parent / "d.jsonl"
+    first = tokenize_for(folder / "tokenizer.json", str(data), None).tokens.tolist()
+    (lock,) = (token_cache / "tokens").glob("*.lock")
+    got: list[Any] = []
+
+    def read() -> None:
+        got.append(tokenize_for(folder / "tokenizer.json", str(data), None))
+
+    with open(lock, "a") as handle:
+        fcntl.flock(handle.fileno(), fcntl.LOCK_SH)
+        reader = threading.Thread(target=read, daemon=True)
+        try:
+            reader.start()
+            reader.join(timeout=20)
+            assert not reader.is_alive(), "a reader waited for another reader's shared lock"
+            assert got[0].tokens.tolist() == first and "cached " in got[0].description
+            for path in (token_cache / "tokens").glob("*.json"):
+                path.unlink()  # no stream now: this one must be built, under the exclusive lock
+            builder = threading.Thread(target=read, daemon=True)
+            builder.start()
+            builder.join(timeout=1)
+            assert builder.is_alive(), "a build did not wait for a reader's shared lock"
+        finally:
+            fcntl.flock(handle.fileno(), fcntl.LOCK_UN)
+    builder.join(timeout=20)
+    assert not builder.is_alive() and got[1].tokens.tolist() == first and "tokenized in " in got[1].description

@@ -1,10 +1,10 @@
 """A token stream tokenized once and memory-mapped by every rank: the token cache.
 
     folder = cache_folder()                    # $AUTOPART_CACHE, else $XDG_CACHE_HOME/autopart, else ~/.cache/autopart
-    with locked(folder, key):                  # one process builds, the others wait and then read it
-        found = load(folder, key)              # None: absent, or rebuilt after a one-line note (truncated, corrupt)
-        if found is None:
-            store(folder, key, write_tokens)   # streamed into the file: memory bounded by a chunk
+    tokens, facts, built = load_or_store(folder, key, write_tokens)
+    # checked under a shared lock (readers side by side); built under an exclusive one (one process builds, the
+    # others wait and then read it), streamed into the file (memory bounded by a chunk); a truncated or corrupt
+    # stream is rebuilt after a one-line note
 
 A stream is two files under ``FOLDER/tokens/``: ``KEY.tokens``, the raw token ids (``uint16`` or ``int32``, native
 byte order, no header), and ``KEY.json``, its facts (:class:`StreamFacts`: dtype, token and document counts, the
@@ -33,7 +33,7 @@ import numpy.typing as npt
 from autopart.errors import AutopartError
 from autopart.formats.atomic import remove_temporaries, write_atomic
 
-__all__ = ["CACHE_ENV", "StreamFacts", "cache_folder", "locked", "load", "store", "stream_path"]
+__all__ = ["CACHE_ENV", "StreamFacts", "cache_folder", "locked", "load", "load_or_store", "store", "stream_path"]
 
 CACHE_ENV = "AUTOPART_CACHE"
 """The environment variable naming the cache folder (tests set it to a temporary folder)."""
@@ -90,31 +90,49 @@ def _facts_path(folder: Path, key: str) -> Path:
 
 
 @contextmanager
-def locked(folder: Path, key: str) -> Iterator[None]:
-    """Hold stream ``key``'s lock (``flock`` on ``KEY.lock``): the ranks of a user's own ``torchrun`` that find no
-    stream wait while the first one builds it, then read it."""
+def locked(folder: Path, key: str, shared: bool = False) -> Iterator[None]:
+    """Hold stream ``key``'s lock (``flock`` on ``KEY.lock``): shared to read it (the ranks of a user's own
+    ``torchrun`` check a built stream side by side), exclusive to build it (the others wait, then read it)."""
     try:
         handle = open(folder / f"{key}.lock", "a")
     except OSError as exc:
         raise AutopartError(f"cannot write the token cache folder {str(folder)!r}: {exc.strerror or exc} (set "
                             f"{CACHE_ENV} to a writable folder)") from None
     with handle:
-        fcntl.flock(handle.fileno(), fcntl.LOCK_EX)
+        fcntl.flock(handle.fileno(), fcntl.LOCK_SH if shared else fcntl.LOCK_EX)
         try:
             yield
         finally:
             fcntl.flock(handle.fileno(), fcntl.LOCK_UN)
 
 
-def load(folder: Path, key: str) -> tuple[npt.NDArray[np.integer[Any]], StreamFacts] | None:
+def load_or_store(folder: Path, key: str, write: Callable[[Callable[[bytes], None]], StreamFacts]
+                  ) -> tuple[npt.NDArray[np.integer[Any]], StreamFacts, bool]:
+    """Stream ``key`` (see :func:`load`), built with ``write`` (see :func:`store`) when there is none usable;
+    and whether it was built here. A usable stream is checked under the shared lock (readers do not wait for each
+    other); only building takes the exclusive one, and re-checks after getting it (another process may have
+    built it meanwhile)."""
+    with locked(folder, key, shared=True):
+        found = load(folder, key, note=False)
+    if found is not None:
+        return (*found, False)
+    with locked(folder, key):
+        found = load(folder, key)
+        if found is not None:
+            return (*found, False)
+        return (*store(folder, key, write), True)
+
+
+def load(folder: Path, key: str, note: bool = True) -> tuple[npt.NDArray[np.integer[Any]], StreamFacts] | None:
     """Stream ``key`` memory-mapped read-only, with its facts; None when there is none, or when it does not
-    match its facts (then a one-line note on stderr says so, and the caller rebuilds it)."""
+    match its facts (then, if ``note``, a one-line note on stderr says so, and the caller rebuilds it)."""
     facts_path, path = _facts_path(folder, key), stream_path(folder, key)
     if not facts_path.exists():
         return None
     facts, why = _checked(facts_path, path)
     if facts is None:
-        sys.stderr.write(f"note: token cache {path} is not usable: {why}; tokenizing again\n")
+        if note:
+            sys.stderr.write(f"note: token cache {path} is not usable: {why}; tokenizing again\n")
         return None
     if facts.tokens == 0:
         return np.zeros(0, dtype=facts.dtype), facts

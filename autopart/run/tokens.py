@@ -37,7 +37,7 @@ from autopart.errors import AutopartError
 from autopart.formats.units import format_bytes
 from autopart.measure.hf import hf_folder
 from autopart.run.texts import MAX_TEXT_BYTES, default_corpus_files
-from autopart.run.token_cache import StreamFacts, cache_folder, load, locked, store, stream_path
+from autopart.run.token_cache import StreamFacts, cache_folder, load_or_store, stream_path
 
 __all__ = ["TOKENIZER_FILE", "TokenText", "tokenizer_file", "tokenize_for", "read_documents", "data_files"]
 
@@ -94,15 +94,10 @@ def tokenize_for(path: Path, data_path: str | None, vocab_size: int | None) -> T
     source, files = data_files(data_path)
     key = _cache_key(path, files)
     folder = cache_folder()
-    with locked(folder, key):
-        found = load(folder, key)
-        if found is None:
-            started = time.perf_counter()
-            tokens, facts = store(folder, key, lambda put: _tokenize_into(put, path, source, files))
-            how = f"tokenized in {time.perf_counter() - started:.1f} s into {stream_path(folder, key)}"
-        else:
-            tokens, facts = found
-            how = f"cached {stream_path(folder, key)}"
+    started = time.perf_counter()
+    tokens, facts, built = load_or_store(folder, key, lambda put: _tokenize_into(put, path, source, files))
+    how = (f"tokenized in {time.perf_counter() - started:.1f} s into {stream_path(folder, key)}" if built
+           else f"cached {stream_path(folder, key)}")
     if facts.tokens == 0:
         raise AutopartError(f"--data {facts.source}: no text to train on")
     if vocab_size is not None and facts.top_id >= vocab_size:
