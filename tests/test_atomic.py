@@ -153,3 +153,47 @@ def test_own_stdout_redirected_to_a_file_is_written_through_in_order(tmp_path: P
                        env=dict(os.environ, PYTHONPATH=str(Path(__file__).resolve().parent.parent)))
     kept = "old\n" if redirect == "append" else ""
     assert out.read_text() == f"{kept}before\nCSV\nafter\n"
+
+
+def _old_folder(tmp_path: Path) -> Path:
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / "model.safetensors").write_bytes(b"old weights")
+    return out
+
+
+def test_a_replace_whose_second_rename_fails_puts_the_old_folder_back(tmp_path: Path,
+                                                                     monkeypatch: pytest.MonkeyPatch) -> None:
+    """The old folder is moved aside, the new one cannot be renamed in: the old one is back under its name."""
+    from autopart.formats.atomic import write_folder_atomic
+
+    out = _old_folder(tmp_path)
+    real_rename = os.rename
+
+    def rename(src: str | os.PathLike[str], dst: str | os.PathLike[str]) -> None:
+        if str(src).endswith(".tmp") and Path(dst) == out:
+            raise OSError(errno.EIO, "Input/output error")
+        real_rename(src, dst)
+
+    monkeypatch.setattr(os, "rename", rename)
+    with pytest.raises(AutopartError, match=f"cannot write '{out}': Input/output error"):
+        write_folder_atomic(out, lambda folder: (folder / "model.safetensors").write_bytes(b"new"), replace=True)
+    assert (out / "model.safetensors").read_bytes() == b"old weights"
+    assert sorted(os.listdir(tmp_path)) == ["out"]  # nothing aside, no temporary folder
+
+
+def test_a_folder_an_interrupted_replace_left_aside_is_restored_with_a_note(tmp_path: Path,
+                                                                           capsys: pytest.CaptureFixture[str]) -> None:
+    """A process that died between the two renames left OUT missing and its old copy as .out.XXXXXXXX.old: the
+    next write of OUT renames it back first (and refuses to overwrite it without --force, as for any folder)."""
+    from autopart.formats.atomic import check_folder_writable, write_folder_atomic
+
+    aside = _old_folder(tmp_path).rename(tmp_path / ".out.ab12cd_9.old")
+    out = tmp_path / "out"
+    with pytest.raises(AutopartError, match="exists and is not empty"):
+        write_folder_atomic(out, lambda folder: (folder / "model.safetensors").write_bytes(b"new"))
+    assert capsys.readouterr().err == f"note: restored '{out}' from {aside.name}, where an interrupted --force " \
+                                      "replace had moved it\n"
+    assert (out / "model.safetensors").read_bytes() == b"old weights" and sorted(os.listdir(tmp_path)) == ["out"]
+    check_folder_writable(out, replace=True)
+    assert capsys.readouterr().err == ""  # OUT is there: nothing to restore

@@ -236,7 +236,9 @@ def write_json_atomic(path: str | os.PathLike[str], data: Any) -> Path:
 
 def check_folder_writable(path: str | os.PathLike[str], replace: bool = False) -> Path:
     """Fail early, before long work, if :func:`write_folder_atomic` would refuse ``path``: a file there, a
-    non-empty folder (unless ``replace``), a missing or unwritable parent folder."""
+    non-empty folder (unless ``replace``), a missing or unwritable parent folder. A missing ``path`` whose old
+    copy an interrupted replace left aside (``.NAME.XXXXXXXX.old``) is first renamed back, with a one-line note.
+    """
     if not os.fspath(path):
         raise AutopartError("an output needs a folder name, got ''")
     given = Path(path)
@@ -249,7 +251,43 @@ def check_folder_writable(path: str | os.PathLike[str], replace: bool = False) -
         raise AutopartError(f"cannot write {str(given)!r}: folder {str(parent)!r} does not exist")
     if not os.access(parent, os.W_OK | os.X_OK):
         raise AutopartError(f"cannot write {str(given)!r}: permission denied in {str(parent)!r}")
+    if not os.path.lexists(given) and _restore_interrupted(given):
+        return check_folder_writable(given, replace)
     return given
+
+
+def _put_back(old: Path, given: Path) -> None:
+    """Rename the folder moved aside to ``old`` back to ``given`` (a replace that failed half-way); if even that
+    fails, one :class:`AutopartError` says where the old folder is."""
+    try:
+        os.rename(old, given)
+    except OSError as exc:
+        raise AutopartError(f"cannot write {str(given)!r}, and the old folder could not be put back: it is "
+                            f"{str(old)!r} ({exc.strerror or exc})") from None
+
+
+def _restore_interrupted(given: Path) -> bool:
+    """Put back the folder that a replace of the missing ``given`` moved aside (``.NAME.XXXXXXXX.old``) and did not
+    finish (the process died between its two renames), with a one-line note on stderr; whether it did. More than one
+    such folder, or a NAME past the 40 characters the aside name keeps (another folder's could match): a note naming
+    them, and nothing moved."""
+    parent = given.parent if str(given.parent) else Path(".")
+    pattern = re.compile(rf"\.{re.escape(given.name[:40])}\.{_RANDOM}\.old")
+    try:
+        found = sorted(entry.name for entry in os.scandir(parent)
+                       if pattern.fullmatch(entry.name) and entry.is_dir(follow_symlinks=False))
+    except OSError:
+        return False
+    if not found:
+        return False
+    if len(found) > 1 or len(given.name) > 40:
+        sys.stderr.write(f"note: {str(given)!r} is missing and {', '.join(found)} in {str(parent)!r} may hold it (left "
+                         f"by an interrupted --force replace): rename the right one to {given.name!r}\n")
+        return False
+    _put_back(parent / found[0], given)
+    sys.stderr.write(f"note: restored {str(given)!r} from {found[0]}, where an interrupted --force replace had "
+                     f"moved it\n")
+    return True
 
 
 def write_folder_atomic(path: str | os.PathLike[str], fill: Callable[[Path], object], replace: bool = False) -> Path:
@@ -258,8 +296,10 @@ def write_folder_atomic(path: str | os.PathLike[str], fill: Callable[[Path], obj
 
     The folder gets ``0o777 & ~umask`` (``mkdtemp`` alone gives 0700), its files ``0o666 & ~umask``. An
     existing empty folder is replaced; a non-empty one is refused unless ``replace``, which moves it aside, renames
-    the new one in and deletes the old one; a file there is always refused. A failing write leaves ``path`` as it
-    was and is one :class:`AutopartError` naming it (a full disk also names the space left).
+    the new one in and deletes the old one (if renaming the new one in fails, the old one is renamed back; a
+    process that died between the two renames leaves it as ``.NAME.XXXXXXXX.old``, which the next write of
+    ``path`` renames back, see :func:`check_folder_writable`); a file there is always refused. A failing write
+    leaves ``path`` as it was and is one :class:`AutopartError` naming it (a full disk also names the space left).
     """
     given = check_folder_writable(path, replace)
     parent = given.parent
@@ -278,7 +318,11 @@ def write_folder_atomic(path: str | os.PathLike[str], fill: Callable[[Path], obj
         if given.is_dir() and any(given.iterdir()):  # replace: rename(2) only replaces an empty folder
             old = Path(tempfile.mkdtemp(prefix=f".{given.name[:40]}.", suffix=".old", dir=parent))
             os.rename(given, old)
-            os.rename(tmp, given)
+            try:
+                os.rename(tmp, given)
+            except BaseException:
+                _put_back(old, given)
+                raise
             shutil.rmtree(old, ignore_errors=True)
         else:
             os.rename(tmp, given)
