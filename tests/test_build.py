@@ -16,6 +16,7 @@ from autopart.measure.optimizers import make_optimizer
 from autopart.measure.spec import ModelBundle, call_model
 from autopart.run.build import (build_for_rank, build_model, buffers_to_meta, cut_on_meta, materialise_stage,
                                  uncovered_parameter)
+from autopart.run.shapes import NeedsValues
 from autopart.run.data import training_data
 from autopart.run.microbatch import microbatch_shape
 from tests.conftest import ROOT, run_cli
@@ -94,6 +95,35 @@ def test_each_stage_built_alone_has_the_whole_builds_weights(spec: str, balance:
         assert torch.equal(tensor, expected[name]), name
 
 
+def _splits(blocks: int) -> list[list[int]]:
+    """Every split of ``blocks`` blocks into two or more stages."""
+    out = [[blocks]]
+    for first in range(1, blocks):
+        out += [[first, *rest] for rest in _splits(blocks - first)]
+    return out if blocks > 1 else [[1]]
+
+
+@pytest.mark.parametrize("factory", ["spanning_init", "root_draws", "orthogonal_init"])
+def test_an_init_that_draws_for_other_stages_gives_each_stage_the_whole_builds_weights(factory: str) -> None:
+    """A container's ``reset_parameters`` over all its children, a root ``_init_weights`` that draws for a child
+    it is not called on, ``orthogonal_`` / ``trunc_normal_`` / ``sparse_``: the draws for the tensors still on
+    meta are made too, so every stage of every split has exactly the whole build's weights."""
+    spec = f"{MODELS}:{factory}"
+    whole = dict(build_model(spec, 0).module.named_parameters())
+    for balance in _splits(4):
+        if len(balance) < 2:
+            continue
+        got = _stages_one_by_one(spec, balance)
+        assert set(got) == set(whole), balance
+        for name, tensor in got.items():
+            assert torch.equal(tensor, whole[name]), (balance, name)
+
+
+def test_an_init_whose_draws_depend_on_values_on_meta_needs_the_whole_model() -> None:
+    with pytest.raises(NeedsValues, match="draws poisson"):
+        _stages_one_by_one(f"{MODELS}:poisson_init", [2, 2])
+
+
 @torch.no_grad()
 def test_the_models_own_initialisation_is_kept() -> None:
     pytest.importorskip("transformers")
@@ -142,7 +172,8 @@ def _train(spec: str, balance: list[int], tmp_path: Path, *extra: str, steps: in
 
 @pytest.mark.slow
 @pytest.mark.parametrize("spec, balance", [("gpt2-tiny", [3, 3]), (UNET, [2, 3]), (HF_GPT2, [3, 3]),
-                                           (HF_LLAMA, [2, 3]), (f"{MODELS}:sinusoidal", [2, 3])])
+                                           (HF_LLAMA, [2, 3]), (f"{MODELS}:sinusoidal", [2, 3]),
+                                           (f"{MODELS}:spanning_init", [1, 3]), (f"{MODELS}:orthogonal_init", [3, 1])])
 def test_two_ranks_train_as_one_process_from_the_same_weights(spec: str, balance: list[int], tmp_path: Path) -> None:
     if spec.startswith("hf:"):
         pytest.importorskip("transformers")
@@ -157,6 +188,14 @@ def test_a_model_with_an_uncovered_parameter_is_built_whole_and_says_so(tmp_path
     spec = f"{MODELS}:uncovered"
     report, said = _train(spec, [2, 1], tmp_path)
     assert "note: parameter '1.gain' (Scale) has no initialisation autopart can run per stage" in said
+    assert report["losses"] == pytest.approx(reference_losses(spec, tmp_path / "plan.json", 2), rel=1e-6, abs=1e-6)
+
+
+@pytest.mark.slow
+def test_an_init_whose_draws_depend_on_values_builds_whole_and_trains_as_one_process(tmp_path: Path) -> None:
+    spec = f"{MODELS}:poisson_init"
+    report, said = _train(spec, [2, 2], tmp_path)
+    assert "note: the model's initialisation draws poisson" in said, said
     assert report["losses"] == pytest.approx(reference_losses(spec, tmp_path / "plan.json", 2), rel=1e-6, abs=1e-6)
 
 
