@@ -165,7 +165,7 @@ def _prepare(cfg: TrainConfig, rank: int, device: torch.device, plan: Plan, whol
     """The plan (at the run's micro-batch size) checked against the model, this rank's stages, data and
     optimizer, resumed if asked. ``whole``: why this rank builds the whole model (else only its stages)."""
     world = int(os.environ.get("WORLD_SIZE", "1"))
-    built = build_for_rank(cfg.model, cfg.seed, whole)
+    built = build_for_rank(cfg.model, cfg.seed, whole, weights=bool(cfg.weights))
     bundle = built.bundle
     if built.note and rank == 0:
         say(built.note)
