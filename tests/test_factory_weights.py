@@ -232,7 +232,8 @@ def test_two_ranks_train_a_factory_that_fails_on_meta_whole_and_say_so_once(tmp_
     assert report["losses"] == pytest.approx(expected, rel=1e-6, abs=1e-6)
 
 
-@pytest.mark.parametrize("factory", ["loads_state_dict", "assigns", "zeroes_head", "init_writes", "nanogpt", "uncovered"])
+@pytest.mark.parametrize("factory", ["loads_state_dict", "assigns", "zeroes_head", "init_writes", "nanogpt",
+                                     "uncovered"])
 def test_with_weights_given_a_factory_that_sets_weights_is_built_per_stage(factory: str,
                                                                           saved_state: dict[str, torch.Tensor]) -> None:
     """With ``--weights`` every parameter comes from the file (its keys are checked to cover them all), so neither

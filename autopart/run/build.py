@@ -37,7 +37,8 @@ from autopart.measure.spec import ModelBundle, load_model
 from autopart.measure.stream import load_with_weights, retarget
 from autopart.run.shapes import NeedsValues
 
-__all__ = ["RankBuild", "buffers_to_meta", "build_for_rank", "build_model", "cut_on_meta", "fill_stage", "initialise",
+__all__ = ["DrawsNeedValues", "RankBuild", "buffers_to_meta", "build_for_rank", "build_model", "cut_on_meta", "fill_stage",
+           "initialise",
            "materialise", "materialise_stage", "module_seed", "replace_tensors", "uncovered_parameter"]
 
 
@@ -143,6 +144,11 @@ def _init_functions_replayed(cpu: Callable[[torch.Tensor], torch.Tensor]) -> Ite
             where[name] = original
 
 
+class DrawsNeedValues(NeedsValues):
+    """A stage's initialisation draws for a tensor on the meta device as many numbers as its values say: found on
+    the ranks whose stages it initialises, so only they build the whole model."""
+
+
 class _DrawsReplayed(TorchDispatchMode):
     """Every random operator on a meta tensor run again on CPU tensors of the same shape, strides and dtype (freed
     at once: the peak is one tensor), so that the CPU generator advances exactly as it does in a whole build,
@@ -172,8 +178,8 @@ class _DrawsReplayed(TorchDispatchMode):
             return out  # drawn for real
         name = func.__name__.split(".")[0]
         if name not in _REPLAYED:
-            raise NeedsValues(f"the model's initialisation draws {name} (as many draws as its values say) for a "
-                              f"tensor")
+            raise DrawsNeedValues(f"the model's initialisation draws {name} (as many draws as its values say) for a "
+                                  f"tensor on the meta device")
         written = {id(args[0])} if func._schema.is_mutable and args else set()  # the tensor drawn into
 
         def cpu(value: Any) -> Any:
@@ -361,8 +367,9 @@ def build_for_rank(spec: str, seed: int, whole: str | None = None, weights: bool
     factory's own writes of weights nor a parameter nothing initialises needs the whole model built: only a
     factory that cannot run with its parameters on meta does."""
     if whole is not None:
-        return RankBuild(build_model(spec, seed), empty=False,
-                         note=f"note: {whole}, on the meta device: every rank builds the whole model")
+        note = whole if whole.startswith("note: ") else \
+            f"note: {whole}, on the meta device: every rank builds the whole model"
+        return RankBuild(build_model(spec, seed), empty=False, note=note)
     bundle = _empty(spec, seed, weights)
     if isinstance(bundle, str):
         torch.manual_seed(seed)
