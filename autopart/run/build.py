@@ -37,9 +37,8 @@ from autopart.measure.spec import ModelBundle, load_model
 from autopart.measure.stream import load_with_weights, retarget
 from autopart.run.shapes import NeedsValues
 
-__all__ = ["DrawsNeedValues", "RankBuild", "buffers_to_meta", "build_for_rank", "build_model", "cut_on_meta", "fill_stage",
-           "initialise",
-           "materialise", "materialise_stage", "module_seed", "replace_tensors", "uncovered_parameter"]
+__all__ = ["DrawsNeedValues", "RankBuild", "buffers_to_meta", "build_for_rank", "build_model", "cut_on_meta",
+           "fill_stage", "initialise", "materialise", "materialise_stage", "module_seed", "replace_tensors", "uncovered_parameter"]
 
 
 @dataclass(frozen=True)
