@@ -207,3 +207,25 @@ def test_each_rank_builds_only_its_own_stages_bytes(tmp_path: Path) -> None:
     peaks = {r["rank"]: r["build_peak_bytes"] for r in report["ranks_detail"]}
     assert peaks[0] > 0.9 * big, peaks
     assert peaks[1] < 0.25 * big, peaks  # a whole-model build would peak above 64 MiB here too
+
+
+@pytest.mark.parametrize("factory", ["spanning_init", "orthogonal_init"])
+def test_draws_for_other_stages_are_made_in_the_whole_builds_dtype_under_bf16_true(factory: str) -> None:
+    """bf16-true casts the model on meta before a rank materialises its stages; the whole build draws in float32
+    and then casts: the draws for the other stages' tensors are made in float32 too (``orthogonal_``'s QR has no
+    bfloat16 kernel on the CPU; ``normal_`` draws differently per dtype)."""
+    spec = f"{MODELS}:{factory}"
+    whole = {n: p.to(torch.bfloat16) for n, p in build_model(spec, 0).module.named_parameters()}
+    for first, count in [(0, 1), (1, 3), (2, 2)]:
+        built = build_for_rank(spec, 0)
+        root = built.bundle.module
+        drawn = {id(p): p.dtype for p in root.parameters()}
+        root.to(dtype=torch.bfloat16)
+        buffers = buffers_to_meta(root)
+        assert built.bundle.example is not None
+        chain = cut_on_meta(root, tuple(t.to(torch.bfloat16) for t in built.bundle.example), spec, None,
+                            torch.device("cpu"))
+        stage = chain.stage_module(first, first + count - 1)
+        materialise_stage(stage, chain, root, buffers, drawn, torch.bfloat16, torch.device("cpu"), 0)
+        for name, param in stage.named_parameters():
+            assert param.dtype == torch.bfloat16 and torch.equal(param, whole[name]), (first, count, name)
