@@ -319,3 +319,74 @@ def chain_reads_a_weight() -> dict[str, Any]:
     model = nn.Sequential(nn.Linear(8, 8), nn.Tanh(), nn.Linear(8, 4))
     model.scale = float(model[0].weight.detach().abs().max())
     return {"module": model, "example": torch.randn(4, 8), "loss_fn": F.mse_loss}
+
+
+class SpanningInit(nn.Sequential):
+    """Four ``Linear(8, 8)`` whose container's own ``reset_parameters`` draws for every child (after the children's
+    own): a stage that holds some of them is drawn where a whole build draws them only if the draws for the
+    others, still on meta, are made too."""
+
+    def __init__(self) -> None:
+        super().__init__(*(nn.Linear(8, 8) for _ in range(4)))
+
+    def reset_parameters(self) -> None:
+        for layer in self:
+            nn.init.normal_(layer.weight, std=0.02)
+
+
+class RootDraws(nn.Sequential):
+    """A root ``_init_weights`` that, called on the root, draws for a child it is not called on (layer 3), after
+    the children's own."""
+
+    def __init__(self) -> None:
+        super().__init__(*(nn.Linear(8, 8) for _ in range(4)))
+
+    def _init_weights(self, module: nn.Module) -> None:
+        if module is self:
+            nn.init.normal_(self[3].weight, std=0.5)
+            nn.init.kaiming_uniform_(self[1].weight)
+        elif isinstance(module, nn.Linear):
+            nn.init.xavier_normal_(module.weight)
+            nn.init.zeros_(module.bias)
+
+
+class OrthogonalInit(nn.Sequential):
+    """A container's ``reset_parameters`` with ``orthogonal_`` (drawn into a ``new_empty``, then a QR),
+    ``trunc_normal_`` (``uniform_``, then ``erfinv``) and ``sparse_`` (``normal_``, then ``randperm``)."""
+
+    def __init__(self) -> None:
+        super().__init__(*(nn.Linear(8, 8) for _ in range(4)))
+
+    def reset_parameters(self) -> None:
+        for layer in self:
+            nn.init.orthogonal_(layer.weight)
+            nn.init.trunc_normal_(layer.bias, std=0.1)
+            nn.init.sparse_(layer.weight, sparsity=0.25)
+
+
+class PoissonInit(nn.Sequential):
+    """A container's init whose draws for a child depend on values (``poisson``): cannot be replayed on meta."""
+
+    def __init__(self) -> None:
+        super().__init__(*(nn.Linear(8, 8) for _ in range(4)))
+
+    def reset_parameters(self) -> None:
+        for layer in self:
+            with torch.no_grad():
+                layer.weight.copy_(torch.poisson(torch.ones_like(layer.weight)) * 0.1)
+
+
+def spanning_init() -> dict[str, Any]:
+    return _net(SpanningInit())
+
+
+def root_draws() -> dict[str, Any]:
+    return _net(RootDraws())
+
+
+def orthogonal_init() -> dict[str, Any]:
+    return _net(OrthogonalInit())
+
+
+def poisson_init() -> dict[str, Any]:
+    return _net(PoissonInit())

@@ -16,6 +16,7 @@ from autopart.measure.optimizers import make_optimizer
 from autopart.measure.spec import ModelBundle, call_model
 from autopart.run.build import (build_for_rank, build_model, buffers_to_meta, cut_on_meta, materialise_stage,
                                  uncovered_parameter)
+from autopart.run.shapes import NeedsValues
 from autopart.run.data import training_data
 from autopart.run.microbatch import microbatch_shape
 from tests.conftest import ROOT, run_cli
@@ -94,6 +95,35 @@ def test_each_stage_built_alone_has_the_whole_builds_weights(spec: str, balance:
         assert torch.equal(tensor, expected[name]), name
 
 
+def _splits(blocks: int) -> list[list[int]]:
+    """Every split of ``blocks`` blocks into two or more stages."""
+    out = [[blocks]]
+    for first in range(1, blocks):
+        out += [[first, *rest] for rest in _splits(blocks - first)]
+    return out if blocks > 1 else [[1]]
+
+
+@pytest.mark.parametrize("factory", ["spanning_init", "root_draws", "orthogonal_init"])
+def test_an_init_that_draws_for_other_stages_gives_each_stage_the_whole_builds_weights(factory: str) -> None:
+    """A container's ``reset_parameters`` over all its children, a root ``_init_weights`` that draws for a child
+    it is not called on, ``orthogonal_`` / ``trunc_normal_`` / ``sparse_``: the draws for the tensors still on
+    meta are made too, so every stage of every split has exactly the whole build's weights."""
+    spec = f"{MODELS}:{factory}"
+    whole = dict(build_model(spec, 0).module.named_parameters())
+    for balance in _splits(4):
+        if len(balance) < 2:
+            continue
+        got = _stages_one_by_one(spec, balance)
+        assert set(got) == set(whole), balance
+        for name, tensor in got.items():
+            assert torch.equal(tensor, whole[name]), (balance, name)
+
+
+def test_an_init_whose_draws_depend_on_values_on_meta_needs_the_whole_model() -> None:
+    with pytest.raises(NeedsValues, match="draws poisson"):
+        _stages_one_by_one(f"{MODELS}:poisson_init", [2, 2])
+
+
 @torch.no_grad()
 def test_the_models_own_initialisation_is_kept() -> None:
     pytest.importorskip("transformers")
@@ -142,7 +172,8 @@ def _train(spec: str, balance: list[int], tmp_path: Path, *extra: str, steps: in
 
 @pytest.mark.slow
 @pytest.mark.parametrize("spec, balance", [("gpt2-tiny", [3, 3]), (UNET, [2, 3]), (HF_GPT2, [3, 3]),
-                                           (HF_LLAMA, [2, 3]), (f"{MODELS}:sinusoidal", [2, 3])])
+                                           (HF_LLAMA, [2, 3]), (f"{MODELS}:sinusoidal", [2, 3]),
+                                           (f"{MODELS}:spanning_init", [1, 3]), (f"{MODELS}:orthogonal_init", [3, 1])])
 def test_two_ranks_train_as_one_process_from_the_same_weights(spec: str, balance: list[int], tmp_path: Path) -> None:
     if spec.startswith("hf:"):
         pytest.importorskip("transformers")
@@ -161,9 +192,40 @@ def test_a_model_with_an_uncovered_parameter_is_built_whole_and_says_so(tmp_path
 
 
 @pytest.mark.slow
+def test_an_init_whose_draws_depend_on_values_builds_whole_and_trains_as_one_process(tmp_path: Path) -> None:
+    spec = f"{MODELS}:poisson_init"
+    report, said = _train(spec, [2, 2], tmp_path)
+    assert ("initialisation draws poisson (as many draws as its values say) for a tensor on the meta device: it builds "
+            "the whole model") in said, said
+    assert report["losses"] == pytest.approx(reference_losses(spec, tmp_path / "plan.json", 2), rel=1e-6, abs=1e-6)
+
+
+@pytest.mark.slow
 def test_each_rank_builds_only_its_own_stages_bytes(tmp_path: Path) -> None:
     big = 4096 * 4096 * 4  # 64 MiB on stage 0; stage 1 holds 1 MiB
     report, _ = _train(f"{MODELS}:lopsided", [1, 1], tmp_path, "--lr", "0", steps=1)
     peaks = {r["rank"]: r["build_peak_bytes"] for r in report["ranks_detail"]}
     assert peaks[0] > 0.9 * big, peaks
     assert peaks[1] < 0.25 * big, peaks  # a whole-model build would peak above 64 MiB here too
+
+
+@pytest.mark.parametrize("factory", ["spanning_init", "orthogonal_init"])
+def test_draws_for_other_stages_are_made_in_the_whole_builds_dtype_under_bf16_true(factory: str) -> None:
+    """bf16-true casts the model on meta before a rank materialises its stages; the whole build draws in float32
+    and then casts: the draws for the other stages' tensors are made in float32 too (``orthogonal_``'s QR has no
+    bfloat16 kernel on the CPU; ``normal_`` draws differently per dtype)."""
+    spec = f"{MODELS}:{factory}"
+    whole = {n: p.to(torch.bfloat16) for n, p in build_model(spec, 0).module.named_parameters()}
+    for first, count in [(0, 1), (1, 3), (2, 2)]:
+        built = build_for_rank(spec, 0)
+        root = built.bundle.module
+        drawn = {id(p): p.dtype for p in root.parameters()}
+        root.to(dtype=torch.bfloat16)
+        buffers = buffers_to_meta(root)
+        assert built.bundle.example is not None
+        chain = cut_on_meta(root, tuple(t.to(torch.bfloat16) for t in built.bundle.example), spec, None,
+                            torch.device("cpu"))
+        stage = chain.stage_module(first, first + count - 1)
+        materialise_stage(stage, chain, root, buffers, drawn, torch.bfloat16, torch.device("cpu"), 0)
+        for name, param in stage.named_parameters():
+            assert param.dtype == torch.bfloat16 and torch.equal(param, whole[name]), (first, count, name)

@@ -135,7 +135,8 @@ def test_a_write_in_init_outside_its_init_methods_is_built_whole(factory: str) -
         assert torch.equal(weights["head.bias"], torch.full((4,), 0.5))
         assert built.note.endswith(f"(build_models.py:{_line('nn.init.constant_(self.head.bias, 0.5)')}): every rank "
                                    "builds the whole model to keep it; move the write into _init_weights or "
-                                   "reset_parameters to build only each rank's stages")
+                                   "reset_parameters, or give every weight with --weights FILE, to build only each "
+                                   "rank's stages")
     elif factory == "nanogpt":  # its scaled init kept: std 0.02 / sqrt(2 * n_layer) = 0.01
         assert float(weights["h.0.c_proj.weight"].std()) == pytest.approx(0.01, rel=0.3)
     elif factory == "attention":
@@ -224,6 +225,43 @@ def test_two_ranks_train_a_factory_that_fails_on_meta_whole_and_say_so_once(tmp_
     assert said.count("fails with its parameters on the meta device (model factory ") == 1, said
 
     def factory_weights(name: str, seed: int) -> ModelBundle:
+        torch.manual_seed(seed)
+        return load_model(name)
+
+    expected = reference_losses(spec, tmp_path / "plan.json", 2, build=factory_weights)
+    assert report["losses"] == pytest.approx(expected, rel=1e-6, abs=1e-6)
+
+
+@pytest.mark.parametrize("factory", ["loads_state_dict", "assigns", "zeroes_head", "init_writes", "nanogpt",
+                                     "uncovered"])
+def test_with_weights_given_a_factory_that_sets_weights_is_built_per_stage(factory: str,
+                                                                          saved_state: dict[str, torch.Tensor]) -> None:
+    """With ``--weights`` every parameter comes from the file (its keys are checked to cover them all), so neither
+    the factory's own writes nor a parameter nothing initialises needs the whole model: per stage, no note."""
+    spec = f"{MODELS}:{factory}"
+    assert not build_for_rank(spec, 0).empty  # without the file: whole
+    built = build_for_rank(spec, 0, weights=True)
+    assert built.empty and built.note is None
+    assert all(p.is_meta for p in built.bundle.module.parameters())
+
+
+def test_with_weights_given_a_factory_that_cannot_run_on_meta_is_still_built_whole() -> None:
+    spec = f"{MODELS}:reads_a_weight"
+    built = build_for_rank(spec, 0, weights=True)
+    assert not built.empty and built.note is not None and "fails with its parameters on the meta device" in built.note
+
+
+@pytest.mark.slow
+def test_two_ranks_train_a_factory_that_loads_its_file_per_stage_with_weights(saved_state: dict[str, torch.Tensor],
+                                                                              tmp_path: Path) -> None:
+    """The factory loads ``state.pt`` itself and ``--weights`` gives the same file: each rank builds only its
+    stages (no note), loads its tensors from the file, and trains as one process from the factory's weights."""
+    spec = f"{MODELS}:loads_state_dict"
+    state = tmp_path / "state.pt"
+    report, said = _train(spec, [1, 1], tmp_path, "--weights", str(state), steps=2)
+    assert "builds the whole model" not in said and "sets weights itself" not in said, said
+
+    def factory_weights(name: str, seed: int) -> ModelBundle:  # the file's weights, as the factory loads them
         torch.manual_seed(seed)
         return load_model(name)
 

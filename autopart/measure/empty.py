@@ -148,7 +148,9 @@ def _written(func: Any, args: tuple[Any, ...], kwargs: dict[str, Any]) -> Iterat
 class _Watch:
     """The parameters moved to meta, by the storage they share with their views, and the check of a write."""
 
-    def __init__(self) -> None:
+    def __init__(self, writes_kept: bool = True) -> None:
+        self.writes_kept = writes_kept
+        """False: writes are let go (their values are lost on meta), none stops the factory."""
         self.params: dict[int, nn.Parameter] = {}
         self.owners: dict[int, str] = {}
         self.standing: dict[int, WeightWrite] = {}
@@ -181,6 +183,8 @@ class _Watch:
     def fire(self, param: nn.Parameter, how: str) -> None:
         """A write into a moved parameter: construction overwrites what an ``__init__`` wrote before it; a write
         in an ``__init__`` stands until then (:meth:`first_standing`); any other is raised at once."""
+        if not self.writes_kept:
+            return
         frame = sys._getframe(2)
         kind, init = _loaded_or_made(frame)
         if kind is None:
@@ -263,14 +267,15 @@ def on_meta_device() -> Iterator[None]:
 
 
 @contextmanager
-def parameters_on_meta() -> Iterator[set[int]]:
+def parameters_on_meta(writes_kept: bool = True) -> Iterator[set[int]]:
     """Within it, every parameter a module registers is moved to the meta device (its class, ``requires_grad``
     and attributes kept); buffers stay where they are made; a write of values into a moved parameter outside the
     model's construction raises :class:`SetsWeights` (see the module docstring). Yields the set of the ``id`` of
-    each parameter it moved, filled as they are registered."""
+    each parameter it moved, filled as they are registered. ``writes_kept=False``: writes are let go instead (every
+    weight is to come from a file)."""
     original = nn.Module.register_parameter
     moved: set[int] = set()
-    watch = _Watch()
+    watch = _Watch(writes_kept)
 
     def register(self: nn.Module, name: str, param: nn.Parameter | None) -> None:
         original(self, name, param)

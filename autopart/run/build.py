@@ -18,21 +18,27 @@ from the seed, with the weights its factory draws, and the run says so.
 """
 from __future__ import annotations
 
+import functools
+import sys
 import zlib
+from contextlib import contextmanager
 from dataclasses import dataclass, replace
-from typing import Callable, Iterable, Iterator, Mapping, Sequence
+from typing import Any, Callable, Iterable, Iterator, Mapping, Sequence
 
 import torch
 from torch import nn
+from torch.utils import _pytree as pytree
+from torch.utils._python_dispatch import TorchDispatchMode
 
 from autopart.errors import AutopartError
 from autopart.measure.blocks import Chain, GraphChain, chain_of
 from autopart.measure.empty import SetsWeights, WeightWrite, parameters_on_meta
 from autopart.measure.spec import ModelBundle, load_model
 from autopart.measure.stream import load_with_weights, retarget
+from autopart.run.shapes import NeedsValues
 
-__all__ = ["RankBuild", "buffers_to_meta", "build_for_rank", "build_model", "cut_on_meta", "fill_stage", "initialise",
-           "materialise", "materialise_stage", "module_seed", "replace_tensors", "uncovered_parameter"]
+__all__ = ["DrawsNeedValues", "RankBuild", "buffers_to_meta", "build_for_rank", "build_model", "cut_on_meta",
+           "fill_stage", "initialise", "materialise", "materialise_stage", "module_seed", "replace_tensors", "uncovered_parameter"]
 
 
 @dataclass(frozen=True)
@@ -88,12 +94,119 @@ def _post_order(module: nn.Module, name: str, init: Callable[[nn.Module], None] 
     yield name, module, init
 
 
-def initialise(root: nn.Module, seed: int, params: Iterable[torch.Tensor] | None = None) -> None:
+_REPLAYED = frozenset({"normal_", "uniform_", "bernoulli_", "exponential_", "random_", "log_normal_", "cauchy_",
+                       "geometric_", "normal", "rand", "randn", "randint", "randperm", "rand_like", "randn_like",
+                       "randint_like", "bernoulli"})
+"""Random operators whose draws from the generator depend on their tensors' shapes, strides and dtypes (and scalar
+arguments) only, never on their values: a draw into a meta tensor is replayed on the CPU with the same count.
+``torch.nn.init``'s ``normal_``, ``uniform_``, ``kaiming_*`` and ``xavier_*`` come down to these; its
+``trunc_normal_``, ``orthogonal_`` and ``sparse_`` return at once on a meta tensor (see :data:`_SKIP_META`)."""
+_SKIP_META = ("_no_grad_trunc_normal_", "orthogonal_", "sparse_")
+"""``torch.nn.init``'s functions that draw nothing for a meta tensor (they return before drawing), and whose draws
+cannot be replayed operator by operator anyway (``trunc_normal_`` rejects and redraws by the values it drew;
+``orthogonal_`` draws, then QR; ``sparse_`` draws, then ``randperm`` per column): for a meta tensor each is run
+whole on a CPU tensor of its shape, strides and dtype, whose values are the very draws a whole build makes, so
+its redraws are the same too (:func:`_init_functions_replayed`)."""
+
+
+@contextmanager
+def _init_functions_replayed(cpu: Callable[[torch.Tensor], torch.Tensor]) -> Iterator[None]:
+    """While it lasts, each of :data:`_SKIP_META` called on a meta tensor runs on ``cpu(tensor)`` instead (then
+    freed): by its name in ``torch.nn.init`` (``trunc_normal_`` calls ``_no_grad_trunc_normal_`` so) and in
+    ``transformers``' table of them where it is imported. A copy imported by name before (``from torch.nn.init
+    import orthogonal_``) is not seen: it draws nothing for a meta tensor, as before."""
+    init = torch.nn.init
+    tables: list[dict[str, Any]] = [vars(init)]
+    hf = sys.modules.get("transformers.initialization")
+    table = getattr(hf, "TORCH_INIT_FUNCTIONS", None)
+    if isinstance(table, dict):
+        tables.append(table)
+    saved: list[tuple[dict[str, Any], str, Any]] = []
+
+    def replayed(original: Callable[..., torch.Tensor]) -> Callable[..., torch.Tensor]:
+        @functools.wraps(original)
+        def run(tensor: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
+            if not tensor.is_meta:
+                return original(tensor, *args, **kwargs)
+            original(cpu(tensor), *args, **kwargs)  # the same draws, on the CPU; the values are dropped
+            return tensor
+        return run
+
+    for where in tables:
+        saved += [(where, name, where[name]) for name in _SKIP_META if callable(where.get(name))]
+    try:
+        for where, name, original in saved:
+            where[name] = replayed(original)
+        yield
+    finally:
+        for where, name, original in reversed(saved):
+            where[name] = original
+
+
+class DrawsNeedValues(NeedsValues):
+    """A stage's initialisation draws for a tensor on the meta device as many numbers as its values say: found on
+    the ranks whose stages it initialises, so only they build the whole model."""
+
+
+class _DrawsReplayed(TorchDispatchMode):
+    """Every random operator on a meta tensor run again on CPU tensors of the same shape, strides and dtype (freed
+    at once: the peak is one tensor), so that the CPU generator advances exactly as it does in a whole build,
+    where those tensors are real. ``dtypes``: the dtype a whole build draws a parameter in, by the ``_cdata`` of
+    its meta storage, where it differs from its meta one (a bf16-true run casts the model on meta first). A
+    random operator whose draws depend on values (``poisson``, ``multinomial``, ...) raises :class:`NeedsValues`."""
+
+    def __init__(self, dtypes: Mapping[int, torch.dtype]) -> None:
+        super().__init__()
+        self.dtypes = dtypes
+
+    def cpu(self, t: torch.Tensor, written: bool = True) -> torch.Tensor:
+        """A CPU tensor of ``t``'s shape, strides and dtype (the whole build's): uninitialised where it is drawn
+        into, else zeros."""
+        dtype = self.dtypes.get(t.untyped_storage()._cdata, t.dtype)
+        made = torch.empty_strided(t.shape, t.stride(), dtype=dtype, device="cpu")
+        return made if written else made.zero_()
+
+    def __torch_dispatch__(self, func: Any, types: Any, args: tuple[Any, ...] = (),
+                           kwargs: dict[str, Any] | None = None) -> Any:
+        kwargs = kwargs or {}
+        out = func(*args, **kwargs)
+        if torch.Tag.nondeterministic_seeded not in func.tags:
+            return out
+        leaves = pytree.tree_leaves((args, kwargs, out))
+        if not any(isinstance(t, torch.Tensor) and t.is_meta for t in leaves):
+            return out  # drawn for real
+        name = func.__name__.split(".")[0]
+        if name not in _REPLAYED:
+            raise DrawsNeedValues(f"the model's initialisation draws {name} (as many draws as its values say) for a "
+                                  f"tensor on the meta device")
+        written = {id(args[0])} if func._schema.is_mutable and args else set()  # the tensor drawn into
+
+        def cpu(value: Any) -> Any:
+            if isinstance(value, torch.Tensor) and value.is_meta:
+                return self.cpu(value, id(value) in written)
+            if isinstance(value, torch.device) and value.type == "meta":
+                return torch.device("cpu")
+            return value
+
+        cpu_args, cpu_kwargs = pytree.tree_map(cpu, (args, kwargs))
+        func(*cpu_args, **cpu_kwargs)  # the same draws, on the CPU; the result is dropped
+        return out
+
+
+def initialise(root: nn.Module, seed: int, params: Iterable[torch.Tensor] | None = None,
+               dtypes: Mapping[int, torch.dtype] | None = None) -> None:
     """The model's own initialisation of every module that holds one of ``params`` (in it or below it; None:
     every real, not meta, parameter), each from :func:`module_seed` (see the module docstring): the same values
-    whichever of them are real."""
+    whichever of them are real. A module's initialisation that also draws for tensors still on the meta device (a
+    container's ``reset_parameters`` over its children, a root ``_init_weights`` that draws for a child) draws
+    for them on the CPU all the same (:class:`_DrawsReplayed`), so the random stream is where a whole build has it
+    when this rank's own parameters are drawn. ``dtypes``: a parameter's dtype by ``id`` where its initialisation
+    runs in another one (:func:`materialise`'s)."""
     wanted = {id(p) for p in (params if params is not None else root.parameters()) if not p.is_meta}
-    with torch.no_grad():
+    by_storage = {p.untyped_storage()._cdata: dtypes[id(p)] for p in root.parameters()
+                  if p.is_meta and dtypes is not None and id(p) in dtypes and dtypes[id(p)] != p.dtype}
+    replay = _DrawsReplayed(by_storage)
+    with torch.no_grad(), replay, _init_functions_replayed(replay.cpu):
         for name, module, init in _post_order(root, "", None, set()):
             if not any(id(p) in wanted for p in module.parameters()):
                 continue
@@ -136,11 +249,11 @@ def replace_tensors(trees: Sequence[nn.Module], made: Mapping[int, torch.Tensor]
                         store[key] = made[id(value)]  # type: ignore[assignment]
 
 
-def fill_stage(stage: nn.Module, root: nn.Module, seed: int) -> None:
+def fill_stage(stage: nn.Module, root: nn.Module, seed: int, dtypes: Mapping[int, torch.dtype] | None = None) -> None:
     """Values for a stage's parameters, its storage already real (:func:`materialise`): the model's own
     initialisation of the modules that hold them (:func:`initialise`). The one place a stage's weights come
-    from (weights loaded from a file are to be put in here)."""
-    initialise(root, seed, stage.parameters())
+    from (weights loaded from a file are to be put in here). ``dtypes``: as :func:`initialise`'s."""
+    initialise(root, seed, stage.parameters(), dtypes)
 
 
 def buffers_to_meta(root: nn.Module) -> dict[str, torch.Tensor]:
@@ -201,7 +314,7 @@ def materialise_stage(stage: nn.Module, chain: Chain, root: nn.Module, buffers: 
                 raise AutopartError(f"buffer {name!r} of the model has no value to materialise it with")
             values[id(buffer)] = buffers[name].to(device, copy=True)
     replace_tensors(trees, values)
-    fill_stage(stage, root, seed)
+    fill_stage(stage, root, seed, drawn)
     if device.type != "cpu" or dtype is not None:
         moved: dict[int, torch.Tensor] = {}
         for p in made.values():
@@ -214,20 +327,21 @@ def _note(spec: str, write: WeightWrite) -> str:
     if write.inside:
         return (f"note: {write.inside!r} writes {write.parameter!r} outside reset_parameters/_init_weights "
                 f"({write.where}): every rank builds the whole model to keep it; move the write into _init_weights or "
-                f"reset_parameters to build only each rank's stages")
+                f"reset_parameters, or give every weight with --weights FILE, to build only each rank's stages")
     return (f"note: model factory {spec!r} sets weights itself ({write.how} into {write.parameter!r} at "
-            f"{write.where}): every rank builds the whole model to keep them; give them with --weights FILE to build "
-            f"only each rank's stages")
+            f"{write.where}): every rank builds the whole model to keep them; give them with --weights FILE (the "
+            f"factory may go on loading them: its own writes are then ignored) to build only each rank's stages")
 
 
-def _empty(spec: str, seed: int) -> ModelBundle | str:
+def _empty(spec: str, seed: int, weights: bool = False) -> ModelBundle | str:
     """The model with its parameters on the meta device, or why it cannot be built so (the note): a write of
     weights that would be lost (:class:`autopart.measure.empty.SetsWeights`), an error the factory raises with
     its parameters on meta (a bad spec too: the whole build then raises it as it is), or a tensor it put on meta
-    itself (``weight_norm`` and other parametrizations make their parameters from the meta weight)."""
+    itself (``weight_norm`` and other parametrizations make their parameters from the meta weight). ``weights``:
+    every parameter will come from a file, so the factory's own writes are let go (lost on meta)."""
     torch.manual_seed(seed)
     try:
-        with parameters_on_meta() as moved:
+        with parameters_on_meta(writes_kept=not weights) as moved:
             bundle = load_model(spec)
     except SetsWeights as stop:
         return _note(spec, stop.write)
@@ -245,19 +359,23 @@ def _empty(spec: str, seed: int) -> ModelBundle | str:
     return bundle
 
 
-def build_for_rank(spec: str, seed: int, whole: str | None = None) -> RankBuild:
+def build_for_rank(spec: str, seed: int, whole: str | None = None, weights: bool = False) -> RankBuild:
     """The model as a rank of ``autopart train`` builds it (see the module docstring); ``whole``: why this rank
-    builds the whole model instead (with :func:`build_model`'s weights), said as the note."""
+    builds the whole model instead (with :func:`build_model`'s weights), said as the note. ``weights``: every
+    parameter will be loaded from a file (``--weights``, whose keys are checked to cover them), so neither a
+    factory's own writes of weights nor a parameter nothing initialises needs the whole model built: only a
+    factory that cannot run with its parameters on meta does."""
     if whole is not None:
-        return RankBuild(build_model(spec, seed), empty=False,
-                         note=f"note: {whole}, on the meta device: every rank builds the whole model")
-    bundle = _empty(spec, seed)
+        note = whole if whole.startswith("note: ") else \
+            f"note: {whole}, on the meta device: every rank builds the whole model"
+        return RankBuild(build_model(spec, seed), empty=False, note=note)
+    bundle = _empty(spec, seed, weights)
     if isinstance(bundle, str):
         torch.manual_seed(seed)
         return RankBuild(load_with_weights(spec), empty=False, note=bundle)
     if not any(p.is_meta for p in bundle.module.parameters()):  # a factory that builds its own way
         return RankBuild(bundle, empty=False)
-    uncovered = uncovered_parameter(bundle.module)
+    uncovered = None if weights else uncovered_parameter(bundle.module)
     if uncovered is None:
         return RankBuild(bundle, empty=True)
     name, kind = uncovered
@@ -265,7 +383,7 @@ def build_for_rank(spec: str, seed: int, whole: str | None = None) -> RankBuild:
     return RankBuild(load_with_weights(spec), empty=False, note=(
         f"note: parameter {name!r} ({kind}) has no initialisation autopart can run per stage (no reset_parameters "
         f"at or above it, no _init_weights on the model): every rank builds the whole model; give {kind} a "
-        f"reset_parameters() to build only each rank's stages"))
+        f"reset_parameters(), or give every weight with --weights FILE, to build only each rank's stages"))
 
 
 def build_model(spec: str, seed: int = 0, device: torch.device | str = "cpu") -> ModelBundle:

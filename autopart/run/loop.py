@@ -29,7 +29,7 @@ from autopart.measure.hf import is_hf_spec
 from autopart.measure.memory import MemoryMeter, MemoryPeak, lower_mmap_threshold
 from autopart.measure.optimizers import make_optimizer
 from autopart.measure.spec import ModelBundle, require_parameters, shape_example
-from autopart.run.build import build_for_rank, buffers_to_meta, cut_on_meta, materialise_stage
+from autopart.run.build import DrawsNeedValues, build_for_rank, buffers_to_meta, cut_on_meta, materialise_stage
 from autopart.run.checkpoint import latest_complete, load_stages, mark_complete
 from autopart.run.config import TrainConfig
 from autopart.run.data import cycled_note, training_data
@@ -165,9 +165,9 @@ def _prepare(cfg: TrainConfig, rank: int, device: torch.device, plan: Plan, whol
     """The plan (at the run's micro-batch size) checked against the model, this rank's stages, data and
     optimizer, resumed if asked. ``whole``: why this rank builds the whole model (else only its stages)."""
     world = int(os.environ.get("WORLD_SIZE", "1"))
-    built = build_for_rank(cfg.model, cfg.seed, whole)
+    built = build_for_rank(cfg.model, cfg.seed, whole, weights=bool(cfg.weights))
     bundle = built.bundle
-    if built.note and rank == 0:
+    if built.note and (rank == 0 or built.note.startswith(f"note: rank {rank}: ")):
         say(built.note)
     require_parameters(bundle)
     dtype = cast_dtype(check_precision(plan.precision))
@@ -200,9 +200,17 @@ def _prepare(cfg: TrainConfig, rank: int, device: torch.device, plan: Plan, whol
     try:
         pipe = build_pipeline(plan, chain, rank, device, data.loss_fn, materialise=own_stage, seed=cfg.seed,
                               first_step=start)
-    except NeedsValues as exc:  # before any collective: every rank finds it alike
+    except NeedsValues as exc:
+        # Raised before any collective: stage_signatures (every rank finds it alike) or materialise (its stages'
+        # initialisation, DrawsNeedValues: found only by the ranks whose stages draw so). A rank that builds the
+        # whole model then is not out of step with the others: build_pipeline had made no group and sent nothing
+        # (new_group, the first collective, comes after materialise), so it makes the same calls as they do, once;
+        # the whole build draws every module from its own seed, as build_model does, so its stages' weights are
+        # the ones the ranks that build only their stages get; and the data is drawn from the seed alone.
         if not built.empty:
             raise
+        if isinstance(exc, DrawsNeedValues):
+            return _prepare(cfg, rank, device, plan, whole=f"note: rank {rank}: {exc}: it builds the whole model")
         return _prepare(cfg, rank, device, plan, whole=str(exc).split(", and the model")[0])
     weights = load_stage_weights(cfg.weights, bundle.module, [m for _, m in pipe.modules], cfg.model) \
         if cfg.weights else None  # every rank checks them alike before any waits for another; a resume wins
