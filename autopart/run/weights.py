@@ -32,7 +32,7 @@ from torch import nn
 from autopart.errors import AutopartError
 
 __all__ = ["WeightSource", "ModelNames", "KeyMap", "open_weights", "check_keys", "load_into", "model_names",
-           "load_stage_weights"]
+           "load_stage_weights", "folder_has_safetensors"]
 
 _INDEX = "model.safetensors.index.json"
 _SINGLE = "model.safetensors"
@@ -143,6 +143,12 @@ def open_weights(path: str | Path) -> WeightSource:
     return _Safetensors(base, f"{base} (safetensors)", _file_keys(base))
 
 
+def folder_has_safetensors(folder: Path) -> bool:
+    """Whether ``folder`` holds ``model.safetensors`` or ``model.safetensors.index.json`` (what
+    :func:`open_weights` reads of a ``save_pretrained`` folder)."""
+    return (folder / _INDEX).is_file() or (folder / _SINGLE).is_file()
+
+
 def _first_line(exc: BaseException) -> str:
     text = (str(exc).strip().splitlines() or [""])[0]
     return f"{type(exc).__name__}: {text}" if text else type(exc).__name__
@@ -231,6 +237,9 @@ class KeyMap:
     """A model's name (a tied parameter under any of its names) -> the source's key."""
     kept: frozenset[str] = frozenset()
     """Names the source lacks that the model may keep as built (:attr:`ModelNames.ignore_missing`)."""
+    note: str | None = None
+    """One line when the source holds a tied parameter under several names with different values (only the first
+    name's is loaded)."""
 
 
 def model_names(module: nn.Module) -> ModelNames:
@@ -296,14 +305,39 @@ def _match(source: WeightSource, names: ModelNames) -> tuple[dict[str, str], lis
             found.setdefault(name, key)
         elif not ignored(key):
             unexpected.append(key)
+    for group in _tie_groups(names):
+        held = next((found[n] for n in group if n in found), None)
+        if held is not None:
+            found.update({n: held for n in group})  # one key for every name: each rank starts from one value
+    return found, unexpected
+
+
+def _tie_groups(names: ModelNames) -> list[list[str]]:
+    """Every tied parameter's names, its first name (the model's order) first."""
     groups: dict[str, list[str]] = {}
     for name, first in names.aliases.items():
         groups.setdefault(first, [first]).append(name)
-    for group in groups.values():
-        held = next((found[n] for n in group if n in found), None)
-        if held is not None:
-            found.update({n: held for n in group if n not in found})
-    return found, unexpected
+    return list(groups.values())
+
+
+def _tie_note(source: WeightSource, names: ModelNames) -> str | None:
+    """A note when ``source`` holds a tied parameter under several of its names with different values (shapes
+    compared first; values read only for those keys): only the first name's is loaded, as ``from_pretrained``
+    keeps one."""
+    keys: dict[str, str] = {}
+    for key in source.keys():
+        keys.setdefault(_model_name(key, names), key)
+    for group in _tie_groups(names):
+        held = [keys[name] for name in group if name in keys]
+        if len(held) < 2:
+            continue
+        kept = held[0]
+        differ = [key for key in held[1:] if source.shape(key) != source.shape(kept)
+                  or not torch.equal(source.read(key), source.read(kept))]
+        if differ:
+            return (f"note: weights {source.path} hold tied parameter {group[0]!r} under {len(held)} names with "
+                    f"different values ({_some([kept, *differ])}): every stage starts from {kept!r}, as from_pretrained keeps one")
+    return None
 
 
 def _some(keys: Sequence[str]) -> str:
@@ -338,7 +372,7 @@ def check_keys(source: WeightSource, names: ModelNames, model: str) -> KeyMap:
         more = f" (and {len(wrong) - 1} more)" if len(wrong) > 1 else ""
         raise AutopartError(f"weights {source.path} do not fit model {model!r} (another config?): "
                             f"{found[name]!r} is {list(theirs)} there but {list(ours)} in the model{more}")
-    return KeyMap(found, frozenset(absent))
+    return KeyMap(found, frozenset(absent), _tie_note(source, names))
 
 
 def load_into(module: nn.Module, source: WeightSource, keys: KeyMap) -> None:
