@@ -322,8 +322,8 @@ def _tie_groups(names: ModelNames) -> list[list[str]]:
 
 def _tie_note(source: WeightSource, names: ModelNames) -> str | None:
     """A note when ``source`` holds a tied parameter under several of its names with different values (shapes
-    compared first; values read only for those keys): only the first name's is loaded, as ``from_pretrained``
-    keeps one."""
+    compared first; values read only for those keys): only the first name's is loaded, the parameter stays tied
+    (``transformers`` 5.24's ``from_pretrained`` instead unties the two when both keys are in the files)."""
     keys: dict[str, str] = {}
     for key in source.keys():
         keys.setdefault(_model_name(key, names), key)
@@ -336,7 +336,7 @@ def _tie_note(source: WeightSource, names: ModelNames) -> str | None:
                   or not torch.equal(source.read(key), source.read(kept))]
         if differ:
             return (f"note: weights {source.path} hold tied parameter {group[0]!r} under {len(held)} names with "
-                    f"different values ({_some([kept, *differ])}): every stage starts from {kept!r}, as from_pretrained keeps one")
+                    f"different values ({_some([kept, *differ])}): the model ties them, so every stage starts from {kept!r}'s (transformers' from_pretrained unties them)")
     return None
 
 
