@@ -364,8 +364,8 @@ def test_a_tied_weight_saved_twice_with_different_values_loads_one_value_on_ever
     keys = check_keys(source, model_names(model), "pair")
     assert dict(keys.keys) == {"0.weight": "0.weight", "1.weight": "0.weight"}  # the first name's, on every stage
     assert keys.note == (f"note: weights {path} hold tied parameter '0.weight' under 2 names with different values "
-                         f"('0.weight', '1.weight'): the model ties them, so every stage starts from '0.weight''s (transformers' "
-                         f"from_pretrained unties them)")
+                         f"('0.weight', '1.weight'): the model ties them, so every stage starts from '0.weight''s "
+                         f"(transformers' from_pretrained unties them)")
     from collections import OrderedDict
 
     stages = [torch.nn.Sequential(OrderedDict({"0": torch.nn.Embedding(5, 4)})),  # as 2 ranks build them

@@ -336,7 +336,8 @@ def _tie_note(source: WeightSource, names: ModelNames) -> str | None:
                   or not torch.equal(source.read(key), source.read(kept))]
         if differ:
             return (f"note: weights {source.path} hold tied parameter {group[0]!r} under {len(held)} names with "
-                    f"different values ({_some([kept, *differ])}): the model ties them, so every stage starts from {kept!r}'s (transformers' from_pretrained unties them)")
+                    f"different values ({_some([kept, *differ])}): the model ties them, so every stage starts from "
+                    f"{kept!r}'s (transformers' from_pretrained unties them)")
     return None
 
 
