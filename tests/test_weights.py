@@ -354,7 +354,7 @@ def test_a_tied_weight_saved_twice_with_different_values_loads_one_value_on_ever
                                                                                         tmp_path: Path) -> None:
     from safetensors.torch import save_file
 
-    from autopart.run.weights import check_keys, load_into, model_names, open_weights
+    from autopart.run.weights import check_keys, load_into, model_names, open_weights, tie_note
 
     model = _tied_pair()
     tensors = {"0.weight": torch.zeros(5, 4), "1.weight": torch.ones(5, 4)}
@@ -363,9 +363,10 @@ def test_a_tied_weight_saved_twice_with_different_values_loads_one_value_on_ever
     source = open_weights(path)
     keys = check_keys(source, model_names(model), "pair")
     assert dict(keys.keys) == {"0.weight": "0.weight", "1.weight": "0.weight"}  # the first name's, on every stage
-    assert keys.note == (f"note: weights {path} hold tied parameter '0.weight' under 2 names with different values "
-                         f"('0.weight', '1.weight'): the model ties them, so every stage starts from '0.weight''s "
-                         f"(transformers' from_pretrained unties them)")
+    assert tie_note(source, model_names(model)) == (
+        f"note: weights {path} hold tied parameter '0.weight' under 2 names with different values ('0.weight', "
+        f"'1.weight'): the model ties them, so every stage starts from '0.weight''s (transformers' from_pretrained "
+        f"unties them)")
     from collections import OrderedDict
 
     stages = [torch.nn.Sequential(OrderedDict({"0": torch.nn.Embedding(5, 4)})),  # as 2 ranks build them
@@ -379,14 +380,15 @@ def test_a_tied_weight_saved_twice_with_different_values_loads_one_value_on_ever
 def test_a_tied_weight_saved_twice_alike_or_once_has_no_note(kind: str, tmp_path: Path) -> None:
     from safetensors.torch import save_file
 
-    from autopart.run.weights import check_keys, model_names, open_weights
+    from autopart.run.weights import check_keys, model_names, open_weights, tie_note
 
     for name, tensors in (("twice", {"0.weight": torch.ones(5, 4), "1.weight": torch.ones(5, 4)}),
                           ("last-only", {"1.weight": torch.ones(5, 4)})):
         path = tmp_path / (f"{name}.pt" if kind == "state-dict" else f"{name}.safetensors")
         torch.save(tensors, path) if kind == "state-dict" else save_file(tensors, path)
-        keys = check_keys(open_weights(path), model_names(_tied_pair()), "pair")
-        assert set(keys.keys.values()) == {next(iter(tensors))} and keys.note is None, (name, keys)
+        source, names = open_weights(path), model_names(_tied_pair())
+        keys = check_keys(source, names, "pair")
+        assert set(keys.keys.values()) == {next(iter(tensors))} and tie_note(source, names) is None, (name, keys)
 
 
 def test_an_hf_folder_without_safetensors_notes_where_training_starts(folders: dict[str, Path],

@@ -234,11 +234,13 @@ def run(args: argparse.Namespace) -> int:
     if note:
         sys.stderr.write(note)
     if cfg.weights:  # the names and shapes, on the meta device: every rank checks them again, and reads its own
-        from autopart.run.weights import check_keys, model_names, open_weights
+        from autopart.run.weights import check_keys, model_names, open_weights, tie_note
 
-        tie_note = check_keys(open_weights(cfg.weights), model_names(bundle.module), cfg.model).note
-        if tie_note:
-            sys.stderr.write(tie_note + "\n")
+        source, names = open_weights(cfg.weights), model_names(bundle.module)
+        check_keys(source, names, cfg.model)
+        differ = tie_note(source, names)
+        if differ:
+            sys.stderr.write(differ + "\n")
     if isinstance(bundle.module, torch.nn.Sequential):  # cheap on the meta device; other models: the ranks check
         check_plan_against_model(plan, [name for name, _ in split_blocks(bundle.module)], plan.num_ranks, cfg.model)
     if bundle.data is None and bundle.data_kind in TEXT_KINDS:

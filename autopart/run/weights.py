@@ -32,7 +32,7 @@ from torch import nn
 from autopart.errors import AutopartError
 
 __all__ = ["WeightSource", "ModelNames", "KeyMap", "open_weights", "check_keys", "load_into", "model_names",
-           "load_stage_weights", "folder_has_safetensors"]
+           "load_stage_weights", "folder_has_safetensors", "tie_note"]
 
 _INDEX = "model.safetensors.index.json"
 _SINGLE = "model.safetensors"
@@ -237,9 +237,6 @@ class KeyMap:
     """A model's name (a tied parameter under any of its names) -> the source's key."""
     kept: frozenset[str] = frozenset()
     """Names the source lacks that the model may keep as built (:attr:`ModelNames.ignore_missing`)."""
-    note: str | None = None
-    """One line when the source holds a tied parameter under several names with different values (only the first
-    name's is loaded)."""
 
 
 def model_names(module: nn.Module) -> ModelNames:
@@ -320,10 +317,11 @@ def _tie_groups(names: ModelNames) -> list[list[str]]:
     return list(groups.values())
 
 
-def _tie_note(source: WeightSource, names: ModelNames) -> str | None:
+def tie_note(source: WeightSource, names: ModelNames) -> str | None:
     """A note when ``source`` holds a tied parameter under several of its names with different values (shapes
     compared first; values read only for those keys): only the first name's is loaded, the parameter stays tied
-    (``transformers`` 5.24's ``from_pretrained`` instead unties the two when both keys are in the files)."""
+    (``transformers`` 5.24's ``from_pretrained`` instead unties the two when both keys are in the files). For the
+    launcher's check: ranks do not read the other copies."""
     keys: dict[str, str] = {}
     for key in source.keys():
         keys.setdefault(_model_name(key, names), key)
@@ -373,7 +371,7 @@ def check_keys(source: WeightSource, names: ModelNames, model: str) -> KeyMap:
         more = f" (and {len(wrong) - 1} more)" if len(wrong) > 1 else ""
         raise AutopartError(f"weights {source.path} do not fit model {model!r} (another config?): "
                             f"{found[name]!r} is {list(theirs)} there but {list(ours)} in the model{more}")
-    return KeyMap(found, frozenset(absent), _tie_note(source, names))
+    return KeyMap(found, frozenset(absent))
 
 
 def load_into(module: nn.Module, source: WeightSource, keys: KeyMap) -> None:
