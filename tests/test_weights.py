@@ -237,7 +237,8 @@ def _break(how: str, folder: Path) -> tuple[str, list[str], tuple[str, ...]]:
     if how == "no-weights":
         for shard in folder.glob("model*"):
             shard.unlink()
-        return f"hf:{folder}", [], ("holds no model.safetensors, model.safetensors.index.json, nor a complete",)
+        return f"hf:{folder}", ["--weights", str(folder)], ("holds no model.safetensors, model.safetensors.index.json, "
+                                                            "nor a complete",)
     if how == "weights-absent":
         return f"hf:{folder}", ["--weights", str(folder / "absent.safetensors")], ("absent.safetensors' do not exist",)
     assert how == "not-a-state-dict"
@@ -340,3 +341,91 @@ def test_a_factory_trains_from_a_saved_state_dict_on_real_ranks(tmp_path: Path) 
     assert loss == pytest.approx(_first_loss(UNET, plan, model), rel=1e-5, abs=1e-6)
     # what the run's own seed would start from without --weights
     assert abs(loss - _first_loss(UNET, plan, build_model(UNET, 0).module)) > 1e-4
+
+
+def _tied_pair() -> torch.nn.Module:
+    model = torch.nn.Sequential(torch.nn.Embedding(5, 4), torch.nn.Linear(4, 5, bias=False))
+    model[1].weight = model[0].weight
+    return model
+
+
+@pytest.mark.parametrize("kind", ["state-dict", "safetensors"])
+def test_a_tied_weight_saved_twice_with_different_values_loads_one_value_on_every_rank(kind: str,
+                                                                                        tmp_path: Path) -> None:
+    from safetensors.torch import save_file
+
+    from autopart.run.weights import check_keys, load_into, model_names, open_weights, tie_note
+
+    model = _tied_pair()
+    tensors = {"0.weight": torch.zeros(5, 4), "1.weight": torch.ones(5, 4)}
+    path = tmp_path / ("w.pt" if kind == "state-dict" else "w.safetensors")
+    torch.save(tensors, path) if kind == "state-dict" else save_file(tensors, path)
+    source = open_weights(path)
+    keys = check_keys(source, model_names(model), "pair")
+    assert dict(keys.keys) == {"0.weight": "0.weight", "1.weight": "0.weight"}  # the first name's, on every stage
+    assert tie_note(source, model_names(model)) == (
+        f"note: weights {path} hold tied parameter '0.weight' under 2 names with different values ('0.weight', "
+        f"'1.weight'): the model ties them, so every stage starts from '0.weight''s (transformers' from_pretrained "
+        f"unties them)")
+    from collections import OrderedDict
+
+    stages = [torch.nn.Sequential(OrderedDict({"0": torch.nn.Embedding(5, 4)})),  # as 2 ranks build them
+              torch.nn.Sequential(OrderedDict({"1": torch.nn.Linear(4, 5, bias=False)}))]
+    for stage in stages:
+        load_into(stage, source, keys)
+        assert [torch.equal(v, torch.zeros(5, 4)) for v in stage.state_dict().values()] == [True]
+
+
+@pytest.mark.parametrize("kind", ["state-dict", "safetensors"])
+def test_a_tied_weight_saved_twice_alike_or_once_has_no_note(kind: str, tmp_path: Path) -> None:
+    from safetensors.torch import save_file
+
+    from autopart.run.weights import check_keys, model_names, open_weights, tie_note
+
+    for name, tensors in (("twice", {"0.weight": torch.ones(5, 4), "1.weight": torch.ones(5, 4)}),
+                          ("last-only", {"1.weight": torch.ones(5, 4)})):
+        path = tmp_path / (f"{name}.pt" if kind == "state-dict" else f"{name}.safetensors")
+        torch.save(tensors, path) if kind == "state-dict" else save_file(tensors, path)
+        source, names = open_weights(path), model_names(_tied_pair())
+        keys = check_keys(source, names, "pair")
+        assert set(keys.keys.values()) == {next(iter(tensors))} and tie_note(source, names) is None, (name, keys)
+
+
+def test_an_hf_folder_without_safetensors_notes_where_training_starts(folders: dict[str, Path],
+                                                                      tmp_path: Path) -> None:
+    from autopart.cli.train import _folder_weights, _no_weights_note
+
+    folder = _copy(folders["llama"], tmp_path)
+    spec = f"hf:{folder}"
+    assert _folder_weights(spec) == str(folder) and _no_weights_note(spec) is None
+    state = from_folder(folder).state_dict()
+    for shard in folder.glob("model*"):
+        shard.unlink()
+    assert _folder_weights(spec) is None
+    assert _no_weights_note(spec) == (f"note: {spec} holds no model.safetensors: training starts from the model's "
+                                      f"own initialisation (give --weights FILE to start from weights)")
+    torch.save(state, folder / "pytorch_model.bin")
+    assert _folder_weights(spec) is None
+    assert _no_weights_note(spec) == (f"note: {spec} holds no model.safetensors: training starts from the model's "
+                                      f"own initialisation (give --weights {folder}/pytorch_model.bin to start from "
+                                      f"its pytorch_model.bin)")
+
+
+@pytest.mark.slow
+def test_an_hf_folder_with_only_a_config_trains_from_the_models_own_initialisation(folders: dict[str, Path],
+                                                                                    llama_plan: Path,
+                                                                                    tmp_path: Path) -> None:
+    folder = tmp_path / "config-only"
+    folder.mkdir()
+    shutil.copy(folders["llama"] / "config.json", folder / "config.json")
+    spec = f"hf:{folder}"
+    result = run_cli("train", str(llama_plan), "--model", spec, "--steps", "1", "--threads", "1", "--report",
+                     str(tmp_path / "r.json"), cwd=tmp_path)
+    assert result.returncode == 0, result.stderr[-3000:]
+    notes = [line for line in result.stderr.splitlines() if "holds no model.safetensors" in line]
+    assert notes == [f"note: {spec} holds no model.safetensors: training starts from the model's own initialisation "
+                     f"(give --weights FILE to start from weights)"]  # once, from the launcher, not per rank
+    loss = float(json.loads((tmp_path / "r.json").read_text())["losses"][0])
+    from autopart.run.build import build_model
+
+    assert loss == pytest.approx(_first_loss(spec, llama_plan, build_model(spec, 0).module), rel=1e-5, abs=1e-5)

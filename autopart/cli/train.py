@@ -126,11 +126,28 @@ def _config(args: argparse.Namespace) -> TrainConfig:
 
 
 def _folder_weights(model: str) -> str | None:
-    """The weights an ``hf:PATH`` model implies: its folder's."""
+    """The weights an ``hf:PATH`` model implies: its folder's when it holds ``model.safetensors`` (or shards with
+    ``model.safetensors.index.json``); else none: the model's own initialisation (:func:`_no_weights_note`)."""
+    from autopart.measure.hf import hf_folder
+    from autopart.run.weights import folder_has_safetensors
+
+    folder = hf_folder(model)
+    return str(folder) if folder is not None and folder_has_safetensors(folder) else None
+
+
+def _no_weights_note(model: str) -> str | None:
+    """The note for an ``hf:PATH`` folder without safetensors weights (a config, perhaps a tokenizer): training
+    starts from the model's own initialisation; it names ``pytorch_model.bin`` when the folder has one."""
     from autopart.measure.hf import hf_folder
 
     folder = hf_folder(model)
-    return str(folder) if folder is not None else None
+    if folder is None or _folder_weights(model) is not None:
+        return None
+    legacy = folder / "pytorch_model.bin"
+    hint = (f"give --weights {legacy} to start from its pytorch_model.bin" if legacy.is_file()
+            else "give --weights FILE to start from weights")
+    return (f"note: {model} holds no model.safetensors: training starts from the model's own initialisation "
+            f"({hint})")
 
 
 def check_plan_precision(plan: Plan, path: str, asked: str, model: str) -> None:
@@ -173,6 +190,9 @@ def run(args: argparse.Namespace) -> int:
 
         return worker_main(cfg)
     # Check everything we can before starting any process: one line and exit 2 for bad input.
+    no_weights = None if args.weights else _no_weights_note(cfg.model)
+    if no_weights:
+        sys.stderr.write(no_weights + "\n")
     import torch
 
     from autopart.core.planner import simulate_plan
@@ -214,9 +234,13 @@ def run(args: argparse.Namespace) -> int:
     if note:
         sys.stderr.write(note)
     if cfg.weights:  # the names and shapes, on the meta device: every rank checks them again, and reads its own
-        from autopart.run.weights import check_keys, model_names, open_weights
+        from autopart.run.weights import check_keys, model_names, open_weights, tie_note
 
-        check_keys(open_weights(cfg.weights), model_names(bundle.module), cfg.model)
+        source, names = open_weights(cfg.weights), model_names(bundle.module)
+        check_keys(source, names, cfg.model)
+        differ = tie_note(source, names)
+        if differ:
+            sys.stderr.write(differ + "\n")
     if isinstance(bundle.module, torch.nn.Sequential):  # cheap on the meta device; other models: the ranks check
         check_plan_against_model(plan, [name for name, _ in split_blocks(bundle.module)], plan.num_ranks, cfg.model)
     if bundle.data is None and bundle.data_kind in TEXT_KINDS:

@@ -32,7 +32,7 @@ from torch import nn
 from autopart.errors import AutopartError
 
 __all__ = ["WeightSource", "ModelNames", "KeyMap", "open_weights", "check_keys", "load_into", "model_names",
-           "load_stage_weights"]
+           "load_stage_weights", "folder_has_safetensors", "tie_note"]
 
 _INDEX = "model.safetensors.index.json"
 _SINGLE = "model.safetensors"
@@ -141,6 +141,12 @@ def open_weights(path: str | Path) -> WeightSource:
     if magic == _ZIP:
         return _state_dict(base)
     return _Safetensors(base, f"{base} (safetensors)", _file_keys(base))
+
+
+def folder_has_safetensors(folder: Path) -> bool:
+    """Whether ``folder`` holds ``model.safetensors`` or ``model.safetensors.index.json`` (what
+    :func:`open_weights` reads of a ``save_pretrained`` folder)."""
+    return (folder / _INDEX).is_file() or (folder / _SINGLE).is_file()
 
 
 def _first_line(exc: BaseException) -> str:
@@ -296,14 +302,41 @@ def _match(source: WeightSource, names: ModelNames) -> tuple[dict[str, str], lis
             found.setdefault(name, key)
         elif not ignored(key):
             unexpected.append(key)
+    for group in _tie_groups(names):
+        held = next((found[n] for n in group if n in found), None)
+        if held is not None:
+            found.update({n: held for n in group})  # one key for every name: each rank starts from one value
+    return found, unexpected
+
+
+def _tie_groups(names: ModelNames) -> list[list[str]]:
+    """Every tied parameter's names, its first name (the model's order) first."""
     groups: dict[str, list[str]] = {}
     for name, first in names.aliases.items():
         groups.setdefault(first, [first]).append(name)
-    for group in groups.values():
-        held = next((found[n] for n in group if n in found), None)
-        if held is not None:
-            found.update({n: held for n in group if n not in found})
-    return found, unexpected
+    return list(groups.values())
+
+
+def tie_note(source: WeightSource, names: ModelNames) -> str | None:
+    """A note when ``source`` holds a tied parameter under several of its names with different values (shapes
+    compared first; values read only for those keys): only the first name's is loaded, the parameter stays tied
+    (``transformers`` 5.24's ``from_pretrained`` instead unties the two when both keys are in the files). For the
+    launcher's check: ranks do not read the other copies."""
+    keys: dict[str, str] = {}
+    for key in source.keys():
+        keys.setdefault(_model_name(key, names), key)
+    for group in _tie_groups(names):
+        held = [keys[name] for name in group if name in keys]
+        if len(held) < 2:
+            continue
+        kept = held[0]
+        differ = [key for key in held[1:] if source.shape(key) != source.shape(kept)
+                  or not torch.equal(source.read(key), source.read(kept))]
+        if differ:
+            return (f"note: weights {source.path} hold tied parameter {group[0]!r} under {len(held)} names with "
+                    f"different values ({_some([kept, *differ])}): the model ties them, so every stage starts from "
+                    f"{kept!r}'s (transformers' from_pretrained unties them)")
+    return None
 
 
 def _some(keys: Sequence[str]) -> str:
