@@ -5,6 +5,7 @@ every rank builds the whole model, with the factory's weights, and says so once;
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Any
 
 import pytest
 import torch
@@ -90,11 +91,18 @@ def test_two_ranks_keep_a_loaded_state_dict_and_say_so_once(saved_state: dict[st
     spec = f"{MODELS}:loads_state_dict"
     report, said = _train(spec, [1, 1], tmp_path, steps=2)
     assert said.count("sets weights itself (load_state_dict into 'gain'") == 1, said
-    def factory_weights(name: str, seed: int) -> ModelBundle:  # as every rank built it before issue #19
-        torch.manual_seed(seed)
-        return load_model(name)
+    _assert_trained_from_the_factorys_weights(spec, report, tmp_path)
 
-    expected = reference_losses(spec, tmp_path / "plan.json", 2, build=factory_weights)
+
+def _factory_bundle(spec: str, seed: int) -> ModelBundle:
+    """The model as its factory builds it from the seed: what every rank built before issue #19."""
+    torch.manual_seed(seed)
+    return load_model(spec)
+
+
+def _assert_trained_from_the_factorys_weights(spec: str, report: dict[str, Any], tmp_path: Path) -> None:
+    """The 2-step run's losses are one process's from the factory's own weights."""
+    expected = reference_losses(spec, tmp_path / "plan.json", 2, build=_factory_bundle)
     assert report["losses"] == pytest.approx(expected, rel=1e-6, abs=1e-6)
 
 
@@ -104,8 +112,7 @@ INIT_WRITES = {"init_writes": ("InitZeroes.__init__", "head.bias"), "nanogpt": (
 
 
 def _factory_weights(spec: str, seed: int = 0) -> dict[str, torch.Tensor]:
-    torch.manual_seed(seed)
-    return load_model(spec).module.state_dict()  # the factory's own weights, as before issue #19
+    return _factory_bundle(spec, seed).module.state_dict()  # the factory's own weights, as before issue #19
 
 
 def _assert_factory_weights(spec: str, *models: torch.nn.Module) -> dict[str, torch.Tensor]:
@@ -209,13 +216,7 @@ def test_two_ranks_keep_nanogpts_init_and_say_so_once(tmp_path: Path) -> None:
     spec = f"{MODELS}:nanogpt"
     report, said = _train(spec, [2, 2], tmp_path, steps=2)
     assert said.count("'NanoGPT.__init__' writes 'h.0.c_proj.weight' outside reset_parameters") == 1, said
-
-    def factory_weights(name: str, seed: int) -> ModelBundle:
-        torch.manual_seed(seed)
-        return load_model(name)
-
-    expected = reference_losses(spec, tmp_path / "plan.json", 2, build=factory_weights)
-    assert report["losses"] == pytest.approx(expected, rel=1e-6, abs=1e-6)
+    _assert_trained_from_the_factorys_weights(spec, report, tmp_path)
 
 
 @pytest.mark.slow
@@ -223,13 +224,7 @@ def test_two_ranks_train_a_factory_that_fails_on_meta_whole_and_say_so_once(tmp_
     spec = f"{MODELS}:chain_reads_a_weight"
     report, said = _train(spec, [1, 2], tmp_path, steps=2)
     assert said.count("fails with its parameters on the meta device (model factory ") == 1, said
-
-    def factory_weights(name: str, seed: int) -> ModelBundle:
-        torch.manual_seed(seed)
-        return load_model(name)
-
-    expected = reference_losses(spec, tmp_path / "plan.json", 2, build=factory_weights)
-    assert report["losses"] == pytest.approx(expected, rel=1e-6, abs=1e-6)
+    _assert_trained_from_the_factorys_weights(spec, report, tmp_path)
 
 
 @pytest.mark.parametrize("factory", ["loads_state_dict", "assigns", "zeroes_head", "init_writes", "nanogpt",
