@@ -75,7 +75,8 @@ def test_a_file_needing_an_unknown_feature_is_refused_with_one_line(kind: str, t
     path.write_text(json.dumps(data))
     args = ["partition", str(path), "--stages", "2"] if kind == "profile" else ["simulate", str(path)]
     assert_one_line_error(run_cli_here(*args), f"{kind} {str(path)!r}: {NEWER}: needs features "
-                          "['fp8-times', 'stage-groups'] (this autopart knows ['precision'])")
+                          "['fp8-times', 'stage-groups'] (this autopart knows "
+                          f"{['data_parallel', 'precision'] if kind == 'plan' else ['precision']})")
 
 
 @pytest.mark.parametrize("kind", ["profile", "plan"])

@@ -11,6 +11,7 @@ from pathlib import Path
 from typing import Any
 
 from autopart.errors import AutopartError
+from autopart.formats.cluster import Cluster
 from autopart.formats.atomic import write_json_atomic
 from autopart.formats.devices import Device
 from autopart.formats.jsonfields import Fields, check_plausible, load_json_file
@@ -25,9 +26,10 @@ from autopart.formats.version import check_version
 __all__ = ["PLAN_SCHEMA", "PLAN_FEATURES", "Plan", "PlanStage", "Predicted", "Candidate"]
 
 PLAN_SCHEMA = "autopart.plan/1"
-PLAN_FEATURES: frozenset[str] = frozenset({"precision"})
+PLAN_FEATURES: frozenset[str] = frozenset({"precision", "data_parallel"})
 """Features (:mod:`autopart.formats.version`) this autopart reads in a plan's ``features``: ``precision``,
-which a plan under another precision than fp32 lists (an older autopart would train it in float32)."""
+which a plan under another precision than fp32 lists (an older autopart would train it in float32);
+``data_parallel``, which a plan of several replicas lists (an older autopart would run one pipeline)."""
 
 MAX_STAGE_MS = 1e12
 """The longest time a plan may hold (a stage's per micro-batch, a step): a thousand times a block's bound
@@ -89,6 +91,9 @@ class Predicted:
     """No split has a faster slowest stage than this."""
     source: str = field(default="simulated", metadata=saved(absent=""))
     """Where the numbers come from: "simulated" (the schedule simulator); "" in files that do not say."""
+    allreduce_ms: float = field(default=0.0, metadata=saved(omit=(0.0,)))
+    """The part of the gradient all-reduce over the data-parallel replicas that the pipeline's drain does not
+    hide (the slowest stage's), included in ``step_ms``; 0 with one replica."""
 
 
 def _optimizer_name(f: Fields) -> str:
@@ -130,6 +135,9 @@ class Plan:
     latency_ms: float = 0.0
     fits: bool = True
     stages_per_rank: int = field(default=1, metadata=saved(minimum=1))
+    data_parallel: int = field(default=1, metadata=saved(minimum=1, omit=(1,)))
+    """Replicas of the whole pipeline, each on its own ``num_ranks`` devices, each training on its share of the
+    global batch (``microbatches x microbatch_size`` samples); gradients averaged over them. 1: one pipeline."""
     microbatch_size: int | None = field(default=None, metadata=saved(minimum=1))
     """Rows per micro-batch the times are for (the profile's, or the search's choice)."""
     scaling: str = ""
@@ -140,6 +148,11 @@ class Plan:
     """CPU threads the profile was measured with (its times assume them); None: not recorded, or a GPU."""
     batchnorm: str | None = field(default=None, metadata=saved(omit=(None, "")))
     """The profile's BatchNorm mode ("deferred" or "micro"; None: no BatchNorm): ``train``'s default."""
+    cluster: Cluster | None = field(default=None, metadata=saved(omit=(None,)))
+    """The nodes and links the plan was made for (None: a list of devices, links as ``bandwidth_bytes_per_s``)."""
+    placement: tuple[tuple[int, ...], ...] = field(default=(), metadata=saved(omit=((),)))
+    """The global rank (torchrun's) of each replica's pipeline ranks: ``placement[replica][pipeline_rank]``.
+    Empty: replica after replica, ``replica * num_ranks + pipeline_rank``."""
     stages: tuple[PlanStage, ...]
     runners_up: tuple[Candidate, ...] = ()
     """What the joint search beat, best first."""
@@ -150,6 +163,15 @@ class Plan:
         check_precision(self.precision, f"plan of {self.model!r}: precision")
         if self.precision != DEFAULT_PRECISION and "precision" not in self.features:
             object.__setattr__(self, "features", (*self.features, "precision"))
+        if self.data_parallel > 1 and "data_parallel" not in self.features:
+            object.__setattr__(self, "features", (*self.features, "data_parallel"))
+        if self.placement:
+            ranks = sorted(r for row in self.placement for r in row)
+            if len(self.placement) != self.data_parallel or any(len(row) != self.num_ranks for row in self.placement) \
+                    or ranks != list(range(self.world_size)):
+                raise AutopartError(f"plan of {self.model!r}: placement {[list(r) for r in self.placement]} is not "
+                                    f"{self.data_parallel} replicas x {self.num_ranks} ranks numbering ranks "
+                                    f"0..{self.world_size - 1} once each")
         object.__setattr__(self, "optimizer_states", OPTIMIZER_STATES[self.optimizer])
 
     @property
@@ -159,6 +181,25 @@ class Plan:
     @property
     def num_ranks(self) -> int:
         return len(self.stages) // self.stages_per_rank
+
+    @property
+    def world_size(self) -> int:
+        """Processes the plan runs on: every replica's pipeline ranks."""
+        return self.num_ranks * self.data_parallel
+
+    def mesh(self) -> list[list[int]]:
+        """Global ranks as a ``data_parallel x num_ranks`` grid (``DeviceMesh`` dims ("dp", "pp"))."""
+        if self.placement:
+            return [list(row) for row in self.placement]
+        k = self.num_ranks
+        return [[d * k + r for r in range(k)] for d in range(self.data_parallel)]
+
+    def position_of(self, rank: int) -> tuple[int, int]:
+        """(replica, pipeline rank) of global ``rank``."""
+        for d, row in enumerate(self.mesh()):
+            if rank in row:
+                return d, row.index(rank)
+        raise AutopartError(f"rank {rank} is not in the plan's {self.world_size} ranks")
 
     def microbatch_size_for(self, global_batch: int) -> int:
         """Samples per micro-batch when a step has ``global_batch`` samples (which the micro-batches must divide)."""
@@ -201,7 +242,9 @@ class Plan:
         return [list(stage.blocks) for stage in self.stages]
 
     def to_dict(self) -> dict[str, Any]:
-        return write_record(self, stages=[stage.to_dict() for stage in self.stages])
+        return write_record(self, stages=[stage.to_dict() for stage in self.stages],
+                            placement=[list(row) for row in self.placement],
+                            cluster=self.cluster.to_dict() if self.cluster is not None else None)
 
     def to_json(self, path: str | Path) -> Path:
         return write_json_atomic(path, self.to_dict())
@@ -229,7 +272,11 @@ class Plan:
         if len(stages) % stages_per_rank:
             raise AutopartError(f"{source}: {len(stages)} stages do not divide into {stages_per_rank} per rank")
         check_plausible(source, [("latency_ms", f.number("latency_ms", False, 0.0))], MAX_STAGE_MS)
-        return read_record(Plan, f, schema=schema, features=features, schedule=canonical_schedule(f.string("schedule")),
+        placement = tuple(tuple(Fields({"row": row}, f.at(f"placement[{d}]")).int_list("row"))
+                          for d, row in enumerate(f.array("placement", required=False)))
+        cluster = Cluster.from_dict(f.obj["cluster"], f.at("cluster")) if f.obj.get("cluster") is not None else None
+        return read_record(Plan, f, schema=schema, placement=placement, cluster=cluster, features=features,
+                           schedule=canonical_schedule(f.string("schedule")),
                            balance=balance, optimizer=_optimizer_name(f),
                            precision=check_precision(f.string("precision", False, DEFAULT_PRECISION),
                                                      f.at("precision")).name, stages_per_rank=stages_per_rank,
