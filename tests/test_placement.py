@@ -229,3 +229,11 @@ def test_bad_requests(num_ranks: int, replicas: int, send: list[float], grad: li
     with pytest.raises(AutopartError) as caught:
         place(cluster, num_ranks, replicas, send, grad)
     assert str(caught.value) == message
+
+
+@pytest.mark.parametrize("ranks", [[[0, 1], [2]], [[0, 1], [1, 3]], []])
+def test_communication_of_a_placement_that_is_not_one(ranks: list[list[int]]) -> None:
+    cluster = Cluster(nodes=2, devices_per_node=2)
+    with pytest.raises(AutopartError) as caught:
+        communication_s(cluster, ranks, [1.0], [1.0, 1.0])
+    assert str(caught.value) == f"placement {ranks} does not number the cluster's 4 ranks once each in equal rows"

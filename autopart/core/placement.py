@@ -41,11 +41,13 @@ ranks around the cluster by less than a node.
 on every cluster of up to 8 devices (1 x 1 ... 8 x 1, 2 x 2, 2 x 3, 2 x 4, 4 x 2, 3 x 2 ...) and every
 ``(K, D)``: the slowest device's time is the brute force's minimum whenever the pipeline's boundaries carry
 equal bytes, whatever each rank's gradient bytes (a model of identical blocks: a transformer's layers carry
-the same activations, while the end stages hold the embedding and the head). With unequal boundary bytes the
+the same activations, while the end stages hold the embedding and the head), on clusters whose links inside
+a node are at least as fast as between nodes (free counts as fastest). Elsewhere :func:`place` is never worse
+than replica-major or rank-major, which it tries, but not always optimal. With unequal boundary bytes the
 family is not optimal: the best grouping of one pipeline's ranks into nodes may put ranks that are not
 neighbours together to keep two heavy boundaries inside nodes (3 nodes x 2 devices, one pipeline of 6,
-boundaries ``[1, 100, 2, 0, 100]`` bytes: ``{1, 2} {4, 5} {0, 3}``); there :func:`place` is never worse than
-replica-major or rank-major, which it tries.
+boundaries ``[1, 100, 2, 0, 100]`` bytes: ``{1, 2} {4, 5} {0, 3}``); with a node slower inside than its
+network, a 2 x 2 grid on 2 nodes of 2 is best placed diagonally, which no tiling is.
 
 Pure: numpy, no torch. Every candidate is scored with whole-array operations: the 11 ``(K, D)`` of 1,024
 devices (128 nodes x 8) take 0.15 s of CPU together.
@@ -139,7 +141,11 @@ def communication_s(cluster: Cluster, ranks: Sequence[Sequence[int]], send_bytes
                     grad_bytes: Sequence[float]) -> tuple[float, float]:
     """(slowest device's, total over devices) communication seconds per step of the placement ``ranks``
     (``ranks[replica][pipeline_rank]`` -> global rank): the objective :func:`place` minimises."""
-    grid = np.asarray(ranks, dtype=np.int64).reshape(len(ranks), -1)
+    grid = np.asarray([list(row) for row in ranks], dtype=object)
+    if grid.ndim != 2 or sorted(grid.ravel().tolist()) != list(range(cluster.num_devices)):
+        raise AutopartError(f"placement {[list(row) for row in ranks]} does not number the cluster's "
+                            f"{cluster.num_devices} ranks once each in equal rows")
+    grid = grid.astype(np.int64)
     send, grad = _check(cluster, grid.shape[1], grid.shape[0], send_bytes, grad_bytes)
     times = _times(cluster, grid // cluster.devices_per_node, send, grad)
     return float(times.max()), float(times.sum())
