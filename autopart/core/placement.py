@@ -35,22 +35,25 @@ Also tried: the same tilings of the pipeline without its first, its last, or bot
 ``D`` replicas on consecutive ranks of their own (the embedding's and the head's data-parallel groups in as
 few nodes as they fit, as their gradients are often the largest); and when nodes cut through tiles (a node
 size that neither holds whole tiles nor is made of them: 3 devices per node, 2 x 2 tiles), every shift of the
-ranks around the cluster by less than a node.
+ranks around the cluster by less than a node; and when ``D`` is below the node size but does not divide it
+(3 replicas, 4 devices per node), each node holding whole data-parallel groups of the ranks with the most
+gradient bytes and, in its other places, replicas of the lightest ranks.
 
-**How good.** ``tests/test_placement.py`` compares :func:`place` with every way to put the cells on nodes,
-on every cluster of up to 8 devices (1 x 1 ... 8 x 1, 2 x 2, 2 x 3, 2 x 4, 4 x 2, 3 x 2 ...) and every
-``(K, D)``: the slowest device's time is the brute force's minimum whenever the pipeline's boundaries carry
-equal bytes, whatever each rank's gradient bytes (a model of identical blocks: a transformer's layers carry
-the same activations, while the end stages hold the embedding and the head), on clusters whose links inside
-a node are at least as fast as between nodes (free counts as fastest). Elsewhere :func:`place` is never worse
-than replica-major or rank-major, which it tries, but not always optimal. With unequal boundary bytes the
-family is not optimal: the best grouping of one pipeline's ranks into nodes may put ranks that are not
-neighbours together to keep two heavy boundaries inside nodes (3 nodes x 2 devices, one pipeline of 6,
-boundaries ``[1, 100, 2, 0, 100]`` bytes: ``{1, 2} {4, 5} {0, 3}``); with a node slower inside than its
-network, a 2 x 2 grid on 2 nodes of 2 is best placed diagonally, which no tiling is.
+**How good.** ``tests/test_placement.py`` compares :func:`place` with every way to put the cells on nodes, on every
+cluster of up to 8 devices (1x1 ... 1x8, 2x2, 2x3, 2x4, 4x2, 3x2 ... 8x1) and every ``(K, D)``: the slowest device's
+time is the brute force's minimum whenever the pipeline's boundaries carry equal bytes, whatever each rank's
+gradient bytes (a model of identical blocks: a transformer's layers carry the same activations, while the end stages
+hold the embedding and the head), on clusters whose links inside a node are at least as fast as between nodes (free
+counts as fastest). A one-off run of the same brute force on 9 to 16 devices (nodes x devices 3x3, 2x5, 5x2, 2x6,
+3x4, 4x3, 6x2, 2x8; 240 random cases) found no better placement either (it needed the heaviest groups whole, above,
+for 3x4). Elsewhere :func:`place` is never worse than replica-major or rank-major, which it tries, but not always
+optimal. With unequal boundary bytes the family is not optimal: the best grouping of one pipeline's ranks into nodes
+may put ranks that are not neighbours together to keep two heavy boundaries inside nodes (3 nodes x 2 devices, one
+pipeline of 6, boundaries ``[1, 100, 2, 0, 100]`` bytes: ``{1, 2} {4, 5} {0, 3}``); with a node slower inside than
+its network, a 2 x 2 grid on 2 nodes of 2 is best placed diagonally, which no tiling is.
 
 Pure: numpy, no torch. Every candidate is scored with whole-array operations: the 11 ``(K, D)`` of 1,024
-devices (128 nodes x 8) take 0.15 s of CPU together.
+devices (128 nodes x 8) take under 0.2 s of CPU together.
 """
 from __future__ import annotations
 
@@ -179,17 +182,39 @@ def _tilings(replicas: int, num_ranks: int, per_node: int) -> Iterator[tuple[np.
 _ENDS = ((True, False, "the first"), (False, True, "the last"), (True, True, "the first and the last"))
 
 
-def _candidates(replicas: int, num_ranks: int, per_node: int) -> Iterator[tuple[np.ndarray, Sequence[int], str]]:
+def _heaviest_groups_whole(replicas: int, num_ranks: int, per_node: int, grad: np.ndarray) -> np.ndarray:
+    """Each node holds ``per_node // replicas`` whole data-parallel groups, of the ranks with the most gradient
+    bytes (in pipeline order), and fills its other places with the replicas of the lightest ranks, one after
+    another (for ``replicas < per_node`` that does not divide it: 3 replicas on nodes of 4)."""
+    whole_per_node = per_node // replicas
+    nodes = num_ranks * replicas // per_node
+    by_weight = sorted(range(num_ranks), key=lambda r: (-grad[r], r))
+    whole = sorted(by_weight[:nodes * whole_per_node])
+    spread = iter([(d, r) for r in sorted(by_weight[nodes * whole_per_node:]) for d in range(replicas)])
+    grid = np.empty((replicas, num_ranks), dtype=np.int64)
+    rank = 0
+    for node in range(nodes):
+        for r in whole[node * whole_per_node:(node + 1) * whole_per_node]:
+            grid[:, r] = np.arange(rank, rank + replicas)
+            rank += replicas
+        while rank < (node + 1) * per_node:
+            grid[next(spread)] = rank
+            rank += 1
+    return grid
+
+
+def _candidates(replicas: int, num_ranks: int, per_node: int,
+                grad: np.ndarray) -> Iterator[tuple[np.ndarray, Sequence[int], str]]:
     """Every layout tried, simplest first, with the shifts of its ranks around the cluster to try: the
-    tilings of the whole grid, then the tilings of the pipeline without its first and/or last rank, whose
+    tilings of the whole grid; the tilings of the pipeline without its first and/or last rank, whose
     replicas take consecutive ranks of their own (an end rank's data-parallel group in as few nodes as it fits:
-    the embedding and the head often hold the most gradient bytes)."""
+    the embedding and the head often hold the most gradient bytes); and, when a node holds some groups of
+    replicas but not a whole number, the heaviest ranks' groups whole and the lightest spread."""
     for grid, aligned, name in _tilings(replicas, num_ranks, per_node):
         yield grid, (0,) if aligned else range(per_node), name
-    if replicas == 1 or num_ranks < 3:
-        return  # one replica: an end rank alone is a tiling already; two ranks: both alone is rank-major
     column = np.arange(replicas, dtype=np.int64)
-    for first, last, which in _ENDS:
+    # one replica: an end rank alone is a tiling already; two ranks: both alone is rank-major
+    for first, last, which in _ENDS if replicas > 1 and num_ranks > 2 else ():
         lo, hi = int(first), num_ranks - int(last)
         for middle, aligned, name in _tilings(replicas, hi - lo, per_node):
             grid = np.empty((replicas, num_ranks), dtype=np.int64)
@@ -202,6 +227,9 @@ def _candidates(replicas: int, num_ranks: int, per_node: int) -> Iterator[tuple[
             starts = {(-lo * replicas) % per_node, (-hi * replicas) % per_node}
             offsets = sorted(starts) if aligned else range(per_node)
             yield grid, offsets, f"{name}, {which} pipeline rank's replicas together"
+    if 1 < replicas < per_node and per_node % replicas and num_ranks * replicas > per_node:
+        yield (_heaviest_groups_whole(replicas, num_ranks, per_node, grad), (0,),
+               "the heaviest ranks' data-parallel groups whole, the lightest's spread")
 
 
 def _describe(cluster: Cluster, nodes: np.ndarray, name: str) -> str:
@@ -233,7 +261,7 @@ def place(cluster: Cluster, num_ranks: int, replicas: int, send_bytes: Sequence[
     best: tuple[float, float, np.ndarray, str] | None = None
     per_node, devices = cluster.devices_per_node, cluster.num_devices
     seen: set[bytes] = set()
-    for order, offsets, name in _candidates(replicas, num_ranks, per_node):
+    for order, offsets, name in _candidates(replicas, num_ranks, per_node, grad):
         for offset in offsets if cluster.nodes > 1 else (0,):
             grid = (order + offset) % devices
             nodes = grid // per_node
