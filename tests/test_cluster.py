@@ -161,3 +161,25 @@ def test_a_plan_keeps_its_cluster_and_placement(tmp_path: Path) -> None:
     assert back == plan and back.cluster == cluster and back.mesh() == [[0, 2], [1, 3]]
     assert back.position_of(3) == (1, 1)
     assert "cluster" not in one.to_dict() and "placement" not in one.to_dict()
+
+
+@settings(max_examples=40)
+@given(nodes=st.integers(1, 1024), count=st.integers(1, 64), gib=st.integers(1, 256),
+       speed=st.sampled_from(["", "@0.5", "@2"]), intra=st.integers(1, 900),
+       inter=st.one_of(st.none(), st.integers(1, 900)), suffix=st.sampled_from([".toml", ".json"]))
+def test_flags_and_files_agree(tmp_path_factory: pytest.TempPathFactory, nodes: int, count: int, gib: int, speed: str,
+                               intra: int, inter: int | None, suffix: str) -> None:
+    per_node = f"{count}x{gib}GiB{speed}"
+    link = f"{intra}GB/s" + (f",{inter}GB/s" if inter is not None else "")
+    links = {"intra_node": f"{intra}GB/s", **({"inter_node": f"{inter}GB/s"} if inter is not None else {})}
+    path = tmp_path_factory.mktemp("c") / f"cluster{suffix}"
+    if suffix == ".json":
+        path.write_text(json.dumps({"nodes": nodes, "devices_per_node": per_node, "link": links}))
+    else:
+        table = "".join(f'{key} = "{value}"\n' for key, value in links.items())
+        path.write_text(f'nodes = {nodes}\ndevices_per_node = "{per_node}"\n[link]\n{table}')
+    expected = Cluster(nodes=nodes, devices_per_node=count, device_name=f"{gib} GiB", memory_bytes=gib * 2**30,
+                       speed=float(speed[1:]) if speed else 1.0, intra_node_bytes_per_s=intra * 1e9,
+                       inter_node_bytes_per_s=(inter if inter is not None else intra) * 1e9)
+    assert parse_cluster(nodes, per_node, link, None) == expected
+    assert parse_cluster(None, None, None, str(path)) == expected

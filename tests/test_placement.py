@@ -41,7 +41,8 @@ def reference(cluster: Cluster, ranks: Sequence[Sequence[int]], send: Sequence[f
             t = sum(_seconds(send[b], cluster.link_bytes_per_s(ranks[d][b], ranks[d][b + 1]))
                     for b in (r - 1, r) if 0 <= b < num_ranks - 1)
             ring = [ranks[e][r] for e in range(replicas)]
-            t += _seconds(2 * (replicas - 1) / replicas * grad[r], _slowest_link(cluster, list(itertools.combinations(ring, 2))))
+            ring_link = _slowest_link(cluster, list(itertools.combinations(ring, 2)))
+            t += _seconds(2 * (replicas - 1) / replicas * grad[r], ring_link)
             times.append(t)
     return max(times), sum(times)
 
