@@ -232,23 +232,34 @@ def _candidates(replicas: int, num_ranks: int, per_node: int,
                "the heaviest ranks' data-parallel groups whole, the lightest's spread")
 
 
+def _spans(groups: np.ndarray) -> tuple[int, int]:
+    """(fewest, most) nodes any one of ``groups`` (rows) lies across."""
+    counts = [len(set(group.tolist())) for group in groups]
+    return min(counts), max(counts)
+
+
+def _across(what: str, spans: tuple[int, int]) -> str:
+    """``each pipeline across 2 nodes`` or ``data-parallel groups across 1 to 3 nodes``."""
+    fewest, most = spans
+    return f"each {what} across {most} nodes" if fewest == most else f"{what}s across {fewest} to {most} nodes"
+
+
 def _describe(cluster: Cluster, nodes: np.ndarray, name: str) -> str:
     """One line: how the pipelines and the data-parallel groups lie across nodes, and the layout's name."""
     replicas, num_ranks = nodes.shape
-    pipeline_nodes = max(len(set(row.tolist())) for row in nodes)
-    ring_nodes = max(len(set(col.tolist())) for col in nodes.T)
+    pipelines, rings = _spans(nodes), _spans(nodes.T)
     if cluster.nodes == 1:
         where = "one node"
     elif replicas == 1:
         where = f"one pipeline across {cluster.nodes} nodes"
     elif num_ranks == 1:
         where = f"no pipeline, {replicas} replicas across {cluster.nodes} nodes"
-    elif pipeline_nodes == 1:
+    elif pipelines[1] == 1:
         where = "pipelines inside nodes, replicas across"
-    elif ring_nodes == 1:
+    elif rings[1] == 1:
         where = "data-parallel groups inside nodes, pipelines across"
     else:
-        where = f"each pipeline across {pipeline_nodes} nodes, each data-parallel group across {ring_nodes}"
+        where = f"{_across('pipeline', pipelines)}, {_across('data-parallel group', rings)}"
     return f"{where}: {name}"
 
 
