@@ -33,7 +33,9 @@ def test_describe() -> None:
     assert cluster is not None
     assert cluster.describe() == "4 nodes x 8 H100-80GB (74.5 GiB), links 450 GB/s inside a node, 50 GB/s between"
     small = parse_cluster(None, "2x24GiB", None, None)
-    assert small is not None and small.describe() == "1 node x 2 24 GiB, links free inside a node"
+    assert small is not None and small.describe() == "1 node x 2 devices of 24 GiB, links free inside a node"
+    assert Cluster(nodes=2, devices_per_node=3, speed=2.0).describe() == \
+        "2 nodes x 3 devices @2, links free inside a node, free between"
 
 
 @pytest.mark.parametrize("suffix, text", [

@@ -79,14 +79,17 @@ class Cluster:
     def describe(self) -> str:
         """``2 nodes x 4 H100-80GB (74.5 GiB), links 450 GB/s inside a node, 50 GB/s between``."""
         mem = f" ({format_bytes(self.memory_bytes)})" if self.memory_bytes else ""
-        if mem == f" ({self.device_name})":
-            mem = ""
+        device = f"{self.devices_per_node} {self.device_name}{mem}"
+        if not self.device_name:
+            device = f"{self.devices_per_node} devices{mem}"
+        elif mem == f" ({self.device_name})":
+            device = f"{self.devices_per_node} devices of {self.device_name}"
         speed = f" @{self.speed:g}" if self.speed != 1.0 else ""
         links = f"{_bandwidth_text(self.intra_node_bytes_per_s)} inside a node"
         if self.nodes > 1:
             links += f", {_bandwidth_text(self.inter_node_bytes_per_s)} between"
         nodes = "1 node" if self.nodes == 1 else f"{self.nodes} nodes"
-        return f"{nodes} x {self.devices_per_node} {self.device_name or 'device'}{mem}{speed}, links {links}"
+        return f"{nodes} x {device}{speed}, links {links}"
 
     def to_dict(self) -> dict[str, Any]:
         return write_record(self)
