@@ -78,7 +78,9 @@ class Placement:
     """Per pipeline boundary ``r|r+1`` (K - 1 entries): the slowest link any replica's boundary crosses;
     None: free."""
     replica_bytes_per_s: tuple[float | None, ...]
-    """Per pipeline rank (K entries): the slowest link its data-parallel ring crosses; None: free (or D = 1)."""
+    """Per pipeline rank (K entries): the slowest link its data-parallel ring crosses, for a ring that visits
+    node after node (between nodes when the group spans nodes, inside one when a node holds two of its members);
+    None: free (or D = 1)."""
     layout: str
     """One line saying how (``pipelines inside nodes, replicas across``)."""
 
