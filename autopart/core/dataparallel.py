@@ -423,8 +423,10 @@ def plan_cluster(profile: Profile, cluster: Cluster, model: CostModel, *, global
             continue
         try:
             plan, sim, layout = scorer.score(k, d, m, size, name, per_rank)
-        except AutopartError as exc:
+        except AutopartError as exc:  # no split fits, or the schedule cannot run it
             reasons.append(f"{k}x{d} {name} M={m}: {exc}")
+            skipped.append(Configuration(k, d, m, size, name, per_rank, math.inf, 0.0, 0.0, 0.0, 0, limit,
+                                         fits=False, scored=False, why=str(exc)))
             continue
         config = _configuration(plan, sim, layout)
         scored.append((config, plan))
@@ -432,7 +434,10 @@ def plan_cluster(profile: Profile, cluster: Cluster, model: CostModel, *, global
             best_ms = min(best_ms, config.step_ms)
     if not scored:
         if skipped:
-            c = skipped[0]
+            c = min(skipped, key=lambda c: c.memory_bytes or math.inf)
+            if c.why:
+                raise AutopartError(f"no configuration fits ({len(skipped)} tried); {c.label} {c.schedule} "
+                                    f"M={c.microbatches}: {c.why}")
             raise AutopartError(f"no configuration fits: {c.label} needs >= {format_bytes(c.memory_bytes)} "
                                 f"> {format_bytes(c.memory_limit_bytes or 0)} per device for the weights alone")
         raise AutopartError(f"no configuration to try on {devices} devices: {reasons[-1] if reasons else 'none'}")
@@ -443,7 +448,7 @@ def plan_cluster(profile: Profile, cluster: Cluster, model: CostModel, *, global
                             f"M={best_config.microbatches}, needs {format_bytes(best_config.memory_bytes)} > "
                             f"{format_bytes(best_config.memory_limit_bytes or 0)} per device")
     tried = [best_config] + [dataclasses.replace(c, why=_why(c, best_config)) for c, _ in scored[1:]]
-    tried += [dataclasses.replace(c, why=_why(c, best_config))
+    tried += [dataclasses.replace(c, why=c.why or _why(c, best_config))
               for c in sorted(skipped, key=lambda c: _order_key(c, names))]
     runners = tuple(Candidate(schedule=c.schedule, microbatches=c.microbatches, stages_per_rank=c.stages_per_rank,
                               step_ms=c.step_ms, balance=c.balance, data_parallel=c.data_parallel,
