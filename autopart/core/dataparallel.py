@@ -43,7 +43,7 @@ from autopart.core.planner import simulate_plan
 from autopart.core.scaling import scale_profile
 from autopart.core.schedules import peak_in_flight
 from autopart.core.search import MAX_MICROBATCHES, _plan_one, _splitter, all_schedules
-from autopart.core.simulate import Simulation
+from autopart.core.simulate import INPUT_GRAD_SHARE, Simulation
 from autopart.errors import AutopartError
 from autopart.formats.cluster import Cluster
 from autopart.formats.plan import Candidate, Plan
@@ -278,19 +278,21 @@ def _lower_bound_ms(scaled: Profile, speed: float, stages: int, microbatches: in
                     per_rank: int) -> float:
     """No split of ``scaled``'s blocks on ``stages`` ranks steps faster than this under ``schedule``.
 
-    W = one micro-batch's forward and backward through every block. Any schedule: the micro-batch's own
-    pass (W), the ranks' work (M W / K), the rank that holds the slowest block (M x its time). GPipe and
-    1F1B (one stage per rank): stage b's first forward waits for micro-batch 0 to pass the stages before
-    it, it then runs M forwards and backwards, and its last backward's gradient passes back the same way,
-    so a step >= P_b + M t_b (P_b the stages before b) for every b; the smallest T with
-    P_b + M t_b <= T for all b holds at most T (1 - (1 - 1/M)^K) of work, so T >= W / (1 - (1 - 1/M)^K).
+    W = one micro-batch's forward and backward through every block. The ranks' work: M W / K; the rank that
+    holds the slowest block: M x its time. The pipeline: take any (virtual) stage b of the S = K x V. Its
+    first forward waits for a micro-batch to pass the stages before it; it then runs M forwards and M
+    backwards (M input-gradient halves ``I`` under a zero-bubble schedule, whose ``W`` halves may wait); and
+    its last one's gradient passes back through the stages before it. With u = forward + backward (or
+    + ``I``) and U_b the stages before b: step >= U_b + M u_b for every b. The largest total U any split can
+    hold under a step T is T (1 - (1 - 1/M)^S), so T >= U / (1 - (1 - 1/M)^S).
     """
+    zero_bubble = schedule == "ZBVZeroBubble"  # the schedule that splits a backward into I and W
     times = [(x.forward_ms + x.backward_ms) / speed for x in scaled.layers]
+    chain = [(x.forward_ms + (x.backward_ms if not zero_bubble else min(x.input_grad_ms, x.backward_ms)
+                              if x.input_grad_ms is not None else x.backward_ms * INPUT_GRAD_SHARE)) / speed
+             for x in scaled.layers]
     w, m = sum(times), microbatches
-    bound = max(w, m * w / stages, m * max(times))
-    if per_rank == 1 and schedule in ("GPipe", "1F1B"):
-        bound = max(bound, w / (1 - (1 - 1 / m) ** stages))
-    return bound
+    return max(m * w / stages, m * max(times), sum(chain) / (1 - (1 - 1 / m) ** (stages * per_rank)))
 
 
 def _weights_bytes(profile: Profile, model: CostModel) -> float:
