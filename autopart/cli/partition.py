@@ -400,16 +400,27 @@ def _print_what_if(search: ClusterSearch, rows: int = 6) -> None:
     cluster = plan.cluster
     assert cluster is not None
     scored = [c for c in search.tried if c.scored]
-    table = Table(title=f"what if: {len(scored)} of {plural(len(search.tried), 'configuration')} scored on "
-                        f"{cluster.nodes} x {cluster.devices_per_node} devices (the rest ruled out by a bound)",
+    table = Table(title=f"what if: {len(scored)} of {plural(len(search.tried), 'configuration')} split and simulated "
+                        f"on {cluster.nodes} x {cluster.devices_per_node} devices (the rest ruled out by a bound or "
+                        f"memory); the best few, then the best of each other K x D",
                   title_justify="left")
     for col in ("K x D", "schedule", "M", "mb size", "time per batch", "memory/device", "bubble", "comm",
                 "vs best", "why it loses"):
         table.add_column(col, justify="left" if col in ("K x D", "schedule", "why it loses") else "right",
                          no_wrap=col != "why it loses")
-    for c in scored[:rows]:
+    shown = scored[:rows - 2]  # the best few, then the best of every other K x D (even one ruled out)
+    for c in search.tried:
+        if all(c.label != x.label for x in shown):
+            shown.append(c)
+    for c in shown:
         name = c.schedule + (f" x{c.stages_per_rank}" if c.stages_per_rank > 1 and c.schedule != "ZBVZeroBubble"
                              else "")
+        if not c.scored:  # ruled out before its split: what the bound says
+            time = f">= {format_ms(c.step_ms)}" if c.fits else "-"
+            memory = f">= {format_bytes(c.memory_bytes)}" if c.memory_bytes else "-"
+            table.add_row(c.label, name, str(c.microbatches), str(c.microbatch_size), time, memory, "-", "-", "-",
+                          c.why, style="dim")
+            continue
         slower = f"{max(c.step_ms / best.step_ms - 1, 0.0):+.1%}" if best.step_ms else "-"
         table.add_row(c.label, name, str(c.microbatches), str(c.microbatch_size), format_ms(c.step_ms),
                       format_bytes(c.memory_bytes) + ("" if c.fits else " (no fit)"), f"{c.bubble_fraction:.1%}",

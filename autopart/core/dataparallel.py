@@ -315,23 +315,20 @@ def _why(c: Configuration, best: Configuration) -> str:
         if c.memory_bytes != best.memory_bytes:
             return f"same time, more memory ({format_bytes(c.memory_bytes)} vs {format_bytes(best.memory_bytes)})"
         return "same time and memory; the tie goes to fewer replicas, then fewer micro-batches"
-    terms = {
-        "bubble": c.bubble_fraction * (c.step_ms - c.allreduce_ms) - best.bubble_fraction * (best.step_ms - best.allreduce_ms),
-        "allreduce": c.allreduce_ms - best.allreduce_ms,
-        "comm": (c.comm_share * c.step_ms - c.allreduce_ms) - (best.comm_share * best.step_ms - best.allreduce_ms),
-    }
-    name = max(terms, key=lambda t: terms[t])
-    if terms[name] <= 0:
-        busy = (1 - c.bubble_fraction) * (c.step_ms - c.allreduce_ms)
-        best_busy = (1 - best.bubble_fraction) * (best.step_ms - best.allreduce_ms)
-        return f"more work per device ({format_ms(busy)} vs {format_ms(best_busy)}: recomputation or slower stages)"
+    # the step is each rank's average busy time (compute, sends, optimizer) + its average idle time (the
+    # bubble) + the exposed all-reduce: the term that grew most says why
+    def parts(x: Configuration) -> dict[str, float]:
+        pipeline = x.step_ms - x.allreduce_ms
+        return {"work": (1 - x.bubble_fraction) * pipeline, "bubble": x.bubble_fraction * pipeline,
+                "allreduce": x.allreduce_ms}
+    mine, theirs = parts(c), parts(best)
+    name = max(mine, key=lambda t: mine[t] - theirs[t])
     if name == "bubble":
         digits = 0 if f"{c.bubble_fraction:.0%}" != f"{best.bubble_fraction:.0%}" else 1
         return f"bubble {c.bubble_fraction:.{digits}%} vs {best.bubble_fraction:.{digits}%}"
     if name == "allreduce":
         return f"all-reduce {format_ms(c.allreduce_ms)} exposed vs {format_ms(best.allreduce_ms)}"
-    return f"sends {format_ms(c.comm_share * c.step_ms - c.allreduce_ms)} vs " \
-           f"{format_ms(best.comm_share * best.step_ms - best.allreduce_ms)} on the busiest rank"
+    return f"work per device {format_ms(mine['work'])} vs {format_ms(theirs['work'])}"
 
 
 def _same(a: float, b: float) -> bool:
