@@ -313,7 +313,7 @@ def _why(c: Configuration, best: Configuration) -> str:
         return f"lower bound {format_ms(c.step_ms)} >= best {format_ms(best.step_ms)} (not split)"
     if _same(c.step_ms, best.step_ms):
         if c.memory_bytes != best.memory_bytes:
-            return f"same time, more memory ({format_bytes(c.memory_bytes)} vs {format_bytes(best.memory_bytes)})"
+            return f"same time, more memory: {format_bytes(c.memory_bytes)} vs {format_bytes(best.memory_bytes)}"
         return "same time and memory; the tie goes to fewer replicas, then fewer micro-batches"
     # the step is each rank's average busy time (compute, sends, optimizer) + its average idle time (the
     # bubble) + the exposed all-reduce: the term that grew most says why
