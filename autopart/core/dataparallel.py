@@ -237,8 +237,10 @@ class _Scorer:
         pipeline's simulated step (without the all-reduce) and the placement's layout line."""
         scaled, how = self.at(size)
         k, d = stages, data_parallel
-        guess = list(balance) if balance is not None else _even_balance(len(scaled.layers), k * per_rank)
-        sends, grads = traffic_bytes(scaled, guess, schedule, k, per_rank, microbatches)
+        # placed from an even split's traffic: the split is chosen for the placement's links, so the same
+        # configuration gets the same placement whichever split it is scored with
+        even = _even_balance(len(scaled.layers), k * per_rank)
+        sends, grads = traffic_bytes(scaled, even, schedule, k, per_rank, microbatches)
         placement = self.placer(self.cluster, k, d, sends, grads)
         link = slowest_bytes_per_s(placement.pipeline_bytes_per_s)
         model = dataclasses.replace(self.model, schedule=schedule, microbatches=microbatches,
