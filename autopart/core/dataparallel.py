@@ -290,8 +290,9 @@ def _lower_bound_ms(scaled: Profile, speed: float, stages: int, microbatches: in
     """
     zero_bubble = schedule == "ZBVZeroBubble"  # the schedule that splits a backward into I and W
     times = [(x.forward_ms + x.backward_ms) / speed for x in scaled.layers]
-    chain = [(x.forward_ms + (x.backward_ms if not zero_bubble else min(x.input_grad_ms, x.backward_ms)
-                              if x.input_grad_ms is not None else x.backward_ms * INPUT_GRAD_SHARE)) / speed
+    measured = all(x.input_grad_ms is not None for x in scaled.layers)  # else the simulator assumes a share
+    chain = [(x.forward_ms + (x.backward_ms if not zero_bubble else min(x.input_grad_ms or 0.0, x.backward_ms)
+                              if measured else x.backward_ms * INPUT_GRAD_SHARE)) / speed
              for x in scaled.layers]
     w, m = sum(times), microbatches
     return max(m * w / stages, m * max(times), sum(chain) / (1 - (1 - 1 / m) ** (stages * per_rank)))
