@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 from typing import TYPE_CHECKING
 
@@ -9,6 +10,8 @@ from autopart.cli.common import Subcommands, path_arg, schedule_or_auto_arg
 from autopart.errors import AutopartError
 
 if TYPE_CHECKING:
+    from autopart.core.dataparallel import ClusterSearch
+    from autopart.formats.cluster import Cluster
     from autopart.formats.plan import Plan
 
 __all__: list[str] = []
@@ -57,7 +60,9 @@ def add_parser(sub: Subcommands) -> None:
                               "--microbatches 8\n"
                               "  autopart partition p.json --stages 4 --global-batch 64 --microbatches auto "
                               "--schedule auto --memory-limit 8GiB\n"
-                              "  autopart partition p.json --devices 2xA100-40GB,2xH100-80GB@2.0 --bandwidth 25GB/s")
+                              "  autopart partition p.json --devices 2xA100-40GB,2xH100-80GB@2.0 --bandwidth 25GB/s\n"
+                              "  autopart partition p.json --nodes 4 --devices-per-node 8xH100-80GB "
+                              "--link 450GB/s,50GB/s --global-batch 1024")
     p.add_argument("profile", metavar="PROFILE", type=path_arg, help="profile JSON written by autopart profile")
     p.add_argument("--stages", "-k", type=int, metavar="K", help="pipeline ranks, one device each (default: the "
                    "number of --devices); interleaved schedules put several stages on each")
@@ -66,9 +71,9 @@ def add_parser(sub: Subcommands) -> None:
                         "(default: K, the fewest 1F1B accepts)")
     p.add_argument("--global-batch", type=int, metavar="N",
                    help="samples per step; the micro-batch size is N / M (default: the profile's micro-batch x M)")
-    p.add_argument("--schedule", default="1F1B", type=schedule_or_auto_arg, metavar="NAME|auto",
-                   help="GPipe, 1F1B (default), Interleaved1F1B, ZBVZeroBubble (torch.distributed.pipelining "
-                        "names, any case), or auto: simulate each and keep the fastest")
+    p.add_argument("--schedule", type=schedule_or_auto_arg, metavar="NAME|auto",
+                   help="GPipe, 1F1B (default; auto with a cluster), Interleaved1F1B, ZBVZeroBubble "
+                        "(torch.distributed.pipelining names, any case), or auto: simulate each and keep the fastest")
     p.add_argument("--stages-per-rank", type=int, default=2, metavar="V",
                    help="virtual stages per rank for Interleaved1F1B (default: 2; ZBVZeroBubble always 2)")
     p.add_argument("--method", default="exact", choices=list(METHODS),
@@ -83,6 +88,17 @@ def add_parser(sub: Subcommands) -> None:
     p.add_argument("--devices", metavar="SPEC",
                    help="per-rank devices in order: 2xA100-40GB,2xH100-80GB@2.0 (COUNTxNAME-or-MEMORY[@SPEED], "
                         "speed relative to the profiled device) or a .json/.toml file")
+    p.add_argument("--nodes", type=int, metavar="N", help="a cluster of N nodes (with --devices-per-node): "
+                   "the planner chooses the pipeline depth K and the data-parallel width D (K x D = the devices) "
+                   "with the micro-batches, schedule and split; needs --global-batch")
+    p.add_argument("--devices-per-node", metavar="SPEC", help="each node's devices: 8xH100-80GB, 2x24GiB "
+                   "(COUNTxNAME-or-MEMORY[@SPEED], all alike)")
+    p.add_argument("--link", metavar="INTRA[,INTER]", help="per-device bandwidth inside a node and between nodes: "
+                   "450GB/s,50GB/s (default: free; one value: both)")
+    p.add_argument("--cluster", metavar="FILE", help="the cluster as a .toml or .json file (nodes, "
+                   "devices_per_node, memory_bytes, intra_node_bytes_per_s, inter_node_bytes_per_s, ...)")
+    p.add_argument("--data-parallel", type=int, metavar="D", help="with a cluster: pin the replicas of the "
+                   "pipeline (--stages pins its depth)")
     p.add_argument("--bandwidth", metavar="RATE", help="link between neighbouring stages: 25GB/s, 100Gbit/s "
                    "(default: sends are free)")
     p.add_argument("--latency", metavar="TIME", help="per send: 10us, 0.05ms (default: 0)")
@@ -107,6 +123,51 @@ def _bottleneck_note(method: str) -> str:
     return ""
 
 
+CLUSTER_FLAGS = ("--nodes", "--devices-per-node", "--link", "--cluster", "--data-parallel")
+
+
+def _cluster_flags(args: argparse.Namespace) -> list[str]:
+    return [flag for flag in CLUSTER_FLAGS if getattr(args, flag.lstrip("-").replace("-", "_")) is not None]
+
+
+def make_cluster_search_from_args(args: argparse.Namespace, cluster: Cluster) -> ClusterSearch:
+    """The joint (K, D, M, schedule, split) search the cluster flags ask for."""
+    from autopart.core.costmodel import CostModel
+    from autopart.core.dataparallel import plan_cluster
+    from autopart.core.search import all_schedules
+    from autopart.formats.profile import Profile
+    from autopart.formats.schedule_kinds import stages_per_rank
+    from autopart.formats.units import parse_bytes, parse_duration_ms
+
+    for flag, value in (("--devices", args.devices), ("--bandwidth", args.bandwidth), ("--balance", args.balance)):
+        if value is not None:
+            why = "the cluster gives the devices" if flag == "--devices" else \
+                "the cluster's links give it (--link)" if flag == "--bandwidth" else "not with a cluster yet"
+            raise AutopartError(f"{flag} with a cluster ({', '.join(_cluster_flags(args))}): {why}")
+    if args.global_batch is None:
+        raise AutopartError("a cluster needs --global-batch N: the samples one step of all replicas trains")
+    if args.global_batch < 1:
+        raise AutopartError(f"--global-batch must be >= 1, got {args.global_batch}")
+    if args.memory_limit:
+        cluster = dataclasses.replace(cluster, memory_bytes=parse_bytes(args.memory_limit, "--memory-limit"))
+    if args.stages_per_rank < 1:
+        raise AutopartError(f"--stages-per-rank must be >= 1, got {args.stages_per_rank}")
+    if args.schedule in (None, "auto"):
+        schedules = all_schedules(args.stages_per_rank)
+    else:
+        schedules = [(args.schedule, stages_per_rank(args.schedule, args.stages_per_rank))]
+    microbatches = None if args.microbatches in (None, "auto") else int(args.microbatches)
+    if microbatches is not None and microbatches < 1:
+        raise AutopartError(f"--microbatches must be >= 1, got {microbatches}")
+    model = CostModel(optimizer=args.optimizer, latency_ms=parse_duration_ms(args.latency) if args.latency else 0.0,
+                      recompute=not args.no_recompute,
+                      overhead_ms=parse_duration_ms(args.overhead, "--overhead") if args.overhead else 0.0)
+    profile = Profile.from_json(args.profile)
+    return plan_cluster(profile, cluster, model, global_batch=args.global_batch, method=args.method,
+                        schedules=schedules, stages=args.stages, data_parallel=args.data_parallel,
+                        microbatches=microbatches, profile_path=args.profile)
+
+
 def make_plan_from_args(args: argparse.Namespace) -> Plan:
     """Profile, devices and the search or single configuration the flags ask for."""
     from autopart.core.costmodel import CostModel
@@ -118,6 +179,7 @@ def make_plan_from_args(args: argparse.Namespace) -> Plan:
 
     profile = Profile.from_json(args.profile)
     devices = parse_devices(args.devices) if args.devices else None
+    args.schedule = args.schedule or "1F1B"
     k = args.stages
     if k is None and args.balance and args.schedule not in ("auto", "Interleaved1F1B", "ZBVZeroBubble"):
         k = len(args.balance)
@@ -162,11 +224,20 @@ def make_plan_from_args(args: argparse.Namespace) -> Plan:
 
 def run(args: argparse.Namespace) -> int:
     from autopart.formats.atomic import check_writable
+    from autopart.formats.cluster import parse_cluster
     from autopart.formats.units import format_bytes
 
     if args.output:
         check_writable(args.output)
-    plan = make_plan_from_args(args)
+    cluster = parse_cluster(args.nodes, args.devices_per_node, args.link, args.cluster)
+    search = None
+    if cluster is not None:
+        search = make_cluster_search_from_args(args, cluster)
+        plan = search.best
+    elif args.data_parallel is not None:
+        raise AutopartError("--data-parallel needs a cluster: --nodes N --devices-per-node SPEC (or --cluster FILE)")
+    else:
+        plan = make_plan_from_args(args)
     if not plan.fits:
         over = next(s for s, st in enumerate(plan.stages)
                     if st.device.memory_bytes is not None and st.cost.memory_bytes > st.device.memory_bytes)
@@ -179,6 +250,8 @@ def run(args: argparse.Namespace) -> int:
         plan.to_json(args.output)
     if args.format == "table":
         _print_plan(plan)
+        if search is not None:
+            _print_what_if(search)
         if args.balance:
             _print_given(plan, args.given)
     elif args.format == "json":
@@ -210,7 +283,9 @@ def _print_plan(plan: Plan) -> None:
     ranks = plan.stage_ranks()
     method = "exact method, local search (too many splits to simulate each)" if plan.method == "local" \
         else plan.method
-    table = Table(title=f"{plan.model}: {method}, {plural(plan.num_stages, 'stage')} on {plural(plan.num_ranks, 'rank')}",
+    replicas = f" x {plan.data_parallel} replicas" if plan.data_parallel > 1 else ""
+    table = Table(title=f"{plan.model}: {method}, {plural(plan.num_stages, 'stage')} on "
+                        f"{plural(plan.num_ranks, 'rank')}{replicas}",
                   title_justify="left")
     columns = ["stage", "rank", "blocks", "n", "time", "share"] + ["sends"] * sends + ["memory"] + ["limit"] * limits \
         + ["device"] * named
@@ -239,7 +314,7 @@ def _print_plan(plan: Plan) -> None:
                   f"{format_ms(pred.step_ms)}, bubble {pred.bubble_fraction:.1%}", highlight=False, soft_wrap=True)
     if plan.scaling:
         console.print(f"note: {plan.scaling}", highlight=False, soft_wrap=True)
-    if plan.runners_up:
+    if plan.runners_up and plan.cluster is None:  # with a cluster, the what-if table lists them
         runners = Table(title="runners-up", title_justify="left")
         for col in ("schedule", "micro-batches", "predicted step", "slower by", "balance"):
             runners.add_column(col, justify="left" if col in ("schedule", "balance") else "right")
@@ -269,3 +344,61 @@ def _print_given(plan: Plan, given: Plan) -> None:
                       memory + ("" if p.fits else "  (does not fit)"), slower)
     console = stdout_console(160)
     console.print(table)
+
+
+def _print_what_if(search: ClusterSearch, rows: int = 6) -> None:
+    """The best configurations the joint search scored, why the chosen one wins, and where its ranks run."""
+    from rich.table import Table
+
+    from autopart.cli.console import stdout_console
+    from autopart.formats.units import format_bytes, format_ms, plural
+
+    console = stdout_console(160)
+    best, plan = search.tried[0], search.best
+    cluster = plan.cluster
+    assert cluster is not None
+    scored = [c for c in search.tried if c.scored]
+    table = Table(title=f"what if: {len(scored)} of {plural(len(search.tried), 'configuration')} split and simulated "
+                        f"on {cluster.nodes} x {cluster.devices_per_node} devices (the rest ruled out by a bound or "
+                        f"memory); the best few, then the best of each other K x D",
+                  title_justify="left")
+    for col in ("K x D", "schedule", "M", "mb size", "time per batch", "memory/device", "bubble", "comm",
+                "vs best", "why it loses"):
+        table.add_column(col, justify="left" if col in ("K x D", "schedule", "why it loses") else "right",
+                         no_wrap=col != "why it loses")
+    shown = scored[:rows - 2]  # the best few, then the best of every other K x D (even one ruled out)
+    for c in search.tried:
+        if all(c.label != x.label for x in shown):
+            shown.append(c)
+    for c in shown:
+        name = c.schedule + (f" x{c.stages_per_rank}" if c.stages_per_rank > 1 and c.schedule != "ZBVZeroBubble"
+                             else "")
+        if not c.scored:  # ruled out before its split: what the bound says
+            time = f">= {format_ms(c.step_ms)}" if c.fits else "-"
+            memory = f">= {format_bytes(c.memory_bytes)}" if c.memory_bytes else "-"
+            table.add_row(c.label, name, str(c.microbatches), str(c.microbatch_size), time, memory, "-", "-", "-",
+                          c.why, style="dim")
+            continue
+        slower = f"{max(c.step_ms / best.step_ms - 1, 0.0):+.1%}" if best.step_ms else "-"
+        table.add_row(c.label, name, str(c.microbatches), str(c.microbatch_size), format_ms(c.step_ms),
+                      format_bytes(c.memory_bytes) + ("" if c.fits else " (no fit)"), f"{c.bubble_fraction:.1%}",
+                      f"{c.comm_share:.1%}", "best" if c is best else slower, c.why or "chosen",
+                      style="bold" if c is best else "")
+    console.print(table)
+    runner = next((c for c in search.tried[1:] if c.scored and c.fits), None)
+    if runner is None:
+        reason = "the only configuration that fits"
+    else:
+        reason = (f"{runner.step_ms / best.step_ms - 1:.1%} faster than the next, {runner.label} {runner.schedule} "
+                  f"M={runner.microbatches} ({runner.why})" if runner.step_ms > best.step_ms
+                  else f"ties with {runner.label} {runner.schedule} M={runner.microbatches} ({runner.why})")
+    console.print(f"chosen: {plural(plan.num_ranks, 'pipeline rank')} x {plural(plan.data_parallel, 'replica')}, "
+                  f"{plan.schedule}, "
+                  f"{plural(plan.microbatches, 'micro-batch')} of {plan.microbatch_size}: "
+                  f"{format_ms(plan.predicted.step_ms)} per global batch (all-reduce exposed "
+                  f"{format_ms(plan.predicted.allreduce_ms)}): {reason}", highlight=False, soft_wrap=True)
+    console.print(f"placement ({search.layout}), replica: pipeline rank -> node:device", highlight=False,
+                  soft_wrap=True)
+    for d, row in enumerate(plan.mesh()):
+        where = ", ".join(f"{r}->{cluster.node_of(g)}:{g % cluster.devices_per_node}" for r, g in enumerate(row))
+        console.print(f"  replica {d}: {where}", highlight=False, soft_wrap=True)

@@ -97,6 +97,13 @@ def run(args: argparse.Namespace) -> int:
     console.print(f"step {format_ms(sim.step_ms)}, bubble {sim.bubble_fraction:.1%}"
                   + (f" (the plan predicted {format_ms(plan.predicted.step_ms)})"
                      if (schedule, microbatches) != (plan.schedule, plan.microbatches) else ""), highlight=False)
+    if plan.data_parallel > 1:
+        own = (schedule, microbatches) == (plan.schedule, plan.microbatches)
+        console.print(f"data parallel: {plan.data_parallel} replicas of this pipeline on {plan.world_size} ranks; "
+                      f"the gradient all-reduce the drain does not hide: "
+                      + (f"{format_ms(plan.predicted.allreduce_ms)}, step with it {format_ms(plan.predicted.step_ms)}"
+                         if own else f"{format_ms(plan.predicted.allreduce_ms)} under the plan's own schedule"),
+                      highlight=False, soft_wrap=True)
     console.print(_rank_table(plan, sim, stage_ranks(schedule, sim.num_ranks, per_rank)))
     console.print(render_text(sim, width=args.width))
     if args.svg:

@@ -77,6 +77,10 @@ class Candidate:
     stages_per_rank: int = field(metadata=saved(minimum=1, absent=1))
     step_ms: float
     balance: tuple[int, ...] = field(metadata=saved(minimum=1))
+    data_parallel: int = field(default=1, metadata=saved(minimum=1, omit=(1,)))
+    """Replicas of the pipeline (:attr:`Plan.data_parallel`); written when more than 1."""
+    allreduce_ms: float = field(default=0.0, metadata=saved(omit=(0.0,)))
+    """The exposed gradient all-reduce in ``step_ms`` (:attr:`Predicted.allreduce_ms`); written when not 0."""
 
 
 @dataclass(frozen=True)
@@ -267,7 +271,8 @@ class Plan:
         for k, raw in enumerate(f.array("runners_up", required=False)):
             cf = Fields(raw, f"{source}: runners_up[{k}]")
             runners.append(read_record(Candidate, cf))
-            check_plausible(f"{source}: runners_up[{k}]", [("step_ms", runners[-1].step_ms)], MAX_STAGE_MS)
+            check_plausible(f"{source}: runners_up[{k}]", [("step_ms", runners[-1].step_ms),
+                                                           ("allreduce_ms", runners[-1].allreduce_ms)], MAX_STAGE_MS)
         stages_per_rank = f.integer("stages_per_rank", required=False, default=1, minimum=1)
         if len(stages) % stages_per_rank:
             raise AutopartError(f"{source}: {len(stages)} stages do not divide into {stages_per_rank} per rank")
