@@ -16,6 +16,7 @@ import torch
 
 from autopart.formats.plan import Plan
 from autopart.measure.spec import call_model, load_model
+from autopart.run.data import default_corpus_files
 from autopart.run.streams import BlockStreams
 from tests.conftest import ROOT, run_cli, run_cli_here
 from tests.helpers import plan_for
@@ -129,7 +130,8 @@ def test_train_two_replicas_on_one_launcher_and_two_nodes_and_resume(tmp_path: P
     """``autopart train`` of 2 replicas x 2 stages (gpt2-tiny, 2 micro-batches each) trains the losses of the same
     split as one pipeline of 4 micro-batches on the same global batch of 16: on one launcher; on two torchrun agents
     as two nodes, each replica's pipeline inside a node and then each across the nodes; and resumed from a
-    checkpoint the one-pipeline run wrote. Checkpoints are written once per stage."""
+    checkpoint the one-pipeline run wrote; the held-out loss (each replica evaluates its share) is the one-pipeline
+    run's too. Checkpoints are written once per stage."""
     one, two = tmp_path / "one.json", tmp_path / "two.json"
     made = run_cli_here("partition", TINY, "--stages", "2", "--microbatches", "4", "-o", str(one))
     assert made.returncode == 0, made.stderr
@@ -138,7 +140,10 @@ def test_train_two_replicas_on_one_launcher_and_two_nodes_and_resume(tmp_path: P
     single = Plan.from_json(one)
     half = _replicated(Plan.from_json(tmp_path / "half.json"), two)
     assert half.balance == single.balance and half.microbatch_size == single.microbatch_size == 4
-    common = ("--model", "gpt2-tiny", "--steps", "3", "--lr", "0.01")
+    corpus = tmp_path / "corpus.txt"
+    corpus.write_bytes(b"".join(f.read_bytes() for f in default_corpus_files()[:100])[:40_000])  # 30 held-out windows
+    common = ("--model", "gpt2-tiny", "--steps", "3", "--lr", "0.01", "--data", str(corpus), "--eval-every", "3",
+              "--eval-batches", "1")
 
     reference = run_cli("train", str(one), *common, "--checkpoint", str(tmp_path / "ck1"), "--checkpoint-every", "2",
                         "--report", str(tmp_path / "r1.json"))
@@ -153,6 +158,9 @@ def test_train_two_replicas_on_one_launcher_and_two_nodes_and_resume(tmp_path: P
     assert "(16 per step, 8 per replica)" in launched.stderr
     assert _losses(tmp_path / "r2.json") == pytest.approx(expected, rel=1e-5)
     report = json.loads((tmp_path / "r2.json").read_text())
+    evals = [e["loss"] for e in json.loads((tmp_path / "r1.json").read_text())["eval_losses"]]
+    assert len(evals) == 1 and [e["loss"] for e in report["eval_losses"]] == pytest.approx(evals, rel=1e-5)
+    assert launched.stderr.count("eval after step 3:") == 1
     assert report["data_parallel"] == 2 and report["ranks"] == 2 and report["global_batch"] == 16
     assert [r["rank"] for r in report["ranks_detail"]] == [0, 1]
     assert sorted(p.name for p in (tmp_path / "ck2" / "step-000003").iterdir()) == ["COMPLETE", "stage-0.pt",
