@@ -2,10 +2,10 @@
 each rank saves its losses (its replica's, and the mean over replicas), its gradients, and a dropout mask per
 replica.
 
-    dp_grad_check.py PLAN MODEL OUT_DIR BATCH.pt
+    dp_grad_check.py PLAN MODEL OUT_DIR BATCH.pt [BUCKET_BYTES]
 
 BATCH.pt holds ``(inputs, target)`` (inputs a tuple of tensors): the whole global batch, which every replica
-takes its share of.
+takes its share of. BUCKET_BYTES: the gradients' all-reduce buckets (default: autopart's), small to make many.
 """
 from __future__ import annotations
 
@@ -16,12 +16,15 @@ import torch
 import torch.distributed as dist
 
 from autopart.measure.blocks import chain_of
+from autopart.run import replicas as replicas_module
 from autopart.run.replicas import join_mesh, mean_over_replicas, shard
 from autopart.run.stages import build_pipeline
 from tests.helpers import join_rank
 
 
-def main(plan_path: str, model: str, out_dir: str, batch_path: str) -> None:
+def main(plan_path: str, model: str, out_dir: str, batch_path: str, bucket_bytes: str | None = None) -> None:
+    if bucket_bytes:
+        replicas_module.BUCKET_BYTES = int(bucket_bytes)
     rank, plan, bundle = join_rank(plan_path, model)
     replicas = join_mesh(plan, rank, "cpu")
     inputs, target = torch.load(batch_path)
@@ -47,4 +50,4 @@ def main(plan_path: str, model: str, out_dir: str, batch_path: str) -> None:
 
 
 if __name__ == "__main__":
-    main(*sys.argv[1:5])
+    main(*sys.argv[1:6])

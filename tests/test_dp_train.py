@@ -51,12 +51,13 @@ def test_replicas_draw_the_masks_of_one_pipeline_of_all_their_microbatches() -> 
     assert not torch.equal(mask(second, 0), mask(one, 0))
 
 
-@pytest.mark.parametrize("schedule", ["GPipe", "1F1B"])
+@pytest.mark.parametrize("schedule, bucket_bytes", [("GPipe", ""), ("1F1B", "4096")])
 @pytest.mark.slow
-def test_two_replicas_of_two_stages_equal_one_process(schedule: str, tmp_path: Path) -> None:
+def test_two_replicas_of_two_stages_equal_one_process(schedule: str, bucket_bytes: str, tmp_path: Path) -> None:
     """4 ranks as 2 replicas x 2 stages of a Hugging Face GPT-2 whose embedding is tied to its head (so a tied
     weight's gradient is summed between its pipeline holders and averaged over the replicas): the loss and every
-    gradient, on every replica, equal one process's on the whole global batch."""
+    gradient, on every replica, equal one process's on the whole global batch; with one all-reduce bucket per
+    stage, and with buckets of 4 KiB (many: a bucket closes at the first parameter that fills it)."""
     pytest.importorskip("transformers")
     spec, microbatches = f"{MODELS}:hf_gpt2", 2
     plan = _replicated(plan_for(spec, [3, 3], schedule, microbatches, tmp_path / "one.json"), tmp_path / "plan.json")
@@ -66,7 +67,7 @@ def test_two_replicas_of_two_stages_equal_one_process(schedule: str, tmp_path: P
     torch.save((inputs, target), tmp_path / "batch.pt")
     result = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "4",
                              str(ROOT / "tests" / "dp_grad_check.py"), str(tmp_path / "plan.json"), spec,
-                             str(tmp_path), str(tmp_path / "batch.pt")],
+                             str(tmp_path), str(tmp_path / "batch.pt"), bucket_bytes],
                             cwd=tmp_path, env=_env(), text=True, capture_output=True, timeout=300)
     assert result.returncode == 0, result.stderr[-3000:]
 

@@ -12,9 +12,12 @@ whole plain tensors on every replica, so what autopart already does with them is
 the tied weights' sum between a replica's pipeline holders (:class:`autopart.run.stages.SharedParameters`),
 recomputation (``torch.utils.checkpoint``), deferred BatchNorm, fp16's ``ShardedGradScaler``, stage files that
 do not depend on ``D`` (a checkpoint of one replica resumes ``D`` and back), and the optimizer's state, which
-is the same on every replica (same averaged gradients) and so saved once. Sharding it (ZeRO) is what FSDP2
-would add; the all-reduce is DDP's algorithm (buckets of about 25 MiB, flattened, summed, divided by ``D``),
-run once per step after the last backward rather than overlapped with it.
+is the same on every replica (same averaged gradients) and so saved once. ``fully_shard`` itself runs on gloo
+and CPU in torch 2.13 (tried: a 2-rank ``fully_shard(module, mesh=mesh["dp"])`` trains), but it turns every
+parameter into a DTensor shard: stage files, the tied sums, weight loading and the meta-device materialisation
+would each have to gather or scatter. Sharding the optimizer state (ZeRO) is what it would add, left for later.
+The all-reduce is DDP's algorithm (buckets of about 25 MiB, flattened, summed, divided by ``D``), run once per
+step after the last backward rather than overlapped with it.
 
 With ``D == 1`` nothing here runs: no mesh, no group, the pipeline on the default group as before.
 """
@@ -82,12 +85,13 @@ def shard(batch: torch.Tensor, replica: int, data_parallel: int) -> torch.Tensor
 
 
 def average_gradients(parameters: Sequence[torch.nn.Parameter], group: dist.ProcessGroup | None,
-                      data_parallel: int, bucket_bytes: int = BUCKET_BYTES) -> None:
+                      data_parallel: int, bucket_bytes: int | None = None) -> None:
     """Every parameter's gradient replaced by its mean over the ``data_parallel`` replicas of ``group``: flattened
-    into buckets of about ``bucket_bytes`` (one dtype each), each summed in one all-reduce and divided by ``D``.
+    into buckets of about ``bucket_bytes`` (:data:`BUCKET_BYTES` when None; one dtype each), each summed in one all-reduce and divided by ``D``.
     A parameter without a gradient is left alone (every replica runs the same code, so has none either)."""
     if data_parallel == 1 or group is None:
         return
+    bucket_bytes = BUCKET_BYTES if bucket_bytes is None else bucket_bytes
     grads = [p.grad for p in parameters if p.grad is not None]
     by_dtype: dict[tuple[torch.dtype, torch.device], list[torch.Tensor]] = {}
     for g in grads:
