@@ -131,7 +131,7 @@ def test_train_two_replicas_on_one_launcher_and_two_nodes_and_resume(tmp_path: P
     """``autopart train`` of 2 replicas x 2 stages (gpt2-tiny, 2 micro-batches each) trains the losses of the same
     split as one pipeline of 4 micro-batches on the same global batch of 16: on one launcher; on two torchrun agents
     as two nodes, each replica's pipeline inside a node and then each across the nodes; and resumed from a
-    checkpoint the one-pipeline run wrote; the held-out loss (each replica evaluates its share) is the one-pipeline
+    checkpoint the one-pipeline run wrote, and back; the held-out loss (each replica evaluates its share) is the one-pipeline
     run's too. Checkpoints are written once per stage."""
     one, two = tmp_path / "one.json", tmp_path / "two.json"
     made = run_cli_here("partition", TINY, "--stages", "2", "--microbatches", "4", "-o", str(one))
@@ -152,8 +152,8 @@ def test_train_two_replicas_on_one_launcher_and_two_nodes_and_resume(tmp_path: P
     expected = _losses(tmp_path / "r1.json")
     assert len(expected) == 3
 
-    launched = run_cli("train", str(two), *common, "--checkpoint", str(tmp_path / "ck2"), "--report",
-                       str(tmp_path / "r2.json"))
+    launched = run_cli("train", str(two), *common, "--checkpoint", str(tmp_path / "ck2"), "--checkpoint-every", "2",
+                       "--report", str(tmp_path / "r2.json"))
     assert launched.returncode == 0, launched.stderr[-3000:]
     assert "2 stages on 2 ranks x 2 data-parallel replicas" in launched.stderr
     assert "(16 per step, 8 per replica)" in launched.stderr
@@ -176,6 +176,13 @@ def test_train_two_replicas_on_one_launcher_and_two_nodes_and_resume(tmp_path: P
     assert resumed.returncode == 0, resumed.stderr[-3000:]
     assert "resuming after step 2" in resumed.stderr and "warning: the plan changed" not in resumed.stderr
     assert _losses(tmp_path / "r3.json") == pytest.approx(expected[2:], rel=1e-5)
+    # and back: the one-pipeline plan from the 2-replica run's checkpoint of step 2
+    shutil.rmtree(tmp_path / "ck2" / "step-000003")
+    back = run_cli("train", str(one), *common, "--checkpoint", str(tmp_path / "ck2"), "--report",
+                   str(tmp_path / "r4.json"))
+    assert back.returncode == 0, back.stderr[-3000:]
+    assert "resuming after step 2" in back.stderr and "warning: the plan changed" not in back.stderr
+    assert _losses(tmp_path / "r4.json") == pytest.approx(expected[2:], rel=1e-5)
 
     # two nodes: replica-major (each pipeline inside a node), then each pipeline across the two nodes
     across = _replicated(half, tmp_path / "across.json", placement=((0, 2), (1, 3)))
