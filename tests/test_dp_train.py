@@ -167,6 +167,7 @@ def test_train_two_replicas_on_one_launcher_and_two_nodes_and_resume(tmp_path: P
     assert sorted(p.name for p in (tmp_path / "ck2" / "step-000003").iterdir()) == ["COMPLETE", "stage-0.pt",
                                                                                       "stage-1.pt"]
     assert launched.stderr.count("step 3/3") == 1  # one line per step, from one rank
+    assert "data parallel: 2 replicas of this pipeline; the rows are replica 0's ranks" in launched.stdout
 
     # resumed: the 2-replica plan from the 1-replica plan's checkpoint of step 2 goes on with its step 3
     shutil.copytree(tmp_path / "ck1", tmp_path / "ck3")
@@ -233,3 +234,39 @@ def test_placement_that_is_not_a_permutation_is_refused(tmp_path: Path) -> None:
     result = run_cli_here("train", str(tmp_path / "plan.json"), "--model", "gpt2-tiny")
     assert result.returncode == 2, result.stderr
     assert "placement [[0, 1], [1, 3]] is not 2 replicas x 2 ranks numbering ranks 0..3 once each" in result.stderr
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(not Path("/proc/self/environ").exists(), reason="finds the rank's process through /proc")
+def test_a_killed_rank_of_the_second_replica_is_restarted_and_ends_with_the_uninterrupted_weights(
+        tmp_path: Path) -> None:
+    """``--max-restarts`` with 2 replicas: global rank 3 (replica 1's last stage) killed by SIGKILL after step 2's
+    checkpoint; every rank restarts from it and the final checkpoint equals an uninterrupted run's."""
+    import signal
+
+    from autopart.run.checkpoint import latest_complete, merge_checkpoint
+    from tests.test_faults import HELPERS, _cli, _plan, _rank_pids, _run, _wait_for
+
+    spec = f"{HELPERS}:restart_spec"
+    plan = tmp_path / "two.json"
+    _replicated(Plan.from_json(_plan(tmp_path, spec)), plan)
+    train = ["train", str(plan), "--model", spec, "--steps", "4", "--checkpoint-every", "2"]
+    whole = _run(*train, "--checkpoint", str(tmp_path / "whole"))
+    assert whole.returncode == 0, whole.stderr[-2000:]
+
+    killed = tmp_path / "killed"
+    proc = _cli(*train, "--checkpoint", str(killed), "--max-restarts", "1", "--timeout", "30")
+    _wait_for(killed / "step-000002" / "COMPLETE", proc)
+    victims = _rank_pids(proc.pid, 3)
+    assert victims, "rank 3's process was not found"
+    for pid in victims:
+        os.kill(pid, signal.SIGKILL)
+    out, err = proc.communicate(timeout=300)
+    assert proc.returncode == 0, err[-3000:]
+    assert "restart 1 of 1 after a rank failed: resuming after step" in err, err[-3000:]
+    assert "Traceback" not in err and "step 4/4" in err
+    assert latest_complete(killed) == killed / "step-000004"
+    resumed, reference = merge_checkpoint(killed), merge_checkpoint(tmp_path / "whole")
+    assert resumed.keys() == reference.keys()
+    for name, value in reference.items():
+        torch.testing.assert_close(resumed[name], value, rtol=1e-6, atol=1e-6, msg=name)

@@ -204,7 +204,9 @@ def make_report(job: Job, log: StepLog, measured: Measured) -> Report:
     replay_plan = dataclasses.replace(plan, stages=tuple(replay))
     replayed = simulate_plan(replay_plan, microbatches=plan.microbatches)
     predicted = simulate_plan(plan) if same_size else None
-    predicted_step = predicted.step_ms if predicted is not None else None
+    # several replicas: the measured step includes the gradients' all-reduce, so the prediction does too (the
+    # plan's exposed all-reduce: the part the pipeline's drain does not hide)
+    predicted_step = predicted.step_ms + plan.predicted.allreduce_ms if predicted is not None else None
     last = [max(range(plan.num_ranks), key=lambda r: measured.step_ms[i][r]) for i in steady]
     tokens = job.data.tokens_per_sample
     return Report(
