@@ -19,7 +19,9 @@ __all__: list[str] = []
 MAX_TIMEOUT_S = 1e9
 """The longest --timeout: 31 years, well inside what ``datetime.timedelta`` and c10d's milliseconds hold."""
 
-HELP = """Train MODEL split as PLAN says, one process per pipeline rank, with PyTorch's
+HELP = """Train MODEL split as PLAN says, one process per pipeline rank (of every
+data-parallel replica the plan has: each replica takes its share of every
+global batch, and the stages' gradients are averaged over the replicas), with PyTorch's
 own pipelining runtime (gloo on CPU, NCCL on GPUs). Started plainly, autopart
 launches the ranks on this machine through torchrun's API; started by torchrun
 (torchrun --nnodes 2 --nproc-per-node 4 ... -m autopart train ...), it is one
@@ -43,7 +45,8 @@ def add_parser(sub: Subcommands) -> None:
     p.add_argument("--model", required=True, help="the model the plan was made for (built-in or factory spec)")
     p.add_argument("--steps", type=int, default=10, help="training steps (default: 10)")
     p.add_argument("--global-batch", type=int, metavar="N",
-                   help="samples per step (default: the plan's micro-batch size x its micro-batches)")
+                   help="samples per step, every data-parallel replica's together (default: the plan's "
+                   "micro-batch size x its micro-batches x its replicas)")
     p.add_argument("--lr", type=float, default=1e-3, help="learning rate of the optimizer the plan names; 0 runs "
                    "the steps without changing the weights (default: 1e-3)")
     p.add_argument("--data", metavar="PATH", type=path_arg,
@@ -220,8 +223,8 @@ def run(args: argparse.Namespace) -> int:
             return 0
     if cfg.device == "cuda" and not torch.cuda.is_available():
         raise AutopartError("--device cuda asked for, but CUDA is not available on this machine")
-    if cfg.device != "cpu" and torch.cuda.is_available() and torch.cuda.device_count() < plan.num_ranks:
-        raise AutopartError(f"the plan needs {plan.num_ranks} GPUs, this machine has {torch.cuda.device_count()}")
+    if cfg.device != "cpu" and torch.cuda.is_available() and torch.cuda.device_count() < plan.world_size:
+        raise AutopartError(f"the plan needs {plan.world_size} GPUs, this machine has {torch.cuda.device_count()}")
     try:
         with on_meta_device():  # names and shapes; a factory's .to("cpu") / .cuda() stays on meta
             bundle = load_model(cfg.model)
@@ -242,7 +245,7 @@ def run(args: argparse.Namespace) -> int:
         if differ:
             sys.stderr.write(differ + "\n")
     if isinstance(bundle.module, torch.nn.Sequential):  # cheap on the meta device; other models: the ranks check
-        check_plan_against_model(plan, [name for name, _ in split_blocks(bundle.module)], plan.num_ranks, cfg.model)
+        check_plan_against_model(plan, [name for name, _ in split_blocks(bundle.module)], plan.world_size, cfg.model)
     if bundle.data is None and bundle.data_kind in TEXT_KINDS:
         # fail now, not in every rank: a missing or empty corpus, a bad line, a token the model has no row for; and
         # tokenize here, once, into the token cache that every rank then maps (run/token_cache.py)
@@ -253,7 +256,8 @@ def run(args: argparse.Namespace) -> int:
     if cfg.eval_every:  # the same, and a held-out split that holds --eval-batches (or data that has none)
         check_evaluable(plan)
         per_mb, sample_shape = microbatch_shape(plan, bundle)
-        training_data(bundle, cfg.data, cfg.global_batch or per_mb * plan.microbatches, sample_shape, cfg.seed, 0,
+        training_data(bundle, cfg.data, cfg.global_batch or per_mb * plan.microbatches * plan.data_parallel,
+                      sample_shape, cfg.seed, 0,
                       cfg.eval_batches)
     threads = _threads(cfg, plan)
     if cfg.max_restarts and not cfg.checkpoint_every:
@@ -275,7 +279,7 @@ def _launch_and_report(worker_args: list[str], plan: Plan, threads: int, max_res
         before = os.environ.get(REPORT_HANDOFF_ENV)
         os.environ[REPORT_HANDOFF_ENV] = path  # the ranks inherit it
         try:
-            code = launch(worker_args, plan.num_ranks, threads, max_restarts)
+            code = launch(worker_args, plan.world_size, threads, max_restarts)  # every replica's ranks
         finally:
             if before is None:
                 os.environ.pop(REPORT_HANDOFF_ENV, None)
@@ -326,7 +330,7 @@ def _threads(cfg: TrainConfig, plan: Plan) -> int:
     from autopart.run.resources import rank_threads, threads_note
 
     cores = os.cpu_count() or 1
-    threads = rank_threads(cfg.threads, plan.threads, cores, plan.num_ranks)
+    threads = rank_threads(cfg.threads, plan.threads, cores, plan.world_size)
     note = threads_note(plan, threads, cores)
     if note and cfg.device != "cuda":
         sys.stderr.write(note + "\n")

@@ -94,6 +94,9 @@ class Report:
     ranks_detail: list[RankRow]
     eval_losses: list[dict[str, float]] = dataclasses.field(default_factory=list)
     """``--eval-every``: the held-out loss after each evaluation, ``{"step": N, "loss": L}``."""
+    data_parallel: int = 1
+    """Replicas of the pipeline: ``ranks`` and every ``rank`` field are one replica's pipeline ranks (replica 0's
+    times; memory the most any replica's rank at that pipeline rank used), the losses the mean over replicas."""
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)

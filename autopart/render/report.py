@@ -82,4 +82,7 @@ def report_lines(report: Report, plan_microbatch_size: int | None) -> list[Table
     if report.throughput_per_s:
         out.append(f"throughput {report.throughput_per_s:,.0f} {report.throughput_unit}/s")
     out.append(f"memory per rank: {report.memory_method}")
+    if report.data_parallel > 1:
+        out.append(f"data parallel: {report.data_parallel} replicas of this pipeline; the rows are replica 0's "
+                   f"ranks (memory: the most any replica's rank used), the losses the mean over the replicas")
     return out

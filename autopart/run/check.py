@@ -242,7 +242,7 @@ class _Shared:
     @staticmethod
     def of(plan: Plan, bundle: ModelBundle, chain: Chain, model: str, data: str | None, seed: int,
            device: torch.device) -> "_Shared":
-        check_plan_against_model(plan, chain.names, plan.num_ranks, model)
+        check_plan_against_model(plan, chain.names, plan.world_size, model)
         per_mb, sample_shape = microbatch_shape(plan, bundle)
         drawn = training_data(bundle, data, per_mb * plan.microbatches, sample_shape, seed, 0)
         inputs, target = next(drawn.batches)  # every step of the check runs this mini-batch

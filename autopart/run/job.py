@@ -9,6 +9,7 @@ from autopart.core.simulate import Event
 from autopart.formats.plan import Plan
 from autopart.run.config import TrainConfig
 from autopart.run.data import TrainingData
+from autopart.run.replicas import Replicas
 from autopart.run.stages import Pipeline
 
 __all__ = ["Job", "StepLog"]
@@ -19,22 +20,31 @@ class Job:
     cfg: TrainConfig
     plan: Plan
     rank: int
+    """This rank's place in its replica's pipeline (the global rank with one replica)."""
     world: int
+    """Processes in the run: every replica's ranks."""
     device: torch.device
     pipe: Pipeline
     """This rank's stages and the schedule that drives them."""
     optimizer: torch.optim.Optimizer
     data: TrainingData
     global_batch: int
-    """Samples per step."""
+    """Samples per step, every replica's together."""
     microbatch_size: int
     start_step: int
     """Steps a resumed run had already done (0 for a fresh one)."""
+    replicas: Replicas
+    """Where this rank is in the data-parallel x pipeline grid (one replica: replica 0, no groups)."""
+
+    @property
+    def has_last(self) -> bool:
+        """This rank holds the last stage: it has its replica's losses."""
+        return self.plan.num_stages - 1 in self.plan.stages_of(self.rank)
 
     @property
     def reporter(self) -> bool:
-        """The rank that holds the last stage: it has the losses, and it prints."""
-        return self.plan.num_stages - 1 in self.plan.stages_of(self.rank)
+        """Replica 0's rank that holds the last stage: it has the losses (averaged over replicas), and it prints."""
+        return self.has_last and self.replicas.leader
 
 
 @dataclass

@@ -37,6 +37,7 @@ from autopart.run.job import Job, StepLog
 from autopart.run.log import say
 from autopart.run.microbatch import microbatch_shape, plan_for_run
 from autopart.run.replan import reprofile_stages, write_replan
+from autopart.run.replicas import Replicas, join_mesh, mean_over_replicas, shard
 from autopart.run.report import gather_measured, hand_over_report, make_report, write_report, write_timelines
 from autopart.run.resources import check_device_memory, rank_threads, threads_note
 from autopart.run.resume import restore_pipeline, save_pipeline
@@ -57,12 +58,13 @@ def run_rank(cfg: TrainConfig, rank: int) -> None:
     lower_mmap_threshold()  # before anything big is allocated: freed memory leaves the resident set
     run = plan_for_run(Plan.from_json(cfg.plan), cfg.plan, cfg.global_batch)
     device = _join(cfg, run.plan, rank)
+    replicas = join_mesh(run.plan, rank, device.type)  # several replicas: the ("dp", "pp") mesh, before any group
     _import_model_code(cfg.model)
     meter = MemoryMeter(device)
     meter.start()  # the baseline: torch (and the model's code) imported and the group joined, no model yet
     if run.note and rank == 0 and not os.environ.get("AUTOPART_LAUNCHED"):  # autopart's launcher said it
         say(run.note)
-    job = _prepare(cfg, rank, device, run.plan)
+    job = _prepare(cfg, rank, device, run.plan, replicas)
     build_peak = meter.read().peak_bytes  # the build's peak: this rank's stages, not the whole model
     try:
         log = _train(job, meter)
@@ -91,7 +93,7 @@ def _join(cfg: TrainConfig, plan: Plan, rank: int) -> torch.device:
     if use_cuda:
         torch.cuda.set_device(device)
         free, total = torch.cuda.mem_get_info(device)
-        check_device_memory(plan, rank, str(device), int(total), int(free))
+        check_device_memory(plan, plan.position_of(rank)[1], str(device), int(total), int(free))
     else:
         _set_threads(cfg, plan, rank)
     backend, timeout = "nccl" if use_cuda else "gloo", timedelta(seconds=cfg.timeout_s)
@@ -115,7 +117,7 @@ def _set_threads(cfg: TrainConfig, plan: Plan, rank: int) -> None:
     would oversubscribe its cores). autopart's launcher passes the count it chose and said; a rank started by
     the user's torchrun (which sets OMP_NUM_THREADS=1) chooses it here, and rank 0 says so."""
     cores = os.cpu_count() or 1
-    ranks_here = int(os.environ.get("LOCAL_WORLD_SIZE", "0") or 0) or plan.num_ranks
+    ranks_here = int(os.environ.get("LOCAL_WORLD_SIZE", "0") or 0) or plan.world_size
     threads = rank_threads(cfg.threads, plan.threads, cores, ranks_here)
     torch.set_num_threads(threads)
     if rank == 0 and not os.environ.get("AUTOPART_LAUNCHED"):
@@ -161,9 +163,11 @@ class _ShapesOnMeta(nn.Module):
                                if isinstance(t, torch.Tensor) else t, out)
 
 
-def _prepare(cfg: TrainConfig, rank: int, device: torch.device, plan: Plan, whole: str | None = None) -> Job:
+def _prepare(cfg: TrainConfig, rank: int, device: torch.device, plan: Plan, replicas: Replicas,
+             whole: str | None = None) -> Job:
     """The plan (at the run's micro-batch size) checked against the model, this rank's stages, data and
-    optimizer, resumed if asked. ``whole``: why this rank builds the whole model (else only its stages)."""
+    optimizer, resumed if asked. ``rank``: the global rank (``replicas`` says its replica and pipeline rank);
+    ``whole``: why this rank builds the whole model (else only its stages)."""
     world = int(os.environ.get("WORLD_SIZE", "1"))
     built = build_for_rank(cfg.model, cfg.seed, whole, weights=bool(cfg.weights))
     bundle = built.bundle
@@ -176,8 +180,8 @@ def _prepare(cfg: TrainConfig, rank: int, device: torch.device, plan: Plan, whol
         bundle.module.to(dtype=dtype)  # bf16-true: every weight in bfloat16 (on meta: nothing allocated)
     m = plan.microbatches
     per_mb, sample_shape = microbatch_shape(plan, bundle)
-    global_batch = cfg.global_batch or per_mb * m
-    microbatch_size = plan.microbatch_size_for(global_batch)
+    global_batch = cfg.global_batch or per_mb * m * plan.data_parallel  # every replica's share: every rank draws it
+    microbatch_size = plan.microbatch_size_for(global_batch // plan.data_parallel)
     buffers = buffers_to_meta(bundle.module) if built.empty else {}
     planned = [name for stage in plan.stages for name in stage.blocks]
     chain = _chain(cfg, bundle, microbatch_size, tuple(plan.sample_shape[1:]), dtype,
@@ -198,8 +202,8 @@ def _prepare(cfg: TrainConfig, rank: int, device: torch.device, plan: Plan, whol
         materialise_stage(module, chain, bundle.module, buffers, drawn, dtype, device, cfg.seed)
 
     try:
-        pipe = build_pipeline(plan, chain, rank, device, data.loss_fn, materialise=own_stage, seed=cfg.seed,
-                              first_step=start)
+        pipe = build_pipeline(plan, chain, replicas.pipeline_rank, device, data.loss_fn, materialise=own_stage,
+                              seed=cfg.seed, first_step=start, replicas=replicas)
     except NeedsValues as exc:
         # Raised before any collective: stage_signatures (every rank finds it alike) or materialise (its stages'
         # initialisation, DrawsNeedValues: found only by the ranks whose stages draw so). A rank that builds the
@@ -210,13 +214,15 @@ def _prepare(cfg: TrainConfig, rank: int, device: torch.device, plan: Plan, whol
         if not built.empty:
             raise
         if isinstance(exc, DrawsNeedValues):
-            return _prepare(cfg, rank, device, plan, whole=f"note: rank {rank}: {exc}: it builds the whole model")
-        return _prepare(cfg, rank, device, plan, whole=str(exc).split(", and the model")[0])
+            return _prepare(cfg, rank, device, plan, replicas,
+                            whole=f"note: rank {rank}: {exc}: it builds the whole model")
+        return _prepare(cfg, rank, device, plan, replicas, whole=str(exc).split(", and the model")[0])
     weights = load_stage_weights(cfg.weights, bundle.module, [m for _, m in pipe.modules], cfg.model) \
         if cfg.weights else None  # every rank checks them alike before any waits for another; a resume wins
     optimizer = make_optimizer(plan.optimizer, pipe.parameters(), lr=cfg.lr)
-    job = Job(cfg=cfg, plan=plan, rank=rank, world=world, device=device, pipe=pipe, optimizer=optimizer, data=data,
-              global_batch=global_batch, microbatch_size=microbatch_size, start_step=start)
+    job = Job(cfg=cfg, plan=plan, rank=replicas.pipeline_rank, world=world, device=device, pipe=pipe,
+              optimizer=optimizer, data=data, global_batch=global_batch, microbatch_size=microbatch_size,
+              start_step=start, replicas=replicas)
     if saved:
         restore_pipeline(pipe, optimizer, saved, job.reporter)
     if job.reporter:
@@ -264,8 +270,11 @@ def _say_start(job: Job, layers: list[str], batchnorm: str | None, weights: str 
     again = [str(s) for s, stage in enumerate(plan.stages) if stage.cost.recompute]
     recompute = f", stage{'s' if len(again) > 1 else ''} {', '.join(again)} recomputed in the backward" if again else ""
     precision = f", {plan.precision}" if plan.precision != "fp32" else ""
-    say(f"training {job.cfg.model}: {plan.num_stages} stages on {job.world} ranks, {plan.schedule}, "
-        f"{plan.microbatches} micro-batches of {mb} ({gb} per step){recompute}, {plan.optimizer}{precision}, "
+    d = plan.data_parallel
+    ranks = f"{plan.num_ranks} ranks x {d} data-parallel replicas" if d > 1 else f"{job.world} ranks"
+    per_step = f"{gb} per step, {gb // d} per replica" if d > 1 else f"{gb} per step"
+    say(f"training {job.cfg.model}: {plan.num_stages} stages on {ranks}, {plan.schedule}, "
+        f"{plan.microbatches} micro-batches of {mb} ({per_step}){recompute}, {plan.optimizer}{precision}, "
         f"data: {job.data.source}{f', weights: {weights}' if weights else ''}{resuming}")
 
 
@@ -281,7 +290,7 @@ def _train(job: Job, meter: MemoryMeter) -> StepLog:
     meter.reset_peak()  # the other ranks' blocks, built and dropped, are not this rank's
     dtype = cast_dtype(check_precision(job.plan.precision))
     for step in range(job.start_step, cfg.steps):
-        inputs, target = next(job.data.batches)
+        inputs, target = _share(job, *next(job.data.batches))
         inputs, target = _on_device(job, inputs, dtype), target.to(job.device)
         job.optimizer.zero_grad(set_to_none=False)  # in place, as the profile's optimizer time assumes
         job.pipe.clock.step = step + 1
@@ -294,13 +303,24 @@ def _train(job: Job, meter: MemoryMeter) -> StepLog:
         log.timelines.append(job.pipe.clock.end_step())  # waits for the device
         elapsed = (time.perf_counter() - t0) * 1e3
         log.step_ms.append(elapsed)
-        if out is not None:
-            log.losses.append(_say_step(job, step, [x.detach() / scale for x in out], elapsed))
+        if out is not None:  # this replica's last stage: the step's loss is the mean over the replicas' equal shares
+            loss = mean_over_replicas(float(torch.stack([x.detach().float() for x in out]).mean()) / scale,
+                                      job.replicas, job.device)
+            if job.reporter:
+                log.losses.append(_say_step(job, step, loss, elapsed))
         if cfg.eval_every and (step + 1 == cfg.steps or (step + 1) % cfg.eval_every == 0):
             _evaluate(job, step + 1, log)
         if cfg.checkpoint and (step + 1 == cfg.steps or (cfg.checkpoint_every and (step + 1) % cfg.checkpoint_every == 0)):
             _checkpoint(job, cfg.checkpoint, step + 1)
     return log
+
+
+def _share(job: Job, inputs: torch.Tensor | tuple[torch.Tensor, ...], target: torch.Tensor
+           ) -> tuple[torch.Tensor | tuple[torch.Tensor, ...], torch.Tensor]:
+    """This replica's rows of a global batch every rank drew alike (all of it with one replica)."""
+    d, r = job.plan.data_parallel, job.replicas.replica
+    part = tuple(shard(x, r, d) for x in inputs) if isinstance(inputs, tuple) else shard(inputs, r, d)
+    return part, shard(target, r, d)
 
 
 def _on_device(job: Job, inputs: torch.Tensor | tuple[torch.Tensor, ...], dtype: torch.dtype | None
@@ -312,19 +332,24 @@ def _on_device(job: Job, inputs: torch.Tensor | tuple[torch.Tensor, ...], dtype:
 
 
 def _evaluate(job: Job, step: int, log: StepLog) -> None:
-    """``--eval-every``: the held-out batches through the pipeline, forward only (:meth:`Pipeline.evaluate`);
-    on the last stage's rank, their mean loss said and logged."""
+    """``--eval-every``: the held-out batches through the pipeline, forward only (:meth:`Pipeline.evaluate`), each
+    replica its share of every batch; on the last stage's rank, their mean loss averaged over the replicas, said and
+    logged (by replica 0's)."""
     assert job.data.held_out is not None
     dtype = cast_dtype(check_precision(job.plan.precision))
     losses: list[torch.Tensor] = []
-    for inputs, target in job.data.held_out:
+    for whole, whole_target in job.data.held_out:
+        inputs, target = _share(job, whole, whole_target)
         job.pipe.clock.doing = f"evaluated the held-out data after step {step}"
         out = job.pipe.evaluate(_on_device(job, inputs, dtype), target.to(job.device))
         losses += out or []
     if not losses:
         return
     scale = job.pipe.scaler.get_scale() if job.pipe.scaler is not None else 1.0  # the loss fn scales under fp16
-    loss = float(torch.stack([x.detach().float() for x in losses]).mean()) / scale
+    loss = mean_over_replicas(float(torch.stack([x.detach().float() for x in losses]).mean()) / scale, job.replicas,
+                              job.device)
+    if not job.reporter:
+        return
     say(f"eval after step {step}: loss {loss:.4f} ({plural(len(job.data.held_out), 'batch')} of "
         f"{job.global_batch}, held out)")
     log.eval_losses.append({"step": step, "loss": loss})
@@ -350,8 +375,7 @@ def _optimizer_step(job: Job) -> float:
     return scale
 
 
-def _say_step(job: Job, step: int, losses: list[torch.Tensor], elapsed_ms: float) -> float:
-    loss = float(torch.stack([x.detach().float() for x in losses]).mean())
+def _say_step(job: Job, step: int, loss: float, elapsed_ms: float) -> float:
     if not math.isfinite(loss):
         raise RuntimeError(f"loss is {loss} at step {step + 1}")
     tokens = job.data.tokens_per_sample
@@ -362,11 +386,13 @@ def _say_step(job: Job, step: int, losses: list[torch.Tensor], elapsed_ms: float
 
 
 def _checkpoint(job: Job, root: str, step: int) -> None:
-    """Every rank writes its stages; then rank 0 marks the step complete."""
-    save_pipeline(job.pipe, job.optimizer, root, step, job.rank)
+    """Every rank of replica 0 writes its stages (the other replicas hold the same weights and optimizer state: the
+    same averaged gradients); then its rank 0 marks the step complete."""
+    if job.replicas.leader:
+        save_pipeline(job.pipe, job.optimizer, root, step, job.rank)
     job.pipe.clock.doing = f"waited for every rank to save step {step}'s checkpoint"
     dist.barrier()
-    if job.rank == 0:
+    if job.replicas.leader and job.rank == 0:
         mark_complete(root, step, job.plan.num_stages, job.cfg.model, job.plan.precision)
     dist.barrier()
 
@@ -374,7 +400,7 @@ def _checkpoint(job: Job, root: str, step: int) -> None:
 def _finish(job: Job, log: StepLog, memory: MemoryPeak, memory_method: str, build_peak_bytes: int | None) -> None:
     """Gather every rank's timings and peak memory, and (on the last stage's rank) hand the report to the
     launcher (or print it), write it, draw and replan."""
-    profiles = reprofile_stages(job) if job.cfg.replan else []
+    profiles = reprofile_stages(job) if job.cfg.replan and job.replicas.leader else []
     measured, profiles = gather_measured(job, log, profiles, memory, memory_method, build_peak_bytes)
     if not job.reporter:
         return

@@ -23,7 +23,7 @@ from autopart.formats.units import format_bytes, parse_bytes, plural
 if TYPE_CHECKING:
     from autopart.measure.spec import ModelBundle
 
-__all__ = ["RunPlan", "microbatch_shape", "plan_for_run", "replan_commands", "partition_command"]
+__all__ = ["RunPlan", "microbatch_shape", "plan_for_run", "replica_batch", "replan_commands", "partition_command"]
 
 
 @dataclass(frozen=True)
@@ -38,10 +38,11 @@ class RunPlan:
 
 def plan_for_run(plan: Plan, plan_path: str, global_batch: int | None) -> RunPlan:
     """``plan`` at the micro-batch size ``global_batch`` makes (the plan's own when None): the same plan when
-    the size is the plan's, re-priced from the profile when the profile measured that size, else refused."""
+    the size is the plan's, re-priced from the profile when the profile measured that size, else refused.
+    ``global_batch`` is every replica's samples together (:func:`replica_batch`)."""
     if global_batch is None:
         return RunPlan(plan)
-    size = plan.microbatch_size_for(global_batch)
+    size = plan.microbatch_size_for(replica_batch(plan, global_batch))
     if plan.microbatch_size is None or size == plan.microbatch_size:
         return RunPlan(plan)
     from autopart.core.resize import plan_at_microbatch_size, ranks_over_limit
@@ -64,6 +65,18 @@ def plan_for_run(plan: Plan, plan_path: str, global_batch: int | None) -> RunPla
                             f"{partition_command(plan, size, found, global_batch)}")
     return RunPlan(resized, f"note: {change}; its profile measured {size}: the plan's split at that size peaks at "
                             f"{peaks} (was {', '.join(format_bytes(st.cost.memory_bytes) for st in plan.stages)})")
+
+
+def replica_batch(plan: Plan, global_batch: int) -> int:
+    """One replica's share of a step's ``global_batch`` samples (all replicas together): refused unless every
+    replica gets the same whole number of micro-batches' worth."""
+    d, m = plan.data_parallel, plan.microbatches
+    if d == 1:
+        return global_batch
+    if global_batch % (d * m):
+        raise AutopartError(f"global batch {global_batch} is not divisible by the plan's {d} data-parallel replicas x "
+                            f"{m} micro-batches = {d * m}: each replica takes an equal share of every step")
+    return global_batch // d
 
 
 def _profile_of(plan: Plan, plan_path: str) -> tuple[Profile | None, str, str]:

@@ -76,9 +76,21 @@ class Measured:
 
 def gather_measured(job: Job, log: StepLog, profiles: list[StageProfile], memory: MemoryPeak,
                     memory_method: str, build_peak_bytes: int | None = None) -> tuple[Measured, list[StageProfile]]:
-    """Every rank's step times, actions, peak memory and re-profiled stages (``--replan``), on every rank."""
-    gathered: list[Any] = [None] * job.world
-    dist.all_gather_object(gathered, (log.step_ms, log.timelines, profiles, memory, build_peak_bytes))
+    """Every rank's step times, actions, peak memory and re-profiled stages (``--replan``), on every rank. Several
+    replicas: by pipeline rank, replica 0's times and stages (the others run the same pipeline on their share), and
+    the most memory any replica's rank at that pipeline rank used."""
+    everyone: list[Any] = [None] * job.world
+    dist.all_gather_object(everyone, (log.step_ms, log.timelines, profiles, memory, build_peak_bytes))
+    mesh = job.replicas.mesh
+    gathered = [everyone[g] for g in mesh[0]]
+    if len(mesh) > 1:
+        def most(peaks: list[MemoryPeak]) -> MemoryPeak:
+            def top(values: list[int | None]) -> int | None:
+                return None if any(v is None for v in values) else max(v for v in values if v is not None)
+            return MemoryPeak(top([p.peak_bytes for p in peaks]), top([p.reserved_bytes for p in peaks]))
+
+        gathered = [(g[0], g[1], g[2], most([everyone[row[r]][3] for row in mesh]), g[4])
+                    for r, g in enumerate(gathered)]
     steps = len(log.step_ms)
     step_ms = tuple(tuple(float(g[0][i]) for g in gathered) for i in range(steps))
     events = tuple(tuple(e for g in gathered for e in g[1][i]) for i in range(steps))
@@ -192,12 +204,14 @@ def make_report(job: Job, log: StepLog, measured: Measured) -> Report:
     replay_plan = dataclasses.replace(plan, stages=tuple(replay))
     replayed = simulate_plan(replay_plan, microbatches=plan.microbatches)
     predicted = simulate_plan(plan) if same_size else None
-    predicted_step = predicted.step_ms if predicted is not None else None
+    # several replicas: the measured step includes the gradients' all-reduce, so the prediction does too (the
+    # plan's exposed all-reduce: the part the pipeline's drain does not hide)
+    predicted_step = predicted.step_ms + plan.predicted.allreduce_ms if predicted is not None else None
     last = [max(range(plan.num_ranks), key=lambda r: measured.step_ms[i][r]) for i in steady]
     tokens = job.data.tokens_per_sample
     return Report(
         plan=job.cfg.plan, model=job.cfg.model, schedule=plan.schedule, microbatches=plan.microbatches,
-        microbatch_size=mb, global_batch=job.global_batch, ranks=job.world, steps=len(measured.step_ms),
+        microbatch_size=mb, global_batch=job.global_batch, ranks=plan.num_ranks, steps=len(measured.step_ms),
         losses=log.losses, step_ms=measured.slowest_ms, measured_step_ms=measured_step,
         measured_step_spread_ms=(min(slowest), max(slowest)), steady_steps=len(steady), slowest_rank=statistics.mode(last),
         predicted_step_ms=predicted_step, predicted_bubble_fraction=plan.predicted.bubble_fraction,
@@ -207,7 +221,8 @@ def make_report(job: Job, log: StepLog, measured: Measured) -> Report:
         measured_speed=_speed(plan, stage_ms) if same_size else None,
         throughput_per_s=job.global_batch * tokens / (measured_step / 1e3) if measured_step > 0 else None,
         throughput_unit="tokens" if tokens > 1 else "samples", memory_method=measured.memory_method, stages=rows,
-        ranks_detail=_rank_rows(plan, measured, predicted), eval_losses=log.eval_losses)
+        ranks_detail=_rank_rows(plan, measured, predicted), eval_losses=log.eval_losses,
+        data_parallel=plan.data_parallel)
 
 
 REPORT_HANDOFF_ENV = "AUTOPART_REPORT_HANDOFF"

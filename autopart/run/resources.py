@@ -25,7 +25,7 @@ def threads_note(plan: Plan, threads: int, cores: int) -> str | None:
     if not plan.threads or threads == plan.threads:
         return None
     return (f"note: the plan's times were measured with {plan.threads} CPU threads; each of its "
-            f"{plural(plan.num_ranks, 'rank')} gets {threads} ({plural(cores, 'core')} here), so expect the measured "
+            f"{plural(plan.world_size, 'rank')} gets {threads} ({plural(cores, 'core')} here), so expect the measured "
             f"step to differ from the prediction (profile with --threads {threads} to match)")
 
 

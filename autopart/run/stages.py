@@ -53,6 +53,7 @@ from autopart.formats.precision import Precision, check_precision
 from autopart.measure.amp import autocast
 from autopart.measure.batchnorm import deferred_layers, statistics_kept
 from autopart.measure.blocks import Chain, LossFn, NamedBlock
+from autopart.run.replicas import Replicas, average_gradients
 from autopart.run.shapes import StageSignature, stage_signatures
 from autopart.run.streams import BlockStreams
 from autopart.run.timeline import ActionClock
@@ -65,10 +66,12 @@ Schedule = PipelineScheduleSingle | PipelineScheduleMulti
 
 
 def check_world_size(plan: Plan, world_size: int) -> None:
-    """Refuse a plan for another number of processes than were started."""
-    if world_size != plan.num_ranks:
+    """Refuse a plan for another number of processes than were started (its replicas' ranks, all of them)."""
+    if world_size != plan.world_size:
+        replicas = f" x {plan.data_parallel} data-parallel replicas = {plan.world_size} ranks" \
+            if plan.data_parallel > 1 else ""
         raise AutopartError(f"the plan has {plan.num_stages} stages on {plan.num_ranks} ranks "
-                            f"({plan.stages_per_rank} per rank) but {world_size} processes were started")
+                            f"({plan.stages_per_rank} per rank){replicas} but {world_size} processes were started")
 
 
 def check_plan_against_model(plan: Plan, blocks: Sequence[str], world_size: int, model_name: str) -> None:
@@ -99,10 +102,13 @@ class SharedParameters:
     those ranks after every backward, as Megatron's embedding group does, so the copies never drift.
 
     Note: every rank works out every stage's parameters by name from the same chain, so all ranks
-    create the same process groups in the same order (``new_group`` is collective).
+    create the same process groups in the same order (``new_group`` is collective). ``rank`` is the pipeline
+    rank; with several replicas each replica's holders get their own group (``mesh[replica][pipeline_rank]`` is
+    the global rank: every rank makes every replica's groups, and keeps its own replica's).
     """
 
-    def __init__(self, plan: Plan, chain: Chain, rank: int, local: list[tuple[int, nn.Module]]) -> None:
+    def __init__(self, plan: Plan, chain: Chain, rank: int, local: list[tuple[int, nn.Module]],
+                 replicas: Replicas | None = None) -> None:
         canonical = canonical_names(chain.root)
         built = {s: [n for n, _ in m.named_parameters(remove_duplicate=False)] for s, m in local}
         holders: dict[str, set[int]] = {}
@@ -111,9 +117,14 @@ class SharedParameters:
                 holders.setdefault(canonical.get(name, name), set()).add(ranks_stage)
         shared = sorted((name, tuple(sorted(r))) for name, r in holders.items() if len(r) > 1)
         groups: dict[tuple[int, ...], dist.ProcessGroup | None] = {}
+        mesh = replicas.mesh if replicas is not None else (tuple(range(plan.num_ranks)),)
+        mine_row = replicas.replica if replicas is not None else 0
         for _, ranks in shared:
             if ranks not in groups:
-                groups[ranks] = dist.new_group(list(ranks)) if dist.is_initialized() else None
+                for d, row in enumerate(mesh):  # every replica's group, made by every rank in the same order
+                    group = dist.new_group([row[r] for r in ranks]) if dist.is_initialized() else None
+                    if d == mine_row:
+                        groups[ranks] = group
         names = [n for s, _ in local for n in built[s]]
         firsts = {canonical.get(n, n) for n in names}
         self.aliases = {n: first for n, first in canonical.items() if first in firsts and n != first}
@@ -149,8 +160,10 @@ class Pipeline:
     def __init__(self, plan: Plan, blocks: dict[int, list[NamedBlock]], modules: list[tuple[int, nn.Module]],
                  schedule: Schedule, loss_fn: LossFn, shared: SharedParameters, clock: ActionClock,
                  streams: BlockStreams, signatures: list[StageSignature],
-                 scaler: ShardedGradScaler | None = None) -> None:
+                 scaler: ShardedGradScaler | None = None, replicas: Replicas | None = None) -> None:
         self.plan = plan
+        self.replicas = replicas
+        """Where this rank is in the data-parallel x pipeline grid (None: one replica, no mesh)."""
         self.scaler = scaler
         """fp16-mixed's gradient scaler (None under the other precisions): the loss the schedule backpropagates is
         scaled by it; the optimizer step unscales, and every rank skips a step any rank found inf/nan in."""
@@ -202,8 +215,9 @@ class Pipeline:
 
     def step(self, inputs: torch.Tensor | tuple[torch.Tensor, ...], target: torch.Tensor
              ) -> list[torch.Tensor] | None:
-        """One training step of the plan's micro-batches, shared gradients summed; the per-micro-batch
-        losses on the last stage's rank. ``inputs``: the model's input, or a tuple of its inputs."""
+        """One training step of the plan's micro-batches, shared gradients summed, then (several replicas)
+        averaged over the replicas; the per-micro-batch losses (of this replica's share) on the last stage's rank.
+        ``inputs``: the model's input, or a tuple of its inputs (this replica's share of the global batch)."""
         losses: list[torch.Tensor] = []
         for layer in self.deferred:
             layer.reset()
@@ -221,7 +235,9 @@ class Pipeline:
             self.schedule.step(return_outputs=False)
         for layer in self.deferred:
             layer.commit()
-        self.shared.sync_gradients()
+        self.shared.sync_gradients()  # a replica's tied copies summed first; the average over replicas of the
+        if self.replicas is not None:  # sums is the sum of the averages, so either order gives the same gradient
+            average_gradients(self.parameters(), self.replicas.dp_group, self.replicas.data_parallel)
         self.streams.step += 1
         return losses if self.has_last else None
 
@@ -267,16 +283,23 @@ class Pipeline:
 def build_pipeline(plan: Plan, chain: Chain, rank: int, device: torch.device, loss_fn: LossFn,
                    group: dist.ProcessGroup | None = None,
                    materialise: Callable[[int, nn.Module], None] | None = None, seed: int = 0,
-                   first_step: int = 0) -> Pipeline:
+                   first_step: int = 0, replicas: Replicas | None = None) -> Pipeline:
     """This rank's stages of ``chain`` (moved to ``device``) wrapped for ``plan``'s schedule, under the plan's
     precision (the chain's model already in its parameter dtype).
 
     A stage built on the meta device is handed to ``materialise(stage, module)``, which gives it storage on
     ``device`` and its values (:func:`autopart.run.build.fill_stage`). Random streams come from ``seed``; ``first_step``: steps
-    done before (a resumed run's).
+    done before (a resumed run's). ``replicas``: several data-parallel replicas (:mod:`autopart.run.replicas`):
+    ``rank`` is then this rank's pipeline rank, its stages talk on its replica's "pp" group (``group`` is
+    ignored), and gradients are averaged over the "dp" group after each step.
     """
     precision = check_precision(plan.precision)
-    streams = BlockStreams(seed, device, first_step)
+    if replicas is not None and replicas.data_parallel > 1:
+        group = replicas.pp_group
+    else:
+        replicas = None
+    first_mb = replicas.replica * plan.microbatches if replicas is not None else 0
+    streams = BlockStreams(seed, device, first_step, first_mb)
     with autocast(precision, device):  # what crosses a cut under autocast is what the receiver allocates for
         signatures = stage_signatures(chain, plan.balance, device)
     modules: list[tuple[int, nn.Module]] = []
@@ -292,9 +315,10 @@ def build_pipeline(plan: Plan, chain: Chain, rank: int, device: torch.device, lo
         else:
             module.to(device)
         modules.append((s, in_precision(module, precision, device)))
-    shared = SharedParameters(plan, chain, rank, modules)
-    scaler = ShardedGradScaler(device=device.type, process_group=group or dist.group.WORLD) \
-        if precision.scaler else None
+    shared = SharedParameters(plan, chain, rank, modules, replicas)
+    # every rank of every replica agrees on skipping a step: found inf/nan all-reduced over the whole world
+    agree = dist.group.WORLD if replicas is not None else group or dist.group.WORLD
+    scaler = ShardedGradScaler(device=device.type, process_group=agree) if precision.scaler else None
     if scaler is not None:
         scaler.scale(torch.zeros((), device=device))  # makes its scale on every rank, not only the loss's
     model_loss = loss_in_precision(chain.model_loss(loss_fn), precision, device, scaler)
@@ -312,7 +336,7 @@ def build_pipeline(plan: Plan, chain: Chain, rank: int, device: torch.device, lo
         schedule = cls(stages[0], n_microbatches=plan.microbatches, loss_fn=model_loss)
     blocks = {s: chain.blocks[_span(plan, s)[0]: _span(plan, s)[1] + 1] for s, _ in modules}
     block_loss = chain.block_loss(loss_fn)
-    return Pipeline(plan, blocks, modules, schedule, block_loss, shared, clock, streams, signatures, scaler)
+    return Pipeline(plan, blocks, modules, schedule, block_loss, shared, clock, streams, signatures, scaler, replicas)
 
 
 def in_precision(module: nn.Module, precision: Precision, device: torch.device) -> nn.Module:

@@ -7,6 +7,11 @@ in step ``t`` runs with the generators (the CPU's, and the GPU's on CUDA) seeded
 keeps the masks the same whatever the plan). A stage saves the caller's
 generator states before its forward and puts them back after.
 
+Under data parallel, replica ``d`` of ``D`` runs rows ``[d*B/D, (d+1)*B/D)`` of the global batch, which are
+micro-batches ``d*M .. d*M+M-1`` of one pipeline running the whole batch in ``D*M`` micro-batches; its
+micro-batch ``m`` draws as that one's micro-batch ``d*M + m`` (``first_microbatch``). So masks differ between
+replicas, and D replicas of M micro-batches draw exactly the masks one pipeline of D*M micro-batches draws.
+
     streams = BlockStreams(seed=0, device=torch.device("cpu"))
     stage = chain.stage_module(first, last, enter=streams.enter)
     streams.keep_caller_state(stage)
@@ -27,8 +32,10 @@ __all__ = ["BlockStreams"]
 class BlockStreams:
     """The per-block random streams of one run, and where in the run it is (step, micro-batch)."""
 
-    def __init__(self, seed: int, device: torch.device, step: int = 0) -> None:
+    def __init__(self, seed: int, device: torch.device, step: int = 0, first_microbatch: int = 0) -> None:
         self.seed = seed
+        self.first_microbatch = first_microbatch
+        """The index, in the whole global batch, of this replica's first micro-batch (0 with one replica)."""
         self.device = device
         self.step = step
         """Steps done before the one running (0 in the first; a resumed run goes on from its checkpoint's)."""
@@ -37,8 +44,9 @@ class BlockStreams:
         self._saved: list[list[torch.Tensor]] = []
 
     def seed_of(self, block: int) -> int:
-        """The seed of ``block`` in the current step and micro-batch: a hash of the four numbers."""
-        key = f"{self.seed}/{block}/{self.step}/{self.microbatch}".encode()
+        """The seed of ``block`` in the current step and micro-batch (counted in the whole global batch): a hash
+        of the four numbers."""
+        key = f"{self.seed}/{block}/{self.step}/{self.first_microbatch + self.microbatch}".encode()
         return int.from_bytes(hashlib.blake2b(key, digest_size=8).digest(), "little")
 
     def enter(self, block: int) -> None:

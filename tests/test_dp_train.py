@@ -1,0 +1,272 @@
+"""Data parallel x pipeline on real torchrun/gloo processes: 2 replicas x 2 stages on 4 ranks train what one
+process does on the whole global batch (tied weights included), through ``autopart train`` too, on one launcher
+or two torchrun agents as two nodes, and resume from a checkpoint one replica wrote."""
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from autopart.formats.plan import Plan
+from autopart.measure.spec import call_model, load_model
+from autopart.run.data import default_corpus_files
+from autopart.run.streams import BlockStreams
+from tests.conftest import ROOT, run_cli, run_cli_here
+from tests.helpers import plan_for
+
+MODELS = str(ROOT / "tests" / "graph_models.py")
+TINY = str(ROOT / "profiles" / "gpt2-tiny-cpu-mb4.json")
+
+
+def _env() -> dict[str, str]:
+    env = dict(os.environ, PYTHONPATH=str(ROOT), OMP_NUM_THREADS="1")
+    env.pop("AUTOPART_TRACEBACK", None)
+    return env
+
+
+def _replicated(plan: Plan, path: Path, data_parallel: int = 2,
+                placement: tuple[tuple[int, ...], ...] = ()) -> Plan:
+    """``plan`` as ``data_parallel`` replicas (what ``partition --data-parallel`` will write), saved to ``path``."""
+    out = dataclasses.replace(plan, data_parallel=data_parallel, placement=placement)
+    out.to_json(path)
+    return Plan.from_json(path)
+
+
+def test_replicas_draw_the_masks_of_one_pipeline_of_all_their_microbatches() -> None:
+    """Replica d's micro-batch m draws as micro-batch d*M+m of one pipeline running the whole global batch."""
+    def mask(streams: BlockStreams, microbatch: int) -> torch.Tensor:
+        streams.microbatch = microbatch
+        streams.enter(3)
+        return torch.rand(16)
+
+    one, second = BlockStreams(7, torch.device("cpu"), 2), BlockStreams(7, torch.device("cpu"), 2, first_microbatch=2)
+    assert torch.equal(mask(second, 0), mask(one, 2)) and torch.equal(mask(second, 1), mask(one, 3))
+    assert not torch.equal(mask(second, 0), mask(one, 0))
+
+
+@pytest.mark.parametrize("schedule, bucket_bytes", [("GPipe", ""), ("1F1B", "4096")])
+@pytest.mark.slow
+def test_two_replicas_of_two_stages_equal_one_process(schedule: str, bucket_bytes: str, tmp_path: Path) -> None:
+    """4 ranks as 2 replicas x 2 stages of a Hugging Face GPT-2 whose embedding is tied to its head (so a tied
+    weight's gradient is summed between its pipeline holders and averaged over the replicas): the loss and every
+    gradient, on every replica, equal one process's on the whole global batch; with one all-reduce bucket per
+    stage, and with buckets of 4 KiB (many: a bucket closes at the first parameter that fills it)."""
+    pytest.importorskip("transformers")
+    spec, microbatches = f"{MODELS}:hf_gpt2", 2
+    plan = _replicated(plan_for(spec, [3, 3], schedule, microbatches, tmp_path / "one.json"), tmp_path / "plan.json")
+    g = torch.Generator().manual_seed(1)
+    rows = plan.data_parallel * microbatches * 2
+    inputs, target = (torch.randint(0, 256, (rows, 16), generator=g),), torch.randint(0, 256, (rows, 16), generator=g)
+    torch.save((inputs, target), tmp_path / "batch.pt")
+    result = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "4",
+                             str(ROOT / "tests" / "dp_grad_check.py"), str(tmp_path / "plan.json"), spec,
+                             str(tmp_path), str(tmp_path / "batch.pt"), bucket_bytes],
+                            cwd=tmp_path, env=_env(), text=True, capture_output=True, timeout=300)
+    assert result.returncode == 0, result.stderr[-3000:]
+
+    torch.manual_seed(0)
+    bundle = load_model(spec)
+    assert bundle.loss_fn is not None
+    model = bundle.module.train()
+    loss = bundle.loss_fn(call_model(model, list(inputs), bundle.input_names), target)  # the whole batch's mean
+    loss.backward()
+    scale = max(float(p.grad.abs().max()) for p in model.parameters() if p.grad is not None)
+
+    ranks = [torch.load(tmp_path / f"rank{r}.pt") for r in range(4)]
+    assert sorted((r["replica"], r["pipeline_rank"]) for r in ranks) == [(0, 0), (0, 1), (1, 0), (1, 1)]
+    for replica in range(2):
+        mine = [r for r in ranks if r["replica"] == replica]
+        got = {name: grad for r in mine for name, grad in r["grads"].items()}
+        assert {id(model.get_parameter(n)) for n in got} == {id(p) for p in model.parameters()}
+        for name, grad in got.items():
+            want = model.get_parameter(name).grad
+            assert want is not None
+            torch.testing.assert_close(grad, want, rtol=1e-5, atol=1e-6 * scale, msg=f"replica {replica}: {name}")
+    last = [r for r in ranks if r["losses"]]
+    assert len(last) == 2 and all(len(r["losses"]) == microbatches for r in last)
+    assert last[0]["losses"] != last[1]["losses"]  # each replica ran its own rows
+    for r in last:
+        assert r["mean"] == pytest.approx(float(loss.detach()), rel=1e-5)
+    masks = {r["replica"]: r["mask"] for r in ranks if r["pipeline_rank"] == 0}
+    assert not torch.equal(masks[0], masks[1])  # dropout would draw other masks on the other replica's rows
+
+
+def _two_agents(tmp_path: Path, plan: Path, *extra: str) -> list[tuple[int, str, str]]:
+    """Two torchrun agents on 127.0.0.1 as two nodes of 2 ranks each, both running ``train PLAN EXTRA``."""
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        endpoint = f"127.0.0.1:{s.getsockname()[1]}"
+    nodes = [subprocess.Popen(
+        [sys.executable, "-m", "torch.distributed.run", "--nnodes", "2", "--nproc-per-node", "2",
+         "--rdzv-backend", "c10d", "--rdzv-endpoint", endpoint, "--rdzv-id", "autopart-dp-nodes",
+         "--rdzv-conf", f"is_host={'true' if node == 0 else 'false'}",
+         "-m", "autopart", "train", str(plan), *extra, "--report", str(tmp_path / f"node{node}.json")],
+        cwd=tmp_path, env=_env(), text=True, stdout=subprocess.PIPE, stderr=subprocess.PIPE) for node in range(2)]
+    results = []
+    try:
+        for proc in nodes:
+            out, err = proc.communicate(timeout=300)
+            results.append((proc.returncode, out, err))
+    finally:
+        for proc in nodes:
+            proc.kill()
+    return results
+
+
+def _losses(path: Path) -> list[float]:
+    return [float(v) for v in json.loads(path.read_text())["losses"]]
+
+
+@pytest.mark.slow
+def test_train_two_replicas_on_one_launcher_and_two_nodes_and_resume(tmp_path: Path) -> None:
+    """``autopart train`` of 2 replicas x 2 stages (gpt2-tiny, 2 micro-batches each) trains the losses of the same
+    split as one pipeline of 4 micro-batches on the same global batch of 16: on one launcher; on two torchrun agents
+    as two nodes, each replica's pipeline inside a node and then each across the nodes; and resumed from a
+    checkpoint the one-pipeline run wrote, and back; the held-out loss (each replica evaluates its share) is the one-pipeline
+    run's too. Checkpoints are written once per stage."""
+    one, two = tmp_path / "one.json", tmp_path / "two.json"
+    made = run_cli_here("partition", TINY, "--stages", "2", "--microbatches", "4", "-o", str(one))
+    assert made.returncode == 0, made.stderr
+    made = run_cli_here("partition", TINY, "--stages", "2", "--microbatches", "2", "-o", str(tmp_path / "half.json"))
+    assert made.returncode == 0, made.stderr
+    single = Plan.from_json(one)
+    half = _replicated(Plan.from_json(tmp_path / "half.json"), two)
+    assert half.balance == single.balance and half.microbatch_size == single.microbatch_size == 4
+    corpus = tmp_path / "corpus.txt"
+    corpus.write_bytes(b"".join(f.read_bytes() for f in default_corpus_files()[:100])[:40_000])  # 30 held-out windows
+    common = ("--model", "gpt2-tiny", "--steps", "3", "--lr", "0.01", "--data", str(corpus), "--eval-every", "3",
+              "--eval-batches", "1")
+
+    reference = run_cli("train", str(one), *common, "--checkpoint", str(tmp_path / "ck1"), "--checkpoint-every", "2",
+                        "--report", str(tmp_path / "r1.json"))
+    assert reference.returncode == 0, reference.stderr[-3000:]
+    expected = _losses(tmp_path / "r1.json")
+    assert len(expected) == 3
+
+    launched = run_cli("train", str(two), *common, "--checkpoint", str(tmp_path / "ck2"), "--checkpoint-every", "2",
+                       "--report", str(tmp_path / "r2.json"))
+    assert launched.returncode == 0, launched.stderr[-3000:]
+    assert "2 stages on 2 ranks x 2 data-parallel replicas" in launched.stderr
+    assert "(16 per step, 8 per replica)" in launched.stderr
+    assert _losses(tmp_path / "r2.json") == pytest.approx(expected, rel=1e-5)
+    report = json.loads((tmp_path / "r2.json").read_text())
+    evals = [e["loss"] for e in json.loads((tmp_path / "r1.json").read_text())["eval_losses"]]
+    assert len(evals) == 1 and [e["loss"] for e in report["eval_losses"]] == pytest.approx(evals, rel=1e-5)
+    assert launched.stderr.count("eval after step 3:") == 1
+    assert report["data_parallel"] == 2 and report["ranks"] == 2 and report["global_batch"] == 16
+    assert [r["rank"] for r in report["ranks_detail"]] == [0, 1]
+    assert sorted(p.name for p in (tmp_path / "ck2" / "step-000003").iterdir()) == ["COMPLETE", "stage-0.pt",
+                                                                                      "stage-1.pt"]
+    assert launched.stderr.count("step 3/3") == 1  # one line per step, from one rank
+    assert "data parallel: 2 replicas of this pipeline; the rows are replica 0's ranks" in launched.stdout
+
+    # resumed: the 2-replica plan from the 1-replica plan's checkpoint of step 2 goes on with its step 3
+    shutil.copytree(tmp_path / "ck1", tmp_path / "ck3")
+    shutil.rmtree(tmp_path / "ck3" / "step-000003")
+    resumed = run_cli("train", str(two), *common, "--checkpoint", str(tmp_path / "ck3"), "--report",
+                      str(tmp_path / "r3.json"))
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    assert "resuming after step 2" in resumed.stderr and "warning: the plan changed" not in resumed.stderr
+    assert _losses(tmp_path / "r3.json") == pytest.approx(expected[2:], rel=1e-5)
+    # and back: the one-pipeline plan from the 2-replica run's checkpoint of step 2
+    shutil.rmtree(tmp_path / "ck2" / "step-000003")
+    back = run_cli("train", str(one), *common, "--checkpoint", str(tmp_path / "ck2"), "--report",
+                   str(tmp_path / "r4.json"))
+    assert back.returncode == 0, back.stderr[-3000:]
+    assert "resuming after step 2" in back.stderr and "warning: the plan changed" not in back.stderr
+    assert _losses(tmp_path / "r4.json") == pytest.approx(expected[2:], rel=1e-5)
+
+    # two nodes: replica-major (each pipeline inside a node), then each pipeline across the two nodes
+    across = _replicated(half, tmp_path / "across.json", placement=((0, 2), (1, 3)))
+    assert across.mesh() == [[0, 2], [1, 3]]
+    for plan, name in ((two, "inside"), (tmp_path / "across.json", "across")):
+        results = _two_agents(tmp_path, plan, *common)
+        for code, _, err in results:
+            assert code == 0, (name, err[-3000:])
+        reports = [tmp_path / f"node{n}.json" for n in range(2) if (tmp_path / f"node{n}.json").exists()]
+        assert len(reports) == 1, name  # written once, by replica 0's last stage, on whichever node it ran
+        assert _losses(reports[0]) == pytest.approx(expected, rel=1e-5), name
+        reports[0].unlink()
+
+
+@pytest.mark.slow
+def test_world_size_other_than_the_plans_replicas_is_refused(tmp_path: Path) -> None:
+    """Under a user's torchrun, a 2 x 2 plan started on 2 processes: one line, the numbers, exit code 2 per rank."""
+    made = run_cli_here("partition", TINY, "--stages", "2", "--microbatches", "2", "-o", str(tmp_path / "one.json"))
+    assert made.returncode == 0, made.stderr
+    _replicated(Plan.from_json(tmp_path / "one.json"), tmp_path / "plan.json")
+    result = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2",
+                             "-m", "autopart", "train", str(tmp_path / "plan.json"), "--model", "gpt2-tiny",
+                             "--steps", "1"], cwd=tmp_path, env=_env(), text=True, capture_output=True, timeout=300)
+    # torchrun's own exit code and failure summary (its traceback, not ours) follow autopart's one line
+    assert result.returncode == 1
+    ours = [line for line in result.stderr.splitlines() if line.startswith("autopart train:")]
+    assert ours == ["autopart train: error: the plan has 2 stages on 2 ranks (1 per rank) x 2 data-parallel replicas "
+                    "= 4 ranks but 2 processes were started"], result.stderr
+    assert "autopart/run" not in result.stderr and "autopart/cli" not in result.stderr  # no frames of ours
+
+
+def test_global_batch_not_divisible_by_replicas_times_microbatches(tmp_path: Path) -> None:
+    made = run_cli_here("partition", TINY, "--stages", "2", "--microbatches", "2", "-o", str(tmp_path / "one.json"))
+    assert made.returncode == 0, made.stderr
+    _replicated(Plan.from_json(tmp_path / "one.json"), tmp_path / "plan.json")
+    result = run_cli_here("train", str(tmp_path / "plan.json"), "--model", "gpt2-tiny", "--global-batch", "6")
+    assert result.returncode == 2, result.stderr
+    assert "global batch 6 is not divisible by the plan's 2 data-parallel replicas x 2 micro-batches = 4" in \
+        result.stderr
+
+
+def test_placement_that_is_not_a_permutation_is_refused(tmp_path: Path) -> None:
+    made = run_cli_here("partition", TINY, "--stages", "2", "--microbatches", "2", "-o", str(tmp_path / "one.json"))
+    assert made.returncode == 0, made.stderr
+    raw = json.loads((tmp_path / "one.json").read_text())
+    (tmp_path / "plan.json").write_text(json.dumps({**raw, "data_parallel": 2, "placement": [[0, 1], [1, 3]],
+                                                    "features": ["data_parallel"]}))
+    result = run_cli_here("train", str(tmp_path / "plan.json"), "--model", "gpt2-tiny")
+    assert result.returncode == 2, result.stderr
+    assert "placement [[0, 1], [1, 3]] is not 2 replicas x 2 ranks numbering ranks 0..3 once each" in result.stderr
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(not Path("/proc/self/environ").exists(), reason="finds the rank's process through /proc")
+def test_a_killed_rank_of_the_second_replica_is_restarted_and_ends_with_the_uninterrupted_weights(
+        tmp_path: Path) -> None:
+    """``--max-restarts`` with 2 replicas: global rank 3 (replica 1's last stage) killed by SIGKILL after step 2's
+    checkpoint; every rank restarts from it and the final checkpoint equals an uninterrupted run's."""
+    import signal
+
+    from autopart.run.checkpoint import latest_complete, merge_checkpoint
+    from tests.test_faults import HELPERS, _cli, _plan, _rank_pids, _run, _wait_for
+
+    spec = f"{HELPERS}:restart_spec"
+    plan = tmp_path / "two.json"
+    _replicated(Plan.from_json(_plan(tmp_path, spec)), plan)
+    train = ["train", str(plan), "--model", spec, "--steps", "4", "--checkpoint-every", "2"]
+    whole = _run(*train, "--checkpoint", str(tmp_path / "whole"))
+    assert whole.returncode == 0, whole.stderr[-2000:]
+
+    killed = tmp_path / "killed"
+    proc = _cli(*train, "--checkpoint", str(killed), "--max-restarts", "1", "--timeout", "30")
+    _wait_for(killed / "step-000002" / "COMPLETE", proc)
+    victims = _rank_pids(proc.pid, 3)
+    assert victims, "rank 3's process was not found"
+    for pid in victims:
+        os.kill(pid, signal.SIGKILL)
+    out, err = proc.communicate(timeout=300)
+    assert proc.returncode == 0, err[-3000:]
+    assert "restart 1 of 1 after a rank failed: resuming after step" in err, err[-3000:]
+    assert "Traceback" not in err and "step 4/4" in err
+    assert latest_complete(killed) == killed / "step-000004"
+    resumed, reference = merge_checkpoint(killed), merge_checkpoint(tmp_path / "whole")
+    assert resumed.keys() == reference.keys()
+    for name, value in reference.items():
+        torch.testing.assert_close(resumed[name], value, rtol=1e-6, atol=1e-6, msg=name)
