@@ -70,10 +70,17 @@ def test_bad_cluster_flags_are_one_line(extra: tuple[str, ...], fragments: tuple
     assert_one_line_error(run_cli_here(*DONE_WHEN, *extra), *fragments)
 
 
-def test_a_cluster_needs_a_global_batch_and_data_parallel_needs_a_cluster() -> None:
-    assert_one_line_error(run_cli_here("partition", TINY, "--nodes", "2", "--devices-per-node", "2x24GiB"),
-                          "a cluster needs --global-batch N")
+def test_data_parallel_needs_a_cluster() -> None:
     assert_one_line_error(run_cli_here("partition", TINY, "--stages", "2", "--data-parallel", "2"),
                           "--data-parallel needs a cluster")
     assert_one_line_error(run_cli_here("partition", TINY, "--nodes", "2", "--global-batch", "8"),
                           "--nodes needs --devices-per-node (like 8xH100-80GB)")
+
+
+def test_without_a_global_batch_each_device_gets_the_profiles_micro_batch() -> None:
+    result = run_cli_here("partition", TINY, "--nodes", "2", "--devices-per-node", "2x24GiB", "--format", "json")
+    assert result.returncode == 0, result.stderr
+    plan = Plan.from_dict(json.loads(result.stdout))
+    assert plan.data_parallel * plan.microbatches * (plan.microbatch_size or 0) == 4 * 4  # gpt2-tiny's mb 4 x 4
+    table = run_cli_here("partition", TINY, "--nodes", "2", "--devices-per-node", "2x24GiB")
+    assert "note: global batch 16: the profile's micro-batch of 4 on each of the 4 devices" in table.stdout

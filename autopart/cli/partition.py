@@ -70,7 +70,8 @@ def add_parser(sub: Subcommands) -> None:
                    help="micro-batches per step, or auto: search the divisors of --global-batch "
                         "(default: K, the fewest 1F1B accepts)")
     p.add_argument("--global-batch", type=int, metavar="N",
-                   help="samples per step; the micro-batch size is N / M (default: the profile's micro-batch x M)")
+                   help="samples per step (all replicas together); the micro-batch size is N / (M x replicas) (default: the "
+                        "profile's micro-batch x M; with a cluster, x the devices)")
     p.add_argument("--schedule", type=schedule_or_auto_arg, metavar="NAME|auto",
                    help="GPipe, 1F1B (default; auto with a cluster), Interleaved1F1B, ZBVZeroBubble "
                         "(torch.distributed.pipelining names, any case), or auto: simulate each and keep the fastest")
@@ -90,7 +91,7 @@ def add_parser(sub: Subcommands) -> None:
                         "speed relative to the profiled device) or a .json/.toml file")
     p.add_argument("--nodes", type=int, metavar="N", help="a cluster of N nodes (with --devices-per-node): "
                    "the planner chooses the pipeline depth K and the data-parallel width D (K x D = the devices) "
-                   "with the micro-batches, schedule and split; needs --global-batch")
+                   "with the micro-batches, schedule and split for --global-batch")
     p.add_argument("--devices-per-node", metavar="SPEC", help="each node's devices: 8xH100-80GB, 2x24GiB "
                    "(COUNTxNAME-or-MEMORY[@SPEED], all alike)")
     p.add_argument("--link", metavar="INTRA[,INTER]", help="per-device bandwidth inside a node and between nodes: "
@@ -144,8 +145,11 @@ def make_cluster_search_from_args(args: argparse.Namespace, cluster: Cluster) ->
             why = "the cluster gives the devices" if flag == "--devices" else \
                 "the cluster's links give it (--link)" if flag == "--bandwidth" else "not with a cluster yet"
             raise AutopartError(f"{flag} with a cluster ({', '.join(_cluster_flags(args))}): {why}")
+    profile = Profile.from_json(args.profile)
     if args.global_batch is None:
-        raise AutopartError("a cluster needs --global-batch N: the samples one step of all replicas trains")
+        args.global_batch = profile.microbatch_size * cluster.num_devices
+        args.notes.append(f"global batch {args.global_batch}: the profile's micro-batch of {profile.microbatch_size} "
+                          f"on each of the {cluster.num_devices} devices (--global-batch N sets it)")
     if args.global_batch < 1:
         raise AutopartError(f"--global-batch must be >= 1, got {args.global_batch}")
     if args.memory_limit:
@@ -162,7 +166,6 @@ def make_cluster_search_from_args(args: argparse.Namespace, cluster: Cluster) ->
     model = CostModel(optimizer=args.optimizer, latency_ms=parse_duration_ms(args.latency) if args.latency else 0.0,
                       recompute=not args.no_recompute,
                       overhead_ms=parse_duration_ms(args.overhead, "--overhead") if args.overhead else 0.0)
-    profile = Profile.from_json(args.profile)
     return plan_cluster(profile, cluster, model, global_batch=args.global_batch, method=args.method,
                         schedules=schedules, stages=args.stages, data_parallel=args.data_parallel,
                         microbatches=microbatches, profile_path=args.profile)
@@ -231,6 +234,7 @@ def run(args: argparse.Namespace) -> int:
         check_writable(args.output)
     cluster = parse_cluster(args.nodes, args.devices_per_node, args.link, args.cluster)
     search = None
+    args.notes = []
     if cluster is not None:
         search = make_cluster_search_from_args(args, cluster)
         plan = search.best
@@ -252,6 +256,8 @@ def run(args: argparse.Namespace) -> int:
         _print_plan(plan)
         if search is not None:
             _print_what_if(search)
+        for note in args.notes:
+            print(f"note: {note}")
         if args.balance:
             _print_given(plan, args.given)
     elif args.format == "json":
