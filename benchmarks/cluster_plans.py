@@ -169,7 +169,8 @@ def dry_run(profiles: dict[str, Profile], devices: Sequence[int], global_batch: 
                   f"{INTRA_NODE} inside a node, {INTER_NODE} between), {len(profile.layers)} blocks:")
             print(f"  autopart: plan_cluster, every K x D = {n}, micro-batches and schedule searched")
             for c in torchtitan_configs(profile, n, global_batch):
-                print(f"  {c.label}: K {c.stages} x D {c.data_parallel}, {c.schedule}, {c.microbatches} micro-batches "
+                when = "" if c.stages == TORCHTITAN_PP else " (scored when no shallower one fits)"
+                print(f"  {c.label}{when}: K {c.stages} x D {c.data_parallel}, {c.schedule}, {c.microbatches} micro-batches "
                       f"of {global_batch // c.data_parallel // c.microbatches}, balance {list(c.balance)}")
 
 

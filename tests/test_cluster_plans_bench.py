@@ -116,7 +116,11 @@ def test_dry_run_prints_every_configuration_and_writes_nothing() -> None:
     assert "torchtitan: K 8 x D 8, 1F1B, 128 micro-batches of 1, balance [5, 5, 4, 4, 4, 4, 4, 5]" in out
     assert "torchtitan: K 8 x D 128, 1F1B, 8 micro-batches of 1, balance [11, 11, 10, 10, 10, 10, 10, 11]" in out
     # 8B: torchtitan refuses 64 stages of 34 weighted layers; 70B: 64 stages of 82 are fine
-    assert "torchtitan, deepened: K 32 x D 2, 1F1B, 512 micro-batches of 1" in out
-    assert "K 64 x D 1, 1F1B, 1024 micro-batches of 1, balance [3, 2," in out
+    deepened = "torchtitan, deepened (scored when no shallower one fits): "
+    assert deepened + "K 32 x D 2, 1F1B, 512 micro-batches of 1, balance [2, 2, 1," in out
+    assert deepened + "K 64 x D 1, 1F1B" not in out.split("Llama-3-70B")[0]
+    # 70B at depth 64: 82 weighted layers, 18 stages of 2 first; the last holds only norm and head
+    assert deepened + "K 64 x D 1, 1F1B, 1024 micro-batches of 1, balance [2, 2, 2," in out
+    assert out.count(deepened) == 15
     assert out.count("autopart: plan_cluster") == 6
     assert [p.stat().st_mtime_ns if p.exists() else None for p in results] == before
