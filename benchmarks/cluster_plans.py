@@ -39,7 +39,7 @@ import argparse
 import re
 import sys
 import time
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass, is_dataclass
 from pathlib import Path
 from typing import Any, Sequence
 
@@ -51,7 +51,6 @@ from autopart.formats.cluster import Cluster  # noqa: E402
 from autopart.formats.devices import KNOWN_MEMORY  # noqa: E402
 from autopart.formats.plan import Plan  # noqa: E402
 from autopart.formats.profile import Profile  # noqa: E402
-from autopart.formats.record import write_record  # noqa: E402
 from autopart.formats.units import format_bytes, parse_bandwidth  # noqa: E402
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -145,18 +144,25 @@ def rank_memory_bytes(plan: Plan) -> int:
     return max(per_rank.values())
 
 
+def _record(value: Any) -> Any:
+    """A tried configuration as JSON: its fields (with why it lost), whatever the planner's record holds."""
+    return asdict(value) if is_dataclass(value) and not isinstance(value, type) else str(value)
+
+
 def row(model: str, devices: int, label: str, plan: Plan, seconds: float | None = None) -> list[Any]:
     step_ms = plan.predicted.step_ms
     allreduce = plan.predicted.allreduce_ms
     return [model, devices, label, plan.num_ranks, plan.data_parallel, plan.microbatches,
             plan.schedule + (f" x{plan.stages_per_rank}" if plan.stages_per_rank > 1 else ""),
             step_ms / 1000, format_bytes(rank_memory_bytes(plan)), f"{plan.predicted.bubble_fraction:.1%}",
-            allreduce / 1000, f"{allreduce / step_ms:.1%}" if step_ms else "-", "yes" if plan.fits else "no",
+            allreduce / 1000, f"{100 * allreduce / step_ms:.2g}%" if step_ms else "-", "yes" if plan.fits else "no",
             "-" if seconds is None else f"{seconds:.2f}"]
 
 
-COLUMNS = ["model", "devices", "plan", "K (pp)", "D (dp)", "M", "schedule", "s / global batch",
-           "memory / device", "bubble", "exposed all-reduce s", "all-reduce share", "fits 80 GB", "planning s"]
+COLUMNS = ["model", "devices", "plan", "K", "D", "M", "schedule", "s / batch", "memory", "bubble", "all-reduce s",
+           "comm", "fits", "plan s"]
+"""K: pipeline depth, D: replicas, M: micro-batches per replica; s / batch: predicted seconds per global batch;
+memory: the fullest device's; all-reduce s: the exposed part (in the step), comm: its share of the step."""
 
 
 def dry_run(profiles: dict[str, Profile], devices: Sequence[int], global_batch: int) -> None:
@@ -190,8 +196,8 @@ def full_run(profiles: dict[str, Profile], devices: Sequence[int], global_batch:
             best = search.best
             rows.append(row(model, n, "autopart", best, seconds))
             entry: dict[str, Any] = {"autopart": {"balance": list(best.balance), "mesh_first_two_replicas": best.mesh()[:2],
-                                                  "runners_up": [write_record(c) for c in best.runners_up[:5]],
-                                                  "configurations_scored": len(search.tried)}}
+                                                  "configurations_tried": len(search.tried),
+                                                  "best_tried": [_record(c) for c in search.tried[:8]]}}
             for c in torchtitan_configs(profile, n, global_batch):
                 plan = score_configuration(profile, cluster, cost, global_batch=global_batch, stages=c.stages,
                                            data_parallel=c.data_parallel, microbatches=c.microbatches,

@@ -16,8 +16,9 @@ its peak stays at its weights, their gradient and the activations of one micro-b
 from __future__ import annotations
 
 import sys
-from typing import Any
+from typing import Any, Sequence
 
+import torch
 from torch import nn
 
 import autopart.measure.stream as stream
@@ -26,6 +27,18 @@ from autopart.measure.timing import optimizer_times
 
 SLICE_ELEMENTS = 64 * 2**20
 """The most parameter elements an optimizer step is timed on (256 MiB in float32)."""
+
+
+def parameter_slice(params: Sequence[torch.Tensor], elements: int) -> list[nn.Parameter]:
+    """Copies of the first ``elements`` elements of ``params`` (flattened, in order), one piece per tensor."""
+    pieces, taken = [], 0
+    for p in params:
+        if taken >= elements:
+            break
+        take = min(p.numel(), elements - taken)
+        pieces.append(nn.Parameter(p.detach().reshape(-1)[:take].clone()))
+        taken += take
+    return pieces
 
 
 def sliced_optimizer_times(block: nn.Module, clock: Any, repeats: int = 3) -> tuple[float, tuple[tuple[str, float], ...]]:
@@ -37,20 +50,14 @@ def sliced_optimizer_times(block: nn.Module, clock: Any, repeats: int = 3) -> tu
         return optimizer_times(block, clock, repeats)
     for p in params:
         p.grad = None
-    pieces, taken = [], 0
-    for p in params:
-        take = min(p.numel(), SLICE_ELEMENTS - taken)
-        pieces.append(nn.Parameter(p.detach().reshape(-1)[:take].clone()))
-        taken += take
-        if taken >= SLICE_ELEMENTS:
-            break
+    pieces = parameter_slice(params, SLICE_ELEMENTS)
     holder = nn.Module()
     holder.pieces = nn.ParameterList(pieces)
     ms, by_name = optimizer_times(holder, clock, repeats)
-    scale = total / taken
+    scale = total / sum(p.numel() for p in pieces)
     return ms * scale, tuple((name, t * scale) for name, t in by_name)
 
 
 if __name__ == "__main__":
-    stream.optimizer_times = sliced_optimizer_times  # what profile_by_block calls
+    setattr(stream, "optimizer_times", sliced_optimizer_times)  # the name profile_by_block calls
     sys.exit(main(["profile", *sys.argv[1:]]))
