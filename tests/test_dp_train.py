@@ -136,11 +136,12 @@ def test_train_two_replicas_on_one_launcher_and_two_nodes_and_resume(tmp_path: P
     one, two = tmp_path / "one.json", tmp_path / "two.json"
     made = run_cli_here("partition", TINY, "--stages", "2", "--microbatches", "4", "-o", str(one))
     assert made.returncode == 0, made.stderr
-    made = run_cli_here("partition", TINY, "--stages", "2", "--microbatches", "2", "-o", str(tmp_path / "half.json"))
+    made = run_cli_here("partition", TINY, "--nodes", "2", "--devices-per-node", "2x24GiB", "--stages", "2",
+                        "--schedule", "1F1B", "--microbatches", "2", "--global-batch", "16", "-o", str(two))
     assert made.returncode == 0, made.stderr
-    single = Plan.from_json(one)
-    half = _replicated(Plan.from_json(tmp_path / "half.json"), two)
+    single, half = Plan.from_json(one), Plan.from_json(two)
     assert half.balance == single.balance and half.microbatch_size == single.microbatch_size == 4
+    assert half.data_parallel == 2 and half.mesh() == [[0, 1], [2, 3]]  # free links: each pipeline inside a node
     corpus = tmp_path / "corpus.txt"
     corpus.write_bytes(b"".join(f.read_bytes() for f in default_corpus_files()[:100])[:40_000])  # 30 held-out windows
     common = ("--model", "gpt2-tiny", "--steps", "3", "--lr", "0.01", "--data", str(corpus), "--eval-every", "3",
