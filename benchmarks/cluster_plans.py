@@ -6,7 +6,7 @@
 For Llama-3-8B and Llama-3-70B (the by-block CPU profiles in profiles/) on 64,
 256 and 1,024 devices (nodes of 8 x H100-80GB, 450 GB/s per device inside a
 node, 50 GB/s between nodes), a fixed global batch of 1,024 sequences (of the
-profiles' 1,024 tokens) and AdamW in fp32, two plans are scored by the same
+profiles' tokens: 1,024 for 8B, 512 for 70B) and AdamW in fp32, two plans are scored by the same
 cost model (``autopart.core.dataparallel``):
 
 * autopart: ``plan_cluster`` chooses the pipeline depth K, the data-parallel
@@ -72,12 +72,19 @@ TORCHTITAN_MICROBATCH_SIZE = 1
 _LAYER = re.compile(r"(^|\.)layers\.\d+$")
 
 
-def cluster_of(devices: int) -> Cluster:
+SPEEDS = (1.0, 1000.0)
+"""Device speed relative to the profiled CPU: 1 (the CPU's own times, where compute dwarfs every link), and
+1,000: the 8B profile's layer forward runs 2 x 218 M parameters x 1,024 tokens in 2.08 s, 0.21 TFLOP/s; 1,000
+times that, 215 TFLOP/s, is about 43% of an H100's dense TF32 peak (495 TFLOP/s), a plausible fp32 (TF32)
+training rate. An assumption, not a measurement: it puts compute and the links in proportions like a GPU's."""
+
+
+def cluster_of(devices: int, speed: float = 1.0) -> Cluster:
     """``devices / 8`` nodes of 8 x H100-80GB, NVLink inside a node, one network port a device between nodes."""
     if devices % DEVICES_PER_NODE:
         raise SystemExit(f"{devices} devices are not whole nodes of {DEVICES_PER_NODE}")
     return Cluster(nodes=devices // DEVICES_PER_NODE, devices_per_node=DEVICES_PER_NODE, device_name=DEVICE,
-                   memory_bytes=KNOWN_MEMORY[DEVICE], intra_node_bytes_per_s=parse_bandwidth(INTRA_NODE),
+                   memory_bytes=KNOWN_MEMORY[DEVICE], speed=speed, intra_node_bytes_per_s=parse_bandwidth(INTRA_NODE),
                    inter_node_bytes_per_s=parse_bandwidth(INTER_NODE))
 
 
@@ -149,19 +156,19 @@ def _record(value: Any) -> Any:
     return asdict(value) if is_dataclass(value) and not isinstance(value, type) else str(value)
 
 
-def row(model: str, devices: int, label: str, plan: Plan, seconds: float | None = None) -> list[Any]:
+def row(model: str, devices: int, speed: float, label: str, plan: Plan, seconds: float | None = None) -> list[Any]:
     step_ms = plan.predicted.step_ms
     allreduce = plan.predicted.allreduce_ms
-    return [model, devices, label, plan.num_ranks, plan.data_parallel, plan.microbatches,
+    return [model, devices, f"x{speed:g}", label, plan.num_ranks, plan.data_parallel, plan.microbatches,
             plan.schedule + (f" x{plan.stages_per_rank}" if plan.stages_per_rank > 1 else ""),
             step_ms / 1000, format_bytes(rank_memory_bytes(plan)), f"{plan.predicted.bubble_fraction:.1%}",
             allreduce / 1000, f"{100 * allreduce / step_ms:.2g}%" if step_ms else "-", "yes" if plan.fits else "no",
             "-" if seconds is None else f"{seconds:.2f}"]
 
 
-COLUMNS = ["model", "devices", "plan", "K", "D", "M", "schedule", "s / batch", "memory", "bubble", "all-reduce s",
+COLUMNS = ["model", "devices", "speed", "plan", "K", "D", "M", "schedule", "s / batch", "memory", "bubble", "all-reduce s",
            "comm", "fits", "plan s"]
-"""K: pipeline depth, D: replicas, M: micro-batches per replica; s / batch: predicted seconds per global batch;
+"""speed: the devices' speed over the profiled CPU (:data:`SPEEDS`); K: pipeline depth, D: replicas, M: micro-batches per replica; s / batch: predicted seconds per global batch;
 memory: the fullest device's; all-reduce s: the exposed part (in the step), comm: its share of the step."""
 
 
@@ -187,14 +194,14 @@ def full_run(profiles: dict[str, Profile], devices: Sequence[int], global_batch:
     rows: list[list[Any]] = []
     details: dict[str, Any] = {}
     for model, profile in profiles.items():
-        for n in devices:
-            cluster = cluster_of(n)
+        for n, speed in ((n, speed) for speed in SPEEDS for n in devices):
+            cluster = cluster_of(n, speed)
             start = time.perf_counter()
             search = plan_cluster(profile, cluster, cost, global_batch=global_batch,
                                   profile_path=str(PROFILES[model].relative_to(ROOT)))
             seconds = time.perf_counter() - start
             best = search.best
-            rows.append(row(model, n, "autopart", best, seconds))
+            rows.append(row(model, n, speed, "autopart", best, seconds))
             entry: dict[str, Any] = {"autopart": {"balance": list(best.balance), "mesh_first_two_replicas": best.mesh()[:2],
                                                   "configurations_tried": len(search.tried),
                                                   "best_tried": [_record(c) for c in search.tried[:8]]}}
@@ -203,15 +210,15 @@ def full_run(profiles: dict[str, Profile], devices: Sequence[int], global_batch:
                                            data_parallel=c.data_parallel, microbatches=c.microbatches,
                                            schedule=c.schedule, balance=c.balance)
                 if c.label == "torchtitan" or plan.fits:
-                    rows.append(row(model, n, c.label, plan))
+                    rows.append(row(model, n, speed, c.label, plan))
                     entry[f"{c.label} (K {c.stages})"] = {"balance": list(c.balance), "fits": plan.fits}
                 if plan.fits:
                     break
-            details[f"{model} x {n}"] = entry
+            details[f"{model} x {n} at speed {speed:g}"] = entry
     report("cluster_plans", f"Data parallel x pipeline, {GLOBAL_BATCH} sequences per global batch, AdamW, "
                             f"nodes of 8 x {DEVICE}: autopart's plan against torchtitan's configuration",
            COLUMNS, rows, extra={"global_batch": global_batch, "device": DEVICE,
-                                 "links": {"intra_node": INTRA_NODE, "inter_node": INTER_NODE},
+                                 "links": {"intra_node": INTRA_NODE, "inter_node": INTER_NODE}, "speeds": list(SPEEDS),
                                  "profiles": {m: str(p.relative_to(ROOT)) for m, p in PROFILES.items()},
                                  "details": details})
 
