@@ -427,16 +427,21 @@ class RangeMax:
             levels.append(np.maximum(prev[:-width], prev[width:]))
             width *= 2
         self._levels = [_frozen(level) for level in levels]
+        # the levels as one (level, block) table, so that a query of many windows is two gathers; a level's
+        # tail (windows running past the last block) is never read
+        table = np.full((len(levels), len(levels[0])), -np.inf)
+        for k, level in enumerate(levels):
+            table[k, :level.size] = level
+        self._table = _frozen(table)
+        lengths = np.arange(len(levels[0]) + 1)
+        self._level_of = _frozen(np.floor(np.log2(np.maximum(lengths, 1))).astype(np.int64))
+        """Per window length, the level whose two windows cover it."""
 
     def max(self, i: Ints, j: Ints) -> Floats:
         """The largest value of blocks i..j (i <= j)."""
         i, j = np.broadcast_arrays(np.asarray(i, dtype=np.int64), np.asarray(j, dtype=np.int64))
-        k = np.floor(np.log2(j - i + 1)).astype(np.int64)
-        out = np.empty(i.shape)
-        for level in np.unique(k):
-            sel = k == level
-            table = self._levels[int(level)]
-            out[sel] = np.maximum(table[i[sel]], table[j[sel] - (1 << int(level)) + 1])
+        k = self._level_of[j - i + 1]
+        out: Floats = np.maximum(self._table[k, i], self._table[k, j - (1 << k) + 1])
         return out
 
 

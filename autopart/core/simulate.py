@@ -25,6 +25,7 @@ input per micro-batch and holds the full activations during the backward.
 from __future__ import annotations
 
 import dataclasses
+import functools
 from dataclasses import dataclass
 from typing import Sequence
 
@@ -161,9 +162,11 @@ _KINDS = {"F": 0, "GRAD": 1, "I": 2}
 _ROWS = {"F": 0, "B": 1, "I": 2, "W": 3}
 
 
+@functools.lru_cache(maxsize=64)
 def compile_schedule(schedule: Schedule) -> Program:
     """The dependency order of ``schedule``'s actions (raises if the schedule deadlocks). A caller that runs
-    many costs through one schedule compiles it once and passes the :class:`Program` on."""
+    many costs through one schedule compiles it once and passes the :class:`Program` on; the last few
+    programs are cached (a joint search splits and then simulates each configuration: the same schedule)."""
     return _columns(schedule, _order(schedule))
 
 
