@@ -19,9 +19,16 @@ fits every device wins; ties (to 9 significant digits) go to less memory
 per device, then fewer replicas, fewer micro-batches, and the schedule
 listed first.
 
+A one-rank pipeline (K = 1) is not tried under a schedule of several stages per rank
+(Interleaved1F1B, ZBVZeroBubble) when a schedule of one is: on one rank
+they run the same forwards and backwards with no bubble to hide, in more
+memory and more actions.
+
 Pruning: a configuration whose lower bound (no bubble it cannot avoid, no
-sends, no all-reduce, no recomputation) is no faster than the best so far
-is not split; nor one whose weights alone, spread evenly, exceed a device.
+sends, no all-reduce, no recomputation) is slower than the best so far
+(to the 9 digits steps tie at: one that may tie could win on memory) is
+not split; configurations are scored in the order of their bounds, so the
+best is found early and most are skipped; nor one whose weights alone, spread evenly, exceed a device.
 Neither can change the answer (``tests/test_dataparallel_plan.py`` checks it
 against the unpruned search).
 
@@ -36,6 +43,7 @@ import math
 from dataclasses import dataclass
 from typing import Callable, Sequence
 
+from autopart.core.blocks import BlockCosts
 from autopart.core.costmodel import CostModel
 from autopart.core.partition import split_given
 from autopart.core.placement import Placement, place
@@ -46,6 +54,7 @@ from autopart.core.search import MAX_MICROBATCHES, _plan_one, _splitter, all_sch
 from autopart.core.simulate import INPUT_GRAD_SHARE, Simulation
 from autopart.errors import AutopartError
 from autopart.formats.cluster import Cluster
+from autopart.formats.optimizers import DEFAULT_OPTIMIZER
 from autopart.formats.plan import Candidate, Plan
 from autopart.formats.profile import Profile
 from autopart.formats.schedule_kinds import canonical_schedule, stage_ranks
@@ -259,25 +268,32 @@ def _configuration(plan: Plan, sim: Simulation, layout: str) -> Configuration:
 
 
 def _lower_bound_ms(scaled: Profile, speed: float, stages: int, microbatches: int, schedule: str,
-                    per_rank: int) -> float:
+                    per_rank: int, optimizer: str = DEFAULT_OPTIMIZER) -> float:
     """No split of ``scaled``'s blocks on ``stages`` ranks steps faster than this under ``schedule``.
 
-    W = one micro-batch's forward and backward through every block. The ranks' work: M W / K; the rank that
-    holds the slowest block: M x its time. The pipeline: take any (virtual) stage b of the S = K x V. Its
-    first forward waits for a micro-batch to pass the stages before it; it then runs M forwards and M
-    backwards (M input-gradient halves ``I`` under a zero-bubble schedule, whose ``W`` halves may wait); and
-    its last one's gradient passes back through the stages before it. With u = forward + backward (or
-    + ``I``) and U_b the stages before b: step >= U_b + M u_b for every b. The largest total U any split can
-    hold under a step T is T (1 - (1 - 1/M)^S), so T >= U / (1 - (1 - 1/M)^S).
+    W = one micro-batch's forward and backward through every block, O = every block's optimizer step
+    (``optimizer``'s). The ranks' work: (M W + O) / K (each rank runs its stages' M forwards and backwards,
+    then its optimizer step); the rank that holds block x: M x its time + its optimizer step. The
+    pipeline: take any (virtual) stage b of the S = K x V. Its first forward waits for a micro-batch to
+    pass the stages before it; it then runs M forwards and M backwards (M input-gradient halves ``I``
+    under a zero-bubble schedule, whose ``W`` halves may wait); and its last one's gradient passes back
+    through the stages before it, to stage 0, whose rank then still runs that micro-batch's ``W`` half
+    (zero bubble) and its optimizer step: at least block 0's, c. With u = forward + backward (or + ``I``)
+    and U_b the stages before b: step - c >= U_b + M u_b for every b. The largest total U any split can
+    hold under a step T - c is (T - c) (1 - (1 - 1/M)^S), so T >= c + U / (1 - (1 - 1/M)^S).
     """
     zero_bubble = schedule == "ZBVZeroBubble"  # the schedule that splits a backward into I and W
     times = [(x.forward_ms + x.backward_ms) / speed for x in scaled.layers]
+    opt = [ms / speed for ms in BlockCosts.from_profile(scaled, optimizer).optimizer_ms.tolist()]
     measured = all(x.input_grad_ms is not None for x in scaled.layers)  # else the simulator assumes a share
-    chain = [(x.forward_ms + (x.backward_ms if not zero_bubble else min(x.input_grad_ms or 0.0, x.backward_ms)
-                              if measured else x.backward_ms * INPUT_GRAD_SHARE)) / speed
-             for x in scaled.layers]
+    input_grad = [min(x.input_grad_ms or 0.0, x.backward_ms) if measured else x.backward_ms * INPUT_GRAD_SHARE
+                  for x in scaled.layers]
+    chain = [(x.forward_ms + (x.backward_ms if not zero_bubble else ig)) / speed
+             for x, ig in zip(scaled.layers, input_grad)]
+    after = opt[0] + ((scaled.layers[0].backward_ms - input_grad[0]) / speed if zero_bubble else 0.0)
     w, m = sum(times), microbatches
-    return max(m * w / stages, m * max(times), sum(chain) / (1 - (1 - 1 / m) ** (stages * per_rank)))
+    return max((m * w + sum(opt)) / stages, max(m * t + o for t, o in zip(times, opt)),
+               after + sum(chain) / (1 - (1 - 1 / m) ** (stages * per_rank)))
 
 
 def _weights_bytes(profile: Profile, model: CostModel) -> float:
@@ -365,6 +381,7 @@ def plan_cluster(profile: Profile, cluster: Cluster, model: CostModel, *, global
     scorer = _Scorer(profile, cluster, model, method, profile_path, placer if placer is not None else place)
     limit = cluster.memory_bytes
     weights = _weights_bytes(profile, model)
+    one_per_rank = any(v == 1 for _, v in todo)  # then a one-rank pipeline needs no schedule of several
     pending: list[tuple[float, int, int, int, int, str, int]] = []
     skipped: list[Configuration] = []
     reasons: list[str] = []
@@ -382,6 +399,10 @@ def plan_cluster(profile: Profile, cluster: Cluster, model: CostModel, *, global
                 continue
             size = share // m
             for name, per_rank in todo:
+                if k == 1 and per_rank > 1 and one_per_rank:
+                    reasons.append(f"{k}x{d} {name}: one rank runs its stages one after another, as 1F1B "
+                                   f"does one stage, with more memory (not tried)")
+                    continue
                 if k * per_rank > n:
                     reasons.append(f"{k}x{d} {name}: {plural(k * per_rank, 'stage')} > {plural(n, 'block')}")
                     continue
@@ -394,13 +415,13 @@ def plan_cluster(profile: Profile, cluster: Cluster, model: CostModel, *, global
                     skipped.append(Configuration(k, d, m, size, name, per_rank, math.inf, 0.0, 0.0, 0.0,
                                                  int(weights / k), limit, fits=False, scored=False))
                     continue
-                bound = _lower_bound_ms(scorer.at(size)[0], cluster.speed, k, m, name, per_rank)
+                bound = _lower_bound_ms(scorer.at(size)[0], cluster.speed, k, m, name, per_rank, model.optimizer)
                 pending.append((bound, k, d, m, size, name, per_rank))
     pending.sort()
     scored: list[tuple[Configuration, Plan]] = []
     best_ms = math.inf
     for bound, k, d, m, size, name, per_rank in pending:
-        if prune and bound >= best_ms:
+        if prune and _tie_ms(bound) > _tie_ms(best_ms):  # loses outright: one that may tie is scored (memory)
             skipped.append(Configuration(k, d, m, size, name, per_rank, bound, 0.0, 0.0, 0.0, 0, limit,
                                          fits=True, scored=False))
             continue
