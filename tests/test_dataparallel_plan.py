@@ -257,3 +257,18 @@ def test_pruning_and_bound_order_never_change_the_answer() -> None:
             (b.num_ranks, b.data_parallel, b.microbatches, b.schedule, b.balance), (case, fast.tried[0], plain.tried[0])
         assert a.predicted == b.predicted and fast.tried[0] == plain.tried[0]
         assert sum(c.scored for c in fast.tried) <= sum(c.scored for c in plain.tried)
+
+
+def test_the_busiest_rank_bound_is_below_every_assignment_of_blocks() -> None:
+    """However blocks are dealt to ranks (every assignment, brute force), the busiest holds at least the
+    bound; for equal blocks it is the exact answer (ceil(n / ranks) of them)."""
+    from autopart.core.dataparallel import _busiest_rank_ms
+
+    rng = random.Random(11)
+    for _ in range(40):
+        n, ranks = rng.randrange(1, 8), rng.randrange(1, 4)
+        work = [rng.choice([1.0, 2.0, rng.uniform(0.1, 5.0)]) for _ in range(n)]
+        best = min(max(sum(w for w, r in zip(work, owners) if r == rank) for rank in range(ranks))
+                   for owners in itertools.product(range(ranks), repeat=n))
+        assert _busiest_rank_ms(work, ranks) <= best + 1e-12, (work, ranks)
+    assert _busiest_rank_ms([2.0] * 78, 16) == 10.0  # 5 of 78 equal blocks on the busiest of 16 ranks

@@ -272,8 +272,9 @@ def _lower_bound_ms(scaled: Profile, speed: float, stages: int, microbatches: in
     """No split of ``scaled``'s blocks on ``stages`` ranks steps faster than this under ``schedule``.
 
     W = one micro-batch's forward and backward through every block, O = every block's optimizer step
-    (``optimizer``'s). The ranks' work: (M W + O) / K (each rank runs its stages' M forwards and backwards,
-    then its optimizer step); the rank that holds block x: M x its time + its optimizer step. The
+    (``optimizer``'s). The ranks' work: (M W + O) / K on average (each rank runs its stages' M forwards and
+    backwards, then its optimizer step), and at least :func:`_busiest_rank_ms` on one (the blocks do not
+    divide evenly: 78 equal layers on 16 ranks put 5 on one, not 4.875). The
     pipeline: take any (virtual) stage b of the S = K x V. Its first forward waits for a micro-batch to
     pass the stages before it; it then runs M forwards and M backwards (M input-gradient halves ``I``
     under a zero-bubble schedule, whose ``W`` halves may wait); and its last one's gradient passes back
@@ -292,8 +293,18 @@ def _lower_bound_ms(scaled: Profile, speed: float, stages: int, microbatches: in
              for x, ig in zip(scaled.layers, input_grad)]
     after = opt[0] + ((scaled.layers[0].backward_ms - input_grad[0]) / speed if zero_bubble else 0.0)
     w, m = sum(times), microbatches
-    return max((m * w + sum(opt)) / stages, max(m * t + o for t, o in zip(times, opt)),
+    return max((m * w + sum(opt)) / stages, _busiest_rank_ms([m * t + o for t, o in zip(times, opt)], stages),
                after + sum(chain) / (1 - (1 - 1 / m) ** (stages * per_rank)))
+
+
+def _busiest_rank_ms(work_ms: Sequence[float], ranks: int) -> float:
+    """However blocks of these works are dealt to ``ranks`` ranks (contiguous or not), some rank holds at
+    least this: of the j largest, one rank holds ceil(j / ranks), at least the smallest ones of them."""
+    ordered = sorted(work_ms, reverse=True)
+    prefix = [0.0]
+    for x in ordered:
+        prefix.append(prefix[-1] + x)
+    return max((prefix[j] - prefix[j - -(-j // ranks)] for j in range(1, len(ordered) + 1)), default=0.0)
 
 
 def _weights_bytes(profile: Profile, model: CostModel) -> float:
