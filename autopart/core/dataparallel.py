@@ -38,6 +38,7 @@ last, and replicas' all-reduces sharing a node's network ports. Pure (no torch).
 """
 from __future__ import annotations
 
+import bisect
 import dataclasses
 import math
 from dataclasses import dataclass
@@ -280,8 +281,9 @@ def _lower_bound_ms(scaled: Profile, speed: float, stages: int, microbatches: in
     under a zero-bubble schedule, whose ``W`` halves may wait); and its last one's gradient passes back
     through the stages before it, to stage 0, whose rank then still runs that micro-batch's ``W`` half
     (zero bubble) and its optimizer step: at least block 0's, c. With u = forward + backward (or + ``I``)
-    and U_b the stages before b: step - c >= U_b + M u_b for every b. The largest total U any split can
-    hold under a step T - c is (T - c) (1 - (1 - 1/M)^S), so T >= c + U / (1 - (1 - 1/M)^S).
+    and U_b the stages before b: step - c >= U_b + M u_b for every b, whatever the split:
+    :func:`_chain_ms` finds the split of the blocks that makes the largest of these the smallest. (Its
+    continuous relaxation, stages of any size, is the closed form U / (1 - (1 - 1/M)^S).)
     """
     zero_bubble = schedule == "ZBVZeroBubble"  # the schedule that splits a backward into I and W
     times = [(x.forward_ms + x.backward_ms) / speed for x in scaled.layers]
@@ -294,7 +296,41 @@ def _lower_bound_ms(scaled: Profile, speed: float, stages: int, microbatches: in
     after = opt[0] + ((scaled.layers[0].backward_ms - input_grad[0]) / speed if zero_bubble else 0.0)
     w, m = sum(times), microbatches
     return max((m * w + sum(opt)) / stages, _busiest_rank_ms([m * t + o for t, o in zip(times, opt)], stages),
-               after + sum(chain) / (1 - (1 - 1 / m) ** (stages * per_rank)))
+               after + _chain_ms(chain, stages * per_rank, m))
+
+
+def _chain_ms(chain_ms: Sequence[float], stages: int, microbatches: int) -> float:
+    """The least, over every split of blocks of these times into ``stages`` contiguous non-empty stages, of
+    the largest U_b + M u_b (u_b: stage b's time, U_b: the stages' before it); a hair below it (it bounds
+    from below). Binary search on T: packing each stage as far as T allows is feasible if any split is (a
+    stage ending later never helps the next one less: u_b + U_b = U_{b+1}), and fewer stages than asked
+    can always be split further without raising any term."""
+    m, n = microbatches, len(chain_ms)
+    prefix = [0.0]
+    for x in chain_ms:
+        prefix.append(prefix[-1] + x)
+
+    def fits(t: float) -> bool:
+        i = 0
+        for _ in range(stages):
+            # the last block j this stage can end at: m prefix[j + 1] - (m - 1) prefix[i] <= t
+            j = bisect.bisect_right(prefix, (t + (m - 1) * prefix[i]) / m) - 2
+            if j < i:
+                return False
+            i = j + 1
+            if i >= n:
+                return True
+        return False
+
+    lo, hi = 0.0, m * prefix[n] * (1 + 1e-9) + 1e-300
+    if stages > n or not fits(hi):
+        return 0.0
+    for _ in range(100):
+        mid = (lo + hi) / 2
+        if mid <= lo or mid >= hi:
+            break
+        lo, hi = (lo, mid) if fits(mid) else (mid, hi)
+    return lo * (1 - 1e-9)
 
 
 def _busiest_rank_ms(work_ms: Sequence[float], ranks: int) -> float:
