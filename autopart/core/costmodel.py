@@ -281,7 +281,7 @@ class Problem:
             held_mem = held[j + 1] - held[i]
             step = qs[j + 1] - qs[i]
         for scale, part, raw in self._stage_terms(i, j, recompute):
-            value = self._factor(scale, s) * raw
+            value = self._factors[scale][s] * raw  # _factor(scale, s), looked up
             if PHASE[part] == "step":
                 step = value if step is None else step + value
             else:
@@ -512,7 +512,9 @@ class RangeMax:
 
     def max(self, i: Ints, j: Ints) -> Floats:
         """The largest value of blocks i..j (i <= j)."""
-        i, j = np.broadcast_arrays(np.asarray(i, dtype=np.int64), np.asarray(j, dtype=np.int64))
+        i, j = np.asarray(i, dtype=np.int64), np.asarray(j, dtype=np.int64)
+        if i.shape != j.shape:
+            i, j = np.broadcast_arrays(i, j)
         k = self._level_of[j - i + 1]
         out: Floats = np.maximum(self._table[k, i], self._table[k, j - (1 << k) + 1])
         return out

@@ -233,6 +233,12 @@ def _local(p: Problem, program: Program, starts: Ints, ranks: RankMemory | None)
     for _ in range(_MAX_ROUNDS):
         step, counts = critical_path(program, costs)
         candidates = _neighbours(current, p.n)
+        # the repricing without recomputation is at most the one with it (a recomputing stage only adds a
+        # forward), and needs no memory: moves it already rules out are not priced further. The rest keep
+        # their order, so the moves tried below are the same as when every move is priced.
+        ends = np.concatenate([candidates[:, 1:] - 1, np.full((candidates.shape[0], 1), p.n - 1)], axis=1)
+        plain = p.stage_times_all(candidates, ends, np.zeros(candidates.shape, dtype=bool))
+        candidates = candidates[_repriced(counts, plain) <= step * (1 + _TIE)]
         if not candidates.size:
             break
         cand_costs, fits, _ = _costs(p, candidates, ranks)

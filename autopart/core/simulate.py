@@ -264,9 +264,17 @@ def simulate(schedule: Schedule | Program, stages: Sequence[StageCost]) -> Simul
     """Run ``schedule`` (or its compiled :class:`Program`) with per-stage costs ``stages`` (one entry per
     stage, in pipeline order)."""
     program = schedule if isinstance(schedule, Program) else compile_schedule(schedule)
+    if len(stages) != program.schedule.num_stages:
+        raise AutopartError(f"schedule {program.schedule.name} has {program.schedule.num_stages} stages, costs "
+                            f"given for {len(stages)}")
+    return _simulate(program, tuple(stages))
+
+
+@functools.lru_cache(maxsize=16)
+def _simulate(program: Program, stages: tuple[StageCost, ...]) -> Simulation:
+    """:func:`simulate`, the last few cached (a plan is simulated when it is made and again when a joint
+    search reads its timeline; a Simulation is immutable)."""
     schedule = program.schedule
-    if len(stages) != schedule.num_stages:
-        raise AutopartError(f"schedule {schedule.name} has {schedule.num_stages} stages, costs given for {len(stages)}")
     kept, _ = _run(program, StageTimes.of([stages]), keep=True)  # the same pass step_ms_batch makes
     assert kept is not None
     start, end, available = (column[:, 0].tolist() for column in kept)
