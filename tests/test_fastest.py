@@ -337,3 +337,29 @@ def test_every_stage_at_once_prices_as_stage_by_stage(case: _Case, mirror: bool,
         one, _ = p.stage_times(s, starts[:, s], ends[:, s], flags[:, s])
         for name in STAGE_TIME_FIELDS:
             assert np.array_equal(getattr(every, name)[:, s], getattr(one, name)), name
+
+
+@given(case=_problems(max_blocks=12), choosy=_problems(max_blocks=12, choosy=True))
+@settings(max_examples=40, deadline=None)
+def test_the_local_search_screen_tries_the_same_moves(case: _Case, choosy: _Case) -> None:
+    """Moves ruled out by the repricing without recomputation (no memory priced) are never the ones the
+    local search takes: from the bottleneck split it ends where pricing every move ends, with and without
+    ranks sharing memory."""
+    for p in (case.problem, choosy.problem):
+        try:
+            base = split_bottleneck(p)
+        except AutopartError:
+            continue
+        program = compile_schedule(fastest._schedule(p))
+        starts = np.array([0, *np.cumsum(base.balance)[:-1]], dtype=np.int64)
+        ranks = [None]
+        if p.model.stages_per_rank > 1 and np.isfinite(p.limit).all():
+            groups = build_schedule(p.model.schedule, p.k // p.model.stages_per_rank, p.model.microbatches,
+                                    p.model.stages_per_rank)
+            ranks.append(RankMemory(stages=tuple(tuple(groups.stages_of(r)) for r in range(groups.num_ranks)),
+                                    limit_bytes=tuple(float(p.limit[0]) * p.model.stages_per_rank
+                                                      for _ in range(groups.num_ranks))))
+        for shared in ranks:
+            screened = fastest._local(p, program, starts, shared)
+            plain = fastest._local(p, program, starts, shared, screen=False)
+            assert screened.tolist() == plain.tolist()

@@ -219,12 +219,13 @@ def _repriced(counts: StageTimes, costs: StageTimes) -> Floats:
     return out
 
 
-def _local(p: Problem, program: Program, starts: Ints, ranks: RankMemory | None) -> Ints:
+def _local(p: Problem, program: Program, starts: Ints, ranks: RankMemory | None, screen: bool = True) -> Ints:
     """Best-improvement moves from ``starts`` until none improves (step, then bottleneck, then spread).
 
     A move is simulated only when the current critical path, repriced with the
     move's costs, leaves room to improve: the step after a move is at least
-    that (:func:`critical_path`), so the moves skipped cannot win.
+    that (:func:`critical_path`), so the moves skipped cannot win. ``screen=False`` prices every move's
+    memory first (for tests: the same moves are tried either way).
     """
     current = starts
     costs, _, _ = _costs(p, current[None, :], ranks)
@@ -238,7 +239,8 @@ def _local(p: Problem, program: Program, starts: Ints, ranks: RankMemory | None)
         # their order, so the moves tried below are the same as when every move is priced.
         ends = np.concatenate([candidates[:, 1:] - 1, np.full((candidates.shape[0], 1), p.n - 1)], axis=1)
         plain = p.stage_times_all(candidates, ends, np.zeros(candidates.shape, dtype=bool))
-        candidates = candidates[_repriced(counts, plain) <= step * (1 + _TIE)]
+        if screen:
+            candidates = candidates[_repriced(counts, plain) <= step * (1 + _TIE)]
         if not candidates.size:
             break
         cand_costs, fits, _ = _costs(p, candidates, ranks)
