@@ -280,9 +280,11 @@ def _simulate(program: Program, stages: tuple[StageCost, ...]) -> Simulation:
     assert kept is not None
     start, end, available = (column[:, 0].tolist() for column in kept)
     events: list[Event] = []
+    actions: dict[int, Action] = {}  # each compute event's action, by the event's id (no re-parsing)
     for i, step in enumerate(program.steps):
         r, a = step.rank, step.action
         events.append(Event(r, str(a), a.kind, start[i], end[i]))
+        actions[id(events[-1])] = a
         send = stages[a.stage].send_forward_ms if step.send == "F" else stages[a.stage].send_backward_ms
         if step.send and send > 0:
             events.append(Event(r, f"SEND_{step.send} {a}", "SEND", end[i], available[i]))
@@ -293,7 +295,7 @@ def _simulate(program: Program, stages: tuple[StageCost, ...]) -> Simulation:
             events.append(Event(r, "OPT", "OPT", clock[r], clock[r] + opt))
             clock[r] += opt
     step_ms = max(clock) if clock else 0.0
-    peak_mem, peak_act, peak_flight = _memory(schedule, stages, events)
+    peak_mem, peak_act, peak_flight = _memory(schedule, stages, events, actions)
     return Simulation(schedule=schedule.name, num_ranks=schedule.num_ranks, microbatches=schedule.microbatches,
                       step_ms=step_ms, peak_memory_bytes=peak_mem, peak_activation_bytes=peak_act,
                       peak_in_flight=peak_flight, events=tuple(sorted(events, key=lambda e: (e.rank, e.start_ms))))
@@ -435,15 +437,16 @@ def critical_path(program: Program, costs: StageTimes) -> tuple[float, StageTime
     return float(finish[last]), StageTimes(*(counts[name] for name in STAGE_TIME_FIELDS))
 
 
-def _memory(schedule: Schedule, stages: Sequence[StageCost], events: Sequence[Event]
-            ) -> tuple[tuple[int, ...], tuple[int, ...], tuple[int, ...]]:
-    """Peak bytes per rank and peak in-flight micro-batches per stage, from the events."""
+def _memory(schedule: Schedule, stages: Sequence[StageCost], events: Sequence[Event],
+            actions: dict[int, Action] | None = None) -> tuple[tuple[int, ...], tuple[int, ...], tuple[int, ...]]:
+    """Peak bytes per rank and peak in-flight micro-batches per stage, from the events (``actions``: each
+    compute event's action by its id, else parsed from its name)."""
     split = any(e.kind == "W" for e in events)
     changes: list[list[tuple[float, int, int, int]]] = [[] for _ in range(schedule.num_ranks)]
     for e in events:
         if e.kind in ("SEND", "OPT"):
             continue
-        action = Action.parse(e.action)
+        action = actions[id(e)] if actions is not None else Action.parse(e.action)
         cost = stages[action.stage]
         frees_at = "W" if split else "B"
         if e.kind == "F":
