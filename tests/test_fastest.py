@@ -339,6 +339,7 @@ def test_every_stage_at_once_prices_as_stage_by_stage(case: _Case, mirror: bool,
             assert np.array_equal(getattr(every, name)[:, s], getattr(one, name)), name
 
 
+@pytest.mark.slow
 @given(case=_problems(max_blocks=12), choosy=_problems(max_blocks=12, choosy=True))
 @settings(max_examples=40, deadline=None)
 def test_the_local_search_screen_tries_the_same_moves(case: _Case, choosy: _Case) -> None:
