@@ -228,3 +228,47 @@ def test_the_pruning_bound_is_below_every_simulated_step() -> None:
                                    stages_per_rank=per_rank, placer=place)
         bound = _lower_bound_ms(profile, 1.0, k, m, name, per_rank)
         assert bound <= plan.predicted.step_ms - plan.predicted.allreduce_ms + 1e-9, (case, name, k, m, balance)
+
+
+@pytest.mark.slow
+def test_pruning_and_bound_order_never_change_the_answer() -> None:
+    """The search as it runs (configurations in the order of their bounds, those that cannot win skipped)
+    against the same search scoring every configuration, on seeded random profiles and clusters, some with
+    a memory limit, some with equal blocks (ties that memory breaks): the same configuration, split and step."""
+    rng = random.Random(20)
+    for case in range(16):
+        n = rng.randrange(4, 8)
+        profile = _random_profile(300 + case, n) if case % 4 else _equal_blocks(rng.choice([1_000_000, 5_000_000]))
+        nodes, per_node = rng.choice([(1, 2), (2, 2), (1, 4), (4, 1), (3, 1)])
+        total = sum(x.param_bytes for x in profile.layers)
+        cluster = Cluster(nodes=nodes, devices_per_node=per_node,
+                          memory_bytes=rng.choice([None, int(total * rng.uniform(2.5, 6.0))]),
+                          intra_node_bytes_per_s=rng.choice([None, 5e9]), inter_node_bytes_per_s=rng.choice([None, 1e8]))
+        batch = nodes * per_node * rng.choice([1, 2, 4])
+        try:
+            plain = plan_cluster(profile, cluster, CostModel(), global_batch=batch, placer=place, prune=False)
+        except AutopartError:
+            with pytest.raises(AutopartError):
+                plan_cluster(profile, cluster, CostModel(), global_batch=batch, placer=place)
+            continue
+        fast = plan_cluster(profile, cluster, CostModel(), global_batch=batch, placer=place)
+        a, b = fast.best, plain.best
+        assert (a.num_ranks, a.data_parallel, a.microbatches, a.schedule, a.balance) == \
+            (b.num_ranks, b.data_parallel, b.microbatches, b.schedule, b.balance), (case, fast.tried[0], plain.tried[0])
+        assert a.predicted == b.predicted and fast.tried[0] == plain.tried[0]
+        assert sum(c.scored for c in fast.tried) <= sum(c.scored for c in plain.tried)
+
+
+def test_the_busiest_rank_bound_is_below_every_assignment_of_blocks() -> None:
+    """However blocks are dealt to ranks (every assignment, brute force), the busiest holds at least the
+    bound; for equal blocks it is the exact answer (ceil(n / ranks) of them)."""
+    from autopart.core.dataparallel import _busiest_rank_ms
+
+    rng = random.Random(11)
+    for _ in range(40):
+        n, ranks = rng.randrange(1, 8), rng.randrange(1, 4)
+        work = [rng.choice([1.0, 2.0, rng.uniform(0.1, 5.0)]) for _ in range(n)]
+        best = min(max(sum(w for w, r in zip(work, owners) if r == rank) for rank in range(ranks))
+                   for owners in itertools.product(range(ranks), repeat=n))
+        assert _busiest_rank_ms(work, ranks) <= best + 1e-12, (work, ranks)
+    assert _busiest_rank_ms([2.0] * 78, 16) == 10.0  # 5 of 78 equal blocks on the busiest of 16 ranks

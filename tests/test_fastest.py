@@ -302,3 +302,65 @@ def test_stages_of_a_rank_share_its_memory(seed: int, which: tuple[str, int], n:
         assert sum(found.stages[s].memory_bytes for s in group) <= cap
     schedule = build_schedule(name, 2, 4, per_rank)
     assert simulate(schedule, list(found.stages)).step_ms == pytest.approx(brute, rel=1e-9)
+
+
+@given(case=_problems(), mirror=st.booleans(), tie=st.booleans(), largest=st.booleans(), measured=st.booleans())
+@settings(max_examples=60, deadline=None)
+def test_every_stage_at_once_prices_as_stage_by_stage(case: _Case, mirror: bool, tie: bool, largest: bool,
+                                                      measured: bool) -> None:
+    """``memories_all``, ``times_all`` and ``stage_times_all`` (the local search's one pass over a split's
+    stages) equal the per-stage methods to the last bit, on every split, mirrored, with ties, largest
+    tensors and measured input-gradient halves."""
+    p = case.problem
+    b = p.blocks
+    blocks = BlockCosts.of(b.compute_ms.tolist(), forward_ms=b.forward_ms.tolist(), param_bytes=b.param_bytes.tolist(),
+                           activation_bytes=b.activation_bytes.tolist(), output_bytes=b.output_bytes.tolist(),
+                           optimizer_ms=b.optimizer_ms.tolist(), input_bytes=50,
+                           ties=[(30.0, [0, p.n - 1])] if tie and p.n > 1 else (),
+                           largest_param_bytes=(b.param_bytes / 2).tolist() if largest else None,
+                           input_grad_ms=(b.compute_ms - b.forward_ms).tolist() if measured else None)
+    p = Problem(blocks, p.devices, p.model)
+    if mirror:
+        p = p.reversed()
+    starts = np.array([[0, *np.cumsum(bal)[:-1]] for bal in _splits(p.n, p.k)], dtype=np.int64)
+    ends = np.concatenate([starts[:, 1:] - 1, np.full((starts.shape[0], 1), p.n - 1)], axis=1)
+    rng = np.random.default_rng(p.n)
+    flags = rng.random(starts.shape) < 0.5
+    plain, rc = p.memories_all(starts, ends)
+    t_plain, t_rc = p.times_all(starts, ends)
+    every = p.stage_times_all(starts, ends, flags)
+    for s in range(p.k):
+        one_plain, one_rc = p.memories(s, starts[:, s], ends[:, s])
+        assert np.array_equal(plain[:, s], one_plain) and np.array_equal(rc[:, s], one_rc)
+        one_t, one_t_rc = p.times(s, starts[:, s], ends[:, s])
+        assert np.array_equal(t_plain[:, s], one_t) and np.array_equal(t_rc[:, s], one_t_rc)
+        one, _ = p.stage_times(s, starts[:, s], ends[:, s], flags[:, s])
+        for name in STAGE_TIME_FIELDS:
+            assert np.array_equal(getattr(every, name)[:, s], getattr(one, name)), name
+
+
+@pytest.mark.slow
+@given(case=_problems(max_blocks=12), choosy=_problems(max_blocks=12, choosy=True))
+@settings(max_examples=40, deadline=None)
+def test_the_local_search_screen_tries_the_same_moves(case: _Case, choosy: _Case) -> None:
+    """Moves ruled out by the repricing without recomputation (no memory priced) are never the ones the
+    local search takes: from the bottleneck split it ends where pricing every move ends, with and without
+    ranks sharing memory."""
+    for p in (case.problem, choosy.problem):
+        try:
+            base = split_bottleneck(p)
+        except AutopartError:
+            continue
+        program = compile_schedule(fastest._schedule(p))
+        starts = np.array([0, *np.cumsum(base.balance)[:-1]], dtype=np.int64)
+        ranks = [None]
+        if p.model.stages_per_rank > 1 and np.isfinite(p.limit).all():
+            groups = build_schedule(p.model.schedule, p.k // p.model.stages_per_rank, p.model.microbatches,
+                                    p.model.stages_per_rank)
+            ranks.append(RankMemory(stages=tuple(tuple(groups.stages_of(r)) for r in range(groups.num_ranks)),
+                                    limit_bytes=tuple(float(p.limit[0]) * p.model.stages_per_rank
+                                                      for _ in range(groups.num_ranks))))
+        for shared in ranks:
+            screened = fastest._local(p, program, starts, shared)
+            plain = fastest._local(p, program, starts, shared, screen=False)
+            assert screened.tolist() == plain.tolist()

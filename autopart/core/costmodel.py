@@ -160,6 +160,11 @@ class Problem:
                              for rc in (False, True)}
         self._steps = any(PHASE[part] == "step" for terms in (blocks, edges, shared, largest)
                           for rc in (False, True) for _, part, *_ in terms[rc])
+        self._stacked = {rc: tuple(_frozen(np.stack(prefixes[rc])) for prefixes in
+                                   (self._prefix, self._held_prefix, self._step_prefix)) for rc in (False, True)}
+        """Per mode, the three per-stage prefix sums as (stage, block + 1) tables: :meth:`memories_all`."""
+        self._factors = {scale: _frozen(np.array([self._factor(scale, s) for s in range(self.k)]))
+                         for scale in ("once", "in_flight", "microbatches", "not_in_flight")}
 
     def _factor(self, scale: str, s: int) -> float:
         """How many copies of a term of this scale stage ``s`` holds."""
@@ -276,7 +281,7 @@ class Problem:
             held_mem = held[j + 1] - held[i]
             step = qs[j + 1] - qs[i]
         for scale, part, raw in self._stage_terms(i, j, recompute):
-            value = self._factor(scale, s) * raw
+            value = self._factors[scale][s] * raw  # _factor(scale, s), looked up
             if PHASE[part] == "step":
                 step = value if step is None else step + value
             else:
@@ -297,6 +302,38 @@ class Problem:
         for scale, part, table in self._largest_terms[recompute]:
             yield scale, part, table.max(i, j)
 
+    def _memory_all(self, i: Ints, j: Ints, recompute: bool) -> Floats:
+        """:meth:`_memory` of every stage at once: ``i``, ``j`` are (splits, stages) arrays, column s stage s's
+        first and last blocks; the same operations in the same order (equal to the last bit)."""
+        cols = np.arange(self.k)
+        q, held, qs = self._stacked[recompute]
+        mem: Floats = q[cols, j + 1] - q[cols, i]
+        step: Floats | None = None
+        held_mem: Floats = mem
+        if self._steps:
+            held_mem = held[cols, j + 1] - held[cols, i]
+            step = qs[cols, j + 1] - qs[cols, i]
+        for scale, part, raw in self._stage_terms(i, j, recompute):
+            value = self._factors[scale] * raw
+            if PHASE[part] == "step":
+                step = value if step is None else step + value
+            else:
+                mem = mem + value
+                if self._steps and PHASE[part] == "held":
+                    held_mem = held_mem + value
+        if step is None:
+            return mem
+        out: Floats = held_mem + np.maximum(mem - held_mem, step)
+        return out
+
+    def memories_all(self, i: Ints, j: Ints) -> tuple[Floats, Floats]:
+        """:meth:`memories` of every stage at once: ``i``, ``j`` are (splits, stages) arrays of first and last
+        blocks, column s for stage s (one call where a whole split is priced)."""
+        plain = self._memory_all(i, j, False)
+        if not self.model.recompute:
+            return plain, np.full(plain.shape, np.inf)
+        return plain, self._memory_all(i, j, True)
+
     def memories(self, s: int, i: Ints, j: Ints) -> tuple[Floats, Floats]:
         """Stage ``s``'s bytes holding blocks i..j without and with recomputation (inf where not allowed)."""
         plain = self._memory(s, i, j, False)
@@ -312,6 +349,42 @@ class Problem:
         pf = self._forward_prefix_ms
         work = (pc[j + 1] - pc[i]) + (pf[j + 1] - pf[i])
         return work / self.speed[s] + self._send_ms(s, i, j)
+
+    def _sends_all(self, i: Ints, j: Ints) -> tuple[Floats, Floats]:
+        """(backward send of the input gradient, forward send of the output) of every stage at once, for
+        (splits, stages) arrays of first and last blocks: :meth:`send_in_ms`, :meth:`send_out_ms`."""
+        cols = np.arange(self.k)
+        zero = np.zeros(np.broadcast(i, j).shape)
+        send_in = np.where(cols > 0, self._send_after_ms[np.maximum(i - 1, 0)], 0.0) + zero
+        send_out = np.where(cols < self.k - 1, self._send_after_ms[j], 0.0) + zero
+        return send_in, send_out
+
+    def times_all(self, i: Ints, j: Ints) -> tuple[Floats, Floats]:
+        """:meth:`times` of every stage at once, for (splits, stages) arrays of first and last blocks."""
+        pc, pf = self._compute_prefix_ms, self._forward_prefix_ms
+        send_in, send_out = self._sends_all(i, j)
+        sends = (np.zeros(send_in.shape) + send_in) + send_out  # _send_ms's sum, term by term
+        plain = (pc[j + 1] - pc[i]) / self.speed + sends
+        work = (pc[j + 1] - pc[i]) + (pf[j + 1] - pf[i])
+        return plain, work / self.speed + sends
+
+    def stage_times_all(self, i: Ints, j: Ints, recompute: Bools) -> StageTimes:
+        """:meth:`stage_times` of every stage at once, recomputing where ``recompute`` says: (splits, stages)
+        arrays of first and last blocks and flags; the same operations, so equal to the last bit."""
+        v = self.speed
+        pc, pf, po, pig = (self._compute_prefix_ms, self._forward_prefix_ms, self._optimizer_prefix_ms,
+                           self._input_grad_prefix_ms)
+        forward = pf[j + 1] - pf[i]
+        backward = (pc[j + 1] - pc[i]) - forward + np.where(recompute, forward, 0.0)
+        zero = np.zeros(np.broadcast(i, j).shape)
+        if pig is None:
+            input_grad = backward * INPUT_GRAD_SHARE
+        else:
+            input_grad = (pig[j + 1] - pig[i]) + np.where(recompute, forward, 0.0)
+        send_in, send_out = self._sends_all(i, j)
+        return StageTimes(forward_ms=forward / v, backward_ms=backward / v, input_grad_ms=input_grad / v,
+                          send_forward_ms=send_out, send_backward_ms=send_in,
+                          optimizer_ms=(po[j + 1] - po[i]) / v, overhead_ms=zero + self.model.overhead_ms)
 
     def times(self, s: int, i: Ints, j: Ints) -> tuple[Floats, Floats]:
         """Stage ``s``'s time holding blocks i..j without and with recomputation, sends included."""
@@ -427,16 +500,23 @@ class RangeMax:
             levels.append(np.maximum(prev[:-width], prev[width:]))
             width *= 2
         self._levels = [_frozen(level) for level in levels]
+        # the levels as one (level, block) table, so that a query of many windows is two gathers; a level's
+        # tail (windows running past the last block) is never read
+        table = np.full((len(levels), len(levels[0])), -np.inf)
+        for k, level in enumerate(levels):
+            table[k, :level.size] = level
+        self._table = _frozen(table)
+        lengths = np.arange(len(levels[0]) + 1)
+        self._level_of = _frozen(np.floor(np.log2(np.maximum(lengths, 1))).astype(np.int64))
+        """Per window length, the level whose two windows cover it."""
 
     def max(self, i: Ints, j: Ints) -> Floats:
         """The largest value of blocks i..j (i <= j)."""
-        i, j = np.broadcast_arrays(np.asarray(i, dtype=np.int64), np.asarray(j, dtype=np.int64))
-        k = np.floor(np.log2(j - i + 1)).astype(np.int64)
-        out = np.empty(i.shape)
-        for level in np.unique(k):
-            sel = k == level
-            table = self._levels[int(level)]
-            out[sel] = np.maximum(table[i[sel]], table[j[sel] - (1 << int(level)) + 1])
+        i, j = np.asarray(i, dtype=np.int64), np.asarray(j, dtype=np.int64)
+        if i.shape != j.shape:
+            i, j = np.broadcast_arrays(i, j)
+        k = self._level_of[j - i + 1]
+        out: Floats = np.maximum(self._table[k, i], self._table[k, j - (1 << k) + 1])
         return out
 
 

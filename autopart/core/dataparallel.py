@@ -19,9 +19,16 @@ fits every device wins; ties (to 9 significant digits) go to less memory
 per device, then fewer replicas, fewer micro-batches, and the schedule
 listed first.
 
+A one-rank pipeline (K = 1) is not tried under a schedule of several stages per rank
+(Interleaved1F1B, ZBVZeroBubble) when a schedule of one is: on one rank
+they run the same forwards and backwards with no bubble to hide, in more
+memory and more actions.
+
 Pruning: a configuration whose lower bound (no bubble it cannot avoid, no
-sends, no all-reduce, no recomputation) is no faster than the best so far
-is not split; nor one whose weights alone, spread evenly, exceed a device.
+sends, no all-reduce, no recomputation) is slower than the best so far
+(to the 9 digits steps tie at: one that may tie could win on memory) is
+not split; configurations are scored in the order of their bounds, so the
+best is found early and most are skipped; nor one whose weights alone, spread evenly, exceed a device.
 Neither can change the answer (``tests/test_dataparallel_plan.py`` checks it
 against the unpruned search).
 
@@ -31,11 +38,13 @@ last, and replicas' all-reduces sharing a node's network ports. Pure (no torch).
 """
 from __future__ import annotations
 
+import bisect
 import dataclasses
 import math
 from dataclasses import dataclass
 from typing import Callable, Sequence
 
+from autopart.core.blocks import BlockCosts
 from autopart.core.costmodel import CostModel
 from autopart.core.partition import split_given
 from autopart.core.placement import Placement, place
@@ -46,6 +55,7 @@ from autopart.core.search import MAX_MICROBATCHES, _plan_one, _splitter, all_sch
 from autopart.core.simulate import INPUT_GRAD_SHARE, Simulation
 from autopart.errors import AutopartError
 from autopart.formats.cluster import Cluster
+from autopart.formats.optimizers import DEFAULT_OPTIMIZER
 from autopart.formats.plan import Candidate, Plan
 from autopart.formats.profile import Profile
 from autopart.formats.schedule_kinds import canonical_schedule, stage_ranks
@@ -245,8 +255,11 @@ class _Scorer:
 
 
 def _configuration(plan: Plan, sim: Simulation, layout: str) -> Configuration:
-    sends = max((sum(e.end_ms - e.start_ms for e in sim.events if e.rank == r and e.kind == "SEND")
-                 for r in range(sim.num_ranks)), default=0.0)
+    per_rank = [0.0] * sim.num_ranks  # each rank's sends, summed in the events' order: one pass
+    for e in sim.events:
+        if e.kind == "SEND":
+            per_rank[e.rank] += e.end_ms - e.start_ms
+    sends = max(per_rank, default=0.0)
     step = plan.predicted.step_ms
     limit = plan.cluster.memory_bytes if plan.cluster is not None else None
     return Configuration(stages=plan.num_ranks, data_parallel=plan.data_parallel, microbatches=plan.microbatches,
@@ -259,25 +272,78 @@ def _configuration(plan: Plan, sim: Simulation, layout: str) -> Configuration:
 
 
 def _lower_bound_ms(scaled: Profile, speed: float, stages: int, microbatches: int, schedule: str,
-                    per_rank: int) -> float:
+                    per_rank: int, optimizer: str = DEFAULT_OPTIMIZER) -> float:
     """No split of ``scaled``'s blocks on ``stages`` ranks steps faster than this under ``schedule``.
 
-    W = one micro-batch's forward and backward through every block. The ranks' work: M W / K; the rank that
-    holds the slowest block: M x its time. The pipeline: take any (virtual) stage b of the S = K x V. Its
-    first forward waits for a micro-batch to pass the stages before it; it then runs M forwards and M
-    backwards (M input-gradient halves ``I`` under a zero-bubble schedule, whose ``W`` halves may wait); and
-    its last one's gradient passes back through the stages before it. With u = forward + backward (or
-    + ``I``) and U_b the stages before b: step >= U_b + M u_b for every b. The largest total U any split can
-    hold under a step T is T (1 - (1 - 1/M)^S), so T >= U / (1 - (1 - 1/M)^S).
+    W = one micro-batch's forward and backward through every block, O = every block's optimizer step
+    (``optimizer``'s). The ranks' work: (M W + O) / K on average (each rank runs its stages' M forwards and
+    backwards, then its optimizer step), and at least :func:`_busiest_rank_ms` on one (the blocks do not
+    divide evenly: 78 equal layers on 16 ranks put 5 on one, not 4.875). The
+    pipeline: take any (virtual) stage b of the S = K x V. Its first forward waits for a micro-batch to
+    pass the stages before it; it then runs M forwards and M backwards (M input-gradient halves ``I``
+    under a zero-bubble schedule, whose ``W`` halves may wait); and its last one's gradient passes back
+    through the stages before it, to stage 0, whose rank then still runs that micro-batch's ``W`` half
+    (zero bubble) and its optimizer step: at least block 0's, c. With u = forward + backward (or + ``I``)
+    and U_b the stages before b: step - c >= U_b + M u_b for every b, whatever the split:
+    :func:`_chain_ms` finds the split of the blocks that makes the largest of these the smallest. (Its
+    continuous relaxation, stages of any size, is the closed form U / (1 - (1 - 1/M)^S).)
     """
     zero_bubble = schedule == "ZBVZeroBubble"  # the schedule that splits a backward into I and W
     times = [(x.forward_ms + x.backward_ms) / speed for x in scaled.layers]
+    opt = [ms / speed for ms in BlockCosts.from_profile(scaled, optimizer).optimizer_ms.tolist()]
     measured = all(x.input_grad_ms is not None for x in scaled.layers)  # else the simulator assumes a share
-    chain = [(x.forward_ms + (x.backward_ms if not zero_bubble else min(x.input_grad_ms or 0.0, x.backward_ms)
-                              if measured else x.backward_ms * INPUT_GRAD_SHARE)) / speed
-             for x in scaled.layers]
+    input_grad = [min(x.input_grad_ms or 0.0, x.backward_ms) if measured else x.backward_ms * INPUT_GRAD_SHARE
+                  for x in scaled.layers]
+    chain = [(x.forward_ms + (x.backward_ms if not zero_bubble else ig)) / speed
+             for x, ig in zip(scaled.layers, input_grad)]
+    after = opt[0] + ((scaled.layers[0].backward_ms - input_grad[0]) / speed if zero_bubble else 0.0)
     w, m = sum(times), microbatches
-    return max(m * w / stages, m * max(times), sum(chain) / (1 - (1 - 1 / m) ** (stages * per_rank)))
+    return max((m * w + sum(opt)) / stages, _busiest_rank_ms([m * t + o for t, o in zip(times, opt)], stages),
+               after + _chain_ms(chain, stages * per_rank, m))
+
+
+def _chain_ms(chain_ms: Sequence[float], stages: int, microbatches: int) -> float:
+    """The least, over every split of blocks of these times into ``stages`` contiguous non-empty stages, of
+    the largest U_b + M u_b (u_b: stage b's time, U_b: the stages' before it); a hair below it (it bounds
+    from below). Binary search on T: packing each stage as far as T allows is feasible if any split is (a
+    stage ending later never helps the next one less: u_b + U_b = U_{b+1}), and fewer stages than asked
+    can always be split further without raising any term."""
+    m, n = microbatches, len(chain_ms)
+    prefix = [0.0]
+    for x in chain_ms:
+        prefix.append(prefix[-1] + x)
+
+    def fits(t: float) -> bool:
+        i = 0
+        for _ in range(stages):
+            # the last block j this stage can end at: m prefix[j + 1] - (m - 1) prefix[i] <= t
+            j = bisect.bisect_right(prefix, (t + (m - 1) * prefix[i]) / m) - 2
+            if j < i:
+                return False
+            i = j + 1
+            if i >= n:
+                return True
+        return False
+
+    lo, hi = 0.0, m * prefix[n] * (1 + 1e-9) + 1e-300
+    if stages > n or not fits(hi):
+        return 0.0
+    for _ in range(100):
+        mid = (lo + hi) / 2
+        if mid <= lo or mid >= hi:
+            break
+        lo, hi = (lo, mid) if fits(mid) else (mid, hi)
+    return lo * (1 - 1e-9)
+
+
+def _busiest_rank_ms(work_ms: Sequence[float], ranks: int) -> float:
+    """However blocks of these works are dealt to ``ranks`` ranks (contiguous or not), some rank holds at
+    least this: of the j largest, one rank holds ceil(j / ranks), at least the smallest ones of them."""
+    ordered = sorted(work_ms, reverse=True)
+    prefix = [0.0]
+    for x in ordered:
+        prefix.append(prefix[-1] + x)
+    return max((prefix[j] - prefix[j - -(-j // ranks)] for j in range(1, len(ordered) + 1)), default=0.0)
 
 
 def _weights_bytes(profile: Profile, model: CostModel) -> float:
@@ -365,6 +431,7 @@ def plan_cluster(profile: Profile, cluster: Cluster, model: CostModel, *, global
     scorer = _Scorer(profile, cluster, model, method, profile_path, placer if placer is not None else place)
     limit = cluster.memory_bytes
     weights = _weights_bytes(profile, model)
+    one_per_rank = any(v == 1 for _, v in todo)  # then a one-rank pipeline needs no schedule of several
     pending: list[tuple[float, int, int, int, int, str, int]] = []
     skipped: list[Configuration] = []
     reasons: list[str] = []
@@ -382,6 +449,10 @@ def plan_cluster(profile: Profile, cluster: Cluster, model: CostModel, *, global
                 continue
             size = share // m
             for name, per_rank in todo:
+                if k == 1 and per_rank > 1 and one_per_rank:
+                    reasons.append(f"{k}x{d} {name}: one rank runs its stages one after another, as 1F1B "
+                                   f"does one stage, with more memory (not tried)")
+                    continue
                 if k * per_rank > n:
                     reasons.append(f"{k}x{d} {name}: {plural(k * per_rank, 'stage')} > {plural(n, 'block')}")
                     continue
@@ -394,13 +465,13 @@ def plan_cluster(profile: Profile, cluster: Cluster, model: CostModel, *, global
                     skipped.append(Configuration(k, d, m, size, name, per_rank, math.inf, 0.0, 0.0, 0.0,
                                                  int(weights / k), limit, fits=False, scored=False))
                     continue
-                bound = _lower_bound_ms(scorer.at(size)[0], cluster.speed, k, m, name, per_rank)
+                bound = _lower_bound_ms(scorer.at(size)[0], cluster.speed, k, m, name, per_rank, model.optimizer)
                 pending.append((bound, k, d, m, size, name, per_rank))
     pending.sort()
     scored: list[tuple[Configuration, Plan]] = []
     best_ms = math.inf
     for bound, k, d, m, size, name, per_rank in pending:
-        if prune and bound >= best_ms:
+        if prune and _tie_ms(bound) > _tie_ms(best_ms):  # loses outright: one that may tie is scored (memory)
             skipped.append(Configuration(k, d, m, size, name, per_rank, bound, 0.0, 0.0, 0.0, 0, limit,
                                          fits=True, scored=False))
             continue

@@ -84,28 +84,28 @@ def _costs(p: Problem, starts: Ints, ranks: RankMemory | None = None
     """The stage times of each split (rows of first blocks), whether it fits memory, and (with ``ranks``)
     which stages recompute; without, each stage recomputes where it must to fit its own limit."""
     ends = np.concatenate([starts[:, 1:] - 1, np.full((starts.shape[0], 1), p.n - 1)], axis=1)
-    fits = np.ones(starts.shape[0], dtype=bool)
-    recompute = None
+    mems = p.memories_all(starts, ends)  # every stage's memory in one pass: (splits, stages) each
     if ranks is not None:
-        fits, recompute = _share_ranks(p, starts, ends, ranks)
-    per_stage = []
-    for s in range(p.k):
-        times, ok = p.stage_times(s, starts[:, s], ends[:, s], recompute[:, s] if recompute is not None else None)
-        per_stage.append(times)
-        if recompute is None:
-            fits &= ok
-    return StageTimes.stack(per_stage), fits, recompute
+        fits, recompute = _share_ranks(p, starts, ends, ranks, mems)
+    else:  # each stage on its own limit, recomputing where it must (Problem.evaluate, every stage at once)
+        plain, with_rc = mems
+        fits_plain = plain <= p.limit
+        can = np.isfinite(p.limit) & p.model.recompute
+        recompute = ~fits_plain & can
+        fits = np.all(fits_plain | (can & (with_rc <= p.limit)), axis=1)
+    return p.stage_times_all(starts, ends, recompute), fits, recompute if ranks is not None else None
 
 
-def _share_ranks(p: Problem, starts: Ints, ends: Ints, ranks: RankMemory
+def _share_ranks(p: Problem, starts: Ints, ends: Ints, ranks: RankMemory, memories: tuple[Floats, Floats]
                  ) -> tuple[npt.NDArray[np.bool_], npt.NDArray[np.bool_]]:
     """Per split, whether every rank's stages fit its memory together, and which of them recompute: of the
-    choices that fit, the one with the least compute on the rank."""
+    choices that fit, the one with the least compute on the rank (``memories``: :meth:`Problem.memories_all`)."""
     fits = np.ones(starts.shape[0], dtype=bool)
     recompute = np.zeros(starts.shape, dtype=bool)
+    every_time = p.times_all(starts, ends)
     for group, limit in zip(ranks.stages, ranks.limit_bytes):
-        mems = {s: p.memories(s, starts[:, s], ends[:, s]) for s in group}
-        times = {s: p.times(s, starts[:, s], ends[:, s]) for s in group}
+        mems = {s: (memories[0][:, s], memories[1][:, s]) for s in group}
+        times = {s: (every_time[0][:, s], every_time[1][:, s]) for s in group}
         best = np.full(starts.shape[0], np.inf)
         for flags in itertools.product((False, True), repeat=len(group)):
             mem = sum(mems[s][int(f)] for s, f in zip(group, flags))
@@ -219,12 +219,13 @@ def _repriced(counts: StageTimes, costs: StageTimes) -> Floats:
     return out
 
 
-def _local(p: Problem, program: Program, starts: Ints, ranks: RankMemory | None) -> Ints:
+def _local(p: Problem, program: Program, starts: Ints, ranks: RankMemory | None, screen: bool = True) -> Ints:
     """Best-improvement moves from ``starts`` until none improves (step, then bottleneck, then spread).
 
     A move is simulated only when the current critical path, repriced with the
     move's costs, leaves room to improve: the step after a move is at least
-    that (:func:`critical_path`), so the moves skipped cannot win.
+    that (:func:`critical_path`), so the moves skipped cannot win. ``screen=False`` prices every move's
+    memory first (for tests: the same moves are tried either way).
     """
     current = starts
     costs, _, _ = _costs(p, current[None, :], ranks)
@@ -233,6 +234,13 @@ def _local(p: Problem, program: Program, starts: Ints, ranks: RankMemory | None)
     for _ in range(_MAX_ROUNDS):
         step, counts = critical_path(program, costs)
         candidates = _neighbours(current, p.n)
+        # the repricing without recomputation is at most the one with it (a recomputing stage only adds a
+        # forward), and needs no memory: moves it already rules out are not priced further. The rest keep
+        # their order, so the moves tried below are the same as when every move is priced.
+        ends = np.concatenate([candidates[:, 1:] - 1, np.full((candidates.shape[0], 1), p.n - 1)], axis=1)
+        plain = p.stage_times_all(candidates, ends, np.zeros(candidates.shape, dtype=bool))
+        if screen:
+            candidates = candidates[_repriced(counts, plain) <= step * (1 + _TIE)]
         if not candidates.size:
             break
         cand_costs, fits, _ = _costs(p, candidates, ranks)

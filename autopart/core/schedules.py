@@ -238,8 +238,10 @@ _BUILDERS: dict[str, Callable[[int, int, int], list[list[Action | None]]]] = {
 }
 
 
+@functools.lru_cache(maxsize=8)
 def build_schedule(name: str, num_ranks: int, microbatches: int, stages_per_rank: int = 1) -> Schedule:
-    """The action order of schedule ``name`` for ``num_ranks`` ranks and ``microbatches`` micro-batches."""
+    """The action order of schedule ``name`` for ``num_ranks`` ranks and ``microbatches`` micro-batches (the
+    last 8 cached: a Schedule is immutable, and a joint search asks for each one several times)."""
     name = canonical_schedule(name)
     if num_ranks < 1:
         raise AutopartError(f"need at least 1 rank, got {num_ranks}")
