@@ -9,12 +9,12 @@ import random
 import pytest
 
 from autopart.core.costmodel import CostModel
-from autopart.core.dataparallel import plan_cluster, ring_allreduce_ms, score_configuration
+from autopart.core.dataparallel import plan_cluster, ring_allreduce_ms, score_configuration, traffic_bytes
 from autopart.core.search import all_schedules
 from autopart.errors import AutopartError
 from autopart.formats.cluster import Cluster
 from autopart.formats.plan import Plan
-from autopart.formats.profile import LayerProfile, Profile
+from autopart.formats.profile import LayerProfile, Profile, Tie
 from autopart.core.placement import place
 
 
@@ -63,6 +63,35 @@ def test_exposed_allreduce_on_a_hand_computed_gpipe_timeline(param_bytes: tuple[
                               global_batch=2, stages=2, data_parallel=1, microbatches=2, schedule="gpipe",
                               balance=[1, 1], placer=place)
     assert one.predicted.step_ms == pytest.approx(9.5) and one.predicted.allreduce_ms == 0.0
+
+
+def _tied(profile: Profile, first: str, last: str, tie_bytes: int) -> Profile:
+    return dataclasses.replace(profile, ties=(Tie(params=(f"{first}.w", f"{last}.w"), owner=first, blocks=(first, last),
+                                                  bytes=tie_bytes),))
+
+
+def test_a_tied_weights_all_reduce_waits_for_the_other_holders_last_backward() -> None:
+    """The timeline above, with b0's 2 MB weight tied into b1 (b1's own 4 MB, so rank 1 reduces 6 MB, rank 0
+    2 MB): ``autopart train`` sums the tie between the ranks first, so rank 1's 6 ms ring starts when rank 0's
+    last backward ends at 9, not at its own 7: step 9 + 6 + 0.5 = 15.5, 6 ms exposed (4 ms if it started at 7)."""
+    profile = _tied(_profile([1.0, 1.0], [2.0, 2.0], [2_000_000, 4_000_000], optimizer_ms=[0.5, 0.5]), "b0", "b1",
+                    2_000_000)
+    assert traffic_bytes(profile, [1, 1], "gpipe", 2, 1, 2)[1] == [2_000_000, 6_000_000]
+    plan = score_configuration(profile, Cluster(nodes=1, devices_per_node=4, intra_node_bytes_per_s=1e9), CostModel(),
+                               global_batch=4, stages=2, data_parallel=2, microbatches=2, schedule="gpipe",
+                               balance=[1, 1], placer=place)
+    assert plan.predicted.allreduce_ms == pytest.approx(6.0)
+    assert plan.predicted.step_ms == pytest.approx(15.5)
+
+
+def test_a_tie_whose_holders_share_a_rank_is_reduced_once() -> None:
+    """ZBVZeroBubble on 2 ranks puts stages 0 and 3 on rank 0: an embedding tied to the head is one tensor there,
+    reduced once (its bytes are in the owner's param_bytes, nothing added); stage 1 (rank 1) holding a third use
+    adds it once to rank 1."""
+    profile = _tied(_profile([1.0] * 4, [2.0] * 4, [3_000, 1_000, 1_000, 1_000]), "b0", "b3", 2_000)
+    assert traffic_bytes(profile, [1, 1, 1, 1], "ZBVZeroBubble", 2, 2, 2)[1] == [4_000, 2_000]
+    three = dataclasses.replace(profile, ties=(dataclasses.replace(profile.ties[0], blocks=("b0", "b1", "b3")),))
+    assert traffic_bytes(three, [1, 1, 1, 1], "ZBVZeroBubble", 2, 2, 2)[1] == [4_000, 4_000]
 
 
 def _random_profile(seed: int, blocks: int) -> Profile:

@@ -124,6 +124,8 @@ def _bottleneck_note(method: str) -> str:
     return ""
 
 
+PLACEMENT_LINES = 8
+"""Replicas the table output places line by line; the plan file holds all."""
 CLUSTER_FLAGS = ("--nodes", "--devices-per-node", "--link", "--cluster", "--data-parallel")
 
 
@@ -366,7 +368,8 @@ def _print_what_if(search: ClusterSearch, rows: int = 6) -> None:
     scored = [c for c in search.tried if c.scored]
     table = Table(title=f"what if: {len(scored)} of {plural(len(search.tried), 'configuration')} split and simulated "
                         f"on {cluster.nodes} x {cluster.devices_per_node} devices (the rest ruled out by a bound or "
-                        f"memory); the best few, then the best of each other K x D",
+                        f"memory; a one-rank pipeline only under one-stage schedules); the best few, then the best of "
+                        f"each other K x D",
                   title_justify="left")
     for col in ("K x D", "schedule", "M", "mb size", "time per batch", "memory/device", "bubble", "comm",
                 "vs best", "why it loses"):
@@ -405,6 +408,11 @@ def _print_what_if(search: ClusterSearch, rows: int = 6) -> None:
                   f"{format_ms(plan.predicted.allreduce_ms)}): {reason}", highlight=False, soft_wrap=True)
     console.print(f"placement ({search.layout}), replica: pipeline rank -> node:device", highlight=False,
                   soft_wrap=True)
-    for d, row in enumerate(plan.mesh()):
+    mesh = plan.mesh()
+    shown = mesh if len(mesh) <= PLACEMENT_LINES else mesh[:PLACEMENT_LINES - 1]
+    for d, row in enumerate(shown):
         where = ", ".join(f"{r}->{cluster.node_of(g)}:{g % cluster.devices_per_node}" for r, g in enumerate(row))
         console.print(f"  replica {d}: {where}", highlight=False, soft_wrap=True)
+    if len(shown) < len(mesh):
+        console.print(f"  … and {len(mesh) - len(shown)} more replicas (the plan file's \"placement\" lists every one)",
+                      highlight=False, soft_wrap=True)

@@ -51,7 +51,7 @@ from autopart.core.placement import Placement, place
 from autopart.core.planner import simulate_plan
 from autopart.core.scaling import scale_profile
 from autopart.core.schedules import peak_in_flight
-from autopart.core.search import MAX_MICROBATCHES, _plan_one, _splitter, all_schedules
+from autopart.core.search import MAX_MICROBATCHES, plan_one, splitter, all_schedules
 from autopart.core.simulate import INPUT_GRAD_SHARE, Simulation
 from autopart.errors import AutopartError
 from autopart.formats.cluster import Cluster
@@ -62,7 +62,7 @@ from autopart.formats.schedule_kinds import canonical_schedule, stage_ranks
 from autopart.formats.units import format_bytes, format_ms, plural
 
 __all__ = ["ring_allreduce_ms", "plan_cluster", "score_configuration", "ClusterSearch", "Configuration",
-           "Placer", "exposed_allreduce_ms", "traffic_bytes", "slowest_bytes_per_s"]
+           "Placer", "exposed_allreduce_ms", "traffic_bytes", "tie_waits", "slowest_bytes_per_s"]
 
 
 def ring_allreduce_ms(grad_bytes: float, replicas: int, bytes_per_s: float | None, latency_ms: float = 0.0) -> float:
@@ -96,19 +96,20 @@ def traffic_bytes(profile: Profile, balance: Sequence[int], schedule: str, num_r
     blocks (at the micro-batch size the profile is for).
 
     A stage's gradients are its parameters' bytes (the memory model's ``weights`` term counts the gradient
-    as one more copy of them), a tied parameter once on each stage that uses it (the owner's copy in its
-    ``param_bytes``). Traffic between ranks that are not neighbours (an interleaved schedule's wrap from
-    the last rank to the first) is left out: the placement's interface has a link per neighbour pair."""
+    as one more copy of them); a tied parameter once on each rank that holds a stage using it (the owner's
+    copy is in its ``param_bytes``; a rank holding two of its stages reduces the one tensor once). Traffic
+    between ranks that are not neighbours (an interleaved schedule's wrap from the last rank to the first)
+    is left out: the placement's interface has a link per neighbour pair."""
     layers = profile.layers
     ranks = stage_ranks(schedule, num_ranks, per_rank)
     stage_of: dict[str, int] = {}
     first = 0
-    grads = [0.0] * len(balance)
+    grads = [0.0] * num_ranks
     sends = [0.0] * max(num_ranks - 1, 0)
     for s, count in enumerate(balance):
         for layer in layers[first: first + count]:
             stage_of[layer.name] = s
-            grads[s] += layer.param_bytes
+            grads[ranks[s]] += layer.param_bytes
         last = layers[first + count - 1]
         if s + 1 < len(balance):
             a, b = ranks[s], ranks[s + 1]
@@ -116,19 +117,38 @@ def traffic_bytes(profile: Profile, balance: Sequence[int], schedule: str, num_r
                 sends[min(a, b)] += 2.0 * microbatches * (last.output_bytes + last.skip_bytes)
         first += count
     for tie in profile.ties:
-        holders = {stage_of[b] for b in tie.blocks if b in stage_of}
-        owner = stage_of.get(tie.blocks[0])
-        for s in holders - {owner}:
-            grads[s] += tie.bytes
-    per_rank_grads = [0.0] * num_ranks
-    for s, g in enumerate(grads):
-        per_rank_grads[ranks[s]] += g
-    return sends, per_rank_grads
+        holders = {ranks[stage_of[b]] for b in tie.blocks if b in stage_of}
+        owner = ranks[stage_of[tie.owner]] if tie.owner in stage_of else None
+        for r in holders - {owner}:
+            grads[r] += tie.bytes
+    return sends, grads
 
 
-def exposed_allreduce_ms(sim: Simulation, allreduce_ms: Sequence[float]) -> float:
+def tie_waits(profile: Profile, balance: Sequence[int], schedule: str, num_ranks: int,
+              per_rank: int) -> list[frozenset[int]]:
+    """For each pipeline rank, the ranks whose last backward its gradient all-reduce waits for: itself, and
+    every rank that holds a tied parameter it holds (``autopart train`` sums a tie's gradient between its
+    holders before averaging over the replicas)."""
+    ranks = stage_ranks(schedule, num_ranks, per_rank)
+    rank_of: dict[str, int] = {}
+    first = 0
+    for s, count in enumerate(balance):
+        for layer in profile.layers[first: first + count]:
+            rank_of[layer.name] = ranks[s]
+        first += count
+    waits = [{r} for r in range(num_ranks)]
+    for tie in profile.ties:
+        holders = {rank_of[b] for b in tie.blocks if b in rank_of}
+        for r in holders:
+            waits[r] |= holders
+    return [frozenset(w) for w in waits]
+
+
+def exposed_allreduce_ms(sim: Simulation, allreduce_ms: Sequence[float],
+                         waits: Sequence[frozenset[int]] | None = None) -> float:
     """The step with each rank's all-reduce (``allreduce_ms[rank]``) started when its last backward ends in
-    ``sim`` and ended before its optimizer step, less ``sim``'s step: what the drain does not hide."""
+    ``sim`` (or the last of ``waits[rank]``'s: the ranks whose tied gradients it sums first) and ended before
+    its optimizer step, less ``sim``'s step: what the drain does not hide."""
     last_backward = [0.0] * sim.num_ranks
     before_opt = [0.0] * sim.num_ranks
     opt = [0.0] * sim.num_ranks
@@ -139,8 +159,10 @@ def exposed_allreduce_ms(sim: Simulation, allreduce_ms: Sequence[float]) -> floa
         before_opt[e.rank] = max(before_opt[e.rank], e.end_ms)
         if e.kind in ("B", "I", "W"):
             last_backward[e.rank] = max(last_backward[e.rank], e.end_ms)
-    step = max((max(before_opt[r], last_backward[r] + allreduce_ms[r]) + opt[r] for r in range(sim.num_ranks)),
-               default=0.0)
+    start = [max(last_backward[h] for h in waits[r]) if waits is not None else last_backward[r]
+             for r in range(sim.num_ranks)]
+    step = max((max(before_opt[r], start[r] + allreduce_ms[r] if allreduce_ms[r] > 0 else 0.0) + opt[r]
+                for r in range(sim.num_ranks)), default=0.0)
     return max(step - sim.step_ms, 0.0)
 
 
@@ -240,14 +262,14 @@ class _Scorer:
         key = (k, size, microbatches, schedule, per_rank, link, tuple(balance) if balance is not None else None)
         plan = self.splits.get(key)
         if plan is None:
-            make = _splitter(self.method) if balance is None else (lambda p, _r: split_given(p, list(balance)))
-            plan = _plan_one(scaled, how, size, [self.cluster.device] * k, model, make, self.profile_path)
+            make = splitter(self.method) if balance is None else (lambda p, _r: split_given(p, list(balance)))
+            plan = plan_one(scaled, how, size, [self.cluster.device] * k, model, make, self.profile_path)
             self.splits[key] = plan
         sim = simulate_plan(plan)
         _, grads = traffic_bytes(scaled, plan.balance, schedule, k, per_rank, microbatches)
         ring = [ring_allreduce_ms(g, d, bw, self.model.latency_ms)
                 for g, bw in zip(grads, placement.replica_bytes_per_s)]
-        exposed = exposed_allreduce_ms(sim, ring)
+        exposed = exposed_allreduce_ms(sim, ring, tie_waits(scaled, plan.balance, schedule, k, per_rank))
         predicted = dataclasses.replace(plan.predicted, step_ms=sim.step_ms + exposed, allreduce_ms=exposed)
         out = dataclasses.replace(plan, data_parallel=d, cluster=self.cluster, predicted=predicted,
                                   placement=tuple(tuple(row) for row in placement.ranks))

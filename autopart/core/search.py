@@ -101,7 +101,7 @@ def plan_search(profile: Profile, rank_devices: Sequence[Device], model: CostMod
                 continue
             try:
                 candidate = dataclasses.replace(model, schedule=name, microbatches=m, stages_per_rank=per_rank)
-                plan = _plan_one(scaled, how, size, rank_devices, candidate, _splitter(method),
+                plan = plan_one(scaled, how, size, rank_devices, candidate, splitter(method),
                                  profile_path)
             except AutopartError as exc:
                 reasons.append(f"{name} M={m}: {exc}")
@@ -140,7 +140,7 @@ def _rank_memory(rank_devices: Sequence[Device], model: CostModel) -> RankMemory
 MakeSplit = Callable[[Problem, RankMemory | None], Split]
 
 
-def _splitter(method: str) -> MakeSplit:
+def splitter(method: str) -> MakeSplit:
     """How a configuration is split: ``exact`` lets a rank's stages share its memory as they need."""
     if method == "exact":
         return split_fastest
@@ -159,7 +159,7 @@ def _shared_devices(devices: Sequence[Device], split_: Split, ranks: RankMemory)
     return out
 
 
-def _plan_one(scaled: Profile, how: str, size: int, rank_devices: Sequence[Device], model: CostModel,
+def plan_one(scaled: Profile, how: str, size: int, rank_devices: Sequence[Device], model: CostModel,
               make_split: MakeSplit, profile_path: str) -> Plan:
     """One configuration: the profile at its micro-batch size split on the ranks' (virtual) stage devices."""
     devices = _stage_devices(rank_devices, model.schedule, model.stages_per_rank)
@@ -183,7 +183,7 @@ def score_balance(profile: Profile, rank_devices: Sequence[Device], plan: Plan, 
                             f"stages (sum {sum(balance)}, {len(balance)} stages)")
     size = plan.microbatch_size or profile.microbatch_size
     scaled, how = scale_profile(profile, size)
-    return _plan_one(scaled, how, size, rank_devices, cost_model_of(plan, recompute),
+    return plan_one(scaled, how, size, rank_devices, cost_model_of(plan, recompute),
                      lambda p, _ranks: split_given(p, balance), plan.profile)
 
 
