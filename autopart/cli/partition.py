@@ -409,10 +409,10 @@ def _print_what_if(search: ClusterSearch, rows: int = 6) -> None:
     console.print(f"placement ({search.layout}), replica: pipeline rank -> node:device", highlight=False,
                   soft_wrap=True)
     mesh = plan.mesh()
-    shown = mesh if len(mesh) <= PLACEMENT_LINES else mesh[:PLACEMENT_LINES - 1]
-    for d, row in enumerate(shown):
+    placed = mesh if len(mesh) <= PLACEMENT_LINES else mesh[:PLACEMENT_LINES - 1]
+    for d, row in enumerate(placed):
         where = ", ".join(f"{r}->{cluster.node_of(g)}:{g % cluster.devices_per_node}" for r, g in enumerate(row))
         console.print(f"  replica {d}: {where}", highlight=False, soft_wrap=True)
-    if len(shown) < len(mesh):
-        console.print(f"  … and {len(mesh) - len(shown)} more replicas (the plan file's \"placement\" lists every one)",
+    if len(placed) < len(mesh):
+        console.print(f"  … and {len(mesh) - len(placed)} more replicas (the plan file's \"placement\" lists every one)",
                       highlight=False, soft_wrap=True)
