@@ -434,8 +434,8 @@ def plan_cluster(profile: Profile, cluster: Cluster, model: CostModel, *, global
     ``stages`` (K), ``data_parallel`` (D) and ``microbatches`` (M) pin; ``schedules`` lists (name, stages per
     rank) to try (default: :func:`all_schedules`). ``model`` fixes the optimizer, latency, recomputation and
     the runtime's overhead; its bandwidth is replaced by the placement's: the slowest link a pipeline
-    boundary crosses (the cost model has one bandwidth for all boundaries). ``placer``: Part A's
-    ``place`` by default. ``prune=False`` scores every configuration (for tests).
+    boundary crosses (the cost model has one bandwidth for all boundaries). ``placer``: :func:`autopart.core.placement.place`
+    by default. ``prune=False`` scores every configuration (for tests).
     """
     devices = cluster.num_devices
     n = len(profile.layers)
