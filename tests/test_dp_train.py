@@ -51,22 +51,36 @@ def test_replicas_draw_the_masks_of_one_pipeline_of_all_their_microbatches() -> 
     assert not torch.equal(mask(second, 0), mask(one, 0))
 
 
-@pytest.mark.parametrize("schedule, bucket_bytes", [("GPipe", ""), ("1F1B", "4096")])
+GRAD_CASES = [  # schedule, bucket bytes, balance, stages per rank, micro-batches, replicas, placement
+    ("GPipe", "", [3, 3], 1, 2, 2, ()),
+    ("1F1B", "4096", [3, 3], 1, 2, 2, ((0, 1), (3, 2))),  # replica 1's pipeline on descending ranks
+    ("Interleaved1F1B", "", [2, 1, 1, 2], 2, 4, 1, ((1, 0),)),  # one replica, not on ranks 0, 1 in order
+    ("ZBVZeroBubble", "", [2, 1, 1, 2], 2, 4, 2, ((1, 0), (2, 3))),  # wte and the head tied on one rank (the V)
+]
+
+
+@pytest.mark.parametrize("schedule, bucket_bytes, balance, per_rank, microbatches, data_parallel, placement",
+                         GRAD_CASES, ids=[c[0] for c in GRAD_CASES])
 @pytest.mark.slow
-def test_two_replicas_of_two_stages_equal_one_process(schedule: str, bucket_bytes: str, tmp_path: Path) -> None:
-    """4 ranks as 2 replicas x 2 stages of a Hugging Face GPT-2 whose embedding is tied to its head (so a tied
-    weight's gradient is summed between its pipeline holders and averaged over the replicas): the loss and every
-    gradient, on every replica, equal one process's on the whole global batch; with one all-reduce bucket per
-    stage, and with buckets of 4 KiB (many: a bucket closes at the first parameter that fills it)."""
+def test_replicas_of_a_pipeline_equal_one_process(schedule: str, bucket_bytes: str, balance: list[int],
+                                                  per_rank: int, microbatches: int, data_parallel: int,
+                                                  placement: tuple[tuple[int, ...], ...], tmp_path: Path) -> None:
+    """Replicas of a pipeline of a Hugging Face GPT-2 whose embedding is tied to its head (so a tied weight's
+    gradient is summed between its pipeline holders, on two ranks or two stages of one rank, and averaged over the
+    replicas), each on the ranks the plan's placement says, ascending or not: the loss and every gradient, on every
+    replica, equal one process's on the whole global batch; with one all-reduce bucket per stage, and with buckets
+    of 4 KiB (many: a bucket closes at the first parameter that fills it)."""
     pytest.importorskip("transformers")
-    spec, microbatches = f"{MODELS}:hf_gpt2", 2
-    plan = _replicated(plan_for(spec, [3, 3], schedule, microbatches, tmp_path / "one.json"), tmp_path / "plan.json")
+    spec = f"{MODELS}:hf_gpt2"
+    one = plan_for(spec, balance, schedule, microbatches, tmp_path / "one.json", per_rank=per_rank)
+    plan = _replicated(one, tmp_path / "plan.json", data_parallel, placement)
+    world = plan.world_size
     g = torch.Generator().manual_seed(1)
     rows = plan.data_parallel * microbatches * 2
     inputs, target = (torch.randint(0, 256, (rows, 16), generator=g),), torch.randint(0, 256, (rows, 16), generator=g)
     torch.save((inputs, target), tmp_path / "batch.pt")
-    result = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "4",
-                             str(ROOT / "tests" / "dp_grad_check.py"), str(tmp_path / "plan.json"), spec,
+    result = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node",
+                             str(world), str(ROOT / "tests" / "dp_grad_check.py"), str(tmp_path / "plan.json"), spec,
                              str(tmp_path), str(tmp_path / "batch.pt"), bucket_bytes],
                             cwd=tmp_path, env=_env(), text=True, capture_output=True, timeout=300)
     assert result.returncode == 0, result.stderr[-3000:]
@@ -79,9 +93,9 @@ def test_two_replicas_of_two_stages_equal_one_process(schedule: str, bucket_byte
     loss.backward()
     scale = max(float(p.grad.abs().max()) for p in model.parameters() if p.grad is not None)
 
-    ranks = [torch.load(tmp_path / f"rank{r}.pt") for r in range(4)]
-    assert sorted((r["replica"], r["pipeline_rank"]) for r in ranks) == [(0, 0), (0, 1), (1, 0), (1, 1)]
-    for replica in range(2):
+    ranks = [torch.load(tmp_path / f"rank{r}.pt") for r in range(world)]
+    assert [(r["replica"], r["pipeline_rank"]) for r in ranks] == [plan.position_of(r) for r in range(world)]
+    for replica in range(data_parallel):
         mine = [r for r in ranks if r["replica"] == replica]
         got = {name: grad for r in mine for name, grad in r["grads"].items()}
         assert {id(model.get_parameter(n)) for n in got} == {id(p) for p in model.parameters()}
@@ -90,12 +104,13 @@ def test_two_replicas_of_two_stages_equal_one_process(schedule: str, bucket_byte
             assert want is not None
             torch.testing.assert_close(grad, want, rtol=1e-5, atol=1e-6 * scale, msg=f"replica {replica}: {name}")
     last = [r for r in ranks if r["losses"]]
-    assert len(last) == 2 and all(len(r["losses"]) == microbatches for r in last)
-    assert last[0]["losses"] != last[1]["losses"]  # each replica ran its own rows
+    assert len(last) == data_parallel and all(len(r["losses"]) == microbatches for r in last)
     for r in last:
         assert r["mean"] == pytest.approx(float(loss.detach()), rel=1e-5)
-    masks = {r["replica"]: r["mask"] for r in ranks if r["pipeline_rank"] == 0}
-    assert not torch.equal(masks[0], masks[1])  # dropout would draw other masks on the other replica's rows
+    if data_parallel == 2:
+        assert last[0]["losses"] != last[1]["losses"]  # each replica ran its own rows
+        masks = {r["replica"]: r["mask"] for r in ranks if r["pipeline_rank"] == 0}
+        assert not torch.equal(masks[0], masks[1])  # dropout would draw other masks on the other replica's rows
 
 
 def _two_agents(tmp_path: Path, plan: Path, *extra: str) -> list[tuple[int, str, str]]:
