@@ -11,9 +11,14 @@ and returns those live at its last, so skips pass through the stages between
 and only neighbours talk (every schedule, Interleaved1F1B and ZBVZeroBubble
 included, accepts that). Tied weights live on every stage that uses them and
 their gradients are summed between the ranks that hold them. The schedule is the torch class of the
-plan's name (``get_schedule_class``), with ``scale_grads=True``: gradients are
-the mean over micro-batches, which equals the gradient of the mean loss over
-the mini-batch when every micro-batch has the same size and the loss is a mean.
+plan's name (``get_schedule_class``). Gradients are the mean over micro-batches,
+which equals the gradient of the mean loss over the mini-batch when every
+micro-batch has the same size and the loss is a mean: each parameter's summed
+gradient is divided by ``M`` once, after the schedule's step (torch's
+``scale_grads=True`` divides each stage's parameters after that stage's last
+backward, so a parameter two stages of one rank share, a tied embedding and
+head on the V of ZBVZeroBubble, was divided once before the other stage had
+added to it and again after).
 
 Each block draws its random numbers (dropout) from its own stream, seeded from
 the run's seed, the block, the step and the micro-batch
@@ -234,6 +239,9 @@ class Pipeline:
             self.schedule.step(target=target, losses=losses, return_outputs=False)
         else:
             self.schedule.step(return_outputs=False)
+        for p in self.parameters():  # the mean over micro-batches, once per parameter (the schedule sums them)
+            if p.grad is not None:
+                p.grad.div_(self.plan.microbatches)
         for layer in self.deferred:
             layer.commit()
         self.shared.sync_gradients()  # a replica's tied copies summed first; the average over replicas of the
@@ -333,11 +341,11 @@ def build_pipeline(plan: Plan, chain: Chain, rank: int, device: torch.device, lo
     cls = get_schedule_class(plan.schedule)
     schedule: Schedule
     if issubclass(cls, PipelineScheduleMulti):
-        schedule = cls(stages, n_microbatches=plan.microbatches, loss_fn=model_loss)
+        schedule = cls(stages, n_microbatches=plan.microbatches, loss_fn=model_loss, scale_grads=False)
     else:
         if len(stages) != 1:
             raise AutopartError(f"{plan.schedule} runs one stage per rank, the plan gives rank {rank} {len(stages)}")
-        schedule = cls(stages[0], n_microbatches=plan.microbatches, loss_fn=model_loss)
+        schedule = cls(stages[0], n_microbatches=plan.microbatches, loss_fn=model_loss, scale_grads=False)
     place_stages(schedule, stages, rank, global_ranks, group)
     blocks = {s: chain.blocks[_span(plan, s)[0]: _span(plan, s)[1] + 1] for s, _ in modules}
     block_loss = chain.block_loss(loss_fn)
