@@ -113,6 +113,34 @@ def test_replicas_of_a_pipeline_equal_one_process(schedule: str, bucket_bytes: s
         assert not torch.equal(masks[0], masks[1])  # dropout would draw other masks on the other replica's rows
 
 
+@pytest.mark.slow
+def test_gradients_some_replicas_lack_are_averaged_as_zeros_in_float32(tmp_path: Path) -> None:
+    """3 gloo ranks as 3 replicas: a gradient only replica 0 has is averaged with zeros on the others and every
+    replica ends with it; one no replica has stays None everywhere; bf16 gradients are summed in float32 (a bf16
+    ring sum of 3 rounds twice: 11 to 24 of these 64 values differ, in whichever order); a float32 gradient larger
+than a bucket ends in its own tensor (that it was not copied is not observable here: the old code copied back)."""
+    from tests.dp_average_check import gradients
+
+    result = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "3",
+                             str(ROOT / "tests" / "dp_average_check.py"), str(tmp_path)],
+                            cwd=tmp_path, env=_env(), text=True, capture_output=True, timeout=120)
+    assert result.returncode == 0, result.stderr[-3000:]
+    given = [gradients(r) for r in range(3)]
+    for r in range(3):
+        got = torch.load(tmp_path / f"rank{r}.pt")
+        assert got["big_in_place"]
+        grads = got["grads"]
+        assert grads["c"] is None
+        for name in ("a", "b", "big", "h"):
+            parts = [g[name] for g in given]
+            want = sum((torch.zeros(3) if x is None else x.float()) for x in parts) / 3
+            assert grads[name].dtype == next(x for x in parts if x is not None).dtype, name
+            if name in ("b", "h"):  # exact: g + 0 + 0, and bf16 values' float32 sums (in any order) are exact
+                assert torch.equal(grads[name], want.to(grads[name].dtype)), (r, name)
+            else:  # float32 sums, in the ring's order
+                torch.testing.assert_close(grads[name], want, rtol=1e-6, atol=1e-7, msg=f"rank {r}: {name}")
+
+
 def _two_agents(tmp_path: Path, plan: Path, *extra: str) -> list[tuple[int, str, str]]:
     """Two torchrun agents on 127.0.0.1 as two nodes of 2 ranks each, both running ``train PLAN EXTRA``."""
     import socket
