@@ -18,7 +18,7 @@ from autopart.formats.plan import Plan
 from autopart.measure.spec import call_model, load_model
 from autopart.run.data import default_corpus_files
 from autopart.run.streams import BlockStreams
-from tests.conftest import ROOT, run_cli, run_cli_here
+from tests.conftest import ROOT, assert_one_line_error, run_cli, run_cli_here
 from tests.helpers import plan_for
 
 MODELS = str(ROOT / "tests" / "graph_models.py")
@@ -278,6 +278,23 @@ def test_placement_that_is_not_a_permutation_is_refused(tmp_path: Path) -> None:
     result = run_cli_here("train", str(tmp_path / "plan.json"), "--model", "gpt2-tiny")
     assert result.returncode == 2, result.stderr
     assert "placement [[0, 1], [1, 3]] is not 2 replicas x 2 ranks numbering ranks 0..3 once each" in result.stderr
+
+
+@pytest.mark.parametrize("cluster, fragment", [
+    ({"nodes": 2, "devices_per_node": 4}, "its cluster has 2 nodes x 4 devices = 8, but the plan runs on 2 replicas "
+                                          "x 2 ranks = 4"),
+    ({"nodes": 2, "devices_per_node": 2, "speed": 0}, "cluster speed must be > 0 (relative to the profiled device), "
+                                                      "got 0"),
+])
+def test_a_cluster_that_disagrees_with_the_plan_is_refused(cluster: dict[str, int], fragment: str,
+                                                           tmp_path: Path) -> None:
+    made = run_cli_here("partition", TINY, "--stages", "2", "--microbatches", "2", "-o", str(tmp_path / "one.json"))
+    assert made.returncode == 0, made.stderr
+    raw = json.loads((tmp_path / "one.json").read_text())
+    (tmp_path / "plan.json").write_text(json.dumps({**raw, "data_parallel": 2, "cluster": cluster,
+                                                    "features": ["data_parallel"]}))
+    result = run_cli_here("train", str(tmp_path / "plan.json"), "--model", "gpt2-tiny")
+    assert_one_line_error(result, fragment)
 
 
 @pytest.mark.slow

@@ -54,6 +54,10 @@ class Cluster:
     def __post_init__(self) -> None:
         if self.nodes < 1 or self.devices_per_node < 1:
             raise AutopartError(f"a cluster needs >= 1 node of >= 1 device, got {self.nodes} x {self.devices_per_node}")
+        if not (math.isfinite(self.speed) and self.speed > 0):
+            raise AutopartError(f"cluster speed must be > 0 (relative to the profiled device), got {self.speed}")
+        if self.memory_bytes is not None and self.memory_bytes < 1:
+            raise AutopartError(f"cluster memory_bytes must be >= 1, got {self.memory_bytes}")
         for name in ("intra_node_bytes_per_s", "inter_node_bytes_per_s"):
             value = getattr(self, name)
             if value is not None and not value > 0:
