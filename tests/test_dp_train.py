@@ -280,6 +280,33 @@ def test_placement_that_is_not_a_permutation_is_refused(tmp_path: Path) -> None:
     assert "placement [[0, 1], [1, 3]] is not 2 replicas x 2 ranks numbering ranks 0..3 once each" in result.stderr
 
 
+def test_the_replan_command_of_a_cluster_plan_makes_it_again_at_another_size(tmp_path: Path) -> None:
+    """``partition_command`` (what ``train --global-batch`` tells to run) of a 2 x 2 plan on a cluster keeps the
+    cluster, its links, the replicas and the depth, at the global batch of the new micro-batch size."""
+    import shlex
+
+    from autopart.run.microbatch import partition_command
+
+    small = str(ROOT / "profiles" / "gpt2-small-cpu-mb1-2-4-8.json")
+    made = run_cli_here("partition", small, "--nodes", "2", "--devices-per-node", "2x24GiB", "--link",
+                        "450GB/s,50GB/s", "--stages", "2", "--schedule", "1F1B", "--microbatches", "2",
+                        "--global-batch", "16", "-o", str(tmp_path / "p4.json"))
+    assert made.returncode == 0, made.stderr
+    at4 = Plan.from_json(tmp_path / "p4.json")
+    assert at4.data_parallel == 2 and at4.microbatch_size == 4 and at4.cluster is not None
+    command = partition_command(at4, 2, small)
+    assert command.startswith(f"autopart partition {small} --nodes 2 --devices-per-node 2x24GiB --link "
+                              "450GB/s,50GB/s --data-parallel 2 --stages 2 --schedule 1F1B --microbatches 2 "
+                              "--global-batch 8"), command
+    args = shlex.split(command)[1:]
+    args[args.index("-o") + 1] = str(tmp_path / "p2.json")
+    again = run_cli_here(*args)
+    assert again.returncode == 0, again.stderr
+    at2 = Plan.from_json(tmp_path / "p2.json")
+    assert (at2.cluster, at2.data_parallel, at2.num_ranks, at2.schedule, at2.microbatches, at2.microbatch_size) == \
+        (at4.cluster, 2, 2, "1F1B", 2, 2)
+
+
 @pytest.mark.parametrize("cluster, fragment", [
     ({"nodes": 2, "devices_per_node": 4}, "its cluster has 2 nodes x 4 devices = 8, but the plan runs on 2 replicas "
                                           "x 2 ranks = 4"),
