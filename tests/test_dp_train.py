@@ -197,8 +197,11 @@ def test_train_two_replicas_on_one_launcher_and_two_nodes_and_resume(tmp_path: P
     assert len(expected) == 3
 
     launched = run_cli("train", str(two), *common, "--checkpoint", str(tmp_path / "ck2"), "--checkpoint-every", "2",
-                       "--report", str(tmp_path / "r2.json"))
+                       "--report", str(tmp_path / "r2.json"), "--replan", str(tmp_path / "re.json"))
     assert launched.returncode == 0, launched.stderr[-3000:]
+    again = Plan.from_json(tmp_path / "re.json")  # re-planned for the same 2 replicas on the same cluster
+    assert (again.data_parallel, again.cluster, again.mesh(), again.num_ranks) == (2, half.cluster, half.mesh(), 2)
+    assert "(all-reduce over 2 replicas: " in launched.stderr
     assert "2 stages on 2 ranks x 2 data-parallel replicas" in launched.stderr
     assert "(16 per step, 8 per replica)" in launched.stderr
     assert _losses(tmp_path / "r2.json") == pytest.approx(expected, rel=1e-5)
@@ -305,6 +308,32 @@ def test_the_replan_command_of_a_cluster_plan_makes_it_again_at_another_size(tmp
     at2 = Plan.from_json(tmp_path / "p2.json")
     assert (at2.cluster, at2.data_parallel, at2.num_ranks, at2.schedule, at2.microbatches, at2.microbatch_size) == \
         (at4.cluster, 2, 2, "1F1B", 2, 2)
+
+
+def test_replan_of_replicas_on_a_cluster_keeps_them_and_prices_the_allreduce(tmp_path: Path) -> None:
+    """``train --replan`` of a 2 x 2 plan on a cluster with links: the joint planner with K, D and M pinned, on the
+    plan's own placement (one the planner would not pick, too), the all-reduce in the predicted step; from the
+    plan's own profile it predicts the plan's step. Without a cluster the replicas and placement are kept."""
+    from autopart.formats.profile import Profile
+    from autopart.run.replan import replan
+
+    made = run_cli_here("partition", TINY, "--nodes", "2", "--devices-per-node", "2x24GiB", "--link",
+                        "1GB/s,100MB/s", "--stages", "2", "--schedule", "1F1B", "--microbatches", "2",
+                        "--global-batch", "16", "-o", str(tmp_path / "p.json"))
+    assert made.returncode == 0, made.stderr
+    plan, profile = Plan.from_json(tmp_path / "p.json"), Profile.from_json(TINY)
+    assert plan.data_parallel == 2 and plan.predicted.allreduce_ms > 0
+    again = replan(plan, profile, 4)
+    assert (again.data_parallel, again.cluster, again.placement, again.num_ranks, again.microbatches) == \
+        (2, plan.cluster, plan.placement, 2, 2)
+    assert again.predicted.allreduce_ms == pytest.approx(plan.predicted.allreduce_ms)
+    assert again.predicted.step_ms == pytest.approx(plan.predicted.step_ms)
+    other = tuple(tuple(sorted(row)) for row in zip(*plan.mesh()))  # rows become columns: the other layout
+    assert other != tuple(tuple(row) for row in plan.mesh())
+    moved = replan(dataclasses.replace(plan, placement=other), profile, 4)
+    assert moved.placement == other and moved.predicted.allreduce_ms != pytest.approx(plan.predicted.allreduce_ms)
+    free = replan(dataclasses.replace(plan, cluster=None, placement=((1, 0), (3, 2))), profile, 4)
+    assert free.data_parallel == 2 and free.placement == ((1, 0), (3, 2)) and free.cluster is None
 
 
 @pytest.mark.parametrize("cluster, fragment", [

@@ -363,7 +363,7 @@ def place_stages(schedule: Schedule, stages: Sequence[PipelineStage], pipeline_r
     The schedule's actions stay keyed by pipeline rank (the plan's ``stage_ranks`` are torch's own mapping); each
     stage's peers are the group ranks of the global ranks the plan puts their stages on.
     """
-    where = {s: dist.get_group_rank(group or dist.group.WORLD, g) for s, g in enumerate(global_ranks)}
+    where = {s: g if group is None else dist.get_group_rank(group, g) for s, g in enumerate(global_ranks)}
     for stage in stages:
         stage.stage_index_to_group_rank = dict(where)
     if isinstance(schedule, PipelineScheduleMulti):
