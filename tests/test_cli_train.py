@@ -363,6 +363,7 @@ def test_threads_follow_the_plan_under_a_users_torchrun(tmp_path: Path) -> None:
                             cwd=tmp_path, env=env, text=True, capture_output=True, timeout=300)
     assert result.returncode == 0, result.stderr[-2000:]
     assert "probe: rank 0 torch threads 2" in result.stdout, result.stdout + result.stderr[-2000:]
+    assert "training " + spec + ": 1 stage on 1 rank, 1F1B, 2 micro-batches of " in result.stderr, result.stderr
     assert ("CPU threads: 2 per rank (as the plan's profile measured; not OMP_NUM_THREADS=1; --threads N sets "
             "another count)") in result.stderr
 

@@ -44,6 +44,19 @@ def test_resized_stages_are_those_the_search_prices_at_that_size(schedule: str) 
     assert all(b.cost.memory_bytes > a.cost.memory_bytes for a, b in zip(at2.stages, resized.stages))
 
 
+def test_resizing_keeps_the_exposed_allreduce_in_the_step() -> None:
+    profile = Profile.from_json(SMALL)
+    at2 = _plan(profile, "1F1B", 4, 8)
+    alone = plan_at_microbatch_size(at2, profile, 8)
+    assert alone.predicted.allreduce_ms == 0.0
+    replicated = dataclasses.replace(at2, data_parallel=2,
+                                     predicted=dataclasses.replace(at2.predicted, allreduce_ms=7.5,
+                                                                   step_ms=at2.predicted.step_ms + 7.5))
+    resized = plan_at_microbatch_size(replicated, profile, 8)
+    assert resized.predicted.allreduce_ms == 7.5
+    assert resized.predicted.step_ms == pytest.approx(alone.predicted.step_ms + 7.5)
+
+
 def test_a_size_the_profile_did_not_measure_is_refused() -> None:
     profile = Profile.from_json(SMALL)
     with pytest.raises(AutopartError, match=r"measured micro-batch sizes \[1, 2, 4, 8\], not 3"):

@@ -23,7 +23,9 @@ __all__ = ["plan_at_microbatch_size", "ranks_over_limit"]
 
 def plan_at_microbatch_size(plan: Plan, profile: Profile, microbatch_size: int) -> Plan:
     """``plan``'s split, schedule, micro-batch count, devices and each stage's recomputation (as the run
-    does them), priced by the same cost model from ``profile``'s blocks measured at ``microbatch_size``."""
+    does them), priced by the same cost model from ``profile``'s blocks measured at ``microbatch_size``; the plan's
+    exposed all-reduce over its replicas is carried over and added to the step (the gradients it sums are the same
+    bytes at any micro-batch size)."""
     measured = profile.sizes()
     if microbatch_size not in measured:
         raise AutopartError(f"the profile measured micro-batch sizes {sorted(measured)}, not {microbatch_size}")
@@ -38,9 +40,10 @@ def plan_at_microbatch_size(plan: Plan, profile: Profile, microbatch_size: int) 
     resized = dataclasses.replace(plan, stages=stages, microbatch_size=microbatch_size, scaling="",
                                   sample_shape=scaled.sample_shape, runners_up=())
     sim = simulate_plan(resized)
-    predicted = Predicted(step_ms=sim.step_ms, bubble_fraction=sim.bubble_fraction,
+    allreduce_ms = plan.predicted.allreduce_ms  # the same gradients at any micro-batch size
+    predicted = Predicted(step_ms=sim.step_ms + allreduce_ms, bubble_fraction=sim.bubble_fraction,
                           bottleneck_ms=max(c.time_ms for c in costs),
-                          lower_bound_ms=problem.lower_bound_ms())
+                          lower_bound_ms=problem.lower_bound_ms(), allreduce_ms=allreduce_ms)
     return dataclasses.replace(resized, predicted=predicted, fits=not ranks_over_limit(resized))
 
 

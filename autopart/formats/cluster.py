@@ -54,6 +54,10 @@ class Cluster:
     def __post_init__(self) -> None:
         if self.nodes < 1 or self.devices_per_node < 1:
             raise AutopartError(f"a cluster needs >= 1 node of >= 1 device, got {self.nodes} x {self.devices_per_node}")
+        if not (math.isfinite(self.speed) and self.speed > 0):
+            raise AutopartError(f"cluster speed must be > 0 (relative to the profiled device), got {self.speed}")
+        if self.memory_bytes is not None and self.memory_bytes < 1:
+            raise AutopartError(f"cluster memory_bytes must be >= 1, got {self.memory_bytes}")
         for name in ("intra_node_bytes_per_s", "inter_node_bytes_per_s"):
             value = getattr(self, name)
             if value is not None and not value > 0:
@@ -76,6 +80,25 @@ class Cluster:
         """Bandwidth between ranks ``a`` and ``b``; None: free."""
         return self.intra_node_bytes_per_s if self.node_of(a) == self.node_of(b) else self.inter_node_bytes_per_s
 
+    def flags(self) -> str:
+        """The ``partition`` flags that give this cluster back: ``--nodes 2 --devices-per-node 4xH100-80GB --link
+        450GB/s,50GB/s`` (no ``--link`` for free links)."""
+        from autopart.formats.devices import KNOWN_MEMORY
+
+        if self.device_name in KNOWN_MEMORY and KNOWN_MEMORY[self.device_name] == self.memory_bytes:
+            what = self.device_name
+        elif self.memory_bytes is not None:
+            what = _size_text(self.memory_bytes)
+        else:
+            what = self.device_name or "DEVICE"
+        speed = "" if self.speed == 1.0 else f"@{_number(self.speed)}"
+        out = f"--nodes {self.nodes} --devices-per-node {self.devices_per_node}x{what}{speed}"
+        intra, inter = self.intra_node_bytes_per_s, self.inter_node_bytes_per_s
+        links = [_rate_text(v) for v in (intra, inter) if v is not None]
+        if links:
+            out += f" --link {links[0] if len(set(links)) == 1 else ','.join(links)}"
+        return out
+
     def describe(self) -> str:
         """``2 nodes x 4 H100-80GB (74.5 GiB), links 450 GB/s inside a node, 50 GB/s between``."""
         mem = f" ({format_bytes(self.memory_bytes)})" if self.memory_bytes else ""
@@ -97,6 +120,24 @@ class Cluster:
     @staticmethod
     def from_dict(raw: Any, where: str) -> "Cluster":
         return read_record(Cluster, Fields(raw, where))
+
+
+def _number(x: float) -> str:
+    """``x`` as decimal text that reads back as ``x`` (``1.5``; no exponent, which ``--devices`` does not read)."""
+    text = f"{x:g}"
+    return text if "e" not in text and float(text) == x else f"{x:.17f}".rstrip("0").rstrip(".")
+
+
+def _size_text(n: int) -> str:
+    """Bytes as ``--devices-per-node`` reads them back exactly: ``24GiB``, ``80GB``, else the count."""
+    return f"{n // 2**30}GiB" if n % 2**30 == 0 else f"{n // 10**9}GB" if n % 10**9 == 0 else str(n)
+
+
+def _rate_text(bytes_per_s: float) -> str:
+    """Bytes per second as ``--link`` reads them back exactly: ``450GB/s``, else ``12345B/s``."""
+    if bytes_per_s % 1e9 == 0:
+        return f"{bytes_per_s / 1e9:.0f}GB/s"
+    return f"{bytes_per_s:.0f}B/s" if bytes_per_s == int(bytes_per_s) else f"{_number(bytes_per_s)}B/s"
 
 
 def _bandwidth_text(bytes_per_s: float | None) -> str:

@@ -176,6 +176,10 @@ class Plan:
                 raise AutopartError(f"plan of {self.model!r}: placement {[list(r) for r in self.placement]} is not "
                                     f"{self.data_parallel} replicas x {self.num_ranks} ranks numbering ranks "
                                     f"0..{self.world_size - 1} once each")
+        if self.cluster is not None and self.cluster.num_devices != self.world_size:
+            raise AutopartError(f"plan of {self.model!r}: its cluster has {self.cluster.nodes} nodes x "
+                                f"{self.cluster.devices_per_node} devices = {self.cluster.num_devices}, but the plan "
+                                f"runs on {self.data_parallel} replicas x {self.num_ranks} ranks = {self.world_size}")
         object.__setattr__(self, "optimizer_states", OPTIMIZER_STATES[self.optimizer])
 
     @property

@@ -271,10 +271,10 @@ def _say_start(job: Job, layers: list[str], batchnorm: str | None, weights: str 
     recompute = f", stage{'s' if len(again) > 1 else ''} {', '.join(again)} recomputed in the backward" if again else ""
     precision = f", {plan.precision}" if plan.precision != "fp32" else ""
     d = plan.data_parallel
-    ranks = f"{plan.num_ranks} ranks x {d} data-parallel replicas" if d > 1 else f"{job.world} ranks"
+    ranks = f"{plural(plan.num_ranks, 'rank')} x {d} data-parallel replicas" if d > 1 else plural(job.world, 'rank')
     per_step = f"{gb} per step, {gb // d} per replica" if d > 1 else f"{gb} per step"
-    say(f"training {job.cfg.model}: {plan.num_stages} stages on {ranks}, {plan.schedule}, "
-        f"{plan.microbatches} micro-batches of {mb} ({per_step}){recompute}, {plan.optimizer}{precision}, "
+    say(f"training {job.cfg.model}: {plural(plan.num_stages, 'stage')} on {ranks}, {plan.schedule}, "
+        f"{plural(plan.microbatches, 'micro-batch')} of {mb} ({per_step}){recompute}, {plan.optimizer}{precision}, "
         f"data: {job.data.source}{f', weights: {weights}' if weights else ''}{resuming}")
 
 

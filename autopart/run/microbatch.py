@@ -111,9 +111,14 @@ def replan_commands(plan: Plan, microbatch_size: int, profile: Profile | None = 
 
 def partition_command(plan: Plan, microbatch_size: int, profile_path: str, global_batch: int | None = None) -> str:
     """``autopart partition`` of ``profile_path`` as the plan was made (its ranks, schedule, micro-batches,
-    optimizer and memory limit), at ``global_batch`` samples a step where given (the profile measured the size)."""
-    out = (f"autopart partition {profile_path} --stages {plan.num_ranks} --schedule {plan.schedule} "
-           f"--microbatches {plan.microbatches}")
+    optimizer and memory limit; a cluster's plan: the cluster, its replicas and the global batch of
+    ``microbatch_size``), at ``global_batch`` samples a step where given (the profile measured the size)."""
+    out = f"autopart partition {profile_path}"
+    if plan.cluster is not None:
+        out += f" {plan.cluster.flags()} --data-parallel {plan.data_parallel}"
+        if global_batch is None:  # partition on a cluster plans a global batch: the one of this micro-batch size
+            global_batch = plan.data_parallel * plan.microbatches * microbatch_size
+    out += f" --stages {plan.num_ranks} --schedule {plan.schedule} --microbatches {plan.microbatches}"
     if global_batch is not None:
         out += f" --global-batch {global_batch}"
     if plan.stages_per_rank > 1:
@@ -121,7 +126,7 @@ def partition_command(plan: Plan, microbatch_size: int, profile_path: str, globa
     if plan.optimizer != DEFAULT_OPTIMIZER:
         out += f" --optimizer {plan.optimizer}"
     limits = {st.device.memory_bytes for st in plan.stages}
-    if len(limits) == 1 and None not in limits and plan.stages_per_rank == 1:
+    if plan.cluster is None and len(limits) == 1 and None not in limits and plan.stages_per_rank == 1:
         out += f" --memory-limit {_size_arg(int(next(iter(limits)) or 0))}"
     return f"{out} -o plan-mb{microbatch_size}.json"
 

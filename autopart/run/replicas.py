@@ -16,8 +16,9 @@ is the same on every replica (same averaged gradients) and so saved once. ``full
 and CPU in torch 2.13 (tried: a 2-rank ``fully_shard(module, mesh=mesh["dp"])`` trains), but it turns every
 parameter into a DTensor shard: stage files, the tied sums, weight loading and the meta-device materialisation
 would each have to gather or scatter. Sharding the optimizer state (ZeRO) is what it would add, left for later.
-The all-reduce is DDP's algorithm (buckets of about 25 MiB, flattened, summed, divided by ``D``), run once per
-step after the last backward rather than overlapped with it.
+The all-reduce is DDP's algorithm (buckets of at most 25 MiB, flattened, summed in float32, divided by ``D``;
+zeros for a parameter without a gradient on one replica), run once per step after the last backward rather than
+overlapped with it.
 
 With ``D == 1`` nothing here runs: no mesh, no group, the pipeline on the default group as before.
 """
@@ -86,31 +87,57 @@ def shard(batch: torch.Tensor, replica: int, data_parallel: int) -> torch.Tensor
 
 def average_gradients(parameters: Sequence[torch.nn.Parameter], group: dist.ProcessGroup | None,
                       data_parallel: int, bucket_bytes: int | None = None) -> None:
-    """Every parameter's gradient replaced by its mean over the ``data_parallel`` replicas of ``group``: flattened
-    into buckets of about ``bucket_bytes`` (:data:`BUCKET_BYTES` when None; one dtype each), each summed in one all-reduce and divided by ``D``.
-    A parameter without a gradient is left alone (every replica runs the same code, so has none either)."""
+    """Every parameter's gradient replaced by its mean over the ``data_parallel`` replicas of ``group``.
+
+    As DDP does, every parameter takes part: one that has no gradient on this replica but has one on another adds
+    zeros (a branch the replica's rows did not take), and ends with the mean like the others; one that has none on
+    any replica keeps none (a small all-reduce of which have one, first), so every replica's buckets hold the same
+    parameters in the same order and every replica steps the same parameters. The sums are in float32 whatever the
+    gradients' dtype (FSDP's ``reduce_dtype``: a bf16 sum would round at each of the D-1 ring steps), copied back
+    after: flattened into buckets of at most ``bucket_bytes`` of float32 copies (:data:`BUCKET_BYTES` when None),
+    each summed in one all-reduce and divided by ``D``; a float32 gradient larger than a bucket is reduced where it
+    is, not copied."""
     if data_parallel == 1 or group is None:
         return
     bucket_bytes = BUCKET_BYTES if bucket_bytes is None else bucket_bytes
-    grads = [p.grad for p in parameters if p.grad is not None]
-    by_dtype: dict[tuple[torch.dtype, torch.device], list[torch.Tensor]] = {}
+    params = list(parameters)
+    if not params:
+        return
+    device = params[0].device
+    held = torch.tensor([p.grad is not None for p in params], dtype=torch.float32, device=device)
+    dist.all_reduce(held, group=group)  # how many replicas have each gradient
+    grads: list[torch.Tensor] = []
+    for p, count in zip(params, held.tolist()):
+        if count == 0:
+            continue
+        if p.grad is None:
+            p.grad = torch.zeros_like(p)
+        grads.append(p.grad)
+    bucket: list[torch.Tensor] = []
+    size = 0
     for g in grads:
-        by_dtype.setdefault((g.dtype, g.device), []).append(g)
-    for same in by_dtype.values():
-        bucket: list[torch.Tensor] = []
-        size = 0
-        for g in same:
-            bucket.append(g)
-            size += g.numel() * g.element_size()
-            if size >= bucket_bytes:
-                _reduce_bucket(bucket, group, data_parallel)
-                bucket, size = [], 0
-        if bucket:
+        copy_bytes = g.numel() * 4
+        if copy_bytes > bucket_bytes and g.dtype == torch.float32 and g.is_contiguous():
+            dist.all_reduce(g, group=group)  # larger than a bucket: summed in place, no copy
+            g.div_(data_parallel)
+            continue
+        if bucket and size + copy_bytes > bucket_bytes:
             _reduce_bucket(bucket, group, data_parallel)
+            bucket, size = [], 0
+        bucket.append(g)
+        size += copy_bytes
+    if bucket:
+        _reduce_bucket(bucket, group, data_parallel)
 
 
 def _reduce_bucket(bucket: list[torch.Tensor], group: dist.ProcessGroup, data_parallel: int) -> None:
-    flat = torch.cat([g.reshape(-1) for g in bucket])
+    """The gradients of ``bucket`` summed over ``group`` in one float32 all-reduce, divided by ``data_parallel``,
+    copied back in their own dtypes."""
+    flat = torch.empty(sum(g.numel() for g in bucket), dtype=torch.float32, device=bucket[0].device)
+    at = 0
+    for g in bucket:
+        flat[at:at + g.numel()].view_as(g).copy_(g)
+        at += g.numel()
     dist.all_reduce(flat, group=group)
     flat.div_(data_parallel)
     at = 0

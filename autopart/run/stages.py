@@ -11,9 +11,14 @@ and returns those live at its last, so skips pass through the stages between
 and only neighbours talk (every schedule, Interleaved1F1B and ZBVZeroBubble
 included, accepts that). Tied weights live on every stage that uses them and
 their gradients are summed between the ranks that hold them. The schedule is the torch class of the
-plan's name (``get_schedule_class``), with ``scale_grads=True``: gradients are
-the mean over micro-batches, which equals the gradient of the mean loss over
-the mini-batch when every micro-batch has the same size and the loss is a mean.
+plan's name (``get_schedule_class``). Gradients are the mean over micro-batches,
+which equals the gradient of the mean loss over the mini-batch when every
+micro-batch has the same size and the loss is a mean: each parameter's summed
+gradient is divided by ``M`` once, after the schedule's step (torch's
+``scale_grads=True`` divides each stage's parameters after that stage's last
+backward, so a parameter two stages of one rank share, a tied embedding and
+head on the V of ZBVZeroBubble, was divided once before the other stage had
+added to it and again after).
 
 Each block draws its random numbers (dropout) from its own stream, seeded from
 the run's seed, the block, the step and the micro-batch
@@ -104,11 +109,12 @@ class SharedParameters:
     Note: every rank works out every stage's parameters by name from the same chain, so all ranks
     create the same process groups in the same order (``new_group`` is collective). ``rank`` is the pipeline
     rank; with several replicas each replica's holders get their own group (``mesh[replica][pipeline_rank]`` is
-    the global rank: every rank makes every replica's groups, and keeps its own replica's).
+    the global rank: every rank makes every replica's groups, and keeps its own replica's); one replica's holders are
+    the global ranks ``row[pipeline_rank]`` (its placement; identity when None).
     """
 
     def __init__(self, plan: Plan, chain: Chain, rank: int, local: list[tuple[int, nn.Module]],
-                 replicas: Replicas | None = None) -> None:
+                 replicas: Replicas | None = None, row: Sequence[int] | None = None) -> None:
         canonical = canonical_names(chain.root)
         built = {s: [n for n, _ in m.named_parameters(remove_duplicate=False)] for s, m in local}
         holders: dict[str, set[int]] = {}
@@ -117,7 +123,7 @@ class SharedParameters:
                 holders.setdefault(canonical.get(name, name), set()).add(ranks_stage)
         shared = sorted((name, tuple(sorted(r))) for name, r in holders.items() if len(r) > 1)
         groups: dict[tuple[int, ...], dist.ProcessGroup | None] = {}
-        mesh = replicas.mesh if replicas is not None else (tuple(range(plan.num_ranks)),)
+        mesh = replicas.mesh if replicas is not None else (tuple(row if row is not None else range(plan.num_ranks)),)
         mine_row = replicas.replica if replicas is not None else 0
         for _, ranks in shared:
             if ranks not in groups:
@@ -233,6 +239,9 @@ class Pipeline:
             self.schedule.step(target=target, losses=losses, return_outputs=False)
         else:
             self.schedule.step(return_outputs=False)
+        for p in self.parameters():  # the mean over micro-batches, once per parameter (the schedule sums them)
+            if p.grad is not None:
+                p.grad.div_(self.plan.microbatches)
         for layer in self.deferred:
             layer.commit()
         self.shared.sync_gradients()  # a replica's tied copies summed first; the average over replicas of the
@@ -294,6 +303,8 @@ def build_pipeline(plan: Plan, chain: Chain, rank: int, device: torch.device, lo
     ignored), and gradients are averaged over the "dp" group after each step.
     """
     precision = check_precision(plan.precision)
+    # this replica's global rank of every pipeline rank (the plan's placement; even one replica's may permute them)
+    row = list(replicas.mesh[replicas.replica]) if replicas is not None else list(range(plan.num_ranks))
     if replicas is not None and replicas.data_parallel > 1:
         group = replicas.pp_group
     else:
@@ -315,7 +326,7 @@ def build_pipeline(plan: Plan, chain: Chain, rank: int, device: torch.device, lo
         else:
             module.to(device)
         modules.append((s, in_precision(module, precision, device)))
-    shared = SharedParameters(plan, chain, rank, modules, replicas)
+    shared = SharedParameters(plan, chain, rank, modules, replicas, row)
     # every rank of every replica agrees on skipping a step: found inf/nan all-reduced over the whole world
     agree = dist.group.WORLD if replicas is not None else group or dist.group.WORLD
     scaler = ShardedGradScaler(device=device.type, process_group=agree) if precision.scaler else None
@@ -323,20 +334,40 @@ def build_pipeline(plan: Plan, chain: Chain, rank: int, device: torch.device, lo
         scaler.scale(torch.zeros((), device=device))  # makes its scale on every rank, not only the loss's
     model_loss = loss_in_precision(chain.model_loss(loss_fn), precision, device, scaler)
     clock = ActionClock(rank, device)
-    stages = [TimedStage(module, s, plan.num_stages, device, clock=clock, streams=streams, ranks=plan.stage_ranks(),
+    global_ranks = [row[r] for r in plan.stage_ranks()]
+    stages = [TimedStage(module, s, plan.num_stages, device, clock=clock, streams=streams, ranks=global_ranks,
                          input_args=signatures[s].inputs, output_args=signatures[s].outputs, group=group)
               for s, module in modules]
     cls = get_schedule_class(plan.schedule)
     schedule: Schedule
     if issubclass(cls, PipelineScheduleMulti):
-        schedule = cls(stages, n_microbatches=plan.microbatches, loss_fn=model_loss)
+        schedule = cls(stages, n_microbatches=plan.microbatches, loss_fn=model_loss, scale_grads=False)
     else:
         if len(stages) != 1:
             raise AutopartError(f"{plan.schedule} runs one stage per rank, the plan gives rank {rank} {len(stages)}")
-        schedule = cls(stages[0], n_microbatches=plan.microbatches, loss_fn=model_loss)
+        schedule = cls(stages[0], n_microbatches=plan.microbatches, loss_fn=model_loss, scale_grads=False)
+    place_stages(schedule, stages, rank, global_ranks, group)
     blocks = {s: chain.blocks[_span(plan, s)[0]: _span(plan, s)[1] + 1] for s, _ in modules}
     block_loss = chain.block_loss(loss_fn)
     return Pipeline(plan, blocks, modules, schedule, block_loss, shared, clock, streams, signatures, scaler, replicas)
+
+
+def place_stages(schedule: Schedule, stages: Sequence[PipelineStage], pipeline_rank: int,
+                 global_ranks: Sequence[int], group: dist.ProcessGroup | None) -> None:
+    """Run ``stages`` where the plan places them: stage ``s`` on global rank ``global_ranks[s]``.
+
+    torch numbers a pipeline by group rank: a stage sends to ``stage_index_to_group_rank[s]`` of its group, and a
+    multi-stage schedule runs the actions of ``schedule.rank`` (its first stage's group rank). ``new_group`` (and so
+    a ``DeviceMesh`` row) sorts its ranks, and one replica's stages talk on the default group, so a placement row
+    that is not ascending (``[3, 2]``, or ``[1, 0]`` on two ranks) has pipeline rank ``p`` at another group rank.
+    The schedule's actions stay keyed by pipeline rank (the plan's ``stage_ranks`` are torch's own mapping); each
+    stage's peers are the group ranks of the global ranks the plan puts their stages on.
+    """
+    where = {s: g if group is None else dist.get_group_rank(group, g) for s, g in enumerate(global_ranks)}
+    for stage in stages:
+        stage.stage_index_to_group_rank = dict(where)
+    if isinstance(schedule, PipelineScheduleMulti):
+        schedule.rank = pipeline_rank
 
 
 def in_precision(module: nn.Module, precision: Precision, device: torch.device) -> nn.Module:
