@@ -49,6 +49,33 @@ def run_cli(*args: str, cwd: Path | None = None, timeout: float = 300) -> subpro
                           capture_output=True, timeout=timeout)
 
 
+def run_two_agents(cwd: Path, nproc_per_node: int, *args: str, timeout: float = 300) -> list[tuple[int, str, str]]:
+    """``python -m autopart ARGS --report CWD/nodeN.json`` under two torchrun agents on 127.0.0.1 as two nodes of
+    ``nproc_per_node`` ranks each (c10d rendezvous, node 0 hosting it): (exit code, stdout, stderr) per node."""
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        endpoint = f"127.0.0.1:{s.getsockname()[1]}"
+    env = dict(os.environ, PYTHONPATH=str(ROOT), OMP_NUM_THREADS="1")
+    env.pop("AUTOPART_TRACEBACK", None)
+    nodes = [subprocess.Popen(
+        [sys.executable, "-m", "torch.distributed.run", "--nnodes", "2", "--nproc-per-node", str(nproc_per_node),
+         "--rdzv-backend", "c10d", "--rdzv-endpoint", endpoint, "--rdzv-id", "autopart-two-nodes",
+         "--rdzv-conf", f"is_host={'true' if node == 0 else 'false'}",
+         "-m", "autopart", *args, "--report", str(cwd / f"node{node}.json")],
+        cwd=cwd, env=env, text=True, stdout=subprocess.PIPE, stderr=subprocess.PIPE) for node in range(2)]
+    results = []
+    try:
+        for proc in nodes:
+            out, err = proc.communicate(timeout=timeout)
+            results.append((proc.returncode, out, err))
+    finally:
+        for proc in nodes:
+            proc.kill()
+    return results
+
+
 def run_cli_here(*args: str) -> subprocess.CompletedProcess[str]:
     """``autopart ARGS`` in this process (its ``main``, stdout and stderr captured): for commands that end
     before any real work, where a new interpreter would cost more than the check."""

@@ -18,7 +18,7 @@ from autopart.formats.plan import Plan
 from autopart.measure.spec import call_model, load_model
 from autopart.run.data import default_corpus_files
 from autopart.run.streams import BlockStreams
-from tests.conftest import ROOT, assert_one_line_error, run_cli, run_cli_here
+from tests.conftest import ROOT, assert_one_line_error, run_cli, run_cli_here, run_two_agents
 from tests.helpers import plan_for
 
 MODELS = str(ROOT / "tests" / "graph_models.py")
@@ -141,30 +141,6 @@ than a bucket ends in its own tensor (that it was not copied is not observable h
                 torch.testing.assert_close(grads[name], want, rtol=1e-6, atol=1e-7, msg=f"rank {r}: {name}")
 
 
-def _two_agents(tmp_path: Path, plan: Path, *extra: str) -> list[tuple[int, str, str]]:
-    """Two torchrun agents on 127.0.0.1 as two nodes of 2 ranks each, both running ``train PLAN EXTRA``."""
-    import socket
-
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        endpoint = f"127.0.0.1:{s.getsockname()[1]}"
-    nodes = [subprocess.Popen(
-        [sys.executable, "-m", "torch.distributed.run", "--nnodes", "2", "--nproc-per-node", "2",
-         "--rdzv-backend", "c10d", "--rdzv-endpoint", endpoint, "--rdzv-id", "autopart-dp-nodes",
-         "--rdzv-conf", f"is_host={'true' if node == 0 else 'false'}",
-         "-m", "autopart", "train", str(plan), *extra, "--report", str(tmp_path / f"node{node}.json")],
-        cwd=tmp_path, env=_env(), text=True, stdout=subprocess.PIPE, stderr=subprocess.PIPE) for node in range(2)]
-    results = []
-    try:
-        for proc in nodes:
-            out, err = proc.communicate(timeout=300)
-            results.append((proc.returncode, out, err))
-    finally:
-        for proc in nodes:
-            proc.kill()
-    return results
-
-
 def _losses(path: Path) -> list[float]:
     return [float(v) for v in json.loads(path.read_text())["losses"]]
 
@@ -236,7 +212,7 @@ def test_train_two_replicas_on_one_launcher_and_two_nodes_and_resume(tmp_path: P
     across = _replicated(half, tmp_path / "across.json", placement=((0, 2), (1, 3)))
     assert across.mesh() == [[0, 2], [1, 3]]
     for plan, name in ((two, "inside"), (tmp_path / "across.json", "across")):
-        results = _two_agents(tmp_path, plan, *common)
+        results = run_two_agents(tmp_path, 2, "train", str(plan), *common)
         for code, _, err in results:
             assert code == 0, (name, err[-3000:])
         reports = [tmp_path / f"node{n}.json" for n in range(2) if (tmp_path / f"node{n}.json").exists()]
