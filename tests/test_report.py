@@ -71,6 +71,10 @@ def test_the_report_is_rendered_without_printing_or_torch() -> None:
                      "unexplained; plan with --overhead 0.123ms)",
                      "throughput 1,234 tokens/s",
                      "memory per rank: by a known method"]
+    fast = dataclasses.replace(report, measured_speed=0.46)
+    assert "(plan with --devices 2xMEMORY@0.46 to predict this machine as it ran)" in report_lines(fast, 4)[4]
+    replicated = dataclasses.replace(fast, data_parallel=2)  # a cluster plan's devices are per node
+    assert "(plan with --devices-per-node NxMEMORY@0.46 to predict this" in report_lines(replicated, 4)[4]
     cuda = dataclasses.replace(report, ranks_detail=[dataclasses.replace(report.ranks_detail[0],
                                                                          memory_reserved_bytes=128 * 2**20)])
     memory = report_lines(cuda, 4)[2]

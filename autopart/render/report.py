@@ -72,9 +72,10 @@ def report_lines(report: Report, plan_microbatch_size: int | None) -> list[Table
     line += f"; simulated with the measured stage times {format_ms(report.simulated_with_measured_stages_ms)}"
     out.append(line)
     if report.measured_speed is not None:
+        flag = (f"--devices-per-node NxMEMORY@{report.measured_speed:.2f}" if report.data_parallel > 1
+                else f"--devices {report.ranks}xMEMORY@{report.measured_speed:.2f}")
         out.append(f"compute in the pipeline ran at {report.measured_speed:.2f}x the profile's speed "
-                   f"(plan with --devices {report.ranks}xMEMORY@{report.measured_speed:.2f} to predict this "
-                   f"machine as it ran)")
+                   f"(plan with {flag} to predict this machine as it ran)")
     if report.fitted_overhead_ms > 0:
         out.append(f"runtime overhead: {format_ms(report.fitted_overhead_ms)} per forward or backward action "
                    f"(what the measured stage times leave unexplained; plan with --overhead "
