@@ -46,8 +46,8 @@ from typing import Callable, Sequence
 
 from autopart.core.blocks import BlockCosts
 from autopart.core.costmodel import CostModel
-from autopart.core.partition import split_given
-from autopart.core.placement import Placement, place
+from autopart.core.partition import split_given, uniform_balance
+from autopart.core.placement import Placement, divisors, place
 from autopart.core.planner import simulate_plan
 from autopart.core.scaling import scale_profile
 from autopart.core.schedules import peak_in_flight
@@ -95,6 +95,13 @@ def slowest_bytes_per_s(links: Sequence[float | None]) -> float | None:
     return min(finite) if finite else None
 
 
+def _rank_of_blocks(profile: Profile, balance: Sequence[int], ranks: Sequence[int]) -> dict[str, int]:
+    """The pipeline rank holding each block, when ``balance`` splits ``profile``'s blocks into stages held by
+    ``ranks`` (stage -> rank)."""
+    stage_of = [s for s, count in enumerate(balance) for _ in range(count)]
+    return {layer.name: ranks[stage_of[i]] for i, layer in enumerate(profile.layers)}
+
+
 def traffic_bytes(profile: Profile, balance: Sequence[int], schedule: str, num_ranks: int, per_rank: int,
                   microbatches: int) -> tuple[list[float], list[float]]:
     """(bytes one replica sends across each pipeline boundary r|r+1 per step, both directions and every
@@ -108,24 +115,21 @@ def traffic_bytes(profile: Profile, balance: Sequence[int], schedule: str, num_r
     is left out: the placement's interface has a link per neighbour pair."""
     layers = profile.layers
     ranks = stage_ranks(schedule, num_ranks, per_rank)
-    stage_of: dict[str, int] = {}
     first = 0
     grads = [0.0] * num_ranks
     sends = [0.0] * max(num_ranks - 1, 0)
     for s, count in enumerate(balance):
-        for layer in layers[first: first + count]:
-            stage_of[layer.name] = s
-            grads[ranks[s]] += layer.param_bytes
+        grads[ranks[s]] += sum(layer.param_bytes for layer in layers[first: first + count])
         last = layers[first + count - 1]
         if s + 1 < len(balance):
             a, b = ranks[s], ranks[s + 1]
             if abs(a - b) == 1:
                 sends[min(a, b)] += 2.0 * microbatches * (last.output_bytes + last.skip_bytes)
         first += count
+    rank_of = _rank_of_blocks(profile, balance, ranks)
     for tie in profile.ties:
-        holders = {ranks[stage_of[b]] for b in tie.blocks if b in stage_of}
-        owner = ranks[stage_of[tie.owner]] if tie.owner in stage_of else None
-        for r in holders - {owner}:
+        holders = {rank_of[b] for b in tie.blocks if b in rank_of}
+        for r in holders - {rank_of.get(tie.owner)}:
             grads[r] += tie.bytes
     return sends, grads
 
@@ -135,13 +139,7 @@ def tie_waits(profile: Profile, balance: Sequence[int], schedule: str, num_ranks
     """For each pipeline rank, the ranks whose last backward its gradient all-reduce waits for: itself, and
     every rank that holds a tied parameter it holds (``autopart train`` sums a tie's gradient between its
     holders before averaging over the replicas)."""
-    ranks = stage_ranks(schedule, num_ranks, per_rank)
-    rank_of: dict[str, int] = {}
-    first = 0
-    for s, count in enumerate(balance):
-        for layer in profile.layers[first: first + count]:
-            rank_of[layer.name] = ranks[s]
-        first += count
+    rank_of = _rank_of_blocks(profile, balance, stage_ranks(schedule, num_ranks, per_rank))
     waits = [{r} for r in range(num_ranks)]
     for tie in profile.ties:
         holders = {rank_of[b] for b in tie.blocks if b in rank_of}
@@ -215,10 +213,6 @@ class ClusterSearch:
     """How the best plan's ranks are placed (the placement's one line)."""
 
 
-def _even_balance(n: int, stages: int) -> list[int]:
-    return [n // stages + (1 if s < n % stages else 0) for s in range(stages)]
-
-
 def _check(profile: Profile, cluster: Cluster, global_batch: int, stages: int, data_parallel: int,
            per_rank: int) -> None:
     n = len(profile.layers)
@@ -259,7 +253,7 @@ class _Scorer:
         k, d = stages, data_parallel
         # placed from an even split's traffic: the split is chosen for the placement's links, so the same
         # configuration gets the same placement whichever split it is scored with
-        even = _even_balance(len(scaled.layers), k * per_rank)
+        even = uniform_balance(len(scaled.layers), k * per_rank)
         sends, grads = traffic_bytes(scaled, even, schedule, k, per_rank, microbatches)
         placement = self.placer(self.cluster, k, d, sends, grads)
         link = slowest_bytes_per_s(placement.pipeline_bytes_per_s)
@@ -379,10 +373,6 @@ def _weights_bytes(profile: Profile, model: CostModel) -> float:
     return float(sum(x.param_bytes for x in profile.layers)) * (2 + model.optimizer_states)
 
 
-def _divisors(n: int) -> list[int]:
-    return [d for d in range(1, n + 1) if n % d == 0]
-
-
 def _why(c: Configuration, best: Configuration) -> str:
     """One line: the term that makes ``c`` slower than ``best`` (or why it cannot run)."""
     if not c.fits:
@@ -455,7 +445,7 @@ def plan_cluster(profile: Profile, cluster: Cluster, model: CostModel, *, global
     if stages is not None and stages > n:
         raise AutopartError(f"{plural(stages, 'stage')} > {plural(n, 'block')}")
     depths = [stages] if stages is not None else [devices // data_parallel] if data_parallel is not None \
-        else [k for k in _divisors(devices) if k <= n]
+        else [k for k in divisors(devices) if k <= n]
     scorer = _Scorer(profile, cluster, model, method, profile_path, placer if placer is not None else place)
     limit = cluster.memory_bytes
     weights = _weights_bytes(profile, model)
@@ -470,7 +460,7 @@ def plan_cluster(profile: Profile, cluster: Cluster, model: CostModel, *, global
             continue
         share = global_batch // d
         counts = [microbatches] if microbatches is not None else \
-            [m for m in _divisors(share) if m <= MAX_REPLICA_MICROBATCHES]
+            [m for m in divisors(share) if m <= MAX_REPLICA_MICROBATCHES]
         for m in counts:
             if share % m:
                 reasons.append(f"{k}x{d}: a replica's {share} samples are not divisible by {m} micro-batches")

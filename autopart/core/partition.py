@@ -491,10 +491,16 @@ def split_minvar(p: Problem) -> Split:
     return _make(p, "minvar", bounds_to_balance(best, p.n))
 
 
+def uniform_balance(blocks: int, stages: int) -> list[int]:
+    """Equal block counts; the first ``blocks mod stages`` stages take one more (as torchtitan spreads the
+    remainder)."""
+    base, extra = divmod(blocks, stages)
+    return [base + (1 if s < extra else 0) for s in range(stages)]
+
+
 def split_uniform(p: Problem) -> Split:
-    """Equal block counts; the first n mod K stages take one more (as torchtitan spreads the remainder)."""
-    base, extra = divmod(p.n, p.k)
-    return _make(p, "uniform", [base + (1 if s < extra else 0) for s in range(p.k)])
+    """Equal block counts (:func:`uniform_balance`)."""
+    return _make(p, "uniform", uniform_balance(p.n, p.k))
 
 
 def split_given(p: Problem, balance: Sequence[int]) -> Split:

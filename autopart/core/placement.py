@@ -85,7 +85,8 @@ class Placement:
     """One line saying how (``pipelines inside nodes, replicas across``)."""
 
 
-def _divisors(n: int) -> list[int]:
+def divisors(n: int) -> list[int]:
+    """Every divisor of ``n``, in increasing order."""
     return [i for i in range(1, n + 1) if n % i == 0]
 
 
@@ -162,8 +163,8 @@ def _tilings(replicas: int, num_ranks: int, per_node: int) -> Iterator[tuple[np.
     tiles whole nodes (then shifting the ranks around the cluster gains nothing)."""
     yield layout_ranks(replicas, num_ranks, 1, num_ranks, True, True), True, "replica-major"
     yield layout_ranks(replicas, num_ranks, replicas, 1, True, True), True, "rank-major"
-    for a in _divisors(replicas):
-        for b in _divisors(num_ranks):
+    for a in divisors(replicas):
+        for b in divisors(num_ranks):
             size = a * b
             aligned = size % per_node == 0 or per_node % size == 0
             for cells_by_replica in (True, False):
