@@ -335,31 +335,9 @@ def test_a_killed_rank_of_the_second_replica_is_restarted_and_ends_with_the_unin
         tmp_path: Path) -> None:
     """``--max-restarts`` with 2 replicas: global rank 3 (replica 1's last stage) killed by SIGKILL after step 2's
     checkpoint; every rank restarts from it and the final checkpoint equals an uninterrupted run's."""
-    import signal
-
-    from autopart.run.checkpoint import latest_complete, merge_checkpoint
-    from tests.test_faults import HELPERS, _cli, _plan, _rank_pids, _run, _wait_for
+    from tests.test_faults import HELPERS, _plan, check_restart_after_a_kill
 
     spec = f"{HELPERS}:restart_spec"
     plan = tmp_path / "two.json"
     _replicated(Plan.from_json(_plan(tmp_path, spec)), plan)
-    train = ["train", str(plan), "--model", spec, "--steps", "4", "--checkpoint-every", "2"]
-    whole = _run(*train, "--checkpoint", str(tmp_path / "whole"))
-    assert whole.returncode == 0, whole.stderr[-2000:]
-
-    killed = tmp_path / "killed"
-    proc = _cli(*train, "--checkpoint", str(killed), "--max-restarts", "1", "--timeout", "30")
-    _wait_for(killed / "step-000002" / "COMPLETE", proc)
-    victims = _rank_pids(proc.pid, 3)
-    assert victims, "rank 3's process was not found"
-    for pid in victims:
-        os.kill(pid, signal.SIGKILL)
-    out, err = proc.communicate(timeout=300)
-    assert proc.returncode == 0, err[-3000:]
-    assert "restart 1 of 1 after a rank failed: resuming after step" in err, err[-3000:]
-    assert "Traceback" not in err and "step 4/4" in err
-    assert latest_complete(killed) == killed / "step-000004"
-    resumed, reference = merge_checkpoint(killed), merge_checkpoint(tmp_path / "whole")
-    assert resumed.keys() == reference.keys()
-    for name, value in reference.items():
-        torch.testing.assert_close(resumed[name], value, rtol=1e-6, atol=1e-6, msg=name)
+    check_restart_after_a_kill(tmp_path, plan, spec, steps=4, rank=3, max_restarts=1)

@@ -77,31 +77,37 @@ def _wait_for(path: Path, proc: subprocess.Popen[str], timeout_s: float = 120) -
         time.sleep(0.02)
 
 
-@pytest.mark.slow
-@pytest.mark.skipif(not Path("/proc/self/environ").exists(), reason="finds the rank's process through /proc")
-def test_a_rank_killed_by_a_signal_is_restarted_and_ends_with_the_uninterrupted_weights(tmp_path: Path) -> None:
-    spec = f"{HELPERS}:restart_spec"
-    plan = _plan(tmp_path, spec)
-    train = ["train", str(plan), "--model", spec, "--steps", "6", "--checkpoint-every", "2"]
+def check_restart_after_a_kill(tmp_path: Path, plan: Path, spec: str, steps: int, rank: int,
+                               max_restarts: int) -> None:
+    """``train PLAN`` with ``--max-restarts``: global ``rank`` killed by SIGKILL after step 2's checkpoint; every
+    rank restarts from it, and the last checkpoint equals an uninterrupted run's."""
+    train = ["train", str(plan), "--model", spec, "--steps", str(steps), "--checkpoint-every", "2"]
     whole = _run(*train, "--checkpoint", str(tmp_path / "whole"))
     assert whole.returncode == 0, whole.stderr[-2000:]
 
     killed = tmp_path / "killed"
-    proc = _cli(*train, "--checkpoint", str(killed), "--max-restarts", "2", "--timeout", "30")
+    proc = _cli(*train, "--checkpoint", str(killed), "--max-restarts", str(max_restarts), "--timeout", "30")
     _wait_for(killed / "step-000002" / "COMPLETE", proc)
-    victims = _rank_pids(proc.pid, 1)
-    assert victims, "rank 1's process was not found"
+    victims = _rank_pids(proc.pid, rank)
+    assert victims, f"rank {rank}'s process was not found"
     for pid in victims:
         os.kill(pid, signal.SIGKILL)  # a signal, not a Python exception: nothing in the rank runs after it
     out, err = proc.communicate(timeout=300)
     assert proc.returncode == 0, err[-3000:]
-    assert "restart 1 of 2 after a rank failed: resuming after step" in err, err[-3000:]
-    assert "Traceback" not in err and "step 6/6" in err
-    assert latest_complete(killed) == killed / "step-000006"
+    assert f"restart 1 of {max_restarts} after a rank failed: resuming after step" in err, err[-3000:]
+    assert "Traceback" not in err and f"step {steps}/{steps}" in err
+    assert latest_complete(killed) == killed / f"step-{steps:06d}"
     resumed, reference = merge_checkpoint(killed), merge_checkpoint(tmp_path / "whole")
     assert resumed.keys() == reference.keys()
     for name, value in reference.items():
         torch.testing.assert_close(resumed[name], value, rtol=1e-6, atol=1e-6, msg=name)
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(not Path("/proc/self/environ").exists(), reason="finds the rank's process through /proc")
+def test_a_rank_killed_by_a_signal_is_restarted_and_ends_with_the_uninterrupted_weights(tmp_path: Path) -> None:
+    spec = f"{HELPERS}:restart_spec"
+    check_restart_after_a_kill(tmp_path, _plan(tmp_path, spec), spec, steps=6, rank=1, max_restarts=2)
 
 
 @pytest.mark.slow
