@@ -31,8 +31,11 @@ be >= 1. Needs the ``transformers`` package (``pip install 'autopart[hf]'``).
 """
 from __future__ import annotations
 
+import dataclasses
+import inspect
 import json
 import re
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -41,7 +44,7 @@ import torch.nn.functional as F
 
 from autopart.errors import AutopartError
 
-__all__ = ["is_hf_spec", "hf_folder", "folder_config", "hf_config", "hf_auto_class", "build_hf", "causal_lm_loss",
+__all__ = ["is_hf_spec", "hf_folder", "folder_config", "hf_config", "hf_fields", "HfFields", "hf_auto_class", "build_hf", "causal_lm_loss",
            "masked_lm_loss", "seq2seq_lm_loss", "MASKED_LM_TYPES", "IGNORE_INDEX"]
 
 IGNORE_INDEX = -100
@@ -209,40 +212,129 @@ def seq2seq_lm_loss(out: Any, target: torch.Tensor) -> torch.Tensor:
 
 
 def hf_config(spec: str) -> Any:
-    """The ``transformers`` config of an ``hf:`` spec, without building the model: ``hf:PATH``'s
-    ``config.json`` (read offline), or the config class of ``hf:NAME`` with the preset's and the spec's fields
-    (``use_cache`` off, as :func:`build_hf` sets it)."""
+    """The ``transformers`` config of an ``hf:`` spec, without building the model: the config class of
+    ``hf:NAME`` built with the preset's and the spec's fields (``LlamaConfig(hidden_size=128, ...)``: every field
+    derived from them follows, ``head_dim`` included), or ``hf:PATH``'s ``config.json`` (read offline; with
+    fields, rebuilt through its class's constructor from the file's fields and the spec's). ``use_cache`` off,
+    as :func:`build_hf` sets it."""
+    return hf_fields(spec).config
+
+
+@dataclass(frozen=True)
+class HfFields:
+    """An ``hf:`` spec's config and what it says about its fields."""
+
+    config: Any
+    """The ``transformers`` config (``use_cache`` off)."""
+    given: dict[str, Any]
+    """The fields the spec named (after the preset's), as written."""
+    derived: dict[str, Any]
+    """Fields the constructor derived from the given ones: their values where they differ from the config built
+    without the given fields (the class's defaults, or the folder's config.json)."""
+
+    def describe(self, spec: str) -> str:
+        """One line: ``hf:llama with hidden_size=128, num_attention_heads=4 (given); head_dim=32 (derived)``."""
+        name = spec.partition(":")[0] + ":" + spec.removeprefix("hf:").partition(":")[0]
+        if not self.given:
+            return f"{name} with its {'config.json' if hf_folder(spec) else 'defaults'} (no fields given)"
+        text = f"{name} with {_fields_text(self.given)} (given)"
+        return text + (f"; {_fields_text(self.derived)} (derived)" if self.derived else "")
+
+
+def _fields_text(fields: dict[str, Any]) -> str:
+    return ", ".join(f"{key}={value}" for key, value in fields.items())
+
+
+_ROPE_LEGACY = ("rope_theta", "partial_rotary_factor")
+"""Keys a config with ``rope_parameters`` takes in its constructor and moves into that dict (transformers 5)."""
+
+
+def hf_fields(spec: str) -> HfFields:
+    """The config of an ``hf:`` spec (see :func:`hf_config`), the fields given and the fields derived from
+    them. One-line errors for a field the config class does not have, a value of the wrong type, fields the
+    class refuses together, and a derived size below 1."""
     try:
         import transformers
-        from transformers import AutoConfig
+        from transformers.models.auto.configuration_auto import CONFIG_MAPPING
     except ImportError:
         raise AutopartError(f"model {spec!r} needs the transformers package: pip install 'autopart[hf]'") from None
     transformers.utils.logging.set_verbosity_error()
     name, overrides = _parse(spec)
     folder = hf_folder(spec)
-    preset: dict[str, Any] = {}
     if folder is not None:
-        config = folder_config(spec, folder)
+        base = folder_config(spec, folder)
+        given = overrides
+        config = _construct(spec, type(base), {**_folder_fields(folder), **given}) if given else base
     else:
         model_type, preset = _PRESETS.get(name.lower(), (name.lower(), {}))
-        try:
-            config = AutoConfig.for_model(model_type)
-        except ValueError:
+        if model_type not in CONFIG_MAPPING:
             known = ", ".join(sorted(_PRESETS))
             raise AutopartError(f"model {spec!r}: transformers knows no model type {model_type!r} (named here: "
-                                f"{known}; or any type transformers has, e.g. mistral, qwen2)") from None
-    for key, value in {**preset, **overrides}.items():
-        if not hasattr(config, key):
-            raise AutopartError(f"model {spec!r}: {type(config).__name__} has no field {key!r}")
-        try:
-            setattr(config, key, value)
-        except Exception as exc:  # transformers checks each field's type as it is set
-            lines = [line.strip() for line in str(exc).splitlines() if line.strip()]
-            raise AutopartError(f"model {spec!r}: {key}={value!r} does not fit {type(config).__name__}: "
-                                f"{lines[-1] if lines else type(exc).__name__}") from None
+                                f"{known}; or any type transformers has, e.g. mistral, qwen2)")
+        cls = CONFIG_MAPPING[model_type]
+        given = {**preset, **overrides}
+        config = _construct(spec, cls, given)
+        base = _construct(spec, cls, {}) if given else config
+    derived = _derived(spec, config, base, given)
     if hasattr(config, "use_cache"):
         config.use_cache = False
-    return config
+    return HfFields(config=config, given=given, derived=derived)
+
+
+def _known_fields(cls: Any) -> set[str]:
+    """The fields ``cls``'s constructor takes and keeps: its dataclass fields, their other names
+    (``attribute_map``), settable properties, and the RoPE keys it moves into ``rope_parameters``. (Its
+    constructor also takes any other name, silently, as a new attribute nothing reads.)"""
+    names = {f.name for f in dataclasses.fields(cls)} | set(getattr(cls, "attribute_map", {}))
+    names |= {key for key in dir(cls) if not key.startswith("_")
+              and isinstance(inspect.getattr_static(cls, key), property) and inspect.getattr_static(cls, key).fset}
+    if "rope_parameters" in names:
+        names |= set(_ROPE_LEGACY)
+    return names
+
+
+def _construct(spec: str, cls: Any, fields: dict[str, Any]) -> Any:
+    """``cls(**fields)``, with one-line errors naming the field."""
+    known = _known_fields(cls) if dataclasses.is_dataclass(cls) else None
+    for key, value in fields.items():
+        if known is not None and key not in known:
+            raise AutopartError(f"model {spec!r}: {cls.__name__} has no field {key!r}")
+        if key in _ROPE_LEGACY and (isinstance(value, bool) or not isinstance(value, (int, float))):
+            raise AutopartError(f"model {spec!r}: {key}={value!r} does not fit {cls.__name__}: expected a number")
+    names = getattr(cls, "attribute_map", {})
+    try:  # under the field's own name: transformers sets another name (GPT-2's hidden_size) unchecked, last
+        return cls(**{names.get(key, key): value for key, value in fields.items()})
+    except Exception as exc:  # transformers checks each field's type, and the fields together, as it builds
+        lines = [line.strip() for line in str(exc).splitlines() if line.strip()]
+        last = lines[-1] if lines else type(exc).__name__
+        named = re.search(r"field '(\w+)'", lines[0]) if lines else None
+        other_names = {v: k for k, v in names.items()}
+        key = named.group(1) if named else None
+        key = key if key in fields else other_names.get(key or "", key)
+        if key in fields:
+            raise AutopartError(f"model {spec!r}: {key}={fields[key]!r} does not fit {cls.__name__}: {last}") from None
+        raise AutopartError(f"model {spec!r}: {cls.__name__} refuses {_fields_text(fields)}: {last}") from None
+
+
+def _folder_fields(folder: Path) -> dict[str, Any]:
+    """``config.json``'s fields as written (:func:`folder_config` checked that it reads)."""
+    fields = json.loads((folder / "config.json").read_text(encoding="utf-8"))
+    assert isinstance(fields, dict)
+    return fields
+
+
+def _derived(spec: str, config: Any, base: Any, given: dict[str, Any]) -> dict[str, Any]:
+    """The fields of ``config`` that differ from ``base``'s other than those ``given`` (under either name)
+    and ``use_cache``; one-line error for a derived size or count below 1."""
+    names = getattr(type(config), "attribute_map", {})
+    skip = {"use_cache", "transformers_version", "_name_or_path"} | set(given) | {names.get(k, k) for k in given}
+    now, before = config.to_dict(), base.to_dict()
+    derived = {key: value for key, value in now.items() if key not in skip and before.get(key) != value}
+    for key, value in derived.items():
+        if _SIZE_FIELD.search(key) and isinstance(value, int) and not isinstance(value, bool) and value < 1:
+            raise AutopartError(f"model {spec!r}: {key}={value} follows from {_fields_text(given)}, but {key} "
+                                f"sizes or counts part of the model and must be >= 1")
+    return derived
 
 
 def hf_auto_class(config: Any) -> Any:
