@@ -20,7 +20,9 @@ children run in order), or else its torch.export graph cut at module
 boundaries. For every cut between two blocks, the bytes that would cross it
 for one micro-batch: the main path (what the block before made) and the skips
 (values made earlier, or model inputs, that a later block needs). Nothing is
-timed; see autopart profile."""
+timed; see autopart profile. For hf:NAME:FIELD=VALUE,... the first line says
+which config fields were given and which the config class derived from them
+(head_dim from hidden_size and num_attention_heads ...)."""
 
 
 def add_parser(sub: Subcommands) -> None:
@@ -37,6 +39,7 @@ def add_parser(sub: Subcommands) -> None:
 
 def run(args: argparse.Namespace) -> int:
     from autopart.measure.graphview import GraphConfig, block_rows, build_chain
+    from autopart.measure.hf import hf_fields, is_hf_spec
     from autopart.measure.spec import parse_shape
 
     config = GraphConfig(microbatch_size=args.microbatch_size,
@@ -44,22 +47,28 @@ def run(args: argparse.Namespace) -> int:
                          input_dtype=args.input_dtype or None)
     chain = build_chain(args.model, config)
     rows = block_rows(chain, args.model)
+    fields = hf_fields(args.model) if is_hf_spec(args.model) else None
     if args.json:
         cuts = [{"after": after, "module": module, "bytes": size} for after, module, size in chain.cut_points()]
-        print(json.dumps({"model": args.model, "captured": chain.captured, "blocks": rows,
-                          "cut_points": cuts}, indent=2))
+        shown: dict[str, Any] = {"model": args.model}
+        if fields is not None:
+            shown["fields"] = {"given": fields.given, "derived": fields.derived}
+        print(json.dumps({**shown, "captured": chain.captured, "blocks": rows, "cut_points": cuts}, indent=2,
+                         default=str))
         return 0
-    _print(args.model, chain, rows)
+    _print(args.model, chain, rows, fields.describe(args.model) if fields is not None else None)
     return 0
 
 
-def _print(model: str, chain: Chain, rows: list[dict[str, Any]]) -> None:
+def _print(model: str, chain: Chain, rows: list[dict[str, Any]], fields: str | None) -> None:
     from rich.table import Table
 
     from autopart.cli.console import stdout_console
     from autopart.formats.units import format_bytes
 
     console = stdout_console(140)
+    if fields is not None:
+        console.print(fields, highlight=False, soft_wrap=True)
     console.print(f"{model}: {len(rows)} blocks, {chain.description}", highlight=False, soft_wrap=True)
     table = Table()
     captured = chain.captured

@@ -22,6 +22,7 @@ from autopart.measure.amp import param_dtype
 from autopart.formats.units import format_bytes
 from autopart.measure.blocks import cannot_run
 from autopart.measure.empty import on_meta_device
+from autopart.measure.hf import hf_fields, is_hf_spec
 from autopart.measure.profiler import profile_model
 from autopart.measure.spec import (Example, LossFn, ModelBundle, call_model, load_model, parse_dtype,
                                    require_parameters, shape_example)
@@ -123,6 +124,8 @@ def prepare(spec: str, config: ProfileConfig | None = None, *, note: NoteFn | No
     """
     config = config or ProfileConfig()
     request = _request(config)
+    if note is not None and is_hf_spec(spec):
+        note(hf_fields(spec).describe(spec))
     torch.manual_seed(request.seed)
     meta = meta_build(spec, request.dtype, config.build, note) if config.build != "whole" else None
     if meta is not None:
