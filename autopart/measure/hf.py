@@ -264,7 +264,7 @@ def hf_fields(spec: str) -> HfFields:
     if folder is not None:
         base = folder_config(spec, folder)
         given = overrides
-        config = _construct(spec, type(base), {**_folder_fields(folder), **given}) if given else base
+        config = _construct(spec, type(base), given, _folder_fields(folder)) if given else base
     else:
         model_type, preset = _PRESETS.get(name.lower(), (name.lower(), {}))
         if model_type not in CONFIG_MAPPING:
@@ -293,8 +293,9 @@ def _known_fields(cls: Any) -> set[str]:
     return names
 
 
-def _construct(spec: str, cls: Any, fields: dict[str, Any]) -> Any:
-    """``cls(**fields)``, with one-line errors naming the field."""
+def _construct(spec: str, cls: Any, fields: dict[str, Any], written: dict[str, Any] | None = None) -> Any:
+    """``cls(**written, **fields)`` (``written``: a config.json's fields, taken as ``from_pretrained`` takes
+    them), with one-line errors naming the field."""
     known = _known_fields(cls) if dataclasses.is_dataclass(cls) else None
     for key, value in fields.items():
         if known is not None and key not in known:
@@ -303,7 +304,7 @@ def _construct(spec: str, cls: Any, fields: dict[str, Any]) -> Any:
             raise AutopartError(f"model {spec!r}: {key}={value!r} does not fit {cls.__name__}: expected a number")
     names = getattr(cls, "attribute_map", {})
     try:  # under the field's own name: transformers sets another name (GPT-2's hidden_size) unchecked, last
-        return cls(**{names.get(key, key): value for key, value in fields.items()})
+        return cls(**{**(written or {}), **{names.get(key, key): value for key, value in fields.items()}})
     except Exception as exc:  # transformers checks each field's type, and the fields together, as it builds
         lines = [line.strip() for line in str(exc).splitlines() if line.strip()]
         last = lines[-1] if lines else type(exc).__name__
