@@ -124,6 +124,9 @@ def test_profile_says_which_fields_were_given(tmp_path: Path) -> None:
     made = run_cli_here("profile", spec, "--repeats", "1", "--warmup", "0", "-o", str(tmp_path / "p.json"))
     assert made.returncode == 0, made.stderr
     assert "(given); num_key_value_heads=2, head_dim=16 (derived)\n" in made.stderr
+    transformers.LlamaConfig(**TINY).save_pretrained(tmp_path / "tiny")
+    plain = run_cli_here("graph", f"hf:{tmp_path / 'tiny'}")  # no fields given: no such line
+    assert plain.returncode == 0 and plain.stdout.startswith(f"hf:{tmp_path / 'tiny'}: "), plain.stdout[:300]
 
 
 def _save_folder(folder: Path, drop: tuple[str, ...] = ()) -> dict[str, Any]:

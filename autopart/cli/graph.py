@@ -56,7 +56,7 @@ def run(args: argparse.Namespace) -> int:
         print(json.dumps({**shown, "captured": chain.captured, "blocks": rows, "cut_points": cuts}, indent=2,
                          default=str))
         return 0
-    _print(args.model, chain, rows, fields.describe(args.model) if fields is not None else None)
+    _print(args.model, chain, rows, fields.describe(args.model) if fields is not None and fields.given else None)
     return 0
 
 

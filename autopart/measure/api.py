@@ -124,8 +124,9 @@ def prepare(spec: str, config: ProfileConfig | None = None, *, note: NoteFn | No
     """
     config = config or ProfileConfig()
     request = _request(config)
-    if note is not None and is_hf_spec(spec):
-        note(hf_fields(spec).describe(spec))
+    fields = hf_fields(spec) if note is not None and is_hf_spec(spec) else None
+    if note is not None and fields is not None and fields.given:  # which fields the spec set, which followed
+        note(fields.describe(spec))
     torch.manual_seed(request.seed)
     meta = meta_build(spec, request.dtype, config.build, note) if config.build != "whole" else None
     if meta is not None:

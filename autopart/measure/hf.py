@@ -10,11 +10,18 @@ folder that ``save_pretrained`` wrote.
     hf:./my-llama                             a local folder: its config.json (and, for train, its weights)
     hf:/models/gpt2:n_positions=256           a folder's config with fields changed
 
-Nothing is downloaded. ``hf:NAME`` is built with ``from_config`` and the config
-class's defaults (a checkpoint's exact config cannot be fetched offline), then
-the fields given after the name. ``hf:PATH`` (a path with a separator, starting
+Nothing is downloaded. ``hf:NAME`` is built with ``from_config`` and its config
+class's constructor called with the preset's fields and those given after the
+name (a checkpoint's exact config cannot be fetched offline): as
+``LlamaConfig(hidden_size=128, num_attention_heads=4)``, so every field derived
+from them follows (``head_dim`` 32, ``num_key_value_heads`` 4); a field the
+class does not have is refused (its constructor would keep it silently as an
+attribute nothing reads), and ``rope_theta`` goes into ``rope_parameters`` as
+the constructor puts it. ``hf:PATH`` (a path with a separator, starting
 with ``.`` or ``~``, or an existing folder: :func:`hf_folder`) reads
-``PATH/config.json`` as ``from_pretrained(PATH)`` does, offline; ``profile`` and
+``PATH/config.json`` as ``from_pretrained(PATH)`` does, offline; with fields,
+the class's constructor gets config.json's fields and the spec's (a field the
+file names stays as written; one it leaves out follows the given ones). ``profile`` and
 ``graph`` need only that, ``train`` also loads the folder's weights
 (:mod:`autopart.run.weights`). Every model is built in float32, whatever
 ``dtype`` (``torch_dtype``) its config.json names (a Hub folder often says
