@@ -64,7 +64,7 @@ def test_a_shrunk_llamas_attention_is_as_wide_as_the_model() -> None:
     config = hf_config("hf:llama:hidden_size=128,num_attention_heads=4")
     assert (config.head_dim, config.num_key_value_heads) == (32, 4)
     with torch.device("meta"):
-        model = load_model("hf:llama:hidden_size=128,num_attention_heads=4,num_hidden_layers=1").module
+        model: Any = load_model("hf:llama:hidden_size=128,num_attention_heads=4,num_hidden_layers=1").module
     assert tuple(model.model.layers[0].self_attn.q_proj.weight.shape) == (128, 128)
 
 
@@ -76,7 +76,8 @@ def test_rope_theta_goes_where_the_constructor_puts_it() -> None:
     config = hf_config(_spec("llama", fields))
     assert config.rope_parameters == transformers.LlamaConfig(rope_theta=500000).rope_parameters
     assert config.rope_parameters["rope_theta"] == 500000
-    ours = load_model(_spec("llama", fields)).module.model.rotary_emb.inv_freq
+    built: Any = load_model(_spec("llama", fields)).module
+    ours = built.model.rotary_emb.inv_freq
     theirs = transformers.LlamaForCausalLM(transformers.LlamaConfig(**fields)).model.rotary_emb.inv_freq
     default = transformers.LlamaForCausalLM(transformers.LlamaConfig(**{**fields, "rope_theta": 10000}))
     assert torch.equal(ours, theirs) and not torch.equal(ours, default.model.rotary_emb.inv_freq)

@@ -309,7 +309,7 @@ def _construct(spec: str, cls: Any, fields: dict[str, Any], written: dict[str, A
             raise AutopartError(f"model {spec!r}: {cls.__name__} has no field {key!r}")
         if key in _ROPE_LEGACY and (isinstance(value, bool) or not isinstance(value, (int, float))):
             raise AutopartError(f"model {spec!r}: {key}={value!r} does not fit {cls.__name__}: expected a number")
-    names = getattr(cls, "attribute_map", {})
+    names: dict[str, str] = getattr(cls, "attribute_map", {})
     try:  # under the field's own name: transformers sets another name (GPT-2's hidden_size) unchecked, last
         return cls(**{**(written or {}), **{names.get(key, key): value for key, value in fields.items()}})
     except Exception as exc:  # transformers checks each field's type, and the fields together, as it builds
@@ -317,8 +317,8 @@ def _construct(spec: str, cls: Any, fields: dict[str, Any], written: dict[str, A
         last = lines[-1] if lines else type(exc).__name__
         named = re.search(r"field '(\w+)'", lines[0]) if lines else None
         other_names = {v: k for k, v in names.items()}
-        key = named.group(1) if named else None
-        key = key if key in fields else other_names.get(key or "", key)
+        said = named.group(1) if named else ""
+        key = said if said in fields else other_names.get(said, said)
         if key in fields:
             raise AutopartError(f"model {spec!r}: {key}={fields[key]!r} does not fit {cls.__name__}: {last}") from None
         raise AutopartError(f"model {spec!r}: {cls.__name__} refuses {_fields_text(fields)}: {last}") from None
