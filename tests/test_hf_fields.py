@@ -96,6 +96,9 @@ def test_a_field_the_class_does_not_have_is_refused_though_its_constructor_would
     ("hf:llama:hidden_size=100,num_attention_heads=3",
      "LlamaConfig refuses hidden_size=100, num_attention_heads=3: ValueError: The hidden size (100) is not a "
      "multiple of the number of attention heads (3)."),
+    ("hf:mistral:hidden_size=2,num_attention_heads=4",  # MistralConfig checks no multiple: its head_dim is 2 // 4
+     "head_dim=0 follows from hidden_size=2, num_attention_heads=4, but head_dim sizes or counts part of the model "
+     "and must be >= 1"),
 ])
 def test_values_the_constructor_refuses_are_one_line(spec: str, shown: str) -> None:
     assert_one_line_error(run_cli_here("graph", spec), spec, shown)
