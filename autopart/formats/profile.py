@@ -180,6 +180,8 @@ class Profile:
             if [x.name for x in layers] != names:
                 raise AutopartError(f"profile of {self.model!r}: the blocks measured at micro-batch size {size} "
                                     f"are not the same as at {self.microbatch_size}")
+        if self.by_threads and not self.threads:
+            raise AutopartError(f"profile of {self.model!r} has by_threads but no threads (the main layers' count)")
         for threads, layers in self.by_threads:
             if [x.name for x in layers] != names:
                 raise AutopartError(f"profile of {self.model!r}: the blocks timed at {plural(threads, 'thread')} "
