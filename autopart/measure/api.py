@@ -67,7 +67,7 @@ class ProfileConfig:
     """CPU threads for torch while measuring: one count, or several, each timed and stored (the first is the
     profile's ``threads``, the others its ``by_threads``, at the first micro-batch size); None: every core this
     process may use (:func:`~autopart.measure.profiler.cpu_cores`) and, where there are several, 1 besides.
-    CPU only; sets torch's global thread count to the first."""
+    CPU only; given, it sets torch's global thread count to the first."""
     seed: int = 0
     """Seed for the random weights and inputs."""
     build: Literal["auto", "whole", "by-block"] = "auto"
@@ -193,7 +193,7 @@ def _check_rows(model: str, examples: tuple[Example, ...]) -> None:
 def _request(config: ProfileConfig, apply: bool = True) -> _Request:
     """``config`` parsed to torch values (one-line errors for bad ones); ``apply``: set torch's thread count."""
     device = _device(config.device)
-    if apply and device.type == "cpu":
+    if apply and config.threads is not None and device.type == "cpu":
         torch.set_num_threads(config.thread_counts()[0])
     precision = training_precision(config)
     sizes: list[int | None] = list(config.microbatch_sizes) or [None]
