@@ -288,7 +288,7 @@ def _layer_sets(f: Fields, key: str, what: str, meaning: str, count: int
     return tuple(out)
 
 
-TIMES = ("forward_ms", "backward_ms", "forward_iqr_ms", "backward_iqr_ms", "optimizer_ms")
+_THREAD_TIMES = ("forward_ms", "backward_ms", "forward_iqr_ms", "backward_iqr_ms", "optimizer_ms")
 """The fields of :class:`LayerProfile` that depend on the CPU thread count (with ``input_grad_ms`` and
 ``optimizer_ms_by_name``); the rest are bytes."""
 
@@ -314,7 +314,7 @@ def _between(counts: dict[int, tuple[LayerProfile, ...]], threads: int, i: int) 
     def at(a: float, b: float) -> float:
         return _through((t1, a), (t2, b), threads)
 
-    changes: dict[str, Any] = {name: at(getattr(lo, name), getattr(hi, name)) for name in TIMES}
+    changes: dict[str, Any] = {name: at(getattr(lo, name), getattr(hi, name)) for name in _THREAD_TIMES}
     if lo.input_grad_ms is not None and hi.input_grad_ms is not None:
         changes["input_grad_ms"] = at(lo.input_grad_ms, hi.input_grad_ms)
     high_by_name = dict(hi.optimizer_ms_by_name)
@@ -330,7 +330,7 @@ def _scaled(other: LayerProfile, before: LayerProfile, after: LayerProfile) -> L
         was = getattr(before, name)
         return getattr(after, name) / was if was else 1.0
 
-    changes: dict[str, Any] = {name: getattr(other, name) * ratio(name) for name in TIMES}
+    changes: dict[str, Any] = {name: getattr(other, name) * ratio(name) for name in _THREAD_TIMES}
     if other.input_grad_ms is not None and before.input_grad_ms and after.input_grad_ms is not None:
         changes["input_grad_ms"] = other.input_grad_ms * after.input_grad_ms / before.input_grad_ms
     was, now = dict(before.optimizer_ms_by_name), dict(after.optimizer_ms_by_name)
