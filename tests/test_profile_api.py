@@ -31,7 +31,7 @@ def test_api_profile_equals_cli(tmp_path: Path, model: str, sizes: tuple[int, ..
                      "-o", str(tmp_path / "cli.json"))
     assert result.returncode == 0, result.stderr
     cli = json.loads((tmp_path / "cli.json").read_text())
-    api = autopart.profile(model, autopart.ProfileConfig(microbatch_sizes=sizes, repeats=1, warmup=0))
+    api = autopart.profile(model, autopart.ProfileConfig(microbatch_sizes=sizes, repeats=1, warmup=0, threads=1))
     api.to_json(tmp_path / "api.json")
     assert _untimed(json.loads((tmp_path / "api.json").read_text())) == _untimed(cli)
     if model == "gpt2-tiny":  # the built-in brings its loss: the last block measures it, both ways

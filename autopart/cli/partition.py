@@ -6,13 +6,14 @@ import dataclasses
 import json
 from typing import TYPE_CHECKING
 
-from autopart.cli.common import Subcommands, path_arg, schedule_or_auto_arg
+from autopart.cli.common import Subcommands, at_least, path_arg, schedule_or_auto_arg
 from autopart.errors import AutopartError
 
 if TYPE_CHECKING:
     from autopart.core.dataparallel import ClusterSearch
     from autopart.formats.cluster import Cluster
     from autopart.formats.plan import Plan
+    from autopart.formats.profile import Profile
 
 __all__: list[str] = []
 
@@ -106,6 +107,11 @@ def add_parser(sub: Subcommands) -> None:
     p.add_argument("--overhead", metavar="TIME", help="the pipelining runtime's own time per forward or backward "
                    "action (its send/receive calls and bookkeeping): the 'runtime overhead' autopart train reports "
                    "(default: 0)")
+    p.add_argument("--ranks-per-machine", type=at_least(1), metavar="N",
+                   help="how many ranks share the profiled machine's cores: each rank's times are the profile's at "
+                        "max(1, cores / N) threads (timed, or between two timed counts). Default, for a CPU profile "
+                        "timed at several counts (autopart profile's default) and no GPU devices: every rank of the "
+                        "plan (train launches them all on this machine); a cluster's devices per node")
     p.add_argument("--no-recompute", action="store_true", help="never turn on activation recomputation")
     p.add_argument("--balance", type=_balance_arg, metavar="N,N,...",
                    help="also score this split (blocks per stage, as torchgpipe or DeepSpeed take it) under the "
@@ -133,6 +139,43 @@ def _cluster_flags(args: argparse.Namespace) -> list[str]:
     return [flag for flag in CLUSTER_FLAGS if getattr(args, flag.lstrip("-").replace("-", "_")) is not None]
 
 
+def _is_gpu(name: str) -> bool:
+    """A device named as a GPU (``H100-80GB``): not the profiled machine's CPU cores."""
+    from autopart.formats.devices import KNOWN_MEMORY
+
+    return name.lower() in {known.lower() for known in KNOWN_MEMORY}
+
+
+def _at_rank_threads(args: argparse.Namespace, profile: Profile, ranks: int, gpus: bool, who: str) -> Profile:
+    """``profile`` at the CPU threads each rank gets when ``--ranks-per-machine`` ranks (default: ``ranks``, the
+    plan's ranks ``who`` names, where the profile was timed at several counts and no device is a GPU) share
+    the profiled machine's cores (:meth:`Profile.at_threads`); said in a note. Unchanged for a profile that
+    does not record its cores (a GPU's, or one from before autopart recorded them)."""
+    from autopart.formats.units import plural
+
+    sharing = args.ranks_per_machine
+    if sharing is None and (gpus or not profile.by_threads):
+        return profile
+    if profile.cpu_cores is None:
+        args.notes.append(f"--ranks-per-machine {sharing} changes nothing: profile {args.profile} does not record "
+                          f"its CPU cores (a GPU's, or profiled before autopart recorded them)")
+        return profile
+    sharing = sharing or ranks
+    threads = max(1, profile.cpu_cores // sharing)
+    timed = sorted(profile.thread_counts())
+    default = "" if args.ranks_per_machine else f", every rank {who}; --ranks-per-machine N sets another count"
+    how = ""
+    if threads not in timed:
+        nearest = min(timed, key=lambda count: abs(count - threads))
+        how = (f"; between the {max(t for t in timed if t < threads)} and {min(t for t in timed if t > threads)} "
+               f"threads timed, as a + b / threads" if timed[0] < threads < timed[-1]
+               else f"; the profile timed {', '.join(map(str, timed))} threads only: the times of {nearest}")
+    share = "shares" if sharing == 1 else "share"
+    args.notes.append(f"times for {plural(threads, 'thread')} per rank ({plural(sharing, 'rank')} {share} "
+                      f"{plural(profile.cpu_cores, 'core')}{default}{how})")
+    return profile.at_threads(threads)
+
+
 def make_cluster_search_from_args(args: argparse.Namespace, cluster: Cluster) -> ClusterSearch:
     """The joint (K, D, M, schedule, split) search the cluster flags ask for."""
     from autopart.core.costmodel import CostModel
@@ -148,6 +191,8 @@ def make_cluster_search_from_args(args: argparse.Namespace, cluster: Cluster) ->
                 "the cluster's links give it (--link)" if flag == "--bandwidth" else "not with a cluster yet"
             raise AutopartError(f"{flag} with a cluster ({', '.join(_cluster_flags(args))}): {why}")
     profile = Profile.from_json(args.profile)
+    profile = _at_rank_threads(args, profile, cluster.devices_per_node, gpus=_is_gpu(cluster.device_name),
+                               who="on each node")
     if args.global_batch is None:
         args.global_batch = profile.microbatch_size * cluster.num_devices
         args.notes.append(f"global batch {args.global_batch}: the profile's micro-batch of {profile.microbatch_size} "
@@ -198,6 +243,8 @@ def make_plan_from_args(args: argparse.Namespace) -> Plan:
         raise AutopartError(f"--devices names {plural(len(devices), 'device')} for {plural(k, 'stage')}")
     if k > len(profile.layers):
         raise AutopartError(f"{plural(k, 'stage')} > {plural(len(profile.layers), 'block')} in {args.profile}")
+    profile = _at_rank_threads(args, profile, k, gpus=any(_is_gpu(d.name) for d in devices or ()),
+                               who="of the plan")
     limit = parse_bytes(args.memory_limit, "--memory-limit") if args.memory_limit else None
     if devices is None:
         devices = [Device(name="device", memory_bytes=limit) for _ in range(k)]

@@ -54,8 +54,11 @@ def add_parser(sub: Subcommands) -> None:
     p.add_argument("--batchnorm", choices=("deferred", "micro"), default="deferred",
                    help="BatchNorm as train will run it: deferred (default; running statistics over the mini-batch, "
                         "once per step) or micro (PyTorch's, once per micro-batch); see autopart train --help")
-    p.add_argument("--threads", type=at_least(1), metavar="N",
-                   help="CPU threads for torch while measuring (default: torch's choice); times depend on it")
+    p.add_argument("--threads", type=_threads_arg, metavar="N[,N...]",
+                   help="CPU threads for torch while measuring; times depend on it. Several counts (1,2) are each "
+                        "timed and stored, the first as the profile's, so partition can price ranks that share the "
+                        "cores (default: every core this process may use, and 1 thread besides where there are "
+                        "several: a second pass over the blocks)")
     p.add_argument("--seed", type=int, default=0, help="seed for the random weights and inputs (default: 0)")
     p.add_argument("--build", choices=("auto", "whole", "by-block"), default="auto",
                    help="auto (default): build the model, unless its weights need more than half the memory "
@@ -98,8 +101,11 @@ def run(args: argparse.Namespace) -> int:
     profile.to_json(output)
     _print_table(profile)
     sizes_text = ", ".join(str(b) for b in profile.sizes())
+    others = ", ".join(str(count) for count, _ in profile.by_threads)
+    threads = f", {plural(profile.threads, 'thread')}" if profile.threads else ""
+    threads += f" (also timed at {others})" if others else ""
     err.print(f"wrote {output} ({plural(len(profile.layers), 'block')}, {profile.device}, "
-              f"micro-batch {sizes_text}, {profile.precision})", soft_wrap=True, highlight=False)
+              f"micro-batch {sizes_text}{threads}, {profile.precision})", soft_wrap=True, highlight=False)
     return 0
 
 
@@ -114,6 +120,14 @@ def _config(args: argparse.Namespace) -> ProfileConfig:
                          precision=args.precision,
                          repeats=args.repeats, warmup=args.warmup, batchnorm=args.batchnorm, threads=args.threads,
                          seed=args.seed, build=args.build)
+
+
+def _threads_arg(text: str) -> tuple[int, ...]:
+    """The argparse type of ``--threads``: one count or several (``1,2``), each >= 1, none repeated."""
+    counts = tuple(at_least(1)(part.strip()) for part in text.split(","))
+    if len(set(counts)) != len(counts):
+        raise argparse.ArgumentTypeError(f"{text!r} repeats a count")
+    return counts
 
 
 def _microbatch_sizes(text: str) -> list[int]:

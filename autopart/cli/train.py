@@ -259,27 +259,32 @@ def run(args: argparse.Namespace) -> int:
         training_data(bundle, cfg.data, cfg.global_batch or per_mb * plan.microbatches * plan.data_parallel,
                       sample_shape, cfg.seed, 0,
                       cfg.eval_batches)
-    threads = _threads(cfg, plan)
+    threads, repriced = _threads(cfg, plan)
     if cfg.max_restarts and not cfg.checkpoint_every:
         sys.stderr.write(f"note: --max-restarts without --checkpoint-every saves only after step {cfg.steps}, so a "
                          f"restart starts over\n")
-    return _launch_and_report(_worker_args(dataclasses.replace(cfg, threads=threads)), plan, threads, cfg.max_restarts)
+    return _launch_and_report(dataclasses.replace(cfg, threads=threads), plan, repriced)
 
 
-def _launch_and_report(worker_args: list[str], plan: Plan, threads: int, max_restarts: int) -> int:
+def _launch_and_report(cfg: TrainConfig, plan: Plan, repriced: Plan | None) -> int:
     """Launch the ranks; print the report the reporting rank hands over (a file in a private folder) when the
-    job succeeds."""
+    job succeeds. ``repriced``: the plan at the ranks' threads, which they run and report against instead (from a
+    file in that folder; the report names ``cfg.plan``)."""
     import tempfile
 
     from autopart.run.launch import launch
-    from autopart.run.report import REPORT_HANDOFF_ENV, print_report, read_handed_report
+    from autopart.run.report import REPORT_HANDOFF_ENV, print_report, read_handed_report, write_report
 
+    assert cfg.threads is not None
     with tempfile.TemporaryDirectory(prefix="autopart-train-") as folder:
         path = os.path.join(folder, "report.json")
+        run_cfg = cfg
+        if repriced is not None:
+            run_cfg = dataclasses.replace(cfg, plan=str(repriced.to_json(os.path.join(folder, "plan.json"))))
         before = os.environ.get(REPORT_HANDOFF_ENV)
         os.environ[REPORT_HANDOFF_ENV] = path  # the ranks inherit it
         try:
-            code = launch(worker_args, plan.world_size, threads, max_restarts)  # every replica's ranks
+            code = launch(_worker_args(run_cfg), plan.world_size, cfg.threads, cfg.max_restarts)  # every replica's
         finally:
             if before is None:
                 os.environ.pop(REPORT_HANDOFF_ENV, None)
@@ -287,6 +292,10 @@ def _launch_and_report(worker_args: list[str], plan: Plan, threads: int, max_res
                 os.environ[REPORT_HANDOFF_ENV] = before
         report = read_handed_report(path) if code == 0 else None
     if report is not None:
+        if repriced is not None:  # the ranks read the re-priced copy; the report is of the user's plan
+            report = dataclasses.replace(report, plan=cfg.plan)
+            if cfg.report:
+                write_report(report, cfg.report)
         print_report(report, plan.microbatch_size)
     return code
 
@@ -324,14 +333,33 @@ def _check_microbatch_size(cfg: TrainConfig, plan: Plan) -> None:
         sys.stderr.write(note + "\n")
 
 
-def _threads(cfg: TrainConfig, plan: Plan) -> int:
-    """CPU threads per rank (:func:`autopart.run.resources.rank_threads`); said when the prediction assumes
-    another count than the ranks get."""
-    from autopart.run.resources import rank_threads, threads_note
+def _threads(cfg: TrainConfig, plan: Plan) -> tuple[int, Plan | None]:
+    """CPU threads per rank (:func:`autopart.run.resources.rank_threads`), and, when they are not the plan's, the
+    plan re-priced at them from its profile (None: the same count, a GPU run, or a profile that cannot say:
+    :func:`autopart.run.resources.plan_at_threads`); said when the prediction assumes another count than the
+    ranks get."""
+    from autopart.measure.profiler import cpu_cores
+    from autopart.run.microbatch import profile_of_plan
+    from autopart.run.resources import plan_at_threads, rank_threads, threads_note
 
-    cores = os.cpu_count() or 1
+    cores = cpu_cores()
     threads = rank_threads(cfg.threads, plan.threads, cores, plan.world_size)
-    note = threads_note(plan, threads, cores)
-    if note and cfg.device != "cuda":
+    if cfg.device == "cuda" or threads == plan.threads or not plan.threads:
+        return threads, None
+    profile, where, found = profile_of_plan(plan, cfg.plan)
+    repriced = plan_at_threads(plan, profile, threads) if profile is not None and _same_size(cfg, plan) else None
+    if repriced is not None:  # the ranks read the copy from another folder
+        repriced = dataclasses.replace(repriced, profile=os.path.abspath(found))
+    note = threads_note(plan, threads, cores, repriced, where)
+    if note:
         sys.stderr.write(note + "\n")
-    return threads
+    return threads, repriced
+
+
+def _same_size(cfg: TrainConfig, plan: Plan) -> bool:
+    """The run's micro-batches are the plan's size (``--global-batch`` keeps it, or is not given)."""
+    from autopart.run.microbatch import replica_batch
+
+    if cfg.global_batch is None or plan.microbatch_size is None:
+        return True
+    return plan.microbatch_size_for(replica_batch(plan, cfg.global_batch)) == plan.microbatch_size

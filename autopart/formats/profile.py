@@ -8,6 +8,7 @@ bytes (1 PiB), naming the block and the value.
 """
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -17,6 +18,7 @@ from autopart.formats.atomic import write_json_atomic
 from autopart.formats.jsonfields import Fields, check_plausible, load_json_file
 from autopart.formats.precision import DEFAULT_PRECISION, check_precision, precision_of_old_file
 from autopart.formats.record import read_record, saved, write_record
+from autopart.formats.units import plural
 from autopart.formats.version import check_version
 
 __all__ = ["PROFILE_SCHEMA", "PROFILE_FEATURES", "BATCHNORM_MODES", "LayerProfile", "Profile", "Tie"]
@@ -152,6 +154,13 @@ class Profile:
     by_microbatch_size: tuple[tuple[int, tuple[LayerProfile, ...]], ...] = field(default=(), metadata=saved(omit=((),)))
     """The same blocks measured at other micro-batch sizes (``--microbatch-size 1,2,4,8``), written as an
     object of size: layers."""
+    cpu_cores: int | None = field(default=None, metadata=saved(minimum=1, omit=(None,)))
+    """CPU cores the profiling process could use (``os.sched_getaffinity``): what ranks on this machine share.
+    None: a GPU profile, or one from before it was recorded."""
+    by_threads: tuple[tuple[int, tuple[LayerProfile, ...]], ...] = field(default=(), metadata=saved(omit=((),)))
+    """The same blocks timed at other CPU thread counts (``--threads``; by default 1 besides all cores), at
+    ``microbatch_size``, written as an object of threads: layers. Only the times differ from ``layers``
+    (:meth:`Profile.at_threads` reads them)."""
     batchnorm: str | None = field(default=None, metadata=saved(omit=(None, "")))
     """How BatchNorm layers kept their running statistics while measured: "deferred" (once per mini-batch,
     :mod:`autopart.measure.batchnorm`) or "micro" (PyTorch's, per micro-batch); None: the model has none."""
@@ -171,11 +180,43 @@ class Profile:
             if [x.name for x in layers] != names:
                 raise AutopartError(f"profile of {self.model!r}: the blocks measured at micro-batch size {size} "
                                     f"are not the same as at {self.microbatch_size}")
+        if self.by_threads and not self.threads:
+            raise AutopartError(f"profile of {self.model!r} has by_threads but no threads (the main layers' count)")
+        for threads, layers in self.by_threads:
+            if [x.name for x in layers] != names:
+                raise AutopartError(f"profile of {self.model!r}: the blocks timed at {plural(threads, 'thread')} "
+                                    f"are not the same as at {self.threads}")
+            if threads == self.threads:
+                raise AutopartError(f"profile of {self.model!r}: by_threads repeats the main thread count {threads}")
 
     def sizes(self) -> dict[int, tuple[LayerProfile, ...]]:
         """Every measured micro-batch size and its layers, smallest first."""
         found = {self.microbatch_size: self.layers, **dict(self.by_microbatch_size)}
         return dict(sorted(found.items()))
+
+    def thread_counts(self) -> dict[int, tuple[LayerProfile, ...]]:
+        """Every thread count the blocks were timed at and its layers, fewest first; empty when the profile does
+        not say (a GPU's, or one from before threads were recorded)."""
+        found = {**({self.threads: self.layers} if self.threads else {}), **dict(self.by_threads)}
+        return dict(sorted(found.items()))
+
+    def at_threads(self, threads: int) -> "Profile":
+        """This profile's blocks at ``threads`` CPU threads, with ``threads`` set to it: a measured count's own
+        times; between two measured counts, per block and per time, ``a + b / threads`` through the two nearest;
+        beyond the measured range, the nearest measured count's (:meth:`thread_counts` says the range). Blocks at
+        other micro-batch sizes (``by_microbatch_size``, timed at ``threads`` only) are scaled by the same
+        per-block ratio as the main size's. Bytes are the same at any count. The result holds that count only
+        (no ``by_threads``): its times are what a cost model reads."""
+        if threads < 1:
+            raise AutopartError(f"threads must be >= 1, got {threads}")
+        counts = self.thread_counts()
+        if not counts or threads == self.threads:
+            return dataclasses.replace(self, threads=threads, by_threads=())
+        layers = tuple(_between(counts, threads, i) for i in range(len(self.layers)))
+        sizes = tuple((size, tuple(_scaled(other, before, after) for other, before, after
+                                   in zip(others, self.layers, layers)))
+                      for size, others in self.by_microbatch_size)
+        return dataclasses.replace(self, threads=threads, layers=layers, by_microbatch_size=sizes, by_threads=())
 
     @property
     def names(self) -> list[str]:
@@ -192,7 +233,9 @@ class Profile:
 
     def to_dict(self) -> dict[str, Any]:
         return write_record(self, by_microbatch_size={str(size): [x.to_dict() for x in layers]
-                                                      for size, layers in self.by_microbatch_size})
+                                                      for size, layers in self.by_microbatch_size},
+                            by_threads={str(threads): [x.to_dict() for x in layers]
+                                        for threads, layers in self.by_threads})
 
     def to_json(self, path: str | Path) -> Path:
         """Write the profile to ``path`` atomically."""
@@ -212,22 +255,13 @@ class Profile:
             ties.append(read_record(Tie, Fields(item, f"{source}: ties[{i}]")))
             check_plausible(f"{source}: ties[{i}]", [("tie_bytes", ties[-1].bytes)])
         check_plausible(source, [("input_bytes", f.integer("input_bytes", required=False, default=0))])
-        others = []
-        raw_sizes = f.obj.get("by_microbatch_size") or {}
-        if not isinstance(raw_sizes, dict):
-            raise AutopartError(f"{source}: by_microbatch_size must be an object of size -> layers")
-        for key, items in raw_sizes.items():
-            if not str(key).isdigit() or int(key) < 1:
-                raise AutopartError(f"{source}: by_microbatch_size key {key!r} is not a micro-batch size")
-            if not isinstance(items, list) or len(items) != len(layers):
-                raise AutopartError(f"{source}: by_microbatch_size[{key}] must list {len(layers)} layers")
-            others.append((int(key), tuple(LayerProfile.from_dict(item, f"{source}: by_microbatch_size[{key}][{i}]")
-                                           for i, item in enumerate(items))))
+        others = _layer_sets(f, "by_microbatch_size", "size", "a micro-batch size", len(layers))
+        by_threads = _layer_sets(f, "by_threads", "threads", "a thread count", len(layers))
         dtype = f.string("dtype")
         precision = f.string("precision", required=False) or precision_of_old_file(dtype)
         check_precision(precision, f.at("precision"))
         return read_record(Profile, f, schema=schema, features=features, layers=layers, ties=tuple(ties),
-                           by_microbatch_size=tuple(others), batchnorm=f.choice("batchnorm", BATCHNORM_MODES),
+                           by_microbatch_size=others, by_threads=by_threads, batchnorm=f.choice("batchnorm", BATCHNORM_MODES),
                            dtype=dtype, precision=precision)
 
     @staticmethod
@@ -235,3 +269,71 @@ class Profile:
         """Read and validate a profile file."""
         return Profile.from_dict(load_json_file(path, "profile"), source=f"profile {str(path)!r}")
 
+
+
+def _layer_sets(f: Fields, key: str, what: str, meaning: str, count: int
+                ) -> tuple[tuple[int, tuple[LayerProfile, ...]], ...]:
+    """An object of ``what`` (a positive integer) -> ``count`` layers, such as ``by_microbatch_size``."""
+    raw = f.obj.get(key) or {}
+    if not isinstance(raw, dict):
+        raise AutopartError(f"{f.at(key)} must be an object of {what} -> layers")
+    out = []
+    for name, items in raw.items():
+        if not str(name).isdigit() or int(name) < 1:
+            raise AutopartError(f"{f.where}: {key} key {name!r} is not {meaning}")
+        if not isinstance(items, list) or len(items) != count:
+            raise AutopartError(f"{f.where}: {key}[{name}] must list {count} layers")
+        out.append((int(name), tuple(LayerProfile.from_dict(item, f"{f.where}: {key}[{name}][{i}]")
+                                     for i, item in enumerate(items))))
+    return tuple(out)
+
+
+_THREAD_TIMES = ("forward_ms", "backward_ms", "forward_iqr_ms", "backward_iqr_ms", "optimizer_ms")
+"""The fields of :class:`LayerProfile` that depend on the CPU thread count (with ``input_grad_ms`` and
+``optimizer_ms_by_name``); the rest are bytes."""
+
+
+def _through(low: tuple[int, float], high: tuple[int, float], threads: int) -> float:
+    """``a + b / threads`` through the points (threads, time) ``low`` and ``high`` (fewer threads first)."""
+    (t1, y1), (t2, y2) = low, high
+    b = (y1 - y2) / (1 / t1 - 1 / t2)
+    return y1 - b / t1 + b / threads
+
+
+def _between(counts: dict[int, tuple[LayerProfile, ...]], threads: int, i: int) -> LayerProfile:
+    """Block ``i`` at ``threads``: measured, interpolated between the two nearest counts, or the nearest's."""
+    if threads in counts:
+        return counts[threads][i]
+    below = [t for t in counts if t < threads]
+    above = [t for t in counts if t > threads]
+    if not below or not above:
+        return counts[max(below) if below else min(above)][i]
+    lo, hi = counts[max(below)][i], counts[min(above)][i]
+    t1, t2 = max(below), min(above)
+
+    def at(a: float, b: float) -> float:
+        return _through((t1, a), (t2, b), threads)
+
+    changes: dict[str, Any] = {name: at(getattr(lo, name), getattr(hi, name)) for name in _THREAD_TIMES}
+    if lo.input_grad_ms is not None and hi.input_grad_ms is not None:
+        changes["input_grad_ms"] = at(lo.input_grad_ms, hi.input_grad_ms)
+    high_by_name = dict(hi.optimizer_ms_by_name)
+    changes["optimizer_ms_by_name"] = tuple((name, at(ms, high_by_name[name])) for name, ms in lo.optimizer_ms_by_name
+                                            if name in high_by_name)
+    return dataclasses.replace(lo, **changes)
+
+
+def _scaled(other: LayerProfile, before: LayerProfile, after: LayerProfile) -> LayerProfile:
+    """``other`` (the same block at another micro-batch size) with each time scaled as ``before`` became ``after``."""
+
+    def ratio(name: str) -> float:
+        was = getattr(before, name)
+        return getattr(after, name) / was if was else 1.0
+
+    changes: dict[str, Any] = {name: getattr(other, name) * ratio(name) for name in _THREAD_TIMES}
+    if other.input_grad_ms is not None and before.input_grad_ms and after.input_grad_ms is not None:
+        changes["input_grad_ms"] = other.input_grad_ms * after.input_grad_ms / before.input_grad_ms
+    was, now = dict(before.optimizer_ms_by_name), dict(after.optimizer_ms_by_name)
+    changes["optimizer_ms_by_name"] = tuple((name, ms * now[name] / was[name] if was.get(name) and name in now else ms)
+                                            for name, ms in other.optimizer_ms_by_name)
+    return dataclasses.replace(other, **changes)

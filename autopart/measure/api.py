@@ -23,7 +23,7 @@ from autopart.formats.units import format_bytes
 from autopart.measure.blocks import cannot_run
 from autopart.measure.empty import on_meta_device
 from autopart.measure.hf import hf_fields, is_hf_spec
-from autopart.measure.profiler import profile_model
+from autopart.measure.profiler import cpu_cores, profile_model
 from autopart.measure.spec import (Example, LossFn, ModelBundle, call_model, load_model, parse_dtype,
                                    require_parameters, shape_example)
 from autopart.measure.stream import load_with_weights, on_meta
@@ -64,8 +64,11 @@ class ProfileConfig:
     """Untimed passes per block first."""
     batchnorm: Literal["deferred", "micro"] = "deferred"
     """BatchNorm as train runs it: deferred (running statistics once per step) or micro (PyTorch's)."""
-    threads: int | None = None
-    """CPU threads for torch while measuring (sets torch's global thread count); None: torch's choice."""
+    threads: int | tuple[int, ...] | None = None
+    """CPU threads for torch while measuring: one count, or several, each timed and stored (the first is the
+    profile's ``threads``, the others its ``by_threads``, at the first micro-batch size); None: every core this
+    process may use (:func:`~autopart.measure.profiler.cpu_cores`) and, where there are several, 1 besides.
+    CPU only; given, it sets torch's global thread count to the first."""
     seed: int = 0
     """Seed for the random weights and inputs."""
     build: Literal["auto", "whole", "by-block"] = "auto"
@@ -77,9 +80,22 @@ class ProfileConfig:
             raise AutopartError(f"repeats must be >= 1, got {self.repeats}")
         if self.warmup < 0:
             raise AutopartError(f"warmup must be >= 0, got {self.warmup}")
-        if self.threads is not None and self.threads < 1:
-            raise AutopartError(f"threads must be >= 1, got {self.threads}")
+        counts = (self.threads,) if isinstance(self.threads, int) else self.threads or ()
+        if any(count < 1 for count in counts):
+            raise AutopartError(f"threads must be >= 1, got {min(counts)}")
+        if len(set(counts)) != len(counts):
+            raise AutopartError(f"threads {', '.join(map(str, counts))} repeats a count")
         _request(self, apply=False)  # the device and the dtypes, checked now
+
+    def thread_counts(self) -> tuple[int, ...]:
+        """The CPU thread counts to time the blocks at, the profile's first: ``threads``, else every core this
+        process may use and 1 besides (where there are several)."""
+        if isinstance(self.threads, int):
+            return (self.threads,)
+        if self.threads:
+            return self.threads
+        cores = cpu_cores()
+        return (cores, 1) if cores > 1 else (cores,)
 
 
 @dataclass(frozen=True)
@@ -148,19 +164,23 @@ def measure(prepared: Prepared, config: ProfileConfig | None = None, *,
     loss of a model autopart brings data for (built-ins, hf:) is measured in the last block."""
     config = config or ProfileConfig()
     bundle, module, examples = prepared.bundle, prepared.module, prepared.examples
+    counts = config.thread_counts() if _device(config.device).type == "cpu" else ()
+    passes = [max(1, len(counts))] + [1] * (len(examples) - 1)  # other sizes: at the first count only
     profiles = []
     for k, example in enumerate(examples):
         label = f" (micro-batch {example[0].shape[0]})" if len(examples) > 1 else ""
 
         def one(name: str, done: int, total: int, label: str = label, k: int = k) -> None:
             if progress is not None:
-                progress(name + label, k * total + done, len(examples) * total)
+                blocks = total // passes[k]
+                progress(name + label, sum(passes[:k]) * blocks + done, sum(passes) * blocks)
 
         loss_fn, target = _loss_and_target(bundle, module, example)
         inputs = dict(zip(bundle.input_names, example)) if bundle.input_names else example
         profiles.append(profile_model(module, inputs, name=prepared.spec, warmup=config.warmup,
                                       repeats=config.repeats, progress=one, loss_fn=loss_fn, target=target,
-                                      batchnorm=config.batchnorm, precision=training_precision(config).name))
+                                      batchnorm=config.batchnorm, precision=training_precision(config).name,
+                                      threads=counts if k == 0 else counts[:1]))
     others = tuple((p.microbatch_size, p.layers) for p in profiles[1:])
     return dataclasses.replace(profiles[0], by_microbatch_size=others) if others else profiles[0]
 
@@ -176,9 +196,9 @@ def _check_rows(model: str, examples: tuple[Example, ...]) -> None:
 
 def _request(config: ProfileConfig, apply: bool = True) -> _Request:
     """``config`` parsed to torch values (one-line errors for bad ones); ``apply``: set torch's thread count."""
-    if apply and config.threads is not None:
-        torch.set_num_threads(config.threads)
     device = _device(config.device)
+    if apply and config.threads is not None and device.type == "cpu":
+        torch.set_num_threads(config.thread_counts()[0])
     precision = training_precision(config)
     sizes: list[int | None] = list(config.microbatch_sizes) or [None]
     return _Request(device=device, precision=precision, dtype=param_dtype(precision), input_shape=config.input_shape,

@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import os
 from typing import Any, Callable, ContextManager, Iterator, Mapping, Sequence
 
 import torch
@@ -44,7 +45,7 @@ from autopart.measure.timing import (
     time_block,
 )
 
-__all__ = ["profile_model", "ProgressFn"]
+__all__ = ["profile_model", "ProgressFn", "cpu_cores"]
 
 
 @contextlib.contextmanager
@@ -130,7 +131,8 @@ def _module_device_dtype(module: nn.Module, example: Sequence[torch.Tensor]) -> 
 def profile_model(module: nn.Module, example: torch.Tensor | Sequence[torch.Tensor] | Mapping[str, torch.Tensor], *,
                   name: str = "model", warmup: int = 2, repeats: int = 7, progress: ProgressFn | None = None,
                   loss_fn: Callable[[Any, Any], torch.Tensor] | None = None, target: Any = None,
-                  batchnorm: str = "deferred", precision: str | None = None) -> Profile:
+                  batchnorm: str = "deferred", precision: str | None = None,
+                  threads: Sequence[int] = ()) -> Profile:
     """Profile ``module`` on one micro-batch ``example``: a tensor, a tuple of tensors, or keyword inputs.
 
     The module is profiled where it is (its device and dtype) in training mode,
@@ -142,7 +144,9 @@ def profile_model(module: nn.Module, example: torch.Tensor | Sequence[torch.Tens
     :class:`~autopart.measure.batchnorm.DeferredBatchNorm` while measuring. ``precision``
     (:mod:`autopart.formats.precision`): each forward and the loss run under its autocast when it is mixed,
     so activation and output bytes are its sizes; its parameter dtype must be the module's. None: the
-    module's dtype says (float32 is fp32, bfloat16 bf16-true).
+    module's dtype says (float32 is fp32, bfloat16 bf16-true). ``threads`` (CPU only): the torch thread counts
+    to time the blocks at, the first for ``layers`` and each other for ``by_threads`` (the thread count is
+    restored after); empty: torch's current count only. A CPU profile records ``cpu_cores``.
     """
     if repeats < 1:
         raise AutopartError(f"repeats must be >= 1, got {repeats}")
@@ -166,7 +170,7 @@ def profile_model(module: nn.Module, example: torch.Tensor | Sequence[torch.Tens
                                         dtype=meta_dtype, warmup=warmup, repeats=repeats,
                                         progress=progress, loss_fn=loss_fn, target=target,
                                         precision=_precision_for(precision, meta_dtype))
-        return dataclasses.replace(streamed, batchnorm=mode)
+        return dataclasses.replace(streamed, batchnorm=mode, cpu_cores=_cores(example_t[0].device))
     device, dtype = _module_device_dtype(module, example_t)
     chosen = _precision_for(precision, dtype)
     bad = [str(t.device) for t in example_t if t.device != device]
@@ -182,7 +186,9 @@ def profile_model(module: nn.Module, example: torch.Tensor | Sequence[torch.Tens
     crossing = chain.crossing_bytes()
     clock = Clock(device)
     layers = []
-    with _preserved(module, device), deferred_batchnorm(module, mode or "micro"):
+    counts = list(threads) if device.type == "cpu" else []
+    passes = max(1, len(counts))
+    with _preserved(module, device), deferred_batchnorm(module, mode or "micro"), _thread_count(counts[:1]):
         if mode == "deferred":  # the blocks again, with the swapped layers
             chain.reload_blocks()
             blocks = chain.blocks
@@ -208,9 +214,47 @@ def profile_model(module: nn.Module, example: torch.Tensor | Sequence[torch.Tens
                 input_grad_ms=i_ms, output_saved_bytes=output_saved[i],
             ))
             if progress is not None:
-                progress(block_name, i + 1, len(blocks))
-    profile = make_profile(name, device, dtype, example_t, layers, ties, repeats, warmup,
-                       loss_fn is not None and target is not None, chosen)
-    return dataclasses.replace(profile, batchnorm=mode)
+                progress(block_name, i + 1, passes * len(blocks))
+        profile = make_profile(name, device, dtype, example_t, layers, ties, repeats, warmup,
+                               loss_fn is not None and target is not None, chosen)
+        by_threads = []
+        for k, count in enumerate(counts[1:], start=1):  # the same blocks and inputs, timed at another count
+            with _thread_count([count]):
+                again = []
+                for i, (block_name, block) in enumerate(blocks):
+                    last = i == len(blocks) - 1
+                    f_ms, b_ms, f_iqr, b_iqr, _, i_ms = time_block(block, inputs[i], clock, warmup, repeats, device,
+                                                                  loss if last else None, chosen)
+                    optimizer_ms, by_name = optimizer_times(block, clock)
+                    again.append(dataclasses.replace(layers[i], forward_ms=f_ms, backward_ms=b_ms,
+                                                     forward_iqr_ms=f_iqr, backward_iqr_ms=b_iqr, input_grad_ms=i_ms,
+                                                     optimizer_ms=optimizer_ms, optimizer_ms_by_name=by_name))
+                    if progress is not None:
+                        progress(f"{block_name} ({count} thread{'s' * (count != 1)})", k * len(blocks) + i + 1,
+                                 passes * len(blocks))
+            by_threads.append((count, tuple(again)))
+    return dataclasses.replace(profile, batchnorm=mode, cpu_cores=_cores(device), by_threads=tuple(by_threads))
+
+
+@contextlib.contextmanager
+def _thread_count(counts: Sequence[int]) -> Iterator[None]:
+    """torch's CPU thread count set to ``counts[0]`` (none given: left as it is), restored on exit."""
+    was = torch.get_num_threads()
+    if counts:
+        torch.set_num_threads(counts[0])
+    try:
+        yield
+    finally:
+        torch.set_num_threads(was)
+
+
+def cpu_cores() -> int:
+    """The CPU cores this process may run on (``os.sched_getaffinity``): what ranks on this machine share."""
+    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+
+
+def _cores(device: torch.device) -> int | None:
+    """:func:`cpu_cores` on a CPU; None on a GPU."""
+    return cpu_cores() if device.type == "cpu" else None
 
 

@@ -23,7 +23,8 @@ from autopart.formats.units import format_bytes, parse_bytes, plural
 if TYPE_CHECKING:
     from autopart.measure.spec import ModelBundle
 
-__all__ = ["RunPlan", "microbatch_shape", "plan_for_run", "replica_batch", "replan_commands", "partition_command"]
+__all__ = ["RunPlan", "microbatch_shape", "plan_for_run", "profile_of_plan", "replica_batch", "replan_commands",
+           "partition_command"]
 
 
 @dataclass(frozen=True)
@@ -49,7 +50,7 @@ def plan_for_run(plan: Plan, plan_path: str, global_batch: int | None) -> RunPla
 
     change = (f"--global-batch {global_batch} makes micro-batches of {size}, the plan's are "
               f"{plan.microbatch_size} ({plural(plan.microbatches, 'micro-batch')})")
-    profile, where, found = _profile_of(plan, plan_path)
+    profile, where, found = profile_of_plan(plan, plan_path)
     if profile is None or size not in profile.sizes():
         known = (f"its profile {where} was not measured at {size} (only {sorted(profile.sizes())})"
                  if profile is not None else f"its profile {where}")
@@ -79,7 +80,7 @@ def replica_batch(plan: Plan, global_batch: int) -> int:
     return global_batch // d
 
 
-def _profile_of(plan: Plan, plan_path: str) -> tuple[Profile | None, str, str]:
+def profile_of_plan(plan: Plan, plan_path: str) -> tuple[Profile | None, str, str]:
     """The plan's profile (its path as partition was given it, from here or from the plan's folder), how to
     name it, and the path it was found at: None and why when it cannot be read."""
     if not plan.profile:

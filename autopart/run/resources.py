@@ -1,15 +1,20 @@
 """What a rank gets from its machine, set and checked against the plan: CPU threads and device memory.
 
 Pure arithmetic and messages; the rank (:mod:`autopart.run.loop`) reads the
-numbers from torch and its environment and applies them.
+numbers from torch and its environment and applies them. A plan whose ranks get
+fewer threads than its profile's is re-priced from the profile's times at
+that count (:func:`plan_at_threads`).
 """
 from __future__ import annotations
 
+import dataclasses
+
 from autopart.errors import AutopartError
 from autopart.formats.plan import Plan
-from autopart.formats.units import format_bytes, plural
+from autopart.formats.profile import Profile
+from autopart.formats.units import format_bytes, format_ms, plural
 
-__all__ = ["rank_threads", "threads_note", "planned_rank_bytes", "check_device_memory"]
+__all__ = ["rank_threads", "threads_note", "plan_at_threads", "planned_rank_bytes", "check_device_memory"]
 
 
 def rank_threads(requested: int | None, plan_threads: int | None, cores: int, ranks_here: int) -> int:
@@ -19,14 +24,32 @@ def rank_threads(requested: int | None, plan_threads: int | None, cores: int, ra
     return requested or (plan_threads if plan_threads and plan_threads <= fair else fair)
 
 
-def threads_note(plan: Plan, threads: int, cores: int) -> str | None:
+def threads_note(plan: Plan, threads: int, cores: int, repriced: Plan | None = None, profile: str = "") -> str | None:
     """What to say when the ranks get another thread count than the profile measured with; None when the same
-    (or the plan does not say)."""
+    (or the plan does not say). ``repriced``: the plan at ``threads`` (:func:`plan_at_threads`) from its profile
+    ``profile``, which the run's report then predicts with."""
     if not plan.threads or threads == plan.threads:
         return None
-    return (f"note: the plan's times were measured with {plan.threads} CPU threads; each of its "
-            f"{plural(plan.world_size, 'rank')} gets {threads} ({plural(cores, 'core')} here), so expect the measured "
-            f"step to differ from the prediction (profile with --threads {threads} to match)")
+    start = (f"note: the plan's times were measured with {plan.threads} CPU threads; each of its "
+             f"{plural(plan.world_size, 'rank')} gets {threads} ({plural(cores, 'core')} here)")
+    if repriced is not None:
+        return (f"{start}: the prediction is re-simulated from its profile {profile} at "
+                f"{plural(threads, 'thread')}: {format_ms(repriced.predicted.step_ms)} a step (the plan says "
+                f"{format_ms(plan.predicted.step_ms)})")
+    return f"{start}, so expect the measured step to differ from the prediction (profile with --threads {threads} to match)"
+
+
+def plan_at_threads(plan: Plan, profile: Profile, threads: int) -> Plan | None:
+    """``plan``'s split, schedule and recomputation priced from ``profile`` at ``threads`` CPU threads per rank
+    (:meth:`Profile.at_threads`), as a run whose ranks get that many runs it; None when the profile timed one
+    thread count only (nothing to re-price from) or not the plan's micro-batch size."""
+    from autopart.core.resize import plan_at_microbatch_size
+
+    size = plan.microbatch_size or profile.microbatch_size
+    if not profile.by_threads or size not in profile.sizes():
+        return None
+    repriced = plan_at_microbatch_size(plan, profile.at_threads(threads), size)
+    return dataclasses.replace(repriced, threads=threads, scaling=plan.scaling, runners_up=plan.runners_up)
 
 
 def planned_rank_bytes(plan: Plan, rank: int) -> int:
