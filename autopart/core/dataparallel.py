@@ -15,9 +15,10 @@ its D replicas (a ring over the slowest link the group crosses) starts when
 that rank's last backward ends in the simulated step and must end before
 the rank's optimizer step. The part the drain does not hide is
 ``Predicted.allreduce_ms``. The fastest step (time per global batch) that
-fits every device wins; ties (to 9 significant digits) go to less memory
-per device, then fewer replicas, fewer micro-batches, and the schedule
-listed first.
+fits every device wins, unless a configuration within the profile's noise
+band of it has a less busy busiest rank (:mod:`autopart.core.choice`);
+ties (to 9 significant digits) go to less memory per device, then fewer
+replicas, fewer micro-batches, and the schedule listed first.
 
 A one-rank pipeline (K = 1) is not tried under a schedule of several stages per rank
 (Interleaved1F1B, ZBVZeroBubble) when a schedule of one is: on one rank
@@ -28,7 +29,9 @@ Pruning: a configuration whose lower bound (no bubble it cannot avoid, no
 sends, no all-reduce, no recomputation) is slower than the best so far
 (to the 9 digits steps tie at: one that may tie could win on memory) is
 not split; configurations are scored in the order of their bounds, so the
-best is found early and most are skipped; nor one whose weights alone, spread evenly, exceed a device.
+best is found early and most are skipped; once the fastest is known, the
+skipped ones whose bound is within its noise band are scored after all (the
+choice may prefer one); nor one whose weights alone, spread evenly, exceed a device.
 Neither can change the answer (``tests/test_dataparallel_plan.py`` checks it
 against the unpruned search).
 
@@ -45,6 +48,7 @@ from dataclasses import dataclass
 from typing import Callable, Sequence
 
 from autopart.core.blocks import BlockCosts
+from autopart.core.choice import busiest_compute_ms, choose, noise_band
 from autopart.core.costmodel import CostModel
 from autopart.core.partition import split_given, uniform_balance
 from autopart.core.placement import Placement, divisors, place
@@ -198,6 +202,8 @@ class Configuration:
     """Why it lost to the best (empty for the best)."""
     balance: tuple[int, ...] = ()
     layout: str = ""
+    busiest_ms: float = 0.0
+    """The busiest rank's compute per step (:func:`autopart.core.choice.busiest_compute_ms`)."""
 
     @property
     def label(self) -> str:
@@ -290,7 +296,7 @@ def _configuration(plan: Plan, sim: Simulation, layout: str) -> Configuration:
                          bubble_fraction=sim.bubble_fraction,
                          comm_share=(plan.predicted.allreduce_ms + sends) / step if step > 0 else 0.0,
                          memory_bytes=max(sim.peak_memory_bytes, default=0), memory_limit_bytes=limit,
-                         fits=plan.fits, balance=plan.balance, layout=layout)
+                         fits=plan.fits, balance=plan.balance, layout=layout, busiest_ms=busiest_compute_ms(plan))
 
 
 def _lower_bound_ms(scaled: Profile, speed: float, stages: int, microbatches: int, schedule: str,
@@ -380,6 +386,9 @@ def _why(c: Configuration, best: Configuration) -> str:
         return f"{need}{format_bytes(c.memory_bytes)} > {format_bytes(c.memory_limit_bytes or 0)} per device"
     if not c.scored:
         return f"lower bound {format_ms(c.step_ms)} >= best {format_ms(best.step_ms)} (not split)"
+    if c.step_ms < best.step_ms and not _same(c.step_ms, best.step_ms):
+        return (f"{best.step_ms / c.step_ms - 1:.1%} faster, within the profile's noise; busier rank: "
+                f"{format_ms(c.busiest_ms)} vs {format_ms(best.busiest_ms)} of compute per step")
     if _same(c.step_ms, best.step_ms):
         if c.memory_bytes != best.memory_bytes:
             return f"same time, more memory: {format_bytes(c.memory_bytes)} vs {format_bytes(best.memory_bytes)}"
@@ -488,22 +497,35 @@ def plan_cluster(profile: Profile, cluster: Cluster, model: CostModel, *, global
     pending.sort()
     scored: list[tuple[Configuration, Plan]] = []
     best_ms = math.inf
-    for bound, k, d, m, size, name, per_rank in pending:
-        if prune and _tie_ms(bound) > _tie_ms(best_ms):  # loses outright: one that may tie is scored (memory)
-            skipped.append(Configuration(k, d, m, size, name, per_rank, bound, 0.0, 0.0, 0.0, 0, limit,
-                                         fits=True, scored=False))
-            continue
+    deferred: list[tuple[float, int, int, int, int, str, int]] = []
+
+    def score(bound: float, k: int, d: int, m: int, size: int, name: str, per_rank: int) -> None:
         try:
             plan, sim, layout = scorer.score(k, d, m, size, name, per_rank)
         except AutopartError as exc:  # no split fits, or the schedule cannot run it
             reasons.append(f"{k}x{d} {name} M={m}: {exc}")
             skipped.append(Configuration(k, d, m, size, name, per_rank, math.inf, 0.0, 0.0, 0.0, 0, limit,
                                          fits=False, scored=False, why=str(exc)))
+            return
+        scored.append((_configuration(plan, sim, layout), plan))
+
+    for item in pending:
+        if prune and _tie_ms(item[0]) > _tie_ms(best_ms):  # loses outright: one that may tie is scored (memory)
+            deferred.append(item)
             continue
-        config = _configuration(plan, sim, layout)
-        scored.append((config, plan))
-        if config.fits:
-            best_ms = min(best_ms, config.step_ms)
+        score(*item)
+        if scored and scored[-1][0].fits:
+            best_ms = min(best_ms, scored[-1][0].step_ms)
+    # the fastest is found: what its noise band makes a tie is scored too (the choice may prefer it)
+    fastest = min((p for c, p in scored if c.fits), key=lambda p: p.predicted.step_ms, default=None)
+    band = _tie_ms(best_ms * (1 + noise_band(fastest, profile))) if fastest is not None else best_ms
+    for item in deferred:
+        if _tie_ms(item[0]) <= band:
+            score(*item)
+        else:
+            bound, k, d, m, size, name, per_rank = item
+            skipped.append(Configuration(k, d, m, size, name, per_rank, bound, 0.0, 0.0, 0.0, 0, limit,
+                                         fits=True, scored=False))
     if not scored:
         if skipped:
             c = min(skipped, key=lambda c: c.memory_bytes or math.inf)
@@ -519,12 +541,19 @@ def plan_cluster(profile: Profile, cluster: Cluster, model: CostModel, *, global
         raise AutopartError(f"no configuration fits: the closest, {best_config.label} {best_config.schedule} "
                             f"M={best_config.microbatches}, needs {format_bytes(best_config.memory_bytes)} > "
                             f"{format_bytes(best_config.memory_limit_bytes or 0)} per device")
+    fitting = [item for item in scored if item[0].fits]
+    best, _ = choose([p for _, p in fitting], profile)
+    at = next(i for i, (_, p) in enumerate(scored) if p.microbatches == best.microbatches and p.schedule ==
+              best.schedule and p.data_parallel == best.data_parallel and p.balance == best.balance and
+              p.stages_per_rank == best.stages_per_rank)
+    best_config = scored[at][0]
+    scored.insert(0, scored.pop(at))
     tried = [best_config] + [dataclasses.replace(c, why=_why(c, best_config)) for c, _ in scored[1:]]
     tried += [dataclasses.replace(c, why=c.why or _why(c, best_config))
               for c in sorted(skipped, key=lambda c: _order_key(c, names))]
     runners = tuple(Candidate(schedule=c.schedule, microbatches=c.microbatches, stages_per_rank=c.stages_per_rank,
                               step_ms=c.step_ms, balance=c.balance, data_parallel=c.data_parallel,
-                              allreduce_ms=c.allreduce_ms)
+                              allreduce_ms=c.allreduce_ms, busiest_ms=c.busiest_ms)
                     for c in tried[1:] if c.scored and c.fits)[:keep]
     return ClusterSearch(best=dataclasses.replace(best, runners_up=runners), tried=tuple(tried),
                          layout=best_config.layout)
