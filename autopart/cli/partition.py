@@ -415,7 +415,8 @@ def _print_what_if(search: ClusterSearch, rows: int = 6) -> None:
             table.add_row(c.label, name, str(c.microbatches), str(c.microbatch_size), time, memory, "-", "-", "-",
                           c.why, style="dim")
             continue
-        slower = f"{c.step_ms / best.step_ms - 1:+.1%}" if best.step_ms else "-"
+        ratio = c.step_ms / best.step_ms - 1 if best.step_ms else 0.0
+        slower = f"{ratio if abs(ratio) > 1e-9 else 0.0:+.1%}" if best.step_ms else "-"
         table.add_row(c.label, name, str(c.microbatches), str(c.microbatch_size), format_ms(c.step_ms),
                       format_bytes(c.memory_bytes) + ("" if c.fits else " (no fit)"), f"{c.bubble_fraction:.1%}",
                       f"{c.comm_share:.1%}", "best" if c is best else slower, c.why or "chosen",
@@ -425,7 +426,7 @@ def _print_what_if(search: ClusterSearch, rows: int = 6) -> None:
     noise = plan.predicted.noise or 0.0
     if runner is None:
         reason = "the only configuration that fits"
-    elif runner.step_ms < best.step_ms:
+    elif (plan.predicted.margin or 0.0) < 0:  # a faster one lost inside the noise band
         reason = (f"{best.step_ms / runner.step_ms - 1:.1%} slower than the fastest predicted, {runner.label} "
                   f"{runner.schedule} M={runner.microbatches}, but within the profile's noise ({noise:.1%}); more "
                   f"balanced (busiest rank {format_ms(best.busiest_ms)} vs {format_ms(runner.busiest_ms)} of "
