@@ -8,6 +8,7 @@ import itertools
 import json
 import random
 from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
 
@@ -169,3 +170,40 @@ def test_replicated_candidates_name_their_shape() -> None:
     c = dataclasses.replace(plan_partition(_profile(BLOCKS, 0.05), 2, CostModel(microbatches=2)).runners_up[0],
                             data_parallel=2)
     assert c.label == "2x2 1F1B M=2 [4, 1]"
+
+
+def test_the_autotune_summary_compares_step_optimal_and_bottleneck_errors() -> None:
+    """benchmarks/autotune.py's summary on hand-made points: step-optimal errors -20% and -30%, bottleneck -5%
+    and +5%, and one point that is both, -10%: 20% vs 6.7%, 13.3 points apart; the planner's pick 4% from the
+    best measured; two predictions off by more than 15%."""
+    from benchmarks.autotune import Point, error_summary, summary_line
+
+    def point(method: str, predicted: float, measured: float, both: bool = False) -> Point:
+        return Point("1F1B", 2, method, Path("p.json"), [1, 1], predicted_ms=predicted, measured_ms=(measured,),
+                     bottleneck_too=both)
+
+    points = [point("exact", 80, 100), point("exact", 70, 100), point("exact", 99, 110, both=True),
+              point("bottleneck", 95, 100), point("bottleneck", 109.2, 104)]
+    summary = error_summary(points, points[4])
+    assert summary["mean_abs_error_exact"] == pytest.approx(0.2)
+    assert summary["mean_abs_error_bottleneck"] == pytest.approx(0.2 / 3)
+    assert summary["error_gap_points"] == pytest.approx(40 / 3)
+    assert summary["error_gap_within_5_points"] is False
+    assert summary["planner_vs_best_measured"] == pytest.approx(0.04) and summary["planner_within_5pct"] is True
+    assert summary["predictions_within_15pct"] == "3/5" and summary["every_prediction_within_15pct"] is False
+    assert summary_line(summary) == ("mean |error|: step-optimal 20.0%, bottleneck 6.7%: +13.3 points apart "
+                                     "(target: within 5); the planner's choice 4.0% from the best measured "
+                                     "(target: 5%); predictions within 15%: 3/5")
+
+
+def test_autotune_prices_actions_from_the_profile_when_it_measured_them() -> None:
+    from benchmarks.autotune import action_cost, step_optimal_balance
+
+    profile = _profile(BLOCKS)
+    assert action_cost(profile, 1.25) == (["--overhead", "1.2500ms"], "a fitted overhead of 1.25 ms per action")
+    # a profile that measured the runtime's action cost (issue 21, part A adds Profile.action_ms)
+    measured = SimpleNamespace(action_ms=0.5)
+    assert action_cost(measured, 1.25) == ([], "the profile's measured action cost, 0.50 ms")  # type: ignore[arg-type]
+    balanced = plan_partition(_profile(BLOCKS, 0.05), 2, CostModel(microbatches=2))
+    fastest = plan_partition(_profile(BLOCKS, 0.01), 2, CostModel(microbatches=2))
+    assert step_optimal_balance(balanced) == step_optimal_balance(fastest) == [4, 1]
