@@ -24,8 +24,12 @@ every device's memory under the schedule's in-flight micro-batches: every
 split is simulated when there are few enough (the plan says "exact"),
 otherwise a local search from the bottleneck-optimal split (the plan says
 "local"). Among equal steps, the smallest slowest stage wins, then the most
-even split. --method bottleneck gives the smallest possible slowest stage.
-Stages that fit only with activation recomputation get it."""
+even split. The bottleneck-optimal split is scored too: when its step is
+within the profile's noise band of the fastest (the busiest rank's blocks'
+interquartile ranges over their medians) and its busiest rank computes
+less, it is chosen; the plan records the margin and the band. --method
+bottleneck gives the smallest possible slowest stage. Stages that fit only
+with activation recomputation get it."""
 
 FORMATS = ("table", "json", "balance", "split-spec", "fqns")
 

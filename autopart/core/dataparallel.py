@@ -29,11 +29,12 @@ Pruning: a configuration whose lower bound (no bubble it cannot avoid, no
 sends, no all-reduce, no recomputation) is slower than the best so far
 (to the 9 digits steps tie at: one that may tie could win on memory) is
 not split; configurations are scored in the order of their bounds, so the
-best is found early and most are skipped; once the fastest is known, the
-skipped ones whose bound is within its noise band are scored after all (the
-choice may prefer one); nor one whose weights alone, spread evenly, exceed a device.
-Neither can change the answer (``tests/test_dataparallel_plan.py`` checks it
-against the unpruned search).
+best is found early and most are skipped; nor one whose weights alone, spread evenly, exceed a device.
+Neither can change the fastest configuration (``tests/test_dataparallel_plan.py`` checks it
+against the unpruned search). The choice within the noise band weighs the
+configurations scored (where it is free): one skipped by its bound is never
+preferred, so with ``prune=False`` (every configuration scored) a noisy
+profile's choice may be a more balanced one still.
 
 Left out: ZeRO (optimizer state sharded over the replicas: the executor does
 not run it), the all-reduce overlapping earlier backwards than the rank's
@@ -48,7 +49,7 @@ from dataclasses import dataclass
 from typing import Callable, Sequence
 
 from autopart.core.blocks import BlockCosts
-from autopart.core.choice import busiest_compute_ms, choose, noise_band
+from autopart.core.choice import busiest_compute_ms, choose
 from autopart.core.costmodel import CostModel
 from autopart.core.partition import split_given, uniform_balance
 from autopart.core.placement import Placement, divisors, place
@@ -497,35 +498,22 @@ def plan_cluster(profile: Profile, cluster: Cluster, model: CostModel, *, global
     pending.sort()
     scored: list[tuple[Configuration, Plan]] = []
     best_ms = math.inf
-    deferred: list[tuple[float, int, int, int, int, str, int]] = []
-
-    def score(bound: float, k: int, d: int, m: int, size: int, name: str, per_rank: int) -> None:
+    for bound, k, d, m, size, name, per_rank in pending:
+        if prune and _tie_ms(bound) > _tie_ms(best_ms):  # loses outright: one that may tie is scored (memory)
+            skipped.append(Configuration(k, d, m, size, name, per_rank, bound, 0.0, 0.0, 0.0, 0, limit,
+                                         fits=True, scored=False))
+            continue
         try:
             plan, sim, layout = scorer.score(k, d, m, size, name, per_rank)
         except AutopartError as exc:  # no split fits, or the schedule cannot run it
             reasons.append(f"{k}x{d} {name} M={m}: {exc}")
             skipped.append(Configuration(k, d, m, size, name, per_rank, math.inf, 0.0, 0.0, 0.0, 0, limit,
                                          fits=False, scored=False, why=str(exc)))
-            return
-        scored.append((_configuration(plan, sim, layout), plan))
-
-    for item in pending:
-        if prune and _tie_ms(item[0]) > _tie_ms(best_ms):  # loses outright: one that may tie is scored (memory)
-            deferred.append(item)
             continue
-        score(*item)
-        if scored and scored[-1][0].fits:
-            best_ms = min(best_ms, scored[-1][0].step_ms)
-    # the fastest is found: what its noise band makes a tie is scored too (the choice may prefer it)
-    fastest = min((p for c, p in scored if c.fits), key=lambda p: p.predicted.step_ms, default=None)
-    band = _tie_ms(best_ms * (1 + noise_band(fastest, profile))) if fastest is not None else best_ms
-    for item in deferred:
-        if _tie_ms(item[0]) <= band:
-            score(*item)
-        else:
-            bound, k, d, m, size, name, per_rank = item
-            skipped.append(Configuration(k, d, m, size, name, per_rank, bound, 0.0, 0.0, 0.0, 0, limit,
-                                         fits=True, scored=False))
+        config = _configuration(plan, sim, layout)
+        scored.append((config, plan))
+        if config.fits:
+            best_ms = min(best_ms, config.step_ms)
     if not scored:
         if skipped:
             c = min(skipped, key=lambda c: c.memory_bytes or math.inf)
