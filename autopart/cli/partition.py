@@ -25,8 +25,12 @@ every device's memory under the schedule's in-flight micro-batches: every
 split is simulated when there are few enough (the plan says "exact"),
 otherwise a local search from the bottleneck-optimal split (the plan says
 "local"). Among equal steps, the smallest slowest stage wins, then the most
-even split. --method bottleneck gives the smallest possible slowest stage.
-Stages that fit only with activation recomputation get it."""
+even split. The bottleneck-optimal split is scored too: when its step is
+within the profile's noise band of the fastest (the busiest rank's blocks'
+interquartile ranges over their medians) and its busiest rank computes
+less, it is chosen; the plan records the margin and the band. --method
+bottleneck gives the smallest possible slowest stage. Stages that fit only
+with activation recomputation get it."""
 
 FORMATS = ("table", "json", "balance", "split-spec", "fqns")
 
@@ -378,7 +382,34 @@ def _print_plan(plan: Plan) -> None:
             runners.add_row(name, str(c.microbatches), format_ms(c.step_ms),
                             f"{c.step_ms / pred.step_ms - 1:+.1%}", str(list(c.balance)))
         console.print(runners)
+    line = choice_line(plan)
+    if line and plan.cluster is None:  # with a cluster, the what-if's "chosen:" line says it
+        console.print(f"chosen: {line}", highlight=False, soft_wrap=True)
     print(f"balance: {list(plan.balance)}")
+
+
+def choice_line(plan: Plan) -> str:
+    """Why the plan won (its ``predicted.margin`` against ``predicted.noise``); "" when nothing else was scored."""
+    from autopart.core.choice import busiest_compute_ms
+    from autopart.formats.units import format_ms
+
+    pred = plan.predicted
+    if pred.margin is None or pred.noise is None or not plan.runners_up:
+        return ""
+    runner = plan.runners_up[0]
+    replicas = f"{plan.num_ranks}x{plan.data_parallel} " if plan.data_parallel > 1 else ""
+    me = f"{replicas}{plan.schedule} M={plan.microbatches} {list(plan.balance)}"
+    noise = f"{pred.noise:.1%}"
+    if pred.margin < 0:
+        slower = -pred.margin / (1 + pred.margin)
+        busiest = f" (busiest rank {format_ms(busiest_compute_ms(plan))} vs {format_ms(runner.busiest_ms)} of " \
+                  f"compute per step)" if runner.busiest_ms else ""
+        return (f"{me}: {slower:.1%} slower than the fastest predicted ({runner.label}) but within the profile's "
+                f"noise ({noise}); more balanced{busiest}")
+    if pred.margin > pred.noise:
+        return f"{me}: beats the runner-up ({runner.label}) by {pred.margin:.1%}, more than the profile's noise ({noise})"
+    return (f"{me}: the fastest predicted, {pred.margin:.1%} ahead of the runner-up ({runner.label}): within the "
+            f"profile's noise ({noise}), and no configuration within it is more balanced")
 
 
 def _print_given(plan: Plan, given: Plan) -> None:
@@ -435,19 +466,28 @@ def _print_what_if(search: ClusterSearch, rows: int = 6) -> None:
             table.add_row(c.label, name, str(c.microbatches), str(c.microbatch_size), time, memory, "-", "-", "-",
                           c.why, style="dim")
             continue
-        slower = f"{max(c.step_ms / best.step_ms - 1, 0.0):+.1%}" if best.step_ms else "-"
+        ratio = c.step_ms / best.step_ms - 1 if best.step_ms else 0.0
+        slower = f"{ratio if abs(ratio) > 1e-9 else 0.0:+.1%}" if best.step_ms else "-"
         table.add_row(c.label, name, str(c.microbatches), str(c.microbatch_size), format_ms(c.step_ms),
                       format_bytes(c.memory_bytes) + ("" if c.fits else " (no fit)"), f"{c.bubble_fraction:.1%}",
                       f"{c.comm_share:.1%}", "best" if c is best else slower, c.why or "chosen",
                       style="bold" if c is best else "")
     console.print(table)
     runner = next((c for c in search.tried[1:] if c.scored and c.fits), None)
+    noise = plan.predicted.noise or 0.0
     if runner is None:
         reason = "the only configuration that fits"
+    elif (plan.predicted.margin or 0.0) < 0:  # a faster one lost inside the noise band
+        reason = (f"{best.step_ms / runner.step_ms - 1:.1%} slower than the fastest predicted, {runner.label} "
+                  f"{runner.schedule} M={runner.microbatches}, but within the profile's noise ({noise:.1%}); more "
+                  f"balanced (busiest rank {format_ms(best.busiest_ms)} vs {format_ms(runner.busiest_ms)} of "
+                  f"compute per step)")
     else:
         reason = (f"{runner.step_ms / best.step_ms - 1:.1%} faster than the next, {runner.label} {runner.schedule} "
                   f"M={runner.microbatches} ({runner.why})" if runner.step_ms > best.step_ms
                   else f"ties with {runner.label} {runner.schedule} M={runner.microbatches} ({runner.why})")
+        margin = plan.predicted.margin or 0.0
+        reason += f"; {'more than' if margin > noise else 'within'} the profile's noise ({noise:.1%})"
     console.print(f"chosen: {plural(plan.num_ranks, 'pipeline rank')} x {plural(plan.data_parallel, 'replica')}, "
                   f"{plan.schedule}, "
                   f"{plural(plan.microbatches, 'micro-batch')} of {plan.microbatch_size}: "

@@ -15,9 +15,10 @@ its D replicas (a ring over the slowest link the group crosses) starts when
 that rank's last backward ends in the simulated step and must end before
 the rank's optimizer step. The part the drain does not hide is
 ``Predicted.allreduce_ms``. The fastest step (time per global batch) that
-fits every device wins; ties (to 9 significant digits) go to less memory
-per device, then fewer replicas, fewer micro-batches, and the schedule
-listed first.
+fits every device wins, unless a configuration within the profile's noise
+band of it has a less busy busiest rank (:mod:`autopart.core.choice`);
+ties (to 9 significant digits) go to less memory per device, then fewer
+replicas, fewer micro-batches, and the schedule listed first.
 
 A one-rank pipeline (K = 1) is not tried under a schedule of several stages per rank
 (Interleaved1F1B, ZBVZeroBubble) when a schedule of one is: on one rank
@@ -29,8 +30,11 @@ sends, no all-reduce, no recomputation) is slower than the best so far
 (to the 9 digits steps tie at: one that may tie could win on memory) is
 not split; configurations are scored in the order of their bounds, so the
 best is found early and most are skipped; nor one whose weights alone, spread evenly, exceed a device.
-Neither can change the answer (``tests/test_dataparallel_plan.py`` checks it
-against the unpruned search).
+Neither can change the fastest configuration (``tests/test_dataparallel_plan.py`` checks it
+against the unpruned search). The choice within the noise band weighs the
+configurations scored (where it is free): one skipped by its bound is never
+preferred, so with ``prune=False`` (every configuration scored) a noisy
+profile's choice may be a more balanced one still.
 
 Left out: ZeRO (optimizer state sharded over the replicas: the executor does
 not run it), the all-reduce overlapping earlier backwards than the rank's
@@ -45,6 +49,7 @@ from dataclasses import dataclass
 from typing import Callable, Sequence
 
 from autopart.core.blocks import BlockCosts
+from autopart.core.choice import busiest_compute_ms, choose
 from autopart.core.costmodel import CostModel
 from autopart.core.partition import split_given, uniform_balance
 from autopart.core.placement import Placement, divisors, place
@@ -198,6 +203,8 @@ class Configuration:
     """Why it lost to the best (empty for the best)."""
     balance: tuple[int, ...] = ()
     layout: str = ""
+    busiest_ms: float = 0.0
+    """The busiest rank's compute per step (:func:`autopart.core.choice.busiest_compute_ms`)."""
 
     @property
     def label(self) -> str:
@@ -290,7 +297,7 @@ def _configuration(plan: Plan, sim: Simulation, layout: str) -> Configuration:
                          bubble_fraction=sim.bubble_fraction,
                          comm_share=(plan.predicted.allreduce_ms + sends) / step if step > 0 else 0.0,
                          memory_bytes=max(sim.peak_memory_bytes, default=0), memory_limit_bytes=limit,
-                         fits=plan.fits, balance=plan.balance, layout=layout)
+                         fits=plan.fits, balance=plan.balance, layout=layout, busiest_ms=busiest_compute_ms(plan))
 
 
 def _lower_bound_ms(scaled: Profile, speed: float, stages: int, microbatches: int, schedule: str,
@@ -380,6 +387,9 @@ def _why(c: Configuration, best: Configuration) -> str:
         return f"{need}{format_bytes(c.memory_bytes)} > {format_bytes(c.memory_limit_bytes or 0)} per device"
     if not c.scored:
         return f"lower bound {format_ms(c.step_ms)} >= best {format_ms(best.step_ms)} (not split)"
+    if c.step_ms < best.step_ms and not _same(c.step_ms, best.step_ms):
+        return (f"{best.step_ms / c.step_ms - 1:.1%} faster, within the profile's noise; busier rank: "
+                f"{format_ms(c.busiest_ms)} vs {format_ms(best.busiest_ms)} of compute per step")
     if _same(c.step_ms, best.step_ms):
         if c.memory_bytes != best.memory_bytes:
             return f"same time, more memory: {format_bytes(c.memory_bytes)} vs {format_bytes(best.memory_bytes)}"
@@ -519,12 +529,19 @@ def plan_cluster(profile: Profile, cluster: Cluster, model: CostModel, *, global
         raise AutopartError(f"no configuration fits: the closest, {best_config.label} {best_config.schedule} "
                             f"M={best_config.microbatches}, needs {format_bytes(best_config.memory_bytes)} > "
                             f"{format_bytes(best_config.memory_limit_bytes or 0)} per device")
+    fitting = [item for item in scored if item[0].fits]
+    best, _ = choose([p for _, p in fitting], profile)
+    at = next(i for i, (_, p) in enumerate(scored) if p.microbatches == best.microbatches and p.schedule ==
+              best.schedule and p.data_parallel == best.data_parallel and p.balance == best.balance and
+              p.stages_per_rank == best.stages_per_rank)
+    best_config = scored[at][0]
+    scored.insert(0, scored.pop(at))
     tried = [best_config] + [dataclasses.replace(c, why=_why(c, best_config)) for c, _ in scored[1:]]
     tried += [dataclasses.replace(c, why=c.why or _why(c, best_config))
               for c in sorted(skipped, key=lambda c: _order_key(c, names))]
     runners = tuple(Candidate(schedule=c.schedule, microbatches=c.microbatches, stages_per_rank=c.stages_per_rank,
                               step_ms=c.step_ms, balance=c.balance, data_parallel=c.data_parallel,
-                              allreduce_ms=c.allreduce_ms)
+                              allreduce_ms=c.allreduce_ms, busiest_ms=c.busiest_ms)
                     for c in tried[1:] if c.scored and c.fits)[:keep]
     return ClusterSearch(best=dataclasses.replace(best, runners_up=runners), tried=tuple(tried),
                          layout=best_config.layout)

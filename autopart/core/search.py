@@ -7,14 +7,18 @@
 For every schedule and every micro-batch count M that divides the global
 batch (micro-batch size = global batch / M), the profile is scaled to that
 micro-batch size (:mod:`autopart.core.scaling`), split exactly under that
-schedule's in-flight memory, and its step simulated; the fastest that fits
-wins, and the plan lists the runners-up. Pure (no torch).
+schedule's in-flight memory, and its step simulated; with ``--method exact``
+each configuration's bottleneck-optimal split is scored beside its
+step-optimal one. Of the candidates that fit, the fastest wins unless another
+is within the profile's noise band of it and more balanced
+(:mod:`autopart.core.choice`); the plan lists the runners-up. Pure (no torch).
 """
 from __future__ import annotations
 
 import dataclasses
 from typing import Callable, Sequence
 
+from autopart.core.choice import busiest_compute_ms, choose
 from autopart.core.costmodel import CostModel, Problem
 from autopart.core.fastest import RankMemory, split_fastest
 from autopart.core.methods import split
@@ -70,7 +74,8 @@ def plan_search(profile: Profile, rank_devices: Sequence[Device], model: CostMod
                 global_batch: int | None = None, search_microbatches: bool = False,
                 schedules: Sequence[tuple[str, int]] | None = None, profile_path: str = "",
                 keep: int = 5) -> Plan:
-    """The fastest plan that fits memory, over the schedules and micro-batch counts asked for.
+    """The fastest plan that fits memory, over the schedules and micro-batch counts asked for, or a more
+    balanced one within the profile's noise band of it (:func:`autopart.core.choice.choose`).
 
     ``model`` fixes optimizer state, sends and recomputation, and (unless
     searched) the schedule, its stages per rank and the micro-batch count.
@@ -110,6 +115,11 @@ def plan_search(profile: Profile, rank_devices: Sequence[Device], model: CostMod
             if plan.fits:
                 # ties go to the schedule that needs less memory
                 tried.append((plan.predicted.step_ms, max(st.cost.memory_bytes for st in plan.stages), plan))
+                if method == "exact" and len(plan.stages) > 1:  # the balanced split the choice may prefer
+                    balanced = _bottleneck_plan(scaled, how, size, rank_devices, candidate, profile_path)
+                    if balanced is not None:
+                        tried.append((balanced.predicted.step_ms,
+                                      max(st.cost.memory_bytes for st in balanced.stages), balanced))
             else:
                 reasons.append(f"{name} M={m}: the {method} split does not fit memory")
                 unfit = unfit or plan
@@ -121,10 +131,21 @@ def plan_search(profile: Profile, rank_devices: Sequence[Device], model: CostMod
         detail = reasons[-1] if reasons else "no candidate"
         raise AutopartError(f"no schedule and micro-batch count fits ({len(reasons)} tried); last: {detail}")
     tried.sort(key=lambda item: (item[0], item[1]))
-    best = tried[0][2]
+    best, others = choose([p for _, _, p in tried], profile)
     runners = tuple(Candidate(schedule=p.schedule, microbatches=p.microbatches, stages_per_rank=p.stages_per_rank,
-                              step_ms=step, balance=p.balance) for step, _, p in tried[1: 1 + keep])
+                              step_ms=p.predicted.step_ms, balance=p.balance, busiest_ms=busiest_compute_ms(p))
+                    for p in others[:keep])
     return dataclasses.replace(best, runners_up=runners)
+
+
+def _bottleneck_plan(scaled: Profile, how: str, size: int, rank_devices: Sequence[Device], model: CostModel,
+                     profile_path: str) -> Plan | None:
+    """The configuration's bottleneck-optimal split, scored like the exact one (None: it does not fit)."""
+    try:
+        plan = plan_one(scaled, how, size, rank_devices, model, splitter("bottleneck"), profile_path)
+    except AutopartError:
+        return None
+    return plan if plan.fits else None
 
 
 def _rank_memory(rank_devices: Sequence[Device], model: CostModel) -> RankMemory | None:

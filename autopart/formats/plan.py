@@ -81,6 +81,17 @@ class Candidate:
     """Replicas of the pipeline (:attr:`Plan.data_parallel`); written when more than 1."""
     allreduce_ms: float = field(default=0.0, metadata=saved(omit=(0.0,)))
     """The exposed gradient all-reduce in ``step_ms`` (:attr:`Predicted.allreduce_ms`); written when not 0."""
+    busiest_ms: float = field(default=0.0, metadata=saved(omit=(0.0,)))
+    """Its busiest rank's compute per step (micro-batches x forward and backward per micro-batch): what the
+    choice prefers less of within the noise band (:attr:`Predicted.noise`); 0 in files from before it was
+    recorded."""
+
+    @property
+    def label(self) -> str:
+        """``ZBVZeroBubble M=4 [8, 8, 9, 1]`` (with ``2x2`` before it for a replicated pipeline)."""
+        replicas = f"{len(self.balance) // self.stages_per_rank}x{self.data_parallel} " if self.data_parallel > 1 \
+            else ""
+        return f"{replicas}{self.schedule} M={self.microbatches} {list(self.balance)}"
 
 
 @dataclass(frozen=True)
@@ -98,6 +109,22 @@ class Predicted:
     allreduce_ms: float = field(default=0.0, metadata=saved(omit=(0.0,)))
     """The part of the gradient all-reduce over the data-parallel replicas that the pipeline's drain does not
     hide (the slowest stage's), included in ``step_ms``; 0 with one replica."""
+    margin: float | None = field(default=None, metadata=saved(minimum=-1.0, omit=(None,)))
+    """How much slower the fastest other configuration the search scored is than this plan, relative
+    (0.12: 12% slower; negative when a faster one lost to this within the noise band); None: nothing else was
+    scored, or a file from before it was recorded (docs/partition.md, "The choice and the noise band")."""
+    noise: float | None = field(default=None, metadata=saved(omit=(None,)))
+    """The relative band of the fastest scored configuration's step implied by the profile's spread: its
+    busiest rank's blocks' interquartile ranges over their medians. Steps within it of the fastest are ties,
+    won by the more balanced split. None: not computed (a single scored split, or an older file)."""
+
+    @property
+    def decisive(self) -> bool | None:
+        """Whether the plan beats every other scored configuration by more than the noise band (None: not
+        known)."""
+        if self.margin is None or self.noise is None:
+            return None
+        return self.margin > self.noise
 
 
 def _optimizer_name(f: Fields) -> str:
