@@ -77,8 +77,9 @@ class Problem:
                  forward_ms: Sequence[float] | None = None, param_bytes: Sequence[float] | None = None,
                  activation_bytes: Sequence[float] | None = None, output_bytes: Sequence[float] | None = None,
                  input_bytes: float = 0.0, names: Sequence[str] | None = None,
-                 optimizer_ms: Sequence[float] | None = None) -> None:
-        """``blocks`` is a :class:`BlockCosts`, or the compute times with the other arrays as keywords."""
+                 optimizer_ms: Sequence[float] | None = None, loss_ms: float = 0.0) -> None:
+        """``blocks`` is a :class:`BlockCosts`, or the compute times with the other arrays as keywords;
+        ``loss_ms``: the part of the model's last block's compute that is the loss (shown apart)."""
         costs = blocks if isinstance(blocks, BlockCosts) else BlockCosts.of(
             blocks, forward_ms=forward_ms, param_bytes=param_bytes, activation_bytes=activation_bytes,
             output_bytes=output_bytes, input_bytes=input_bytes, names=names, optimizer_ms=optimizer_ms)
@@ -88,6 +89,8 @@ class Problem:
         if k > n:
             raise AutopartError(f"{plural(k, 'stage')} > {plural(n, 'block')}: every stage needs at least one block")
         self.blocks, self.model, self.devices = costs, model, tuple(devices)
+        self.loss_ms = float(loss_ms)
+        """The loss's forward and backward per micro-batch: in the model's last block's compute, shown apart."""
         self.n, self.k, self.names = n, k, costs.names
         self.speed = _frozen(np.array([d.speed for d in devices], dtype=np.float64))
         self.limit = _frozen(np.array([np.inf if d.memory_bytes is None else float(d.memory_bytes)
@@ -202,16 +205,32 @@ class Problem:
 
     @classmethod
     def from_profile(cls, profile: Profile, devices: Sequence[Device], model: CostModel) -> "Problem":
-        return cls(BlockCosts.from_profile(profile, model.optimizer), devices, model)
+        """The profile's blocks, the loss in the last one (added to it when the profile timed it apart), and
+        the runtime's measured cost per action (``profile.action_ms``) when ``model`` gives no overhead."""
+        last = profile.layers[-1]
+        loss_ms = last.loss_forward_ms + last.loss_backward_ms
+        if loss_ms > 0 and not profile.loss_in_last_block:
+            grad = None if last.input_grad_ms is None else last.input_grad_ms + last.loss_backward_ms
+            last = dataclasses.replace(last, forward_ms=last.forward_ms + last.loss_forward_ms,
+                                       backward_ms=last.backward_ms + last.loss_backward_ms, input_grad_ms=grad)
+            profile = dataclasses.replace(profile, layers=(*profile.layers[:-1], last), by_microbatch_size=(),
+                                          loss_in_last_block=True)
+        if model.overhead_ms == 0 and profile.action_ms > 0:
+            model = dataclasses.replace(model, overhead_ms=profile.action_ms)
+        return cls(BlockCosts.from_profile(profile, model.optimizer), devices, model, loss_ms=loss_ms)
 
     def reversed(self) -> "Problem":
         """The mirror image: block n-1 first, stage K-1 first. Stage (i, j) here is
         stage (K-1-s, n-1-j, n-1-i) there, with the same time and memory."""
-        return MirroredProblem(self.blocks.mirrored(), self.devices[::-1], self.model)
+        return MirroredProblem(self.blocks.mirrored(), self.devices[::-1], self.model, loss_ms=self.loss_ms)
 
     def _like(self, devices: Sequence[Device], model: CostModel) -> "Problem":
         """The same blocks, running the same way, on other devices or under another model."""
-        return type(self)(self.blocks, devices, model)
+        return type(self)(self.blocks, devices, model, loss_ms=self.loss_ms)
+
+    def _loss_block(self) -> int:
+        """The model's last block, whose stage computes the loss."""
+        return self.n - 1
 
     def with_limits(self, limits: Floats) -> "Problem":
         """The same problem with other memory limits per stage (whole bytes; inf for none)."""
@@ -451,12 +470,13 @@ class Problem:
             rc, m = np.array([recompute]), self.memories(s, i, j)[1 if recompute else 0]
         t, _ = self.stage_times(s, i, j, rc)
         recompute = bool(rc[0])
-        parts = self._memory_parts(s, first, last, recompute)
+        parts: dict[str, Any] = dict(self._memory_parts(s, first, last, recompute))  # the memory fields, as keywords
         return StageCost(
             forward_ms=float(t.forward_ms[0]), backward_ms=float(t.backward_ms[0]),
             input_grad_ms=float(t.input_grad_ms[0]) if self._input_grad_prefix_ms is not None else None,
             send_forward_ms=float(t.send_forward_ms[0]), send_backward_ms=float(t.send_backward_ms[0]),
             optimizer_ms=float(t.optimizer_ms[0]), overhead_ms=self.model.overhead_ms,
+            loss_ms=self.loss_ms / float(self.speed[s]) if first <= self._loss_block() <= last else 0.0,
             memory_bytes=int(round(float(m[0]))), recompute=recompute, **parts)
 
     def stages(self, balance: Sequence[int], recompute: Sequence[bool] | None = None) -> list[StageCost]:
@@ -467,7 +487,33 @@ class Problem:
         for s, count in enumerate(balance):
             out.append(self.stage(s, first, first + count - 1, None if recompute is None else bool(recompute[s])))
             first += count
-        return out
+        return self._with_ties(out, balance)
+
+    def _with_ties(self, stages: list[StageCost], balance: Sequence[int]) -> list[StageCost]:
+        """The stages with their tied parameters' gradient sums (:attr:`StageCost.tie_ms`): per tie, a ring
+        all-reduce of its bytes among the ranks whose stages use it, over the link the sends use (the model's
+        bandwidth and latency; free without them). Nothing when one rank holds every copy."""
+        if not self.blocks.ties:
+            return stages
+        from autopart.core.dataparallel import ring_allreduce_ms  # the same ring the replicas' all-reduce uses
+        from autopart.formats.schedule_kinds import stage_ranks
+
+        ranks = self._per_stage(list(stage_ranks(self.model.schedule, self.k // self.model.stages_per_rank,
+                                                 self.model.stages_per_rank)))
+        stage_of = [s for s, count in enumerate(balance) for _ in range(count)]
+        bandwidth = self.model.bandwidth_bytes_per_ms * 1e3 if self.model.bandwidth_bytes_per_ms else None
+        extra: list[dict[str, float]] = [{} for _ in stages]
+        original = self._per_stage(list(range(self.n)))  # a block's index in the model's own order
+        for size, users in self.blocks.ties:
+            holders = {ranks[stage_of[u]] for u in users}
+            ms = ring_allreduce_ms(size, len(holders), bandwidth, self.model.latency_ms)
+            if ms <= 0:  # one rank holds every copy, or the link is free
+                continue
+            name = ",".join(self.names[u] for u in sorted(users, key=lambda u: original[u]))
+            for s in sorted({stage_of[u] for u in users}):
+                extra[s][name] = extra[s].get(name, 0.0) + ms
+        return [dataclasses.replace(st, tie_ms=tuple(sorted(extra[s].items()))) if extra[s] else st
+                for s, st in enumerate(stages)]
 
     def fits(self, balance: Sequence[int]) -> bool:
         """Does every stage of the split fit its device (recomputing where allowed)?"""
@@ -549,6 +595,9 @@ class MirroredProblem(Problem):
     def _per_stage(self, values: list[int]) -> list[int]:
         return values[::-1]
 
+    def _loss_block(self) -> int:
+        return 0
+
     def reversed(self) -> Problem:
         """The original problem again."""
-        return Problem(self.blocks.mirrored(), self.devices[::-1], self.model)
+        return Problem(self.blocks.mirrored(), self.devices[::-1], self.model, loss_ms=self.loss_ms)

@@ -11,7 +11,10 @@ after a synchronisation. Activation bytes come from
 ``torch.autograd.graph.saved_tensors_hooks`` during one connected forward of
 the whole chain: every storage autograd saves is counted once, in the first
 block that saves it, and parameters and buffers are excluded. The loss is not
-part of any block.
+part of any block's own time, except the last's when a loss is given; the
+loss is also timed alone on the last block's output (``loss_forward_ms``,
+``loss_backward_ms``). The pipelining runtime's own cost per action is timed
+on a tiny stage (:mod:`autopart.measure.runtime_cost`, the profile's ``action_ms``).
 
 The module is left as it was found: weights, buffers (BatchNorm running
 statistics), gradients, ``requires_grad`` flags, train/eval modes and the RNG.
@@ -166,7 +169,7 @@ def profile_model(module: nn.Module, example: torch.Tensor | Sequence[torch.Tens
                                         dtype=meta_dtype, warmup=warmup, repeats=repeats,
                                         progress=progress, loss_fn=loss_fn, target=target,
                                         precision=_precision_for(precision, meta_dtype))
-        return dataclasses.replace(streamed, batchnorm=mode)
+        return dataclasses.replace(streamed, batchnorm=mode, action_ms=_action_ms(example_t[0].device))
     device, dtype = _module_device_dtype(module, example_t)
     chosen = _precision_for(precision, dtype)
     bad = [str(t.device) for t in example_t if t.device != device]
@@ -209,8 +212,27 @@ def profile_model(module: nn.Module, example: torch.Tensor | Sequence[torch.Tens
             ))
             if progress is not None:
                 progress(block_name, i + 1, len(blocks))
+        if loss is not None:
+            loss_f, loss_b, *_ = time_block(_Output(), inputs[-1], clock, warmup, repeats, device, loss, chosen)
+            layers[-1] = dataclasses.replace(layers[-1], loss_forward_ms=loss_f, loss_backward_ms=loss_b)
     profile = make_profile(name, device, dtype, example_t, layers, ties, repeats, warmup,
                        loss_fn is not None and target is not None, chosen)
-    return dataclasses.replace(profile, batchnorm=mode)
+    return dataclasses.replace(profile, batchnorm=mode, action_ms=_action_ms(device))
+
+
+class _Output(nn.Module):
+    """The last block's output as it is: timed with the loss, the loss alone (its forward, and its backward
+    to that output)."""
+
+    def forward(self, *values: Any) -> Any:
+        return values[0] if len(values) == 1 else values
+
+
+def _action_ms(device: torch.device) -> float:
+    """The pipelining runtime's own time per action (:mod:`autopart.measure.runtime_cost`); 0 when it cannot
+    be measured in this process (a process group exists already)."""
+    from autopart.measure.runtime_cost import runtime_action_ms
+
+    return runtime_action_ms(device) or 0.0
 
 

@@ -64,7 +64,8 @@ from autopart.run.streams import BlockStreams
 from autopart.run.timeline import ActionClock
 
 __all__ = ["Pipeline", "SharedParameters", "TimedStage", "build_pipeline", "canonical_names", "check_evaluable",
-           "check_plan_against_model", "check_world_size", "in_precision", "loss_in_precision", "recompute_forward"]
+           "check_plan_against_model", "check_world_size", "in_precision", "loss_in_precision", "recompute_forward",
+           "one_stage_steps", "end_one_stage_steps"]
 
 Schedule = PipelineScheduleSingle | PipelineScheduleMulti
 """Every schedule ``get_schedule_class`` returns is one of the two."""
@@ -90,6 +91,34 @@ def check_plan_against_model(plan: Plan, blocks: Sequence[str], world_size: int,
         want = ours[diff] if diff < len(ours) else "(end)"
         raise AutopartError(f"the plan's blocks do not match model {model_name!r}: block {diff} is {got!r} in the "
                             f"plan but {want!r} in the model ({len(planned)} vs {len(ours)} blocks)")
+
+
+def one_stage_steps(module: nn.Module, microbatches: int, loss_fn: Callable[[Any, Any], torch.Tensor],
+                    device: torch.device) -> Callable[[torch.Tensor, torch.Tensor], None] | None:
+    """A step of ``module`` as the one stage of a ``GPipe`` schedule of ``microbatches`` in a world of one
+    process (gloo, in-process store): what ``train`` runs per stage less the sends (measured by
+    :mod:`autopart.measure.runtime_cost`). Call it with a batch and a target; every call runs one step.
+    None when a process group exists already (a world that is not one process). The caller destroys the
+    group it makes with :func:`end_one_stage_steps`."""
+    if dist.is_initialized():
+        return None
+    dist.init_process_group("gloo", store=dist.HashStore(), rank=0, world_size=1)
+    try:
+        stage = PipelineStage(module, 0, 1, device)
+        schedule = get_schedule_class("GPipe")(stage, n_microbatches=microbatches, loss_fn=loss_fn, scale_grads=False)
+    except BaseException:
+        dist.destroy_process_group()
+        raise
+
+    def step(x: torch.Tensor, target: torch.Tensor) -> None:
+        schedule.step(x, target=target, return_outputs=False)
+    return step
+
+
+def end_one_stage_steps() -> None:
+    """Destroy the world of one that :func:`one_stage_steps` made (nothing when none exists)."""
+    if dist.is_initialized():
+        dist.destroy_process_group()
 
 
 def check_evaluable(plan: Plan) -> None:
@@ -244,8 +273,11 @@ class Pipeline:
                 p.grad.div_(self.plan.microbatches)
         for layer in self.deferred:
             layer.commit()
-        self.shared.sync_gradients()  # a replica's tied copies summed first; the average over replicas of the
-        if self.replicas is not None:  # sums is the sum of the averages, so either order gives the same gradient
+        # a replica's tied copies summed first (timed: the report's tie sum); the average over replicas of the
+        # sums is the sum of the averages, so either order gives the same gradient
+        if self.shared.local:
+            self.clock.timed("TIE", "TIE", self.shared.sync_gradients)
+        if self.replicas is not None:
             average_gradients(self.parameters(), self.replicas.dp_group, self.replicas.data_parallel)
         self.streams.step += 1
         return losses if self.has_last else None
@@ -332,8 +364,11 @@ def build_pipeline(plan: Plan, chain: Chain, rank: int, device: torch.device, lo
     scaler = ShardedGradScaler(device=device.type, process_group=agree) if precision.scaler else None
     if scaler is not None:
         scaler.scale(torch.zeros((), device=device))  # makes its scale on every rank, not only the loss's
-    model_loss = loss_in_precision(chain.model_loss(loss_fn), precision, device, scaler)
     clock = ActionClock(rank, device)
+    precise_loss = loss_in_precision(chain.model_loss(loss_fn), precision, device, scaler)
+
+    def model_loss(out: Any, target: Any) -> torch.Tensor:  # the schedule calls it between the last stage's actions
+        return clock.timed("LOSS", "LOSS", precise_loss, out, target)
     global_ranks = [row[r] for r in plan.stage_ranks()]
     stages = [TimedStage(module, s, plan.num_stages, device, clock=clock, streams=streams, ranks=global_ranks,
                          input_args=signatures[s].inputs, output_args=signatures[s].outputs, group=group)

@@ -2,7 +2,7 @@
 
     clock = ActionClock(rank, device)
     clock.begin_step()
-    out = clock.timed("F", stage, microbatch, stage_forward, ...)   # each forward, backward, half, optimizer
+    out = clock.timed("F", "1F0", stage_forward, ...)   # each forward, backward, half, tie sum, optimizer
     events = clock.end_step()                                      # simulate.Event, ms from the step's start
 
 The events are the simulator's own type, so a measured step is a
@@ -60,7 +60,9 @@ class ActionClock:
         self._marks = []
 
     def timed(self, kind: str, action: str, fn: Callable[..., T], *args: Any, **kwargs: Any) -> T:
-        """Run ``fn`` and record it as ``action`` (``"1F0"``, ``"OPT"``) of ``kind`` (F, B, I, W, OPT)."""
+        """Run ``fn`` and record it as ``action`` (``"1F0"``, ``"OPT"``) of ``kind`` (F, B, I, W; LOSS, the loss
+        the schedule computes on the last stage's output between its actions; TIE, the tied gradients' sum with
+        the other holders, which waits for the last of them; OPT)."""
         self.doing = f"running {action}"
         if self._origin is None:  # outside a timed step (a warm-up, a check): run it untimed
             return fn(*args, **kwargs)
