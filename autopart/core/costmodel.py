@@ -77,9 +77,9 @@ class Problem:
                  forward_ms: Sequence[float] | None = None, param_bytes: Sequence[float] | None = None,
                  activation_bytes: Sequence[float] | None = None, output_bytes: Sequence[float] | None = None,
                  input_bytes: float = 0.0, names: Sequence[str] | None = None,
-                 optimizer_ms: Sequence[float] | None = None, loss_ms: float = 0.0) -> None:
+                 optimizer_ms: Sequence[float] | None = None, loss_ms: tuple[float, float] = (0.0, 0.0)) -> None:
         """``blocks`` is a :class:`BlockCosts`, or the compute times with the other arrays as keywords;
-        ``loss_ms``: the part of the model's last block's compute that is the loss (shown apart)."""
+        ``loss_ms``: the parts of the model's last block's forward and backward that are the loss (shown apart)."""
         costs = blocks if isinstance(blocks, BlockCosts) else BlockCosts.of(
             blocks, forward_ms=forward_ms, param_bytes=param_bytes, activation_bytes=activation_bytes,
             output_bytes=output_bytes, input_bytes=input_bytes, names=names, optimizer_ms=optimizer_ms)
@@ -89,8 +89,8 @@ class Problem:
         if k > n:
             raise AutopartError(f"{plural(k, 'stage')} > {plural(n, 'block')}: every stage needs at least one block")
         self.blocks, self.model, self.devices = costs, model, tuple(devices)
-        self.loss_ms = float(loss_ms)
-        """The loss's forward and backward per micro-batch: in the model's last block's compute, shown apart."""
+        self.loss_ms = loss_ms
+        """The loss's forward and backward per micro-batch: in the model's last block's, shown apart."""
         self.n, self.k, self.names = n, k, costs.names
         self.speed = _frozen(np.array([d.speed for d in devices], dtype=np.float64))
         self.limit = _frozen(np.array([np.inf if d.memory_bytes is None else float(d.memory_bytes)
@@ -208,8 +208,8 @@ class Problem:
         """The profile's blocks, the loss in the last one (added to it when the profile timed it apart), and
         the runtime's measured cost per action (``profile.action_ms``) when ``model`` gives no overhead."""
         last = profile.layers[-1]
-        loss_ms = last.loss_forward_ms + last.loss_backward_ms
-        if loss_ms > 0 and not profile.loss_in_last_block:
+        loss_ms = (last.loss_forward_ms, last.loss_backward_ms)
+        if sum(loss_ms) > 0 and not profile.loss_in_last_block:
             grad = None if last.input_grad_ms is None else last.input_grad_ms + last.loss_backward_ms
             last = dataclasses.replace(last, forward_ms=last.forward_ms + last.loss_forward_ms,
                                        backward_ms=last.backward_ms + last.loss_backward_ms, input_grad_ms=grad)
@@ -231,6 +231,13 @@ class Problem:
     def _loss_block(self) -> int:
         """The model's last block, whose stage computes the loss."""
         return self.n - 1
+
+    def _loss(self, s: int, first: int, last: int) -> dict[str, Any]:
+        """``loss_ms`` and ``loss_forward_ms`` of stage s holding blocks first..last (at its device's speed)."""
+        if not first <= self._loss_block() <= last:
+            return {}
+        forward, backward = self.loss_ms
+        return {"loss_ms": (forward + backward) / float(self.speed[s]), "loss_forward_ms": forward / float(self.speed[s])}
 
     def with_limits(self, limits: Floats) -> "Problem":
         """The same problem with other memory limits per stage (whole bytes; inf for none)."""
@@ -476,7 +483,7 @@ class Problem:
             input_grad_ms=float(t.input_grad_ms[0]) if self._input_grad_prefix_ms is not None else None,
             send_forward_ms=float(t.send_forward_ms[0]), send_backward_ms=float(t.send_backward_ms[0]),
             optimizer_ms=float(t.optimizer_ms[0]), overhead_ms=self.model.overhead_ms,
-            loss_ms=self.loss_ms / float(self.speed[s]) if first <= self._loss_block() <= last else 0.0,
+            **self._loss(s, first, last),
             memory_bytes=int(round(float(m[0]))), recompute=recompute, **parts)
 
     def stages(self, balance: Sequence[int], recompute: Sequence[bool] | None = None) -> list[StageCost]:

@@ -135,7 +135,7 @@ def _predicted_terms(plan: Plan, sim: Simulation, rank: int) -> dict[str, float]
             terms[{"SEND": "sends", "TIE": "tie sum", "OPT": "optimizer"}[e.kind]] += length
             continue
         cost = plan.stages[Action.parse(e.action).stage].cost
-        loss = cost.loss_ms if e.kind == "F" else 0.0  # once per micro-batch: its forward and backward
+        loss = cost.loss_forward_ms if e.kind == "F" else 0.0  # its backward is in the backward action
         terms["action cost"] += cost.overhead_ms
         terms["loss"] += loss
         terms["compute"] += length - cost.overhead_ms - loss
