@@ -152,8 +152,14 @@ def test_the_profiler_times_the_loss_and_the_runtimes_action_cost() -> None:
 
     torch.manual_seed(0)
     model = nn.Sequential(nn.Linear(32, 64), nn.ReLU(), nn.Linear(64, 512))
-    profile = profile_model(model, torch.randn(8, 32), loss_fn=nn.functional.cross_entropy,
-                            target=torch.randint(0, 512, (8,)), warmup=1, repeats=5)
+    from autopart.run.stages import one_stage_world
+
+    x, target = torch.randn(8, 32), torch.randint(0, 512, (8,))
+    rng = torch.get_rng_state()
+    profile = profile_model(model, x, loss_fn=nn.functional.cross_entropy, target=target, warmup=1, repeats=5,
+                            runtime=one_stage_world)
+    assert torch.equal(torch.get_rng_state(), rng)  # the tiny stage's weights drew from a forked generator
+    assert profile_model(model, x).action_ms == 0.0  # no runtime given: not measured
     last = profile.layers[-1]
     assert profile.loss_in_last_block and last.loss_forward_ms > 0 and last.loss_backward_ms > 0
     assert all(x.loss_forward_ms == x.loss_backward_ms == 0.0 for x in profile.layers[:-1])

@@ -37,10 +37,11 @@ from autopart.core.training import CostModel
 from autopart.errors import AutopartError
 from autopart.formats.devices import Device
 from autopart.formats.profile import Profile
+from autopart.formats.schedule_kinds import stage_ranks
 from autopart.formats.stage import StageCost
 from autopart.formats.units import plural
 
-__all__ = ["CostModel", "BlockCosts", "Problem", "MirroredProblem"]
+__all__ = ["CostModel", "BlockCosts", "Problem", "MirroredProblem", "ring_allreduce_ms"]
 
 Ints = npt.NDArray[np.int64]
 Floats = npt.NDArray[np.float64]
@@ -502,9 +503,6 @@ class Problem:
         bandwidth and latency; free without them). Nothing when one rank holds every copy."""
         if not self.blocks.ties:
             return stages
-        from autopart.core.dataparallel import ring_allreduce_ms  # the same ring the replicas' all-reduce uses
-        from autopart.formats.schedule_kinds import stage_ranks
-
         ranks = self._per_stage(list(stage_ranks(self.model.schedule, self.k // self.model.stages_per_rank,
                                                  self.model.stages_per_rank)))
         stage_of = [s for s, count in enumerate(balance) for _ in range(count)]
@@ -539,6 +537,19 @@ class Problem:
         """
         return float(max(self._compute_prefix_ms[-1] / self.speed.sum(),
                          self.blocks.compute_ms.max() / self.speed.max()))
+
+
+def ring_allreduce_ms(grad_bytes: float, replicas: int, bytes_per_s: float | None, latency_ms: float = 0.0) -> float:
+    """A ring all-reduce of ``grad_bytes`` over ``replicas`` ranks: each sends and receives 2(D-1)/D of the
+    bytes over its link (``bytes_per_s`` per direction; None: free) in 2(D-1) steps of ``latency_ms`` each.
+    0 for one replica."""
+    if replicas < 1:
+        raise AutopartError(f"replicas must be >= 1, got {replicas}")
+    if replicas == 1:
+        return 0.0
+    steps = 2 * (replicas - 1)
+    transfer = 0.0 if bytes_per_s is None else steps / replicas * grad_bytes / bytes_per_s * 1e3
+    return transfer + steps * latency_ms
 
 
 class RangeMax:

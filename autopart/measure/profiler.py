@@ -13,7 +13,7 @@ the whole chain: every storage autograd saves is counted once, in the first
 block that saves it, and parameters and buffers are excluded. The loss is not
 part of any block's own time, except the last's when a loss is given; the
 loss is also timed alone on the last block's output (``loss_forward_ms``,
-``loss_backward_ms``). The pipelining runtime's own cost per action is timed
+``loss_backward_ms``). Given the runtime, its own cost per action is timed
 on a tiny stage (:mod:`autopart.measure.runtime_cost`, the profile's ``action_ms``).
 
 The module is left as it was found: weights, buffers (BatchNorm running
@@ -34,6 +34,7 @@ from autopart.formats.profile import BATCHNORM_MODES, LayerProfile, Profile
 from autopart.measure.amp import autocast, param_dtype
 from autopart.measure.batchnorm import batchnorm_layers, deferred_batchnorm
 from autopart.measure.blocks import NamedBlock, call_block, cannot_run, chain_of, tensors_of
+from autopart.measure.runtime_cost import Runtime, runtime_action_ms
 from autopart.measure.timing import (
     Clock,
     ProgressFn,
@@ -133,7 +134,7 @@ def _module_device_dtype(module: nn.Module, example: Sequence[torch.Tensor]) -> 
 def profile_model(module: nn.Module, example: torch.Tensor | Sequence[torch.Tensor] | Mapping[str, torch.Tensor], *,
                   name: str = "model", warmup: int = 2, repeats: int = 7, progress: ProgressFn | None = None,
                   loss_fn: Callable[[Any, Any], torch.Tensor] | None = None, target: Any = None,
-                  batchnorm: str = "deferred", precision: str | None = None) -> Profile:
+                  batchnorm: str = "deferred", precision: str | None = None, runtime: Runtime | None = None) -> Profile:
     """Profile ``module`` on one micro-batch ``example``: a tensor, a tuple of tensors, or keyword inputs.
 
     The module is profiled where it is (its device and dtype) in training mode,
@@ -145,7 +146,9 @@ def profile_model(module: nn.Module, example: torch.Tensor | Sequence[torch.Tens
     :class:`~autopart.measure.batchnorm.DeferredBatchNorm` while measuring. ``precision``
     (:mod:`autopart.formats.precision`): each forward and the loss run under its autocast when it is mixed,
     so activation and output bytes are its sizes; its parameter dtype must be the module's. None: the
-    module's dtype says (float32 is fp32, bfloat16 bf16-true).
+    module's dtype says (float32 is fp32, bfloat16 bf16-true). ``runtime``
+    (:func:`autopart.run.stages.one_stage_world`): the pipelining runtime, whose own cost per action the profile
+    records (``action_ms``; 0 without it).
     """
     if repeats < 1:
         raise AutopartError(f"repeats must be >= 1, got {repeats}")
@@ -169,7 +172,7 @@ def profile_model(module: nn.Module, example: torch.Tensor | Sequence[torch.Tens
                                         dtype=meta_dtype, warmup=warmup, repeats=repeats,
                                         progress=progress, loss_fn=loss_fn, target=target,
                                         precision=_precision_for(precision, meta_dtype))
-        return dataclasses.replace(streamed, batchnorm=mode, action_ms=_action_ms(example_t[0].device))
+        return dataclasses.replace(streamed, batchnorm=mode, action_ms=_action_ms(example_t[0].device, runtime))
     device, dtype = _module_device_dtype(module, example_t)
     chosen = _precision_for(precision, dtype)
     bad = [str(t.device) for t in example_t if t.device != device]
@@ -217,7 +220,7 @@ def profile_model(module: nn.Module, example: torch.Tensor | Sequence[torch.Tens
             layers[-1] = dataclasses.replace(layers[-1], loss_forward_ms=loss_f, loss_backward_ms=loss_b)
     profile = make_profile(name, device, dtype, example_t, layers, ties, repeats, warmup,
                        loss_fn is not None and target is not None, chosen)
-    return dataclasses.replace(profile, batchnorm=mode, action_ms=_action_ms(device))
+    return dataclasses.replace(profile, batchnorm=mode, action_ms=_action_ms(device, runtime))
 
 
 class _Output(nn.Module):
@@ -228,11 +231,9 @@ class _Output(nn.Module):
         return values[0] if len(values) == 1 else values
 
 
-def _action_ms(device: torch.device) -> float:
-    """The pipelining runtime's own time per action (:mod:`autopart.measure.runtime_cost`); 0 when it cannot
-    be measured in this process (a process group exists already)."""
-    from autopart.measure.runtime_cost import runtime_action_ms
-
-    return runtime_action_ms(device) or 0.0
+def _action_ms(device: torch.device, runtime: Runtime | None) -> float:
+    """The pipelining runtime's own time per action (:mod:`autopart.measure.runtime_cost`); 0 without a runtime or
+    when it cannot run in this process (a process group exists already)."""
+    return (runtime_action_ms(device, runtime) or 0.0) if runtime is not None else 0.0
 
 

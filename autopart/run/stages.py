@@ -40,9 +40,9 @@ from __future__ import annotations
 
 import functools
 import inspect
-from contextlib import AbstractContextManager, nullcontext
+from contextlib import AbstractContextManager, contextmanager, nullcontext
 from types import TracebackType
-from typing import Any, Callable, Sequence
+from typing import Any, Callable, Iterator, Sequence
 
 import torch
 import torch.distributed as dist
@@ -65,7 +65,7 @@ from autopart.run.timeline import ActionClock
 
 __all__ = ["Pipeline", "SharedParameters", "TimedStage", "build_pipeline", "canonical_names", "check_evaluable",
            "check_plan_against_model", "check_world_size", "in_precision", "loss_in_precision", "recompute_forward",
-           "one_stage_steps", "end_one_stage_steps"]
+           "one_stage_world"]
 
 Schedule = PipelineScheduleSingle | PipelineScheduleMulti
 """Every schedule ``get_schedule_class`` returns is one of the two."""
@@ -93,31 +93,25 @@ def check_plan_against_model(plan: Plan, blocks: Sequence[str], world_size: int,
                             f"plan but {want!r} in the model ({len(planned)} vs {len(ours)} blocks)")
 
 
-def one_stage_steps(module: nn.Module, microbatches: int, loss_fn: Callable[[Any, Any], torch.Tensor],
-                    device: torch.device) -> Callable[[torch.Tensor, torch.Tensor], None] | None:
+@contextmanager
+def one_stage_world(module: nn.Module, microbatches: int, loss_fn: Callable[[Any, Any], torch.Tensor],
+                    device: torch.device) -> Iterator[Callable[[torch.Tensor, torch.Tensor], None] | None]:
     """A step of ``module`` as the one stage of a ``GPipe`` schedule of ``microbatches`` in a world of one
-    process (gloo, in-process store): what ``train`` runs per stage less the sends (measured by
-    :mod:`autopart.measure.runtime_cost`). Call it with a batch and a target; every call runs one step.
-    None when a process group exists already (a world that is not one process). The caller destroys the
-    group it makes with :func:`end_one_stage_steps`."""
+    process (gloo, an in-process store, destroyed on leaving): what ``train`` runs per stage, less the sends
+    (:mod:`autopart.measure.runtime_cost` times it). Each call of the function it gives runs one step on a batch
+    and its target. None when a process group exists already (a world that is not this one process)."""
     if dist.is_initialized():
-        return None
+        yield None
+        return
     dist.init_process_group("gloo", store=dist.HashStore(), rank=0, world_size=1)
     try:
         stage = PipelineStage(module, 0, 1, device)
         schedule = get_schedule_class("GPipe")(stage, n_microbatches=microbatches, loss_fn=loss_fn, scale_grads=False)
-    except BaseException:
-        dist.destroy_process_group()
-        raise
 
-    def step(x: torch.Tensor, target: torch.Tensor) -> None:
-        schedule.step(x, target=target, return_outputs=False)
-    return step
-
-
-def end_one_stage_steps() -> None:
-    """Destroy the world of one that :func:`one_stage_steps` made (nothing when none exists)."""
-    if dist.is_initialized():
+        def step(x: torch.Tensor, target: torch.Tensor) -> None:
+            schedule.step(x, target=target, return_outputs=False)
+        yield step
+    finally:
         dist.destroy_process_group()
 
 
