@@ -53,8 +53,9 @@ def render_text(sim: Simulation, width: int = 100) -> Text:
     end = format_ms(sim.step_ms)
     out.append(" " * 8 + "0" + " " * max(width - 1 - len(end), 1) + end + "\n", style="grey50")
     legend = Text(" " * 8)
+    tied = any(e.kind == "TIE" for e in sim.events)  # named only where there is one
     for label, kind in (("F forward", "F"), ("B backward", "B"), ("I input grad", "I"), ("W weight grad", "W"),
-                        ("send", "SEND"), ("tie sum", "TIE"), ("optimizer", "OPT")):
+                        ("send", "SEND"), *((("tie sum", "TIE"),) if tied else ()), ("optimizer", "OPT")):
         legend.append(_CHARS[kind] + " ", style=_RICH[kind])
         legend.append(label + "   ")
     legend.append("· idle", style="grey37")
@@ -92,8 +93,9 @@ def render_svg(panels: Sequence[tuple[str, Timeline]], title: str = "", width_px
         parts.append(f'<line x1="{x:.1f}" y1="{axis_y}" x2="{x:.1f}" y2="{axis_y + 5}" stroke="#333"/>')
         parts.append(f'<text x="{x:.1f}" y="{axis_y + 17}" text-anchor="middle">{span * i / 10:.4g} ms</text>')
     lx = left
+    tied = any(e.kind == "TIE" for _, t in panels for e in t.events)  # named only where there is one
     for label, kind in (("forward", "F"), ("backward", "B"), ("weight grad", "W"), ("send", "SEND"),
-                        ("tie sum", "TIE"), ("optimizer", "OPT"), ("idle", None)):
+                        *((("tie sum", "TIE"),) if tied else ()), ("optimizer", "OPT"), ("idle", None)):
         fill = COLOURS[kind] if kind else "#F2F2F2"
         parts.append(f'<rect x="{lx}" y="{axis_y + 28}" width="12" height="12" fill="{fill}" stroke="#999"/>')
         parts.append(f'<text x="{lx + 16}" y="{axis_y + 38}">{label}</text>')
