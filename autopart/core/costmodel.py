@@ -233,12 +233,10 @@ class Problem:
         """The model's last block, whose stage computes the loss."""
         return self.n - 1
 
-    def _loss(self, s: int, first: int, last: int) -> dict[str, Any]:
-        """``loss_ms`` and ``loss_forward_ms`` of stage s holding blocks first..last (at its device's speed)."""
-        if not first <= self._loss_block() <= last:
-            return {}
-        forward, backward = self.loss_ms
-        return {"loss_ms": (forward + backward) / float(self.speed[s]), "loss_forward_ms": forward / float(self.speed[s])}
+    def _loss(self, s: int, first: int, last: int) -> float:
+        """The loss's forward and backward on stage s holding blocks first..last (at its device's speed; 0 when
+        the stage does not hold the model's last block)."""
+        return sum(self.loss_ms) / float(self.speed[s]) if first <= self._loss_block() <= last else 0.0
 
     def with_limits(self, limits: Floats) -> "Problem":
         """The same problem with other memory limits per stage (whole bytes; inf for none)."""
@@ -484,7 +482,7 @@ class Problem:
             input_grad_ms=float(t.input_grad_ms[0]) if self._input_grad_prefix_ms is not None else None,
             send_forward_ms=float(t.send_forward_ms[0]), send_backward_ms=float(t.send_backward_ms[0]),
             optimizer_ms=float(t.optimizer_ms[0]), overhead_ms=self.model.overhead_ms,
-            **self._loss(s, first, last),
+            loss_ms=self._loss(s, first, last),
             memory_bytes=int(round(float(m[0]))), recompute=recompute, **parts)
 
     def stages(self, balance: Sequence[int], recompute: Sequence[bool] | None = None) -> list[StageCost]:

@@ -62,16 +62,16 @@ class TermRow:
     """One term of the step on the slowest rank: predicted and measured time and share of the step."""
 
     term: str
-    """One of :data:`TERMS`: compute (the forward and backward actions' own work: the blocks, and the loss's
-    backward, which runs inside the last stage's backward action), loss (its forwards, which the schedule runs
-    between the last stage's actions), action cost (the runtime's per action), sends, tie sum (tied gradients
-    summed between the ranks holding copies), optimizer, rest (idle: the bubble and waiting)."""
+    """One of :data:`TERMS`: compute (the blocks' forwards and backwards), loss (its forward and backward on the
+    last stage), action cost (the runtime's per action), sends, tie sum (tied gradients summed between the ranks
+    holding copies), optimizer, rest (idle: the bubble and waiting)."""
     predicted_ms: float | None
     """In the plan's simulated step on that rank (None when the run's micro-batch size is not the plan's)."""
     measured_ms: float | None
-    """Median over the steady steps; None where the run does not time the term apart: the loss's backward and
-    the runtime's work inside an action are in ``compute`` (the actions as timed), the sends and the runtime's
-    work between actions in ``rest``."""
+    """Median over the steady steps; None where the run does not time the term apart: the loss (the last stage's
+    forward action is timed with it, its backward action holds the loss's backward) and the runtime's work inside
+    an action are in ``compute`` (the actions as timed), the sends and the runtime's work between actions in
+    ``rest``."""
     predicted_share: float | None
     """Of the predicted step."""
     measured_share: float | None

@@ -52,9 +52,6 @@ class StageCost:
     loss_ms: float = field(default=0.0, metadata=saved(omit=(0.0,)))
     """Last stage: the loss's forward and backward per micro-batch, already in ``forward_ms`` and
     ``backward_ms`` (shown apart; 0 on the other stages and in plans from before it was measured)."""
-    loss_forward_ms: float = field(default=0.0, metadata=saved(omit=(0.0,)))
-    """The part of ``loss_ms`` that is the loss's forward (in ``forward_ms``): what the schedule runs between the
-    last stage's actions, where ``train`` times it (its backward runs inside the stage's backward action)."""
     tie_ms: tuple[tuple[str, float], ...] = field(default=(), metadata=saved(omit=((),)))
     """Tied parameters this stage holds a copy of, by the blocks that share them (``"wte,lm_head"``): the ring
     all-reduce of its gradient among the ranks holding copies, once per step after their last backwards

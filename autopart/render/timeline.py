@@ -15,9 +15,9 @@ from autopart.formats.units import plural
 
 __all__ = ["render_text", "render_svg", "COLOURS"]
 
-COLOURS = {"F": "#4C78A8", "B": "#54A24B", "I": "#54A24B", "W": "#B279A2", "SEND": "#BBBBBB", "TIE": "#E45756", "LOSS": "#4C78A8", "OPT": "#F58518"}
-_RICH = {"F": "blue", "B": "green", "I": "green", "W": "magenta", "SEND": "grey50", "TIE": "red", "LOSS": "blue", "OPT": "dark_orange"}
-_CHARS = {"F": "█", "B": "█", "I": "▓", "W": "▒", "SEND": "░", "TIE": "▫", "LOSS": "█", "OPT": "▪"}
+COLOURS = {"F": "#4C78A8", "B": "#54A24B", "I": "#54A24B", "W": "#B279A2", "SEND": "#BBBBBB", "TIE": "#E45756", "OPT": "#F58518"}
+_RICH = {"F": "blue", "B": "green", "I": "green", "W": "magenta", "SEND": "grey50", "TIE": "red", "OPT": "dark_orange"}
+_CHARS = {"F": "█", "B": "█", "I": "▓", "W": "▒", "SEND": "░", "TIE": "▫", "OPT": "▪"}
 
 
 def _cells(events: list[Event], step_ms: float, width: int) -> list[str | None]:

@@ -103,24 +103,21 @@ def _median(values: Sequence[float]) -> float:
     return statistics.median(values) if values else float("nan")
 
 
-def _stage_times(measured: Measured, stages: int, loss_stage: int | None = None) -> dict[int, tuple[float, float]]:
-    """Stage -> (forward, backward) ms of one micro-batch, medians over the steady steps; ``loss_stage``'s forward
-    with the loss the schedule computes after it (timed apart: LOSS)."""
+def _stage_times(measured: Measured, stages: int) -> dict[int, tuple[float, float]]:
+    """Stage -> (forward, backward) ms of one micro-batch, medians over the steady steps (the last stage's forward
+    with its loss: :class:`~autopart.run.timeline.ActionClock`)."""
     by: dict[tuple[int, str], list[float]] = {}
     for i in measured.steady():
         for e in measured.events[i]:
             if e.kind in ("F", "B", "I", "W"):
                 by.setdefault((Action.parse(e.action).stage, e.kind), []).append(e.end_ms - e.start_ms)
-            elif e.kind == "LOSS" and loss_stage is not None:
-                by.setdefault((loss_stage, "LOSS"), []).append(e.end_ms - e.start_ms)
     out = {}
     for s in range(stages):
         if (s, "F") not in by:
             continue
         backward = _median(by[(s, "B")]) if (s, "B") in by else \
             _median(by.get((s, "I"), [])) + _median(by.get((s, "W"), []))
-        loss = _median(by[(s, "LOSS")]) if (s, "LOSS") in by else 0.0
-        out[s] = (_median(by[(s, "F")]) + loss, backward)
+        out[s] = (_median(by[(s, "F")]), backward)
     return out
 
 
@@ -135,7 +132,7 @@ def _predicted_terms(plan: Plan, sim: Simulation, rank: int) -> dict[str, float]
             terms[{"SEND": "sends", "TIE": "tie sum", "OPT": "optimizer"}[e.kind]] += length
             continue
         cost = plan.stages[Action.parse(e.action).stage].cost
-        loss = cost.loss_forward_ms if e.kind == "F" else 0.0  # its backward is in the backward action
+        loss = cost.loss_ms if e.kind == "F" else 0.0  # once per micro-batch: its forward and backward
         terms["action cost"] += cost.overhead_ms
         terms["loss"] += loss
         terms["compute"] += length - cost.overhead_ms - loss
@@ -145,9 +142,9 @@ def _predicted_terms(plan: Plan, sim: Simulation, rank: int) -> dict[str, float]
 
 def _measured_terms(measured: Measured, rank: int) -> dict[str, float | None]:
     """The :data:`TERMS` of ``rank``'s step as the run timed them (medians over the steady steps): the actions as
-    timed are ``compute`` (the loss's backward and the runtime's work inside each action with them), the loss
-    its forwards, the tie sum the shortest of the holders' (the others waited in theirs for the last to
-    join); the sends and the runtime's work between actions are not timed apart (in ``rest``)."""
+    timed are ``compute`` (the loss and the runtime's work inside each action with them: not timed apart), the tie
+    sum the shortest of the holders' (the others waited in theirs for the last to join); the sends and the
+    runtime's work between actions are not timed apart (in ``rest``)."""
     by: dict[str, list[float]] = {term: [] for term in TERMS}
     for i in measured.steady():
         mine = dict.fromkeys(TERMS, 0.0)
@@ -157,15 +154,14 @@ def _measured_terms(measured: Measured, rank: int) -> dict[str, float | None]:
             if e.kind == "TIE":
                 ties[e.rank] = ties.get(e.rank, 0.0) + length
             elif e.rank == rank:
-                term = {"F": "compute", "B": "compute", "I": "compute", "W": "compute", "LOSS": "loss",
-                        "OPT": "optimizer"}.get(e.kind)
+                term = {"F": "compute", "B": "compute", "I": "compute", "W": "compute", "OPT": "optimizer"}.get(e.kind)
                 if term is not None:
                     mine[term] += length
         mine["tie sum"] = min(ties.values()) if rank in ties else 0.0
         mine["rest"] = measured.slowest_ms[i] - sum(mine.values())
         for term in TERMS:
             by[term].append(mine[term])
-    return {term: None if term in ("action cost", "sends") else _median(values) for term, values in by.items()}
+    return {term: None if term in ("loss", "action cost", "sends") else _median(values) for term, values in by.items()}
 
 
 def _term_rows(plan: Plan, measured: Measured, predicted: Simulation | None, rank: int,
@@ -251,7 +247,7 @@ def make_report(job: Job, log: StepLog, measured: Measured) -> Report:
     slowest = [measured.slowest_ms[i] for i in steady]
     measured_step = _median(slowest)
     same_size = plan.microbatch_size in (None, mb)
-    stage_ms = _stage_times(measured, plan.num_stages, loss_stage=plan.num_stages - 1)
+    stage_ms = _stage_times(measured, plan.num_stages)
     ranks = plan.stage_ranks()
     rows = []
     for s, st in enumerate(plan.stages):
