@@ -148,7 +148,7 @@ def exposed_allreduce_ms(sim: Simulation, allreduce_ms: Sequence[float],
             opt[e.rank] += e.end_ms - e.start_ms
             continue
         before_opt[e.rank] = max(before_opt[e.rank], e.end_ms)
-        if e.kind in ("B", "I", "W"):
+        if e.kind in ("B", "I", "W", "TIE"):  # the replicas' average follows the tie sum (simulated: TIE)
             last_backward[e.rank] = max(last_backward[e.rank], e.end_ms)
     start = [max(last_backward[h] for h in waits[r]) if waits is not None else last_backward[r]
              for r in range(sim.num_ranks)]
