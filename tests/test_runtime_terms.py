@@ -205,3 +205,22 @@ def test_a_tied_model_on_two_ranks_times_its_tie_sum_and_predicts_it(tmp_path: P
     assert sum(row["measured_ms"] or 0.0 for row in data["terms"]) == pytest.approx(data["measured_step_ms"], rel=0.3)
     assert "unexplained_ms" in data and "fitted_overhead_ms" in data
     assert "per term, one step of the slowest rank" in ran.stdout
+
+
+def test_the_loss_after_the_last_stages_forward_is_timed_with_that_forward() -> None:
+    """torch's schedule computes the loss right after the last stage's forward action: the clock extends that F
+    over it (as the profile and the plan count the last stage's forward), and times the tie sum as its own event."""
+    import time
+
+    import torch
+
+    from autopart.run.timeline import ActionClock
+
+    clock = ActionClock(1, torch.device("cpu"))
+    clock.begin_step()
+    clock.timed("F", "1F0", time.sleep, 0.01)
+    clock.timed("LOSS", "LOSS", time.sleep, 0.02)
+    clock.timed("TIE", "TIE", time.sleep, 0.005)
+    forward, tie = clock.end_step()
+    assert (forward.action, forward.kind, tie.kind) == ("1F0", "F", "TIE")
+    assert forward.end_ms - forward.start_ms >= 30.0 and tie.start_ms >= forward.end_ms
