@@ -72,8 +72,9 @@ def _tied(profile: Profile, first: str, last: str, tie_bytes: int) -> Profile:
 
 def test_a_tied_weights_all_reduce_waits_for_the_other_holders_last_backward() -> None:
     """The timeline above, with b0's 2 MB weight tied into b1 (b1's own 4 MB, so rank 1 reduces 6 MB, rank 0
-    2 MB): ``autopart train`` sums the tie between the ranks first, so rank 1's 6 ms ring starts when rank 0's
-    last backward ends at 9, not at its own 7: step 9 + 6 + 0.5 = 15.5, 6 ms exposed (4 ms if it started at 7)."""
+    2 MB): ``autopart train`` sums the tie between the ranks first (the simulator's TIE: 2 MB over the 1 GB/s
+    pipeline link, from rank 0's last backward at 9 to 11 on both ranks), so rank 1's 6 ms ring starts at 11,
+    not at its own last backward, 7: step 11 + 6 + 0.5 = 17.5, 6 ms exposed beyond the pipeline's 11.5."""
     profile = _tied(_profile([1.0, 1.0], [2.0, 2.0], [2_000_000, 4_000_000], optimizer_ms=[0.5, 0.5]), "b0", "b1",
                     2_000_000)
     assert traffic_bytes(profile, [1, 1], "gpipe", 2, 1, 2)[1] == [2_000_000, 6_000_000]
@@ -81,7 +82,7 @@ def test_a_tied_weights_all_reduce_waits_for_the_other_holders_last_backward() -
                                global_batch=4, stages=2, data_parallel=2, microbatches=2, schedule="gpipe",
                                balance=[1, 1], placer=place)
     assert plan.predicted.allreduce_ms == pytest.approx(6.0)
-    assert plan.predicted.step_ms == pytest.approx(15.5)
+    assert plan.predicted.step_ms == pytest.approx(17.5)
 
 
 def test_a_tie_whose_holders_share_a_rank_is_reduced_once() -> None:

@@ -50,7 +50,8 @@ def test_the_report_is_rendered_without_printing_or_torch() -> None:
                     ranks=2, steps=5, losses=[1.0], step_ms=[20.0], measured_step_ms=21.5,
                     measured_step_spread_ms=(20.0, 30.0), steady_steps=4, slowest_rank=1, predicted_step_ms=None,
                     predicted_bubble_fraction=0.25, step_error=None, simulated_with_measured_stages_ms=19.0,
-                    measured_speed=None, fitted_overhead_ms=0.123, throughput_per_s=1234.5, throughput_unit="tokens",
+                    measured_speed=None, fitted_overhead_ms=0.2, unexplained_ms=0.123, action_ms=0.1,
+                    throughput_per_s=1234.5, throughput_unit="tokens",
                     memory_method="by a known method",
                     stages=[StageRow(0, 0, 3, None, None, 1.7, 3.2, None)],
                     ranks_detail=[RankRow(0, None, None, 10.0, 2.0, 3.0, 20.0, memory_planned_bytes=100 * 2**20,
@@ -67,8 +68,8 @@ def test_the_report_is_rendered_without_printing_or_torch() -> None:
                                                         ["1.12x", "-"], ["65 MiB", "-"]]
     assert lines == ["step (slowest rank, rank 1): measured 21.5 ms (median of 4 steps, 20 ms-30 ms) (the plan is for "
                      "micro-batches of 4, this run used 2); simulated with the measured stage times 19 ms",
-                     "runtime overhead: 123 µs per forward or backward action (what the measured stage times leave "
-                     "unexplained; plan with --overhead 0.123ms)",
+                     "unexplained: 123 µs per forward or backward action (what the measured terms leave; the plan's "
+                     "action cost is 100 µs: plan with --overhead 0.223ms to predict this machine as it ran)",
                      "throughput 1,234 tokens/s",
                      "memory per rank: by a known method"]
     fast = dataclasses.replace(report, measured_speed=0.46)

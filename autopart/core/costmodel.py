@@ -37,10 +37,11 @@ from autopart.core.training import CostModel
 from autopart.errors import AutopartError
 from autopart.formats.devices import Device
 from autopart.formats.profile import Profile
+from autopart.formats.schedule_kinds import stage_ranks
 from autopart.formats.stage import StageCost
 from autopart.formats.units import plural
 
-__all__ = ["CostModel", "BlockCosts", "Problem", "MirroredProblem"]
+__all__ = ["CostModel", "BlockCosts", "Problem", "MirroredProblem", "ring_allreduce_ms"]
 
 Ints = npt.NDArray[np.int64]
 Floats = npt.NDArray[np.float64]
@@ -77,8 +78,9 @@ class Problem:
                  forward_ms: Sequence[float] | None = None, param_bytes: Sequence[float] | None = None,
                  activation_bytes: Sequence[float] | None = None, output_bytes: Sequence[float] | None = None,
                  input_bytes: float = 0.0, names: Sequence[str] | None = None,
-                 optimizer_ms: Sequence[float] | None = None) -> None:
-        """``blocks`` is a :class:`BlockCosts`, or the compute times with the other arrays as keywords."""
+                 optimizer_ms: Sequence[float] | None = None, loss_ms: tuple[float, float] = (0.0, 0.0)) -> None:
+        """``blocks`` is a :class:`BlockCosts`, or the compute times with the other arrays as keywords;
+        ``loss_ms``: the parts of the model's last block's forward and backward that are the loss (shown apart)."""
         costs = blocks if isinstance(blocks, BlockCosts) else BlockCosts.of(
             blocks, forward_ms=forward_ms, param_bytes=param_bytes, activation_bytes=activation_bytes,
             output_bytes=output_bytes, input_bytes=input_bytes, names=names, optimizer_ms=optimizer_ms)
@@ -88,6 +90,8 @@ class Problem:
         if k > n:
             raise AutopartError(f"{plural(k, 'stage')} > {plural(n, 'block')}: every stage needs at least one block")
         self.blocks, self.model, self.devices = costs, model, tuple(devices)
+        self.loss_ms = loss_ms
+        """The loss's forward and backward per micro-batch: in the model's last block's, shown apart."""
         self.n, self.k, self.names = n, k, costs.names
         self.speed = _frozen(np.array([d.speed for d in devices], dtype=np.float64))
         self.limit = _frozen(np.array([np.inf if d.memory_bytes is None else float(d.memory_bytes)
@@ -202,16 +206,37 @@ class Problem:
 
     @classmethod
     def from_profile(cls, profile: Profile, devices: Sequence[Device], model: CostModel) -> "Problem":
-        return cls(BlockCosts.from_profile(profile, model.optimizer), devices, model)
+        """The profile's blocks, the loss in the last one (added to it when the profile timed it apart), and
+        the runtime's measured cost per action (``profile.action_ms``) when ``model`` gives no overhead."""
+        last = profile.layers[-1]
+        loss_ms = (last.loss_forward_ms, last.loss_backward_ms)
+        if sum(loss_ms) > 0 and not profile.loss_in_last_block:
+            grad = None if last.input_grad_ms is None else last.input_grad_ms + last.loss_backward_ms
+            last = dataclasses.replace(last, forward_ms=last.forward_ms + last.loss_forward_ms,
+                                       backward_ms=last.backward_ms + last.loss_backward_ms, input_grad_ms=grad)
+            profile = dataclasses.replace(profile, layers=(*profile.layers[:-1], last), by_microbatch_size=(),
+                                          loss_in_last_block=True)
+        if model.overhead_ms == 0 and profile.action_ms > 0:
+            model = dataclasses.replace(model, overhead_ms=profile.action_ms)
+        return cls(BlockCosts.from_profile(profile, model.optimizer), devices, model, loss_ms=loss_ms)
 
     def reversed(self) -> "Problem":
         """The mirror image: block n-1 first, stage K-1 first. Stage (i, j) here is
         stage (K-1-s, n-1-j, n-1-i) there, with the same time and memory."""
-        return MirroredProblem(self.blocks.mirrored(), self.devices[::-1], self.model)
+        return MirroredProblem(self.blocks.mirrored(), self.devices[::-1], self.model, loss_ms=self.loss_ms)
 
     def _like(self, devices: Sequence[Device], model: CostModel) -> "Problem":
         """The same blocks, running the same way, on other devices or under another model."""
-        return type(self)(self.blocks, devices, model)
+        return type(self)(self.blocks, devices, model, loss_ms=self.loss_ms)
+
+    def _loss_block(self) -> int:
+        """The model's last block, whose stage computes the loss."""
+        return self.n - 1
+
+    def _loss(self, s: int, first: int, last: int) -> float:
+        """The loss's forward and backward on stage s holding blocks first..last (at its device's speed; 0 when
+        the stage does not hold the model's last block)."""
+        return sum(self.loss_ms) / float(self.speed[s]) if first <= self._loss_block() <= last else 0.0
 
     def with_limits(self, limits: Floats) -> "Problem":
         """The same problem with other memory limits per stage (whole bytes; inf for none)."""
@@ -451,12 +476,13 @@ class Problem:
             rc, m = np.array([recompute]), self.memories(s, i, j)[1 if recompute else 0]
         t, _ = self.stage_times(s, i, j, rc)
         recompute = bool(rc[0])
-        parts = self._memory_parts(s, first, last, recompute)
+        parts: dict[str, Any] = dict(self._memory_parts(s, first, last, recompute))  # the memory fields, as keywords
         return StageCost(
             forward_ms=float(t.forward_ms[0]), backward_ms=float(t.backward_ms[0]),
             input_grad_ms=float(t.input_grad_ms[0]) if self._input_grad_prefix_ms is not None else None,
             send_forward_ms=float(t.send_forward_ms[0]), send_backward_ms=float(t.send_backward_ms[0]),
             optimizer_ms=float(t.optimizer_ms[0]), overhead_ms=self.model.overhead_ms,
+            loss_ms=self._loss(s, first, last),
             memory_bytes=int(round(float(m[0]))), recompute=recompute, **parts)
 
     def stages(self, balance: Sequence[int], recompute: Sequence[bool] | None = None) -> list[StageCost]:
@@ -467,7 +493,30 @@ class Problem:
         for s, count in enumerate(balance):
             out.append(self.stage(s, first, first + count - 1, None if recompute is None else bool(recompute[s])))
             first += count
-        return out
+        return self._with_ties(out, balance)
+
+    def _with_ties(self, stages: list[StageCost], balance: Sequence[int]) -> list[StageCost]:
+        """The stages with their tied parameters' gradient sums (:attr:`StageCost.tie_ms`): per tie, a ring
+        all-reduce of its bytes among the ranks whose stages use it, over the link the sends use (the model's
+        bandwidth and latency; free without them). Nothing when one rank holds every copy."""
+        if not self.blocks.ties:
+            return stages
+        ranks = self._per_stage(list(stage_ranks(self.model.schedule, self.k // self.model.stages_per_rank,
+                                                 self.model.stages_per_rank)))
+        stage_of = [s for s, count in enumerate(balance) for _ in range(count)]
+        bandwidth = self.model.bandwidth_bytes_per_ms * 1e3 if self.model.bandwidth_bytes_per_ms else None
+        extra: list[dict[str, float]] = [{} for _ in stages]
+        original = self._per_stage(list(range(self.n)))  # a block's index in the model's own order
+        for size, users in self.blocks.ties:
+            holders = {ranks[stage_of[u]] for u in users}
+            ms = ring_allreduce_ms(size, len(holders), bandwidth, self.model.latency_ms)
+            if ms <= 0:  # one rank holds every copy, or the link is free
+                continue
+            name = ",".join(self.names[u] for u in sorted(users, key=lambda u: original[u]))
+            for s in sorted({stage_of[u] for u in users}):
+                extra[s][name] = extra[s].get(name, 0.0) + ms
+        return [dataclasses.replace(st, tie_ms=tuple(sorted(extra[s].items()))) if extra[s] else st
+                for s, st in enumerate(stages)]
 
     def fits(self, balance: Sequence[int]) -> bool:
         """Does every stage of the split fit its device (recomputing where allowed)?"""
@@ -486,6 +535,19 @@ class Problem:
         """
         return float(max(self._compute_prefix_ms[-1] / self.speed.sum(),
                          self.blocks.compute_ms.max() / self.speed.max()))
+
+
+def ring_allreduce_ms(grad_bytes: float, replicas: int, bytes_per_s: float | None, latency_ms: float = 0.0) -> float:
+    """A ring all-reduce of ``grad_bytes`` over ``replicas`` ranks: each sends and receives 2(D-1)/D of the
+    bytes over its link (``bytes_per_s`` per direction; None: free) in 2(D-1) steps of ``latency_ms`` each.
+    0 for one replica."""
+    if replicas < 1:
+        raise AutopartError(f"replicas must be >= 1, got {replicas}")
+    if replicas == 1:
+        return 0.0
+    steps = 2 * (replicas - 1)
+    transfer = 0.0 if bytes_per_s is None else steps / replicas * grad_bytes / bytes_per_s * 1e3
+    return transfer + steps * latency_ms
 
 
 class RangeMax:
@@ -549,6 +611,9 @@ class MirroredProblem(Problem):
     def _per_stage(self, values: list[int]) -> list[int]:
         return values[::-1]
 
+    def _loss_block(self) -> int:
+        return 0
+
     def reversed(self) -> Problem:
         """The original problem again."""
-        return Problem(self.blocks.mirrored(), self.devices[::-1], self.model)
+        return Problem(self.blocks.mirrored(), self.devices[::-1], self.model, loss_ms=self.loss_ms)

@@ -50,7 +50,7 @@ from typing import Callable, Sequence
 
 from autopart.core.blocks import BlockCosts
 from autopart.core.choice import busiest_compute_ms, choose
-from autopart.core.costmodel import CostModel
+from autopart.core.costmodel import CostModel, ring_allreduce_ms  # the ring, priced where ties use it too
 from autopart.core.partition import split_given, uniform_balance
 from autopart.core.placement import Placement, divisors, place
 from autopart.core.planner import simulate_plan
@@ -74,19 +74,6 @@ MAX_REPLICA_MICROBATCHES = 1024
 """The most micro-batches a replica's step is split into (every divisor of its share of the global batch up to
 this is tried): deep pipelines of few replicas want many (70B on 64 devices: 32 stages x 2 replicas, 512
 micro-batches of one sequence, 33% faster than 128)."""
-
-
-def ring_allreduce_ms(grad_bytes: float, replicas: int, bytes_per_s: float | None, latency_ms: float = 0.0) -> float:
-    """A ring all-reduce of ``grad_bytes`` over ``replicas`` ranks: each sends and receives 2(D-1)/D of the
-    bytes over its link (``bytes_per_s`` per direction; None: free) in 2(D-1) steps of ``latency_ms`` each.
-    0 for one replica."""
-    if replicas < 1:
-        raise AutopartError(f"replicas must be >= 1, got {replicas}")
-    if replicas == 1:
-        return 0.0
-    steps = 2 * (replicas - 1)
-    transfer = 0.0 if bytes_per_s is None else steps / replicas * grad_bytes / bytes_per_s * 1e3
-    return transfer + steps * latency_ms
 
 
 Placer = Callable[[Cluster, int, int, Sequence[float], Sequence[float]], Placement]
@@ -166,7 +153,7 @@ def exposed_allreduce_ms(sim: Simulation, allreduce_ms: Sequence[float],
             opt[e.rank] += e.end_ms - e.start_ms
             continue
         before_opt[e.rank] = max(before_opt[e.rank], e.end_ms)
-        if e.kind in ("B", "I", "W"):
+        if e.kind in ("B", "I", "W", "TIE"):  # the replicas' average follows the tie sum (simulated: TIE)
             last_backward[e.rank] = max(last_backward[e.rank], e.end_ms)
     start = [max(last_backward[h] for h in waits[r]) if waits is not None else last_backward[r]
              for r in range(sim.num_ranks)]

@@ -11,6 +11,13 @@ them; an action starts when its rank is free and its inputs have arrived:
   after ``B``/``I`` of s+1, m (and its send);
 - ``W`` (the weight-gradient half) of s, m: after ``I`` of s, m.
 
+After its last action, each rank holding a copy of a tied parameter that
+another rank also holds sums its gradient with theirs (``TIE``: it starts
+when the last holder is done, lasts the stage costs' ``tie_ms``), then steps
+its optimizer (``OPT``). :func:`step_ms_batch` (the split search within one
+schedule) leaves the ties out: a tie between the first and the last block
+costs every split of a schedule the same.
+
 Note: as in the partitioner's cost model, a send to another rank keeps the
 sender busy for ``output_bytes / bandwidth + latency`` right after the action
 that produced the tensor (a stage on the same rank receives for free). Like
@@ -37,7 +44,7 @@ from autopart.errors import AutopartError
 from autopart.formats.stage import StageCost
 
 __all__ = ["Event", "Timeline", "Simulation", "simulate", "closed_form_step_ms", "StageTimes", "step_ms_batch", "compile_schedule",
-           "Program", "critical_path", "STAGE_TIME_FIELDS"]
+           "Program", "critical_path", "STAGE_TIME_FIELDS", "tie_sums"]
 
 Floats = npt.NDArray[np.float64]
 
@@ -53,7 +60,8 @@ class Event:
     action: str
     """``"1F0"``-style action, or ``"SEND_F 1F0"`` / ``"SEND_B 1B0"`` for a send after it."""
     kind: str
-    """F, B, I, W, SEND or OPT (the optimizer step)."""
+    """F, B, I, W, SEND, TIE (a tied parameter's gradient summed between the ranks holding copies) or OPT
+    (the optimizer step)."""
     start_ms: float
     end_ms: float
 
@@ -96,6 +104,8 @@ class Simulation(Timeline):
     peak_activation_bytes: tuple[int, ...] = ()
     peak_in_flight: tuple[int, ...] = ()
     """Per stage: the most micro-batches whose activations it held at once."""
+    tie_ms: tuple[float, ...] = ()
+    """Per rank: the time of its TIE events (tied gradients summed with the other holders' copies)."""
 
     def to_dict(self) -> dict[str, object]:
         return {"schedule": self.schedule, "num_ranks": self.num_ranks, "microbatches": self.microbatches,
@@ -103,7 +113,7 @@ class Simulation(Timeline):
                 "bubble_fraction_per_rank": list(self.bubble_fractions),
                 "peak_memory_bytes": list(self.peak_memory_bytes),
                 "peak_activation_bytes": list(self.peak_activation_bytes),
-                "peak_in_flight": list(self.peak_in_flight)}
+                "peak_in_flight": list(self.peak_in_flight), "tie_ms": list(self.tie_ms)}
 
 
 @dataclass(frozen=True)
@@ -289,6 +299,12 @@ def _simulate(program: Program, stages: tuple[StageCost, ...]) -> Simulation:
         if step.send and send > 0:
             events.append(Event(r, f"SEND_{step.send} {a}", "SEND", end[i], available[i]))
     clock = [available[last] if last >= 0 else 0.0 for last in program.last_of_rank]
+    tie = [0.0] * schedule.num_ranks
+    for name, holders, ms in tie_sums(schedule.stage_rank, stages):
+        start = max(clock[r] for r in holders)  # the all-reduce starts when the last holder joins it
+        for r in holders:
+            events.append(Event(r, f"TIE {name}", "TIE", start, start + ms))
+            clock[r], tie[r] = start + ms, tie[r] + ms
     for r in range(schedule.num_ranks):  # each rank steps its optimizer once its gradients are complete
         opt = sum(stages[s].optimizer_ms for s in schedule.stages_of(r))
         if opt > 0:
@@ -298,7 +314,22 @@ def _simulate(program: Program, stages: tuple[StageCost, ...]) -> Simulation:
     peak_mem, peak_act, peak_flight = _memory(schedule, stages, events, actions)
     return Simulation(schedule=schedule.name, num_ranks=schedule.num_ranks, microbatches=schedule.microbatches,
                       step_ms=step_ms, peak_memory_bytes=peak_mem, peak_activation_bytes=peak_act,
-                      peak_in_flight=peak_flight, events=tuple(sorted(events, key=lambda e: (e.rank, e.start_ms))))
+                      peak_in_flight=peak_flight, events=tuple(sorted(events, key=lambda e: (e.rank, e.start_ms))),
+                      tie_ms=tuple(tie))
+
+
+def tie_sums(stage_rank: Sequence[int], stages: Sequence[StageCost]) -> list[tuple[str, tuple[int, ...], float]]:
+    """(tie, its holder ranks, ms) of every tied parameter whose copies are on more than one rank, in the order
+    ``autopart train`` sums them (by name): :attr:`StageCost.tie_ms` of the stages holding a copy (the longest,
+    should they differ)."""
+    holders: dict[str, set[int]] = {}
+    longest: dict[str, float] = {}
+    for s, cost in enumerate(stages):
+        for name, ms in cost.tie_ms:
+            holders.setdefault(name, set()).add(stage_rank[s])
+            longest[name] = max(longest.get(name, 0.0), ms)
+    return [(name, tuple(sorted(ranks)), longest[name]) for name, ranks in sorted(holders.items())
+            if len(ranks) > 1 and longest[name] > 0]
 
 
 STAGE_TIME_FIELDS = ("forward_ms", "backward_ms", "send_forward_ms", "send_backward_ms", "optimizer_ms", "overhead_ms",
@@ -444,7 +475,7 @@ def _memory(schedule: Schedule, stages: Sequence[StageCost], events: Sequence[Ev
     split = any(e.kind == "W" for e in events)
     changes: list[list[tuple[float, int, int, int]]] = [[] for _ in range(schedule.num_ranks)]
     for e in events:
-        if e.kind in ("SEND", "OPT"):
+        if e.kind in ("SEND", "OPT", "TIE"):
             continue
         action = actions[id(e)] if actions is not None else Action.parse(e.action)
         cost = stages[action.stage]

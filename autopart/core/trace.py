@@ -19,7 +19,7 @@ from autopart.formats.units import plural
 __all__ = ["chrome_trace", "write_trace"]
 
 _CATEGORY = {"F": "forward", "B": "backward", "I": "backward (input grad)", "W": "backward (weight grad)",
-             "SEND": "send", "OPT": "optimizer"}
+             "SEND": "send", "TIE": "tie sum", "OPT": "optimizer"}
 
 
 def chrome_trace(*processes: tuple[str, Timeline]) -> dict[str, Any]:

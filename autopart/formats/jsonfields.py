@@ -44,12 +44,18 @@ MAX_BLOCK_BYTES = 2**50
 """No device holds more than this for one block: 1 PiB."""
 
 
-def check_plausible(where: str, values: Iterable[tuple[str, float | int | None]], max_ms: float = MAX_BLOCK_MS,
+def check_plausible(where: str, values: Iterable[tuple[str, Any]], max_ms: float = MAX_BLOCK_MS,
                     max_bytes: int = MAX_BLOCK_BYTES) -> None:
     """Refuse a time (a key ending in ``_ms``) above ``max_ms`` or a size (``_bytes``) above ``max_bytes``:
-    numbers no device can have come from a damaged or hand-edited file, and only overflow further on."""
+    numbers no device can have come from a damaged or hand-edited file, and only overflow further on. A value
+    that is a tuple of (name, number) pairs (a JSON object of name: number) has each number checked; other
+    values that are not numbers are not checked."""
     for key, value in values:
-        if value is None:
+        if isinstance(value, tuple):
+            check_plausible(where, [(key, item[1]) for item in value if isinstance(item, tuple) and len(item) == 2],
+                            max_ms, max_bytes)
+            continue
+        if not isinstance(value, (int, float)):
             continue
         if key.endswith("_ms") and value > max_ms:
             raise AutopartError(f"{where}: {key} {value:g} is not a plausible time (> {_ms_text(max_ms)})")

@@ -89,6 +89,12 @@ class LayerProfile:
     same_as: str = field(default="", metadata=saved(omit=("",)))
     """Not measured: identical to this earlier block (same operations, shapes and dtypes), whose numbers
     these are. Only profiles taken one block at a time (models too big to build) reuse measurements."""
+    loss_forward_ms: float = field(default=0.0, metadata=saved(omit=(0.0,)))
+    """Last block only: the loss function on the block's output, one micro-batch, timed alone (median). Part
+    of ``forward_ms`` when the profile's ``loss_in_last_block``; 0: not measured (older profiles, no loss)."""
+    loss_backward_ms: float = field(default=0.0, metadata=saved(omit=(0.0,)))
+    """Last block only: the loss's backward to the block's output (median); part of ``backward_ms`` (and of
+    ``input_grad_ms``) when the profile's ``loss_in_last_block``; 0: not measured."""
 
     def to_dict(self) -> dict[str, Any]:
         return write_record(self)
@@ -165,6 +171,11 @@ class Profile:
     """How BatchNorm layers kept their running statistics while measured: "deferred" (once per mini-batch,
     :mod:`autopart.measure.batchnorm`) or "micro" (PyTorch's, per micro-batch); None: the model has none."""
     ties: tuple[Tie, ...] = field(default=(), metadata=saved(omit=((),)))
+    action_ms: float = field(default=0.0, metadata=saved(omit=(0.0,)))
+    """The pipelining runtime's own time per forward or backward action of a stage, beyond the stage's module
+    (its input and output checks, detaching, ``stage_backward``'s bookkeeping): a tiny stage run by
+    ``PipelineStage`` and a one-stage schedule, less the same module called directly, per action
+    (:mod:`autopart.measure.runtime_cost`). 0: not measured (older profiles)."""
 
     def __post_init__(self) -> None:
         if not self.layers:

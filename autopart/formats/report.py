@@ -9,7 +9,10 @@ import dataclasses
 from dataclasses import dataclass
 from typing import Any
 
-__all__ = ["Report", "StageRow", "RankRow"]
+__all__ = ["Report", "StageRow", "RankRow", "TermRow", "TERMS"]
+
+TERMS = ("compute", "loss", "action cost", "sends", "tie sum", "optimizer", "rest")
+"""The terms of a step on one rank, in the report's order (docs/train.md, "The terms of the step")."""
 
 
 @dataclass(frozen=True)
@@ -55,6 +58,27 @@ class RankRow:
 
 
 @dataclass(frozen=True)
+class TermRow:
+    """One term of the step on the slowest rank: predicted and measured time and share of the step."""
+
+    term: str
+    """One of :data:`TERMS`: compute (the blocks' forwards and backwards), loss (its forward and backward on the
+    last stage), action cost (the runtime's per action), sends, tie sum (tied gradients summed between the ranks
+    holding copies), optimizer, rest (idle: the bubble and waiting)."""
+    predicted_ms: float | None
+    """In the plan's simulated step on that rank (None when the run's micro-batch size is not the plan's)."""
+    measured_ms: float | None
+    """Median over the steady steps; None where the run does not time the term apart: the loss (the last stage's
+    forward action is timed with it, its backward action holds the loss's backward) and the runtime's work inside
+    an action are in ``compute`` (the actions as timed), the sends and the runtime's work between actions in
+    ``rest``."""
+    predicted_share: float | None
+    """Of the predicted step."""
+    measured_share: float | None
+    """Of the measured step."""
+
+
+@dataclass(frozen=True)
 class Report:
     plan: str
     model: str
@@ -84,8 +108,9 @@ class Report:
     speed that makes the plan's compute match this run's (``--devices 2xcpu@SPEED``); None when the run's
     micro-batch size differs from the plan's."""
     fitted_overhead_ms: float
-    """The runtime's own time per forward or backward action that makes that replay take the measured step
-    (0 when the replay is already slower): ``autopart partition --overhead``."""
+    """The runtime's own time per forward or backward action that makes that replay, without the tie sums, take
+    the measured step (0 when the replay is already slower): what reports before the measured terms gave (see
+    ``unexplained_ms``)."""
     throughput_per_s: float | None
     throughput_unit: str
     memory_method: str
@@ -97,6 +122,15 @@ class Report:
     data_parallel: int = 1
     """Replicas of the pipeline: ``ranks`` and every ``rank`` field are one replica's pipeline ranks (replica 0's
     times; memory the most any replica's rank at that pipeline rank used), the losses the mean over replicas."""
+    terms: list[TermRow] = dataclasses.field(default_factory=list)
+    """The step's terms on ``slowest_rank``, predicted and measured (:class:`TermRow`)."""
+    action_ms: float = 0.0
+    """The plan's runtime cost per forward or backward action (``overhead_ms``: the profile's measured
+    ``action_ms`` or ``--overhead``)."""
+    unexplained_ms: float = 0.0
+    """What the measured terms leave unexplained, per forward or backward action: the time per action that makes
+    the replay with the measured stage times and the predicted tie sums take the measured step (0 when the
+    replay is already slower). ``--overhead`` of ``action_ms`` + this predicts this machine as it ran."""
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)

@@ -47,7 +47,15 @@ class StageCost:
     """The optimizer step over the stage's parameters: once per training step, not per micro-batch."""
     overhead_ms: float = 0.0
     """The runtime's own time around each forward or backward action here: its sends' and receives' calls
-    and its bookkeeping, which no block profile holds (fitted from a training run, ``--overhead``)."""
+    and its bookkeeping, which no block profile holds: the profile's measured ``action_ms``, or ``--overhead``
+    (the report's ``unexplained_ms`` of a training run)."""
+    loss_ms: float = field(default=0.0, metadata=saved(omit=(0.0,)))
+    """Last stage: the loss's forward and backward per micro-batch, already in ``forward_ms`` and
+    ``backward_ms`` (shown apart; 0 on the other stages and in plans from before it was measured)."""
+    tie_ms: tuple[tuple[str, float], ...] = field(default=(), metadata=saved(omit=((),)))
+    """Tied parameters this stage holds a copy of, by the blocks that share them (``"wte,lm_head"``): the ring
+    all-reduce of its gradient among the ranks holding copies, once per step after their last backwards
+    (0 when one rank holds every copy), written as a JSON object; empty: no tie crosses ranks."""
     memory_bytes: int = field(default=0, metadata=saved(required=True))
     """Peak bytes under the schedule's in-flight micro-batches, as the cost model counts them."""
     recompute: bool = False

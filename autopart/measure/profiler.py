@@ -11,7 +11,10 @@ after a synchronisation. Activation bytes come from
 ``torch.autograd.graph.saved_tensors_hooks`` during one connected forward of
 the whole chain: every storage autograd saves is counted once, in the first
 block that saves it, and parameters and buffers are excluded. The loss is not
-part of any block.
+part of any block's own time, except the last's when a loss is given; the
+loss is also timed alone on the last block's output (``loss_forward_ms``,
+``loss_backward_ms``). Given the runtime, its own cost per action is timed
+on a tiny stage (:mod:`autopart.measure.runtime_cost`, the profile's ``action_ms``).
 
 The module is left as it was found: weights, buffers (BatchNorm running
 statistics), gradients, ``requires_grad`` flags, train/eval modes and the RNG.
@@ -32,6 +35,7 @@ from autopart.formats.profile import BATCHNORM_MODES, LayerProfile, Profile
 from autopart.measure.amp import autocast, param_dtype
 from autopart.measure.batchnorm import batchnorm_layers, deferred_batchnorm
 from autopart.measure.blocks import NamedBlock, call_block, cannot_run, chain_of, tensors_of
+from autopart.measure.runtime_cost import Runtime, runtime_action_ms
 from autopart.measure.timing import (
     Clock,
     ProgressFn,
@@ -132,7 +136,7 @@ def profile_model(module: nn.Module, example: torch.Tensor | Sequence[torch.Tens
                   name: str = "model", warmup: int = 2, repeats: int = 7, progress: ProgressFn | None = None,
                   loss_fn: Callable[[Any, Any], torch.Tensor] | None = None, target: Any = None,
                   batchnorm: str = "deferred", precision: str | None = None,
-                  threads: Sequence[int] = ()) -> Profile:
+                  threads: Sequence[int] = (), runtime: Runtime | None = None) -> Profile:
     """Profile ``module`` on one micro-batch ``example``: a tensor, a tuple of tensors, or keyword inputs.
 
     The module is profiled where it is (its device and dtype) in training mode,
@@ -146,7 +150,9 @@ def profile_model(module: nn.Module, example: torch.Tensor | Sequence[torch.Tens
     so activation and output bytes are its sizes; its parameter dtype must be the module's. None: the
     module's dtype says (float32 is fp32, bfloat16 bf16-true). ``threads`` (CPU only): the torch thread counts
     to time the blocks at, the first for ``layers`` and each other for ``by_threads`` (the thread count is
-    restored after); empty: torch's current count only. A CPU profile records ``cpu_cores``.
+    restored after); empty: torch's current count only. A CPU profile records ``cpu_cores``. ``runtime``
+    (:func:`autopart.run.stages.one_stage_world`): the pipelining runtime, whose own cost per action the profile
+    records (``action_ms``; 0 without it).
     """
     if repeats < 1:
         raise AutopartError(f"repeats must be >= 1, got {repeats}")
@@ -170,7 +176,8 @@ def profile_model(module: nn.Module, example: torch.Tensor | Sequence[torch.Tens
                                         dtype=meta_dtype, warmup=warmup, repeats=repeats,
                                         progress=progress, loss_fn=loss_fn, target=target,
                                         precision=_precision_for(precision, meta_dtype))
-        return dataclasses.replace(streamed, batchnorm=mode, cpu_cores=_cores(example_t[0].device))
+        return dataclasses.replace(streamed, batchnorm=mode, cpu_cores=_cores(example_t[0].device),
+                                   action_ms=_action_ms(example_t[0].device, runtime))
     device, dtype = _module_device_dtype(module, example_t)
     chosen = _precision_for(precision, dtype)
     bad = [str(t.device) for t in example_t if t.device != device]
@@ -215,6 +222,9 @@ def profile_model(module: nn.Module, example: torch.Tensor | Sequence[torch.Tens
             ))
             if progress is not None:
                 progress(block_name, i + 1, passes * len(blocks))
+        if loss is not None:
+            loss_f, loss_b, *_ = time_block(_Output(), inputs[-1], clock, warmup, repeats, device, loss, chosen)
+            layers[-1] = dataclasses.replace(layers[-1], loss_forward_ms=loss_f, loss_backward_ms=loss_b)
         profile = make_profile(name, device, dtype, example_t, layers, ties, repeats, warmup,
                                loss_fn is not None and target is not None, chosen)
         by_threads = []
@@ -233,7 +243,8 @@ def profile_model(module: nn.Module, example: torch.Tensor | Sequence[torch.Tens
                         progress(f"{block_name} ({count} thread{'s' * (count != 1)})", k * len(blocks) + i + 1,
                                  passes * len(blocks))
             by_threads.append((count, tuple(again)))
-    return dataclasses.replace(profile, batchnorm=mode, cpu_cores=_cores(device), by_threads=tuple(by_threads))
+    return dataclasses.replace(profile, batchnorm=mode, cpu_cores=_cores(device), by_threads=tuple(by_threads),
+                               action_ms=_action_ms(device, runtime))
 
 
 @contextlib.contextmanager
@@ -256,5 +267,19 @@ def cpu_cores() -> int:
 def _cores(device: torch.device) -> int | None:
     """:func:`cpu_cores` on a CPU; None on a GPU."""
     return cpu_cores() if device.type == "cpu" else None
+
+
+class _Output(nn.Module):
+    """The last block's output as it is: timed with the loss, the loss alone (its forward, and its backward
+    to that output)."""
+
+    def forward(self, *values: Any) -> Any:
+        return values[0] if len(values) == 1 else values
+
+
+def _action_ms(device: torch.device, runtime: Runtime | None) -> float:
+    """The pipelining runtime's own time per action (:mod:`autopart.measure.runtime_cost`); 0 without a runtime or
+    when it cannot run in this process (a process group exists already)."""
+    return (runtime_action_ms(device, runtime) or 0.0) if runtime is not None else 0.0
 
 

@@ -40,6 +40,21 @@ def _memory_table(report: Report) -> Table:
     return table
 
 
+def _share(value: float | None) -> str:
+    return f"{value:.1%}" if value is not None and math.isfinite(value) else "-"
+
+
+def _terms_table(report: Report) -> Table:
+    """The step's terms on the slowest rank: predicted and measured, each with its share of its step."""
+    table = Table(title=f"per term, one step of the slowest rank (rank {report.slowest_rank})", title_justify="left")
+    for col in ("term", "predicted", "share", "measured", "share"):
+        table.add_column(col, justify="right")
+    for row in report.terms:
+        table.add_row(row.term, _ms(row.predicted_ms), _share(row.predicted_share), _ms(row.measured_ms),
+                      _share(row.measured_share))
+    return table
+
+
 def report_lines(report: Report, plan_microbatch_size: int | None) -> list[Table | str]:
     """The tables (stages, ranks, memory), then one string per line (rich markup; printed without
     highlighting, soft-wrapped)."""
@@ -59,6 +74,8 @@ def report_lines(report: Report, plan_microbatch_size: int | None) -> list[Table
         ranks.add_row(str(rr.rank), _ms(rr.measured_compute_ms), _ms(rr.measured_optimizer_ms),
                       _ms(rr.measured_wait_ms), _ms(rr.predicted_idle_ms), _ms(rr.measured_finish_ms))
     out.append(ranks)
+    if report.terms:
+        out.append(_terms_table(report))
     out.append(_memory_table(report))
     low, high = report.measured_step_spread_ms
     line = (f"step (slowest rank, rank {report.slowest_rank}): measured {format_ms(report.measured_step_ms)} "
@@ -76,10 +93,11 @@ def report_lines(report: Report, plan_microbatch_size: int | None) -> list[Table
                 else f"--devices {report.ranks}xMEMORY@{report.measured_speed:.2f}")
         out.append(f"compute in the pipeline ran at {report.measured_speed:.2f}x the profile's speed "
                    f"(plan with {flag} to predict this machine as it ran)")
-    if report.fitted_overhead_ms > 0:
-        out.append(f"runtime overhead: {format_ms(report.fitted_overhead_ms)} per forward or backward action "
-                   f"(what the measured stage times leave unexplained; plan with --overhead "
-                   f"{report.fitted_overhead_ms:.3g}ms)")
+    if report.unexplained_ms > 0:
+        overhead = report.action_ms + report.unexplained_ms
+        out.append(f"unexplained: {format_ms(report.unexplained_ms)} per forward or backward action (what the "
+                   f"measured terms leave; the plan's action cost is {format_ms(report.action_ms)}: plan with "
+                   f"--overhead {overhead:.3g}ms to predict this machine as it ran)")
     if report.throughput_per_s:
         out.append(f"throughput {report.throughput_per_s:,.0f} {report.throughput_unit}/s")
     out.append(f"memory per rank: {report.memory_method}")

@@ -37,7 +37,7 @@ from autopart.core.schedules import Action
 from autopart.core.simulate import Event, Simulation, Timeline
 from autopart.formats.atomic import write_atomic, write_json_atomic
 from autopart.formats.plan import Plan
-from autopart.formats.report import RankRow, Report, StageRow
+from autopart.formats.report import TERMS, RankRow, Report, StageRow, TermRow
 from autopart.formats.units import plural
 from autopart.measure.memory import MemoryPeak
 from autopart.render.report import report_lines
@@ -104,7 +104,8 @@ def _median(values: Sequence[float]) -> float:
 
 
 def _stage_times(measured: Measured, stages: int) -> dict[int, tuple[float, float]]:
-    """Stage -> (forward, backward) ms of one micro-batch, medians over the steady steps."""
+    """Stage -> (forward, backward) ms of one micro-batch, medians over the steady steps (the last stage's forward
+    with its loss: :class:`~autopart.run.timeline.ActionClock`)."""
     by: dict[tuple[int, str], list[float]] = {}
     for i in measured.steady():
         for e in measured.events[i]:
@@ -118,6 +119,65 @@ def _stage_times(measured: Measured, stages: int) -> dict[int, tuple[float, floa
             _median(by.get((s, "I"), [])) + _median(by.get((s, "W"), []))
         out[s] = (_median(by[(s, "F")]), backward)
     return out
+
+
+def _predicted_terms(plan: Plan, sim: Simulation, rank: int) -> dict[str, float]:
+    """The :data:`TERMS` of ``rank``'s step in the simulated ``sim`` (ms)."""
+    terms = dict.fromkeys(TERMS, 0.0)
+    for e in sim.events:
+        if e.rank != rank:
+            continue
+        length = e.end_ms - e.start_ms
+        if e.kind in ("SEND", "TIE", "OPT"):
+            terms[{"SEND": "sends", "TIE": "tie sum", "OPT": "optimizer"}[e.kind]] += length
+            continue
+        cost = plan.stages[Action.parse(e.action).stage].cost
+        loss = cost.loss_ms if e.kind == "F" else 0.0  # once per micro-batch: its forward and backward
+        terms["action cost"] += cost.overhead_ms
+        terms["loss"] += loss
+        terms["compute"] += length - cost.overhead_ms - loss
+    terms["rest"] = sim.step_ms - sum(terms.values())
+    return terms
+
+
+def _measured_terms(measured: Measured, rank: int) -> dict[str, float | None]:
+    """The :data:`TERMS` of ``rank``'s step as the run timed them (medians over the steady steps): the actions as
+    timed are ``compute`` (the loss and the runtime's work inside each action with them: not timed apart), the tie
+    sum the shortest of the holders' (the others waited in theirs for the last to join); the sends and the
+    runtime's work between actions are not timed apart (in ``rest``)."""
+    by: dict[str, list[float]] = {term: [] for term in TERMS}
+    for i in measured.steady():
+        mine = dict.fromkeys(TERMS, 0.0)
+        ties: dict[int, float] = {}
+        for e in measured.events[i]:
+            length = e.end_ms - e.start_ms
+            if e.kind == "TIE":
+                ties[e.rank] = ties.get(e.rank, 0.0) + length
+            elif e.rank == rank:
+                term = {"F": "compute", "B": "compute", "I": "compute", "W": "compute", "OPT": "optimizer"}.get(e.kind)
+                if term is not None:
+                    mine[term] += length
+        mine["tie sum"] = min(ties.values()) if rank in ties else 0.0
+        mine["rest"] = measured.slowest_ms[i] - sum(mine.values())
+        for term in TERMS:
+            by[term].append(mine[term])
+    return {term: None if term in ("loss", "action cost", "sends") else _median(values) for term, values in by.items()}
+
+
+def _term_rows(plan: Plan, measured: Measured, predicted: Simulation | None, rank: int,
+               measured_step: float) -> list[TermRow]:
+    """Each term of ``rank``'s step, predicted (None without a prediction) and measured, with its share."""
+    guessed = _predicted_terms(plan, predicted, rank) if predicted is not None else None
+    timed = _measured_terms(measured, rank)
+    rows = []
+    for term in TERMS:
+        p = guessed[term] if guessed is not None else None
+        m = timed[term]
+        rows.append(TermRow(term=term, predicted_ms=p, measured_ms=m,
+                            predicted_share=p / predicted.step_ms if p is not None and predicted is not None
+                            and predicted.step_ms > 0 else None,
+                            measured_share=m / measured_step if m is not None and measured_step > 0 else None))
+    return rows
 
 
 def measured_timeline(plan: Plan, measured: Measured) -> Timeline:
@@ -136,7 +196,7 @@ def _rank_rows(plan: Plan, measured: Measured, predicted: Simulation | None) -> 
         compute, opt, finish, wait = [], [], [], []
         for i in steady:
             mine = [e for e in measured.events[i] if e.rank == r]
-            c = sum(e.end_ms - e.start_ms for e in mine if e.kind != "OPT")
+            c = sum(e.end_ms - e.start_ms for e in mine if e.kind not in ("OPT", "TIE"))  # a tie sum: waiting
             o = sum(e.end_ms - e.start_ms for e in mine if e.kind == "OPT")
             compute.append(c)
             opt.append(o)
@@ -208,16 +268,22 @@ def make_report(job: Job, log: StepLog, measured: Measured) -> Report:
     # plan's exposed all-reduce: the part the pipeline's drain does not hide)
     predicted_step = predicted.step_ms + plan.predicted.allreduce_ms if predicted is not None else None
     last = [max(range(plan.num_ranks), key=lambda r: measured.step_ms[i][r]) for i in steady]
+    slowest_rank = statistics.mode(last)
+    untied = dataclasses.replace(replay_plan, stages=tuple(
+        dataclasses.replace(st, cost=dataclasses.replace(st.cost, tie_ms=())) for st in replay_plan.stages))
     tokens = job.data.tokens_per_sample
     return Report(
         plan=job.cfg.plan, model=job.cfg.model, schedule=plan.schedule, microbatches=plan.microbatches,
         microbatch_size=mb, global_batch=job.global_batch, ranks=plan.num_ranks, steps=len(measured.step_ms),
         losses=log.losses, step_ms=measured.slowest_ms, measured_step_ms=measured_step,
-        measured_step_spread_ms=(min(slowest), max(slowest)), steady_steps=len(steady), slowest_rank=statistics.mode(last),
+        measured_step_spread_ms=(min(slowest), max(slowest)), steady_steps=len(steady), slowest_rank=slowest_rank,
         predicted_step_ms=predicted_step, predicted_bubble_fraction=plan.predicted.bubble_fraction,
         step_error=measured_step / predicted_step - 1 if predicted_step else None,
         simulated_with_measured_stages_ms=replayed.step_ms,
-        fitted_overhead_ms=fit_overhead_ms(replay_plan, measured_step),
+        fitted_overhead_ms=fit_overhead_ms(untied, measured_step),
+        unexplained_ms=fit_overhead_ms(replay_plan, measured_step),
+        action_ms=plan.stages[0].cost.overhead_ms if plan.stages else 0.0,
+        terms=_term_rows(plan, measured, predicted, slowest_rank, measured_step),
         measured_speed=_speed(plan, stage_ms) if same_size else None,
         throughput_per_s=job.global_batch * tokens / (measured_step / 1e3) if measured_step > 0 else None,
         throughput_unit="tokens" if tokens > 1 else "samples", memory_method=measured.memory_method, stages=rows,
@@ -251,7 +317,8 @@ def read_handed_report(path: str) -> Report | None:
     spread = data.pop("measured_step_spread_ms")
     return Report(**{**data, "measured_step_spread_ms": (spread[0], spread[1]),
                      "stages": [StageRow(**row) for row in data["stages"]],
-                     "ranks_detail": [RankRow(**row) for row in data["ranks_detail"]]})
+                     "ranks_detail": [RankRow(**row) for row in data["ranks_detail"]],
+                     "terms": [TermRow(**row) for row in data.get("terms", [])]})
 
 
 def print_report(report: Report, plan_microbatch_size: int | None) -> None:

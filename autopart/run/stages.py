@@ -40,9 +40,9 @@ from __future__ import annotations
 
 import functools
 import inspect
-from contextlib import AbstractContextManager, nullcontext
+from contextlib import AbstractContextManager, contextmanager, nullcontext
 from types import TracebackType
-from typing import Any, Callable, Sequence
+from typing import Any, Callable, Iterator, Sequence
 
 import torch
 import torch.distributed as dist
@@ -64,7 +64,8 @@ from autopart.run.streams import BlockStreams
 from autopart.run.timeline import ActionClock
 
 __all__ = ["Pipeline", "SharedParameters", "TimedStage", "build_pipeline", "canonical_names", "check_evaluable",
-           "check_plan_against_model", "check_world_size", "in_precision", "loss_in_precision", "recompute_forward"]
+           "check_plan_against_model", "check_world_size", "in_precision", "loss_in_precision", "recompute_forward",
+           "one_stage_world"]
 
 Schedule = PipelineScheduleSingle | PipelineScheduleMulti
 """Every schedule ``get_schedule_class`` returns is one of the two."""
@@ -90,6 +91,28 @@ def check_plan_against_model(plan: Plan, blocks: Sequence[str], world_size: int,
         want = ours[diff] if diff < len(ours) else "(end)"
         raise AutopartError(f"the plan's blocks do not match model {model_name!r}: block {diff} is {got!r} in the "
                             f"plan but {want!r} in the model ({len(planned)} vs {len(ours)} blocks)")
+
+
+@contextmanager
+def one_stage_world(module: nn.Module, microbatches: int, loss_fn: Callable[[Any, Any], torch.Tensor],
+                    device: torch.device) -> Iterator[Callable[[torch.Tensor, torch.Tensor], None] | None]:
+    """A step of ``module`` as the one stage of a ``GPipe`` schedule of ``microbatches`` in a world of one
+    process (gloo, an in-process store, destroyed on leaving): what ``train`` runs per stage, less the sends
+    (:mod:`autopart.measure.runtime_cost` times it). Each call of the function it gives runs one step on a batch
+    and its target. None when a process group exists already (a world that is not this one process)."""
+    if dist.is_initialized():
+        yield None
+        return
+    dist.init_process_group("gloo", store=dist.HashStore(), rank=0, world_size=1)
+    try:
+        stage = PipelineStage(module, 0, 1, device)
+        schedule = get_schedule_class("GPipe")(stage, n_microbatches=microbatches, loss_fn=loss_fn, scale_grads=False)
+
+        def step(x: torch.Tensor, target: torch.Tensor) -> None:
+            schedule.step(x, target=target, return_outputs=False)
+        yield step
+    finally:
+        dist.destroy_process_group()
 
 
 def check_evaluable(plan: Plan) -> None:
@@ -244,8 +267,11 @@ class Pipeline:
                 p.grad.div_(self.plan.microbatches)
         for layer in self.deferred:
             layer.commit()
-        self.shared.sync_gradients()  # a replica's tied copies summed first; the average over replicas of the
-        if self.replicas is not None:  # sums is the sum of the averages, so either order gives the same gradient
+        # a replica's tied copies summed first (timed: the report's tie sum); the average over replicas of the
+        # sums is the sum of the averages, so either order gives the same gradient
+        if self.shared.local:
+            self.clock.timed("TIE", "TIE", self.shared.sync_gradients)
+        if self.replicas is not None:
             average_gradients(self.parameters(), self.replicas.dp_group, self.replicas.data_parallel)
         self.streams.step += 1
         return losses if self.has_last else None
@@ -332,8 +358,11 @@ def build_pipeline(plan: Plan, chain: Chain, rank: int, device: torch.device, lo
     scaler = ShardedGradScaler(device=device.type, process_group=agree) if precision.scaler else None
     if scaler is not None:
         scaler.scale(torch.zeros((), device=device))  # makes its scale on every rank, not only the loss's
-    model_loss = loss_in_precision(chain.model_loss(loss_fn), precision, device, scaler)
     clock = ActionClock(rank, device)
+    precise_loss = loss_in_precision(chain.model_loss(loss_fn), precision, device, scaler)
+
+    def model_loss(out: Any, target: Any) -> torch.Tensor:  # the schedule calls it between the last stage's actions
+        return clock.timed("LOSS", "LOSS", precise_loss, out, target)
     global_ranks = [row[r] for r in plan.stage_ranks()]
     stages = [TimedStage(module, s, plan.num_stages, device, clock=clock, streams=streams, ranks=global_ranks,
                          input_args=signatures[s].inputs, output_args=signatures[s].outputs, group=group)

@@ -2,7 +2,7 @@
 
     clock = ActionClock(rank, device)
     clock.begin_step()
-    out = clock.timed("F", stage, microbatch, stage_forward, ...)   # each forward, backward, half, optimizer
+    out = clock.timed("F", "1F0", stage_forward, ...)   # each forward, backward, half, tie sum, optimizer
     events = clock.end_step()                                      # simulate.Event, ms from the step's start
 
 The events are the simulator's own type, so a measured step is a
@@ -60,13 +60,20 @@ class ActionClock:
         self._marks = []
 
     def timed(self, kind: str, action: str, fn: Callable[..., T], *args: Any, **kwargs: Any) -> T:
-        """Run ``fn`` and record it as ``action`` (``"1F0"``, ``"OPT"``) of ``kind`` (F, B, I, W, OPT)."""
+        """Run ``fn`` and record it as ``action`` (``"1F0"``, ``"OPT"``) of ``kind`` (F, B, I, W; TIE, the tied
+        gradients' sum with the other holders, which waits for the last of them; OPT). ``kind`` LOSS, the loss the
+        schedule computes on the last stage's output right after its forward, extends that forward (as the
+        profile and the plan count the last stage's forward: with its loss)."""
         self.doing = f"running {action}"
         if self._origin is None:  # outside a timed step (a warm-up, a check): run it untimed
             return fn(*args, **kwargs)
         start = self._now()
         out = fn(*args, **kwargs)
-        self._marks.append((kind, action, start, self._now()))
+        if kind != "LOSS":
+            self._marks.append((kind, action, start, self._now()))
+        elif self._marks and self._marks[-1][0] == "F":
+            forward, name, began, _ = self._marks[-1]
+            self._marks[-1] = (forward, name, began, self._now())
         return out
 
     def end_step(self) -> tuple[Event, ...]:
