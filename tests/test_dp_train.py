@@ -15,9 +15,10 @@ import pytest
 import torch
 
 from autopart.formats.plan import Plan
-from autopart.run.checkpoint import load_stages
+from autopart.run.build import build_model
+from autopart.run.checkpoint import load_stages, merge_checkpoint
 from autopart.measure.spec import call_model, load_model
-from autopart.run.data import default_corpus_files
+from autopart.run.data import default_corpus_files, training_data
 from autopart.run.streams import BlockStreams
 from tests.conftest import ROOT, assert_one_line_error, run_cli, run_cli_here, run_two_agents
 from tests.helpers import plan_for
@@ -151,7 +152,8 @@ def test_train_two_replicas_on_one_launcher_and_two_nodes_and_resume(tmp_path: P
     """``autopart train`` of 2 replicas x 2 stages (gpt2-tiny, 2 micro-batches each) trains the losses of the same
     split as one pipeline of 4 micro-batches on the same global batch of 16: on one launcher (each replica's
     pipeline inside a node); on two torchrun agents as two nodes, each pipeline across the nodes; and resumed from
-    a checkpoint the one-pipeline run wrote. And back: the 2-replica run's checkpoint is the one-pipeline run's
+    a checkpoint the one-pipeline run wrote. The held-out loss every 2 steps is the one-process model's with the
+    weights of that step's checkpoint (this was tests/test_eval.py's own 2-rank run). And back: the 2-replica run's checkpoint is the one-pipeline run's
     (the same stage files, values within float error), so the one-pipeline plan resumes from it as from its own.
     The held-out loss (each replica evaluates its share) is the one-pipeline run's too. Checkpoints are written
     once per stage."""
@@ -166,7 +168,7 @@ def test_train_two_replicas_on_one_launcher_and_two_nodes_and_resume(tmp_path: P
     assert half.data_parallel == 2 and half.mesh() == [[0, 1], [2, 3]]  # free links: each pipeline inside a node
     corpus = tmp_path / "corpus.txt"
     corpus.write_bytes(b"".join(f.read_bytes() for f in default_corpus_files()[:100])[:40_000])  # 30 held-out windows
-    common = ("--model", "gpt2-tiny", "--steps", "3", "--lr", "0.01", "--data", str(corpus), "--eval-every", "3",
+    common = ("--model", "gpt2-tiny", "--steps", "3", "--lr", "0.01", "--data", str(corpus), "--eval-every", "2",
               "--eval-batches", "1")
 
     reference = run_cli("train", str(one), *common, "--checkpoint", str(tmp_path / "ck1"), "--checkpoint-every", "2",
@@ -174,6 +176,21 @@ def test_train_two_replicas_on_one_launcher_and_two_nodes_and_resume(tmp_path: P
     assert reference.returncode == 0, reference.stderr[-3000:]
     expected = _losses(tmp_path / "r1.json")
     assert len(expected) == 3
+    # the held-out loss, every 2 steps and after the last: one process's, with the weights of that step's checkpoint
+    evals = json.loads((tmp_path / "r1.json").read_text())["eval_losses"]
+    assert [e["step"] for e in evals] == [2, 3]
+    said = [line for line in reference.stderr.splitlines() if line.startswith("eval after step")]
+    assert said == [f"eval after step {e['step']}: loss {e['loss']:.4f} (1 batch of 16, held out)" for e in evals]
+    bundle = build_model("gpt2-tiny", 0)
+    assert bundle.loss_fn is not None
+    held = training_data(bundle, str(corpus), 16, tuple(single.sample_shape[1:]), 0, 0, eval_batches=1).held_out
+    assert held is not None and len(held) == 1
+    model = bundle.module.eval()
+    for e in evals:
+        model.load_state_dict(merge_checkpoint(tmp_path / "ck1" / f"step-{e['step']:06d}"))
+        with torch.no_grad():
+            want = sum(float(bundle.loss_fn(call_model(model, [x], bundle.input_names), y)) for x, y in held)
+        assert e["loss"] == pytest.approx(want / len(held), abs=1e-5), e
 
     launched = run_cli("train", str(two), *common, "--checkpoint", str(tmp_path / "ck2"), "--checkpoint-every", "2",
                        "--report", str(tmp_path / "r2.json"), "--replan", str(tmp_path / "re.json"))
@@ -185,9 +202,9 @@ def test_train_two_replicas_on_one_launcher_and_two_nodes_and_resume(tmp_path: P
     assert "(16 per step, 8 per replica)" in launched.stderr
     assert _losses(tmp_path / "r2.json") == pytest.approx(expected, rel=1e-5)
     report = json.loads((tmp_path / "r2.json").read_text())
-    evals = [e["loss"] for e in json.loads((tmp_path / "r1.json").read_text())["eval_losses"]]
-    assert len(evals) == 1 and [e["loss"] for e in report["eval_losses"]] == pytest.approx(evals, rel=1e-5)
-    assert launched.stderr.count("eval after step 3:") == 1
+    assert [e["step"] for e in report["eval_losses"]] == [2, 3]
+    assert [e["loss"] for e in report["eval_losses"]] == pytest.approx([e["loss"] for e in evals], rel=1e-5)
+    assert launched.stderr.count("eval after step 2:") == launched.stderr.count("eval after step 3:") == 1
     assert report["data_parallel"] == 2 and report["ranks"] == 2 and report["global_batch"] == 16
     assert [r["rank"] for r in report["ranks_detail"]] == [0, 1]
     assert sorted(p.name for p in (tmp_path / "ck2" / "step-000003").iterdir()) == ["COMPLETE", "stage-0.pt",
