@@ -1,6 +1,7 @@
 """Data parallel x pipeline on real torchrun/gloo processes: 2 replicas x 2 stages on 4 ranks train what one
 process does on the whole global batch (tied weights included), through ``autopart train`` too, on one launcher
-or two torchrun agents as two nodes, and resume from a checkpoint one replica wrote."""
+or two torchrun agents as two nodes, and resume from a checkpoint one replica wrote. (A rank of the second replica
+killed and restarted: tests/test_faults.py.)"""
 from __future__ import annotations
 
 import dataclasses
