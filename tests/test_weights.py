@@ -300,10 +300,11 @@ def _train_one_step(plan: Path, spec: str, tmp_path: Path, *flags: str) -> tuple
 
 @pytest.fixture(scope="module")
 def profiles(folders: dict[str, Path], tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
-    """``autopart profile hf:PATH`` of each folder, once."""
+    """``autopart profile hf:PATH`` of each folder, once (in this process: no interpreter to start)."""
     root, out = tmp_path_factory.mktemp("profiles"), {}
     for kind, folder in folders.items():
-        result = run_cli("profile", f"hf:{folder}", "--repeats", "1", "--warmup", "0", "-o", str(root / f"{kind}.json"))
+        result = run_cli_here("profile", f"hf:{folder}", "--repeats", "1", "--warmup", "0", "-o",
+                              str(root / f"{kind}.json"))
         assert result.returncode == 0, result.stderr[-3000:]
         out[kind] = root / f"{kind}.json"
     return out
