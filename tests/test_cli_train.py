@@ -77,6 +77,13 @@ def test_train_checkpoint_merge_resume(trained: Run, plan: Path, tmp_path: Path)
     assert "measured with" not in first.stderr  # profiled with 1 thread, as each rank gets: nothing to say
     data = json.loads(report.read_text())
     assert len(data["losses"]) == 3 and data["losses"][-1] < data["losses"][0]
+    # each rank built only its stages: the losses of one process from the whole build's weights (test_build's check
+    # for gpt2-tiny, on this run)
+    from tests.test_build import reference_losses
+
+    expected = reference_losses("gpt2-tiny", plan, 3, lr=3e-3)
+    assert data["losses"] == pytest.approx(expected, rel=1e-6, abs=1e-6), (data["losses"], expected)
+    assert all(r["build_peak_bytes"] is not None for r in data["ranks_detail"])
     assert data["predicted_step_ms"] > 0 and data["measured_step_ms"] > 0 and len(data["stages"]) == 2
     assert latest_complete(ckpt) == ckpt / "step-000003"
 
