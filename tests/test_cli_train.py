@@ -3,9 +3,11 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import subprocess
 import sys
 import time
+from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
@@ -27,17 +29,61 @@ def plan(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return out
 
 
+@dataclass(frozen=True)
+class Run:
+    """One run of ``autopart train`` that several tests read."""
+
+    result: subprocess.CompletedProcess[str]
+    folder: Path
+    """Its working directory (nothing else is written there)."""
+    report: Path
+    checkpoint: Path | None = None
+
+
+@pytest.fixture(scope="module")
+def trained(plan: Path, tmp_path_factory: pytest.TempPathFactory) -> Run:
+    """``autopart train`` of the 2-stage plan, 3 steps with a checkpoint and a report, run once for the tests that
+    check what it prints, writes and leaves."""
+    root = tmp_path_factory.mktemp("trained")
+    folder, ckpt = root / "cwd", root / "ckpt"
+    folder.mkdir()
+    result = run_cli("train", str(plan), "--model", "gpt2-tiny", "--steps", "3", "--checkpoint", str(ckpt),
+                     "--report", str(folder / "report.json"), "--lr", "3e-3", cwd=folder)
+    return Run(result, folder, folder / "report.json", ckpt)
+
+
+@pytest.fixture(scope="module")
+def under_torchrun(plan: Path, tmp_path_factory: pytest.TempPathFactory) -> Run:
+    """The plan's 2 ranks under a user's torchrun, 2 steps, with the old ``--meta-init`` and the launcher's
+    hand-over variable set (``handed.json`` in its folder), run once for the tests that read it."""
+    folder = tmp_path_factory.mktemp("torchrun")
+    env = dict(os.environ, PYTHONPATH=str(ROOT), OMP_NUM_THREADS="1",
+               AUTOPART_REPORT_HANDOFF=str(folder / "handed.json"))
+    result = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2",
+                             "-m", "autopart", "train", str(plan), "--model", "gpt2-tiny", "--steps", "2",
+                             "--meta-init", "--report", str(folder / "r.json")],
+                            cwd=folder, env=env, text=True, capture_output=True, timeout=300)
+    return Run(result, folder, folder / "r.json")
+
+
 @pytest.mark.slow
-def test_train_checkpoint_merge_resume(plan: Path, tmp_path: Path) -> None:
-    ckpt, report = tmp_path / "ckpt", tmp_path / "report.json"
-    first = run_cli("train", str(plan), "--model", "gpt2-tiny", "--steps", "3", "--checkpoint", str(ckpt),
-                    "--report", str(report), "--lr", "3e-3")
+def test_train_checkpoint_merge_resume(trained: Run, plan: Path, tmp_path: Path) -> None:
+    first, report = trained.result, trained.report
     assert first.returncode == 0, first.stderr[-2000:]
+    assert trained.checkpoint is not None
+    ckpt = Path(shutil.copytree(trained.checkpoint, tmp_path / "ckpt"))  # the resume below adds to its copy
     assert "step 3/3" in first.stderr and "tokens/s" in first.stderr  # progress on stderr
     assert "predicted" in first.stdout and "per stage" in first.stdout and "per stage" not in first.stderr  # results
     assert "measured with" not in first.stderr  # profiled with 1 thread, as each rank gets: nothing to say
     data = json.loads(report.read_text())
     assert len(data["losses"]) == 3 and data["losses"][-1] < data["losses"][0]
+    # each rank built only its stages: the losses of one process from the whole build's weights (test_build's check
+    # for gpt2-tiny, on this run)
+    from tests.test_build import reference_losses
+
+    expected = reference_losses("gpt2-tiny", plan, 3, lr=3e-3)
+    assert data["losses"] == pytest.approx(expected, rel=1e-6, abs=1e-6), (data["losses"], expected)
+    assert all(r["build_peak_bytes"] is not None for r in data["ranks_detail"])
     assert data["predicted_step_ms"] > 0 and data["measured_step_ms"] > 0 and len(data["stages"]) == 2
     assert latest_complete(ckpt) == ckpt / "step-000003"
 
@@ -102,13 +148,13 @@ def test_a_rank_that_dies_stops_the_job(tmp_path: Path) -> None:
     assert latest_complete(ckpt) == ckpt / "step-000001"  # the last complete checkpoint survives
 
 
-@pytest.mark.slow
 def test_plan_for_another_model_is_refused(plan: Path) -> None:
-    assert_one_line_error(run_cli("train", str(plan), "--model", "mlp-hetero", "--steps", "1"),
+    # refused before any rank starts: the CLI's main in this process says what a new interpreter would
+    assert_one_line_error(run_cli_here("train", str(plan), "--model", "mlp-hetero", "--steps", "1"),
                           "do not match model 'mlp-hetero'")
-    assert_one_line_error(run_cli("train", str(plan), "--model", "gpt2-tiny", "--global-batch", "7"),
+    assert_one_line_error(run_cli_here("train", str(plan), "--model", "gpt2-tiny", "--global-batch", "7"),
                           "not divisible")
-    assert_one_line_error(run_cli("train", str(plan), "--model", "gpt2-tiny", "--data", "/no/such/corpus"),
+    assert_one_line_error(run_cli_here("train", str(plan), "--model", "gpt2-tiny", "--data", "/no/such/corpus"),
                           "does not exist")
 
 
@@ -161,7 +207,7 @@ def test_images_batchnorm_warning_and_replan(tmp_path: Path) -> None:
 
 
 @pytest.mark.slow
-def test_the_launcher_prints_the_report_the_rank_hands_over(plan: Path, tmp_path: Path) -> None:
+def test_the_launcher_prints_the_report_the_rank_hands_over(trained: Run, under_torchrun: Run, plan: Path) -> None:
     """The ranks are other processes: the reporting rank hands the report over in a file, and the launcher
     prints exactly what rendering the ``--report`` JSON gives (the same lines the rank printed before)."""
     import contextlib
@@ -170,39 +216,30 @@ def test_the_launcher_prints_the_report_the_rank_hands_over(plan: Path, tmp_path
     from autopart.formats.plan import Plan
     from autopart.run.report import print_report, read_handed_report
 
-    result = run_cli("train", str(plan), "--model", "gpt2-tiny", "--steps", "2", "--threads", "1",
-                     "--report", str(tmp_path / "r.json"), cwd=tmp_path)
+    result = trained.result
     assert result.returncode == 0, result.stderr[-2000:]
-    report = read_handed_report(str(tmp_path / "r.json"))
+    report = read_handed_report(str(trained.report))
     assert report is not None
     shown = io.StringIO()
     with contextlib.redirect_stdout(shown):
         print_report(report, Plan.from_json(str(plan)).microbatch_size)
     assert "per stage" in result.stdout and result.stdout == shown.getvalue()
-    assert list(tmp_path.iterdir()) == [tmp_path / "r.json"]  # the hand-over file is not left behind here
+    assert list(trained.folder.iterdir()) == [trained.report]  # the hand-over file is not left behind here
     # under torchrun, with the launcher's variable set, the rank hands the report over instead of printing it
-    handed = tmp_path / "handed.json"
-    env = dict(os.environ, PYTHONPATH=str(ROOT), OMP_NUM_THREADS="1", AUTOPART_REPORT_HANDOFF=str(handed))
-    ranks = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2",
-                            "-m", "autopart", "train", str(plan), "--model", "gpt2-tiny", "--steps", "1",
-                            "--report", str(tmp_path / "r1.json")],
-                           cwd=tmp_path, env=env, text=True, capture_output=True, timeout=300)
+    ranks = under_torchrun.result
     assert ranks.returncode == 0, ranks.stderr[-2000:]
     assert "per stage" not in ranks.stdout
-    assert read_handed_report(str(handed)) == read_handed_report(str(tmp_path / "r1.json"))
+    handed = read_handed_report(str(under_torchrun.folder / "handed.json"))
+    assert handed is not None and handed == read_handed_report(str(under_torchrun.report))
 
 
 @pytest.mark.slow
-def test_meta_init_is_a_no_op_and_running_inside_torchrun(plan: Path, tmp_path: Path) -> None:
+def test_meta_init_is_a_no_op_and_running_inside_torchrun(under_torchrun: Run, plan: Path) -> None:
     """Each rank builds only its own stages, always: the old ``--meta-init`` is accepted and changes nothing, and
     the first loss is that of the whole model ``build_model`` gives in one process."""
-    env = dict(os.environ, PYTHONPATH=str(ROOT), OMP_NUM_THREADS="1")
-    result = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2",
-                             "-m", "autopart", "train", str(plan), "--model", "gpt2-tiny", "--steps", "2",
-                             "--meta-init", "--report", str(tmp_path / "r.json")],
-                            cwd=tmp_path, env=env, text=True, capture_output=True, timeout=300)
+    result = under_torchrun.result
     assert result.returncode == 0, result.stderr[-2000:]
-    report = json.loads((tmp_path / "r.json").read_text())
+    report = json.loads(under_torchrun.report.read_text())
     assert len(report["losses"]) == 2 and all(loss == loss for loss in report["losses"])
     assert report["losses"][0] == pytest.approx(_first_loss(plan), rel=1e-5)
     assert "--meta-init" not in run_cli("train", "--help").stdout  # hidden

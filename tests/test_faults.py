@@ -106,8 +106,18 @@ def check_restart_after_a_kill(tmp_path: Path, plan: Path, spec: str, steps: int
 @pytest.mark.slow
 @pytest.mark.skipif(not Path("/proc/self/environ").exists(), reason="finds the rank's process through /proc")
 def test_a_rank_killed_by_a_signal_is_restarted_and_ends_with_the_uninterrupted_weights(tmp_path: Path) -> None:
+    """One launch for the pipeline and its replicas: 2 replicas x 2 stages, global rank 3 (replica 1's last
+    stage) killed; every rank of both pipelines restarts (their pipeline and replica groups made again) and the
+    final weights are the uninterrupted run's. A plan of one pipeline restarts through the same steps with fewer
+    groups (this was two tests, one per plan, that ran the same kill and restart)."""
+    import dataclasses
+
+    from autopart.formats.plan import Plan
+
     spec = f"{HELPERS}:restart_spec"
-    check_restart_after_a_kill(tmp_path, _plan(tmp_path, spec), spec, steps=6, rank=1, max_restarts=2)
+    plan = tmp_path / "two.json"
+    dataclasses.replace(Plan.from_json(_plan(tmp_path, spec)), data_parallel=2).to_json(plan)
+    check_restart_after_a_kill(tmp_path, plan, spec, steps=4, rank=3, max_restarts=2)
 
 
 @pytest.mark.slow

@@ -35,9 +35,9 @@ def test_tiny_run_on_cpu_writes_results_and_profiles(tmp_path: Path) -> None:
     data = json.loads((tmp_path / "gpu_check.json").read_text())
     assert data["precision"] == "bf16-mixed" and data["device"] == "cpu" and data["tiny"] is True
     models = [row[0] for row in data["check"]["rows"]]
-    assert models == ["gpt2-tiny"] * 4 + ["llama-tiny"] * 4  # a row per stage of each 4-stage plan
-    assert [row[0] for row in data["train"]["rows"]] == ["gpt2-tiny", "llama-tiny"]
-    for label in ("gpt2-tiny", "llama-tiny"):
+    assert models == ["llama-tiny"] * 4  # a row per stage of the 4-stage plan
+    assert [row[0] for row in data["train"]["rows"]] == ["llama-tiny"]
+    for label in ("llama-tiny",):
         profile = json.loads((tmp_path / "profiles" / f"{label}-cpu-mb2-bf16-mixed.json").read_text())
         assert profile["precision"] == "bf16-mixed"
         run = data["models"][label]
@@ -45,4 +45,4 @@ def test_tiny_run_on_cpu_writes_results_and_profiles(tmp_path: Path) -> None:
         assert all(s["measured_bytes"] is not None for s in run["check"]["stages"])
         assert run["train"]["measured_step_ms"] > 0 and run["train"]["ranks"] == 1
     markdown = (tmp_path / "gpu_check.md").read_text()
-    assert "| gpt2-tiny | 3 |" in markdown and "one rank trains a 1-stage plan" in markdown
+    assert "| llama-tiny | 3 |" in markdown and "one rank trains a 1-stage plan" in markdown
