@@ -16,12 +16,17 @@ bandwidth shared with the other ranks), so their spreads add. The steady
 part of a step is the busiest rank's compute, M times: its relative spread
 is the step's.
 
-The **choice**: the plans whose step is within the fastest's band
-(``step <= fastest x (1 + noise)``) are ties; of them the one whose busiest
-rank computes least per step (M x its forward and backward per micro-batch:
-comparable across micro-batch counts of one global batch) wins, then the
+The **choice**: the plans of the fastest's configuration (schedule,
+micro-batches, stages per rank, replicas: only the split differs) whose
+step is within the fastest's band (``step <= fastest x (1 + noise)``) are
+ties; of them the one whose busiest rank computes least per step (M x its
+forward and backward per micro-batch) wins, then the
 caller's order (the smaller step, then the search's own tie-breakers: less
-memory, ...). The **margin** is how much slower the
+memory, ...). Splits only: another micro-batch count or schedule within the
+band is not a tie, since larger micro-batches compute a step in less time
+and the rule would then pick the fewest micro-batches, the largest bubble
+(the autotune sweep of 2026-12-01 chose ZBVZeroBubble M=1 that way, 24%
+slower than the best measured point). The **margin** is how much slower the
 fastest other plan is than the chosen one, relative (negative when the
 chosen one is not the fastest). Pure (no torch): docs/partition.md, "The
 choice and the noise band".
@@ -91,8 +96,13 @@ def max_noise(profile: Profile) -> float:
                default=0.0)
 
 
+def _configuration(plan: Plan) -> tuple[object, ...]:
+    """What a plan runs apart from its split: the noise band ties splits of one configuration only."""
+    return (plan.schedule, plan.microbatches, plan.stages_per_rank, plan.data_parallel, plan.num_ranks)
+
+
 def _identity(plan: Plan) -> tuple[object, ...]:
-    return (plan.schedule, plan.microbatches, plan.stages_per_rank, plan.data_parallel, plan.balance)
+    return (*_configuration(plan), plan.balance)
 
 
 def choose(plans: Sequence[Plan], profile: Profile) -> tuple[Plan, list[Plan]]:
@@ -112,7 +122,7 @@ def choose(plans: Sequence[Plan], profile: Profile) -> tuple[Plan, list[Plan]]:
     fastest = by_step[0]
     noise = noise_band(fastest, profile)
     limit = fastest.predicted.step_ms * (1 + noise + TIE)
-    ties = [p for p in by_step if p.predicted.step_ms <= limit]
+    ties = [p for p in by_step if p.predicted.step_ms <= limit and _configuration(p) == _configuration(fastest)]
     low = min(busiest_compute_ms(p) for p in ties)
     balanced = [p for p in ties if busiest_compute_ms(p) <= low * (1 + TIE)]
     chosen = min(balanced, key=lambda p: order[id(p)])  # the caller's order: step, then its tie-breakers
