@@ -12,7 +12,7 @@ from types import SimpleNamespace
 
 import pytest
 
-from autopart.core.choice import busiest_compute_ms, max_noise, noise_band
+from autopart.core.choice import busiest_compute_ms, choose, max_noise, noise_band
 from autopart.core.costmodel import CostModel
 from autopart.core.dataparallel import plan_cluster
 from autopart.core.search import plan_partition, score_balance
@@ -129,21 +129,33 @@ def test_margin_and_noise_are_saved_loaded_and_older_plans_load(tmp_path: Path) 
     assert "margin" not in older.to_dict()["predicted"]
 
 
-def test_cluster_plans_make_the_same_choice() -> None:
+def test_cluster_configurations_are_never_ties() -> None:
     """Two devices on a slow link: the 2-rank pipeline (M=4, 150 ms, its busiest rank 120 ms of compute per
-    step) beats 2 replicas (170 ms: the all-reduce; 114 ms) by 13%. Inside a 15% band the replicas win,
-    outside a 10% one the pipeline; pruned or not (the pruned search scores what the band makes a tie)."""
+    step) beats 2 replicas (170 ms: the all-reduce; 114 ms) by 13%. The band ties splits of one configuration
+    only: inside a 15% band as outside a 10% one the pipeline wins, pruned or not; the plan records the band
+    and the margin (the replicas were chosen inside the band before: the sweep's M=1 lesson)."""
     cluster = Cluster(nodes=1, devices_per_node=2, intra_node_bytes_per_s=1e5)
-    for spread, label, margin in ((0.15, "1x2", 150 / 170 - 1), (0.10, "2x1", 170 / 150 - 1)):
+    for spread in (0.15, 0.10):
         for prune in (True, False):
             search = plan_cluster(_profile(BLOCKS, spread), cluster, CostModel(), global_batch=4,
                                   schedules=[("1F1B", 1)], prune=prune)
-            assert search.tried[0].label == label, (spread, prune)
+            assert search.tried[0].label == "2x1", (spread, prune)
             assert search.best.predicted.noise == pytest.approx(spread)
-            assert search.best.predicted.margin == pytest.approx(margin)
-    wide = plan_cluster(_profile(BLOCKS, 0.15), cluster, CostModel(), global_batch=4, schedules=[("1F1B", 1)])
-    assert wide.tried[1].why == "13.3% faster, within the profile's noise; busier rank: 120 ms vs 114 ms of compute " \
-                                "per step"
+            assert search.best.predicted.margin == pytest.approx(170 / 150 - 1)
+
+
+def test_another_microbatch_count_within_the_band_is_not_a_tie() -> None:
+    """Larger micro-batches compute a step in less time, so a band over configurations would pick the fewest
+    micro-batches and the largest bubble: within a 60% band, M=4 (faster) still wins over M=1."""
+    at_four = _profile([(3 * f, o) for f, o in BLOCKS], 0.6, size=4).layers  # 4 samples in 3x one's time
+    profile = _profile(BLOCKS, 0.6, by_microbatch_size=((4, at_four),))
+    plans = [plan_partition(profile, 2, CostModel(schedule="GPipe", microbatches=m), global_batch=4) for m in (1, 4)]
+    fast, slow = sorted(plans, key=lambda p: p.predicted.step_ms)
+    assert (fast.microbatches, slow.microbatches) == (4, 1)
+    assert slow.predicted.step_ms <= fast.predicted.step_ms * (1 + noise_band(fast, profile))  # within the band
+    assert busiest_compute_ms(slow) < busiest_compute_ms(fast)  # what a band over configurations would pick
+    chosen, _ = choose([fast, slow], profile)
+    assert chosen.microbatches == 4
 
 
 GPT2 = str(ROOT / "profiles" / "gpt2-small-cpu-mb1.json")
