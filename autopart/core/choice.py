@@ -119,7 +119,8 @@ def choose(plans: Sequence[Plan], profile: Profile) -> tuple[Plan, list[Plan]]:
             unique.append(p)
     order = {id(p): i for i, p in enumerate(unique)}
     by_step = sorted(unique, key=lambda p: (p.predicted.step_ms, order[id(p)]))
-    fastest = by_step[0]
+    first = by_step[0].predicted.step_ms  # of equal steps (to rounding), the caller's order: less memory, ...
+    fastest = min((p for p in by_step if p.predicted.step_ms <= first * (1 + TIE)), key=lambda p: order[id(p)])
     noise = noise_band(fastest, profile)
     limit = fastest.predicted.step_ms * (1 + noise + TIE)
     ties = [p for p in by_step if p.predicted.step_ms <= limit and _configuration(p) == _configuration(fastest)]
