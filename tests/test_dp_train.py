@@ -172,8 +172,9 @@ def test_train_two_replicas_on_one_launcher_and_two_nodes_and_resume(tmp_path: P
     """``autopart train`` of 2 replicas x 2 stages (gpt2-tiny, 2 micro-batches each) trains the losses of the same
     split as one pipeline of 4 micro-batches on the same global batch of 16: on one launcher (each replica's
     pipeline inside a node); on two torchrun agents as two nodes, each pipeline across the nodes; and resumed from
-    a checkpoint the one-pipeline run wrote. The one-pipeline run's held-out loss every 2 steps is one process's
-    with the weights of that step's checkpoint (this was tests/test_eval.py's own 2-rank run); the replicas' (each
+    a checkpoint the one-pipeline run wrote. The one-pipeline run's held-out loss every 2 steps (--eval-batches 2: the
+    mean of the 2 batches' losses) is one process's with the weights of that step's checkpoint (this was
+    tests/test_eval.py's own 2-rank run); the replicas' (each
     evaluates its share) is the one-pipeline run's. And back: the 2-replica run's checkpoint is the one-pipeline
     run's (the same stage files, values within float error), so the one-pipeline plan resumes from it as from its
     own. Checkpoints are written once per stage."""
