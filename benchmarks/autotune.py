@@ -97,11 +97,13 @@ def _predict(plan: Path, work: Path) -> float:
 
 
 def _predict_raw(profile: Path, point: Point, global_batch: int) -> float:
-    """The same split, priced from the profile alone (speed 1, no overhead)."""
+    """The same split, priced from the profile's block times alone: speed 1 and no cost per action (neither a fitted
+    overhead nor the profile's measured ``action_ms``: ``overhead_ms=0.0`` turns it off)."""
     raw = Profile.from_json(str(profile))
     devices = [Device("cpu")] * 2
     per_rank = 2 if point.schedule in ("Interleaved1F1B", "ZBVZeroBubble") else 1
-    model = CostModel(schedule=point.schedule, microbatches=point.microbatches, stages_per_rank=per_rank)
+    model = CostModel(schedule=point.schedule, microbatches=point.microbatches, stages_per_rank=per_rank,
+                      overhead_ms=0.0)
     plan = plan_search(raw, devices, model, global_batch=global_batch)
     return score_balance(raw, devices, plan, point.balance).predicted.step_ms
 

@@ -12,7 +12,7 @@ from types import SimpleNamespace
 
 import pytest
 
-from autopart.core.choice import busiest_compute_ms, choose, max_noise, noise_band
+from autopart.core.choice import actions_per_microbatch, busiest_compute_ms, choose, noise_band
 from autopart.core.costmodel import CostModel
 from autopart.core.dataparallel import plan_cluster
 from autopart.core.search import plan_partition, score_balance
@@ -51,7 +51,22 @@ def test_the_noise_band_is_the_busiest_ranks_spread_over_its_compute() -> None:
     assert busiest_compute_ms(plan) == pytest.approx(2 * 30.0)
     assert noise_band(plan, profile) == pytest.approx((0.10 * 9 + 0.02 * 15 + 0.04 * 6) / 30)
     assert noise_band(plan, _profile(BLOCKS)) == 0.0  # no spread recorded: no band
-    assert max_noise(profile) == pytest.approx(0.5)
+
+
+def test_the_busiest_rank_pays_its_actions_cost() -> None:
+    """With 0.5 ms per action: [3, 2] of BLOCKS on 1F1B, M=2: rank 0 is busy 30 ms of compute and 2 actions x 0.5 ms
+    per micro-batch: 2 x 31 ms per step. ZBVZeroBubble (4 stages on 2 ranks, M=2) runs 3 actions per stage and
+    micro-batch (F, I, W): a rank of two stages pays 2 x 3 x 0.5 = 3 ms per micro-batch on top of its compute."""
+    profile = _profile(BLOCKS, action_ms=0.5)
+    plan = score_balance(profile, [Device("cpu")] * 2, plan_partition(profile, 2, CostModel(microbatches=2)), [3, 2])
+    assert [st.cost.overhead_ms for st in plan.stages] == [0.5, 0.5]
+    assert busiest_compute_ms(plan) == pytest.approx(2 * 31.0)
+    assert actions_per_microbatch("1F1B") == actions_per_microbatch("GPipe") == 2
+    assert actions_per_microbatch("ZBVZeroBubble") == 3
+    zbv = plan_partition(profile, 2, CostModel(schedule="ZBVZeroBubble", microbatches=2, stages_per_rank=2))
+    zbv = score_balance(profile, [Device("cpu")] * 2, zbv, [1, 1, 1, 2])  # rank 0: b0 and b3, b4; rank 1: b1, b2
+    assert zbv.stage_ranks() == (0, 1, 1, 0)
+    assert busiest_compute_ms(zbv) == pytest.approx(2 * ((3 + 1 + 8) * 3 + 2 * 3 * 0.5))
 
 
 @pytest.mark.slow  # scipy's fit: about 3 s

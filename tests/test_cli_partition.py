@@ -137,3 +137,60 @@ def test_a_given_balance_that_does_not_split_the_blocks_is_one_line(balance: str
     profile = str(ROOT / "profiles" / "gpt2-small-cpu-mb1.json")
     assert_one_line_error(run_cli("partition", profile, "--stages", "4", "--balance", balance), fragment)
     assert_one_line_error(run_cli("partition", profile, "--stages", "4", "--balance", "4,x"), "not a list of block counts")
+
+
+TIE_BYTES = int(12.3 * 2**20)
+
+
+def _hand_profile(path: Path, action_ms: float = 0.0, tied: bool = False) -> str:
+    """Four blocks of 1, 2, 2, 1 ms forward (backward twice that); ``tied``: b0 and b3 share a 12.3 MiB weight."""
+    from autopart.formats.profile import LayerProfile, Tie
+
+    layers = tuple(LayerProfile(name=f"b{i}", forward_ms=f, backward_ms=2 * f, param_bytes=1000,
+                                activation_bytes=100, output_bytes=10) for i, f in enumerate((1.0, 2.0, 2.0, 1.0)))
+    ties = (Tie(params=("b0.weight", "b3.weight"), owner="b0", blocks=("b0", "b3"), bytes=TIE_BYTES),) if tied else ()
+    Profile(model="hand", device="cpu", dtype="float32", microbatch_size=1, sample_shape=(1, 4), torch="2.13",
+            layers=layers, action_ms=action_ms, ties=ties).to_json(path)
+    return str(path)
+
+
+def test_overhead_0_turns_the_profiles_action_cost_off(tmp_path: Path) -> None:
+    """A profile that measured 2 ms per action: not given, every stage pays it; --overhead 0 prices none, the
+    same plan as a profile that measured nothing; another value replaces it."""
+    from tests.conftest import run_cli_here
+
+    measured = _hand_profile(tmp_path / "measured.json", action_ms=2.0)
+    none = _hand_profile(tmp_path / "none.json")
+
+    def plan(profile: str, *flags: str) -> dict[str, Any]:
+        result = run_cli_here("partition", profile, "--stages", "2", "--format", "json", *flags)
+        assert result.returncode == 0, result.stderr
+        return dict(json.loads(result.stdout))
+
+    assert [st["overhead_ms"] for st in plan(measured)["stages"]] == [2.0, 2.0]
+    off = plan(measured, "--overhead", "0")
+    assert [st["overhead_ms"] for st in off["stages"]] == [0.0, 0.0]
+    assert off["predicted"] == plan(none)["predicted"]
+    assert off["predicted"]["step_ms"] < plan(measured)["predicted"]["step_ms"]
+    assert plan(measured, "--overhead", "0ms")["predicted"] == off["predicted"]  # a zero needs no unit
+    assert [st["overhead_ms"] for st in plan(measured, "--overhead", "0.5ms")["stages"]] == [0.5, 0.5]
+
+
+def test_a_tie_across_ranks_on_a_free_link_is_noted(tmp_path: Path) -> None:
+    """b0 and b3 share a weight: on 2 ranks under 1F1B its copies are on ranks 0 and 1, and without --bandwidth
+    its gradient sum is priced 0, which partition says once; with a bandwidth it is priced (no note), and under
+    ZBVZeroBubble the V puts both copies on rank 0 (nothing to sum, no note)."""
+    from tests.conftest import run_cli_here
+
+    tied = _hand_profile(tmp_path / "tied.json", tied=True)
+    note = ("note: the tied weight's gradient sum between ranks 0 and 1 (b0.weight, 12.3 MiB a step) is priced "
+            "free: no --bandwidth given")
+    free = run_cli_here("partition", tied, "--stages", "2")
+    assert free.returncode == 0, free.stderr
+    assert [line for line in free.stdout.splitlines() if "tied" in line] == [note]
+    priced = run_cli_here("partition", tied, "--stages", "2", "--bandwidth", "1GB/s")
+    assert priced.returncode == 0 and "tied" not in priced.stdout, priced.stderr
+    zbv = run_cli_here("partition", tied, "--stages", "2", "--schedule", "zbv")
+    assert zbv.returncode == 0 and "tied" not in zbv.stdout, zbv.stderr
+    untied = run_cli_here("partition", _hand_profile(tmp_path / "untied.json"), "--stages", "2")
+    assert untied.returncode == 0 and "tied" not in untied.stdout, untied.stderr

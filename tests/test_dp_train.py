@@ -172,8 +172,9 @@ def test_train_two_replicas_on_one_launcher_and_two_nodes_and_resume(tmp_path: P
     """``autopart train`` of 2 replicas x 2 stages (gpt2-tiny, 2 micro-batches each) trains the losses of the same
     split as one pipeline of 4 micro-batches on the same global batch of 16: on one launcher (each replica's
     pipeline inside a node); on two torchrun agents as two nodes, each pipeline across the nodes; and resumed from
-    a checkpoint the one-pipeline run wrote. The one-pipeline run's held-out loss every 2 steps is one process's
-    with the weights of that step's checkpoint (this was tests/test_eval.py's own 2-rank run); the replicas' (each
+    a checkpoint the one-pipeline run wrote. The one-pipeline run's held-out loss every 2 steps (--eval-batches 2: the
+    mean of the 2 batches' losses) is one process's with the weights of that step's checkpoint (this was
+    tests/test_eval.py's own 2-rank run); the replicas' (each
     evaluates its share) is the one-pipeline run's. And back: the 2-replica run's checkpoint is the one-pipeline
     run's (the same stage files, values within float error), so the one-pipeline plan resumes from it as from its
     own. Checkpoints are written once per stage."""
@@ -187,9 +188,10 @@ def test_train_two_replicas_on_one_launcher_and_two_nodes_and_resume(tmp_path: P
     assert half.balance == single.balance and half.microbatch_size == single.microbatch_size == 4
     assert half.data_parallel == 2 and half.mesh() == [[0, 1], [2, 3]]  # free links: each pipeline inside a node
     corpus = tmp_path / "corpus.txt"
-    corpus.write_bytes(b"".join(f.read_bytes() for f in default_corpus_files()[:100])[:40_000])  # 30 held-out windows
+    corpus.write_bytes(b"".join(f.read_bytes() for f in default_corpus_files()[:200])[:44_000])
+    assert corpus.stat().st_size == 44_000  # 2,200 bytes held out: 33 windows of 65, 2 batches of 16 need 32
     common = ("--model", "gpt2-tiny", "--steps", "3", "--lr", "0.01", "--data", str(corpus), "--eval-every", "2",
-              "--eval-batches", "1")
+              "--eval-batches", "2")
 
     reference = run_cli("train", str(one), *common, "--checkpoint", str(tmp_path / "ck1"), "--checkpoint-every", "2",
                         "--report", str(tmp_path / "r1.json"))
@@ -200,17 +202,17 @@ def test_train_two_replicas_on_one_launcher_and_two_nodes_and_resume(tmp_path: P
     evals = json.loads((tmp_path / "r1.json").read_text())["eval_losses"]
     assert [e["step"] for e in evals] == [2, 3]
     said = [line for line in reference.stderr.splitlines() if line.startswith("eval after step")]
-    assert said == [f"eval after step {e['step']}: loss {e['loss']:.4f} (1 batch of 16, held out)" for e in evals]
+    assert said == [f"eval after step {e['step']}: loss {e['loss']:.4f} (2 batches of 16, held out)" for e in evals]
     bundle = build_model("gpt2-tiny", 0)
     assert bundle.loss_fn is not None
-    held = training_data(bundle, str(corpus), 16, tuple(single.sample_shape[1:]), 0, 0, eval_batches=1).held_out
-    assert held is not None and len(held) == 1
+    held = training_data(bundle, str(corpus), 16, tuple(single.sample_shape[1:]), 0, 0, eval_batches=2).held_out
+    assert held is not None and len(held) == 2
     model = bundle.module.eval()
-    for e in evals:
+    for e in evals:  # the mean over the 2 held-out batches (they differ: neither alone is the mean)
         model.load_state_dict(merge_checkpoint(tmp_path / "ck1" / f"step-{e['step']:06d}"))
         with torch.no_grad():
-            want = sum(float(bundle.loss_fn(call_model(model, [x], bundle.input_names), y)) for x, y in held)
-        assert e["loss"] == pytest.approx(want / len(held), abs=1e-5), e
+            each = [float(bundle.loss_fn(call_model(model, [x], bundle.input_names), y)) for x, y in held]
+        assert abs(each[0] - each[1]) > 1e-3 and e["loss"] == pytest.approx(sum(each) / 2, abs=1e-5), (e, each)
 
     launched = run_cli("train", str(two), *common, "--checkpoint", str(tmp_path / "ck2"), "--checkpoint-every", "2",
                        "--report", str(tmp_path / "r2.json"), "--replan", str(tmp_path / "re.json"))
@@ -251,6 +253,13 @@ def test_train_two_replicas_on_one_launcher_and_two_nodes_and_resume(tmp_path: P
         for name, value in wanted["model"].items():  # two AdamW steps of 0.01: within 1% of a step
             torch.testing.assert_close(ours["model"][name], value, rtol=0, atol=1e-4, msg=name)
         _assert_same_state(ours["optimizer"], wanted["optimizer"], f"stage {wanted['stage']}'s optimizer")
+    # what restore_pipeline (autopart/run/resume.py) asks of a checkpoint before it restores the optimizer state
+    # instead of warning "the plan changed": per rank of the one-pipeline plan, the file of its first stage lists
+    # the rank's own stages and holds optimizer state, and there is one file per stage of the plan
+    assert len(mine) == single.num_stages
+    for rank in range(single.num_ranks):
+        ours_stages = single.stages_of(rank)
+        assert mine[ours_stages[0]]["local_stages"] == ours_stages and mine[ours_stages[0]]["optimizer"] is not None
 
     # two nodes, each pipeline across them (each inside one node is the one-launcher run's mesh above)
     across = _replicated(half, tmp_path / "across.json", placement=((0, 2), (1, 3)))

@@ -118,8 +118,24 @@ def test_graph_says_which_fields_were_given_and_derived() -> None:
                                            f"(derived)"
     data = json.loads(run_cli_here("graph", spec, "--json").stdout)
     assert data["fields"] == {"given": TINY, "derived": {"num_key_value_heads": 2, "head_dim": 16}}
-    assert hf_fields("hf:gpt2-medium").describe("hf:gpt2-medium") == \
-        "hf:gpt2-medium with n_layer=24, n_embd=1024, n_head=16 (given)"  # a preset's fields are given by its name
+
+
+def test_a_presets_fields_are_not_the_users() -> None:
+    """hf:gpt2-medium gives no field: its preset's are kept apart (``preset``), so neither graph nor profile says
+    any was given; a field given again, under either name, is the user's and leaves the preset's list."""
+    medium = hf_fields("hf:gpt2-medium")
+    assert medium.given == {} and medium.preset == {"n_layer": 24, "n_embd": 1024, "n_head": 16}
+    assert medium.config.n_layer == 24 and medium.derived == {}
+    assert medium.describe("hf:gpt2-medium") == "hf:gpt2-medium with n_layer=24, n_embd=1024, n_head=16 (preset)"
+    for spec, key in (("hf:gpt2-medium:n_layer=2", "n_layer"), ("hf:gpt2-medium:num_hidden_layers=2",
+                                                                  "num_hidden_layers")):
+        shrunk = hf_fields(spec)
+        assert shrunk.config.n_layer == 2 and shrunk.given == {key: 2}
+        assert shrunk.describe(spec) == f"hf:gpt2-medium with n_embd=1024, n_head=16 (preset); {key}=2 (given)"
+    plain = run_cli_here("graph", "hf:gpt2-medium:n_layer=1,n_embd=32,n_head=2,n_positions=32,vocab_size=256")
+    assert plain.returncode == 0, plain.stderr
+    assert plain.stdout.splitlines()[0] == "hf:gpt2-medium with n_layer=1, n_embd=32, n_head=2, n_positions=32, " \
+                                           "vocab_size=256 (given)"
 
 
 @pytest.mark.slow

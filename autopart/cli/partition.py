@@ -4,6 +4,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
+import re
 from typing import TYPE_CHECKING
 
 from autopart.cli.common import Subcommands, at_least, path_arg, schedule_or_auto_arg
@@ -110,7 +111,7 @@ def add_parser(sub: Subcommands) -> None:
     p.add_argument("--latency", metavar="TIME", help="per send: 10us, 0.05ms (default: 0)")
     p.add_argument("--overhead", metavar="TIME", help="the pipelining runtime's own time per forward or backward "
                    "action (its send/receive calls and bookkeeping): the 'runtime overhead' autopart train reports "
-                   "(default: 0)")
+                   "(default: the profile's measured cost per action, 0 if it has none; 0 turns it off)")
     p.add_argument("--ranks-per-machine", type=at_least(1), metavar="N",
                    help="how many ranks share the profiled machine's cores: each rank's times are the profile's at "
                         "max(1, cores / N) threads (timed, or between two timed counts). Default, for a CPU profile "
@@ -125,6 +126,18 @@ def add_parser(sub: Subcommands) -> None:
                         "torch pipelining's split_spec, to paste), fqns (module names per stage)")
     p.add_argument("-o", "--output", metavar="FILE", type=path_arg, help="write the plan JSON here (atomically)")
     p.set_defaults(run=run)
+
+
+def overhead_ms_arg(text: str | None) -> float | None:
+    """``--overhead``: None when not given (the profile's measured cost per action), else milliseconds; a zero
+    needs no unit (``0`` turns the cost off)."""
+    from autopart.formats.units import parse_duration_ms
+
+    if text is None:
+        return None
+    if re.fullmatch(r"\s*0*\.?0*\s*", text) and "0" in text:
+        return 0.0
+    return parse_duration_ms(text, "--overhead")
 
 
 def _bottleneck_note(method: str) -> str:
@@ -216,7 +229,7 @@ def make_cluster_search_from_args(args: argparse.Namespace, cluster: Cluster) ->
         raise AutopartError(f"--microbatches must be >= 1, got {microbatches}")
     model = CostModel(optimizer=args.optimizer, latency_ms=parse_duration_ms(args.latency) if args.latency else 0.0,
                       recompute=not args.no_recompute,
-                      overhead_ms=parse_duration_ms(args.overhead, "--overhead") if args.overhead else 0.0)
+                      overhead_ms=overhead_ms_arg(args.overhead))
     return plan_cluster(profile, cluster, model, global_batch=args.global_batch, method=args.method,
                         schedules=schedules, stages=args.stages, data_parallel=args.data_parallel,
                         microbatches=microbatches, profile_path=args.profile)
@@ -270,12 +283,33 @@ def make_plan_from_args(args: argparse.Namespace) -> Plan:
                       bandwidth_bytes_per_ms=parse_bandwidth(args.bandwidth) / 1e3 if args.bandwidth else None,
                       latency_ms=parse_duration_ms(args.latency) if args.latency else 0.0,
                       recompute=not args.no_recompute,
-                      overhead_ms=parse_duration_ms(args.overhead, "--overhead") if args.overhead else 0.0)
+                      overhead_ms=overhead_ms_arg(args.overhead))
     plan = plan_search(profile, devices, model, method=args.method, global_batch=args.global_batch,
                        search_microbatches=search_microbatches, schedules=schedules, profile_path=args.profile)
     if args.balance:
         args.given = score_balance(profile, devices, plan, args.balance, recompute=not args.no_recompute)
+    if args.bandwidth is None:
+        args.notes.extend(free_tie_notes(plan, profile, latency=bool(model.latency_ms)))
     return plan
+
+
+def free_tie_notes(plan: Plan, profile: Profile, latency: bool = False) -> list[str]:
+    """Per tied weight whose copies the plan puts on different ranks, a note that its gradient sum (the ring
+    all-reduce ``autopart train`` runs each step) is priced free, or at the latency alone: no bandwidth given."""
+    from autopart.formats.units import format_bytes
+
+    rank_of = {name: rank for st, rank in zip(plan.stages, plan.stage_ranks()) for name in st.blocks}
+    notes = []
+    for tie in profile.ties:
+        ranks = sorted({rank_of[b] for b in tie.blocks if b in rank_of})
+        if len(ranks) < 2:
+            continue
+        between = (f"between ranks {ranks[0]} and {ranks[1]}" if len(ranks) == 2
+                   else f"among ranks {', '.join(map(str, ranks[:-1]))} and {ranks[-1]}")
+        priced = "at the --latency alone" if latency else "free"
+        notes.append(f"the tied weight's gradient sum {between} ({tie.params[0]}, {format_bytes(tie.bytes)} a step) "
+                     f"is priced {priced}: no --bandwidth given")
+    return notes
 
 
 def run(args: argparse.Namespace) -> int:
@@ -402,8 +436,9 @@ def choice_line(plan: Plan) -> str:
     noise = f"{pred.noise:.1%}"
     if pred.margin < 0:
         slower = -pred.margin / (1 + pred.margin)
+        what = "compute and runtime actions" if any(st.cost.overhead_ms for st in plan.stages) else "compute"
         busiest = f" (busiest rank {format_ms(busiest_compute_ms(plan))} vs {format_ms(runner.busiest_ms)} of " \
-                  f"compute per step)" if runner.busiest_ms else ""
+                  f"{what} per step)" if runner.busiest_ms else ""
         return (f"{me}: {slower:.1%} slower than the fastest predicted ({runner.label}) but within the profile's "
                 f"noise ({noise}); more balanced{busiest}")
     if pred.margin > pred.noise:

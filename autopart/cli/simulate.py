@@ -38,7 +38,7 @@ def add_parser(sub: Subcommands) -> None:
     p.add_argument("--stages-per-rank", type=int, metavar="V",
                    help="virtual stages per rank for Interleaved1F1B (default: the plan's, else 2)")
     p.add_argument("--overhead", metavar="TIME", help="the runtime's own time per forward or backward action, "
-                   "instead of the plan's (the 'runtime overhead' autopart train reports)")
+                   "instead of the plan's (the 'runtime overhead' autopart train reports; 0 turns it off)")
     p.add_argument("--json", action="store_true", help="print a machine-readable summary only")
     p.add_argument("--svg", metavar="FILE", type=path_arg, help="write the timeline as an SVG picture (atomically)")
     p.add_argument("--csv", metavar="FILE", type=path_arg, help="write the schedule's per-rank actions as torch's CSV")
@@ -52,6 +52,7 @@ def add_parser(sub: Subcommands) -> None:
 
 def run(args: argparse.Namespace) -> int:
     from autopart.cli.console import stdout_console
+    from autopart.cli.partition import overhead_ms_arg
     from autopart.render.timeline import render_svg, render_text
     from autopart.core.planner import simulate_plan
     from autopart.core.schedules import build_schedule
@@ -59,7 +60,7 @@ def run(args: argparse.Namespace) -> int:
     from autopart.formats.atomic import check_writable, write_atomic
     from autopart.formats.plan import Plan
     from autopart.formats.schedule_kinds import stage_ranks, stages_per_rank
-    from autopart.formats.units import format_ms, parse_duration_ms, plural
+    from autopart.formats.units import format_ms, plural
 
     for path in (args.svg, args.csv, args.trace):
         if path:
@@ -74,8 +75,8 @@ def run(args: argparse.Namespace) -> int:
     if per_rank is None:
         per_rank = plan.stages_per_rank if schedule == plan.schedule else stages_per_rank(schedule)
     microbatches = args.microbatches or plan.microbatches
-    if args.overhead is not None:
-        overhead = parse_duration_ms(args.overhead, "--overhead")
+    overhead = overhead_ms_arg(args.overhead)
+    if overhead is not None:
         plan = dataclasses.replace(plan, stages=tuple(
             dataclasses.replace(st, cost=dataclasses.replace(st.cost, overhead_ms=overhead)) for st in plan.stages))
     sim = simulate_plan(plan, microbatches, schedule, per_rank)

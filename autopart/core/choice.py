@@ -8,7 +8,7 @@ The exact search minimises the predicted step, so it lands where the cost
 model errs most (a stage of one narrow block, a split that piles the work on
 one rank and hides it behind the schedule). The profile records each
 block's interquartile range: the **noise band** of a plan is the busiest
-rank's (the largest compute per micro-batch) blocks' interquartile ranges,
+rank's (the largest compute and action cost per micro-batch) blocks' IQRs,
 forward and backward, summed, over the same blocks' medians, summed, at the
 measured micro-batch size nearest the plan's. Summed, not in quadrature:
 on one machine the blocks slow down and speed up together (clock, memory
@@ -19,8 +19,10 @@ is the step's.
 The **choice**: the plans of the fastest's configuration (schedule,
 micro-batches, stages per rank, replicas: only the split differs) whose
 step is within the fastest's band (``step <= fastest x (1 + noise)``) are
-ties; of them the one whose busiest rank computes least per step (M x its
-forward and backward per micro-batch) wins, then the
+ties; of them the one whose busiest rank is busy least per step (M x its
+forward and backward per micro-batch, the loss included, plus the runtime's
+cost of its actions: 2 per stage and micro-batch, 3 under ZBVZeroBubble,
+whose backward runs as I and W) wins, then the
 caller's order (the smaller step, then the search's own tie-breakers: less
 memory, ...). Splits only: another micro-batch count or schedule within the
 band is not a tie, since larger micro-batches compute a step in less time
@@ -40,7 +42,7 @@ from autopart.errors import AutopartError
 from autopart.formats.plan import Plan
 from autopart.formats.profile import LayerProfile, Profile
 
-__all__ = ["noise_band", "busiest_compute_ms", "choose", "max_noise", "TIE"]
+__all__ = ["noise_band", "busiest_compute_ms", "choose", "actions_per_microbatch", "TIE"]
 
 TIE = 1e-9
 """Relative: steps and computes this close are equal (the simulator's rounding)."""
@@ -55,18 +57,32 @@ def _nearest_layers(profile: Profile, microbatch_size: int | None) -> tuple[Laye
     return sizes[size]
 
 
-def _busiest_rank(plan: Plan) -> int:
-    """The rank with the most compute per micro-batch (the first such)."""
+def actions_per_microbatch(schedule: str) -> int:
+    """The runtime actions a stage runs per micro-batch, each charged its ``overhead_ms`` by the simulator: a
+    forward and a backward, or under ZBVZeroBubble a forward and the backward's two halves (I and W)."""
+    return 3 if schedule == "ZBVZeroBubble" else 2
+
+
+def _busy_per_rank_ms(plan: Plan) -> list[float]:
+    """Per rank, its stages' time per micro-batch: forward and backward (the loss included) and the runtime's
+    cost of their actions."""
+    actions = actions_per_microbatch(plan.schedule)
     per_rank = [0.0] * plan.num_ranks
     for stage, rank in zip(plan.stages, plan.stage_ranks()):
-        per_rank[rank] += stage.cost.compute_ms
+        per_rank[rank] += stage.cost.compute_ms + actions * stage.cost.overhead_ms
+    return per_rank
+
+
+def _busiest_rank(plan: Plan) -> int:
+    """The rank busiest per micro-batch (:func:`_busy_per_rank_ms`; the first such)."""
+    per_rank = _busy_per_rank_ms(plan)
     return max(range(plan.num_ranks), key=lambda r: (per_rank[r], -r))
 
 
 def busiest_compute_ms(plan: Plan) -> float:
-    """The busiest rank's compute per step: micro-batches x its stages' forward and backward per micro-batch."""
-    rank = _busiest_rank(plan)
-    return plan.microbatches * sum(st.cost.compute_ms for st, r in zip(plan.stages, plan.stage_ranks()) if r == rank)
+    """The busiest rank's time per step: micro-batches x its stages' forward and backward per micro-batch (the
+    loss included) plus the runtime's cost of their actions (:func:`actions_per_microbatch` x ``overhead_ms``)."""
+    return plan.microbatches * max(_busy_per_rank_ms(plan))
 
 
 def noise_band(plan: Plan, profile: Profile) -> float:
@@ -86,14 +102,6 @@ def noise_band(plan: Plan, profile: Profile) -> float:
             spread += x.forward_iqr_ms + x.backward_iqr_ms
             median += x.forward_ms + x.backward_ms
     return spread / median if median > 0 else 0.0
-
-
-def max_noise(profile: Profile) -> float:
-    """No plan's :func:`noise_band` exceeds this: the largest block's spread over its median, any size (a ratio
-    of sums is at most its largest term's ratio)."""
-    return max((((x.forward_iqr_ms + x.backward_iqr_ms) / (x.forward_ms + x.backward_ms))
-                for layers in profile.sizes().values() for x in layers if x.forward_ms + x.backward_ms > 0),
-               default=0.0)
 
 
 def _configuration(plan: Plan) -> tuple[object, ...]:

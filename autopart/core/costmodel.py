@@ -89,7 +89,11 @@ class Problem:
             raise AutopartError(f"need at least 1 stage, got {k}")
         if k > n:
             raise AutopartError(f"{plural(k, 'stage')} > {plural(n, 'block')}: every stage needs at least one block")
+        if model.overhead_ms is None:  # no profile to measure it: no cost per action
+            model = dataclasses.replace(model, overhead_ms=0.0)
         self.blocks, self.model, self.devices = costs, model, tuple(devices)
+        self.overhead_ms: float = model.overhead_ms or 0.0
+        """The runtime's cost per forward or backward action on every stage (ms)."""
         self.loss_ms = loss_ms
         """The loss's forward and backward per micro-batch: in the model's last block's, shown apart."""
         self.n, self.k, self.names = n, k, costs.names
@@ -207,7 +211,8 @@ class Problem:
     @classmethod
     def from_profile(cls, profile: Profile, devices: Sequence[Device], model: CostModel) -> "Problem":
         """The profile's blocks, the loss in the last one (added to it when the profile timed it apart), and
-        the runtime's measured cost per action (``profile.action_ms``) when ``model`` gives no overhead."""
+        the runtime's measured cost per action (``profile.action_ms``) when ``model.overhead_ms`` is None (a given
+        number, even 0, is used as given)."""
         last = profile.layers[-1]
         loss_ms = (last.loss_forward_ms, last.loss_backward_ms)
         if sum(loss_ms) > 0 and not profile.loss_in_last_block:
@@ -216,7 +221,7 @@ class Problem:
                                        backward_ms=last.backward_ms + last.loss_backward_ms, input_grad_ms=grad)
             profile = dataclasses.replace(profile, layers=(*profile.layers[:-1], last), by_microbatch_size=(),
                                           loss_in_last_block=True)
-        if model.overhead_ms == 0 and profile.action_ms > 0:
+        if model.overhead_ms is None:
             model = dataclasses.replace(model, overhead_ms=profile.action_ms)
         return cls(BlockCosts.from_profile(profile, model.optimizer), devices, model, loss_ms=loss_ms)
 
@@ -249,7 +254,7 @@ class Problem:
         model = CostModel(schedule=self.model.schedule, microbatches=self.model.microbatches,
                           optimizer=self.model.optimizer,
                           recompute=self.model.recompute,
-                          stages_per_rank=self.model.stages_per_rank, overhead_ms=self.model.overhead_ms)
+                          stages_per_rank=self.model.stages_per_rank, overhead_ms=self.overhead_ms)
         devices = [dataclasses.replace(d, memory_bytes=None) for d in self.devices]
         return self._like(devices, model)
 
@@ -409,7 +414,7 @@ class Problem:
         send_in, send_out = self._sends_all(i, j)
         return StageTimes(forward_ms=forward / v, backward_ms=backward / v, input_grad_ms=input_grad / v,
                           send_forward_ms=send_out, send_backward_ms=send_in,
-                          optimizer_ms=(po[j + 1] - po[i]) / v, overhead_ms=zero + self.model.overhead_ms)
+                          optimizer_ms=(po[j + 1] - po[i]) / v, overhead_ms=zero + self.overhead_ms)
 
     def times(self, s: int, i: Ints, j: Ints) -> tuple[Floats, Floats]:
         """Stage ``s``'s time holding blocks i..j without and with recomputation, sends included."""
@@ -447,7 +452,7 @@ class Problem:
             input_grad = (pig[j + 1] - pig[i]) + np.where(rc, forward, 0.0)
         times = StageTimes(forward_ms=forward / v, backward_ms=backward / v, input_grad_ms=input_grad / v,
                            send_forward_ms=self.send_out_ms(s, j) + zero, send_backward_ms=self.send_in_ms(s, i) + zero,
-                           optimizer_ms=(po[j + 1] - po[i]) / v, overhead_ms=zero + self.model.overhead_ms)
+                           optimizer_ms=(po[j + 1] - po[i]) / v, overhead_ms=zero + self.overhead_ms)
         return times, fits
 
     def _memory_parts(self, s: int, first: int, last: int, recompute: bool) -> dict[str, int]:
@@ -481,7 +486,7 @@ class Problem:
             forward_ms=float(t.forward_ms[0]), backward_ms=float(t.backward_ms[0]),
             input_grad_ms=float(t.input_grad_ms[0]) if self._input_grad_prefix_ms is not None else None,
             send_forward_ms=float(t.send_forward_ms[0]), send_backward_ms=float(t.send_backward_ms[0]),
-            optimizer_ms=float(t.optimizer_ms[0]), overhead_ms=self.model.overhead_ms,
+            optimizer_ms=float(t.optimizer_ms[0]), overhead_ms=self.overhead_ms,
             loss_ms=self._loss(s, first, last),
             memory_bytes=int(round(float(m[0]))), recompute=recompute, **parts)
 

@@ -14,9 +14,17 @@ them; an action starts when its rank is free and its inputs have arrived:
 After its last action, each rank holding a copy of a tied parameter that
 another rank also holds sums its gradient with theirs (``TIE``: it starts
 when the last holder is done, lasts the stage costs' ``tie_ms``), then steps
-its optimizer (``OPT``). :func:`step_ms_batch` (the split search within one
-schedule) leaves the ties out: a tie between the first and the last block
-costs every split of a schedule the same.
+its optimizer (``OPT``). :func:`step_ms_batch` and :func:`critical_path`
+(the split search within one schedule) leave the ties out: they rank a
+schedule's splits by their step without the tied gradients' sums. That is
+not exact: which ranks hold a tie's copies, and so whether and how long it
+is summed, depends on the split (a tie between the first and the last block
+always spans the first and the last rank; one between other blocks may or
+may not cross ranks), and the sum delays only its holders' optimizer steps,
+so what it adds to the step depends on how their finish and optimizer time
+compare with the other ranks'. The plan's predicted step (:func:`simulate`
+of the chosen split), and with it the choice between configurations, the
+runners-up and the noise-band choice, includes it.
 
 Note: as in the partitioner's cost model, a send to another rank keeps the
 sender busy for ``output_bytes / bandwidth + latency`` right after the action

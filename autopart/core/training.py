@@ -36,8 +36,10 @@ class CostModel:
     """Allow activation recomputation on stages that do not fit otherwise."""
     stages_per_rank: int = 1
     """Virtual stages per rank (Interleaved1F1B: any, ZBVZeroBubble: 2)."""
-    overhead_ms: float = 0.0
-    """The runtime's own time around each forward or backward action (:attr:`StageCost.overhead_ms`)."""
+    overhead_ms: float | None = None
+    """The runtime's own time around each forward or backward action (:attr:`StageCost.overhead_ms`); None: the
+    profile's measured ``action_ms`` (:meth:`Problem.from_profile`; 0 without a profile). A number, even 0, is used
+    as given."""
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "schedule", canonical_schedule(self.schedule))
@@ -47,7 +49,7 @@ class CostModel:
             raise AutopartError(f"bandwidth must be > 0, got {self.bandwidth_bytes_per_ms}")
         if not self.latency_ms >= 0:
             raise AutopartError(f"latency must be >= 0, got {self.latency_ms}")
-        if not 0 <= self.overhead_ms < 1e9:
+        if self.overhead_ms is not None and not 0 <= self.overhead_ms < 1e9:
             raise AutopartError(f"overhead must be >= 0 ms (and finite), got {self.overhead_ms}")
 
     @property

@@ -234,18 +234,24 @@ class HfFields:
     config: Any
     """The ``transformers`` config (``use_cache`` off)."""
     given: dict[str, Any]
-    """The fields the spec named (after the preset's), as written."""
+    """The fields the spec named after the name, as written (a preset's are not among them)."""
     derived: dict[str, Any]
-    """Fields the constructor derived from the given ones: their values where they differ from the config built
-    without the given fields (the class's defaults, or the folder's config.json)."""
+    """Fields the constructor derived from the preset's and the given ones: their values where they differ from
+    the config built without them (the class's defaults, or the folder's config.json)."""
+    preset: dict[str, Any] = dataclasses.field(default_factory=dict)
+    """The fields a named preset sets (``hf:gpt2-medium``: ``n_layer=24, ...``) that the spec does not give
+    again; empty for a folder or a name without a preset."""
 
     def describe(self, spec: str) -> str:
-        """One line: ``hf:llama with hidden_size=128, num_attention_heads=4 (given); head_dim=32 (derived)``."""
+        """One line: ``hf:llama with hidden_size=128, num_attention_heads=4 (given); head_dim=32 (derived)``;
+        a preset's fields, when any, first: ``hf:gpt2-medium with n_embd=1024, n_head=16 (preset); n_layer=2
+        (given)``."""
         name = spec.partition(":")[0] + ":" + spec.removeprefix("hf:").partition(":")[0]
-        if not self.given:
+        if not self.given and not self.preset:
             return f"{name} with its {'config.json' if hf_folder(spec) else 'defaults'} (no fields given)"
-        text = f"{name} with {_fields_text(self.given)} (given)"
-        return text + (f"; {_fields_text(self.derived)} (derived)" if self.derived else "")
+        parts = [f"{_fields_text(fields)} ({label})" for fields, label in
+                 ((self.preset, "preset"), (self.given, "given"), (self.derived, "derived")) if fields]
+        return f"{name} with {'; '.join(parts)}"
 
 
 def _fields_text(fields: dict[str, Any]) -> str:
@@ -268,24 +274,28 @@ def hf_fields(spec: str) -> HfFields:
     transformers.utils.logging.set_verbosity_error()
     name, overrides = _parse(spec)
     folder = hf_folder(spec)
+    preset: dict[str, Any] = {}
     if folder is not None:
         base = folder_config(spec, folder)
         given = overrides
         config = _construct(spec, type(base), given, _folder_fields(folder)) if given else base
     else:
-        model_type, preset = _PRESETS.get(name.lower(), (name.lower(), {}))
+        model_type, named = _PRESETS.get(name.lower(), (name.lower(), {}))
         if model_type not in CONFIG_MAPPING:
             known = ", ".join(sorted(_PRESETS))
             raise AutopartError(f"model {spec!r}: transformers knows no model type {model_type!r} (named here: "
                                 f"{known}; or any type transformers has, e.g. mistral, qwen2)")
         cls = CONFIG_MAPPING[model_type]
-        given = {**preset, **overrides}
-        config = _construct(spec, cls, given)
-        base = _construct(spec, cls, {}) if given else config
-    derived = _derived(spec, config, base, given)
+        given = overrides
+        aliases: dict[str, str] = getattr(cls, "attribute_map", {})
+        overridden = {aliases.get(key, key) for key in given}  # under either name (GPT-2's num_hidden_layers)
+        preset = {key: value for key, value in named.items() if aliases.get(key, key) not in overridden}
+        config = _construct(spec, cls, {**preset, **given})
+        base = _construct(spec, cls, {}) if preset or given else config
+    derived = _derived(spec, config, base, {**preset, **given})
     if hasattr(config, "use_cache"):
         config.use_cache = False
-    return HfFields(config=config, given=given, derived=derived)
+    return HfFields(config=config, given=given, derived=derived, preset=preset)
 
 
 def _known_fields(cls: Any) -> set[str]:
