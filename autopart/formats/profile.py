@@ -3,8 +3,8 @@
 Pure data: no torch import, so the partitioner and the simulator can read
 profiles in milliseconds. The measuring lives in :mod:`autopart.measure.profiler`.
 Reading refuses numbers no device can have, which only a damaged or edited
-file holds: a block's time above 1e9 ms (11.6 days) or a size above 2**50
-bytes (1 PiB), naming the block and the value.
+file holds: a block's time (or the runtime's ``action_ms``) above 1e9 ms
+(11.6 days) or a size above 2**50 bytes (1 PiB), naming the block and the value.
 """
 from __future__ import annotations
 
@@ -271,7 +271,8 @@ class Profile:
         for i, item in enumerate(f.array("ties", required=False)):
             ties.append(read_record(Tie, Fields(item, f"{source}: ties[{i}]")))
             check_plausible(f"{source}: ties[{i}]", [("tie_bytes", ties[-1].bytes)])
-        check_plausible(source, [("input_bytes", f.integer("input_bytes", required=False, default=0))])
+        check_plausible(source, [("input_bytes", f.integer("input_bytes", required=False, default=0)),
+                                 ("action_ms", f.number("action_ms", required=False, default=0.0))])
         others = _layer_sets(f, "by_microbatch_size", "size", "a micro-batch size", len(layers))
         by_threads = _layer_sets(f, "by_threads", "threads", "a thread count", len(layers))
         dtype = f.string("dtype")
