@@ -12,6 +12,7 @@ from autopart.core.costmodel import CostModel, Problem
 from autopart.core.schedules import build_schedule
 from autopart.core.simulate import simulate
 from autopart.formats.devices import Device
+from autopart.formats.plan import Plan
 from autopart.formats.profile import LayerProfile, Profile, Tie
 from autopart.formats.stage import StageCost
 from tests.conftest import ROOT, run_cli
@@ -226,7 +227,7 @@ def test_the_loss_after_the_last_stages_forward_is_timed_with_that_forward() -> 
     assert forward.end_ms - forward.start_ms >= 30.0 and tie.start_ms >= forward.end_ms
 
 
-def _two_rank_plan(data_parallel: int, allreduce_ms: float) -> "object":
+def _two_rank_plan(data_parallel: int, allreduce_ms: float) -> Plan:
     """The hand-made tied plan of the test above, as ``data_parallel`` replicas whose exposed all-reduce is
     ``allreduce_ms``."""
     from autopart.core.partition import split_given
