@@ -295,3 +295,25 @@ def test_an_implausible_action_cost_is_refused_on_reading(value: float, fragment
     with pytest.raises(AutopartError) as caught:
         Profile.from_dict(data)
     assert fragment in str(caught.value) and "\n" not in str(caught.value)
+
+
+@pytest.mark.slow
+def test_two_replicas_time_their_all_reduce_as_a_term(tmp_path: Path) -> None:
+    """One stage, 2 data-parallel replicas on 2 gloo ranks: each times its gradients' all-reduce (AR), and the
+    report's terms hold it beside the plan's exposed all-reduce (1.5 ms here), the predicted terms adding up to the
+    predicted step."""
+    plan_path, report = tmp_path / "plan.json", tmp_path / "r.json"
+    made = run_cli("partition", str(ROOT / "profiles" / "gpt2-tiny-cpu-mb4.json"), "--stages", "1", "--microbatches",
+                   "2", "-o", str(plan_path))
+    assert made.returncode == 0, made.stderr[-2000:]
+    plan = Plan.from_json(plan_path)
+    dataclasses.replace(plan, data_parallel=2, predicted=dataclasses.replace(
+        plan.predicted, allreduce_ms=1.5, step_ms=plan.predicted.step_ms + 1.5)).to_json(plan_path)
+    ran = run_cli("train", str(plan_path), "--model", "gpt2-tiny", "--steps", "3", "--report", str(report))
+    assert ran.returncode == 0, ran.stderr[-3000:]
+    data = json.loads(report.read_text())
+    terms = {row["term"]: row for row in data["terms"]}
+    assert list(terms) == ["compute", "loss", "action cost", "sends", "tie sum", "all-reduce", "optimizer", "rest"]
+    assert terms["all-reduce"]["predicted_ms"] == 1.5 and terms["all-reduce"]["measured_ms"] > 0
+    assert sum(row["predicted_ms"] for row in data["terms"]) == pytest.approx(data["predicted_step_ms"])
+    assert sum(row["predicted_share"] for row in data["terms"]) == pytest.approx(1.0)
