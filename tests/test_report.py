@@ -99,3 +99,33 @@ def test_each_ranks_planned_memory_is_its_stages_and_the_ratio_its_measured_peak
     assert rows[0].memory_measured_bytes == 300 * 2**20 and rows[1].memory_measured_bytes is None
     assert rows[0].memory_ratio == pytest.approx(300 * 2**20 / (memory[0] + memory[2]), rel=1e-12)
     assert rows[1].memory_ratio is None and rows[0].memory_reserved_bytes is None
+
+
+def test_the_measured_speed_leaves_out_the_plans_action_cost() -> None:
+    """Stage 0 ran F and B (2 actions per micro-batch), stage 1 F, I and W (3); the plan prices 0.5 ms per action
+    apart, so the measured compute is 30 - 2 x 0.5 and 40 - 3 x 0.5 ms: the speed is the plan's compute over 67.5,
+    not over the 70 ms the actions took (a plan at that speed would pay the action cost twice)."""
+    from autopart.run.report import _actions_per_microbatch, _speed
+
+    profile = Profile.from_json(str(ROOT / "profiles" / "gpt2-small-cpu-mb1.json"))
+    plan = plan_partition(profile, 2, CostModel(schedule="1F1B", microbatches=4))
+    plan = dataclasses.replace(plan, stages=tuple(
+        dataclasses.replace(st, cost=dataclasses.replace(st.cost, overhead_ms=0.5)) for st in plan.stages))
+    events = ((Event(0, "0F0", "F", 0.0, 10.0), Event(0, "0B0", "B", 10.0, 30.0), Event(1, "1F0", "F", 10.0, 25.0),
+               Event(1, "1I0", "I", 25.0, 40.0), Event(1, "1W0", "W", 40.0, 50.0)),)
+    actions = _actions_per_microbatch(Measured(step_ms=((50.0, 50.0),), events=events), 2)
+    assert actions == {0: 2, 1: 3}
+    compute = sum(st.cost.compute_ms * st.device.speed for st in plan.stages)
+    assert _speed(plan, {0: (10.0, 20.0), 1: (15.0, 25.0)}, actions) == pytest.approx(compute / 67.5)
+    assert _speed(plan, {0: (0.5, 0.5)}, {0: 2}) is None  # nothing left after the action cost
+
+
+def test_a_measured_all_reduce_is_drawn() -> None:
+    """The replicas' all-reduce (AR events, timed by the run) has a colour and a legend entry in the SVG."""
+    from autopart.core.simulate import Timeline
+    from autopart.render.timeline import COLOURS, render_svg
+
+    events = (Event(0, "0F0", "F", 0.0, 1.0), Event(0, "AR", "AR", 1.0, 2.0))
+    svg = render_svg([("measured", Timeline(schedule="GPipe", num_ranks=1, microbatches=1, step_ms=2.0,
+                                            events=events))])
+    assert COLOURS["AR"] in svg and ">all-reduce<" in svg

@@ -12,6 +12,7 @@ from autopart.core.costmodel import CostModel, Problem
 from autopart.core.schedules import build_schedule
 from autopart.core.simulate import simulate
 from autopart.formats.devices import Device
+from autopart.formats.plan import Plan
 from autopart.formats.profile import LayerProfile, Profile, Tie
 from autopart.formats.stage import StageCost
 from tests.conftest import ROOT, run_cli
@@ -224,3 +225,95 @@ def test_the_loss_after_the_last_stages_forward_is_timed_with_that_forward() -> 
     forward, tie = clock.end_step()
     assert (forward.action, forward.kind, tie.kind) == ("1F0", "F", "TIE")
     assert forward.end_ms - forward.start_ms >= 30.0 and tie.start_ms >= forward.end_ms
+
+
+def _two_rank_plan(data_parallel: int, allreduce_ms: float) -> Plan:
+    """The hand-made tied plan of the test above, as ``data_parallel`` replicas whose exposed all-reduce is
+    ``allreduce_ms``."""
+    from autopart.core.partition import split_given
+    from autopart.core.planner import make_plan
+
+    profile = _profile(loss_in_last_block=True, action_ms=0.1, ties=(Tie(params=("b0.w", "b2.w"), owner="b0",
+                                                                         blocks=("b0", "b2"), bytes=1_000_000),))
+    model = CostModel(schedule="1F1B", microbatches=2, bandwidth_bytes_per_ms=1e6, latency_ms=0.1)
+    problem = Problem.from_profile(profile, [Device("a")] * 2, model)
+    plan = make_plan(split_given(problem, [1, 2]), problem, model, [Device("a")] * 2)
+    return dataclasses.replace(plan, data_parallel=data_parallel,
+                               predicted=dataclasses.replace(plan.predicted, allreduce_ms=allreduce_ms))
+
+
+def test_with_replicas_the_terms_add_up_to_the_predicted_step_with_its_all_reduce() -> None:
+    """Two replicas, the plan's exposed all-reduce 2.5 ms: the predicted terms hold it as ``all-reduce`` and add up
+    to the report's predicted step (the simulated step + 2.5 ms), their shares to 1; the measured all-reduce is the
+    AR event the run timed (3 ms), out of ``rest``. One replica: no all-reduce row, the terms the simulated step."""
+    from autopart.core.planner import simulate_plan
+    from autopart.core.simulate import Event
+    from autopart.run.report import Measured, _term_rows
+
+    plan = _two_rank_plan(2, 2.5)
+    sim = simulate_plan(plan)
+    events = (Event(1, "1F0", "F", 0.0, 4.0), Event(1, "1B0", "B", 4.0, 10.0), Event(1, "AR", "AR", 10.0, 13.0),
+              Event(1, "OPT", "OPT", 13.0, 14.0))
+    measured = Measured(step_ms=((15.0, 15.0),), events=(events,))
+    rows = {row.term: row for row in _term_rows(plan, measured, sim, 1, 15.0)}
+    assert list(rows) == ["compute", "loss", "action cost", "sends", "tie sum", "all-reduce", "optimizer", "rest"]
+    assert rows["all-reduce"].predicted_ms == 2.5 and rows["all-reduce"].measured_ms == pytest.approx(3.0)
+    assert sum(row.predicted_ms or 0.0 for row in rows.values()) == pytest.approx(sim.step_ms + 2.5)
+    assert sum(row.predicted_share or 0.0 for row in rows.values()) == pytest.approx(1.0)
+    assert rows["rest"].predicted_ms >= 0
+    assert (rows["compute"].measured_ms, rows["optimizer"].measured_ms) == (pytest.approx(10.0), pytest.approx(1.0))
+    assert rows["rest"].measured_ms == pytest.approx(15.0 - 10.0 - 3.0 - 1.0)
+    single = _two_rank_plan(1, 0.0)
+    rows_1 = _term_rows(single, measured, simulate_plan(single), 1, 15.0)
+    assert "all-reduce" not in [row.term for row in rows_1]
+    assert sum(row.predicted_ms or 0.0 for row in rows_1) == pytest.approx(simulate_plan(single).step_ms)
+
+
+def test_the_loss_is_fitted_across_micro_batch_sizes_as_the_times_are() -> None:
+    """Measured at sizes 1 and 2 (loss 0.5 and 1 ms forward, 0.25 and 0.5 backward; the block 5 and 10, 6 and 12):
+    at size 4 the least-squares line gives 2 and 1 ms, not size 1's."""
+    from autopart.core.scaling import scale_profile
+
+    profile = _profile(loss_in_last_block=True)
+    doubled = tuple(dataclasses.replace(x, forward_ms=2 * x.forward_ms, backward_ms=2 * x.backward_ms,
+                                        loss_forward_ms=2 * x.loss_forward_ms, loss_backward_ms=2 * x.loss_backward_ms)
+                    for x in profile.layers)
+    profile = dataclasses.replace(profile, by_microbatch_size=((2, doubled),))
+    scaled, _ = scale_profile(profile, 4)
+    last = scaled.layers[-1]
+    assert (last.forward_ms, last.loss_forward_ms) == (pytest.approx(20.0), pytest.approx(2.0))
+    assert (last.backward_ms, last.loss_backward_ms) == (pytest.approx(24.0), pytest.approx(1.0))
+    assert scaled.layers[0].loss_forward_ms == 0.0
+
+
+@pytest.mark.parametrize("value, fragment", [(1e12, "action_ms 1e+12 is not a plausible time (> 1e9 ms = 11.6 days)"),
+                                             (-1.0, "action_ms")])
+def test_an_implausible_action_cost_is_refused_on_reading(value: float, fragment: str) -> None:
+    from autopart.errors import AutopartError
+
+    data = {**_profile(loss_in_last_block=True).to_dict(), "action_ms": value}
+    with pytest.raises(AutopartError) as caught:
+        Profile.from_dict(data)
+    assert fragment in str(caught.value) and "\n" not in str(caught.value)
+
+
+@pytest.mark.slow
+def test_two_replicas_time_their_all_reduce_as_a_term(tmp_path: Path) -> None:
+    """One stage, 2 data-parallel replicas on 2 gloo ranks: each times its gradients' all-reduce (AR), and the
+    report's terms hold it beside the plan's exposed all-reduce (1.5 ms here), the predicted terms adding up to the
+    predicted step."""
+    plan_path, report = tmp_path / "plan.json", tmp_path / "r.json"
+    made = run_cli("partition", str(ROOT / "profiles" / "gpt2-tiny-cpu-mb4.json"), "--stages", "1", "--microbatches",
+                   "2", "-o", str(plan_path))
+    assert made.returncode == 0, made.stderr[-2000:]
+    plan = Plan.from_json(plan_path)
+    dataclasses.replace(plan, data_parallel=2, predicted=dataclasses.replace(
+        plan.predicted, allreduce_ms=1.5, step_ms=plan.predicted.step_ms + 1.5)).to_json(plan_path)
+    ran = run_cli("train", str(plan_path), "--model", "gpt2-tiny", "--steps", "3", "--report", str(report))
+    assert ran.returncode == 0, ran.stderr[-3000:]
+    data = json.loads(report.read_text())
+    terms = {row["term"]: row for row in data["terms"]}
+    assert list(terms) == ["compute", "loss", "action cost", "sends", "tie sum", "all-reduce", "optimizer", "rest"]
+    assert terms["all-reduce"]["predicted_ms"] == 1.5 and terms["all-reduce"]["measured_ms"] > 0
+    assert sum(row["predicted_ms"] for row in data["terms"]) == pytest.approx(data["predicted_step_ms"])
+    assert sum(row["predicted_share"] for row in data["terms"]) == pytest.approx(1.0)

@@ -51,6 +51,36 @@ def test_at_threads_known_answers() -> None:
     assert profile.at_threads(2).layers[0].param_bytes == 1000  # bytes do not depend on threads
 
 
+def test_at_threads_records_the_count_its_times_are_for() -> None:
+    """Beyond the timed range, and for a profile timed at one count, the times are the nearest timed count's, and
+    so is ``threads``: a plan made from it never records a count its times were not measured at."""
+    profile = _profile({4: [3.0, 4.0], 2: [6.0, 7.0]}, main=4)
+    assert [profile.at_threads(t).threads for t in (1, 2, 3, 4, 16)] == [2, 2, 3, 4, 4]
+    assert profile.at_threads(1).layers == profile.by_threads[0][1] and profile.at_threads(16).layers == profile.layers
+    alone = _profile({8: [1.0, 2.0]}, main=8)
+    assert alone.at_threads(4).threads == 8 and alone.at_threads(4).layers == alone.layers
+    unknown = dataclasses.replace(alone, threads=None)
+    assert unknown.at_threads(4).threads is None  # a profile that records no count is left as it is
+
+
+def test_at_threads_interpolates_the_loss_and_scales_it_at_other_sizes() -> None:
+    """The last block's loss times depend on threads as its other times do: measured at 1 (8 and 4 ms) and 4 threads
+    (2 and 1 ms) they are ``b / t``, so 4 and 2 ms at 2 threads; at micro-batch size 8 scaled by the same ratio."""
+    def with_loss(layers: tuple[LayerProfile, ...], f: float, b: float) -> tuple[LayerProfile, ...]:
+        return (*layers[:-1], dataclasses.replace(layers[-1], loss_forward_ms=f, loss_backward_ms=b))
+
+    base = _profile({4: [3.0, 4.0], 1: [12.0, 16.0]}, main=4)
+    other = (8, with_loss((_layer("b0", 30.0, 60.0), _layer("b1", 40.0, 80.0)), 20.0, 10.0))
+    profile = dataclasses.replace(base, layers=with_loss(base.layers, 2.0, 1.0), by_microbatch_size=(other,),
+                                  by_threads=((1, with_loss(base.by_threads[0][1], 8.0, 4.0)),))
+    two = profile.at_threads(2)
+    last = two.layers[-1]
+    assert (last.loss_forward_ms, last.loss_backward_ms) == (pytest.approx(4.0), pytest.approx(2.0))
+    assert (two.layers[0].loss_forward_ms, two.layers[0].loss_backward_ms) == (0.0, 0.0)
+    scaled = two.sizes()[8][-1]
+    assert (scaled.loss_forward_ms, scaled.loss_backward_ms) == (pytest.approx(40.0), pytest.approx(20.0))
+
+
 def test_at_threads_scales_the_other_micro_batch_sizes_by_the_main_sizes_ratio() -> None:
     other = (8, (_layer("b0", 30.0, 60.0), _layer("b1", 40.0, 80.0)))
     profile = _profile({4: [3.0, 4.0], 1: [12.0, 10.0]}, main=4, by_microbatch_size=(other,))
@@ -136,7 +166,8 @@ def test_partition_between_and_beyond_the_timed_counts(tmp_path: Path) -> None:
     assert plan.threads == 4 and "between the 1 and 8 threads timed" in out
     alone = dataclasses.replace(profile, by_threads=()).to_json(tmp_path / "alone.json")
     plan, out = _partition(alone, tmp_path, "plan.json", "--ranks-per-machine", "2")
-    assert plan.threads == 4 and "the profile timed 8 threads only: the times of 8" in out
+    # the times of 8 threads, so the plan records 8 (train then says, and re-prices, when its ranks get 4)
+    assert plan.threads == 8 and "the profile timed 8 threads only: the times of 8" in out
     assert plan.balance == _partition(alone, tmp_path, "plain.json")[0].balance
 
 
@@ -167,6 +198,30 @@ def test_plan_at_threads_is_the_plan_priced_from_that_counts_times(tmp_path: Pat
     assert repriced.predicted == expected.predicted and repriced.stages == expected.stages
     assert repriced.predicted.step_ms > plan.predicted.step_ms  # b0 is 6x slower at 1 thread
     assert plan_at_threads(plan, dataclasses.replace(both, by_threads=()), 1) is None  # nothing to re-price from
+    beyond = plan_at_threads(plan, both, 8)  # beyond the timed 1 and 2: the times of 2, and the plan says 2
+    assert beyond is not None and beyond.threads == 2 and beyond.predicted.step_ms == plan.predicted.step_ms
+
+
+def test_train_keeps_the_plans_prediction_when_its_profile_was_replaced(tmp_path: Path,
+                                                                         capsys: pytest.CaptureFixture[str]) -> None:
+    """The plan's profile file overwritten by another model's profile since partition, and the ranks get fewer
+    threads than the plan's: train re-prices nothing, keeps the plan's prediction and says why (it used to refuse
+    with the re-pricing's error when the blocks did not match)."""
+    from autopart.cli.train import _threads
+    from autopart.run.config import TrainConfig
+
+    path = tmp_path / "both.json"
+    plan, _ = _partition(_profile(TIMES, main=2).to_json(path), tmp_path, "plan.json", "--ranks-per-machine", "1")
+    assert plan.threads == 2
+    other = dataclasses.replace(_profile({2: [1.0, 1.0, 1.0], 1: [2.0, 2.0, 2.0]}, main=2), model="another")
+    other.to_json(path)
+    threads, repriced = _threads(TrainConfig(plan=str(tmp_path / "plan.json"), model="m", threads=1), plan)
+    assert (threads, repriced) == (1, None)
+    err = capsys.readouterr().err
+    assert "the plan's times were measured with 2 CPU threads; each of its 2 ranks gets 1" in err
+    assert "the plan's prediction is kept: its profile cannot re-price it (profile" in err
+    assert "holds other blocks than the plan's" in err
+
 
 
 @pytest.mark.slow
@@ -203,3 +258,21 @@ def test_train_predicts_at_the_threads_its_ranks_get(tmp_path: Path) -> None:
     assert data["plan"] == str(plan_path)
     assert data["predicted_step_ms"] == pytest.approx(repriced.predicted.step_ms)
     assert data["predicted_step_ms"] != pytest.approx(plan.predicted.step_ms)
+
+
+@pytest.mark.slow
+def test_profile_times_the_loss_at_every_count() -> None:
+    """The loss on the last block's output is timed at each thread count, not the main count's times copied."""
+    import torch
+    from torch import nn
+
+    from autopart.measure.profiler import profile_model
+
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(32, 64), nn.ReLU(), nn.Linear(64, 512))
+    x, target = torch.randn(8, 32), torch.randint(0, 512, (8,))
+    profile = profile_model(model, x, loss_fn=nn.functional.cross_entropy, target=target, warmup=1, repeats=3,
+                            threads=(1, 2))
+    main, other = profile.layers[-1], profile.by_threads[0][1][-1]
+    assert other.loss_forward_ms > 0 and other.loss_backward_ms > 0
+    assert (other.loss_forward_ms, other.loss_backward_ms) != (main.loss_forward_ms, main.loss_backward_ms)

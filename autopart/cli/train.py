@@ -347,10 +347,14 @@ def _threads(cfg: TrainConfig, plan: Plan) -> tuple[int, Plan | None]:
     if cfg.device == "cuda" or threads == plan.threads or not plan.threads:
         return threads, None
     profile, where, found = profile_of_plan(plan, cfg.plan)
-    repriced = plan_at_threads(plan, profile, threads) if profile is not None and _same_size(cfg, plan) else None
+    why_not = "" if profile is not None or not plan.profile else f"profile {where}"
+    try:
+        repriced = plan_at_threads(plan, profile, threads) if profile is not None and _same_size(cfg, plan) else None
+    except AutopartError as exc:  # the profile no longer fits the plan (re-profiled since): a note, not a refusal
+        repriced, why_not = None, f"profile {where}: {exc}"
     if repriced is not None:  # the ranks read the copy from another folder
         repriced = dataclasses.replace(repriced, profile=os.path.abspath(found))
-    note = threads_note(plan, threads, cores, repriced, where)
+    note = threads_note(plan, threads, cores, repriced, where, why_not)
     if note:
         sys.stderr.write(note + "\n")
     return threads, repriced

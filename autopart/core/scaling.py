@@ -2,8 +2,9 @@
 
     scaled, how = scale_profile(profile, microbatch_size=16)
 
-Times are fitted per block as ``a + c * b**p`` (a, c >= 0, 0.5 <= p <= 1.5)
-with scipy's ``curve_fit`` when three or more sizes were measured, as
+Times (a block's forward, backward, input gradient and, for the last block,
+its loss's) are fitted per block as ``a + c * b**p`` (a, c >= 0,
+0.5 <= p <= 1.5) with scipy's ``curve_fit`` when three or more sizes were measured, as
 ``a + c * b`` (non-negative least squares) with two, and assumed
 proportional to ``b`` with one. The constant ``a`` is each micro-batch's fixed
 overhead, which is what makes very many small micro-batches slow. Bytes
@@ -91,8 +92,12 @@ def scale_profile(profile: Profile, microbatch_size: int) -> tuple[Profile, str]
         grads = [x.input_grad_ms for x in series]
         input_grad = None if any(g is None for g in grads) else \
             min(_at(sizes, [float(g or 0.0) for g in grads], microbatch_size, power=True), t("backward_ms"))
+        # the loss (last block) fitted as the times are; part of the block's times when the profile says so
+        within = profile.loss_in_last_block
+        loss_f = min(t("loss_forward_ms"), t("forward_ms")) if within else t("loss_forward_ms")
+        loss_b = min(t("loss_backward_ms"), t("backward_ms")) if within else t("loss_backward_ms")
         layers.append(dataclasses.replace(base, forward_ms=t("forward_ms"), backward_ms=t("backward_ms"),
-                                          input_grad_ms=input_grad,
+                                          input_grad_ms=input_grad, loss_forward_ms=loss_f, loss_backward_ms=loss_b,
                                           activation_bytes=n("activation_bytes"), output_bytes=n("output_bytes"),
                                           forward_iqr_ms=0.0, backward_iqr_ms=0.0, cuda_peak_bytes=None))
     input_bytes = int(round(profile.input_bytes * microbatch_size / profile.microbatch_size))

@@ -3,8 +3,8 @@
 Pure data: no torch import, so the partitioner and the simulator can read
 profiles in milliseconds. The measuring lives in :mod:`autopart.measure.profiler`.
 Reading refuses numbers no device can have, which only a damaged or edited
-file holds: a block's time above 1e9 ms (11.6 days) or a size above 2**50
-bytes (1 PiB), naming the block and the value.
+file holds: a block's time (or the runtime's ``action_ms``) above 1e9 ms
+(11.6 days) or a size above 2**50 bytes (1 PiB), naming the block and the value.
 """
 from __future__ import annotations
 
@@ -212,17 +212,23 @@ class Profile:
         return dict(sorted(found.items()))
 
     def at_threads(self, threads: int) -> "Profile":
-        """This profile's blocks at ``threads`` CPU threads, with ``threads`` set to it: a measured count's own
-        times; between two measured counts, per block and per time, ``a + b / threads`` through the two nearest;
-        beyond the measured range, the nearest measured count's (:meth:`thread_counts` says the range). Blocks at
-        other micro-batch sizes (``by_microbatch_size``, timed at ``threads`` only) are scaled by the same
-        per-block ratio as the main size's. Bytes are the same at any count. The result holds that count only
-        (no ``by_threads``): its times are what a cost model reads."""
+        """This profile's blocks at ``threads`` CPU threads: a measured count's own times; between two measured
+        counts, per block and per time, ``a + b / threads`` through the two nearest; beyond the measured range
+        (or for a profile timed at one count), the nearest measured count's (:meth:`thread_counts` says the
+        range). ``threads`` of the result is the count its times are for: ``threads`` when measured or between
+        measured counts, else the nearest measured count (so a plan never records a count its times were not
+        for); unchanged for a profile that records no count. Blocks at other micro-batch sizes
+        (``by_microbatch_size``, timed at ``threads`` only) are scaled by the same per-block ratio as the main
+        size's. Bytes are the same at any count. The result holds that count only (no ``by_threads``): its times
+        are what a cost model reads."""
         if threads < 1:
             raise AutopartError(f"threads must be >= 1, got {threads}")
         counts = self.thread_counts()
-        if not counts or threads == self.threads:
-            return dataclasses.replace(self, threads=threads, by_threads=())
+        if not counts:
+            return dataclasses.replace(self, by_threads=())
+        threads = min(max(threads, min(counts)), max(counts))  # beyond the range: the nearest measured count
+        if threads == self.threads:
+            return dataclasses.replace(self, by_threads=())
         layers = tuple(_between(counts, threads, i) for i in range(len(self.layers)))
         sizes = tuple((size, tuple(_scaled(other, before, after) for other, before, after
                                    in zip(others, self.layers, layers)))
@@ -265,7 +271,8 @@ class Profile:
         for i, item in enumerate(f.array("ties", required=False)):
             ties.append(read_record(Tie, Fields(item, f"{source}: ties[{i}]")))
             check_plausible(f"{source}: ties[{i}]", [("tie_bytes", ties[-1].bytes)])
-        check_plausible(source, [("input_bytes", f.integer("input_bytes", required=False, default=0))])
+        check_plausible(source, [("input_bytes", f.integer("input_bytes", required=False, default=0)),
+                                 ("action_ms", f.number("action_ms", required=False, default=0.0))])
         others = _layer_sets(f, "by_microbatch_size", "size", "a micro-batch size", len(layers))
         by_threads = _layer_sets(f, "by_threads", "threads", "a thread count", len(layers))
         dtype = f.string("dtype")
@@ -299,7 +306,8 @@ def _layer_sets(f: Fields, key: str, what: str, meaning: str, count: int
     return tuple(out)
 
 
-_THREAD_TIMES = ("forward_ms", "backward_ms", "forward_iqr_ms", "backward_iqr_ms", "optimizer_ms")
+_THREAD_TIMES = ("forward_ms", "backward_ms", "forward_iqr_ms", "backward_iqr_ms", "optimizer_ms",
+                 "loss_forward_ms", "loss_backward_ms")
 """The fields of :class:`LayerProfile` that depend on the CPU thread count (with ``input_grad_ms`` and
 ``optimizer_ms_by_name``); the rest are bytes."""
 

@@ -11,7 +11,7 @@ from typing import Any
 
 __all__ = ["Report", "StageRow", "RankRow", "TermRow", "TERMS"]
 
-TERMS = ("compute", "loss", "action cost", "sends", "tie sum", "optimizer", "rest")
+TERMS = ("compute", "loss", "action cost", "sends", "tie sum", "all-reduce", "optimizer", "rest")
 """The terms of a step on one rank, in the report's order (docs/train.md, "The terms of the step")."""
 
 
@@ -64,7 +64,9 @@ class TermRow:
     term: str
     """One of :data:`TERMS`: compute (the blocks' forwards and backwards), loss (its forward and backward on the
     last stage), action cost (the runtime's per action), sends, tie sum (tied gradients summed between the ranks
-    holding copies), optimizer, rest (idle: the bubble and waiting)."""
+    holding copies), all-reduce (the gradients' average over the data-parallel replicas: the plan's exposed
+    ``allreduce_ms`` and the timed ``AR``; a row only with several replicas), optimizer, rest (idle: the bubble and
+    waiting)."""
     predicted_ms: float | None
     """In the plan's simulated step on that rank (None when the run's micro-batch size is not the plan's)."""
     measured_ms: float | None
@@ -73,7 +75,7 @@ class TermRow:
     an action are in ``compute`` (the actions as timed), the sends and the runtime's work between actions in
     ``rest``."""
     predicted_share: float | None
-    """Of the predicted step."""
+    """Of the predicted step (the simulated step plus the exposed all-reduce: ``Report.predicted_step_ms``)."""
     measured_share: float | None
     """Of the measured step."""
 
@@ -104,9 +106,10 @@ class Report:
     simulated_with_measured_stages_ms: float
     """The plan's schedule replayed with the stage times measured in the pipeline."""
     measured_speed: float | None
-    """The profile's compute over the compute measured in the pipeline, summed over the stages: the device
-    speed that makes the plan's compute match this run's (``--devices 2xcpu@SPEED``); None when the run's
-    micro-batch size differs from the plan's."""
+    """The profile's compute over the compute measured in the pipeline (the actions as timed, less the plan's
+    ``overhead_ms`` for each of them, which the plan prices apart), summed over the stages: the device speed that
+    makes the plan's compute match this run's (``--devices 2xcpu@SPEED``); None when the run's micro-batch size
+    differs from the plan's."""
     fitted_overhead_ms: float
     """The runtime's own time per forward or backward action that makes that replay, without the tie sums, take
     the measured step (0 when the replay is already slower): what reports before the measured terms gave (see

@@ -242,6 +242,10 @@ def profile_model(module: nn.Module, example: torch.Tensor | Sequence[torch.Tens
                     if progress is not None:
                         progress(f"{block_name} ({count} thread{'s' * (count != 1)})", k * len(blocks) + i + 1,
                                  passes * len(blocks))
+                if loss is not None:  # the loss alone at this count too, not the main count's copied
+                    loss_f, loss_b, *_ = time_block(_Output(), inputs[-1], clock, warmup, repeats, device, loss,
+                                                    chosen)
+                    again[-1] = dataclasses.replace(again[-1], loss_forward_ms=loss_f, loss_backward_ms=loss_b)
             by_threads.append((count, tuple(again)))
     return dataclasses.replace(profile, batchnorm=mode, cpu_cores=_cores(device), by_threads=tuple(by_threads),
                                action_ms=_action_ms(device, runtime))

@@ -15,9 +15,11 @@ from autopart.formats.units import plural
 
 __all__ = ["render_text", "render_svg", "COLOURS"]
 
-COLOURS = {"F": "#4C78A8", "B": "#54A24B", "I": "#54A24B", "W": "#B279A2", "SEND": "#BBBBBB", "TIE": "#E45756", "OPT": "#F58518"}
-_RICH = {"F": "blue", "B": "green", "I": "green", "W": "magenta", "SEND": "grey50", "TIE": "red", "OPT": "dark_orange"}
-_CHARS = {"F": "█", "B": "█", "I": "▓", "W": "▒", "SEND": "░", "TIE": "▫", "OPT": "▪"}
+COLOURS = {"F": "#4C78A8", "B": "#54A24B", "I": "#54A24B", "W": "#B279A2", "SEND": "#BBBBBB", "TIE": "#E45756", "AR": "#9D755D",
+           "OPT": "#F58518"}
+_RICH = {"F": "blue", "B": "green", "I": "green", "W": "magenta", "SEND": "grey50", "TIE": "red", "AR": "yellow4",
+         "OPT": "dark_orange"}
+_CHARS = {"F": "█", "B": "█", "I": "▓", "W": "▒", "SEND": "░", "TIE": "▫", "AR": "▬", "OPT": "▪"}
 
 
 def _cells(events: list[Event], step_ms: float, width: int) -> list[str | None]:
@@ -94,8 +96,10 @@ def render_svg(panels: Sequence[tuple[str, Timeline]], title: str = "", width_px
         parts.append(f'<text x="{x:.1f}" y="{axis_y + 17}" text-anchor="middle">{span * i / 10:.4g} ms</text>')
     lx = left
     tied = any(e.kind == "TIE" for _, t in panels for e in t.events)  # named only where there is one
+    averaged = any(e.kind == "AR" for _, t in panels for e in t.events)  # a measured run's replicas' all-reduce
     for label, kind in (("forward", "F"), ("backward", "B"), ("weight grad", "W"), ("send", "SEND"),
-                        *((("tie sum", "TIE"),) if tied else ()), ("optimizer", "OPT"), ("idle", None)):
+                        *((("tie sum", "TIE"),) if tied else ()), *((("all-reduce", "AR"),) if averaged else ()),
+                        ("optimizer", "OPT"), ("idle", None)):
         fill = COLOURS[kind] if kind else "#F2F2F2"
         parts.append(f'<rect x="{lx}" y="{axis_y + 28}" width="12" height="12" fill="{fill}" stroke="#999"/>')
         parts.append(f'<text x="{lx + 16}" y="{axis_y + 38}">{label}</text>')
@@ -112,7 +116,7 @@ def _svg_event(e: Event, left: float, y: float, row_h: float, scale: float) -> l
     out = [f'<rect x="{x:.2f}" y="{y + row_h - h:.2f}" width="{w:.2f}" height="{h:.2f}" fill="{COLOURS[e.kind]}" '
            f'stroke="white" stroke-width="0.5"><title>{escape(e.action)} {e.start_ms:.4g}-{e.end_ms:.4g} ms'
            f'</title></rect>']
-    label = e.action if e.kind not in ("SEND", "OPT", "TIE") else ""
+    label = e.action if e.kind not in ("SEND", "OPT", "TIE", "AR") else ""
     if label and w > 7 * len(label):
         out.append(f'<text x="{x + w / 2:.2f}" y="{y + row_h / 2 + 4}" fill="white" '
                    f'text-anchor="middle">{escape(label)}</text>')

@@ -122,8 +122,10 @@ def _stage_times(measured: Measured, stages: int) -> dict[int, tuple[float, floa
 
 
 def _predicted_terms(plan: Plan, sim: Simulation, rank: int) -> dict[str, float]:
-    """The :data:`TERMS` of ``rank``'s step in the simulated ``sim`` (ms)."""
+    """The :data:`TERMS` of ``rank``'s step in the simulated ``sim`` (ms); they add up to the predicted step,
+    ``sim.step_ms`` plus the plan's exposed all-reduce over its replicas (``all-reduce``, 0 with one replica)."""
     terms = dict.fromkeys(TERMS, 0.0)
+    terms["all-reduce"] = plan.predicted.allreduce_ms if plan.data_parallel > 1 else 0.0
     for e in sim.events:
         if e.rank != rank:
             continue
@@ -136,15 +138,16 @@ def _predicted_terms(plan: Plan, sim: Simulation, rank: int) -> dict[str, float]
         terms["action cost"] += cost.overhead_ms
         terms["loss"] += loss
         terms["compute"] += length - cost.overhead_ms - loss
-    terms["rest"] = sim.step_ms - sum(terms.values())
+    terms["rest"] = sim.step_ms + terms["all-reduce"] - sum(terms.values())
     return terms
 
 
 def _measured_terms(measured: Measured, rank: int) -> dict[str, float | None]:
     """The :data:`TERMS` of ``rank``'s step as the run timed them (medians over the steady steps): the actions as
     timed are ``compute`` (the loss and the runtime's work inside each action with them: not timed apart), the tie
-    sum the shortest of the holders' (the others waited in theirs for the last to join); the sends and the
-    runtime's work between actions are not timed apart (in ``rest``)."""
+    sum the shortest of the holders' (the others waited in theirs for the last to join), the all-reduce over the
+    replicas (AR events) as ``rank`` timed it; the sends and the runtime's work between actions are not timed apart
+    (in ``rest``)."""
     by: dict[str, list[float]] = {term: [] for term in TERMS}
     for i in measured.steady():
         mine = dict.fromkeys(TERMS, 0.0)
@@ -154,7 +157,8 @@ def _measured_terms(measured: Measured, rank: int) -> dict[str, float | None]:
             if e.kind == "TIE":
                 ties[e.rank] = ties.get(e.rank, 0.0) + length
             elif e.rank == rank:
-                term = {"F": "compute", "B": "compute", "I": "compute", "W": "compute", "OPT": "optimizer"}.get(e.kind)
+                term = {"F": "compute", "B": "compute", "I": "compute", "W": "compute", "AR": "all-reduce",
+                        "OPT": "optimizer"}.get(e.kind)
                 if term is not None:
                     mine[term] += length
         mine["tie sum"] = min(ties.values()) if rank in ties else 0.0
@@ -166,16 +170,20 @@ def _measured_terms(measured: Measured, rank: int) -> dict[str, float | None]:
 
 def _term_rows(plan: Plan, measured: Measured, predicted: Simulation | None, rank: int,
                measured_step: float) -> list[TermRow]:
-    """Each term of ``rank``'s step, predicted (None without a prediction) and measured, with its share."""
+    """Each term of ``rank``'s step, predicted (None without a prediction) and measured, with its share of its
+    step (the predicted one: the simulated step plus the plan's exposed all-reduce). The all-reduce is a row only
+    with several replicas."""
     guessed = _predicted_terms(plan, predicted, rank) if predicted is not None else None
+    predicted_step = sum(guessed.values()) if guessed is not None else 0.0
     timed = _measured_terms(measured, rank)
     rows = []
     for term in TERMS:
+        if term == "all-reduce" and plan.data_parallel == 1:
+            continue
         p = guessed[term] if guessed is not None else None
         m = timed[term]
         rows.append(TermRow(term=term, predicted_ms=p, measured_ms=m,
-                            predicted_share=p / predicted.step_ms if p is not None and predicted is not None
-                            and predicted.step_ms > 0 else None,
+                            predicted_share=p / predicted_step if p is not None and predicted_step > 0 else None,
                             measured_share=m / measured_step if m is not None and measured_step > 0 else None))
     return rows
 
@@ -196,7 +204,7 @@ def _rank_rows(plan: Plan, measured: Measured, predicted: Simulation | None) -> 
         compute, opt, finish, wait = [], [], [], []
         for i in steady:
             mine = [e for e in measured.events[i] if e.rank == r]
-            c = sum(e.end_ms - e.start_ms for e in mine if e.kind not in ("OPT", "TIE"))  # a tie sum: waiting
+            c = sum(e.end_ms - e.start_ms for e in mine if e.kind not in ("OPT", "TIE", "AR"))  # sums: waiting
             o = sum(e.end_ms - e.start_ms for e in mine if e.kind == "OPT")
             compute.append(c)
             opt.append(o)
@@ -234,10 +242,24 @@ def fit_overhead_ms(plan: Plan, step_ms: float) -> float:
     return (low + high) / 2
 
 
-def _speed(plan: Plan, stage_ms: dict[int, tuple[float, float]]) -> float | None:
-    """Predicted over measured compute of the stages measured, each at its device's speed."""
+def _actions_per_microbatch(measured: Measured, stages: int) -> dict[int, int]:
+    """Stage -> the forward and backward actions it runs per micro-batch in the steady steps: a forward and a
+    backward (2), or a forward and the backward's input- and weight-gradient halves (3)."""
+    kinds: dict[int, set[str]] = {}
+    for i in measured.steady():
+        for e in measured.events[i]:
+            if e.kind in ("F", "B", "I", "W"):
+                kinds.setdefault(Action.parse(e.action).stage, set()).add(e.kind)
+    return {s: len(kinds[s]) for s in range(stages) if s in kinds}
+
+
+def _speed(plan: Plan, stage_ms: dict[int, tuple[float, float]], actions: dict[int, int]) -> float | None:
+    """Predicted over measured compute of the stages measured, each at its device's speed. The measured actions
+    hold the runtime's own work, which the plan prices apart (``overhead_ms`` per action): taken out, ``actions[s]``
+    per micro-batch on stage ``s`` (:func:`_actions_per_microbatch`), so a plan at this speed does not count it twice.
+    None when nothing is left."""
     predicted = sum(plan.stages[s].cost.compute_ms * plan.stages[s].device.speed for s in stage_ms)
-    measured = sum(f + b for f, b in stage_ms.values())
+    measured = sum(f + b - actions.get(s, 2) * plan.stages[s].cost.overhead_ms for s, (f, b) in stage_ms.items())
     return predicted / measured if measured > 0 and math.isfinite(measured) else None
 
 
@@ -284,7 +306,8 @@ def make_report(job: Job, log: StepLog, measured: Measured) -> Report:
         unexplained_ms=fit_overhead_ms(replay_plan, measured_step),
         action_ms=plan.stages[0].cost.overhead_ms if plan.stages else 0.0,
         terms=_term_rows(plan, measured, predicted, slowest_rank, measured_step),
-        measured_speed=_speed(plan, stage_ms) if same_size else None,
+        measured_speed=_speed(plan, stage_ms, _actions_per_microbatch(measured, plan.num_stages)) if same_size
+        else None,
         throughput_per_s=job.global_batch * tokens / (measured_step / 1e3) if measured_step > 0 else None,
         throughput_unit="tokens" if tokens > 1 else "samples", memory_method=measured.memory_method, stages=rows,
         ranks_detail=_rank_rows(plan, measured, predicted), eval_losses=log.eval_losses,

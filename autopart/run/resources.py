@@ -24,32 +24,41 @@ def rank_threads(requested: int | None, plan_threads: int | None, cores: int, ra
     return requested or (plan_threads if plan_threads and plan_threads <= fair else fair)
 
 
-def threads_note(plan: Plan, threads: int, cores: int, repriced: Plan | None = None, profile: str = "") -> str | None:
+def threads_note(plan: Plan, threads: int, cores: int, repriced: Plan | None = None, profile: str = "",
+                 why_not: str = "") -> str | None:
     """What to say when the ranks get another thread count than the profile measured with; None when the same
     (or the plan does not say). ``repriced``: the plan at ``threads`` (:func:`plan_at_threads`) from its profile
-    ``profile``, which the run's report then predicts with."""
+    ``profile``, which the run's report then predicts with; ``why_not``: why it could not be re-priced (the
+    plan's prediction is kept)."""
     if not plan.threads or threads == plan.threads:
         return None
     start = (f"note: the plan's times were measured with {plan.threads} CPU threads; each of its "
              f"{plural(plan.world_size, 'rank')} gets {threads} ({plural(cores, 'core')} here)")
     if repriced is not None:
+        at = plural(threads, 'thread')
+        if repriced.threads and repriced.threads != threads:
+            at = f"{plural(repriced.threads, 'thread')} (the nearest count it timed to {threads})"
         return (f"{start}: the prediction is re-simulated from its profile {profile} at "
-                f"{plural(threads, 'thread')}: {format_ms(repriced.predicted.step_ms)} a step (the plan says "
+                f"{at}: {format_ms(repriced.predicted.step_ms)} a step (the plan says "
                 f"{format_ms(plan.predicted.step_ms)})")
-    return f"{start}, so expect the measured step to differ from the prediction (profile with --threads {threads} to match)"
+    kept = f"; the plan's prediction is kept: its profile cannot re-price it ({why_not})" if why_not else ""
+    return (f"{start}{kept}, so expect the measured step to differ from the prediction (profile with --threads "
+            f"{threads} to match)")
 
 
 def plan_at_threads(plan: Plan, profile: Profile, threads: int) -> Plan | None:
     """``plan``'s split, schedule and recomputation priced from ``profile`` at ``threads`` CPU threads per rank
     (:meth:`Profile.at_threads`), as a run whose ranks get that many runs it; None when the profile timed one
-    thread count only (nothing to re-price from) or not the plan's micro-batch size."""
+    thread count only (nothing to re-price from) or not the plan's micro-batch size. The result's ``threads`` is
+    the count its times are for: the nearest timed count when ``threads`` is beyond the timed range."""
     from autopart.core.resize import plan_at_microbatch_size
 
     size = plan.microbatch_size or profile.microbatch_size
     if not profile.by_threads or size not in profile.sizes():
         return None
-    repriced = plan_at_microbatch_size(plan, profile.at_threads(threads), size)
-    return dataclasses.replace(repriced, threads=threads, scaling=plan.scaling, runners_up=plan.runners_up)
+    at = profile.at_threads(threads)  # beyond the timed range: the nearest timed count, which it records
+    repriced = plan_at_microbatch_size(plan, at, size)
+    return dataclasses.replace(repriced, threads=at.threads, scaling=plan.scaling, runners_up=plan.runners_up)
 
 
 def planned_rank_bytes(plan: Plan, rank: int) -> int:

@@ -2,7 +2,7 @@
 
     clock = ActionClock(rank, device)
     clock.begin_step()
-    out = clock.timed("F", "1F0", stage_forward, ...)   # each forward, backward, half, tie sum, optimizer
+    out = clock.timed("F", "1F0", stage_forward, ...)   # each forward, backward, half, tie sum, all-reduce, optimizer
     events = clock.end_step()                                      # simulate.Event, ms from the step's start
 
 The events are the simulator's own type, so a measured step is a
@@ -61,7 +61,8 @@ class ActionClock:
 
     def timed(self, kind: str, action: str, fn: Callable[..., T], *args: Any, **kwargs: Any) -> T:
         """Run ``fn`` and record it as ``action`` (``"1F0"``, ``"OPT"``) of ``kind`` (F, B, I, W; TIE, the tied
-        gradients' sum with the other holders, which waits for the last of them; OPT). ``kind`` LOSS, the loss the
+        gradients' sum with the other holders, which waits for the last of them; AR, the gradients' average over
+        the data-parallel replicas, which waits for the slowest replica; OPT). ``kind`` LOSS, the loss the
         schedule computes on the last stage's output right after its forward, extends that forward (as the
         profile and the plan count the last stage's forward: with its loss)."""
         self.doing = f"running {action}"
