@@ -205,50 +205,51 @@ def profile_model(module: nn.Module, example: torch.Tensor | Sequence[torch.Tens
             saved, inputs, loss_saved, output_saved = _activation_pass(module, blocks, example_t, loss, autocast(chosen, device))
         except Exception as exc:
             raise cannot_run(name, example_t, exc) from None
-        for i, (block_name, block) in enumerate(blocks):
+        total = passes * len(blocks)
+        times = _timed_pass(blocks, inputs, clock, warmup, repeats, device, loss, chosen, progress, "", 0, total)
+        for i, (block_name, _) in enumerate(blocks):
             last = i == len(blocks) - 1
-            f_ms, b_ms, f_iqr, b_iqr, peak, i_ms = time_block(block, inputs[i], clock, warmup, repeats, device,
-                                                               loss if last else None, chosen)
             main, skip = crossing_bytes(crossing, i, inputs[i + 1], chosen)
-            optimizer_ms, by_name = optimizer_times(block, clock)
             layers.append(LayerProfile(
-                name=block_name, forward_ms=f_ms, backward_ms=b_ms, optimizer_ms=optimizer_ms,
-                optimizer_ms_by_name=by_name,
-                param_bytes=param_bytes[i], largest_param_bytes=largest[i], activation_bytes=saved[i] + (loss_saved if last else 0),
+                name=block_name, param_bytes=param_bytes[i], largest_param_bytes=largest[i],
+                activation_bytes=saved[i] + (loss_saved if last else 0),
                 loss_activation_bytes=loss_saved if last and loss is not None else None,
-                output_bytes=main, skip_bytes=skip,
-                forward_iqr_ms=f_iqr, backward_iqr_ms=b_iqr, buffer_bytes=buffer_bytes[i], cuda_peak_bytes=peak,
-                input_grad_ms=i_ms, output_saved_bytes=output_saved[i],
+                output_bytes=main, skip_bytes=skip, buffer_bytes=buffer_bytes[i], output_saved_bytes=output_saved[i],
+                **times[i],
             ))
-            if progress is not None:
-                progress(block_name, i + 1, passes * len(blocks))
-        if loss is not None:
-            loss_f, loss_b, *_ = time_block(_Output(), inputs[-1], clock, warmup, repeats, device, loss, chosen)
-            layers[-1] = dataclasses.replace(layers[-1], loss_forward_ms=loss_f, loss_backward_ms=loss_b)
         profile = make_profile(name, device, dtype, example_t, layers, ties, repeats, warmup,
                                loss_fn is not None and target is not None, chosen)
         by_threads = []
         for k, count in enumerate(counts[1:], start=1):  # the same blocks and inputs, timed at another count
             with _thread_count([count]):
-                again = []
-                for i, (block_name, block) in enumerate(blocks):
-                    last = i == len(blocks) - 1
-                    f_ms, b_ms, f_iqr, b_iqr, _, i_ms = time_block(block, inputs[i], clock, warmup, repeats, device,
-                                                                  loss if last else None, chosen)
-                    optimizer_ms, by_name = optimizer_times(block, clock)
-                    again.append(dataclasses.replace(layers[i], forward_ms=f_ms, backward_ms=b_ms,
-                                                     forward_iqr_ms=f_iqr, backward_iqr_ms=b_iqr, input_grad_ms=i_ms,
-                                                     optimizer_ms=optimizer_ms, optimizer_ms_by_name=by_name))
-                    if progress is not None:
-                        progress(f"{block_name} ({count} thread{'s' * (count != 1)})", k * len(blocks) + i + 1,
-                                 passes * len(blocks))
-                if loss is not None:  # the loss alone at this count too, not the main count's copied
-                    loss_f, loss_b, *_ = time_block(_Output(), inputs[-1], clock, warmup, repeats, device, loss,
-                                                    chosen)
-                    again[-1] = dataclasses.replace(again[-1], loss_forward_ms=loss_f, loss_backward_ms=loss_b)
-            by_threads.append((count, tuple(again)))
+                again = _timed_pass(blocks, inputs, clock, warmup, repeats, device, loss, chosen, progress,
+                                    f" ({count} thread{'s' * (count != 1)})", k * len(blocks), total)
+            by_threads.append((count, tuple(dataclasses.replace(x, **t) for x, t in zip(layers, again))))
     return dataclasses.replace(profile, batchnorm=mode, cpu_cores=_cores(device), by_threads=tuple(by_threads),
                                action_ms=_action_ms(device, runtime))
+
+
+def _timed_pass(blocks: Sequence[NamedBlock], inputs: Sequence[Any], clock: Clock, warmup: int, repeats: int,
+                device: torch.device, loss: Callable[[Any], torch.Tensor] | None, precision: Precision,
+                progress: ProgressFn | None, label: str, done: int, total: int) -> list[dict[str, Any]]:
+    """Each block's :class:`LayerProfile` time fields at torch's current thread count (the last block's with the
+    loss, and the loss alone on its output); ``label`` follows each block's name in the progress, which counts
+    from ``done`` of ``total``."""
+    times: list[dict[str, Any]] = []
+    for i, (block_name, block) in enumerate(blocks):
+        last = i == len(blocks) - 1
+        f_ms, b_ms, f_iqr, b_iqr, peak, i_ms = time_block(block, inputs[i], clock, warmup, repeats, device,
+                                                           loss if last else None, precision)
+        optimizer_ms, by_name = optimizer_times(block, clock)
+        times.append(dict(forward_ms=f_ms, backward_ms=b_ms, forward_iqr_ms=f_iqr, backward_iqr_ms=b_iqr,
+                          input_grad_ms=i_ms, cuda_peak_bytes=peak, optimizer_ms=optimizer_ms,
+                          optimizer_ms_by_name=by_name))
+        if progress is not None:
+            progress(block_name + label, done + i + 1, total)
+    if loss is not None:  # the loss alone on the last block's output
+        loss_f, loss_b, *_ = time_block(_Output(), inputs[-1], clock, warmup, repeats, device, loss, precision)
+        times[-1].update(loss_forward_ms=loss_f, loss_backward_ms=loss_b)
+    return times
 
 
 @contextlib.contextmanager
