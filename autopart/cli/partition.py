@@ -512,11 +512,6 @@ def _print_what_if(search: ClusterSearch, rows: int = 6) -> None:
     noise = plan.predicted.noise or 0.0
     if runner is None:
         reason = "the only configuration that fits"
-    elif (plan.predicted.margin or 0.0) < 0:  # a faster one lost inside the noise band
-        reason = (f"{best.step_ms / runner.step_ms - 1:.1%} slower than the fastest predicted, {runner.label} "
-                  f"{runner.schedule} M={runner.microbatches}, but within the profile's noise ({noise:.1%}); more "
-                  f"balanced (busiest rank {format_ms(best.busiest_ms)} vs {format_ms(runner.busiest_ms)} of "
-                  f"compute per step)")
     else:
         reason = (f"{runner.step_ms / best.step_ms - 1:.1%} faster than the next, {runner.label} {runner.schedule} "
                   f"M={runner.microbatches} ({runner.why})" if runner.step_ms > best.step_ms

@@ -374,9 +374,6 @@ def _why(c: Configuration, best: Configuration) -> str:
         return f"{need}{format_bytes(c.memory_bytes)} > {format_bytes(c.memory_limit_bytes or 0)} per device"
     if not c.scored:
         return f"lower bound {format_ms(c.step_ms)} >= best {format_ms(best.step_ms)} (not split)"
-    if c.step_ms < best.step_ms and not _same(c.step_ms, best.step_ms):
-        return (f"{best.step_ms / c.step_ms - 1:.1%} faster, within the profile's noise; busier rank: "
-                f"{format_ms(c.busiest_ms)} vs {format_ms(best.busiest_ms)} of compute per step")
     if _same(c.step_ms, best.step_ms):
         if c.memory_bytes != best.memory_bytes:
             return f"same time, more memory: {format_bytes(c.memory_bytes)} vs {format_bytes(best.memory_bytes)}"
