@@ -187,9 +187,10 @@ def test_images_batchnorm_warning_and_replan(tmp_path: Path) -> None:
     assert "BatchNorm" in result.stderr and "replan:" in result.stderr
     old, new = json.loads(plan.read_text()), json.loads(suggested.read_text())
     assert sum(new["balance"]) == 10 and new["schema"] == "autopart.plan/1"
-    # planned again, by the default search, from blocks measured in the run: not the old (uniform) plan
+    # planned again, by the default search, from blocks measured in the run: not the old (uniform) plan; the
+    # default search's choice is its step-optimal split or, within the profile's noise, its bottleneck split
     assert (old["method"], old["balance"]) == ("uniform", [5, 5])
-    assert new["method"] == "exact" and new["profile"] == "(re-profiled during training)"
+    assert new["method"] in ("exact", "bottleneck") and new["profile"] == "(re-profiled during training)"
     for key in ("model", "schedule", "microbatches", "microbatch_size", "stages_per_rank", "sample_shape"):
         assert new[key] == old[key], key  # the same run's settings
     blocks = [name for stage in old["stages"] for name in stage["blocks"]]
