@@ -96,8 +96,13 @@ def _problems(draw: st.DrawFn, max_blocks: int = 9, choosy: bool = False) -> _Ca
     speeds = draw(st.lists(st.sampled_from([1.0, 2.0]), min_size=ranks, max_size=ranks))
     rank_of = [s % ranks if name != "ZBVZeroBubble" else (s if s < ranks else 2 * ranks - 1 - s) for s in range(k)]
     devices = [Device("d", memory_bytes=limit, speed=speeds[rank_of[s]]) for s in range(k)]
+    # the backward's halves measured (torch's I and W: together more than the backward in one call), or not
+    halves = draw(st.sampled_from([None, (0.5, 0.8)]))
+    backward = [c * (1 - share) for c in compute]
     blocks = BlockCosts.of(compute, forward_ms=[c * share for c in compute], param_bytes=params,
-                           activation_bytes=acts, output_bytes=outs, optimizer_ms=optimizer, input_bytes=50)
+                           activation_bytes=acts, output_bytes=outs, optimizer_ms=optimizer, input_bytes=50,
+                           input_grad_ms=None if halves is None else [b * halves[0] for b in backward],
+                           weight_grad_ms=None if halves is None else [b * halves[1] for b in backward])
     if not choosy:
         return _Case(Problem(blocks, devices, model))
     free = Problem(blocks, [Device("d", speed=d.speed) for d in devices], model)
@@ -186,11 +191,19 @@ def test_local_search_at_scale_improves_on_the_bottleneck_split() -> None:
 
 
 def _random_costs(rng: np.random.Generator, stages: int, overhead_ms: float = 0.0) -> list[StageCost]:
-    return [StageCost(forward_ms=float(rng.uniform(1, 10)), backward_ms=float(rng.uniform(1, 20)),
-                      send_forward_ms=float(rng.choice([0.0, rng.uniform(0, 3)])),
-                      send_backward_ms=float(rng.choice([0.0, rng.uniform(0, 3)])),
-                      optimizer_ms=float(rng.choice([0.0, rng.uniform(0, 30)])), overhead_ms=overhead_ms)
-            for _ in range(stages)]
+    """Random stages; some with their backward's halves measured (I and W, together up to 1.5x the backward in
+    one call, as torch's split runs on CPU), some without (W is then the rest of the backward)."""
+    split = bool(rng.random() < 0.5)
+
+    def one() -> StageCost:
+        backward = float(rng.uniform(1, 20))
+        halves = dict(input_grad_ms=backward * float(rng.uniform(0.3, 0.7)),
+                      weight_grad_ms=backward * float(rng.uniform(0.3, 0.8))) if split else {}
+        return StageCost(forward_ms=float(rng.uniform(1, 10)), backward_ms=backward,
+                         send_forward_ms=float(rng.choice([0.0, rng.uniform(0, 3)])),
+                         send_backward_ms=float(rng.choice([0.0, rng.uniform(0, 3)])),
+                         optimizer_ms=float(rng.choice([0.0, rng.uniform(0, 30)])), overhead_ms=overhead_ms, **halves)
+    return [one() for _ in range(stages)]
 
 
 @given(seed=st.integers(0, 2**32 - 1), which=st.sampled_from(SCHEDULES), ranks=st.integers(1, 4),
@@ -318,7 +331,8 @@ def test_every_stage_at_once_prices_as_stage_by_stage(case: _Case, mirror: bool,
                            optimizer_ms=b.optimizer_ms.tolist(), input_bytes=50,
                            ties=[(30.0, [0, p.n - 1])] if tie and p.n > 1 else (),
                            largest_param_bytes=(b.param_bytes / 2).tolist() if largest else None,
-                           input_grad_ms=(b.compute_ms - b.forward_ms).tolist() if measured else None)
+                           input_grad_ms=(b.compute_ms - b.forward_ms).tolist() if measured else None,
+                           weight_grad_ms=(b.compute_ms - b.forward_ms).tolist() if measured else None)
     p = Problem(blocks, p.devices, p.model)
     if mirror:
         p = p.reversed()

@@ -45,6 +45,37 @@ def test_the_input_gradient_half_of_the_backward_is_timed_on_its_own() -> None:
         assert input_ms + weight_ms <= layer.backward_ms < input_ms + weight_ms + 6
 
 
+def test_the_runtimes_own_halves_of_the_backward_are_timed() -> None:
+    """With the runtime's split (torch's ``stage_backward_input`` and ``stage_backward_weight``, what
+    ZBVZeroBubble's I and W run), each half is timed on its own: I sleeps the input branch only, W the weight
+    branch only; the backward in one call both. Without it, W is not measured (None)."""
+    from autopart.run.stages import split_backward
+
+    model = nn.Sequential(SplitSleep(10.0, 20.0), SplitSleep(5.0, 30.0))
+    prof = profile_model(model, torch.randn(2, 4), warmup=1, repeats=3, split_backward=split_backward)
+    for layer, (input_ms, weight_ms) in zip(prof.layers, [(10.0, 20.0), (5.0, 30.0)]):
+        assert layer.input_grad_ms is not None and layer.weight_grad_ms is not None
+        assert input_ms <= layer.input_grad_ms < input_ms + 4
+        assert weight_ms <= layer.weight_grad_ms < weight_ms + 4
+        assert input_ms + weight_ms <= layer.backward_ms < input_ms + weight_ms + 6
+    again = Profile.from_dict(json.loads(json.dumps(prof.to_dict())))
+    assert [x.weight_grad_ms for x in again.layers] == [x.weight_grad_ms for x in prof.layers]
+    costs = BlockCosts.from_profile(again)
+    assert costs.weight_grad_ms is not None and costs.weight_grad_ms.tolist() == [x.weight_grad_ms for x in prof.layers]
+    plain = profile_model(model, torch.randn(2, 4), warmup=0, repeats=1)
+    assert all(x.weight_grad_ms is None for x in plain.layers) and BlockCosts.from_profile(plain).weight_grad_ms is None
+
+
+def test_a_first_block_runs_its_whole_backward_as_its_weight_half() -> None:
+    """Tokens need no gradient: torch skips the I of such a stage and its W is the whole backward."""
+    from autopart.run.stages import split_backward
+
+    model = nn.Sequential(nn.Embedding(50, 16), nn.Linear(16, 16))
+    prof = profile_model(model, torch.randint(0, 50, (2, 4)), warmup=1, repeats=3, split_backward=split_backward)
+    first = prof.layers[0]
+    assert first.input_grad_ms is not None and first.input_grad_ms < 0.5 and first.weight_grad_ms == first.backward_ms
+
+
 def test_every_optimizer_a_plan_can_name_is_timed_and_planned_with() -> None:
     model = nn.Sequential(nn.Linear(256, 256), nn.ReLU(), nn.Linear(256, 256))
     prof = profile_model(model, torch.randn(4, 256), warmup=1, repeats=3)

@@ -52,7 +52,9 @@ def test_a_measured_input_gradient_sets_the_split_of_the_backward() -> None:
     schedule = build_schedule("ZBVZeroBubble", 2, 4, 2)
     measured = [StageCost(forward_ms=1.0, backward_ms=4.0, input_grad_ms=1.0)] * 4
     guessed = [StageCost(forward_ms=1.0, backward_ms=4.0)] * 4
-    for costs, (i_ms, w_ms) in ((measured, (1.0, 3.0)), (guessed, (2.0, 2.0))):
+    # both halves as torch runs them: together longer than the backward in one call
+    halves = [StageCost(forward_ms=1.0, backward_ms=4.0, input_grad_ms=1.5, weight_grad_ms=3.5)] * 4
+    for costs, (i_ms, w_ms) in ((measured, (1.0, 3.0)), (guessed, (2.0, 2.0)), (halves, (1.5, 3.5))):
         events = simulate(schedule, costs).events
         assert {e.end_ms - e.start_ms for e in events if e.kind == "I"} == {i_ms}
         assert {e.end_ms - e.start_ms for e in events if e.kind == "W"} == {w_ms}

@@ -149,7 +149,7 @@ def _measure(prepared: Prepared, config: ProfileConfig, err: Console) -> Profile
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
     from autopart.measure.api import measure
-    from autopart.run.stages import one_stage_world  # the runtime whose own cost per action the profile records
+    from autopart.run.stages import one_stage_world, split_backward  # the runtime whose own costs the profile records
 
     with Progress(TextColumn("profiling [bold]{task.fields[block]}"), BarColumn(), MofNCompleteColumn(),
                   TimeElapsedColumn(), console=err, transient=True, disable=not err.is_terminal) as bar:
@@ -158,7 +158,7 @@ def _measure(prepared: Prepared, config: ProfileConfig, err: Console) -> Profile
         def progress(block: str, done: int, total: int) -> None:
             bar.update(task, completed=done, total=total, block=block)
 
-        return measure(prepared, config, progress=progress, runtime=one_stage_world)
+        return measure(prepared, config, progress=progress, runtime=one_stage_world, split_backward=split_backward)
 
 
 @contextlib.contextmanager

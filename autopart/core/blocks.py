@@ -48,6 +48,9 @@ class BlockCosts:
     """Shared parameters: (bytes, the blocks that use it, owner first); the owner's ``param_bytes`` has it."""
     input_grad_ms: Floats | None = None
     """The input-gradient half of each backward (None: not measured; the simulator assumes half)."""
+    weight_grad_ms: Floats | None = None
+    """The weight-gradient half that follows it, as torch runs it (None: not measured; the simulator takes
+    the rest of the backward)."""
     loss_activation_bytes: Floats | None = None
     """Per block, the part of ``activation_bytes`` the loss saves (the last block's; None: no loss)."""
     largest_param_bytes: Floats | None = None
@@ -82,6 +85,7 @@ class BlockCosts:
            skip_bytes: Sequence[float] | None = None,
            ties: Sequence[tuple[float, Sequence[int]]] = (),
            input_grad_ms: Sequence[float] | None = None,
+           weight_grad_ms: Sequence[float] | None = None,
            loss_activation_bytes: Sequence[float] | None = None,
            largest_param_bytes: Sequence[float] | None = None,
            output_saved_bytes: Sequence[float] | None = None,
@@ -116,6 +120,8 @@ class BlockCosts:
                           ties=_ties(ties, n),
                           input_grad_ms=arr(input_grad_ms, "input-gradient time") if input_grad_ms is not None
                           else None,
+                          weight_grad_ms=arr(weight_grad_ms, "weight-gradient time") if weight_grad_ms is not None
+                          else None,
                           loss_activation_bytes=None if loss_activation_bytes is None else np.minimum(
                               arr(loss_activation_bytes, "loss activation bytes"),
                               arr(activation_bytes, "activation bytes")),
@@ -131,6 +137,7 @@ class BlockCosts:
     def from_profile(profile: Profile, optimizer: str = DEFAULT_OPTIMIZER) -> "BlockCosts":
         """The profile's blocks, paying ``optimizer``'s step (AdamW's where the profile did not time it)."""
         layers = profile.layers
+        split = all(x.weight_grad_ms is not None and x.input_grad_ms is not None for x in layers)  # I and W timed
         return BlockCosts.of([x.forward_ms + x.backward_ms for x in layers], forward_ms=[x.forward_ms for x in layers],
                              param_bytes=[x.param_bytes for x in layers],
                              activation_bytes=[x.activation_bytes for x in layers],
@@ -141,7 +148,9 @@ class BlockCosts:
                              ties=[(t.bytes, [profile.names.index(b) for b in t.blocks]) for t in profile.ties
                                    if all(b in profile.names for b in t.blocks)],
                              input_grad_ms=None if any(x.input_grad_ms is None for x in layers)
-                             else [min(x.input_grad_ms or 0.0, x.backward_ms) for x in layers],
+                             else [x.input_grad_ms or 0.0 if split else min(x.input_grad_ms or 0.0, x.backward_ms)
+                                   for x in layers],
+                             weight_grad_ms=[x.weight_grad_ms or 0.0 for x in layers] if split else None,
                              loss_activation_bytes=_loss_activation_bytes(profile),
                              largest_param_bytes=_largest_param_bytes(profile),
                              output_saved_bytes=[x.output_saved_bytes or 0 for x in layers]
@@ -160,6 +169,7 @@ class BlockCosts:
                               [self.skip_bytes[:-1][::-1], [0.0]]),
                           ties=tuple((b, tuple(self.n - 1 - u for u in users)) for b, users in self.ties),
                           input_grad_ms=None if self.input_grad_ms is None else self.input_grad_ms[::-1].copy(),
+                          weight_grad_ms=None if self.weight_grad_ms is None else self.weight_grad_ms[::-1].copy(),
                           loss_activation_bytes=None if self.loss_activation_bytes is None
                           else self.loss_activation_bytes[::-1].copy(),
                           largest_param_bytes=None if self.largest_param_bytes is None

@@ -107,6 +107,8 @@ class Problem:
         self._optimizer_prefix_ms = np.concatenate([z, np.cumsum(costs.optimizer_ms)])
         self._input_grad_prefix_ms = (None if costs.input_grad_ms is None
                                       else np.concatenate([z, np.cumsum(costs.input_grad_ms)]))
+        self._weight_grad_prefix_ms = (None if costs.weight_grad_ms is None or costs.input_grad_ms is None
+                                       else np.concatenate([z, np.cumsum(costs.weight_grad_ms)]))
         skips = costs.skip_bytes if costs.skip_bytes is not None else np.zeros(n)
         # send cost of the boundary after block b (b = 0 .. n-2); the last entry is never used
         if model.sends:
@@ -402,17 +404,14 @@ class Problem:
         """:meth:`stage_times` of every stage at once, recomputing where ``recompute`` says: (splits, stages)
         arrays of first and last blocks and flags; the same operations, so equal to the last bit."""
         v = self.speed
-        pc, pf, po, pig = (self._compute_prefix_ms, self._forward_prefix_ms, self._optimizer_prefix_ms,
-                           self._input_grad_prefix_ms)
+        pc, pf, po = self._compute_prefix_ms, self._forward_prefix_ms, self._optimizer_prefix_ms
         forward = pf[j + 1] - pf[i]
         backward = (pc[j + 1] - pc[i]) - forward + np.where(recompute, forward, 0.0)
         zero = np.zeros(np.broadcast(i, j).shape)
-        if pig is None:
-            input_grad = backward * INPUT_GRAD_SHARE
-        else:
-            input_grad = (pig[j + 1] - pig[i]) + np.where(recompute, forward, 0.0)
+        input_grad, weight_grad = self._split_backward(i, j, forward, backward, recompute)
         send_in, send_out = self._sends_all(i, j)
         return StageTimes(forward_ms=forward / v, backward_ms=backward / v, input_grad_ms=input_grad / v,
+                          weight_grad_ms=weight_grad / v,
                           send_forward_ms=send_out, send_backward_ms=send_in,
                           optimizer_ms=(po[j + 1] - po[i]) / v, overhead_ms=zero + self.overhead_ms)
 
@@ -441,19 +440,29 @@ class Problem:
             shape = np.broadcast(i, j).shape
             rc, fits = np.broadcast_to(recompute, shape), np.ones(shape, dtype=bool)
         v = self.speed[s]
-        pc, pf, po, pig = (self._compute_prefix_ms, self._forward_prefix_ms, self._optimizer_prefix_ms,
-                           self._input_grad_prefix_ms)
+        pc, pf, po = self._compute_prefix_ms, self._forward_prefix_ms, self._optimizer_prefix_ms
         forward = pf[j + 1] - pf[i]
         backward = (pc[j + 1] - pc[i]) - forward + np.where(rc, forward, 0.0)
         zero = np.zeros(np.broadcast(i, j).shape)
-        if pig is None:  # not measured: half of the backward (the simulator's old assumption)
-            input_grad = backward * INPUT_GRAD_SHARE
-        else:  # a recomputing stage recomputes its forward before the input gradient
-            input_grad = (pig[j + 1] - pig[i]) + np.where(rc, forward, 0.0)
+        input_grad, weight_grad = self._split_backward(i, j, forward, backward, rc)
         times = StageTimes(forward_ms=forward / v, backward_ms=backward / v, input_grad_ms=input_grad / v,
+                           weight_grad_ms=weight_grad / v,
                            send_forward_ms=self.send_out_ms(s, j) + zero, send_backward_ms=self.send_in_ms(s, i) + zero,
                            optimizer_ms=(po[j + 1] - po[i]) / v, overhead_ms=zero + self.overhead_ms)
         return times, fits
+
+    def _split_backward(self, i: Ints, j: Ints, forward: Floats, backward: Floats, recompute: Bools
+                        ) -> tuple[Floats, Floats]:
+        """Blocks i..j's backward split as the zero-bubble schedules run it, (I, W) at speed 1: measured (a
+        recomputing stage recomputes its forward before the input's gradient), or, not measured, half and the
+        rest of ``backward`` (the simulator's old assumption) and the rest of it."""
+        pig, pwg = self._input_grad_prefix_ms, self._weight_grad_prefix_ms
+        if pig is None:
+            input_grad = backward * INPUT_GRAD_SHARE
+        else:
+            input_grad = (pig[j + 1] - pig[i]) + np.where(recompute, forward, 0.0)
+        weight_grad = backward - input_grad if pwg is None else pwg[j + 1] - pwg[i] + np.zeros(input_grad.shape)
+        return input_grad, weight_grad
 
     def _memory_parts(self, s: int, first: int, last: int, recompute: bool) -> dict[str, int]:
         """Stage s holding blocks first..last: its bytes per ``StageCost`` memory field, every term of the
@@ -485,6 +494,7 @@ class Problem:
         return StageCost(
             forward_ms=float(t.forward_ms[0]), backward_ms=float(t.backward_ms[0]),
             input_grad_ms=float(t.input_grad_ms[0]) if self._input_grad_prefix_ms is not None else None,
+            weight_grad_ms=float(t.weight_grad_ms[0]) if self._weight_grad_prefix_ms is not None else None,
             send_forward_ms=float(t.send_forward_ms[0]), send_backward_ms=float(t.send_backward_ms[0]),
             optimizer_ms=float(t.optimizer_ms[0]), overhead_ms=self.overhead_ms,
             loss_ms=self._loss(s, first, last),

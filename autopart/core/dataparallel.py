@@ -305,14 +305,19 @@ def _lower_bound_ms(scaled: Profile, speed: float, stages: int, microbatches: in
     continuous relaxation, stages of any size, is the closed form U / (1 - (1 - 1/M)^S).)
     """
     zero_bubble = schedule == "ZBVZeroBubble"  # the schedule that splits a backward into I and W
-    times = [(x.forward_ms + x.backward_ms) / speed for x in scaled.layers]
     opt = [ms / speed for ms in BlockCosts.from_profile(scaled, optimizer).optimizer_ms.tolist()]
     measured = all(x.input_grad_ms is not None for x in scaled.layers)  # else the simulator assumes a share
     input_grad = [min(x.input_grad_ms or 0.0, x.backward_ms) if measured else x.backward_ms * INPUT_GRAD_SHARE
                   for x in scaled.layers]
+    split = measured and all(x.weight_grad_ms is not None for x in scaled.layers)  # W timed as torch runs it
+    weight_grad = [(x.weight_grad_ms or 0.0) if split else x.backward_ms - ig for x, ig in zip(scaled.layers, input_grad)]
+    # a block's backward: in one call, or I and W (no less than min(...), whichever the profile's noise says)
+    backward = [min(x.backward_ms, ig + wg) if zero_bubble else x.backward_ms
+                for x, ig, wg in zip(scaled.layers, input_grad, weight_grad)]
+    times = [(x.forward_ms + b) / speed for x, b in zip(scaled.layers, backward)]
     chain = [(x.forward_ms + (x.backward_ms if not zero_bubble else ig)) / speed
              for x, ig in zip(scaled.layers, input_grad)]
-    after = opt[0] + ((scaled.layers[0].backward_ms - input_grad[0]) / speed if zero_bubble else 0.0)
+    after = opt[0] + (weight_grad[0] / speed if zero_bubble else 0.0)
     w, m = sum(times), microbatches
     return max((m * w + sum(opt)) / stages, _busiest_rank_ms([m * t + o for t, o in zip(times, opt)], stages),
                after + _chain_ms(chain, stages * per_rank, m))

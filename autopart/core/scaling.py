@@ -90,14 +90,19 @@ def scale_profile(profile: Profile, microbatch_size: int) -> tuple[Profile, str]
             return int(round(_at(sizes, [float(getattr(x, field)) for x in series], microbatch_size, power=False)))
 
         grads = [x.input_grad_ms for x in series]
+        weights = [x.weight_grad_ms for x in series]
+        split = not any(g is None for g in grads + weights)  # I and W measured: neither is part of the other
         input_grad = None if any(g is None for g in grads) else \
-            min(_at(sizes, [float(g or 0.0) for g in grads], microbatch_size, power=True), t("backward_ms"))
+            _at(sizes, [float(g or 0.0) for g in grads], microbatch_size, power=True)
+        if input_grad is not None and not split:
+            input_grad = min(input_grad, t("backward_ms"))
+        weight_grad = _at(sizes, [float(g or 0.0) for g in weights], microbatch_size, power=True) if split else None
         # the loss (last block) fitted as the times are; part of the block's times when the profile says so
         within = profile.loss_in_last_block
         loss_f = min(t("loss_forward_ms"), t("forward_ms")) if within else t("loss_forward_ms")
         loss_b = min(t("loss_backward_ms"), t("backward_ms")) if within else t("loss_backward_ms")
         layers.append(dataclasses.replace(base, forward_ms=t("forward_ms"), backward_ms=t("backward_ms"),
-                                          input_grad_ms=input_grad, loss_forward_ms=loss_f, loss_backward_ms=loss_b,
+                                          input_grad_ms=input_grad, weight_grad_ms=weight_grad, loss_forward_ms=loss_f, loss_backward_ms=loss_b,
                                           activation_bytes=n("activation_bytes"), output_bytes=n("output_bytes"),
                                           forward_iqr_ms=0.0, backward_iqr_ms=0.0, cuda_peak_bytes=None))
     input_bytes = int(round(profile.input_bytes * microbatch_size / profile.microbatch_size))

@@ -341,7 +341,7 @@ def tie_sums(stage_rank: Sequence[int], stages: Sequence[StageCost]) -> list[tup
 
 
 STAGE_TIME_FIELDS = ("forward_ms", "backward_ms", "send_forward_ms", "send_backward_ms", "optimizer_ms", "overhead_ms",
-                     "input_grad_ms")
+                     "input_grad_ms", "weight_grad_ms")
 
 
 @dataclass(frozen=True, eq=False)
@@ -357,7 +357,9 @@ class StageTimes:
     overhead_ms: Floats
     """Added to every forward and backward action (:attr:`StageCost.overhead_ms`)."""
     input_grad_ms: Floats
-    """The input-gradient half of the backward (``I``; ``W`` is the rest)."""
+    """The input-gradient half of the backward (``I``)."""
+    weight_grad_ms: Floats
+    """The weight-gradient half (``W``): measured, or the rest of the backward."""
 
     @property
     def time_ms(self) -> Floats:
@@ -371,6 +373,8 @@ class StageTimes:
         def value(c: StageCost, name: str) -> float:
             if name == "input_grad_ms" and c.input_grad_ms is None:
                 return c.backward_ms * INPUT_GRAD_SHARE
+            if name == "weight_grad_ms" and c.weight_grad_ms is None:
+                return c.backward_ms - value(c, "input_grad_ms")
             return float(getattr(c, name))
 
         def arr(name: str) -> Floats:
@@ -387,9 +391,9 @@ class StageTimes:
 
 def _table(costs: StageTimes) -> Floats:
     """The duration rows of :class:`Program` for each candidate: (6 stages + 1, candidates)."""
-    b, o, i = costs.backward_ms.T, costs.overhead_ms.T, costs.input_grad_ms.T
+    b, o, i, w = costs.backward_ms.T, costs.overhead_ms.T, costs.input_grad_ms.T, costs.weight_grad_ms.T
     count = b.shape[1]
-    return np.concatenate([costs.forward_ms.T + o, b + o, i + o, b - i + o,
+    return np.concatenate([costs.forward_ms.T + o, b + o, i + o, w + o,
                            costs.send_forward_ms.T, costs.send_backward_ms.T, np.zeros((1, count))])
 
 
@@ -457,9 +461,10 @@ def critical_path(program: Program, costs: StageTimes) -> tuple[float, StageTime
             counts["forward_ms"][0, stage] += 1
         elif kind == "I":
             counts["input_grad_ms"][0, stage] += 1
-        else:  # B, or W: the backward less its input-gradient half
+        elif kind == "W":
+            counts["weight_grad_ms"][0, stage] += 1
+        else:
             counts["backward_ms"][0, stage] += 1
-            counts["input_grad_ms"][0, stage] -= 1 if kind == "W" else 0
         if step.send and sent:
             counts["send_forward_ms" if step.send == "F" else "send_backward_ms"][0, stage] += 1
         # what it waited for: the step before it on its rank (after that one's send), or a slot's maker

@@ -52,9 +52,15 @@ class LayerProfile:
     backward_iqr_ms: float = 0.0
     """Spread of the backward timings: interquartile range."""
     input_grad_ms: float | None = field(default=None, metadata=saved(omit=(None,)))
-    """Median time of the backward for the input's gradient alone (what a zero-bubble schedule's ``I``
-    action runs; the weights' gradients, ``W``, take the rest of ``backward_ms``). 0 when the input
-    needs no gradient; None in profiles from before it was measured (the simulator then assumes half)."""
+    """Median time of the backward for the input's gradient alone: what a zero-bubble schedule's ``I``
+    action runs (torch.distributed.pipelining's ``stage_backward_input``, in profiles with ``weight_grad_ms``).
+    0 when the input needs no gradient; None in profiles from before it was measured (the simulator then
+    assumes half of ``backward_ms``)."""
+    weight_grad_ms: float | None = field(default=None, metadata=saved(omit=(None,)))
+    """Median time of the weights' gradients after ``input_grad_ms``: a zero-bubble schedule's ``W`` action
+    (``stage_backward_weight``). The two halves together take longer than ``backward_ms`` (torch walks the
+    graph in Python between them: 1.3-1.5x on this project's CPU blocks). None in profiles from before it was
+    measured (the simulator then takes the rest of ``backward_ms``)."""
     buffer_bytes: int = 0
     """Bytes of buffers (BatchNorm running statistics and the like)."""
     cuda_peak_bytes: int | None = field(default=None, metadata=saved(omit=(None,)))
@@ -308,8 +314,10 @@ def _layer_sets(f: Fields, key: str, what: str, meaning: str, count: int
 
 _THREAD_TIMES = ("forward_ms", "backward_ms", "forward_iqr_ms", "backward_iqr_ms", "optimizer_ms",
                  "loss_forward_ms", "loss_backward_ms")
-"""The fields of :class:`LayerProfile` that depend on the CPU thread count (with ``input_grad_ms`` and
+"""The fields of :class:`LayerProfile` that depend on the CPU thread count (with :data:`_SPLIT_TIMES` and
 ``optimizer_ms_by_name``); the rest are bytes."""
+_SPLIT_TIMES = ("input_grad_ms", "weight_grad_ms")
+"""Thread-dependent too; None in profiles from before they were measured."""
 
 
 def _through(low: tuple[int, float], high: tuple[int, float], threads: int) -> float:
@@ -334,8 +342,9 @@ def _between(counts: dict[int, tuple[LayerProfile, ...]], threads: int, i: int) 
         return _through((t1, a), (t2, b), threads)
 
     changes: dict[str, Any] = {name: at(getattr(lo, name), getattr(hi, name)) for name in _THREAD_TIMES}
-    if lo.input_grad_ms is not None and hi.input_grad_ms is not None:
-        changes["input_grad_ms"] = at(lo.input_grad_ms, hi.input_grad_ms)
+    for name in _SPLIT_TIMES:
+        if getattr(lo, name) is not None and getattr(hi, name) is not None:
+            changes[name] = at(getattr(lo, name), getattr(hi, name))
     high_by_name = dict(hi.optimizer_ms_by_name)
     changes["optimizer_ms_by_name"] = tuple((name, at(ms, high_by_name[name])) for name, ms in lo.optimizer_ms_by_name
                                             if name in high_by_name)
@@ -350,8 +359,9 @@ def _scaled(other: LayerProfile, before: LayerProfile, after: LayerProfile) -> L
         return getattr(after, name) / was if was else 1.0
 
     changes: dict[str, Any] = {name: getattr(other, name) * ratio(name) for name in _THREAD_TIMES}
-    if other.input_grad_ms is not None and before.input_grad_ms and after.input_grad_ms is not None:
-        changes["input_grad_ms"] = other.input_grad_ms * after.input_grad_ms / before.input_grad_ms
+    for name in _SPLIT_TIMES:
+        if getattr(other, name) is not None and getattr(before, name) and getattr(after, name) is not None:
+            changes[name] = getattr(other, name) * getattr(after, name) / getattr(before, name)
     was, now = dict(before.optimizer_ms_by_name), dict(after.optimizer_ms_by_name)
     changes["optimizer_ms_by_name"] = tuple((name, ms * now[name] / was[name] if was.get(name) and name in now else ms)
                                             for name, ms in other.optimizer_ms_by_name)

@@ -61,8 +61,12 @@ class StageCost:
     recompute: bool = False
     """Activation recomputation on: the only way this stage fits its memory."""
     input_grad_ms: float | None = field(default=None, metadata=saved(omit=(None,)))
-    """The part of ``backward_ms`` that computes the input's gradient (a zero-bubble schedule's ``I``; ``W``
-    is the rest). None: not measured, the simulator assumes half."""
+    """The input's gradient alone: a zero-bubble schedule's ``I``. None: not measured, the simulator assumes
+    half of ``backward_ms``."""
+    weight_grad_ms: float | None = field(default=None, metadata=saved(omit=(None,)))
+    """The weights' gradients after it: a zero-bubble schedule's ``W``, as torch runs it (``I`` and ``W``
+    together take longer than ``backward_ms``, the backward in one call). None: not measured (plans from
+    before it was), the simulator takes the rest of ``backward_ms``."""
 
     @property
     def compute_ms(self) -> float:

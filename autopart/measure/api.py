@@ -25,6 +25,7 @@ from autopart.measure.empty import on_meta_device
 from autopart.measure.hf import hf_fields, is_hf_spec
 from autopart.measure.profiler import cpu_cores, profile_model
 from autopart.measure.runtime_cost import Runtime
+from autopart.measure.timing import SplitBackward
 from autopart.measure.spec import (Example, LossFn, ModelBundle, call_model, load_model, parse_dtype,
                                    require_parameters, shape_example)
 from autopart.measure.stream import load_with_weights, on_meta
@@ -160,11 +161,13 @@ def prepare(spec: str, config: ProfileConfig | None = None, *, note: NoteFn | No
 
 
 def measure(prepared: Prepared, config: ProfileConfig | None = None, *,
-            progress: ProgressFn | None = None, runtime: Runtime | None = None) -> Profile:
+            progress: ProgressFn | None = None, runtime: Runtime | None = None,
+            split_backward: SplitBackward | None = None) -> Profile:
     """Profile every example of ``prepared``; the first is the profile, the others its other sizes. The
     loss of a model autopart brings data for (built-ins, hf:) is measured in the last block. ``runtime``
     (:func:`autopart.run.stages.one_stage_world`): the pipelining runtime, whose cost per action the profile
-    records once (``action_ms``)."""
+    records once (``action_ms``). ``split_backward`` (:func:`autopart.run.stages.split_backward`): the runtime's
+    halves of a backward, timed at every size (``input_grad_ms``, ``weight_grad_ms``)."""
     config = config or ProfileConfig()
     bundle, module, examples = prepared.bundle, prepared.module, prepared.examples
     counts = config.thread_counts() if _device(config.device).type == "cpu" else ()
@@ -184,7 +187,7 @@ def measure(prepared: Prepared, config: ProfileConfig | None = None, *,
                                       repeats=config.repeats, progress=one, loss_fn=loss_fn, target=target,
                                       batchnorm=config.batchnorm, precision=training_precision(config).name,
                                       threads=counts if k == 0 else counts[:1],
-                                      runtime=runtime if k == 0 else None))
+                                      runtime=runtime if k == 0 else None, split_backward=split_backward))
     others = tuple((p.microbatch_size, p.layers) for p in profiles[1:])
     return dataclasses.replace(profiles[0], by_microbatch_size=others) if others else profiles[0]
 

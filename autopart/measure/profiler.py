@@ -35,10 +35,12 @@ from autopart.formats.profile import BATCHNORM_MODES, LayerProfile, Profile
 from autopart.measure.amp import autocast, param_dtype
 from autopart.measure.batchnorm import batchnorm_layers, deferred_batchnorm
 from autopart.measure.blocks import NamedBlock, call_block, cannot_run, chain_of, tensors_of
+from autopart.measure.memory import allocating_as_ranks_do
 from autopart.measure.runtime_cost import Runtime, runtime_action_ms
 from autopart.measure.timing import (
     Clock,
     ProgressFn,
+    SplitBackward,
     block_param_bytes,
     largest_param_bytes,
     crossing_bytes,
@@ -136,7 +138,8 @@ def profile_model(module: nn.Module, example: torch.Tensor | Sequence[torch.Tens
                   name: str = "model", warmup: int = 2, repeats: int = 7, progress: ProgressFn | None = None,
                   loss_fn: Callable[[Any, Any], torch.Tensor] | None = None, target: Any = None,
                   batchnorm: str = "deferred", precision: str | None = None,
-                  threads: Sequence[int] = (), runtime: Runtime | None = None) -> Profile:
+                  threads: Sequence[int] = (), runtime: Runtime | None = None,
+                  split_backward: SplitBackward | None = None) -> Profile:
     """Profile ``module`` on one micro-batch ``example``: a tensor, a tuple of tensors, or keyword inputs.
 
     The module is profiled where it is (its device and dtype) in training mode,
@@ -152,8 +155,24 @@ def profile_model(module: nn.Module, example: torch.Tensor | Sequence[torch.Tens
     to time the blocks at, the first for ``layers`` and each other for ``by_threads`` (the thread count is
     restored after); empty: torch's current count only. A CPU profile records ``cpu_cores``. ``runtime``
     (:func:`autopart.run.stages.one_stage_world`): the pipelining runtime, whose own cost per action the profile
-    records (``action_ms``; 0 without it).
+    records (``action_ms``; 0 without it). ``split_backward`` (:func:`autopart.run.stages.split_backward`): the
+    runtime's own halves of a backward, whose times the profile records (``input_grad_ms``, ``weight_grad_ms``;
+    without it, ``weight_grad_ms`` is None and the input's gradient is plain autograd's). CPU memory is allocated as a ``train`` rank allocates it while the blocks are timed
+    (:func:`autopart.measure.memory.allocating_as_ranks_do`), so the times are a rank's.
     """
+    with allocating_as_ranks_do():
+        return _profile_model(module, example, name=name, warmup=warmup, repeats=repeats, progress=progress,
+                              loss_fn=loss_fn, target=target, batchnorm=batchnorm, precision=precision,
+                              threads=threads, runtime=runtime, split_backward=split_backward)
+
+
+def _profile_model(module: nn.Module, example: torch.Tensor | Sequence[torch.Tensor] | Mapping[str, torch.Tensor], *,
+                   name: str = "model", warmup: int = 2, repeats: int = 7, progress: ProgressFn | None = None,
+                   loss_fn: Callable[[Any, Any], torch.Tensor] | None = None, target: Any = None,
+                   batchnorm: str = "deferred", precision: str | None = None,
+                   threads: Sequence[int] = (), runtime: Runtime | None = None,
+                   split_backward: SplitBackward | None = None) -> Profile:
+    """:func:`profile_model`, under the allocator it sets."""
     if repeats < 1:
         raise AutopartError(f"repeats must be >= 1, got {repeats}")
     if warmup < 0:
@@ -175,7 +194,8 @@ def profile_model(module: nn.Module, example: torch.Tensor | Sequence[torch.Tens
             streamed = profile_by_block(module, example_t, name=name, device=example_t[0].device, input_names=names,
                                         dtype=meta_dtype, warmup=warmup, repeats=repeats,
                                         progress=progress, loss_fn=loss_fn, target=target,
-                                        precision=_precision_for(precision, meta_dtype))
+                                        precision=_precision_for(precision, meta_dtype),
+                                        split_backward=split_backward)
         return dataclasses.replace(streamed, batchnorm=mode, cpu_cores=_cores(example_t[0].device),
                                    action_ms=_action_ms(example_t[0].device, runtime))
     device, dtype = _module_device_dtype(module, example_t)
@@ -206,7 +226,8 @@ def profile_model(module: nn.Module, example: torch.Tensor | Sequence[torch.Tens
         except Exception as exc:
             raise cannot_run(name, example_t, exc) from None
         total = passes * len(blocks)
-        times = _timed_pass(blocks, inputs, clock, warmup, repeats, device, loss, chosen, progress, "", 0, total)
+        times = _timed_pass(blocks, inputs, clock, warmup, repeats, device, loss, chosen, split_backward, progress,
+                            "", 0, total)
         for i, (block_name, _) in enumerate(blocks):
             last = i == len(blocks) - 1
             main, skip = crossing_bytes(crossing, i, inputs[i + 1], chosen)
@@ -222,7 +243,7 @@ def profile_model(module: nn.Module, example: torch.Tensor | Sequence[torch.Tens
         by_threads = []
         for k, count in enumerate(counts[1:], start=1):  # the same blocks and inputs, timed at another count
             with _thread_count([count]):
-                again = _timed_pass(blocks, inputs, clock, warmup, repeats, device, loss, chosen, progress,
+                again = _timed_pass(blocks, inputs, clock, warmup, repeats, device, loss, chosen, split_backward, progress,
                                     f" ({count} thread{'s' * (count != 1)})", k * len(blocks), total)
             by_threads.append((count, tuple(dataclasses.replace(x, **t) for x, t in zip(layers, again))))
     return dataclasses.replace(profile, batchnorm=mode, cpu_cores=_cores(device), by_threads=tuple(by_threads),
@@ -231,24 +252,23 @@ def profile_model(module: nn.Module, example: torch.Tensor | Sequence[torch.Tens
 
 def _timed_pass(blocks: Sequence[NamedBlock], inputs: Sequence[Any], clock: Clock, warmup: int, repeats: int,
                 device: torch.device, loss: Callable[[Any], torch.Tensor] | None, precision: Precision,
-                progress: ProgressFn | None, label: str, done: int, total: int) -> list[dict[str, Any]]:
+                split: SplitBackward | None, progress: ProgressFn | None, label: str, done: int, total: int
+                ) -> list[dict[str, Any]]:
     """Each block's :class:`LayerProfile` time fields at torch's current thread count (the last block's with the
     loss, and the loss alone on its output); ``label`` follows each block's name in the progress, which counts
     from ``done`` of ``total``."""
     times: list[dict[str, Any]] = []
     for i, (block_name, block) in enumerate(blocks):
         last = i == len(blocks) - 1
-        f_ms, b_ms, f_iqr, b_iqr, peak, i_ms = time_block(block, inputs[i], clock, warmup, repeats, device,
-                                                           loss if last else None, precision)
+        timed = time_block(block, inputs[i], clock, warmup, repeats, device, loss if last else None, precision,
+                           split)
         optimizer_ms, by_name = optimizer_times(block, clock)
-        times.append(dict(forward_ms=f_ms, backward_ms=b_ms, forward_iqr_ms=f_iqr, backward_iqr_ms=b_iqr,
-                          input_grad_ms=i_ms, cuda_peak_bytes=peak, optimizer_ms=optimizer_ms,
-                          optimizer_ms_by_name=by_name))
+        times.append(dict(dataclasses.asdict(timed), optimizer_ms=optimizer_ms, optimizer_ms_by_name=by_name))
         if progress is not None:
             progress(block_name + label, done + i + 1, total)
     if loss is not None:  # the loss alone on the last block's output
-        loss_f, loss_b, *_ = time_block(_Output(), inputs[-1], clock, warmup, repeats, device, loss, precision)
-        times[-1].update(loss_forward_ms=loss_f, loss_backward_ms=loss_b)
+        alone = time_block(_Output(), inputs[-1], clock, warmup, repeats, device, loss, precision)
+        times[-1].update(loss_forward_ms=alone.forward_ms, loss_backward_ms=alone.backward_ms)
     return times
 
 

@@ -39,6 +39,7 @@ from autopart.measure.timing import (
     detach,
     make_profile,
     optimizer_times,
+    SplitBackward,
     storage_key,
     time_block,
 )
@@ -135,9 +136,11 @@ def profile_by_block(module: nn.Module, example: Sequence[torch.Tensor], *, name
                      dtype: torch.dtype = torch.float32, warmup: int = 2, repeats: int = 7,
                      progress: ProgressFn | None = None, loss_fn: Callable[[Any, Any], torch.Tensor] | None = None,
                      target: Any = None, input_names: Sequence[str] | None = None,
-                     precision: Precision = PRECISIONS[DEFAULT_PRECISION]) -> Profile:
+                     precision: Precision = PRECISIONS[DEFAULT_PRECISION],
+                     split_backward: SplitBackward | None = None) -> Profile:
     """Profile a meta-device ``module`` on the real micro-batch ``example``, one block in memory at a time, each
-    forward (and the loss) under ``precision``'s autocast; ``dtype``: the parameters'."""
+    forward (and the loss) under ``precision``'s autocast; ``dtype``: the parameters'; ``split_backward``: as
+    :func:`autopart.measure.timing.time_block` takes it."""
     example_t = tuple(example)
     chain = chain_of(module, tuple(t.to("meta") for t in example_t), name, input_names)
     blocks = chain.blocks
@@ -166,7 +169,7 @@ def profile_by_block(module: nn.Module, example: Sequence[torch.Tensor], *, name
         else:
             layer, value, carried = _measure(block, block_name, value if i == 0 else _as_received(value), device,
                                              dtype, clock, warmup, repeats,
-                                             carried, loss if last else None, precision)
+                                             carried, loss if last else None, precision, split_backward)
             layers.append(layer)
             measured.setdefault(sig, (block_name, layer, detach(value), _held_positions(value, carried)))
         main, skip = crossing_bytes(crossing, i, value, precision)
@@ -180,7 +183,7 @@ def profile_by_block(module: nn.Module, example: Sequence[torch.Tensor], *, name
 
 def _measure(block: nn.Module, name: str, value: Any, device: torch.device, dtype: torch.dtype, clock: Clock,
              warmup: int, repeats: int, carried: set[tuple[int, int]],
-             loss: Callable[[Any], torch.Tensor] | None, precision: Precision
+             loss: Callable[[Any], torch.Tensor] | None, precision: Precision, split: SplitBackward | None
              ) -> tuple[LayerProfile, Any, set[tuple[int, int]]]:
     """One block, with real weights for as long as it is measured: its profile, its (detached) output, and
     the storages it saved that the output holds (charged to it, not to the next block)."""
@@ -211,13 +214,14 @@ def _measure(block: nn.Module, name: str, value: Any, device: torch.device, dtyp
                                 f"{str(exc).splitlines()[0] if str(exc) else ''}") from None
         out = detach(out)
         held = {k for t in tensors_of(out) if (k := storage_key(t))} & mine
-        f_ms, b_ms, f_iqr, b_iqr, peak, i_ms = time_block(block, value, clock, warmup, repeats, device, loss,
-                                                           precision)
+        timed = time_block(block, value, clock, warmup, repeats, device, loss, precision, split)
         optimizer_ms, by_name = optimizer_times(block, clock)
-        layer = LayerProfile(name=name, forward_ms=f_ms, backward_ms=b_ms, input_grad_ms=i_ms, param_bytes=0,
+        layer = LayerProfile(name=name, forward_ms=timed.forward_ms, backward_ms=timed.backward_ms,
+                             input_grad_ms=timed.input_grad_ms, weight_grad_ms=timed.weight_grad_ms, param_bytes=0,
                              activation_bytes=sum(size for _, size in mine | by_loss),
                              loss_activation_bytes=sum(size for _, size in by_loss) if loss is not None else None,
-                             output_bytes=0, forward_iqr_ms=f_iqr, backward_iqr_ms=b_iqr, cuda_peak_bytes=peak,
+                             output_bytes=0, forward_iqr_ms=timed.forward_iqr_ms,
+                             backward_iqr_ms=timed.backward_iqr_ms, cuda_peak_bytes=timed.cuda_peak_bytes,
                              optimizer_ms=optimizer_ms, optimizer_ms_by_name=by_name,
                              output_saved_bytes=sum(size for _, size in held))
     finally:

@@ -2,7 +2,7 @@
 and the profile record the measurements make.
 
     clock = Clock(device)
-    fwd_ms, bwd_ms, fwd_iqr_ms, bwd_iqr_ms, cuda_peak, input_grad_ms = time_block(block, x, clock, 2, 7, device)
+    times = time_block(block, x, clock, 2, 7, device)  # BlockTimes: forward_ms, backward_ms, input_grad_ms, ...
     optimizer_ms, optimizer_ms_by_name = optimizer_times(block, clock)
 
 Shared by the whole-model profiler (:mod:`autopart.measure.profiler`) and the
@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import statistics
 import time
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, Sequence
 
@@ -25,7 +26,7 @@ from autopart.measure.amp import autocast
 from autopart.measure.blocks import NamedBlock, call_block, stage_inputs, tensors_of
 from autopart.measure.optimizers import make_optimizer
 
-__all__ = ["ProgressFn", "Clock", "time_block", "optimizer_times", "nbytes", "storage_key", "block_param_bytes",
+__all__ = ["ProgressFn", "Clock", "BlockTimes", "SplitBackward", "time_block", "optimizer_times", "nbytes", "storage_key", "block_param_bytes",
            "detach", "make_profile", "crossing_bytes"]
 
 ProgressFn = Callable[[str, int, int], None]
@@ -131,19 +132,49 @@ def _iqr(values: Sequence[float]) -> float:
     return q[2] - q[0]
 
 
+@dataclass(frozen=True)
+class BlockTimes:
+    """One block's times from :func:`time_block`: medians over the repeats, in ms (the :class:`LayerProfile`
+    fields of the same names)."""
+
+    forward_ms: float
+    backward_ms: float
+    """The whole backward in one call (``torch.autograd.backward``), as every schedule but the zero-bubble ones runs it."""
+    forward_iqr_ms: float
+    backward_iqr_ms: float
+    cuda_peak_bytes: int | None
+    """The CUDA peak above the start; None on CPU."""
+    input_grad_ms: float
+    """The zero-bubble schedules' I: the inputs' gradients as torch.distributed.pipelining computes them, or by
+    ``torch.autograd.grad`` without a ``split`` (0 when no input needs one)."""
+    weight_grad_ms: float | None
+    """Their W: the weights' gradients afterwards, as torch computes them (the whole backward when no input
+    needs a gradient); None: not timed (no ``split`` given)."""
+
+
+SplitBackward = Callable[[nn.Module, Sequence[torch.Tensor], Sequence[torch.Tensor], Sequence[Any]],
+                         "Callable[[], None] | None"]
+"""``split(module, outputs, output_grads, inputs)`` runs the input-gradient half of the backward as the pipelining
+runtime runs it and returns the weight half to run next (None: no input needs a gradient, the weight half is
+the whole backward): :func:`autopart.run.stages.split_backward`, handed in by the caller, as only
+``autopart.run`` speaks torch.distributed."""
+
+
 def time_block(block: nn.Module, block_input: Any, clock: Clock, warmup: int, repeats: int,
-                device: torch.device, loss: Callable[[Any], torch.Tensor] | None = None,
-                precision: Precision = PRECISIONS[DEFAULT_PRECISION]
-                ) -> tuple[float, float, float, float, int | None, float]:
-    """Median forward and backward ms (and their IQRs), the CUDA peak above the start, and the median ms of
-    the backward for the input's gradient alone (0 when no input needs one).
+               device: torch.device, loss: Callable[[Any], torch.Tensor] | None = None,
+               precision: Precision = PRECISIONS[DEFAULT_PRECISION], split: SplitBackward | None = None) -> BlockTimes:
+    """The block's forward, its backward in one call, and its backward split in two as the zero-bubble schedules
+    run it (the input's gradient, then the weights'), each timed over ``repeats`` after ``warmup``.
 
     With ``loss``, the forward includes computing the loss from the block's
-    output and the backward starts from it (the last stage does both). The
-    input-gradient half is ``torch.autograd.grad`` on the inputs alone, as
-    torch.distributed.pipelining's ``stage_backward_input`` runs it; the
-    graph is kept for the full backward timed after it. The forward (and the loss) runs under the
-    ``precision``'s autocast, as a stage of ``autopart train`` runs it.
+    output and the backward starts from it (the last stage does both). With
+    ``split``, the split backward is the runtime's own (torch's
+    ``stage_backward_input`` and ``stage_backward_weight``) on a second
+    forward: together they take longer than the backward in one call (they
+    walk the graph in Python and keep it between the halves). Without it, the
+    input's gradient is ``torch.autograd.grad`` on the inputs alone before the
+    whole backward, and ``weight_grad_ms`` is None. The
+    forward (and the loss) runs under the ``precision``'s autocast, as a stage of ``autopart train`` runs it.
     """
     def run(x: Any) -> Any:
         with autocast(precision, device):
@@ -155,19 +186,19 @@ def time_block(block: nn.Module, block_input: Any, clock: Clock, warmup: int, re
     outs = [t for t in tensors_of(probe) if t.requires_grad]
     grads = [torch.ones_like(t) if loss is not None else torch.randn_like(t) * 1e-3 for t in outs]
     del probe, outs
-    fwd, bwd, igrad = [], [], []
+    fwd, bwd, igrad, wgrad = [], [], [], []
     peak: int | None = None
     for i in range(warmup + repeats):
         x = _with_grad(block_input)
-        needs = [t for t in tensors_of(x) if t.requires_grad]
         if device.type == "cuda" and i == warmup:
             torch.cuda.synchronize()
             base = torch.cuda.memory_allocated(device)
             torch.cuda.reset_peak_memory_stats(device)
         out, f_ms = clock.time(lambda: run(x))
         outs = [t for t in tensors_of(out) if t.requires_grad]
-        b_ms = i_ms = 0.0
-        if outs and needs:
+        needs = [t for t in tensors_of(x) if t.requires_grad]
+        b_ms = i_ms = w_ms = 0.0
+        if outs and needs and split is None:
             _, i_ms = clock.time(lambda: torch.autograd.grad(outs, needs, grads, retain_graph=True,
                                                              allow_unused=True))
         if outs:
@@ -175,11 +206,24 @@ def time_block(block: nn.Module, block_input: Any, clock: Clock, warmup: int, re
         if device.type == "cuda" and i == warmup:
             peak = max(0, torch.cuda.max_memory_allocated(device) - base)
         del out, outs
+        if b_ms and split is not None:
+            x = _with_grad(block_input)
+            out = run(x)
+            # clones: torch detaches what it is given in place, which a view or a tensor the block saved refuses
+            outs = [t.clone() for t in tensors_of(out) if t.requires_grad]
+            inputs = list(tensors_of(x))
+            weight, i_ms = clock.time(lambda: split(block, outs, grads, inputs))
+            w_ms = b_ms if weight is None else clock.time(weight)[1]
+            del out, outs, weight
         if i >= warmup:
             fwd.append(f_ms)
             bwd.append(b_ms)
-            igrad.append(min(i_ms, b_ms))
-    return statistics.median(fwd), statistics.median(bwd), _iqr(fwd), _iqr(bwd), peak, statistics.median(igrad)
+            igrad.append(i_ms if split is not None else min(i_ms, b_ms))
+            wgrad.append(w_ms)
+    return BlockTimes(forward_ms=statistics.median(fwd), backward_ms=statistics.median(bwd),
+                      forward_iqr_ms=_iqr(fwd), backward_iqr_ms=_iqr(bwd), cuda_peak_bytes=peak,
+                      input_grad_ms=statistics.median(igrad),
+                      weight_grad_ms=statistics.median(wgrad) if split is not None else None)
 
 
 def optimizer_times(block: nn.Module, clock: Clock, repeats: int = 3) -> tuple[float, tuple[tuple[str, float], ...]]:

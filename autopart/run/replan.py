@@ -26,6 +26,7 @@ from autopart.formats.units import format_ms
 from autopart.measure.profiler import profile_model
 from autopart.run.job import Job
 from autopart.run.log import say
+from autopart.run.stages import split_backward
 
 __all__ = ["StageProfile", "placed", "replan", "reprofile_stages", "write_replan"]
 
@@ -52,7 +53,8 @@ def reprofile_stages(job: Job) -> list[StageProfile]:
         last = s == job.plan.num_stages - 1
         prof = profile_model(seq, captured, name="stage", warmup=1, repeats=3,
                              loss_fn=job.pipe.loss_fn if last else None,
-                             target=job.pipe.last_target if last else None, precision=job.plan.precision)
+                             target=job.pipe.last_target if last else None, precision=job.plan.precision,
+                             split_backward=split_backward)
         layers = tuple(dataclasses.replace(layer, name=names[i]) for i, layer in enumerate(prof.layers))
         out.append(StageProfile(stage=s, layers=layers, device=prof.device, dtype=prof.dtype))
     return out

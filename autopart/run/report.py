@@ -38,6 +38,7 @@ from autopart.core.simulate import Event, Simulation, Timeline
 from autopart.formats.atomic import write_atomic, write_json_atomic
 from autopart.formats.plan import Plan
 from autopart.formats.report import TERMS, RankRow, Report, StageRow, TermRow
+from autopart.formats.stage import StageCost
 from autopart.formats.units import plural
 from autopart.measure.memory import MemoryPeak
 from autopart.render.report import report_lines
@@ -103,22 +104,33 @@ def _median(values: Sequence[float]) -> float:
     return statistics.median(values) if values else float("nan")
 
 
-def _stage_times(measured: Measured, stages: int) -> dict[int, tuple[float, float]]:
-    """Stage -> (forward, backward) ms of one micro-batch, medians over the steady steps (the last stage's forward
-    with its loss: :class:`~autopart.run.timeline.ActionClock`)."""
+def _stage_times(measured: Measured, stages: int) -> dict[int, tuple[float, float, tuple[float, float] | None]]:
+    """Stage -> (forward, backward, (I, W) or None) ms of one micro-batch, medians over the steady steps (the last
+    stage's forward with its loss: :class:`~autopart.run.timeline.ActionClock`); a backward the schedule split is
+    its I and W together."""
     by: dict[tuple[int, str], list[float]] = {}
     for i in measured.steady():
         for e in measured.events[i]:
             if e.kind in ("F", "B", "I", "W"):
                 by.setdefault((Action.parse(e.action).stage, e.kind), []).append(e.end_ms - e.start_ms)
-    out = {}
+    out: dict[int, tuple[float, float, tuple[float, float] | None]] = {}
     for s in range(stages):
         if (s, "F") not in by:
             continue
-        backward = _median(by[(s, "B")]) if (s, "B") in by else \
-            _median(by.get((s, "I"), [])) + _median(by.get((s, "W"), []))
-        out[s] = (_median(by[(s, "F")]), backward)
+        if (s, "B") in by:
+            out[s] = (_median(by[(s, "F")]), _median(by[(s, "B")]), None)
+        else:
+            halves = (_median(by.get((s, "I"), [])), _median(by.get((s, "W"), [])))
+            out[s] = (_median(by[(s, "F")]), sum(halves), halves)
     return out
+
+
+def _predicted_backward_ms(cost: StageCost, split: bool) -> float:
+    """A stage's backward as the run times it: its I and W where the schedule split it and the plan priced the
+    halves as torch runs them, else the backward in one call."""
+    if split and cost.input_grad_ms is not None and cost.weight_grad_ms is not None:
+        return cost.input_grad_ms + cost.weight_grad_ms
+    return cost.backward_ms
 
 
 def _predicted_terms(plan: Plan, sim: Simulation, rank: int) -> dict[str, float]:
@@ -253,14 +265,22 @@ def _actions_per_microbatch(measured: Measured, stages: int) -> dict[int, int]:
     return {s: len(kinds[s]) for s in range(stages) if s in kinds}
 
 
-def _speed(plan: Plan, stage_ms: dict[int, tuple[float, float]], actions: dict[int, int]) -> float | None:
+def _speed(plan: Plan, stage_ms: dict[int, tuple[float, float, tuple[float, float] | None]],
+           actions: dict[int, int]) -> float | None:
     """Predicted over measured compute of the stages measured, each at its device's speed. The measured actions
     hold the runtime's own work, which the plan prices apart (``overhead_ms`` per action): taken out, ``actions[s]``
     per micro-batch on stage ``s`` (:func:`_actions_per_microbatch`), so a plan at this speed does not count it twice.
     None when nothing is left."""
-    predicted = sum(plan.stages[s].cost.compute_ms * plan.stages[s].device.speed for s in stage_ms)
-    measured = sum(f + b - actions.get(s, 2) * plan.stages[s].cost.overhead_ms for s, (f, b) in stage_ms.items())
+    predicted = sum((plan.stages[s].cost.forward_ms + _predicted_backward_ms(plan.stages[s].cost, halves is not None))
+                    * plan.stages[s].device.speed for s, (_, _, halves) in stage_ms.items())
+    measured = sum(f + b - actions.get(s, 2) * plan.stages[s].cost.overhead_ms for s, (f, b, _) in stage_ms.items())
     return predicted / measured if measured > 0 and math.isfinite(measured) else None
+
+
+def _replayed(cost: StageCost, forward_ms: float, backward_ms: float, halves: tuple[float, float] | None) -> StageCost:
+    """``cost`` with the times measured in the run (its I and W too where the schedule split the backward)."""
+    cost = dataclasses.replace(cost, forward_ms=forward_ms, backward_ms=backward_ms, overhead_ms=0.0)
+    return cost if halves is None else dataclasses.replace(cost, input_grad_ms=halves[0], weight_grad_ms=halves[1])
 
 
 def make_report(job: Job, log: StepLog, measured: Measured) -> Report:
@@ -273,16 +293,16 @@ def make_report(job: Job, log: StepLog, measured: Measured) -> Report:
     ranks = plan.stage_ranks()
     rows = []
     for s, st in enumerate(plan.stages):
-        f, b = stage_ms.get(s, (float("nan"), float("nan")))
-        compute = st.cost.compute_ms
+        f, b, halves = stage_ms.get(s, (float("nan"), float("nan"), None))
+        backward = _predicted_backward_ms(st.cost, halves is not None)
+        compute = st.cost.forward_ms + backward
         rows.append(StageRow(stage=s, rank=ranks[s], blocks=len(st.blocks),
                              predicted_forward_ms=st.cost.forward_ms if same_size else None,
-                             predicted_backward_ms=st.cost.backward_ms if same_size else None,
+                             predicted_backward_ms=backward if same_size else None,
                              measured_forward_ms=f, measured_backward_ms=b,
                              error=(f + b) / compute - 1 if same_size and compute > 0 else None))
-    replay = [dataclasses.replace(st, cost=dataclasses.replace(st.cost, forward_ms=stage_ms[s][0],
-                                                               backward_ms=stage_ms[s][1], overhead_ms=0.0))
-              if s in stage_ms else st for s, st in enumerate(plan.stages)]
+    replay = [dataclasses.replace(st, cost=_replayed(st.cost, *stage_ms[s])) if s in stage_ms else st
+              for s, st in enumerate(plan.stages)]
     replay_plan = dataclasses.replace(plan, stages=tuple(replay))
     replayed = simulate_plan(replay_plan, microbatches=plan.microbatches)
     predicted = simulate_plan(plan) if same_size else None

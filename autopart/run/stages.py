@@ -49,6 +49,7 @@ import torch.distributed as dist
 from torch import nn
 from torch.distributed.fsdp.sharded_grad_scaler import ShardedGradScaler
 from torch.distributed.pipelining import PipelineStage
+from torch.distributed.pipelining._backward import stage_backward_input, stage_backward_weight
 from torch.distributed.pipelining.schedules import PipelineScheduleMulti, PipelineScheduleSingle, get_schedule_class
 from torch.utils.checkpoint import checkpoint
 
@@ -65,7 +66,7 @@ from autopart.run.timeline import ActionClock
 
 __all__ = ["Pipeline", "SharedParameters", "TimedStage", "build_pipeline", "canonical_names", "check_evaluable",
            "check_plan_against_model", "check_world_size", "in_precision", "loss_in_precision", "recompute_forward",
-           "one_stage_world"]
+           "one_stage_world", "split_backward"]
 
 Schedule = PipelineScheduleSingle | PipelineScheduleMulti
 """Every schedule ``get_schedule_class`` returns is one of the two."""
@@ -113,6 +114,24 @@ def one_stage_world(module: nn.Module, microbatches: int, loss_fn: Callable[[Any
         yield step
     finally:
         dist.destroy_process_group()
+
+
+def split_backward(module: nn.Module, outputs: Sequence[torch.Tensor], output_grads: Sequence[torch.Tensor],
+                   inputs: Sequence[Any]) -> Callable[[], None] | None:
+    """The zero-bubble schedules' I of ``module``'s backward, run now as torch runs it (``stage_backward_input``:
+    the inputs' gradients, the graph kept for the weights'); returns their W (``stage_backward_weight``) to run
+    later. None when no input needs a gradient: torch then skips the I, as on a first stage, and its W is the
+    whole backward (``torch.autograd.backward``). The profiler times both halves with it
+    (:func:`autopart.measure.timing.time_block`), so the plan prices I and W as the runtime runs them."""
+    if not any(isinstance(t, torch.Tensor) and t.requires_grad for t in inputs):
+        return None
+    # torch detaches the outputs in place after the I, which a view refuses (a Linear's output on 3-d input)
+    owned = [t.clone() if t._base is not None else t for t in outputs]
+    _, groups = stage_backward_input(owned, list(output_grads), list(inputs), module.parameters())
+
+    def weight() -> None:
+        stage_backward_weight(module.parameters(), groups)
+    return weight
 
 
 def check_evaluable(plan: Plan) -> None:
