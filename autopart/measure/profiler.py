@@ -49,6 +49,7 @@ from autopart.measure.timing import (
     optimizer_times,
     storage_key,
     time_block,
+    time_chain,
 )
 
 __all__ = ["profile_model", "ProgressFn", "cpu_cores"]
@@ -256,12 +257,16 @@ def _timed_pass(blocks: Sequence[NamedBlock], inputs: Sequence[Any], clock: Cloc
                 ) -> list[dict[str, Any]]:
     """Each block's :class:`LayerProfile` time fields at torch's current thread count (the last block's with the
     loss, and the loss alone on its output); ``label`` follows each block's name in the progress, which counts
-    from ``done`` of ``total``."""
+    from ``done`` of ``total``. On a CPU the blocks are timed in the order a stage runs them
+    (:func:`~autopart.measure.timing.time_chain`: what ran before a block decides what its caches hold); on a
+    GPU each alone (:func:`~autopart.measure.timing.time_block`, with its CUDA peak)."""
     times: list[dict[str, Any]] = []
+    chain = time_chain([block for _, block in blocks], inputs[:len(blocks)], clock, warmup, repeats, device, loss,
+                       precision, split) if device.type == "cpu" else None
     for i, (block_name, block) in enumerate(blocks):
         last = i == len(blocks) - 1
-        timed = time_block(block, inputs[i], clock, warmup, repeats, device, loss if last else None, precision,
-                           split)
+        timed = chain[i] if chain is not None else time_block(block, inputs[i], clock, warmup, repeats, device,
+                                                              loss if last else None, precision, split)
         optimizer_ms, by_name = optimizer_times(block, clock)
         times.append(dict(dataclasses.asdict(timed), optimizer_ms=optimizer_ms, optimizer_ms_by_name=by_name))
         if progress is not None:
