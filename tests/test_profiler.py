@@ -2,6 +2,7 @@ from __future__ import annotations
 
 import copy
 import json
+from typing import Any
 
 import pytest
 import torch
@@ -16,6 +17,7 @@ from autopart.measure.models.gpt2 import GPT2, GPT2Config
 from autopart.measure.models.resnet import ResNet
 from autopart.measure.optimizers import make_optimizer
 from autopart.measure.profiler import profile_model
+from autopart.measure.timing import Clock, time_chain
 from tests.helpers import SplitSleep, sleep_model
 
 
@@ -74,6 +76,51 @@ def test_a_first_block_runs_its_whole_backward_as_its_weight_half() -> None:
     prof = profile_model(model, torch.randint(0, 50, (2, 4)), warmup=1, repeats=3, split_backward=split_backward)
     first = prof.layers[0]
     assert first.input_grad_ms is not None and first.input_grad_ms < 0.5 and first.weight_grad_ms == first.backward_ms
+
+
+class _Logged(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx: Any, x: torch.Tensor, log: list[str], label: str) -> torch.Tensor:
+        ctx.log, ctx.label = log, label
+        return x * 1.0
+
+    @staticmethod
+    def backward(ctx: Any, grad: torch.Tensor) -> tuple[torch.Tensor, None, None]:
+        ctx.log.append(ctx.label)
+        return grad, None, None
+
+
+class _Recorder(nn.Module):
+    """Logs its forward (``F0``), its input's gradient (``I0``) and its weight's (``W0``): separate branches."""
+
+    def __init__(self, index: int, log: list[str]) -> None:
+        super().__init__()
+        self.index, self.log = index, log
+        self.weight = nn.Parameter(torch.ones(1))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        self.log.append(f"F{self.index}")
+        return _Logged.apply(x, self.log, f"I{self.index}") + _Logged.apply(self.weight, self.log, f"W{self.index}")
+
+
+def test_blocks_are_timed_in_the_order_a_stage_runs_them() -> None:
+    """On a CPU a block's time depends on what ran before it (its weights left the caches), so the profile times
+    the blocks as a stage runs them: forwards from the first block, backwards from the last; the runtime's
+    halves as ZBVZeroBubble runs a stage's: every I from the last block back, then every W."""
+    from autopart.run.stages import split_backward
+
+    log: list[str] = []
+    blocks = [_Recorder(k, log) for k in range(3)]
+    inputs = [torch.randn(2, 4) for _ in blocks]
+    clock = Clock(torch.device("cpu"))
+    log.clear()
+    times = time_chain(blocks, inputs, clock, 0, 1, torch.device("cpu"), split=split_backward)
+    log_probes = 3  # each block's output gradients are shaped on one forward first
+    forward, fused, again, halves = log[log_probes:6], log[6:12], log[12:15], log[15:]
+    assert forward == again == ["F0", "F1", "F2"]
+    assert [sorted(fused[i:i + 2]) for i in (0, 2, 4)] == [["I2", "W2"], ["I1", "W1"], ["I0", "W0"]]
+    assert halves == ["I2", "I1", "I0", "W2", "W1", "W0"]
+    assert len(times) == 3 and all(t.weight_grad_ms is not None and t.cuda_peak_bytes is None for t in times)
 
 
 def test_every_optimizer_a_plan_can_name_is_timed_and_planned_with() -> None:
