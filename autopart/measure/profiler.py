@@ -135,6 +135,7 @@ def _module_device_dtype(module: nn.Module, example: Sequence[torch.Tensor]) -> 
     return device, dtype
 
 
+@allocating_as_ranks_do()
 def profile_model(module: nn.Module, example: torch.Tensor | Sequence[torch.Tensor] | Mapping[str, torch.Tensor], *,
                   name: str = "model", warmup: int = 2, repeats: int = 7, progress: ProgressFn | None = None,
                   loss_fn: Callable[[Any, Any], torch.Tensor] | None = None, target: Any = None,
@@ -158,22 +159,10 @@ def profile_model(module: nn.Module, example: torch.Tensor | Sequence[torch.Tens
     (:func:`autopart.run.stages.one_stage_world`): the pipelining runtime, whose own cost per action the profile
     records (``action_ms``; 0 without it). ``split_backward`` (:func:`autopart.run.stages.split_backward`): the
     runtime's own halves of a backward, whose times the profile records (``input_grad_ms``, ``weight_grad_ms``;
-    without it, ``weight_grad_ms`` is None and the input's gradient is plain autograd's). CPU memory is allocated as a ``train`` rank allocates it while the blocks are timed
-    (:func:`autopart.measure.memory.allocating_as_ranks_do`), so the times are a rank's.
+    without it, ``weight_grad_ms`` is None and the input's gradient is plain autograd's). CPU memory is
+    allocated as a ``train`` rank allocates it meanwhile (:func:`autopart.measure.memory.allocating_as_ranks_do`),
+    so the times are a rank's.
     """
-    with allocating_as_ranks_do():
-        return _profile_model(module, example, name=name, warmup=warmup, repeats=repeats, progress=progress,
-                              loss_fn=loss_fn, target=target, batchnorm=batchnorm, precision=precision,
-                              threads=threads, runtime=runtime, split_backward=split_backward)
-
-
-def _profile_model(module: nn.Module, example: torch.Tensor | Sequence[torch.Tensor] | Mapping[str, torch.Tensor], *,
-                   name: str = "model", warmup: int = 2, repeats: int = 7, progress: ProgressFn | None = None,
-                   loss_fn: Callable[[Any, Any], torch.Tensor] | None = None, target: Any = None,
-                   batchnorm: str = "deferred", precision: str | None = None,
-                   threads: Sequence[int] = (), runtime: Runtime | None = None,
-                   split_backward: SplitBackward | None = None) -> Profile:
-    """:func:`profile_model`, under the allocator it sets."""
     if repeats < 1:
         raise AutopartError(f"repeats must be >= 1, got {repeats}")
     if warmup < 0:
