@@ -378,3 +378,24 @@ def test_the_local_search_screen_tries_the_same_moves(case: _Case, choosy: _Case
             screened = fastest._local(p, program, starts, shared)
             plain = fastest._local(p, program, starts, shared, screen=False)
             assert screened.tolist() == plain.tolist()
+
+
+def test_the_backwards_halves_are_priced_as_torch_runs_them() -> None:
+    """With I and W measured, a stage's halves sum its blocks' (a recomputing stage recomputes its forward in
+    each), except on the model's first stage, whose I torch skips and whose W is its whole backward in one call;
+    the mirror image prices each stage as the original does."""
+    blocks = BlockCosts.of([10.0] * 4, forward_ms=[4.0] * 4, param_bytes=[1] * 4, activation_bytes=[1] * 4,
+                           output_bytes=[1] * 4, input_grad_ms=[2.0, 3.0, 3.0, 3.0],
+                           weight_grad_ms=[5.0, 6.0, 6.0, 6.0])
+    model = CostModel(schedule="ZBVZeroBubble", microbatches=4, stages_per_rank=2)
+    p = Problem(blocks, [Device("d")] * 4, model)
+    stages = p.stages([1, 1, 1, 1])
+    assert [(s.input_grad_ms, s.weight_grad_ms) for s in stages] == [(0.0, 6.0), (3.0, 6.0), (3.0, 6.0), (3.0, 6.0)]
+    first_two = Problem(blocks, [Device("d")] * 2, CostModel(schedule="1F1B", microbatches=2)).stages([2, 2])
+    assert [(s.input_grad_ms, s.weight_grad_ms) for s in first_two] == [(0.0, 12.0), (6.0, 12.0)]
+    recomputing = Problem(blocks, [Device("d")] * 2, CostModel(schedule="1F1B", microbatches=2)).stages(
+        [2, 2], recompute=[True, True])
+    assert [(s.input_grad_ms, s.weight_grad_ms) for s in recomputing] == [(0.0, 12.0 + 8.0), (6.0 + 8.0, 12.0 + 8.0)]
+    mirrored = p.reversed()
+    for s, original in zip(mirrored.stages([1, 1, 1, 1])[::-1], stages):
+        assert (s.input_grad_ms, s.weight_grad_ms) == (original.input_grad_ms, original.weight_grad_ms)

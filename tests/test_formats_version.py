@@ -74,9 +74,9 @@ def test_a_file_needing_an_unknown_feature_is_refused_with_one_line(kind: str, t
     path = tmp_path / f"{kind}.json"
     path.write_text(json.dumps(data))
     args = ["partition", str(path), "--stages", "2"] if kind == "profile" else ["simulate", str(path)]
+    known = ["data_parallel", "precision", "split_backward"] if kind == "plan" else ["precision", "split_backward"]
     assert_one_line_error(run_cli_here(*args), f"{kind} {str(path)!r}: {NEWER}: needs features "
-                          "['fp8-times', 'stage-groups'] (this autopart knows "
-                          f"{['data_parallel', 'precision'] if kind == 'plan' else ['precision']})")
+                          f"['fp8-times', 'stage-groups'] (this autopart knows {known})")
 
 
 @pytest.mark.parametrize("kind", ["profile", "plan"])

@@ -9,6 +9,7 @@ import torch
 from torch import nn
 
 from autopart.core.costmodel import BlockCosts, CostModel, Problem
+from autopart.core.search import plan_partition
 from autopart.errors import AutopartError
 from autopart.formats.devices import Device
 from autopart.formats.optimizers import OPTIMIZER_STATES
@@ -64,8 +65,12 @@ def test_the_runtimes_own_halves_of_the_backward_are_timed() -> None:
     assert [x.weight_grad_ms for x in again.layers] == [x.weight_grad_ms for x in prof.layers]
     costs = BlockCosts.from_profile(again)
     assert costs.weight_grad_ms is not None and costs.weight_grad_ms.tolist() == [x.weight_grad_ms for x in prof.layers]
+    assert again.features == ("split_backward",)  # an older autopart would take W as the rest of the backward
     plain = profile_model(model, torch.randn(2, 4), warmup=0, repeats=1)
     assert all(x.weight_grad_ms is None for x in plain.layers) and BlockCosts.from_profile(plain).weight_grad_ms is None
+    assert plain.features == ()
+    plan = plan_partition(again, 2, CostModel(schedule="1F1B", microbatches=2))
+    assert plan.features == ("split_backward",) and plan_partition(plain, 2).features == ()
 
 
 def test_a_first_block_runs_its_whole_backward_as_its_weight_half() -> None:

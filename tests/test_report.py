@@ -121,8 +121,9 @@ def test_the_measured_speed_leaves_out_the_plans_action_cost() -> None:
     assert _speed(plan, {0: (0.5, 0.5, None)}, {0: 2}) is None  # nothing left after the action cost
     # a plan that priced stage 1's I and W as torch runs them compares the measured halves with those
     last = plan.stages[1].cost
-    halves = dataclasses.replace(plan, stages=(plan.stages[0], dataclasses.replace(plan.stages[1], cost=dataclasses.replace(
-        last, input_grad_ms=last.backward_ms * 0.6, weight_grad_ms=last.backward_ms * 0.7))))
+    second = dataclasses.replace(plan.stages[1], cost=dataclasses.replace(
+        last, input_grad_ms=last.backward_ms * 0.6, weight_grad_ms=last.backward_ms * 0.7))
+    halves = dataclasses.replace(plan, stages=(plan.stages[0], second))
     split = compute + 0.3 * last.backward_ms * plan.stages[1].device.speed
     assert _speed(halves, stage_ms, actions) == pytest.approx(split / 67.5)
     assert _speed(halves, {0: (10.0, 20.0, None), 1: (15.0, 25.0, None)}, actions) == pytest.approx(compute / 67.5)

@@ -240,6 +240,10 @@ class Problem:
         """The model's last block, whose stage computes the loss."""
         return self.n - 1
 
+    def _first_block(self) -> int:
+        """The model's first block, whose stage torch runs without an input-gradient half."""
+        return 0
+
     def _loss(self, s: int, first: int, last: int) -> float:
         """The loss's forward and backward on stage s holding blocks first..last (at its device's speed; 0 when
         the stage does not hold the model's last block)."""
@@ -453,16 +457,22 @@ class Problem:
 
     def _split_backward(self, i: Ints, j: Ints, forward: Floats, backward: Floats, recompute: Bools
                         ) -> tuple[Floats, Floats]:
-        """Blocks i..j's backward split as the zero-bubble schedules run it, (I, W) at speed 1: measured (a
-        recomputing stage recomputes its forward before the input's gradient), or, not measured, half and the
-        rest of ``backward`` (the simulator's old assumption) and the rest of it."""
+        """Blocks i..j's backward split as the zero-bubble schedules run it, (I, W) at speed 1.
+
+        Halves measured as torch runs them: each sums its blocks' (a recomputing stage recomputes its forward
+        in each half), but the model's first stage runs as torch runs it, its I skipped and its W the whole
+        backward in one call. Not measured (older profiles): I is the measured input-gradient part of the
+        backward, or half of it, and W the rest."""
         pig, pwg = self._input_grad_prefix_ms, self._weight_grad_prefix_ms
         if pig is None:
             input_grad = backward * INPUT_GRAD_SHARE
         else:
             input_grad = (pig[j + 1] - pig[i]) + np.where(recompute, forward, 0.0)
-        weight_grad = backward - input_grad if pwg is None else pwg[j + 1] - pwg[i] + np.zeros(input_grad.shape)
-        return input_grad, weight_grad
+        if pwg is None:
+            return input_grad, backward - input_grad
+        weight_grad = (pwg[j + 1] - pwg[i]) + np.where(recompute, forward, 0.0)
+        first = (i <= self._first_block()) & (self._first_block() <= j)
+        return np.where(first, 0.0, input_grad), np.where(first, backward, weight_grad)
 
     def _memory_parts(self, s: int, first: int, last: int, recompute: bool) -> dict[str, int]:
         """Stage s holding blocks first..last: its bytes per ``StageCost`` memory field, every term of the
@@ -628,6 +638,9 @@ class MirroredProblem(Problem):
 
     def _loss_block(self) -> int:
         return 0
+
+    def _first_block(self) -> int:
+        return self.n - 1
 
     def reversed(self) -> Problem:
         """The original problem again."""

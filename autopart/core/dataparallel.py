@@ -309,15 +309,17 @@ def _lower_bound_ms(scaled: Profile, speed: float, stages: int, microbatches: in
     measured = all(x.input_grad_ms is not None for x in scaled.layers)  # else the simulator assumes a share
     input_grad = [min(x.input_grad_ms or 0.0, x.backward_ms) if measured else x.backward_ms * INPUT_GRAD_SHARE
                   for x in scaled.layers]
-    split = measured and all(x.weight_grad_ms is not None for x in scaled.layers)  # W timed as torch runs it
-    weight_grad = [(x.weight_grad_ms or 0.0) if split else x.backward_ms - ig for x, ig in zip(scaled.layers, input_grad)]
-    # a block's backward: in one call, or I and W (no less than min(...), whichever the profile's noise says)
-    backward = [min(x.backward_ms, ig + wg) if zero_bubble else x.backward_ms
-                for x, ig, wg in zip(scaled.layers, input_grad, weight_grad)]
-    times = [(x.forward_ms + b) / speed for x, b in zip(scaled.layers, backward)]
-    chain = [(x.forward_ms + (x.backward_ms if not zero_bubble else ig)) / speed
+    # W timed as torch runs it: a block's I + W may exceed its backward in one call, and the model's first stage
+    # runs no I (its W is its whole backward), so any block, which may be on it, counts no I in the chain
+    split = measured and all(x.weight_grad_ms is not None for x in scaled.layers)
+    weight_ms = [(x.weight_grad_ms or 0.0) if split else x.backward_ms - ig
+                 for x, ig in zip(scaled.layers, input_grad)]
+    backward_ms = [min(x.backward_ms, ig + wg) if zero_bubble else x.backward_ms
+                   for x, ig, wg in zip(scaled.layers, input_grad, weight_ms)]
+    times = [(x.forward_ms + b) / speed for x, b in zip(scaled.layers, backward_ms)]
+    chain = [(x.forward_ms + (x.backward_ms if not zero_bubble else 0.0 if split else ig)) / speed
              for x, ig in zip(scaled.layers, input_grad)]
-    after = opt[0] + (weight_grad[0] / speed if zero_bubble else 0.0)
+    after = opt[0] + ((scaled.layers[0].backward_ms if split else weight_ms[0]) / speed if zero_bubble else 0.0)
     w, m = sum(times), microbatches
     return max((m * w + sum(opt)) / stages, _busiest_rank_ms([m * t + o for t, o in zip(times, opt)], stages),
                after + _chain_ms(chain, stages * per_rank, m))

@@ -102,7 +102,8 @@ def scale_profile(profile: Profile, microbatch_size: int) -> tuple[Profile, str]
         loss_f = min(t("loss_forward_ms"), t("forward_ms")) if within else t("loss_forward_ms")
         loss_b = min(t("loss_backward_ms"), t("backward_ms")) if within else t("loss_backward_ms")
         layers.append(dataclasses.replace(base, forward_ms=t("forward_ms"), backward_ms=t("backward_ms"),
-                                          input_grad_ms=input_grad, weight_grad_ms=weight_grad, loss_forward_ms=loss_f, loss_backward_ms=loss_b,
+                                          input_grad_ms=input_grad, weight_grad_ms=weight_grad,
+                                          loss_forward_ms=loss_f, loss_backward_ms=loss_b,
                                           activation_bytes=n("activation_bytes"), output_bytes=n("output_bytes"),
                                           forward_iqr_ms=0.0, backward_iqr_ms=0.0, cuda_peak_bytes=None))
     input_bytes = int(round(profile.input_bytes * microbatch_size / profile.microbatch_size))

@@ -26,10 +26,12 @@ from autopart.formats.version import check_version
 __all__ = ["PLAN_SCHEMA", "PLAN_FEATURES", "Plan", "PlanStage", "Predicted", "Candidate"]
 
 PLAN_SCHEMA = "autopart.plan/1"
-PLAN_FEATURES: frozenset[str] = frozenset({"precision", "data_parallel"})
+PLAN_FEATURES: frozenset[str] = frozenset({"precision", "data_parallel", "split_backward"})
 """Features (:mod:`autopart.formats.version`) this autopart reads in a plan's ``features``: ``precision``,
 which a plan under another precision than fp32 lists (an older autopart would train it in float32);
-``data_parallel``, which a plan of several replicas lists (an older autopart would run one pipeline)."""
+``data_parallel``, which a plan of several replicas lists (an older autopart would run one pipeline);
+``split_backward``, which a plan with a stage's ``weight_grad_ms`` lists (an older autopart would simulate W as
+the rest of the backward)."""
 
 MAX_STAGE_MS = 1e12
 """The longest time a plan may hold (a stage's per micro-batch, a step): a thousand times a block's bound
@@ -196,6 +198,8 @@ class Plan:
             object.__setattr__(self, "features", (*self.features, "precision"))
         if self.data_parallel > 1 and "data_parallel" not in self.features:
             object.__setattr__(self, "features", (*self.features, "data_parallel"))
+        if any(st.cost.weight_grad_ms is not None for st in self.stages) and "split_backward" not in self.features:
+            object.__setattr__(self, "features", (*self.features, "split_backward"))
         if self.placement:
             ranks = sorted(r for row in self.placement for r in row)
             if len(self.placement) != self.data_parallel or any(len(row) != self.num_ranks for row in self.placement) \

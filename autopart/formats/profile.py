@@ -24,10 +24,11 @@ from autopart.formats.version import check_version
 __all__ = ["PROFILE_SCHEMA", "PROFILE_FEATURES", "BATCHNORM_MODES", "LayerProfile", "Profile", "Tie"]
 
 PROFILE_SCHEMA = "autopart.profile/1"
-PROFILE_FEATURES: frozenset[str] = frozenset({"precision"})
+PROFILE_FEATURES: frozenset[str] = frozenset({"precision", "split_backward"})
 """Features (:mod:`autopart.formats.version`) this autopart reads in a profile's ``features``: ``precision``,
 which a profile measured under another precision than fp32 lists (an older autopart would plan it, and
-train the plan, in float32)."""
+train the plan, in float32); ``split_backward``, which a profile with ``weight_grad_ms`` lists (an older
+autopart would take W as the rest of the backward, short of what torch's halves take)."""
 
 
 @dataclass(frozen=True)
@@ -189,6 +190,8 @@ class Profile:
         check_precision(self.precision, f"profile of {self.model!r}: precision")
         if self.precision != DEFAULT_PRECISION and "precision" not in self.features:
             object.__setattr__(self, "features", (*self.features, "precision"))
+        if any(x.weight_grad_ms is not None for x in self.layers) and "split_backward" not in self.features:
+            object.__setattr__(self, "features", (*self.features, "split_backward"))
         names = [layer.name for layer in self.layers]
         if len(set(names)) != len(names):
             dup = sorted({n for n in names if names.count(n) > 1})

@@ -87,15 +87,15 @@ def lower_mmap_threshold(threshold_bytes: int = MMAP_THRESHOLD_BYTES) -> bool:
 def allocating_as_ranks_do() -> Iterator[None]:
     """Inside: CPU memory allocated as a ``train`` rank allocates it (:func:`lower_mmap_threshold`: each tensor
     of 64 KiB or more mapped and unmapped on its own, its pages faulted in afresh), so times measured here are
-    the ones a rank sees: on this project's 2-core machine 12 small blocks in a row ran 18-44% slower than
-    with glibc's reuse of freed memory. On leaving, a process that had not lowered the threshold itself gets glibc's largest
-    dynamic one (:data:`GLIBC_MMAP_THRESHOLD_MAX_BYTES`; glibc cannot be told to adjust it by itself again)."""
-    was = _lowered
+    the ones a rank sees: on this project's 2-core machine 12 small blocks in a row ran 18-44% slower than with
+    glibc's reuse of freed memory. On leaving, a process that had not lowered the threshold for good gets
+    glibc's largest dynamic one (:data:`GLIBC_MMAP_THRESHOLD_MAX_BYTES`; glibc cannot be told to adjust it by
+    itself again). A context manager, or a decorator of a function."""
     changed = _mallopt_threshold(MMAP_THRESHOLD_BYTES)
     try:
         yield
     finally:
-        if changed and not was:
+        if changed and not _lowered:  # lowered for good meanwhile (a rank started here): left so
             _mallopt_threshold(GLIBC_MMAP_THRESHOLD_MAX_BYTES)
 
 

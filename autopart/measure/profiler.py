@@ -233,7 +233,8 @@ def profile_model(module: nn.Module, example: torch.Tensor | Sequence[torch.Tens
         by_threads = []
         for k, count in enumerate(counts[1:], start=1):  # the same blocks and inputs, timed at another count
             with _thread_count([count]):
-                again = _timed_pass(blocks, inputs, clock, warmup, repeats, device, loss, chosen, split_backward, progress,
+                again = _timed_pass(blocks, inputs, clock, warmup, repeats, device, loss, chosen, split_backward,
+                                    progress,
                                     f" ({count} thread{'s' * (count != 1)})", k * len(blocks), total)
             by_threads.append((count, tuple(dataclasses.replace(x, **t) for x, t in zip(layers, again))))
     return dataclasses.replace(profile, batchnorm=mode, cpu_cores=_cores(device), by_threads=tuple(by_threads),

@@ -26,7 +26,8 @@ from autopart.measure.amp import autocast
 from autopart.measure.blocks import NamedBlock, call_block, stage_inputs, tensors_of
 from autopart.measure.optimizers import make_optimizer
 
-__all__ = ["ProgressFn", "Clock", "BlockTimes", "SplitBackward", "time_block", "time_chain", "optimizer_times", "nbytes", "storage_key", "block_param_bytes",
+__all__ = ["ProgressFn", "Clock", "BlockTimes", "SplitBackward", "time_block", "time_chain", "optimizer_times",
+           "nbytes", "storage_key", "block_param_bytes",
            "detach", "make_profile", "crossing_bytes"]
 
 ProgressFn = Callable[[str, int, int], None]
@@ -139,7 +140,8 @@ class BlockTimes:
 
     forward_ms: float
     backward_ms: float
-    """The whole backward in one call (``torch.autograd.backward``), as every schedule but the zero-bubble ones runs it."""
+    """The whole backward in one call (``torch.autograd.backward``), as the schedules but the zero-bubble ones run
+    it."""
     forward_iqr_ms: float
     backward_iqr_ms: float
     cuda_peak_bytes: int | None
@@ -248,7 +250,8 @@ def time_chain(blocks: Sequence[nn.Module], block_inputs: Sequence[Any], clock: 
     follows the last block. No CUDA peak is measured (``cuda_peak_bytes`` None): :func:`time_block` measures one."""
     last = len(blocks) - 1
     runs = [_runner(block, device, loss if k == last else None, precision) for k, block in enumerate(blocks)]
-    grads = [_output_grads(run, x, loss is not None and k == last) for k, (run, x) in enumerate(zip(runs, block_inputs))]
+    grads = [_output_grads(run, x, loss is not None and k == last)
+             for k, (run, x) in enumerate(zip(runs, block_inputs))]
     times: list[dict[str, list[float]]] = [{"f": [], "b": [], "i": [], "w": []} for _ in blocks]
 
     def forwards(timed: bool) -> list[tuple[list[torch.Tensor], list[torch.Tensor]]]:
@@ -259,7 +262,8 @@ def time_chain(blocks: Sequence[nn.Module], block_inputs: Sequence[Any], clock: 
             out, f_ms = clock.time(lambda: run(x))
             if timed:
                 times[k]["f"].append(f_ms)
-            graphs.append(([t for t in tensors_of(x) if t.requires_grad], [t for t in tensors_of(out) if t.requires_grad]))
+            graphs.append(([t for t in tensors_of(x) if t.requires_grad],
+                           [t for t in tensors_of(out) if t.requires_grad]))
         return graphs
 
     for r in range(warmup + repeats):
@@ -287,6 +291,7 @@ def time_chain(blocks: Sequence[nn.Module], block_inputs: Sequence[Any], clock: 
             if outs:
                 # clones: torch detaches what it is given in place, which a view or a tensor the block saved refuses
                 owned = [t.clone() for t in outs]
+                graphs[k] = (needs, [])  # the outputs themselves go, as torch's I lets them go
                 weights[k], i_ms = clock.time(lambda: split(blocks[k], owned, grads[k], needs))
                 if keep:
                     times[k]["i"][-1] = i_ms
