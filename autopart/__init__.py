@@ -27,7 +27,8 @@ if TYPE_CHECKING:
     from autopart.core.planner import simulate_plan as simulate
     from autopart.core.search import plan_partition
     from autopart.core.simulate import Simulation
-    from autopart.measure.api import ProfileConfig, profile
+    from autopart.measure.api import NoteFn, ProfileConfig
+    from autopart.measure.timing import ProgressFn
     from autopart.measure.profiler import profile_model
     from autopart.measure.spec import load_model
     from autopart.run.build import build_model
@@ -38,7 +39,6 @@ __all__ = ["AutopartError", "CostModel", "build_model", "Device", "LayerProfile"
 _LAZY = {
     "load_model": ("autopart.measure.spec", "load_model"),
     "build_model": ("autopart.run.build", "build_model"),
-    "profile": ("autopart.measure.api", "profile"),
     "ProfileConfig": ("autopart.measure.api", "ProfileConfig"),
     "profile_model": ("autopart.measure.profiler", "profile_model"),
     "CostModel": ("autopart.core.training", "CostModel"),
@@ -46,6 +46,18 @@ _LAZY = {
     "simulate": ("autopart.core.planner", "simulate_plan"),
     "Simulation": ("autopart.core.simulate", "Simulation"),
 }
+
+
+def profile(spec: str, config: "ProfileConfig | None" = None, *, progress: "ProgressFn | None" = None,
+            note: "NoteFn | None" = None) -> Profile:
+    """Profile the model ``spec`` as ``autopart profile`` does (:func:`autopart.measure.api.profile`), with the
+    pipelining runtime's own costs the command records: its cost per action (``action_ms``) and its two halves of
+    a backward (``input_grad_ms``, ``weight_grad_ms``)."""
+    from autopart.measure.api import profile as measure_profile
+    from autopart.run.stages import one_stage_world, split_backward
+
+    return measure_profile(spec, config, progress=progress, note=note, runtime=one_stage_world,
+                           split_backward=split_backward)
 
 
 def __getattr__(name: str) -> Any:

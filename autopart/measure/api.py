@@ -127,10 +127,13 @@ class _Request:
 
 
 def profile(spec: str, config: ProfileConfig | None = None, *, progress: ProgressFn | None = None,
-            note: NoteFn | None = None) -> Profile:
+            note: NoteFn | None = None, runtime: Runtime | None = None,
+            split_backward: SplitBackward | None = None) -> Profile:
     """Profile the model ``spec`` (a built-in name, ``pkg.module:factory`` or ``file.py:factory``) as
-    ``autopart profile`` does: the same build, examples, loss target and micro-batch sizes."""
-    return measure(prepare(spec, config, note=note), config, progress=progress)  # None: ProfileConfig()
+    ``autopart profile`` does: the same build, examples, loss target and micro-batch sizes; ``runtime`` and
+    ``split_backward`` as :func:`measure` takes them (``autopart.profile`` hands in the pipelining runtime's)."""
+    return measure(prepare(spec, config, note=note), config, progress=progress,  # None: ProfileConfig()
+                   runtime=runtime, split_backward=split_backward)
 
 
 def prepare(spec: str, config: ProfileConfig | None = None, *, note: NoteFn | None = None) -> Prepared:
