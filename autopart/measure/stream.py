@@ -33,13 +33,13 @@ from autopart.measure.blocks import Chain, call_block, chain_of, tensors_of
 from autopart.measure.timing import (
     Clock,
     ProgressFn,
+    SplitBackward,
     block_param_bytes,
     largest_param_bytes,
     crossing_bytes,
     detach,
     make_profile,
     optimizer_times,
-    SplitBackward,
     storage_key,
     time_block,
 )

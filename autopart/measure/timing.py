@@ -203,10 +203,8 @@ def time_block(block: nn.Module, block_input: Any, clock: Clock, warmup: int, re
         if b_ms and split is not None:
             x = _with_grad(block_input)
             out = run(x)
-            # clones: torch detaches what it is given in place, which a view or a tensor the block saved refuses
-            outs = [t.clone() for t in tensors_of(out) if t.requires_grad]
-            inputs = list(tensors_of(x))
-            weight, i_ms = clock.time(lambda: split(block, outs, grads, inputs))
+            outs = [t for t in tensors_of(out) if t.requires_grad]
+            weight, i_ms = _input_half(clock, split, block, outs, grads, list(tensors_of(x)))
             w_ms = b_ms if weight is None else clock.time(weight)[1]
             del out, outs, weight
         if i >= warmup:
@@ -218,6 +216,14 @@ def time_block(block: nn.Module, block_input: Any, clock: Clock, warmup: int, re
                       forward_iqr_ms=_iqr(fwd), backward_iqr_ms=_iqr(bwd), cuda_peak_bytes=peak,
                       input_grad_ms=statistics.median(igrad),
                       weight_grad_ms=statistics.median(wgrad) if split is not None else None)
+
+
+def _input_half(clock: Clock, split: SplitBackward, block: nn.Module, outs: Sequence[torch.Tensor],
+                grads: Sequence[torch.Tensor], inputs: Sequence[Any]) -> tuple[Callable[[], None] | None, float]:
+    """``split``'s I of ``block``, timed: (its W, to run next, or None; ms). It runs on clones of ``outs``: torch
+    detaches what it is given in place, which a view or a tensor the block saved refuses."""
+    owned = [t.clone() for t in outs]
+    return clock.time(lambda: split(block, owned, grads, inputs))
 
 
 def _runner(block: nn.Module, device: torch.device, loss: Callable[[Any], torch.Tensor] | None,
@@ -289,10 +295,8 @@ def time_chain(blocks: Sequence[nn.Module], block_inputs: Sequence[Any], clock: 
         for k in reversed(range(len(blocks))):
             needs, outs = graphs[k]
             if outs:
-                # clones: torch detaches what it is given in place, which a view or a tensor the block saved refuses
-                owned = [t.clone() for t in outs]
-                graphs[k] = (needs, [])  # the outputs themselves go, as torch's I lets them go
-                weights[k], i_ms = clock.time(lambda: split(blocks[k], owned, grads[k], needs))
+                graphs[k] = (needs, [])  # the outputs themselves go after the I, as torch's I lets them go
+                weights[k], i_ms = _input_half(clock, split, blocks[k], outs, grads[k], needs)
                 if keep:
                     times[k]["i"][-1] = i_ms
         for k in reversed(range(len(blocks))):
