@@ -7,6 +7,7 @@ runs it through the one-at-a-time simulator, :func:`simulate`.
 from __future__ import annotations
 
 import itertools
+import dataclasses
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -399,3 +400,15 @@ def test_the_backwards_halves_are_priced_as_torch_runs_them() -> None:
     mirrored = p.reversed()
     for s, original in zip(mirrored.stages([1, 1, 1, 1])[::-1], stages):
         assert (s.input_grad_ms, s.weight_grad_ms) == (original.input_grad_ms, original.weight_grad_ms)
+
+
+def test_an_input_half_over_its_backward_is_capped_only_without_a_measured_weight_half() -> None:
+    """An older profile's input-gradient time is the part of the backward it is (capped at the backward: a noisy
+    repeat); measured as torch's I beside its W, it stands as measured (the halves may exceed the backward)."""
+    profile = Profile.from_json(str(ROOT / "profiles" / "gpt2-tiny-cpu-mb4.json"))
+    first = profile.layers[1]
+    over = dataclasses.replace(first, input_grad_ms=first.backward_ms * 2)
+    old = dataclasses.replace(profile, layers=(profile.layers[0], over, *profile.layers[2:]))
+    assert BlockCosts.from_profile(old).input_grad_ms[1] == first.backward_ms
+    halves = dataclasses.replace(old, layers=tuple(dataclasses.replace(x, weight_grad_ms=1.0) for x in old.layers))
+    assert BlockCosts.from_profile(halves).input_grad_ms[1] == first.backward_ms * 2

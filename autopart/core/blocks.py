@@ -148,7 +148,7 @@ class BlockCosts:
                              ties=[(t.bytes, [profile.names.index(b) for b in t.blocks]) for t in profile.ties
                                    if all(b in profile.names for b in t.blocks)],
                              input_grad_ms=None if any(x.input_grad_ms is None for x in layers)
-                             else [x.input_grad_ms or 0.0 if split else min(x.input_grad_ms or 0.0, x.backward_ms)
+                             else [(x.input_grad_ms or 0.0) if split else min(x.input_grad_ms or 0.0, x.backward_ms)
                                    for x in layers],
                              weight_grad_ms=[x.weight_grad_ms or 0.0 for x in layers] if split else None,
                              loss_activation_bytes=_loss_activation_bytes(profile),
